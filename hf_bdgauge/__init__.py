@@ -1,0 +1,53 @@
+"""hf_bdgauge: the signed-permutation gauge of RMSNorm transformers' residual stream.
+
+An RMSNorm transformer computes the same function after its residual stream is re-charted by
+any signed permutation ``G = P·D`` (the group B_d). This package represents such gauges,
+applies them to models and checkpoints, estimates them between checkpoints, and transports
+coordinate-indexed objects (adapters, SAEs, steering vectors, probes, optimizer state)
+between charts.
+"""
+
+from __future__ import annotations
+
+from .apply import apply_gauge, check_gauge_allowed
+from .checkpoint import apply_gauge_to_checkpoint
+from .errors import (
+    CheckpointError,
+    DimensionMismatchError,
+    FingerprintMismatchError,
+    FixtureError,
+    GaugeError,
+    InvalidGaugeError,
+    SignedGaugeNotAllowedError,
+    TransportError,
+    UnsupportedArchitectureError,
+)
+from .group import SignedPermutation
+from .roles import ArchitectureSpec, available_architectures, register_architecture, spec_for_model
+from .rules import Role, TensorRule, transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "SignedPermutation",
+    "apply_gauge",
+    "apply_gauge_to_checkpoint",
+    "check_gauge_allowed",
+    "ArchitectureSpec",
+    "available_architectures",
+    "register_architecture",
+    "spec_for_model",
+    "Role",
+    "TensorRule",
+    "transform",
+    "GaugeError",
+    "InvalidGaugeError",
+    "DimensionMismatchError",
+    "UnsupportedArchitectureError",
+    "SignedGaugeNotAllowedError",
+    "CheckpointError",
+    "FingerprintMismatchError",
+    "FixtureError",
+    "TransportError",
+]

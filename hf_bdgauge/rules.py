@@ -1,0 +1,104 @@
+"""The transform rules: the one place that says how a tensor moves under a gauge G = P·D.
+
+Every re-charting in the library (model weights in memory or on disk, PEFT adapters, SAEs,
+steering vectors, probes, optimizer state) is expressed as a :class:`TensorRule` and goes
+through :func:`transform`.
+
+Maths
+-----
+With residual stream ``h ↦ G·h``:
+
+* a weight that **reads** the residual (``y = W·h``; embedding rows, lm_head, q/k/v, gate/up,
+  routers) becomes ``W·Gᵀ`` so that ``W·Gᵀ·G·h = W·h``;
+* a weight or bias that **writes** the residual (``h += W·z + b``; o_proj, down_proj) becomes
+  ``G·W``, ``G·b``;
+* a residual **gain** ``g`` of RMSNorm (also Gemma's ``1 + w``) becomes ``P·g``: since
+  ``rms(G·h) = rms(h)``, ``P·g ⊙ (G·h)/rms = G·(g ⊙ h/rms)`` because ``D`` commutes with
+  diagonal scaling — permuted, never signed;
+* everything else (head-space biases, head-dim norms, RoPE buffers) is untouched.
+
+``W·Gᵀ`` and ``G·W`` are the same operation on the axis that carries the residual (a gather
+with ``π⁻¹`` and a sign), so a rule is just *(role, residual axis)*; the role fixes whether
+signs apply and the default axis (last for readers, second-to-last for writer matrices, the
+only axis for vectors).
+
+Second moments (AdamW ``exp_avg_sq``) are squares of quantities that move like their
+parameter, so they move by ``P`` alone whatever the role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from .errors import DimensionMismatchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .group import ArrayLike, SignedPermutation
+
+__all__ = ["Role", "TensorRule", "transform", "READ", "WRITE", "GAIN", "NONE"]
+
+
+class Role(str, Enum):
+    """How a tensor touches the residual stream."""
+
+    READ = "read"
+    """Reads the residual: ``W ↦ W·Gᵀ`` (default axis: last)."""
+    WRITE = "write"
+    """Writes the residual: ``W ↦ G·W``, ``b ↦ G·b`` (default axis: -2 for matrices, -1 for vectors)."""
+    GAIN = "gain"
+    """Per-channel residual gain (RMSNorm/LayerNorm weight, LayerNorm bias): ``g ↦ P·g``."""
+    NONE = "none"
+    """Does not carry residual coordinates."""
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """A role and, optionally, the axis that carries residual coordinates."""
+
+    role: Role
+    axis: int | None = None
+
+    def residual_axis(self, ndim: int) -> int | None:
+        """The axis the gauge acts on for a tensor of rank ``ndim`` (``None`` for role NONE)."""
+        if self.role is Role.NONE:
+            return None
+        if self.axis is not None:
+            return self.axis
+        if self.role is Role.WRITE and ndim >= 2:
+            return -2
+        return -1
+
+    @property
+    def signed(self) -> bool:
+        """Whether the signs of G apply (readers and writers) or only P (gains)."""
+        return self.role in (Role.READ, Role.WRITE)
+
+    def residual_size(self, shape: tuple[int, ...]) -> int | None:
+        """The size of the residual axis for a tensor of this shape."""
+        ax = self.residual_axis(len(shape))
+        if ax is None:
+            return None
+        if not -len(shape) <= ax < len(shape):
+            raise DimensionMismatchError(f"residual axis {ax} does not exist for a tensor of shape {tuple(shape)}")
+        return int(shape[ax])
+
+
+READ = TensorRule(Role.READ)
+WRITE = TensorRule(Role.WRITE)
+GAIN = TensorRule(Role.GAIN)
+NONE = TensorRule(Role.NONE)
+
+
+def transform(x: "ArrayLike", rule: TensorRule, g: "SignedPermutation", *, second_moment: bool = False) -> "ArrayLike":
+    """Move ``x`` from the source chart to the target chart of ``g`` according to ``rule``.
+
+    ``second_moment=True`` treats ``x`` as an elementwise square of a quantity with this rule
+    (e.g. AdamW ``exp_avg_sq``): only the permutation applies.
+    Returns ``x`` itself for role NONE, otherwise a new array.
+    """
+    ax = rule.residual_axis(x.ndim)
+    if ax is None:
+        return x
+    return g.apply(x, axis=ax, signed=rule.signed and not second_moment)

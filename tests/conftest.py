@@ -1,0 +1,17 @@
+"""Shared test set-up: two torch threads (the CI machine has two cores), quiet transformers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    return torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,161 @@
+"""apply_gauge on tiny random models of every supported family: same function, h' = G·h."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_bdgauge import (
+    DimensionMismatchError,
+    SignedGaugeNotAllowedError,
+    SignedPermutation,
+    UnsupportedArchitectureError,
+    apply_gauge,
+    spec_for_model,
+)
+from hf_bdgauge.rules import transform
+from hf_bdgauge.testing import LAYERNORM_TYPES, RMSNORM_TYPES, tiny_model
+
+
+def _run(model, ids):
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    main = out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+    return main, out.hidden_states
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model_type", RMSNORM_TYPES)
+def test_random_signed_gauge_preserves_logits_fp32(model_type, tie, token_ids):
+    model = tiny_model(model_type, tie_word_embeddings=tie, seed=7)
+    before, hs = _run(model, token_ids)
+    g = SignedPermutation.random(64, seed=11)
+    assert g.num_flips > 0 and not g.is_identity
+    apply_gauge(model, g)
+    after, hs2 = _run(model, token_ids)
+    scale = before.abs().max().item()
+    assert (after - before).abs().max().item() <= 1e-4 * max(1.0, scale)
+    assert len(hs) == len(hs2) == model.config.num_hidden_layers + 1
+    for layer, (h, h2) in enumerate(zip(hs, hs2)):
+        assert torch.allclose(h2, g.apply_vector(h), atol=1e-4, rtol=1e-4), f"layer {layer}: h' != G·h"
+    if tie:
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+
+
+@pytest.mark.parametrize("model_type", RMSNORM_TYPES)
+def test_float64_rules_are_exact_and_logits_agree(model_type, token_ids):
+    """Every moved tensor equals its dense-matrix formula exactly; logits agree to float64
+    precision up to transformers' float32 RMSNorm upcast."""
+    model = tiny_model(model_type, seed=3, dtype=torch.float64)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before, _ = _run(model, token_ids)
+    g = SignedPermutation.random(64, seed=5)
+    G = g.to_matrix(torch.float64)
+    spec = spec_for_model(model)
+    apply_gauge(model, g)
+    for n, p in model.named_parameters():
+        rule = spec.rule_for(n)
+        old = ref[n]
+        ax = rule.residual_axis(old.ndim)
+        if ax is None:
+            assert torch.equal(p, old), n
+            continue
+        moved = torch.movedim(old, ax, -1)
+        mat = G if rule.signed else G.abs()
+        expected = torch.movedim(moved @ mat.T, -1, ax)
+        assert torch.equal(p.detach(), expected), n
+        assert torch.equal(transform(old, rule, g), expected), n
+    after, _ = _run(model, token_ids)
+    assert (after - before).abs().max().item() <= 1e-5 * max(1.0, before.abs().max().item())
+
+
+def test_gain_is_permuted_never_signed():
+    model = tiny_model("llama", seed=1)
+    g = SignedPermutation.random(64, seed=2)
+    gain = model.model.layers[0].input_layernorm.weight.detach().clone()
+    apply_gauge(model, g)
+    new = model.model.layers[0].input_layernorm.weight.detach()
+    assert torch.equal(new, g.apply(gain, signed=False))
+    assert not torch.equal(new, g.apply(gain))
+
+
+def test_sd_only_gauge_is_also_a_symmetry_and_identity_is_noop(token_ids):
+    model = tiny_model("qwen2", seed=4)
+    before, _ = _run(model, token_ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_gauge(model, SignedPermutation.identity(64))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    apply_gauge(model, SignedPermutation.random(64, seed=9, signed=False))
+    after, _ = _run(model, token_ids)
+    assert torch.allclose(after, before, atol=1e-4)
+
+
+def test_gauge_then_inverse_restores_weights_exactly():
+    model = tiny_model("gemma3_text", seed=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = SignedPermutation.random(64, seed=8)
+    apply_gauge(model, g)
+    apply_gauge(model, g.inverse())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_composition_matches_sequential_application():
+    a, b = SignedPermutation.random(64, seed=1), SignedPermutation.random(64, seed=2)
+    m1, m2 = tiny_model("mistral", seed=3), tiny_model("mistral", seed=3)
+    apply_gauge(m1, b)
+    apply_gauge(m1, a)
+    apply_gauge(m2, a @ b)
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("model_type", LAYERNORM_TYPES)
+def test_layernorm_models_refuse_signed_gauges_and_accept_permutations(model_type, token_ids):
+    model = tiny_model(model_type, seed=5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SignedGaugeNotAllowedError, match="LayerNorm"):
+        apply_gauge(model, SignedPermutation.random(64, seed=1))
+    with pytest.raises(SignedGaugeNotAllowedError, match="bias"):  # global flip, nonzero LN biases
+        apply_gauge(model, SignedPermutation(list(range(64)), [-1] * 64))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "refusal must not touch the model"
+    before, hs = _run(model, token_ids)
+    p = SignedPermutation.random(64, seed=2, signed=False)
+    apply_gauge(model, p)
+    after, hs2 = _run(model, token_ids)
+    if model_type == "bert":
+        before = p.apply_vector(before)
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
+    for h, h2 in zip(hs, hs2):
+        assert torch.allclose(h2, p.apply_vector(h), atol=1e-4, rtol=1e-4)
+
+
+def test_layernorm_global_sign_allowed_when_biases_are_zero(token_ids):
+    model = tiny_model("gpt_neox", seed=6)
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "layernorm" in n or "layer_norm" in n:
+                if n.endswith("bias"):
+                    prm.zero_()
+    before, _ = _run(model, token_ids)
+    g = SignedPermutation(SignedPermutation.random(64, seed=3).perm, [-1] * 64)
+    apply_gauge(model, g)
+    after, _ = _run(model, token_ids)
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_wrong_dimension_and_unknown_architecture_are_refused():
+    model = tiny_model("llama", seed=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DimensionMismatchError, match="hidden size"):
+        apply_gauge(model, SignedPermutation.random(32, seed=0))
+    model.config.model_type = "my_new_arch"
+    with pytest.raises(UnsupportedArchitectureError, match="my_new_arch"):
+        apply_gauge(model, SignedPermutation.random(64, seed=0))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_uncovered_tensor_is_an_error_not_a_silent_skip():
+    model = tiny_model("llama", seed=0)
+    model.model.layers[0].extra = torch.nn.Linear(64, 64)
+    with pytest.raises(UnsupportedArchitectureError, match=r"layers\.0\.extra\.weight"):
+        apply_gauge(model, SignedPermutation.random(64, seed=0))
