@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,16 @@ def _plan_shard(path: Path, spec: ArchitectureSpec, d: int) -> tuple[bytes, dict
     names = [k for k in header if k != "__metadata__"]
     rules = spec.rules_for(names)
     for n in names:
+        info = header[n]
+        dtype = _DTYPES.get(info.get("dtype", ""))
+        begin, end = info["data_offsets"]
+        if dtype is not None:
+            numel = 1
+            for s in info["shape"]:
+                numel *= int(s)
+            if numel * dtype.itemsize != end - begin:
+                raise CheckpointError(f"{path.name}: tensor {n} of shape {info['shape']} ({info['dtype']}) does not "
+                                      f"fit its {end - begin} bytes")
         size = rules[n].residual_size(tuple(header[n]["shape"]))
         if size is not None and size != d:
             raise DimensionMismatchError(
@@ -132,29 +144,87 @@ def _plan_shard(path: Path, spec: ArchitectureSpec, d: int) -> tuple[bytes, dict
     return raw, header, rules
 
 
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+BLOCK_BYTES = 32 * 1024 * 1024
+"""Target size of one block when a large tensor is re-charted piecewise."""
+
+
+def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes: int):
+    """Yield the bytes of ``transform(t, rule, g)`` in row-major order, a block at a time.
+
+    Blocks run along axis 0: when the residual axis is another axis, each block of rows is
+    transformed whole; when it is axis 0, each block is the slice ``[a, b)`` of the result along
+    the residual axis (``transform(..., out_slice=slice(a, b))``). Either way at most about
+    ``block_bytes`` are materialised at once, and the bytes equal those of the whole transform.
+    """
+    if t.ndim == 0:
+        yield transform(t, rule, g).reshape(-1)
+        return
+    row_bytes = max(1, t[0].numel() * t.element_size()) if t.ndim > 1 else t.element_size()
+    step = max(1, block_bytes // row_bytes)
+    ax = rule.residual_axis(t.ndim) % t.ndim
+    for a in range(0, t.shape[0], step):
+        b = min(a + step, t.shape[0])
+        if ax == 0:
+            out = transform(t, rule, g, out_slice=slice(a, b))
+        else:
+            out = transform(t[a:b], rule, g)
+        yield out.contiguous().reshape(-1)
+
+
 def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[str, TensorRule], g: SignedPermutation,
-                   progress: Any = None) -> int:
+                   progress: Any = None, block_bytes: int = BLOCK_BYTES) -> int:
+    """Write ``dst`` = ``src`` with every tensor moved by its rule; same header, same offsets.
+
+    The source is memory-mapped and viewed without copies; untouched tensors are copied as
+    bytes; moved tensors are re-charted block by block (see :func:`_blocks`).
+    """
     base = 8 + len(raw)
     written = 0
-    with safe_open(str(src), framework="pt") as fin, open(dst, "wb") as fout:
+    order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    with open(src, "rb") as fin, mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm, open(dst, "wb") as fout:
         fout.write(struct.pack("<Q", len(raw)))
         fout.write(raw)
-        order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-        for name in order:
-            begin, end = header[name]["data_offsets"]
-            t = fin.get_tensor(name)
-            rule = rules[name]
-            if rule.role is not Role.NONE:
-                t = transform(t, rule, g)
-            buf = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-            if buf.nbytes != end - begin:
-                raise CheckpointError(f"{src.name}: tensor {name} has {buf.nbytes} bytes, header says {end - begin}")
-            fout.seek(base + begin)
-            fout.write(memoryview(buf))
-            written += buf.nbytes
-            del t, buf
-            if progress is not None:
-                progress.update(end - begin)
+        view = memoryview(mm)
+        try:
+            for name in order:
+                info = header[name]
+                begin, end = info["data_offsets"]
+                if fout.tell() != base + begin:  # padding or gaps between tensors: keep them as they are
+                    fout.write(view[fout.tell(): base + begin])
+                rule = rules[name]
+                chunk = view[base + begin: base + end]
+                if rule.role is Role.NONE or end == begin:
+                    fout.write(chunk)
+                else:
+                    dtype = _DTYPES.get(info["dtype"])
+                    if dtype is None:
+                        raise CheckpointError(f"{src.name}: tensor {name} has dtype {info['dtype']}, which cannot be re-charted")
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written to
+                        t = torch.frombuffer(chunk, dtype=dtype).reshape(info["shape"])
+                    n = 0
+                    for block in _blocks(t, rule, g, block_bytes):
+                        buf = block.view(torch.uint8).numpy()
+                        fout.write(memoryview(buf))
+                        n += buf.nbytes
+                    del t
+                    if n != end - begin:
+                        raise CheckpointError(f"{src.name}: tensor {name} has {n} bytes, header says {end - begin}")
+                written += end - begin
+                if progress is not None:
+                    progress.update(end - begin)
+                del chunk
+        finally:
+            view.release()
         fout.flush()
         os.fsync(fout.fileno())
     return written
@@ -169,6 +239,7 @@ def apply_gauge_to_checkpoint(
     overwrite: bool = False,
     max_workers: int = 1,
     progress: bool = True,
+    block_bytes: int = BLOCK_BYTES,
 ) -> Path:
     """Re-chart a safetensors checkpoint (single file or sharded) without instantiating the model.
 
@@ -177,7 +248,9 @@ def apply_gauge_to_checkpoint(
     ``src_dir`` may be a local directory or a Hub repo id (with ``revision``). All validation
     (known family, coverage of every tensor, dimensions, LayerNorm sign rule) happens before
     anything is written; the destination appears only when complete. ``max_workers > 1``
-    rewrites shards in parallel threads.
+    rewrites shards in parallel threads. Tensors are re-charted in blocks of about
+    ``block_bytes``, so peak memory stays near ``max_workers × 2 × block_bytes`` above the
+    interpreter's, whatever the size of the largest tensor (the source is memory-mapped).
     """
     src = resolve_checkpoint_dir(src_dir, revision)
     cfg_path = src / "config.json"
@@ -212,12 +285,12 @@ def apply_gauge_to_checkpoint(
         try:
             if max_workers > 1 and len(shards) > 1:
                 with ThreadPoolExecutor(max_workers=max_workers) as ex:
-                    futs = [ex.submit(_rewrite_shard, s, tmp / s.name, *plans[s], g, bar) for s in shards]
+                    futs = [ex.submit(_rewrite_shard, s, tmp / s.name, *plans[s], g, bar, block_bytes) for s in shards]
                     for fu in futs:
                         fu.result()
             else:
                 for s in shards:
-                    _rewrite_shard(s, tmp / s.name, *plans[s], g, bar)
+                    _rewrite_shard(s, tmp / s.name, *plans[s], g, bar, block_bytes)
         finally:
             bar.close()
     logger.info("re-charted %d shard(s), %.1f MB, into %s", len(shards), total / 1e6, dst_dir)

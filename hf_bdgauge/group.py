@@ -213,10 +213,12 @@ class SignedPermutation:
         sg = self._signs[self._inv].astype(x.dtype if signed and x.dtype.kind in "fc" else np.int64) if signed else None
         return self._inv, sg
 
-    def apply(self, x: ArrayLike, axis: int = -1, signed: bool = True) -> ArrayLike:
+    def apply(self, x: ArrayLike, axis: int = -1, signed: bool = True, out_slice: slice | None = None) -> ArrayLike:
         """Act on ``x`` along ``axis``: ``x ↦ G·x`` there (``signed=False``: ``x ↦ P·x``).
 
         For a matrix W this gives ``G·W`` with ``axis=0`` and ``W·Gᵀ`` with ``axis=-1``.
+        ``out_slice`` computes only that block of the result along ``axis`` (entries
+        ``[start, stop)`` of ``G·x``), so large tensors can be re-charted block by block.
         Returns a new array of the same type, dtype and device; values are moved and sign-flipped
         exactly.
         """
@@ -225,17 +227,22 @@ class SignedPermutation:
         ax = axis % x.ndim
         self._check_dim(x.shape[ax])
         idx, sg = self._index_and_signs(x, signed)
+        if out_slice is not None:
+            idx = idx[out_slice]
+            sg = sg[out_slice] if sg is not None else None
+        n = len(idx)
+        flip = signed and not self.is_unsigned
         if isinstance(x, torch.Tensor):
             y = torch.index_select(x, ax, idx)
-            if signed and not self.is_unsigned:
+            if flip:
                 shape = [1] * x.ndim
-                shape[ax] = self.dim
+                shape[ax] = n
                 y = y * sg.view(shape)
             return y
         y = np.take(np.asarray(x), idx, axis=ax)
-        if signed and not self.is_unsigned:
+        if flip:
             shape = [1] * x.ndim
-            shape[ax] = self.dim
+            shape[ax] = n
             y = (y * sg.reshape(shape)).astype(x.dtype, copy=False)
         return y
 

@@ -91,14 +91,22 @@ GAIN = TensorRule(Role.GAIN)
 NONE = TensorRule(Role.NONE)
 
 
-def transform(x: "ArrayLike", rule: TensorRule, g: "SignedPermutation", *, second_moment: bool = False) -> "ArrayLike":
+def transform(
+    x: "ArrayLike",
+    rule: TensorRule,
+    g: "SignedPermutation",
+    *,
+    second_moment: bool = False,
+    out_slice: slice | None = None,
+) -> "ArrayLike":
     """Move ``x`` from the source chart to the target chart of ``g`` according to ``rule``.
 
     ``second_moment=True`` treats ``x`` as an elementwise square of a quantity with this rule
-    (e.g. AdamW ``exp_avg_sq``): only the permutation applies.
-    Returns ``x`` itself for role NONE, otherwise a new array.
+    (e.g. AdamW ``exp_avg_sq``): only the permutation applies. ``out_slice`` returns only that
+    block of the result along the residual axis (for block-wise streaming of big tensors).
+    Returns ``x`` itself (whole) for role NONE, otherwise a new array.
     """
     ax = rule.residual_axis(x.ndim)
     if ax is None:
         return x
-    return g.apply(x, axis=ax, signed=rule.signed and not second_moment)
+    return g.apply(x, axis=ax, signed=rule.signed and not second_moment, out_slice=out_slice)

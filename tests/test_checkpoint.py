@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,33 @@ def test_layernorm_checkpoint_refuses_signed_gauge(tmp_path):
     ref = tiny_model("gpt2", seed=0)
     apply_gauge(ref, p)
     _state_equal(ref, loaded)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gemma3_text"])
+def test_blockwise_streaming_gives_the_same_bytes(tmp_path, model_type):
+    """Tiny blocks force every moved tensor through the block path (both residual-axis cases)."""
+    src = _save(tiny_model(model_type, seed=1), tmp_path / "src")
+    g = SignedPermutation.random(64, seed=2)
+    whole = apply_gauge_to_checkpoint(src, g, tmp_path / "whole", progress=False, block_bytes=1 << 30)
+    tiny = apply_gauge_to_checkpoint(src, g, tmp_path / "tiny", progress=False, block_bytes=100)
+    assert (whole / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
+    ref = tiny_model(model_type, seed=1)
+    apply_gauge(ref, g)
+    got = load_file(tiny / "model.safetensors")
+    state = ref.state_dict()
+    for k, v in got.items():
+        if k in state:
+            assert torch.equal(state[k], v), k
+
+
+def test_header_that_lies_about_sizes_is_refused(tmp_path):
+    src = _save(tiny_model("llama", seed=0), tmp_path / "src")
+    raw, header = read_safetensors_header(src / "model.safetensors")
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [header[name]["shape"][0] + 1] + header[name]["shape"][1:]
+    new = json.dumps(header).encode()
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + data[8 + len(raw):])
+    with pytest.raises(CheckpointError, match="does not fit"):
+        apply_gauge_to_checkpoint(src, SignedPermutation.random(64, seed=1), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
