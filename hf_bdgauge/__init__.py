@@ -22,6 +22,9 @@ from .errors import (
     TransportError,
     UnsupportedArchitectureError,
 )
+from .fingerprint import check_fingerprint, model_fingerprint, tensor_content_hash
+from .gauge import Gauge, ModelRef, as_signed_permutation
+from .gauged_model import GaugedModel
 from .group import SignedPermutation
 from .roles import ArchitectureSpec, available_architectures, register_architecture, spec_for_model
 from .rules import Role, TensorRule, transform
@@ -31,6 +34,13 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "SignedPermutation",
+    "Gauge",
+    "ModelRef",
+    "GaugedModel",
+    "as_signed_permutation",
+    "model_fingerprint",
+    "check_fingerprint",
+    "tensor_content_hash",
     "apply_gauge",
     "apply_gauge_to_checkpoint",
     "check_gauge_allowed",

@@ -1,0 +1,308 @@
+"""``GaugedModel``: a transformers causal LM with a gauge to a reference chart attached.
+
+Convention
+----------
+The attached :class:`~hf_bdgauge.gauge.Gauge` maps **the model's chart to the reference
+chart**: ``h_ref = G·h_model``. Its ``source`` end describes this model (and is checked
+against it: dimension, fingerprint, sign rule), its ``target`` end describes the reference
+(typically the checkpoint that adapters, SAEs, probes or steering vectors were made for).
+
+* :meth:`GaugedModel.to_reference` maps an object from the model's chart to the reference
+  chart (tensors: ``x ↦ G·x`` on the last axis; objects with a ``.transport(g)`` method: called
+  with the gauge; tuples/lists/dicts element-wise); :meth:`GaugedModel.from_reference` maps
+  back with ``G⁻¹``.
+* :meth:`GaugedModel.canonicalize` re-charts the weights in place by ``G``
+  (:func:`hf_bdgauge.apply_gauge`): the model then computes in the reference chart, and the
+  attached gauge becomes the identity.
+
+Otherwise it behaves like the wrapped model: ``__call__``/``forward``, ``generate``,
+``save_pretrained`` (the model, plus the gauge in a ``gauge/`` subfolder that
+:meth:`GaugedModel.from_pretrained` picks up again), and attribute access falls through to
+``.model``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .apply import apply_gauge
+from .errors import CheckpointError, FingerprintMismatchError
+from .fingerprint import check_fingerprint, fingerprint_differences, model_fingerprint
+from .gauge import GAUGE_CONFIG_NAME, Gauge, ModelRef
+from .group import SignedPermutation
+
+__all__ = ["GaugedModel", "GAUGE_SUBFOLDER"]
+
+logger = logging.getLogger(__name__)
+
+#: Where :meth:`GaugedModel.save_pretrained` puts the gauge inside the model directory.
+GAUGE_SUBFOLDER = "gauge"
+
+_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
+
+
+def _checkpoint_dir(model_id: str, commit: str | None, revision: str | None, hub_kwargs: Mapping[str, Any]) -> Path | None:
+    """The local directory a model was loaded from (a local dir, or its Hub cache snapshot)."""
+    p = Path(model_id)
+    if p.is_dir():
+        return p
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model_id, "config.json", cache_dir=hub_kwargs.get("cache_dir"),
+                                       revision=commit or revision)
+    except Exception:  # malformed ids etc.: no local snapshot to read
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _resolve_commit(model_id: str, revision: str | None, hub_kwargs: Mapping[str, Any]) -> str | None:
+    """The commit a Hub revision points to (``None`` for local directories or when unknown)."""
+    if Path(model_id).is_dir():
+        return None
+    from huggingface_hub import HfApi, constants
+
+    try:
+        resolved = HfApi(token=hub_kwargs.get("token")).resolve_revision(
+            model_id, revision=revision, cache_dir=hub_kwargs.get("cache_dir"),
+            local_files_only=bool(hub_kwargs.get("local_files_only")) or constants.is_offline_mode())
+    except Exception as e:  # the model load reports repository errors better
+        logger.debug("could not resolve %s@%s: %s", model_id, revision, e)
+        return None
+    return getattr(resolved, "resolved", None)
+
+
+class GaugedModel:
+    """A causal LM plus the gauge ``G`` from its residual chart to a reference chart.
+
+    Parameters
+    ----------
+    model:
+        A transformers model (any family with a role map, see :mod:`hf_bdgauge.roles`).
+    gauge:
+        A :class:`Gauge` (model chart → reference chart) or a bare :class:`SignedPermutation`;
+        ``None`` attaches the identity (the model is its own reference).
+    model_ref:
+        What identifies ``model`` (id, revision, commit, fingerprint); computed from the model in
+        memory when omitted.
+    strict:
+        Raise :class:`~hf_bdgauge.errors.FingerprintMismatchError` when the gauge's source
+        fingerprint does not match the model (``False``: log a warning).
+    """
+
+    def __init__(self, model: torch.nn.Module, gauge: Gauge | SignedPermutation | None = None, *,
+                 model_ref: ModelRef | None = None, strict: bool = True) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"GaugedModel wraps a transformers model, got {type(model).__name__}")
+        self._model = model
+        ref = model_ref or ModelRef.from_model(model)
+        if not ref.fingerprint:
+            ref.fingerprint = model_fingerprint(model)
+        self._model_ref = ref
+        if gauge is None:
+            from .roles import hidden_size_of
+
+            gauge = Gauge.identity(hidden_size_of(model.config), source=ref, target=ref)
+        elif isinstance(gauge, SignedPermutation):
+            gauge = Gauge(gauge, source=ref, method="manual")
+        elif not isinstance(gauge, Gauge):
+            raise TypeError(f"gauge must be a Gauge, a SignedPermutation or None, got {type(gauge).__name__}")
+        try:
+            gauge.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint)
+        except FingerprintMismatchError as e:
+            if gauge.target.fingerprint and not fingerprint_differences(gauge.target.fingerprint, ref.fingerprint):
+                raise FingerprintMismatchError(
+                    f"{e} — the model matches the gauge's *target* end instead; attach gauge.inverse() to map this "
+                    "model's chart to the gauge's source chart") from e
+            raise
+        self._gauge = gauge
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        gauge: Gauge | SignedPermutation | str | os.PathLike | None = None,
+        gauge_revision: str | None = None,
+        revision: str | None = None,
+        strict: bool = True,
+        trust_remote_code: bool = False,
+        **from_pretrained_kwargs: Any,
+    ) -> "GaugedModel":
+        """Load a causal LM with ``AutoModelForCausalLM.from_pretrained`` and attach a gauge.
+
+        ``gauge`` is a :class:`Gauge`, a local gauge directory or a Hub repo id (loaded at
+        ``gauge_revision``), or ``None`` to use the ``gauge/`` subfolder a previous
+        :meth:`save_pretrained` wrote (identity when there is none). ``revision`` and every other
+        keyword (``dtype``, ``device_map``, ``token``, ``cache_dir``, ``local_files_only``, …) go
+        to ``from_pretrained``; weights are read from safetensors only and remote code is not
+        trusted unless asked for. The model's fingerprint is taken from the checkpoint files
+        (so a ``dtype`` cast at load time does not change it) and checked against the gauge.
+        """
+        from transformers import AutoModelForCausalLM
+
+        if from_pretrained_kwargs.get("use_safetensors") is False:
+            raise ValueError("hf_bdgauge loads safetensors weights only (use_safetensors=False is refused)")
+        from_pretrained_kwargs["use_safetensors"] = True
+        model_id = str(pretrained_model_name_or_path)
+        hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
+        commit = _resolve_commit(model_id, revision, hub_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit or revision,
+                                                     trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+        model.eval()
+        ckpt = _checkpoint_dir(model_id, commit, revision, hub_kwargs)
+        fp = None
+        if ckpt is not None:
+            try:
+                fp = model_fingerprint(ckpt)
+            except CheckpointError as e:
+                logger.debug("fingerprinting %s from memory: %s", model_id, e)
+        ref = ModelRef(model_id=model_id, revision=revision, commit_hash=commit,
+                       fingerprint=fp or model_fingerprint(model))
+        g = cls._resolve_gauge(gauge, gauge_revision, model_id, revision=commit or revision, ckpt=ckpt,
+                               hub_kwargs=hub_kwargs)
+        return cls(model, g, model_ref=ref, strict=strict)
+
+    @staticmethod
+    def _resolve_gauge(gauge: Any, gauge_revision: str | None, model_id: str, *, revision: str | None,
+                       ckpt: Path | None, hub_kwargs: Mapping[str, Any]) -> Gauge | SignedPermutation | None:
+        if isinstance(gauge, (Gauge, SignedPermutation)):
+            return gauge
+        if isinstance(gauge, (str, os.PathLike)):
+            return Gauge.from_pretrained(gauge, revision=gauge_revision, **hub_kwargs)
+        if gauge is not None:
+            raise TypeError(f"gauge must be a Gauge, a directory or a Hub repo id, got {type(gauge).__name__}")
+        if ckpt is not None and (ckpt / GAUGE_SUBFOLDER / GAUGE_CONFIG_NAME).is_file():
+            logger.info("attaching the gauge saved in %s", ckpt / GAUGE_SUBFOLDER)
+            return Gauge.from_pretrained(ckpt / GAUGE_SUBFOLDER)
+        if not Path(model_id).is_dir():
+            from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+            from .hub import GaugeNotFoundError
+
+            try:
+                return Gauge.from_pretrained(model_id, revision=revision, subfolder=GAUGE_SUBFOLDER, **hub_kwargs)
+            except (GaugeNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as e:  # no bundled gauge
+                logger.debug("no bundled gauge in %s: %s", model_id, e)
+        logger.warning("no gauge given and none saved with %s: attaching the identity (the model is its own "
+                       "reference chart)", model_id)
+        return None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> torch.nn.Module:
+        """The wrapped transformers model."""
+        return self._model
+
+    @property
+    def gauge(self) -> Gauge:
+        """The attached gauge, model chart → reference chart."""
+        return self._gauge
+
+    @property
+    def model_ref(self) -> ModelRef:
+        """What identifies the wrapped model (id, revision, commit, fingerprint)."""
+        return self._model_ref
+
+    @property
+    def config(self) -> Any:
+        return self._model.config
+
+    @property
+    def is_canonical(self) -> bool:
+        """True when the model already computes in the reference chart (identity gauge)."""
+        return self._gauge.is_identity
+
+    def __repr__(self) -> str:
+        return f"GaugedModel({type(self._model).__name__}, {self._gauge!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward pass (outputs in the model's current chart)."""
+        return self._model(*args, **kwargs)
+
+    forward = __call__
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate`` (token ids do not depend on the chart)."""
+        return self._model.generate(*args, **kwargs)
+
+    def eval(self) -> "GaugedModel":
+        self._model.eval()
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> "GaugedModel":
+        self._model.to(*args, **kwargs)
+        return self
+
+    # ------------------------------------------------------------------ charts
+    def _map(self, obj: Any, g: Gauge) -> Any:
+        if isinstance(obj, (torch.Tensor, np.ndarray)):
+            return g.element.apply(obj, axis=-1)
+        transport = getattr(obj, "transport", None)
+        if callable(transport):
+            return transport(g)
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*(self._map(x, g) for x in obj))
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._map(x, g) for x in obj)
+        if isinstance(obj, Mapping):
+            return {k: self._map(v, g) for k, v in obj.items()}
+        raise TypeError(
+            f"cannot map a {type(obj).__name__} between charts: pass a tensor or array whose last axis is the residual "
+            "stream, an object with a .transport(gauge) method, or a list/tuple/dict of those")
+
+    def to_reference(self, obj: Any) -> Any:
+        """Map ``obj`` from the model's chart to the reference chart (``x ↦ G·x``)."""
+        return self._map(obj, self._gauge)
+
+    def from_reference(self, obj: Any) -> Any:
+        """Map ``obj`` from the reference chart to the model's chart (``x ↦ G⁻¹·x``)."""
+        return self._map(obj, self._gauge.inverse())
+
+    def map_indices_to_reference(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Model-chart coordinate indices → ``(reference indices, signs)``."""
+        return self._gauge.element.map_indices(indices)
+
+    def canonicalize(self) -> "GaugedModel":
+        """Re-chart the weights in place by ``G`` so the model computes in the reference chart.
+
+        Afterwards the attached gauge is the identity (its hops keep the provenance) and the
+        model's hidden states are reference-chart hidden states. When the reference end recorded
+        a fingerprint in the same dtype, the re-charted model is checked against it (a mismatch
+        is logged: it means the gauge was estimated, not exact).
+        """
+        old = self._gauge
+        if old.is_identity:
+            return self
+        apply_gauge(self._model, old.element)
+        fp = model_fingerprint(self._model)
+        if old.target.fingerprint:
+            diffs = check_fingerprint(old.target.fingerprint, fp, strict=False, what="canonicalized model")
+            if not diffs:
+                logger.info("the canonicalized model matches the reference fingerprint")
+        new_source = ModelRef(model_id=self._model_ref.model_id, revision=self._model_ref.revision,
+                              commit_hash=None, fingerprint=fp)
+        self._model_ref = new_source
+        self._gauge = Gauge.identity(old.dim, source=new_source, target=old.target, method="canonicalized",
+                                     metrics={"canonicalized_from": old.method}, hops=old._chain())
+        return self
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """``model.save_pretrained(save_directory, **kwargs)`` plus the gauge in ``gauge/``."""
+        save_directory = Path(save_directory)
+        self._model.save_pretrained(save_directory, **kwargs)
+        self._gauge.save_pretrained(save_directory / GAUGE_SUBFOLDER)
