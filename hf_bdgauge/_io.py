@@ -12,7 +12,7 @@ from typing import Iterator
 
 from .errors import CheckpointError
 
-__all__ = ["atomic_directory", "sha256_file"]
+__all__ = ["atomic_directory", "atomic_write_bytes", "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -49,3 +49,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to the file ``path`` through a temporary file and ``os.replace``: a reader
+    sees the old file or the new one, never a partial write."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

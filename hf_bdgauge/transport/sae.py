@@ -1,0 +1,538 @@
+"""Sparse autoencoders in SAELens's on-disk format, and their transport between gauges.
+
+File format (what SAELens's ``SAE.load_from_disk`` reads)
+--------------------------------------------------------
+A directory with
+
+* ``cfg.json``: ``d_in``, ``d_sae``, ``dtype``, ``device``, ``architecture`` (``"standard"``,
+  ``"jumprelu"``, ``"topk"``), ``apply_b_dec_to_input``, ``normalize_activations`` (``"none"``,
+  ``"expected_average_only_in"``, ``"constant_norm_rescale"``, ``"layer_norm"``),
+  ``reshape_activations``, ``k`` and ``rescale_acts_by_decoder_norm`` for top-k SAEs, and a
+  ``metadata`` object (``model_name``, ``hook_name``, ``sae_lens_version``, …). Configs written
+  by SAELens before 6.0 are flat (``model_name``/``hook_name`` at top level); both are read and
+  written back in the layout they came in.
+* ``sae_weights.safetensors``: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc``
+  [d_sae], ``b_dec`` [d_in] and, for JumpReLU, ``threshold`` [d_sae].
+
+Maths
+-----
+With ``x`` the input (after the optional normalisation ``n``), an SAE computes::
+
+    f(x) = σ((x − b_dec·[apply_b_dec_to_input]) · W_enc + b_enc)        (σ: ReLU / JumpReLU / TopK)
+    x̂    = n⁻¹(f · W_dec + b_dec)
+
+If the model is re-charted, ``x ↦ G·x`` (G = P·D, a row vector ``x`` becomes ``x·Gᵀ``). The SAE on
+the target is ``W_enc' = G·W_enc`` (it *reads* along d_in, rule ``TensorRule(READ, axis=0)``),
+``W_dec' = W_dec·Gᵀ`` (it *writes* along d_in, ``TensorRule(WRITE, axis=-1)``), ``b_dec' = G·b_dec``
+(``WRITE``); ``b_enc`` and ``threshold`` live in feature space and do not move. Then
+``(x·Gᵀ − b_dec·Gᵀ)·G·W_enc = (x − b_dec)·W_enc``, so every feature activation is *identical*,
+and ``x̂' = x̂·Gᵀ``; since ``‖(x − x̂)·Gᵀ‖ = ‖x − x̂‖`` the NMSE is unchanged.
+
+Normalisations: ``constant_norm_rescale`` (``x·√d/‖x‖``) and ``expected_average_only_in`` (a
+scalar) commute with G. ``layer_norm`` subtracts the mean over d_in; ``mean(x·Gᵀ) = mean(x·Dᵀ)``
+differs from ``mean(x)`` when some but not all signs flip, so **an SAE that normalises with
+layer_norm cannot be sign-transported exactly**: :meth:`SAE.transport` refuses it
+(:class:`~hf_bdgauge.errors.TransportError`); permutations (and the global flip ``-P``, for
+which the mean just changes sign) are exact and allowed.
+
+Permutation-only (S_d) transport of an SAE across a *signed* gauge reads every flipped
+coordinate with the wrong sign: on stories260K (layer-2 residual, d_sae = 256, about half the
+coordinates flipped) its NMSE is 0.4–0.8 against 0.11 for the original, about as bad as not
+transporting at all (``tests/test_transport_sae.py``, ``examples/sae_and_steering_report.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, DimensionMismatchError, TransportError, UnsupportedArchitectureError
+from ..gauge import Gauge, as_signed_permutation
+from ..group import SignedPermutation
+from ..rules import WRITE, Role, TensorRule, transform
+
+__all__ = [
+    "SAE",
+    "SAE_CFG_FILENAME",
+    "SAE_WEIGHTS_FILENAME",
+    "SAE_ARCHITECTURES",
+    "NORMALIZATIONS",
+    "W_ENC_RULE",
+    "W_DEC_RULE",
+    "B_DEC_RULE",
+    "transport_sae",
+    "fit_sae",
+]
+
+logger = logging.getLogger(__name__)
+
+SAE_CFG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+SAE_ARCHITECTURES = ("standard", "jumprelu", "topk")
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+
+W_ENC_RULE = TensorRule(Role.READ, axis=0)
+"""``W_enc`` [d_in, d_sae] reads the residual along axis 0: ``W_enc ↦ G·W_enc``."""
+W_DEC_RULE = TensorRule(Role.WRITE, axis=-1)
+"""``W_dec`` [d_sae, d_in] writes the residual along its last axis: ``W_dec ↦ W_dec·Gᵀ``."""
+B_DEC_RULE = WRITE
+"""``b_dec`` [d_in] is a point of the residual: ``b_dec ↦ G·b_dec``."""
+
+_SAE_FORMAT_VERSION = "6.0.0"  # SAELens picks its >= 6 config parser from metadata.sae_lens_version
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Hook points whose activations are NOT in residual-stream coordinates (TransformerLens names).
+_NON_RESIDUAL_HOOK = re.compile(r"(?:^|\.)hook_(?:z|q|k|v|pre|pre_linear|post|pattern|attn_scores|rot_q|rot_k)$")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(eq=False)
+class SAE:
+    """A sparse autoencoder as a value object (inference only), in SAELens's conventions.
+
+    Attributes
+    ----------
+    W_enc, W_dec, b_enc, b_dec: the weights, shapes [d_in, d_sae], [d_sae, d_in], [d_sae], [d_in].
+    threshold: JumpReLU thresholds [d_sae] (required for ``architecture="jumprelu"``, else None).
+    architecture: ``"standard"`` (ReLU), ``"jumprelu"`` or ``"topk"``.
+    k: number of active latents for ``"topk"``.
+    cfg: the rest of ``cfg.json`` (``apply_b_dec_to_input``, ``normalize_activations``,
+        ``metadata`` with ``model_name``/``hook_name``, …), kept so a load/save round trip
+        preserves every field. ``d_in``, ``d_sae``, ``dtype``, ``architecture`` and ``k`` are
+        rewritten from the tensors and fields above on save.
+    """
+
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor | None = None
+    architecture: str = "standard"
+    k: int | None = None
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SAE_ARCHITECTURES:
+            raise UnsupportedArchitectureError(
+                f"SAE architecture {self.architecture!r} is not supported (supported: {', '.join(SAE_ARCHITECTURES)})"
+            )
+        if self.W_enc.ndim != 2:
+            raise DimensionMismatchError(f"W_enc must be [d_in, d_sae], got shape {tuple(self.W_enc.shape)}")
+        d_in, d_sae = self.W_enc.shape
+        want = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+        if self.threshold is not None:
+            want["threshold"] = (d_sae,)
+        for name, shape in want.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise DimensionMismatchError(
+                    f"{name} has shape {got} but W_enc [d_in={d_in}, d_sae={d_sae}] requires {shape}"
+                )
+        if self.architecture == "jumprelu" and self.threshold is None:
+            raise CheckpointError("a JumpReLU SAE needs a 'threshold' tensor [d_sae]")
+        if self.architecture != "jumprelu" and self.threshold is not None:
+            raise CheckpointError(f"a {self.architecture!r} SAE has no threshold; pass architecture='jumprelu'")
+        if self.architecture == "topk":
+            if self.k is None or not 0 < int(self.k) <= d_sae:
+                raise CheckpointError(f"a top-k SAE needs 0 < k <= d_sae={d_sae}, got k={self.k}")
+            self.k = int(self.k)
+        self.cfg = copy.deepcopy(dict(self.cfg))
+        norm = self.cfg.setdefault("normalize_activations", "none")
+        if norm not in NORMALIZATIONS:
+            raise CheckpointError(f"normalize_activations must be one of {NORMALIZATIONS}, got {norm!r}")
+        self.cfg.setdefault("apply_b_dec_to_input", True)
+
+    # ------------------------------------------------------------------ config views
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def normalize_activations(self) -> str:
+        return str(self.cfg["normalize_activations"])
+
+    @property
+    def apply_b_dec_to_input(self) -> bool:
+        return bool(self.cfg["apply_b_dec_to_input"])
+
+    @property
+    def rescale_acts_by_decoder_norm(self) -> bool:
+        return bool(self.cfg.get("rescale_acts_by_decoder_norm", False))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The dict holding ``model_name``/``hook_name``: ``cfg["metadata"]`` (SAELens ≥ 6) or
+        ``cfg`` itself (flat, pre-6 configs). Mutating it mutates ``cfg``."""
+        meta = self.cfg.get("metadata")
+        return meta if isinstance(meta, dict) else self.cfg
+
+    @property
+    def hook_name(self) -> str | None:
+        return self.metadata.get("hook_name")
+
+    @property
+    def model_name(self) -> str | None:
+        return self.metadata.get("model_name")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_weights(
+        cls,
+        W_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_dec: torch.Tensor,
+        *,
+        threshold: torch.Tensor | None = None,
+        architecture: str = "standard",
+        k: int | None = None,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+        normalize_activations: str = "none",
+        apply_b_dec_to_input: bool = True,
+        **metadata: Any,
+    ) -> "SAE":
+        """Build an SAE with a fresh SAELens-6-style config."""
+        meta: dict[str, Any] = {"sae_lens_version": _SAE_FORMAT_VERSION, "sae_lens_training_version": None}
+        if model_name is not None:
+            meta["model_name"] = model_name
+        if hook_name is not None:
+            meta["hook_name"] = hook_name
+        meta.update(metadata)
+        cfg = {
+            "device": "cpu",
+            "apply_b_dec_to_input": apply_b_dec_to_input,
+            "normalize_activations": normalize_activations,
+            "reshape_activations": "none",
+            "metadata": meta,
+        }
+        if architecture == "topk":
+            cfg["rescale_acts_by_decoder_norm"] = False
+        return cls(W_enc, W_dec, b_enc, b_dec, threshold=threshold, architecture=architecture, k=k, cfg=cfg)
+
+    def to_cfg_dict(self) -> dict[str, Any]:
+        """``cfg.json`` content: ``cfg`` with the shape/architecture fields made consistent."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.update(d_in=self.d_in, d_sae=self.d_sae, dtype=_dtype_name(self.dtype), architecture=self.architecture)
+        cfg.setdefault("device", "cpu")
+        if self.architecture == "topk":
+            cfg["k"] = self.k
+        else:
+            cfg.pop("k", None)
+        return cfg
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``sae_weights.safetensors`` (contiguous CPU copies)."""
+        sd = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_enc": self.b_enc, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            sd["threshold"] = self.threshold
+        return {n: t.detach().to("cpu").contiguous() for n, t in sd.items()}
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` atomically; returns the directory."""
+        from .._io import atomic_directory
+
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            save_file(self.state_dict(), str(tmp / SAE_WEIGHTS_FILENAME))
+            (tmp / SAE_CFG_FILENAME).write_text(json.dumps(self.to_cfg_dict(), indent=2, sort_keys=True), encoding="utf-8")
+        logger.info("saved %s SAE d_in=%d d_sae=%d to %s", self.architecture, self.d_in, self.d_sae, directory)
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> "SAE":
+        """Read an SAE directory in SAELens's format (safetensors only; nothing is unpickled).
+
+        ``log_threshold`` (SAELens training checkpoints) is converted to ``threshold``; a
+        ``scaling_factor`` of all ones is dropped; any other unknown tensor is an error (its
+        transform rule would be unknown).
+        """
+        directory = Path(directory)
+        cfg_path, w_path = directory / SAE_CFG_FILENAME, directory / SAE_WEIGHTS_FILENAME
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{directory} is not an SAE directory: {SAE_CFG_FILENAME} is missing")
+        if not w_path.is_file():
+            others = sorted(p.name for p in directory.glob("*.pt")) + sorted(p.name for p in directory.glob("*.bin"))
+            hint = f" (found {', '.join(others)}; only safetensors are read, never pickles)" if others else ""
+            raise CheckpointError(f"{directory} has no {SAE_WEIGHTS_FILENAME}{hint}")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path} must hold a JSON object")
+        try:
+            sd = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{w_path} is not a readable safetensors file: {e}") from e
+        if "log_threshold" in sd and "threshold" not in sd:
+            sd["threshold"] = torch.exp(sd.pop("log_threshold"))
+        if "scaling_factor" in sd and bool(torch.all(sd["scaling_factor"] == 1)):
+            del sd["scaling_factor"]
+        missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec") if n not in sd]
+        if missing:
+            raise CheckpointError(f"{w_path} lacks {', '.join(missing)}")
+        unknown = sorted(set(sd) - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"})
+        if unknown:
+            raise CheckpointError(
+                f"{w_path} holds tensors {unknown} that hf_bdgauge does not know how to read or transport"
+            )
+        arch = cfg.get("architecture") or ("jumprelu" if "threshold" in sd else "standard")
+        k = cfg.get("k")
+        if k is None and arch == "topk":
+            k = (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if arch == "standard" and cfg.get("activation_fn", cfg.get("activation_fn_str")) == "topk":
+            arch, k = "topk", (cfg.get("activation_fn_kwargs") or {}).get("k")
+        if isinstance(cfg.get("normalize_activations"), bool):  # SAELens < 6 stored a bool
+            cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+        if cfg.get("normalize_activations") is None:
+            cfg["normalize_activations"] = "none"
+        want = dtype or _DTYPES.get(str(cfg.get("dtype", "float32")).replace("torch.", ""), None)
+        if want is not None:
+            sd = {n: t.to(want) for n, t in sd.items()}
+        for key, size in (("d_in", sd["W_enc"].shape[0]), ("d_sae", sd["W_enc"].shape[-1])):
+            if key in cfg and int(cfg[key]) != int(size):
+                raise CheckpointError(f"{cfg_path} says {key}={cfg[key]} but W_enc has shape {tuple(sd['W_enc'].shape)}")
+        return cls(
+            sd["W_enc"], sd["W_dec"], sd["b_enc"], sd["b_dec"],
+            threshold=sd.get("threshold"), architecture=arch, k=k, cfg=cfg,
+        )
+
+    # ------------------------------------------------------------------ forward pass
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Apply the input normalisation; returns ``(x_n, stats)`` where ``stats`` undoes it
+        (``x = x_n·scale + shift``), or ``None`` when there is nothing to undo.
+
+        ``expected_average_only_in`` is a scalar SAELens folds into the weights at load time
+        when it knows it; like SAELens's inference SAE, it is the identity here.
+        """
+        x = x.to(self.dtype)
+        mode = self.normalize_activations
+        if mode == "constant_norm_rescale":
+            coeff = (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+            return x * coeff, (1.0 / coeff, torch.zeros_like(coeff))
+        if mode == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            xc = x - mu
+            std = xc.std(dim=-1, keepdim=True)
+            return xc / (std + 1e-5), (std, mu)
+        return x, None
+
+    @staticmethod
+    def denormalize(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Inverse of :meth:`normalize` given its ``stats``."""
+        if stats is None:
+            return x
+        scale, shift = stats
+        return x * scale + shift
+
+    def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
+        """``(x_n − b_dec·[apply_b_dec_to_input])·W_enc + b_enc`` for normalised input ``x_n``."""
+        if self.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        return x_n @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """The architecture's nonlinearity σ on pre-activations."""
+        if self.architecture == "standard":
+            return torch.relu(pre)
+        if self.architecture == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
+        if self.rescale_acts_by_decoder_norm:
+            pre = pre * self.W_dec.norm(dim=-1)
+        vals, idx = torch.topk(pre, k=int(self.k), dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations ``f(x)`` [..., d_sae]."""
+        x_n, _ = self.normalize(x)
+        return self.activate(self.pre_activations(x_n))
+
+    @torch.no_grad()
+    def decode(self, feature_acts: torch.Tensor,
+               stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``n⁻¹(f·W_dec + b_dec)``; pass the ``stats`` of :meth:`normalize` to undo a
+        per-input normalisation (``forward`` does this for you)."""
+        f = feature_acts.to(self.dtype)
+        if self.architecture == "topk" and self.rescale_acts_by_decoder_norm:
+            f = f / self.W_dec.norm(dim=-1)
+        return self.denormalize(f @ self.W_dec + self.b_dec, stats)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``x̂`` of ``x`` [..., d_in]."""
+        x_n, stats = self.normalize(x)
+        return self.decode(self.activate(self.pre_activations(x_n)), stats)
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def nmse(self, acts: torch.Tensor) -> float:
+        """Normalised MSE (fraction of variance unexplained) on a batch of activations::
+
+            NMSE = Σ_n ‖x_n − x̂_n‖² / Σ_n ‖x_n − x̄‖²,   x̄ = mean_n x_n
+
+        0 is perfect, 1 is as good as predicting the mean. Both sums are invariant under
+        ``x ↦ G·x``, so a correctly transported SAE has the same NMSE on the target.
+        """
+        x = acts.reshape(-1, acts.shape[-1]).to(torch.float64)
+        if x.shape[-1] != self.d_in:
+            raise DimensionMismatchError(f"activations have width {x.shape[-1]} but the SAE has d_in={self.d_in}")
+        err = (x - self.forward(x.to(self.dtype)).to(torch.float64)).pow(2).sum()
+        var = (x - x.mean(0, keepdim=True)).pow(2).sum()
+        return float(err / var)
+
+    # ------------------------------------------------------------------ transport
+    def transport(self, gauge: "Gauge | SignedPermutation", *, model_name: str | None = None) -> "SAE":
+        """The same SAE expressed in the target chart of ``gauge`` (see the module docstring).
+
+        ``W_enc ↦ G·W_enc``, ``W_dec ↦ W_dec·Gᵀ``, ``b_dec ↦ G·b_dec``; ``b_enc``, ``threshold``
+        unchanged. ``cfg.metadata.model_name`` becomes ``model_name`` or the gauge's target
+        model id when known, and a record of the gauge is appended to
+        ``metadata["hf_bdgauge_transports"]``.
+
+        Raises :class:`DimensionMismatchError` if ``d_in`` differs from the gauge's dimension,
+        :class:`TransportError` for a signed gauge on a ``layer_norm`` SAE or an SAE whose hook
+        is not in residual-stream coordinates.
+        """
+        g = as_signed_permutation(gauge)
+        if g.dim != self.d_in:
+            raise DimensionMismatchError(f"the SAE has d_in={self.d_in} but the gauge has dimension {g.dim}")
+        hook = self.hook_name
+        if self.cfg.get("reshape_activations", "none") != "none" or (hook and _NON_RESIDUAL_HOOK.search(str(hook))):
+            raise TransportError(
+                f"the SAE reads hook {hook!r}, which is not in residual-stream coordinates (attention heads / MLP "
+                "neurons), so the residual gauge does not act on it; it needs no transport"
+            )
+        if self.normalize_activations == "layer_norm" and not g.is_unsigned and g.num_flips != g.dim:
+            raise TransportError(
+                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean "
+                "over the d_in coordinates; that mean does not commute with sign flips (mean(D·x) != mean(x) when "
+                f"some coordinates flip; this gauge flips {g.num_flips} of {g.dim}), so no transported SAE "
+                "reproduces it exactly. Only permutation-only gauges (or the global flip -P) can be transported."
+            )
+        new = SAE(
+            W_enc=transform(self.W_enc, W_ENC_RULE, g),
+            W_dec=transform(self.W_dec, W_DEC_RULE, g),
+            b_enc=self.b_enc.clone(),
+            b_dec=transform(self.b_dec, B_DEC_RULE, g),
+            threshold=None if self.threshold is None else self.threshold.clone(),
+            architecture=self.architecture,
+            k=self.k,
+            cfg=self.cfg,
+        )
+        meta = new.metadata
+        target = model_name
+        record: dict[str, Any] = {
+            "gauge_dim": g.dim,
+            "num_flips": g.num_flips,
+            "gauge_sha256": hashlib.sha256(g.perm.tobytes() + g.signs.tobytes()).hexdigest(),
+            "source_model": meta.get("model_name"),
+        }
+        if isinstance(gauge, Gauge):
+            record.update(method=gauge.method, target_revision=gauge.target.revision,
+                          target_commit_hash=gauge.target.commit_hash)
+            target = target or gauge.target.model_id
+        record["target_model"] = target
+        if target is not None:
+            meta["model_name"] = target
+        meta["hf_bdgauge_transports"] = list(meta.get("hf_bdgauge_transports") or []) + [record]
+        logger.info("transported %s SAE (d_in=%d, d_sae=%d) by a gauge with %d sign flips",
+                    self.architecture, self.d_in, self.d_sae, g.num_flips)
+        return new
+
+
+def transport_sae(
+    sae_or_dir: "SAE | str | os.PathLike",
+    gauge: "Gauge | SignedPermutation",
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    model_name: str | None = None,
+) -> SAE:
+    """Transport an :class:`SAE` (or an SAELens directory) by ``gauge``; optionally save the
+    result as an SAELens directory at ``out_dir`` (atomically). Returns the transported SAE."""
+    sae = sae_or_dir if isinstance(sae_or_dir, SAE) else SAE.load(sae_or_dir)
+    new = sae.transport(gauge, model_name=model_name)
+    if out_dir is not None:
+        new.save(out_dir, overwrite=overwrite)
+    return new
+
+
+def fit_sae(
+    acts: torch.Tensor,
+    d_sae: int,
+    *,
+    architecture: str = "standard",
+    k: int | None = None,
+    steps: int = 400,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    l1_coefficient: float = 0.1,
+    seed: int = 0,
+    **cfg_metadata: Any,
+) -> SAE:
+    """Train a small SAE on ``acts`` [N, d_in] (a minimal CPU trainer for tests and examples;
+    use SAELens to train real SAEs).
+
+    ``"standard"``: ReLU with loss ``‖x − x̂‖² + λ·Σ_j f_j·‖W_dec[j]‖``; ``"topk"``: top-k
+    latents, loss ``‖x − x̂‖²``. Decoder rows start at unit norm with ``W_enc = W_decᵀ`` and
+    ``b_dec`` at the data mean. Extra keyword arguments go into the config metadata
+    (``hook_name``, ``model_name``, …).
+    """
+    if architecture not in ("standard", "topk"):
+        raise UnsupportedArchitectureError("fit_sae trains 'standard' or 'topk' SAEs")
+    x = acts.reshape(-1, acts.shape[-1]).detach().to(torch.float32)
+    n, d_in = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(d_sae, d_in, generator=gen)
+    w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
+    params = {
+        "W_enc": w_dec.T.clone().requires_grad_(True),
+        "W_dec": w_dec.clone().requires_grad_(True),
+        "b_enc": torch.zeros(d_sae, requires_grad=True),
+        "b_dec": x.mean(0).clone().requires_grad_(True),
+    }
+    scale = float(x.sub(x.mean(0)).pow(2).sum(-1).mean().sqrt())
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    for _ in range(steps):
+        batch = x[torch.randint(0, n, (min(batch_size, n),), generator=gen)]
+        pre = (batch - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+        if architecture == "topk":
+            vals, idx = torch.topk(pre, k=int(k or 8), dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+            sparsity = pre.new_zeros(())
+        else:
+            f = torch.relu(pre)
+            sparsity = (f * params["W_dec"].norm(dim=-1)).sum(-1).mean() / scale
+        recon = f @ params["W_dec"] + params["b_dec"]
+        loss = (batch - recon).pow(2).sum(-1).mean() / scale**2 + l1_coefficient * sparsity
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        t = {name: p.detach().clone() for name, p in params.items()}
+    return SAE.from_weights(t["W_enc"], t["W_dec"], t["b_enc"], t["b_dec"], architecture=architecture,
+                            k=int(k or 8) if architecture == "topk" else None, **cfg_metadata)
