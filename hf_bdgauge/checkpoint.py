@@ -278,8 +278,12 @@ def apply_gauge_to_checkpoint(
         check_gauge_allowed(spec, g)
     total = sum(s.stat().st_size for s in shards)
     with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
-        for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and not f.name.startswith("."):
+        for f in src.iterdir():  # config, tokenizer, generation, index, and sub-folders (e.g. 1_Pooling/)
+            if f.name.startswith("."):
+                continue
+            if f.is_dir():
+                shutil.copytree(f, tmp / f.name)
+            elif f.suffix != ".safetensors":
                 shutil.copy2(f, tmp / f.name)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="re-charting", disable=not progress)
         try:

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY_CONFIGS", "RMSNORM_TYPES", "LAYERNORM_TYPES", "MOE_TYPES", "tiny_config", "tiny_model", "randomize_"]
+from .real_models import REAL_MODEL_NAMES, real_model, real_model_dir
+
+__all__ = ["real_model", "real_model_dir", "REAL_MODEL_NAMES", "TINY_CONFIGS", "RMSNORM_TYPES", "LAYERNORM_TYPES", "MOE_TYPES", "tiny_config", "tiny_model", "randomize_"]
 
 _BASE: dict[str, Any] = dict(
     hidden_size=64,

@@ -28,6 +28,8 @@ from hf_bdgauge.testing import tiny_model
 def _save(model, path: Path, **kw) -> Path:
     model.save_pretrained(path, **kw)
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text("{}")
     return path
 
 
@@ -53,6 +55,7 @@ def test_checkpoint_equals_in_memory_bit_for_bit(tmp_path, model_type, tie, shar
     # every non-weight file is copied
     assert (dst / "config.json").read_text() == (src / "config.json").read_text()
     assert (dst / "tokenizer_config.json").exists()
+    assert (dst / "1_Pooling" / "config.json").read_text() == "{}"
     # same headers (names, dtypes, shapes, offsets), so shard files have identical sizes
     for s in checkpoint_shards(src):
         assert read_safetensors_header(s)[0] == read_safetensors_header(dst / s.name)[0]
@@ -129,10 +132,10 @@ def test_missing_shard_and_existing_destination(tmp_path):
     src = _save(tiny_model("llama", seed=0), tmp_path / "src", max_shard_size="20KB")
     g = SignedPermutation.random(64, seed=1)
     out = apply_gauge_to_checkpoint(src, g, tmp_path / "out", progress=False)
-    stamp = {f: (out / f).read_bytes() for f in _listing(out)}
+    stamp = {f: (out / f).read_bytes() for f in _listing(out) if (out / f).is_file()}
     with pytest.raises(CheckpointError, match="already exists"):
         apply_gauge_to_checkpoint(src, g, out, progress=False)
-    assert {f: (out / f).read_bytes() for f in _listing(out)} == stamp
+    assert {f: (out / f).read_bytes() for f in _listing(out) if (out / f).is_file()} == stamp
     apply_gauge_to_checkpoint(src, g.inverse(), out, progress=False, overwrite=True)
     assert (out / checkpoint_shards(src)[0].name).read_bytes() != stamp[checkpoint_shards(src)[0].name]
     checkpoint_shards(src)[-1].unlink()
