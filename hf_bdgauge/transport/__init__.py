@@ -1,0 +1,46 @@
+"""Transport of coordinate-indexed objects between residual charts.
+
+Every transport expresses each tensor's move as a :class:`~hf_bdgauge.rules.TensorRule` and
+goes through :func:`hf_bdgauge.rules.transform`; none re-derives the rules.
+
+| object | module | rule |
+| --- | --- | --- |
+| PEFT LoRA / DoRA / embedding LoRA / modules_to_save | :mod:`.peft` | A ↦ A·Gᵀ on readers, B ↦ G·B on writers, DoRA m ↦ P·m on writers |
+| AdamW (and other optimizers') state | :mod:`.optimizer` | exp_avg like its parameter, exp_avg_sq by P |
+| merges after alignment | :mod:`.merge` | bring every model into one chart, then average |
+| SAEs (SAELens format) | :mod:`.sae` | W_enc ↦ G·W_enc, W_dec ↦ W_dec·Gᵀ, b_dec ↦ G·b_dec |
+| steering vectors | :mod:`.steering` | v ↦ G·v |
+| linear probes, index sets | :mod:`.probes` | w ↦ w·Gᵀ; i ↦ π(i) with sign s_i |
+"""
+
+from __future__ import annotations
+
+from .merge import merge_adapters, merge_checkpoints, merge_models, merge_tensors
+from .optimizer import optimizer_parameter_names, transport_optimizer_state
+from .peft import adapter_tensor_rules, transport_adapter, transport_adapter_state_dict, transport_peft_model
+from .probes import IndexSet, LinearProbe, transport_indices, transport_probe
+from .sae import SAE, fit_sae, transport_sae
+from .steering import SteeringVector, percent_effect_preserved, transport_steering_vector
+
+__all__ = [
+    "transport_adapter",
+    "transport_adapter_state_dict",
+    "transport_peft_model",
+    "adapter_tensor_rules",
+    "transport_optimizer_state",
+    "optimizer_parameter_names",
+    "merge_models",
+    "merge_checkpoints",
+    "merge_adapters",
+    "merge_tensors",
+    "SAE",
+    "transport_sae",
+    "fit_sae",
+    "SteeringVector",
+    "transport_steering_vector",
+    "percent_effect_preserved",
+    "LinearProbe",
+    "IndexSet",
+    "transport_probe",
+    "transport_indices",
+]

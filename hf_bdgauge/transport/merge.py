@@ -1,0 +1,349 @@
+"""Coordinate-preserving merges: bring every model (or adapter) into one chart, then combine.
+
+Weight averaging is only meaningful when the residual coordinates of the models agree: two
+checkpoints related by a gauge ``G`` compute the same function, yet their average is a
+different (usually broken) network. The fix is to align before merging.
+
+Direction convention
+--------------------
+The reference chart is the chart of the **first** model. ``gauges[i]`` maps model ``i``'s
+chart into it, ``h_0 = G_i·h_i``, i.e. it is a :class:`~hf_bdgauge.gauge.Gauge` with
+``source = models[i]`` and ``target = models[0]`` (pass ``g.inverse()`` for a gauge estimated
+the other way round). ``gauges[0]`` must be ``None`` or the identity. Each tensor is moved with
+:func:`hf_bdgauge.rules.transform` under its role-map rule, then
+
+* ``method="linear"``: ``θ = Σ_i w_i · T_i(θ_i)`` (weights as given; default uniform ``1/n``);
+* ``method="task_arithmetic"``: ``θ = θ_base + Σ_i λ_i · (T_i(θ_i) − θ_base)`` where the base
+  is in the reference chart too (``base_gauge`` maps it there; default uniform ``λ_i = 1/n``).
+
+Sums are accumulated in float64 and cast back to the reference tensor's dtype; non-floating
+tensors are copied from the reference. :func:`merge_adapters` does the same for PEFT LoRA
+adapters: each is transported into the chart of the ``PeftModel``'s base, then combined by
+PEFT's ``add_weighted_adapter``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from .._io import atomic_directory
+from ..apply import check_gauge_allowed
+from ..checkpoint import checkpoint_shards, read_safetensors_header, resolve_checkpoint_dir
+from ..errors import CheckpointError, DimensionMismatchError, TransportError
+from ..gauge import Gauge, as_signed_permutation
+from ..group import SignedPermutation
+from ..roles import ArchitectureSpec, hidden_size_of, spec_for_config, spec_for_model
+from ..rules import Role, TensorRule, transform
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft import PeftModel
+
+__all__ = ["MERGE_METHODS", "merge_tensors", "merge_models", "merge_checkpoints", "merge_adapters"]
+
+logger = logging.getLogger(__name__)
+
+MERGE_METHODS = ("linear", "task_arithmetic")
+
+
+def _elements(gauges: Sequence[Any] | None, n: int, d: int) -> list[SignedPermutation | None]:
+    if gauges is None:
+        return [None] * n
+    if len(gauges) != n:
+        raise TransportError(f"{len(gauges)} gauges given for {n} models")
+    out: list[SignedPermutation | None] = []
+    for i, g in enumerate(gauges):
+        el = None if g is None else as_signed_permutation(g)
+        if el is not None and el.dim != d:
+            raise DimensionMismatchError(f"gauges[{i}] has dimension {el.dim} but the models' hidden size is {d}")
+        if el is not None and el.is_identity:
+            el = None
+        out.append(el)
+    if out[0] is not None:
+        raise TransportError("gauges[0] must be None or the identity: the first model's chart is the reference chart")
+    return out
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise TransportError(f"{len(weights)} weights given for {n} models")
+    return [float(w) for w in weights]
+
+
+def merge_tensors(
+    tensors: Sequence[torch.Tensor],
+    rule: TensorRule,
+    gauges: Sequence[SignedPermutation | None],
+    weights: Sequence[float],
+    *,
+    method: str = "linear",
+    base: torch.Tensor | None = None,
+    base_gauge: SignedPermutation | None = None,
+) -> torch.Tensor:
+    """Merge one tensor across models: align each with its gauge, then combine (see module doc)."""
+    ref = tensors[0]
+    if not ref.is_floating_point():
+        return ref.clone()
+    for i, t in enumerate(tensors):
+        if tuple(t.shape) != tuple(ref.shape):
+            raise TransportError(f"model {i} has shape {tuple(t.shape)}, model 0 has {tuple(ref.shape)}")
+
+    def aligned(t: torch.Tensor, g: SignedPermutation | None) -> torch.Tensor:
+        t = t.detach().to(torch.float64)
+        return t if g is None or rule.role is Role.NONE else transform(t, rule, g)
+
+    acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+    if method == "linear":
+        for t, g, w in zip(tensors, gauges, weights):
+            acc += w * aligned(t, g)
+    elif method == "task_arithmetic":
+        if base is None:
+            raise TransportError("task_arithmetic needs a base")
+        if tuple(base.shape) != tuple(ref.shape):
+            raise TransportError(f"base has shape {tuple(base.shape)}, model 0 has {tuple(ref.shape)}")
+        b = aligned(base, base_gauge)
+        acc += b
+        for t, g, w in zip(tensors, gauges, weights):
+            acc += w * (aligned(t, g) - b)
+    else:
+        raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
+    return acc.to(ref.dtype)
+
+
+def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters to merge (buffers such as RoPE tables are not learned: the merged model
+    keeps ``models[0]``'s)."""
+    return dict(model.named_parameters())
+
+
+@torch.no_grad()
+def merge_models(
+    models: Sequence[torch.nn.Module],
+    weights: Sequence[float] | None = None,
+    *,
+    gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
+    method: str = "linear",
+    base: torch.nn.Module | None = None,
+    base_gauge: Gauge | SignedPermutation | None = None,
+    spec: ArchitectureSpec | None = None,
+) -> torch.nn.Module:
+    """Merge transformers models of one family into the first model's chart; returns a new model.
+
+    ``gauges[i]`` maps ``models[i]``'s chart into ``models[0]``'s (``h_0 = G_i·h_i``); ``None``
+    means "already aligned". ``base`` (task arithmetic) must be in ``models[0]``'s chart or be
+    mapped there by ``base_gauge``. The inputs are not modified; the result is a deep copy of
+    ``models[0]`` with merged parameters (tied ones stay tied) and ``models[0]``'s buffers.
+    """
+    if not models:
+        raise TransportError("no models to merge")
+    if method not in MERGE_METHODS:
+        raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
+    if method == "task_arithmetic" and base is None:
+        raise TransportError("task_arithmetic needs base= (the common pre-trained model)")
+    spec = spec or spec_for_model(models[0])
+    d = hidden_size_of(models[0].config)
+    for i, m in enumerate(models[1:], 1):
+        if spec_for_model(m).name != spec.name:
+            raise TransportError(f"models[{i}] is of family {spec_for_model(m).name!r}, models[0] of {spec.name!r}")
+    gs = _elements(gauges, len(models), d)
+    bg = _elements([None, base_gauge], 2, d)[1] if base is not None else None
+    ws = _weights(weights, len(models))
+    named = [_named_tensors(m) for m in models]
+    base_named = _named_tensors(base) if base is not None else None
+    rules = spec.rules_for(named[0])
+    for i, nt in enumerate(named[1:] + ([base_named] if base_named is not None else []), 1):
+        if set(nt) != set(named[0]):
+            diff = sorted(set(nt) ^ set(named[0]))[:5]
+            raise TransportError(f"model {i} does not have the same tensors as models[0] (e.g. {diff})")
+    for g in [*gs, bg]:
+        if g is not None:
+            check_gauge_allowed(spec, g)
+    for n, t in named[0].items():
+        size = rules[n].residual_size(tuple(t.shape))
+        if size is not None and size != d:
+            raise DimensionMismatchError(f"tensor {n} has {size} != {d} entries on its residual axis")
+
+    merged = copy.deepcopy(models[0])
+    out_named = _named_tensors(merged)
+    for n in named[0]:
+        value = merge_tensors([nt[n] for nt in named], rules[n], gs, ws, method=method,
+                              base=None if base_named is None else base_named[n], base_gauge=bg)
+        out_named[n].copy_(value)
+    logger.info("merged %d models (%s, %d aligned by a gauge) over %d tensors", len(models), method,
+                sum(g is not None for g in gs), len(named[0]))
+    return merged
+
+
+def _read_config(d: Path) -> dict[str, Any]:
+    p = d / "config.json"
+    if not p.exists():
+        raise CheckpointError(f"{d} has no config.json; cannot tell the model family")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{p} is not valid JSON: {e}") from e
+
+
+def _tensor_index(d: Path) -> dict[str, tuple[Path, list[int]]]:
+    """``name -> (shard, shape)`` for a checkpoint directory."""
+    out: dict[str, tuple[Path, list[int]]] = {}
+    for shard in checkpoint_shards(d):
+        _, header = read_safetensors_header(shard)
+        for k, v in header.items():
+            if k != "__metadata__":
+                out[k] = (shard, list(v["shape"]))
+    return out
+
+
+def merge_checkpoints(
+    src_dirs: Sequence[str | os.PathLike],
+    dst_dir: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    *,
+    gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
+    method: str = "linear",
+    base_dir: str | os.PathLike | None = None,
+    base_gauge: Gauge | SignedPermutation | None = None,
+    revisions: Sequence[str | None] | None = None,
+    base_revision: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """:func:`merge_models` on safetensors checkpoint directories (or Hub ids), without
+    instantiating models; the result has the first checkpoint's shard layout, config and
+    tokenizer files, and is written atomically. One output shard is in memory at a time."""
+    if not src_dirs:
+        raise TransportError("no checkpoints to merge")
+    if method not in MERGE_METHODS:
+        raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
+    if method == "task_arithmetic" and base_dir is None:
+        raise TransportError("task_arithmetic needs base_dir= (the common pre-trained checkpoint)")
+    revs = list(revisions) if revisions is not None else [None] * len(src_dirs)
+    if len(revs) != len(src_dirs):
+        raise TransportError(f"{len(revs)} revisions given for {len(src_dirs)} checkpoints")
+    dirs = [resolve_checkpoint_dir(s, r) for s, r in zip(src_dirs, revs)]
+    bdir = resolve_checkpoint_dir(base_dir, base_revision) if base_dir is not None else None
+    configs = [_read_config(d) for d in dirs + ([bdir] if bdir else [])]
+    spec = spec_for_config(configs[0])
+    d = hidden_size_of(configs[0])
+    for i, c in enumerate(configs[1:], 1):
+        if spec_for_config(c).name != spec.name or hidden_size_of(c) != d:
+            raise TransportError(f"checkpoint {i} is not of the same family and width as the first")
+    gs = _elements(gauges, len(dirs), d)
+    bg = _elements([None, base_gauge], 2, d)[1] if bdir is not None else None
+    ws = _weights(weights, len(dirs))
+    for g in [*gs, bg]:
+        if g is not None:
+            check_gauge_allowed(spec, g)
+    indexes = [_tensor_index(x) for x in dirs + ([bdir] if bdir else [])]
+    for i, idx in enumerate(indexes[1:], 1):
+        if {k: v[1] for k, v in idx.items()} != {k: v[1] for k, v in indexes[0].items()}:
+            diff = sorted(set(idx) ^ set(indexes[0]))[:5]
+            raise CheckpointError(f"checkpoint {i} differs from the first in tensor names or shapes (e.g. {diff})")
+    rules = spec.rules_for(indexes[0])
+    for n, (_, shape) in indexes[0].items():
+        size = rules[n].residual_size(tuple(shape))
+        if size is not None and size != d:
+            raise DimensionMismatchError(f"tensor {n} of shape {shape} has {size} != {d} entries on its residual axis")
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def load(idx: dict[str, tuple[Path, list[int]]], name: str) -> torch.Tensor:
+        with safe_open(str(idx[name][0]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    shards: dict[Path, list[str]] = {}
+    for n, (shard, _) in indexes[0].items():
+        shards.setdefault(shard, []).append(n)
+    with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
+        for f in dirs[0].iterdir():
+            if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        for shard, names in shards.items():
+            out: dict[str, torch.Tensor] = {}
+            for n in names:
+                tensors = [load(idx, n) for idx in indexes[: len(dirs)]]
+                base_t = load(indexes[-1], n) if bdir is not None else None
+                out[n] = merge_tensors(tensors, rules[n], gs, ws, method=method, base=base_t, base_gauge=bg).contiguous()
+            save_file(out, str(tmp / shard.name), metadata={"format": "pt"})
+    logger.info("merged %d checkpoints (%s) into %s", len(dirs), method, dst_dir)
+    return Path(dst_dir)
+
+
+def merge_adapters(
+    peft_model: "PeftModel",
+    adapters: Sequence[str | os.PathLike],
+    weights: Sequence[float],
+    *,
+    gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
+    adapter_name: str = "merged",
+    combination_type: str = "cat",
+    revisions: Sequence[str | None] | None = None,
+    keep_sources: bool = False,
+    **weighted_kwargs: Any,
+) -> str:
+    """Merge LoRA adapters onto ``peft_model`` after transporting each into its base's chart.
+
+    ``adapters``: adapter directories / Hub ids, or names of adapters already loaded in
+    ``peft_model``. ``gauges[i]`` maps adapter ``i``'s base chart into the chart of
+    ``peft_model``'s base (``None``: already there). Each adapter is loaded under a temporary
+    name, its adapter-owned tensors re-charted in memory
+    (:func:`hf_bdgauge.transport.peft.transport_peft_model` with ``include_base=False``), and the
+    set combined by PEFT's ``add_weighted_adapter`` (``combination_type="cat"`` gives exactly
+    ``ΔW = Σ w_i ΔW_i``; any other PEFT combination may be passed). Returns ``adapter_name``;
+    the merged adapter is not activated (``peft_model.set_adapter(adapter_name)``). Temporary
+    adapters are deleted unless ``keep_sources``.
+
+    Adapters saved with embedding layers (``embed_tokens``/``lm_head`` targets) overwrite base
+    tensors when loaded: transport such adapters on disk with
+    :func:`hf_bdgauge.transport.peft.transport_adapter` and pass the transported directories.
+    """
+    from .peft import transport_peft_model
+
+    n = len(adapters)
+    if n == 0:
+        raise TransportError("no adapters to merge")
+    if len(weights) != n:
+        raise TransportError(f"{len(weights)} weights given for {n} adapters")
+    gl = list(gauges) if gauges is not None else [None] * n
+    rl = list(revisions) if revisions is not None else [None] * n
+    if len(gl) != n or len(rl) != n:
+        raise TransportError("gauges and revisions must have one entry per adapter")
+    if adapter_name in peft_model.peft_config:
+        raise TransportError(f"an adapter named {adapter_name!r} is already loaded")
+    names: list[str] = []
+    loaded: list[str] = []
+    try:
+        for i, (a, g, r) in enumerate(zip(adapters, gl, rl)):
+            if isinstance(a, str) and a in peft_model.peft_config and g is None:
+                names.append(a)
+                continue
+            name = f"_bdgauge_merge_{i}"
+            if isinstance(a, str) and a in peft_model.peft_config:
+                raise TransportError(
+                    f"adapter {a!r} is already loaded, so it is taken to be in the chart of peft_model's base; pass "
+                    f"gauges[{i}]=None, or pass the adapter's directory to transport it from another chart")
+            path = resolve_checkpoint_dir(a, r)
+            peft_model.load_adapter(str(path), adapter_name=name)
+            loaded.append(name)
+            if g is not None:
+                transport_peft_model(peft_model, g, include_base=False, adapter_names=[name])
+            names.append(name)
+        peft_model.add_weighted_adapter(adapters=names, weights=[float(w) for w in weights], adapter_name=adapter_name,
+                                        combination_type=combination_type, **weighted_kwargs)
+    finally:
+        if not keep_sources:
+            for name in loaded:
+                if name in peft_model.peft_config:
+                    peft_model.delete_adapter(name)
+    logger.info("merged %d adapters into %r (%s)", n, adapter_name, combination_type)
+    return adapter_name

@@ -1,0 +1,195 @@
+"""Transport of optimizer state (AdamW and the other ``torch.optim`` optimizers) with its model.
+
+Maths
+-----
+Re-charting a model by ``G = P·D`` maps each parameter ``θ ↦ T(θ)`` with ``T`` a signed
+permutation along its residual axis (:mod:`hf_bdgauge.rules`); the loss is invariant,
+``L'(T θ) = L(θ)``, so gradients move the same way: ``∇L'(Tθ) = T ∇L(θ)`` (``T`` is orthogonal).
+AdamW's state then moves as:
+
+* first moments (``exp_avg``, a running mean of gradients) like the parameter: ``m ↦ T m``
+  (signs and permutation);
+* second moments (``exp_avg_sq``, ``max_exp_avg_sq`` for amsgrad; running means of squared
+  gradients) by the permutation alone: ``v ↦ |T| v``;
+* ``step`` and every other scalar unchanged.
+
+With this state the update ``Δθ = -lr·(m̂/(√v̂ + ε) + λ θ)`` is elementwise, hence
+``Δθ' = T Δθ``: training resumed in the new chart follows the re-charted old trajectory
+exactly. State transported by ``P`` alone (dropping the signs) gets the first moments' signs
+wrong on flipped coordinates and diverges.
+
+The same table covers SGD (``momentum_buffer``), Adagrad (``sum``), RMSprop (``square_avg``,
+``grad_avg``, ``momentum_buffer``), Adadelta (``square_avg``, ``acc_delta``), Adamax (``exp_inf``)
+and NAdam/RAdam (as Adam). An unknown non-scalar state entry is an error, never a silent copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..apply import check_gauge_allowed
+from ..errors import DimensionMismatchError, TransportError
+from ..gauge import Gauge, as_signed_permutation
+from ..group import SignedPermutation
+from ..roles import ArchitectureSpec, hidden_size_of, spec_for_model
+from ..rules import Role, TensorRule, transform
+from .peft import adapter_tensor_rules
+
+__all__ = [
+    "FIRST_MOMENT_KEYS",
+    "SECOND_MOMENT_KEYS",
+    "optimizer_parameter_names",
+    "transport_optimizer_state",
+]
+
+logger = logging.getLogger(__name__)
+
+#: State entries that are (running means of) gradients: they move like their parameter.
+FIRST_MOMENT_KEYS = frozenset({"exp_avg", "momentum_buffer", "grad_avg", "ax"})
+#: State entries that are elementwise magnitudes (squares, running maxima of |g|, step sizes):
+#: they move by the permutation alone.
+SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "exp_inf"})
+
+
+def optimizer_parameter_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[str]:
+    """The parameter name behind each integer id of ``optimizer.state_dict()``.
+
+    ``state_dict()`` numbers parameters 0, 1, … in the order of ``param_groups`` and, inside a
+    group, of its ``params`` list; this matches each of them to ``model``'s parameter names by
+    identity.
+    """
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names: list[str] = []
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise TransportError(f"param_groups[{gi}] holds a parameter of shape {tuple(p.shape)} that is not in the model")
+            names.append(by_id[id(p)])
+    return names
+
+
+def _names_for_ids(state_dict: Mapping[str, Any], params: torch.nn.Module | Sequence[str]) -> dict[int, str]:
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or "state" not in state_dict:
+        raise TransportError("not an optimizer state_dict: it needs 'state' and 'param_groups'")
+    ids = [int(i) for grp in groups for i in grp["params"]]
+    if all("param_names" in grp for grp in groups):  # optimizers built from named_parameters()
+        pnames = [n for grp in groups for n in grp["param_names"]]
+        return dict(zip(ids, pnames))
+    if isinstance(params, torch.nn.Module):
+        all_names = [n for n, _ in params.named_parameters()]
+        trainable = [n for n, p in params.named_parameters() if p.requires_grad]
+        if len(ids) == len(all_names):
+            names = all_names
+        elif len(ids) == len(trainable):
+            logger.info("optimizer holds %d ids = the model's trainable parameters; matching in that order", len(ids))
+            names = trainable
+        else:
+            raise TransportError(
+                f"the optimizer holds {len(ids)} parameters but the model has {len(all_names)} ({len(trainable)} "
+                "trainable): pass the names in optimizer order, e.g. optimizer_parameter_names(optimizer, model)")
+    else:
+        names = list(params)
+        if len(names) != len(ids):
+            raise TransportError(f"{len(names)} parameter names given for {len(ids)} optimizer parameters")
+    return dict(zip(ids, names))
+
+
+def _entry_kind(key: str, value: Any) -> str:
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return "scalar"
+    if key in FIRST_MOMENT_KEYS:
+        return "first"
+    if key in SECOND_MOMENT_KEYS:
+        return "second"
+    raise TransportError(
+        f"optimizer state entry {key!r} (shape {tuple(value.shape)}) is neither a known first moment "
+        f"{sorted(FIRST_MOMENT_KEYS)} nor a known second moment {sorted(SECOND_MOMENT_KEYS)}; cannot transport it")
+
+
+def transport_optimizer_state(
+    state_dict: Mapping[str, Any],
+    params: torch.nn.Module | Sequence[str],
+    gauge: Gauge | SignedPermutation,
+    spec: ArchitectureSpec | None = None,
+) -> dict[str, Any]:
+    """Return ``state_dict`` (from ``optimizer.state_dict()``) moved into the gauge's target chart.
+
+    Parameters
+    ----------
+    state_dict: an optimizer state dict; it is not modified.
+    params: the model the optimizer trains (its ``named_parameters()`` order, or its trainable
+        parameters' order, is taken as the optimizer's) or the parameter names in optimizer
+        order (see :func:`optimizer_parameter_names`). Ignored when the state dict's groups carry
+        ``param_names`` (optimizers built from ``named_parameters()``). PEFT parameter names
+        (``…lora_A.default.weight``) are understood.
+    gauge: ``h_target = G·h_source``; the same gauge that re-charts the model
+        (:func:`hf_bdgauge.apply_gauge`).
+    spec: the model's role map; default ``spec_for_model(params)`` (of the base model for a
+        ``PeftModel``); required with names.
+
+    First moments move like their parameter, second moments by ``P`` alone, scalars (``step``)
+    stay; see the module docstring. The result loads with ``optimizer.load_state_dict`` into an
+    optimizer over the re-charted model.
+    """
+    g = as_signed_permutation(gauge)
+    # a PeftModel: the family and width are its base model's
+    inner = params.get_base_model() if hasattr(params, "get_base_model") else params
+    if spec is None:
+        if not isinstance(params, torch.nn.Module):
+            raise TransportError("pass spec= (the model's role map) when params is a list of names")
+        spec = spec_for_model(inner)
+    if isinstance(params, torch.nn.Module) and getattr(inner, "config", None) is not None:
+        d = hidden_size_of(inner.config)
+        if d != g.dim:
+            raise DimensionMismatchError(f"gauge has dimension {g.dim} but the model's hidden size is {d}")
+    id_to_name = _names_for_ids(state_dict, params)
+    rules: dict[str, TensorRule] = adapter_tensor_rules(sorted(set(id_to_name.values())), spec)
+    if isinstance(params, torch.nn.Module):
+        biases = {n: p for n, p in params.named_parameters() if n in rules and rules[n].role is Role.GAIN and n.endswith("bias")}
+        check_gauge_allowed(spec, g, biases)
+    else:
+        check_gauge_allowed(spec, g)
+
+    shapes = {n: tuple(p.shape) for n, p in params.named_parameters()} if isinstance(params, torch.nn.Module) else {}
+    plan: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
+    for pid, entries in state_dict["state"].items():
+        name = id_to_name.get(int(pid))
+        if name is None:
+            raise TransportError(f"optimizer state has an entry for parameter id {pid} that no param_group lists")
+        rule = rules[name]
+        plan[pid] = {}
+        for key, val in entries.items():
+            kind = _entry_kind(key, val)
+            plan[pid][key] = (kind, rule)
+            if kind != "scalar":
+                if name in shapes and tuple(val.shape) != shapes[name]:
+                    raise TransportError(
+                        f"state {key!r} of parameter id {pid} has shape {tuple(val.shape)} but the parameter it maps to, "
+                        f"{name}, has shape {shapes[name]}: the optimizer's parameter order is not the model's; pass "
+                        "optimizer_parameter_names(optimizer, model) as params")
+                size = rule.residual_size(tuple(val.shape))
+                if size is not None and size != g.dim:
+                    raise DimensionMismatchError(
+                        f"state {key!r} of {name} has shape {tuple(val.shape)}: {size} != {g.dim} on its residual axis")
+
+    new_state: dict[Any, dict[str, Any]] = {}
+    moved = 0
+    for pid, entries in state_dict["state"].items():
+        out: dict[str, Any] = {}
+        for key, val in entries.items():
+            kind, rule = plan[pid][key]
+            if kind == "scalar" or rule.role is Role.NONE:
+                out[key] = val.clone() if isinstance(val, torch.Tensor) else copy.deepcopy(val)
+            else:
+                out[key] = transform(val, rule, g, second_moment=(kind == "second"))
+                moved += 1
+        new_state[pid] = out
+    logger.info("transported %d optimizer state tensors of %d parameters", moved, len(new_state))
+    result = {k: copy.deepcopy(v) for k, v in state_dict.items() if k != "state"}
+    result["state"] = new_state
+    return result

@@ -1,0 +1,637 @@
+"""Transport of PEFT LoRA adapters (LoRA, rsLoRA, DoRA, embedding LoRA, ``modules_to_save``,
+trainable tokens) from the chart of one base model to the chart of a gauge-related one.
+
+Maths
+-----
+Let the gauge map the source base model's residual stream to the target's, ``h' = G·h`` with
+``G = P·D`` (see :mod:`hf_bdgauge.group`); the target base has readers ``W·Gᵀ``, writers
+``G·W`` and gains ``P·g`` (:mod:`hf_bdgauge.rules`). A LoRA on module ``W`` (``y = W·x``) adds
+``s·B·A·x`` with ``s = α/r`` (``α/√r`` for rsLoRA), i.e. ``ΔW = s·B·A`` in ``[out, in]`` layout.
+For ``W + ΔW`` to move like ``W`` it suffices to move one factor:
+
+* the module **reads** the residual (``x`` is residual, ``W ↦ W·Gᵀ``): ``A ↦ A·Gᵀ``, ``B`` unchanged;
+* the module **writes** the residual (``y`` is residual, ``W ↦ G·W``): ``B ↦ G·B`` and a LoRA bias
+  (``lora_bias=True`` puts it on ``lora_B``) ``b ↦ G·b``; ``A`` unchanged;
+* **embedding** LoRA: PEFT stores ``lora_embedding_A`` as ``[r, vocab]`` and ``lora_embedding_B``
+  as ``[d, r]`` and adds ``(emb(x, Aᵀ)·Bᵀ)·s``, so ``ΔE = s·(B·A)ᵀ`` (``[vocab, d]``). The
+  embedding reads along ``d`` (``E ↦ E·Gᵀ``), so ``B ↦ G·B`` (residual on B's axis -2);
+* **DoRA** magnitudes ``m`` hold one entry per output channel (the norm of that row of
+  ``W + ΔW``; for embeddings, of that column of ``E + ΔE``, i.e. per ``d``). Writers permute and
+  sign those rows, so the norms move by ``P`` alone: ``m ↦ P·m`` (a GAIN rule); readers sign and
+  permute inside each row, which keeps its norm: ``m`` unchanged;
+* ``modules_to_save`` copies and other full base tensors saved in the adapter move exactly like
+  the base tensor; trainable-token deltas are rows of the embedding and move like its rows.
+
+Every one of these moves is a :class:`~hf_bdgauge.rules.TensorRule` passed to
+:func:`hf_bdgauge.rules.transform`; the table :data:`FACTOR_RULES` says which factor carries the
+residual given which side (input or output) of the base weight carries it. ``r``, ``α``,
+rsLoRA, ``target_modules`` and ``layers_to_transform`` are chart-independent and survive
+unchanged.
+
+Two entry points: :func:`transport_adapter` rewrites an adapter directory (or Hub repo) into a
+standard PEFT directory for the target base (``adapter_config.json`` naming the target and its
+revision, ``adapter_model.safetensors``), and :func:`transport_peft_model` re-charts a
+``PeftModel`` in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import torch
+
+from .._io import atomic_directory
+from ..apply import check_gauge_allowed
+from ..checkpoint import resolve_checkpoint_dir
+from ..errors import CheckpointError, DimensionMismatchError, TransportError, UnsupportedArchitectureError
+from ..gauge import Gauge, as_signed_permutation
+from ..group import SignedPermutation
+from ..roles import (
+    ArchitectureSpec,
+    available_architectures,
+    hidden_size_of,
+    spec_for_config,
+    spec_for_model,
+    spec_for_model_type,
+)
+from ..rules import Role, TensorRule, transform
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft import PeftModel
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "FACTOR_RULES",
+    "AdapterTensor",
+    "parse_adapter_tensor_name",
+    "adapter_tensor_rules",
+    "transport_adapter_state_dict",
+    "transport_adapter",
+    "transport_peft_model",
+]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+# kinds of adapter tensors
+_FACTOR_KINDS = {
+    "lora_A": "lora_A",
+    "lora_B": "lora_B",
+    "lora_embedding_A": "lora_embedding_A",
+    "lora_embedding_B": "lora_embedding_B",
+    "lora_magnitude_vector": "magnitude",
+    "trainable_tokens_delta": "trainable_tokens",
+    "trainable_tokens_original": "trainable_tokens",  # in-memory buffer: the original rows
+}
+_IN, _OUT = "in", "out"
+
+#: ``(tensor kind, side of the base weight that carries the residual) -> rule`` for LoRA tensors.
+#: ``"signed"`` rules take the base weight's role (READ or WRITE, so signs apply) on the given
+#: axis; ``GAIN`` rules move by ``P`` only. Pairs that are absent leave the tensor unchanged.
+FACTOR_RULES: dict[tuple[str, str], tuple[str, int]] = {
+    ("lora_A", _IN): ("signed", -1),  # A [r, in]: A·Gᵀ for a reader
+    ("lora_B", _OUT): ("signed", -2),  # B [out, r]: G·B for a writer
+    ("lora_B.bias", _OUT): ("signed", -1),  # lora bias [out]: G·b for a writer
+    ("lora_embedding_A", _IN): ("signed", -1),  # [r, num_embeddings]; never residual for token embeddings
+    ("lora_embedding_B", _OUT): ("signed", -2),  # [embedding_dim, r]: G·B since ΔE = s·(B·A)ᵀ
+    ("magnitude", _OUT): ("gain", -1),  # DoRA per-output-channel norms: P·m for a writer
+}
+
+
+@dataclass(frozen=True)
+class AdapterTensor:
+    """A PEFT tensor name, decoded.
+
+    Attributes
+    ----------
+    name: the name as given (saved form ``...q_proj.lora_A.weight`` or in-memory form
+        ``...q_proj.lora_A.default.weight``).
+    kind: ``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_embedding_B``, ``magnitude``,
+        ``trainable_tokens`` or ``full`` (a whole base tensor: a base parameter, a
+        ``modules_to_save`` copy, a saved embedding layer).
+    module: the base module path with PEFT wrappers (``base_layer``, ``token_adapter``,
+        ``original_module``, ``modules_to_save.<name>``) removed.
+    param: ``weight``/``bias``/``None`` (the parameter of the adapter sub-module).
+    adapter: the adapter name when the name carries one (in-memory names), else ``None``.
+    wrapper: the PEFT wrapper a copy of base-model values sat in (``base_layer``,
+        ``original_module``, ``modules_to_save``; trainable tokens' saved original rows count
+        as ``original_module``) or ``None``.
+    """
+
+    name: str
+    kind: str
+    module: str
+    param: str | None
+    adapter: str | None
+    wrapper: str | None = None
+
+    @property
+    def base_name(self) -> str:
+        """The base-model tensor whose role decides this tensor's move."""
+        if self.kind == "full":
+            return f"{self.module}.{self.param}" if self.module else str(self.param)
+        return f"{self.module}.weight"
+
+    @property
+    def is_adapter_owned(self) -> bool:
+        """True for tensors that belong to an adapter (factors, magnitudes, token deltas and
+        ``modules_to_save`` copies), False for the base model's own tensors."""
+        return (self.kind != "full" and self.wrapper is None) or self.wrapper == "modules_to_save"
+
+
+def parse_adapter_tensor_name(name: str) -> AdapterTensor:
+    """Decode a PEFT parameter name (saved or in-memory form) into an :class:`AdapterTensor`."""
+    tokens = name.split(".")
+    idx = max((i for i, t in enumerate(tokens) if t in _FACTOR_KINDS), default=None)
+    if idx is not None:
+        kind = _FACTOR_KINDS[tokens[idx]]
+        tail = tokens[idx + 1:]
+        param = tail[-1] if tail and tail[-1] in ("weight", "bias") else None
+        rest = tail[:-1] if param else tail
+        if len(rest) > 1:
+            raise TransportError(f"cannot parse PEFT tensor name {name!r}")
+        mod = [t for t in tokens[:idx] if t not in ("base_layer", "token_adapter")]
+        # the saved original rows of trainable tokens are a copy of base-model rows
+        wrapper = "original_module" if tokens[idx] == "trainable_tokens_original" else None
+        return AdapterTensor(name, kind, ".".join(mod), param, rest[0] if rest else None, wrapper)
+    mod: list[str] = []
+    wrapper = adapter = None
+    i = 0
+    body, param = tokens[:-1], tokens[-1]
+    while i < len(body):
+        t = body[i]
+        if t in ("base_layer", "token_adapter", "original_module"):
+            wrapper = wrapper or ("original_module" if t == "original_module" else "base_layer")
+            i += 1
+            continue
+        if t == "modules_to_save" and i + 1 < len(body):
+            wrapper, adapter = "modules_to_save", body[i + 1]
+            i += 2
+            continue
+        mod.append(t)
+        i += 1
+    return AdapterTensor(name, "full", ".".join(mod), param, adapter, wrapper)
+
+
+def _layout(kinds: set[str], fan_in_fan_out: bool) -> str:
+    """Storage layout of a LoRA-wrapped base weight: ``linear`` ([out, in]), ``conv1d``
+    ([in, out], GPT-2's Conv1D, ``fan_in_fan_out=True``) or ``embedding`` ([vocab=in, d=out])."""
+    if kinds & {"lora_embedding_A", "lora_embedding_B"}:
+        return "embedding"
+    return "conv1d" if fan_in_fan_out else "linear"
+
+
+def _residual_side(base_rule: TensorRule, layout: str, base_name: str) -> str | None:
+    """Which side (``in``/``out``) of the base weight carries the residual, or None."""
+    ax = base_rule.residual_axis(2)
+    if ax is None:
+        return None
+    if not -2 <= ax < 2:
+        raise TransportError(f"{base_name} carries the residual on axis {ax}; only 2-D LoRA targets are supported")
+    first_is_out = layout == "linear"
+    return (_OUT if first_is_out else _IN) if ax % 2 == 0 else (_IN if first_is_out else _OUT)
+
+
+def _factor_rule(t: AdapterTensor, base_rule: TensorRule, side: str | None) -> TensorRule:
+    """The rule for one LoRA factor / magnitude / token delta (see :data:`FACTOR_RULES`)."""
+    if base_rule.role is Role.NONE or side is None:
+        return TensorRule(Role.NONE)
+    if base_rule.role is Role.GAIN:
+        raise TransportError(f"{t.name}: a LoRA on a gain tensor ({t.base_name}) is not a LoRA this library understands")
+    key = f"{t.kind}.bias" if t.param == "bias" else t.kind
+    entry = FACTOR_RULES.get((key, side))
+    if entry is None:
+        return TensorRule(Role.NONE)
+    how, axis = entry
+    return TensorRule(Role.GAIN, axis) if how == "gain" else TensorRule(base_rule.role, axis)
+
+
+def adapter_tensor_rules(
+    names: Iterable[str],
+    spec: ArchitectureSpec,
+    *,
+    fan_in_fan_out: bool = False,
+) -> dict[str, TensorRule]:
+    """``name -> TensorRule`` for every PEFT (or plain base-model) tensor name.
+
+    The role comes from the base weight (``spec.rule_for(module + ".weight")``); the axis from
+    :data:`FACTOR_RULES`. ``fan_in_fan_out`` says the LoRA-wrapped weights are stored
+    ``[in, out]`` (GPT-2's Conv1D). Raises :class:`UnsupportedArchitectureError` naming every
+    tensor whose base tensor the role map does not cover.
+    """
+    parsed = [parse_adapter_tensor_name(n) for n in names]
+    kinds_by_module: dict[str, set[str]] = {}
+    for t in parsed:
+        kinds_by_module.setdefault(t.module, set()).add(t.kind)
+    out: dict[str, TensorRule] = {}
+    missing: list[str] = []
+    for t in parsed:
+        base_rule = spec.rule_for(t.base_name)
+        if base_rule is None:
+            missing.append(t.name)
+            continue
+        if t.kind == "full":
+            out[t.name] = base_rule
+            continue
+        if t.kind == "trainable_tokens":
+            # delta rows [n_tokens, d] are rows of the [vocab, d] weight: its row axis carries the residual
+            ax = base_rule.residual_axis(2)
+            if ax is not None and ax % 2 != 1:
+                raise TransportError(f"{t.name}: trainable tokens on {t.base_name}, whose rows are not residual vectors")
+            out[t.name] = base_rule if ax is None else TensorRule(base_rule.role, -1)
+            continue
+        layout = _layout(kinds_by_module[t.module], fan_in_fan_out)
+        side = _residual_side(base_rule, layout, t.base_name)
+        out[t.name] = _factor_rule(t, base_rule, side)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", … ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise UnsupportedArchitectureError(
+            f"the role map {spec.name!r} does not cover the base tensors of these adapter tensors: {shown}"
+        )
+    return out
+
+
+def _check_sizes(tensors: Mapping[str, torch.Tensor], rules: Mapping[str, TensorRule], g: SignedPermutation) -> None:
+    for n, t in tensors.items():
+        size = rules[n].residual_size(tuple(t.shape))
+        if size is not None and size != g.dim:
+            raise DimensionMismatchError(
+                f"adapter tensor {n} of shape {tuple(t.shape)} has {size} entries on its residual axis but the gauge "
+                f"has dimension {g.dim}"
+            )
+
+
+def _gain_biases(tensors: Mapping[str, torch.Tensor], rules: Mapping[str, TensorRule]) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in tensors.items() if rules[n].role is Role.GAIN and n.endswith("bias")}
+
+
+def transport_adapter_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    gauge: Gauge | SignedPermutation,
+    spec: ArchitectureSpec,
+    *,
+    fan_in_fan_out: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Move every tensor of a PEFT adapter state dict (saved or in-memory names) to the target
+    chart; returns a new dict (tensors of role NONE are the input objects).
+
+    All rules and sizes are checked before anything is computed; the gauge must be a symmetry
+    of the family (:func:`hf_bdgauge.apply.check_gauge_allowed`).
+    """
+    g = as_signed_permutation(gauge)
+    rules = adapter_tensor_rules(state_dict.keys(), spec, fan_in_fan_out=fan_in_fan_out)
+    _check_sizes(state_dict, rules, g)
+    check_gauge_allowed(spec, g, _gain_biases(state_dict, rules))
+    return {n: transform(t, rules[n], g) for n, t in state_dict.items()}
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _resolve_adapter_dir(src: str | os.PathLike, revision: str | None, subfolder: str | None) -> Path:
+    try:
+        root = resolve_checkpoint_dir(src, revision)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot find the PEFT adapter {src!r}: {e}") from e
+    d = root / subfolder if subfolder else root
+    if not d.is_dir():
+        raise CheckpointError(f"adapter subfolder {subfolder!r} does not exist in {root}")
+    return d
+
+
+def _read_adapter_config(d: Path) -> dict[str, Any]:
+    path = d / ADAPTER_CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"{d} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG_NAME}")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    ptype = str(cfg.get("peft_type", "")).upper()
+    if ptype != "LORA":
+        raise TransportError(
+            f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; hf_bdgauge transports LoRA adapters "
+            "(incl. rsLoRA, DoRA, embedding LoRA, modules_to_save and trainable tokens)"
+        )
+    if cfg.get("target_parameters"):
+        raise TransportError(
+            f"{path}: LoRA on raw parameters (target_parameters={cfg['target_parameters']}) is not supported yet"
+        )
+    return cfg
+
+
+def _read_adapter_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = d / ADAPTER_WEIGHTS_NAME
+    if not path.exists():
+        pickles = [p for p in _PICKLE_WEIGHTS if (d / p).exists()]
+        if pickles:
+            raise CheckpointError(
+                f"{d} holds the adapter only as pickle ({', '.join(pickles)}); hf_bdgauge reads safetensors only. "
+                "Re-save it with PeftModel.save_pretrained(..., safe_serialization=True)."
+            )
+        raise CheckpointError(f"{d} has no {ADAPTER_WEIGHTS_NAME}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    return tensors, meta
+
+
+def _spec_from_config_like(cfg: Any) -> tuple[ArchitectureSpec, int | None]:
+    """Role map and hidden size from a config object/dict, a model, a model_type, a model
+    directory or a Hub model id."""
+    if isinstance(cfg, ArchitectureSpec):
+        return cfg, None
+    if isinstance(cfg, (str, os.PathLike)) and Path(cfg).is_dir():
+        p = Path(cfg) / "config.json"
+        if not p.exists():
+            raise CheckpointError(f"{cfg} has no config.json")
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    elif isinstance(cfg, str) and cfg in available_architectures():
+        return spec_for_model_type(cfg), None
+    elif isinstance(cfg, str):  # a Hub id: its config.json (from the cache when offline)
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cfg = json.loads(Path(hf_hub_download(cfg, "config.json")).read_text(encoding="utf-8"))
+        except Exception as e:
+            raise TransportError(f"base_config {cfg!r} is neither a known model_type, a directory, nor a reachable "
+                                 f"Hub model: {e}") from e
+    if isinstance(cfg, torch.nn.Module):
+        return spec_for_model(cfg), hidden_size_of(cfg.config)
+    spec = spec_for_config(cfg)
+    try:
+        return spec, hidden_size_of(cfg)
+    except UnsupportedArchitectureError:
+        return spec, None
+
+
+def _base_config_from_adapter(adapter_cfg: Mapping[str, Any], gauge: Any) -> Any:
+    """Find the base model's family, trying in turn: the Gauge's fingerprints (``model_type``,
+    ``hidden_size``), the ``config.json`` of the model the Gauge or the adapter names (a local
+    directory, or the Hub / its cache), and the adapter's ``auto_mapping`` class name."""
+    candidates: list[tuple[str, str | None]] = []
+    if isinstance(gauge, Gauge):
+        for ref in (gauge.source, gauge.target):
+            if ref.model_id:
+                candidates.append((ref.model_id, ref.commit_hash or ref.revision))
+            fp = ref.fingerprint if isinstance(ref.fingerprint, dict) else {}
+            if fp.get("model_type"):
+                return {k: fp[k] for k in ("model_type", "hidden_size") if fp.get(k)}
+    if adapter_cfg.get("base_model_name_or_path"):
+        candidates.append((adapter_cfg["base_model_name_or_path"], adapter_cfg.get("revision")))
+    for model_id, rev in candidates:
+        p = Path(model_id)
+        if (p / "config.json").exists():
+            return p
+        if p.exists() or model_id.startswith((".", "/")):
+            continue
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(Path(hf_hub_download(model_id, "config.json", revision=rev)).read_text(encoding="utf-8"))
+        except Exception as e:  # offline, unknown repo, …: try the next source
+            logger.debug("no config.json for %s@%s: %s", model_id, rev, e)
+    cls = (adapter_cfg.get("auto_mapping") or {}).get("base_model_class")
+    if cls:
+        try:
+            from transformers.models.auto import modeling_auto
+
+            matches = [
+                mt
+                for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
+                for mt, name in mapping.items()
+                if name == cls or (isinstance(name, (tuple, list)) and cls in name)
+            ]
+            known = [mt for mt in matches if mt in available_architectures()]
+            # several model types may share a class name (e.g. LlamaForCausalLM): prefer the namesake
+            namesake = [mt for mt in known if cls.lower().startswith(mt.replace("_", ""))]
+            if namesake or known:
+                return (namesake or known)[0]
+        except ImportError:  # pragma: no cover
+            pass
+    raise TransportError(
+        "cannot tell the base model's family: adapter_config.json names "
+        f"{adapter_cfg.get('base_model_name_or_path')!r}, whose config.json is neither a local directory nor in the "
+        "Hub cache. Pass base_config= (a transformers config, a config.json dict, a model, a model directory or a "
+        "model_type string)."
+    )
+
+
+def _update_model_card(path: Path, base: str | None) -> None:
+    """Point the copied model card's ``base_model`` metadata at the target (best effort)."""
+    if not base:
+        return
+    try:
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(path)
+        card.data.base_model = base
+        tags = [t for t in (card.data.tags or []) if not str(t).startswith("base_model:adapter:")]
+        card.data.tags = [f"base_model:adapter:{base}", *tags]
+        card.save(path)
+    except Exception as e:  # a card is documentation; never fail a transport on it
+        logger.warning("could not update base_model in %s: %s", path, e)
+
+
+def transport_adapter(
+    adapter_dir_or_repo: str | os.PathLike,
+    gauge: Gauge | SignedPermutation,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    base_model_revision: str | None = None,
+    base_config: Any = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Transport a PEFT LoRA adapter trained on the gauge's source base onto its target base.
+
+    Parameters
+    ----------
+    adapter_dir_or_repo: a local adapter directory or a Hub repo id (downloaded with
+        ``huggingface_hub.snapshot_download`` at ``revision``, honouring ``HF_HUB_OFFLINE``).
+    gauge: a :class:`~hf_bdgauge.gauge.Gauge` (or bare :class:`SignedPermutation`) with
+        ``h_target = G·h_source``, the source being the adapter's base model.
+    out_dir: where the transported adapter directory is written (atomically).
+    base_model_name_or_path, base_model_revision: the target base written into
+        ``adapter_config.json`` (``base_model_name_or_path`` and ``revision``); default the
+        Gauge's ``target`` ref (its ``revision``, else its ``commit_hash``). With neither, the
+        source's entries are kept and a warning is logged.
+    base_config: the base model family when it cannot be found from the Gauge or the adapter
+        config (a transformers config, a ``config.json`` dict, a model, a model directory, a Hub
+        model id or a ``model_type`` string).
+    subfolder: the adapter's folder inside ``adapter_dir_or_repo``.
+
+    Returns the output directory: ``adapter_config.json`` + ``adapter_model.safetensors`` (+ the
+    source's other non-weight files, with the model card's ``base_model`` updated), loadable
+    with ``PeftModel.from_pretrained(target_model, out_dir)`` and uploadable as is with
+    ``huggingface_hub.HfApi().upload_folder``. Only safetensors weights are read; an adapter
+    with only ``adapter_model.bin`` raises :class:`CheckpointError`.
+    """
+    g = as_signed_permutation(gauge)
+    src = _resolve_adapter_dir(adapter_dir_or_repo, revision, subfolder)
+    cfg = _read_adapter_config(src)
+    tensors, meta = _read_adapter_weights(src)
+    spec, d = _spec_from_config_like(base_config if base_config is not None else _base_config_from_adapter(cfg, gauge))
+    if d is not None and d != g.dim:
+        raise DimensionMismatchError(f"gauge has dimension {g.dim} but the base model's hidden size is {d}")
+    moved = transport_adapter_state_dict(tensors, g, spec, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
+
+    new_cfg = dict(cfg)
+    target = gauge.target if isinstance(gauge, Gauge) else None
+    new_base = base_model_name_or_path or (target.model_id if target else None)
+    new_rev = base_model_revision or ((target.revision or target.commit_hash) if target else None)
+    if new_base is None:
+        logger.warning(
+            "transported adapter keeps base_model_name_or_path=%r (the source base): pass base_model_name_or_path= "
+            "or a Gauge with a target ModelRef to name the target", cfg.get("base_model_name_or_path"))
+    else:
+        new_cfg["base_model_name_or_path"] = str(new_base)
+        new_cfg["revision"] = new_rev
+    if isinstance(gauge, Gauge) and gauge.source.model_id and cfg.get("base_model_name_or_path") not in (
+        None, "", gauge.source.model_id
+    ):
+        logger.warning("the adapter names base %r but the gauge's source is %r; transporting anyway",
+                       cfg.get("base_model_name_or_path"), gauge.source.model_id)
+
+    meta = {k: str(v) for k, v in meta.items()}
+    meta.setdefault("format", "pt")
+    meta["hf_bdgauge_transport"] = json.dumps(
+        {"gauge_dim": g.dim, "sign_flips": g.num_flips,
+         "source_base": cfg.get("base_model_name_or_path"), "target_base": new_cfg.get("base_model_name_or_path")},
+        sort_keys=True)
+
+    from safetensors.torch import save_file
+
+    skipped = []
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for f in src.iterdir():
+            if f.is_dir():
+                if (f / ADAPTER_CONFIG_NAME).exists():
+                    skipped.append(f.name)
+                continue
+            if f.name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) or f.name.startswith("."):
+                continue
+            if f.suffix in (".bin", ".pt", ".pth", ".safetensors", ".ckpt"):
+                continue  # stale untransported weights must not travel with the result
+            shutil.copy2(f, tmp / f.name)
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in moved.items()}, str(tmp / ADAPTER_WEIGHTS_NAME), metadata=meta)
+        if (tmp / "README.md").exists():
+            _update_model_card(tmp / "README.md", new_cfg.get("base_model_name_or_path"))
+    if skipped:
+        logger.warning("adapters in sub-folders %s were not transported; transport each with subfolder=", skipped)
+    logger.info("transported %d adapter tensors (%d moved) from %s to %s", len(tensors),
+                sum(1 for k in tensors if moved[k] is not tensors[k]), src, out_dir)
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@torch.no_grad()
+def transport_peft_model(
+    peft_model: "PeftModel",
+    gauge: Gauge | SignedPermutation,
+    *,
+    include_base: bool,
+    adapter_names: Iterable[str] | None = None,
+) -> "PeftModel":
+    """Re-chart a ``PeftModel`` in memory, in place; returns it.
+
+    ``include_base=True``: the base model and the adapters all move (the source base with its
+    adapter becomes, tensor for tensor, the target base with the transported adapter; merged
+    adapters are fine since ``W + ΔW`` moves like ``W``). Use it when the base in memory is the
+    *source* model.
+
+    ``include_base=False``: only adapter-owned tensors move (LoRA factors, DoRA magnitudes,
+    trainable-token deltas, ``modules_to_save`` copies). Use it when a source-chart adapter was
+    loaded onto the *target* base (``PeftModel.from_pretrained(target, source_adapter)``).
+    Refused while an adapter is merged into the base weights. Note that an adapter saved with
+    its embedding layers (PEFT's ``save_embedding_layers``, automatic when ``embed_tokens`` or
+    ``lm_head`` is a LoRA target) overwrites those base tensors with source-chart copies on
+    loading; for such adapters transport the directory with :func:`transport_adapter` first.
+
+    ``adapter_names`` limits the adapters moved (default: all). When ``gauge`` is a Gauge with
+    a target model id, the moved adapters' configs name the target as their base.
+    """
+    g = as_signed_permutation(gauge)
+    base = peft_model.get_base_model()
+    spec = spec_for_model(base)
+    d = hidden_size_of(base.config)
+    if g.dim != d:
+        raise DimensionMismatchError(f"gauge has dimension {g.dim} but the model's hidden size is {d}")
+    configs = dict(getattr(peft_model, "peft_config", {}) or {})
+    wanted = set(configs) if adapter_names is None else set(adapter_names)
+    unknown = wanted - set(configs)
+    if unknown:
+        raise TransportError(f"adapters {sorted(unknown)} are not loaded (loaded: {sorted(configs)})")
+    for name in wanted:
+        if str(getattr(configs[name], "peft_type", "")).split(".")[-1].upper() != "LORA":
+            raise TransportError(f"adapter {name!r} is not a LoRA adapter ({configs[name].peft_type})")
+        if getattr(configs[name], "target_parameters", None):
+            raise TransportError(f"adapter {name!r} uses target_parameters, which is not supported yet")
+    if not include_base:
+        merged = [n for n, m in peft_model.named_modules() if getattr(m, "merged_adapters", None)]
+        if merged:
+            raise TransportError(
+                f"adapters are merged into the base weights of {merged[:3]}; unmerge them first or use include_base=True")
+
+    named: dict[str, torch.Tensor] = dict(peft_model.named_parameters())
+    named.update(dict(peft_model.named_buffers()))
+    groups: dict[str | None, dict[str, torch.Tensor]] = {}
+    for n, t in named.items():
+        info = parse_adapter_tensor_name(n)
+        if info.is_adapter_owned:
+            if info.adapter is None or info.adapter not in wanted:
+                continue
+            groups.setdefault(info.adapter, {})[n] = t
+        elif include_base:
+            groups.setdefault(None, {})[n] = t
+    rules: dict[str, TensorRule] = {}
+    for adapter, tensors in groups.items():
+        fifo = bool(getattr(configs.get(adapter), "fan_in_fan_out", False)) if adapter else False
+        r = adapter_tensor_rules(tensors, spec, fan_in_fan_out=fifo)
+        _check_sizes(tensors, r, g)
+        rules.update(r)
+    flat = {n: t for grp in groups.values() for n, t in grp.items()}
+    check_gauge_allowed(spec, g, _gain_biases(flat, rules))
+    for n, t in flat.items():
+        if t.device.type == "meta":
+            raise DimensionMismatchError(f"tensor {n} is on the meta device; cannot re-chart it in memory")
+    moved = 0
+    for n, t in flat.items():
+        rule = rules[n]
+        if rule.role is not Role.NONE:
+            t.copy_(transform(t.detach(), rule, g))
+            moved += 1
+    for m in peft_model.modules():  # DoRA may cache weight norms in eval mode
+        clear = getattr(m, "_cache_clear", None)
+        if callable(clear):
+            clear()
+    target = gauge.target if isinstance(gauge, Gauge) else None
+    if target is not None and target.model_id:
+        for name in wanted:
+            configs[name].base_model_name_or_path = target.model_id
+            configs[name].revision = target.revision or target.commit_hash
+    logger.info("re-charted %d tensors of a PeftModel (adapters %s, base %s)", moved, sorted(wanted),
+                "moved" if include_base else "kept")
+    return peft_model
