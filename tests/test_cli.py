@@ -45,3 +45,75 @@ def test_demo_runs_on_bundled_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "greedy text unchanged | True" in out
     assert "checkpoint path == in-memory (bitwise) | True" in out
+
+
+# ----------------------------------------------------------------------------- gauges and objects
+from hub_double import hub  # noqa: E402,F401  (``hub`` is a fixture: a local test double of the Hub)
+
+from hf_bdgauge.gauge import Gauge, ModelRef  # noqa: E402
+
+
+def _saved_gauge(tmp_path, seed=3, d=64):
+    g = Gauge(SignedPermutation.random(d, seed=seed), source=ModelRef("src-model"), target=ModelRef("tgt-model"),
+              method="manual")
+    g.save_pretrained(tmp_path / "gauge")
+    return g, tmp_path / "gauge"
+
+
+def test_show_prints_summary(tmp_path, capsys):
+    g, path = _saved_gauge(tmp_path)
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "64" in out and str(g.num_flips) in out
+
+
+def test_show_refuses_a_tampered_gauge(tmp_path, capsys):
+    _, path = _saved_gauge(tmp_path)
+    data = (path / "gauge.safetensors").read_bytes()
+    (path / "gauge.safetensors").write_bytes(data[:-5])
+    assert main(["show", str(path)]) == 1
+    assert "error" in capsys.readouterr().err
+
+
+def test_push_then_show_from_the_hub(hub, tmp_path, capsys):
+    _, path = _saved_gauge(tmp_path)
+    assert main(["push", str(path), "user/cli-gauge"]) == 0
+    assert "pushed to user/cli-gauge" in capsys.readouterr().out
+    assert main(["show", "user/cli-gauge"]) == 0
+
+
+def test_transport_steering_vector_via_cli(tmp_path):
+    from hf_bdgauge.transport.steering import SteeringVector
+
+    g, path = _saved_gauge(tmp_path)
+    v = SteeringVector({1: torch.randn(64)})
+    v.save(tmp_path / "v.safetensors")
+    assert main(["transport", "steering", str(tmp_path / "v.safetensors"), str(path), str(tmp_path / "w.safetensors")]) == 0
+    w = SteeringVector.load(tmp_path / "w.safetensors")
+    assert torch.equal(w.layer_vectors[1], g.element.apply_vector(v.layer_vectors[1]))
+
+
+def test_transport_optimizer_state_via_cli(tmp_path):
+    model = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    g, path = _saved_gauge(tmp_path)
+    assert main(["transport", "optimizer", str(tmp_path / "opt.pt"), str(path), str(tmp_path / "opt2.pt"),
+                 "--model", str(tmp_path / "model")]) == 0
+    moved = torch.load(tmp_path / "opt2.pt", weights_only=True)
+    names = [n for n, _ in model.named_parameters()]
+    i = names.index("model.layers.0.self_attn.o_proj.weight")
+    ref = opt.state_dict()["state"][i]
+    assert torch.equal(moved["state"][i]["exp_avg"], g.element.apply(ref["exp_avg"], axis=0))
+    assert torch.equal(moved["state"][i]["exp_avg_sq"], g.element.apply(ref["exp_avg_sq"], axis=0, signed=False))
+
+
+def test_audit_verb_on_bundled_model(tmp_path, capsys):
+    from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
+
+    assert main(["audit", str(stories260k_hf_dir()), "--k", "3", "--gauges", "3", "-q", "--plot", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    assert "gauge_relative_overlap_mean: 1" in out and (tmp_path / "a.png").exists()
