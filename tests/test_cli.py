@@ -45,6 +45,23 @@ def test_demo_runs_on_bundled_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "greedy text unchanged | True" in out
     assert "checkpoint path == in-memory (bitwise) | True" in out
+    assert "## 2. Recovering G" in out and "## 3. Transporting" in out
+
+
+def test_demo_results_are_what_the_paper_predicts(tmp_path):
+    from hf_bdgauge.demo import run_demo
+
+    r = run_demo(out_dir=tmp_path, seed=1, fast=True)
+    est = {row["method"]: row for row in r["estimates"]}
+    assert est["sign_marginalized"]["perm+sign acc"] == 1.0 and est["weights"]["perm+sign acc"] == 1.0
+    pos = float((r["gauge"].signs > 0).mean())
+    assert abs(est["signed"]["perm acc"] - pos) <= 0.1  # raw-signed matching is capped near the + fraction
+    kept = {(row["object"][:4], row["transport"][:3]): row["% of adapter effect kept"] for row in r["transport"]}
+    err = {(row["object"][:4], row["transport"][:3]): row["max abs Δ logit vs source+adapter"] for row in r["transport"]}
+    assert abs(kept[("LoRA", "B_d")] - 100) < 0.1 and abs(kept[("stee", "B_d")] - 100) < 0.1
+    assert kept[("LoRA", "S_d")] < 90
+    for obj in ("LoRA", "stee"):
+        assert err[(obj, "B_d")] < 1e-3 and err[(obj, "S_d")] > 100 * err[(obj, "B_d")]
 
 
 # ----------------------------------------------------------------------------- gauges and objects
