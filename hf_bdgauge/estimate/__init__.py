@@ -1,0 +1,60 @@
+"""Estimating gauges between checkpoints.
+
+* :mod:`~hf_bdgauge.estimate.capture`: residual-stream hooks on two models fed the same tokens;
+* :mod:`~hf_bdgauge.estimate.stats`: mergeable float64 sufficient statistics (sums per layer);
+* :mod:`~hf_bdgauge.estimate.matching`: sign-marginalised Hungarian matching, the rotated-target
+  null and the verdict; :func:`estimate_gauge` is the entry point;
+* :mod:`~hf_bdgauge.estimate.weights`: data-free matching from the weights (``method="weights"``);
+* :mod:`~hf_bdgauge.estimate.trajectory`: composing local gauges along training runs.
+"""
+
+from __future__ import annotations
+
+from .capture import capture_pair_stats, find_decoder_layers, iter_token_batches, load_causal_lm, residual_activations
+from .matching import (
+    ACTIVATION_METHODS,
+    METHODS,
+    POOLINGS,
+    VERDICTS,
+    MatchResult,
+    estimate_from_activations,
+    estimate_from_stats,
+    estimate_gauge,
+    hungarian,
+    match_scores,
+    pooled_correlations,
+    random_orthogonal,
+)
+from .stats import CrossMoments, EstimationError, PairStats
+from .trajectory import compose_gauges, compose_trajectory, compose_via_base, invert_gauge
+from .weights import WeightSimilarity, estimate_gauge_from_weights, weight_similarity
+
+__all__ = [
+    "estimate_gauge",
+    "estimate_from_stats",
+    "estimate_from_activations",
+    "estimate_gauge_from_weights",
+    "weight_similarity",
+    "WeightSimilarity",
+    "compose_trajectory",
+    "compose_via_base",
+    "compose_gauges",
+    "invert_gauge",
+    "capture_pair_stats",
+    "iter_token_batches",
+    "residual_activations",
+    "find_decoder_layers",
+    "load_causal_lm",
+    "PairStats",
+    "CrossMoments",
+    "EstimationError",
+    "MatchResult",
+    "hungarian",
+    "match_scores",
+    "pooled_correlations",
+    "random_orthogonal",
+    "METHODS",
+    "ACTIVATION_METHODS",
+    "POOLINGS",
+    "VERDICTS",
+]

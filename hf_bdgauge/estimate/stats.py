@@ -1,0 +1,404 @@
+"""Mergeable sufficient statistics for gauge estimation.
+
+Everything an activation-based estimate needs is a handful of raw sums over the tokens, kept
+per layer in float64::
+
+    n,   Σx,   Σy,   Σx²,   Σy²,   Σx·yᵀ  (d×d),   Σy·yᵀ  (d×d, optional)
+
+where ``x`` is the source model's residual vector and ``y`` the target's on the same token.
+Raw sums (not running means) add exactly: the statistics of a union of token sets, of several
+layers pooled together, of several processes or of several runs are the elementwise sums of
+their parts, so a big estimate can be split over batches, machines (:meth:`PairStats.all_reduce`
+with ``torch.distributed``) or sessions (:meth:`PairStats.save` / :meth:`PairStats.load`) and
+merged in any order, with results equal up to float64 rounding.
+
+From the sums (population moments, the 1/n convention; correlations do not depend on it)::
+
+    mean_x = Σx/n,   Var(x_i) = Σx²_i/n − mean_x_i²,   Cov(x, y) = Σxyᵀ/n − mean_x·mean_yᵀ,
+    corr[i, j] = Cov(x_i, y_j) / sqrt(Var(x_i)·Var(y_j)).
+
+The target's full second moment ``Σyyᵀ`` is kept so the *null* (the same matching against a
+target whose chart is rotated by a random orthogonal ``Q``) costs no forward pass:
+``Cov(x, Q·y) = Cov(x, y)·Qᵀ`` and ``Var((Q·y)_j) = (Q·Cov(y, y)·Qᵀ)_jj``.
+
+Float64 raw sums lose about ``(|mean|/std)² · 1e-16`` of relative precision to cancellation,
+which is negligible unless a coordinate's mean exceeds its standard deviation by ~10⁶.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, DimensionMismatchError, GaugeError
+
+__all__ = ["EstimationError", "CrossMoments", "PairStats", "STATS_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+#: Version tag written into saved statistics files.
+STATS_FORMAT = "hf_bdgauge.pair_stats.v1"
+
+_FIELDS = ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy")
+
+
+class EstimationError(GaugeError, ValueError):
+    """Gauge estimation got unusable input: no tokens, an unknown method or pooling, layers that
+    do not exist, or statistics that cannot be merged."""
+
+
+def _as_f64_2d(a: Any, name: str) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
+    if t.ndim == 1:
+        t = t.unsqueeze(0)
+    if t.ndim != 2:
+        raise DimensionMismatchError(f"{name} must be [n, d], got shape {tuple(t.shape)}")
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+@dataclass
+class CrossMoments:
+    """Raw float64 sums over tokens of one layer (or of several layers pooled).
+
+    Attributes: ``n`` (token count), ``sum_x`` [dx], ``sum_y`` [dy], ``sum_x2`` [dx] (Σx²),
+    ``sum_y2`` [dy], ``sum_xy`` [dx, dy] (Σx·yᵀ) and ``sum_yy`` [dy, dy] (Σy·yᵀ) or ``None``
+    when the target's full second moment is not tracked (then no rotated null is available).
+    """
+
+    n: int
+    sum_x: torch.Tensor
+    sum_y: torch.Tensor
+    sum_x2: torch.Tensor
+    sum_y2: torch.Tensor
+    sum_xy: torch.Tensor
+    sum_yy: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def zeros(cls, dx: int, dy: int | None = None, *, track_target_cov: bool = True) -> "CrossMoments":
+        """Empty sums for dimensions ``dx`` (source) and ``dy`` (target, default ``dx``)."""
+        dy = dx if dy is None else dy
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        return cls(0, z(dx), z(dy), z(dx), z(dy), z(dx, dy), z(dy, dy) if track_target_cov else None)
+
+    @classmethod
+    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> "CrossMoments":
+        """The sums of paired activations ``X`` [n, dx] and ``Y`` [n, dy] (row t = token t)."""
+        X = _as_f64_2d(X, "X")
+        m = cls.zeros(X.shape[1], _as_f64_2d(Y, "Y").shape[1], track_target_cov=track_target_cov)
+        m.update(X, Y)
+        return m
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """``(dx, dy)``."""
+        return int(self.sum_x.shape[0]), int(self.sum_y.shape[0])
+
+    def update(self, X: Any, Y: Any) -> "CrossMoments":
+        """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] (converted to CPU float64)."""
+        X, Y = _as_f64_2d(X, "X"), _as_f64_2d(Y, "Y")
+        if X.shape[0] != Y.shape[0]:
+            raise DimensionMismatchError(f"X has {X.shape[0]} tokens but Y has {Y.shape[0]}")
+        if (X.shape[1], Y.shape[1]) != self.dims:
+            raise DimensionMismatchError(f"activations of widths {X.shape[1]}, {Y.shape[1]} do not fit sums of widths {self.dims}")
+        self.n += int(X.shape[0])
+        self.sum_x += X.sum(0)
+        self.sum_y += Y.sum(0)
+        self.sum_x2 += (X * X).sum(0)
+        self.sum_y2 += (Y * Y).sum(0)
+        self.sum_xy += X.T @ Y
+        if self.sum_yy is not None:
+            self.sum_yy += Y.T @ Y
+        return self
+
+    # ------------------------------------------------------------------ merging
+    def copy(self) -> "CrossMoments":
+        return CrossMoments(self.n, *(None if getattr(self, f) is None else getattr(self, f).clone() for f in _FIELDS))
+
+    def __iadd__(self, other: "CrossMoments") -> "CrossMoments":
+        if not isinstance(other, CrossMoments):
+            return NotImplemented
+        if other.dims != self.dims:
+            raise EstimationError(f"cannot merge statistics of widths {self.dims} and {other.dims}")
+        self.n += other.n
+        for f in _FIELDS[:-1]:
+            getattr(self, f).add_(getattr(other, f))
+        if self.sum_yy is not None and other.sum_yy is not None:
+            self.sum_yy.add_(other.sum_yy)
+        elif self.sum_yy is not None or other.sum_yy is not None:
+            logger.warning("merging statistics with and without the target covariance; dropping it (no null)")
+            self.sum_yy = None
+        return self
+
+    def __add__(self, other: "CrossMoments") -> "CrossMoments":
+        if not isinstance(other, CrossMoments):
+            return NotImplemented
+        out = self.copy()
+        out += other
+        return out
+
+    merge = __add__
+
+    # ------------------------------------------------------------------ moments
+    def _need_tokens(self) -> None:
+        if self.n < 2:
+            raise EstimationError(f"statistics hold {self.n} token(s); correlations need at least 2")
+
+    def mean_x(self) -> np.ndarray:
+        self._need_tokens()
+        return (self.sum_x / self.n).numpy()
+
+    def mean_y(self) -> np.ndarray:
+        self._need_tokens()
+        return (self.sum_y / self.n).numpy()
+
+    def var_x(self) -> np.ndarray:
+        """Per-coordinate population variance of the source, clipped at 0."""
+        mx = self.mean_x()
+        return np.maximum(self.sum_x2.numpy() / self.n - mx * mx, 0.0)
+
+    def var_y(self) -> np.ndarray:
+        my = self.mean_y()
+        return np.maximum(self.sum_y2.numpy() / self.n - my * my, 0.0)
+
+    def cov_xy(self) -> np.ndarray:
+        """Cross-covariance ``Cov(x, y)`` [dx, dy]."""
+        return self.sum_xy.numpy() / self.n - np.outer(self.mean_x(), self.mean_y())
+
+    def cov_yy(self) -> np.ndarray:
+        """The target's covariance [dy, dy] (needs ``sum_yy``)."""
+        if self.sum_yy is None:
+            raise EstimationError("these statistics do not track the target covariance (track_target_cov=False)")
+        my = self.mean_y()
+        return self.sum_yy.numpy() / self.n - np.outer(my, my)
+
+    def corr(self, rotation: np.ndarray | None = None, eps: float = 1e-12) -> np.ndarray:
+        """Pearson correlation [dx, dy] between source coordinate i and target coordinate j.
+
+        With ``rotation=Q`` (orthogonal [dy, dy]) the target is replaced by ``Q·y``:
+        ``Cov(x, Q·y) = Cov(x, y)·Qᵀ`` and ``Var(Q·y) = diag(Q·Cov(y, y)·Qᵀ)``, from the sums
+        alone. Coordinates with (near) zero variance get correlation 0.
+        """
+        vx = self.var_x()
+        cov = self.cov_xy()
+        if rotation is None:
+            vy = self.var_y()
+        else:
+            Q = np.asarray(rotation, dtype=np.float64)
+            if Q.shape != (self.dims[1],) * 2:
+                raise DimensionMismatchError(f"rotation of shape {Q.shape} does not fit target width {self.dims[1]}")
+            cov = cov @ Q.T
+            vy = np.maximum(np.einsum("jk,jk->j", Q @ self.cov_yy(), Q), 0.0)
+        scale = np.sqrt(np.outer(vx, vy))
+        tiny = eps * max(float(scale.max(initial=0.0)), 1e-300)
+        out = np.zeros_like(cov)
+        np.divide(cov, scale, out=out, where=scale > tiny)
+        return np.clip(out, -1.0, 1.0)
+
+    # ------------------------------------------------------------------ flat packing
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f) for f in _FIELDS if getattr(self, f) is not None]
+
+    def flatten(self) -> torch.Tensor:
+        """``[n, Σx, Σy, Σx², Σy², Σxyᵀ, (Σyyᵀ)]`` as one float64 vector (for all_reduce)."""
+        return torch.cat([torch.tensor([float(self.n)], dtype=torch.float64)] + [t.reshape(-1) for t in self._tensors()])
+
+    def unflatten_(self, flat: torch.Tensor) -> None:
+        """Inverse of :meth:`flatten` (in place)."""
+        self.n = int(round(float(flat[0])))
+        off = 1
+        for t in self._tensors():
+            k = t.numel()
+            t.copy_(flat[off:off + k].view_as(t))
+            off += k
+
+
+class PairStats:
+    """Per-layer :class:`CrossMoments` of a (source, target) pair on the same tokens.
+
+    ``layers`` are integers in the capture convention (0 = embedding output, ``l`` = output of
+    decoder layer ``l``; see :mod:`hf_bdgauge.estimate.capture`). Pooling layers is a sum
+    (:meth:`pooled`); merging two statistics over disjoint token sets is ``a + b``.
+    """
+
+    def __init__(self, moments: Mapping[int, CrossMoments] | None = None, meta: Mapping[str, Any] | None = None) -> None:
+        self.moments: dict[int, CrossMoments] = dict(sorted((int(k), v) for k, v in (moments or {}).items()))
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> "PairStats":
+        """From paired activations: ``X``/``Y`` either single arrays [n, d] (layer 0) or
+        sequences (one [n_l, d] array per layer) or dicts ``layer -> array``."""
+        if isinstance(X, Mapping):
+            if not isinstance(Y, Mapping) or set(X) != set(Y):
+                raise EstimationError("X and Y must be dicts with the same layers")
+            pairs = [(k, X[k], Y[k]) for k in X]
+        elif isinstance(X, (list, tuple)):
+            if not isinstance(Y, (list, tuple)) or len(X) != len(Y):
+                raise EstimationError("X and Y must be sequences of the same length (one array per layer)")
+            pairs = [(k, x, y) for k, (x, y) in enumerate(zip(X, Y))]
+        else:
+            pairs = [(0, X, Y)]
+        st = cls()
+        for k, x, y in pairs:
+            st.update(k, x, y, track_target_cov=track_target_cov)
+        return st
+
+    def update(self, layer: int, X: Any, Y: Any, *, track_target_cov: bool = True) -> None:
+        """Add paired activations of one layer (creating its sums on first use)."""
+        X, Y = _as_f64_2d(X, "X"), _as_f64_2d(Y, "Y")
+        m = self.moments.get(int(layer))
+        if m is None:
+            m = CrossMoments.zeros(X.shape[1], Y.shape[1], track_target_cov=track_target_cov)
+            self.moments[int(layer)] = m
+            self.moments = dict(sorted(self.moments.items()))
+        m.update(X, Y)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def layers(self) -> list[int]:
+        return list(self.moments)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per layer (the largest count over layers)."""
+        return max((m.n for m in self.moments.values()), default=0)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        if not self.moments:
+            raise EstimationError("empty statistics: no layer has been captured")
+        return next(iter(self.moments.values())).dims
+
+    def __getitem__(self, layer: int) -> CrossMoments:
+        return self.moments[layer]
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    def select(self, layers: Iterable[int] | None) -> "PairStats":
+        """A view restricted to ``layers`` (negative indices count from the last captured layer)."""
+        if layers is None:
+            return self
+        have = self.layers
+        out: dict[int, CrossMoments] = {}
+        for k in layers:
+            kk = have[k] if k < 0 and -len(have) <= k else k
+            if kk not in self.moments:
+                raise EstimationError(f"layer {k} was not captured; captured layers are {have}")
+            out[kk] = self.moments[kk]
+        return PairStats(out, self.meta)
+
+    def pooled(self, layers: Iterable[int] | None = None) -> CrossMoments:
+        """Sum of the sums of ``layers`` (default all): every (layer, token) is one sample."""
+        sel = self.select(layers)
+        if not sel.moments:
+            raise EstimationError("no layers to pool")
+        it = iter(sel.moments.values())
+        out = next(it).copy()
+        for m in it:
+            out += m
+        return out
+
+    # ------------------------------------------------------------------ merging
+    def __iadd__(self, other: "PairStats") -> "PairStats":
+        if not isinstance(other, PairStats):
+            return NotImplemented
+        for k, m in other.moments.items():
+            if k in self.moments:
+                self.moments[k] += m
+            else:
+                self.moments[k] = m.copy()
+        self.moments = dict(sorted(self.moments.items()))
+        return self
+
+    def __add__(self, other: "PairStats") -> "PairStats":
+        if not isinstance(other, PairStats):
+            return NotImplemented
+        out = PairStats({k: m.copy() for k, m in self.moments.items()}, self.meta)
+        out += other
+        return out
+
+    merge = __add__
+
+    def all_reduce(self, group: Any = None) -> "PairStats":
+        """Sum the statistics over every process of a ``torch.distributed`` group, in place.
+
+        A no-op when ``torch.distributed`` is unavailable or not initialised. Every process
+        must hold the same layers with the same widths (capture the same ``layers`` everywhere).
+        Each layer's sums travel as one flat float64 tensor.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        for k, m in self.moments.items():
+            flat = m.flatten()
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            m.unflatten_(flat)
+        logger.debug("all-reduced statistics of %d layers over %d processes", len(self), dist.get_world_size(group))
+        return self
+
+    # ------------------------------------------------------------------ persistence
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for k, m in self.moments.items():
+            out[f"layer{k}.n"] = torch.tensor([m.n], dtype=torch.int64)
+            for f in _FIELDS:
+                t = getattr(m, f)
+                if t is not None:
+                    out[f"layer{k}.{f}"] = t.contiguous()
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the sums to a safetensors file (metadata: format, layers, dims, ``meta``)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"format": STATS_FORMAT, "layers": json.dumps(self.layers), "meta": json.dumps(self.meta, default=str)}
+        save_file(self.to_tensors(), str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PairStats":
+        """Read statistics written by :meth:`save` (safetensors only; shapes are validated)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                if md.get("format") != STATS_FORMAT:
+                    raise CheckpointError(f"{path} is not a hf_bdgauge statistics file (format {md.get('format')!r})")
+                layers = [int(k) for k in json.loads(md["layers"])]
+                meta = json.loads(md.get("meta", "{}"))
+                names = set(f.keys())
+                moments: dict[int, CrossMoments] = {}
+                for k in layers:
+                    vals = {fld: f.get_tensor(f"layer{k}.{fld}") if f"layer{k}.{fld}" in names else None for fld in _FIELDS}
+                    if any(vals[fld] is None for fld in _FIELDS[:-1]):
+                        raise CheckpointError(f"{path}: layer {k} is missing some of its sums")
+                    m = CrossMoments(int(f.get_tensor(f"layer{k}.n")[0]), **{k2: None if v is None else v.to(torch.float64) for k2, v in vals.items()})
+                    dx, dy = m.dims
+                    shapes_ok = (m.sum_x2.shape == (dx,) and m.sum_y2.shape == (dy,) and m.sum_xy.shape == (dx, dy)
+                                 and (m.sum_yy is None or m.sum_yy.shape == (dy, dy)))
+                    if not shapes_ok:
+                        raise CheckpointError(f"{path}: layer {k} has inconsistent shapes")
+                    moments[k] = m
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise CheckpointError(f"cannot read statistics from {path}: {e}") from e
+        return cls(moments, meta)
+
+    def __repr__(self) -> str:
+        dims = self.dims if self.moments else None
+        return f"PairStats(layers={self.layers}, tokens={self.n_tokens}, dims={dims})"

@@ -1,0 +1,349 @@
+"""Data-free gauge estimation from the weights alone (``method="weights"``).
+
+Every tensor that carries residual coordinates (the role map says which, and on which axis)
+gives each coordinate a piece of its *signature*: with the residual axis moved first and the
+rest flattened, row ``i`` of ``S_t`` [d, m_t] is what coordinate ``i`` looks like in tensor
+``t`` (its embedding / lm_head column, its column in every reader, its row in every writer,
+its entry in every bias). Under ``G = (π, s)`` the target's rows are ``T_t[π(i)] = s_i·S_t[i]``
+for readers and writers, so the cosine of two coordinates' concatenated signed signatures is
+``s_i`` at the true match.
+
+Residual gains move by ``P`` only (``g ↦ P·g``), so they carry no sign information; each gain
+vector contributes an *unsigned* block: ``|g + offset|`` (``offset`` = 1 for Gemma's ``1 + w``),
+standardised over the d coordinates (z-score), which compares the coordinates' gain profiles.
+
+The score of source ``i`` against target ``j`` is the cosine of the full signatures after
+choosing the sign of the signed block that maximises it (sign-marginalised)::
+
+    A[i, j] = (|M[i, j]| + Γ[i, j]) / sqrt(n_i · n'_j),       S[i, j] = (M[i, j] + Γ[i, j]) / sqrt(n_i · n'_j)
+
+with ``M = Σ_t S_t·T_tᵀ`` over signed tensors, ``Γ`` the same over gain profiles and ``n``, ``n'``
+the squared signature norms. ``π`` is the Hungarian assignment on ``A``; ``s_i = sign(M[i, π(i)])``.
+For families without sign symmetry (LayerNorm) the signed block is not marginalised (``A = S``)
+and signs are +1.
+
+Memory stays O(d²): the d×d numerators and norms are accumulated tensor by tensor, never the
+signatures. Each tensor is scaled to unit mean squared row norm first (``tensor_weighting="equal"``,
+so a [vocab, d] embedding does not drown a [d] gain), or used as is (``"raw"``). Tensors are read
+from a loaded model or streamed one at a time from safetensors checkpoints (``safe_open``), so a
+big model needs no forward pass and no full load. The null rotates the target's signatures by a
+random orthogonal ``Q`` (``M ↦ M·Qᵀ``, ``Γ ↦ Γ·Qᵀ``, ``n'_j ↦ (Q·K·Qᵀ)_jj`` with the target Gram
+matrices ``K``, accumulated alongside).
+
+Caveat: the non-residual axes (heads, MLP neurons) must be in the same chart in both models, as
+they are along a fine-tuning run or after a planted gauge; models trained from different seeds
+have their own internal permutations and match no better than the null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, DimensionMismatchError, UnsupportedArchitectureError
+from ..gauge import Gauge, ModelRef
+from ..roles import ArchitectureSpec, hidden_size_of, spec_for_config, spec_for_model
+from ..rules import Role, TensorRule
+from .matching import _log_verdict, fit_metrics, match_scores, random_orthogonal
+from .stats import EstimationError
+
+__all__ = ["WeightSimilarity", "weight_similarity", "estimate_gauge_from_weights", "TENSOR_WEIGHTINGS"]
+
+logger = logging.getLogger(__name__)
+
+TENSOR_WEIGHTINGS = ("equal", "raw")
+
+
+# ---------------------------------------------------------------------- tensor sources
+class _Tensors:
+    """Uniform access to the named tensors of a loaded model or a safetensors checkpoint."""
+
+    spec: ArchitectureSpec
+    config: Any
+    ref: ModelRef
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _ModuleTensors(_Tensors):
+    def __init__(self, model: torch.nn.Module, revision: str | None) -> None:
+        from .capture import model_ref
+
+        self.spec = spec_for_model(model)
+        self.config = model.config
+        self.ref = model_ref(model, revision)
+        self._t: dict[str, torch.Tensor] = dict(model.named_parameters())
+        for n, b in model.named_buffers():
+            self._t.setdefault(n, b)
+        meta = [n for n, t in self._t.items() if t.device.type == "meta"]
+        if meta:
+            raise CheckpointError(f"tensor {meta[0]} is on the meta device (offloaded); pass the checkpoint directory instead")
+
+    def names(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._t[name].detach()
+
+
+class _CheckpointTensors(_Tensors):
+    def __init__(self, src: Any, revision: str | None, stack: contextlib.ExitStack) -> None:
+        from safetensors import safe_open
+
+        from ..checkpoint import checkpoint_shards, read_safetensors_header, resolve_checkpoint_dir
+        from .capture import model_ref
+
+        path = resolve_checkpoint_dir(src, revision)
+        cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(f"{path} has no config.json; cannot tell the model family")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+        self.spec = spec_for_config(self.config)
+        self.ref = model_ref(src, revision, path)
+        self._where: dict[str, Any] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for shard in checkpoint_shards(path):
+            _, header = read_safetensors_header(shard)
+            handle = stack.enter_context(safe_open(str(shard), framework="pt"))
+            for n, v in header.items():
+                if n != "__metadata__":
+                    self._where[n] = handle
+                    self._shapes[n] = tuple(v["shape"])
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+
+def _open(obj: Any, revision: str | None, stack: contextlib.ExitStack) -> _Tensors:
+    if isinstance(obj, torch.nn.Module):
+        return _ModuleTensors(obj, revision)
+    if isinstance(obj, (str, os.PathLike)):
+        return _CheckpointTensors(obj, revision, stack)
+    raise EstimationError(f"expected a model, a checkpoint directory or a Hub id, got {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------- similarity
+@dataclass
+class WeightSimilarity:
+    """Accumulated d×d numerators and norms of the weight signatures (see the module docstring)."""
+
+    signed_num: np.ndarray
+    gain_num: np.ndarray
+    src_sq: np.ndarray
+    tgt_sq: np.ndarray
+    src_gain_sq: np.ndarray
+    tgt_gain_sq: np.ndarray
+    tgt_gram: np.ndarray | None
+    tgt_gain_gram: np.ndarray | None
+    allows_signs: bool = True
+    tensors: list[str] = field(default_factory=list)
+
+    @property
+    def dim(self) -> int:
+        return int(self.signed_num.shape[0])
+
+    def scores(self, rotation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(A, S, M)``: sign-marginalised and plain (+1 sign) cosine of the signatures, and the
+        signed block's numerator (whose sign is the coordinate's sign); the target is optionally
+        rotated by an orthogonal ``rotation``."""
+        M, Gm = self.signed_num, self.gain_num
+        tsq, tgsq = self.tgt_sq, self.tgt_gain_sq
+        if rotation is not None:
+            if self.tgt_gram is None or self.tgt_gain_gram is None:
+                raise EstimationError("the target Gram matrices were not accumulated (null_draws=0)")
+            Q = np.asarray(rotation, dtype=np.float64)
+            M, Gm = M @ Q.T, Gm @ Q.T
+            tsq = np.maximum(np.einsum("jk,jk->j", Q @ self.tgt_gram, Q), 0.0)
+            tgsq = np.maximum(np.einsum("jk,jk->j", Q @ self.tgt_gain_gram, Q), 0.0)
+        denom = np.sqrt(np.outer(self.src_sq + self.src_gain_sq, tsq + tgsq))
+        denom = np.where(denom > 0, denom, np.inf)
+        S = (M + Gm) / denom
+        A = (np.abs(M) + Gm) / denom if self.allows_signs else S
+        return A, S, M
+
+    def fit(self, g: Any) -> float:
+        """Sign-aware cosine of a given signed permutation: ``mean_i (s_i·M[i, π(i)] + Γ[i, π(i)]) / norm``."""
+        idx = np.arange(self.dim)
+        denom = np.sqrt((self.src_sq + self.src_gain_sq) * (self.tgt_sq + self.tgt_gain_sq)[g.perm])
+        denom = np.where(denom > 0, denom, np.inf)
+        return float(np.mean((g.signs * self.signed_num[idx, g.perm] + self.gain_num[idx, g.perm]) / denom))
+
+
+def _signature(t: torch.Tensor, rule: TensorRule, name: str, spec: ArchitectureSpec, dtype: torch.dtype) -> torch.Tensor | None:
+    ax = rule.residual_axis(t.ndim)
+    x = torch.movedim(t.to(dtype), ax, 0)
+    x = x.reshape(x.shape[0], -1)
+    if rule.role is Role.GAIN:
+        if name.endswith("weight"):
+            x = x + spec.gain_offset
+        if spec.allows_signs:
+            x = x.abs()
+        x = x - x.mean(0, keepdim=True)
+        sd = x.pow(2).mean(0, keepdim=True).sqrt()
+        if float(sd.min()) <= 0:
+            return None  # a constant gain (e.g. all ones at init) says nothing about coordinates
+        x = x / sd
+    if not torch.isfinite(x).all():
+        raise EstimationError(f"tensor {name} has non-finite values")
+    return x
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor | None:
+    fro = float(torch.linalg.vector_norm(x))
+    if fro == 0:
+        return None
+    return x * (x.shape[0] ** 0.5 / fro)
+
+
+def _plan(src: _Tensors, tgt: _Tensors) -> tuple[list[tuple[str, TensorRule]], int]:
+    if src.spec.name != tgt.spec.name:
+        raise UnsupportedArchitectureError(f"source is a {src.spec.name!r} model but target is a {tgt.spec.name!r} model")
+    d, d2 = hidden_size_of(src.config), hidden_size_of(tgt.config)
+    if d != d2:
+        raise DimensionMismatchError(f"source hidden size {d} != target hidden size {d2}")
+    s_rules = src.spec.rules_for(src.names())
+    t_rules = tgt.spec.rules_for(tgt.names())
+    plan: list[tuple[str, TensorRule]] = []
+    only_src, only_tgt = [], [n for n, r in t_rules.items() if r.role is not Role.NONE and n not in s_rules]
+    for n, r in s_rules.items():
+        if r.role is Role.NONE:
+            continue
+        if n not in t_rules:
+            only_src.append(n)
+            continue
+        if src.shape(n) != tgt.shape(n):
+            raise DimensionMismatchError(f"tensor {n} has shape {src.shape(n)} in the source but {tgt.shape(n)} in the target")
+        size = r.residual_size(src.shape(n))
+        if size != d:
+            raise DimensionMismatchError(f"tensor {n} of shape {src.shape(n)} has {size} != {d} entries on its residual axis")
+        plan.append((n, r))
+    if only_src or only_tgt:
+        logger.warning("tensors present in only one model are ignored (e.g. tied vs untied lm_head): %s",
+                       ", ".join((only_src + only_tgt)[:6]))
+    if not plan:
+        raise EstimationError("the two models share no tensor that carries residual coordinates")
+    return plan, d
+
+
+def weight_similarity(
+    source: Any,
+    target: Any,
+    *,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
+    tensor_weighting: str = "equal",
+    include_gains: bool = True,
+    track_target_gram: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[WeightSimilarity, ModelRef, ModelRef]:
+    """Accumulate the signature similarity of two models (modules, checkpoint dirs or Hub ids).
+
+    Products are computed in ``compute_dtype`` per tensor and summed in float64. Returns the
+    :class:`WeightSimilarity` and both ModelRefs.
+    """
+    if tensor_weighting not in TENSOR_WEIGHTINGS:
+        raise EstimationError(f"unknown tensor_weighting {tensor_weighting!r}; choose one of {TENSOR_WEIGHTINGS}")
+    with contextlib.ExitStack() as stack:
+        src, tgt = _open(source, source_revision, stack), _open(target, target_revision, stack)
+        plan, d = _plan(src, tgt)
+        z = lambda *s: np.zeros(s, dtype=np.float64)  # noqa: E731
+        sim = WeightSimilarity(z(d, d), z(d, d), z(d), z(d), z(d), z(d),
+                               z(d, d) if track_target_gram else None, z(d, d) if track_target_gram else None,
+                               allows_signs=src.spec.allows_signs)
+        for name, rule in tqdm(plan, desc="weight signatures", unit="tensor", disable=not progress):
+            if rule.role is Role.GAIN and not include_gains:
+                continue
+            a = _signature(src.get(name), rule, name, src.spec, compute_dtype)
+            b = _signature(tgt.get(name), rule, name, tgt.spec, compute_dtype)
+            if a is None or b is None:
+                continue
+            if tensor_weighting == "equal" and rule.role is not Role.GAIN:
+                a, b = _equalize(a), _equalize(b)
+                if a is None or b is None:
+                    continue
+            gain = rule.role is Role.GAIN
+            (sim.gain_num if gain else sim.signed_num)[...] += (a @ b.T).double().numpy()
+            (sim.src_gain_sq if gain else sim.src_sq)[...] += a.double().pow(2).sum(1).numpy()
+            (sim.tgt_gain_sq if gain else sim.tgt_sq)[...] += b.double().pow(2).sum(1).numpy()
+            if track_target_gram:
+                (sim.tgt_gain_gram if gain else sim.tgt_gram)[...] += (b @ b.T).double().numpy()
+            sim.tensors.append(name)
+            del a, b
+    return sim, src.ref, tgt.ref
+
+
+def estimate_gauge_from_weights(
+    source: Any,
+    target: Any,
+    *,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
+    tensor_weighting: str = "equal",
+    include_gains: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    null_draws: int = 1,
+    seed: int = 0,
+    min_excess: float = 0.1,
+    identity_tol: float = 0.01,
+    progress: bool = True,
+) -> Gauge:
+    """Data-free estimate of ``G`` (``h_target ≈ G·h_source``) from the weights alone.
+
+    ``source``/``target``: loaded models, local checkpoint directories or Hub ids (safetensors,
+    streamed tensor by tensor). Returns a :class:`~hf_bdgauge.gauge.Gauge` with ``method="weights"``,
+    ``confidence`` = matched sign-marginalised cosine, ``margin`` to the runner-up, and the same
+    fit metrics and verdict as the activation methods (statistic: mean matched |cos|).
+    """
+    t0 = time.perf_counter()
+    sim, src_ref, tgt_ref = weight_similarity(
+        source, target, source_revision=source_revision, target_revision=target_revision,
+        tensor_weighting=tensor_weighting, include_gains=include_gains, track_target_gram=null_draws > 0,
+        compute_dtype=compute_dtype, progress=progress,
+    )
+    t_sim = time.perf_counter() - t0
+    A, S, M = sim.scores()
+    how = "sign_marginalized" if sim.allows_signs else "permutation"
+    match = match_scores(A, S, how, sign_source=M)
+    nulls: list[float] = []
+    rng = np.random.default_rng(seed)
+    for _ in range(null_draws):
+        An, Sn, Mn = sim.scores(random_orthogonal(sim.dim, rng))
+        nulls.append(match_scores(An, Sn, how, sign_source=Mn).mean_matched)
+    metrics = fit_metrics(match, S, nulls, min_excess=min_excess, identity_tol=identity_tol, what="cos",
+                          matched_fit=sim.fit(match.element))
+    metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=tensor_weighting,
+                   similarity_time_s=t_sim, time_s=time.perf_counter() - t0)
+    metrics["summary"] += f" (data-free, {len(sim.tensors)} tensors, {metrics['time_s']:.2f} s)"
+    _log_verdict(metrics)
+    return Gauge(element=match.element, source=src_ref, target=tgt_ref, method="weights",
+                 confidence=match.confidence, margin=match.margin, metrics=metrics)

@@ -1,0 +1,163 @@
+"""Sufficient statistics: exact merging, pooling as a sum, rotated null from sums, persistence,
+and all_reduce over a (single-process) torch.distributed group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hf_bdgauge.errors import CheckpointError, DimensionMismatchError
+from hf_bdgauge.estimate import CrossMoments, EstimationError, PairStats, random_orthogonal
+
+
+def _data(n=500, d=16, seed=0, shift=3.0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)) * rng.uniform(0.5, 3.0, d) + shift
+    Y = X @ rng.standard_normal((d, d)) / 4 + 0.5 * rng.standard_normal((n, d)) - shift
+    return X, Y
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def test_moments_match_numpy():
+    X, Y = _data()
+    m = CrossMoments.from_activations(X, Y)
+    assert m.n == 500 and m.dims == (16, 16)
+    ref = np.corrcoef(X.T, Y.T)[:16, 16:]
+    assert _rel(m.corr(), ref) < 1e-12
+    assert _rel(m.cov_xy(), np.cov(X.T, Y.T, bias=True)[:16, 16:]) < 1e-12
+    assert _rel(m.var_x(), X.var(0)) < 1e-12
+    assert _rel(m.cov_yy(), np.cov(Y.T, bias=True)) < 1e-12
+
+
+def test_merging_two_halves_equals_one_pass():
+    X, Y = _data(n=1001)
+    whole = CrossMoments.from_activations(X, Y)
+    a = CrossMoments.from_activations(X[:400], Y[:400])
+    b = CrossMoments.from_activations(X[400:], Y[400:])
+    merged = a + b
+    assert merged.n == whole.n
+    for f in ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy"):
+        assert _rel(getattr(merged, f), getattr(whole, f)) < 1e-12, f
+    assert _rel(merged.corr(), whole.corr()) < 1e-12
+    # order does not matter and the parts are untouched by +
+    assert _rel((b + a).corr(), whole.corr()) < 1e-12
+    assert a.n == 400
+
+
+def test_pair_stats_merge_and_pool_layers_is_a_sum():
+    X, Y = _data(n=300)
+    X2, Y2 = _data(n=300, seed=1)
+    st = PairStats.from_activations([X, X2], [Y, Y2])
+    assert st.layers == [0, 1] and st.n_tokens == 300
+    pooled = st.pooled()
+    direct = CrossMoments.from_activations(np.vstack([X, X2]), np.vstack([Y, Y2]))
+    assert pooled.n == 600
+    assert _rel(pooled.sum_xy, direct.sum_xy) < 1e-12
+    assert _rel(pooled.corr(), direct.corr()) < 1e-12
+    half1 = PairStats.from_activations([X[:100], X2[:100]], [Y[:100], Y2[:100]])
+    half2 = PairStats.from_activations([X[100:], X2[100:]], [Y[100:], Y2[100:]])
+    merged = half1 + half2
+    for k in (0, 1):
+        assert _rel(merged[k].sum_xy, st[k].sum_xy) < 1e-12
+        assert _rel(merged[k].corr(), st[k].corr()) < 1e-12
+    half1 += half2
+    assert half1.n_tokens == 300
+
+
+def test_rotated_null_from_sums_equals_rotating_the_data():
+    """Cov(x, Qy) = Cov(x, y)·Qᵀ and Var(Qy) = diag(Q·Cov(y)·Qᵀ): no second pass needed."""
+    X, Y = _data(n=400, d=12)
+    Q = random_orthogonal(12, np.random.default_rng(3))
+    assert np.allclose(Q @ Q.T, np.eye(12), atol=1e-12)
+    m = CrossMoments.from_activations(X, Y)
+    direct = CrossMoments.from_activations(X, Y @ Q.T).corr()
+    assert _rel(m.corr(rotation=Q), direct) < 1e-10
+
+
+def test_save_load_roundtrip(tmp_path):
+    X, Y = _data()
+    st = PairStats.from_activations([X, X + 1], [Y, 2 * Y])
+    st.meta["note"] = "x"
+    p = st.save(tmp_path / "stats.safetensors")
+    back = PairStats.load(p)
+    assert back.layers == st.layers and back.meta == {"note": "x"}
+    for k in st.layers:
+        assert back[k].n == st[k].n
+        assert torch.equal(back[k].sum_xy, st[k].sum_xy) and torch.equal(back[k].sum_yy, st[k].sum_yy)
+    # merging with a loaded copy doubles every sum exactly
+    both = back + st
+    assert torch.equal(both[0].sum_xy, 2 * st[0].sum_xy)
+
+
+def test_load_rejects_foreign_and_corrupt_files(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "other.safetensors"
+    save_file({"a": torch.zeros(2)}, str(p))
+    with pytest.raises(CheckpointError, match="not a hf_bdgauge statistics file"):
+        PairStats.load(p)
+    q = tmp_path / "junk.safetensors"
+    q.write_bytes(b"\x00" * 5)
+    with pytest.raises(CheckpointError):
+        PairStats.load(q)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(DimensionMismatchError):
+        CrossMoments.from_activations(np.zeros((5, 3)), np.zeros((4, 3)))
+    m = CrossMoments.zeros(3)
+    with pytest.raises(DimensionMismatchError):
+        m.update(np.zeros((2, 4)), np.zeros((2, 3)))
+    with pytest.raises(EstimationError, match="at least 2"):
+        m.corr()
+    with pytest.raises(EstimationError):
+        CrossMoments.zeros(3) + CrossMoments.zeros(4)
+    with pytest.raises(EstimationError, match="was not captured"):
+        PairStats.from_activations(np.ones((3, 2)), np.ones((3, 2))).select([5])
+    no_cov = CrossMoments.from_activations(np.random.rand(5, 3), np.random.rand(5, 3), track_target_cov=False)
+    with pytest.raises(EstimationError, match="target covariance"):
+        no_cov.corr(rotation=np.eye(3))
+
+
+def test_constant_coordinate_has_zero_correlation():
+    X, Y = _data(n=50, d=4)
+    X[:, 2] = 7.0
+    c = CrossMoments.from_activations(X, Y).corr()
+    assert np.all(c[2] == 0) and np.all(np.isfinite(c))
+
+
+def test_all_reduce_is_noop_without_process_group():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    X, Y = _data(n=20, d=4)
+    st = PairStats.from_activations(X, Y)
+    before = st[0].sum_xy.clone()
+    assert st.all_reduce() is st
+    assert torch.equal(st[0].sum_xy, before)
+
+
+def test_all_reduce_single_process_gloo(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        X, Y = _data(n=40, d=6)
+        st = PairStats.from_activations([X, X[:10]], [Y, Y[:10]])
+        ref = {k: (m.n, m.flatten().clone()) for k, m in st.moments.items()}
+        st.all_reduce()
+        for k, m in st.moments.items():
+            assert m.n == ref[k][0]
+            assert torch.equal(m.flatten(), ref[k][1])
+        # the packing round-trips through a real collective: doubling by hand then reducing keeps it
+        flat = st[0].flatten() * 2
+        dist.all_reduce(flat)
+        st[0].unflatten_(flat)
+        assert st[0].n == 80 and torch.allclose(st[0].sum_xy, 2 * torch.from_numpy(X.T @ Y))
+    finally:
+        dist.destroy_process_group()
