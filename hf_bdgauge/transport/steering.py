@@ -35,9 +35,37 @@ Interoperability
 
 Neither library is imported; both are read and written by duck typing.
 
-File format: one safetensors file with tensors ``"layer.<i>"`` [d] and string metadata
-``format = "hf_bdgauge.steering_vector"``, ``format_version``, ``layer_type`` and ``metadata``
-(a JSON object of strings).
+llama.cpp control vectors (GGUF)
+--------------------------------
+The file ``llama-cli --control-vector[-scaled] FILE`` reads, ``llama-cvector-generator`` and
+repeng's ``ControlVector.export_gguf`` write (:meth:`SteeringVector.save_gguf`,
+:meth:`SteeringVector.load_gguf`, both through the ``gguf`` package):
+
+* KV ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (a string naming
+  the model family; repeng's importer requires it) and ``controlvector.layer_count`` (the number
+  of direction tensors; llama.cpp writes it as int32, repeng as uint32; nobody reads it back);
+* one float32 1-D tensor ``direction.<n>`` of length ``n_embd`` per steered layer.
+
+Which residual ``direction.<n>`` steers: ``common_control_vector_load`` (llama.cpp
+``common/common.cpp``) parses ``n`` from the name, rejects ``n = 0`` and non-F32 / non-1-D
+tensors, and stores layer ``n`` at offset ``(n − 1)·n_embd`` (several tensors for one layer
+are summed); ``llama_adapter_cvec::apply`` copies that slot into ``tensors[n]`` for
+``1 ≤ n < n_layer``; every model graph ends block ``il`` (0-based) with
+``cur = build_cvec(cur, il)`` (``cvec.apply_to(cur, il)``), which adds ``tensors[il]`` to the
+block's output after its residual add. So ``direction.<n>`` is added to the output of block
+``n`` = ``model.model.layers[n]`` in transformers (the residual ``output_hidden_states`` lists as
+``hidden_states[n + 1]``, except that the last entry is taken after the final norm): **the GGUF
+index is our layer key, no shift** (and repeng's, whose ``export_gguf`` writes its 0-based keys as
+``direction.<key>``). Consequences: block 0 has no slot (a file with ``direction.0``, which
+repeng can produce, is refused by llama.cpp as a whole), negative keys must be resolved against
+the model's depth first, and keys ≥ ``n_layer`` are ignored by llama.cpp. (Note that
+``llama-cvector-generator`` *estimates* ``direction.<n>`` from the output of block ``n − 1``,
+its ``l_out-(n−1)`` tensors, so its vectors act one block later than they were measured; the
+file's meaning is the runtime's, described above.)
+
+File format of :meth:`SteeringVector.save`: one safetensors file with tensors ``"layer.<i>"``
+[d] and string metadata ``format = "hf_bdgauge.steering_vector"``, ``format_version``,
+``layer_type`` and ``metadata`` (a JSON object of strings).
 """
 
 from __future__ import annotations
@@ -48,6 +76,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -67,6 +96,7 @@ from ..rules import WRITE, transform
 __all__ = [
     "SteeringVector",
     "STEERING_FORMAT",
+    "CONTROL_VECTOR_ARCH",
     "transport_steering_vector",
     "decoder_layers",
     "record_residual",
@@ -80,6 +110,42 @@ logger = logging.getLogger(__name__)
 STEERING_FORMAT = "hf_bdgauge.steering_vector"
 _FORMAT_VERSION = "1"
 _KEY = re.compile(r"layer\.(-?\d+)")
+
+#: ``general.architecture`` of a llama.cpp control-vector GGUF file.
+CONTROL_VECTOR_ARCH = "controlvector"
+_DIRECTION = re.compile(r"direction\.(\d+)")
+_GGUF_META_KEY = "hf_bdgauge.metadata"
+_GGUF_VERSION_KEY = "hf_bdgauge.format_version"
+
+
+def _import_gguf(action: str) -> Any:
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - gguf is in the 'real' extra
+        raise TransportError(f"{action} llama.cpp control vectors needs the gguf package (pip install gguf)") from e
+    return gguf
+
+
+def _gguf_string(reader: Any, key: str) -> str | None:
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    try:
+        value = field.contents()
+    except Exception:  # older gguf: no contents(); a string's bytes are the last part
+        value = bytes(field.parts[-1]).decode("utf-8", errors="replace")
+    return None if value is None else str(value)
+
+
+def _recorded_num_layers(gauge: Any) -> int | None:
+    """``num_hidden_layers`` recorded in a Gauge's fingerprints (both ends agree for a gauge)."""
+    if not isinstance(gauge, Gauge):
+        return None
+    for ref in (gauge.source, gauge.target):
+        n = (ref.fingerprint or {}).get("num_hidden_layers")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
 
 
 def _as_vector(v: Any, layer: int) -> torch.Tensor:
@@ -177,9 +243,12 @@ class SteeringVector:
         dtype = next(model.parameters()).dtype
         vecs = {i: (pos[i] - neg[i]).to(dtype) for i in layers}
         meta = {"method": f"mean_difference_{reduce}"}
-        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        config = getattr(model, "config", None)
+        name = getattr(config, "_name_or_path", None)
         if name:
             meta["model_id"] = str(name)
+        if getattr(config, "model_type", None):
+            meta["model_type"] = str(config.model_type)
         return cls(vecs, "decoder_block", meta)
 
     # ------------------------------------------------------------------ interoperability
@@ -259,6 +328,157 @@ class SteeringVector:
             raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
         return cls(vecs, meta.get("layer_type", "decoder_block"), user_meta)
 
+    # ------------------------------------------------------------------ llama.cpp control vectors
+    def _gguf_layers(self, num_layers: int | None) -> dict[int, torch.Tensor]:
+        """Layer keys as llama.cpp ``direction.<n>`` indices (see the module docstring)."""
+        if self.layer_type != "decoder_block":
+            raise TransportError(f"llama.cpp control vectors steer decoder-block outputs, not {self.layer_type!r}")
+        if num_layers is not None and (isinstance(num_layers, bool) or int(num_layers) < 1):
+            raise TransportError(f"num_layers must be a positive integer, got {num_layers!r}")
+        out: dict[int, torch.Tensor] = {}
+        for i, v in self.layer_vectors.items():
+            j = i
+            if i < 0:
+                if num_layers is None:
+                    raise TransportError(
+                        f"layer key {i} counts from the end; pass num_layers= (the model's number of decoder layers) "
+                        "to write it as a llama.cpp direction index")
+                j = i + int(num_layers)
+            if num_layers is not None and not 0 <= j < int(num_layers):
+                raise TransportError(f"layer {i} does not exist: the model has {num_layers} decoder layers")
+            if j == 0:
+                raise TransportError(
+                    "llama.cpp has no control-vector slot for the output of decoder layer 0 (its loader rejects "
+                    "'direction.0' and with it the whole file); drop layer 0 before exporting")
+            if j in out:
+                raise TransportError(f"layer keys {i} and {j} name the same layer once resolved")
+            if not bool(torch.isfinite(v).all()):
+                raise TransportError(f"the vector of layer {i} has non-finite entries")
+            out[j] = v
+        return dict(sorted(out.items()))
+
+    def save_gguf(self, path: str | os.PathLike, *, model_hint: str | None = None, num_layers: int | None = None,
+                  overwrite: bool = False) -> Path:
+        """Write a llama.cpp control-vector GGUF file (atomically), readable by
+        ``llama-cli --control-vector`` and repeng's ``ControlVector.import_gguf``.
+
+        Layer key ``i`` becomes tensor ``direction.<i>`` (float32 [d]); llama.cpp adds it to the
+        output of decoder block ``i``, as :meth:`apply` does (module docstring). ``model_hint``
+        (``controlvector.model_hint``) defaults to the metadata's ``model_hint`` or ``model_type``;
+        ``num_layers`` resolves negative keys and checks the others. The metadata travels in the
+        string key ``hf_bdgauge.metadata`` (ignored by llama.cpp and repeng).
+
+        Raises :class:`TransportError` for layer 0 (llama.cpp has no slot for it), a negative key
+        without ``num_layers``, a key out of range, a non-decoder-block vector, non-finite entries
+        or no model hint; :class:`CheckpointError` when ``path`` exists and not ``overwrite``.
+        Nothing is written on error.
+        """
+        gguf = _import_gguf("writing")
+        layers = self._gguf_layers(num_layers)
+        hint = model_hint or self.metadata.get("model_hint") or self.metadata.get("model_type")
+        if not hint:
+            raise TransportError("a control vector names its model family (controlvector.model_hint; repeng requires "
+                                 "it): pass model_hint=... (e.g. 'gemma3')")
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
+        if path.exists() and not path.is_file():
+            raise CheckpointError(f"{path} exists and is not a file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            writer = gguf.GGUFWriter(tmp, CONTROL_VECTOR_ARCH)
+            writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", str(hint))
+            writer.add_int32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(layers))
+            writer.add_string(_GGUF_VERSION_KEY, _FORMAT_VERSION)
+            writer.add_string(_GGUF_META_KEY, json.dumps(self.metadata, sort_keys=True))
+            for j, v in layers.items():
+                writer.add_tensor(f"direction.{j}", v.detach().to("cpu", torch.float32).contiguous().numpy().copy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        logger.info("wrote a llama.cpp control vector (layers %s, d=%d) to %s", list(layers), self.dim, path)
+        return path
+
+    @classmethod
+    def load_gguf(cls, path: str | os.PathLike) -> "SteeringVector":
+        """Read a llama.cpp control-vector GGUF file (from :meth:`save_gguf`,
+        ``llama-cvector-generator`` or repeng's ``export_gguf``): ``direction.<n>`` becomes layer
+        key ``n`` (same residual, module docstring). As in llama.cpp, several tensors naming one
+        layer are summed. The metadata gets ``model_hint`` (and ``model_type`` if it had none).
+
+        Raises :class:`CheckpointError` for a missing or unreadable file, an architecture other
+        than ``controlvector``, a tensor not named ``direction.<n>``, a non-float tensor, or no
+        direction at all; :class:`DimensionMismatchError` for a tensor that is not 1-D or
+        lengths that differ.
+        """
+        gguf = _import_gguf("reading")
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"no control vector file at {path}")
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # gguf raises ValueError/struct errors/IndexError on foreign or truncated files
+            raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+        try:
+            arch = _gguf_string(reader, "general.architecture")
+            if arch is None:
+                logger.warning("%s has no general.architecture; reading it as a control vector", path)
+            elif arch != CONTROL_VECTOR_ARCH:
+                raise CheckpointError(f"{path} is a GGUF file of architecture {arch!r}, not a control vector "
+                                      f"({CONTROL_VECTOR_ARCH!r})")
+            hint = _gguf_string(reader, f"{CONTROL_VECTOR_ARCH}.model_hint")
+            stored = _gguf_string(reader, _GGUF_META_KEY)
+            float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                           gguf.GGMLQuantizationType.F64}
+            vecs: dict[int, np.ndarray] = {}
+            for t in reader.tensors:
+                m = _DIRECTION.fullmatch(t.name)
+                if not m:
+                    raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (a control vector holds only "
+                                          "'direction.<layer>' tensors)")
+                if t.tensor_type not in float_types:
+                    raise CheckpointError(f"{path}: {t.name} has type {t.tensor_type.name}; control vectors are F32")
+                dims = [int(x) for x in t.shape]
+                if any(x != 1 for x in dims[1:]):
+                    raise DimensionMismatchError(f"{path}: {t.name} must be one-dimensional, got shape {dims}")
+                data = np.array(t.data, copy=True).reshape(-1)
+                data = data.astype(np.float64 if data.dtype == np.float64 else np.float32)
+                layer = int(m.group(1))
+                if layer in vecs:
+                    if vecs[layer].shape != data.shape:
+                        raise DimensionMismatchError(f"{path}: two direction tensors of layer {layer} differ in length")
+                    vecs[layer] = vecs[layer] + data
+                else:
+                    vecs[layer] = data
+        finally:
+            del reader
+        if not vecs:
+            raise CheckpointError(f"{path} holds no direction.<layer> tensors")
+        if 0 in vecs:
+            logger.warning("%s has a direction.0 tensor: llama.cpp has no slot for layer 0 and refuses such files", path)
+        meta: dict[str, Any] = {}
+        if stored is not None:
+            try:
+                meta = json.loads(stored)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {_GGUF_META_KEY} is not valid JSON: {e}") from e
+            if not isinstance(meta, dict):
+                raise CheckpointError(f"{path}: {_GGUF_META_KEY} must be a JSON object")
+        else:
+            meta["source_format"] = "llama.cpp-control-vector"
+        if hint:
+            meta["model_hint"] = hint
+            meta.setdefault("model_type", hint)
+        return cls({i: torch.from_numpy(v) for i, v in vecs.items()}, "decoder_block", meta)
+
     # ------------------------------------------------------------------ model hooks
     def _resolve_layers(self, n_layers: int, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
         chosen = self.layers if layers is None else list(layers)
@@ -269,8 +489,21 @@ class SteeringVector:
             j = i + n_layers if i < 0 else i
             if not 0 <= j < n_layers:
                 raise TransportError(f"layer {i} does not exist: the model has {n_layers} decoder layers")
+            if j in out:
+                raise TransportError(f"layer keys {i} and {j - n_layers if i >= 0 else j} name the same decoder layer "
+                                     f"of this {n_layers}-layer model")
             out[j] = self.layer_vectors[i]
         return out
+
+    def check_fits(self, model: torch.nn.Module) -> None:
+        """Raise unless every layer vector fits ``model``: :class:`DimensionMismatchError` when
+        ``d`` is not the hidden size, :class:`TransportError` for a layer key the model lacks
+        (keys may count from the end, as in :meth:`apply`)."""
+        blocks = decoder_layers(model)
+        d = hidden_size_of(model.config)
+        if self.dim != d:
+            raise DimensionMismatchError(f"the steering vector has dimension {self.dim} but the model's hidden size is {d}")
+        self._resolve_layers(len(blocks), None)
 
     @contextlib.contextmanager
     def apply(self, model: torch.nn.Module, alpha: float = 1.0, layers: Sequence[int] | None = None) -> Iterator[None]:
@@ -300,10 +533,17 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ transport
     def transport(self, gauge: "Gauge | SignedPermutation") -> "SteeringVector":
-        """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE)."""
+        """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE).
+
+        Raises :class:`DimensionMismatchError` when ``d`` differs from the gauge's dimension and
+        :class:`TransportError` for a layer the gauge's models lack (when its fingerprints
+        record ``num_hidden_layers``)."""
         g = as_signed_permutation(gauge)
         if g.dim != self.dim:
             raise DimensionMismatchError(f"the steering vector has dimension {self.dim} but the gauge has dimension {g.dim}")
+        n_layers = _recorded_num_layers(gauge)
+        if n_layers is not None:  # the gauge knows its models' depth: a layer they lack is an error now
+            self._resolve_layers(n_layers, None)
         vecs = {i: transform(v, WRITE, g) for i, v in self.layer_vectors.items()}
         meta = dict(self.metadata)
         record: dict[str, Any] = {
