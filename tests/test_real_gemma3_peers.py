@@ -342,7 +342,7 @@ def test_a_gauge_refuses_a_gemma_whose_weights_differ_under_the_same_name_and_co
                                                                                      caplog, record_property):
     model, _ = gemma
     recorded = gauge.source.fingerprint
-    assert set(recorded["content"]) == {"embedding", "first_norm", "last_norm"}
+    assert set(recorded["content"]) == {"embedding", "first_norm", "last_norm", "all"}
     # the same hashes from the checkpoint files as from memory: a gauge recorded against the directory
     # attaches to the loaded model
     assert model_fingerprint(real_model_dir("gemma-3-270m"))["content"] == recorded["content"]
