@@ -328,6 +328,13 @@ class Gauge:
         return self.element.is_identity
 
     @property
+    def is_effectively_identity(self) -> bool:
+        """True when the identity explains the pair as well as the estimate does: the element is
+        the identity, or the estimator's verdict was ``"identity"`` (its fit of the plain copy is
+        within tolerance of the matched fit; the coordinates it moves are indistinguishable)."""
+        return self.is_identity or self.metrics.get("verdict") == "identity"
+
+    @property
     def num_flips(self) -> int:
         return self.element.num_flips
 
@@ -498,6 +505,12 @@ class Gauge:
         ]
         if self.is_identity:
             lines.append("  identity: yes — the two charts coincide (a plain copy of adapters is already right)")
+        elif self.is_effectively_identity:
+            fit = ""
+            if "identity_fit" in self.metrics and "matched_fit" in self.metrics:
+                fit = f" (identity fit {self.metrics['identity_fit']:.4g} vs matched fit {self.metrics['matched_fit']:.4g})"
+            lines.append(f"  identity: effectively — the identity fits as well as this estimate{fit}, which moves "
+                         f"{self.num_moved} indistinguishable coordinates; a plain copy of adapters is already right")
         else:
             lines.append(f"  identity: no — moves {self.num_moved} of {self.dim} coordinates, "
                          f"flips the sign of {self.num_flips}")

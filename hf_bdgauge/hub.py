@@ -161,13 +161,17 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
     base = list(dict.fromkeys(base))
     card_data = ModelCardData(
         library_name="hf_bdgauge",
-        tags=list(CARD_TAGS) + (["identity-gauge"] if gauge.is_identity else []),
+        tags=list(CARD_TAGS) + (["identity-gauge"] if gauge.is_effectively_identity else []),
         base_model=base or None,
     )
     src_label, tgt_label = src.label(), tgt.label()
     if gauge.is_identity:
         what = (f"The identity gauge of dimension {gauge.dim} between `{src_label}` and `{tgt_label}`: the two "
                 "models share one chart of the residual stream.")
+    elif gauge.is_effectively_identity:
+        what = (f"Effectively the identity between `{src_label}` and `{tgt_label}`: the plain copy fits the pair as "
+                f"well as the estimated signed permutation (which moves {gauge.num_moved} indistinguishable "
+                f"coordinates of {gauge.dim}).")
     else:
         what = (f"Maps the residual-stream coordinates of `{src_label}` to those of `{tgt_label}`: a signed "
                 f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them and flips the sign of "
@@ -197,7 +201,7 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
         dim=gauge.dim,
         num_moved=gauge.num_moved,
         num_flips=gauge.num_flips,
-        is_identity=gauge.is_identity,
+        is_identity=gauge.is_effectively_identity,
         ends=ends,
         method=gauge.method,
         confidence=confidence,

@@ -365,3 +365,21 @@ def test_check_attachable_dimension_signs_and_fingerprint(tmp_path):
     with pytest.raises(SignedGaugeNotAllowedError):
         Gauge(SignedPermutation.random(64, seed=3)).check_attachable(gpt2)
     Gauge(SignedPermutation.random(64, seed=3, signed=False)).check_attachable(gpt2)
+
+
+def test_an_estimate_whose_verdict_is_identity_is_reported_as_a_plain_copy():
+    import numpy as _np
+
+    from hf_bdgauge.gauge import Gauge as _Gauge
+    from hf_bdgauge.group import SignedPermutation as _SP
+
+    perm = _np.arange(16)
+    perm[[3, 4]] = perm[[4, 3]]
+    near = _Gauge(_SP(perm), method="sign_marginalized",
+                  metrics={"verdict": "identity", "identity_fit": 0.998, "matched_fit": 0.999})
+    assert not near.is_identity and near.is_effectively_identity
+    assert "plain copy of adapters is already right" in near.summary()
+    card = str(near.generate_model_card())
+    assert "a plain copy is wrong" not in card and "identity-gauge" in card
+    far = _Gauge(_SP(perm), method="sign_marginalized", metrics={"verdict": "signed_permutation"})
+    assert not far.is_effectively_identity and "a plain copy is wrong" in str(far.generate_model_card())

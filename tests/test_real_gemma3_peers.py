@@ -419,10 +419,6 @@ def test_an_estimated_gauge_records_content_hashes_and_refuses_altered_weights(s
             self_estimate.check_attachable(model, "source")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Gauge.summary() and the model card only report exact identity; an estimate whose verdict is 'identity' "
-    "but whose element moves a few indistinguishable coordinates is described as 'a plain copy is wrong'; "
-    "see the issue-7th report for the change"))
 def test_an_estimate_close_to_the_identity_is_reported_as_such(self_estimate):
     perm = np.arange(D)
     perm[[3, 4]] = perm[[4, 3]]
