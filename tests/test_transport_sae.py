@@ -228,3 +228,21 @@ def test_files_load_with_saelens_own_loader(tmp_path):
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "t"))
     x = torch.randn(50, 64)
     assert torch.allclose(theirs(x), t(x), atol=1e-5)
+
+
+def test_sae_for_a_block_the_model_does_not_have_is_refused():
+    from hf_bdgauge.errors import TransportError as _TE
+    from hf_bdgauge.gauge import Gauge as _Gauge, ModelRef as _Ref
+    from hf_bdgauge.group import SignedPermutation as _SP
+    from hf_bdgauge.transport.sae import SAE as _SAE
+
+    torch.manual_seed(0)
+    sae = _SAE.from_weights(torch.randn(64, 32), torch.randn(32, 64), torch.zeros(32), torch.zeros(64),
+                            hook_name="blocks.30.hook_resid_post")
+    g = _Gauge(_SP.random(64, seed=1), source=_Ref("a", fingerprint={"num_hidden_layers": 2}),
+               target=_Ref("b", fingerprint={"num_hidden_layers": 2}))
+    with pytest.raises(_TE, match="block 30"):
+        sae.transport(g)
+    ok = _SAE.from_weights(torch.randn(64, 32), torch.randn(32, 64), torch.zeros(32), torch.zeros(64),
+                           hook_name="blocks.1.hook_resid_post")
+    assert torch.equal(ok.transport(g).W_enc, g.element.apply(ok.W_enc, axis=0))

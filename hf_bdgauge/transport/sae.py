@@ -78,6 +78,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SAE_CFG_FILENAME = "cfg.json"
+_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAE_ARCHITECTURES = ("standard", "jumprelu", "topk")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -405,6 +406,19 @@ class SAE:
         return float(err / var)
 
     # ------------------------------------------------------------------ transport
+    def _check_layer_fits(self, gauge: Any) -> None:
+        """Refuse an SAE whose hook names a block the gauge's models do not have (when the gauge
+        recorded ``num_hidden_layers`` in its fingerprints)."""
+        m = _BLOCK_RE.search(str(self.hook_name or ""))
+        if m is None or not isinstance(gauge, Gauge):
+            return
+        layer = int(m.group(1))
+        for end in (gauge.source, gauge.target):
+            n = (end.fingerprint or {}).get("num_hidden_layers")
+            if n is not None and not layer < int(n) + 1:  # resid_pre of block n == output of the last block
+                raise TransportError(f"the SAE reads {self.hook_name!r} (block {layer}) but {end.label()} has "
+                                     f"{n} layers; it was not trained on this model")
+
     def transport(self, gauge: "Gauge | SignedPermutation", *, model_name: str | None = None) -> "SAE":
         """The same SAE expressed in the target chart of ``gauge`` (see the module docstring).
 
@@ -426,6 +440,7 @@ class SAE:
                 f"the SAE reads hook {hook!r}, which is not in residual-stream coordinates (attention heads / MLP "
                 "neurons), so the residual gauge does not act on it; it needs no transport"
             )
+        self._check_layer_fits(gauge)
         if self.normalize_activations == "layer_norm" and not g.is_unsigned and g.num_flips != g.dim:
             raise TransportError(
                 "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean "
