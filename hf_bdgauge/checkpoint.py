@@ -237,7 +237,7 @@ def apply_gauge_to_checkpoint(
     *,
     revision: str | None = None,
     overwrite: bool = False,
-    max_workers: int = 1,
+    max_workers: int | None = None,
     progress: bool = True,
     block_bytes: int = BLOCK_BYTES,
 ) -> Path:
@@ -247,8 +247,8 @@ def apply_gauge_to_checkpoint(
     result with ``from_pretrained`` gives, bit for bit, the in-memory re-charted model.
     ``src_dir`` may be a local directory or a Hub repo id (with ``revision``). All validation
     (known family, coverage of every tensor, dimensions, LayerNorm sign rule) happens before
-    anything is written; the destination appears only when complete. ``max_workers > 1``
-    rewrites shards in parallel threads. Tensors are re-charted in blocks of about
+    anything is written; the destination appears only when complete. Shards are rewritten in
+    ``max_workers`` parallel threads (default: as many as there are shards and CPU cores). Tensors are re-charted in blocks of about
     ``block_bytes``, so peak memory stays near ``max_workers × 2 × block_bytes`` above the
     interpreter's, whatever the size of the largest tensor (the source is memory-mapped).
     """
@@ -277,6 +277,8 @@ def apply_gauge_to_checkpoint(
     else:
         check_gauge_allowed(spec, g)
     total = sum(s.stat().st_size for s in shards)
+    if max_workers is None:
+        max_workers = max(1, min(len(shards), os.cpu_count() or 1))
     with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
         for f in src.iterdir():  # config, tokenizer, generation, index, and sub-folders (e.g. 1_Pooling/)
             if f.name.startswith("."):

@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--random-seed", type=int, help="use a random gauge with this seed instead of --gauge")
     a.add_argument("--inverse", action="store_true", help="apply the inverse gauge")
     a.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    a.add_argument("--workers", type=int, default=1, help="shards re-charted in parallel")
+    a.add_argument("--workers", type=int, default=None, help="shards re-charted in parallel (default: shards and cores)")
     a.set_defaults(func=_cmd_apply)
 
     e = sub.add_parser("estimate", help="estimate the gauge between two checkpoints", description=_cmd_estimate.__doc__)
