@@ -14,6 +14,7 @@ from .checkpoint import apply_gauge_to_checkpoint
 from .errors import (
     CheckpointError,
     DimensionMismatchError,
+    EstimationError,
     FingerprintMismatchError,
     FixtureError,
     GaugeError,
@@ -23,6 +24,7 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .fingerprint import check_fingerprint, model_fingerprint, tensor_content_hash
+from .estimate import compose_trajectory, estimate_gauge
 from .gauge import Gauge, ModelRef, as_signed_permutation
 from .gauged_model import GaugedModel
 from .group import SignedPermutation
@@ -37,6 +39,8 @@ __all__ = [
     "Gauge",
     "ModelRef",
     "GaugedModel",
+    "estimate_gauge",
+    "compose_trajectory",
     "as_signed_permutation",
     "model_fingerprint",
     "check_fingerprint",
@@ -60,4 +64,5 @@ __all__ = [
     "FingerprintMismatchError",
     "FixtureError",
     "TransportError",
+    "EstimationError",
 ]

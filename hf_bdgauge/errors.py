@@ -16,6 +16,7 @@ __all__ = [
     "FingerprintMismatchError",
     "FixtureError",
     "TransportError",
+    "EstimationError",
 ]
 
 
@@ -55,3 +56,8 @@ class FixtureError(GaugeError, RuntimeError):
 
 class TransportError(GaugeError, ValueError):
     """An object (adapter, SAE, steering vector, optimizer state) cannot be transported."""
+
+
+class EstimationError(GaugeError, ValueError):
+    """Gauge estimation got unusable input: no tokens, an unknown method or pooling, layers that
+    do not exist, or statistics that cannot be merged."""

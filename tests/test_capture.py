@@ -9,7 +9,13 @@ import torch
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError
-from hf_bdgauge.estimate import EstimationError, capture_pair_stats, find_decoder_layers, iter_token_batches, residual_activations
+from hf_bdgauge.estimate import (
+    EstimationError,
+    capture_pair_stats,
+    find_decoder_layers,
+    iter_token_batches,
+    residual_activations,
+)
 from hf_bdgauge.estimate.capture import resolve_layers
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.testing import tiny_model

@@ -406,10 +406,6 @@ def test_an_identity_estimate_is_reported_as_such(self_estimate, gemma, tmp_path
     assert torch.equal(v.transport(g)[LAYER], v[LAYER])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "estimators record ModelRefs without fingerprints (hf_bdgauge/estimate/capture.py model_ref(), used by "
-    "estimate_gauge and estimate_gauge_from_weights), so an estimated gauge attaches to any model of the right "
-    "width; see the issue-7th report for the change"))
 def test_an_estimated_gauge_records_content_hashes_and_refuses_altered_weights(self_estimate, gemma):
     model, _ = gemma
     assert self_estimate.source.fingerprint.get("content") and self_estimate.target.fingerprint.get("content")

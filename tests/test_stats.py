@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError
-from hf_bdgauge.estimate import CrossMoments, EstimationError, PairStats, random_orthogonal
+from hf_bdgauge.estimate import (
+    CrossMoments,
+    EstimationError,
+    PairStats,
+    random_orthogonal,
+)
 
 
 def _data(n=500, d=16, seed=0, shift=3.0):

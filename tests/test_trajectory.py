@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from hf_bdgauge import SignedPermutation, apply_gauge
-from hf_bdgauge.estimate import EstimationError, compose_gauges, compose_trajectory, compose_via_base, estimate_gauge, invert_gauge
+from hf_bdgauge.estimate import (
+    EstimationError,
+    compose_gauges,
+    compose_trajectory,
+    compose_via_base,
+    estimate_gauge,
+    invert_gauge,
+)
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
 
@@ -49,7 +56,20 @@ def _batch(tok, texts):
 def fine_tune(model, tok, out_dir: Path, *, steps: int, every: int, lr: float, warmup: int, seed: int, gauge_seed: int,
               texts=TRAIN_TEXTS):
     """AdamW fine-tune in the model's own chart; checkpoint k (step k·every, k = 0 is the start)
-    is saved re-charted by its own random gauge G_k. Returns (dirs, gauges)."""
+    is saved re-charted by its own random gauge G_k. Returns (dirs, gauges).
+
+    Runs on one thread: the matrices are tiny, two threads only add contention (30x slower on
+    a busy 2-core machine), and one thread makes the trajectory reproducible across machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fine_tune(model, tok, out_dir, steps=steps, every=every, lr=lr, warmup=warmup, seed=seed,
+                          gauge_seed=gauge_seed, texts=texts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fine_tune(model, tok, out_dir: Path, *, steps, every, lr, warmup, seed, gauge_seed, texts):
     ids, mask, labels = _batch(tok, texts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
@@ -98,8 +118,10 @@ def run(stories, tmp_path_factory):
 @pytest.mark.real
 @pytest.mark.slow
 def test_composition_beats_endpoint_matching(stories, run):
-    """Measured (216 evaluation tokens): endpoint matching 0.78 signed accuracy, verdict
-    no_signed_permutation; composing the 30 local gauges 1.00."""
+    """Measured (216 evaluation tokens): endpoint matching 0.78 signed accuracy (excess over the
+    null 0.06, a weak fit); composing the 30 local gauges 1.00. With training seeds 1, 2, 3:
+    endpoint 0.81 / 0.61 / 1.00, composed 1.00 / 0.78 / 1.00 (seed 2 loses one hop in the loss
+    spike after warm-up; weakest local excess 0.14)."""
     _, tok, _ = stories
     dirs, gauges = run
     truth = gauges[-1] @ gauges[0].inverse()
@@ -119,7 +141,8 @@ def test_composition_beats_endpoint_matching(stories, run):
     assert composed.confidence.shape == (64,) and composed.confidence.dtype == np.float32
     assert composed.metrics["verdict"] == "signed_permutation" and composed.metrics["num_hops"] == 30
     # the endpoint pair itself is flagged: its fit is barely above the rotated null
-    assert endpoint.metrics["excess_over_null"] < composed.hops[-1]["excess_over_null"]
+    assert endpoint.metrics["excess_over_null"] < 0.25 and endpoint.metrics["weak_fit"]
+    assert endpoint.metrics["excess_over_null"] < min(h["excess_over_null"] for h in composed.hops)
 
 
 @pytest.mark.real
@@ -150,6 +173,10 @@ def test_path_through_a_common_base(stories, run, tmp_path):
     assert all(h.get("inverted") for h in g.hops[: len(run_a)])
     assert not any(h.get("inverted") for h in g.hops[len(run_a):])
     assert g.source.model_id == run_a[-1] and g.target.model_id == str(b_dirs[-1])
+    # the hop records read as one chain A_end -> ... -> base -> ... -> B_end
+    chain = [g.hops[0]["source"]] + [h["target"] for h in g.hops]
+    assert chain == run_a[::-1] + [str(base_dir)] + [str(p) for p in b_dirs]
+    assert all(a["target"] == b["source"] for a, b in zip(g.hops, g.hops[1:]))
 
 
 def test_compose_and_invert_algebra():

@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
-from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, UnsupportedArchitectureError
-from hf_bdgauge.estimate import EstimationError, estimate_gauge, estimate_gauge_from_weights, weight_similarity
+from hf_bdgauge.errors import (
+    CheckpointError,
+    DimensionMismatchError,
+    UnsupportedArchitectureError,
+)
+from hf_bdgauge.estimate import (
+    EstimationError,
+    estimate_gauge,
+    estimate_gauge_from_weights,
+    weight_similarity,
+)
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 from hf_bdgauge.testing import RMSNORM_TYPES, tiny_model
 
@@ -70,7 +79,7 @@ def test_recovers_planted_gauge_on_tiny_models(model_type, tie):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("kw", [dict(tensor_weighting="raw"), dict(include_gains=False), dict(compute_dtype=torch.float64)])
+@pytest.mark.parametrize("kw", [{"tensor_weighting": "raw"}, {"include_gains": False}, {"compute_dtype": torch.float64}])
 def test_variants_recover_too(stories_dir, kw):
     src, tgt = _load(stories_dir), _load(stories_dir)
     g = SignedPermutation.random(64, seed=13)
@@ -85,7 +94,7 @@ def test_gain_profiles_alone_find_the_permutation_but_not_the_signs():
     g = SignedPermutation.random(64, seed=3)
     apply_gauge(tgt, g)
     sim, _, _ = weight_similarity(src, tgt, progress=False)
-    A, S, M = sim.scores()
+    _, _, M = sim.scores()
     gain_only = sim.gain_num / np.sqrt(np.outer(sim.src_gain_sq, sim.tgt_gain_sq))
     from hf_bdgauge.estimate import hungarian
 
@@ -113,9 +122,9 @@ def test_layernorm_family_is_permutation_only():
 
 
 def test_errors(tmp_path, stories_dir):
-    llama, qwen3 = tiny_model("llama", seed=0), tiny_model("gemma", seed=0)
+    llama, gemma = tiny_model("llama", seed=0), tiny_model("gemma", seed=0)
     with pytest.raises(UnsupportedArchitectureError, match="gemma"):
-        estimate_gauge_from_weights(llama, qwen3, progress=False)
+        estimate_gauge_from_weights(llama, gemma, progress=False)
     with pytest.raises(DimensionMismatchError):
         estimate_gauge_from_weights(llama, tiny_model("llama", seed=0, hidden_size=32, head_dim=8), progress=False)
     with pytest.raises(EstimationError, match="tensor_weighting"):

@@ -10,7 +10,13 @@
 
 from __future__ import annotations
 
-from .capture import capture_pair_stats, find_decoder_layers, iter_token_batches, load_causal_lm, residual_activations
+from .capture import (
+    capture_pair_stats,
+    find_decoder_layers,
+    iter_token_batches,
+    load_causal_lm,
+    residual_activations,
+)
 from .matching import (
     ACTIVATION_METHODS,
     METHODS,
@@ -26,35 +32,40 @@ from .matching import (
     random_orthogonal,
 )
 from .stats import CrossMoments, EstimationError, PairStats
-from .trajectory import compose_gauges, compose_trajectory, compose_via_base, invert_gauge
+from .trajectory import (
+    compose_gauges,
+    compose_trajectory,
+    compose_via_base,
+    invert_gauge,
+)
 from .weights import WeightSimilarity, estimate_gauge_from_weights, weight_similarity
 
 __all__ = [
-    "estimate_gauge",
-    "estimate_from_stats",
-    "estimate_from_activations",
-    "estimate_gauge_from_weights",
-    "weight_similarity",
-    "WeightSimilarity",
-    "compose_trajectory",
-    "compose_via_base",
-    "compose_gauges",
-    "invert_gauge",
-    "capture_pair_stats",
-    "iter_token_batches",
-    "residual_activations",
-    "find_decoder_layers",
-    "load_causal_lm",
-    "PairStats",
+    "ACTIVATION_METHODS",
+    "METHODS",
+    "POOLINGS",
+    "VERDICTS",
     "CrossMoments",
     "EstimationError",
     "MatchResult",
+    "PairStats",
+    "WeightSimilarity",
+    "capture_pair_stats",
+    "compose_gauges",
+    "compose_trajectory",
+    "compose_via_base",
+    "estimate_from_activations",
+    "estimate_from_stats",
+    "estimate_gauge",
+    "estimate_gauge_from_weights",
+    "find_decoder_layers",
     "hungarian",
+    "invert_gauge",
+    "iter_token_batches",
+    "load_causal_lm",
     "match_scores",
     "pooled_correlations",
     "random_orthogonal",
-    "METHODS",
-    "ACTIVATION_METHODS",
-    "POOLINGS",
-    "VERDICTS",
+    "residual_activations",
+    "weight_similarity",
 ]

@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -35,14 +36,14 @@ from .stats import EstimationError, PairStats
 
 __all__ = [
     "TokenBatch",
-    "iter_token_batches",
-    "find_decoder_layers",
-    "num_residual_layers",
-    "resolve_layers",
-    "residual_activations",
     "capture_pair_stats",
+    "find_decoder_layers",
+    "iter_token_batches",
     "load_causal_lm",
     "model_ref",
+    "num_residual_layers",
+    "residual_activations",
+    "resolve_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _normalize_batch(b: Any, tokenizer: Any, max_length: int, pad_id: int) -> li
         if ids.ndim != 2:
             raise EstimationError(f"token ids must be [B, T], got shape {tuple(b.shape)}")
         return [{"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}]
-    if isinstance(b, Mapping) or hasattr(b, "keys") and "input_ids" in b.keys():
+    if isinstance(b, Mapping) or hasattr(b, "keys") and "input_ids" in b:
         ids = torch.as_tensor(b["input_ids"])
         ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
         mask = b.get("attention_mask") if hasattr(b, "get") else None
@@ -127,7 +128,7 @@ def iter_token_batches(
         for a in range(0, len(seqs), batch_size):
             yield _pad(seqs[a:a + batch_size], pad_id)
         return
-    if isinstance(data, torch.Tensor) or isinstance(data, Mapping) or hasattr(data, "keys"):
+    if isinstance(data, (torch.Tensor, Mapping)) or hasattr(data, "keys"):
         for full in _normalize_batch(data, tokenizer, max_length, pad_id):
             n = full["input_ids"].shape[0]
             for a in range(0, n, batch_size):
@@ -310,10 +311,13 @@ def _pad_id(tokenizer: Any) -> int:
 _SNAPSHOT = re.compile(r"snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
 
 
-def model_ref(obj: Any, revision: str | None = None, path: Path | None = None) -> ModelRef:
-    """A :class:`~hf_bdgauge.gauge.ModelRef` for a module or a checkpoint id/dir (fingerprint empty).
+def model_ref(obj: Any, revision: str | None = None, path: Path | None = None, *, fingerprint: bool = False) -> ModelRef:
+    """A :class:`~hf_bdgauge.gauge.ModelRef` for a module or a checkpoint id/dir.
 
     ``commit_hash`` is read from a Hub cache path (``.../snapshots/<sha>/``) when available.
+    ``fingerprint=True`` fills the fingerprint (config hash and content hashes of a few tensors,
+    :func:`hf_bdgauge.fingerprint.model_fingerprint`; the same hashes from memory or from disk);
+    otherwise it is left empty.
     """
     if isinstance(obj, torch.nn.Module):
         cfg = getattr(obj, "config", None)
@@ -322,12 +326,20 @@ def model_ref(obj: Any, revision: str | None = None, path: Path | None = None) -
         if commit is None and mid:
             m = _SNAPSHOT.search(str(mid))
             commit = m.group(1) if m else None
-        return ModelRef(model_id=str(mid) if mid else None, revision=revision, commit_hash=commit)
+        fp = _fingerprint(obj) if fingerprint else {}
+        return ModelRef(model_id=str(mid) if mid else None, revision=revision, commit_hash=commit, fingerprint=fp)
     commit = None
     if path is not None:
         m = _SNAPSHOT.search(str(path))
         commit = m.group(1) if m else None
-    return ModelRef(model_id=str(obj), revision=revision, commit_hash=commit)
+    fp = _fingerprint(path if path is not None else obj, revision) if fingerprint else {}
+    return ModelRef(model_id=str(obj), revision=revision, commit_hash=commit, fingerprint=fp)
+
+
+def _fingerprint(obj: Any, revision: str | None = None) -> dict[str, Any]:
+    from ..fingerprint import model_fingerprint
+
+    return model_fingerprint(obj, revision=revision, content=True)
 
 
 def load_causal_lm(
@@ -336,9 +348,11 @@ def load_causal_lm(
     *,
     dtype: torch.dtype | None = None,
     device_map: Any = None,
+    fingerprint: bool = True,
 ) -> tuple[torch.nn.Module, ModelRef, Path]:
     """Load a causal LM from a local directory or a Hub id at ``revision`` (safetensors only,
-    never ``trust_remote_code``). Returns ``(model, ModelRef, directory)``; the model is in eval mode."""
+    never ``trust_remote_code``). Returns ``(model, ModelRef, directory)``; the model is in eval
+    mode; ``fingerprint=True`` fingerprints the checkpoint on disk (see :func:`model_ref`)."""
     from transformers import AutoModelForCausalLM
 
     from ..checkpoint import checkpoint_shards, resolve_checkpoint_dir
@@ -352,4 +366,4 @@ def load_causal_lm(
         kw["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
     model.eval()
-    return model, model_ref(src, revision, path), path
+    return model, model_ref(src, revision, path, fingerprint=fingerprint), path

@@ -30,16 +30,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, DimensionMismatchError, GaugeError
+from ..errors import CheckpointError, DimensionMismatchError, EstimationError
 
-__all__ = ["EstimationError", "CrossMoments", "PairStats", "STATS_FORMAT"]
+__all__ = ["STATS_FORMAT", "CrossMoments", "EstimationError", "PairStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ logger = logging.getLogger(__name__)
 STATS_FORMAT = "hf_bdgauge.pair_stats.v1"
 
 _FIELDS = ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy")
-
-
-class EstimationError(GaugeError, ValueError):
-    """Gauge estimation got unusable input: no tokens, an unknown method or pooling, layers that
-    do not exist, or statistics that cannot be merged."""
 
 
 def _as_f64_2d(a: Any, name: str) -> torch.Tensor:
@@ -82,14 +78,14 @@ class CrossMoments:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def zeros(cls, dx: int, dy: int | None = None, *, track_target_cov: bool = True) -> "CrossMoments":
+    def zeros(cls, dx: int, dy: int | None = None, *, track_target_cov: bool = True) -> CrossMoments:
         """Empty sums for dimensions ``dx`` (source) and ``dy`` (target, default ``dx``)."""
         dy = dx if dy is None else dy
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)
         return cls(0, z(dx), z(dy), z(dx), z(dy), z(dx, dy), z(dy, dy) if track_target_cov else None)
 
     @classmethod
-    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> "CrossMoments":
+    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> CrossMoments:
         """The sums of paired activations ``X`` [n, dx] and ``Y`` [n, dy] (row t = token t)."""
         X = _as_f64_2d(X, "X")
         m = cls.zeros(X.shape[1], _as_f64_2d(Y, "Y").shape[1], track_target_cov=track_target_cov)
@@ -101,7 +97,7 @@ class CrossMoments:
         """``(dx, dy)``."""
         return int(self.sum_x.shape[0]), int(self.sum_y.shape[0])
 
-    def update(self, X: Any, Y: Any) -> "CrossMoments":
+    def update(self, X: Any, Y: Any) -> CrossMoments:
         """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] (converted to CPU float64)."""
         X, Y = _as_f64_2d(X, "X"), _as_f64_2d(Y, "Y")
         if X.shape[0] != Y.shape[0]:
@@ -119,10 +115,10 @@ class CrossMoments:
         return self
 
     # ------------------------------------------------------------------ merging
-    def copy(self) -> "CrossMoments":
+    def copy(self) -> CrossMoments:
         return CrossMoments(self.n, *(None if getattr(self, f) is None else getattr(self, f).clone() for f in _FIELDS))
 
-    def __iadd__(self, other: "CrossMoments") -> "CrossMoments":
+    def __iadd__(self, other: CrossMoments) -> CrossMoments:
         if not isinstance(other, CrossMoments):
             return NotImplemented
         if other.dims != self.dims:
@@ -137,7 +133,7 @@ class CrossMoments:
             self.sum_yy = None
         return self
 
-    def __add__(self, other: "CrossMoments") -> "CrossMoments":
+    def __add__(self, other: CrossMoments) -> CrossMoments:
         if not isinstance(other, CrossMoments):
             return NotImplemented
         out = self.copy()
@@ -212,7 +208,7 @@ class CrossMoments:
 
     def unflatten_(self, flat: torch.Tensor) -> None:
         """Inverse of :meth:`flatten` (in place)."""
-        self.n = int(round(float(flat[0])))
+        self.n = round(float(flat[0]))
         off = 1
         for t in self._tensors():
             k = t.numel()
@@ -234,7 +230,7 @@ class PairStats:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> "PairStats":
+    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> PairStats:
         """From paired activations: ``X``/``Y`` either single arrays [n, d] (layer 0) or
         sequences (one [n_l, d] array per layer) or dicts ``layer -> array``."""
         if isinstance(X, Mapping):
@@ -284,7 +280,7 @@ class PairStats:
     def __len__(self) -> int:
         return len(self.moments)
 
-    def select(self, layers: Iterable[int] | None) -> "PairStats":
+    def select(self, layers: Iterable[int] | None) -> PairStats:
         """A view restricted to ``layers`` (negative indices count from the last captured layer)."""
         if layers is None:
             return self
@@ -309,7 +305,7 @@ class PairStats:
         return out
 
     # ------------------------------------------------------------------ merging
-    def __iadd__(self, other: "PairStats") -> "PairStats":
+    def __iadd__(self, other: PairStats) -> PairStats:
         if not isinstance(other, PairStats):
             return NotImplemented
         for k, m in other.moments.items():
@@ -320,7 +316,7 @@ class PairStats:
         self.moments = dict(sorted(self.moments.items()))
         return self
 
-    def __add__(self, other: "PairStats") -> "PairStats":
+    def __add__(self, other: PairStats) -> PairStats:
         if not isinstance(other, PairStats):
             return NotImplemented
         out = PairStats({k: m.copy() for k, m in self.moments.items()}, self.meta)
@@ -329,7 +325,7 @@ class PairStats:
 
     merge = __add__
 
-    def all_reduce(self, group: Any = None) -> "PairStats":
+    def all_reduce(self, group: Any = None) -> PairStats:
         """Sum the statistics over every process of a ``torch.distributed`` group, in place.
 
         A no-op when ``torch.distributed`` is unavailable or not initialised. Every process
@@ -340,7 +336,7 @@ class PairStats:
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        for k, m in self.moments.items():
+        for m in self.moments.values():
             flat = m.flatten()
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             m.unflatten_(flat)
@@ -368,7 +364,7 @@ class PairStats:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PairStats":
+    def load(cls, path: str | os.PathLike) -> PairStats:
         """Read statistics written by :meth:`save` (safetensors only; shapes are validated)."""
         from safetensors import safe_open
 

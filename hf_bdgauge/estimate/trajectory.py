@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from ..group import SignedPermutation
 from .matching import METHODS, estimate_gauge
 from .stats import EstimationError
 
-__all__ = ["CheckpointLike", "compose_trajectory", "compose_via_base", "compose_gauges", "invert_gauge"]
+__all__ = ["CheckpointLike", "compose_gauges", "compose_trajectory", "compose_via_base", "invert_gauge"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,15 @@ def invert_gauge(g: Gauge) -> Gauge:
     conf = None if g.confidence is None else np.asarray(g.confidence)[e.inverse_perm].astype(np.float32)
     marg = None if g.margin is None else np.asarray(g.margin)[e.inverse_perm].astype(np.float32)
     return Gauge(element=e.inverse(), source=g.target, target=g.source, method=g.method, confidence=conf, margin=marg,
-                 metrics=dict(g.metrics), hops=[dict(h, inverted=not h.get("inverted", False)) for h in reversed(g.hops)])
+                 metrics=dict(g.metrics), hops=[_invert_hop(h) for h in reversed(g.hops)])
+
+
+def _invert_hop(h: dict[str, Any]) -> dict[str, Any]:
+    """A hop record traversed backwards: ends swapped, ``inverted`` toggled."""
+    out = dict(h, inverted=not h.get("inverted", False))
+    for a, b in (("source", "target"), ("source_revision", "target_revision")):
+        out[a], out[b] = h.get(b), h.get(a)
+    return out
 
 
 def _chain_min(values: list[np.ndarray | None], elements: list[SignedPermutation]) -> np.ndarray | None:
@@ -83,7 +92,7 @@ def _chain_min(values: list[np.ndarray | None], elements: list[SignedPermutation
 def _hop_record(g: Gauge, index: int) -> dict[str, Any]:
     m = g.metrics
     keep = ("verdict", "summary", "mean_matched_abs_corr", "mean_matched_abs_cos", "null_mean_matched_abs_corr",
-            "null_mean_matched_abs_cos", "excess_over_null", "identity_fit", "matched_fit", "num_moved", "num_flips",
+            "null_mean_matched_abs_cos", "excess_over_null", "weak_fit", "identity_fit", "matched_fit", "num_moved", "num_flips",
             "tokens", "time_s")
     rec: dict[str, Any] = {"index": index, "source": g.source.model_id, "source_revision": g.source.revision,
                            "target": g.target.model_id, "target_revision": g.target.revision, "method": g.method}
@@ -124,8 +133,14 @@ def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None) -> Gau
     t = float(sum(h.get("time_s", 0.0) or 0.0 for h in hops))
     summary = (f"{verdict} composed over {len(hops)} hops: {int(np.sum(total.perm != np.arange(d)))}/{d} coordinates "
                f"move, {total.num_flips} flip" + (f"; weakest link min confidence {float(conf.min()):.3f}" if conf is not None else ""))
+    weak = [h["index"] for h in hops if h.get("weak_fit")]
+    if weak:
+        summary += f"; {len(weak)} weak link(s) (hops {weak[:8]})"
+    excesses = [h["excess_over_null"] for h in hops if "excess_over_null" in h]
     metrics = {"verdict": verdict, "summary": summary, "num_hops": len(hops), "tokens": tokens, "time_s": t,
-               "hop_verdicts": verdicts}
+               "hop_verdicts": verdicts, "weak_hops": weak}
+    if excesses:
+        metrics["min_hop_excess_over_null"] = float(min(excesses))
     if conf is not None:
         metrics["mean_path_confidence"] = float(np.mean(conf))
     if verdict == "no_signed_permutation":
@@ -183,7 +198,7 @@ def compose_trajectory(
             return obj, None
         from .capture import load_causal_lm
 
-        model, ref, _ = load_causal_lm(obj, rev, dtype=dtype)
+        model, ref, _ = load_causal_lm(obj, rev, dtype=dtype, fingerprint=estimate_kwargs.get("fingerprint", False))
         return model, ref
 
     links: list[Gauge] = []

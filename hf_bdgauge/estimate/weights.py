@@ -43,21 +43,24 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, DimensionMismatchError, UnsupportedArchitectureError
+from ..errors import (
+    CheckpointError,
+    DimensionMismatchError,
+    UnsupportedArchitectureError,
+)
 from ..gauge import Gauge, ModelRef
 from ..roles import ArchitectureSpec, hidden_size_of, spec_for_config, spec_for_model
 from ..rules import Role, TensorRule
 from .matching import _log_verdict, fit_metrics, match_scores, random_orthogonal
 from .stats import EstimationError
 
-__all__ = ["WeightSimilarity", "weight_similarity", "estimate_gauge_from_weights", "TENSOR_WEIGHTINGS"]
+__all__ = ["TENSOR_WEIGHTINGS", "WeightSimilarity", "estimate_gauge_from_weights", "weight_similarity"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +86,12 @@ class _Tensors:
 
 
 class _ModuleTensors(_Tensors):
-    def __init__(self, model: torch.nn.Module, revision: str | None) -> None:
+    def __init__(self, model: torch.nn.Module, revision: str | None, fingerprint: bool = False) -> None:
         from .capture import model_ref
 
         self.spec = spec_for_model(model)
         self.config = model.config
-        self.ref = model_ref(model, revision)
+        self.ref = model_ref(model, revision, fingerprint=fingerprint)
         self._t: dict[str, torch.Tensor] = dict(model.named_parameters())
         for n, b in model.named_buffers():
             self._t.setdefault(n, b)
@@ -107,10 +110,14 @@ class _ModuleTensors(_Tensors):
 
 
 class _CheckpointTensors(_Tensors):
-    def __init__(self, src: Any, revision: str | None, stack: contextlib.ExitStack) -> None:
+    def __init__(self, src: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> None:
         from safetensors import safe_open
 
-        from ..checkpoint import checkpoint_shards, read_safetensors_header, resolve_checkpoint_dir
+        from ..checkpoint import (
+            checkpoint_shards,
+            read_safetensors_header,
+            resolve_checkpoint_dir,
+        )
         from .capture import model_ref
 
         path = resolve_checkpoint_dir(src, revision)
@@ -122,7 +129,7 @@ class _CheckpointTensors(_Tensors):
         except ValueError as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
         self.spec = spec_for_config(self.config)
-        self.ref = model_ref(src, revision, path)
+        self.ref = model_ref(src, revision, path, fingerprint=fingerprint)
         self._where: dict[str, Any] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for shard in checkpoint_shards(path):
@@ -143,11 +150,11 @@ class _CheckpointTensors(_Tensors):
         return self._where[name].get_tensor(name)
 
 
-def _open(obj: Any, revision: str | None, stack: contextlib.ExitStack) -> _Tensors:
+def _open(obj: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> _Tensors:
     if isinstance(obj, torch.nn.Module):
-        return _ModuleTensors(obj, revision)
+        return _ModuleTensors(obj, revision, fingerprint)
     if isinstance(obj, (str, os.PathLike)):
-        return _CheckpointTensors(obj, revision, stack)
+        return _CheckpointTensors(obj, revision, stack, fingerprint)
     raise EstimationError(f"expected a model, a checkpoint directory or a Hub id, got {type(obj).__name__}")
 
 
@@ -264,19 +271,21 @@ def weight_similarity(
     include_gains: bool = True,
     track_target_gram: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    fingerprint: bool = False,
     progress: bool = True,
 ) -> tuple[WeightSimilarity, ModelRef, ModelRef]:
     """Accumulate the signature similarity of two models (modules, checkpoint dirs or Hub ids).
 
     Products are computed in ``compute_dtype`` per tensor and summed in float64. Returns the
-    :class:`WeightSimilarity` and both ModelRefs.
+    :class:`WeightSimilarity` and both ModelRefs (fingerprinted when ``fingerprint=True``).
     """
     if tensor_weighting not in TENSOR_WEIGHTINGS:
         raise EstimationError(f"unknown tensor_weighting {tensor_weighting!r}; choose one of {TENSOR_WEIGHTINGS}")
     with contextlib.ExitStack() as stack:
-        src, tgt = _open(source, source_revision, stack), _open(target, target_revision, stack)
+        src = _open(source, source_revision, stack, fingerprint)
+        tgt = _open(target, target_revision, stack, fingerprint)
         plan, d = _plan(src, tgt)
-        z = lambda *s: np.zeros(s, dtype=np.float64)  # noqa: E731
+        z = lambda *s: np.zeros(s, dtype=np.float64)
         sim = WeightSimilarity(z(d, d), z(d, d), z(d), z(d), z(d), z(d),
                                z(d, d) if track_target_gram else None, z(d, d) if track_target_gram else None,
                                allows_signs=src.spec.allows_signs)
@@ -313,8 +322,9 @@ def estimate_gauge_from_weights(
     compute_dtype: torch.dtype = torch.float32,
     null_draws: int = 1,
     seed: int = 0,
-    min_excess: float = 0.1,
+    min_excess: float = 0.05,
     identity_tol: float = 0.01,
+    fingerprint: bool = True,
     progress: bool = True,
 ) -> Gauge:
     """Data-free estimate of ``G`` (``h_target ≈ G·h_source``) from the weights alone.
@@ -328,7 +338,7 @@ def estimate_gauge_from_weights(
     sim, src_ref, tgt_ref = weight_similarity(
         source, target, source_revision=source_revision, target_revision=target_revision,
         tensor_weighting=tensor_weighting, include_gains=include_gains, track_target_gram=null_draws > 0,
-        compute_dtype=compute_dtype, progress=progress,
+        compute_dtype=compute_dtype, fingerprint=fingerprint, progress=progress,
     )
     t_sim = time.perf_counter() - t0
     A, S, M = sim.scores()
