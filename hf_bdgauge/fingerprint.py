@@ -303,18 +303,19 @@ def _fingerprint_model(model: torch.nn.Module, content: bool) -> dict[str, Any]:
     emb_shape = tuple(named[sel["embedding"]].shape) if "embedding" in sel else None
     fp = config_fingerprint(model.config, emb_shape)
     if content:
+        hashes = {n: (_st_dtype(t), tensor_content_hash(t)) for n, t in named.items() if t.device.type != "meta"}
         entries: dict[str, Any] = {}
         for kind in CONTENT_KINDS:
             if kind not in sel:
                 continue
-            t = named[sel[kind]]
-            if t.device.type == "meta":
+            if sel[kind] not in hashes:
                 logger.info("not hashing %s (%s): it is offloaded to the meta device", kind, sel[kind])
                 continue
+            t = named[sel[kind]]
             entries[kind] = {"tensor": sel[kind], "dtype": _st_dtype(t), "shape": list(t.shape),
-                             "sha256": tensor_content_hash(t)}
-        if all(t.device.type != "meta" for t in named.values()):
-            entries["all"] = _all_weights_entry({n: (_st_dtype(t), tensor_content_hash(t)) for n, t in named.items()})
+                             "sha256": hashes[sel[kind]][1]}
+        if len(hashes) == len(named):
+            entries["all"] = _all_weights_entry(hashes)
         fp["content"] = entries
     return fp
 
@@ -349,19 +350,6 @@ def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
     emb_shape = where[sel["embedding"]][2]["shape"] if "embedding" in sel else None
     fp = config_fingerprint(config, emb_shape)
     if content:
-        entries: dict[str, Any] = {}
-        for kind in CONTENT_KINDS:
-            if kind not in sel:
-                continue
-            shard, base, info = where[sel[kind]]
-            begin, end = info["data_offsets"]
-            with open(shard, "rb") as f:
-                f.seek(base + begin)
-                data = f.read(end - begin)
-            if len(data) != end - begin:
-                raise CheckpointError(f"{shard} is truncated: tensor {sel[kind]} is incomplete")
-            entries[kind] = {"tensor": sel[kind], "dtype": info["dtype"], "shape": list(info["shape"]),
-                             "sha256": bytes_content_hash(info["dtype"], info["shape"], data)}
         hashes: dict[str, tuple[str, str]] = {}
         for name, (shard, base, info) in where.items():
             begin, end = info["data_offsets"]
@@ -371,6 +359,12 @@ def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
             if len(data) != end - begin:
                 raise CheckpointError(f"{shard} is truncated: tensor {name} is incomplete")
             hashes[name] = (info["dtype"], bytes_content_hash(info["dtype"], info["shape"], data))
+        entries: dict[str, Any] = {}
+        for kind in CONTENT_KINDS:
+            if kind in sel:
+                info = where[sel[kind]][2]
+                entries[kind] = {"tensor": sel[kind], "dtype": info["dtype"], "shape": list(info["shape"]),
+                                 "sha256": hashes[sel[kind]][1]}
         entries["all"] = _all_weights_entry(hashes)
         fp["content"] = entries
     return fp
