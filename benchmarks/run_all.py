@@ -9,8 +9,8 @@ A failing benchmark is recorded with the tail of its stderr and makes the exit s
 
 Usage::
 
-    python benchmarks/run_all.py                          # everything (about 30-60 min on 2 cores)
-    python benchmarks/run_all.py --quick                  # smaller sizes (a few minutes)
+    python benchmarks/run_all.py                          # everything (about 10 min on 2 idle cores)
+    python benchmarks/run_all.py --quick                  # smaller sizes (about 3 min)
     python benchmarks/run_all.py --only stats_overhead estimate
     python benchmarks/run_all.py --skip weights_matching_7b --output /tmp/results.md
     python benchmarks/run_all.py --args estimate="--dims 1024 2048"
@@ -100,11 +100,12 @@ def _machine() -> list[str]:
 def _as_markdown(text: str) -> str:
     """Blank lines around tables, so a note directly above a table does not swallow it."""
     out: list[str] = []
-    for line in text.rstrip().splitlines():
+    for line in text.strip("\n").splitlines():
         is_row = line.lstrip().startswith("|")
-        if out and out[-1].strip() and is_row != out[-1].lstrip().startswith("|"):
+        if line.strip() and out and out[-1].strip() and is_row != out[-1].lstrip().startswith("|"):
             out.append("")
-        out.append(line)
+        if line.strip() or (out and out[-1].strip()):  # at most one blank line in a row
+            out.append(line)
     return "\n".join(out)
 
 
