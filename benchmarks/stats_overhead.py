@@ -8,18 +8,20 @@ captured residual layer, the float64 sums of :class:`hf_bdgauge.estimate.PairSta
 * ``forward ×2 (residual)``   both models' forward through the same hooks that capture uses, stopped
   after the deepest requested layer, no statistics: **the baseline** (exactly the forward work
   ``capture_pair_stats`` does);
-* ``capture, all layers``     ``capture_pair_stats`` on every residual layer 0..L (the default);
-* ``capture, all, no Σyyᵀ``   the same with ``track_target_cov=False`` (no rotated null);
+* ``capture, all layers``     ``capture_pair_stats`` on every residual layer 0..L (the default:
+  each batch's d×d products in float32 on batch-centred activations, float64 running sums);
+* ``capture, all, no Σyyᵀ``   the same with ``track_target_cov=False`` (no rotated null; what
+  ``estimate_gauge(..., null_draws=0)`` captures);
 * ``capture, 2 layers``       ``capture_pair_stats(layers=[L//2, L])`` (a layer subset);
-* ``proposed f32 blocks``     not library code: the same forward, with each batch's d×d products
-  computed in float32 on batch-centred activations and added to the float64 sums (see
-  :func:`update_centered_f32`; the fix proposed if the float64 GEMMs dominate);
+* ``capture, float64 products`` ``product_dtype=torch.float64``: every product in float64 (the
+  exact path, and the library's behaviour before the centred float32 update);
 
 on stories260K (d = 64, 5 layers, the real llama2.c model) and a random ``LlamaForCausalLM``
 with d = 1024 (4 layers, intermediate 2816, vocab 32000, float32). Runs are interleaved
 round-robin ``--repeats`` times and the median is reported. A second table splits one batch's
-statistics into its parts (cast to float64 + padding mask, the vector sums, ``Xᵀ·Y``, ``Yᵀ·Y``)
-against the forward, per 1000 tokens. Goal: overhead < 20 % over the residual forward.
+statistics into its parts (cast to float64 + padding mask, the vector sums, ``Xᵀ·Y``, ``Yᵀ·Y`` in
+float64; the whole update in float64 and in the default precision) against the forward, per
+1000 tokens. Goal: overhead < 20 % over the residual forward.
 
 Usage::
 
@@ -45,7 +47,6 @@ import torch  # noqa: E402
 
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
 from hf_bdgauge.estimate import (  # noqa: E402
-    CrossMoments,
     PairStats,
     capture_pair_stats,
     estimate_from_stats,
@@ -81,57 +82,6 @@ def load_pair(name: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module, S
     g = SignedPermutation.random(src.config.hidden_size, seed=seed)
     apply_gauge(tgt, g)
     return src, tgt.eval(), g
-
-
-# ---------------------------------------------------------------------- the proposed update
-def update_centered_f32(m: CrossMoments, X: torch.Tensor, Y: torch.Tensor) -> None:
-    """Add one batch to float64 sums with the d×d products in float32 (the proposed change).
-
-    With shifts ``a``, ``b`` (the batch means rounded to float32), ``e_x = Σ(x − a)`` and
-    ``e_y = Σ(y − b)`` (float64), the raw sums are, exactly::
-
-        Σx·yᵀ = Σ(x − a)(y − b)ᵀ + e_x·bᵀ + a·(Σy)ᵀ        Σy·yᵀ = Σ(y − b)(y − b)ᵀ + e_y·bᵀ + b·(Σy)ᵀ
-        Σx²   = Σ(x − a)² + 2·a·e_x + n·a²
-
-    Only the centred products are float32 GEMMs (their rounding is relative to the centred
-    scale, so a coordinate whose mean dwarfs its spread loses nothing more than in float64);
-    ``Σx``, ``Σy``, the rank-2 corrections and the running totals are float64. Works on any
-    device: on a GPU the GEMMs run there in float32 (consumer GPUs run float64 at 1/32-1/64
-    of the float32 rate) and only d×d float64 adds remain.
-    """
-    n = X.shape[0]
-    X, Y = X.float(), Y.float()
-    sx, sy = X.sum(0, dtype=torch.float64), Y.sum(0, dtype=torch.float64)
-    a32, b32 = (sx / n).float(), (sy / n).float()
-    a, b = a32.double(), b32.double()
-    ex, ey = sx - n * a, sy - n * b
-    Xc, Yc = X - a32, Y - b32
-    Pyy = Yc.T @ Yc if m.sum_yy is not None else None
-    cy2 = torch.diagonal(Pyy) if Pyy is not None else (Yc * Yc).sum(0)
-    m.n += n
-    m.sum_x += sx.cpu()
-    m.sum_y += sy.cpu()
-    m.sum_x2 += ((Xc * Xc).sum(0).double() + 2 * a * ex + n * a * a).cpu()
-    m.sum_y2 += (cy2.double() + 2 * b * ey + n * b * b).cpu()
-    m.sum_xy += (Xc.T @ Yc).double().cpu()
-    m.sum_xy.addmm_(torch.stack([ex, a], 1).cpu(), torch.stack([b, sy]).cpu())
-    if Pyy is not None:
-        m.sum_yy += Pyy.double().cpu()
-        m.sum_yy.addmm_(torch.stack([ey, b], 1).cpu(), torch.stack([b, sy]).cpu())
-
-
-def capture_centered_f32(src: torch.nn.Module, tgt: torch.nn.Module, batches: list[dict], layers: list[int]) -> PairStats:
-    """``capture_pair_stats`` with :func:`update_centered_f32` in place of ``PairStats.update``."""
-    st = PairStats()
-    for b in batches:
-        hs, ht = residual_activations(src, b, layers), residual_activations(tgt, b, layers)
-        m = b["attention_mask"].reshape(-1).bool()
-        for k in layers:
-            x, y = hs[k].reshape(-1, hs[k].shape[-1])[m], ht[k].reshape(-1, ht[k].shape[-1])[m]
-            if k not in st.moments:
-                st.moments[k] = CrossMoments.zeros(x.shape[1], y.shape[1])
-            update_centered_f32(st.moments[k], x, y)
-    return st
 
 
 # ---------------------------------------------------------------------- timing
@@ -196,16 +146,13 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
             out[key] = capture_pair_stats(src, tgt, bs, progress=False, **kw)
         return run
 
-    def proposed(bs: list[dict]) -> None:
-        out["f32"] = capture_centered_f32(src, tgt, bs, all_layers)
-
     runs = {
         "forward ×2 (logits)": fwd_logits,
         BASELINE: fwd_residual,
         f"capture, all {L1} layers": cap("all"),
         f"capture, all {L1} layers, no Σyyᵀ": cap("nocov", track_target_cov=False),
         f"capture, layers {subset}": cap("subset", layers=subset),
-        f"proposed f32 blocks, all {L1} layers": proposed,
+        f"capture, all {L1} layers, float64 products": cap("f64", product_dtype=torch.float64),
     }
     load0 = os.getloadavg()[0]
     med = _median_times(runs, batches, repeats)
@@ -221,15 +168,15 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
         lines.append(f"| {k} | {w:.3f} | {tokens / w:,.0f} | {base_w / w:.2f} | {100 * (w / base_w - 1):+.1f} % | "
                      f"{100 * (c / base_c - 1):+.1f} % |")
 
-    # sanity: the statistics find the planted gauge, and the float32 variant agrees with float64
+    # sanity: the statistics find the planted gauge, and the float32 products agree with float64
     acc = estimate_from_stats(out["all"], null_draws=0).element.agreement(g)
     acc_sub = estimate_from_stats(out["subset"], null_draws=0).element.agreement(g)
-    dev = max(float(np.max(np.abs(out["f32"][k].corr() - out["all"][k].corr()))) for k in all_layers)
-    rel = max(float(torch.max(torch.abs(out["f32"][k].sum_xy - out["all"][k].sum_xy)) /
-                    torch.max(torch.abs(out["all"][k].sum_xy))) for k in all_layers)
+    dev = max(float(np.max(np.abs(out["f64"][k].corr() - out["all"][k].corr()))) for k in all_layers)
+    rel = max(float(torch.max(torch.abs(out["f64"][k].sum_xy - out["all"][k].sum_xy)) /
+                    torch.max(torch.abs(out["f64"][k].sum_xy))) for k in all_layers)
     lines.append(f"\nplanted gauge recovered from the captured statistics: all layers {acc['signed_accuracy']:.3f}, "
-                 f"layers {subset} {acc_sub['signed_accuracy']:.3f} (signed accuracy); proposed f32 blocks vs float64: "
-                 f"max |Δcorr| = {dev:.1e}, max relative |ΔΣxyᵀ| = {rel:.1e}")
+                 f"layers {subset} {acc_sub['signed_accuracy']:.3f} (signed accuracy); default float32 centred "
+                 f"products vs float64 products: max |Δcorr| = {dev:.1e}, max relative |ΔΣxyᵀ| = {rel:.1e}")
     lines += breakdown(src, tgt, batches[0], all_layers, d, repeats)
     return lines
 
@@ -267,12 +214,12 @@ def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: l
         for k in layers:
             X = hs[k].reshape(-1, d).to("cpu", torch.float64)[m]
             Y = ht[k].reshape(-1, d).to("cpu", torch.float64)[m]
-            st.update(k, X, Y)
+            st.update(k, X, Y)  # float64 inputs: float64 products
 
     def f32_update() -> None:
-        cm = {k: CrossMoments.zeros(d) for k in layers}
+        st = PairStats()
         for k in layers:
-            update_centered_f32(cm[k], hs[k].reshape(-1, d)[m], ht[k].reshape(-1, d)[m])
+            st.update(k, hs[k].reshape(-1, d)[m], ht[k].reshape(-1, d)[m])
 
     parts = {
         "forward ×2 (residual)": t_fwd,
@@ -280,8 +227,8 @@ def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: l
         "Σx, Σy, Σx², Σy² (float64)": _ms(vec, r),
         "Xᵀ·Y (float64 GEMM)": _ms(gemm_xy, r),
         "Yᵀ·Y (float64 GEMM)": _ms(gemm_yy, r),
-        "= PairStats.update, all parts": _ms(full_update, r),
-        "proposed f32 centred update, all parts": _ms(f32_update, r),
+        "= cast + PairStats.update with float64 products": _ms(full_update, r),
+        "PairStats.update, default (float32 centred products)": _ms(f32_update, r),
     }
     gemm_flop = 4.0 * n * d * d * len(layers)  # Xᵀ·Y and Yᵀ·Y: 2·n·d² each, per layer
     lines = [f"\nwhere the time goes (one batch of {n} tokens, {len(layers)} layers, median of {r}); the d×d "

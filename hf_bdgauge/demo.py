@@ -163,7 +163,10 @@ def run_demo(out_dir: str | Path | None = None, seed: int = 0, fast: bool = Fals
     print(format_table(estimates))
 
     # ---------------------------------------------------------------- 3. transport objects
-    gauge = Gauge(g, source=ModelRef(str(src)), target=ModelRef(str(disk)), method="planted")
+    # the planted gauge as a Hub-format repo (safetensors + config + card); everything below uses
+    # the copy read back from disk, validated on load
+    Gauge(g, source=ModelRef(str(src)), target=ModelRef(str(disk)), method="planted").save_pretrained(work / "gauge")
+    g = Gauge.from_pretrained(work / "gauge").element
     adapter = _train_lora(load(), tok, texts, work / "lora-source", steps=10 if fast else 25)
     probe = tok(NEUTRAL, return_tensors="pt", padding=True).input_ids
     with torch.no_grad():

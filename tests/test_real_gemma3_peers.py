@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from hf_bdgauge import SignedPermutation, apply_gauge
-from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, FingerprintMismatchError, TransportError
+from hf_bdgauge.errors import DimensionMismatchError, FingerprintMismatchError, TransportError
 from hf_bdgauge.fingerprint import model_fingerprint
 from hf_bdgauge.gauge import Gauge, ModelRef
 from hf_bdgauge.gauged_model import GaugedModel

@@ -166,3 +166,66 @@ def test_all_reduce_single_process_gloo(tmp_path):
         assert st[0].n == 80 and torch.allclose(st[0].sum_xy, 2 * torch.from_numpy(X.T @ Y))
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- precision and devices
+@pytest.mark.parametrize("shift", [0.0, 1e3])
+def test_float32_activations_use_centred_float32_products(shift):
+    """float32 inputs: the d×d products run in float32 on batch-centred values, the sums stay
+    float64, so even a mean 1000× the spread costs nothing; a raw float32 Xᵀ·Y would lose the
+    covariance entirely there."""
+    X, Y = _data(n=2048, d=32, shift=0.0)
+    X, Y = X + shift, Y - shift
+    ref = CrossMoments.from_activations(X, Y)  # float64 inputs: float64 products
+    X32, Y32 = X.astype(np.float32), Y.astype(np.float32)
+    ref32 = CrossMoments.from_activations(X32.astype(np.float64), Y32.astype(np.float64))
+    m = CrossMoments.from_activations(X32, Y32)
+    assert m.sum_xy.dtype == m.sum_x.dtype == torch.float64
+    assert _rel(m.cov_xy(), ref32.cov_xy()) < 1e-6
+    assert float(np.max(np.abs(m.corr() - ref32.corr()))) < 1e-6
+    assert float(np.max(np.abs(m.corr() - ref.corr()))) < 1e-4  # the float32 rounding of the inputs themselves
+    # exact path on request: float64 products of the widened float32 values
+    m64 = CrossMoments.from_activations(X32, Y32, product_dtype=torch.float64)
+    for f in ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy"):
+        assert _rel(getattr(m64, f), getattr(ref32, f)) < 1e-12, f
+    if shift:
+        raw = (torch.from_numpy(X32).T @ torch.from_numpy(Y32)).double().numpy() / 2048
+        cov_raw = raw - np.outer(X32.astype(np.float64).mean(0), Y32.astype(np.float64).mean(0))
+        assert _rel(cov_raw, ref32.cov_xy()) > 1e-2
+
+
+def test_batches_of_float32_merge_like_one_pass():
+    X, Y = _data(n=3000, d=16)
+    X, Y = X.astype(np.float32), Y.astype(np.float32)
+    whole = CrossMoments.from_activations(X, Y, product_dtype=torch.float64)
+    parts = CrossMoments.zeros(16)
+    for a in range(0, 3000, 700):
+        parts.update(X[a:a + 700], Y[a:a + 700])
+    assert parts.n == 3000
+    assert _rel(parts.sum_x, whole.sum_x) < 1e-12
+    assert _rel(parts.sum_xy, whole.sum_xy) < 1e-6
+    assert float(np.max(np.abs(parts.corr() - whole.corr()))) < 1e-6
+
+
+def test_sums_live_on_a_device_and_merge_across_devices():
+    X, Y = _data(n=30, d=4)
+    m = CrossMoments.from_activations(torch.from_numpy(X), torch.from_numpy(Y))
+    assert m.device == torch.device("cpu") and m.to("cpu") is m
+    assert CrossMoments.zeros(4, device="meta").device.type == "meta"
+    st = PairStats.from_activations(X, Y)
+    assert st.to("cpu") is st and st[0].device.type == "cpu"
+    assert m.flatten().device == m.device
+
+
+def test_all_reduce_puts_nccl_tensors_on_the_current_gpu(monkeypatch):
+    """NCCL rejects CPU tensors: the flat sums travel on ``cuda:current`` for it, on the CPU for
+    gloo (the device choice only; NCCL itself needs a GPU machine)."""
+    import torch.distributed as dist
+
+    from hf_bdgauge.estimate.stats import _collective_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert _collective_device() == torch.device("cpu")

@@ -87,6 +87,39 @@ def test_variants_recover_too(stories_dir, kw):
     assert estimate_gauge_from_weights(src, tgt, progress=False, null_draws=0, **kw).element == g
 
 
+@pytest.mark.real
+def test_blocked_streaming_equals_whole_tensors(stories_dir, tmp_path):
+    """Reading every tensor in tiny blocks (rows of the embedding, columns of the writers) from
+    the memory-mapped files, or narrowing loaded tensors, gives the same float64 sums as taking
+    each tensor whole; the per-tensor scale of ``tensor_weighting="equal"`` applied after the
+    last block is the scale of the whole tensor."""
+    g = SignedPermutation.random(64, seed=5)
+    dst = apply_gauge_to_checkpoint(stories_dir, g, tmp_path / "g", progress=False)
+    kw = dict(compute_dtype=torch.float64, progress=False)
+    whole, _, _ = weight_similarity(str(stories_dir), dst, block_elements=1 << 30, **kw)
+    tiny, _, _ = weight_similarity(str(stories_dir), dst, block_elements=100, **kw)
+    mem, _, _ = weight_similarity(_load(stories_dir), _load(dst), block_elements=100, **kw)
+    assert whole.tensors == tiny.tensors and sorted(mem.tensors) == sorted(whole.tensors) and len(whole.tensors) == 47
+    for f in ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram", "tgt_gain_gram"):
+        ref = getattr(whole, f)
+        for other in (tiny, mem):
+            assert np.max(np.abs(getattr(other, f) - ref)) <= 1e-12 * np.max(np.abs(ref)), f
+    est = estimate_gauge_from_weights(str(stories_dir), dst, block_elements=100, progress=False)
+    assert est.element == g
+
+
+def test_block_cuts_cover_every_entry_once():
+    from hf_bdgauge.estimate.weights import _blocks
+
+    assert _blocks((64,), -1, 10) == (0, [(0, 64)])
+    ax, cuts = _blocks((512, 64), -1, 64 * 100)  # embedding [vocab, d]: slabs of 100 rows
+    assert ax == 0 and cuts[0] == (0, 100) and cuts[-1] == (500, 512)
+    ax, cuts = _blocks((64, 172), -2, 64 * 50)  # writer [d, in]: slabs of 50 columns
+    assert ax == 1 and [b - a for a, b in cuts] == [50, 50, 50, 22]
+    ax, cuts = _blocks((8, 64, 32), 1, 1)  # fused experts [E, d, f]: at least one index per block
+    assert ax == 0 and len(cuts) == 8
+
+
 def test_gain_profiles_alone_find_the_permutation_but_not_the_signs():
     """Gains move by P only: with the signed block removed they still pin π (generic gains)
     but every sign would be a guess, so the similarity never takes signs from them."""

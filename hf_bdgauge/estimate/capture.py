@@ -11,10 +11,11 @@ uses forward hooks on the embedding and the decoder layers instead.)
 How
 ---
 Forward hooks record the chosen layers' outputs; once the deepest requested layer has run, a
-hook stops the forward pass (no final norm, no lm_head), so early layers are cheap. Hook outputs
-are moved to CPU float64 and only the non-padding positions (``attention_mask == 1``) are added
-to :class:`~hf_bdgauge.estimate.stats.PairStats`, so memory does not grow with the number of
-tokens. Inputs go to the device of the input embedding; hooks work unchanged on models
+hook stops the forward pass (no final norm, no lm_head), so early layers are cheap. Only the
+non-padding positions (``attention_mask == 1``) of the hook outputs are added to
+:class:`~hf_bdgauge.estimate.stats.PairStats`, on the device where the layer ran (or
+``stats_device=``), in the model's own precision for the centred d×d products and in float64
+for every running sum; memory does not grow with the number of tokens. Inputs go to the device of the input embedding; hooks work unchanged on models
 dispatched with ``device_map`` (accelerate moves activations between devices itself).
 """
 
@@ -252,6 +253,8 @@ def capture_pair_stats(
     max_tokens: int | None = None,
     track_target_cov: bool = True,
     stats: PairStats | None = None,
+    product_dtype: torch.dtype | None = None,
+    stats_device: torch.device | str | None = None,
     progress: bool = True,
 ) -> PairStats:
     """Run ``source`` and ``target`` on the same token batches and accumulate, per layer, the
@@ -260,6 +263,10 @@ def capture_pair_stats(
     ``layers``: residual layer indices (0 = embedding output; default all ``0..L``), the same
     for both models (they must have the same depth and width). ``max_tokens`` stops once that
     many non-padding tokens have been seen. ``stats`` continues an existing accumulation.
+    ``product_dtype`` sets the precision of the centred d×d products (default float32 for
+    float32/bf16/fp16 models, float64 for float64 models; the running sums are float64 either
+    way). ``stats_device`` keeps the sums on one device (default: where each layer ran, so a
+    GPU model's statistics stay on its GPU).
     """
     n_s, n_t = num_residual_layers(source), num_residual_layers(target)
     if n_s != n_t:
@@ -286,11 +293,16 @@ def capture_pair_stats(
         hs = residual_activations(source, batch, sel)
         ht = residual_activations(target, batch, sel)
         m = mask.reshape(-1)
+        n_real = int(m.sum())
+        masks: dict[torch.device, torch.Tensor] = {}
         for k in sel:
-            x = hs[k].reshape(-1, hs[k].shape[-1]).to("cpu", torch.float64)[m]
-            y = ht[k].reshape(-1, ht[k].shape[-1]).to("cpu", torch.float64)[m]
-            stats.update(k, x, y, track_target_cov=track_target_cov)
-        seen += int(m.sum())
+            x = hs[k].reshape(-1, hs[k].shape[-1])
+            y = ht[k].reshape(-1, ht[k].shape[-1]).to(x.device)
+            if n_real < m.numel():  # drop padding (no copy when there is none)
+                mk = masks.setdefault(x.device, m.to(x.device))
+                x, y = x[mk], y[mk]
+            stats.update(k, x, y, track_target_cov=track_target_cov, product_dtype=product_dtype, device=stats_device)
+        seen += n_real
         bar.set_postfix(tokens=seen)
     bar.close()
     if seen == 0:

@@ -413,7 +413,8 @@ def estimate_gauge(
     if _needs_texts(data) or isinstance(tokenizer, str):
         tokenizer = _load_tokenizer(tokenizer, src_dir, source_revision)
     stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tokenizer, layers=layers, batch_size=batch_size,
-                               max_length=max_length, max_tokens=max_tokens, progress=progress)
+                               max_length=max_length, max_tokens=max_tokens, progress=progress,
+                               track_target_cov=null_draws > 0)  # Σyyᵀ only feeds the rotated null
     t_capture = time.perf_counter() - t0
     g = estimate_from_stats(stats, method, pooling=pooling, null_draws=null_draws, seed=seed, min_excess=min_excess,
                             identity_tol=identity_tol, source=src_ref, target=tgt_ref)

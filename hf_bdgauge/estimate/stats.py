@@ -23,6 +23,19 @@ target whose chart is rotated by a random orthogonal ``Q``) costs no forward pas
 
 Float64 raw sums lose about ``(|mean|/std)² · 1e-16`` of relative precision to cancellation,
 which is negligible unless a coordinate's mean exceeds its standard deviation by ~10⁶.
+
+Each batch is added by a *centred* update. With shifts ``a``, ``b`` (the batch means, rounded
+to the product precision), ``e_x = Σ(x − a)`` and ``e_y = Σ(y − b)``, the raw sums are, exactly::
+
+    Σx·yᵀ = Σ(x − a)(y − b)ᵀ + e_x·bᵀ + a·(Σy)ᵀ       Σy·yᵀ = Σ(y − b)(y − b)ᵀ + e_y·bᵀ + b·(Σy)ᵀ
+    Σx²   = Σ(x − a)² + 2·a·e_x + n·a²
+
+Only the centred d×d products use the *product precision*: float32 for float32/bf16/fp16
+activations (a model's own precision; its rounding is relative to the centred spread, so a
+coordinate whose mean dwarfs its spread loses nothing to it), float64 for float64 inputs.
+``Σx``, ``Σy``, the rank-2 corrections and the running totals are always float64, so sums still
+merge exactly. The sums live on the device of the activations (a GPU runs the float32 GEMMs
+there; consumer GPUs run float64 at 1/32–1/64 of that rate); moments are read on the CPU.
 """
 
 from __future__ import annotations
@@ -50,13 +63,24 @@ STATS_FORMAT = "hf_bdgauge.pair_stats.v1"
 _FIELDS = ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy")
 
 
-def _as_f64_2d(a: Any, name: str) -> torch.Tensor:
+def _as_2d(a: Any, name: str) -> torch.Tensor:
+    """``a`` as a 2-D floating tensor ``[n, d]``, keeping its device and floating dtype."""
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
     if t.ndim == 1:
         t = t.unsqueeze(0)
     if t.ndim != 2:
         raise DimensionMismatchError(f"{name} must be [n, d], got shape {tuple(t.shape)}")
-    return t.detach().to(device="cpu", dtype=torch.float64)
+    t = t.detach()
+    return t if t.is_floating_point() else t.to(torch.float64)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _product_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 are widened exactly)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 @dataclass
@@ -78,18 +102,22 @@ class CrossMoments:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def zeros(cls, dx: int, dy: int | None = None, *, track_target_cov: bool = True) -> CrossMoments:
-        """Empty sums for dimensions ``dx`` (source) and ``dy`` (target, default ``dx``)."""
+    def zeros(cls, dx: int, dy: int | None = None, *, track_target_cov: bool = True,
+              device: torch.device | str | None = None) -> CrossMoments:
+        """Empty float64 sums for dimensions ``dx`` (source) and ``dy`` (target, default ``dx``),
+        on ``device`` (default CPU)."""
         dy = dx if dy is None else dy
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
         return cls(0, z(dx), z(dy), z(dx), z(dy), z(dx, dy), z(dy, dy) if track_target_cov else None)
 
     @classmethod
-    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> CrossMoments:
-        """The sums of paired activations ``X`` [n, dx] and ``Y`` [n, dy] (row t = token t)."""
-        X = _as_f64_2d(X, "X")
-        m = cls.zeros(X.shape[1], _as_f64_2d(Y, "Y").shape[1], track_target_cov=track_target_cov)
-        m.update(X, Y)
+    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True,
+                         product_dtype: torch.dtype | None = None) -> CrossMoments:
+        """The sums of paired activations ``X`` [n, dx] and ``Y`` [n, dy] (row t = token t), on
+        the device of ``X``."""
+        X, Y = _as_2d(X, "X"), _as_2d(Y, "Y")
+        m = cls.zeros(X.shape[1], Y.shape[1], track_target_cov=track_target_cov, device=X.device)
+        m.update(X, Y, product_dtype=product_dtype)
         return m
 
     @property
@@ -97,21 +125,52 @@ class CrossMoments:
         """``(dx, dy)``."""
         return int(self.sum_x.shape[0]), int(self.sum_y.shape[0])
 
-    def update(self, X: Any, Y: Any) -> CrossMoments:
-        """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] (converted to CPU float64)."""
-        X, Y = _as_f64_2d(X, "X"), _as_f64_2d(Y, "Y")
+    @property
+    def device(self) -> torch.device:
+        """Where the sums live."""
+        return self.sum_xy.device
+
+    def to(self, device: torch.device | str) -> CrossMoments:
+        """These sums on ``device`` (``self`` when already there)."""
+        if torch.device(device) == self.device:
+            return self
+        return CrossMoments(self.n, *(None if getattr(self, f) is None else getattr(self, f).to(device) for f in _FIELDS))
+
+    def update(self, X: Any, Y: Any, *, product_dtype: torch.dtype | None = None) -> CrossMoments:
+        """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] by the centred update (module
+        docstring). The inputs are moved to the sums' device; ``product_dtype`` overrides the
+        precision of the centred d×d products (default: float64 for float64 inputs, else float32).
+        """
+        X, Y = _as_2d(X, "X"), _as_2d(Y, "Y")
         if X.shape[0] != Y.shape[0]:
             raise DimensionMismatchError(f"X has {X.shape[0]} tokens but Y has {Y.shape[0]}")
         if (X.shape[1], Y.shape[1]) != self.dims:
             raise DimensionMismatchError(f"activations of widths {X.shape[1]}, {Y.shape[1]} do not fit sums of widths {self.dims}")
-        self.n += int(X.shape[0])
-        self.sum_x += X.sum(0)
-        self.sum_y += Y.sum(0)
-        self.sum_x2 += (X * X).sum(0)
-        self.sum_y2 += (Y * Y).sum(0)
-        self.sum_xy += X.T @ Y
+        n = int(X.shape[0])
+        if n == 0:
+            return self
+        ct = product_dtype or _product_dtype(X, Y)
+        dev = self.device
+        X, Y = X.to(device=dev, dtype=ct), Y.to(device=dev, dtype=ct)
+        f64 = torch.float64
+        sx, sy = X.sum(0, dtype=f64), Y.sum(0, dtype=f64)
+        a_c, b_c = (sx / n).to(ct), (sy / n).to(ct)      # shifts, exactly representable in ct
+        a, b = a_c.to(f64), b_c.to(f64)
+        ex, ey = sx - n * a, sy - n * b                  # Σ(x − a), Σ(y − b) in float64
+        Xc, Yc = X - a_c, Y - b_c
+        self.n += n
+        self.sum_x += sx
+        self.sum_y += sy
+        self.sum_x2 += (Xc * Xc).sum(0, dtype=f64) + a * (2 * ex + n * a)
         if self.sum_yy is not None:
-            self.sum_yy += Y.T @ Y
+            Pyy = (Yc.T @ Yc).to(f64)
+            self.sum_y2 += torch.diagonal(Pyy) + b * (2 * ey + n * b)
+            self.sum_yy += Pyy
+            self.sum_yy.addmm_(torch.stack([ey, b], 1), torch.stack([b, sy]))
+        else:
+            self.sum_y2 += (Yc * Yc).sum(0, dtype=f64) + b * (2 * ey + n * b)
+        self.sum_xy += (Xc.T @ Yc).to(f64)
+        self.sum_xy.addmm_(torch.stack([ex, a], 1), torch.stack([b, sy]))
         return self
 
     # ------------------------------------------------------------------ merging
@@ -123,6 +182,7 @@ class CrossMoments:
             return NotImplemented
         if other.dims != self.dims:
             raise EstimationError(f"cannot merge statistics of widths {self.dims} and {other.dims}")
+        other = other.to(self.device)
         self.n += other.n
         for f in _FIELDS[:-1]:
             getattr(self, f).add_(getattr(other, f))
@@ -149,31 +209,31 @@ class CrossMoments:
 
     def mean_x(self) -> np.ndarray:
         self._need_tokens()
-        return (self.sum_x / self.n).numpy()
+        return _np(self.sum_x) / self.n
 
     def mean_y(self) -> np.ndarray:
         self._need_tokens()
-        return (self.sum_y / self.n).numpy()
+        return _np(self.sum_y) / self.n
 
     def var_x(self) -> np.ndarray:
         """Per-coordinate population variance of the source, clipped at 0."""
         mx = self.mean_x()
-        return np.maximum(self.sum_x2.numpy() / self.n - mx * mx, 0.0)
+        return np.maximum(_np(self.sum_x2) / self.n - mx * mx, 0.0)
 
     def var_y(self) -> np.ndarray:
         my = self.mean_y()
-        return np.maximum(self.sum_y2.numpy() / self.n - my * my, 0.0)
+        return np.maximum(_np(self.sum_y2) / self.n - my * my, 0.0)
 
     def cov_xy(self) -> np.ndarray:
         """Cross-covariance ``Cov(x, y)`` [dx, dy]."""
-        return self.sum_xy.numpy() / self.n - np.outer(self.mean_x(), self.mean_y())
+        return _np(self.sum_xy) / self.n - np.outer(self.mean_x(), self.mean_y())
 
     def cov_yy(self) -> np.ndarray:
         """The target's covariance [dy, dy] (needs ``sum_yy``)."""
         if self.sum_yy is None:
             raise EstimationError("these statistics do not track the target covariance (track_target_cov=False)")
         my = self.mean_y()
-        return self.sum_yy.numpy() / self.n - np.outer(my, my)
+        return _np(self.sum_yy) / self.n - np.outer(my, my)
 
     def corr(self, rotation: np.ndarray | None = None, eps: float = 1e-12) -> np.ndarray:
         """Pearson correlation [dx, dy] between source coordinate i and target coordinate j.
@@ -203,8 +263,10 @@ class CrossMoments:
         return [getattr(self, f) for f in _FIELDS if getattr(self, f) is not None]
 
     def flatten(self) -> torch.Tensor:
-        """``[n, Σx, Σy, Σx², Σy², Σxyᵀ, (Σyyᵀ)]`` as one float64 vector (for all_reduce)."""
-        return torch.cat([torch.tensor([float(self.n)], dtype=torch.float64)] + [t.reshape(-1) for t in self._tensors()])
+        """``[n, Σx, Σy, Σx², Σy², Σxyᵀ, (Σyyᵀ)]`` as one float64 vector on the sums' device
+        (for all_reduce)."""
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
+        return torch.cat([n] + [t.reshape(-1) for t in self._tensors()])
 
     def unflatten_(self, flat: torch.Tensor) -> None:
         """Inverse of :meth:`flatten` (in place)."""
@@ -212,8 +274,18 @@ class CrossMoments:
         off = 1
         for t in self._tensors():
             k = t.numel()
-            t.copy_(flat[off:off + k].view_as(t))
+            t.copy_(flat[off:off + k].view_as(t))  # copy_ moves across devices
             off += k
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    """The device a collective of ``group``'s backend takes tensors on: the current CUDA device
+    for NCCL (which rejects CPU tensors), the CPU otherwise (gloo, mpi)."""
+    import torch.distributed as dist
+
+    if str(dist.get_backend(group)).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class PairStats:
@@ -248,15 +320,23 @@ class PairStats:
             st.update(k, x, y, track_target_cov=track_target_cov)
         return st
 
-    def update(self, layer: int, X: Any, Y: Any, *, track_target_cov: bool = True) -> None:
-        """Add paired activations of one layer (creating its sums on first use)."""
-        X, Y = _as_f64_2d(X, "X"), _as_f64_2d(Y, "Y")
+    def update(self, layer: int, X: Any, Y: Any, *, track_target_cov: bool = True,
+               product_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Add paired activations of one layer (creating its sums on first use, on ``device``,
+        default the device of ``X``). See :meth:`CrossMoments.update` for ``product_dtype``."""
+        X, Y = _as_2d(X, "X"), _as_2d(Y, "Y")
         m = self.moments.get(int(layer))
         if m is None:
-            m = CrossMoments.zeros(X.shape[1], Y.shape[1], track_target_cov=track_target_cov)
+            m = CrossMoments.zeros(X.shape[1], Y.shape[1], track_target_cov=track_target_cov,
+                                   device=X.device if device is None else device)
             self.moments[int(layer)] = m
             self.moments = dict(sorted(self.moments.items()))
-        m.update(X, Y)
+        m.update(X, Y, product_dtype=product_dtype)
+
+    def to(self, device: torch.device | str) -> PairStats:
+        """All layers' sums moved to ``device`` (in place; returns ``self``)."""
+        self.moments = {k: m.to(device) for k, m in self.moments.items()}
+        return self
 
     # ------------------------------------------------------------------ views
     @property
@@ -336,8 +416,9 @@ class PairStats:
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
+        dev = _collective_device(group)
         for m in self.moments.values():
-            flat = m.flatten()
+            flat = m.flatten().to(dev)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             m.unflatten_(flat)
         logger.debug("all-reduced statistics of %d layers over %d processes", len(self), dist.get_world_size(group))
@@ -351,7 +432,7 @@ class PairStats:
             for f in _FIELDS:
                 t = getattr(m, f)
                 if t is not None:
-                    out[f"layer{k}.{f}"] = t.contiguous()
+                    out[f"layer{k}.{f}"] = t.detach().cpu().contiguous()
         return out
 
     def save(self, path: str | os.PathLike) -> Path:

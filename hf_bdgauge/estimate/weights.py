@@ -22,11 +22,16 @@ the squared signature norms. ``π`` is the Hungarian assignment on ``A``; ``s_i 
 For families without sign symmetry (LayerNorm) the signed block is not marginalised (``A = S``)
 and signs are +1.
 
-Memory stays O(d²): the d×d numerators and norms are accumulated tensor by tensor, never the
-signatures. Each tensor is scaled to unit mean squared row norm first (``tensor_weighting="equal"``,
-so a [vocab, d] embedding does not drown a [d] gain), or used as is (``"raw"``). Tensors are read
-from a loaded model or streamed one at a time from safetensors checkpoints (``safe_open``), so a
-big model needs no forward pass and no full load. The null rotates the target's signatures by a
+Memory stays O(d²): the d×d numerators and norms are accumulated tensor by tensor and, within a
+tensor, block by block along a non-residual axis (``block_elements`` entries at a time: a
+[vocab, d] embedding is read a slab of rows at a time straight from the safetensors file), never
+whole signatures. Each tensor is scaled to unit mean squared row norm (``tensor_weighting="equal"``,
+so a [vocab, d] embedding does not drown a [d] gain) or used as is (``"raw"``); as the scale is
+``sqrt(d)/‖T‖_F`` and ``‖T‖_F² = Σ_i n_i``, it is applied to the tensor's summed products after
+its last block, so no scaled copy is ever made. Tensors come from a loaded model or from
+safetensors checkpoints (``safe_open(...).get_slice``), so a big model needs no forward pass and
+no full load. Products run in ``compute_dtype`` on ``device`` (a GPU when given; sums are float64
+there and come back to the CPU once, at the end). The null rotates the target's signatures by a
 random orthogonal ``Q`` (``M ↦ M·Qᵀ``, ``Γ ↦ Γ·Qᵀ``, ``n'_j ↦ (Q·K·Qᵀ)_jj`` with the target Gram
 matrices ``K``, accumulated alongside).
 
@@ -84,6 +89,10 @@ class _Tensors:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
+        """Entries ``start:stop`` of tensor ``name`` along ``axis`` (everything on other axes)."""
+        raise NotImplementedError
+
 
 class _ModuleTensors(_Tensors):
     def __init__(self, model: torch.nn.Module, revision: str | None, fingerprint: bool = False) -> None:
@@ -107,6 +116,9 @@ class _ModuleTensors(_Tensors):
 
     def get(self, name: str) -> torch.Tensor:
         return self._t[name].detach()
+
+    def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
+        return self._t[name].detach().narrow(axis, start, stop - start)
 
 
 class _CheckpointTensors(_Tensors):
@@ -148,6 +160,11 @@ class _CheckpointTensors(_Tensors):
 
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name)
+
+    def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
+        # a slice of the memory-mapped file: only these entries are read and materialised
+        idx = (slice(None),) * axis + (slice(start, stop),)
+        return self._where[name].get_slice(name)[idx]
 
 
 def _open(obj: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> _Tensors:
@@ -219,16 +236,23 @@ def _signature(t: torch.Tensor, rule: TensorRule, name: str, spec: ArchitectureS
         if float(sd.min()) <= 0:
             return None  # a constant gain (e.g. all ones at init) says nothing about coordinates
         x = x / sd
-    if not torch.isfinite(x).all():
+    if not bool(torch.isfinite(x.sum(dtype=torch.float64))):  # one reduction, no boolean copy
         raise EstimationError(f"tensor {name} has non-finite values")
     return x
 
 
-def _equalize(x: torch.Tensor) -> torch.Tensor | None:
-    fro = float(torch.linalg.vector_norm(x))
-    if fro == 0:
-        return None
-    return x * (x.shape[0] ** 0.5 / fro)
+def _blocks(shape: tuple[int, ...], residual_axis: int, block_elements: int) -> tuple[int, list[tuple[int, int]]]:
+    """``(axis, [(start, stop), ...])``: how to cut a tensor of ``shape`` into blocks of about
+    ``block_elements`` entries along its first non-residual axis (one block for a 1-D gain/bias)."""
+    nd = len(shape)
+    ax = residual_axis % nd
+    others = [k for k in range(nd) if k != ax]
+    if not others:
+        return 0, [(0, shape[0])]
+    cut = others[0]
+    per = max(1, int(np.prod(shape)) // max(shape[cut], 1))  # entries per index of the cut axis
+    step = max(1, block_elements // max(per, 1))
+    return cut, [(a, min(a + step, shape[cut])) for a in range(0, shape[cut], step)]
 
 
 def _plan(src: _Tensors, tgt: _Tensors) -> tuple[list[tuple[str, TensorRule]], int]:
@@ -271,43 +295,73 @@ def weight_similarity(
     include_gains: bool = True,
     track_target_gram: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    block_elements: int = 1 << 24,
     fingerprint: bool = False,
     progress: bool = True,
 ) -> tuple[WeightSimilarity, ModelRef, ModelRef]:
     """Accumulate the signature similarity of two models (modules, checkpoint dirs or Hub ids).
 
-    Products are computed in ``compute_dtype`` per tensor and summed in float64. Returns the
+    Each tensor is read in blocks of about ``block_elements`` entries (default 2²⁴: 64 MB of
+    float32), whose products run in ``compute_dtype`` on ``device`` (default CPU), summed over a
+    tensor's blocks in ``compute_dtype`` (float32 at least) and over tensors in float64. Returns the
     :class:`WeightSimilarity` and both ModelRefs (fingerprinted when ``fingerprint=True``).
     """
     if tensor_weighting not in TENSOR_WEIGHTINGS:
         raise EstimationError(f"unknown tensor_weighting {tensor_weighting!r}; choose one of {TENSOR_WEIGHTINGS}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32  # within one tensor
+    f64 = torch.float64
     with contextlib.ExitStack() as stack:
         src = _open(source, source_revision, stack, fingerprint)
         tgt = _open(target, target_revision, stack, fingerprint)
         plan, d = _plan(src, tgt)
-        z = lambda *s: np.zeros(s, dtype=np.float64)
-        sim = WeightSimilarity(z(d, d), z(d, d), z(d), z(d), z(d), z(d),
-                               z(d, d) if track_target_gram else None, z(d, d) if track_target_gram else None,
-                               allows_signs=src.spec.allows_signs)
+        z = lambda *s: torch.zeros(s, dtype=f64, device=dev)
+        signed_num, gain_num, src_sq, tgt_sq, src_gain_sq, tgt_gain_sq = z(d, d), z(d, d), z(d), z(d), z(d), z(d)
+        tgt_gram, tgt_gain_gram = (z(d, d), z(d, d)) if track_target_gram else (None, None)
+        used: list[str] = []
         for name, rule in tqdm(plan, desc="weight signatures", unit="tensor", disable=not progress):
-            if rule.role is Role.GAIN and not include_gains:
-                continue
-            a = _signature(src.get(name), rule, name, src.spec, compute_dtype)
-            b = _signature(tgt.get(name), rule, name, tgt.spec, compute_dtype)
-            if a is None or b is None:
-                continue
-            if tensor_weighting == "equal" and rule.role is not Role.GAIN:
-                a, b = _equalize(a), _equalize(b)
-                if a is None or b is None:
-                    continue
             gain = rule.role is Role.GAIN
-            (sim.gain_num if gain else sim.signed_num)[...] += (a @ b.T).double().numpy()
-            (sim.src_gain_sq if gain else sim.src_sq)[...] += a.double().pow(2).sum(1).numpy()
-            (sim.tgt_gain_sq if gain else sim.tgt_sq)[...] += b.double().pow(2).sum(1).numpy()
-            if track_target_gram:
-                (sim.tgt_gain_gram if gain else sim.tgt_gram)[...] += (b @ b.T).double().numpy()
-            sim.tensors.append(name)
-            del a, b
+            if gain and not include_gains:
+                continue
+            shape = src.shape(name)
+            axis, cuts = _blocks(shape, rule.residual_axis(len(shape)), block_elements)
+            M = torch.zeros(d, d, dtype=acc_dtype, device=dev)
+            K = torch.zeros(d, d, dtype=acc_dtype, device=dev) if track_target_gram else None
+            na, nb = torch.zeros(d, dtype=f64, device=dev), torch.zeros(d, dtype=f64, device=dev)
+            skip = False
+            for lo, hi in cuts:
+                a = _signature(src.get_block(name, axis, lo, hi).to(dev), rule, name, src.spec, compute_dtype)
+                b = _signature(tgt.get_block(name, axis, lo, hi).to(dev), rule, name, tgt.spec, compute_dtype)
+                if a is None or b is None:
+                    skip = True  # a constant gain: no information about coordinates
+                    break
+                M.addmm_(a, b.T) if a.dtype == acc_dtype else M.add_(a @ b.T)
+                na += (a * a).sum(1, dtype=f64)
+                nb += (b * b).sum(1, dtype=f64)
+                if K is not None:
+                    K.addmm_(b, b.T) if b.dtype == acc_dtype else K.add_(b @ b.T)
+                del a, b
+            if skip:
+                continue
+            fa = fb = 1.0
+            if tensor_weighting == "equal" and not gain:
+                # unit mean squared row norm: scale sqrt(d)/‖T‖_F with ‖T‖_F² = Σ_i n_i
+                ta, tb = float(na.sum()), float(nb.sum())
+                if ta == 0 or tb == 0:
+                    continue
+                fa, fb = (d / ta) ** 0.5, (d / tb) ** 0.5
+            (gain_num if gain else signed_num).add_(M.to(f64), alpha=fa * fb)
+            (src_gain_sq if gain else src_sq).add_(na, alpha=fa * fa)
+            (tgt_gain_sq if gain else tgt_sq).add_(nb, alpha=fb * fb)
+            if K is not None:
+                (tgt_gain_gram if gain else tgt_gram).add_(K.to(f64), alpha=fb * fb)
+            used.append(name)
+            del M, K
+    np_ = lambda t: None if t is None else t.cpu().numpy()
+    sim = WeightSimilarity(np_(signed_num), np_(gain_num), np_(src_sq), np_(tgt_sq), np_(src_gain_sq),
+                           np_(tgt_gain_sq), np_(tgt_gram), np_(tgt_gain_gram), allows_signs=src.spec.allows_signs,
+                           tensors=used)
     return sim, src.ref, tgt.ref
 
 
@@ -320,6 +374,8 @@ def estimate_gauge_from_weights(
     tensor_weighting: str = "equal",
     include_gains: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    block_elements: int = 1 << 24,
     null_draws: int = 1,
     seed: int = 0,
     min_excess: float = 0.05,
@@ -333,12 +389,15 @@ def estimate_gauge_from_weights(
     streamed tensor by tensor). Returns a :class:`~hf_bdgauge.gauge.Gauge` with ``method="weights"``,
     ``confidence`` = matched sign-marginalised cosine, ``margin`` to the runner-up, and the same
     fit metrics and verdict as the activation methods (statistic: mean matched |cos|).
+    ``device`` runs the products there (e.g. ``"cuda"``); ``block_elements`` bounds how much of a
+    tensor is in memory at once (see :func:`weight_similarity`).
     """
     t0 = time.perf_counter()
     sim, src_ref, tgt_ref = weight_similarity(
         source, target, source_revision=source_revision, target_revision=target_revision,
         tensor_weighting=tensor_weighting, include_gains=include_gains, track_target_gram=null_draws > 0,
-        compute_dtype=compute_dtype, fingerprint=fingerprint, progress=progress,
+        compute_dtype=compute_dtype, device=device, block_elements=block_elements, fingerprint=fingerprint,
+        progress=progress,
     )
     t_sim = time.perf_counter() - t0
     A, S, M = sim.scores()
