@@ -209,15 +209,17 @@ def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: l
         for _, Y in xy:
             Y.T @ Y
 
+    st64, st32 = PairStats(), PairStats()  # allocated once, as in a capture (fresh d×d zeros would add page faults)
+
     def full_update() -> None:
-        st = PairStats()
+        st = st64
         for k in layers:
             X = hs[k].reshape(-1, d).to("cpu", torch.float64)[m]
             Y = ht[k].reshape(-1, d).to("cpu", torch.float64)[m]
             st.update(k, X, Y)  # float64 inputs: float64 products
 
     def f32_update() -> None:
-        st = PairStats()
+        st = st32
         for k in layers:
             st.update(k, hs[k].reshape(-1, d)[m], ht[k].reshape(-1, d)[m])
 

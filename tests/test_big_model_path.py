@@ -162,8 +162,8 @@ def _float64_reference(src, tgt, batches, layers) -> dict[int, dict[str, np.ndar
 def test_bf16_models_accumulate_in_float64(pair, product_dtype, rtol):
     """Running sums are float64 whatever the model's dtype. With float64 products they equal the
     float64 sums of the bf16 values cast up to summation order (1e-12); with the default float32
-    centred products (the model's own precision widened) the d×d sums are within float32
-    rounding of the centred values, far below what matching can notice."""
+    (each batch's centred sums and products in float32, the model's own values widened exactly)
+    they are within float32 rounding of the centred values, far below what matching can notice."""
     src = copy.deepcopy(pair["src"]).to(torch.bfloat16)
     tgt = copy.deepcopy(pair["tgt"]).to(torch.bfloat16)
     st = _capture(src, tgt, pair["batches"], product_dtype=product_dtype)
@@ -177,8 +177,6 @@ def test_bf16_models_accumulate_in_float64(pair, product_dtype, rtol):
             want = ref[k][f]
             worst[f] = max(worst[f], float(np.max(np.abs(got.numpy() - want)) / np.max(np.abs(want))))
     assert max(worst.values()) <= rtol, worst
-    # Σx and Σy never go through a product: float64 summation of exactly widened values
-    assert max(worst["sum_x"], worst["sum_y"]) <= 1e-12, worst
     # the planted gauge survives bf16 activations (matched |corr| ~ 1 up to bf16 rounding)
     est = estimate_from_stats(st, null_draws=0)
     assert est.element == pair["g"]

@@ -30,11 +30,13 @@ to the product precision), ``e_x = Σ(x − a)`` and ``e_y = Σ(y − b)``, the 
     Σx·yᵀ = Σ(x − a)(y − b)ᵀ + e_x·bᵀ + a·(Σy)ᵀ       Σy·yᵀ = Σ(y − b)(y − b)ᵀ + e_y·bᵀ + b·(Σy)ᵀ
     Σx²   = Σ(x − a)² + 2·a·e_x + n·a²
 
-Only the centred d×d products use the *product precision*: float32 for float32/bf16/fp16
-activations (a model's own precision; its rounding is relative to the centred spread, so a
-coordinate whose mean dwarfs its spread loses nothing to it), float64 for float64 inputs.
-``Σx``, ``Σy``, the rank-2 corrections and the running totals are always float64, so sums still
-merge exactly. The sums live on the device of the activations (a GPU runs the float32 GEMMs
+Within a batch the shifts, the centred sums ``e_x``, ``Σ(x − a)²`` and the centred d×d products
+run in the *product precision*: float32 for float32/bf16/fp16 activations (a model's own
+precision, bf16/fp16 widened exactly; its rounding is relative to the centred spread, so a
+coordinate whose mean dwarfs its spread loses nothing to it, where a raw float32 ``Xᵀ·Y`` would
+lose the covariance entirely), float64 for float64 inputs or ``product_dtype=torch.float64``.
+The rank-2 corrections and the running totals across batches are float64, so sums still merge
+exactly. The sums live on the device of the activations (a GPU runs the float32 GEMMs
 there; consumer GPUs run float64 at 1/32–1/64 of that rate); moments are read on the CPU.
 """
 
@@ -153,23 +155,25 @@ class CrossMoments:
         dev = self.device
         X, Y = X.to(device=dev, dtype=ct), Y.to(device=dev, dtype=ct)
         f64 = torch.float64
-        sx, sy = X.sum(0, dtype=f64), Y.sum(0, dtype=f64)
-        a_c, b_c = (sx / n).to(ct), (sy / n).to(ct)      # shifts, exactly representable in ct
-        a, b = a_c.to(f64), b_c.to(f64)
-        ex, ey = sx - n * a, sy - n * b                  # Σ(x − a), Σ(y − b) in float64
+        a_c, b_c = X.mean(0), Y.mean(0)                  # shifts a, b (in ct, so x − a is one ct op)
         Xc, Yc = X - a_c, Y - b_c
+        a, b = a_c.to(f64), b_c.to(f64)
+        ex, ey = Xc.sum(0).to(f64), Yc.sum(0).to(f64)    # Σ(x − a), Σ(y − b): rounding relative to the spread
+        sx, sy = n * a + ex, n * b + ey                  # Σx, Σy
         self.n += n
         self.sum_x += sx
         self.sum_y += sy
-        self.sum_x2 += (Xc * Xc).sum(0, dtype=f64) + a * (2 * ex + n * a)
+        self.sum_x2 += (Xc * Xc).sum(0).to(f64) + a * (2 * ex + n * a)
+        # d×d: one product in ct, one mixed-dtype in-place add (no float64 temporary), one rank-2 addmm
         if self.sum_yy is not None:
-            Pyy = (Yc.T @ Yc).to(f64)
-            self.sum_y2 += torch.diagonal(Pyy) + b * (2 * ey + n * b)
-            self.sum_yy += Pyy
+            Pyy = Yc.T @ Yc
+            self.sum_y2 += torch.diagonal(Pyy).to(f64) + b * (2 * ey + n * b)
+            self.sum_yy.add_(Pyy)
             self.sum_yy.addmm_(torch.stack([ey, b], 1), torch.stack([b, sy]))
+            del Pyy
         else:
-            self.sum_y2 += (Yc * Yc).sum(0, dtype=f64) + b * (2 * ey + n * b)
-        self.sum_xy += (Xc.T @ Yc).to(f64)
+            self.sum_y2 += (Yc * Yc).sum(0).to(f64) + b * (2 * ey + n * b)
+        self.sum_xy.add_(Xc.T @ Yc)
         self.sum_xy.addmm_(torch.stack([ex, a], 1), torch.stack([b, sy]))
         return self
 
