@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import GaugeError
 
@@ -100,11 +100,45 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     tgt, tgt_rev = _split_rev(args.target)
     g = estimate_gauge(src, tgt, texts, method=args.method, source_revision=args.source_revision or src_rev,
                        target_revision=args.target_revision or tgt_rev, max_tokens=args.max_tokens,
-                       layers=args.layers, max_length=args.max_length, progress=not args.quiet)
+                       layers=args.layers, max_length=args.max_length, progress=not args.quiet,
+                       **_big_model_kwargs(args))
     if args.output:
         g.save_pretrained(args.output)
     _print_gauge(g, args.output)
     return 0
+
+
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Estimation options for big models, from the shared flags (see :func:`_add_big_model_flags`)."""
+    import torch
+
+    null_draws = args.null_draws
+    if args.method == "weights":
+        kw: dict[str, Any] = {"device": args.device}
+        if args.dtype:
+            kw["compute_dtype"] = getattr(torch, args.dtype)
+    else:
+        kw = {"batch_size": args.batch_size, "device_map": args.device_map}
+        if args.dtype:
+            kw["dtype"] = getattr(torch, args.dtype)
+        if args.device:
+            raise GaugeError("--device applies to --method weights; place models with --device-map")
+    kw["null_draws"] = null_draws
+    return kw
+
+
+def _add_big_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=_DTYPES, help="activation methods: load the models in this dtype (sums stay "
+                   "float64); weights: the products' dtype (default float32)")
+    p.add_argument("--device-map", default=None, help='activation methods: accelerate device map, e.g. "auto" '
+                   "(offloads what does not fit)")
+    p.add_argument("--device", default=None, help='weights: run the products on this device, e.g. "cuda"')
+    p.add_argument("--batch-size", type=int, default=8, help="activation methods: sequences per forward pass")
+    p.add_argument("--null-draws", type=int, default=1, help="rotated-null draws (0 skips the null and, for "
+                   "activations, the target covariance)")
 
 
 def _cmd_compose(args: argparse.Namespace) -> int:
@@ -118,7 +152,8 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     if len(ckpts) < 2:
         raise GaugeError("compose needs at least two checkpoints")
     ckpts = [c if r is None else (c, r) for c, r in ckpts]
-    g = compose_trajectory(ckpts, texts, method=args.method, max_tokens=args.max_tokens, progress=not args.quiet)
+    g = compose_trajectory(ckpts, texts, method=args.method, max_tokens=args.max_tokens, progress=not args.quiet,
+                           **_big_model_kwargs(args))
     if args.output:
         g.save_pretrained(args.output)
     _print_gauge(g, args.output)
@@ -271,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     e.add_argument("--max-length", type=int, default=256, help="tokens per text")
     e.add_argument("--layers", type=int, nargs="*", default=None, help="hidden-state indices to pool (default: all)")
+    _add_big_model_flags(e)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_estimate)
 
@@ -280,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="sign_marginalized", choices=["sign_marginalized", "signed", "permutation", "weights"])
     c.add_argument("--texts", type=Path)
     c.add_argument("--max-tokens", type=int, default=None)
+    _add_big_model_flags(c)
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=_cmd_compose)
 

@@ -40,6 +40,29 @@ def test_errors_exit_1_with_message(tmp_path, capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.real
+def test_estimate_big_model_flags_on_stories260k(tmp_path, capsys):
+    """The flags a big checkpoint needs: bf16 loading with an accelerate device map, a layer
+    subset, no null (so no target covariance) for activations; float64 products for weights."""
+    from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
+    from hf_bdgauge.gauge import Gauge
+
+    src = stories260k_hf_dir()
+    g = SignedPermutation.random(64, seed=4)
+    assert main(["apply", str(src), str(tmp_path / "dst"), "--random-seed", "4"]) == 0
+    (tmp_path / "t.txt").write_text(STORIES260K_GREEDY_TEXT + "\n" + STORIES260K_GREEDY_TEXT[::-1] + "\n")
+    assert main(["estimate", str(src), str(tmp_path / "dst"), "--texts", str(tmp_path / "t.txt"), "--dtype", "bfloat16",
+                 "--device-map", "cpu", "--batch-size", "1", "--layers", "2", "5", "--null-draws", "0", "-q",
+                 "-o", str(tmp_path / "act")]) == 0
+    act = Gauge.from_pretrained(tmp_path / "act")
+    assert act.element == g and act.metrics["layers"] == [2, 5] and "null_mean_matched_abs_corr" not in act.metrics
+    assert main(["estimate", str(src), str(tmp_path / "dst"), "--method", "weights", "--dtype", "float64",
+                 "--device", "cpu", "-q", "-o", str(tmp_path / "w")]) == 0
+    assert Gauge.from_pretrained(tmp_path / "w").element == g
+    assert main(["estimate", str(src), str(tmp_path / "dst"), "--texts", str(tmp_path / "t.txt"), "--device", "cuda"]) == 1
+    assert "--device-map" in capsys.readouterr().err
+
+
 def test_demo_runs_on_bundled_model(tmp_path, capsys):
     assert main(["demo", "--out-dir", str(tmp_path), "--fast"]) == 0
     out = capsys.readouterr().out

@@ -167,6 +167,7 @@ def compose_trajectory(
     *,
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
+    device_map: Any = None,
     progress: bool = True,
     **estimate_kwargs: Any,
 ) -> Gauge:
@@ -178,7 +179,8 @@ def compose_trajectory(
     load two checkpoints at a time; ``method="weights"`` streams tensors from disk and loads
     nothing. ``data``/``tokenizer``/``estimate_kwargs`` go to
     :func:`~hf_bdgauge.estimate.matching.estimate_gauge` for every hop (texts default to the
-    first checkpoint's tokenizer). The result's ``hops`` list each local estimate.
+    first checkpoint's tokenizer). ``dtype``/``device_map`` are used to load each checkpoint
+    (e.g. ``torch.bfloat16``, ``"auto"`` with offload). The result's ``hops`` list each local estimate.
     """
     if method not in METHODS:
         raise EstimationError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -198,7 +200,8 @@ def compose_trajectory(
             return obj, None
         from .capture import load_causal_lm
 
-        model, ref, _ = load_causal_lm(obj, rev, dtype=dtype, fingerprint=estimate_kwargs.get("fingerprint", False))
+        model, ref, _ = load_causal_lm(obj, rev, dtype=dtype, device_map=device_map,
+                                       fingerprint=estimate_kwargs.get("fingerprint", False))
         return model, ref
 
     links: list[Gauge] = []

@@ -236,9 +236,15 @@ def _signature(t: torch.Tensor, rule: TensorRule, name: str, spec: ArchitectureS
         if float(sd.min()) <= 0:
             return None  # a constant gain (e.g. all ones at init) says nothing about coordinates
         x = x / sd
-    if not bool(torch.isfinite(x.sum(dtype=torch.float64))):  # one reduction, no boolean copy
-        raise EstimationError(f"tensor {name} has non-finite values")
-    return x
+    return x  # finiteness is checked on the row norms (inf/nan propagate into them)
+
+
+def _add_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """``acc + a·bᵀ`` in ``acc_dtype`` (in place; the first block's product becomes ``acc``)."""
+    p = a @ b.T
+    if acc is None:
+        return p if p.dtype == acc_dtype else p.to(acc_dtype)
+    return acc.add_(p)
 
 
 def _blocks(shape: tuple[int, ...], residual_axis: int, block_elements: int) -> tuple[int, list[tuple[int, int]]]:
@@ -326,8 +332,7 @@ def weight_similarity(
                 continue
             shape = src.shape(name)
             axis, cuts = _blocks(shape, rule.residual_axis(len(shape)), block_elements)
-            M = torch.zeros(d, d, dtype=acc_dtype, device=dev)
-            K = torch.zeros(d, d, dtype=acc_dtype, device=dev) if track_target_gram else None
+            M = K = None
             na, nb = torch.zeros(d, dtype=f64, device=dev), torch.zeros(d, dtype=f64, device=dev)
             skip = False
             for lo, hi in cuts:
@@ -336,11 +341,14 @@ def weight_similarity(
                 if a is None or b is None:
                     skip = True  # a constant gain: no information about coordinates
                     break
-                M.addmm_(a, b.T) if a.dtype == acc_dtype else M.add_(a @ b.T)
-                na += (a * a).sum(1, dtype=f64)
-                nb += (b * b).sum(1, dtype=f64)
-                if K is not None:
-                    K.addmm_(b, b.T) if b.dtype == acc_dtype else K.add_(b @ b.T)
+                ra, rb = (a * a).sum(1, dtype=acc_dtype), (b * b).sum(1, dtype=acc_dtype)
+                if not bool(torch.isfinite(ra.sum() + rb.sum())):  # inf/nan anywhere in the block shows here
+                    raise EstimationError(f"tensor {name} has non-finite values")
+                na += ra
+                nb += rb
+                M = _add_product(M, a, b, acc_dtype)
+                if track_target_gram:
+                    K = _add_product(K, b, b, acc_dtype)
                 del a, b
             if skip:
                 continue
@@ -351,11 +359,11 @@ def weight_similarity(
                 if ta == 0 or tb == 0:
                     continue
                 fa, fb = (d / ta) ** 0.5, (d / tb) ** 0.5
-            (gain_num if gain else signed_num).add_(M.to(f64), alpha=fa * fb)
+            (gain_num if gain else signed_num).add_(M, alpha=fa * fb)
             (src_gain_sq if gain else src_sq).add_(na, alpha=fa * fa)
             (tgt_gain_sq if gain else tgt_sq).add_(nb, alpha=fb * fb)
             if K is not None:
-                (tgt_gain_gram if gain else tgt_gram).add_(K.to(f64), alpha=fb * fb)
+                (tgt_gain_gram if gain else tgt_gram).add_(K, alpha=fb * fb)
             used.append(name)
             del M, K
     np_ = lambda t: None if t is None else t.cpu().numpy()
