@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +37,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from experiments.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    load_example,
-    load_model,
-    load_tokenizer,
-    setup,
+    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_example, load_model,
+    load_tokenizer, run_example, setup, work_dir,
 )
 
 from hf_bdgauge import FingerprintMismatchError, Gauge, GaugedModel, ModelRef  # noqa: E402
@@ -55,12 +48,10 @@ from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserv
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup()
-    t0 = time.perf_counter()
     checks = Checks()
     report = load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
     res: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="bdgauge-gauged-") as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
+    with work_dir(args.out, "bdgauge-gauged-") as out:
         repo = build_revision_repo(out / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed)
         ref_path, model_path = repo.path(RevisionRepo.BASE), repo.path(RevisionRepo.RECHARTED)
 
@@ -130,25 +121,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{res['canonical_bitwise']}")
         checks("canonicalize() turns v1.1 into v1.0 bit for bit", res["canonical_bitwise"] and gm.is_canonical)
         res["gauge_summary"] = Gauge.from_pretrained(gauge_dir).summary()
-    res["seconds"] = time.perf_counter() - t0
+    res["seconds"] = checks.finish()
     res["failures"] = checks.failures
-    print(f"\n{checks.report()}\n{res['seconds']:.1f} s")
     return res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="fewer estimation samples (for the tests)")
-    p.add_argument("--out", type=Path, default=None, help="keep the files here (default: a temp dir)")
+    p = example_parser(__doc__, fast_help="fewer estimation samples (for the tests)", out_help="keep the files here")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.eval_samples = 4 if args.fast else 8
-    return args
+    return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse_args(argv))
-
+main = example_main(run, parse_args)
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failures"] else 0)
+    run_example(main)

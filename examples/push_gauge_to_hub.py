@@ -31,7 +31,6 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -42,7 +41,10 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import Checks, RevisionRepo, build_revision_repo, load_model, setup  # noqa: E402
+from experiments.common import (  # noqa: E402
+    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, run_example,
+    setup,
+)
 
 from hf_bdgauge import Gauge, GaugedModel, ModelRef  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
@@ -83,7 +85,6 @@ def hub_endpoint(url: str) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup()
-    t0 = time.perf_counter()
     checks = Checks()
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bdgauge-push-") as tmp:
@@ -148,29 +149,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print("\n(no --endpoint: nothing pushed; pass --endpoint URL --repo-id ID --token T to publish)")
         card = (out / "README.md").read_text(encoding="utf-8")
         res["card_head"] = "\n".join(card.splitlines()[:12])
-    res["seconds"] = time.perf_counter() - t0
+    res["seconds"] = checks.finish()
     res["failures"] = checks.failures
-    print(f"\n{checks.report()}\n{res['seconds']:.1f} s")
     return res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="fewer estimation samples (for the tests)")
-    p.add_argument("--out", type=Path, default=None, help="save the gauge directory here (default: a temp dir)")
+    p = example_parser(__doc__, fast_help="fewer estimation samples (for the tests)",
+                       out_help="save the gauge directory here")
     p.add_argument("--endpoint", default=None, help="Hub endpoint to push to (e.g. https://huggingface.co)")
     p.add_argument("--repo-id", default=None, help="the gauge repo to create or update, e.g. me/my-gauge")
     p.add_argument("--token", default=None, help="a write token for that endpoint (default: huggingface_hub's)")
     p.add_argument("--model-id", default="local/stories260K", help="model id recorded for both ends of the gauge")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.eval_samples = 4 if args.fast else 8
-    return args
+    return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse_args(argv))
-
+main = example_main(run, parse_args)
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failures"] else 0)
+    run_example(main)

@@ -260,6 +260,7 @@ def _ids(tok, texts, n: int | None = None) -> list[torch.Tensor]:
 def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks, tmp: Path) -> dict[str, Any]:
     import peft
 
+    from hf_bdgauge.fixtures.lora import train_lora_fixture
     from hf_bdgauge.transport.peft import transport_adapter
     from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
     from hf_bdgauge.transport.steering import (
@@ -326,27 +327,10 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
     checks("Gemma steering: S_d loses it", st["pct_sd"] < 50, f"{st['pct_sd']:.1f} %")
 
     # PEFT LoRA: a few steps on two texts, transported, loaded with PeftModel.from_pretrained
-    torch.manual_seed(0)
     train_ids = _ids(tok, [TEXTS[1] + " " + TEXTS[3]], 16)[0]
     eval_ids = torch.cat(_ids(tok, TEXTS, 8))
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-    source = peft.get_peft_model(copy.deepcopy(model), cfg)
-    opt = torch.optim.AdamW([p for p in source.parameters() if p.requires_grad], lr=2e-3)
-    source.train()
-    losses = []
-    for _ in range(args.lora_steps):
-        loss = source(input_ids=train_ids, labels=train_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    source.eval()
-    with torch.no_grad():
-        want = source(input_ids=eval_ids).logits
-        with source.disable_adapter():
-            plain = source(input_ids=eval_ids).logits
-    source.save_pretrained(tmp / "lora")
-    del source, opt
+    lora = train_lora_fixture(model, train_ids, eval_ids, tmp / "lora", steps=args.lora_steps, lr=2e-3, seed=0)
+    losses, want, plain = lora.losses, lora.logits, lora.base_logits
     transport_adapter(tmp / "lora", gauge, tmp / "lora-bd")
     transport_adapter(tmp / "lora", sd, tmp / "lora-sd", base_config=model.config)
     target = peft.PeftModel.from_pretrained(copy.deepcopy(recharted), tmp / "lora-bd", adapter_name="bd")

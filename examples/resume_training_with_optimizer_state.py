@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,10 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import Checks, base_dir, load_model, sample_ids, setup, train_lm  # noqa: E402
+from experiments.common import (  # noqa: E402
+    Checks, base_dir, example_main, example_parser, fast_or_full, load_model, run_example, sample_ids, setup, train_lm,
+    work_dir,
+)
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
@@ -113,10 +114,8 @@ def resume_experiment(work: Path, *, steps: int, resume_steps: int, lr: float, w
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup()
-    t0 = time.perf_counter()
     checks = Checks()
-    with tempfile.TemporaryDirectory(prefix="bdgauge-resume-") as tmp:
-        work = Path(args.out) if args.out else Path(tmp)
+    with work_dir(args.out, "bdgauge-resume-") as work:
         work.mkdir(parents=True, exist_ok=True)
         res = resume_experiment(work, steps=args.steps, resume_steps=args.resume_steps, lr=args.lr, seed=args.seed,
                                 gauge_seed=args.gauge_seed, n_train=args.train_samples)
@@ -147,16 +146,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in VARIANTS[1:]:
         checks(f"B_d diverges less than '{name}'", bd < res["max_dloss"][name],
                f"{bd:.2e} vs {res['max_dloss'][name]:.2e}")
-    seconds = time.perf_counter() - t0
-    print(f"\n{checks.report()}\n{seconds:.1f} s")
+    seconds = checks.finish()
     res.update(failures=checks.failures, seconds=seconds)
     return res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="fewer steps (for the tests)")
-    p.add_argument("--out", type=Path, default=None, help="keep the checkpoints here (default: a temp dir)")
+    p = example_parser(__doc__, fast_help="fewer steps (for the tests)", out_help="keep the checkpoints here")
     p.add_argument("--steps", type=int, default=None, help="steps before the checkpoint (default 40; 10 with --fast)")
     p.add_argument("--resume-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -164,15 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gauge-seed", type=int, default=303)
     args = p.parse_args(argv)
     args.steps = args.steps or (10 if args.fast else 40)
-    args.train_samples = 32 if args.fast else 64
     if args.fast:
         args.resume_steps = min(args.resume_steps, 10)
-    return args
+    return fast_or_full(args, train_samples=(32, 64))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse_args(argv))
-
+main = example_main(run, parse_args)
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failures"] else 0)
+    run_example(main)

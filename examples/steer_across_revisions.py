@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +34,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from experiments.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    load_example,
-    load_model,
-    load_tokenizer,
-    setup,
+    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_example, load_model,
+    load_tokenizer, run_example, setup, work_dir,
 )
 
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
@@ -64,13 +57,11 @@ def steered_text(model: torch.nn.Module, tok: Any, prompt: str, vector: Steering
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup()
-    t0 = time.perf_counter()
     checks = Checks()
     report = load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
     rows: list[dict[str, Any]] = []
     texts: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="bdgauge-steer-") as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
+    with work_dir(args.out, "bdgauge-steer-") as out:
         repo = build_revision_repo(out / "repo", finetune_steps=args.finetune_steps, n_train=args.finetune_samples,
                                    n_eval=args.eval_samples, seed=args.seed)
         src = repo.path(RevisionRepo.BASE)
@@ -120,28 +111,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\ngreedy continuations of {report.PROMPTS[0]!r}:")
         for k, v in texts.items():
             print(f"  {k:<52} {v!r}")
-    seconds = time.perf_counter() - t0
-    print(f"\n{checks.report()}\n{seconds:.1f} s")
+    seconds = checks.finish()
     return {"rows": rows, "texts": texts, "failures": checks.failures, "repo_settings": repo.settings,
             "seconds": seconds}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="a shorter fine-tune and fewer samples (for the tests)")
-    p.add_argument("--out", type=Path, default=None, help="keep the revisions and vectors here (default: a temp dir)")
+    p = example_parser(__doc__, fast_help="a shorter fine-tune and fewer samples (for the tests)",
+                       out_help="keep the revisions and vectors here")
     p.add_argument("--layer", type=int, default=2, help="decoder block whose output is steered (0-4)")
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.finetune_steps, args.finetune_samples = (10, 32) if args.fast else (40, 128)
-    args.eval_samples = 4 if args.fast else 8
-    return args
+    return fast_or_full(p.parse_args(argv), finetune_steps=(10, 40), finetune_samples=(32, 128), eval_samples=(4, 8))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse_args(argv))
-
+main = example_main(run, parse_args)
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failures"] else 0)
+    run_example(main)

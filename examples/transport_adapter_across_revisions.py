@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +39,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from experiments.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    load_model,
-    load_tokenizer,
-    lora_losses,
-    setup,
-    task_data,
-    train_lora,
+    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, load_tokenizer,
+    lora_losses, run_example, setup, task_data, train_lora, work_dir,
 )
 
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
@@ -66,10 +57,8 @@ def adapter_logits(base_path: str, adapter: str | Path, ids: torch.Tensor) -> to
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup()
-    t0 = time.perf_counter()
     checks = Checks()
-    with tempfile.TemporaryDirectory(prefix="bdgauge-adapter-") as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
+    with work_dir(args.out, "bdgauge-adapter-") as out:
         repo = build_revision_repo(out / "repo", finetune_steps=args.finetune_steps, n_train=args.finetune_samples,
                                    n_eval=args.eval_samples, seed=args.seed)
         src = repo.path(RevisionRepo.BASE)
@@ -129,30 +118,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"| {r['revision']:<15} | {r['transport']:<28} | {r['loss']:7.4f} | {r['retained %']:10.2f} | "
                   f"{r['max |Δ logit|']:30.2e} |")
         print("(on v2.0-finetuned the base itself changed, so logits differ from v1.0 + adapter whatever the transport)")
-    seconds = time.perf_counter() - t0
-    print(f"\n{checks.report()}\n{seconds:.1f} s")
+    seconds = checks.finish()
     return {"rows": rows, "gain_source": gain_src, "loss_source": loss_src, "loss_source_adapter": loss_src_ad,
             "repo_settings": repo.settings, "failures": checks.failures, "seconds": seconds}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="fewer steps and samples (for the tests)")
-    p.add_argument("--out", type=Path, default=None, help="keep the revisions and adapters here (default: a temp dir)")
+    p = example_parser(__doc__, fast_help="fewer steps and samples (for the tests)",
+                       out_help="keep the revisions and adapters here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-steps", type=int, default=None, help="LoRA training steps (default 60; 30 with --fast)")
     p.add_argument("--lora-lr", type=float, default=3e-3)
     args = p.parse_args(argv)
     args.lora_steps = args.lora_steps or (30 if args.fast else 60)
-    args.finetune_steps, args.finetune_samples = (10, 32) if args.fast else (40, 128)
-    args.train_samples, args.heldout_samples = (64, 8) if args.fast else (128, 16)
-    args.eval_samples = 4 if args.fast else 8
-    return args
+    return fast_or_full(args, finetune_steps=(10, 40), finetune_samples=(32, 128), train_samples=(64, 128),
+                        heldout_samples=(8, 16), eval_samples=(4, 8))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse_args(argv))
-
+main = example_main(run, parse_args)
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failures"] else 0)
+    run_example(main)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,10 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import Checks, RevisionRepo, build_revision_repo, load_model, sample_ids, setup  # noqa: E402
+from experiments.common import (  # noqa: E402
+    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, run_example,
+    sample_ids, setup, work_dir,
+)
 
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae  # noqa: E402
@@ -49,11 +50,9 @@ def residuals(path: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     setup()
-    t0 = time.perf_counter()
     checks = Checks()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bdgauge-sae-") as tmp:
-        out = Path(args.out) if args.out else Path(tmp)
+    with work_dir(args.out, "bdgauge-sae-") as out:
         repo = build_revision_repo(out / "repo", finetune_steps=args.finetune_steps, n_train=args.finetune_samples,
                                    n_eval=args.eval_samples, seed=args.seed)
         src = repo.path(RevisionRepo.BASE)
@@ -101,28 +100,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"| {r['revision']:<15} | {r['sae']:<8} | {r['source NMSE (v1.0)']:13.6f} | {r['B_d NMSE']:8.6f} | "
                   f"{r['S_d NMSE']:8.4f} | {r['untransported NMSE']:13.4f} | {r['max |Δ feature act| B_d']:13.1e} |")
         print("(max |Δ f|: feature activations of the B_d SAE on the revision vs the original SAE on v1.0, same tokens)")
-    seconds = time.perf_counter() - t0
-    print(f"\n{checks.report()}\n{seconds:.1f} s")
+    seconds = checks.finish()
     return {"rows": rows, "failures": checks.failures, "repo_settings": repo.settings, "seconds": seconds}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="fewer steps and samples (for the tests)")
-    p.add_argument("--out", type=Path, default=None, help="keep the revisions and SAEs here (default: a temp dir)")
+    p = example_parser(__doc__, fast_help="fewer steps and samples (for the tests)",
+                       out_help="keep the revisions and SAEs here")
     p.add_argument("--layer", type=int, default=2, help="decoder block whose output the SAE reads (0-4)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.sae_steps = 100 if args.fast else 300
-    args.sae_samples = 16 if args.fast else 48
-    args.finetune_steps, args.finetune_samples = (10, 32) if args.fast else (40, 128)
-    args.eval_samples = 4 if args.fast else 8
-    return args
+    return fast_or_full(p.parse_args(argv), sae_steps=(100, 300), sae_samples=(16, 48), finetune_steps=(10, 40),
+                        finetune_samples=(32, 128), eval_samples=(4, 8))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse_args(argv))
-
+main = example_main(run, parse_args)
 
 if __name__ == "__main__":
-    sys.exit(1 if main()["failures"] else 0)
+    run_example(main)

@@ -12,7 +12,10 @@ d = 64, 5 layers) that ships inside the package:
   by a random signed permutation: same function, other coordinates) and ``v2.0-finetuned`` (a
   short CPU fine-tune of v1.0, saved re-charted by another random signed permutation);
 * :func:`train_lora`, :func:`lora_losses`: a small PEFT LoRA and its held-out losses;
-* :func:`signs_with_fraction`: a signed permutation with a given fraction of ``+`` signs.
+* :func:`signs_with_fraction`: a signed permutation with a given fraction of ``+`` signs;
+* :func:`example_parser`, :func:`fast_or_full`, :func:`example_main`, :func:`run_example`,
+  :func:`work_dir`: the command line every example shares (``--fast``, ``--out``), its
+  ``main(argv)``, exit status and output directory.
 
 The examples import this module as ``experiments.common`` (they put the repository root on
 ``sys.path``).
@@ -20,6 +23,8 @@ The examples import this module as ``experiments.common`` (they put the reposito
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -27,10 +32,12 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +64,11 @@ __all__ = [
     "signs_with_fraction",
     "versions",
     "Checks",
+    "example_parser",
+    "fast_or_full",
+    "example_main",
+    "run_example",
+    "work_dir",
 ]
 
 
@@ -343,10 +355,12 @@ def signs_with_fraction(d: int, positive_fraction: float, seed: int) -> Any:
 
 # ------------------------------------------------------------------------------------------ checks
 class Checks:
-    """Named pass/fail checks of an example; ``failures`` lists the failed ones."""
+    """Named pass/fail checks of an example; ``failures`` lists the failed ones, :meth:`finish`
+    prints them with the seconds since the checks were made."""
 
     def __init__(self) -> None:
         self.results: list[tuple[str, bool, str]] = []
+        self.t0 = time.perf_counter()
 
     def __call__(self, name: str, ok: bool, detail: str = "") -> bool:
         self.results.append((name, bool(ok), detail))
@@ -360,3 +374,55 @@ class Checks:
         lines = [f"  [{'ok' if ok else 'FAILED'}] {n}" + (f" ({d})" if d else "") for n, ok, d in self.results]
         verdict = "all checks passed" if not self.failures else f"{len(self.failures)} check(s) FAILED"
         return "\n".join(["checks:", *lines, verdict])
+
+    def finish(self) -> float:
+        """Print :meth:`report` and the seconds since the checks were made; returns those seconds."""
+        seconds = time.perf_counter() - self.t0
+        print(f"\n{self.report()}\n{seconds:.1f} s")
+        return seconds
+
+
+# ------------------------------------------------------------------------------------------ command line
+def example_parser(doc: str | None, *, fast_help: str, out_help: str) -> argparse.ArgumentParser:
+    """The command line every example starts from: its module docstring ``doc`` as the description
+    (printed as written), ``--fast`` (``fast_help``: what it makes smaller) and ``--out DIR``
+    (``out_help``: what is kept there; default ``None``, a temporary directory). The example adds
+    its own flags, ``--seed`` among them, after these."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast", action="store_true", help=fast_help)
+    p.add_argument("--out", type=Path, default=None, help=f"{out_help} (default: a temp dir)")
+    return p
+
+
+def fast_or_full(args: argparse.Namespace, **settings: tuple[Any, Any]) -> argparse.Namespace:
+    """Set ``args.<name>`` for each ``name=(fast, full)``: ``fast`` under ``--fast``, else ``full``.
+    Returns ``args``."""
+    for name, (fast, full) in settings.items():
+        setattr(args, name, fast if args.fast else full)
+    return args
+
+
+def example_main(
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    parse_args: Callable[[list[str] | None], argparse.Namespace],
+) -> Callable[[list[str] | None], dict[str, Any]]:
+    """An example's ``main(argv=None)``: ``run(parse_args(argv))``, which returns what the example
+    measured (its failed checks under ``"failures"``); ``argv=None`` reads ``sys.argv``."""
+
+    def main(argv: list[str] | None = None) -> dict[str, Any]:
+        return run(parse_args(argv))
+
+    return main
+
+
+def run_example(main: Callable[[], dict[str, Any]]) -> NoReturn:
+    """Run an example as a command: ``main()`` on ``sys.argv``, then exit 1 when a check failed, else 0."""
+    sys.exit(1 if main()["failures"] else 0)
+
+
+@contextlib.contextmanager
+def work_dir(out: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
+    """Where an example writes its files: ``out`` (its ``--out``, kept afterwards) when given, else
+    a temporary directory named ``prefix…``, removed on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(out) if out else Path(tmp)

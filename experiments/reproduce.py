@@ -51,19 +51,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from experiments.common import (  # noqa: E402
-    RevisionRepo,
-    build_revision_repo,
-    lm_loss,
-    load_example,
-    load_model,
-    load_tokenizer,
-    sample_ids,
-    setup,
-    signs_with_fraction,
-    task_data,
-    train_lm,
-    train_lora,
-    versions,
+    RevisionRepo, build_revision_repo, lm_loss, load_example, load_model, load_tokenizer, sample_ids, setup,
+    signs_with_fraction, task_data, train_lm, train_lora, versions,
 )
 
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
@@ -154,6 +143,15 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Lay ``fig`` out, write it to ``path`` (120 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _acc(g: Any, truth: SignedPermutation) -> float:
@@ -283,9 +281,7 @@ def plot_a(res: dict[str, Any], path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.05)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ============================================================================================ (b)
@@ -444,9 +440,7 @@ def plot_b(res: dict[str, Any], path: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="lower left")
     axes[1][0].legend(fontsize=7, loc="upper right")
     fig.suptitle("stories260K fine-tunes, every checkpoint re-charted by its own gauge", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ============================================================================================ (c)
@@ -536,9 +530,7 @@ def plot_c(res: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("NMSE (lower is better)")
     ax.set_title("SAE NMSE on the revision's activations (stories260K)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ============================================================================================ (d)
@@ -621,9 +613,7 @@ def plot_d(res: dict[str, Any], path: Path) -> None:
         ax.set_title(rev, fontsize=9)
     axes[0][0].set_ylabel("steering effect preserved (%)")
     fig.suptitle("stories260K steering vectors made on v1.0, used on another revision", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ============================================================================================ (e)
@@ -714,9 +704,7 @@ def plot_e(res: dict[str, Any], path: Path) -> None:
         ax.set_yscale("symlog", linthresh=100)
     ax.set_title("LoRA trained on v1.0, used on another revision (stories260K)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ============================================================================================ (f)
@@ -783,9 +771,7 @@ def plot_f(res: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("|loss − uninterrupted loss| (floored at 1e-9)")
     fig.suptitle(f"stories260K: AdamW resumed on a re-charted checkpoint (gauge seed {r['settings']['gauge_seed']})",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ============================================================================================ driver
@@ -805,14 +791,11 @@ def headline(results: dict[str, Any]) -> list[str]:
         for k, d in results["c"]["summary"].items():
             out.append(f"(c) SAE NMSE {k}: original {d['source']['mean']:.4f}, B_d {d['B_d']['mean']:.4f}, "
                        f"S_d {d['S_d']['mean']:.4f}, untransported {d['none']['mean']:.4f}")
-    if "d" in results:
-        for k, d in results["d"]["summary"].items():
-            out.append(f"(d) steering preserved {k}: B_d {_fmt_ms(d['B_d'], 2)} %, S_d {_fmt_ms(d['S_d'], 2)} %, "
-                       f"untransported {_fmt_ms(d['none'], 2)} %")
-    if "e" in results:
-        for k, d in results["e"]["summary"].items():
-            out.append(f"(e) LoRA gain retained {k}: B_d {_fmt_ms(d['B_d'], 2)} %, S_d {_fmt_ms(d['S_d'], 2)} %, "
-                       f"untransported {_fmt_ms(d['none'], 2)} %")
+    for section, what in (("d", "steering preserved"), ("e", "LoRA gain retained")):
+        if section in results:
+            for k, d in results[section]["summary"].items():
+                out.append(f"({section}) {what} {k}: B_d {_fmt_ms(d['B_d'], 2)} %, S_d {_fmt_ms(d['S_d'], 2)} %, "
+                           f"untransported {_fmt_ms(d['none'], 2)} %")
     if "f" in results:
         for k, d in results["f"]["summary"].items():
             out.append(f"(f) resume max|Δloss| {k}: {d['max_dloss']['mean']:.2e}")

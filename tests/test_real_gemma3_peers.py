@@ -276,30 +276,14 @@ def test_a_control_vector_that_does_not_fit_gemma_is_refused(gemma, gauge, tmp_p
 def test_lora_trained_on_gemma_loads_on_the_recharted_model_with_identical_logits(gemma, recharted, gauge, element,
                                                                                   tmp_path, record_property):
     peft = pytest.importorskip("peft")
+    from hf_bdgauge.fixtures.lora import train_lora_fixture
     from hf_bdgauge.transport.peft import transport_adapter
 
     model, tok = gemma
     train_ids = _ids(tok, [TEXTS[1] + " " + TEXTS[3]], LORA_SEQ)[0]
     eval_ids = torch.cat(_ids(tok, TEXTS, PROMPT))
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                           target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])  # readers and writers
-    source = peft.get_peft_model(copy.deepcopy(model), lora)
-    opt = torch.optim.AdamW([p for p in source.parameters() if p.requires_grad], lr=LORA_LR)
-    source.train()
-    losses = []
-    for _ in range(LORA_STEPS):
-        loss = source(input_ids=train_ids, labels=train_ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    source.eval()
-    with torch.no_grad():
-        want = source(input_ids=eval_ids).logits
-        with source.disable_adapter():
-            plain = source(input_ids=eval_ids).logits
-    source.save_pretrained(tmp_path / "source")
-    del source, opt
+    lora = train_lora_fixture(model, train_ids, eval_ids, tmp_path / "source", steps=LORA_STEPS, lr=LORA_LR)
+    losses, want, plain = lora.losses, lora.logits, lora.base_logits
 
     transport_adapter(tmp_path / "source", gauge, tmp_path / "bd")
     transport_adapter(tmp_path / "source", element.unsigned(), tmp_path / "sd", base_config=model.config)

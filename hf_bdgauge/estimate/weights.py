@@ -208,10 +208,17 @@ class WeightSimilarity:
             M, Gm = M @ Q.T, Gm @ Q.T
             tsq = np.maximum(np.einsum("jk,jk->j", Q @ self.tgt_gram, Q), 0.0)
             tgsq = np.maximum(np.einsum("jk,jk->j", Q @ self.tgt_gain_gram, Q), 0.0)
-        denom = np.sqrt(np.outer(self.src_sq + self.src_gain_sq, tsq + tgsq))
-        denom = np.where(denom > 0, denom, np.inf)
-        S = (M + Gm) / denom
-        A = (np.abs(M) + Gm) / denom if self.allows_signs else S
+        # in place where possible: at d = 4096 every d×d float64 temporary is 134 MB
+        denom = np.outer(self.src_sq + self.src_gain_sq, tsq + tgsq)
+        np.sqrt(denom, out=denom)
+        denom[denom <= 0] = np.inf
+        S = np.add(M, Gm)
+        S /= denom
+        if not self.allows_signs:
+            return S, S, M
+        A = np.abs(M)
+        A += Gm
+        A /= denom
         return A, S, M
 
     def fit(self, g: Any) -> float:
