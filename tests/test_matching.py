@@ -110,6 +110,19 @@ def test_null_is_the_same_matching_on_a_rotated_target():
     assert np.isclose(est.metrics["null_mean_matched_abs_corr"], rotated.metrics["mean_matched_abs_corr"], atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_two_tokens_are_uninformative_in_any_precision(dtype):
+    """With 2 tokens every centred correlation is ±1, rotated or not: the null equals a perfect
+    match up to rounding (float32 products: ~1e-7), so the verdict must not read that rounding
+    as an excess over the null."""
+    g = SignedPermutation.random(32, seed=3)
+    X, Y = _decorrelated(2, 32, g, 4)
+    est = estimate_from_activations(X.astype(dtype), Y.astype(dtype), null_draws=2)
+    m = est.metrics
+    assert 1.0 - m["null_mean_matched_abs_corr"] < 1e-5
+    assert m["excess_over_null"] == 0.0 and m["verdict"] == "no_signed_permutation"
+
+
 # ---------------------------------------------------------------------- real model, planted gauge
 @pytest.mark.real
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -193,6 +193,11 @@ def pooled_correlations(stats: PairStats, pooling: str = "mean_abs", rotation: n
     return A, S
 
 
+#: below this gap between a perfect score and the null's, the null is indistinguishable from a
+#: perfect match (float32 centred products resolve correlations to ~1e-6)
+NULL_RESOLUTION = 1e-5
+
+
 def fit_metrics(
     match: MatchResult,
     S: np.ndarray,
@@ -226,7 +231,10 @@ def fit_metrics(
         out[f"null_mean_matched_abs_{what}"] = null
         out["null_std"] = float(np.std(null_values)) if len(null_values) > 1 else 0.0
         out["null_draws"] = len(null_values)
-        excess = (matched - null) / max(1.0 - null, 1e-12)
+        # a null within the statistics' resolution of a perfect match (e.g. 2 tokens, where every
+        # centred correlation is ±1) leaves nothing to beat: the pair is uninformative
+        room = 1.0 - null
+        excess = (matched - null) / room if room > NULL_RESOLUTION else 0.0
         out["excess_over_null"] = float(excess)
         above = excess >= min_excess
         out["weak_fit"] = bool(excess < weak_excess)
