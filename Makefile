@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --args stats_overhead="--repeats 5"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
