@@ -115,7 +115,6 @@ def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Estimation options for big models, from the shared flags (see :func:`_add_big_model_flags`)."""
     import torch
 
-    null_draws = args.null_draws
     if args.method == "weights":
         kw: dict[str, Any] = {"device": args.device}
         if args.dtype:
@@ -126,7 +125,7 @@ def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kw["dtype"] = getattr(torch, args.dtype)
         if args.device:
             raise GaugeError("--device applies to --method weights; place models with --device-map")
-    kw["null_draws"] = null_draws
+    kw["null_draws"] = args.null_draws
     return kw
 
 

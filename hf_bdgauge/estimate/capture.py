@@ -15,8 +15,9 @@ hook stops the forward pass (no final norm, no lm_head), so early layers are che
 non-padding positions (``attention_mask == 1``) of the hook outputs are added to
 :class:`~hf_bdgauge.estimate.stats.PairStats`, on the device where the layer ran (or
 ``stats_device=``), in the model's own precision for the centred d×d products and in float64
-for every running sum; memory does not grow with the number of tokens. Inputs go to the device of the input embedding; hooks work unchanged on models
-dispatched with ``device_map`` (accelerate moves activations between devices itself).
+for every running sum; memory does not grow with the number of tokens. Inputs go to the device
+of the input embedding; hooks work unchanged on models dispatched with ``device_map``
+(accelerate moves activations between devices itself).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,11 +132,15 @@ class CrossMoments:
         """Where the sums live."""
         return self.sum_xy.device
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CrossMoments:
+        """New sums with ``fn`` applied to every tensor (``sum_yy`` stays ``None`` if absent)."""
+        return CrossMoments(self.n, *(None if getattr(self, f) is None else fn(getattr(self, f)) for f in _FIELDS))
+
     def to(self, device: torch.device | str) -> CrossMoments:
         """These sums on ``device`` (``self`` when already there)."""
         if torch.device(device) == self.device:
             return self
-        return CrossMoments(self.n, *(None if getattr(self, f) is None else getattr(self, f).to(device) for f in _FIELDS))
+        return self._map(lambda t: t.to(device))
 
     def update(self, X: Any, Y: Any, *, product_dtype: torch.dtype | None = None) -> CrossMoments:
         """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] by the centred update (module
@@ -179,7 +183,7 @@ class CrossMoments:
 
     # ------------------------------------------------------------------ merging
     def copy(self) -> CrossMoments:
-        return CrossMoments(self.n, *(None if getattr(self, f) is None else getattr(self, f).clone() for f in _FIELDS))
+        return self._map(torch.Tensor.clone)
 
     def __iadd__(self, other: CrossMoments) -> CrossMoments:
         if not isinstance(other, CrossMoments):

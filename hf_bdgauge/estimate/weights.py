@@ -86,9 +86,6 @@ class _Tensors:
     def shape(self, name: str) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
     def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         """Entries ``start:stop`` of tensor ``name`` along ``axis`` (everything on other axes)."""
         raise NotImplementedError
@@ -113,9 +110,6 @@ class _ModuleTensors(_Tensors):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._t[name].shape)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._t[name].detach()
 
     def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         return self._t[name].detach().narrow(axis, start, stop - start)
@@ -157,9 +151,6 @@ class _CheckpointTensors(_Tensors):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
 
     def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         # a slice of the memory-mapped file: only these entries are read and materialised
@@ -340,7 +331,7 @@ def weight_similarity(
             shape = src.shape(name)
             axis, cuts = _blocks(shape, rule.residual_axis(len(shape)), block_elements)
             M = K = None
-            na, nb = torch.zeros(d, dtype=f64, device=dev), torch.zeros(d, dtype=f64, device=dev)
+            na, nb = z(d), z(d)
             skip = False
             for lo, hi in cuts:
                 a = _signature(src.get_block(name, axis, lo, hi).to(dev), rule, name, src.spec, compute_dtype)
