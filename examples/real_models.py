@@ -19,7 +19,7 @@ and measures
    weight method (models in memory, checkpoint directories; Gemma also without its norm gains):
    accuracy, tokens, seconds, verdict, and how many tokens the default method needs;
 3. **transport** on Gemma with the estimated gauge, against the permutation alone (S_d): an SAE
-   (SAELens format) on layer-6 residuals (NMSE), a sentiment steering vector through llama.cpp's
+   (SAELens format) on residual layer 7 (after block 6; NMSE), a sentiment steering vector through llama.cpp's
    control-vector GGUF (% of the effect preserved), a PEFT LoRA (max |Δlogit|);
 4. **plots** (``estimation_accuracy.png``, ``estimation_tokens.png``, ``transport_gemma.png``) and
 5. **``real_models.md``**: the tables, data, seeds, timings, command and library versions.
@@ -270,14 +270,14 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
         steering_effect,
     )
 
-    layer, n_layers, d = 6, model.config.num_hidden_layers, model.config.hidden_size
+    layer, n_layers, d = 7, model.config.num_hidden_layers, model.config.hidden_size  # residual layer 7 = after block 6
     gauge = Gauge(estimate.element, source=ModelRef(SOURCE_ID, revision="main"),
                   target=ModelRef(TARGET_ID, revision="main"), method=estimate.method)
     sd = estimate.element.unsigned()
     out: dict[str, Any] = {"layer": layer}
     t0 = time.perf_counter()
 
-    # SAE on layer-6 residuals of the shipped texts + Gemma's greedy continuations; held-out NMSE
+    # SAE on residual layer 7 of the shipped texts + Gemma's greedy continuations; held-out NMSE
     texts = TEXTS + SENTIMENT["positive"] + SENTIMENT["negative"]
     prompts = torch.cat(_ids(tok, texts, 12))
     with torch.no_grad():
@@ -288,7 +288,7 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
     held = torch.arange(len(texts)) % 4 == 3  # every 4th sequence is held out
     train = src[~held].reshape(-1, d)
     x_src, x_tgt = src[held].reshape(-1, d), tgt[held].reshape(-1, d)
-    hook = f"blocks.{layer}.hook_resid_post"
+    hook = f"blocks.{layer - 1}.hook_resid_post"
     sae = fit_sae(train, args.d_sae, steps=args.sae_steps, seed=0, hook_name=hook, model_name=SOURCE_ID)
     sae.save(tmp / "sae")
     bd_sae = transport_sae(tmp / "sae", gauge, tmp / "sae-bd")
@@ -507,7 +507,7 @@ def report(res: dict[str, Any], args, out: Path, argv: list[str]) -> Path:
         s, st, lo = t["sae"], t["steering"], t["lora"]
         lines += ["## 3. Transport on Gemma 3 270M with the estimated gauge", "",
                   f"The gauge is the `sign_marginalized` estimate of section 2; S_d = the same permutation without "
-                  f"signs. Layer {t['layer']} (output of decoder block {t['layer']}). {t['seconds']:.0f} s.", "",
+                  f"signs. Residual layer {t['layer']} (output of decoder block {t['layer'] - 1}). {t['seconds']:.0f} s.", "",
                   "| object | metric | original | B_d | S_d |", "|---|---|---|---|---|",
                   f"| SAE (SAELens format, d_sae {s['d_sae']}, {s['steps']} steps, {s['train_vectors']} train / "
                   f"{s['eval_vectors']} held-out vectors) | NMSE | {s['nmse_original']:.4f} | {s['nmse_bd']:.4f} | "

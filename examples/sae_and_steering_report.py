@@ -4,13 +4,13 @@ Take the pretrained stories260K (llama2.c, converted to transformers), plant a r
 permutation G (the target is the same network re-charted, ``h ↦ G·h``), and transport objects
 made on the source to the target:
 
-* **SAEs** (standard ReLU and top-k, d_sae = 256, trained here on layer-2 residuals of sampled
+* **SAEs** (standard ReLU and top-k, d_sae = 256, trained here on residual layer 3 (after block 2) of sampled
   stories, saved/loaded in SAELens's format): NMSE on held-out target activations of the
   original SAE on the source, and of the B_d- and S_d-transported SAEs on the target;
-* **steering vector** (happy − sad mean residual difference at layer 2, alpha = 4): the
+* **steering vector** (happy − sad mean residual difference at residual layer 3, alpha = 4): the
   percentage of the source's next-token log-prob shift preserved on the target,
   ``100·⟨Δ_target, Δ_source⟩/‖Δ_source‖²``, and the largest next-token probability difference;
-* **linear probe** (least squares from layer-2 residuals to three next-token logits): R².
+* **linear probe** (least squares from residual layer 3 to three next-token logits): R².
 
 Run ``python examples/sae_and_steering_report.py`` (well under a minute on 2 CPU cores).
 """
@@ -39,7 +39,7 @@ PROMPTS = ["Once upon a time, there was a little girl. She felt", "Tom went to t
            "The dog looked at the ball and"]
 
 
-def run(seed: int = 5, layer: int = 2, alpha: float = 4.0, steps: int = 300) -> list[tuple[str, str, str, str]]:
+def run(seed: int = 5, layer: int = 3, alpha: float = 4.0, steps: int = 300) -> list[tuple[str, str, str, str]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
@@ -56,13 +56,13 @@ def run(seed: int = 5, layer: int = 2, alpha: float = 4.0, steps: int = 300) -> 
     torch.manual_seed(0)
     with torch.no_grad():
         ids = src.generate(torch.full((48, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0)
-        h_src = src(ids, output_hidden_states=True).hidden_states[layer + 1]
-        h_tgt = tgt(ids, output_hidden_states=True).hidden_states[layer + 1]
+        h_src = src(ids, output_hidden_states=True).hidden_states[layer]
+        h_tgt = tgt(ids, output_hidden_states=True).hidden_states[layer]
     train, x_src, x_tgt = h_src[:40].reshape(-1, 64), h_src[40:].reshape(-1, 64), h_tgt[40:].reshape(-1, 64)
     with tempfile.TemporaryDirectory() as tmp:
         for arch, k in (("standard", None), ("topk", 16)):
             sae = fit_sae(train, 256, architecture=arch, k=k, steps=steps, seed=1,
-                          hook_name=f"blocks.{layer}.hook_resid_post", model_name="stories260K")
+                          hook_name=f"blocks.{layer - 1}.hook_resid_post", model_name="stories260K")
             sae.save(Path(tmp) / f"{arch}-src")
             bd = transport_sae(Path(tmp) / f"{arch}-src", gauge, Path(tmp) / f"{arch}-bd")  # SAELens dir -> dir
             sd = SAE.load(Path(tmp) / f"{arch}-src").transport(g.unsigned())
@@ -116,11 +116,11 @@ def run(seed: int = 5, layer: int = 2, alpha: float = 4.0, steps: int = 300) -> 
     return rows
 
 
-def format_table(rows: list[tuple[str, str, str, str]], flips: int) -> str:
+def format_table(rows: list[tuple[str, str, str, str]], flips: int, layer: int = 3) -> str:
     head = ("quantity", "source (original)", "target, B_d transport", "target, S_d transport")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    out = [f"stories260K, layer-2 residual, planted gauge G with {flips}/64 sign flips", line(head),
+    out = [f"stories260K, residual layer {layer} (after block {layer - 1}), planted gauge G with {flips}/64 sign flips", line(head),
            "  ".join("-" * w for w in widths)]
     return "\n".join(out + [line(r) for r in rows])
 
@@ -128,14 +128,14 @@ def format_table(rows: list[tuple[str, str, str, str]], flips: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=5, help="seed of the planted gauge")
-    ap.add_argument("--layer", type=int, default=2)
+    ap.add_argument("--layer", type=int, default=3, help="residual layer (1-5: the output of block layer-1)")
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=300, help="SAE training steps")
     args = ap.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     rows = run(args.seed, args.layer, args.alpha, args.steps)
-    print(format_table(rows, SignedPermutation.random(64, seed=args.seed).num_flips))
+    print(format_table(rows, SignedPermutation.random(64, seed=args.seed).num_flips, args.layer))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Usage::
 
     python examples/steer_across_revisions.py            # ~10 s on 2 CPU cores
     python examples/steer_across_revisions.py --fast     # a few seconds (used by the tests)
-    python examples/steer_across_revisions.py --alpha 8 --layer 3
+    python examples/steer_across_revisions.py --alpha 8 --layer 4
 
 Exits non-zero when a check fails (on the re-charted revision B_d must preserve the effect to
 99.9% and the steered text; B_d must beat S_d on every revision).
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         d_src = torch.cat([steering_effect(model, vec, p, args.alpha) for p in prompts])
         texts["v1.0 unsteered"] = steered_text(model, tok, report.PROMPTS[0], None, args.alpha)
         texts["v1.0 steered"] = steered_text(model, tok, report.PROMPTS[0], vec, args.alpha)
-        print(f"steering vector: mean(happy) − mean(sad) residual after block {args.layer} of v1.0, |v| = "
+        print(f"steering vector: mean(happy) − mean(sad) at residual layer {args.layer} (after block {args.layer - 1}) of v1.0, |v| = "
               f"{vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to {out / 'happy-v1.0.safetensors'}")
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt_model = load_model(repo.path(rev))
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = example_parser(__doc__, fast_help="a shorter fine-tune and fewer samples (for the tests)",
                        out_help="keep the revisions and vectors here")
-    p.add_argument("--layer", type=int, default=2, help="decoder block whose output is steered (0-4)")
+    p.add_argument("--layer", type=int, default=3, help="residual layer steered (1-5: the output of block layer-1)")
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     return fast_or_full(p.parse_args(argv), finetune_steps=(10, 40), finetune_samples=(32, 128), eval_samples=(4, 8))

@@ -3,7 +3,7 @@
 Makes the local repo of revisions of ``experiments/common.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = same weights in another residual chart, ``v2.0-finetuned`` = a
 short fine-tune saved in yet another chart), trains SAEs (ReLU and top-k, d_sae = 256) on v1.0's
-layer-``L`` residual (``blocks.L.hook_resid_post``) and saves them as SAELens directories. For each
+residual layer ``ℓ`` (the output of block ``ℓ − 1``, ``blocks.<ℓ−1>.hook_resid_post``) and saves them as SAELens directories. For each
 newer revision it **estimates** the gauge from activations on held-out text, compares it with the
 planted one, transports the SAE directory with the estimate (``transport_sae``: ``W_enc -> G·W_enc``,
 ``W_dec -> W_dec·Gᵀ``, ``b_dec -> G·b_dec``) and measures the NMSE (fraction of variance
@@ -43,7 +43,7 @@ from hf_bdgauge.transport.steering import record_residual  # noqa: E402
 
 
 def residuals(path: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """The residual after decoder block ``layer`` of the model at ``path``, as [tokens, d]."""
+    """Residual layer ``layer`` (the output of block ``layer − 1``) of the model at ``path``, as [tokens, d]."""
     h = record_residual(load_model(path), ids, [layer])[layer]
     return h.reshape(-1, h.shape[-1])
 
@@ -59,12 +59,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fit_ids = sample_ids(load_model(src), args.sae_samples, 64, seed=args.seed + 11)
         x_fit = residuals(src, fit_ids, args.layer)
         x_src = residuals(src, repo.eval_ids, args.layer)
-        print(f"SAEs on v1.0 blocks.{args.layer}.hook_resid_post: fitted on {x_fit.shape[0]} tokens of sampled stories, "
+        print(f"SAEs on v1.0 blocks.{args.layer - 1}.hook_resid_post: fitted on {x_fit.shape[0]} tokens of sampled stories, "
               f"NMSE on {x_src.shape[0]} held-out tokens")
         saes = {}
         for arch, k in (("standard", None), ("topk", 16)):
             sae = fit_sae(x_fit, 256, architecture=arch, k=k, steps=args.sae_steps, seed=args.seed + 1,
-                          hook_name=f"blocks.{args.layer}.hook_resid_post", model_name=src)
+                          hook_name=f"blocks.{args.layer - 1}.hook_resid_post", model_name=src)
             saes[arch] = sae.save(out / f"sae-{arch}-v1.0", overwrite=True)
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = example_parser(__doc__, fast_help="fewer steps and samples (for the tests)",
                        out_help="keep the revisions and SAEs here")
-    p.add_argument("--layer", type=int, default=2, help="decoder block whose output the SAE reads (0-4)")
+    p.add_argument("--layer", type=int, default=3, help="residual layer the SAE reads (1-5: the output of block layer-1)")
     p.add_argument("--seed", type=int, default=0)
     return fast_or_full(p.parse_args(argv), sae_steps=(100, 300), sae_samples=(16, 48), finetune_steps=(10, 40),
                         finetune_samples=(32, 128), eval_samples=(4, 8))

@@ -93,12 +93,12 @@ class Config:
     finetune_samples: int = 128
     estimate_samples: int = 8
     # (c)
-    c_layers: tuple[int, ...] = (1, 2, 3)
+    c_layers: tuple[int, ...] = (2, 3, 4)  # residual layers (hf_bdgauge.layers: ℓ = output of block ℓ−1)
     c_fit_samples: int = 48
     c_eval_samples: int = 8
     c_sae_steps: int = 300
     # (d)
-    d_layers: tuple[int, ...] = (0, 1, 2, 3, 4)
+    d_layers: tuple[int, ...] = (1, 2, 3, 4, 5)
     d_alpha: float = 4.0
     # (e)
     e_lora_steps: int = 60
@@ -117,8 +117,8 @@ class Config:
         if not fast:
             return cls(fast=False)
         return cls(fast=True, a_seeds=2, a_eval_samples=4, b_lrs=(1e-2, 6e-2), b_steps=100, b_every=5, repo_seeds=1,
-                   finetune_steps=20, finetune_samples=64, estimate_samples=4, c_layers=(2,), c_fit_samples=16,
-                   c_eval_samples=4, c_sae_steps=100, d_layers=(1, 3), e_lora_steps=30, e_train_samples=64,
+                   finetune_steps=20, finetune_samples=64, estimate_samples=4, c_layers=(3,), c_fit_samples=16,
+                   c_eval_samples=4, c_sae_steps=100, d_layers=(2, 4), e_lora_steps=30, e_train_samples=64,
                    e_heldout_samples=8, f_seeds=1, f_steps=20)
 
 
@@ -459,7 +459,7 @@ def section_c(ctx: Context) -> dict[str, Any]:
         x_fit, x_src = _resid(src, fit_ids, layer), _resid(src, ev_ids, layer)
         for arch, k in (("standard", None), ("topk", 16)):
             sae = fit_sae(x_fit, 256, architecture=arch, k=k, steps=cfg.c_sae_steps, seed=1,
-                          hook_name=f"blocks.{layer}.hook_resid_post", model_name="stories260K")
+                          hook_name=f"blocks.{layer - 1}.hook_resid_post", model_name="stories260K")
             base_nmse = sae.nmse(x_src)
             for r in ctx.repos:
                 for rev, est in r["est"].items():
@@ -495,7 +495,7 @@ def report_c(res: dict[str, Any], ctx: Context, cross_check: str | None) -> str:
     parts = [
         "## (c) SAE reconstruction after transport: B_d vs S_d",
         "",
-        f"Setup: {s['model']}; SAEs: {s['sae']}, one per layer {s['layers']} (residual after that decoder block) fitted "
+        f"Setup: {s['model']}; SAEs: {s['sae']}, one per residual layer {s['layers']} (the output of block ℓ − 1) fitted "
         f"on v1.0: {s['data']} ({s['fit_tokens']} / {s['eval_tokens']} tokens). NMSE = Σ‖x − x̂‖² / Σ‖x − x̄‖² on the "
         "revision's own activations of the held-out stories (0 = perfect, 1 = predicting the mean). " + _repo_setup_text(ctx),
         "",
@@ -511,7 +511,7 @@ def report_c(res: dict[str, Any], ctx: Context, cross_check: str | None) -> str:
     ]
     if cross_check:
         parts += ["", "Cross-check: `python examples/sae_and_steering_report.py` (its defaults: planted gauge seed 5, "
-                  "layer 2, its own SAE and steering settings), run by this script:", "", "```", cross_check, "```"]
+                  "residual layer 3, its own SAE and steering settings), run by this script:", "", "```", cross_check, "```"]
     return "\n".join(parts)
 
 

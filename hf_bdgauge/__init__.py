@@ -9,16 +9,22 @@ between charts.
 
 from __future__ import annotations
 
-from .apply import apply_gauge, check_gauge_allowed
+from .apply import apply_gauge
 from .checkpoint import apply_gauge_to_checkpoint
 from .errors import (
     CheckpointError,
+    DestinationExistsError,
     DimensionMismatchError,
     EstimationError,
     FingerprintMismatchError,
     FixtureError,
     GaugeError,
+    GaugeNotFoundError,
+    HubError,
+    HubOfflineError,
     InvalidGaugeError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
     SignedGaugeNotAllowedError,
     TransportError,
     UnsupportedArchitectureError,
@@ -28,7 +34,15 @@ from .estimate import compose_trajectory, estimate_gauge
 from .gauge import Gauge, ModelRef, as_signed_permutation
 from .gauged_model import GaugedModel
 from .group import SignedPermutation
-from .roles import ArchitectureSpec, available_architectures, register_architecture, spec_for_model
+from .hub import split_revision
+from .plan import TransformPlan
+from .roles import (
+    ArchitectureSpec,
+    available_architectures,
+    check_gauge_allowed,
+    register_architecture,
+    spec_for_model,
+)
 from .rules import Role, TensorRule, transform
 
 __version__ = "0.1.0"
@@ -55,6 +69,8 @@ __all__ = [
     "Role",
     "TensorRule",
     "transform",
+    "TransformPlan",
+    "split_revision",
     "GaugeError",
     "InvalidGaugeError",
     "DimensionMismatchError",
@@ -65,4 +81,10 @@ __all__ = [
     "FixtureError",
     "TransportError",
     "EstimationError",
+    "GaugeNotFoundError",
+    "DestinationExistsError",
+    "HubError",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "HubOfflineError",
 ]

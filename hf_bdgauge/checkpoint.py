@@ -10,7 +10,6 @@ directory beside the destination and renamed into place only when complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -19,139 +18,25 @@ import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ._io import atomic_directory
-from .apply import check_gauge_allowed
-from .errors import CheckpointError, DimensionMismatchError
+from .errors import CheckpointError
+from .files import atomic_directory
 from .group import SignedPermutation
-from .roles import ArchitectureSpec, hidden_size_of, spec_for_config
+from .hub import resolve_checkpoint_dir
+from .plan import TransformPlan
 from .rules import Role, TensorRule, transform
+from .storage import ST_TO_TORCH, checkpoint_shards, read_safetensors_header
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .gauge import Gauge
 
 __all__ = ["apply_gauge_to_checkpoint", "read_safetensors_header", "checkpoint_shards", "resolve_checkpoint_dir"]
 
 logger = logging.getLogger(__name__)
-
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
-    """Return the raw header bytes (length prefix excluded) and the parsed header of a file."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path} has a corrupt safetensors header length ({n})")
-            raw = f.read(n)
-        header = json.loads(raw)
-    except (OSError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"cannot read safetensors header of {path}: {e}") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise CheckpointError(f"{path} is truncated or corrupt: header says {8 + n + end} bytes, file has {size}")
-    return raw, header
-
-
-def checkpoint_shards(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint directory (sharded via its index, or single).
-
-    Raises :class:`CheckpointError` for a missing directory, missing shards, or a checkpoint
-    that only has pickle (``.bin``/``.pt``) weights, which this library never loads.
-    """
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory {d} does not exist")
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        shards = sorted({d / f for f in weight_map.values()})
-        missing = [s.name for s in shards if not s.exists()]
-        if missing:
-            raise CheckpointError(f"{d} is incomplete: shards {missing} named in its index are missing")
-        return shards
-    single = d / "model.safetensors"
-    if single.exists():
-        return [single]
-    others = sorted(d.glob("*.safetensors"))
-    if others:
-        return others
-    pickles = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-    if pickles:
-        raise CheckpointError(
-            f"{d} holds only pickle weights ({', '.join(pickles)}); hf_bdgauge reads safetensors only. "
-            "Convert with transformers' save_pretrained(safe_serialization=True) first."
-        )
-    raise CheckpointError(f"{d} has no safetensors weights")
-
-
-def resolve_checkpoint_dir(src: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> Path:
-    """A local directory as is; otherwise a Hub repo id downloaded (safetensors + json/tokenizer
-    files only) at ``revision`` through huggingface_hub, honouring ``HF_HUB_OFFLINE``."""
-    p = Path(src)
-    if p.is_dir():
-        return p
-    if p.exists() or str(src).startswith((".", "/")):
-        raise CheckpointError(f"checkpoint directory {src} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                str(src),
-                revision=revision,
-                allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"],
-                **hub_kwargs,
-            )
-        )
-    except Exception as e:  # huggingface_hub raises many types; report one
-        raise CheckpointError(f"cannot resolve checkpoint {src!r} (revision {revision!r}): {e}") from e
-
-
-def _plan_shard(path: Path, spec: ArchitectureSpec, d: int) -> tuple[bytes, dict[str, Any], dict[str, TensorRule]]:
-    raw, header = read_safetensors_header(path)
-    names = [k for k in header if k != "__metadata__"]
-    rules = spec.rules_for(names)
-    for n in names:
-        info = header[n]
-        dtype = _DTYPES.get(info.get("dtype", ""))
-        begin, end = info["data_offsets"]
-        if dtype is not None:
-            numel = 1
-            for s in info["shape"]:
-                numel *= int(s)
-            if numel * dtype.itemsize != end - begin:
-                raise CheckpointError(f"{path.name}: tensor {n} of shape {info['shape']} ({info['dtype']}) does not "
-                                      f"fit its {end - begin} bytes")
-        size = rules[n].residual_size(tuple(header[n]["shape"]))
-        if size is not None and size != d:
-            raise DimensionMismatchError(
-                f"{path.name}: tensor {n} of shape {header[n]['shape']} has {size} != {d} entries on its residual axis"
-            )
-    return raw, header, rules
-
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
 
 BLOCK_BYTES = 32 * 1024 * 1024
 """Target size of one block when a large tensor is re-charted piecewise."""
@@ -205,7 +90,7 @@ def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[s
                 if rule.role is Role.NONE or end == begin:
                     fout.write(chunk)
                 else:
-                    dtype = _DTYPES.get(info["dtype"])
+                    dtype = ST_TO_TORCH.get(info["dtype"])
                     if dtype is None:
                         raise CheckpointError(f"{src.name}: tensor {name} has dtype {info['dtype']}, which cannot be re-charted")
                     with warnings.catch_warnings():
@@ -232,7 +117,7 @@ def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[s
 
 def apply_gauge_to_checkpoint(
     src_dir: str | os.PathLike,
-    g: SignedPermutation,
+    gauge: "Gauge | SignedPermutation",
     dst_dir: str | os.PathLike,
     *,
     revision: str | None = None,
@@ -245,37 +130,21 @@ def apply_gauge_to_checkpoint(
 
     Every tensor goes through the same rules as :func:`hf_bdgauge.apply_gauge`, so loading the
     result with ``from_pretrained`` gives, bit for bit, the in-memory re-charted model.
-    ``src_dir`` may be a local directory or a Hub repo id (with ``revision``). All validation
-    (known family, coverage of every tensor, dimensions, LayerNorm sign rule) happens before
-    anything is written; the destination appears only when complete. Shards are rewritten in
-    ``max_workers`` parallel threads (default: as many as there are shards and CPU cores). Tensors are re-charted in blocks of about
-    ``block_bytes``, so peak memory stays near ``max_workers × 2 × block_bytes`` above the
+    ``src_dir`` may be a local directory or a Hub repo id (``repo@revision`` or ``revision=``).
+    ``gauge`` is a :class:`~hf_bdgauge.gauge.Gauge` whose source is this checkpoint (its
+    fingerprint is checked when it recorded one) or a bare :class:`SignedPermutation`. All
+    validation (the transform plan: known family, coverage of every tensor, dimensions, the
+    family's symmetry rule, the fingerprint) happens before anything is written; the destination
+    appears only when complete. Shards are rewritten in ``max_workers`` parallel threads
+    (default: as many as there are shards and CPU cores). Tensors are re-charted in blocks of
+    about ``block_bytes``, so peak memory stays near ``max_workers × 2 × block_bytes`` above the
     interpreter's, whatever the size of the largest tensor (the source is memory-mapped).
     """
     src = resolve_checkpoint_dir(src_dir, revision)
-    cfg_path = src / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{src} has no config.json; cannot tell the model family")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    spec = spec_for_config(config)
-    d = hidden_size_of(config)
-    if g.dim != d:
-        raise DimensionMismatchError(f"gauge has dimension {g.dim} but the checkpoint's hidden size is {d}")
+    plan = TransformPlan.for_checkpoint(src)
+    g = plan.admit(gauge, end="source")
     shards = checkpoint_shards(src)
-    plans = {s: _plan_shard(s, spec, d) for s in shards}
-    if not spec.allows_signs and not g.is_unsigned:
-        biases: dict[str, torch.Tensor] = {}
-        for s, (_, header, rules) in plans.items():
-            with safe_open(str(s), framework="pt") as f:
-                for n, r in rules.items():
-                    if r.role is Role.GAIN and n.endswith("bias"):
-                        biases[n] = f.get_tensor(n)
-        check_gauge_allowed(spec, g, biases)
-    else:
-        check_gauge_allowed(spec, g)
+    headers = {s: read_safetensors_header(s) for s in shards}
     total = sum(s.stat().st_size for s in shards)
     if max_workers is None:
         max_workers = max(1, min(len(shards), os.cpu_count() or 1))
@@ -289,14 +158,14 @@ def apply_gauge_to_checkpoint(
                 shutil.copy2(f, tmp / f.name)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="re-charting", disable=not progress)
         try:
+            jobs = [(s, tmp / s.name, *headers[s], plan.rules, g, bar, block_bytes) for s in shards]
             if max_workers > 1 and len(shards) > 1:
                 with ThreadPoolExecutor(max_workers=max_workers) as ex:
-                    futs = [ex.submit(_rewrite_shard, s, tmp / s.name, *plans[s], g, bar, block_bytes) for s in shards]
-                    for fu in futs:
+                    for fu in [ex.submit(_rewrite_shard, *job) for job in jobs]:
                         fu.result()
             else:
-                for s in shards:
-                    _rewrite_shard(s, tmp / s.name, *plans[s], g, bar, block_bytes)
+                for job in jobs:
+                    _rewrite_shard(*job)
         finally:
             bar.close()
     logger.info("re-charted %d shard(s), %.1f MB, into %s", len(shards), total / 1e6, dst_dir)

@@ -1,74 +1,43 @@
 """The ``bdgauge`` command line.
 
 Verbs (``bdgauge VERB --help`` for each): ``estimate``, ``compose``, ``apply``,
-``transport adapter|sae|steering|optimizer``, ``push``, ``show``, ``audit``, ``demo``.
-Exit codes: 0 success, 1 a :class:`~hf_bdgauge.errors.GaugeError` (bad input; the message says
-what), 2 usage error.
+``transport <kind>`` (one sub-verb per registered transportable object: adapter, sae, steering,
+optimizer, probe, indices), ``push``, ``show``, ``audit``, ``demo``. Every model, gauge and
+object argument takes a local path or a Hub id, pinned as ``repo@revision``. Writers refuse an
+existing destination unless ``--overwrite``. Exit codes: 0 success, 1 a
+:class:`~hf_bdgauge.errors.GaugeError` (bad input, a Hub failure; one line says what), 2 usage
+error.
+
+The command line is a thin layer over the Python API: every verb calls the function of the same
+name (:func:`~hf_bdgauge.estimate.estimate_gauge`, :func:`~hf_bdgauge.apply_gauge_to_checkpoint`,
+the transport modules' registered kinds, …).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import GaugeError
+import numpy as np
+import torch
+
+from .errors import DestinationExistsError, GaugeError
+from .hub import resolve_checkpoint_dir, split_revision
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("hf_bdgauge.cli")
 
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_METHODS = ["sign_marginalized", "signed", "permutation", "weights"]
+
 
 def _set_threads() -> None:
-    import os
-
-    import torch
-
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-
-
-# --------------------------------------------------------------------------- verbs
-def _cmd_apply(args: argparse.Namespace) -> int:
-    """Re-chart a checkpoint directory (or Hub repo) by a gauge; writes a new directory."""
-    from .checkpoint import apply_gauge_to_checkpoint
-
-    g = _load_element(args.gauge, args.gauge_revision, seed=args.random_seed, d=None, src=args.src, revision=args.revision)
-    if args.inverse:
-        g = g.inverse()
-    out = apply_gauge_to_checkpoint(args.src, g, args.dst, revision=args.revision, overwrite=args.overwrite,
-                                    max_workers=args.workers)
-    print(f"wrote {out} (gauge of dimension {g.dim}, {g.num_flips} sign flips)")
-    return 0
-
-
-def _load_element(gauge: str | None, gauge_revision: str | None, *, seed: int | None, d: int | None,
-                  src: str | None = None, revision: str | None = None):
-    """A gauge from a directory / Hub repo, or a random one of the source's hidden size."""
-    from .group import SignedPermutation
-
-    if gauge:
-        from .gauge import Gauge
-
-        return Gauge.from_pretrained(gauge, revision=gauge_revision).element
-    if seed is None:
-        raise GaugeError("give --gauge DIR_OR_REPO, or --random-seed N for a random gauge")
-    if d is None:
-        import json
-
-        from .checkpoint import resolve_checkpoint_dir
-        from .roles import hidden_size_of
-
-        d = hidden_size_of(json.loads((resolve_checkpoint_dir(src, revision) / "config.json").read_text()))
-    return SignedPermutation.random(d, seed=seed)
-
-def _split_rev(spec: str) -> tuple[str, str | None]:
-    """``repo_or_dir@revision`` -> (repo_or_dir, revision); a plain path has no revision."""
-    if "@" in spec and not Path(spec).exists():
-        repo, rev = spec.rsplit("@", 1)
-        return repo, rev or None
-    return spec, None
 
 
 def _read_texts(path: Path | None) -> list[str] | None:
@@ -83,10 +52,57 @@ def _read_texts(path: Path | None) -> list[str] | None:
     return texts
 
 
-def _print_gauge(g, out: Path | None = None) -> None:
+def _load_gauge(spec: str, revision: str | None = None):
+    """A gauge from a directory or ``repo@revision``."""
+    from .gauge import Gauge
+
+    name, rev = split_revision(spec, revision)
+    return Gauge.from_pretrained(name, revision=rev)
+
+
+def _save_gauge(g: Any, out: Path | None, overwrite: bool) -> None:
+    if out is not None:
+        g.save_pretrained(out, overwrite=overwrite)
     print(g.summary())
     if out is not None:
         print(f"saved to {out}")
+
+
+# --------------------------------------------------------------------------- verbs
+def _cmd_apply(args: argparse.Namespace) -> int:
+    """Re-chart a checkpoint directory (or Hub repo@revision) by a gauge; writes a new directory.
+    With --random-seed a random gauge is planted and saved beside the output (or to --save-gauge)."""
+    from .checkpoint import apply_gauge_to_checkpoint
+    from .gauge import Gauge, ModelRef
+    from .group import SignedPermutation
+    from .roles import hidden_size_of
+    from .storage import read_model_config
+
+    src, rev = split_revision(args.src, args.revision)
+    planted = None
+    if args.gauge:
+        gauge = _load_gauge(args.gauge, args.gauge_revision)
+        if args.inverse:
+            gauge = gauge.inverse()
+    elif args.random_seed is not None:
+        d = hidden_size_of(read_model_config(resolve_checkpoint_dir(src, rev)))
+        el = SignedPermutation.random(d, seed=args.random_seed)
+        gauge = Gauge(el.inverse() if args.inverse else el, method="planted",
+                      metrics={"planted_seed": args.random_seed, "inverse": bool(args.inverse)})
+        planted = Path(args.save_gauge) if args.save_gauge else Path(str(Path(args.dst)).rstrip("/\\") + ".gauge")
+        if planted.exists() and not args.overwrite:
+            raise DestinationExistsError(planted, "--overwrite")
+    else:
+        raise GaugeError("give --gauge DIR_OR_REPO[@REVISION], or --random-seed N to plant a random gauge")
+    out = apply_gauge_to_checkpoint(src, gauge, args.dst, revision=rev, overwrite=args.overwrite,
+                                    max_workers=args.workers, progress=not args.quiet)
+    print(f"wrote {out} (gauge of dimension {gauge.dim}, {gauge.num_flips} sign flips)")
+    if planted is not None:
+        gauge.source = ModelRef.from_checkpoint(src, revision=rev)
+        gauge.target = ModelRef.from_checkpoint(out)
+        gauge.save_pretrained(planted, overwrite=args.overwrite)
+        print(f"planted gauge (source -> output) saved to {planted}")
+    return 0
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
@@ -96,25 +112,26 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     texts = _read_texts(args.texts)
     if texts is None and args.method != "weights":
         raise GaugeError("activation methods need --texts FILE (one text per line); or use --method weights")
-    src, src_rev = _split_rev(args.source)
-    tgt, tgt_rev = _split_rev(args.target)
-    g = estimate_gauge(src, tgt, texts, method=args.method, source_revision=args.source_revision or src_rev,
-                       target_revision=args.target_revision or tgt_rev, max_tokens=args.max_tokens,
-                       layers=args.layers, max_length=args.max_length, progress=not args.quiet,
-                       **_big_model_kwargs(args))
-    if args.output:
-        g.save_pretrained(args.output)
-    _print_gauge(g, args.output)
+    _refuse_existing(args.output, args.overwrite)
+    src, src_rev = split_revision(args.source, args.source_revision)
+    tgt, tgt_rev = split_revision(args.target, args.target_revision)
+    g = estimate_gauge(src, tgt, texts, method=args.method, source_revision=src_rev, target_revision=tgt_rev,
+                       max_tokens=args.max_tokens, layers=args.layers, max_length=args.max_length,
+                       progress=not args.quiet, **_big_model_kwargs(args))
+    _save_gauge(g, args.output, args.overwrite)
     return 0
 
 
-_DTYPES = ("float32", "bfloat16", "float16", "float64")
+def _refuse_existing(out: Path | None, overwrite: bool) -> None:
+    """Refuse an existing -o before any work is done (the writer checks again when it writes)."""
+    from .gauge import GAUGE_CONFIG_NAME
+
+    if out is not None and not overwrite and (Path(out) / GAUGE_CONFIG_NAME).exists():
+        raise DestinationExistsError(out, "--overwrite")
 
 
 def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Estimation options for big models, from the shared flags (see :func:`_add_big_model_flags`)."""
-    import torch
-
     if args.method == "weights":
         kw: dict[str, Any] = {"device": args.device}
         if args.dtype:
@@ -147,95 +164,43 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     texts = _read_texts(args.texts)
     if texts is None and args.method != "weights":
         raise GaugeError("activation methods need --texts FILE; or use --method weights")
-    ckpts = [_split_rev(c) for c in args.checkpoints]
-    if len(ckpts) < 2:
+    if len(args.checkpoints) < 2:
         raise GaugeError("compose needs at least two checkpoints")
-    ckpts = [c if r is None else (c, r) for c, r in ckpts]
-    g = compose_trajectory(ckpts, texts, method=args.method, max_tokens=args.max_tokens, progress=not args.quiet,
-                           **_big_model_kwargs(args))
-    if args.output:
-        g.save_pretrained(args.output)
-    _print_gauge(g, args.output)
+    _refuse_existing(args.output, args.overwrite)
+    g = compose_trajectory(list(args.checkpoints), texts, method=args.method, max_tokens=args.max_tokens,
+                           progress=not args.quiet, **_big_model_kwargs(args))
+    _save_gauge(g, args.output, args.overwrite)
     return 0
-
-
-def _gauge_arg(spec: str):
-    from .gauge import Gauge
-
-    repo, rev = _split_rev(spec)
-    return Gauge.from_pretrained(repo, revision=rev)
 
 
 def _cmd_transport(args: argparse.Namespace) -> int:
     """Move an object made for the gauge's source model into its target's chart."""
-    g = _gauge_arg(args.gauge)
+    from .transport import transport_kinds
+
+    g = _load_gauge(args.gauge, args.gauge_revision)
     if args.inverse:
         g = g.inverse()
-    kind = args.kind
-    if kind == "adapter":
-        from .transport.peft import transport_adapter
-
-        src, rev = _split_rev(args.src)
-        out = transport_adapter(src, g, args.dst, revision=rev, overwrite=args.overwrite,
-                                base_model_name_or_path=args.base_model, base_model_revision=args.base_model_revision)
-    elif kind == "sae":
-        from .transport.sae import transport_sae
-
-        transport_sae(args.src, g, args.dst, overwrite=args.overwrite)
-        out = args.dst
-    elif kind == "steering":
-        from .transport.steering import SteeringVector
-
-        load = SteeringVector.load_gguf if str(args.src).endswith(".gguf") and hasattr(SteeringVector, "load_gguf") \
-            else SteeringVector.load
-        moved = load(args.src).transport(g)
-        if str(args.dst).endswith(".gguf") and hasattr(moved, "save_gguf"):
-            out = moved.save_gguf(args.dst, overwrite=args.overwrite)
-        else:
-            out = moved.save(args.dst, overwrite=args.overwrite)
-    elif kind == "optimizer":
-        import torch
-
-        from ._io import atomic_write_bytes
-        from .transport.optimizer import transport_optimizer_state
-
-        if not args.model:
-            raise GaugeError("transport optimizer needs --model DIR (the source model, for parameter names and roles)")
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(args.model)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        state = torch.load(args.src, map_location="cpu", weights_only=True)
-        moved = transport_optimizer_state(state, model, g)
-        import io
-
-        buf = io.BytesIO()
-        torch.save(moved, buf)
-        out = atomic_write_bytes(args.dst, buf.getvalue(), overwrite=args.overwrite)
-    else:  # pragma: no cover - argparse restricts choices
-        raise GaugeError(f"unknown object kind {kind!r}")
-    print(f"transported {kind} -> {out} (gauge of dimension {g.dim}, {g.num_flips} sign flips)")
+    out = transport_kinds()[args.kind].run(args, g)
+    print(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {g.num_flips} sign flips)")
     return 0
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    """Push a saved gauge directory to the Hub (create_repo + upload_folder)."""
+    """Push a saved gauge directory to the Hub (create_repo + create_branch + upload_folder); the
+    repo id may name the branch as repo@branch."""
     from .gauge import Gauge
 
+    repo_id, branch = split_revision(args.repo_id, args.branch)
     g = Gauge.from_pretrained(args.gauge_dir)
-    info = g.push_to_hub(args.repo_id, private=args.private, branch=args.branch, commit_message=args.message)
-    print(f"pushed to {args.repo_id} at commit {getattr(info, 'oid', info)}")
+    info = g.push_to_hub(repo_id, private=args.private, branch=branch, commit_message=args.message)
+    where = f"{repo_id}@{branch}" if branch else repo_id
+    print(f"pushed to {where} at commit {getattr(info, 'oid', info)}")
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    """Print a gauge's summary: ends, method, fit against the null, confidence."""
-    import numpy as np
-
-    from .gauge import Gauge
-
-    g = Gauge.from_pretrained(args.gauge, revision=args.revision)
+    """Print a gauge's summary (verdict first): ends, method, fit against the null, confidence."""
+    g = _load_gauge(args.gauge, args.revision)
     print(g.summary())
     if g.confidence is not None:
         c = g.confidence
@@ -253,10 +218,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from .audit import audit_claim, plot_audit, top_massive_activations
 
-    src, rev = _split_rev(args.model)
+    path = resolve_checkpoint_dir(*split_revision(args.model, args.revision))
     texts = _read_texts(args.texts) or ["Once upon a time, there was a little girl named Lily."]
-    model = AutoModelForCausalLM.from_pretrained(src, revision=rev).eval()
-    tok = AutoTokenizer.from_pretrained(src, revision=rev)
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
     ids = tok([" ".join(texts)], return_tensors="pt", truncation=True, max_length=args.max_length).input_ids
     report = audit_claim(model, top_massive_activations(ids, k=args.k, layer=args.layer), n_gauges=args.gauges,
                          seed=args.seed, progress=not args.quiet)
@@ -277,76 +242,92 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _add_transport_verbs(sub: Any) -> None:
+    from .transport import transport_kinds
+
+    t = sub.add_parser("transport", help="move an object (adapter, SAE, steering vector, …) by a gauge",
+                       description=_cmd_transport.__doc__)
+    kinds = t.add_subparsers(dest="kind", metavar="KIND", required=True)
+    for kind in transport_kinds().values():
+        k = kinds.add_parser(kind.name, help=kind.help, description=f"Transport {kind.help}.")
+        k.add_argument("src", help=kind.source)
+        k.add_argument("gauge", help="gauge dir or repo@revision (its source is the object's model)")
+        k.add_argument("dst", help="output path (written atomically)")
+        k.add_argument("--revision", help="revision of SRC on the Hub (or write SRC as repo@revision)")
+        k.add_argument("--gauge-revision", help="revision of the gauge repo")
+        k.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
+        k.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        if kind.add_arguments is not None:
+            kind.add_arguments(k)
+        k.set_defaults(func=_cmd_transport)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bdgauge", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     a = sub.add_parser("apply", help="re-chart a safetensors checkpoint by a gauge", description=_cmd_apply.__doc__)
-    a.add_argument("src", help="checkpoint directory or Hub repo id")
+    a.add_argument("src", help="checkpoint directory or Hub repo id (repo@revision)")
     a.add_argument("dst", help="output directory (written atomically)")
-    a.add_argument("--gauge", help="gauge directory or Hub repo id (gauge.safetensors + gauge_config.json)")
+    a.add_argument("--gauge", help="gauge directory or Hub repo id (repo@revision)")
     a.add_argument("--gauge-revision", help="revision of the gauge repo")
     a.add_argument("--revision", help="revision of the source checkpoint repo")
-    a.add_argument("--random-seed", type=int, help="use a random gauge with this seed instead of --gauge")
+    a.add_argument("--random-seed", type=int, help="plant a random gauge with this seed instead of --gauge")
+    a.add_argument("--save-gauge", type=Path, help="with --random-seed: where to save the planted gauge "
+                   "(default: DST.gauge beside the output)")
     a.add_argument("--inverse", action="store_true", help="apply the inverse gauge")
-    a.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    a.add_argument("--overwrite", action="store_true", help="replace DST (and the planted gauge) if they exist")
     a.add_argument("--workers", type=int, default=None, help="shards re-charted in parallel (default: shards and cores)")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
 
     e = sub.add_parser("estimate", help="estimate the gauge between two checkpoints", description=_cmd_estimate.__doc__)
     e.add_argument("source", help="source model dir or Hub id (optionally repo@revision)")
     e.add_argument("target", help="target model dir or Hub id (optionally repo@revision)")
     e.add_argument("-o", "--output", type=Path, help="save the gauge here (gauge.safetensors + gauge_config.json + README.md)")
-    e.add_argument("--method", default="sign_marginalized", choices=["sign_marginalized", "signed", "permutation", "weights"])
+    e.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
+    e.add_argument("--method", default="sign_marginalized", choices=_METHODS)
     e.add_argument("--texts", type=Path, help="text file, one text per line (activation methods)")
     e.add_argument("--source-revision")
     e.add_argument("--target-revision")
     e.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     e.add_argument("--max-length", type=int, default=256, help="tokens per text")
-    e.add_argument("--layers", type=int, nargs="*", default=None, help="hidden-state indices to pool (default: all)")
+    e.add_argument("--layers", type=int, nargs="*", default=None, help="residual layers to pool (0 = embedding "
+                   "output; default: all)")
     _add_big_model_flags(e)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_estimate)
 
     c = sub.add_parser("compose", help="compose local gauges along a run of checkpoints", description=_cmd_compose.__doc__)
     c.add_argument("checkpoints", nargs="+", help="checkpoint dirs or repo@revision, in training order")
-    c.add_argument("-o", "--output", type=Path)
-    c.add_argument("--method", default="sign_marginalized", choices=["sign_marginalized", "signed", "permutation", "weights"])
+    c.add_argument("-o", "--output", type=Path, help="save the composed gauge here")
+    c.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
+    c.add_argument("--method", default="sign_marginalized", choices=_METHODS)
     c.add_argument("--texts", type=Path)
     c.add_argument("--max-tokens", type=int, default=None)
     _add_big_model_flags(c)
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=_cmd_compose)
 
-    t = sub.add_parser("transport", help="move an adapter / SAE / steering vector / optimizer state by a gauge",
-                       description=_cmd_transport.__doc__)
-    t.add_argument("kind", choices=["adapter", "sae", "steering", "optimizer"])
-    t.add_argument("src", help="adapter dir or repo@revision; SAE dir; steering .safetensors/.gguf; optimizer .pt")
-    t.add_argument("gauge", help="gauge dir or repo@revision")
-    t.add_argument("dst", help="output path")
-    t.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument("--base-model", help="adapter: base_model_name_or_path to record (default: the gauge's target)")
-    t.add_argument("--base-model-revision", help="adapter: base model revision to record")
-    t.add_argument("--model", help="optimizer: the source model dir (parameter names and roles)")
-    t.set_defaults(func=_cmd_transport)
+    _add_transport_verbs(sub)
 
     pu = sub.add_parser("push", help="push a saved gauge to the Hub", description=_cmd_push.__doc__)
     pu.add_argument("gauge_dir")
-    pu.add_argument("repo_id")
+    pu.add_argument("repo_id", help="namespace/name, optionally namespace/name@branch")
     pu.add_argument("--private", action="store_true")
-    pu.add_argument("--branch", default=None)
+    pu.add_argument("--branch", default=None, help="branch to push to (created from the default branch if new)")
     pu.add_argument("--message", default="Upload gauge with hf_bdgauge")
     pu.set_defaults(func=_cmd_push)
 
     sh = sub.add_parser("show", help="summarise a gauge", description=_cmd_show.__doc__)
-    sh.add_argument("gauge", help="gauge dir or Hub id")
+    sh.add_argument("gauge", help="gauge dir or Hub id (repo@revision)")
     sh.add_argument("--revision")
     sh.set_defaults(func=_cmd_show)
 
     au = sub.add_parser("audit", help="gauge-sweep audit of a top-k massive-activation claim", description=_cmd_audit.__doc__)
     au.add_argument("model", help="model dir or repo@revision")
+    au.add_argument("--revision")
     au.add_argument("--texts", type=Path)
     au.add_argument("--k", type=int, default=5)
     au.add_argument("--layer", type=int, default=-1, help="hidden-state index (0 = embeddings)")
@@ -373,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except DestinationExistsError as e:
+        print(f"bdgauge {args.verb}: error: {e.with_flag('--overwrite')}", file=sys.stderr)
+        return 1
     except GaugeError as e:
         print(f"bdgauge {args.verb}: error: {e}", file=sys.stderr)
         return 1

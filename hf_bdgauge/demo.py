@@ -193,11 +193,11 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
                           "max abs Δ logit vs source+adapter": (tgt_logits - src_logits).abs().max().item(),
                           "% of adapter effect kept": kept})
     enc = lambda ss: [tok(s, return_tensors="pt").input_ids for s in ss]  # noqa: E731
-    vec = SteeringVector.from_mean_difference(model, enc(POSITIVE), enc(NEGATIVE), layers=[2])
+    vec = SteeringVector.from_mean_difference(model, enc(POSITIVE), enc(NEGATIVE), layers=[3])  # after block 2
     delta_src = steering_effect(model, vec, probe, alpha=4.0)
     for name, el in (("B_d (G)", g), ("S_d (P only)", g.unsigned())):
         delta_tgt = steering_effect(gauged, vec.transport(el), probe, alpha=4.0)
-        lora_rows.append({"object": "steering vector (happy − sad, layer 2)", "transport": name,
+        lora_rows.append({"object": "steering vector (happy − sad, residual layer 3)", "transport": name,
                           "max abs Δ logit vs source+adapter": (delta_tgt - delta_src).abs().max().item(),
                           "% of adapter effect kept": percent_effect_preserved(delta_src, delta_tgt)})
     print("\n## 3. Transporting an adapter and a steering vector to the re-charted model\n")

@@ -1,22 +1,32 @@
 """Exception types raised by hf_bdgauge.
 
 Every error the library raises on bad input derives from :class:`GaugeError`, so callers can
-catch one type; the subclasses say what kind of input was wrong.
+catch one type; the subclasses say what kind of input was wrong. Errors of the Hugging Face Hub
+client are mapped onto the subclasses below by :func:`hf_bdgauge.hub.hub_errors` (the one
+place that does it), so a missing repository or revision reads as one line, not a traceback.
 """
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "GaugeError",
     "InvalidGaugeError",
+    "GaugeNotFoundError",
     "DimensionMismatchError",
     "UnsupportedArchitectureError",
     "SignedGaugeNotAllowedError",
     "CheckpointError",
+    "DestinationExistsError",
     "FingerprintMismatchError",
     "FixtureError",
     "TransportError",
     "EstimationError",
+    "HubError",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "HubOfflineError",
 ]
 
 
@@ -27,6 +37,10 @@ class GaugeError(Exception):
 class InvalidGaugeError(GaugeError, ValueError):
     """A signed permutation is malformed: not a bijection, signs not in {+1, -1}, wrong dtype,
     lengths that differ, or a gauge file that is tampered with or truncated."""
+
+
+class GaugeNotFoundError(InvalidGaugeError):
+    """The repository (or subfolder) exists but holds no gauge (no ``gauge_config.json``)."""
 
 
 class DimensionMismatchError(GaugeError, ValueError):
@@ -46,6 +60,21 @@ class CheckpointError(GaugeError, OSError):
     """A checkpoint directory is missing, incomplete, corrupt, or not in safetensors format."""
 
 
+class DestinationExistsError(CheckpointError, FileExistsError):
+    """A writer was asked to write where something already exists, without permission to
+    replace it. ``path`` is the destination; ``flag`` names the permission in the interface the
+    user called (``overwrite=True`` in Python, ``--overwrite`` on the command line)."""
+
+    def __init__(self, path: str | os.PathLike, flag: str = "overwrite=True") -> None:
+        self.path = os.fspath(path)
+        self.flag = flag
+        super().__init__(f"{self.path} already exists (pass {flag} to replace it)")
+
+    def with_flag(self, flag: str) -> "DestinationExistsError":
+        """The same error, naming another interface's flag (the CLI's ``--overwrite``)."""
+        return DestinationExistsError(self.path, flag)
+
+
 class FingerprintMismatchError(GaugeError, ValueError):
     """A gauge was attached to a model other than the one it was estimated for."""
 
@@ -61,3 +90,19 @@ class TransportError(GaugeError, ValueError):
 class EstimationError(GaugeError, ValueError):
     """Gauge estimation got unusable input: no tokens, an unknown method or pooling, layers that
     do not exist, or statistics that cannot be merged."""
+
+
+class HubError(GaugeError, OSError):
+    """The Hugging Face Hub (or its local cache) could not give what was asked for."""
+
+
+class RepositoryNotFoundError(HubError):
+    """No repository of that id exists (or it is private and no valid token was given)."""
+
+
+class RevisionNotFoundError(HubError):
+    """The repository exists but has no such branch, tag or commit."""
+
+
+class HubOfflineError(HubError):
+    """Offline (``HF_HUB_OFFLINE=1`` or no network) and the file is not in the local cache."""

@@ -14,13 +14,22 @@ for one end of a gauge,
   embedding, the first and the last residual norm gain), each with its name, dtype and shape.
 
 Content hashes are computed from a model in memory or from the safetensors shards on disk
-(reading only those tensors' bytes) and give **the same hash both ways**: the hash covers a
-version tag, the safetensors dtype name, the shape and the raw little-endian bytes.
+and give **the same hash both ways**: the hash covers a version tag, the safetensors dtype name,
+the shape and the raw little-endian bytes. Besides the raw hash every floating tensor (and the
+digest of all weights) records the hashes of its *canonical casts* (fingerprint version 2): ``sha256_f32``, ``sha256_bf16`` and
+``sha256_f16`` (the tensor cast to float32, bfloat16, float16), so that the same weights held in
+another dtype are recognised:
+
+* same dtype: the raw hashes must agree;
+* different dtypes, equal float32 casts (and neither is float64): **the same weights** — the
+  narrower dtype holds them exactly (a bf16 or fp16 checkpoint loaded in float32);
+* different dtypes, equal bfloat16 or float16 casts only: **the same weights up to rounding**
+  (an fp32 checkpoint loaded in bf16 or fp16) — accepted with a warning;
+* anything else, or a version-1 fingerprint (raw hashes only) met in another dtype: a mismatch.
 
 :func:`check_fingerprint` compares two fingerprints field by field (only fields both record)
 and raises :class:`~hf_bdgauge.errors.FingerprintMismatchError` naming every difference.
-Content entries stored in different dtypes (a bf16 load of an fp32 checkpoint) cannot be
-compared byte-wise and are skipped with a log message.
+Gauges saved with version-1 fingerprints still load and compare as before within one dtype.
 """
 
 from __future__ import annotations
@@ -29,13 +38,17 @@ import hashlib
 import json
 import logging
 import os
-import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from .errors import CheckpointError, FingerprintMismatchError, UnsupportedArchitectureError
+from .hub import resolve_checkpoint_dir
+from .roles import spec_for_model_type
+from .rules import Role
+from .storage import TORCH_TO_ST, TensorInfo, read_model_config, read_tensor_bytes, tensor_index
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -49,12 +62,15 @@ __all__ = [
     "select_content_tensors",
     "check_fingerprint",
     "fingerprint_differences",
+    "fingerprint_comparison",
+    "tensor_hashes",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Version of the fingerprint layout (stored as ``fingerprint_version``).
-FINGERPRINT_VERSION = 1
+#: Version of the fingerprint layout (stored as ``fingerprint_version``): 2 adds the canonical-cast
+#: hashes ``sha256_f32`` / ``sha256_bf16``.
+FINGERPRINT_VERSION = 2
 
 #: Config keys that define the architecture (shapes and the forward function). Everything else
 #: (token ids, dtype, transformers version, generation flags, label maps) is ignored.
@@ -80,25 +96,6 @@ ARCH_CONFIG_KEYS: tuple[str, ...] = (
 CONTENT_KINDS: tuple[str, ...] = ("embedding", "first_norm", "last_norm")
 
 _CONTENT_TAG = b"hf_bdgauge-tensor-v1"
-_EMBED_RE = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
-_LAYER_RE = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
-
-_TORCH_TO_ST: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        _TORCH_TO_ST[getattr(torch, _name)] = _st
-
 #: Fields compared by :func:`check_fingerprint` (``architectures`` names the head class, not the
 #: weights, and is informational only).
 _COMPARED_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "config_sha256",
@@ -118,9 +115,39 @@ def bytes_content_hash(dtype: str, shape: Iterable[int], data: bytes | memoryvie
 
 def _st_dtype(t: torch.Tensor) -> str:
     try:
-        return _TORCH_TO_ST[t.dtype]
+        return TORCH_TO_ST[t.dtype]
     except KeyError:
         raise UnsupportedArchitectureError(f"cannot fingerprint a tensor of dtype {t.dtype}") from None
+
+
+#: The canonical casts every floating tensor is also hashed in (fingerprint version 2).
+_CANONICAL = {"sha256_f32": ("F32", torch.float32), "sha256_bf16": ("BF16", torch.bfloat16),
+              "sha256_f16": ("F16", torch.float16)}
+
+
+def _canonical_hashes(t: torch.Tensor, dtype: str, raw_hash: str) -> dict[str, str]:
+    """``{"sha256_f32", "sha256_bf16", "sha256_f16"}`` of a CPU tensor: the hashes of its float32,
+    bfloat16 and float16 casts (the raw hash where the tensor already is that dtype; integer
+    tensors: the raw hash)."""
+    if not t.is_floating_point():
+        return dict.fromkeys(_CANONICAL, raw_hash)
+    out = {}
+    for key, (st, dt) in _CANONICAL.items():
+        if dtype == st:
+            out[key] = raw_hash
+        else:
+            c = t.to(dt).contiguous()
+            out[key] = bytes_content_hash(st, c.shape, memoryview(c.reshape(-1).view(torch.uint8).numpy()) if c.numel() else b"")
+    return out
+
+
+def tensor_hashes(tensor: torch.Tensor) -> dict[str, str]:
+    """``{"dtype", "sha256", "sha256_f32", "sha256_bf16"}`` of a tensor (see the module docstring)."""
+    if tensor.device.type == "meta":
+        raise CheckpointError("cannot hash a tensor on the meta device (offloaded weights)")
+    t = tensor.detach().to("cpu").contiguous()
+    raw = bytes_content_hash(_st_dtype(t), t.shape, memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    return {"dtype": _st_dtype(t), "sha256": raw, **_canonical_hashes(t, _st_dtype(t), raw)}
 
 
 def tensor_content_hash(tensor: torch.Tensor) -> str:
@@ -239,37 +266,30 @@ def config_fingerprint(config: Any, embedding_shape: Iterable[int] | None = None
 # --------------------------------------------------------------------------- tensor selection
 def select_content_tensors(names: Iterable[str], model_type: str | None) -> dict[str, str]:
     """``kind -> tensor name`` for :data:`CONTENT_KINDS`, chosen by name only (so a model in
-    memory and its checkpoint on disk pick the same tensors).
+    memory and its checkpoint on disk pick the same tensors), from the family's role map:
 
-    * ``embedding``: the token embedding (``embed_tokens``/``wte``/``word_embeddings``/…);
-    * ``first_norm``: the residual norm gain with the smallest layer index (ties by name);
-    * ``last_norm``: the residual norm gain outside the layers (the final norm), else the one
-      with the largest layer index.
+    * ``embedding``: the token embedding's weight (the map's ``embedding`` module);
+    * ``first_norm``: the residual norm gain in the block with the smallest index (ties by name);
+    * ``last_norm``: the residual norm gain outside the blocks (the final norm), else the one
+      in the block with the largest index.
 
-    Norm gains are the ``*.weight`` tensors the family's role map calls ``gain``; an unknown
-    family only gets the embedding.
+    Norm gains are the ``*.weight`` tensors the role map calls ``gain``; an unknown family gets
+    no content selection (its fingerprint still hashes every weight).
     """
     names = sorted(set(names))
     out: dict[str, str] = {}
-    emb = [n for n in names if _EMBED_RE.search(n)]
+    try:
+        spec = spec_for_model_type(model_type) if model_type else None
+    except UnsupportedArchitectureError:
+        spec = None
+    if spec is None:
+        return out
+    emb = [n for n in names if spec.is_embedding(n)]
     if emb:
         out["embedding"] = emb[0]
-    gains: list[str] = []
-    if model_type:
-        from .roles import spec_for_model_type
-        from .rules import Role
-
-        try:
-            spec = spec_for_model_type(model_type)
-        except UnsupportedArchitectureError:
-            spec = None
-        if spec is not None:
-            for n in names:
-                rule = spec.rule_for(n)
-                if rule is not None and rule.role is Role.GAIN and n.endswith("weight"):
-                    gains.append(n)
-    layered = sorted((int(m.group(1)), n) for n in gains if (m := _LAYER_RE.search(n)))
-    outside = sorted(n for n in gains if not _LAYER_RE.search(n))
+    gains = [n for n in names if n.endswith("weight") and (r := spec.rule_for(n)) is not None and r.role is Role.GAIN]
+    layered = sorted((b, n) for n in gains if (b := spec.block_of(n)) is not None)
+    outside = sorted(n for n in gains if spec.block_of(n) is None)
     if layered:
         out["first_norm"] = layered[0][1]
     if outside:
@@ -280,17 +300,36 @@ def select_content_tensors(names: Iterable[str], model_type: str | None) -> dict
 
 
 # --------------------------------------------------------------------------- sources
-def _all_weights_entry(hashes: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
-    """One digest over every weight: sha256 of the sorted ``name:sha256`` lines, with the sha256
-    of the sorted names and the dtypes, so that it is compared only between like layouts."""
+def _all_weights_entry(hashes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
+    """One digest over every weight: sha256 of the sorted ``name:sha256`` lines (and the same
+    over the canonical-cast hashes), with the sha256 of the sorted names and the dtypes."""
     names = sorted(hashes)
-    dtypes = sorted({dt for dt, _ in hashes.values()})
+    dtypes = sorted({h["dtype"] for h in hashes.values()})
+
+    def digest(key: str) -> str:
+        return hashlib.sha256("\n".join(f"{n}:{hashes[n][key]}" for n in names).encode()).hexdigest()
+
     return {
         "count": len(names),
         "dtype": dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes),
         "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-        "sha256": hashlib.sha256("\n".join(f"{n}:{hashes[n][1]}" for n in names).encode()).hexdigest(),
+        "sha256": digest("sha256"),
+        **{key: digest(key) for key in _CANONICAL},
     }
+
+
+def _content_entries(sel: Mapping[str, str], hashes: Mapping[str, Mapping[str, str]],
+                     shapes: Mapping[str, Any]) -> dict[str, Any]:
+    entries: dict[str, Any] = {}
+    for kind in CONTENT_KINDS:
+        name = sel.get(kind)
+        if name is None:
+            continue
+        if name not in hashes:
+            logger.info("not hashing %s (%s): it is offloaded to the meta device", kind, name)
+            continue
+        entries[kind] = {"tensor": name, "shape": list(shapes[name]), **hashes[name]}
+    return entries
 
 
 def _is_model(obj: Any) -> bool:
@@ -303,17 +342,8 @@ def _fingerprint_model(model: torch.nn.Module, content: bool) -> dict[str, Any]:
     emb_shape = tuple(named[sel["embedding"]].shape) if "embedding" in sel else None
     fp = config_fingerprint(model.config, emb_shape)
     if content:
-        hashes = {n: (_st_dtype(t), tensor_content_hash(t)) for n, t in named.items() if t.device.type != "meta"}
-        entries: dict[str, Any] = {}
-        for kind in CONTENT_KINDS:
-            if kind not in sel:
-                continue
-            if sel[kind] not in hashes:
-                logger.info("not hashing %s (%s): it is offloaded to the meta device", kind, sel[kind])
-                continue
-            t = named[sel[kind]]
-            entries[kind] = {"tensor": sel[kind], "dtype": _st_dtype(t), "shape": list(t.shape),
-                             "sha256": hashes[sel[kind]][1]}
+        hashes = {n: tensor_hashes(t) for n, t in named.items() if t.device.type != "meta"}
+        entries = _content_entries(sel, hashes, {n: t.shape for n, t in named.items()})
         if len(hashes) == len(named):
             entries["all"] = _all_weights_entry(hashes)
         fp["content"] = entries
@@ -321,15 +351,7 @@ def _fingerprint_model(model: torch.nn.Module, content: bool) -> dict[str, Any]:
 
 
 def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
-    from .checkpoint import checkpoint_shards, read_safetensors_header
-
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path} has no config.json; cannot fingerprint it")
-    try:
-        raw_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    raw_cfg = read_model_config(path)
     config: Any = raw_cfg
     try:  # resolve defaults exactly as a loaded model's config would (never remote code)
         from transformers import AutoConfig
@@ -337,37 +359,28 @@ def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # unknown model_type etc.: fall back to the raw JSON
         logger.debug("AutoConfig could not read %s (%s); fingerprinting the raw config.json", path, e)
-    shards = checkpoint_shards(path)
-    where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
-    for shard in shards:
-        raw, header = read_safetensors_header(shard)
-        base = 8 + len(raw)
-        for name, info in header.items():
-            if name != "__metadata__":
-                where[name] = (shard, base, info)
-    model_type = raw_cfg.get("model_type")
-    sel = select_content_tensors(where, model_type)
-    emb_shape = where[sel["embedding"]][2]["shape"] if "embedding" in sel else None
+    where = tensor_index(path)
+    sel = select_content_tensors(where, raw_cfg.get("model_type"))
+    emb_shape = where[sel["embedding"]].shape if "embedding" in sel else None
     fp = config_fingerprint(config, emb_shape)
     if content:
-        hashes: dict[str, tuple[str, str]] = {}
-        for name, (shard, base, info) in where.items():
-            begin, end = info["data_offsets"]
-            with open(shard, "rb") as f:
-                f.seek(base + begin)
-                data = f.read(end - begin)
-            if len(data) != end - begin:
-                raise CheckpointError(f"{shard} is truncated: tensor {name} is incomplete")
-            hashes[name] = (info["dtype"], bytes_content_hash(info["dtype"], info["shape"], data))
-        entries: dict[str, Any] = {}
-        for kind in CONTENT_KINDS:
-            if kind in sel:
-                info = where[sel[kind]][2]
-                entries[kind] = {"tensor": sel[kind], "dtype": info["dtype"], "shape": list(info["shape"]),
-                                 "sha256": hashes[sel[kind]][1]}
+        hashes = {name: _file_tensor_hashes(ti) for name, ti in where.items()}
+        entries = _content_entries(sel, hashes, {n: ti.shape for n, ti in where.items()})
         entries["all"] = _all_weights_entry(hashes)
         fp["content"] = entries
     return fp
+
+
+def _file_tensor_hashes(ti: TensorInfo) -> dict[str, str]:
+    data = read_tensor_bytes(ti)
+    raw = bytes_content_hash(ti.dtype, ti.shape, data)
+    dt = ti.torch_dtype
+    if dt is None or not dt.is_floating_point:
+        return {"dtype": ti.dtype, "sha256": raw, **dict.fromkeys(_CANONICAL, raw)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, never written to
+        t = torch.frombuffer(bytearray(data), dtype=dt).reshape(ti.shape) if data else torch.empty(ti.shape, dtype=dt)
+    return {"dtype": ti.dtype, "sha256": raw, **_canonical_hashes(t, ti.dtype, raw)}
 
 
 def model_fingerprint(
@@ -388,8 +401,6 @@ def model_fingerprint(
     if _is_model(obj):
         return _fingerprint_model(obj, content)
     if isinstance(obj, (str, os.PathLike)):
-        from .checkpoint import resolve_checkpoint_dir
-
         return _fingerprint_dir(resolve_checkpoint_dir(obj, revision, **hub_kwargs), content)
     if isinstance(obj, Mapping) or hasattr(obj, "to_dict"):
         return config_fingerprint(obj)
@@ -399,9 +410,25 @@ def model_fingerprint(
 
 
 # --------------------------------------------------------------------------- comparison
-def fingerprint_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two fingerprints, over the fields both record."""
+def _compare_hashes(ea: Mapping[str, Any], eb: Mapping[str, Any]) -> str:
+    """``"same"``, ``"rounded"`` or ``"different"`` for two hash entries (module docstring)."""
+    if ea.get("dtype") == eb.get("dtype"):
+        return "same" if ea.get("sha256") == eb.get("sha256") else "different"
+    fa, fb = ea.get("sha256_f32"), eb.get("sha256_f32")
+    if fa and fb and fa == fb:
+        return "rounded" if "F64" in (ea.get("dtype"), eb.get("dtype")) else "same"
+    for key in ("sha256_bf16", "sha256_f16"):
+        ca, cb = ea.get(key), eb.get(key)
+        if ca and cb and ca == cb:
+            return "rounded"
+    return "different"
+
+
+def fingerprint_comparison(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(differences, rounded)``: what differs, and what holds the same weights only up to
+    rounding (another dtype), over the fields both fingerprints record."""
     diffs: list[str] = []
+    rounded: list[str] = []
     for key in _COMPARED_FIELDS:
         a, b = expected.get(key), actual.get(key)
         if a is None or b is None:
@@ -416,23 +443,35 @@ def fingerprint_differences(expected: Mapping[str, Any], actual: Mapping[str, An
         ea, eb = ca.get(kind), cb.get(kind)
         if not ea or not eb:
             continue
-        if ea.get("dtype") != eb.get("dtype"):
-            logger.info("content of %s not compared: stored as %s, found as %s", kind, ea.get("dtype"), eb.get("dtype"))
-            continue
         if list(ea.get("shape", [])) != list(eb.get("shape", [])):
             diffs.append(f"content.{kind} shape ({ea.get('shape')} != {eb.get('shape')})")
-        elif ea.get("sha256") != eb.get("sha256"):
-            diffs.append(f"content.{kind} ({ea.get('tensor')}: sha256 {str(ea.get('sha256'))[:12]}… != "
-                         f"{str(eb.get('sha256'))[:12]}…)")
+            continue
+        verdict = _compare_hashes(ea, eb)
+        where = f"content.{kind} ({ea.get('tensor')}, {ea.get('dtype')} vs {eb.get('dtype')})"
+        if verdict == "rounded":
+            rounded.append(where)
+        elif verdict == "different":
+            why = "" if ea.get("dtype") == eb.get("dtype") or ("sha256_f32" in ea and "sha256_f32" in eb) else \
+                "; the stored fingerprint (version 1) cannot compare across dtypes: load the model in its stored dtype"
+            diffs.append(f"{where}: sha256 {str(ea.get('sha256'))[:12]}… != {str(eb.get('sha256'))[:12]}…{why}")
     ea, eb = ca.get("all"), cb.get("all")
     if ea and eb:
-        if ea.get("names_sha256") != eb.get("names_sha256") or ea.get("dtype") != eb.get("dtype"):
-            logger.info("digest of all weights not compared: different tensor names or dtypes (%s vs %s)",
-                        ea.get("dtype"), eb.get("dtype"))
-        elif ea.get("sha256") != eb.get("sha256"):
-            diffs.append(f"content.all ({ea.get('count')} weights: sha256 {str(ea.get('sha256'))[:12]}… != "
-                         f"{str(eb.get('sha256'))[:12]}…; some weight other than those named above differs)")
-    return diffs
+        if ea.get("names_sha256") != eb.get("names_sha256"):
+            logger.info("digest of all weights not compared: different tensor names (e.g. tied vs untied lm_head)")
+        else:
+            verdict = _compare_hashes(ea, eb)
+            if verdict == "rounded":
+                rounded.append(f"content.all ({ea.get('count')} weights, {ea.get('dtype')} vs {eb.get('dtype')})")
+            elif verdict == "different":
+                diffs.append(f"content.all ({ea.get('count')} weights: sha256 {str(ea.get('sha256'))[:12]}… != "
+                             f"{str(eb.get('sha256'))[:12]}…; some weight other than those named above differs)")
+    return diffs, rounded
+
+
+def fingerprint_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints, over the fields both record (the
+    same weights in another dtype, exactly or up to rounding, are no difference)."""
+    return fingerprint_comparison(expected, actual)[0]
 
 
 def check_fingerprint(
@@ -444,12 +483,13 @@ def check_fingerprint(
 ) -> list[str]:
     """Compare fingerprints; raise :class:`FingerprintMismatchError` naming every differing field.
 
-    Only fields recorded by both are compared; an empty fingerprint matches anything. With
+    Only fields recorded by both are compared; an empty fingerprint matches anything. The same
+    weights held in another dtype up to rounding are accepted with a warning that says so. With
     ``strict=False`` differences are logged as a warning and returned instead.
     """
     if not expected or not actual:
         return []
-    diffs = fingerprint_differences(expected, actual)
+    diffs, rounded = fingerprint_comparison(expected, actual)
     if diffs:
         msg = f"the {what} does not match the fingerprint the gauge recorded: " + "; ".join(diffs)
         if strict:
@@ -457,4 +497,7 @@ def check_fingerprint(
                 msg + ". The gauge was estimated for another checkpoint; pass strict=False to attach it anyway."
             )
         logger.warning(msg)
+    elif rounded:
+        logger.warning("the %s holds the same weights as the gauge recorded, up to rounding (another dtype): %s",
+                       what, "; ".join(rounded))
     return diffs

@@ -63,22 +63,30 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import torch
 
-from ._io import atomic_directory, sha256_file
+from .card import format_value, render_gauge_card
 from .errors import (
     CheckpointError,
+    DestinationExistsError,
     DimensionMismatchError,
     FingerprintMismatchError,
+    GaugeNotFoundError,
     InvalidGaugeError,
-    UnsupportedArchitectureError,
 )
+from .files import apply_umask, atomic_directory, read_json_object, sha256_file
 from .fingerprint import check_fingerprint, model_fingerprint
 from .group import SignedPermutation
+from .hub import commit_of, download_files, is_local, push_folder, resolve_checkpoint_dir, split_revision
+from .plan import TransformPlan
+from .roles import hidden_size_of, spec_for_config
 
 __all__ = [
     "ModelRef",
     "Gauge",
     "as_signed_permutation",
     "load_gauge_files",
+    "transport_record",
+    "composed_metrics",
+    "VERDICTS",
     "library_version",
     "FORMAT_VERSION",
     "GAUGE_WEIGHTS_NAME",
@@ -95,6 +103,13 @@ GAUGE_CONFIG_NAME = "gauge_config.json"
 MODEL_CARD_NAME = "README.md"
 
 _TENSOR_NAMES = ("perm", "signs", "confidence", "margin")
+
+#: What an estimate says about a pair: the charts coincide; they differ by the gauge; no signed
+#: permutation relates them (then the object is not a gauge and nothing acts on it unforced).
+VERDICTS = ("identity", "signed_permutation", "no_signed_permutation")
+
+#: Metrics a composed gauge adds up over its hops (the rest are per hop).
+_SUMMED_METRICS = ("tokens", "time_s")
 _MAX_WEIGHTS_BYTES = 256 * 1024 * 1024  # d = 10^7 would still fit; anything larger is not a gauge file
 _MAX_CONFIG_BYTES = 64 * 1024 * 1024
 
@@ -142,13 +157,10 @@ class ModelRef:
                         content: bool = True, **hub_kwargs: Any) -> "ModelRef":
         """Describe a checkpoint directory or Hub repo id (resolved at ``revision``); the commit
         hash is read from the Hub cache path when the checkpoint came from the Hub."""
-        from .checkpoint import resolve_checkpoint_dir
-
-        d = resolve_checkpoint_dir(path_or_repo_id, revision, **hub_kwargs)
-        commit = None
-        if not Path(path_or_repo_id).is_dir() and d.parent.name == "snapshots":
-            commit = d.name
-        return cls(model_id=str(path_or_repo_id), revision=revision, commit_hash=commit,
+        name, revision = split_revision(path_or_repo_id, revision)
+        d = resolve_checkpoint_dir(name, revision, **hub_kwargs)
+        commit = None if Path(name).is_dir() else commit_of(d)
+        return cls(model_id=name, revision=revision, commit_hash=commit,
                    fingerprint=model_fingerprint(d, content=content))
 
     # ------------------------------------------------------------------ (de)serialization
@@ -272,6 +284,84 @@ def _element_sha256(g: SignedPermutation) -> str:
     return h.hexdigest()
 
 
+def _hop_metric(h: Mapping[str, Any], key: str) -> Any:
+    """A hop's metric: under ``metrics`` (the hop schema) or at top level (older records)."""
+    m = h.get("metrics")
+    if isinstance(m, Mapping) and key in m:
+        return m[key]
+    return h.get(key)
+
+
+def _inverted_hop(h: Mapping[str, Any]) -> dict[str, Any]:
+    """A hop record traversed backwards: ends swapped, ``inverted`` toggled."""
+    out = dict(h, inverted=not h.get("inverted", False))
+    for a, b in (("source", "target"), ("source_revision", "target_revision")):
+        if a in h or b in h:
+            out[a], out[b] = h.get(b), h.get(a)
+    return out
+
+
+#: Metrics only a composite has (dropped when a composite becomes one hop of another chain).
+_COMPOSED_ONLY = ("hop_verdicts", "weak_hops", "methods")
+
+
+def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, confidence: np.ndarray | None) -> dict[str, Any]:
+    """Metrics of a chain of hops: ``verdict`` (``no_signed_permutation`` if any hop has it,
+    ``identity`` when the product is the identity, else
+    ``signed_permutation``), ``num_hops``, ``methods``, ``hop_verdicts``, ``weak_hops``, the
+    tokens and time summed over hops, the weakest hop's excess over its null, the path
+    confidence, and a one-line ``summary``."""
+    verdicts = [_hop_metric(h, "verdict") for h in hops]
+    if "no_signed_permutation" in verdicts:
+        verdict = "no_signed_permutation"
+    elif element.is_identity:
+        verdict = "identity"
+    else:
+        verdict = "signed_permutation"
+    d = element.dim
+    weak = [k for k, h in enumerate(hops) if _hop_metric(h, "weak_fit")]
+    out: dict[str, Any] = {"verdict": verdict, "num_hops": len(hops), "methods": [h.get("method") for h in hops],
+                           "hop_verdicts": verdicts, "weak_hops": weak}
+    for key in _SUMMED_METRICS:
+        vals = [_hop_metric(h, key) for h in hops]
+        if any(v is not None for v in vals):
+            out[key] = type(next(v for v in vals if v is not None))(sum(v or 0 for v in vals))
+    excesses = [x for h in hops if (x := _hop_metric(h, "excess_over_null")) is not None]
+    if excesses:
+        out["min_hop_excess_over_null"] = float(min(excesses))
+    if confidence is not None:
+        out["min_confidence"] = float(confidence.min())
+        out["mean_confidence"] = float(confidence.mean())
+    summary = (f"{verdict} composed over {len(hops)} hops: {int(np.sum(element.perm != np.arange(d)))}/{d} coordinates "
+               f"move, {element.num_flips} flip")
+    if confidence is not None:
+        summary += f"; weakest link min confidence {float(confidence.min()):.3f}"
+    if weak:
+        summary += f"; {len(weak)} weak link(s) (hops {weak[:8]})"
+    out["summary"] = summary
+    if verdict == "no_signed_permutation":
+        logger.warning("a link of the chain has no signed permutation: %s", summary)
+    return out
+
+
+def transport_record(gauge: "Gauge | SignedPermutation", *, object_model: str | None = None) -> dict[str, Any]:
+    """The one record a transported object (adapter, SAE, steering vector, probe, index set)
+    keeps of the gauge that moved it: the element's sha256, ``dim``, ``num_flips``, the model the
+    object named before (``object_model``) and, for a :class:`Gauge`, its ``method`` and both
+    ends (``model_id``, ``revision``, ``commit_hash``)."""
+    el = gauge.element if isinstance(gauge, Gauge) else gauge
+    if not isinstance(el, SignedPermutation):
+        raise TypeError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
+    rec: dict[str, Any] = {"gauge_sha256": _element_sha256(el), "dim": el.dim, "num_flips": el.num_flips,
+                           "object_model": object_model}
+    if isinstance(gauge, Gauge):
+        rec["method"] = gauge.method
+        for end in ("source", "target"):
+            ref: ModelRef = getattr(gauge, end)
+            rec[end] = {"model_id": ref.model_id, "revision": ref.revision, "commit_hash": ref.commit_hash}
+    return rec
+
+
 # =========================================================================== Gauge
 @dataclass(eq=False)
 class Gauge:
@@ -373,7 +463,10 @@ class Gauge:
 
     # ------------------------------------------------------------------ group law
     def as_hop(self) -> dict[str, Any]:
-        """This gauge as one provenance record (no tensors; the element by its sha256)."""
+        """This gauge as one provenance record (the one hop schema): both ends as ModelRef
+        dicts, ``method``, ``dim``, ``num_flips``, ``element_sha256`` (the element by its hash),
+        ``metrics`` (without nested hop lists), ``inverted`` and ``library_version``."""
+        metrics = {k: v for k, v in self.metrics.items() if k not in _COMPOSED_ONLY}
         return {
             "source": self.source.to_dict(),
             "target": self.target.to_dict(),
@@ -381,17 +474,23 @@ class Gauge:
             "dim": self.dim,
             "num_flips": self.num_flips,
             "element_sha256": _element_sha256(self.element),
-            "metrics": _jsonable(self.metrics),
+            "metrics": _jsonable(metrics),
+            "inverted": False,
             "library_version": self.library_version,
         }
 
-    def _chain(self) -> list[dict[str, Any]]:
+    def hop_chain(self) -> list[dict[str, Any]]:
+        """The hops this gauge is made of, in the order they apply: its ``hops``, or itself as
+        one hop (:meth:`as_hop`) when it was estimated or written directly."""
         return [dict(h) for h in self.hops] if self.hops else [self.as_hop()]
 
     def compose(self, other: "Gauge", *, check: bool = True) -> "Gauge":
         """``self ∘ other``: apply ``other`` (A → B) first, then ``self`` (B → C); returns A → C.
 
-        With ``check`` the junction ``other.target == self.source`` is verified (module docstring).
+        The one group law of the library (trajectories are folds of it). With ``check`` the
+        junction ``other.target == self.source`` is verified (module docstring). The composite's
+        ``hops`` concatenate both chains; its confidence and margin are the path minima; its
+        metrics aggregate the hops' (:func:`composed_metrics`).
         """
         if not isinstance(other, Gauge):
             raise TypeError(f"can only compose a Gauge with a Gauge, got {type(other).__name__}")
@@ -401,15 +500,11 @@ class Gauge:
             _check_junction(other.target, self.source,
                             what="the target of the first gauge is not the source of the second")
         element = self.element @ other.element
-        hops = other._chain() + self._chain()
+        hops = other.hop_chain() + self.hop_chain()
         conf = _min_chain(other.confidence, self.confidence, other.element)
         marg = _min_chain(other.margin, self.margin, other.element)
-        metrics: dict[str, Any] = {"num_hops": len(hops), "methods": [h.get("method") for h in hops]}
-        if conf is not None:
-            metrics["min_confidence"] = float(conf.min())
-            metrics["mean_confidence"] = float(conf.mean())
-        return Gauge(element, source=other.source, target=self.target, method="composed", confidence=conf,
-                     margin=marg, metrics=metrics, hops=hops)
+        return Gauge(element, source=other.source, target=self.target, method="composed",
+                     confidence=conf, margin=marg, metrics=composed_metrics(hops, element, conf), hops=hops)
 
     def __matmul__(self, other: "Gauge | SignedPermutation") -> "Gauge":
         """``g2 @ g1`` = ``g2.compose(g1)`` (``g1`` first). A bare :class:`SignedPermutation`
@@ -427,16 +522,11 @@ class Gauge:
 
     def inverse(self) -> "Gauge":
         """The gauge ``target → source``: element ``Gᵀ``, ends swapped, per-coordinate arrays
-        re-indexed by the new source chart, hops reversed and each marked inverted."""
+        re-indexed by the new source chart (``c'[π(i)] = c[i]``), hops reversed with their ends
+        swapped and ``inverted`` toggled."""
         g = self.element
         p = (lambda a: None if a is None else g.apply(a, signed=False))
-        hops = []
-        for h in reversed(self.hops):
-            h = dict(h)
-            h["source"], h["target"] = h.get("target"), h.get("source")
-            if h.pop("inverted", False) is False:
-                h["inverted"] = True
-            hops.append(h)
+        hops = [_inverted_hop(h) for h in reversed(self.hops)]
         return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
                      confidence=p(self.confidence), margin=p(self.margin), metrics=dict(self.metrics), hops=hops,
                      library_version=self.library_version)
@@ -452,57 +542,46 @@ class Gauge:
     ) -> None:
         """Raise unless this gauge can act on ``model`` as its ``end`` chart.
 
-        ``model`` is a transformers model in memory, a config, or a checkpoint directory. Checks:
-        the hidden size equals ``dim`` (:class:`DimensionMismatchError`); the family's symmetry
-        group contains the element (a signed gauge on a LayerNorm model raises
-        :class:`~hf_bdgauge.errors.SignedGaugeNotAllowedError`); and, when that end recorded a
-        fingerprint, that ``model`` matches it (:class:`FingerprintMismatchError`, or a warning
-        with ``strict=False``). ``fingerprint`` may pass the model's precomputed fingerprint.
+        ``model`` is a transformers model in memory, a checkpoint directory, or a config. The
+        checks are the transform plan's (:meth:`hf_bdgauge.plan.TransformPlan.admit`): dimension,
+        the family's symmetry rule, and, when that end recorded a fingerprint, that ``model``
+        matches it (:class:`FingerprintMismatchError`, or a warning with ``strict=False``).
+        ``fingerprint`` may pass the model's precomputed fingerprint. A bare config has no
+        tensors, so only dimension and symmetry are checked for it.
         """
-        from .apply import check_gauge_allowed
-        from .roles import hidden_size_of, spec_for_config
-        from .rules import Role
-
-        if end not in ("source", "target"):
-            raise ValueError(f"end must be 'source' or 'target', got {end!r}")
-        ref: ModelRef = getattr(self, end)
-        config: Any
         if isinstance(model, (str, os.PathLike)):
-            cfg_path = Path(model) / "config.json"
-            if not cfg_path.is_file():
-                raise CheckpointError(f"{model} is not a checkpoint directory with a config.json")
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+            plan = TransformPlan.for_checkpoint(model)
         elif isinstance(model, torch.nn.Module):
-            config = getattr(model, "config", None)
-            if config is None:
-                raise UnsupportedArchitectureError(f"{type(model).__name__} has no .config")
+            plan = TransformPlan.for_model(model)
         else:
-            config = model
-        d = hidden_size_of(config)
-        if d != self.dim:
-            raise DimensionMismatchError(
-                f"the gauge has dimension {self.dim} but the {end} model's hidden size is {d}")
-        spec = spec_for_config(config)
-        biases: dict[str, Any] = {}
-        if not spec.allows_signs and isinstance(model, torch.nn.Module):
-            for n, p in model.named_parameters():
-                rule = spec.rule_for(n)
-                if rule is not None and rule.role is Role.GAIN and n.endswith("bias"):
-                    biases[n] = p.detach()
-        check_gauge_allowed(spec, self.element, biases)
-        if ref.fingerprint:
-            actual = fingerprint
-            if actual is None:
-                actual = model_fingerprint(model, content=bool(ref.fingerprint.get("content")))
-            check_fingerprint(ref.fingerprint, actual, strict, what=f"{end} model")
+            spec = spec_for_config(model)
+            d = hidden_size_of(model)
+            if d != self.dim:
+                raise DimensionMismatchError(f"the gauge has dimension {self.dim} but the {end} model's hidden size is {d}")
+            spec.check_element(self.element)
+            return
+        if fingerprint is not None:
+            plan.fingerprint_of = lambda: dict(fingerprint)
+        plan.admit(self, end=end, strict=strict)
 
     # ------------------------------------------------------------------ description
+    @property
+    def verdict(self) -> str | None:
+        """What the estimate says about the pair (one of :data:`VERDICTS`), ``None`` when the
+        gauge was not estimated (written by hand, planted)."""
+        v = self.metrics.get("verdict")
+        return str(v) if v is not None else None
+
     def summary(self) -> str:
-        """A human-readable multi-line description: ends, size, flips, method, fit, identity."""
-        lines = [
-            f"Gauge of dimension {self.dim}: {self.source.label()} -> {self.target.label()}",
-            f"  method: {self.method}; library version {self.library_version}",
-        ]
+        """A human-readable multi-line description, leading with the verdict: ends, size, flips,
+        method, fit, identity, hops; every metric, one per line."""
+        lines = [f"Gauge of dimension {self.dim}: {self.source.label()} -> {self.target.label()}"]
+        verdict = self.verdict
+        if verdict == "no_signed_permutation":
+            lines.append("  verdict: NOT A GAUGE — no signed permutation explains this pair; do not transport with it")
+        elif verdict is not None:
+            lines.append(f"  verdict: {verdict}")
+        lines.append(f"  method: {self.method}; library version {self.library_version}")
         if self.is_identity:
             lines.append("  identity: yes — the two charts coincide (a plain copy of adapters is already right)")
         elif self.is_effectively_identity:
@@ -520,8 +599,8 @@ class Gauge:
         if self.margin is not None:
             lines.append(f"  margin: mean {self.margin.mean():.4g}, min {self.margin.min():.4g}")
         if self.metrics:
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(self.metrics.items())[:12])
-            lines.append(f"  fit metrics: {shown}")
+            lines.append("  metrics:")
+            lines += [f"    {k}: {format_value(v, 200)}" for k, v in self.metrics.items() if k != "verdict"]
         if self.hops:
             lines.append(f"  composed of {len(self.hops)} hops: " + " ; ".join(
                 f"{h.get('method')}" + (" (inverted)" if h.get("inverted") else "") for h in self.hops))
@@ -564,8 +643,7 @@ class Gauge:
     def generate_model_card(self, **kwargs: Any):
         """A :class:`huggingface_hub.ModelCard` rendered from the gauge card template; ``kwargs``
         are passed to the template (e.g. ``repo_id``)."""
-        from .hub import render_gauge_card
-
+        kwargs.setdefault("format_version", FORMAT_VERSION)
         return render_gauge_card(self, **kwargs)
 
     def _save_pretrained(self, save_directory: Path, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
@@ -585,6 +663,7 @@ class Gauge:
         self,
         save_directory: str | os.PathLike,
         *,
+        overwrite: bool = False,
         repo_id: str | None = None,
         push_to_hub: bool = False,
         model_card_kwargs: Mapping[str, Any] | None = None,
@@ -592,10 +671,12 @@ class Gauge:
     ) -> str | None:
         """Save ``gauge.safetensors``, ``gauge_config.json`` and ``README.md`` to ``save_directory``.
 
-        A new directory appears atomically (assembled beside it, then renamed); into an existing
-        directory each file is written under a temporary name and renamed into place (the config
-        last), other files there are kept. ``push_to_hub=True`` then pushes (``repo_id`` defaults to
-        the directory name) and returns the commit URL.
+        A new directory appears atomically (assembled beside it, then renamed). An existing
+        directory is written into (other files there are kept; each file is written under a
+        temporary name and renamed into place, the config last) — but one that already holds a
+        gauge is refused with :class:`~hf_bdgauge.errors.DestinationExistsError` unless
+        ``overwrite=True``. ``push_to_hub=True`` then pushes (``repo_id`` defaults to the
+        directory name) and returns the commit.
         """
         save_directory = Path(save_directory)
         if not save_directory.exists():
@@ -604,8 +685,11 @@ class Gauge:
         else:
             if not save_directory.is_dir():
                 raise CheckpointError(f"{save_directory} exists and is not a directory")
+            if not overwrite and any((save_directory / n).exists() for n in (GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME)):
+                raise DestinationExistsError(save_directory)
             with tempfile.TemporaryDirectory(prefix=".gauge-tmp-", dir=save_directory) as tmp:
                 self._save_pretrained(Path(tmp), model_card_kwargs)
+                apply_umask(tmp)
                 for name in (GAUGE_WEIGHTS_NAME, MODEL_CARD_NAME, GAUGE_CONFIG_NAME):
                     os.replace(Path(tmp) / name, save_directory / name)
         logger.info("saved %r to %s", self, save_directory)
@@ -630,28 +714,32 @@ class Gauge:
         revision: str | None = None,
         subfolder: str | None = None,
     ) -> "Gauge":
-        """Load a gauge from a local directory or a Hub repo id (at ``revision``: branch, tag or
-        commit), through ``huggingface_hub`` (cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``).
+        """Load a gauge from a local directory or a Hub repo id (``repo@revision`` or ``revision=``:
+        branch, tag or commit), through ``huggingface_hub`` (cache, ``HF_HUB_OFFLINE``,
+        ``HF_ENDPOINT``).
 
-        Raises :class:`InvalidGaugeError` for a malformed, tampered or truncated gauge.
+        Raises :class:`InvalidGaugeError` for a malformed, tampered or truncated gauge,
+        :class:`~hf_bdgauge.errors.GaugeNotFoundError` for a repo without one, and the
+        :class:`~hf_bdgauge.errors.HubError` subclasses for a missing repository or revision.
         """
-        path = Path(pretrained_model_name_or_path)
-        if subfolder:
-            local = path / subfolder
-        else:
-            local = path
+        name, revision = split_revision(pretrained_model_name_or_path, revision)
+        path = Path(name).expanduser()
+        local = path / subfolder if subfolder else path
         if local.is_dir():
             return cls._from_pretrained(local)
-        s = str(pretrained_model_name_or_path)
-        if path.exists() or s.startswith((".", "/", "~")) or os.sep != "/" and os.sep in s:
+        if is_local(name):
             raise CheckpointError(f"gauge directory {local} does not exist")
-        from .hub import download_gauge_files
-
-        directory, commit = download_gauge_files(
-            s, revision=revision, subfolder=subfolder, cache_dir=cache_dir, force_download=force_download,
-            token=token, local_files_only=local_files_only)
+        try:
+            directory, commit = download_files(
+                name, [GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME], revision=revision, subfolder=subfolder, what="gauge",
+                missing=GaugeNotFoundError, cache_dir=cache_dir, force_download=force_download, token=token,
+                local_files_only=local_files_only)
+        except GaugeNotFoundError as e:
+            where = f"{name!r} (revision {revision or 'main'}{f', folder {subfolder}' if subfolder else ''})"
+            raise GaugeNotFoundError(f"{where} has no {GAUGE_CONFIG_NAME} and {GAUGE_WEIGHTS_NAME}: it is not an "
+                                     "hf_bdgauge gauge repository") from e
         gauge = cls._from_pretrained(directory)
-        logger.info("loaded gauge %s@%s (commit %s)", s, revision or "main", commit)
+        logger.info("loaded gauge %s@%s (commit %s)", name, revision or "main", commit)
         return gauge
 
     def push_to_hub(
@@ -668,36 +756,20 @@ class Gauge:
         delete_patterns: list[str] | str | None = None,
         model_card_kwargs: Mapping[str, Any] | None = None,
     ):
-        """Create ``repo_id`` if needed and upload the saved gauge in one commit
-        (``create_repo`` + ``upload_folder``). Returns the :class:`huggingface_hub.CommitInfo`
-        (a ``str`` URL with ``.oid``, the new commit hash)."""
-        from .hub import push_gauge
-
-        return push_gauge(self, repo_id, commit_message=commit_message, private=private, token=token,
-                          branch=branch, create_pr=create_pr, allow_patterns=allow_patterns,
-                          ignore_patterns=ignore_patterns, delete_patterns=delete_patterns,
-                          model_card_kwargs=model_card_kwargs)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    s = str(v)
-    return s if len(s) <= 40 else s[:37] + "..."
+        """Create ``repo_id`` if needed (and ``branch``, from the default branch, when it does
+        not exist yet) and upload the gauge in one commit (``create_repo`` + ``upload_folder``).
+        Returns the :class:`huggingface_hub.CommitInfo` (a ``str`` URL with ``.oid``, the new
+        commit hash)."""
+        card_kwargs = {"repo_id": repo_id, **dict(model_card_kwargs or {})}
+        return push_folder(lambda folder: self._save_pretrained(folder, card_kwargs), repo_id,
+                           commit_message=commit_message, private=private, token=token, branch=branch,
+                           create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                           delete_patterns=delete_patterns)
 
 
 # =========================================================================== loading
 def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InvalidGaugeError(f"{path.parent} has no {GAUGE_CONFIG_NAME}: not an hf_bdgauge gauge directory")
-    if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise InvalidGaugeError(f"{path} is implausibly large for a gauge config")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidGaugeError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
-    if not isinstance(cfg, dict):
-        raise InvalidGaugeError(f"{path} must hold a JSON object")
+    cfg = read_json_object(path, what="hf_bdgauge gauge directory", error=InvalidGaugeError, max_bytes=_MAX_CONFIG_BYTES)
     version = cfg.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise InvalidGaugeError(f"{path}: format_version must be an integer, got {version!r}")

@@ -32,10 +32,18 @@ import numpy as np
 import torch
 
 from .apply import apply_gauge
-from .errors import CheckpointError, FingerprintMismatchError
+from .errors import (
+    CheckpointError,
+    DestinationExistsError,
+    FingerprintMismatchError,
+    GaugeNotFoundError,
+    HubError,
+)
 from .fingerprint import check_fingerprint, fingerprint_differences, model_fingerprint
 from .gauge import GAUGE_CONFIG_NAME, Gauge, ModelRef
 from .group import SignedPermutation
+from .hub import cached_snapshot, hub_errors, is_local, resolve_commit, split_revision
+from .roles import hidden_size_of
 
 __all__ = ["GaugedModel", "GAUGE_SUBFOLDER"]
 
@@ -52,30 +60,17 @@ def _checkpoint_dir(model_id: str, commit: str | None, revision: str | None, hub
     p = Path(model_id)
     if p.is_dir():
         return p
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(model_id, "config.json", cache_dir=hub_kwargs.get("cache_dir"),
-                                       revision=commit or revision)
-    except Exception:  # malformed ids etc.: no local snapshot to read
-        return None
-    return Path(found).parent if isinstance(found, str) else None
+    return cached_snapshot(model_id, commit or revision, cache_dir=hub_kwargs.get("cache_dir"))
 
 
 def _resolve_commit(model_id: str, revision: str | None, hub_kwargs: Mapping[str, Any]) -> str | None:
     """The commit a Hub revision points to (``None`` for local directories or when unknown)."""
     if Path(model_id).is_dir():
         return None
-    from huggingface_hub import HfApi, constants
-
-    try:
-        resolved = HfApi(token=hub_kwargs.get("token")).resolve_revision(
-            model_id, revision=revision, cache_dir=hub_kwargs.get("cache_dir"),
-            local_files_only=bool(hub_kwargs.get("local_files_only")) or constants.is_offline_mode())
-    except Exception as e:  # the model load reports repository errors better
-        logger.debug("could not resolve %s@%s: %s", model_id, revision, e)
-        return None
-    return getattr(resolved, "resolved", None)
+    if is_local(model_id):
+        raise CheckpointError(f"model directory {model_id} does not exist")
+    return resolve_commit(model_id, revision, token=hub_kwargs.get("token"), cache_dir=hub_kwargs.get("cache_dir"),
+                          local_files_only=bool(hub_kwargs.get("local_files_only")))
 
 
 class GaugedModel:
@@ -106,8 +101,6 @@ class GaugedModel:
             ref.fingerprint = model_fingerprint(model)
         self._model_ref = ref
         if gauge is None:
-            from .roles import hidden_size_of
-
             gauge = Gauge.identity(hidden_size_of(model.config), source=ref, target=ref)
         elif isinstance(gauge, SignedPermutation):
             gauge = Gauge(gauge, source=ref, method="manual")
@@ -138,8 +131,9 @@ class GaugedModel:
     ) -> "GaugedModel":
         """Load a causal LM with ``AutoModelForCausalLM.from_pretrained`` and attach a gauge.
 
-        ``gauge`` is a :class:`Gauge`, a local gauge directory or a Hub repo id (loaded at
-        ``gauge_revision``), or ``None`` to use the ``gauge/`` subfolder a previous
+        ``pretrained_model_name_or_path`` and ``gauge`` take ``repo@revision`` (or ``revision=`` /
+        ``gauge_revision=``). ``gauge`` is a :class:`Gauge`, a local gauge directory or a Hub repo
+        id, or ``None`` to use the ``gauge/`` subfolder a previous
         :meth:`save_pretrained` wrote (identity when there is none). ``revision`` and every other
         keyword (``dtype``, ``device_map``, ``token``, ``cache_dir``, ``local_files_only``, …) go
         to ``from_pretrained``; weights are read from safetensors only and remote code is not
@@ -151,11 +145,17 @@ class GaugedModel:
         if from_pretrained_kwargs.get("use_safetensors") is False:
             raise ValueError("hf_bdgauge loads safetensors weights only (use_safetensors=False is refused)")
         from_pretrained_kwargs["use_safetensors"] = True
-        model_id = str(pretrained_model_name_or_path)
+        model_id, revision = split_revision(pretrained_model_name_or_path, revision)
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
         commit = _resolve_commit(model_id, revision, hub_kwargs)
-        model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit or revision,
-                                                     trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+        try:
+            with hub_errors(f"model {model_id}@{revision or 'main'}"):
+                model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit or revision,
+                                                             trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+        except OSError as e:  # transformers' own "is not a local folder and not a valid model identifier"
+            if isinstance(e, (CheckpointError, HubError)):
+                raise
+            raise CheckpointError(f"cannot load model {model_id}@{revision or 'main'}: {str(e).splitlines()[0]}") from e
         model.eval()
         ckpt = _checkpoint_dir(model_id, commit, revision, hub_kwargs)
         fp = None
@@ -176,20 +176,17 @@ class GaugedModel:
         if isinstance(gauge, (Gauge, SignedPermutation)):
             return gauge
         if isinstance(gauge, (str, os.PathLike)):
-            return Gauge.from_pretrained(gauge, revision=gauge_revision, **hub_kwargs)
+            name, rev = split_revision(gauge, gauge_revision)
+            return Gauge.from_pretrained(name, revision=rev, **hub_kwargs)
         if gauge is not None:
             raise TypeError(f"gauge must be a Gauge, a directory or a Hub repo id, got {type(gauge).__name__}")
         if ckpt is not None and (ckpt / GAUGE_SUBFOLDER / GAUGE_CONFIG_NAME).is_file():
             logger.info("attaching the gauge saved in %s", ckpt / GAUGE_SUBFOLDER)
             return Gauge.from_pretrained(ckpt / GAUGE_SUBFOLDER)
         if not Path(model_id).is_dir():
-            from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-            from .hub import GaugeNotFoundError
-
             try:
                 return Gauge.from_pretrained(model_id, revision=revision, subfolder=GAUGE_SUBFOLDER, **hub_kwargs)
-            except (GaugeNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as e:  # no bundled gauge
+            except (GaugeNotFoundError, HubError) as e:  # no bundled gauge
                 logger.debug("no bundled gauge in %s: %s", model_id, e)
         logger.warning("no gauge given and none saved with %s: attaching the identity (the model is its own "
                        "reference chart)", model_id)
@@ -297,12 +294,18 @@ class GaugedModel:
                               commit_hash=None, fingerprint=fp)
         self._model_ref = new_source
         self._gauge = Gauge.identity(old.dim, source=new_source, target=old.target, method="canonicalized",
-                                     metrics={"canonicalized_from": old.method}, hops=old._chain())
+                                     metrics={"canonicalized_from": old.method}, hops=old.hop_chain())
         return self
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """``model.save_pretrained(save_directory, **kwargs)`` plus the gauge in ``gauge/``."""
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> None:
+        """``model.save_pretrained(save_directory, **kwargs)`` plus the gauge in ``gauge/``.
+
+        A directory that already holds a saved gauge is refused (before anything is written)
+        unless ``overwrite=True``."""
         save_directory = Path(save_directory)
+        sub = save_directory / GAUGE_SUBFOLDER
+        if not overwrite and (sub / GAUGE_CONFIG_NAME).exists():
+            raise DestinationExistsError(sub)
         self._model.save_pretrained(save_directory, **kwargs)
-        self._gauge.save_pretrained(save_directory / GAUGE_SUBFOLDER)
+        self._gauge.save_pretrained(sub, overwrite=overwrite)

@@ -165,6 +165,13 @@ class SignedPermutation:
         return bool(np.all(self._signs == 1))
 
     @property
+    def commutes_with_centring(self) -> bool:
+        """True when ``G`` commutes with subtracting the mean over the coordinates: every sign
+        equal, ``G = P`` or ``G = −P`` (``mean(±P·x) = ±mean(x)``). These are the only signed
+        permutations a LayerNorm (or any mean-centring normalisation) admits."""
+        return bool(np.all(self._signs == self._signs[0]))
+
+    @property
     def is_identity(self) -> bool:
         return self.is_unsigned and bool(np.all(self._perm == np.arange(self.dim)))
 

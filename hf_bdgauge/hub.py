@@ -1,217 +1,335 @@
-"""Hub I/O for gauges: download through ``huggingface_hub``, push, and the model card.
+"""Hub I/O: the one ``repo@revision`` resolver, the one mapping of Hub errors, downloads, pushes.
 
 Everything goes through ``huggingface_hub``'s own client, so Hub ids, revisions (branch, tag
-or commit), the local cache, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` behave as for any model.
+or commit), the local cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and tokens behave as for any
+model.
 
-* :func:`download_gauge_files` fetches ``gauge_config.json`` at the requested revision, reads
-  the commit it resolved to from the cache path, then fetches ``gauge.safetensors`` **at that
-  commit**, so the two files always come from the same repository state even if the branch
-  moves in between.
-* :func:`push_gauge` is ``create_repo(exist_ok=True)`` + ``upload_folder`` of a freshly saved
-  gauge, one commit.
-* :func:`render_gauge_card` fills ``model_cards/gauge_card_template.md`` (YAML metadata:
-  ``library_name: hf_bdgauge``, tags, ``base_model`` = the Hub models the gauge connects).
+Names
+-----
+Wherever the library takes a model, adapter, SAE, gauge or file, it takes
+
+* a local path (used as it is; a local path is never split at ``@``), or
+* a Hub repo id, optionally pinned as ``repo_id@revision`` (:func:`split_revision`), and, for
+  things that live *inside* a repo, followed by the path in the repo:
+  ``namespace/name[@revision][/path/in/repo]`` (:func:`split_hub_path`; a repo id has one
+  ``/``, so what follows the second is the path). A revision containing ``/`` (``refs/pr/1``)
+  is passed with ``revision=`` / ``--revision`` instead.
+
+A revision given both ways must agree.
+
+Errors
+------
+:func:`hub_errors` is the one place where ``huggingface_hub`` exceptions become
+:class:`~hf_bdgauge.errors.GaugeError` subclasses (missing repository, missing revision, a file
+the repo lacks, offline without a cached copy, an invalid id, any other HTTP failure), each with
+one line saying what was asked for; the CLI prints that line and exits 1.
+
+Transfers
+---------
+* :func:`download_files` fetches a repo's files at one revision, resolving the commit from the
+  first file so that all come from the same repository state even if a branch moves meanwhile;
+* :func:`snapshot` fetches a directory (a checkpoint, an adapter, an SAE) at a revision;
+* :func:`push_folder` is ``create_repo(exist_ok=True)`` (+ ``create_branch`` for a new branch) +
+  ``upload_folder`` of a freshly written directory, one commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import tempfile
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from .errors import InvalidGaugeError
+from .errors import (
+    CheckpointError,
+    GaugeError,
+    HubError,
+    HubOfflineError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from huggingface_hub import CommitInfo, ModelCard
+    from huggingface_hub import CommitInfo
 
-    from .gauge import Gauge
-
-__all__ = ["GaugeNotFoundError", "download_gauge_files", "push_gauge", "render_gauge_card", "gauge_card_template", "CARD_TAGS"]
+__all__ = [
+    "split_revision",
+    "split_hub_path",
+    "is_local",
+    "hub_errors",
+    "commit_of",
+    "snapshot",
+    "resolve_checkpoint_dir",
+    "resolve_file",
+    "resolve_dir",
+    "download_files",
+    "hub_file",
+    "resolve_commit",
+    "cached_snapshot",
+    "push_folder",
+    "CHECKPOINT_PATTERNS",
+]
 
 logger = logging.getLogger(__name__)
 
-class GaugeNotFoundError(InvalidGaugeError):
-    """The repository (or subfolder) exists but holds no gauge (no ``gauge_config.json``)."""
-
-
-#: Tags every gauge card carries.
-CARD_TAGS = ("hf_bdgauge", "gauge", "signed-permutation", "residual-stream")
-
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_SNAPSHOT_RE = re.compile(r"snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
+
+#: Files a model checkpoint needs (weights as safetensors only, configs, tokenizer).
+CHECKPOINT_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja")
 
 
-def download_gauge_files(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    force_download: bool = False,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-) -> tuple[Path, str | None]:
-    """Download a gauge repo's config and tensors; return ``(directory, commit_hash)``.
+# =========================================================================== names
+def is_local(spec: str | os.PathLike) -> bool:
+    """True for anything that names the local file system: an existing path, or a string that
+    starts like a path (``.``, ``/``, ``~``, a drive, a backslash)."""
+    s = os.fspath(spec)
+    if Path(s).expanduser().exists():
+        return True
+    return s.startswith((".", "/", "~", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", s)) or (
+        os.sep != "/" and os.sep in s)
 
-    Raises :class:`GaugeNotFoundError` (an :class:`InvalidGaugeError`) when the repo exists but
-    holds no gauge config, :class:`InvalidGaugeError` when it has a config but no tensors; repository,
-    revision and offline errors of ``huggingface_hub`` propagate unchanged.
+
+def split_revision(spec: str | os.PathLike, revision: str | None = None) -> tuple[str, str | None]:
+    """``"repo_id@revision"`` → ``("repo_id", "revision")``; a local path or a plain id keeps
+    ``revision``. Raises :class:`GaugeError` when the spec and ``revision`` name two revisions."""
+    s = os.fspath(spec)
+    if is_local(s) or "@" not in s:
+        return s, revision
+    name, _, rev = s.partition("@")
+    if not name or not rev:
+        raise GaugeError(f"{s!r}: expected repo_id@revision")
+    if revision is not None and revision != rev:
+        raise GaugeError(f"{s!r} pins revision {rev!r} but revision {revision!r} was also given")
+    return name, rev
+
+
+def split_hub_path(spec: str | os.PathLike, revision: str | None = None) -> tuple[str, str | None, str | None]:
+    """``"namespace/name[@revision][/path/in/repo]"`` → ``(repo_id, revision, path_in_repo)``
+    (``path_in_repo`` ``None`` when absent). Local paths are not split: ``(path, revision, None)``."""
+    s = os.fspath(spec)
+    if is_local(s):
+        return s, revision, None
+    if "@" in s:
+        repo, _, rest = s.partition("@")
+        rev, _, path = rest.partition("/")
+        if not repo or not rev:
+            raise GaugeError(f"{s!r}: expected namespace/name@revision[/path]")
+        if revision is not None and revision != rev:
+            raise GaugeError(f"{s!r} pins revision {rev!r} but revision {revision!r} was also given")
+        return repo, rev, path or None
+    parts = s.split("/")
+    if len(parts) <= 2:
+        return s, revision, None
+    return "/".join(parts[:2]), revision, "/".join(parts[2:])
+
+
+def commit_of(path: str | os.PathLike) -> str | None:
+    """The commit hash of a Hub cache snapshot path (``…/snapshots/<sha>/…``), else ``None``."""
+    m = _SNAPSHOT_RE.search(os.fspath(path))
+    return m.group(1) if m else None
+
+
+# =========================================================================== errors
+@contextlib.contextmanager
+def hub_errors(what: str, *, missing: type[GaugeError] = CheckpointError) -> Iterator[None]:
+    """Turn ``huggingface_hub`` exceptions raised inside the block into one-line
+    :class:`GaugeError` subclasses naming ``what`` (e.g. ``"checkpoint 'org/m@v2'"``).
+
+    ``missing`` is raised when the repository and revision exist but lack the file asked for.
     """
+    from huggingface_hub import errors as hf
+
+    try:
+        yield
+    except GaugeError:
+        raise
+    except hf.LocalEntryNotFoundError as e:
+        raise HubOfflineError(
+            f"cannot get {what}: it is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"(offline mode or no network): {_first_line(e)}") from e
+    except hf.OfflineModeIsEnabled as e:
+        raise HubOfflineError(f"cannot get {what}: HF_HUB_OFFLINE is set and it is not cached") from e
+    except hf.GatedRepoError as e:
+        raise RepositoryNotFoundError(f"cannot get {what}: the repository is gated; accept its terms and pass a "
+                                      "token") from e
+    except hf.RepositoryNotFoundError as e:
+        raise RepositoryNotFoundError(f"cannot get {what}: no such repository on the Hub (or it is private and no "
+                                      "valid token was given)") from e
+    except hf.RevisionNotFoundError as e:
+        raise RevisionNotFoundError(f"cannot get {what}: the repository has no such revision (branch, tag or "
+                                    "commit)") from e
+    except hf.EntryNotFoundError as e:
+        raise missing(f"cannot get {what}: the repository has no such file ({_first_line(e)})") from e
+    except hf.HFValidationError as e:
+        raise CheckpointError(f"{what}: neither an existing local path nor a valid Hub repo id ({_first_line(e)})") from e
+    except hf.HfHubHTTPError as e:
+        raise HubError(f"cannot get {what}: the Hub answered {_first_line(e)}") from e
+    except (ConnectionError, TimeoutError) as e:
+        raise HubOfflineError(f"cannot get {what}: the Hub cannot be reached ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# =========================================================================== downloads
+_HUB_KW = ("cache_dir", "force_download", "token", "local_files_only")
+
+
+def _hub_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(kw) - set(_HUB_KW)
+    if unknown:
+        raise TypeError(f"unexpected Hub arguments {sorted(unknown)}")
+    return {k: v for k, v in kw.items() if v is not None and v is not False}
+
+
+def snapshot(repo_id: str, *, revision: str | None = None, allow_patterns: Sequence[str] | None = None,
+             what: str | None = None, **hub_kwargs: Any) -> Path:
+    """``snapshot_download`` of ``repo_id`` at ``revision`` (only ``allow_patterns``)."""
+    from huggingface_hub import snapshot_download
+
+    label = what or f"{repo_id}@{revision or 'main'}"
+    with hub_errors(label):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns or ["*"]),
+                                      **_hub_kwargs(hub_kwargs)))
+
+
+def resolve_checkpoint_dir(src: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> Path:
+    """A model checkpoint directory: a local directory as it is; otherwise a Hub id
+    (``repo@revision`` or ``revision=``) downloaded (safetensors, json and tokenizer files
+    only)."""
+    name, rev = split_revision(src, revision)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    if is_local(name):
+        raise CheckpointError(f"checkpoint directory {name} does not exist")
+    return snapshot(name, revision=rev, allow_patterns=CHECKPOINT_PATTERNS, what=f"checkpoint {name}@{rev or 'main'}",
+                    **hub_kwargs)
+
+
+def resolve_dir(spec: str | os.PathLike, revision: str | None = None, *, what: str = "directory",
+                allow_patterns: Sequence[str] | None = None, **hub_kwargs: Any) -> Path:
+    """A directory (an adapter, an SAE): local as it is, or ``namespace/name[@revision][/subfolder]``
+    on the Hub (the subfolder's files only)."""
+    repo, rev, sub = split_hub_path(spec, revision)
+    p = Path(repo).expanduser()
+    if sub is None and p.is_dir():
+        return p
+    if is_local(repo):
+        raise CheckpointError(f"{what} {repo} does not exist")
+    patterns = [f"{sub}/{pat}" for pat in (allow_patterns or ["*"])] if sub else allow_patterns
+    root = snapshot(repo, revision=rev, allow_patterns=patterns, what=f"{what} {spec}", **hub_kwargs)
+    out = root / sub if sub else root
+    if not out.is_dir():
+        raise CheckpointError(f"{what} {spec}: the repository has no folder {sub!r}")
+    return out
+
+
+def resolve_file(spec: str | os.PathLike, revision: str | None = None, *, what: str = "file", **hub_kwargs: Any) -> Path:
+    """A file: local as it is, or ``namespace/name[@revision]/path/in/repo`` on the Hub."""
+    repo, rev, path = split_hub_path(spec, revision)
+    p = Path(repo).expanduser()
+    if path is None:
+        if p.is_file():
+            return p
+        if is_local(repo) or p.exists():
+            raise CheckpointError(f"no {what} at {repo}")
+        raise CheckpointError(f"{what} {spec!r}: give a local file or namespace/name[@revision]/path/in/repo")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    from .gauge import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME
+    with hub_errors(f"{what} {spec}"):
+        return Path(hf_hub_download(repo, path, revision=rev, **_hub_kwargs(hub_kwargs)))
 
-    kw: dict[str, Any] = dict(subfolder=subfolder, cache_dir=cache_dir, force_download=force_download, token=token,
-                              local_files_only=local_files_only)
+
+def download_files(repo_id: str, filenames: Sequence[str], *, revision: str | None = None, subfolder: str | None = None,
+                   what: str = "repository", missing: type[GaugeError] = CheckpointError,
+                   **hub_kwargs: Any) -> tuple[Path, str | None]:
+    """Download ``filenames`` of ``repo_id`` (inside ``subfolder``); return ``(directory,
+    commit_hash)``. The first file resolves the revision to a commit; the others are fetched at
+    that commit, so all come from one repository state. A file the repo lacks raises
+    ``missing``."""
+    from huggingface_hub import hf_hub_download
+
+    kw = dict(subfolder=subfolder, **_hub_kwargs(hub_kwargs))
+    label = f"{what} {repo_id}@{revision or 'main'}" + (f"/{subfolder}" if subfolder else "")
+    with hub_errors(label, missing=missing):
+        first = Path(hf_hub_download(repo_id, filenames[0], revision=revision, **kw))
+        snapshot_dir = first.parent.parent if subfolder else first.parent
+        commit = snapshot_dir.name if _COMMIT_RE.match(snapshot_dir.name) else None
+        for name in filenames[1:]:
+            other = Path(hf_hub_download(repo_id, name, revision=commit or revision, **kw))
+            if other.parent != first.parent:  # pragma: no cover - one snapshot by construction
+                raise missing(f"{label}: {filenames[0]} and {name} resolved to different snapshots")
+    return first.parent, commit
+
+
+def hub_file(repo_id: str, filename: str, *, revision: str | None = None, what: str | None = None,
+             **hub_kwargs: Any) -> Path:
+    """One file of a Hub repo (``repo@revision`` or ``revision=``), from the cache when offline."""
+    from huggingface_hub import hf_hub_download
+
+    name, rev = split_revision(repo_id, revision)
+    with hub_errors(what or f"{filename} of {name}@{rev or 'main'}"):
+        return Path(hf_hub_download(name, filename, revision=rev, **_hub_kwargs(hub_kwargs)))
+
+
+def resolve_commit(repo_id: str, revision: str | None = None, *, token: str | bool | None = None,
+                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> str | None:
+    """The commit a Hub revision points to; ``None`` when offline and it is not cached (the
+    caller may still find a cached copy). A missing repository or revision raises."""
+    from huggingface_hub import HfApi, constants
+
     try:
-        cfg = Path(hf_hub_download(repo_id, GAUGE_CONFIG_NAME, revision=revision, **kw))
-    except EntryNotFoundError as e:
-        if isinstance(e, LocalEntryNotFoundError):  # offline / not cached: not a statement about the repo
-            raise
-        raise GaugeNotFoundError(
-            f"{repo_id!r} (revision {revision or 'main'}) has no {GAUGE_CONFIG_NAME}: it is not an hf_bdgauge gauge "
-            "repository") from e
-    snapshot = cfg.parent.parent if subfolder else cfg.parent
-    commit = snapshot.name if _COMMIT_RE.match(snapshot.name) else None
+        with hub_errors(f"{repo_id}@{revision or 'main'}"):
+            resolved = HfApi(token=token).resolve_revision(
+                repo_id, revision=revision, cache_dir=cache_dir,
+                local_files_only=bool(local_files_only) or constants.is_offline_mode())
+    except HubOfflineError as e:
+        logger.debug("could not resolve %s@%s: %s", repo_id, revision, e)
+        return None
+    return getattr(resolved, "resolved", None)
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local snapshot directory of a Hub model already in the cache (by its ``config.json``),
+    else ``None``."""
+    from huggingface_hub import try_to_load_from_cache
+
     try:
-        weights = Path(hf_hub_download(repo_id, GAUGE_WEIGHTS_NAME, revision=commit or revision, **kw))
-    except EntryNotFoundError as e:
-        if isinstance(e, LocalEntryNotFoundError):
-            raise
-        raise InvalidGaugeError(f"{repo_id!r} has a {GAUGE_CONFIG_NAME} but no {GAUGE_WEIGHTS_NAME}") from e
-    if weights.parent != cfg.parent:  # pragma: no cover - both come from the same snapshot by construction
-        raise InvalidGaugeError(f"{repo_id!r}: config and tensors resolved to different snapshots")
-    return cfg.parent, commit
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    except Exception:  # malformed ids etc.: no local snapshot to read
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
-def push_gauge(
-    gauge: "Gauge",
-    repo_id: str,
-    *,
-    commit_message: str = "Push gauge using hf_bdgauge.",
-    private: bool | None = None,
-    token: str | None = None,
-    branch: str | None = None,
-    create_pr: bool | None = None,
-    allow_patterns: list[str] | str | None = None,
-    ignore_patterns: list[str] | str | None = None,
-    delete_patterns: list[str] | str | None = None,
-    model_card_kwargs: Mapping[str, Any] | None = None,
-) -> "CommitInfo":
-    """``create_repo(repo_id, exist_ok=True)`` then ``upload_folder`` of the saved gauge (one commit)."""
+# =========================================================================== pushes
+def push_folder(write: Callable[[Path], None], repo_id: str, *, commit_message: str, private: bool | None = None,
+                token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
+                allow_patterns: list[str] | str | None = None, ignore_patterns: list[str] | str | None = None,
+                delete_patterns: list[str] | str | None = None) -> "CommitInfo":
+    """Create ``repo_id`` if needed (and ``branch`` from the default branch if it does not exist
+    yet), call ``write(folder)`` to fill a fresh temporary folder, and upload it in one commit.
+    Returns the :class:`huggingface_hub.CommitInfo` (``.oid`` is the new commit)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-    card_kwargs = {"repo_id": repo_id, **dict(model_card_kwargs or {})}
-    with tempfile.TemporaryDirectory(prefix="hf_bdgauge-push-") as tmp:
-        folder = Path(tmp) / "gauge"
-        gauge.save_pretrained(folder, model_card_kwargs=card_kwargs)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=folder,
-            commit_message=commit_message,
-            revision=branch,
-            create_pr=create_pr,
-            allow_patterns=allow_patterns,
-            ignore_patterns=ignore_patterns,
-            delete_patterns=delete_patterns,
-        )
-    logger.info("pushed gauge to %s (commit %s)", repo_id, getattr(info, "oid", None))
+    with hub_errors(f"repository {repo_id}"):
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        if branch and not create_pr:
+            api.create_branch(repo_id=repo_id, branch=branch, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="hf_bdgauge-push-") as tmp:
+            folder = Path(tmp) / "upload"
+            folder.mkdir()
+            write(folder)
+            info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
+                                     commit_message=commit_message, revision=branch, create_pr=create_pr,
+                                     allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                                     delete_patterns=delete_patterns)
+    logger.info("pushed to %s%s (commit %s)", repo_id, f"@{branch}" if branch else "", getattr(info, "oid", None))
     return info
-
-
-# --------------------------------------------------------------------------- model card
-def gauge_card_template() -> str:
-    """The packaged model card template (``hf_bdgauge/model_cards/gauge_card_template.md``)."""
-    return resources.files("hf_bdgauge").joinpath("model_cards/gauge_card_template.md").read_text(encoding="utf-8")
-
-
-def _hub_id(model_id: str | None) -> str | None:
-    """``model_id`` if it names a Hub repo (not a local path), else ``None``."""
-    if not model_id or os.path.exists(model_id):
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(model_id)
-    except HFValidationError:
-        return None
-    return model_id
-
-
-def _short(v: Any, n: int = 7) -> str:
-    return str(v)[:n] if v else "–"
-
-
-def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_str: str | None = None,
-                      **template_kwargs: Any) -> "ModelCard":
-    """Render the gauge's model card (a :class:`huggingface_hub.ModelCard`)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .gauge import FORMAT_VERSION, _fmt
-
-    src, tgt = gauge.source, gauge.target
-    base = [m for m in (_hub_id(src.model_id), _hub_id(tgt.model_id)) if m]
-    base = list(dict.fromkeys(base))
-    card_data = ModelCardData(
-        library_name="hf_bdgauge",
-        tags=list(CARD_TAGS) + (["identity-gauge"] if gauge.is_effectively_identity else []),
-        base_model=base or None,
-    )
-    src_label, tgt_label = src.label(), tgt.label()
-    if gauge.is_identity:
-        what = (f"The identity gauge of dimension {gauge.dim} between `{src_label}` and `{tgt_label}`: the two "
-                "models share one chart of the residual stream.")
-    elif gauge.is_effectively_identity:
-        what = (f"Effectively the identity between `{src_label}` and `{tgt_label}`: the plain copy fits the pair as "
-                f"well as the estimated signed permutation (which moves {gauge.num_moved} indistinguishable "
-                f"coordinates of {gauge.dim}).")
-    else:
-        what = (f"Maps the residual-stream coordinates of `{src_label}` to those of `{tgt_label}`: a signed "
-                f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them and flips the sign of "
-                f"{gauge.num_flips}.")
-    how = f" Obtained by `{gauge.method}`"
-    if gauge.confidence is not None:
-        c = gauge.confidence
-        how += f" with per-coordinate confidence mean {c.mean():.3f} (min {c.min():.3f})"
-    how += "." if not gauge.hops else f", composed of {len(gauge.hops)} hops."
-    confidence = None
-    if gauge.confidence is not None:
-        c = gauge.confidence
-        confidence = {"mean": f"{c.mean():.4g}", "min": f"{c.min():.4g}", "low": int((c < 0.5).sum())}
-    ends = []
-    for name, ref in (("source", src), ("target", tgt)):
-        fp = ref.fingerprint or {}
-        ends.append({"name": name, "model_id": ref.model_id or "–", "revision": ref.revision or "–",
-                     "commit_hash": _short(ref.commit_hash, 12), "model_type": fp.get("model_type") or "–",
-                     "hidden_size": fp.get("hidden_size") or gauge.dim})
-    hops = [{"method": h.get("method"), "inverted": h.get("inverted", False),
-             "source": (h.get("source") or {}).get("model_id") or "?",
-             "target": (h.get("target") or {}).get("model_id") or "?"} for h in gauge.hops]
-    kwargs: dict[str, Any] = dict(
-        title=f"Gauge: {src.model_id or 'source'} → {tgt.model_id or 'target'}",
-        summary=what + how,
-        library_version=gauge.library_version,
-        dim=gauge.dim,
-        num_moved=gauge.num_moved,
-        num_flips=gauge.num_flips,
-        is_identity=gauge.is_effectively_identity,
-        ends=ends,
-        method=gauge.method,
-        confidence=confidence,
-        metrics=[(k, _fmt(v)) for k, v in gauge.metrics.items()],
-        hops=hops,
-        repo_id=repo_id or "<this repo>",
-        source_id=src.model_id or "<source model>",
-        has_confidence=gauge.confidence is not None,
-        has_margin=gauge.margin is not None,
-        format_version=FORMAT_VERSION,
-    )
-    kwargs.update(template_kwargs)
-    return ModelCard.from_template(card_data, template_str=template_str or gauge_card_template(), **kwargs)

@@ -1,15 +1,25 @@
-"""Architecture role maps: which tensors of a model family read, write, or scale the residual.
+"""Architecture role maps: which tensors of a model family read, write, or scale the residual,
+and where its layers, embedding and width live.
 
 The maps are data (``hf_bdgauge/architectures/*.json``, in the spirit of mergekit's
 architecture files): each entry is a regular expression over parameter names (matched as a
 suffix after ``^`` or ``.``, so ``model.``/``base_model.model.`` prefixes of transformers and
 PEFT need no special case) with a :class:`~hf_bdgauge.rules.Role` and, where the layout is not
-the ``nn.Linear`` ``[out, in]`` default, the residual axis.
+the ``nn.Linear`` ``[out, in]`` default, the residual axis. Besides the tensors a map says
 
-A family also states its normalisation: ``"rmsnorm"`` families (with a per-channel gain) have
-the full signed-permutation group B_d as gauge group, ``"layernorm"`` families only S_d (plus a
-global sign when every LayerNorm bias is zero) because mean-centering does not commute with
-individual sign flips.
+* ``layers``: the path (a suffix of the module name) of the ``ModuleList`` of decoder blocks,
+  e.g. ``"layers"`` (``model.layers``), ``"h"`` (GPT-2's ``transformer.h``), ``"encoder.layer"``;
+* ``embedding``: the path of the token embedding module (``"embed_tokens"``, ``"wte"`` …);
+* ``width`` and ``depth``: the config keys of the residual width and of the number of blocks.
+
+Adding a family is adding one JSON file (or :func:`register_architecture`): nothing else in the
+library names a family's modules.
+
+A family also states its normalisation, which fixes its symmetry group (:meth:`ArchitectureSpec.check_element`,
+the one place this rule lives): ``"rmsnorm"`` families (a per-channel gain) admit the whole
+signed-permutation group B_d; ``"layernorm"`` families subtract the mean, which commutes with
+permutations and with the global flip ``−P`` only (``LN(−P·x) = −P·LN(x)`` once the gain moves by
+``P`` and the LayerNorm bias, a residual vector, by ``−P``; role ``write`` in the maps).
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable, Mapping
 
-from .errors import UnsupportedArchitectureError
+from .errors import SignedGaugeNotAllowedError, UnsupportedArchitectureError
+from .group import SignedPermutation
 from .rules import Role, TensorRule
 
 __all__ = [
@@ -32,7 +43,9 @@ __all__ = [
     "spec_for_config",
     "spec_for_model",
     "hidden_size_of",
+    "num_layers_of",
     "register_architecture",
+    "check_gauge_allowed",
 ]
 
 
@@ -61,6 +74,8 @@ class ArchitectureSpec:
     gain_offset: 1.0 where the effective gain is ``1 + w`` (Gemma); the stored ``w`` is permuted
         either way since ``P(1 + w) = 1 + P·w``.
     tensors: the ordered patterns; the first match wins.
+    layers, embedding: module paths (name suffixes) of the decoder blocks and the token embedding.
+    width, depth: config keys of the residual width and of the number of decoder blocks.
     """
 
     name: str
@@ -69,11 +84,44 @@ class ArchitectureSpec:
     gain_offset: float
     tensors: tuple[TensorPattern, ...]
     description: str = ""
+    layers: str = "layers"
+    embedding: str = "embed_tokens"
+    width: str = "hidden_size"
+    depth: str = "num_hidden_layers"
 
     @property
     def allows_signs(self) -> bool:
         """True when individual sign flips are symmetries (RMSNorm with a per-channel gain)."""
         return self.norm == "rmsnorm"
+
+    def check_element(self, g: SignedPermutation, what: str | None = None) -> None:
+        """Raise :class:`SignedGaugeNotAllowedError` unless ``g`` is a symmetry of this family.
+
+        RMSNorm families admit all of B_d. LayerNorm families subtract the mean, which commutes
+        with permutations and the global flip ``G = −P`` (every sign −1) but not with flipping
+        some coordinates only (``mean(D·h) ≠ mean(h)`` in general); under ``−P`` the LayerNorm
+        gain moves by ``P`` and its bias, a residual vector, by ``−P``, whatever their values.
+        """
+        if self.allows_signs or g.commutes_with_centring:
+            return
+        raise SignedGaugeNotAllowedError(
+            f"the {self.name!r} family{f' ({what})' if what else ''} normalises with LayerNorm, which subtracts the "
+            "mean over the residual coordinates; flipping the sign of some coordinates but not all changes that "
+            "mean, so this signed permutation is not a symmetry of the model (permutations and the global flip -P "
+            f"are); this gauge flips {g.num_flips} of {g.dim} coordinates.")
+
+    def module_regex(self, path: str) -> re.Pattern:
+        """A regex matching module names that end with ``path`` (``layers``/``embedding``)."""
+        return re.compile(r"(?:^|\.)" + re.escape(path) + "$")
+
+    def block_of(self, name: str) -> int | None:
+        """The decoder-block index of a parameter (or module) name, ``None`` outside the blocks."""
+        m = re.search(r"(?:^|\.)" + re.escape(self.layers) + r"\.(\d+)(?:\.|$)", name)
+        return int(m.group(1)) if m else None
+
+    def is_embedding(self, name: str) -> bool:
+        """Whether a parameter name is the token embedding's weight."""
+        return bool(re.search(r"(?:^|\.)" + re.escape(self.embedding) + r"\.weight$", name))
 
     def rule_for(self, name: str) -> TensorRule | None:
         """The rule for one parameter name, or ``None`` when no pattern matches."""
@@ -111,6 +159,7 @@ class ArchitectureSpec:
                 TensorPattern(t["pattern"], TensorRule(Role(t["role"]), t.get("axis")), t.get("note", ""))
                 for t in data["tensors"]
             )
+            locators = {k: str(data[k]) for k in ("layers", "embedding", "width", "depth") if data.get(k)}
             return cls(
                 name=data["name"],
                 model_types=tuple(data["model_types"]),
@@ -118,6 +167,7 @@ class ArchitectureSpec:
                 gain_offset=float(data.get("gain_offset", 0.0)),
                 tensors=tensors,
                 description=data.get("description", ""),
+                **locators,
             )
         except (KeyError, ValueError, TypeError) as e:
             raise UnsupportedArchitectureError(f"malformed role map {data.get('name', '?')!r}: {e}") from e
@@ -184,10 +234,38 @@ def spec_for_model(model: Any) -> ArchitectureSpec:
     return spec_for_config(config)
 
 
+def _config_value(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def _spec_or_none(config: Any) -> ArchitectureSpec | None:
+    mt = _config_value(config, "model_type")
+    return available_architectures().get(str(mt)) if mt else None
+
+
 def hidden_size_of(config: Any) -> int:
-    """The residual width d of a config (``hidden_size``, ``n_embd`` or ``d_model``)."""
-    for key in ("hidden_size", "n_embd", "d_model", "dim"):
-        v = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+    """The residual width d of a config (the family's ``width`` key; else ``hidden_size`` /
+    ``n_embd`` / ``d_model`` / ``dim``)."""
+    spec = _spec_or_none(config)
+    for key in ((spec.width,) if spec else ()) + ("hidden_size", "n_embd", "d_model", "dim"):
+        v = _config_value(config, key)
         if v:
             return int(v)
     raise UnsupportedArchitectureError("the config states no hidden size (hidden_size / n_embd / d_model)")
+
+
+def num_layers_of(config: Any) -> int | None:
+    """The number of decoder blocks of a config (the family's ``depth`` key; else
+    ``num_hidden_layers`` / ``n_layer``), ``None`` when it states none."""
+    spec = _spec_or_none(config)
+    for key in ((spec.depth,) if spec else ()) + ("num_hidden_layers", "n_layer"):
+        v = _config_value(config, key)
+        if v:
+            return int(v)
+    return None
+
+
+def check_gauge_allowed(spec: ArchitectureSpec, g: SignedPermutation, layernorm_biases: Mapping[str, Any] | None = None) -> None:
+    """:meth:`ArchitectureSpec.check_element` (``layernorm_biases`` is accepted for compatibility
+    and ignored: the LayerNorm rule does not depend on the biases)."""
+    spec.check_element(g)

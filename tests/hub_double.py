@@ -14,6 +14,7 @@ route                                                       used by
 ``POST /api/validate-yaml``                                 ``create_commit`` (README.md metadata check)
 ``POST /api/models/{repo}/preupload/{rev}``                 ``upload_folder`` / ``create_commit``
 ``POST /api/models/{repo}/commit/{rev}`` (NDJSON)           ``upload_folder`` / ``create_commit``
+``POST /api/models/{repo}/branch/{branch}``                 ``create_branch`` (409 when it exists)
 ``GET  /api/models/{repo}[/revision/{rev}]``                ``repo_info``, ``resolve_revision``,
                                                             ``snapshot_download``
 ``GET  /api/models/{repo}/tree/{rev}[/{path}]``             ``list_repo_tree``, ``list_repo_files``,
@@ -59,6 +60,7 @@ _ROUTES = [
     ("POST", re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
+    ("POST", re.compile(rf"^/api/models/{_REPO}/branch/(?P<branch>[^/]+)$"), "create_branch"),
     ("GET", re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$"), "tree"),
     ("GET", re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$"), "repo_info"),
     ("GET", re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
@@ -280,6 +282,17 @@ class HubDouble:
             c = self._commit(repo, branch, header.get("summary") or "commit", files)
         return 200, {"commitUrl": f"{self.endpoint}/{repo.repo_id}/commit/{c.oid}", "commitOid": c.oid,
                      "pullRequestUrl": None, "success": True}
+
+    def create_branch(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+        h.require_auth()
+        repo = self._repo(m)
+        branch = unquote(m.group("branch"))
+        start = self._rev(repo, h.json_body().get("startingPoint") or "main")
+        with self._lock:
+            if branch in repo.refs:
+                raise _HttpError(409, f"Reference already exists: {branch}")
+            repo.refs[branch] = start.oid
+        return 200, {}
 
     def repo_info(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
         repo = self._repo(m)

@@ -7,14 +7,14 @@ import torch
 
 from hf_bdgauge import (
     DimensionMismatchError,
-    SignedGaugeNotAllowedError,
     SignedPermutation,
     UnsupportedArchitectureError,
     apply_gauge,
     spec_for_model,
 )
 from hf_bdgauge.rules import transform
-from hf_bdgauge.testing import LAYERNORM_TYPES, RMSNORM_TYPES, tiny_model
+from hf_bdgauge.testing import RMSNORM_TYPES, tiny_model
+from tolerances import assert_close_rel
 
 
 def _run(model, ids):
@@ -37,7 +37,7 @@ def test_random_signed_gauge_preserves_logits_fp32(model_type, tie, token_ids):
     assert (after - before).abs().max().item() <= 1e-4 * max(1.0, scale)
     assert len(hs) == len(hs2) == model.config.num_hidden_layers + 1
     for layer, (h, h2) in enumerate(zip(hs, hs2)):
-        assert torch.allclose(h2, g.apply_vector(h), atol=1e-4, rtol=1e-4), f"layer {layer}: h' != G·h"
+        assert_close_rel(h2, g.apply_vector(h), rtol=1e-4, what=f"layer {layer}: h' vs G·h")
     if tie:
         assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
 
@@ -62,6 +62,7 @@ def test_float64_rules_are_exact_and_logits_agree(model_type, token_ids):
             continue
         moved = torch.movedim(old, ax, -1)
         mat = G if rule.signed else G.abs()
+        # a product with a signed permutation matrix is exact in any summation order (one ±x + zeros)
         expected = torch.movedim(moved @ mat.T, -1, ax)
         assert torch.equal(p.detach(), expected), n
         assert torch.equal(transform(old, rule, g), expected), n
@@ -87,7 +88,7 @@ def test_sd_only_gauge_is_also_a_symmetry_and_identity_is_noop(token_ids):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     apply_gauge(model, SignedPermutation.random(64, seed=9, signed=False))
     after, _ = _run(model, token_ids)
-    assert torch.allclose(after, before, atol=1e-4)
+    assert_close_rel(after, before, rtol=3e-5, what="logits after an S_d gauge")
 
 
 def test_gauge_then_inverse_restores_weights_exactly():
@@ -107,40 +108,6 @@ def test_composition_matches_sequential_application():
     apply_gauge(m2, a @ b)
     s1, s2 = m1.state_dict(), m2.state_dict()
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
-
-
-@pytest.mark.parametrize("model_type", LAYERNORM_TYPES)
-def test_layernorm_models_refuse_signed_gauges_and_accept_permutations(model_type, token_ids):
-    model = tiny_model(model_type, seed=5)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(SignedGaugeNotAllowedError, match="LayerNorm"):
-        apply_gauge(model, SignedPermutation.random(64, seed=1))
-    with pytest.raises(SignedGaugeNotAllowedError, match="bias"):  # global flip, nonzero LN biases
-        apply_gauge(model, SignedPermutation(list(range(64)), [-1] * 64))
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "refusal must not touch the model"
-    before, hs = _run(model, token_ids)
-    p = SignedPermutation.random(64, seed=2, signed=False)
-    apply_gauge(model, p)
-    after, hs2 = _run(model, token_ids)
-    if model_type == "bert":
-        before = p.apply_vector(before)
-    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
-    for h, h2 in zip(hs, hs2):
-        assert torch.allclose(h2, p.apply_vector(h), atol=1e-4, rtol=1e-4)
-
-
-def test_layernorm_global_sign_allowed_when_biases_are_zero(token_ids):
-    model = tiny_model("gpt_neox", seed=6)
-    with torch.no_grad():
-        for n, prm in model.named_parameters():
-            if "layernorm" in n or "layer_norm" in n:
-                if n.endswith("bias"):
-                    prm.zero_()
-    before, _ = _run(model, token_ids)
-    g = SignedPermutation(SignedPermutation.random(64, seed=3).perm, [-1] * 64)
-    apply_gauge(model, g)
-    after, _ = _run(model, token_ids)
-    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
 
 
 def test_wrong_dimension_and_unknown_architecture_are_refused():

@@ -19,6 +19,7 @@ from hf_bdgauge.estimate import (
 from hf_bdgauge.estimate.capture import resolve_layers
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.testing import tiny_model
+from tolerances import assert_close_rel
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +82,8 @@ def test_hooks_capture_the_residual_stream_after_each_layer(stories):
         out = model.model(ids, output_hidden_states=True, use_cache=False)
     hs = out.hidden_states
     for layer in range(5):  # transformers ties its last entry to the final-normed state
-        assert torch.equal(acts[layer], hs[layer]), layer
-    assert torch.allclose(model.model.norm(acts[5]), out.last_hidden_state, atol=1e-6)
+        assert torch.equal(acts[layer], hs[layer]), layer  # the same model and weights, the same forward
+    assert_close_rel(model.model.norm(acts[5]), out.last_hidden_state, rtol=1e-6, what="final norm")
 
 
 def test_forward_stops_after_the_deepest_requested_layer(stories):
@@ -131,7 +132,7 @@ def test_planted_gauge_shows_in_the_statistics(stories):
     for k in st.layers:
         c = st[k].corr()
         matched = c[np.arange(64), g.perm]
-        assert np.allclose(matched, g.signs, atol=1e-4), k
+        assert_close_rel(matched, g.signs, rtol=1e-4, scale=1.0, what=f"layer {k}: matched correlations vs signs")
 
 
 def test_offloaded_device_map_model(stories, tmp_path):
@@ -145,7 +146,7 @@ def test_offloaded_device_map_model(stories, tmp_path):
     a = capture_pair_stats(model, off, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
     b = capture_pair_stats(model, model, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
     for k in a.layers:
-        assert np.allclose(a[k].corr(), b[k].corr(), atol=1e-6)
+        assert_close_rel(a[k].corr(), b[k].corr(), rtol=1e-6, scale=1.0, what=f"layer {k}: correlations, offloaded")
 
 
 def test_depth_mismatch_is_refused():

@@ -1,5 +1,6 @@
 """llama.cpp control-vector GGUF files: round trip, repeng's and llama.cpp's writers, the layer
-mapping (``direction.<n>`` steers the output of decoder block ``n``), and bad input.
+mapping (``direction.<n>`` steers the output of decoder block ``n``: our residual layer ``n + 1``),
+and bad input.
 
 The peers' readers are not installed beside us (llama.cpp is C++, repeng pins old libraries), so
 their rules are restated here from their sources: repeng's ``ControlVector.export_gguf`` /
@@ -23,6 +24,7 @@ from hf_bdgauge import CheckpointError, DimensionMismatchError, SignedPermutatio
 from hf_bdgauge.gauge import Gauge, ModelRef  # noqa: E402
 from hf_bdgauge.testing import tiny_model  # noqa: E402
 from hf_bdgauge.transport.steering import CONTROL_VECTOR_ARCH, SteeringVector, record_residual  # noqa: E402
+from tolerances import assert_close_rel, product_rtol  # noqa: E402
 
 D = 16
 
@@ -111,11 +113,11 @@ def _llama_cpp_slots(path, n_layer: int) -> dict[int, np.ndarray]:
 
 # --------------------------------------------------------------------------------------- round trip
 def test_round_trip_is_exact_and_keeps_layers_metadata_and_hint(tmp_path):
-    sv = SteeringVector(_vec([5, 1, 3]), metadata={"model_id": "org/m", "note": "x"})
+    sv = SteeringVector(_vec([6, 2, 4]), metadata={"model_id": "org/m", "note": "x"})
     path = sv.save_gguf(tmp_path / "cv.gguf", model_hint="llama")
     assert path == tmp_path / "cv.gguf" and path.is_file()
     back = SteeringVector.load_gguf(path)
-    assert back.layers == [1, 3, 5] and back.layer_type == "decoder_block"
+    assert back.layers == [2, 4, 6] and back.layer_type == "decoder_block"
     assert all(torch.equal(back[i], sv[i]) and back[i].dtype == torch.float32 for i in sv.layers)
     assert back.metadata == {**sv.metadata, "model_hint": "llama", "model_type": "llama"}
     # a second trip changes nothing; the metadata (e.g. transport records) travels in the file
@@ -128,14 +130,15 @@ def test_round_trip_is_exact_and_keeps_layers_metadata_and_hint(tmp_path):
 
 
 def test_file_has_the_llama_cpp_layout(tmp_path):
+    # residual layers 4 and 2 = the outputs of blocks 3 and 1
     path = SteeringVector(_vec([4, 2]), metadata={"model_type": "gemma3_text"}).save_gguf(tmp_path / "cv.gguf")
     reader = gguf.GGUFReader(path)
     assert reader.get_field("general.architecture").contents() == CONTROL_VECTOR_ARCH == "controlvector"
     assert reader.get_field("controlvector.model_hint").contents() == "gemma3_text"
     assert reader.get_field("controlvector.layer_count").contents() == 2
     assert [(t.name, t.tensor_type, [int(x) for x in t.shape]) for t in reader.tensors] == [
-        ("direction.2", gguf.GGMLQuantizationType.F32, [D]),
-        ("direction.4", gguf.GGMLQuantizationType.F32, [D]),
+        ("direction.1", gguf.GGMLQuantizationType.F32, [D]),
+        ("direction.3", gguf.GGMLQuantizationType.F32, [D]),
     ]
 
 
@@ -147,10 +150,10 @@ def test_a_file_written_in_repengs_exact_style_loads(tmp_path, order):
     directions = {k: v.numpy() for k, v in _vec(keys, seed=3).items()}
     _repeng_export(tmp_path / "repeng.gguf", "mistral", directions)
     sv = SteeringVector.load_gguf(tmp_path / "repeng.gguf")
-    assert sv.layers == sorted(keys) and sv.dim == D
-    assert all(np.array_equal(sv[k].numpy(), directions[k]) for k in keys)
+    assert sv.layers == sorted(k + 1 for k in keys) and sv.dim == D  # block k's output = residual layer k + 1
+    assert all(np.array_equal(sv[k + 1].numpy(), directions[k]) for k in keys)
     assert sv.metadata == {"source_format": "llama.cpp-control-vector", "model_hint": "mistral", "model_type": "mistral"}
-    # and back to repeng: the same keys (repeng's key i steers block i, like ours)
+    # and back to repeng: the same keys (repeng's key i steers block i, as direction.i does)
     out = sv.to_repeng_kwargs()
     assert out["model_type"] == "mistral" and set(out["directions"]) == set(keys)
 
@@ -160,43 +163,46 @@ def test_a_file_in_llama_cvector_generator_style_loads(tmp_path):
     tensors = {f"direction.{i}": v.numpy() for i, v in _vec(range(1, 4), seed=4).items()}
     _raw_gguf(tmp_path / "gen.gguf", tensors, hint="llama")
     sv = SteeringVector.load_gguf(tmp_path / "gen.gguf")
-    assert sv.layers == [1, 2, 3] and np.array_equal(sv[2].numpy(), tensors["direction.2"])
+    assert sv.layers == [2, 3, 4] and np.array_equal(sv[3].numpy(), tensors["direction.2"])
 
 
 def test_our_file_reads_in_repeng_and_in_llama_cpp_at_the_same_layers(tmp_path):
-    sv = SteeringVector(_vec([1, 2, 3]), metadata={"model_type": "llama"})
+    sv = SteeringVector(_vec([2, 3, 4]), metadata={"model_type": "llama"})
     path = sv.save_gguf(tmp_path / "cv.gguf")
     hint, directions = _repeng_import(path)
     assert hint == "llama" and sorted(directions) == [1, 2, 3]
-    assert all(np.array_equal(directions[i], sv[i].numpy()) for i in sv.layers)
+    assert all(np.array_equal(directions[i - 1], sv[i].numpy()) for i in sv.layers)
     slots = _llama_cpp_slots(path, n_layer=4)
-    assert sorted(slots) == [1, 2, 3] and all(np.array_equal(slots[i], sv[i].numpy()) for i in sv.layers)
+    assert sorted(slots) == [1, 2, 3] and all(np.array_equal(slots[i - 1], sv[i].numpy()) for i in sv.layers)
 
 
 def test_several_tensors_for_one_layer_are_summed_as_in_llama_cpp(tmp_path):
     v = _vec([0, 1], seed=7)
     _raw_gguf(tmp_path / "dup.gguf", {"direction.3": v[0].numpy(), "direction.03": v[1].numpy()})
     sv = SteeringVector.load_gguf(tmp_path / "dup.gguf")
-    assert sv.layers == [3] and torch.allclose(sv[3], v[0] + v[1])
+    assert sv.layers == [4] and torch.allclose(sv[4], v[0] + v[1])
     assert np.allclose(_llama_cpp_slots(tmp_path / "dup.gguf", 5)[3], (v[0] + v[1]).numpy())
 
 
 # ------------------------------------------------------------------------------------ the mapping
 def test_direction_n_is_added_to_the_output_of_decoder_block_n(tmp_path):
-    """Our key n = llama.cpp's direction.n = the output of ``model.model.layers[n]``."""
+    """llama.cpp's direction.n = the output of ``model.model.layers[n]`` = our residual layer n + 1."""
     model = tiny_model("llama", num_hidden_layers=4)
     ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     v = torch.randn(64, generator=torch.Generator().manual_seed(1))
     _raw_gguf(tmp_path / "cv.gguf", {"direction.2": v.numpy()})
     sv = SteeringVector.load_gguf(tmp_path / "cv.gguf")
     sv.check_fits(model)
-    base = record_residual(model, ids, [0, 1, 2, 3])
+    assert sv.layers == [3]
+    base = record_residual(model, ids, [0, 1, 2, 3, 4])
     with sv.apply(model, alpha=0.5):
-        steered = record_residual(model, ids, [0, 1, 2, 3])
-    for i in (0, 1):
-        assert torch.equal(steered[i], base[i])  # before block 2: untouched
-    assert torch.allclose(steered[2] - base[2], 0.5 * v.expand_as(base[2]), atol=1e-5)  # block 2's output + α·v
-    assert not torch.allclose(steered[3], base[3])  # and the change propagates
+        steered = record_residual(model, ids, [0, 1, 2, 3, 4])
+    for i in (0, 1, 2):
+        assert torch.equal(steered[i], base[i])  # up to block 2's output: untouched
+    # block 2's output + α·v: (h + α·v) - h rounds twice, relative to |h| + |α·v|, not to |α·v|
+    assert_close_rel(steered[3] - base[3], 0.5 * v.expand_as(base[3]), rtol=product_rtol(torch.float32, 2),
+                     scale=base[3].abs() + 0.5 * v.abs(), what="block 2's output + α·v")
+    assert not torch.allclose(steered[4], base[4])  # and the change propagates
     # the slot llama.cpp fills: tensors[2], added by build_cvec(cur, il=2); block 1 gets zeros
     slots = _llama_cpp_slots(tmp_path / "cv.gguf", n_layer=4)
     assert sorted(slots) == [1, 2] and not slots[1].any() and np.array_equal(slots[2], v.numpy())
@@ -207,15 +213,15 @@ def test_negative_keys_resolve_against_num_layers(tmp_path):
     with pytest.raises(TransportError, match="num_layers"):
         sv.save_gguf(tmp_path / "cv.gguf")
     assert not (tmp_path / "cv.gguf").exists()
-    back = SteeringVector.load_gguf(sv.save_gguf(tmp_path / "cv.gguf", num_layers=6))
-    assert back.layers == [3, 5] and torch.equal(back[5], sv[-1]) and torch.equal(back[3], sv[-3])
+    back = SteeringVector.load_gguf(sv.save_gguf(tmp_path / "cv.gguf", num_layers=6))  # residual layers 0..6
+    assert back.layers == [4, 6] and torch.equal(back[6], sv[-1]) and torch.equal(back[4], sv[-3])
     with pytest.raises(TransportError, match="same layer"):
-        SteeringVector(_vec([-1, 5]), metadata={"model_type": "llama"}).save_gguf(tmp_path / "x.gguf", num_layers=6)
+        SteeringVector(_vec([-1, 6]), metadata={"model_type": "llama"}).save_gguf(tmp_path / "x.gguf", num_layers=6)
 
 
 def test_steering_vectors_library_shape_survives_the_gguf_trip(tmp_path):
     """``steering_vectors.SteeringVector(layer_activations, layer_type)`` (not imported: it pins
-    transformers < 5) has the same layer keys, so it goes to llama.cpp and back unchanged."""
+    transformers < 5) keys blocks like llama.cpp, so it goes to llama.cpp and back unchanged."""
     theirs = SimpleNamespace(layer_activations=_vec([2, 4], seed=9), layer_type="decoder_block")
     ours = SteeringVector.from_steering_vectors(theirs)
     back = SteeringVector.load_gguf(ours.save_gguf(tmp_path / "sv.gguf", model_hint="llama"))
@@ -223,8 +229,9 @@ def test_steering_vectors_library_shape_survives_the_gguf_trip(tmp_path):
     assert kwargs["layer_type"] == "decoder_block" and sorted(kwargs["layer_activations"]) == [2, 4]
     assert all(torch.equal(kwargs["layer_activations"][i], theirs.layer_activations[i]) for i in (2, 4))
     g = SignedPermutation.random(D, seed=2)
+    assert ours.layers == [3, 5]
     moved = SteeringVector.load_gguf(ours.transport(g).save_gguf(tmp_path / "moved.gguf", model_hint="llama"))
-    assert torch.equal(moved[4], g.apply_vector(theirs.layer_activations[4]))
+    assert torch.equal(moved[5], g.apply_vector(theirs.layer_activations[4]))
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -232,6 +239,7 @@ def test_layer_zero_and_other_unwritable_vectors_are_refused_and_nothing_is_writ
     out = tmp_path / "cv.gguf"
     cases = [
         (SteeringVector(_vec([0, 2]), metadata={"model_type": "llama"}), {}, "layer 0"),
+        (SteeringVector(_vec([1, 2]), metadata={"model_type": "llama"}), {}, "layer 1"),
         (SteeringVector(_vec([2, 9]), metadata={"model_type": "llama"}), {"num_layers": 6}, "does not exist"),
         (SteeringVector(_vec([2]), "attention", {"model_type": "llama"}), {}, "decoder-block"),
         (SteeringVector(_vec([2])), {}, "model_hint"),
@@ -245,10 +253,10 @@ def test_layer_zero_and_other_unwritable_vectors_are_refused_and_nothing_is_writ
 
 def test_existing_file_needs_overwrite_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     out = tmp_path / "cv.gguf"
-    first = SteeringVector(_vec([1]), metadata={"model_type": "llama"})
+    first = SteeringVector(_vec([2]), metadata={"model_type": "llama"})
     first.save_gguf(out)
     before = out.read_bytes()
-    second = SteeringVector(_vec([1], seed=5), metadata={"model_type": "llama"})
+    second = SteeringVector(_vec([2], seed=5), metadata={"model_type": "llama"})
     with pytest.raises(CheckpointError, match="overwrite"):
         second.save_gguf(out)
 
@@ -261,7 +269,7 @@ def test_existing_file_needs_overwrite_and_a_failed_write_leaves_the_old_file(tm
     assert out.read_bytes() == before and os.listdir(tmp_path) == ["cv.gguf"]  # no temp file left
     monkeypatch.undo()
     second.save_gguf(out, overwrite=True)
-    assert torch.equal(SteeringVector.load_gguf(out)[1], second[1])
+    assert torch.equal(SteeringVector.load_gguf(out)[2], second[2])
 
 
 def test_bad_files_raise_clear_errors(tmp_path):
@@ -270,7 +278,7 @@ def test_bad_files_raise_clear_errors(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(CheckpointError, match="not a readable GGUF"):
         SteeringVector.load_gguf(tmp_path / "junk.gguf")
-    good = SteeringVector(_vec([1, 2]), metadata={"model_type": "llama"}).save_gguf(tmp_path / "good.gguf")
+    good = SteeringVector(_vec([2, 3]), metadata={"model_type": "llama"}).save_gguf(tmp_path / "good.gguf")
     (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:-D])
     with pytest.raises(CheckpointError):
         SteeringVector.load_gguf(tmp_path / "cut.gguf")
@@ -302,10 +310,10 @@ def test_a_repeng_file_with_direction_0_loads_with_a_warning(tmp_path, caplog):
     _repeng_export(tmp_path / "zero.gguf", "llama", {k: v.numpy() for k, v in _vec([0, 1]).items()})
     with caplog.at_level("WARNING", logger="hf_bdgauge.transport.steering"):
         sv = SteeringVector.load_gguf(tmp_path / "zero.gguf")
-    assert sv.layers == [0, 1] and "direction.0" in caplog.text
+    assert sv.layers == [1, 2] and "direction.0" in caplog.text
     with pytest.raises(ValueError, match="rejects"):
         _llama_cpp_slots(tmp_path / "zero.gguf", 4)  # llama.cpp refuses the file as a whole
-    with pytest.raises(TransportError, match="layer 0"):
+    with pytest.raises(TransportError, match="layer 1"):  # block 0's output: llama.cpp has no slot
         sv.save_gguf(tmp_path / "again.gguf")
 
 
@@ -313,12 +321,13 @@ def test_a_vector_that_does_not_fit_the_model_is_refused():
     model = tiny_model("llama", num_hidden_layers=4)
     with pytest.raises(DimensionMismatchError, match="hidden size is 64"):
         SteeringVector(_vec([1], d=32)).check_fits(model)
-    with pytest.raises(TransportError, match="has 4 decoder layers"):
-        SteeringVector(_vec([1, 4], d=64)).check_fits(model)
-    SteeringVector(_vec([1, -1], d=64)).check_fits(model)  # -1 is the last block
+    with pytest.raises(TransportError, match="last of 4 blocks"):
+        SteeringVector(_vec([1, 5], d=64)).check_fits(model)
+    SteeringVector(_vec([0, 4], d=64)).check_fits(model)  # residual layers 0..4
+    SteeringVector(_vec([0, -1], d=64)).check_fits(model)  # -1 is the last, 4
     # a gauge that recorded its models' depth refuses a layer they lack before anything moves
     g = Gauge(SignedPermutation.random(64, seed=1), source=ModelRef.from_model(model, content=False))
-    with pytest.raises(TransportError, match="has 4 decoder layers"):
+    with pytest.raises(TransportError, match="last of 4 blocks"):
         SteeringVector(_vec([7], d=64)).transport(g)
     with pytest.raises(DimensionMismatchError, match="dimension 32"):
         SteeringVector(_vec([1], d=32)).transport(g)

@@ -115,8 +115,8 @@ def test_content_tensor_selection_by_family():
     sel = select_content_tensors(gpt2, "gpt2")
     assert sel == {"embedding": "transformer.wte.weight", "first_norm": "transformer.h.0.ln_1.weight",
                    "last_norm": "transformer.ln_f.weight"}
-    assert select_content_tensors(["x.embed_tokens.weight", "x.norm.weight"], "unknown_family") == {
-        "embedding": "x.embed_tokens.weight"}
+    # an unknown family has no role map to say which tensors are its embedding and gains
+    assert select_content_tensors(["x.embed_tokens.weight", "x.norm.weight"], "unknown_family") == {}
 
 
 def test_rejects_what_it_cannot_fingerprint():

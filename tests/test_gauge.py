@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_bdgauge import (
+    DestinationExistsError,
     CheckpointError,
     DimensionMismatchError,
     FingerprintMismatchError,
@@ -57,6 +58,7 @@ def test_composition_is_matrix_order_and_checks_the_junction():
     assert g.source == A and g.target == C and g.method == "composed"
     assert g.element == g2.element @ g1.element
     G = g.element.to_matrix(torch.float64)
+    # exact: a product of signed permutation matrices has one ±1 per entry's sum, the rest zeros
     assert torch.equal(G, g2.element.to_matrix(torch.float64) @ g1.element.to_matrix(torch.float64))
     x = torch.randn(3, D, dtype=torch.float64)
     assert torch.equal(g.element.apply(x), g2.element.apply(g1.element.apply(x)))
@@ -136,7 +138,7 @@ def test_summary_mentions_what_matters():
     g = _gauge(1, A, B)
     s = g.summary()
     assert f"dimension {D}" in s and f"flips the sign of {g.num_flips}" in s and "est1" in s
-    assert "null_z=11" in s and "confidence: mean" in s and "org/a" in s and "org/b" in s
+    assert "null_z: 11" in s and "confidence: mean" in s and "org/a" in s and "org/b" in s
     ident = Gauge.identity(D, source=A, target=B)
     assert ident.is_identity and "a plain copy of adapters is already right" in ident.summary()
 
@@ -194,7 +196,7 @@ def test_model_card_metadata_and_identity_note(tmp_path):
 def test_packaged_template_is_the_repository_copy():
     from pathlib import Path
 
-    from hf_bdgauge.hub import gauge_card_template
+    from hf_bdgauge.card import gauge_card_template
 
     repo_copy = Path(__file__).resolve().parents[1] / "model_cards" / "gauge_card_template.md"
     if repo_copy.exists():
@@ -205,7 +207,10 @@ def test_save_into_existing_directory_keeps_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     _gauge(1, A, B).save_pretrained(tmp_path)
     g2 = _gauge(2, A, B)
-    g2.save_pretrained(tmp_path)
+    with pytest.raises(DestinationExistsError, match="overwrite=True"):
+        g2.save_pretrained(tmp_path)  # a saved gauge is only replaced on request
+    assert Gauge.from_pretrained(tmp_path) == _gauge(1, A, B)
+    g2.save_pretrained(tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert Gauge.from_pretrained(tmp_path) == g2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

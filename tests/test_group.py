@@ -41,6 +41,7 @@ def test_group_laws(t):
 def test_matches_dense_matrices(t):
     a, b, _ = t
     A, B = a.to_matrix(torch.float64), b.to_matrix(torch.float64)
+    # bitwise: every entry of a product with a signed permutation matrix is one ±x plus exact zeros
     assert torch.equal((a @ b).to_matrix(torch.float64), A @ B)
     assert torch.equal(a.inverse().to_matrix(torch.float64), A.T)
     x = torch.randn(5, a.dim, dtype=torch.float64)

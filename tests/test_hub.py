@@ -13,7 +13,7 @@ from hub_double import TEST_TOKEN, git_blob_sha1, hub  # noqa: F401  (``hub`` is
 
 from hf_bdgauge import InvalidGaugeError, SignedPermutation
 from hf_bdgauge.gauge import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME, MODEL_CARD_NAME, Gauge, ModelRef
-from hf_bdgauge.hub import GaugeNotFoundError
+from hf_bdgauge.errors import GaugeNotFoundError
 
 D = 32
 
@@ -52,7 +52,8 @@ def test_second_push_is_a_new_commit_and_old_revision_still_resolves(hub):
 
 def test_offline_loads_from_cache(hub, monkeypatch):
     from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from hf_bdgauge.errors import HubOfflineError
 
     g1, g2 = _gauge(1), _gauge(2)
     c1 = g1.push_to_hub("me/gauge").oid
@@ -63,7 +64,7 @@ def test_offline_loads_from_cache(hub, monkeypatch):
     assert Gauge.from_pretrained("me/gauge") == g1  # the cached main, not the newer push
     assert Gauge.from_pretrained("me/gauge", revision=c1) == g1
     assert len(hub.requests) == n_requests  # no HTTP at all
-    with pytest.raises(LocalEntryNotFoundError):
+    with pytest.raises(HubOfflineError, match="not in the local Hugging Face cache"):
         Gauge.from_pretrained("me/gauge", revision=c2)  # never downloaded
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert Gauge.from_pretrained("me/gauge") == g2
@@ -78,13 +79,17 @@ def test_save_pretrained_with_push(hub, tmp_path):
 
 
 def test_errors_from_the_hub_are_clear(hub):
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    """Hub failures are GaugeErrors with one line saying what was asked for (not httpx tracebacks)."""
+    from hf_bdgauge.errors import GaugeError, RepositoryNotFoundError, RevisionNotFoundError
 
     _gauge(1).push_to_hub("me/gauge")
-    with pytest.raises(RepositoryNotFoundError):
+    with pytest.raises(RepositoryNotFoundError, match="gauge me/missing@main: no such repository") as e:
         Gauge.from_pretrained("me/missing")
-    with pytest.raises(RevisionNotFoundError):
+    assert isinstance(e.value, GaugeError) and "\n" not in str(e.value)
+    with pytest.raises(RevisionNotFoundError, match="no such revision"):
         Gauge.from_pretrained("me/gauge", revision="no-such-branch")
+    with pytest.raises(RevisionNotFoundError, match="no such revision"):
+        Gauge.from_pretrained("me/gauge@no-such-branch")
     from huggingface_hub import HfApi
 
     HfApi().create_repo("me/not-a-gauge")

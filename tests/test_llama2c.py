@@ -16,6 +16,7 @@ import torch
 
 from hf_bdgauge.errors import CheckpointError, FixtureError
 from hf_bdgauge.fixtures import llama2c as L
+from tolerances import assert_close_rel, product_rtol
 
 torch.set_num_threads(2)
 
@@ -108,8 +109,8 @@ def test_reference_forward_reproduces_greedy_ids(checkpoint, reference_logits):
     assert reference_logits.argmax(-1)[:-1].tolist() == GREEDY_IDS[1:]
     cfg, weights = checkpoint
     theta = L.llama2c_reference_forward(cfg, weights, GREEDY_IDS, rope="theta")
-    # The file's float32 RoPE tables vs exact float64 angles: tiny difference.
-    assert np.max(np.abs(theta - reference_logits)) < 1e-4
+    # The file's float32 RoPE tables vs exact float64 angles: tiny difference, relative to the logits' scale.
+    assert_close_rel(theta, reference_logits, rtol=1e-5, what="logits, float64 angles vs the file's float32 tables")
 
 
 def test_rope_row_permutation_turns_interleaved_into_rotate_half():
@@ -128,7 +129,9 @@ def test_rope_row_permutation_turns_interleaved_into_rotate_half():
     hf = xp * c2 + rot_half * s2  # HF: q*cos + rotate_half(q)*sin
     # HF's rotated (permuted) vector is the permutation of llama2.c's rotated vector.
     expected = L.interleaved_to_rotate_half_rows(inter.reshape(-1, 1), n_heads)[:, 0].reshape(n_heads, hs)
-    np.testing.assert_allclose(hf, expected, rtol=0, atol=1e-12)
+    # two-term sums of products: rounding relative to |x|·|cos| + |x|·|sin|
+    assert_close_rel(hf, expected, rtol=product_rtol(hf.dtype, 2), scale=np.abs(xp) * np.abs(c2) + np.abs(rot_half) * np.abs(s2),
+                     what="rotate_half RoPE vs permuted interleaved RoPE")
 
 
 # --- converted Hugging Face model ------------------------------------------------------------------

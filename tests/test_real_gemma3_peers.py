@@ -60,8 +60,8 @@ SENTIMENT = json.loads((DATA / "sentiment_prompts.json").read_text(encoding="utf
 
 D = 640
 N_LAYERS = 18
-LAYER = 6  # a middle layer: the SAE reads, and the steering vector writes, the output of block 6
-HOOK = f"blocks.{LAYER}.hook_resid_post"
+LAYER = 7  # a middle residual layer: the SAE reads, and the steering vector writes, the output of block 6
+HOOK = f"blocks.{LAYER - 1}.hook_resid_post"
 PROMPT = 12  # prompt tokens for the greedy continuations (every text is at least this long)
 NEW_TOKENS = 80  # 22 prompts x (12 + 80 - 1) positions ≈ 2000 residual vectors for the SAE
 D_SAE, SAE_STEPS = 1024, 300
@@ -167,7 +167,7 @@ def test_sae_keeps_its_nmse_under_bd_transport_and_loses_it_under_sd(sae_dirs, r
     assert torch.allclose(bd.encode(tgt), original.encode(src), atol=1e-3 * original.encode(src).abs().max().item())
     assert bd.model_name == TARGET_ID and bd.hook_name == HOOK
     record = bd.metadata["hf_bdgauge_transports"][-1]
-    assert record["num_flips"] == gauge.num_flips and record["source_model"] == SOURCE_ID
+    assert record["num_flips"] == gauge.num_flips and record["object_model"] == SOURCE_ID
 
 
 def test_sae_lens_own_loader_reads_the_transported_sae_with_the_same_nmse(sae_dirs, residuals, record_property):
@@ -234,7 +234,7 @@ def test_sentiment_vector_survives_gguf_and_bd_transport_but_not_sd(gemma, recha
     sd = loaded.transport(element.unsigned())
     shipped = SteeringVector.load_gguf(bd.save_gguf(tmp_path / "sentiment-recharted.gguf", num_layers=N_LAYERS))
     assert torch.equal(shipped[LAYER], bd[LAYER])
-    assert json.loads(shipped.metadata["hf_bdgauge_transports"])[-1]["target_model"] == TARGET_ID
+    assert json.loads(shipped.metadata["hf_bdgauge_transports"])[-1]["target"]["model_id"] == TARGET_ID
 
     source = _effect(model, loaded, neutral)
     on_bd, on_sd = _effect(recharted, shipped, neutral), _effect(recharted, sd, neutral)
@@ -257,14 +257,15 @@ def test_a_control_vector_that_does_not_fit_gemma_is_refused(gemma, gauge, tmp_p
         wrong_width.check_fits(model)
     with pytest.raises(DimensionMismatchError, match="dimension 512"):
         wrong_width.transport(gauge)
-    too_deep = SteeringVector({LAYER: torch.randn(D), N_LAYERS: torch.randn(D)}, metadata={"model_type": "gemma3_text"})
-    with pytest.raises(TransportError, match="18 decoder layers"):
+    # residual layers are 0..18 (the output of the last of 18 blocks is 18): 19 does not exist
+    too_deep = SteeringVector({LAYER: torch.randn(D), N_LAYERS + 1: torch.randn(D)}, metadata={"model_type": "gemma3_text"})
+    with pytest.raises(TransportError, match="last of 18 blocks"):
         too_deep.check_fits(model)
-    with pytest.raises(TransportError, match="18 decoder layers"):
+    with pytest.raises(TransportError, match="last of 18 blocks"):
         too_deep.transport(gauge)  # the gauge's fingerprints record Gemma's depth
-    with pytest.raises(TransportError, match="18 decoder layers"):
+    with pytest.raises(TransportError, match="last of 18 blocks"):
         too_deep.save_gguf(tmp_path / "cv.gguf", num_layers=N_LAYERS)
-    with pytest.raises(TransportError, match="18 decoder layers"):
+    with pytest.raises(TransportError, match="last of 18 blocks"):
         with too_deep.apply(model):
             pass
     assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from hf_bdgauge.estimate import (
     PairStats,
     random_orthogonal,
 )
+from tolerances import assert_close_rel, assert_product_close
 
 
 def _data(n=500, d=16, seed=0, shift=3.0):
@@ -78,7 +79,7 @@ def test_rotated_null_from_sums_equals_rotating_the_data():
     """Cov(x, Qy) = Cov(x, y)·Qᵀ and Var(Qy) = diag(Q·Cov(y)·Qᵀ): no second pass needed."""
     X, Y = _data(n=400, d=12)
     Q = random_orthogonal(12, np.random.default_rng(3))
-    assert np.allclose(Q @ Q.T, np.eye(12), atol=1e-12)
+    assert_close_rel(Q @ Q.T, np.eye(12), rtol=1e-12, scale=1.0, what="Q·Qᵀ (unit rows)")
     m = CrossMoments.from_activations(X, Y)
     direct = CrossMoments.from_activations(X, Y @ Q.T).corr()
     assert _rel(m.corr(rotation=Q), direct) < 1e-10
@@ -163,7 +164,8 @@ def test_all_reduce_single_process_gloo(tmp_path):
         flat = st[0].flatten() * 2
         dist.all_reduce(flat)
         st[0].unflatten_(flat)
-        assert st[0].n == 80 and torch.allclose(st[0].sum_xy, 2 * torch.from_numpy(X.T @ Y))
+        assert st[0].n == 80
+        assert_product_close(st[0].sum_xy, 2 * torch.from_numpy(X.T @ Y), X.T, Y, factor=2.0, what="2·Σ x yᵀ")
     finally:
         dist.destroy_process_group()
 
@@ -182,8 +184,10 @@ def test_float32_activations_use_centred_float32_products(shift):
     m = CrossMoments.from_activations(X32, Y32)
     assert m.sum_xy.dtype == m.sum_x.dtype == torch.float64
     assert _rel(m.cov_xy(), ref32.cov_xy()) < 1e-6
-    assert float(np.max(np.abs(m.corr() - ref32.corr()))) < 1e-6
-    assert float(np.max(np.abs(m.corr() - ref.corr()))) < 1e-4  # the float32 rounding of the inputs themselves
+    # correlations: scale 1
+    assert_close_rel(m.corr(), ref32.corr(), rtol=1e-6, scale=1.0, what="corr, float32 products vs float64")
+    # the float32 rounding of the inputs themselves
+    assert_close_rel(m.corr(), ref.corr(), rtol=1e-4, scale=1.0, what="corr of float32 inputs vs float64 inputs")
     # exact path on request: float64 products of the widened float32 values
     m64 = CrossMoments.from_activations(X32, Y32, product_dtype=torch.float64)
     for f in ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy"):
@@ -204,7 +208,7 @@ def test_batches_of_float32_merge_like_one_pass():
     assert parts.n == 3000
     assert _rel(parts.sum_x, whole.sum_x) < 1e-6
     assert _rel(parts.sum_xy, whole.sum_xy) < 1e-6
-    assert float(np.max(np.abs(parts.corr() - whole.corr()))) < 1e-6
+    assert_close_rel(parts.corr(), whole.corr(), rtol=1e-6, scale=1.0, what="corr, batches vs one pass")
 
 
 def test_sums_live_on_a_device_and_merge_across_devices():

@@ -134,15 +134,15 @@ def test_composition_beats_endpoint_matching(stories, run):
     # every hop is an exact local gauge
     assert len(composed.hops) == len(dirs) - 1 == 30
     for k, h in enumerate(composed.hops):
-        assert h["verdict"] == "signed_permutation", h["summary"]
-        assert h["source"] == str(dirs[k]) and h["target"] == str(dirs[k + 1])
+        assert h["metrics"]["verdict"] == "signed_permutation", h["metrics"]["summary"]
+        assert h["source"]["model_id"] == str(dirs[k]) and h["target"]["model_id"] == str(dirs[k + 1])
     assert composed.method == "trajectory[sign_marginalized]"
     assert composed.source.model_id == str(dirs[0]) and composed.target.model_id == str(dirs[-1])
     assert composed.confidence.shape == (64,) and composed.confidence.dtype == np.float32
     assert composed.metrics["verdict"] == "signed_permutation" and composed.metrics["num_hops"] == 30
     # the endpoint pair itself is flagged: its fit is barely above the rotated null
     assert endpoint.metrics["excess_over_null"] < 0.25 and endpoint.metrics["weak_fit"]
-    assert endpoint.metrics["excess_over_null"] < min(h["excess_over_null"] for h in composed.hops)
+    assert endpoint.metrics["excess_over_null"] < min(h["metrics"]["excess_over_null"] for h in composed.hops)
 
 
 @pytest.mark.real
@@ -174,7 +174,7 @@ def test_path_through_a_common_base(stories, run, tmp_path):
     assert not any(h.get("inverted") for h in g.hops[len(run_a):])
     assert g.source.model_id == run_a[-1] and g.target.model_id == str(b_dirs[-1])
     # the hop records read as one chain A_end -> ... -> base -> ... -> B_end
-    chain = [g.hops[0]["source"]] + [h["target"] for h in g.hops]
+    chain = [g.hops[0]["source"]["model_id"]] + [h["target"]["model_id"] for h in g.hops]
     assert chain == run_a[::-1] + [str(base_dir)] + [str(p) for p in b_dirs]
     assert all(a["target"] == b["source"] for a, b in zip(g.hops, g.hops[1:]))
 

@@ -23,6 +23,7 @@ from hf_bdgauge.transport.optimizer import (
     optimizer_parameter_names,
     transport_optimizer_state,
 )
+from tolerances import assert_close_rel
 
 G = SignedPermutation.random(64, seed=3)
 _gen = torch.Generator().manual_seed(0)
@@ -65,7 +66,10 @@ def test_resumed_adamw_follows_the_recharted_trajectory_and_sd_only_state_diverg
         print(f"\n[AdamW resume, 20 steps, float64] max |Δloss| vs re-charted original: B_d state {diffs['B_d']:.1e}, "
               f"S_d-only state {diffs['S_d']:.3f} (loss ≈ {ref[-1]:.2f}); max |Δθ| {pdiff['B_d']:.1e} vs "
               f"{pdiff['S_d']:.3f}")
-    assert diffs["B_d"] <= 1e-5 and pdiff["B_d"] <= 1e-4
+    # relative to the loss and to the parameters' scale (float64 products round with the BLAS kernel)
+    loss_scale = max(abs(x) for x in ref)
+    p_scale = max(p.detach().abs().max().item() for p in ref_model.parameters())
+    assert diffs["B_d"] <= 2e-6 * loss_scale and pdiff["B_d"] <= 1e-4 * p_scale
     assert diffs["S_d"] > 1e-2 and pdiff["S_d"] > 1e-2
 
 
@@ -107,6 +111,7 @@ def test_each_state_entry_moves_by_its_rule(name):
             mat = G.to_matrix(torch.float64)
             if key in SECOND_MOMENT_KEYS or rule.role is Role.GAIN:
                 mat = mat.abs()
+            # exact: a product with a signed permutation matrix is one ±x plus zeros per entry
             expected = torch.movedim(torch.movedim(val, ax, -1) @ mat.T, -1, ax)
             assert torch.equal(got, expected), (names[pid], key)
     assert seen
@@ -118,7 +123,8 @@ def test_each_state_entry_moves_by_its_rule(name):
     o1.load_state_dict(copy.deepcopy(sd))
     o2.load_state_dict(new)
     for b in BATCHES[2:5]:
-        assert abs(_step(m1, o1, b) - _step(m2, o2, b)) <= 1e-5
+        loss1, loss2 = _step(m1, o1, b), _step(m2, o2, b)
+        assert_close_rel(loss2, loss1, rtol=2e-6, what=f"{name}: loss after resuming")
 
 
 def test_param_groups_in_any_order_and_named_optimizers():
@@ -156,7 +162,8 @@ def test_peft_model_optimizer_state_transports_with_the_adapter():
     o2 = torch.optim.AdamW([p for p in pm2.parameters() if p.requires_grad], lr=3e-3)
     o2.load_state_dict(transport_optimizer_state(sd, pm2, G))  # trainable-parameter order, PEFT names
     for b in BATCHES[3:8]:
-        assert abs(_step(pm, opt, b) - _step(pm2, o2, b)) <= 1e-5
+        loss1, loss2 = _step(pm, opt, b), _step(pm2, o2, b)
+        assert_close_rel(loss2, loss1, rtol=2e-6, what="PEFT loss after resuming")
 
 
 def test_refusals():

@@ -35,6 +35,7 @@ from hf_bdgauge.transport.peft import (  # noqa: E402
     transport_adapter_state_dict,
     transport_peft_model,
 )
+from tolerances import assert_product_close  # noqa: E402
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 G = SignedPermutation.random(64, seed=5)
@@ -125,8 +126,10 @@ def test_conv1d_fan_in_fan_out_rules_for_gpt2():
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), r=st.integers(1, 6))
 def test_delta_weight_and_dora_norms_move_like_the_base_weight(seed, r):
-    """ΔW' built from transported factors equals the base rule applied to ΔW, exactly (float64);
-    DoRA magnitudes transported equal the row norms of the transported W + ΔW."""
+    """ΔW' built from transported factors equals the base rule applied to ΔW (float64, up to the
+    rounding of the r-term products: the moved factors are exact gathers and sign flips, but BLAS
+    may round a moved row/column of B·A differently, e.g. in an edge tile); DoRA magnitudes
+    transported equal the row norms of the transported W + ΔW."""
     spec = spec_for_model_type("llama")
     g = SignedPermutation.random(64, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -143,7 +146,8 @@ def test_delta_weight_and_dora_norms_move_like_the_base_weight(seed, r):
         rule = spec.rule_for(pre + "weight")
         dw = sd[pre + "lora_B.weight"] @ sd[pre + "lora_A.weight"]
         dw2 = moved[pre + "lora_B.weight"] @ moved[pre + "lora_A.weight"]
-        assert torch.equal(dw2, transform(dw, rule, g)), m
+        assert_product_close(dw2, transform(dw, rule, g), moved[pre + "lora_B.weight"], moved[pre + "lora_A.weight"],
+                             what=m)
         w = torch.randn(dw.shape, generator=gen, dtype=torch.float64)
         norms = torch.linalg.norm(w + dw, dim=1)
         norms2 = torch.linalg.norm(transform(w, rule, g) + dw2, dim=1)
@@ -151,7 +155,9 @@ def test_delta_weight_and_dora_norms_move_like_the_base_weight(seed, r):
         assert torch.allclose(transform(norms, mag_rule, g), norms2, rtol=1e-12, atol=0), m
     de = (sd["model.embed_tokens.lora_embedding_B"] @ sd["model.embed_tokens.lora_embedding_A"]).T
     de2 = (moved["model.embed_tokens.lora_embedding_B"] @ moved["model.embed_tokens.lora_embedding_A"]).T
-    assert torch.equal(de2, transform(de, spec.rule_for("model.embed_tokens.weight"), g))
+    assert_product_close(de2.T, transform(de, spec.rule_for("model.embed_tokens.weight"), g).T,
+                         moved["model.embed_tokens.lora_embedding_B"], moved["model.embed_tokens.lora_embedding_A"],
+                         what="embed_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -207,7 +213,7 @@ def test_output_directory_is_a_standard_peft_adapter_for_the_target(tmp_path):
             safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f0:
         assert set(f.keys()) == set(f0.keys())
         meta = json.loads(f.metadata()["hf_bdgauge_transport"])
-        assert meta["sign_flips"] == G.num_flips
+        assert meta["num_flips"] == G.num_flips and meta["target"]["model_id"] == "org/target"
         for k in f.keys():
             assert f.get_tensor(k).dtype == f0.get_tensor(k).dtype
     # explicit arguments win over the gauge's target
@@ -332,7 +338,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     fp = ModelRef("org/x", fingerprint={"model_type": "llama", "hidden_size": 64})
     transport_adapter(anon, Gauge(G, source=fp, target=fp), tmp_path / "fp")
     fp32 = ModelRef("org/x", fingerprint={"model_type": "llama", "hidden_size": 32})
-    with pytest.raises(DimensionMismatchError, match="hidden size is 32"):
+    with pytest.raises(DimensionMismatchError, match="64 != 32 entries on its residual axis"):
         transport_adapter(anon, Gauge(G, source=fp32, target=fp32), tmp_path / "o6")
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -30,6 +30,7 @@ from hf_bdgauge.transport.steering import (
     steering_effect,
     transport_steering_vector,
 )
+from tolerances import assert_close_rel
 
 HAPPY = [
     "The girl was very happy.",
@@ -51,7 +52,7 @@ PROMPTS = [
     "The dog looked at the ball and",
 ]
 ALPHA = 4.0
-LAYER = 2
+LAYER = 3  # residual layer 3: the output of block 2
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +110,10 @@ def test_vector_is_a_residual_difference_and_transport_is_the_write_rule(real):
     happy = [real.tok(t, return_tensors="pt").input_ids for t in HAPPY]
     sad = [real.tok(t, return_tensors="pt").input_ids for t in SAD]
     sv_tgt = SteeringVector.from_mean_difference(real.tgt, happy, sad, layers=[LAYER])
-    assert torch.allclose(sv_tgt[LAYER], real.sv.transport(g)[LAYER], atol=1e-5)
-    G = g.to_matrix(torch.float32)
+    # v is a difference of means of float32 residuals: its rounding is relative to max|h|, not to |v|
+    h_scale = max(record_residual(real.src, ids, [LAYER])[LAYER].abs().max().item() for ids in happy + sad)
+    assert_close_rel(sv_tgt[LAYER], real.sv.transport(g)[LAYER], rtol=2e-6, scale=h_scale, what="recipe on the target vs G·v")
+    G = g.to_matrix(torch.float32)  # products with a signed permutation matrix are exact
     assert torch.equal(real.sv.transport(g)[LAYER], G @ real.sv[LAYER])
     assert torch.equal(transport_steering_vector(real.sv, g)[LAYER], G @ real.sv[LAYER])
 
@@ -127,10 +130,12 @@ def test_multi_layer_negative_index_on_tiny_qwen2():
     assert moved.metadata["model_id"] == "tiny/tgt"
     a = next_token_logprobs(src, ids, sv, 2.0)
     b = next_token_logprobs(tgt, ids, moved, 2.0)
-    assert (a - b).abs().max() < 1e-4 and (a - next_token_logprobs(src, ids)).abs().max() > 0.1
-    # layers= picks a subset; only layer -1 (= 1) steers
+    assert_close_rel(b, a, rtol=1e-5, what="steered log-probs, target + moved vector vs source + vector")
+    assert (a - next_token_logprobs(src, ids)).abs().max() > 0.1
+    # layers= picks a subset; only layer -1 (= residual layer 2, the output of the last block) steers
     only_last = next_token_logprobs(src, ids, sv, 2.0, layers=[-1])
-    assert torch.allclose(only_last, next_token_logprobs(src, ids, SteeringVector({1: sv[-1]}), 2.0), atol=1e-10)
+    # the same model, the same hook adding the same 2·v at layer 2: the same computation, bit for bit
+    assert torch.equal(only_last, next_token_logprobs(src, ids, SteeringVector({2: sv[-1]}), 2.0))
     back = moved.transport(g.inverse())
     assert all(torch.equal(back[i], sv[i]) for i in sv.layers)
 
@@ -140,7 +145,7 @@ def test_hooks_are_removed_on_exit_and_on_exceptions(real):
     plain = next_token_logprobs(model, ids)
     blocks = decoder_layers(model)
     with real.sv.apply(model, alpha=ALPHA):
-        assert len(blocks[LAYER]._forward_hooks) == 1
+        assert len(blocks[LAYER - 1]._forward_hooks) == 1  # residual layer ℓ is the output of block ℓ − 1
         assert not torch.allclose(next_token_logprobs(model, ids), plain)
     assert all(len(b._forward_hooks) == 0 for b in blocks)
     with pytest.raises(RuntimeError, match="boom"):
@@ -180,7 +185,7 @@ def test_tuple_outputs_are_steered_and_rest_of_tuple_kept():
     model = _TupleModel()
     x = torch.randn(2, 4, 8)
     v = torch.randn(8)
-    with SteeringVector({1: v}).apply(model, alpha=0.5):
+    with SteeringVector({2: v}).apply(model, alpha=0.5):  # residual layer 2 = the output of block 1
         got = model(x)
     h = x
     for i, block in enumerate(model.model.layers):
@@ -219,22 +224,28 @@ class _FakeRepengControlVector:  # the shape of repeng.ControlVector
 
 
 def test_steering_vectors_and_repeng_adapters_roundtrip_and_transport():
-    v = {2: torch.randn(64), 4: torch.randn(64)}
-    theirs = _FakeSteeringVectorsSV(**SteeringVector(v).to_steering_vectors_kwargs())
+    """Both libraries key a vector by the block whose output it is added to: block n is our
+    residual layer n + 1 (converted where they are read and written, and only there)."""
+    v = {2: torch.randn(64), 4: torch.randn(64)}  # residual layers 2 and 4 = outputs of blocks 1 and 3
+    kwargs = SteeringVector(v).to_steering_vectors_kwargs()
+    assert sorted(kwargs["layer_activations"]) == [1, 3]
+    theirs = _FakeSteeringVectorsSV(**kwargs)
     ours = SteeringVector.from_steering_vectors(theirs)
     assert ours.layers == [2, 4] and all(torch.equal(ours[i], v[i]) for i in v)
     g = SignedPermutation.random(64, seed=1)
     moved = _FakeSteeringVectorsSV(**SteeringVector.from_steering_vectors(theirs).transport(g).to_steering_vectors_kwargs())
-    assert torch.equal(moved.layer_activations[4], g.apply_vector(v[4]))
+    assert torch.equal(moved.layer_activations[3], g.apply_vector(v[4]))
 
-    rep = _FakeRepengControlVector("llama", {i: t.numpy().astype(np.float32) for i, t in v.items()})
+    rep = _FakeRepengControlVector("llama", {i: t.numpy().astype(np.float32) for i, t in v.items()})  # blocks 2, 4
     ours = SteeringVector.from_repeng(rep)
-    assert ours.metadata["model_type"] == "llama" and ours.layers == [2, 4]
+    assert ours.metadata["model_type"] == "llama" and ours.layers == [3, 5]
     out = _FakeRepengControlVector(**ours.transport(g).to_repeng_kwargs())
-    assert out.model_type == "llama" and out.directions[2].dtype == np.float32
+    assert out.model_type == "llama" and out.directions[2].dtype == np.float32 and sorted(out.directions) == [2, 4]
     assert np.array_equal(out.directions[2], g.apply_vector(rep.directions[2]))
     with pytest.raises(TransportError, match="model_type"):
         SteeringVector(v).to_repeng_kwargs()
+    with pytest.raises(TransportError, match="embedding output"):
+        SteeringVector({0: torch.randn(64)}).to_steering_vectors_kwargs()  # no block's output
     with pytest.raises(TransportError, match="layer_activations"):
         SteeringVector.from_steering_vectors(object())
 
@@ -245,14 +256,14 @@ def test_validation_errors():
     with pytest.raises(DimensionMismatchError, match="hidden size is 64"):
         with SteeringVector({0: torch.randn(32)}).apply(model):
             pass
-    with pytest.raises(TransportError, match="2 decoder layers"):
+    with pytest.raises(TransportError, match="residual layers are 0..2"):
         with SteeringVector({7: torch.randn(64)}).apply(model):
             pass
     with pytest.raises(TransportError, match="no entry for layer 1"):
         with SteeringVector({0: torch.randn(64)}).apply(model, layers=[1]):
             pass
     assert all(len(b._forward_hooks) == 0 for b in decoder_layers(model))
-    with pytest.raises(UnsupportedArchitectureError, match="decoder layers"):
+    with pytest.raises(UnsupportedArchitectureError, match="decoder blocks"):
         decoder_layers(torch.nn.Linear(3, 3))
     with pytest.raises(DimensionMismatchError, match="same length"):
         SteeringVector({0: torch.randn(64), 1: torch.randn(63)})
@@ -262,3 +273,17 @@ def test_validation_errors():
         percent_effect_preserved(torch.zeros(5), torch.ones(5))
     rec = record_residual(model, ids, [0, 1])
     assert rec[1].shape == (1, 5, 64)
+
+
+def test_version_1_files_keyed_by_block_are_read_as_residual_layers(tmp_path):
+    """Files written before the one layer numbering keyed the vector by block: read converted."""
+    from safetensors.torch import save_file
+
+    v = torch.randn(64)
+    save_file({"layer.2": v, "layer.-1": v.clone()}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "hf_bdgauge.steering_vector", "format_version": "1", "layer_type": "decoder_block",
+                        "metadata": "{}"})
+    old = SteeringVector.load(tmp_path / "old.safetensors")
+    assert old.layers == [-1, 3] and torch.equal(old[3], v)
+    back = SteeringVector.load(old.save(tmp_path / "new.safetensors"))  # written as version 2
+    assert back.layers == [-1, 3]

@@ -2,35 +2,35 @@
 
 * :mod:`~hf_bdgauge.estimate.capture`: residual-stream hooks on two models fed the same tokens;
 * :mod:`~hf_bdgauge.estimate.stats`: mergeable float64 sufficient statistics (sums per layer);
-* :mod:`~hf_bdgauge.estimate.matching`: sign-marginalised Hungarian matching, the rotated-target
-  null and the verdict; :func:`estimate_gauge` is the entry point;
+* :mod:`~hf_bdgauge.estimate.assignment`: the Hungarian step shared by every method;
+* :mod:`~hf_bdgauge.estimate.verdict`: the fit against the null and the verdict (the one place);
+* :mod:`~hf_bdgauge.estimate.matching`: sign-marginalised matching of activation statistics;
 * :mod:`~hf_bdgauge.estimate.weights`: data-free matching from the weights (``method="weights"``);
+* :mod:`~hf_bdgauge.estimate.api`: :func:`estimate_gauge`, the entry point;
 * :mod:`~hf_bdgauge.estimate.trajectory`: composing local gauges along training runs.
 """
 
 from __future__ import annotations
 
+from ..gauge import VERDICTS
+from .api import estimate_gauge
+from .assignment import ACTIVATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
 from .capture import (
     capture_pair_stats,
     find_decoder_layers,
     iter_token_batches,
     load_causal_lm,
+    load_tokenizer,
     residual_activations,
 )
 from .matching import (
-    ACTIVATION_METHODS,
     METHODS,
     POOLINGS,
-    VERDICTS,
-    MatchResult,
     estimate_from_activations,
     estimate_from_stats,
-    estimate_gauge,
-    hungarian,
-    match_scores,
     pooled_correlations,
-    random_orthogonal,
 )
+from .verdict import fit_metrics
 from .stats import CrossMoments, EstimationError, PairStats
 from .trajectory import (
     compose_gauges,
@@ -58,6 +58,8 @@ __all__ = [
     "estimate_from_stats",
     "estimate_gauge",
     "estimate_gauge_from_weights",
+    "fit_metrics",
+    "load_tokenizer",
     "find_decoder_layers",
     "hungarian",
     "invert_gauge",

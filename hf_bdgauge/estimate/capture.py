@@ -1,12 +1,10 @@
 """Capturing the residual stream of two models on the same tokens, as streaming statistics.
 
-Layer convention
-----------------
-``0`` is the output of the token embedding (the residual stream entering the first decoder
-layer) and ``l = 1..L`` is the output of decoder layer ``l - 1``: the residual stream after
-``l`` blocks. Every one of these transforms as ``h ↦ G·h`` under a gauge. (transformers'
-``output_hidden_states`` replaces the last entry with the *final-normed* state, so this module
-uses forward hooks on the embedding and the decoder layers instead.)
+Layers
+------
+Statistics are keyed by residual layer (:mod:`hf_bdgauge.layers`: ``0`` = embedding output,
+``ℓ`` = output of block ``ℓ − 1``, the last one before the final norm), recorded by
+:func:`hf_bdgauge.layers.residual_states`.
 
 How
 ---
@@ -24,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DimensionMismatchError, UnsupportedArchitectureError
+from ..errors import DimensionMismatchError
+from ..fingerprint import model_fingerprint
 from ..gauge import ModelRef
+from ..hub import commit_of, resolve_checkpoint_dir, split_revision
+from ..layers import decoder_blocks, num_residual_layers, resolve_layers, residual_states
+from ..storage import checkpoint_shards
 from .stats import EstimationError, PairStats
 
 __all__ = [
@@ -42,7 +43,9 @@ __all__ = [
     "find_decoder_layers",
     "iter_token_batches",
     "load_causal_lm",
+    "load_tokenizer",
     "model_ref",
+    "needs_tokenizer",
     "num_residual_layers",
     "residual_activations",
     "resolve_layers",
@@ -51,10 +54,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TokenBatch = dict  # {"input_ids": LongTensor [B, T], "attention_mask": LongTensor [B, T]}
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every requested layer has been recorded."""
 
 
 # ---------------------------------------------------------------------- batches
@@ -148,98 +147,15 @@ def iter_token_batches(
 
 # ---------------------------------------------------------------------- model structure
 def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The ``ModuleList`` of decoder blocks (the one of length ``num_hidden_layers`` whose
-    name ends in ``layers``/``h``/``layer``/``blocks``; the shallowest one wins)."""
-    config = getattr(model, "config", None)
-    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    best: tuple[int, str, torch.nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in ("layers", "h", "layer", "blocks"):
-            continue
-        if n is not None and len(mod) != n:
-            continue
-        depth = name.count(".")
-        if best is None or depth < best[0]:
-            best = (depth, name, mod)
-    if best is None:
-        raise UnsupportedArchitectureError(
-            f"cannot find the decoder layers of {type(model).__name__} (a ModuleList named layers/h of "
-            f"length num_hidden_layers={n})"
-        )
-    return best[2]
+    """The decoder blocks (:func:`hf_bdgauge.layers.decoder_blocks`)."""
+    return decoder_blocks(model)
 
 
-def num_residual_layers(model: torch.nn.Module) -> int:
-    """``L + 1``: the embedding output plus one residual state per decoder layer."""
-    return len(find_decoder_layers(model)) + 1
-
-
-def resolve_layers(layers: Iterable[int] | None, n: int) -> list[int]:
-    """Sorted unique layer indices in ``[0, n)``; ``None`` means all; negatives count from the end."""
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = set()
-    for k in layers:
-        k = int(k)
-        kk = k + n if k < 0 else k
-        if not 0 <= kk < n:
-            raise EstimationError(f"layer {k} does not exist: residual layers are 0..{n - 1} (0 = embedding output)")
-        out.add(kk)
-    if not out:
-        raise EstimationError("no layers selected")
-    return sorted(out)
-
-
-def _input_device(model: torch.nn.Module) -> torch.device:
-    emb = model.get_input_embeddings()
-    dev = emb.weight.device if emb is not None and hasattr(emb, "weight") else next(model.parameters()).device
-    return torch.device("cpu") if dev.type == "meta" else dev
-
-
-@torch.no_grad()
 def residual_activations(model: torch.nn.Module, batch: TokenBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """One forward pass; returns ``layer -> hidden state [B, T, d]`` (on the layer's device).
-
-    The forward stops right after the deepest requested layer. The model is put in eval mode
-    for the pass and restored afterwards.
-    """
-    blocks = find_decoder_layers(model)
-    layers = resolve_layers(layers, len(blocks) + 1)
-    deepest = max(layers)
-    acts: dict[int, torch.Tensor] = {}
-
-    def hook_for(idx: int):
-        def hook(_mod: Any, _inp: Any, out: Any) -> None:
-            h = out[0] if isinstance(out, (tuple, list)) else out
-            if idx in layers:
-                acts[idx] = h.detach()
-            if idx == deepest:
-                raise _StopForward
-
-        return hook
-
-    handles = [model.get_input_embeddings().register_forward_hook(hook_for(0))]
-    handles += [blk.register_forward_hook(hook_for(i + 1)) for i, blk in enumerate(blocks) if i + 1 <= deepest]
-    was_training = model.training
-    model.eval()
-    dev = _input_device(model)
-    try:
-        model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    missing = [k for k in layers if k not in acts]
-    if missing:
-        raise UnsupportedArchitectureError(f"layers {missing} of {type(model).__name__} produced no output during the forward pass")
-    return acts
+    """One forward pass; ``layer -> hidden state [B, T, d]`` for residual layers ``layers``
+    (:func:`hf_bdgauge.layers.residual_states`; the forward stops after the deepest one)."""
+    n = num_residual_layers(model)
+    return residual_states(model, batch, resolve_layers(layers, n))
 
 
 def capture_pair_stats(
@@ -321,38 +237,47 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 # ---------------------------------------------------------------------- loading
-_SNAPSHOT = re.compile(r"snapshots[/\\]([0-9a-f]{40})(?:[/\\]|$)")
+def needs_tokenizer(data: Any) -> bool:
+    """Whether ``data`` holds texts (a string, a list of strings, or a list of lists of strings)."""
+    if isinstance(data, str):
+        return True
+    return isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], (str, list, tuple)) and (
+        isinstance(data[0], str) or (bool(data[0]) and isinstance(data[0][0], str))
+    )
+
+
+def load_tokenizer(tokenizer: Any, fallback: Any = None, revision: str | None = None) -> Any:
+    """A tokenizer: ``tokenizer`` itself when it is one; loaded from ``tokenizer`` when it is a
+    directory or Hub id (``repo@revision``); else from the checkpoint ``fallback`` at
+    ``revision``; ``None`` when neither is given. Never runs remote code."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    if tokenizer is None and fallback is None:
+        return None
+    from transformers import AutoTokenizer
+
+    path = resolve_checkpoint_dir(tokenizer) if tokenizer is not None else resolve_checkpoint_dir(fallback, revision)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def model_ref(obj: Any, revision: str | None = None, path: Path | None = None, *, fingerprint: bool = False) -> ModelRef:
     """A :class:`~hf_bdgauge.gauge.ModelRef` for a module or a checkpoint id/dir.
 
     ``commit_hash`` is read from a Hub cache path (``.../snapshots/<sha>/``) when available.
-    ``fingerprint=True`` fills the fingerprint (config hash and content hashes of a few tensors,
+    ``fingerprint=True`` fills the fingerprint (config hash and content hashes,
     :func:`hf_bdgauge.fingerprint.model_fingerprint`; the same hashes from memory or from disk);
     otherwise it is left empty.
     """
     if isinstance(obj, torch.nn.Module):
         cfg = getattr(obj, "config", None)
         mid = getattr(cfg, "_name_or_path", None) or getattr(obj, "name_or_path", None) or None
-        commit = getattr(cfg, "_commit_hash", None)
-        if commit is None and mid:
-            m = _SNAPSHOT.search(str(mid))
-            commit = m.group(1) if m else None
-        fp = _fingerprint(obj) if fingerprint else {}
+        commit = getattr(cfg, "_commit_hash", None) or (commit_of(mid) if mid else None)
+        fp = model_fingerprint(obj) if fingerprint else {}
         return ModelRef(model_id=str(mid) if mid else None, revision=revision, commit_hash=commit, fingerprint=fp)
-    commit = None
-    if path is not None:
-        m = _SNAPSHOT.search(str(path))
-        commit = m.group(1) if m else None
-    fp = _fingerprint(path if path is not None else obj, revision) if fingerprint else {}
-    return ModelRef(model_id=str(obj), revision=revision, commit_hash=commit, fingerprint=fp)
-
-
-def _fingerprint(obj: Any, revision: str | None = None) -> dict[str, Any]:
-    from ..fingerprint import model_fingerprint
-
-    return model_fingerprint(obj, revision=revision, content=True)
+    name, revision = split_revision(obj, revision)
+    commit = commit_of(path) if path is not None else None
+    fp = model_fingerprint(path if path is not None else name, revision=revision) if fingerprint else {}
+    return ModelRef(model_id=name, revision=revision, commit_hash=commit, fingerprint=fp)
 
 
 def load_causal_lm(
@@ -363,14 +288,13 @@ def load_causal_lm(
     device_map: Any = None,
     fingerprint: bool = True,
 ) -> tuple[torch.nn.Module, ModelRef, Path]:
-    """Load a causal LM from a local directory or a Hub id at ``revision`` (safetensors only,
-    never ``trust_remote_code``). Returns ``(model, ModelRef, directory)``; the model is in eval
-    mode; ``fingerprint=True`` fingerprints the checkpoint on disk (see :func:`model_ref`)."""
+    """Load a causal LM from a local directory or a Hub id (``repo@revision`` or ``revision=``),
+    safetensors only, never ``trust_remote_code``. Returns ``(model, ModelRef, directory)``; the
+    model is in eval mode; ``fingerprint=True`` fingerprints the checkpoint on disk."""
     from transformers import AutoModelForCausalLM
 
-    from ..checkpoint import checkpoint_shards, resolve_checkpoint_dir
-
-    path = resolve_checkpoint_dir(src, revision)
+    name, revision = split_revision(src, revision)
+    path = resolve_checkpoint_dir(name, revision)
     checkpoint_shards(path)  # refuses pickle-only checkpoints with a clear message
     kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
     if dtype is not None:
@@ -379,4 +303,4 @@ def load_causal_lm(
         kw["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
     model.eval()
-    return model, model_ref(src, revision, path, fingerprint=fingerprint), path
+    return model, model_ref(name, revision, path, fingerprint=fingerprint), path

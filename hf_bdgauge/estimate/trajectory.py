@@ -7,8 +7,9 @@ Between *consecutive* saved checkpoints the drift is small, so every local gauge
 
     G = G_n · … · G_2 · G_1          (``g_n @ … @ g_1``, apply ``G_1`` first)
 
-maps the first checkpoint's chart to the last one's. The per-coordinate confidence of the
-composite follows each coordinate along its path and keeps the minimum (likewise the margin).
+maps the first checkpoint's chart to the last one's. It is a fold of the library's one group
+law, :meth:`hf_bdgauge.gauge.Gauge.compose` (junctions checked, one hop record per link,
+path-minimum confidence and margin, the aggregated verdict).
 
 Two runs that share a base are related through it: ``compose_via_base`` estimates the run A
 trajectory ``base → A_end``, inverts it (``Gᵀ``), and composes with ``base → B_end``:
@@ -23,13 +24,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..gauge import Gauge, ModelRef
-from ..group import SignedPermutation
-from .matching import METHODS, estimate_gauge
+from ..gauge import Gauge, ModelRef, composed_metrics
+from ..hub import split_revision
+from .api import estimate_gauge
+from .capture import load_causal_lm, load_tokenizer, needs_tokenizer
+from .matching import METHODS
 from .stats import EstimationError
 
 __all__ = ["CheckpointLike", "compose_gauges", "compose_trajectory", "compose_via_base", "invert_gauge"]
@@ -45,7 +47,9 @@ def _split(ckpt: CheckpointLike) -> tuple[Any, str | None]:
         if len(ckpt) != 2:
             raise EstimationError(f"a checkpoint tuple must be (repo_or_dir, revision), got {ckpt!r}")
         return ckpt[0], ckpt[1]
-    if isinstance(ckpt, (str, os.PathLike, torch.nn.Module)):
+    if isinstance(ckpt, str):
+        return split_revision(ckpt)
+    if isinstance(ckpt, (os.PathLike, torch.nn.Module)):
         return ckpt, None
     raise EstimationError(f"a checkpoint must be a directory, a Hub id, (repo, revision) or a model; got {type(ckpt).__name__}")
 
@@ -59,96 +63,31 @@ def _label(obj: Any, revision: str | None) -> str:
 
 
 def invert_gauge(g: Gauge) -> Gauge:
-    """``Gᵀ`` with source/target swapped; confidence and margin re-indexed to the new source
-    chart (entry ``π(i)`` of the inverse is entry ``i`` of ``g``)."""
-    e = g.element
-    conf = None if g.confidence is None else np.asarray(g.confidence)[e.inverse_perm].astype(np.float32)
-    marg = None if g.margin is None else np.asarray(g.margin)[e.inverse_perm].astype(np.float32)
-    return Gauge(element=e.inverse(), source=g.target, target=g.source, method=g.method, confidence=conf, margin=marg,
-                 metrics=dict(g.metrics), hops=[_invert_hop(h) for h in reversed(g.hops)])
+    """``g.inverse()`` (kept for compatibility): ``Gᵀ`` with source/target swapped."""
+    return g.inverse()
 
 
-def _invert_hop(h: dict[str, Any]) -> dict[str, Any]:
-    """A hop record traversed backwards: ends swapped, ``inverted`` toggled."""
-    out = dict(h, inverted=not h.get("inverted", False))
-    for a, b in (("source", "target"), ("source_revision", "target_revision")):
-        out[a], out[b] = h.get(b), h.get(a)
-    return out
-
-
-def _chain_min(values: list[np.ndarray | None], elements: list[SignedPermutation]) -> np.ndarray | None:
-    """Per source coordinate of the first gauge, the minimum of ``values[k]`` along its path."""
-    if any(v is None for v in values):
-        return None
-    d = elements[0].dim
-    idx = np.arange(d)
-    out = np.full(d, np.inf, dtype=np.float64)
-    for v, e in zip(values, elements):
-        out = np.minimum(out, np.asarray(v, dtype=np.float64)[idx])
-        idx = e.perm[idx]
-    return out.astype(np.float32)
-
-
-def _hop_record(g: Gauge, index: int) -> dict[str, Any]:
-    m = g.metrics
-    keep = ("verdict", "summary", "mean_matched_abs_corr", "mean_matched_abs_cos", "null_mean_matched_abs_corr",
-            "null_mean_matched_abs_cos", "excess_over_null", "weak_fit", "identity_fit", "matched_fit", "num_moved", "num_flips",
-            "tokens", "time_s")
-    rec: dict[str, Any] = {"index": index, "source": g.source.model_id, "source_revision": g.source.revision,
-                           "target": g.target.model_id, "target_revision": g.target.revision, "method": g.method}
-    rec.update({k: m[k] for k in keep if k in m})
-    if g.confidence is not None:
-        rec["min_confidence"] = float(np.min(g.confidence))
-    return rec
-
-
-def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None) -> Gauge:
-    """Compose a chain ``[G_1: c0→c1, G_2: c1→c2, …]`` into ``c0 → c_n`` (``G_n ⋯ G_1``), with the
-    path-minimum confidence/margin, ``hops`` = each link's record and an aggregated verdict:
-    ``no_signed_permutation`` if any link has it, ``identity`` if the product and every link are
-    the identity, else ``signed_permutation``."""
+def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None, check: bool = True) -> Gauge:
+    """Compose a chain ``[G_1: c0→c1, G_2: c1→c2, …]`` into ``c0 → c_n`` (``G_n ⋯ G_1``) by the
+    group law :meth:`Gauge.compose` (junctions checked unless ``check=False``): path-minimum
+    confidence/margin, ``hops`` = every link's hop records, and the aggregated verdict
+    (``no_signed_permutation`` if any link has it). ``method`` names the result (default
+    ``trajectory[<first link's method>]``)."""
     if not gauges:
         raise EstimationError("nothing to compose")
     d = gauges[0].dim
-    total = SignedPermutation.identity(d)
-    hops: list[dict[str, Any]] = []
-    for k, g in enumerate(gauges):
+    total = gauges[0]
+    for k, g in enumerate(gauges[1:], 1):
         if g.dim != d:
             raise EstimationError(f"link {k} has dimension {g.dim}, the chain has {d}")
-        total = g.element @ total
-        hops.extend(g.hops if g.hops else [_hop_record(g, k)])
-    for k, h in enumerate(hops):
-        h["index"] = k
-    verdicts = [h.get("verdict") for h in hops]
-    if "no_signed_permutation" in verdicts:
-        verdict = "no_signed_permutation"
-    elif total.is_identity and all(v == "identity" for v in verdicts):
-        verdict = "identity"
-    else:
-        verdict = "signed_permutation"
-    elements = [g.element for g in gauges]
-    conf = _chain_min([g.confidence for g in gauges], elements)
-    marg = _chain_min([g.margin for g in gauges], elements)
-    tokens = int(sum(h.get("tokens", 0) or 0 for h in hops))
-    t = float(sum(h.get("time_s", 0.0) or 0.0 for h in hops))
-    summary = (f"{verdict} composed over {len(hops)} hops: {int(np.sum(total.perm != np.arange(d)))}/{d} coordinates "
-               f"move, {total.num_flips} flip" + (f"; weakest link min confidence {float(conf.min()):.3f}" if conf is not None else ""))
-    weak = [h["index"] for h in hops if h.get("weak_fit")]
-    if weak:
-        summary += f"; {len(weak)} weak link(s) (hops {weak[:8]})"
-    excesses = [h["excess_over_null"] for h in hops if "excess_over_null" in h]
-    metrics = {"verdict": verdict, "summary": summary, "num_hops": len(hops), "tokens": tokens, "time_s": t,
-               "hop_verdicts": verdicts, "weak_hops": weak}
-    if excesses:
-        metrics["min_hop_excess_over_null"] = float(min(excesses))
-    if conf is not None:
-        metrics["mean_path_confidence"] = float(np.mean(conf))
-    if verdict == "no_signed_permutation":
-        logger.warning("a link of the chain has no signed permutation: %s", summary)
+        total = g.compose(total, check=check)
+    if len(gauges) == 1:  # one link: still a chain (of one hop), reported like any composite
+        hops = total.hop_chain()
+        total = Gauge(total.element, source=total.source, target=total.target, confidence=total.confidence,
+                      margin=total.margin, metrics=composed_metrics(hops, total.element, total.confidence), hops=hops)
     name = method or gauges[0].method
-    return Gauge(element=total, source=gauges[0].source, target=gauges[-1].target,
-                 method=name if name.startswith("trajectory") else f"trajectory[{name}]",
-                 confidence=conf, margin=marg, metrics=metrics, hops=hops)
+    total.method = name if name.startswith("trajectory") else f"trajectory[{name}]"
+    return total
 
 
 def _materialize(data: Any) -> Any:
@@ -189,17 +128,12 @@ def compose_trajectory(
         raise EstimationError("a trajectory needs at least two checkpoints")
     data = _materialize(data)
     t0 = time.perf_counter()
-    if method != "weights" and tokenizer is None and not isinstance(items[0][0], torch.nn.Module):
-        from .matching import _load_tokenizer, _needs_texts
-
-        if _needs_texts(data):
-            tokenizer = _load_tokenizer(None, items[0][0], items[0][1])
+    if method != "weights" and tokenizer is None and not isinstance(items[0][0], torch.nn.Module) and needs_tokenizer(data):
+        tokenizer = load_tokenizer(None, items[0][0], items[0][1])
 
     def load(obj: Any, rev: str | None) -> tuple[Any, ModelRef | None]:
         if method == "weights" or isinstance(obj, torch.nn.Module):
             return obj, None
-        from .capture import load_causal_lm
-
         model, ref, _ = load_causal_lm(obj, rev, dtype=dtype, device_map=device_map,
                                        fingerprint=estimate_kwargs.get("fingerprint", False))
         return model, ref
@@ -245,7 +179,7 @@ def compose_via_base(
     t0 = time.perf_counter()
     parts: list[Gauge] = []
     if len(run_a):
-        parts.append(invert_gauge(compose_trajectory([base, *run_a], data, method, **kwargs)))
+        parts.append(compose_trajectory([base, *run_a], data, method, **kwargs).inverse())
     if len(run_b):
         parts.append(compose_trajectory([base, *run_b], data, method, **kwargs))
     if not parts:

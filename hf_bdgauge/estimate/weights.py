@@ -43,7 +43,6 @@ have their own internal permutations and match no better than the null.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -54,16 +53,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import (
-    CheckpointError,
-    DimensionMismatchError,
-    UnsupportedArchitectureError,
-)
+from ..errors import DimensionMismatchError, UnsupportedArchitectureError
 from ..gauge import Gauge, ModelRef
-from ..roles import ArchitectureSpec, hidden_size_of, spec_for_config, spec_for_model
+from ..hub import resolve_checkpoint_dir, split_revision
+from ..plan import TransformPlan
+from ..roles import ArchitectureSpec
 from ..rules import Role, TensorRule
-from .matching import _log_verdict, fit_metrics, match_scores, random_orthogonal
+from .assignment import match_scores, random_orthogonal
+from .capture import model_ref
 from .stats import EstimationError
+from .verdict import fit_metrics, log_verdict
 
 __all__ = ["TENSOR_WEIGHTINGS", "WeightSimilarity", "estimate_gauge_from_weights", "weight_similarity"]
 
@@ -74,17 +73,16 @@ TENSOR_WEIGHTINGS = ("equal", "raw")
 
 # ---------------------------------------------------------------------- tensor sources
 class _Tensors:
-    """Uniform access to the named tensors of a loaded model or a safetensors checkpoint."""
+    """Uniform access to the named tensors of a loaded model or a safetensors checkpoint, with
+    the object's transform plan (role map, width, rules, shapes)."""
 
-    spec: ArchitectureSpec
-    config: Any
+    plan: TransformPlan
     ref: ModelRef
 
-    def names(self) -> list[str]:
-        raise NotImplementedError
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+    @property
+    def spec(self) -> ArchitectureSpec:
+        assert self.plan.spec is not None
+        return self.plan.spec
 
     def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         """Entries ``start:stop`` of tensor ``name`` along ``axis`` (everything on other axes)."""
@@ -93,23 +91,11 @@ class _Tensors:
 
 class _ModuleTensors(_Tensors):
     def __init__(self, model: torch.nn.Module, revision: str | None, fingerprint: bool = False) -> None:
-        from .capture import model_ref
-
-        self.spec = spec_for_model(model)
-        self.config = model.config
+        self.plan = TransformPlan.for_model(model)  # refuses offloaded (meta) tensors
         self.ref = model_ref(model, revision, fingerprint=fingerprint)
         self._t: dict[str, torch.Tensor] = dict(model.named_parameters())
         for n, b in model.named_buffers():
             self._t.setdefault(n, b)
-        meta = [n for n, t in self._t.items() if t.device.type == "meta"]
-        if meta:
-            raise CheckpointError(f"tensor {meta[0]} is on the meta device (offloaded); pass the checkpoint directory instead")
-
-    def names(self) -> list[str]:
-        return list(self._t)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._t[name].shape)
 
     def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         return self._t[name].detach().narrow(axis, start, stop - start)
@@ -119,38 +105,13 @@ class _CheckpointTensors(_Tensors):
     def __init__(self, src: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> None:
         from safetensors import safe_open
 
-        from ..checkpoint import (
-            checkpoint_shards,
-            read_safetensors_header,
-            resolve_checkpoint_dir,
-        )
-        from .capture import model_ref
-
-        path = resolve_checkpoint_dir(src, revision)
-        cfg_path = path / "config.json"
-        if not cfg_path.exists():
-            raise CheckpointError(f"{path} has no config.json; cannot tell the model family")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-        self.spec = spec_for_config(self.config)
-        self.ref = model_ref(src, revision, path, fingerprint=fingerprint)
-        self._where: dict[str, Any] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for shard in checkpoint_shards(path):
-            _, header = read_safetensors_header(shard)
-            handle = stack.enter_context(safe_open(str(shard), framework="pt"))
-            for n, v in header.items():
-                if n != "__metadata__":
-                    self._where[n] = handle
-                    self._shapes[n] = tuple(v["shape"])
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        name, revision = split_revision(src, revision)
+        path = resolve_checkpoint_dir(name, revision)
+        self.plan = TransformPlan.for_checkpoint(path)
+        self.ref = model_ref(name, revision, path, fingerprint=fingerprint)
+        handles = {shard: stack.enter_context(safe_open(str(shard), framework="pt"))
+                   for shard in {ti.shard for ti in self.plan.tensors.values()}}
+        self._where = {n: handles[ti.shard] for n, ti in self.plan.tensors.items()}
 
     def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
         # a slice of the memory-mapped file: only these entries are read and materialised
@@ -260,26 +221,23 @@ def _blocks(shape: tuple[int, ...], residual_axis: int, block_elements: int) -> 
 
 
 def _plan(src: _Tensors, tgt: _Tensors) -> tuple[list[tuple[str, TensorRule]], int]:
+    """The tensors both models share that carry residual coordinates (each plan has already
+    checked coverage and residual sizes), with matching shapes."""
     if src.spec.name != tgt.spec.name:
         raise UnsupportedArchitectureError(f"source is a {src.spec.name!r} model but target is a {tgt.spec.name!r} model")
-    d, d2 = hidden_size_of(src.config), hidden_size_of(tgt.config)
+    d, d2 = src.plan.dim, tgt.plan.dim
     if d != d2:
         raise DimensionMismatchError(f"source hidden size {d} != target hidden size {d2}")
-    s_rules = src.spec.rules_for(src.names())
-    t_rules = tgt.spec.rules_for(tgt.names())
+    s_moved, t_moved = src.plan.moved, tgt.plan.moved
     plan: list[tuple[str, TensorRule]] = []
-    only_src, only_tgt = [], [n for n, r in t_rules.items() if r.role is not Role.NONE and n not in s_rules]
-    for n, r in s_rules.items():
-        if r.role is Role.NONE:
+    only_src = [n for n in s_moved if n not in t_moved]
+    only_tgt = [n for n in t_moved if n not in s_moved]
+    for n, r in s_moved.items():
+        if n not in t_moved:
             continue
-        if n not in t_rules:
-            only_src.append(n)
-            continue
-        if src.shape(n) != tgt.shape(n):
-            raise DimensionMismatchError(f"tensor {n} has shape {src.shape(n)} in the source but {tgt.shape(n)} in the target")
-        size = r.residual_size(src.shape(n))
-        if size != d:
-            raise DimensionMismatchError(f"tensor {n} of shape {src.shape(n)} has {size} != {d} entries on its residual axis")
+        if src.plan.shapes[n] != tgt.plan.shapes[n]:
+            raise DimensionMismatchError(
+                f"tensor {n} has shape {src.plan.shapes[n]} in the source but {tgt.plan.shapes[n]} in the target")
         plan.append((n, r))
     if only_src or only_tgt:
         logger.warning("tensors present in only one model are ignored (e.g. tied vs untied lm_head): %s",
@@ -328,7 +286,7 @@ def weight_similarity(
             gain = rule.role is Role.GAIN
             if gain and not include_gains:
                 continue
-            shape = src.shape(name)
+            shape = src.plan.shapes[name]
             axis, cuts = _blocks(shape, rule.residual_axis(len(shape)), block_elements)
             M = K = None
             na, nb = z(d), z(d)
@@ -419,6 +377,6 @@ def estimate_gauge_from_weights(
     metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=tensor_weighting,
                    similarity_time_s=t_sim, time_s=time.perf_counter() - t0)
     metrics["summary"] += f" (data-free, {len(sim.tensors)} tensors, {metrics['time_s']:.2f} s)"
-    _log_verdict(metrics)
+    log_verdict(metrics)
     return Gauge(element=match.element, source=src_ref, target=tgt_ref, method="weights",
                  confidence=match.confidence, margin=match.margin, metrics=metrics)

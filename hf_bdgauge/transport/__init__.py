@@ -1,7 +1,10 @@
 """Transport of coordinate-indexed objects between residual charts.
 
-Every transport expresses each tensor's move as a :class:`~hf_bdgauge.rules.TensorRule` and
-goes through :func:`hf_bdgauge.rules.transform`; none re-derives the rules.
+Every transport builds the object's :class:`~hf_bdgauge.plan.TransformPlan` (a
+:class:`~hf_bdgauge.rules.TensorRule` per tensor, its residual sizes, its symmetry rule), lets it
+admit the gauge, and moves each tensor through :func:`hf_bdgauge.rules.transform`; none
+re-derives the rules. Each module registers its kind of object with the command line
+(:mod:`.registry`: ``bdgauge transport <kind>``), so a new transportable object is one module.
 
 | object | module | rule |
 | --- | --- | --- |
@@ -19,10 +22,14 @@ from .merge import merge_adapters, merge_checkpoints, merge_models, merge_tensor
 from .optimizer import optimizer_parameter_names, transport_optimizer_state
 from .peft import adapter_tensor_rules, transport_adapter, transport_adapter_state_dict, transport_peft_model
 from .probes import IndexSet, LinearProbe, transport_indices, transport_probe
+from .registry import TransportKind, register_transport, transport_kinds
 from .sae import SAE, fit_sae, transport_sae
 from .steering import SteeringVector, percent_effect_preserved, transport_steering_vector
 
 __all__ = [
+    "TransportKind",
+    "register_transport",
+    "transport_kinds",
     "transport_adapter",
     "transport_adapter_state_dict",
     "transport_peft_model",

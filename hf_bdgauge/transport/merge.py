@@ -25,7 +25,6 @@ PEFT's ``add_weighted_adapter``.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -34,13 +33,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .._io import atomic_directory
-from ..apply import check_gauge_allowed
-from ..checkpoint import checkpoint_shards, read_safetensors_header, resolve_checkpoint_dir
-from ..errors import CheckpointError, DimensionMismatchError, TransportError
-from ..gauge import Gauge, as_signed_permutation
+from ..errors import CheckpointError, TransportError
+from ..files import atomic_directory
+from ..gauge import Gauge
 from ..group import SignedPermutation
-from ..roles import ArchitectureSpec, hidden_size_of, spec_for_config, spec_for_model
+from ..hub import resolve_checkpoint_dir, resolve_dir
+from ..plan import TransformPlan
+from ..roles import ArchitectureSpec
 from ..rules import Role, TensorRule, transform
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,20 +52,22 @@ logger = logging.getLogger(__name__)
 MERGE_METHODS = ("linear", "task_arithmetic")
 
 
-def _elements(gauges: Sequence[Any] | None, n: int, d: int) -> list[SignedPermutation | None]:
+def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], reference: TransformPlan) -> list[SignedPermutation | None]:
+    """Each gauge admitted by its model's plan (source end) and by the reference's (target end):
+    dimension, the family's symmetry rule and, where recorded, both ends' fingerprints."""
+    n = len(plans)
     if gauges is None:
         return [None] * n
     if len(gauges) != n:
         raise TransportError(f"{len(gauges)} gauges given for {n} models")
     out: list[SignedPermutation | None] = []
-    for i, g in enumerate(gauges):
-        el = None if g is None else as_signed_permutation(g)
-        if el is not None and el.dim != d:
-            raise DimensionMismatchError(f"gauges[{i}] has dimension {el.dim} but the models' hidden size is {d}")
-        if el is not None and el.is_identity:
-            el = None
-        out.append(el)
-    if out[0] is not None:
+    for i, (g, plan) in enumerate(zip(gauges, plans)):
+        el = None
+        if g is not None:
+            el = plan.admit(g, end="source")
+            reference.admit(g, end="target")
+        out.append(None if el is None or el.is_identity else el)
+    if gauges[0] is not None and out[0] is not None:
         raise TransportError("gauges[0] must be None or the identity: the first model's chart is the reference chart")
     return out
 
@@ -149,28 +150,17 @@ def merge_models(
         raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
     if method == "task_arithmetic" and base is None:
         raise TransportError("task_arithmetic needs base= (the common pre-trained model)")
-    spec = spec or spec_for_model(models[0])
-    d = hidden_size_of(models[0].config)
-    for i, m in enumerate(models[1:], 1):
-        if spec_for_model(m).name != spec.name:
-            raise TransportError(f"models[{i}] is of family {spec_for_model(m).name!r}, models[0] of {spec.name!r}")
-    gs = _elements(gauges, len(models), d)
-    bg = _elements([None, base_gauge], 2, d)[1] if base is not None else None
-    ws = _weights(weights, len(models))
     named = [_named_tensors(m) for m in models]
     base_named = _named_tensors(base) if base is not None else None
-    rules = spec.rules_for(named[0])
-    for i, nt in enumerate(named[1:] + ([base_named] if base_named is not None else []), 1):
-        if set(nt) != set(named[0]):
-            diff = sorted(set(nt) ^ set(named[0]))[:5]
-            raise TransportError(f"model {i} does not have the same tensors as models[0] (e.g. {diff})")
-    for g in [*gs, bg]:
-        if g is not None:
-            check_gauge_allowed(spec, g)
-    for n, t in named[0].items():
-        size = rules[n].residual_size(tuple(t.shape))
-        if size is not None and size != d:
-            raise DimensionMismatchError(f"tensor {n} has {size} != {d} entries on its residual axis")
+    plans = [TransformPlan.for_model(m, spec=spec, names=nt, what=f"models[{i}]") for i, (m, nt) in enumerate(zip(models, named))]
+    _same_layout(plans, "models")
+    base_plan = TransformPlan.for_model(base, spec=spec, names=base_named, what="base") if base is not None else None
+    if base_plan is not None:
+        _same_layout([plans[0], base_plan], "models[0] and base")
+    gs = _elements(gauges, plans, plans[0])
+    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0])[1] if base_plan is not None else None
+    ws = _weights(weights, len(models))
+    rules = plans[0].rules
 
     merged = copy.deepcopy(models[0])
     out_named = _named_tensors(merged)
@@ -183,25 +173,17 @@ def merge_models(
     return merged
 
 
-def _read_config(d: Path) -> dict[str, Any]:
-    p = d / "config.json"
-    if not p.exists():
-        raise CheckpointError(f"{d} has no config.json; cannot tell the model family")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{p} is not valid JSON: {e}") from e
-
-
-def _tensor_index(d: Path) -> dict[str, tuple[Path, list[int]]]:
-    """``name -> (shard, shape)`` for a checkpoint directory."""
-    out: dict[str, tuple[Path, list[int]]] = {}
-    for shard in checkpoint_shards(d):
-        _, header = read_safetensors_header(shard)
-        for k, v in header.items():
-            if k != "__metadata__":
-                out[k] = (shard, list(v["shape"]))
-    return out
+def _same_layout(plans: Sequence[TransformPlan], what: str) -> None:
+    """Every plan of one family and width, with the same tensor names and shapes as the first."""
+    first = plans[0]
+    for i, p in enumerate(plans[1:], 1):
+        if (p.spec and p.spec.name) != (first.spec and first.spec.name) or p.dim != first.dim:
+            raise TransportError(f"{what}: {p.what} is not of the same family and width as {first.what}")
+        if p.shapes != first.shapes:
+            diff = sorted(set(p.shapes) ^ set(first.shapes))[:5] or sorted(
+                n for n in p.shapes if p.shapes[n] != first.shapes.get(n))[:5]
+            cls = CheckpointError if p.tensors else TransportError
+            raise cls(f"{what}: {p.what} differs from {first.what} in tensor names or shapes (e.g. {diff})")
 
 
 def merge_checkpoints(
@@ -231,28 +213,14 @@ def merge_checkpoints(
         raise TransportError(f"{len(revs)} revisions given for {len(src_dirs)} checkpoints")
     dirs = [resolve_checkpoint_dir(s, r) for s, r in zip(src_dirs, revs)]
     bdir = resolve_checkpoint_dir(base_dir, base_revision) if base_dir is not None else None
-    configs = [_read_config(d) for d in dirs + ([bdir] if bdir else [])]
-    spec = spec_for_config(configs[0])
-    d = hidden_size_of(configs[0])
-    for i, c in enumerate(configs[1:], 1):
-        if spec_for_config(c).name != spec.name or hidden_size_of(c) != d:
-            raise TransportError(f"checkpoint {i} is not of the same family and width as the first")
-    gs = _elements(gauges, len(dirs), d)
-    bg = _elements([None, base_gauge], 2, d)[1] if bdir is not None else None
+    plans = [TransformPlan.for_checkpoint(x, what=f"checkpoint {i} ({x})") for i, x in enumerate(dirs)]
+    base_plan = TransformPlan.for_checkpoint(bdir, what=f"base checkpoint ({bdir})") if bdir is not None else None
+    _same_layout(plans + ([base_plan] if base_plan else []), "merge_checkpoints")
+    gs = _elements(gauges, plans, plans[0])
+    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0])[1] if base_plan is not None else None
     ws = _weights(weights, len(dirs))
-    for g in [*gs, bg]:
-        if g is not None:
-            check_gauge_allowed(spec, g)
-    indexes = [_tensor_index(x) for x in dirs + ([bdir] if bdir else [])]
-    for i, idx in enumerate(indexes[1:], 1):
-        if {k: v[1] for k, v in idx.items()} != {k: v[1] for k, v in indexes[0].items()}:
-            diff = sorted(set(idx) ^ set(indexes[0]))[:5]
-            raise CheckpointError(f"checkpoint {i} differs from the first in tensor names or shapes (e.g. {diff})")
-    rules = spec.rules_for(indexes[0])
-    for n, (_, shape) in indexes[0].items():
-        size = rules[n].residual_size(tuple(shape))
-        if size is not None and size != d:
-            raise DimensionMismatchError(f"tensor {n} of shape {shape} has {size} != {d} entries on its residual axis")
+    rules = plans[0].rules
+    indexes = [{n: (ti.shard, list(ti.shape)) for n, ti in p.tensors.items()} for p in plans + ([base_plan] if base_plan else [])]
 
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -332,7 +300,7 @@ def merge_adapters(
                 raise TransportError(
                     f"adapter {a!r} is already loaded, so it is taken to be in the chart of peft_model's base; pass "
                     f"gauges[{i}]=None, or pass the adapter's directory to transport it from another chart")
-            path = resolve_checkpoint_dir(a, r)
+            path = resolve_dir(a, r, what="PEFT adapter")
             peft_model.load_adapter(str(path), adapter_name=name)
             loaded.append(name)
             if g is not None:

@@ -26,18 +26,23 @@ and NAdam/RAdam (as Adam). An unknown non-scalar state entry is an error, never 
 from __future__ import annotations
 
 import copy
+import io
 import logging
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..apply import check_gauge_allowed
-from ..errors import DimensionMismatchError, TransportError
-from ..gauge import Gauge, as_signed_permutation
+from ..errors import CheckpointError, DimensionMismatchError, GaugeError, TransportError
+from ..files import atomic_write_bytes
+from ..gauge import Gauge
 from ..group import SignedPermutation
+from ..hub import resolve_checkpoint_dir, resolve_file, split_revision
+from ..plan import TransformPlan
 from ..roles import ArchitectureSpec, hidden_size_of, spec_for_model
 from ..rules import Role, TensorRule, transform
 from .peft import adapter_tensor_rules
+from .registry import TransportKind, register_transport
 
 __all__ = [
     "FIRST_MOMENT_KEYS",
@@ -136,26 +141,21 @@ def transport_optimizer_state(
     stay; see the module docstring. The result loads with ``optimizer.load_state_dict`` into an
     optimizer over the re-charted model.
     """
-    g = as_signed_permutation(gauge)
     # a PeftModel: the family and width are its base model's
     inner = params.get_base_model() if hasattr(params, "get_base_model") else params
     if spec is None:
         if not isinstance(params, torch.nn.Module):
             raise TransportError("pass spec= (the model's role map) when params is a list of names")
         spec = spec_for_model(inner)
-    if isinstance(params, torch.nn.Module) and getattr(inner, "config", None) is not None:
-        d = hidden_size_of(inner.config)
-        if d != g.dim:
-            raise DimensionMismatchError(f"gauge has dimension {g.dim} but the model's hidden size is {d}")
+    el = gauge.element if isinstance(gauge, Gauge) else gauge
+    d = hidden_size_of(inner.config) if getattr(inner, "config", None) is not None else el.dim
     id_to_name = _names_for_ids(state_dict, params)
-    rules: dict[str, TensorRule] = adapter_tensor_rules(sorted(set(id_to_name.values())), spec)
-    if isinstance(params, torch.nn.Module):
-        biases = {n: p for n, p in params.named_parameters() if n in rules and rules[n].role is Role.GAIN and n.endswith("bias")}
-        check_gauge_allowed(spec, g, biases)
-    else:
-        check_gauge_allowed(spec, g)
-
+    names = sorted(set(id_to_name.values()))
+    rules: dict[str, TensorRule] = adapter_tensor_rules(names, spec)
     shapes = {n: tuple(p.shape) for n, p in params.named_parameters()} if isinstance(params, torch.nn.Module) else {}
+    plan = TransformPlan.for_tensors({n: shapes[n] for n in names if n in shapes}, rules, d, spec=spec,
+                                     what="the optimizer's model")
+    g = plan.admit(gauge)
     plan: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
     for pid, entries in state_dict["state"].items():
         name = id_to_name.get(int(pid))
@@ -193,3 +193,35 @@ def transport_optimizer_state(
     result = {k: copy.deepcopy(v) for k, v in state_dict.items() if k != "state"}
     result["state"] = new_state
     return result
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cli_run(args: Any, gauge: Gauge) -> Path:
+    if not args.model:
+        raise GaugeError("transport optimizer needs --model DIR_OR_REPO (the source model: parameter names and roles)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name, rev = split_revision(args.model, args.model_revision)
+    config = AutoConfig.from_pretrained(str(resolve_checkpoint_dir(name, rev)), trust_remote_code=False)
+    with torch.device("meta"):  # names, order and shapes only: no weights are needed
+        model = AutoModelForCausalLM.from_config(config)
+    path = resolve_file(args.src, args.revision, what="optimizer state")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for non-state files
+        raise CheckpointError(f"cannot read optimizer state from {path} (torch.load, weights_only=True): {e}") from e
+    moved = transport_optimizer_state(state, model, gauge)
+    buf = io.BytesIO()
+    torch.save(moved, buf)
+    return atomic_write_bytes(args.dst, buf.getvalue(), overwrite=args.overwrite)
+
+
+def _cli_arguments(p: Any) -> None:
+    p.add_argument("--model", help="the source model (dir or repo@revision): parameter names, order and roles")
+    p.add_argument("--model-revision", help="revision of --model")
+
+
+register_transport(TransportKind(
+    "optimizer", "optimizer state (AdamW, SGD, …): first moments like their parameters, second moments by P",
+    "a torch .pt state_dict (read with weights_only=True), local or namespace/name[@revision]/path", _cli_run,
+    _cli_arguments))

@@ -46,12 +46,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
-from .._io import atomic_directory
-from ..apply import check_gauge_allowed
-from ..checkpoint import resolve_checkpoint_dir
-from ..errors import CheckpointError, DimensionMismatchError, TransportError, UnsupportedArchitectureError
-from ..gauge import Gauge, as_signed_permutation
+from ..errors import CheckpointError, HubError, TransportError, UnsupportedArchitectureError
+from ..files import atomic_directory, read_json_object
+from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
+from ..hub import hub_file, is_local, resolve_dir
+from ..plan import TransformPlan
 from ..roles import (
     ArchitectureSpec,
     available_architectures,
@@ -60,7 +60,9 @@ from ..roles import (
     spec_for_model,
     spec_for_model_type,
 )
-from ..rules import Role, TensorRule, transform
+from ..rules import Role, TensorRule
+from ..storage import read_model_config
+from .registry import TransportKind, register_transport
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -261,18 +263,18 @@ def adapter_tensor_rules(
     return out
 
 
-def _check_sizes(tensors: Mapping[str, torch.Tensor], rules: Mapping[str, TensorRule], g: SignedPermutation) -> None:
-    for n, t in tensors.items():
-        size = rules[n].residual_size(tuple(t.shape))
-        if size is not None and size != g.dim:
-            raise DimensionMismatchError(
-                f"adapter tensor {n} of shape {tuple(t.shape)} has {size} entries on its residual axis but the gauge "
-                f"has dimension {g.dim}"
-            )
-
-
-def _gain_biases(tensors: Mapping[str, torch.Tensor], rules: Mapping[str, TensorRule]) -> dict[str, torch.Tensor]:
-    return {n: t for n, t in tensors.items() if rules[n].role is Role.GAIN and n.endswith("bias")}
+def adapter_plan(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, dim: int | None = None, *,
+                 fan_in_fan_out: bool = False, what: str = "adapter") -> TransformPlan:
+    """The transform plan of a set of PEFT (or base-model) tensors: their rules
+    (:func:`adapter_tensor_rules`), shapes and the family's symmetry rule. ``dim`` defaults to the
+    size of the first residual axis found."""
+    rules = adapter_tensor_rules(tensors, spec, fan_in_fan_out=fan_in_fan_out)
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    if dim is None:
+        dim = next((r.residual_size(shapes[n]) for n, r in rules.items() if r.role is not Role.NONE), None)
+        if dim is None:
+            raise TransportError(f"{what}: no tensor carries residual coordinates")
+    return TransformPlan.for_tensors(shapes, rules, dim, spec=spec, what=what)
 
 
 def transport_adapter_state_dict(
@@ -285,40 +287,31 @@ def transport_adapter_state_dict(
     """Move every tensor of a PEFT adapter state dict (saved or in-memory names) to the target
     chart; returns a new dict (tensors of role NONE are the input objects).
 
-    All rules and sizes are checked before anything is computed; the gauge must be a symmetry
-    of the family (:func:`hf_bdgauge.apply.check_gauge_allowed`).
+    All rules and sizes are checked before anything is computed (the adapter's transform plan);
+    the gauge must be a symmetry of the family (:meth:`ArchitectureSpec.check_element`).
     """
-    g = as_signed_permutation(gauge)
-    rules = adapter_tensor_rules(state_dict.keys(), spec, fan_in_fan_out=fan_in_fan_out)
-    _check_sizes(state_dict, rules, g)
-    check_gauge_allowed(spec, g, _gain_biases(state_dict, rules))
-    return {n: transform(t, rules[n], g) for n, t in state_dict.items()}
+    g = gauge.element if isinstance(gauge, Gauge) else gauge
+    plan = adapter_plan(state_dict, spec, g.dim, fan_in_fan_out=fan_in_fan_out)
+    g = plan.admit(gauge)
+    return {n: plan.transform(n, t, g) for n, t in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------- files
 
 
 def _resolve_adapter_dir(src: str | os.PathLike, revision: str | None, subfolder: str | None) -> Path:
-    try:
-        root = resolve_checkpoint_dir(src, revision)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot find the PEFT adapter {src!r}: {e}") from e
-    d = root / subfolder if subfolder else root
-    if not d.is_dir():
-        raise CheckpointError(f"adapter subfolder {subfolder!r} does not exist in {root}")
+    spec = f"{os.fspath(src).rstrip('/')}/{subfolder}" if subfolder and not is_local(src) else src
+    d = resolve_dir(spec, revision, what="PEFT adapter")
+    if subfolder and is_local(src):
+        d = d / subfolder
+        if not d.is_dir():
+            raise CheckpointError(f"adapter subfolder {subfolder!r} does not exist in {src}")
     return d
 
 
 def _read_adapter_config(d: Path) -> dict[str, Any]:
+    cfg = read_json_object(d / ADAPTER_CONFIG_NAME, what="PEFT adapter directory")
     path = d / ADAPTER_CONFIG_NAME
-    if not path.exists():
-        raise CheckpointError(f"{d} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG_NAME}")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
     ptype = str(cfg.get("peft_type", "")).upper()
     if ptype != "LORA":
         raise TransportError(
@@ -359,18 +352,13 @@ def _spec_from_config_like(cfg: Any) -> tuple[ArchitectureSpec, int | None]:
     if isinstance(cfg, ArchitectureSpec):
         return cfg, None
     if isinstance(cfg, (str, os.PathLike)) and Path(cfg).is_dir():
-        p = Path(cfg) / "config.json"
-        if not p.exists():
-            raise CheckpointError(f"{cfg} has no config.json")
-        cfg = json.loads(p.read_text(encoding="utf-8"))
+        cfg = read_model_config(cfg)
     elif isinstance(cfg, str) and cfg in available_architectures():
         return spec_for_model_type(cfg), None
-    elif isinstance(cfg, str):  # a Hub id: its config.json (from the cache when offline)
+    elif isinstance(cfg, str):  # a Hub id (repo@revision): its config.json (from the cache when offline)
         try:
-            from huggingface_hub import hf_hub_download
-
-            cfg = json.loads(Path(hf_hub_download(cfg, "config.json")).read_text(encoding="utf-8"))
-        except Exception as e:
+            cfg = _hub_config(cfg, None)
+        except (HubError, CheckpointError) as e:
             raise TransportError(f"base_config {cfg!r} is neither a known model_type, a directory, nor a reachable "
                                  f"Hub model: {e}") from e
     if isinstance(cfg, torch.nn.Module):
@@ -380,6 +368,11 @@ def _spec_from_config_like(cfg: Any) -> tuple[ArchitectureSpec, int | None]:
         return spec, hidden_size_of(cfg)
     except UnsupportedArchitectureError:
         return spec, None
+
+
+def _hub_config(model_id: str, revision: str | None) -> dict[str, Any]:
+    """``config.json`` of a Hub model (``repo@revision`` or ``revision``), from the cache when offline."""
+    return read_json_object(hub_file(model_id, "config.json", revision=revision), what="model")
 
 
 def _base_config_from_adapter(adapter_cfg: Mapping[str, Any], gauge: Any) -> Any:
@@ -400,13 +393,11 @@ def _base_config_from_adapter(adapter_cfg: Mapping[str, Any], gauge: Any) -> Any
         p = Path(model_id)
         if (p / "config.json").exists():
             return p
-        if p.exists() or model_id.startswith((".", "/")):
+        if is_local(model_id):
             continue
         try:
-            from huggingface_hub import hf_hub_download
-
-            return json.loads(Path(hf_hub_download(model_id, "config.json", revision=rev)).read_text(encoding="utf-8"))
-        except Exception as e:  # offline, unknown repo, …: try the next source
+            return _hub_config(model_id, rev)
+        except (HubError, CheckpointError) as e:  # offline, unknown repo, …: try the next source
             logger.debug("no config.json for %s@%s: %s", model_id, rev, e)
     cls = (adapter_cfg.get("auto_mapping") or {}).get("base_model_class")
     if cls:
@@ -486,14 +477,14 @@ def transport_adapter(
     ``huggingface_hub.HfApi().upload_folder``. Only safetensors weights are read; an adapter
     with only ``adapter_model.bin`` raises :class:`CheckpointError`.
     """
-    g = as_signed_permutation(gauge)
     src = _resolve_adapter_dir(adapter_dir_or_repo, revision, subfolder)
     cfg = _read_adapter_config(src)
     tensors, meta = _read_adapter_weights(src)
     spec, d = _spec_from_config_like(base_config if base_config is not None else _base_config_from_adapter(cfg, gauge))
-    if d is not None and d != g.dim:
-        raise DimensionMismatchError(f"gauge has dimension {g.dim} but the base model's hidden size is {d}")
-    moved = transport_adapter_state_dict(tensors, g, spec, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)))
+    plan = adapter_plan(tensors, spec, d, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+                        what=f"the adapter {adapter_dir_or_repo}")
+    g = plan.admit(gauge)
+    moved = {n: plan.transform(n, t, g) for n, t in tensors.items()}
 
     new_cfg = dict(cfg)
     target = gauge.target if isinstance(gauge, Gauge) else None
@@ -515,9 +506,8 @@ def transport_adapter(
     meta = {k: str(v) for k, v in meta.items()}
     meta.setdefault("format", "pt")
     meta["hf_bdgauge_transport"] = json.dumps(
-        {"gauge_dim": g.dim, "sign_flips": g.num_flips,
-         "source_base": cfg.get("base_model_name_or_path"), "target_base": new_cfg.get("base_model_name_or_path")},
-        sort_keys=True)
+        {**transport_record(gauge), "source_base": cfg.get("base_model_name_or_path"),
+         "target_base": new_cfg.get("base_model_name_or_path")}, sort_keys=True)
 
     from safetensors.torch import save_file
 
@@ -573,12 +563,8 @@ def transport_peft_model(
     ``adapter_names`` limits the adapters moved (default: all). When ``gauge`` is a Gauge with
     a target model id, the moved adapters' configs name the target as their base.
     """
-    g = as_signed_permutation(gauge)
     base = peft_model.get_base_model()
     spec = spec_for_model(base)
-    d = hidden_size_of(base.config)
-    if g.dim != d:
-        raise DimensionMismatchError(f"gauge has dimension {g.dim} but the model's hidden size is {d}")
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
     wanted = set(configs) if adapter_names is None else set(adapter_names)
     unknown = wanted - set(configs)
@@ -609,19 +595,15 @@ def transport_peft_model(
     rules: dict[str, TensorRule] = {}
     for adapter, tensors in groups.items():
         fifo = bool(getattr(configs.get(adapter), "fan_in_fan_out", False)) if adapter else False
-        r = adapter_tensor_rules(tensors, spec, fan_in_fan_out=fifo)
-        _check_sizes(tensors, r, g)
-        rules.update(r)
+        rules.update(adapter_tensor_rules(tensors, spec, fan_in_fan_out=fifo))
     flat = {n: t for grp in groups.values() for n, t in grp.items()}
-    check_gauge_allowed(spec, g, _gain_biases(flat, rules))
-    for n, t in flat.items():
-        if t.device.type == "meta":
-            raise DimensionMismatchError(f"tensor {n} is on the meta device; cannot re-chart it in memory")
+    plan = TransformPlan.for_model(base, spec=spec, names=flat, rules=rules, what=f"PeftModel ({spec.name})")
+    plan.fingerprint_of = None  # PEFT wraps the base's tensor names; the adapter itself has no fingerprint
+    g = plan.admit(gauge)
     moved = 0
     for n, t in flat.items():
-        rule = rules[n]
-        if rule.role is not Role.NONE:
-            t.copy_(transform(t.detach(), rule, g))
+        if rules[n].role is not Role.NONE:
+            t.copy_(plan.transform(n, t.detach(), g))
             moved += 1
     for m in peft_model.modules():  # DoRA may cache weight norms in eval mode
         clear = getattr(m, "_cache_clear", None)
@@ -635,3 +617,21 @@ def transport_peft_model(
     logger.info("re-charted %d tensors of a PeftModel (adapters %s, base %s)", moved, sorted(wanted),
                 "moved" if include_base else "kept")
     return peft_model
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cli_run(args: Any, gauge: Gauge) -> Path:
+    return transport_adapter(args.src, gauge, args.dst, revision=args.revision, subfolder=args.subfolder,
+                             overwrite=args.overwrite, base_model_name_or_path=args.base_model,
+                             base_model_revision=args.base_model_revision)
+
+
+def _cli_arguments(p: Any) -> None:
+    p.add_argument("--base-model", help="base_model_name_or_path to record (default: the gauge's target)")
+    p.add_argument("--base-model-revision", help="base model revision to record")
+    p.add_argument("--subfolder", help="the adapter's folder inside SRC")
+
+
+register_transport(TransportKind(
+    "adapter", "a PEFT LoRA adapter (LoRA, rsLoRA, DoRA, embedding LoRA, modules_to_save)",
+    "adapter directory, or namespace/name[@revision][/subfolder] on the Hub", _cli_run, _cli_arguments))

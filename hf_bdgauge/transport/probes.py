@@ -28,7 +28,6 @@ File formats: a probe is one safetensors file (``weight``, ``bias``; string meta
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,11 +40,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from .._io import atomic_write_bytes
 from ..errors import CheckpointError, DimensionMismatchError, TransportError
-from ..gauge import Gauge, as_signed_permutation
+from ..files import atomic_write_bytes
+from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
-from ..rules import READ, transform
+from ..hub import resolve_file
+from ..plan import TransformPlan
+from ..rules import READ
+from .registry import TransportKind, register_transport
 
 __all__ = [
     "LinearProbe",
@@ -63,23 +65,13 @@ INDEX_SET_FORMAT = "hf_bdgauge.index_set"
 _FORMAT_VERSION = "1"
 
 
-def _gauge_record(gauge: "Gauge | SignedPermutation", g: SignedPermutation) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "gauge_dim": g.dim,
-        "num_flips": g.num_flips,
-        "gauge_sha256": hashlib.sha256(g.perm.tobytes() + g.signs.tobytes()).hexdigest(),
-    }
-    if isinstance(gauge, Gauge):
-        rec.update(method=gauge.method, source_model=gauge.source.model_id, target_model=gauge.target.model_id)
-    return rec
-
-
-def _with_record(metadata: dict[str, str], record: dict[str, Any]) -> dict[str, str]:
+def _with_record(metadata: dict[str, str], gauge: "Gauge | SignedPermutation") -> dict[str, str]:
+    """``metadata`` with the gauge's transport record appended and ``model_id`` set to its target."""
     meta = dict(metadata)
     history = json.loads(meta.get("hf_bdgauge_transports", "[]"))
-    meta["hf_bdgauge_transports"] = json.dumps(history + [record])
-    if record.get("target_model"):
-        meta["model_id"] = str(record["target_model"])
+    meta["hf_bdgauge_transports"] = json.dumps(history + [transport_record(gauge, object_model=meta.get("model_id"))])
+    if isinstance(gauge, Gauge) and gauge.target.model_id:
+        meta["model_id"] = str(gauge.target.model_id)
     return meta
 
 
@@ -126,14 +118,14 @@ class LinearProbe:
 
     def transport(self, gauge: "Gauge | SignedPermutation") -> "LinearProbe":
         """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged."""
-        g = as_signed_permutation(gauge)
-        if g.dim != self.dim:
-            raise DimensionMismatchError(f"the probe reads d={self.dim} but the gauge has dimension {g.dim}")
+        plan = TransformPlan.for_tensors({"weight": tuple(self.weight.shape)}, {"weight": READ}, self.dim,
+                                         what="the probe", dim_label="d={d}")
+        g = plan.admit(gauge)
         logger.debug("transported a linear probe of shape %s", tuple(self.weight.shape))
         return LinearProbe(
-            transform(self.weight, READ, g),
+            plan.transform("weight", self.weight, g),
             None if self.bias is None else self.bias.clone(),
-            _with_record(self.metadata, _gauge_record(gauge, g)),
+            _with_record(self.metadata, gauge),
         )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -145,10 +137,9 @@ class LinearProbe:
         return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LinearProbe":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no probe file at {path}")
+    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> "LinearProbe":
+        """Read a probe file (local, or ``namespace/name[@revision]/path`` on the Hub)."""
+        path = resolve_file(path, revision, what="probe file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -252,14 +243,15 @@ class IndexSet:
 
     def transport(self, gauge: "Gauge | SignedPermutation") -> "IndexSet":
         """``i ↦ π(i)``, ``sign ↦ s_i·sign``, signed ``score ↦ s_i·score`` (order kept)."""
-        g = as_signed_permutation(gauge)
+        g = gauge.element if isinstance(gauge, Gauge) else gauge
+        if not isinstance(g, SignedPermutation):
+            raise TransportError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
         if self.dim is not None and self.dim != g.dim:
             raise DimensionMismatchError(f"the index set lives in dimension {self.dim} but the gauge has dimension {g.dim}")
         new_idx, s = g.map_indices(self.indices)
         logger.debug("transported %d indices (%d change sign)", len(self), int(np.sum(s == -1)))
         scores = None if self.scores is None else (self.scores * s if self.signed_scores else self.scores.copy())
-        return IndexSet(new_idx, self.signs * s, scores, self.signed_scores, g.dim,
-                        _with_record(self.metadata, _gauge_record(gauge, g)))
+        return IndexSet(new_idx, self.signs * s, scores, self.signed_scores, g.dim, _with_record(self.metadata, gauge))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -288,10 +280,9 @@ class IndexSet:
         return atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode("utf-8"), overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "IndexSet":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no index set file at {path}")
+    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> "IndexSet":
+        """Read an index set (local, or ``namespace/name[@revision]/path`` on the Hub)."""
+        path = resolve_file(path, revision, what="index set file")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
@@ -312,3 +303,20 @@ def transport_indices(
     """Transport an :class:`IndexSet`, or a plain list of indices (with optional signs)."""
     s = indices if isinstance(indices, IndexSet) else IndexSet(indices, None if signs is None else np.asarray(list(signs)))
     return s.transport(gauge)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cli_probe(args: Any, gauge: Gauge) -> Path:
+    return LinearProbe.load(args.src, revision=args.revision).transport(gauge).save(args.dst, overwrite=args.overwrite)
+
+
+def _cli_indices(args: Any, gauge: Gauge) -> Path:
+    return IndexSet.load(args.src, revision=args.revision).transport(gauge).save(args.dst, overwrite=args.overwrite)
+
+
+register_transport(TransportKind(
+    "probe", "a linear probe on the residual stream (w -> w·Gᵀ, bias unchanged)",
+    "a probe .safetensors file, local or namespace/name[@revision]/path", _cli_probe))
+register_transport(TransportKind(
+    "indices", "a signed index set of residual coordinates (i -> π(i), sign -> s_i·sign)",
+    "an index-set .json file, local or namespace/name[@revision]/path", _cli_indices))

@@ -44,7 +44,6 @@ transporting at all (``tests/test_transport_sae.py``, ``examples/sae_and_steerin
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -58,9 +57,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, DimensionMismatchError, TransportError, UnsupportedArchitectureError
-from ..gauge import Gauge, as_signed_permutation
+from ..files import atomic_directory, read_json_object
+from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
-from ..rules import WRITE, Role, TensorRule, transform
+from ..hub import resolve_dir
+from ..layers import from_hook_name, hook_block
+from ..plan import TransformPlan
+from ..rules import WRITE, Role, TensorRule
+from .registry import TransportKind, register_transport
 
 __all__ = [
     "SAE",
@@ -78,7 +82,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SAE_CFG_FILENAME = "cfg.json"
-_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAE_ARCHITECTURES = ("standard", "jumprelu", "topk")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -253,8 +256,6 @@ class SAE:
     # ------------------------------------------------------------------ I/O
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` atomically; returns the directory."""
-        from .._io import atomic_directory
-
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             save_file(self.state_dict(), str(tmp / SAE_WEIGHTS_FILENAME))
             (tmp / SAE_CFG_FILENAME).write_text(json.dumps(self.to_cfg_dict(), indent=2, sort_keys=True), encoding="utf-8")
@@ -262,14 +263,16 @@ class SAE:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> "SAE":
-        """Read an SAE directory in SAELens's format (safetensors only; nothing is unpickled).
+    def load(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, revision: str | None = None) -> "SAE":
+        """Read an SAE directory in SAELens's format (safetensors only; nothing is unpickled):
+        a local directory, or ``namespace/name[@revision][/folder]`` on the Hub (SAELens release
+        repos keep one SAE per folder).
 
         ``log_threshold`` (SAELens training checkpoints) is converted to ``threshold``; a
         ``scaling_factor`` of all ones is dropped; any other unknown tensor is an error (its
         transform rule would be unknown).
         """
-        directory = Path(directory)
+        directory = resolve_dir(directory, revision, what="SAE")
         cfg_path, w_path = directory / SAE_CFG_FILENAME, directory / SAE_WEIGHTS_FILENAME
         if not cfg_path.is_file():
             raise CheckpointError(f"{directory} is not an SAE directory: {SAE_CFG_FILENAME} is missing")
@@ -277,12 +280,7 @@ class SAE:
             others = sorted(p.name for p in directory.glob("*.pt")) + sorted(p.name for p in directory.glob("*.bin"))
             hint = f" (found {', '.join(others)}; only safetensors are read, never pickles)" if others else ""
             raise CheckpointError(f"{directory} has no {SAE_WEIGHTS_FILENAME}{hint}")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{cfg_path} must hold a JSON object")
+        cfg = read_json_object(cfg_path, what="SAE directory")
         try:
             sd = load_file(str(w_path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -407,76 +405,82 @@ class SAE:
 
     # ------------------------------------------------------------------ transport
     def _check_layer_fits(self, gauge: Any) -> None:
-        """Refuse an SAE whose hook names a block the gauge's models do not have (when the gauge
+        """Refuse an SAE whose hook names a place the gauge's models do not have (when the gauge
         recorded ``num_hidden_layers`` in its fingerprints)."""
-        m = _BLOCK_RE.search(str(self.hook_name or ""))
-        if m is None or not isinstance(gauge, Gauge):
+        block = hook_block(self.hook_name)
+        if block is None or not isinstance(gauge, Gauge):
             return
-        layer = int(m.group(1))
+        layer = from_hook_name(self.hook_name)
         for end in (gauge.source, gauge.target):
             n = (end.fingerprint or {}).get("num_hidden_layers")
-            if n is not None and not layer < int(n) + 1:  # resid_pre of block n == output of the last block
-                raise TransportError(f"the SAE reads {self.hook_name!r} (block {layer}) but {end.label()} has "
+            if n is None:
+                continue
+            fits = layer <= int(n) if layer is not None else block < int(n)
+            if not fits:
+                raise TransportError(f"the SAE reads {self.hook_name!r} (block {block}) but {end.label()} has "
                                      f"{n} layers; it was not trained on this model")
+
+    def plan(self) -> TransformPlan:
+        """The SAE's transform plan: ``W_enc`` reads, ``W_dec`` and ``b_dec`` write, the rest
+        stays; a ``layer_norm`` input normalisation admits only permutations and the global flip
+        (mean-centring commutes with ``±P`` alone)."""
+        shapes = {n: tuple(t.shape) for n, t in self.state_dict().items()}
+        rules = {n: _SAE_RULES.get(n, TensorRule(Role.NONE)) for n in shapes}
+        return TransformPlan.for_tensors(shapes, rules, self.d_in, what=f"the SAE ({self.hook_name or 'no hook'})",
+                                         check_element=self._check_element, dim_label="d_in={d}")
+
+    def _check_element(self, g: SignedPermutation) -> None:
+        if self.normalize_activations == "layer_norm" and not g.commutes_with_centring:
+            raise TransportError(
+                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean "
+                "over the d_in coordinates; that mean does not commute with flipping some coordinates but not all "
+                f"(this gauge flips {g.num_flips} of {g.dim}), so no transported SAE reproduces it exactly. Only "
+                "permutations and the global flip -P can be transported.")
 
     def transport(self, gauge: "Gauge | SignedPermutation", *, model_name: str | None = None) -> "SAE":
         """The same SAE expressed in the target chart of ``gauge`` (see the module docstring).
 
         ``W_enc ↦ G·W_enc``, ``W_dec ↦ W_dec·Gᵀ``, ``b_dec ↦ G·b_dec``; ``b_enc``, ``threshold``
         unchanged. ``cfg.metadata.model_name`` becomes ``model_name`` or the gauge's target
-        model id when known, and a record of the gauge is appended to
-        ``metadata["hf_bdgauge_transports"]``.
+        model id when known, and the gauge's :func:`~hf_bdgauge.gauge.transport_record` is
+        appended to ``metadata["hf_bdgauge_transports"]``.
 
         Raises :class:`DimensionMismatchError` if ``d_in`` differs from the gauge's dimension,
-        :class:`TransportError` for a signed gauge on a ``layer_norm`` SAE or an SAE whose hook
-        is not in residual-stream coordinates.
+        :class:`TransportError` for an SAE whose hook is not in residual-stream coordinates or
+        names a layer the gauge's models lack, or a gauge flipping some coordinates but not all
+        on a ``layer_norm`` SAE.
         """
-        g = as_signed_permutation(gauge)
-        if g.dim != self.d_in:
-            raise DimensionMismatchError(f"the SAE has d_in={self.d_in} but the gauge has dimension {g.dim}")
         hook = self.hook_name
         if self.cfg.get("reshape_activations", "none") != "none" or (hook and _NON_RESIDUAL_HOOK.search(str(hook))):
             raise TransportError(
                 f"the SAE reads hook {hook!r}, which is not in residual-stream coordinates (attention heads / MLP "
                 "neurons), so the residual gauge does not act on it; it needs no transport"
             )
+        plan = self.plan()
+        g = plan.admit(gauge)
         self._check_layer_fits(gauge)
-        if self.normalize_activations == "layer_norm" and not g.is_unsigned and g.num_flips != g.dim:
-            raise TransportError(
-                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean "
-                "over the d_in coordinates; that mean does not commute with sign flips (mean(D·x) != mean(x) when "
-                f"some coordinates flip; this gauge flips {g.num_flips} of {g.dim}), so no transported SAE "
-                "reproduces it exactly. Only permutation-only gauges (or the global flip -P) can be transported."
-            )
         new = SAE(
-            W_enc=transform(self.W_enc, W_ENC_RULE, g),
-            W_dec=transform(self.W_dec, W_DEC_RULE, g),
+            W_enc=plan.transform("W_enc", self.W_enc, g),
+            W_dec=plan.transform("W_dec", self.W_dec, g),
             b_enc=self.b_enc.clone(),
-            b_dec=transform(self.b_dec, B_DEC_RULE, g),
+            b_dec=plan.transform("b_dec", self.b_dec, g),
             threshold=None if self.threshold is None else self.threshold.clone(),
             architecture=self.architecture,
             k=self.k,
             cfg=self.cfg,
         )
         meta = new.metadata
-        target = model_name
-        record: dict[str, Any] = {
-            "gauge_dim": g.dim,
-            "num_flips": g.num_flips,
-            "gauge_sha256": hashlib.sha256(g.perm.tobytes() + g.signs.tobytes()).hexdigest(),
-            "source_model": meta.get("model_name"),
-        }
-        if isinstance(gauge, Gauge):
-            record.update(method=gauge.method, target_revision=gauge.target.revision,
-                          target_commit_hash=gauge.target.commit_hash)
-            target = target or gauge.target.model_id
-        record["target_model"] = target
+        target = model_name or (gauge.target.model_id if isinstance(gauge, Gauge) else None)
+        record = transport_record(gauge, object_model=meta.get("model_name"))
         if target is not None:
             meta["model_name"] = target
         meta["hf_bdgauge_transports"] = list(meta.get("hf_bdgauge_transports") or []) + [record]
         logger.info("transported %s SAE (d_in=%d, d_sae=%d) by a gauge with %d sign flips",
                     self.architecture, self.d_in, self.d_sae, g.num_flips)
         return new
+
+
+_SAE_RULES = {"W_enc": W_ENC_RULE, "W_dec": W_DEC_RULE, "b_dec": B_DEC_RULE}
 
 
 def transport_sae(
@@ -551,3 +555,14 @@ def fit_sae(
         t = {name: p.detach().clone() for name, p in params.items()}
     return SAE.from_weights(t["W_enc"], t["W_dec"], t["b_enc"], t["b_dec"], architecture=architecture,
                             k=int(k or 8) if architecture == "topk" else None, **cfg_metadata)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cli_run(args: Any, gauge: Gauge) -> Path:
+    transport_sae(SAE.load(args.src, revision=args.revision), gauge, args.dst, overwrite=args.overwrite)
+    return Path(args.dst)
+
+
+register_transport(TransportKind(
+    "sae", "a sparse autoencoder in SAELens's format (cfg.json + sae_weights.safetensors)",
+    "SAE directory, or namespace/name[@revision][/folder] on the Hub", _cli_run))

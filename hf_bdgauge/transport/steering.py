@@ -1,8 +1,10 @@
-"""Steering vectors: a small value object, its file format, adapters, hooks, and transport.
+"""Steering vectors: a small value object, its file formats, hooks, and transport.
 
-A :class:`SteeringVector` maps decoder-layer indices to residual-stream vectors. Applying it
-with strength ``α`` adds ``α·v_ℓ`` to the output hidden state of decoder layer ``ℓ`` (the
-residual stream after that block) at every position.
+A :class:`SteeringVector` maps **residual layers** (:mod:`hf_bdgauge.layers`: ``0`` = the
+embedding output, ``ℓ`` = the output of decoder block ``ℓ − 1``, negatives count from the end) to
+residual-stream vectors. Applying it with strength ``α`` adds ``α·v_ℓ`` to residual layer ``ℓ``
+at every position (:func:`hf_bdgauge.layers.add_to_residual`); it works on every family the role
+maps know (LayerNorm ones included: their gauges are permutations and the global flip).
 
 Maths
 -----
@@ -20,63 +22,43 @@ change of next-token log-probabilities (over the vocabulary, summed over prompts
 100 % means the transported vector moves the target's predictions exactly as the original moves
 the source's; 0 % means no aligned effect; negative means the steering is reversed.
 
-Interoperability
-----------------
-* ``steering-vectors`` (``steering_vectors.SteeringVector(layer_activations: dict[int, Tensor],
-  layer_type: str)``): keys are indices into the model's decoder blocks and the vector is added
-  to the block's output, the same convention as here (:meth:`SteeringVector.from_steering_vectors`,
-  :meth:`SteeringVector.to_steering_vectors_kwargs`).
-* ``repeng`` (``ControlVector(model_type: str, directions: dict[int, np.ndarray])``): key ``i`` is
-  the 0-based index into ``model.model.layers``; ``ControlModel`` adds ``coeff·directions[i]`` to
-  that block's output, and ``read_representations`` computes it from ``hidden_states[i + 1]``
-  (the output of block ``i``; negative layer ids are normalised to ``n_layers + i`` before they
-  become keys). So repeng keys equal ours, no shift (:meth:`SteeringVector.from_repeng`,
-  :meth:`SteeringVector.to_repeng_kwargs`).
+Other formats (the layer keys are converted here, and only here)
+-----------------------------------------------------------------
+* ``steering-vectors`` (``steering_vectors.SteeringVector(layer_activations, layer_type)``) and
+  ``repeng`` (``ControlVector(model_type, directions)``) key a vector by the decoder block whose
+  *output* it is added to: their key ``n`` is our residual layer ``n + 1``
+  (:func:`hf_bdgauge.layers.from_block_output`; negative keys mean the same in both). Neither
+  library is imported; both are read and written by duck typing.
+* llama.cpp control vectors (GGUF, :meth:`SteeringVector.save_gguf` / :meth:`SteeringVector.load_gguf`,
+  through the ``gguf`` package), the file ``llama-cli --control-vector[-scaled] FILE`` reads and
+  ``llama-cvector-generator`` and repeng's ``ControlVector.export_gguf`` write: KV
+  ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (the model family;
+  repeng's importer requires it), ``controlvector.layer_count``, and one float32 1-D tensor
+  ``direction.<n>`` of length ``n_embd`` per steered layer. ``common_control_vector_load``
+  (llama.cpp ``common/common.cpp``) parses ``n`` from the name, rejects ``n = 0`` and non-F32 /
+  non-1-D tensors, sums several tensors of one layer; ``llama_adapter_cvec::apply`` puts slot
+  ``n`` into ``tensors[n]`` for ``1 ≤ n < n_layer``; every graph ends block ``il`` with
+  ``cur = build_cvec(cur, il)``, which adds ``tensors[il]`` after the block's residual add. So
+  ``direction.<n>`` steers the output of block ``n``: **residual layer n + 1**. Consequences:
+  residual layers 0 and 1 cannot be written (no block output / llama.cpp has no slot 0),
+  negative keys must be resolved against the model's depth first, and blocks ≥ ``n_layer`` are
+  ignored by llama.cpp. (``llama-cvector-generator`` *estimates* ``direction.<n>`` from the
+  output of block ``n − 1``, so its vectors act one block later than they were measured; the
+  file's meaning is the runtime's, described above.)
 
-Neither library is imported; both are read and written by duck typing.
-
-llama.cpp control vectors (GGUF)
---------------------------------
-The file ``llama-cli --control-vector[-scaled] FILE`` reads, ``llama-cvector-generator`` and
-repeng's ``ControlVector.export_gguf`` write (:meth:`SteeringVector.save_gguf`,
-:meth:`SteeringVector.load_gguf`, both through the ``gguf`` package):
-
-* KV ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (a string naming
-  the model family; repeng's importer requires it) and ``controlvector.layer_count`` (the number
-  of direction tensors; llama.cpp writes it as int32, repeng as uint32; nobody reads it back);
-* one float32 1-D tensor ``direction.<n>`` of length ``n_embd`` per steered layer.
-
-Which residual ``direction.<n>`` steers: ``common_control_vector_load`` (llama.cpp
-``common/common.cpp``) parses ``n`` from the name, rejects ``n = 0`` and non-F32 / non-1-D
-tensors, and stores layer ``n`` at offset ``(n − 1)·n_embd`` (several tensors for one layer
-are summed); ``llama_adapter_cvec::apply`` copies that slot into ``tensors[n]`` for
-``1 ≤ n < n_layer``; every model graph ends block ``il`` (0-based) with
-``cur = build_cvec(cur, il)`` (``cvec.apply_to(cur, il)``), which adds ``tensors[il]`` to the
-block's output after its residual add. So ``direction.<n>`` is added to the output of block
-``n`` = ``model.model.layers[n]`` in transformers (the residual ``output_hidden_states`` lists as
-``hidden_states[n + 1]``, except that the last entry is taken after the final norm): **the GGUF
-index is our layer key, no shift** (and repeng's, whose ``export_gguf`` writes its 0-based keys as
-``direction.<key>``). Consequences: block 0 has no slot (a file with ``direction.0``, which
-repeng can produce, is refused by llama.cpp as a whole), negative keys must be resolved against
-the model's depth first, and keys ≥ ``n_layer`` are ignored by llama.cpp. (Note that
-``llama-cvector-generator`` *estimates* ``direction.<n>`` from the output of block ``n − 1``,
-its ``l_out-(n−1)`` tensors, so its vectors act one block later than they were measured; the
-file's meaning is the runtime's, described above.)
-
-File format of :meth:`SteeringVector.save`: one safetensors file with tensors ``"layer.<i>"``
-[d] and string metadata ``format = "hf_bdgauge.steering_vector"``, ``format_version``,
+File format of :meth:`SteeringVector.save`: one safetensors file with tensors ``"layer.<ℓ>"``
+[d] and string metadata ``format = "hf_bdgauge.steering_vector"``, ``format_version`` (``"2"``:
+keys are residual layers; files of version ``"1"`` keyed blocks and are read converted),
 ``layer_type`` and ``metadata`` (a JSON object of strings).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -86,12 +68,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from .._io import atomic_write_bytes
-from ..errors import CheckpointError, DimensionMismatchError, TransportError, UnsupportedArchitectureError
-from ..gauge import Gauge, as_signed_permutation
+from ..errors import CheckpointError, DimensionMismatchError, TransportError
+from ..files import atomic_file, atomic_write_bytes, check_destination
+from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
+from ..hub import resolve_file
+from ..layers import add_to_residual, decoder_blocks, from_block_output, residual_states, resolve_layer, to_block_output
+from ..plan import TransformPlan
 from ..roles import hidden_size_of
-from ..rules import WRITE, transform
+from ..rules import WRITE
+from .registry import TransportKind, register_transport
 
 __all__ = [
     "SteeringVector",
@@ -108,7 +94,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STEERING_FORMAT = "hf_bdgauge.steering_vector"
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"
+_BLOCK_KEYED_VERSIONS = ("1",)
 _KEY = re.compile(r"layer\.(-?\d+)")
 
 #: ``general.architecture`` of a llama.cpp control-vector GGUF file.
@@ -162,11 +149,11 @@ def _as_vector(v: Any, layer: int) -> torch.Tensor:
 
 @dataclass(eq=False)
 class SteeringVector:
-    """Residual-stream vectors per decoder layer (``layer index -> [d]``).
+    """Residual-stream vectors per residual layer (``ℓ -> [d]``, :mod:`hf_bdgauge.layers`).
 
-    ``layer_type`` names the module whose output is steered (``"decoder_block"``: the residual
-    after the block; other steering-vectors layer types are carried and transported but not
-    applied here). ``metadata`` holds free-form strings (model id, provenance, transports).
+    ``layer_type``: ``"decoder_block"`` (added to the residual stream between blocks; other
+    steering-vectors layer types are carried and transported but not applied here).
+    ``metadata`` holds free-form strings (model id, provenance, transports).
     """
 
     layer_vectors: dict[int, torch.Tensor]
@@ -218,7 +205,7 @@ class SteeringVector:
         *,
         reduce: str = "mean",
     ) -> "SteeringVector":
-        """``v_ℓ = mean(h_ℓ | positive) − mean(h_ℓ | negative)`` of decoder-layer outputs.
+        """``v_ℓ = mean(h_ℓ | positive) − mean(h_ℓ | negative)`` at residual layers ``layers``.
 
         ``positive``/``negative``: token-id sequences (each 1-D or [1, T]; run one at a time, so
         lengths may differ) or a [B, T] batch. ``reduce="mean"`` averages a prompt's residuals
@@ -233,7 +220,7 @@ class SteeringVector:
                 raise TransportError("positive and negative prompt sets must be non-empty")
             acc: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
             for ids in batches:
-                rec = record_residual(model, ids, layers)
+                rec = residual_states(model, ids, layers, stop=False)
                 for i in layers:
                     h = rec[i].to(torch.float64)
                     acc[i].append(h.mean(1) if reduce == "mean" else h[:, -1])
@@ -252,24 +239,35 @@ class SteeringVector:
         return cls(vecs, "decoder_block", meta)
 
     # ------------------------------------------------------------------ interoperability
+    def _block_keyed(self, what: str) -> dict[int, torch.Tensor]:
+        """The vectors keyed by the block whose output they are added to (the others' convention)."""
+        if self.layer_type != "decoder_block":
+            raise TransportError(f"{what} act on decoder blocks, not {self.layer_type!r}")
+        return {to_block_output(i): v for i, v in self.layer_vectors.items()}
+
     def to_steering_vectors_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``steering_vectors.SteeringVector(**kwargs)``."""
-        return {"layer_activations": {i: v.clone() for i, v in self.layer_vectors.items()}, "layer_type": self.layer_type}
+        """Keyword arguments for ``steering_vectors.SteeringVector(**kwargs)`` (block-keyed)."""
+        if self.layer_type == "decoder_block":
+            acts = {k: v.clone() for k, v in self._block_keyed("steering-vectors decoder_block vectors").items()}
+        else:
+            acts = {i: v.clone() for i, v in self.layer_vectors.items()}
+        return {"layer_activations": acts, "layer_type": self.layer_type}
 
     @classmethod
     def from_steering_vectors(cls, obj: Any) -> "SteeringVector":
         """From a ``steering_vectors.SteeringVector`` (or anything with ``layer_activations`` and
-        ``layer_type``)."""
+        ``layer_type``); block ``n``'s output becomes residual layer ``n + 1``."""
         acts = getattr(obj, "layer_activations", None)
         if not isinstance(acts, Mapping):
             raise TransportError(f"{type(obj).__name__} has no layer_activations mapping; not a steering-vectors SteeringVector")
-        return cls(dict(acts), str(getattr(obj, "layer_type", "decoder_block")), {"source_format": "steering-vectors"})
+        layer_type = str(getattr(obj, "layer_type", "decoder_block"))
+        keyed = {from_block_output(k): v for k, v in acts.items()} if layer_type == "decoder_block" else dict(acts)
+        return cls(keyed, layer_type, {"source_format": "steering-vectors"})
 
     def to_repeng_directions(self) -> dict[int, np.ndarray]:
-        """``ControlVector.directions``: layer index -> float32 NumPy vector (same layer keys)."""
-        if self.layer_type != "decoder_block":
-            raise TransportError(f"repeng control vectors act on decoder blocks, not {self.layer_type!r}")
-        return {i: v.detach().to(torch.float32).cpu().numpy().copy() for i, v in self.layer_vectors.items()}
+        """``ControlVector.directions``: block index -> float32 NumPy vector."""
+        return {k: v.detach().to(torch.float32).cpu().numpy().copy()
+                for k, v in self._block_keyed("repeng control vectors").items()}
 
     def to_repeng_kwargs(self, model_type: str | None = None) -> dict[str, Any]:
         """Keyword arguments for ``repeng.ControlVector(**kwargs)``."""
@@ -280,14 +278,15 @@ class SteeringVector:
 
     @classmethod
     def from_repeng(cls, obj: Any) -> "SteeringVector":
-        """From a ``repeng.ControlVector`` (or anything with ``directions`` and ``model_type``)."""
+        """From a ``repeng.ControlVector`` (or anything with ``directions`` and ``model_type``);
+        block ``n`` becomes residual layer ``n + 1``."""
         dirs = getattr(obj, "directions", None)
         if not isinstance(dirs, Mapping):
             raise TransportError(f"{type(obj).__name__} has no directions mapping; not a repeng ControlVector")
         meta = {"source_format": "repeng"}
         if getattr(obj, "model_type", None):
             meta["model_type"] = str(obj.model_type)
-        return cls({int(i): np.asarray(v) for i, v in dirs.items()}, "decoder_block", meta)
+        return cls({from_block_output(int(i)): np.asarray(v) for i, v in dirs.items()}, "decoder_block", meta)
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -302,11 +301,11 @@ class SteeringVector:
         return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SteeringVector":
-        """Read a file written by :meth:`save` (safetensors; nothing is unpickled)."""
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no steering vector file at {path}")
+    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
+        """Read a file written by :meth:`save` (safetensors; nothing is unpickled): local, or
+        ``namespace/name[@revision]/path/in/repo`` on the Hub. Files of format version 1 (keyed
+        by block) are converted to residual layers."""
+        path = resolve_file(path, revision, what="steering vector")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -326,32 +325,34 @@ class SteeringVector:
             user_meta = json.loads(meta.get("metadata", "{}"))
         except ValueError as e:
             raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
-        return cls(vecs, meta.get("layer_type", "decoder_block"), user_meta)
+        layer_type = meta.get("layer_type", "decoder_block")
+        if meta.get("format_version", "1") in _BLOCK_KEYED_VERSIONS and layer_type == "decoder_block":
+            vecs = {from_block_output(k): v for k, v in vecs.items()}
+        return cls(vecs, layer_type, user_meta)
 
     # ------------------------------------------------------------------ llama.cpp control vectors
     def _gguf_layers(self, num_layers: int | None) -> dict[int, torch.Tensor]:
-        """Layer keys as llama.cpp ``direction.<n>`` indices (see the module docstring)."""
+        """``direction.<n>`` indices (block ``n``'s output = residual layer ``n + 1``)."""
         if self.layer_type != "decoder_block":
             raise TransportError(f"llama.cpp control vectors steer decoder-block outputs, not {self.layer_type!r}")
         if num_layers is not None and (isinstance(num_layers, bool) or int(num_layers) < 1):
             raise TransportError(f"num_layers must be a positive integer, got {num_layers!r}")
         out: dict[int, torch.Tensor] = {}
         for i, v in self.layer_vectors.items():
-            j = i
-            if i < 0:
-                if num_layers is None:
-                    raise TransportError(
-                        f"layer key {i} counts from the end; pass num_layers= (the model's number of decoder layers) "
-                        "to write it as a llama.cpp direction index")
-                j = i + int(num_layers)
-            if num_layers is not None and not 0 <= j < int(num_layers):
-                raise TransportError(f"layer {i} does not exist: the model has {num_layers} decoder layers")
-            if j == 0:
+            if i < 0 and num_layers is None:
                 raise TransportError(
-                    "llama.cpp has no control-vector slot for the output of decoder layer 0 (its loader rejects "
-                    "'direction.0' and with it the whole file); drop layer 0 before exporting")
+                    f"layer key {i} counts from the end; pass num_layers= (the model's number of decoder layers) "
+                    "to write it as a llama.cpp direction index")
+            layer = resolve_layer(i, int(num_layers) + 1, TransportError) if num_layers is not None else i
+            if layer in (0, 1):
+                raise TransportError(
+                    f"residual layer {layer} cannot be written as a llama.cpp control vector: "
+                    + ("it is the embedding output, no block's output" if layer == 0 else
+                       "it is the output of block 0, for which llama.cpp has no slot (its loader rejects "
+                       "'direction.0' and with it the whole file)") + "; drop it before exporting")
+            j = to_block_output(layer)
             if j in out:
-                raise TransportError(f"layer keys {i} and {j} name the same layer once resolved")
+                raise TransportError(f"layer keys {i} and {j + 1} name the same layer once resolved")
             if not bool(torch.isfinite(v).all()):
                 raise TransportError(f"the vector of layer {i} has non-finite entries")
             out[j] = v
@@ -362,13 +363,13 @@ class SteeringVector:
         """Write a llama.cpp control-vector GGUF file (atomically), readable by
         ``llama-cli --control-vector`` and repeng's ``ControlVector.import_gguf``.
 
-        Layer key ``i`` becomes tensor ``direction.<i>`` (float32 [d]); llama.cpp adds it to the
-        output of decoder block ``i``, as :meth:`apply` does (module docstring). ``model_hint``
+        Residual layer ``ℓ`` becomes tensor ``direction.<ℓ − 1>`` (float32 [d]); llama.cpp adds it
+        to the output of decoder block ``ℓ − 1``, as :meth:`apply` does (module docstring). ``model_hint``
         (``controlvector.model_hint``) defaults to the metadata's ``model_hint`` or ``model_type``;
         ``num_layers`` resolves negative keys and checks the others. The metadata travels in the
         string key ``hf_bdgauge.metadata`` (ignored by llama.cpp and repeng).
 
-        Raises :class:`TransportError` for layer 0 (llama.cpp has no slot for it), a negative key
+        Raises :class:`TransportError` for residual layers 0 and 1 (no slot), a negative key
         without ``num_layers``, a key out of range, a non-decoder-block vector, non-finite entries
         or no model hint; :class:`CheckpointError` when ``path`` exists and not ``overwrite``.
         Nothing is written on error.
@@ -379,16 +380,9 @@ class SteeringVector:
         if not hint:
             raise TransportError("a control vector names its model family (controlvector.model_hint; repeng requires "
                                  "it): pass model_hint=... (e.g. 'gemma3')")
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise CheckpointError(f"{path} already exists (pass overwrite=True to replace it)")
-        if path.exists() and not path.is_file():
-            raise CheckpointError(f"{path} exists and is not a file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
-        try:
-            writer = gguf.GGUFWriter(tmp, CONTROL_VECTOR_ARCH)
+        path = check_destination(path, overwrite)
+        with atomic_file(path, overwrite=overwrite) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), CONTROL_VECTOR_ARCH)
             writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", str(hint))
             writer.add_int32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(layers))
             writer.add_string(_GGUF_VERSION_KEY, _FORMAT_VERSION)
@@ -399,19 +393,14 @@ class SteeringVector:
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
         logger.info("wrote a llama.cpp control vector (layers %s, d=%d) to %s", list(layers), self.dim, path)
         return path
 
     @classmethod
-    def load_gguf(cls, path: str | os.PathLike) -> "SteeringVector":
+    def load_gguf(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
         """Read a llama.cpp control-vector GGUF file (from :meth:`save_gguf`,
-        ``llama-cvector-generator`` or repeng's ``export_gguf``): ``direction.<n>`` becomes layer
-        key ``n`` (same residual, module docstring). As in llama.cpp, several tensors naming one
+        ``llama-cvector-generator`` or repeng's ``export_gguf``): ``direction.<n>`` (block ``n``'s
+        output) becomes residual layer ``n + 1`` (module docstring). As in llama.cpp, several tensors naming one
         layer are summed. The metadata gets ``model_hint`` (and ``model_type`` if it had none).
 
         Raises :class:`CheckpointError` for a missing or unreadable file, an architecture other
@@ -420,9 +409,7 @@ class SteeringVector:
         lengths that differ.
         """
         gguf = _import_gguf("reading")
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no control vector file at {path}")
+        path = resolve_file(path, revision, what="control vector file")
         try:
             reader = gguf.GGUFReader(str(path))
         except Exception as e:  # gguf raises ValueError/struct errors/IndexError on foreign or truncated files
@@ -463,7 +450,7 @@ class SteeringVector:
         if not vecs:
             raise CheckpointError(f"{path} holds no direction.<layer> tensors")
         if 0 in vecs:
-            logger.warning("%s has a direction.0 tensor: llama.cpp has no slot for layer 0 and refuses such files", path)
+            logger.warning("%s has a direction.0 tensor: llama.cpp has no slot for block 0 and refuses such files", path)
         meta: dict[str, Any] = {}
         if stored is not None:
             try:
@@ -477,29 +464,28 @@ class SteeringVector:
         if hint:
             meta["model_hint"] = hint
             meta.setdefault("model_type", hint)
-        return cls({i: torch.from_numpy(v) for i, v in vecs.items()}, "decoder_block", meta)
+        return cls({from_block_output(i): torch.from_numpy(v) for i, v in vecs.items()}, "decoder_block", meta)
 
     # ------------------------------------------------------------------ model hooks
     def _resolve_layers(self, n_layers: int, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
+        """``{residual layer in 0..n_layers: vector}`` for the keys chosen (a model of
+        ``n_layers`` blocks has residual layers ``0..n_layers``)."""
         chosen = self.layers if layers is None else list(layers)
         out: dict[int, torch.Tensor] = {}
         for i in chosen:
             if i not in self.layer_vectors:
                 raise TransportError(f"the steering vector has no entry for layer {i} (it has {self.layers})")
-            j = i + n_layers if i < 0 else i
-            if not 0 <= j < n_layers:
-                raise TransportError(f"layer {i} does not exist: the model has {n_layers} decoder layers")
+            j = resolve_layer(i, n_layers + 1, TransportError)
             if j in out:
-                raise TransportError(f"layer keys {i} and {j - n_layers if i >= 0 else j} name the same decoder layer "
-                                     f"of this {n_layers}-layer model")
+                raise TransportError(f"layer keys {i} and {j - n_layers - 1 if i >= 0 else j} name the same residual "
+                                     f"layer of this {n_layers}-block model")
             out[j] = self.layer_vectors[i]
         return out
 
     def check_fits(self, model: torch.nn.Module) -> None:
         """Raise unless every layer vector fits ``model``: :class:`DimensionMismatchError` when
-        ``d`` is not the hidden size, :class:`TransportError` for a layer key the model lacks
-        (keys may count from the end, as in :meth:`apply`)."""
-        blocks = decoder_layers(model)
+        ``d`` is not the hidden size, :class:`TransportError` for a layer the model lacks."""
+        blocks = decoder_blocks(model)
         d = hidden_size_of(model.config)
         if self.dim != d:
             raise DimensionMismatchError(f"the steering vector has dimension {self.dim} but the model's hidden size is {d}")
@@ -507,75 +493,53 @@ class SteeringVector:
 
     @contextlib.contextmanager
     def apply(self, model: torch.nn.Module, alpha: float = 1.0, layers: Sequence[int] | None = None) -> Iterator[None]:
-        """Add ``alpha·v_ℓ`` to the output hidden state of decoder layer ``ℓ`` (every position)
-        while the context is open; the hooks are removed on exit, also on exceptions.
+        """Add ``alpha·v_ℓ`` to residual layer ``ℓ`` (every position) while the context is open;
+        the hooks are removed on exit, also on exceptions.
 
         Raises :class:`DimensionMismatchError` when ``d`` differs from the model's hidden size,
         :class:`TransportError` for a layer the model lacks,
-        :class:`UnsupportedArchitectureError` when the decoder layers cannot be found.
+        :class:`UnsupportedArchitectureError` when the decoder blocks cannot be found.
         """
         if self.layer_type != "decoder_block":
-            raise TransportError(f"apply() steers decoder-block outputs; this vector has layer_type={self.layer_type!r}")
-        blocks = decoder_layers(model)
-        d = hidden_size_of(model.config)
-        if self.dim != d:
-            raise DimensionMismatchError(f"the steering vector has dimension {self.dim} but the model's hidden size is {d}")
-        plan = self._resolve_layers(len(blocks), layers)
-        logger.debug("steering %s at layers %s with alpha=%g", type(model).__name__, sorted(plan), alpha)
-        handles: list[Any] = []
-        try:
-            for j, v in plan.items():
-                handles.append(blocks[j].register_forward_hook(_additive_hook(alpha * v)))
+            raise TransportError(f"apply() steers the residual stream between blocks; this vector has "
+                                 f"layer_type={self.layer_type!r}")
+        self.check_fits(model)
+        plan = self._resolve_layers(len(decoder_blocks(model)), layers)
+        logger.debug("steering %s at residual layers %s with alpha=%g", type(model).__name__, sorted(plan), alpha)
+        with add_to_residual(model, {j: alpha * v for j, v in plan.items()}):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     # ------------------------------------------------------------------ transport
+    def plan(self) -> TransformPlan:
+        """The vector's transform plan: every layer's vector is a residual point (``WRITE``)."""
+        shapes = {f"layer.{i}": (self.dim,) for i in self.layers}
+        return TransformPlan.for_tensors(shapes, dict.fromkeys(shapes, WRITE), self.dim, what="the steering vector",
+                                         dim_label="dimension {d}")
+
     def transport(self, gauge: "Gauge | SignedPermutation") -> "SteeringVector":
         """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE).
 
         Raises :class:`DimensionMismatchError` when ``d`` differs from the gauge's dimension and
         :class:`TransportError` for a layer the gauge's models lack (when its fingerprints
         record ``num_hidden_layers``)."""
-        g = as_signed_permutation(gauge)
-        if g.dim != self.dim:
-            raise DimensionMismatchError(f"the steering vector has dimension {self.dim} but the gauge has dimension {g.dim}")
+        plan = self.plan()
+        g = plan.admit(gauge)
         n_layers = _recorded_num_layers(gauge)
         if n_layers is not None:  # the gauge knows its models' depth: a layer they lack is an error now
             self._resolve_layers(n_layers, None)
-        vecs = {i: transform(v, WRITE, g) for i, v in self.layer_vectors.items()}
+        vecs = {i: plan.transform(f"layer.{i}", v, g) for i, v in self.layer_vectors.items()}
         meta = dict(self.metadata)
-        record: dict[str, Any] = {
-            "gauge_dim": g.dim,
-            "num_flips": g.num_flips,
-            "gauge_sha256": hashlib.sha256(g.perm.tobytes() + g.signs.tobytes()).hexdigest(),
-            "source_model": meta.get("model_id"),
-        }
+        record = transport_record(gauge, object_model=meta.get("model_id"))
         if isinstance(gauge, Gauge):
-            record.update(method=gauge.method, target_model=gauge.target.model_id, target_revision=gauge.target.revision)
             if gauge.target.model_id:
                 meta["model_id"] = str(gauge.target.model_id)
+            family = (gauge.target.fingerprint or {}).get("model_type")
+            if family and not (meta.get("model_type") or meta.get("model_hint")):
+                meta["model_type"] = str(family)  # what a llama.cpp control vector names as its model_hint
         history = json.loads(meta.get("hf_bdgauge_transports", "[]"))
         meta["hf_bdgauge_transports"] = json.dumps(history + [record])
         logger.info("transported a steering vector (layers %s) by a gauge with %d sign flips", self.layers, g.num_flips)
         return SteeringVector(vecs, self.layer_type, meta)
-
-
-def _additive_hook(delta: torch.Tensor):
-    cache: dict[tuple, torch.Tensor] = {}
-
-    def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
-        hs = output[0] if isinstance(output, tuple) else output
-        if not isinstance(hs, torch.Tensor):
-            raise TransportError(f"cannot steer a decoder layer whose output is {type(hs).__name__}")
-        key = (hs.device, hs.dtype)
-        if key not in cache:
-            cache[key] = delta.to(device=hs.device, dtype=hs.dtype)
-        steered = hs + cache[key]
-        return (steered,) + tuple(output[1:]) if isinstance(output, tuple) else steered
-
-    return hook
 
 
 def transport_steering_vector(vector: SteeringVector, gauge: "Gauge | SignedPermutation") -> SteeringVector:
@@ -584,47 +548,14 @@ def transport_steering_vector(vector: SteeringVector, gauge: "Gauge | SignedPerm
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks: ``model.model.layers`` (``*ForCausalLM``), ``model.layers`` (bare
-    ``*Model``), or those of a PEFT model's base model."""
-    for owner in (getattr(model, "model", None), model):
-        layers = getattr(owner, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return layers
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        base = get_base()
-        if base is not model:
-            return decoder_layers(base)
-    raise UnsupportedArchitectureError(
-        f"cannot find the decoder layers of {type(model).__name__}: expected model.model.layers or model.layers "
-        "(Llama/Mistral/Qwen/Gemma-style causal LMs)"
-    )
+    """The decoder blocks (:func:`hf_bdgauge.layers.decoder_blocks`)."""
+    return decoder_blocks(model)
 
 
-@torch.no_grad()
 def record_residual(model: torch.nn.Module, input_ids: torch.Tensor, layers: Sequence[int], **kwargs: Any) -> dict[int, torch.Tensor]:
-    """Outputs of the given decoder layers (the residual after each block) for one batch:
-    ``layer -> [B, T, d]``."""
-    blocks = decoder_layers(model)
-    out: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make(i: int):
-        def hook(_m: torch.nn.Module, _a: Any, output: Any) -> None:
-            out[i] = (output[0] if isinstance(output, tuple) else output).detach().clone()
-        return hook
-
-    try:
-        for i in layers:
-            j = i + len(blocks) if i < 0 else i
-            if not 0 <= j < len(blocks):
-                raise TransportError(f"layer {i} does not exist: the model has {len(blocks)} decoder layers")
-            handles.append(blocks[j].register_forward_hook(make(i)))
-        model(input_ids=torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1]), **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+    """The residual stream at residual layers ``layers`` for one batch, ``layer -> [B, T, d]``
+    (:func:`hf_bdgauge.layers.residual_states`, full forward)."""
+    return residual_states(model, input_ids, layers, stop=False, **kwargs)
 
 
 @torch.no_grad()
@@ -655,3 +586,24 @@ def percent_effect_preserved(delta_source: torch.Tensor, delta_target: torch.Ten
     if denom == 0.0:
         raise TransportError("the source steering has no effect (Δ_source = 0); nothing to preserve")
     return 100.0 * float(t @ s) / denom
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cli_run(args: Any, gauge: Gauge) -> Path:
+    gguf_in = str(args.src).endswith(".gguf")
+    src = resolve_file(args.src, args.revision, what="steering vector")
+    moved = (SteeringVector.load_gguf(src) if gguf_in else SteeringVector.load(src)).transport(gauge)
+    if str(args.dst).endswith(".gguf"):
+        return moved.save_gguf(args.dst, overwrite=args.overwrite, num_layers=args.num_layers)
+    return moved.save(args.dst, overwrite=args.overwrite)
+
+
+def _cli_arguments(p: Any) -> None:
+    p.add_argument("--num-layers", type=int, help="steering → .gguf: the model's number of decoder blocks (resolves "
+                   "negative layer keys)")
+
+
+register_transport(TransportKind(
+    "steering", "a steering vector (hf_bdgauge .safetensors, or a llama.cpp control-vector .gguf)",
+    "a .safetensors / .gguf file, local or namespace/name[@revision]/path; DST's suffix picks the format", _cli_run,
+    _cli_arguments))

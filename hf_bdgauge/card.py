@@ -1,0 +1,136 @@
+"""The model card of a gauge repository (``README.md``), rendered from the packaged template.
+
+:func:`render_gauge_card` fills ``model_cards/gauge_card_template.md`` (YAML metadata:
+``library_name: hf_bdgauge``, tags, ``base_model`` = the Hub models the gauge connects) from a
+:class:`~hf_bdgauge.gauge.Gauge` (read through its public attributes only). The card leads with
+what the gauge is good for: the identity (a plain copy is right), a re-charting (transport with
+it), or not a gauge at all (no signed permutation explains the pair: do not transport with it).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import ModelCard
+
+    from .gauge import Gauge
+
+__all__ = ["render_gauge_card", "gauge_card_template", "format_value", "hop_end_label", "CARD_TAGS"]
+
+#: Tags every gauge card carries.
+CARD_TAGS = ("hf_bdgauge", "gauge", "signed-permutation", "residual-stream")
+
+
+def gauge_card_template() -> str:
+    """The packaged model card template (``hf_bdgauge/model_cards/gauge_card_template.md``)."""
+    return resources.files("hf_bdgauge").joinpath("model_cards/gauge_card_template.md").read_text(encoding="utf-8")
+
+
+def format_value(v: Any, width: int = 60) -> str:
+    """A metric value for one line of text: floats with 4 significant digits, long values cut."""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return s if len(s) <= width else s[: width - 3] + "..."
+
+
+def hop_end_label(end: Any) -> str:
+    """The model id of one end of a hop record (a ModelRef dict; older trajectory records held a
+    plain string)."""
+    if isinstance(end, Mapping):
+        return str(end.get("model_id") or "?")
+    return str(end) if end else "?"
+
+
+def _hub_id(model_id: str | None) -> str | None:
+    """``model_id`` if it names a Hub repo (not a local path), else ``None``."""
+    if not model_id or os.path.exists(model_id):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return None
+    return model_id
+
+
+def _short(v: Any, n: int = 7) -> str:
+    return str(v)[:n] if v else "–"
+
+
+def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_str: str | None = None,
+                      format_version: int | None = None, **template_kwargs: Any) -> "ModelCard":
+    """Render the gauge's model card (a :class:`huggingface_hub.ModelCard`)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    src, tgt = gauge.source, gauge.target
+    base = list(dict.fromkeys(m for m in (_hub_id(src.model_id), _hub_id(tgt.model_id)) if m))
+    verdict = gauge.metrics.get("verdict")
+    not_a_gauge = verdict == "no_signed_permutation"
+    tags = list(CARD_TAGS)
+    if gauge.is_effectively_identity:
+        tags.append("identity-gauge")
+    if not_a_gauge:
+        tags.append("not-a-gauge")
+    card_data = ModelCardData(library_name="hf_bdgauge", tags=tags, base_model=base or None)
+    src_label, tgt_label = src.label(), tgt.label()
+    if not_a_gauge:
+        what = (f"**Not a gauge.** No signed permutation explains the pair `{src_label}` → `{tgt_label}`: the "
+                "estimate fits no better than an unrelated re-charting. Do not transport adapters, SAEs, steering "
+                "vectors or probes with it.")
+    elif gauge.is_identity:
+        what = (f"The identity gauge of dimension {gauge.dim} between `{src_label}` and `{tgt_label}`: the two "
+                "models share one chart of the residual stream.")
+    elif gauge.is_effectively_identity:
+        what = (f"Effectively the identity between `{src_label}` and `{tgt_label}`: the plain copy fits the pair as "
+                f"well as the estimated signed permutation (which moves {gauge.num_moved} indistinguishable "
+                f"coordinates of {gauge.dim}).")
+    else:
+        what = (f"Maps the residual-stream coordinates of `{src_label}` to those of `{tgt_label}`: a signed "
+                f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them and flips the sign of "
+                f"{gauge.num_flips}.")
+    how = f" Obtained by `{gauge.method}`"
+    if gauge.confidence is not None:
+        c = gauge.confidence
+        how += f" with per-coordinate confidence mean {c.mean():.3f} (min {c.min():.3f})"
+    how += "." if not gauge.hops else f", composed of {len(gauge.hops)} hops."
+    confidence = None
+    if gauge.confidence is not None:
+        c = gauge.confidence
+        confidence = {"mean": f"{c.mean():.4g}", "min": f"{c.min():.4g}", "low": int((c < 0.5).sum())}
+    ends = []
+    for name, ref in (("source", src), ("target", tgt)):
+        fp = ref.fingerprint or {}
+        ends.append({"name": name, "model_id": ref.model_id or "–", "revision": ref.revision or "–",
+                     "commit_hash": _short(ref.commit_hash, 12), "model_type": fp.get("model_type") or "–",
+                     "hidden_size": fp.get("hidden_size") or gauge.dim})
+    hops = [{"method": h.get("method"), "inverted": h.get("inverted", False),
+             "source": hop_end_label(h.get("source")), "target": hop_end_label(h.get("target"))} for h in gauge.hops]
+    kwargs: dict[str, Any] = dict(
+        title=f"Gauge: {src.model_id or 'source'} → {tgt.model_id or 'target'}",
+        summary=what + how,
+        library_version=gauge.library_version,
+        dim=gauge.dim,
+        num_moved=gauge.num_moved,
+        num_flips=gauge.num_flips,
+        is_identity=gauge.is_effectively_identity and not not_a_gauge,
+        not_a_gauge=not_a_gauge,
+        ends=ends,
+        method=gauge.method,
+        confidence=confidence,
+        metrics=[(k, format_value(v)) for k, v in gauge.metrics.items()],
+        hops=hops,
+        repo_id=repo_id or "<this repo>",
+        source_id=src.model_id or "<source model>",
+        has_confidence=gauge.confidence is not None,
+        has_margin=gauge.margin is not None,
+        format_version=format_version,
+    )
+    kwargs.update(template_kwargs)
+    return ModelCard.from_template(card_data, template_str=template_str or gauge_card_template(), **kwargs)

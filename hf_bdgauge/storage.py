@@ -1,0 +1,166 @@
+"""Reading checkpoints without loading them: ``config.json``, safetensors headers, shards.
+
+The one config reader (:func:`read_model_config`) and the one description of a checkpoint's
+tensors (:func:`tensor_index`: name → shard, dtype, shape, byte range) that the transform plan,
+the fingerprints, the streaming re-charter, the merges and data-free estimation all use. Only
+safetensors weights are read; a checkpoint with pickle weights only is refused with the way to
+convert it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .files import read_json_object
+
+__all__ = [
+    "ST_TO_TORCH",
+    "TORCH_TO_ST",
+    "TensorInfo",
+    "read_model_config",
+    "read_safetensors_header",
+    "checkpoint_shards",
+    "tensor_index",
+    "read_tensor_bytes",
+]
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+#: safetensors dtype names → torch dtypes (and back).
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        ST_TO_TORCH[_name] = getattr(torch, _attr)
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+def read_model_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory as a dict; :class:`CheckpointError` when it is
+    missing, not JSON, or not an object."""
+    return read_json_object(Path(ckpt_dir) / "config.json", what="checkpoint directory (cannot tell the model family)")
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
+    """Return the raw header bytes (length prefix excluded) and the parsed header of a file,
+    after checking that the file is exactly as long as its header says."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path} has a corrupt safetensors header length ({n})")
+            raw = f.read(n)
+        header = json.loads(raw)
+    except (OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot read safetensors header of {path}: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not an object")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path} is truncated or corrupt: header says {8 + n + end} bytes, file has {size}")
+    return raw, header
+
+
+def checkpoint_shards(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint directory (sharded via its index, or single).
+
+    Raises :class:`CheckpointError` for a missing directory, missing shards, or a checkpoint
+    that only has pickle (``.bin``/``.pt``) weights, which this library never loads.
+    """
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json_object(index, what="safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} is not a valid safetensors index: it has no weight_map")
+        shards = sorted({d / f for f in weight_map.values()})
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise CheckpointError(f"{d} is incomplete: shards {missing} named in its index are missing")
+        return shards
+    single = d / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(d.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickles:
+        raise CheckpointError(
+            f"{d} holds only pickle weights ({', '.join(pickles)}); hf_bdgauge reads safetensors only. "
+            "Convert with transformers' save_pretrained(safe_serialization=True) first."
+        )
+    raise CheckpointError(f"{d} has no safetensors weights")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a checkpoint lives: its shard, the shard's data offset (8 + header
+    length), dtype (safetensors name), shape and byte range relative to the data offset."""
+
+    shard: Path
+    base: int
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return ST_TO_TORCH.get(self.dtype)
+
+
+def tensor_index(ckpt_dir: str | os.PathLike) -> dict[str, TensorInfo]:
+    """``name -> TensorInfo`` for every tensor of every shard, each checked to fit its bytes."""
+    out: dict[str, TensorInfo] = {}
+    for shard in checkpoint_shards(ckpt_dir):
+        raw, header = read_safetensors_header(shard)
+        base = 8 + len(raw)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(s) for s in info["shape"])
+            ti = TensorInfo(shard, base, str(info.get("dtype", "")), shape, begin, end)
+            dt = ti.torch_dtype
+            if dt is not None:
+                numel = 1
+                for s in shape:
+                    numel *= s
+                if numel * dt.itemsize != end - begin:
+                    raise CheckpointError(f"{shard.name}: tensor {name} of shape {list(shape)} ({ti.dtype}) does not "
+                                          f"fit its {end - begin} bytes")
+            if name in out:
+                raise CheckpointError(f"tensor {name} appears in two shards ({out[name].shard.name}, {shard.name})")
+            out[name] = ti
+    return out
+
+
+def read_tensor_bytes(info: TensorInfo) -> bytes:
+    """The raw bytes of one tensor (``info.end - info.begin`` of them)."""
+    with open(info.shard, "rb") as f:
+        f.seek(info.base + info.begin)
+        data = f.read(info.end - info.begin)
+    if len(data) != info.end - info.begin:
+        raise CheckpointError(f"{info.shard} is truncated")
+    return data
