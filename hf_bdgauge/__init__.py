@@ -19,6 +19,7 @@ from .errors import (
     FingerprintMismatchError,
     FixtureError,
     GaugeError,
+    GaugeFitError,
     GaugeNotFoundError,
     HubError,
     HubOfflineError,
@@ -30,7 +31,7 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .fingerprint import check_fingerprint, model_fingerprint, tensor_content_hash
-from .estimate import compose_trajectory, estimate_gauge
+from .estimate import compose_trajectory, diff, estimate_gauge, trace
 from .gauge import Gauge, ModelRef, as_signed_permutation
 from .gauged_model import GaugedModel
 from .group import SignedPermutation
@@ -55,6 +56,8 @@ __all__ = [
     "GaugedModel",
     "estimate_gauge",
     "compose_trajectory",
+    "trace",
+    "diff",
     "as_signed_permutation",
     "model_fingerprint",
     "check_fingerprint",
@@ -82,6 +85,7 @@ __all__ = [
     "TransportError",
     "EstimationError",
     "GaugeNotFoundError",
+    "GaugeFitError",
     "DestinationExistsError",
     "HubError",
     "RepositoryNotFoundError",

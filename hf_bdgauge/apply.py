@@ -27,27 +27,30 @@ __all__ = ["apply_gauge", "check_gauge_allowed", "plan_model"]
 logger = logging.getLogger(__name__)
 
 
-def plan_model(model: torch.nn.Module, g: "Gauge | SignedPermutation", spec: ArchitectureSpec | None = None) -> dict[str, TensorRule]:
+def plan_model(model: torch.nn.Module, g: "Gauge | SignedPermutation", spec: ArchitectureSpec | None = None, *,
+               force: bool = False) -> dict[str, TensorRule]:
     """Validate ``g`` against ``model`` and return ``name -> rule`` for every tensor to move
     (see :class:`~hf_bdgauge.plan.TransformPlan`)."""
     plan = TransformPlan.for_model(model, spec=spec)
-    plan.admit(g, end="source")
+    plan.admit(g, end="source", force=force)
     return plan.moved
 
 
 @torch.no_grad()
 def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation", *,
-                spec: ArchitectureSpec | None = None) -> torch.nn.Module:
+                spec: ArchitectureSpec | None = None, force: bool = False) -> torch.nn.Module:
     """Re-chart ``model`` in place so that its residual stream becomes ``G·h``; returns it.
 
     ``gauge``: a :class:`~hf_bdgauge.gauge.Gauge` whose source is this model (its fingerprint is
-    checked when it recorded one) or a bare :class:`SignedPermutation`. Readers ``W ↦ W·Gᵀ``,
+    checked when it recorded one) or a bare :class:`SignedPermutation`; a gauge that does not fit
+    (no signed permutation explains its pair, too few coordinates identified) is refused unless
+    ``force=True``. Readers ``W ↦ W·Gᵀ``,
     writers ``W ↦ G·W`` (and their biases), residual gains ``g ↦ P·g``; see
     :mod:`hf_bdgauge.rules`. Tied parameters (embed_tokens/lm_head) are one tensor and move once,
     so they stay tied. Logits are unchanged up to float summation order.
     """
     plan = TransformPlan.for_model(model, spec=spec)
-    g = plan.admit(gauge, end="source")
+    g = plan.admit(gauge, end="source", force=force)
     named = dict(model.named_parameters())
     for n, b in model.named_buffers():
         named.setdefault(n, b)

@@ -95,6 +95,17 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
         what = (f"Maps the residual-stream coordinates of `{src_label}` to those of `{tgt_label}`: a signed "
                 f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them and flips the sign of "
                 f"{gauge.num_flips}.")
+    evidence = []
+    if gauge.p_value is not None:
+        lp = gauge.metrics.get("log10_p_value")
+        evidence.append(f"calibrated p-value {gauge.p_value:.3g}" if gauge.p_value > 0 or lp is None
+                        else f"calibrated p-value 10^{float(lp):.1f}")
+    if gauge.identified_fraction is not None and not gauge.is_exact:
+        evidence.append(f"{gauge.identified_fraction:.1%} of the coordinates identified")
+    if gauge.is_exact:
+        evidence.append("exact by construction (nothing estimated)")
+    if evidence:
+        what += " Evidence: " + "; ".join(evidence) + "."
     how = f" Obtained by `{gauge.method}`"
     if gauge.confidence is not None:
         c = gauge.confidence

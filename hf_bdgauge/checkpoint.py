@@ -10,6 +10,7 @@ directory beside the destination and renamed into place only when complete.
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError
+from .gauge import transport_record
 from .files import atomic_directory
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
@@ -37,6 +39,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["apply_gauge_to_checkpoint", "read_safetensors_header", "checkpoint_shards", "resolve_checkpoint_dir"]
 
 logger = logging.getLogger(__name__)
+
+#: What a forced re-charting writes beside the weights: the record of the gauge it used.
+PROVENANCE_NAME = "hf_bdgauge.json"
 
 BLOCK_BYTES = 32 * 1024 * 1024
 """Target size of one block when a large tensor is re-charted piecewise."""
@@ -125,6 +130,7 @@ def apply_gauge_to_checkpoint(
     max_workers: int | None = None,
     progress: bool = True,
     block_bytes: int = BLOCK_BYTES,
+    force: bool = False,
 ) -> Path:
     """Re-chart a safetensors checkpoint (single file or sharded) without instantiating the model.
 
@@ -134,7 +140,9 @@ def apply_gauge_to_checkpoint(
     ``gauge`` is a :class:`~hf_bdgauge.gauge.Gauge` whose source is this checkpoint (its
     fingerprint is checked when it recorded one) or a bare :class:`SignedPermutation`. All
     validation (the transform plan: known family, coverage of every tensor, dimensions, the
-    family's symmetry rule, the fingerprint) happens before anything is written; the destination
+    family's symmetry rule, the fingerprint, the fit — a gauge that does not fit is refused unless
+    ``force=True``, and a forced result records it in ``hf_bdgauge.json``) happens before
+    anything is written; the destination
     appears only when complete. Shards are rewritten in ``max_workers`` parallel threads
     (default: as many as there are shards and CPU cores). Tensors are re-charted in blocks of
     about ``block_bytes``, so peak memory stays near ``max_workers × 2 × block_bytes`` above the
@@ -142,7 +150,7 @@ def apply_gauge_to_checkpoint(
     """
     src = resolve_checkpoint_dir(src_dir, revision)
     plan = TransformPlan.for_checkpoint(src)
-    g = plan.admit(gauge, end="source")
+    g = plan.admit(gauge, end="source", force=force)
     shards = checkpoint_shards(src)
     headers = {s: read_safetensors_header(s) for s in shards}
     total = sum(s.stat().st_size for s in shards)
@@ -156,6 +164,9 @@ def apply_gauge_to_checkpoint(
                 shutil.copytree(f, tmp / f.name)
             elif f.suffix != ".safetensors":
                 shutil.copy2(f, tmp / f.name)
+        if plan.forced:
+            (tmp / PROVENANCE_NAME).write_text(json.dumps({"applied_gauge": transport_record(gauge, forced=True)},
+                                                          indent=2, sort_keys=True) + "\n", encoding="utf-8")
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="re-charting", disable=not progress)
         try:
             jobs = [(s, tmp / s.name, *headers[s], plan.rules, g, bar, block_bytes) for s in shards]

@@ -1,6 +1,6 @@
 """The ``bdgauge`` command line.
 
-Verbs (``bdgauge VERB --help`` for each): ``estimate``, ``compose``, ``apply``,
+Verbs (``bdgauge VERB --help`` for each): ``estimate``, ``compose``, ``trace``, ``diff``, ``apply``,
 ``transport <kind>`` (one sub-verb per registered transportable object: adapter, sae, steering,
 optimizer, probe, indices), ``push``, ``show``, ``audit``, ``demo``. Every model, gauge and
 object argument takes a local path or a Hub id, pinned as ``repo@revision``. Writers refuse an
@@ -60,12 +60,18 @@ def _load_gauge(spec: str, revision: str | None = None):
     return Gauge.from_pretrained(name, revision=rev)
 
 
-def _save_gauge(g: Any, out: Path | None, overwrite: bool) -> None:
+def _save_gauge(g: Any, out: Path | None, overwrite: bool, force: bool) -> int:
+    """Print the summary and save the gauge; an estimate that is no gauge (verdict
+    ``no_signed_permutation``) is saved only with ``--force`` and exits 1 otherwise."""
+    print(g.summary())
+    if g.verdict == "no_signed_permutation" and not force:
+        print("bdgauge: error: no signed permutation explains this pair (see the verdict above); nothing saved. "
+              "Pass --force to save it anyway (its card then says it is not a gauge).", file=sys.stderr)
+        return 1
     if out is not None:
         g.save_pretrained(out, overwrite=overwrite)
-    print(g.summary())
-    if out is not None:
         print(f"saved to {out}")
+    return 0
 
 
 # --------------------------------------------------------------------------- verbs
@@ -95,7 +101,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     else:
         raise GaugeError("give --gauge DIR_OR_REPO[@REVISION], or --random-seed N to plant a random gauge")
     out = apply_gauge_to_checkpoint(src, gauge, args.dst, revision=rev, overwrite=args.overwrite,
-                                    max_workers=args.workers, progress=not args.quiet)
+                                    max_workers=args.workers, progress=not args.quiet, force=args.force)
     print(f"wrote {out} (gauge of dimension {gauge.dim}, {gauge.num_flips} sign flips)")
     if planted is not None:
         gauge.source = ModelRef.from_checkpoint(src, revision=rev)
@@ -118,8 +124,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     g = estimate_gauge(src, tgt, texts, method=args.method, source_revision=src_rev, target_revision=tgt_rev,
                        max_tokens=args.max_tokens, layers=args.layers, max_length=args.max_length,
                        progress=not args.quiet, **_big_model_kwargs(args))
-    _save_gauge(g, args.output, args.overwrite)
-    return 0
+    return _save_gauge(g, args.output, args.overwrite, args.force)
 
 
 def _refuse_existing(out: Path | None, overwrite: bool) -> None:
@@ -143,6 +148,7 @@ def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if args.device:
             raise GaugeError("--device applies to --method weights; place models with --device-map")
     kw["null_draws"] = args.null_draws
+    kw["calibration_draws"] = args.calibration_draws
     return kw
 
 
@@ -153,8 +159,10 @@ def _add_big_model_flags(p: argparse.ArgumentParser) -> None:
                    "(offloads what does not fit)")
     p.add_argument("--device", default=None, help='weights: run the products on this device, e.g. "cuda"')
     p.add_argument("--batch-size", type=int, default=8, help="activation methods: sequences per forward pass")
-    p.add_argument("--null-draws", type=int, default=1, help="rotated-null draws (0 skips the null and, for "
-                   "activations, the target covariance)")
+    p.add_argument("--null-draws", type=int, default=1, help="draws of the descriptive rotated null (excess over "
+                   "null; 0 skips it)")
+    p.add_argument("--calibration-draws", type=int, default=64, help="Haar rotations of the calibrated p-value's "
+                   "fitted null (cost grows with it and with d³·layers)")
 
 
 def _cmd_compose(args: argparse.Namespace) -> int:
@@ -169,8 +177,37 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     _refuse_existing(args.output, args.overwrite)
     g = compose_trajectory(list(args.checkpoints), texts, method=args.method, max_tokens=args.max_tokens,
                            progress=not args.quiet, **_big_model_kwargs(args))
-    _save_gauge(g, args.output, args.overwrite)
+    return _save_gauge(g, args.output, args.overwrite, args.force)
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    """Is TARGET derived from SOURCE up to a signed permutation (re-charted, fine-tuned, merged,
+    pruned, noised)? Data-free from the weights by default, from activations with --texts:
+    per-layer p-values, their Cauchy combination, and the recovered gauge (-o)."""
+    from .estimate import trace
+
+    texts = _read_texts(args.texts)
+    _refuse_existing(args.output, args.overwrite)
+    src, src_rev = split_revision(args.source, args.source_revision)
+    tgt, tgt_rev = split_revision(args.target, args.target_revision)
+    report = trace(src, tgt, texts, source_revision=src_rev, target_revision=tgt_rev,
+                   calibration_draws=args.calibration_draws, max_tokens=args.max_tokens, progress=not args.quiet)
+    print(report.summary())
+    if args.output is not None:
+        if report.gauge.verdict == "no_signed_permutation" and not args.force:
+            print("bdgauge trace: the recovered estimate is not a gauge; nothing saved (pass --force to save it)",
+                  file=sys.stderr)
+            return 1
+        report.gauge.save_pretrained(args.output, overwrite=args.overwrite)
+        print(f"gauge saved to {args.output}")
     return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    """Per layer, what a fine-tune (or any TARGET) did to SOURCE's chart: identity fit, gauge
+    fit, p-value, identified fraction and a plain verdict — which layers' SAEs and steering
+    vectors carry over as they are, carry over with the gauge, or do not."""
+    return _cmd_trace(args)
 
 
 def _cmd_transport(args: argparse.Namespace) -> int:
@@ -257,6 +294,7 @@ def _add_transport_verbs(sub: Any) -> None:
         k.add_argument("--gauge-revision", help="revision of the gauge repo")
         k.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
         k.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        k.add_argument("--force", action="store_true", help="use a gauge that does not fit (the output records it)")
         if kind.add_arguments is not None:
             kind.add_arguments(k)
         k.set_defaults(func=_cmd_transport)
@@ -278,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: DST.gauge beside the output)")
     a.add_argument("--inverse", action="store_true", help="apply the inverse gauge")
     a.add_argument("--overwrite", action="store_true", help="replace DST (and the planted gauge) if they exist")
+    a.add_argument("--force", action="store_true", help="apply a gauge that does not fit (DST/hf_bdgauge.json records it)")
     a.add_argument("--workers", type=int, default=None, help="shards re-charted in parallel (default: shards and cores)")
     a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
@@ -287,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("target", help="target model dir or Hub id (optionally repo@revision)")
     e.add_argument("-o", "--output", type=Path, help="save the gauge here (gauge.safetensors + gauge_config.json + README.md)")
     e.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
+    e.add_argument("--force", action="store_true", help="save the estimate even when no signed permutation explains the pair")
     e.add_argument("--method", default="sign_marginalized", choices=_METHODS)
     e.add_argument("--texts", type=Path, help="text file, one text per line (activation methods)")
     e.add_argument("--source-revision")
@@ -303,12 +343,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoints", nargs="+", help="checkpoint dirs or repo@revision, in training order")
     c.add_argument("-o", "--output", type=Path, help="save the composed gauge here")
     c.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
+    c.add_argument("--force", action="store_true", help="save the composite even when a hop has no signed permutation")
     c.add_argument("--method", default="sign_marginalized", choices=_METHODS)
     c.add_argument("--texts", type=Path)
     c.add_argument("--max-tokens", type=int, default=None)
     _add_big_model_flags(c)
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=_cmd_compose)
+
+    for verb, fn, text in (("trace", _cmd_trace, "test whether a checkpoint is derived from another up to a signed "
+                                                 "permutation"),
+                           ("diff", _cmd_diff, "per-layer report: same chart / re-charted / drifted")):
+        tr = sub.add_parser(verb, help=text, description=fn.__doc__)
+        tr.add_argument("source", help="model dir or Hub id (repo@revision)")
+        tr.add_argument("target", help="model dir or Hub id (repo@revision)")
+        tr.add_argument("--texts", type=Path, help="text file, one text per line: test on activations (default: weights)")
+        tr.add_argument("--source-revision")
+        tr.add_argument("--target-revision")
+        tr.add_argument("--max-tokens", type=int, default=None)
+        tr.add_argument("--calibration-draws", type=int, default=64)
+        tr.add_argument("-o", "--output", type=Path, help="save the recovered gauge here")
+        tr.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
+        tr.add_argument("--force", action="store_true", help="save the estimate even when it is not a gauge")
+        tr.add_argument("-q", "--quiet", action="store_true")
+        tr.set_defaults(func=fn)
 
     _add_transport_verbs(sub)
 

@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "DestinationExistsError",
     "FingerprintMismatchError",
+    "GaugeFitError",
     "FixtureError",
     "TransportError",
     "EstimationError",
@@ -77,6 +78,11 @@ class DestinationExistsError(CheckpointError, FileExistsError):
 
 class FingerprintMismatchError(GaugeError, ValueError):
     """A gauge was attached to a model other than the one it was estimated for."""
+
+
+class GaugeFitError(GaugeError, ValueError):
+    """A gauge that does not fit was asked to act: its verdict says no signed permutation
+    explains the pair, or too few of its coordinates are identified (pass ``force=True``)."""
 
 
 class FixtureError(GaugeError, RuntimeError):

@@ -69,6 +69,7 @@ from .errors import (
     DestinationExistsError,
     DimensionMismatchError,
     FingerprintMismatchError,
+    GaugeFitError,
     GaugeNotFoundError,
     InvalidGaugeError,
 )
@@ -86,6 +87,8 @@ __all__ = [
     "load_gauge_files",
     "transport_record",
     "composed_metrics",
+    "EXACT_METHODS",
+    "DEFAULT_MIN_IDENTIFIED",
     "VERDICTS",
     "library_version",
     "FORMAT_VERSION",
@@ -102,7 +105,13 @@ GAUGE_WEIGHTS_NAME = "gauge.safetensors"
 GAUGE_CONFIG_NAME = "gauge_config.json"
 MODEL_CARD_NAME = "README.md"
 
-_TENSOR_NAMES = ("perm", "signs", "confidence", "margin")
+_TENSOR_NAMES = ("perm", "signs", "confidence", "margin", "identified")
+
+#: Methods whose gauges are exact by construction (nothing estimated): they count as fully identified.
+EXACT_METHODS = ("manual", "planted", "identity", "canonicalized", "rotation_config")
+
+#: Below this identified fraction an estimated gauge is refused unless forced (the documented default).
+DEFAULT_MIN_IDENTIFIED = 0.99
 
 #: What an estimate says about a pair: the charts coincide; they differ by the gauge; no signed
 #: permutation relates them (then the object is not a gauge and nothing acts on it unforced).
@@ -245,7 +254,8 @@ def _json_equal(a: Any, b: Any) -> bool:
         return a == b
 
 
-def _per_coordinate(x: Any, name: str, d: int) -> np.ndarray | None:
+def _coordinate_vector(x: Any, name: str, d: int) -> np.ndarray | None:
+    """``x`` (array or tensor) as a NumPy vector of ``d`` entries, or None."""
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
@@ -253,6 +263,13 @@ def _per_coordinate(x: Any, name: str, d: int) -> np.ndarray | None:
     a = np.asarray(x)
     if a.ndim != 1 or a.shape[0] != d:
         raise InvalidGaugeError(f"{name} must have shape [{d}], got {list(a.shape)}")
+    return a
+
+
+def _per_coordinate(x: Any, name: str, d: int) -> np.ndarray | None:
+    a = _coordinate_vector(x, name, d)
+    if a is None:
+        return None
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
         raise InvalidGaugeError(f"{name} must be numeric, got dtype {a.dtype}")
     a = a.astype(np.float32)
@@ -270,6 +287,37 @@ def _min_chain(first: np.ndarray | None, second_on_mid: np.ndarray | None, g1: S
     if pulled is None:
         return first
     return np.minimum(first, pulled)
+
+
+def _identified_array(x: Any, d: int) -> np.ndarray | None:
+    a = _coordinate_vector(x, "identified", d)
+    if a is None:
+        return None
+    if a.dtype != np.bool_:
+        if not np.all((a == 0) | (a == 1)):
+            raise InvalidGaugeError("identified must hold booleans")
+        a = a.astype(np.bool_)
+    a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+def _identified_chain(first: "Gauge", second: "Gauge") -> np.ndarray | None:
+    """Identified along ``first`` then ``second`` (per source coordinate of ``first``): both
+    links established; an exact link counts as established, an estimated link that recorded no
+    identification makes the path unknown (``None``)."""
+    def as_float(g: "Gauge") -> np.ndarray | None | str:
+        if g.identified is not None:
+            return g.identified.astype(np.float32)
+        return None if g.is_exact else "unknown"
+
+    a, b = as_float(first), as_float(second)
+    if isinstance(a, str) or isinstance(b, str):
+        return None
+    if a is None and b is None:
+        return None  # both exact
+    out = _min_chain(a, b, first.element)
+    return None if out is None else out > 0.5
 
 
 def _arrays_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -305,7 +353,8 @@ def _inverted_hop(h: Mapping[str, Any]) -> dict[str, Any]:
 _COMPOSED_ONLY = ("hop_verdicts", "weak_hops", "methods")
 
 
-def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, confidence: np.ndarray | None) -> dict[str, Any]:
+def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, confidence: np.ndarray | None,
+                     identified: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of a chain of hops: ``verdict`` (``no_signed_permutation`` if any hop has it,
     ``identity`` when the product is the identity, else
     ``signed_permutation``), ``num_hops``, ``methods``, ``hop_verdicts``, ``weak_hops``, the
@@ -332,6 +381,14 @@ def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, con
     if confidence is not None:
         out["min_confidence"] = float(confidence.min())
         out["mean_confidence"] = float(confidence.mean())
+    p_values = [_hop_metric(h, "p_value") for h in hops]
+    if all(p is not None for p in p_values) and p_values:
+        # every hop must hold: the composite's evidence is its weakest hop's (an intersection-union test)
+        out["p_value"] = float(max(p_values))
+        out["log10_p_value"] = float(max(_hop_metric(h, "log10_p_value") or math.log10(max(float(_hop_metric(h, "p_value")), 1e-300))
+                                         for h in hops))
+    if identified is not None:
+        out["identified_fraction"] = float(np.mean(identified))
     summary = (f"{verdict} composed over {len(hops)} hops: {int(np.sum(element.perm != np.arange(d)))}/{d} coordinates "
                f"move, {element.num_flips} flip")
     if confidence is not None:
@@ -344,18 +401,23 @@ def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, con
     return out
 
 
-def transport_record(gauge: "Gauge | SignedPermutation", *, object_model: str | None = None) -> dict[str, Any]:
+def transport_record(gauge: "Gauge | SignedPermutation", *, object_model: str | None = None,
+                     forced: bool = False) -> dict[str, Any]:
     """The one record a transported object (adapter, SAE, steering vector, probe, index set)
     keeps of the gauge that moved it: the element's sha256, ``dim``, ``num_flips``, the model the
     object named before (``object_model``) and, for a :class:`Gauge`, its ``method`` and both
-    ends (``model_id``, ``revision``, ``commit_hash``)."""
+    ends (``model_id``, ``revision``, ``commit_hash``), its verdict, p-value and identified
+    fraction; ``forced: true`` when a gauge that does not fit was used on request."""
     el = gauge.element if isinstance(gauge, Gauge) else gauge
     if not isinstance(el, SignedPermutation):
         raise TypeError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
     rec: dict[str, Any] = {"gauge_sha256": _element_sha256(el), "dim": el.dim, "num_flips": el.num_flips,
                            "object_model": object_model}
+    if forced:
+        rec["forced"] = True
     if isinstance(gauge, Gauge):
         rec["method"] = gauge.method
+        rec.update(verdict=gauge.verdict, p_value=gauge.p_value, identified_fraction=gauge.identified_fraction)
         for end in ("source", "target"):
             ref: ModelRef = getattr(gauge, end)
             rec[end] = {"model_id": ref.model_id, "revision": ref.revision, "commit_hash": ref.commit_hash}
@@ -384,6 +446,7 @@ class Gauge:
     metrics: dict[str, Any] = field(default_factory=dict)
     hops: list[dict[str, Any]] = field(default_factory=list)
     library_version: str = field(default_factory=library_version)
+    identified: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.element, SignedPermutation):
@@ -400,6 +463,7 @@ class Gauge:
             raise InvalidGaugeError("Gauge.method must be a non-empty string")
         self.confidence = _per_coordinate(self.confidence, "confidence", self.dim)
         self.margin = _per_coordinate(self.margin, "margin", self.dim)
+        self.identified = _identified_array(self.identified, self.dim)
         if not isinstance(self.metrics, Mapping):
             raise InvalidGaugeError(f"Gauge.metrics must be a dict, got {type(self.metrics).__name__}")
         self.metrics = dict(self.metrics)
@@ -450,6 +514,7 @@ class Gauge:
             and self.method == other.method
             and _arrays_equal(self.confidence, other.confidence)
             and _arrays_equal(self.margin, other.margin)
+            and _arrays_equal(self.identified, other.identified)
             and _json_equal(self.metrics, other.metrics)
             and _json_equal(self.hops, other.hops)
             and self.library_version == other.library_version
@@ -503,8 +568,10 @@ class Gauge:
         hops = other.hop_chain() + self.hop_chain()
         conf = _min_chain(other.confidence, self.confidence, other.element)
         marg = _min_chain(other.margin, self.margin, other.element)
+        ident = _identified_chain(other, self)
         return Gauge(element, source=other.source, target=self.target, method="composed",
-                     confidence=conf, margin=marg, metrics=composed_metrics(hops, element, conf), hops=hops)
+                     confidence=conf, margin=marg, identified=ident,
+                     metrics=composed_metrics(hops, element, conf, ident), hops=hops)
 
     def __matmul__(self, other: "Gauge | SignedPermutation") -> "Gauge":
         """``g2 @ g1`` = ``g2.compose(g1)`` (``g1`` first). A bare :class:`SignedPermutation`
@@ -527,9 +594,10 @@ class Gauge:
         g = self.element
         p = (lambda a: None if a is None else g.apply(a, signed=False))
         hops = [_inverted_hop(h) for h in reversed(self.hops)]
+        ident = None if self.identified is None else g.apply(self.identified.astype(np.int8), signed=False).astype(bool)
         return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
                      confidence=p(self.confidence), margin=p(self.margin), metrics=dict(self.metrics), hops=hops,
-                     library_version=self.library_version)
+                     library_version=self.library_version, identified=ident)
 
     # ------------------------------------------------------------------ attaching
     def check_attachable(
@@ -539,8 +607,10 @@ class Gauge:
         *,
         strict: bool = True,
         fingerprint: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Raise unless this gauge can act on ``model`` as its ``end`` chart.
+        force: bool = False,
+    ) -> bool:
+        """Raise unless this gauge can act on ``model`` as its ``end`` chart; returns whether a
+        gauge that does not fit was forced.
 
         ``model`` is a transformers model in memory, a checkpoint directory, or a config. The
         checks are the transform plan's (:meth:`hf_bdgauge.plan.TransformPlan.admit`): dimension,
@@ -559,10 +629,11 @@ class Gauge:
             if d != self.dim:
                 raise DimensionMismatchError(f"the gauge has dimension {self.dim} but the {end} model's hidden size is {d}")
             spec.check_element(self.element)
-            return
+            return self.check_fit(force=force)
         if fingerprint is not None:
             plan.fingerprint_of = lambda: dict(fingerprint)
-        plan.admit(self, end=end, strict=strict)
+        plan.admit(self, end=end, strict=strict, force=force)
+        return plan.forced
 
     # ------------------------------------------------------------------ description
     @property
@@ -572,15 +643,80 @@ class Gauge:
         v = self.metrics.get("verdict")
         return str(v) if v is not None else None
 
+    @property
+    def is_exact(self) -> bool:
+        """True when nothing was estimated: the gauge (every hop of it) was written by hand,
+        planted, canonicalized or read from a rotation config (:data:`EXACT_METHODS`)."""
+        if self.hops:
+            return all(h.get("method") in EXACT_METHODS or bool(_hop_metric(h, "exact")) for h in self.hops)
+        return self.method in EXACT_METHODS or bool(self.metrics.get("exact"))
+
+    @property
+    def p_value(self) -> float | None:
+        """The calibrated p-value against "no relation" (``None``: not estimated, or an older gauge)."""
+        v = self.metrics.get("p_value")
+        return None if v is None else float(v)
+
+    @property
+    def identified_fraction(self) -> float | None:
+        """The fraction of coordinates whose match is established: 1 for an exact gauge; the
+        estimate's (or the path's, for a composite) when it recorded one; ``None`` when unknown."""
+        if self.identified is not None:
+            return float(np.mean(self.identified))
+        if self.is_exact:
+            return 1.0
+        v = self.metrics.get("identified_fraction")
+        return None if v is None else float(v)
+
+    def check_fit(self, *, force: bool = False, min_identified: float = DEFAULT_MIN_IDENTIFIED, what: str = "") -> bool:
+        """Raise :class:`~hf_bdgauge.errors.GaugeFitError` unless this gauge may act on objects:
+        its verdict is not ``"no_signed_permutation"`` and its identified fraction is at least
+        ``min_identified`` (exact gauges count as fully identified; a gauge that predates the
+        identification is accepted with a warning). ``force=True`` logs the reason instead and
+        returns ``True`` (the caller records that it was forced); otherwise returns ``False``."""
+        problems = []
+        if self.verdict == "no_signed_permutation":
+            p = self.p_value
+            problems.append("its verdict is that no signed permutation explains the pair"
+                            + (f" (p = {p:.3g})" if p is not None else ""))
+        frac = self.identified_fraction
+        if frac is None:
+            if self.verdict != "no_signed_permutation":
+                logger.warning("the gauge %s records no identified fraction (estimated before hf_bdgauge identified "
+                               "coordinates); using it as it is", self.source.label())
+        elif frac < min_identified:
+            problems.append(f"only {frac:.1%} of its coordinates are identified (the default minimum is "
+                            f"{min_identified:.0%}: re-estimate with more text, compose local gauges along a trajectory, "
+                            "or lower min_identified)")
+        if not problems:
+            return False
+        msg = f"the gauge {self.source.label()} -> {self.target.label()} does not fit{f' {what}' if what else ''}: " + \
+            "; ".join(problems)
+        if force:
+            logger.warning("%s — used anyway because it was forced", msg)
+            return True
+        raise GaugeFitError(msg + "; pass force=True (CLI: --force) to use it anyway, the output then records it")
+
     def summary(self) -> str:
-        """A human-readable multi-line description, leading with the verdict: ends, size, flips,
-        method, fit, identity, hops; every metric, one per line."""
+        """A human-readable multi-line description, leading with the verdict, the calibrated
+        p-value and the identified fraction: ends, size, flips, method, fit, identity, hops;
+        every metric, one per line."""
         lines = [f"Gauge of dimension {self.dim}: {self.source.label()} -> {self.target.label()}"]
         verdict = self.verdict
+        p, frac = self.p_value, self.identified_fraction
+        tail = ""
+        if p is not None:
+            lp = self.metrics.get("log10_p_value")
+            tail += f"; p-value {p:.3g}" if p > 0 or lp is None else f"; p-value 10^{float(lp):.1f}"
+        if frac is not None:
+            tail += f"; {frac:.1%} of coordinates identified"
         if verdict == "no_signed_permutation":
-            lines.append("  verdict: NOT A GAUGE — no signed permutation explains this pair; do not transport with it")
+            lines.append("  verdict: NOT A GAUGE — no signed permutation explains this pair; do not transport with it"
+                         + tail)
         elif verdict is not None:
-            lines.append(f"  verdict: {verdict}")
+            lines.append(f"  verdict: {verdict}{tail}")
+        elif self.is_exact:
+            lines.append("  verdict: exact (planted or written by hand; nothing estimated)")
         lines.append(f"  method: {self.method}; library version {self.library_version}")
         if self.is_identity:
             lines.append("  identity: yes — the two charts coincide (a plain copy of adapters is already right)")
@@ -625,6 +761,7 @@ class Gauge:
                 "file": GAUGE_WEIGHTS_NAME,
                 "confidence": self.confidence is not None,
                 "margin": self.margin is not None,
+                "identified": self.identified is not None,
             },
         }
         if weights_sha256 is not None:
@@ -638,6 +775,8 @@ class Gauge:
             t["confidence"] = torch.from_numpy(np.array(self.confidence, dtype=np.float32))
         if self.margin is not None:
             t["margin"] = torch.from_numpy(np.array(self.margin, dtype=np.float32))
+        if self.identified is not None:
+            t["identified"] = torch.from_numpy(np.array(self.identified, dtype=np.bool_))
         return t
 
     def generate_model_card(self, **kwargs: Any):
@@ -833,14 +972,15 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
     element = SignedPermutation.from_tensors(tensors)  # validates dtypes, bijection, ±1
     extras: dict[str, np.ndarray | None] = {}
     declared = cfg["tensors"]
-    for name in ("confidence", "margin"):
+    for name, want in (("confidence", torch.float32), ("margin", torch.float32), ("identified", torch.bool)):
         t = tensors.get(name)
         if bool(declared.get(name, t is not None)) != (t is not None):
             raise InvalidGaugeError(f"{w_path}: the config says {name} is {'present' if declared.get(name) else 'absent'}, "
                                     f"the file disagrees")
         if t is not None:
-            if t.dtype != torch.float32:
-                raise InvalidGaugeError(f"{w_path}: {name} must be float32, got {str(t.dtype).replace('torch.', '')}")
+            if t.dtype != want:
+                raise InvalidGaugeError(f"{w_path}: {name} must be {str(want).replace('torch.', '')}, got "
+                                        f"{str(t.dtype).replace('torch.', '')}")
             if t.ndim != 1 or t.shape[0] != dim:
                 raise InvalidGaugeError(f"{w_path}: {name} must have shape [{dim}], got {list(t.shape)}")
         extras[name] = None if t is None else t.numpy()
@@ -865,6 +1005,7 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
         metrics=cfg["metrics"],
         hops=cfg["hops"],
         library_version=str(cfg.get("library_version") or "unknown"),
+        identified=extras["identified"],
     )
 
 

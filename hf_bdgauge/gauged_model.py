@@ -23,6 +23,7 @@ Otherwise it behaves like the wrapped model: ``__call__``/``forward``, ``generat
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -89,10 +90,13 @@ class GaugedModel:
     strict:
         Raise :class:`~hf_bdgauge.errors.FingerprintMismatchError` when the gauge's source
         fingerprint does not match the model (``False``: log a warning).
+    force:
+        Attach a gauge that does not fit (its verdict says no signed permutation explains the
+        pair, or too few coordinates are identified); :attr:`forced` then records it.
     """
 
     def __init__(self, model: torch.nn.Module, gauge: Gauge | SignedPermutation | None = None, *,
-                 model_ref: ModelRef | None = None, strict: bool = True) -> None:
+                 model_ref: ModelRef | None = None, strict: bool = True, force: bool = False) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"GaugedModel wraps a transformers model, got {type(model).__name__}")
         self._model = model
@@ -107,7 +111,7 @@ class GaugedModel:
         elif not isinstance(gauge, Gauge):
             raise TypeError(f"gauge must be a Gauge, a SignedPermutation or None, got {type(gauge).__name__}")
         try:
-            gauge.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint)
+            self.forced = gauge.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint, force=force)
         except FingerprintMismatchError as e:
             if gauge.target.fingerprint and not fingerprint_differences(gauge.target.fingerprint, ref.fingerprint):
                 raise FingerprintMismatchError(
@@ -126,6 +130,7 @@ class GaugedModel:
         gauge_revision: str | None = None,
         revision: str | None = None,
         strict: bool = True,
+        force: bool = False,
         trust_remote_code: bool = False,
         **from_pretrained_kwargs: Any,
     ) -> "GaugedModel":
@@ -168,7 +173,7 @@ class GaugedModel:
                        fingerprint=fp or model_fingerprint(model))
         g = cls._resolve_gauge(gauge, gauge_revision, model_id, revision=commit or revision, ckpt=ckpt,
                                hub_kwargs=hub_kwargs)
-        return cls(model, g, model_ref=ref, strict=strict)
+        return cls(model, g, model_ref=ref, strict=strict, force=force)
 
     @staticmethod
     def _resolve_gauge(gauge: Any, gauge_revision: str | None, model_id: str, *, revision: str | None,
@@ -250,7 +255,9 @@ class GaugedModel:
             return g.element.apply(obj, axis=-1)
         transport = getattr(obj, "transport", None)
         if callable(transport):
-            return transport(g)
+            # the gauge was admitted when it was attached (forced or not): objects move without asking again
+            takes_force = "force" in inspect.signature(transport).parameters
+            return transport(g, force=True) if takes_force else transport(g)
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
             return type(obj)(*(self._map(x, g) for x in obj))
         if isinstance(obj, (list, tuple)):

@@ -83,6 +83,8 @@ class TransformPlan:
     fingerprint_of: Callable[[], dict[str, Any]] | None = None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     dim_label: str = "hidden size {d}"
+    #: set by :meth:`admit`: whether the gauge it admitted did not fit and was forced
+    forced: bool = field(default=False, init=False)
     _fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,14 +162,19 @@ class TransformPlan:
         return self._fingerprint
 
     # ------------------------------------------------------------------ the gauge
-    def admit(self, gauge: "Gauge | SignedPermutation", *, end: End = "source", strict: bool = True) -> SignedPermutation:
+    def admit(self, gauge: "Gauge | SignedPermutation", *, end: End = "source", strict: bool = True,
+              force: bool = False) -> SignedPermutation:
         """Check that ``gauge`` may act on this object as its ``end`` chart and return its element.
 
         Checks, in order: the dimension; the object's symmetry rule (a signed gauge on a
         LayerNorm model raises :class:`~hf_bdgauge.errors.SignedGaugeNotAllowedError`); and,
         when the gauge records a fingerprint for ``end``, that this object matches it
         (:class:`~hf_bdgauge.errors.FingerprintMismatchError`; ``strict=False`` logs a warning
-        instead). A bare SignedPermutation records no ends, so only the first two apply.
+        instead); then the fit (:meth:`hf_bdgauge.gauge.Gauge.check_fit`: a gauge whose verdict says no
+        signed permutation fits, or whose identified fraction is below the default, raises
+        :class:`~hf_bdgauge.errors.GaugeFitError` unless ``force=True``, which sets :attr:`forced`
+        for the caller to record). A bare SignedPermutation records no ends and nothing estimated,
+        so only the first two apply.
         """
         if end not in ("source", "target"):
             raise ValueError(f"end must be 'source' or 'target', got {end!r}")
@@ -189,6 +196,8 @@ class TransformPlan:
                         f"{e} — it matches the gauge's {'target' if end == 'source' else 'source'} instead: use "
                         "gauge.inverse()") from e
                 raise
+        check_fit = getattr(gauge, "check_fit", None)
+        self.forced = bool(check_fit(force=force, what=f"to act on {self.what}")) if callable(check_fit) else False
         return g
 
     def transform(self, name: str, x: Any, g: SignedPermutation, **kwargs: Any) -> Any:

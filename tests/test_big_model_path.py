@@ -27,6 +27,7 @@ from hf_bdgauge.estimate import (
     iter_token_batches,
     residual_activations,
 )
+from hf_bdgauge.estimate.capture import sequence_masks
 from hf_bdgauge.estimate.stats import _FIELDS
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from tolerances import assert_close_rel
@@ -102,7 +103,8 @@ def test_estimate_gauge_from_directories_with_a_disk_device_map(pair):
     assert est.element == ref.element == pair["g"]
     # confidences are matched |correlations| (scale 1) stored in float32
     assert_close_rel(est.confidence, ref.confidence, rtol=1e-5, scale=1.0, what="confidence, disk map vs in memory")
-    assert est.metrics["tokens"] == ref.metrics["tokens"] == sum(int(b["attention_mask"].sum()) for b in pair["batches"])
+    n = sum(int(sum(h.sum() for h in sequence_masks(b["attention_mask"]))) for b in pair["batches"])
+    assert est.metrics["tokens"] == ref.metrics["tokens"] == n
 
 
 @pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
@@ -146,7 +148,8 @@ def _float64_reference(src, tgt, batches, layers) -> dict[int, dict[str, np.ndar
     acc: dict[int, dict[str, np.ndarray]] = {}
     for b in batches:
         hs, ht = residual_activations(src, b, layers), residual_activations(tgt, b, layers)
-        m = b["attention_mask"].reshape(-1).bool().numpy()
+        h0, h1 = sequence_masks(b["attention_mask"])  # what capture adds: no padding, no first tokens
+        m = (h0 | h1).reshape(-1).numpy()
         for k in layers:
             assert hs[k].dtype == ht[k].dtype == torch.bfloat16
             X = hs[k].reshape(-1, hs[k].shape[-1]).float().numpy().astype(np.float64)[m]

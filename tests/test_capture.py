@@ -106,7 +106,7 @@ def test_padding_is_excluded(stories):
     texts = ["Once upon a time there was a cat.", "Lily liked to play in the big green park with her dog Max."]
     padded = capture_pair_stats(model, model, texts, tokenizer=tok, batch_size=2, progress=False)
     single = capture_pair_stats(model, model, texts, tokenizer=tok, batch_size=1, progress=False)
-    n = sum(len(tok(t)["input_ids"]) for t in texts)
+    n = sum(len(tok(t)["input_ids"]) - 1 for t in texts)  # each sequence's first token is left out
     assert padded.n_tokens == single.n_tokens == n
     for k in padded.layers:
         a, b = padded[k].sum_xy.numpy(), single[k].sum_xy.numpy()
@@ -128,7 +128,7 @@ def test_planted_gauge_shows_in_the_statistics(stories):
     g = SignedPermutation.random(64, seed=4)
     apply_gauge(target, g)
     st = capture_pair_stats(model, target, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
-    assert st.layers == list(range(6)) and st.n_tokens == len(tok(STORIES260K_GREEDY_TEXT)["input_ids"])
+    assert st.layers == list(range(6)) and st.n_tokens == len(tok(STORIES260K_GREEDY_TEXT)["input_ids"]) - 1
     for k in st.layers:
         c = st[k].corr()
         matched = c[np.arange(64), g.perm]

@@ -30,6 +30,10 @@ from hf_bdgauge.testing import tiny_model
 from tolerances import assert_close_rel
 
 
+#: two sequences: the calibrated p-value selects on one and scores on the other
+TWO_TEXTS = [STORIES260K_GREEDY_TEXT, "Tom had a big red ball. He liked to throw it high in the sky and catch it."]
+
+
 @pytest.fixture(scope="module")
 def stories():
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -134,20 +138,24 @@ def test_recovers_planted_gauge_on_stories260k_exactly(stories, seed):
     tgt = _load(d)
     g = SignedPermutation.random(64, seed=seed)
     apply_gauge(tgt, g)
-    est = estimate_gauge(src, tgt, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
+    est = estimate_gauge(src, tgt, TWO_TEXTS, tokenizer=tok, progress=False)
     assert isinstance(est, Gauge) and est.method == "sign_marginalized"
     assert est.element.agreement(g) == {"perm_accuracy": 1.0, "signed_accuracy": 1.0}
     assert est.confidence.dtype == np.float32 and est.confidence.shape == (64,)
     assert est.confidence.min() > 0.999 and est.margin.min() > 0.05
     m = est.metrics
-    assert m["verdict"] == "signed_permutation"
-    assert m["tokens"] == len(tok(STORIES260K_GREEDY_TEXT)["input_ids"]) and m["layers"] == [0, 1, 2, 3, 4, 5]
+    assert m["verdict"] == "signed_permutation" and m["p_value"] < 1e-20 and est.identified_fraction == 1.0
+    # every sequence's context-free first token is left out of the statistics
+    assert m["tokens"] == sum(len(tok(t)["input_ids"]) - 1 for t in TWO_TEXTS) and m["layers"] == [0, 1, 2, 3, 4, 5]
     assert m["mean_matched_abs_corr"] > 0.999 and m["null_mean_matched_abs_corr"] < 0.6
     assert abs(m["identity_fit"]) < 0.1 and m["matched_fit"] > 0.999
     assert m["time_s"] > 0 and "signed permutation" in m["summary"]
     # the raw-signed baseline recovers at most the coordinates whose sign is +1
-    raw = estimate_gauge(src, tgt, [STORIES260K_GREEDY_TEXT], "signed", tokenizer=tok, progress=False)
-    assert raw.element.agreement(g)["perm_accuracy"] <= float(np.mean(g.signs == 1)) + 0.05
+    raw = estimate_gauge(src, tgt, TWO_TEXTS, "signed", tokenizer=tok, progress=False)
+    acc = raw.element.agreement(g)["perm_accuracy"]
+    assert acc <= float(np.mean(g.signs == 1)) + 0.05
+    # ... and says so: it identifies no more than it got right, never a good-looking full fit
+    assert raw.identified_fraction <= acc + 1e-9 and raw.identified_fraction < 0.9
 
 
 @pytest.mark.real
@@ -156,7 +164,7 @@ def test_estimate_from_checkpoint_directories(stories, tmp_path):
     d, _, _ = stories
     g = SignedPermutation.random(64, seed=21)
     dst = apply_gauge_to_checkpoint(d, g, tmp_path / "recharted", progress=False)
-    est = estimate_gauge(str(d), str(dst), [STORIES260K_GREEDY_TEXT], progress=False, layers=[0, 2, -1])
+    est = estimate_gauge(str(d), str(dst), TWO_TEXTS, progress=False, layers=[0, 2, -1])
     assert est.element == g
     assert est.source.model_id == str(d) and est.target.model_id == str(dst)
     assert est.metrics["layers"] == [0, 2, 5]
@@ -169,10 +177,10 @@ def test_fingerprints_by_default(stories, tmp_path):
     d, src, tok = stories
     g = SignedPermutation.random(64, seed=22)
     dst = apply_gauge_to_checkpoint(d, g, tmp_path / "recharted", progress=False)
-    plain = estimate_gauge(src, _load(dst), [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False, fingerprint=False)
+    plain = estimate_gauge(src, _load(dst), TWO_TEXTS, tokenizer=tok, progress=False, fingerprint=False)
     assert plain.source.fingerprint == {} and plain.target.fingerprint == {}
-    mem = estimate_gauge(src, _load(dst), [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
-    disk = estimate_gauge(str(d), str(dst), [STORIES260K_GREEDY_TEXT], progress=False, fingerprint=True)
+    mem = estimate_gauge(src, _load(dst), TWO_TEXTS, tokenizer=tok, progress=False)
+    disk = estimate_gauge(str(d), str(dst), TWO_TEXTS, progress=False, fingerprint=True)
     wts = estimate_gauge(str(d), str(dst), method="weights", progress=False, fingerprint=True)
     for est in (mem, disk, wts):
         assert est.element == g
@@ -197,7 +205,7 @@ def test_recovers_planted_gauge_on_tiny_models(model_type):
 @pytest.mark.real
 def test_verdict_identity_for_a_plain_copy(stories):
     _, src, tok = stories
-    est = estimate_gauge(src, src, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
+    est = estimate_gauge(src, src, TWO_TEXTS, tokenizer=tok, progress=False)
     assert est.element.is_identity
     assert est.metrics["verdict"] == "identity" and "plain copy" in est.metrics["summary"]
 
@@ -229,7 +237,7 @@ def test_pooling_choices(stories):
                 p.add_(p.std() * torch.randn(p.shape, generator=gen))
         g = SignedPermutation.random(64, seed=seed)
         apply_gauge(tgt, g)
-        st = capture_pair_stats(src, tgt, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
+        st = capture_pair_stats(src, tgt, TWO_TEXTS, tokenizer=tok, progress=False)
         for p in POOLINGS:
             acc[p].append(estimate_from_stats(st, pooling=p, null_draws=0).element.agreement(g)["signed_accuracy"])
     mean = {p: float(np.mean(v)) for p, v in acc.items()}

@@ -126,7 +126,9 @@ def test_sign_marginalized_recovers_the_gauge_exactly_from_the_shipped_texts(gem
             sign_marginalized_signed_accuracy=acc["signed_accuracy"],
             sign_marginalized_null=g.metrics["null_mean_matched_abs_corr"])
     assert 200 <= corpus_tokens <= 500, "a few hundred tokens of real text"
-    assert g.metrics["tokens"] == corpus_tokens  # every token, none padded in
+    windows = sum(-(-len(tok(t).input_ids) // 64) for t in CORPUS)
+    assert g.metrics["tokens"] == corpus_tokens - windows  # every token but each sequence's first, none padded in
+    assert g.metrics["p_value"] < 1e-20 and g.identified_fraction == 1.0
     assert g.element == planted and acc == {"perm_accuracy": 1.0, "signed_accuracy": 1.0}
     assert g.metrics["verdict"] == "signed_permutation"
     assert g.metrics["mean_matched_abs_corr"] > 0.999 and g.metrics["null_mean_matched_abs_corr"] < 0.5
@@ -134,20 +136,28 @@ def test_sign_marginalized_recovers_the_gauge_exactly_from_the_shipped_texts(gem
 
 
 def test_three_tokens_suffice_and_two_are_refused_as_uninformative(gemma, recharted, planted, record_property):
-    """With 2 tokens every centred correlation is ±1: the match equals the null and is refused;
-    from 3 tokens on (the ``<bos>`` and two words) the planted gauge comes back exactly."""
+    """With 2 tokens every centred correlation is ±1 and the match is arbitrary; from 3 tokens on
+    the planted gauge comes back exactly. The verdict needs evidence in both halves of the
+    statistics (sequences alternate between them): it says "no signed permutation" (p = 1,
+    uninformative) until each half holds 3 tokens, and "signed permutation" from then on."""
     model, tok = gemma
     rows = {}
     for n in TOKEN_SWEEP:
         g, seconds = _estimate(model, recharted, "sign_marginalized", data=CORPUS, tokenizer=tok, max_tokens=n)
         assert g.metrics["tokens"] == n
-        rows[n] = (g.element.agreement(planted)["signed_accuracy"], g.metrics["verdict"], seconds)
+        rows[n] = (g.element.agreement(planted)["signed_accuracy"], g.metrics["verdict"], min(g.metrics["half_tokens"]),
+                   g.metrics["p_value"], seconds)
     _report(record_property, **{f"tokens_{n}_signed_accuracy": r[0] for n, r in rows.items()},
             **{f"tokens_{n}_verdict": r[1] for n, r in rows.items()},
-            **{f"tokens_{n}_seconds": r[2] for n, r in rows.items()})
+            **{f"tokens_{n}_p_value": r[3] for n, r in rows.items()},
+            **{f"tokens_{n}_seconds": r[4] for n, r in rows.items()})
     assert rows[2][1] == "no_signed_permutation" and rows[2][0] < 0.05
     for n in TOKEN_SWEEP[1:]:
-        assert rows[n][:2] == (1.0, "signed_permutation"), (n, rows[n])
+        assert rows[n][0] == 1.0, (n, rows[n])
+    for n, (_, verdict, half, p, _) in rows.items():
+        if half < 3:
+            assert verdict == "no_signed_permutation" and p == 1.0, (n, rows[n])
+    assert rows[TOKEN_SWEEP[-1]][1] == "signed_permutation" and rows[TOKEN_SWEEP[-1]][3] < 1e-10
 
 
 @pytest.mark.parametrize("method", ["signed", "permutation"])

@@ -161,11 +161,12 @@ def test_all_reduce_single_process_gloo(tmp_path):
             assert m.n == ref[k][0]
             assert torch.equal(m.flatten(), ref[k][1])
         # the packing round-trips through a real collective: doubling by hand then reducing keeps it
-        flat = st[0].flatten() * 2
+        m0 = st[0]  # both halves merged (a copy)
+        flat = m0.flatten() * 2
         dist.all_reduce(flat)
-        st[0].unflatten_(flat)
-        assert st[0].n == 80
-        assert_product_close(st[0].sum_xy, 2 * torch.from_numpy(X.T @ Y), X.T, Y, factor=2.0, what="2·Σ x yᵀ")
+        m0.unflatten_(flat)
+        assert m0.n == 80
+        assert_product_close(m0.sum_xy, 2 * torch.from_numpy(X.T @ Y), X.T, Y, factor=2.0, what="2·Σ x yᵀ")
     finally:
         dist.destroy_process_group()
 

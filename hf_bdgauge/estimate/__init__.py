@@ -7,7 +7,8 @@
 * :mod:`~hf_bdgauge.estimate.matching`: sign-marginalised matching of activation statistics;
 * :mod:`~hf_bdgauge.estimate.weights`: data-free matching from the weights (``method="weights"``);
 * :mod:`~hf_bdgauge.estimate.api`: :func:`estimate_gauge`, the entry point;
-* :mod:`~hf_bdgauge.estimate.trajectory`: composing local gauges along training runs.
+* :mod:`~hf_bdgauge.estimate.trajectory`: composing local gauges along training runs;
+* :mod:`~hf_bdgauge.estimate.trace`: the derivation test (``trace``) and the per-layer drift report (``diff``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .matching import (
 )
 from .verdict import fit_metrics
 from .stats import CrossMoments, EstimationError, PairStats
+from .trace import LayerRow, TraceReport, diff, trace
 from .trajectory import (
     compose_gauges,
     compose_trajectory,
@@ -70,4 +72,8 @@ __all__ = [
     "random_orthogonal",
     "residual_activations",
     "weight_similarity",
+    "trace",
+    "diff",
+    "TraceReport",
+    "LayerRow",
 ]

@@ -22,6 +22,7 @@ from ..roles import spec_for_model
 from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
 from .matching import METHODS, estimate_from_stats
 from .stats import EstimationError
+from .verdict import CALIBRATION_DRAWS
 from .weights import estimate_gauge_from_weights
 
 __all__ = ["estimate_gauge"]
@@ -44,8 +45,9 @@ def estimate_gauge(
     max_tokens: int | None = None,
     pooling: str = "mean_abs",
     null_draws: int = 1,
+    calibration_draws: int = CALIBRATION_DRAWS,
     seed: int = 0,
-    min_excess: float = 0.05,
+    min_excess: float | None = None,
     identity_tol: float = 0.01,
     dtype: torch.dtype | None = None,
     device_map: Any = None,
@@ -71,7 +73,8 @@ def estimate_gauge(
     if method == "weights":
         return estimate_gauge_from_weights(
             source, target, source_revision=source_revision, target_revision=target_revision, null_draws=null_draws,
-            seed=seed, min_excess=min_excess, identity_tol=identity_tol, fingerprint=fingerprint, progress=progress,
+            calibration_draws=calibration_draws, seed=seed, min_excess=min_excess, identity_tol=identity_tol,
+            fingerprint=fingerprint, progress=progress,
             **weights_kwargs,
         )
     if weights_kwargs:
@@ -93,10 +96,10 @@ def estimate_gauge(
         tokenizer = load_tokenizer(tokenizer, src_dir, source_revision)
     stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tokenizer, layers=layers, batch_size=batch_size,
                                max_length=max_length, max_tokens=max_tokens, progress=progress,
-                               track_target_cov=null_draws > 0)  # Σyyᵀ only feeds the rotated null
+                               track_target_cov=True)  # Σyyᵀ feeds the calibrated p-value, whatever null_draws
     t_capture = time.perf_counter() - t0
-    g = estimate_from_stats(stats, method, pooling=pooling, null_draws=null_draws, seed=seed, min_excess=min_excess,
-                            identity_tol=identity_tol, source=src_ref, target=tgt_ref)
+    g = estimate_from_stats(stats, method, pooling=pooling, null_draws=null_draws, calibration_draws=calibration_draws,
+                            seed=seed, min_excess=min_excess, identity_tol=identity_tol, source=src_ref, target=tgt_ref)
     g.metrics["capture_time_s"] = t_capture
     g.metrics["time_s"] = time.perf_counter() - t0
     if requested != method:

@@ -40,6 +40,7 @@ from .stats import EstimationError, PairStats
 __all__ = [
     "TokenBatch",
     "capture_pair_stats",
+    "sequence_masks",
     "find_decoder_layers",
     "iter_token_batches",
     "load_causal_lm",
@@ -158,6 +159,24 @@ def residual_activations(model: torch.nn.Module, batch: TokenBatch, layers: Sequ
     return residual_states(model, batch, resolve_layers(layers, n))
 
 
+def sequence_masks(attention_mask: torch.Tensor, first_sequence: int = 0, *,
+                   skip_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(half-0 mask, half-1 mask)`` [B, T] of the tokens a batch adds to each half of the
+    statistics: the real (mask 1) tokens of the batch's sequences, sequence ``first_sequence + r``
+    going to half ``(first_sequence + r) % 2``; with ``skip_first`` the first real token of every
+    sequence is left out (it has no context: its residual depends on the token alone and repeats
+    across sequences — the attention sink — which would couple the halves)."""
+    mask = attention_mask.bool().clone()
+    if skip_first and mask.numel():
+        has = mask.any(1)
+        first = mask.int().argmax(1)
+        rows = torch.nonzero(has).squeeze(1)
+        mask[rows, first[rows]] = False
+    parity = (torch.arange(mask.shape[0]) + int(first_sequence)) % 2
+    h0 = mask & (parity == 0)[:, None]
+    return h0, mask & ~h0
+
+
 def capture_pair_stats(
     source: torch.nn.Module,
     target: torch.nn.Module,
@@ -172,18 +191,23 @@ def capture_pair_stats(
     stats: PairStats | None = None,
     product_dtype: torch.dtype | None = None,
     stats_device: torch.device | str | None = None,
+    skip_first: bool = True,
     progress: bool = True,
 ) -> PairStats:
     """Run ``source`` and ``target`` on the same token batches and accumulate, per layer, the
     sums of :class:`~hf_bdgauge.estimate.stats.PairStats` (padding positions excluded).
 
-    ``layers``: residual layer indices (0 = embedding output; default all ``0..L``), the same
-    for both models (they must have the same depth and width). ``max_tokens`` stops once that
-    many non-padding tokens have been seen. ``stats`` continues an existing accumulation.
+    Sequences alternate between the two halves of the statistics in the order they come (the
+    calibrated p-value selects on one half and scores on the other); with ``skip_first`` (default)
+    the first token of every sequence, which has no context, is left out (:func:`sequence_masks`).
+    ``layers``: residual layers (0 = embedding output; default all ``0..L``), the same for both
+    models (they must have the same depth and width). ``max_tokens`` stops once that many tokens
+    have entered the statistics. ``stats`` continues an existing accumulation.
     ``product_dtype`` sets the precision of the centred d×d products (default float32 for
     float32/bf16/fp16 models, float64 for float64 models; the running sums are float64 either
     way). ``stats_device`` keeps the sums on one device (default: where each layer ran, so a
-    GPU model's statistics stay on its GPU).
+    GPU model's statistics stay on its GPU). ``track_target_cov=False`` skips Σyyᵀ (then no
+    rotated null and no calibrated p-value can be computed).
     """
     n_s, n_t = num_residual_layers(source), num_residual_layers(target)
     if n_s != n_t:
@@ -196,35 +220,46 @@ def capture_pair_stats(
     if isinstance(data, torch.Tensor):
         total = -(-data.shape[0] // batch_size) if data.ndim == 2 else 1
     seen = 0
+    sequences = int(stats.meta.get("sequences", 0))
     bar = tqdm(batches, total=total, desc="capturing activations", unit="batch", disable=not progress)
     for batch in bar:
         if max_tokens is not None and seen >= max_tokens:
             break
-        mask = batch["attention_mask"].bool()
-        if max_tokens is not None and seen + int(mask.sum()) > max_tokens:
-            keep = max_tokens - seen  # trim the last batch to exactly max_tokens tokens
-            flat = mask.reshape(-1).clone()
-            idx = torch.nonzero(flat).squeeze(1)
-            flat[idx[keep:]] = False
-            mask = flat.view_as(mask)
+        halves = sequence_masks(batch["attention_mask"], sequences, skip_first=skip_first)
+        sequences += int(batch["attention_mask"].shape[0])
+        n_batch = int(halves[0].sum() + halves[1].sum())
+        if max_tokens is not None and seen + n_batch > max_tokens:
+            keep = max_tokens - seen  # trim the last batch to exactly max_tokens tokens (row-major order)
+            both = (halves[0] | halves[1]).reshape(-1)
+            idx = torch.nonzero(both).squeeze(1)
+            cut = torch.zeros_like(both)
+            cut[idx[:keep]] = True
+            cut = cut.view_as(halves[0])
+            halves = (halves[0] & cut, halves[1] & cut)
+            n_batch = keep
+        if n_batch == 0:
+            continue
         hs = residual_activations(source, batch, sel)
         ht = residual_activations(target, batch, sel)
-        m = mask.reshape(-1)
-        n_real = int(m.sum())
-        masks: dict[torch.device, torch.Tensor] = {}
-        for k in sel:
-            x = hs[k].reshape(-1, hs[k].shape[-1])
-            y = ht[k].reshape(-1, ht[k].shape[-1]).to(x.device)
-            if n_real < m.numel():  # drop padding (no copy when there is none)
+        for h, hm in enumerate(halves):
+            m = hm.reshape(-1)
+            if not bool(m.any()):
+                continue
+            masks: dict[torch.device, torch.Tensor] = {}
+            for k in sel:
+                x = hs[k].reshape(-1, hs[k].shape[-1])
+                y = ht[k].reshape(-1, ht[k].shape[-1]).to(x.device)
                 mk = masks.setdefault(x.device, m.to(x.device))
-                x, y = x[mk], y[mk]
-            stats.update(k, x, y, track_target_cov=track_target_cov, product_dtype=product_dtype, device=stats_device)
-        seen += n_real
+                stats.update(k, x[mk], y[mk], track_target_cov=track_target_cov, product_dtype=product_dtype,
+                             device=stats_device, half=h)
+        seen += n_batch
         bar.set_postfix(tokens=seen)
     bar.close()
     if seen == 0:
-        raise EstimationError("the data produced no tokens")
-    logger.info("captured %d tokens at %d layers", seen, len(sel))
+        raise EstimationError("the data produced no tokens" + (" (the first token of every sequence is left out: "
+                              "give sequences of at least 2 tokens)" if skip_first else ""))
+    stats.meta["sequences"] = sequences
+    logger.info("captured %d tokens at %d layers (halves: %s)", seen, len(sel), stats.half_tokens())
     return stats
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,7 +51,17 @@ from ..errors import DimensionMismatchError
 from ..gauge import VERDICTS, Gauge, ModelRef
 from .assignment import ACTIVATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
 from .stats import EstimationError, PairStats
-from .verdict import NULL_RESOLUTION, fit_metrics, log_verdict
+from .verdict import (
+    CALIBRATION_DRAWS,
+    MIN_TOKENS_PER_HALF,
+    NULL_RESOLUTION,
+    Calibration,
+    activation_parts,
+    calibrate,
+    fit_metrics,
+    log_verdict,
+    uninformative,
+)
 
 __all__ = [
     "ACTIVATION_METHODS",
@@ -61,6 +72,7 @@ __all__ = [
     "estimate_from_activations",
     "estimate_from_stats",
     "fit_metrics",
+    "calibrate_stats",
     "NULL_RESOLUTION",
     "hungarian",
     "match_scores",
@@ -96,6 +108,37 @@ def pooled_correlations(stats: PairStats, pooling: str = "mean_abs", rotation: n
     return A, S
 
 
+#: At most this many (evenly spaced) layers enter the calibration's rotations: its cost is
+#: draws × layers × O(d³), and the held-out statistic is valid on any subset of layers.
+CALIBRATION_LAYERS = 8
+
+
+def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tuple[np.ndarray, np.ndarray], *,
+                    pooling: str = "mean_abs", draws: int = CALIBRATION_DRAWS, seed: int = 0,
+                    max_layers: int | None = CALIBRATION_LAYERS) -> Calibration:
+    """The calibrated p-value and identification of an activation estimate
+    (:func:`hf_bdgauge.estimate.verdict.calibrate` on the two halves of ``stats``, over at most
+    ``max_layers`` evenly spaced layers; ``None``: all); uninformative (``p = 1``) when the
+    statistics are not split, a half holds fewer than
+    :data:`~hf_bdgauge.estimate.verdict.MIN_TOKENS_PER_HALF` tokens, or Σyyᵀ was not kept."""
+    d = stats.dims[0]
+    if max_layers is not None and len(stats) > max_layers:
+        keep = sorted({stats.layers[int(round(i))] for i in np.linspace(0, len(stats) - 1, max_layers)})
+        stats = stats.select(keep)
+        full_scores = pooled_correlations(stats, pooling)
+    if not stats.is_split:
+        return uninformative(d, "the statistics are not split into two halves (one sequence, or statistics saved "
+                                "before hf_bdgauge kept halves): no calibrated p-value")
+    n0, n1 = stats.half_tokens()
+    if min(n0, n1) < MIN_TOKENS_PER_HALF:
+        return uninformative(d, f"a half of the statistics holds {min(n0, n1)} token(s), fewer than "
+                                f"{MIN_TOKENS_PER_HALF}: the pair is uninformative")
+    if any(m.sum_yy is None for h in (0, 1) for m in stats.half(h).moments.values()):
+        return uninformative(d, "the statistics lack the target covariance (track_target_cov=False)")
+    parts = [activation_parts(stats.half(h), pooling) for h in (0, 1)]
+    return calibrate(parts[0], parts[1], method, element, full_scores, draws=draws, seed=seed)
+
+
 def estimate_from_stats(
     stats: PairStats,
     method: str = "sign_marginalized",
@@ -103,14 +146,21 @@ def estimate_from_stats(
     layers: Iterable[int] | None = None,
     pooling: str = "mean_abs",
     null_draws: int = 1,
+    calibration_draws: int = CALIBRATION_DRAWS,
     seed: int = 0,
-    min_excess: float = 0.05,
+    min_excess: float | None = None,
     identity_tol: float = 0.01,
     source: ModelRef | None = None,
     target: ModelRef | None = None,
 ) -> Gauge:
     """Match on captured statistics and return a :class:`~hf_bdgauge.gauge.Gauge` with
-    confidence, margin and fit metrics (null from ``null_draws`` random rotations, seeded)."""
+    confidence, margin, the calibrated p-value and identified coordinates
+    (:mod:`hf_bdgauge.estimate.verdict`, ``calibration_draws`` Haar rotations) and descriptive fit
+    metrics (a rotated null of ``null_draws`` draws; 0 skips it). ``min_excess`` is ignored (the
+    verdict comes from the p-value)."""
+    if min_excess is not None:
+        warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
+                      stacklevel=2)
     t0 = time.perf_counter()
     sel = stats.select(layers)
     dx, dy = sel.dims
@@ -128,11 +178,16 @@ def estimate_from_stats(
                 Q = random_orthogonal(dy, rng)
                 An, Sn = pooled_correlations(sel, pooling, rotation=Q)
                 nulls.append(match_scores(An, Sn, method).mean_matched)
-    metrics = fit_metrics(match, S, nulls, min_excess=min_excess, identity_tol=identity_tol)
+    t_cal = time.perf_counter()
+    cal = calibrate_stats(sel, method, match.element, (A, S), pooling=pooling, draws=calibration_draws, seed=seed)
+    metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol)
+    n0, n1 = sel.half_tokens()
     metrics.update(
         tokens=int(sel.n_tokens),
+        half_tokens=[int(n0), int(n1)],
         layers=sel.layers,
         pooling=pooling,
+        calibration_time_s=time.perf_counter() - t_cal,
         match_time_s=time.perf_counter() - t0,
     )
     metrics["time_s"] = metrics["match_time_s"]  # callers that also capture overwrite it with the total
@@ -144,6 +199,7 @@ def estimate_from_stats(
         method=method,
         confidence=match.confidence,
         margin=match.margin,
+        identified=cal.identified,
         metrics=metrics,
     )
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,9 @@ __all__ = ["STATS_FORMAT", "CrossMoments", "EstimationError", "PairStats"]
 
 logger = logging.getLogger(__name__)
 
-#: Version tag written into saved statistics files.
-STATS_FORMAT = "hf_bdgauge.pair_stats.v1"
+#: Version tag written into saved statistics files (v2: two halves; v1 files, unsplit, still load).
+STATS_FORMAT = "hf_bdgauge.pair_stats.v2"
+_STATS_FORMAT_V1 = "hf_bdgauge.pair_stats.v1"
 
 _FIELDS = ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy")
 
@@ -296,23 +297,57 @@ def _collective_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
-class PairStats:
-    """Per-layer :class:`CrossMoments` of a (source, target) pair on the same tokens.
+class _MergedMoments(Mapping):
+    """``layer -> CrossMoments`` of a :class:`PairStats`, both halves added on access (one layer
+    at a time, so the merged sums never all exist at once)."""
 
-    ``layers`` are integers in the capture convention (0 = embedding output, ``l`` = output of
-    decoder layer ``l``; see :mod:`hf_bdgauge.estimate.capture`). Pooling layers is a sum
-    (:meth:`pooled`); merging two statistics over disjoint token sets is ``a + b``.
+    def __init__(self, halves: tuple[dict[int, CrossMoments], dict[int, CrossMoments]]) -> None:
+        self._halves = halves
+
+    def __getitem__(self, layer: int) -> CrossMoments:
+        a, b = self._halves[0].get(layer), self._halves[1].get(layer)
+        if a is None and b is None:
+            raise KeyError(layer)
+        if a is None or b is None:
+            return a if b is None else b
+        return a + b
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(set(self._halves[0]) | set(self._halves[1])))
+
+    def __len__(self) -> int:
+        return len(set(self._halves[0]) | set(self._halves[1]))
+
+
+class PairStats:
+    """Per-layer :class:`CrossMoments` of a (source, target) pair on the same tokens, kept in two
+    **halves** over disjoint sets of sequences.
+
+    ``layers`` are residual layers (:mod:`hf_bdgauge.layers`: 0 = embedding output, ``ℓ`` =
+    output of block ``ℓ − 1``). The estimate uses both halves added (:attr:`moments`, merged one
+    layer at a time); the calibrated p-value and the per-coordinate identification of
+    :mod:`hf_bdgauge.estimate.verdict` select on one half and score on the other
+    (:meth:`half`). Sequences alternate between the halves in the order they are captured.
+    Pooling layers is a sum (:meth:`pooled`); merging statistics over disjoint token sets is
+    ``a + b`` (half by half); :meth:`all_reduce` does the same across processes.
     """
 
-    def __init__(self, moments: Mapping[int, CrossMoments] | None = None, meta: Mapping[str, Any] | None = None) -> None:
-        self.moments: dict[int, CrossMoments] = dict(sorted((int(k), v) for k, v in (moments or {}).items()))
+    def __init__(self, moments: Mapping[int, CrossMoments] | None = None, meta: Mapping[str, Any] | None = None, *,
+                 halves: tuple[Mapping[int, CrossMoments], Mapping[int, CrossMoments]] | None = None) -> None:
+        if halves is not None and moments:
+            raise EstimationError("pass moments (one unsplit set) or halves, not both")
+        h0, h1 = (halves if halves is not None else (moments or {}, {}))
+        self._halves: tuple[dict[int, CrossMoments], dict[int, CrossMoments]] = (
+            dict(sorted((int(k), v) for k, v in h0.items())), dict(sorted((int(k), v) for k, v in h1.items())))
         self.meta: dict[str, Any] = dict(meta or {})
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True) -> PairStats:
         """From paired activations: ``X``/``Y`` either single arrays [n, d] (layer 0) or
-        sequences (one [n_l, d] array per layer) or dicts ``layer -> array``."""
+        sequences (one [n_l, d] array per layer) or dicts ``layer -> array``. Rows are tokens in
+        order; the first half of the rows goes to half 0, the rest to half 1 (contiguous blocks, so
+        neighbouring, dependent tokens stay together)."""
         if isinstance(X, Mapping):
             if not isinstance(Y, Mapping) or set(X) != set(Y):
                 raise EstimationError("X and Y must be dicts with the same layers")
@@ -325,42 +360,68 @@ class PairStats:
             pairs = [(0, X, Y)]
         st = cls()
         for k, x, y in pairs:
-            st.update(k, x, y, track_target_cov=track_target_cov)
+            x, y = _as_2d(x, "X"), _as_2d(y, "Y")
+            cut = (x.shape[0] + 1) // 2
+            st.update(k, x[:cut], y[:cut], track_target_cov=track_target_cov, half=0)
+            if cut < x.shape[0]:
+                st.update(k, x[cut:], y[cut:], track_target_cov=track_target_cov, half=1)
         return st
 
     def update(self, layer: int, X: Any, Y: Any, *, track_target_cov: bool = True,
-               product_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        """Add paired activations of one layer (creating its sums on first use, on ``device``,
-        default the device of ``X``). See :meth:`CrossMoments.update` for ``product_dtype``."""
+               product_dtype: torch.dtype | None = None, device: torch.device | str | None = None, half: int = 0) -> None:
+        """Add paired activations of one layer to ``half`` (0 or 1), creating its sums on first
+        use, on ``device`` (default the device of ``X``). See :meth:`CrossMoments.update`."""
+        if half not in (0, 1):
+            raise EstimationError(f"half must be 0 or 1, got {half!r}")
         X, Y = _as_2d(X, "X"), _as_2d(Y, "Y")
-        m = self.moments.get(int(layer))
+        part = self._halves[half]
+        m = part.get(int(layer))
         if m is None:
             m = CrossMoments.zeros(X.shape[1], Y.shape[1], track_target_cov=track_target_cov,
                                    device=X.device if device is None else device)
-            self.moments[int(layer)] = m
-            self.moments = dict(sorted(self.moments.items()))
+            part[int(layer)] = m
+            self._halves = tuple(dict(sorted(h.items())) for h in self._halves)  # type: ignore[assignment]
         m.update(X, Y, product_dtype=product_dtype)
 
     def to(self, device: torch.device | str) -> PairStats:
         """All layers' sums moved to ``device`` (in place; returns ``self``)."""
-        self.moments = {k: m.to(device) for k, m in self.moments.items()}
+        self._halves = tuple({k: m.to(device) for k, m in h.items()} for h in self._halves)  # type: ignore[assignment]
         return self
 
     # ------------------------------------------------------------------ views
+    @property
+    def moments(self) -> Mapping[int, CrossMoments]:
+        """``layer -> CrossMoments`` of both halves added (merged on access, a layer at a time)."""
+        return _MergedMoments(self._halves)
+
+    @property
+    def is_split(self) -> bool:
+        """Whether both halves hold tokens (what the calibrated p-value needs)."""
+        return bool(self._halves[0]) and bool(self._halves[1])
+
+    def half(self, i: int) -> PairStats:
+        """Half ``i`` (0 or 1) alone, as unsplit statistics (sharing its sums)."""
+        return PairStats(self._halves[i], self.meta)
+
+    def half_tokens(self) -> tuple[int, int]:
+        """Tokens per layer in each half (the largest count over layers)."""
+        return tuple(max((m.n for m in h.values()), default=0) for h in self._halves)  # type: ignore[return-value]
+
     @property
     def layers(self) -> list[int]:
         return list(self.moments)
 
     @property
     def n_tokens(self) -> int:
-        """Tokens per layer (the largest count over layers)."""
-        return max((m.n for m in self.moments.values()), default=0)
+        """Tokens per layer (the largest count over layers, both halves)."""
+        return max((sum(h[k].n for h in self._halves if k in h) for k in self.layers), default=0)
 
     @property
     def dims(self) -> tuple[int, int]:
-        if not self.moments:
-            raise EstimationError("empty statistics: no layer has been captured")
-        return next(iter(self.moments.values())).dims
+        for h in self._halves:
+            if h:
+                return next(iter(h.values())).dims
+        raise EstimationError("empty statistics: no layer has been captured")
 
     def __getitem__(self, layer: int) -> CrossMoments:
         return self.moments[layer]
@@ -373,22 +434,22 @@ class PairStats:
         if layers is None:
             return self
         have = self.layers
-        out: dict[int, CrossMoments] = {}
+        keep: list[int] = []
         for k in layers:
             kk = have[k] if k < 0 and -len(have) <= k else k
-            if kk not in self.moments:
+            if kk not in have:
                 raise EstimationError(f"layer {k} was not captured; captured layers are {have}")
-            out[kk] = self.moments[kk]
-        return PairStats(out, self.meta)
+            keep.append(kk)
+        return PairStats(meta=self.meta, halves=tuple({k: h[k] for k in keep if k in h} for h in self._halves))
 
     def pooled(self, layers: Iterable[int] | None = None) -> CrossMoments:
         """Sum of the sums of ``layers`` (default all): every (layer, token) is one sample."""
         sel = self.select(layers)
-        if not sel.moments:
+        parts = [m for h in sel._halves for m in h.values()]
+        if not parts:
             raise EstimationError("no layers to pool")
-        it = iter(sel.moments.values())
-        out = next(it).copy()
-        for m in it:
+        out = parts[0].copy()
+        for m in parts[1:]:
             out += m
         return out
 
@@ -396,18 +457,19 @@ class PairStats:
     def __iadd__(self, other: PairStats) -> PairStats:
         if not isinstance(other, PairStats):
             return NotImplemented
-        for k, m in other.moments.items():
-            if k in self.moments:
-                self.moments[k] += m
-            else:
-                self.moments[k] = m.copy()
-        self.moments = dict(sorted(self.moments.items()))
+        for mine, theirs in zip(self._halves, other._halves):
+            for k, m in theirs.items():
+                if k in mine:
+                    mine[k] += m
+                else:
+                    mine[k] = m.copy()
+        self._halves = tuple(dict(sorted(h.items())) for h in self._halves)  # type: ignore[assignment]
         return self
 
     def __add__(self, other: PairStats) -> PairStats:
         if not isinstance(other, PairStats):
             return NotImplemented
-        out = PairStats({k: m.copy() for k, m in self.moments.items()}, self.meta)
+        out = PairStats(meta=self.meta, halves=tuple({k: m.copy() for k, m in h.items()} for h in self._halves))
         out += other
         return out
 
@@ -417,73 +479,82 @@ class PairStats:
         """Sum the statistics over every process of a ``torch.distributed`` group, in place.
 
         A no-op when ``torch.distributed`` is unavailable or not initialised. Every process
-        must hold the same layers with the same widths (capture the same ``layers`` everywhere).
-        Each layer's sums travel as one flat float64 tensor.
+        must hold the same layers, halves and widths (capture the same ``layers`` everywhere).
+        Each layer's sums of each half travel as one flat float64 tensor.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
         dev = _collective_device(group)
-        for m in self.moments.values():
-            flat = m.flatten().to(dev)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            m.unflatten_(flat)
+        for h in self._halves:
+            for m in h.values():
+                flat = m.flatten().to(dev)
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+                m.unflatten_(flat)
         logger.debug("all-reduced statistics of %d layers over %d processes", len(self), dist.get_world_size(group))
         return self
 
     # ------------------------------------------------------------------ persistence
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for k, m in self.moments.items():
-            out[f"layer{k}.n"] = torch.tensor([m.n], dtype=torch.int64)
-            for f in _FIELDS:
-                t = getattr(m, f)
-                if t is not None:
-                    out[f"layer{k}.{f}"] = t.detach().cpu().contiguous()
+        for i, h in enumerate(self._halves):
+            for k, m in h.items():
+                out[f"half{i}.layer{k}.n"] = torch.tensor([m.n], dtype=torch.int64)
+                for f in _FIELDS:
+                    t = getattr(m, f)
+                    if t is not None:
+                        out[f"half{i}.layer{k}.{f}"] = t.detach().cpu().contiguous()
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the sums to a safetensors file (metadata: format, layers, dims, ``meta``)."""
-        from safetensors.torch import save_file
+        """Write the sums to a safetensors file (metadata: format, layers per half, ``meta``)."""
+        from safetensors.torch import save as safetensors_save
 
-        path = Path(path)
-        meta = {"format": STATS_FORMAT, "layers": json.dumps(self.layers), "meta": json.dumps(self.meta, default=str)}
-        save_file(self.to_tensors(), str(path), metadata=meta)
-        return path
+        from ..files import atomic_write_bytes
+
+        meta = {"format": STATS_FORMAT, "halves": json.dumps([list(h) for h in self._halves]),
+                "meta": json.dumps(self.meta, default=str)}
+        return atomic_write_bytes(path, safetensors_save(self.to_tensors(), metadata=meta), overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PairStats:
-        """Read statistics written by :meth:`save` (safetensors only; shapes are validated)."""
+        """Read statistics written by :meth:`save` (safetensors only; shapes are validated).
+        Files of format v1 (unsplit) load as one half."""
         from safetensors import safe_open
 
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 md = f.metadata() or {}
-                if md.get("format") != STATS_FORMAT:
-                    raise CheckpointError(f"{path} is not a hf_bdgauge statistics file (format {md.get('format')!r})")
-                layers = [int(k) for k in json.loads(md["layers"])]
+                fmt = md.get("format")
+                if fmt == _STATS_FORMAT_V1:
+                    spec = [(i, k, f"layer{k}") for i, ks in enumerate([json.loads(md["layers"]), []]) for k in ks]
+                elif fmt == STATS_FORMAT:
+                    spec = [(i, k, f"half{i}.layer{k}") for i, ks in enumerate(json.loads(md["halves"])) for k in ks]
+                else:
+                    raise CheckpointError(f"{path} is not a hf_bdgauge statistics file (format {fmt!r})")
                 meta = json.loads(md.get("meta", "{}"))
                 names = set(f.keys())
-                moments: dict[int, CrossMoments] = {}
-                for k in layers:
-                    vals = {fld: f.get_tensor(f"layer{k}.{fld}") if f"layer{k}.{fld}" in names else None for fld in _FIELDS}
+                halves: tuple[dict[int, CrossMoments], dict[int, CrossMoments]] = ({}, {})
+                for i, k, prefix in spec:
+                    vals = {fld: f.get_tensor(f"{prefix}.{fld}") if f"{prefix}.{fld}" in names else None for fld in _FIELDS}
                     if any(vals[fld] is None for fld in _FIELDS[:-1]):
                         raise CheckpointError(f"{path}: layer {k} is missing some of its sums")
-                    m = CrossMoments(int(f.get_tensor(f"layer{k}.n")[0]), **{k2: None if v is None else v.to(torch.float64) for k2, v in vals.items()})
+                    m = CrossMoments(int(f.get_tensor(f"{prefix}.n")[0]),
+                                     **{k2: None if v is None else v.to(torch.float64) for k2, v in vals.items()})
                     dx, dy = m.dims
                     shapes_ok = (m.sum_x2.shape == (dx,) and m.sum_y2.shape == (dy,) and m.sum_xy.shape == (dx, dy)
                                  and (m.sum_yy is None or m.sum_yy.shape == (dy, dy)))
                     if not shapes_ok:
                         raise CheckpointError(f"{path}: layer {k} has inconsistent shapes")
-                    moments[k] = m
+                    halves[i][int(k)] = m
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises several types for corrupt files
             raise CheckpointError(f"cannot read statistics from {path}: {e}") from e
-        return cls(moments, meta)
+        return cls(meta=meta, halves=halves)
 
     def __repr__(self) -> str:
-        dims = self.dims if self.moments else None
-        return f"PairStats(layers={self.layers}, tokens={self.n_tokens}, dims={dims})"
+        dims = self.dims if self.layers else None
+        return f"PairStats(layers={self.layers}, tokens={self.n_tokens} {self.half_tokens()}, dims={dims})"

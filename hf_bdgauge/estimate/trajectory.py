@@ -84,7 +84,8 @@ def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None, check:
     if len(gauges) == 1:  # one link: still a chain (of one hop), reported like any composite
         hops = total.hop_chain()
         total = Gauge(total.element, source=total.source, target=total.target, confidence=total.confidence,
-                      margin=total.margin, metrics=composed_metrics(hops, total.element, total.confidence), hops=hops)
+                      margin=total.margin, identified=total.identified,
+                      metrics=composed_metrics(hops, total.element, total.confidence, total.identified), hops=hops)
     name = method or gauges[0].method
     total.method = name if name.startswith("trajectory") else f"trajectory[{name}]"
     return total

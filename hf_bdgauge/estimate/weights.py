@@ -46,8 +46,9 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ from ..rules import Role, TensorRule
 from .assignment import match_scores, random_orthogonal
 from .capture import model_ref
 from .stats import EstimationError
-from .verdict import fit_metrics, log_verdict
+from .verdict import CALIBRATION_DRAWS, calibrate, fit_metrics, log_verdict, uninformative, weight_parts
 
 __all__ = ["TENSOR_WEIGHTINGS", "WeightSimilarity", "estimate_gauge_from_weights", "weight_similarity"]
 
@@ -142,10 +143,21 @@ class WeightSimilarity:
     tgt_gain_gram: np.ndarray | None
     allows_signs: bool = True
     tensors: list[str] = field(default_factory=list)
+    #: the two tensor-halves (even / odd tensors in name order) whose sum this is, when kept
+    halves: tuple["WeightSimilarity", "WeightSimilarity"] | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
         return int(self.signed_num.shape[0])
+
+    def __add__(self, other: "WeightSimilarity") -> "WeightSimilarity":
+        """The similarity of both tensor sets (sums add exactly)."""
+        add = lambda a, b: None if a is None or b is None else a + b  # noqa: E731
+        return WeightSimilarity(self.signed_num + other.signed_num, self.gain_num + other.gain_num,
+                                self.src_sq + other.src_sq, self.tgt_sq + other.tgt_sq,
+                                self.src_gain_sq + other.src_gain_sq, self.tgt_gain_sq + other.tgt_gain_sq,
+                                add(self.tgt_gram, other.tgt_gram), add(self.tgt_gain_gram, other.tgt_gain_gram),
+                                allows_signs=self.allows_signs, tensors=self.tensors + other.tensors)
 
     def scores(self, rotation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(A, S, M)``: sign-marginalised and plain (+1 sign) cosine of the signatures, and the
@@ -261,6 +273,7 @@ def weight_similarity(
     block_elements: int = 1 << 24,
     fingerprint: bool = False,
     progress: bool = True,
+    select: Callable[[str], bool] | None = None,
 ) -> tuple[WeightSimilarity, ModelRef, ModelRef]:
     """Accumulate the signature similarity of two models (modules, checkpoint dirs or Hub ids).
 
@@ -268,6 +281,7 @@ def weight_similarity(
     float32), whose products run in ``compute_dtype`` on ``device`` (default CPU), summed over a
     tensor's blocks in ``compute_dtype`` (float32 at least) and over tensors in float64. Returns the
     :class:`WeightSimilarity` and both ModelRefs (fingerprinted when ``fingerprint=True``).
+    ``select(name)`` keeps only some tensors (e.g. one decoder block's, for a per-layer report).
     """
     if tensor_weighting not in TENSOR_WEIGHTINGS:
         raise EstimationError(f"unknown tensor_weighting {tensor_weighting!r}; choose one of {TENSOR_WEIGHTINGS}")
@@ -278,11 +292,23 @@ def weight_similarity(
         src = _open(source, source_revision, stack, fingerprint)
         tgt = _open(target, target_revision, stack, fingerprint)
         plan, d = _plan(src, tgt)
+        if select is not None:
+            plan = [(n, r) for n, r in plan if select(n)]
+            if not plan:
+                raise EstimationError("no tensor that carries residual coordinates was selected")
         z = lambda *s: torch.zeros(s, dtype=f64, device=dev)
-        signed_num, gain_num, src_sq, tgt_sq, src_gain_sq, tgt_gain_sq = z(d, d), z(d, d), z(d), z(d), z(d), z(d)
-        tgt_gram, tgt_gain_gram = (z(d, d), z(d, d)) if track_target_gram else (None, None)
-        used: list[str] = []
-        for name, rule in tqdm(plan, desc="weight signatures", unit="tensor", disable=not progress):
+
+        def zeros() -> dict[str, Any]:
+            acc = dict(signed_num=z(d, d), gain_num=z(d, d), src_sq=z(d), tgt_sq=z(d), src_gain_sq=z(d),
+                       tgt_gain_sq=z(d), tgt_gram=None, tgt_gain_gram=None, tensors=[])
+            if track_target_gram:
+                acc.update(tgt_gram=z(d, d), tgt_gain_gram=z(d, d))
+            return acc
+
+        halves = (zeros(), zeros())  # the even and the odd tensors in name order (the calibrated p-value's halves)
+        plan = sorted(plan, key=lambda nr: nr[0])
+        for position, (name, rule) in enumerate(tqdm(plan, desc="weight signatures", unit="tensor", disable=not progress)):
+            acc = halves[position % 2]
             gain = rule.role is Role.GAIN
             if gain and not include_gains:
                 continue
@@ -315,17 +341,18 @@ def weight_similarity(
                 if ta == 0 or tb == 0:
                     continue
                 fa, fb = (d / ta) ** 0.5, (d / tb) ** 0.5
-            (gain_num if gain else signed_num).add_(M, alpha=fa * fb)
-            (src_gain_sq if gain else src_sq).add_(na, alpha=fa * fa)
-            (tgt_gain_sq if gain else tgt_sq).add_(nb, alpha=fb * fb)
+            acc["gain_num" if gain else "signed_num"].add_(M, alpha=fa * fb)
+            acc["src_gain_sq" if gain else "src_sq"].add_(na, alpha=fa * fa)
+            acc["tgt_gain_sq" if gain else "tgt_sq"].add_(nb, alpha=fb * fb)
             if K is not None:
-                (tgt_gain_gram if gain else tgt_gram).add_(K, alpha=fb * fb)
-            used.append(name)
+                acc["tgt_gain_gram" if gain else "tgt_gram"].add_(K, alpha=fb * fb)
+            acc["tensors"].append(name)
             del M, K
-    np_ = lambda t: None if t is None else t.cpu().numpy()
-    sim = WeightSimilarity(np_(signed_num), np_(gain_num), np_(src_sq), np_(tgt_sq), np_(src_gain_sq),
-                           np_(tgt_gain_sq), np_(tgt_gram), np_(tgt_gain_gram), allows_signs=src.spec.allows_signs,
-                           tensors=used)
+    np_ = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
+    parts = tuple(WeightSimilarity(**{k: (v if k == "tensors" else np_(v)) for k, v in h.items()},
+                                   allows_signs=src.spec.allows_signs) for h in halves)
+    sim = parts[0] + parts[1]
+    sim.halves = parts  # type: ignore[assignment]
     return sim, src.ref, tgt.ref
 
 
@@ -341,8 +368,9 @@ def estimate_gauge_from_weights(
     device: torch.device | str | None = None,
     block_elements: int = 1 << 24,
     null_draws: int = 1,
+    calibration_draws: int = CALIBRATION_DRAWS,
     seed: int = 0,
-    min_excess: float = 0.05,
+    min_excess: float | None = None,
     identity_tol: float = 0.01,
     fingerprint: bool = True,
     progress: bool = True,
@@ -352,14 +380,20 @@ def estimate_gauge_from_weights(
     ``source``/``target``: loaded models, local checkpoint directories or Hub ids (safetensors,
     streamed tensor by tensor). Returns a :class:`~hf_bdgauge.gauge.Gauge` with ``method="weights"``,
     ``confidence`` = matched sign-marginalised cosine, ``margin`` to the runner-up, and the same
-    fit metrics and verdict as the activation methods (statistic: mean matched |cos|).
-    ``device`` runs the products there (e.g. ``"cuda"``); ``block_elements`` bounds how much of a
-    tensor is in memory at once (see :func:`weight_similarity`).
+    calibrated p-value, identified coordinates and verdict as the activation methods
+    (:mod:`hf_bdgauge.estimate.verdict`: the halves are the even and the odd tensors in name order;
+    ``calibration_draws`` Haar rotations of the target's signatures). ``null_draws`` sets the
+    descriptive rotated null (0 skips it). ``device`` runs the products there (e.g. ``"cuda"``);
+    ``block_elements`` bounds how much of a tensor is in memory at once (see
+    :func:`weight_similarity`). ``min_excess`` is ignored.
     """
+    if min_excess is not None:
+        warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
+                      stacklevel=2)
     t0 = time.perf_counter()
     sim, src_ref, tgt_ref = weight_similarity(
         source, target, source_revision=source_revision, target_revision=target_revision,
-        tensor_weighting=tensor_weighting, include_gains=include_gains, track_target_gram=null_draws > 0,
+        tensor_weighting=tensor_weighting, include_gains=include_gains, track_target_gram=True,
         compute_dtype=compute_dtype, device=device, block_elements=block_elements, fingerprint=fingerprint,
         progress=progress,
     )
@@ -372,11 +406,19 @@ def estimate_gauge_from_weights(
     for _ in range(null_draws):
         An, Sn, Mn = sim.scores(random_orthogonal(sim.dim, rng))
         nulls.append(match_scores(An, Sn, how, sign_source=Mn).mean_matched)
-    metrics = fit_metrics(match, S, nulls, min_excess=min_excess, identity_tol=identity_tol, what="cos",
+    t_cal = time.perf_counter()
+    halves = sim.halves
+    if halves is None or not halves[0].tensors or not halves[1].tensors:
+        cal = uninformative(sim.dim, "fewer than two tensors carry residual coordinates: no calibrated p-value")
+    else:
+        cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), how, match.element, (A, M),
+                        draws=calibration_draws, seed=seed)
+    metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol, what="cos",
                           matched_fit=sim.fit(match.element))
     metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=tensor_weighting,
-                   similarity_time_s=t_sim, time_s=time.perf_counter() - t0)
+                   similarity_time_s=t_sim, calibration_time_s=time.perf_counter() - t_cal,
+                   time_s=time.perf_counter() - t0)
     metrics["summary"] += f" (data-free, {len(sim.tensors)} tensors, {metrics['time_s']:.2f} s)"
     log_verdict(metrics)
     return Gauge(element=match.element, source=src_ref, target=tgt_ref, method="weights",
-                 confidence=match.confidence, margin=match.margin, metrics=metrics)
+                 confidence=match.confidence, margin=match.margin, identified=cal.identified, metrics=metrics)

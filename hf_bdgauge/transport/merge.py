@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 MERGE_METHODS = ("linear", "task_arithmetic")
 
 
-def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], reference: TransformPlan) -> list[SignedPermutation | None]:
+def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], reference: TransformPlan,
+              force: bool = False) -> list[SignedPermutation | None]:
     """Each gauge admitted by its model's plan (source end) and by the reference's (target end):
     dimension, the family's symmetry rule and, where recorded, both ends' fingerprints."""
     n = len(plans)
@@ -64,8 +65,8 @@ def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], refe
     for i, (g, plan) in enumerate(zip(gauges, plans)):
         el = None
         if g is not None:
-            el = plan.admit(g, end="source")
-            reference.admit(g, end="target")
+            el = plan.admit(g, end="source", force=force)
+            reference.admit(g, end="target", force=force)
         out.append(None if el is None or el.is_identity else el)
     if gauges[0] is not None and out[0] is not None:
         raise TransportError("gauges[0] must be None or the identity: the first model's chart is the reference chart")
@@ -136,6 +137,7 @@ def merge_models(
     base: torch.nn.Module | None = None,
     base_gauge: Gauge | SignedPermutation | None = None,
     spec: ArchitectureSpec | None = None,
+    force: bool = False,
 ) -> torch.nn.Module:
     """Merge transformers models of one family into the first model's chart; returns a new model.
 
@@ -157,8 +159,8 @@ def merge_models(
     base_plan = TransformPlan.for_model(base, spec=spec, names=base_named, what="base") if base is not None else None
     if base_plan is not None:
         _same_layout([plans[0], base_plan], "models[0] and base")
-    gs = _elements(gauges, plans, plans[0])
-    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0])[1] if base_plan is not None else None
+    gs = _elements(gauges, plans, plans[0], force)
+    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1] if base_plan is not None else None
     ws = _weights(weights, len(models))
     rules = plans[0].rules
 
@@ -198,6 +200,7 @@ def merge_checkpoints(
     revisions: Sequence[str | None] | None = None,
     base_revision: str | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """:func:`merge_models` on safetensors checkpoint directories (or Hub ids), without
     instantiating models; the result has the first checkpoint's shard layout, config and
@@ -216,8 +219,8 @@ def merge_checkpoints(
     plans = [TransformPlan.for_checkpoint(x, what=f"checkpoint {i} ({x})") for i, x in enumerate(dirs)]
     base_plan = TransformPlan.for_checkpoint(bdir, what=f"base checkpoint ({bdir})") if bdir is not None else None
     _same_layout(plans + ([base_plan] if base_plan else []), "merge_checkpoints")
-    gs = _elements(gauges, plans, plans[0])
-    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0])[1] if base_plan is not None else None
+    gs = _elements(gauges, plans, plans[0], force)
+    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1] if base_plan is not None else None
     ws = _weights(weights, len(dirs))
     rules = plans[0].rules
     indexes = [{n: (ti.shard, list(ti.shape)) for n, ti in p.tensors.items()} for p in plans + ([base_plan] if base_plan else [])]

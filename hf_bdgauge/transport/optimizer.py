@@ -121,6 +121,8 @@ def transport_optimizer_state(
     params: torch.nn.Module | Sequence[str],
     gauge: Gauge | SignedPermutation,
     spec: ArchitectureSpec | None = None,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Return ``state_dict`` (from ``optimizer.state_dict()``) moved into the gauge's target chart.
 
@@ -155,7 +157,7 @@ def transport_optimizer_state(
     shapes = {n: tuple(p.shape) for n, p in params.named_parameters()} if isinstance(params, torch.nn.Module) else {}
     plan = TransformPlan.for_tensors({n: shapes[n] for n in names if n in shapes}, rules, d, spec=spec,
                                      what="the optimizer's model")
-    g = plan.admit(gauge)
+    g = plan.admit(gauge, force=force)
     plan: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
     for pid, entries in state_dict["state"].items():
         name = id_to_name.get(int(pid))
@@ -210,7 +212,7 @@ def _cli_run(args: Any, gauge: Gauge) -> Path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-state files
         raise CheckpointError(f"cannot read optimizer state from {path} (torch.load, weights_only=True): {e}") from e
-    moved = transport_optimizer_state(state, model, gauge)
+    moved = transport_optimizer_state(state, model, gauge, force=args.force)
     buf = io.BytesIO()
     torch.save(moved, buf)
     return atomic_write_bytes(args.dst, buf.getvalue(), overwrite=args.overwrite)

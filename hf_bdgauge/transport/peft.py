@@ -50,7 +50,8 @@ from ..errors import CheckpointError, HubError, TransportError, UnsupportedArchi
 from ..files import atomic_directory, read_json_object
 from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
-from ..hub import hub_file, is_local, resolve_dir
+from ..fingerprint import check_fingerprint, model_fingerprint
+from ..hub import cached_snapshot, hub_file, is_local, resolve_dir
 from ..plan import TransformPlan
 from ..roles import (
     ArchitectureSpec,
@@ -283,6 +284,7 @@ def transport_adapter_state_dict(
     spec: ArchitectureSpec,
     *,
     fan_in_fan_out: bool = False,
+    force: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Move every tensor of a PEFT adapter state dict (saved or in-memory names) to the target
     chart; returns a new dict (tensors of role NONE are the input objects).
@@ -292,7 +294,7 @@ def transport_adapter_state_dict(
     """
     g = gauge.element if isinstance(gauge, Gauge) else gauge
     plan = adapter_plan(state_dict, spec, g.dim, fan_in_fan_out=fan_in_fan_out)
-    g = plan.admit(gauge)
+    g = plan.admit(gauge, force=force)
     return {n: plan.transform(n, t, g) for n, t in state_dict.items()}
 
 
@@ -425,6 +427,27 @@ def _base_config_from_adapter(adapter_cfg: Mapping[str, Any], gauge: Any) -> Any
     )
 
 
+def _check_adapter_base(adapter_cfg: Mapping[str, Any], gauge: Any) -> None:
+    """An adapter whose base is reachable (a local directory, or a Hub snapshot already in the
+    cache) is fingerprinted against the gauge's source; a mismatch is an error. An unreachable
+    base, or a gauge that recorded no source fingerprint, is only compared by name (a warning)."""
+    if not isinstance(gauge, Gauge):
+        return
+    base = adapter_cfg.get("base_model_name_or_path")
+    expected = gauge.source.fingerprint
+    if not base:
+        return
+    where: Path | None = Path(base) if Path(base).is_dir() else (None if is_local(base) else
+                                                               cached_snapshot(str(base), adapter_cfg.get("revision")))
+    if where is not None and expected and (where / "config.json").is_file():
+        check_fingerprint(expected, model_fingerprint(where),
+                          what=f"base model {base!r} the adapter was trained on (the gauge's source)")
+        return
+    if gauge.source.model_id and base != gauge.source.model_id:
+        logger.warning("the adapter names base %r, which cannot be fingerprinted here, and the gauge's source is %r; "
+                       "transporting anyway", base, gauge.source.model_id)
+
+
 def _update_model_card(path: Path, base: str | None) -> None:
     """Point the copied model card's ``base_model`` metadata at the target (best effort)."""
     if not base:
@@ -452,6 +475,7 @@ def transport_adapter(
     revision: str | None = None,
     subfolder: str | None = None,
     overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Transport a PEFT LoRA adapter trained on the gauge's source base onto its target base.
 
@@ -483,7 +507,8 @@ def transport_adapter(
     spec, d = _spec_from_config_like(base_config if base_config is not None else _base_config_from_adapter(cfg, gauge))
     plan = adapter_plan(tensors, spec, d, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
                         what=f"the adapter {adapter_dir_or_repo}")
-    g = plan.admit(gauge)
+    _check_adapter_base(cfg, gauge)
+    g = plan.admit(gauge, force=force)
     moved = {n: plan.transform(n, t, g) for n, t in tensors.items()}
 
     new_cfg = dict(cfg)
@@ -497,16 +522,11 @@ def transport_adapter(
     else:
         new_cfg["base_model_name_or_path"] = str(new_base)
         new_cfg["revision"] = new_rev
-    if isinstance(gauge, Gauge) and gauge.source.model_id and cfg.get("base_model_name_or_path") not in (
-        None, "", gauge.source.model_id
-    ):
-        logger.warning("the adapter names base %r but the gauge's source is %r; transporting anyway",
-                       cfg.get("base_model_name_or_path"), gauge.source.model_id)
 
     meta = {k: str(v) for k, v in meta.items()}
     meta.setdefault("format", "pt")
     meta["hf_bdgauge_transport"] = json.dumps(
-        {**transport_record(gauge), "source_base": cfg.get("base_model_name_or_path"),
+        {**transport_record(gauge, forced=plan.forced), "source_base": cfg.get("base_model_name_or_path"),
          "target_base": new_cfg.get("base_model_name_or_path")}, sort_keys=True)
 
     from safetensors.torch import save_file
@@ -544,6 +564,7 @@ def transport_peft_model(
     *,
     include_base: bool,
     adapter_names: Iterable[str] | None = None,
+    force: bool = False,
 ) -> "PeftModel":
     """Re-chart a ``PeftModel`` in memory, in place; returns it.
 
@@ -599,7 +620,7 @@ def transport_peft_model(
     flat = {n: t for grp in groups.values() for n, t in grp.items()}
     plan = TransformPlan.for_model(base, spec=spec, names=flat, rules=rules, what=f"PeftModel ({spec.name})")
     plan.fingerprint_of = None  # PEFT wraps the base's tensor names; the adapter itself has no fingerprint
-    g = plan.admit(gauge)
+    g = plan.admit(gauge, force=force)
     moved = 0
     for n, t in flat.items():
         if rules[n].role is not Role.NONE:
@@ -623,7 +644,7 @@ def transport_peft_model(
 def _cli_run(args: Any, gauge: Gauge) -> Path:
     return transport_adapter(args.src, gauge, args.dst, revision=args.revision, subfolder=args.subfolder,
                              overwrite=args.overwrite, base_model_name_or_path=args.base_model,
-                             base_model_revision=args.base_model_revision)
+                             base_model_revision=args.base_model_revision, force=args.force)
 
 
 def _cli_arguments(p: Any) -> None:

@@ -65,11 +65,12 @@ INDEX_SET_FORMAT = "hf_bdgauge.index_set"
 _FORMAT_VERSION = "1"
 
 
-def _with_record(metadata: dict[str, str], gauge: "Gauge | SignedPermutation") -> dict[str, str]:
+def _with_record(metadata: dict[str, str], gauge: "Gauge | SignedPermutation", forced: bool = False) -> dict[str, str]:
     """``metadata`` with the gauge's transport record appended and ``model_id`` set to its target."""
     meta = dict(metadata)
     history = json.loads(meta.get("hf_bdgauge_transports", "[]"))
-    meta["hf_bdgauge_transports"] = json.dumps(history + [transport_record(gauge, object_model=meta.get("model_id"))])
+    meta["hf_bdgauge_transports"] = json.dumps(history + [transport_record(gauge, object_model=meta.get("model_id"),
+                                                                           forced=forced)])
     if isinstance(gauge, Gauge) and gauge.target.model_id:
         meta["model_id"] = str(gauge.target.model_id)
     return meta
@@ -116,16 +117,16 @@ class LinearProbe:
 
     predict = __call__
 
-    def transport(self, gauge: "Gauge | SignedPermutation") -> "LinearProbe":
+    def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "LinearProbe":
         """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged."""
         plan = TransformPlan.for_tensors({"weight": tuple(self.weight.shape)}, {"weight": READ}, self.dim,
                                          what="the probe", dim_label="d={d}")
-        g = plan.admit(gauge)
+        g = plan.admit(gauge, force=force)
         logger.debug("transported a linear probe of shape %s", tuple(self.weight.shape))
         return LinearProbe(
             plan.transform("weight", self.weight, g),
             None if self.bias is None else self.bias.clone(),
-            _with_record(self.metadata, gauge),
+            _with_record(self.metadata, gauge, plan.forced),
         )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -241,17 +242,19 @@ class IndexSet:
         signs = np.where(x[idx] < 0, -1, 1)
         return cls(idx, signs, x[idx], True, x.size, {"ranked_by": by})
 
-    def transport(self, gauge: "Gauge | SignedPermutation") -> "IndexSet":
+    def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "IndexSet":
         """``i ↦ π(i)``, ``sign ↦ s_i·sign``, signed ``score ↦ s_i·score`` (order kept)."""
         g = gauge.element if isinstance(gauge, Gauge) else gauge
         if not isinstance(g, SignedPermutation):
             raise TransportError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
         if self.dim is not None and self.dim != g.dim:
             raise DimensionMismatchError(f"the index set lives in dimension {self.dim} but the gauge has dimension {g.dim}")
+        forced = gauge.check_fit(force=force, what="to move an index set") if isinstance(gauge, Gauge) else False
         new_idx, s = g.map_indices(self.indices)
         logger.debug("transported %d indices (%d change sign)", len(self), int(np.sum(s == -1)))
         scores = None if self.scores is None else (self.scores * s if self.signed_scores else self.scores.copy())
-        return IndexSet(new_idx, self.signs * s, scores, self.signed_scores, g.dim, _with_record(self.metadata, gauge))
+        return IndexSet(new_idx, self.signs * s, scores, self.signed_scores, g.dim,
+                        _with_record(self.metadata, gauge, forced))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -307,11 +310,13 @@ def transport_indices(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli_probe(args: Any, gauge: Gauge) -> Path:
-    return LinearProbe.load(args.src, revision=args.revision).transport(gauge).save(args.dst, overwrite=args.overwrite)
+    moved = LinearProbe.load(args.src, revision=args.revision).transport(gauge, force=args.force)
+    return moved.save(args.dst, overwrite=args.overwrite)
 
 
 def _cli_indices(args: Any, gauge: Gauge) -> Path:
-    return IndexSet.load(args.src, revision=args.revision).transport(gauge).save(args.dst, overwrite=args.overwrite)
+    moved = IndexSet.load(args.src, revision=args.revision).transport(gauge, force=args.force)
+    return moved.save(args.dst, overwrite=args.overwrite)
 
 
 register_transport(TransportKind(

@@ -437,7 +437,8 @@ class SAE:
                 f"(this gauge flips {g.num_flips} of {g.dim}), so no transported SAE reproduces it exactly. Only "
                 "permutations and the global flip -P can be transported.")
 
-    def transport(self, gauge: "Gauge | SignedPermutation", *, model_name: str | None = None) -> "SAE":
+    def transport(self, gauge: "Gauge | SignedPermutation", *, model_name: str | None = None,
+                  force: bool = False) -> "SAE":
         """The same SAE expressed in the target chart of ``gauge`` (see the module docstring).
 
         ``W_enc ↦ G·W_enc``, ``W_dec ↦ W_dec·Gᵀ``, ``b_dec ↦ G·b_dec``; ``b_enc``, ``threshold``
@@ -457,7 +458,7 @@ class SAE:
                 "neurons), so the residual gauge does not act on it; it needs no transport"
             )
         plan = self.plan()
-        g = plan.admit(gauge)
+        g = plan.admit(gauge, force=force)
         self._check_layer_fits(gauge)
         new = SAE(
             W_enc=plan.transform("W_enc", self.W_enc, g),
@@ -471,7 +472,7 @@ class SAE:
         )
         meta = new.metadata
         target = model_name or (gauge.target.model_id if isinstance(gauge, Gauge) else None)
-        record = transport_record(gauge, object_model=meta.get("model_name"))
+        record = transport_record(gauge, object_model=meta.get("model_name"), forced=plan.forced)
         if target is not None:
             meta["model_name"] = target
         meta["hf_bdgauge_transports"] = list(meta.get("hf_bdgauge_transports") or []) + [record]
@@ -490,11 +491,12 @@ def transport_sae(
     *,
     overwrite: bool = False,
     model_name: str | None = None,
+    force: bool = False,
 ) -> SAE:
     """Transport an :class:`SAE` (or an SAELens directory) by ``gauge``; optionally save the
     result as an SAELens directory at ``out_dir`` (atomically). Returns the transported SAE."""
     sae = sae_or_dir if isinstance(sae_or_dir, SAE) else SAE.load(sae_or_dir)
-    new = sae.transport(gauge, model_name=model_name)
+    new = sae.transport(gauge, model_name=model_name, force=force)
     if out_dir is not None:
         new.save(out_dir, overwrite=overwrite)
     return new
@@ -559,7 +561,7 @@ def fit_sae(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli_run(args: Any, gauge: Gauge) -> Path:
-    transport_sae(SAE.load(args.src, revision=args.revision), gauge, args.dst, overwrite=args.overwrite)
+    transport_sae(SAE.load(args.src, revision=args.revision), gauge, args.dst, overwrite=args.overwrite, force=args.force)
     return Path(args.dst)
 
 

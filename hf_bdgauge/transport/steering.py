@@ -516,20 +516,20 @@ class SteeringVector:
         return TransformPlan.for_tensors(shapes, dict.fromkeys(shapes, WRITE), self.dim, what="the steering vector",
                                          dim_label="dimension {d}")
 
-    def transport(self, gauge: "Gauge | SignedPermutation") -> "SteeringVector":
+    def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "SteeringVector":
         """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE).
 
         Raises :class:`DimensionMismatchError` when ``d`` differs from the gauge's dimension and
         :class:`TransportError` for a layer the gauge's models lack (when its fingerprints
         record ``num_hidden_layers``)."""
         plan = self.plan()
-        g = plan.admit(gauge)
+        g = plan.admit(gauge, force=force)
         n_layers = _recorded_num_layers(gauge)
         if n_layers is not None:  # the gauge knows its models' depth: a layer they lack is an error now
             self._resolve_layers(n_layers, None)
         vecs = {i: plan.transform(f"layer.{i}", v, g) for i, v in self.layer_vectors.items()}
         meta = dict(self.metadata)
-        record = transport_record(gauge, object_model=meta.get("model_id"))
+        record = transport_record(gauge, object_model=meta.get("model_id"), forced=plan.forced)
         if isinstance(gauge, Gauge):
             if gauge.target.model_id:
                 meta["model_id"] = str(gauge.target.model_id)
@@ -592,7 +592,7 @@ def percent_effect_preserved(delta_source: torch.Tensor, delta_target: torch.Ten
 def _cli_run(args: Any, gauge: Gauge) -> Path:
     gguf_in = str(args.src).endswith(".gguf")
     src = resolve_file(args.src, args.revision, what="steering vector")
-    moved = (SteeringVector.load_gguf(src) if gguf_in else SteeringVector.load(src)).transport(gauge)
+    moved = (SteeringVector.load_gguf(src) if gguf_in else SteeringVector.load(src)).transport(gauge, force=args.force)
     if str(args.dst).endswith(".gguf"):
         return moved.save_gguf(args.dst, overwrite=args.overwrite, num_layers=args.num_layers)
     return moved.save(args.dst, overwrite=args.overwrite)

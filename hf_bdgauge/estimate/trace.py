@@ -1,0 +1,240 @@
+"""Derivation tests and drift reports: ``trace(a, b)`` and ``diff(a, b)``.
+
+:func:`trace` asks: *is B derived from A up to a signed permutation* — re-charted, fine-tuned,
+merged, magnitude-pruned at the same width, noised? It estimates the gauge A → B, tests every
+layer separately and combines the layers' p-values by the Cauchy combination (valid under the
+strong dependence between the layers of one pair, unlike Fisher's method):
+
+* data-free (default): one p-value per decoder block from that block's tensors (and one for the
+  tensors outside the blocks: embedding, head, final norm), each the calibrated weights test of
+  :mod:`hf_bdgauge.estimate.verdict`, halves = the block's even and odd tensors;
+* with ``data``: one p-value per residual layer from the paired activations' two halves.
+
+The gauge recovered from all the evidence is returned (and saved by ``bdgauge trace -o``), with
+the per-layer table. H0 per layer is the verdict module's: an arbitrary orthogonal re-charting of
+B fits as well. Note that the weights test needs the non-residual axes (heads, MLP neurons) in one
+chart in both models, which holds for everything derived from A by training, merging, pruning or
+noise; two independently trained models fail it.
+
+:func:`diff` reports, per layer, what that means for objects made on A: with the gauge A → B,
+the identity fit and the gauge fit at that layer, its p-value and identified fraction, and the
+plain verdict of :func:`~hf_bdgauge.estimate.verdict.layer_verdict` — *same chart: objects at
+this layer move as they are*, *re-charted: transport with the gauge*, or *drifted: do not
+transport* — so a user knows which layers' SAEs and steering vectors carry over to a fine-tune.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..gauge import Gauge
+from ..hub import resolve_checkpoint_dir
+from ..roles import spec_for_config
+from ..storage import read_model_config, tensor_index
+from .api import estimate_gauge
+from .assignment import match_scores
+from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
+from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
+from .stats import EstimationError
+from .verdict import (
+    CALIBRATION_DRAWS,
+    LAYER_VERDICTS,
+    LEVEL,
+    calibrate,
+    cauchy_combination,
+    layer_verdict,
+    uninformative,
+    weight_parts,
+)
+from .weights import weight_similarity
+
+__all__ = ["LayerRow", "TraceReport", "trace", "diff"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerRow:
+    """One layer of a report: ``layer`` (a residual layer, a decoder block ``"block 3"``, or
+    ``"outside blocks"``), the p-value of that layer alone, the identified fraction of the
+    report's gauge there, its identity and gauge fits, and the plain verdict."""
+
+    layer: Any
+    p_value: float
+    identified_fraction: float
+    identity_fit: float
+    gauge_fit: float
+    verdict: str
+
+    @property
+    def words(self) -> str:
+        return LAYER_VERDICTS[self.verdict]
+
+
+@dataclass
+class TraceReport:
+    """What :func:`trace` / :func:`diff` found: the gauge, the per-layer rows, the combined p-value
+    (Cauchy combination of the rows), and whether B is derived from A at the documented level."""
+
+    gauge: Gauge
+    rows: list[LayerRow]
+    p_value: float
+    level: float = LEVEL
+    mode: str = "weights"
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def derived(self) -> bool:
+        return bool(self.p_value <= self.level)
+
+    def summary(self) -> str:
+        """A table and a one-line conclusion."""
+        head = f"{'layer':>16}  {'p-value':>10}  {'identified':>10}  {'identity fit':>12}  {'gauge fit':>9}  verdict"
+        lines = [head]
+        for r in self.rows:
+            lines.append(f"{str(r.layer):>16}  {r.p_value:>10.3g}  {r.identified_fraction:>10.1%}  {r.identity_fit:>12.4f}"
+                         f"  {r.gauge_fit:>9.4f}  {r.words}")
+        what = (f"B IS derived from A up to a signed permutation (combined p = {self.p_value:.3g} <= {self.level})"
+                if self.derived else
+                f"no evidence that B is derived from A up to a signed permutation (combined p = {self.p_value:.3g})")
+        lines.append(f"{what}; {self.gauge.identified_fraction or 0.0:.1%} of the coordinates of the recovered gauge "
+                     f"identified; {self.mode}, {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _group_of(spec: Any, name: str) -> str:
+    b = spec.block_of(name)
+    return "outside blocks" if b is None else f"block {b}"
+
+
+def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: int, revisions: tuple, **kw: Any) -> list[LayerRow]:
+    """One row per decoder block (and one for the tensors outside the blocks)."""
+    if isinstance(source, torch.nn.Module):
+        spec = spec_for_config(source.config)
+        names = [n for n, _ in source.named_parameters()]
+    else:
+        d = resolve_checkpoint_dir(source, revisions[0])
+        spec = spec_for_config(read_model_config(d))
+        names = list(tensor_index(d))
+    groups = sorted({_group_of(spec, n) for n in names if spec.rule_for(n) is not None},
+                    key=lambda g: (g != "outside blocks", int(g.split()[-1]) if g.startswith("block") else -1))
+    rows = []
+    el = gauge.element
+    for group in groups:
+        try:
+            sim, _, _ = weight_similarity(source, target, source_revision=revisions[0], target_revision=revisions[1],
+                                          select=lambda n, g=group: _group_of(spec, n) == g, progress=False, **kw)
+        except EstimationError:
+            continue  # no residual tensor in this group
+        A, S, M = sim.scores()
+        halves = sim.halves
+        method = "sign_marginalized" if sim.allows_signs else "permutation"
+        if halves is None or not halves[0].tensors or not halves[1].tensors:
+            cal = uninformative(el.dim, "one tensor only")
+        else:
+            cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), method, el, (A, M), draws=draws, seed=seed)
+        identity_fit = float(np.mean(np.diag(S)))
+        gauge_fit = sim.fit(el)
+        best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)
+        # a block's few tensors identify few coordinates alone: its verdict reads the fits (the gauge is
+        # the block's own best match) and the block's p-value, and reports the identification beside them
+        rows.append(LayerRow(group, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit,
+                             layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit)))
+    return rows
+
+
+def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling: str) -> list[LayerRow]:
+    """One row per residual layer."""
+    el = gauge.element
+    idx = np.arange(el.dim)
+    rows = []
+    for layer in stats.layers:
+        one = stats.select([layer])
+        A, S = pooled_correlations(one, pooling)
+        cal = calibrate_stats(one, "sign_marginalized", el, (A, S), pooling=pooling, draws=draws, seed=seed)
+        identity_fit = float(np.mean(np.diag(S)))
+        gauge_fit = float(np.mean(el.signs * S[idx, el.perm]))
+        best = match_scores(A, S, "sign_marginalized").element
+        best_fit = float(np.mean(best.signs * S[idx, best.perm]))
+        rows.append(LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit,
+                             layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit)))
+    return rows
+
+
+def trace(
+    source: Any,
+    target: Any,
+    data: Any = None,
+    *,
+    tokenizer: Any = None,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
+    layers: Any = None,
+    calibration_draws: int = CALIBRATION_DRAWS,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    max_length: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+    **weights_kwargs: Any,
+) -> TraceReport:
+    """Is ``target`` derived from ``source`` up to a signed permutation (module docstring)?
+
+    Data-free from the weights when ``data`` is ``None`` (models, directories or Hub ids
+    ``repo@revision``); from paired activations on ``data`` (texts with ``tokenizer``, token ids
+    or batches) otherwise. Returns a :class:`TraceReport`: the recovered gauge (with its own
+    calibrated p-value and identified coordinates), one row per layer, and the Cauchy combination
+    of the rows' p-values, ``report.derived`` at the documented level.
+    """
+    t0 = time.perf_counter()
+    if data is None:
+        gauge = estimate_gauge(source, target, method="weights", source_revision=source_revision,
+                               target_revision=target_revision, calibration_draws=calibration_draws, seed=seed,
+                               progress=progress, null_draws=0, **weights_kwargs)
+        rows = _weights_rows(source, target, gauge, draws=calibration_draws, seed=seed,
+                             revisions=(source_revision, target_revision), **weights_kwargs)
+        mode = "data-free (weights)"
+    else:
+        src_model, tgt_model, tok = _load_pair(source, target, data, tokenizer, source_revision, target_revision)
+        stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tok, layers=layers, max_tokens=max_tokens,
+                                   max_length=max_length, batch_size=batch_size, progress=progress)
+        gauge = estimate_from_stats(stats, calibration_draws=calibration_draws, seed=seed, null_draws=0,
+                                    source=model_ref(src_model, source_revision, fingerprint=True),
+                                    target=model_ref(tgt_model, target_revision, fingerprint=True))
+        rows = _activation_rows(stats, gauge, draws=calibration_draws, seed=seed, pooling="mean_abs")
+        mode = f"activations ({stats.n_tokens} tokens)"
+    if not rows:
+        raise EstimationError("no layer to test")
+    p = cauchy_combination([r.p_value for r in rows])
+    report = TraceReport(gauge, rows, p, mode=mode, seconds=time.perf_counter() - t0)
+    gauge.metrics.update(trace_p_value=p, trace_derived=report.derived,
+                         trace_layers=[{"layer": r.layer, "p_value": r.p_value, "verdict": r.verdict} for r in rows])
+    logger.info("trace: %s", report.summary().splitlines()[-1])
+    return report
+
+
+def diff(source: Any, target: Any, data: Any = None, **kwargs: Any) -> TraceReport:
+    """The per-layer drift report of ``target`` against ``source`` (module docstring): the same
+    computation as :func:`trace`, read layer by layer (``report.rows``: identity fit, gauge fit,
+    p-value, identified fraction and the plain verdict of each layer)."""
+    return trace(source, target, data, **kwargs)
+
+
+def _load_pair(source: Any, target: Any, data: Any, tokenizer: Any, src_rev: str | None, tgt_rev: str | None):
+    src_dir = None
+    if isinstance(source, torch.nn.Module):
+        src_model = source
+    else:
+        src_model, _, src_dir = load_causal_lm(source, src_rev, fingerprint=False)
+    tgt_model = target if isinstance(target, torch.nn.Module) else load_causal_lm(target, tgt_rev, fingerprint=False)[0]
+    tok = tokenizer
+    if needs_tokenizer(data) or isinstance(tokenizer, str):
+        tok = load_tokenizer(tokenizer, src_dir, src_rev)
+    return src_model, tgt_model, tok
