@@ -48,6 +48,9 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 __all__ = [
     "REPO_ROOT",
     "EXAMPLES_DIR",
+    "wilson_lower",
+    "clopper_pearson_upper",
+    "parts_main",
     "setup",
     "load_example",
     "base_dir",
@@ -426,3 +429,51 @@ def work_dir(out: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
     a temporary directory named ``prefix…``, removed on exit."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(out) if out else Path(tmp)
+
+
+# ------------------------------------------------------------------------------------ research parts
+def wilson_lower(k: int, n: int, z: float = 1.959963984540054) -> float:
+    """Wilson score lower bound (95 % by default) of a proportion ``k/n``."""
+    if n == 0:
+        return float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    rad = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (centre - rad) / den
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """Exact (Clopper-Pearson) upper confidence bound of a proportion ``k/n``."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact").high)
+
+
+def parts_main(argv: Sequence[str] | None, *, doc: str | None, parts: dict[str, Callable[[bool], dict[str, Any]]],
+               render: Callable[[str], str], results: Path, report: Callable[[bool], Path],
+               json_name: Callable[[bool, str], str]) -> int:
+    """The command line of a research script measured in parts (``--part NAME`` runs one and
+    writes ``results/<json_name>``; ``--part report`` only re-renders; every run re-renders the
+    report from whatever parts exist). ``--fast`` is a smoke run, ``--threads`` torch's threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=[*parts, "report"], required=True)
+    ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    if a.part != "report":
+        setup(a.threads)
+        t0 = time.perf_counter()
+        data = parts[a.part](a.fast)
+        data["seconds_total"] = time.perf_counter() - t0
+        data["env"] = {**versions(), "threads": a.threads}
+        results.mkdir(parents=True, exist_ok=True)
+        f = results / json_name(a.fast, a.part)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=float))
+        tmp.replace(f)
+        print(f"wrote {f} ({data['seconds_total']:.0f} s)")
+    out = report(a.fast)
+    out.write_text(render("fast" if a.fast else "full"))
+    print(f"wrote {out}")
+    return 0

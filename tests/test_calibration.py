@@ -2,7 +2,7 @@
 
 The full calibration (200 pairs per family: random inits, independently trained models,
 shuffled pairings; power against tokens; identified precision over ≥ 5,000 coordinates) is
-``experiments/calibration/run_calibration.py``; these tests check the properties that must
+``experiments/calibration/run_library.py`` (results in ``results-library.md``); these tests check the properties that must
 hold on every run: valid for every method and every ``null_draws`` including 0, small values
 for real gauges, uniform-or-conservative on unrelated pairs, honest identification, exact
 merging, and the uninformative cases.

@@ -1,9 +1,9 @@
-"""Pair families for the calibration of ``stats_prototype`` (unrelated and related pairs).
+"""Pair families for the calibration of the p-value (unrelated and related pairs).
 
 Everything returns *paired residual activations* ``(X, Y)`` as float32 tensors of shape
 ``[L, N, T, d]`` (layer, sequence, position, coordinate; layer 0 = embedding output, ``l`` =
 output of decoder layer ``l - 1``, the capture convention of :mod:`hf_bdgauge.estimate`), from
-which :func:`sums` builds the mergeable sums the prototype consumes. Activations are kept only
+which ``run_library.py`` builds the library's mergeable sums (``PairStats``). Activations are kept only
 so that one capture can be cut into any token budget / block split / lag; the statistics
 themselves never see anything but sums.
 
@@ -176,41 +176,6 @@ def _seq_subset(ids: torch.Tensor, n_seq: int, seed: int) -> torch.Tensor:
     return ids[torch.randperm(ids.shape[0], generator=g)[:n_seq]]
 
 
-def pair_random_init(seed: int, n_seq: int) -> Pair:
-    from hf_bdgauge.fixtures.independent import random_init_model
-
-    ids = _seq_subset(eval_ids(), n_seq, seed)
-    a, b = random_init_model(10_000 + 2 * seed), random_init_model(10_001 + 2 * seed)
-    return Pair("random_init", residuals(a, ids), residuals(b, ids))
-
-
-def pair_tiny_random(seed: int, n_seq: int) -> Pair:
-    from hf_bdgauge.testing import tiny_model
-
-    ids = _seq_subset(eval_ids(), n_seq, seed) % 128
-    a = tiny_model("llama", seed=20_000 + 2 * seed)
-    b = tiny_model("llama", seed=20_001 + 2 * seed)
-    return Pair("tiny_random", residuals(a, ids), residuals(b, ids))
-
-
-_RES_CACHE: dict[int, torch.Tensor] = {}
-
-
-def independent_residuals(seed: int) -> torch.Tensor:
-    if seed not in _RES_CACHE:
-        from hf_bdgauge.fixtures.independent import independent_model_dir
-
-        _RES_CACHE[seed] = residuals(load_dir(independent_model_dir(seed)), eval_ids())
-    return _RES_CACHE[seed]
-
-
-def pair_independent(sa: int, sb: int, n_seq: int, seed: int) -> Pair:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(eval_ids().shape[0], generator=g)[:n_seq]
-    return Pair("independent", independent_residuals(sa)[:, idx], independent_residuals(sb)[:, idx],
-                info={"seeds": (sa, sb)})
-
-
 @lru_cache(maxsize=1)
 def base_residuals() -> torch.Tensor:
     return residuals(base_model(), eval_ids())
@@ -237,75 +202,7 @@ def pair_shuffle(kind: str, seed: int, n_seq: int) -> Pair:
     return Pair(kind, X, Y)
 
 
-def pair_related(kind: str, strength: float, seed: int, n_seq: int) -> Pair:
-    base = base_model()
-    if kind == "planted":
-        tgt = copy.deepcopy(base)
-    elif kind == "finetuned":
-        tgt = finetuned(base, steps=int(strength), lr=3e-3, seed=seed)
-    elif kind == "noised":
-        tgt = noised(base, strength, seed)
-    else:
-        raise ValueError(kind)
-    tgt, gt = rechart(tgt, 5_000 + seed)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(eval_ids().shape[0], generator=g)[:n_seq]
-    ids = eval_ids()[idx]
-    return Pair(kind, residuals(base, ids), residuals(tgt, ids), truth=gt, info={"strength": strength})
-
-
-# ------------------------------------------------------------------------------------ sums
-def take_tokens(p: Pair, n_tokens: int) -> Pair:
-    """About ``n_tokens`` tokens: a prefix of one sequence below two sequences' worth, else the
-    nearest whole number of sequences."""
-    L, N, T, d = p.X.shape
-    if n_tokens < 2 * T:  # one sequence (a prefix); the halves split its positions
-        t = min(T, n_tokens)
-        return Pair(p.family, p.X[:, :1, :t], p.Y[:, :1, :t], p.truth, p.info)
-    ns = min(N, int(round(n_tokens / T)))  # whole sequences, the halves split them
-    return Pair(p.family, p.X[:, :ns], p.Y[:, :ns], p.truth, p.info)
-
-
-def halves(p: Pair, track_target_cov: bool = True):
-    """Two ``PairStats`` over disjoint sequences (even / odd; one sequence: first / second half
-    of its positions), every layer."""
-    from hf_bdgauge.estimate import PairStats
-
-    L, N, T, d = p.X.shape
-    if N >= 2:
-        m = torch.arange(N) % 2 == 0
-        parts = [(p.X[:, m], p.Y[:, m]), (p.X[:, ~m], p.Y[:, ~m])]
-    else:
-        h = T // 2
-        parts = [(p.X[:, :, :h], p.Y[:, :, :h]), (p.X[:, :, h:], p.Y[:, :, h:])]
-    out = []
-    for X, Y in parts:
-        out.append(PairStats.from_activations([X[l].reshape(-1, d).double() for l in range(L)],
-                                              [Y[l].reshape(-1, d).double() for l in range(L)],
-                                              track_target_cov=track_target_cov))
-    return out[0], out[1]
-
-
 # ------------------------------------------------------------------------------------ weights
-def _zeroed(model: torch.nn.Module, keep_parity: int) -> torch.nn.Module:
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for k, (_, p) in enumerate(sorted(m.named_parameters())):
-            if k % 2 != keep_parity:
-                p.zero_()
-    return m
-
-
-def weight_halves(src: torch.nn.Module, tgt: torch.nn.Module):
-    """``(sim_even, sim_odd)``: ``WeightSimilarity`` of the tensors at even / odd positions in name
-    order (the other tensors zeroed in copies of both models, which the accumulation skips)."""
-    from hf_bdgauge.estimate import weight_similarity
-
-    out = []
-    for par in (0, 1):
-        sim, _, _ = weight_similarity(_zeroed(src, par), _zeroed(tgt, par), progress=False)
-        out.append(sim)
-    return out[0], out[1]
 
 
 def weight_pair(kind: str, seed: int, strength: float = 0.0):
@@ -356,12 +253,6 @@ def independent_model(seed: int) -> torch.nn.Module:
 
         _MODEL_CACHE[seed] = load_dir(independent_model_dir(seed))
     return _MODEL_CACHE[seed]
-
-
-def pair_independent_ondemand(sa: int, sb: int, n_seq: int, seed: int) -> Pair:
-    ids = _seq_subset(eval_ids(), n_seq, seed)
-    return Pair("independent", residuals(independent_model(sa), ids), residuals(independent_model(sb), ids),
-                info={"seeds": (sa, sb)})
 
 
 def finetuned_cached(steps: int, lr: float, seed: int) -> torch.nn.Module:
