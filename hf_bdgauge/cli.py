@@ -1,6 +1,6 @@
 """The ``bdgauge`` command line.
 
-Verbs (``bdgauge VERB --help`` for each): ``estimate``, ``compose``, ``trace``, ``diff``, ``apply``,
+Verbs (``bdgauge VERB --help`` for each): ``estimate``, ``stats``, ``compose``, ``trace``, ``diff``, ``apply``,
 ``transport <kind>`` (one sub-verb per registered transportable object: adapter, sae, steering,
 optimizer, probe, indices), ``push``, ``show``, ``audit``, ``demo``. Every model, gauge and
 object argument takes a local path or a Hub id, pinned as ``repo@revision``. Writers refuse an
@@ -9,8 +9,17 @@ existing destination unless ``--overwrite``. Exit codes: 0 success, 1 a
 error.
 
 The command line is a thin layer over the Python API: every verb calls the function of the same
-name (:func:`~hf_bdgauge.estimate.estimate_gauge`, :func:`~hf_bdgauge.apply_gauge_to_checkpoint`,
-the transport modules' registered kinds, …).
+name (:func:`~hf_bdgauge.estimate.estimate_gauge` — for activations its two steps
+:func:`~hf_bdgauge.estimate.capture_pair` and :func:`~hf_bdgauge.estimate.gauge_from_capture`, so
+the statistics can be saved between them —, :func:`~hf_bdgauge.apply_gauge_to_checkpoint`, the
+transport modules' registered kinds, …).
+
+Under a launcher (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) the verbs that capture
+activations (``estimate``, ``stats``, ``compose``, ``trace``, ``diff``) join the process group
+(:func:`~hf_bdgauge.distributed.init_from_env`, ``--dist-timeout``), split the batches over the
+ranks and all-reduce the sums; rank 0 alone prints and writes, the other ranks exit 0 without
+writing (any rank's failure makes every rank exit 1). What does not split (the weights path,
+``--from-stats``, every other verb) runs on rank 0 only.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .distributed import DEFAULT_TIMEOUT_S, init_from_env, is_main, rank_device, shutdown, world
 from .errors import DestinationExistsError, GaugeError
 from .hub import resolve_checkpoint_dir, split_revision
 
@@ -34,6 +44,8 @@ logger = logging.getLogger("hf_bdgauge.cli")
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _METHODS = ["sign_marginalized", "signed", "permutation", "weights"]
+#: Verbs whose activation capture splits over the ranks of a process group.
+_DISTRIBUTED_VERBS = ("estimate", "stats", "compose", "trace", "diff")
 
 
 def _set_threads() -> None:
@@ -61,10 +73,14 @@ def _load_gauge(spec: str, revision: str | None = None):
 
 
 def _save_gauge(g: Any, out: Path | None, overwrite: bool, force: bool) -> int:
-    """Print the summary and save the gauge; an estimate that is no gauge (verdict
-    ``no_signed_permutation``) is saved only with ``--force`` and exits 1 otherwise."""
+    """Print the summary and save the gauge (rank 0 only; every rank returns the same code); an
+    estimate that is no gauge (verdict ``no_signed_permutation``) is saved only with ``--force``
+    and exits 1 otherwise."""
+    refused = g.verdict == "no_signed_permutation" and not force
+    if not is_main():
+        return 1 if refused else 0
     print(g.summary())
-    if g.verdict == "no_signed_permutation" and not force:
+    if refused:
         print("bdgauge: error: no signed permutation explains this pair (see the verdict above); nothing saved. "
               "Pass --force to save it anyway (its card then says it is not a gauge).", file=sys.stderr)
         return 1
@@ -112,19 +128,105 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    """Estimate the gauge h_target ≈ G·h_source between two checkpoints and save it as a gauge repo."""
-    from .estimate import estimate_gauge
+    """Estimate the gauge h_target ≈ G·h_source between two checkpoints and save it as a gauge repo
+    (or match statistics saved by `bdgauge stats`, merged: --from-stats DIR...)."""
+    from .estimate import capture_pair, estimate_gauge, gauge_from_capture, save_pair_stats
+    from .files import check_destination
 
+    if args.from_stats:
+        return _estimate_from_stats(args)
+    if args.source is None or args.target is None:
+        raise GaugeError("give SOURCE and TARGET (or --from-stats DIR...)")
     texts = _read_texts(args.texts)
     if texts is None and args.method != "weights":
         raise GaugeError("activation methods need --texts FILE (one text per line); or use --method weights")
     _refuse_existing(args.output, args.overwrite)
     src, src_rev = split_revision(args.source, args.source_revision)
     tgt, tgt_rev = split_revision(args.target, args.target_revision)
-    g = estimate_gauge(src, tgt, texts, method=args.method, source_revision=src_rev, target_revision=tgt_rev,
-                       max_tokens=args.max_tokens, layers=args.layers, max_length=args.max_length,
-                       progress=not args.quiet, **_big_model_kwargs(args))
+    if args.method == "weights":
+        if args.save_stats is not None:
+            raise GaugeError("--save-stats saves activation statistics; --method weights has none")
+        if not is_main():
+            return 0  # the weights path does not split: rank 0 alone
+        g = estimate_gauge(src, tgt, method=args.method, source_revision=src_rev, target_revision=tgt_rev,
+                           progress=not args.quiet, **_big_model_kwargs(args))
+        return _save_gauge(g, args.output, args.overwrite, args.force)
+    kw = _big_model_kwargs(args)
+    match = {k: kw.pop(k) for k in ("null_draws", "calibration_draws")}
+    if args.save_stats is not None:
+        check_destination(args.save_stats, args.overwrite)
+    pair = capture_pair(src, tgt, texts, source_revision=src_rev, target_revision=tgt_rev, max_tokens=args.max_tokens,
+                        layers=args.layers, max_length=args.max_length, progress=not args.quiet,
+                        data_description=_describe_data(args), **kw)
+    if args.save_stats is not None and is_main():
+        save_pair_stats(pair, args.save_stats, overwrite=args.overwrite)
+        print(f"statistics saved to {args.save_stats}")
+    g = gauge_from_capture(pair, args.method, **match)
     return _save_gauge(g, args.output, args.overwrite, args.force)
+
+
+def _estimate_from_stats(args: argparse.Namespace) -> int:
+    """``estimate --from-stats DIR...``: merge saved statistics and match them (rank 0 only)."""
+    from .estimate import gauge_from_capture, load_pair_stats
+
+    if args.source is not None or args.target is not None or args.texts is not None:
+        raise GaugeError("--from-stats replaces SOURCE TARGET --texts (the statistics name their models): give one "
+                         "or the other")
+    if args.method == "weights":
+        raise GaugeError("--from-stats matches activation statistics; --method weights reads the checkpoints")
+    _refuse_existing(args.output, args.overwrite)
+    if not is_main():
+        return 0
+    pair = load_pair_stats(args.from_stats)
+    g = gauge_from_capture(pair, args.method, layers=args.layers, null_draws=args.null_draws,
+                           calibration_draws=args.calibration_draws)
+    g.metrics["stats_parts"] = len(args.from_stats)
+    return _save_gauge(g, args.output, args.overwrite, args.force)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    """Capture the paired activation statistics of SOURCE and TARGET on --texts and save them (a
+    directory: pair_stats.safetensors + pair_stats.json with both fingerprints, layers, tokens,
+    dtype); `bdgauge estimate --from-stats DIR...` merges any number of them exactly and matches.
+    --shard K/N keeps batch i of the texts when i mod N == K, so N runs (e.g. a SLURM array)
+    together cover the texts once, halves included, as one process would."""
+    from .estimate import capture_pair, save_pair_stats
+    from .files import check_destination
+
+    texts = _read_texts(args.texts)
+    check_destination(args.output, args.overwrite)
+    src, src_rev = split_revision(args.source, args.source_revision)
+    tgt, tgt_rev = split_revision(args.target, args.target_revision)
+    pair = capture_pair(src, tgt, texts, source_revision=src_rev, target_revision=tgt_rev, max_tokens=args.max_tokens,
+                        layers=args.layers, max_length=args.max_length, progress=not args.quiet, shard=args.shard,
+                        data_description=_describe_data(args), **_capture_kwargs(args))
+    if is_main():
+        save_pair_stats(pair, args.output, overwrite=args.overwrite)
+        print(f"statistics of {pair.stats.n_tokens} tokens at layers {pair.stats.layers} saved to {args.output}")
+    return 0
+
+
+def _describe_data(args: argparse.Namespace) -> dict[str, Any]:
+    """What a capture's tokens are (recorded with saved statistics, so the same tokens are never
+    merged twice): the texts file's sha256, the options that cut it into batches, the shard."""
+    from .files import sha256_file
+
+    d: dict[str, Any] = {"texts_sha256": sha256_file(args.texts), "max_length": args.max_length,
+                         "batch_size": args.batch_size, "max_tokens": args.max_tokens}
+    if getattr(args, "shard", None) is not None:
+        d["shard"] = list(args.shard)
+    return d
+
+
+def _shard(spec: str) -> tuple[int, int]:
+    """``K/N`` (0 <= K < N) as a tuple, for ``--shard``."""
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, e.g. 0/4, not {spec!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {spec}: K must be one of 0..N-1")
+    return k, n
 
 
 def _refuse_existing(out: Path | None, overwrite: bool) -> None:
@@ -142,9 +244,7 @@ def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if args.dtype:
             kw["compute_dtype"] = getattr(torch, args.dtype)
     else:
-        kw = {"batch_size": args.batch_size, "device_map": args.device_map}
-        if args.dtype:
-            kw["dtype"] = getattr(torch, args.dtype)
+        kw = _capture_kwargs(args)
         if args.device:
             raise GaugeError("--device applies to --method weights; place models with --device-map")
     kw["null_draws"] = args.null_draws
@@ -152,13 +252,32 @@ def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def _add_big_model_flags(p: argparse.ArgumentParser) -> None:
+def _capture_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Loading and batching options of an activation capture (see :func:`_add_capture_flags`); under
+    an NCCL process group the models go to this rank's GPU unless --device-map says otherwise."""
+    dev = rank_device()
+    kw: dict[str, Any] = {"batch_size": args.batch_size,
+                          "device_map": args.device_map if args.device_map or dev is None else {"": str(dev)}}
+    if args.dtype:
+        kw["dtype"] = getattr(torch, args.dtype)
+    return kw
+
+
+def _add_capture_flags(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
     p.add_argument("--dtype", choices=_DTYPES, help="activation methods: load the models in this dtype (sums stay "
-                   "float64); weights: the products' dtype (default float32)")
+                   "float64)" + ("; weights: the products' dtype (default float32)" if weights else ""))
     p.add_argument("--device-map", default=None, help='activation methods: accelerate device map, e.g. "auto" '
-                   "(offloads what does not fit)")
-    p.add_argument("--device", default=None, help='weights: run the products on this device, e.g. "cuda"')
-    p.add_argument("--batch-size", type=int, default=8, help="activation methods: sequences per forward pass")
+                   "(offloads what does not fit; default: CPU, or this rank's GPU under torchrun with CUDA)")
+    if weights:
+        p.add_argument("--device", default=None, help='weights: run the products on this device, e.g. "cuda"')
+    p.add_argument("--batch-size", type=int, default=8, help="activation methods: sequences per forward pass (also "
+                   "the unit split over processes and shards)")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun / accelerate "
+                   "launch: seconds a rank waits for the others before failing")
+
+
+def _add_big_model_flags(p: argparse.ArgumentParser) -> None:
+    _add_capture_flags(p)
     p.add_argument("--null-draws", type=int, default=1, help="draws of the descriptive rotated null (excess over "
                    "null; 0 skips it)")
     p.add_argument("--calibration-draws", type=int, default=64, help="Haar rotations of the calibrated p-value's "
@@ -183,18 +302,24 @@ def _cmd_compose(args: argparse.Namespace) -> int:
 def _cmd_trace(args: argparse.Namespace) -> int:
     """Is TARGET derived from SOURCE up to a signed permutation (re-charted, fine-tuned, merged,
     pruned, noised)? Data-free from the weights by default, from activations with --texts:
-    per-layer p-values, their Cauchy combination, and the recovered gauge (-o)."""
+    decided by the calibrated test of the gauge pooled over layers; the layers' own p-values and
+    their Cauchy combination are reported beside it; the recovered gauge is written with -o."""
     from .estimate import trace
 
     texts = _read_texts(args.texts)
     _refuse_existing(args.output, args.overwrite)
+    if texts is None and not is_main():
+        return 0  # data-free: the weights path does not split, rank 0 alone
     src, src_rev = split_revision(args.source, args.source_revision)
     tgt, tgt_rev = split_revision(args.target, args.target_revision)
     report = trace(src, tgt, texts, source_revision=src_rev, target_revision=tgt_rev,
                    calibration_draws=args.calibration_draws, max_tokens=args.max_tokens, progress=not args.quiet)
+    refused = args.output is not None and report.gauge.verdict == "no_signed_permutation" and not args.force
+    if not is_main():
+        return 1 if refused else 0
     print(report.summary())
     if args.output is not None:
-        if report.gauge.verdict == "no_signed_permutation" and not args.force:
+        if refused:
             print("bdgauge trace: the recovered estimate is not a gauge; nothing saved (pass --force to save it)",
                   file=sys.stderr)
             return 1
@@ -322,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_apply)
 
     e = sub.add_parser("estimate", help="estimate the gauge between two checkpoints", description=_cmd_estimate.__doc__)
-    e.add_argument("source", help="source model dir or Hub id (optionally repo@revision)")
-    e.add_argument("target", help="target model dir or Hub id (optionally repo@revision)")
+    e.add_argument("source", nargs="?", help="source model dir or Hub id (optionally repo@revision)")
+    e.add_argument("target", nargs="?", help="target model dir or Hub id (optionally repo@revision)")
     e.add_argument("-o", "--output", type=Path, help="save the gauge here (gauge.safetensors + gauge_config.json + README.md)")
     e.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
     e.add_argument("--force", action="store_true", help="save the estimate even when no signed permutation explains the pair")
@@ -335,9 +460,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int, default=256, help="tokens per text")
     e.add_argument("--layers", type=int, nargs="*", default=None, help="residual layers to pool (0 = embedding "
                    "output; default: all)")
+    e.add_argument("--from-stats", type=Path, nargs="+", metavar="DIR", help="match statistics saved by `bdgauge "
+                   "stats` (any number, merged exactly) instead of capturing: no SOURCE, TARGET or --texts")
+    e.add_argument("--save-stats", type=Path, metavar="DIR", help="also save the captured statistics here (as "
+                   "`bdgauge stats` does)")
     _add_big_model_flags(e)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_estimate)
+
+    st = sub.add_parser("stats", help="capture and save the activation statistics of a pair (merge with "
+                        "estimate --from-stats)", description=_cmd_stats.__doc__)
+    st.add_argument("source", help="source model dir or Hub id (optionally repo@revision)")
+    st.add_argument("target", help="target model dir or Hub id (optionally repo@revision)")
+    st.add_argument("--texts", type=Path, required=True, help="text file, one text per line")
+    st.add_argument("-o", "--output", type=Path, required=True, help="save the statistics here (a directory)")
+    st.add_argument("--overwrite", action="store_true", help="replace statistics already saved at --output")
+    st.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="keep only batches i with i mod N == K "
+                    "(0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+    st.add_argument("--source-revision")
+    st.add_argument("--target-revision")
+    st.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (of all shards)")
+    st.add_argument("--max-length", type=int, default=256, help="tokens per text")
+    st.add_argument("--layers", type=int, nargs="*", default=None, help="residual layers (default: all)")
+    _add_capture_flags(st, weights=False)
+    st.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    st.set_defaults(func=_cmd_stats)
 
     c = sub.add_parser("compose", help="compose local gauges along a run of checkpoints", description=_cmd_compose.__doc__)
     c.add_argument("checkpoints", nargs="+", help="checkpoint dirs or repo@revision, in training order")
@@ -362,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--target-revision")
         tr.add_argument("--max-tokens", type=int, default=None)
         tr.add_argument("--calibration-draws", type=int, default=64)
+        tr.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun: seconds a "
+                        "rank waits for the others before failing")
         tr.add_argument("-o", "--output", type=Path, help="save the recovered gauge here")
         tr.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
         tr.add_argument("--force", action="store_true", help="save the estimate even when it is not a gauge")
@@ -410,14 +559,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _set_threads()
     func: Callable[[argparse.Namespace], int] = args.func
+    joined = False
+    where = f"bdgauge {args.verb}"
     try:
+        if args.verb in _DISTRIBUTED_VERBS:
+            joined = world()[1] == 1
+            rank, size, _ = init_from_env(args.dist_timeout)  # a no-op for one process
+            joined = joined and size > 1
+            where += f" (rank {rank} of {size})" if size > 1 else ""
+        elif not is_main():
+            return 0  # what does not split runs on rank 0 alone
         return func(args)
     except DestinationExistsError as e:
-        print(f"bdgauge {args.verb}: error: {e.with_flag('--overwrite')}", file=sys.stderr)
+        print(f"{where}: error: {e.with_flag('--overwrite')}", file=sys.stderr)
         return 1
     except GaugeError as e:
-        print(f"bdgauge {args.verb}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            shutdown()  # only the group this call joined
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ __all__ = [
     "FixtureError",
     "TransportError",
     "EstimationError",
+    "DistributedError",
     "HubError",
     "RepositoryNotFoundError",
     "RevisionNotFoundError",
@@ -96,6 +97,11 @@ class TransportError(GaugeError, ValueError):
 class EstimationError(GaugeError, ValueError):
     """Gauge estimation got unusable input: no tokens, an unknown method or pooling, layers that
     do not exist, or statistics that cannot be merged."""
+
+
+class DistributedError(GaugeError, RuntimeError):
+    """A ``torch.distributed`` run cannot go on: another process failed (its own error says why),
+    or the launcher's environment does not describe a process group."""
 
 
 class HubError(GaugeError, OSError):

@@ -2,6 +2,8 @@
 
 * :mod:`~hf_bdgauge.estimate.capture`: residual-stream hooks on two models fed the same tokens;
 * :mod:`~hf_bdgauge.estimate.stats`: mergeable float64 sufficient statistics (sums per layer);
+* :mod:`~hf_bdgauge.estimate.captured`: statistics with both models' provenance, saved as a
+  directory and merged back exactly (``bdgauge stats``, ``bdgauge estimate --from-stats``);
 * :mod:`~hf_bdgauge.estimate.assignment`: the Hungarian step shared by every method;
 * :mod:`~hf_bdgauge.estimate.verdict`: the fit against the null and the verdict (the one place);
 * :mod:`~hf_bdgauge.estimate.matching`: sign-marginalised matching of activation statistics;
@@ -14,9 +16,10 @@
 from __future__ import annotations
 
 from ..gauge import VERDICTS
-from .api import estimate_gauge
+from .api import capture_pair, estimate_gauge, gauge_from_capture
 from .assignment import ACTIVATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
 from .capture import (
+    BatchSelection,
     capture_pair_stats,
     find_decoder_layers,
     iter_token_batches,
@@ -24,6 +27,7 @@ from .capture import (
     load_tokenizer,
     residual_activations,
 )
+from .captured import CapturedPair, load_pair_stats, save_pair_stats
 from .matching import (
     METHODS,
     POOLINGS,
@@ -44,6 +48,8 @@ from .weights import WeightSimilarity, estimate_gauge_from_weights, weight_simil
 
 __all__ = [
     "ACTIVATION_METHODS",
+    "BatchSelection",
+    "CapturedPair",
     "METHODS",
     "POOLINGS",
     "VERDICTS",
@@ -52,6 +58,7 @@ __all__ = [
     "MatchResult",
     "PairStats",
     "WeightSimilarity",
+    "capture_pair",
     "capture_pair_stats",
     "compose_gauges",
     "compose_trajectory",
@@ -61,6 +68,9 @@ __all__ = [
     "estimate_gauge",
     "estimate_gauge_from_weights",
     "fit_metrics",
+    "gauge_from_capture",
+    "load_pair_stats",
+    "save_pair_stats",
     "load_tokenizer",
     "find_decoder_layers",
     "hungarian",

@@ -4,6 +4,10 @@ It loads the two models (local directories or Hub ids, ``repo@revision``), captu
 residual statistics (:mod:`~hf_bdgauge.estimate.capture`) and matches them
 (:mod:`~hf_bdgauge.estimate.matching`), or matches the weights alone
 (:mod:`~hf_bdgauge.estimate.weights`); the verdict comes from :mod:`~hf_bdgauge.estimate.verdict`.
+The activation path is two steps, also public: :func:`capture_pair` (load, capture: a
+:class:`~hf_bdgauge.estimate.captured.CapturedPair`, which can be saved and merged) and
+:func:`gauge_from_capture` (match). Under ``torch.distributed`` the capture is split over the
+ranks (:mod:`hf_bdgauge.distributed`).
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ from typing import Any
 
 import torch
 
+from ..distributed import world
 from ..errors import UnsupportedArchitectureError
 from ..gauge import Gauge
-from ..roles import spec_for_model
+from ..roles import spec_for_config
+from .assignment import ACTIVATION_METHODS
 from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
+from .captured import CapturedPair
 from .matching import METHODS, estimate_from_stats
 from .stats import EstimationError
 from .verdict import CALIBRATION_DRAWS
 from .weights import estimate_gauge_from_weights
 
-__all__ = ["estimate_gauge"]
+__all__ = ["capture_pair", "estimate_gauge", "gauge_from_capture"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ def estimate_gauge(
     device_map: Any = None,
     fingerprint: bool = True,
     progress: bool = True,
+    group: Any = None,
     **weights_kwargs: Any,
 ) -> Gauge:
     """Estimate the gauge ``G`` with ``h_target ≈ G·h_source``.
@@ -67,6 +75,12 @@ def estimate_gauge(
     to ``permutation``. ``fingerprint=True`` records both models' fingerprints (config and content
     hashes) in the ModelRefs, so the gauge refuses to attach to other weights; by default they are
     left empty. See the module docstring for methods, pooling, null and verdict.
+
+    Under an initialised ``torch.distributed`` process group (``group``, default the default
+    group; :mod:`hf_bdgauge.distributed`) every rank must call this with the same arguments: each
+    captures its share of the batches, the sums are all-reduced and every rank returns the same
+    gauge, which records ``metrics["world_size"]`` and the total ``metrics["tokens"]``. It is
+    :func:`capture_pair` followed by :func:`gauge_from_capture`.
     """
     if method not in METHODS:
         raise EstimationError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -80,6 +94,43 @@ def estimate_gauge(
     if weights_kwargs:
         raise EstimationError(f"unexpected arguments for method {method!r}: {sorted(weights_kwargs)}")
     t0 = time.perf_counter()
+    pair = capture_pair(source, target, data, tokenizer=tokenizer, layers=layers, source_revision=source_revision,
+                        target_revision=target_revision, batch_size=batch_size, max_length=max_length,
+                        max_tokens=max_tokens, dtype=dtype, device_map=device_map, fingerprint=fingerprint,
+                        progress=progress, group=group)
+    g = gauge_from_capture(pair, method, pooling=pooling, null_draws=null_draws, calibration_draws=calibration_draws,
+                           seed=seed, min_excess=min_excess, identity_tol=identity_tol)
+    g.metrics["time_s"] = time.perf_counter() - t0
+    return g
+
+
+def capture_pair(
+    source: Any,
+    target: Any,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    layers: Iterable[int] | None = None,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    max_tokens: int | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: Any = None,
+    fingerprint: bool = True,
+    progress: bool = True,
+    group: Any = None,
+    shard: tuple[int, int] | None = None,
+    data_description: dict[str, Any] | None = None,
+) -> CapturedPair:
+    """Load both models (as :func:`estimate_gauge` does) and capture their paired statistics on
+    ``data`` (:func:`~hf_bdgauge.estimate.capture.capture_pair_stats`: under a process group
+    every rank captures its share and all get the sums of all; ``shard=(k, n)`` keeps shard
+    ``k`` of ``n``). Returns a :class:`~hf_bdgauge.estimate.captured.CapturedPair`, to match
+    (:func:`gauge_from_capture`) or to save (:func:`~hf_bdgauge.estimate.captured.save_pair_stats`);
+    ``data_description`` is recorded with it."""
+    t0 = time.perf_counter()
     if isinstance(source, torch.nn.Module):
         src_model, src_ref, src_dir = source, model_ref(source, source_revision, fingerprint=fingerprint), None
     else:
@@ -90,27 +141,57 @@ def estimate_gauge(
     else:
         tgt_model, tgt_ref, _ = load_causal_lm(target, target_revision, dtype=dtype, device_map=device_map,
                                                fingerprint=fingerprint)
-    requested = method
-    method = _restrict_to_family(src_model, method)
     if needs_tokenizer(data) or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer, src_dir, source_revision)
     stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tokenizer, layers=layers, batch_size=batch_size,
-                               max_length=max_length, max_tokens=max_tokens, progress=progress,
-                               track_target_cov=True)  # Σyyᵀ feeds the calibrated p-value, whatever null_draws
-    t_capture = time.perf_counter() - t0
-    g = estimate_from_stats(stats, method, pooling=pooling, null_draws=null_draws, calibration_draws=calibration_draws,
-                            seed=seed, min_excess=min_excess, identity_tol=identity_tol, source=src_ref, target=tgt_ref)
-    g.metrics["capture_time_s"] = t_capture
-    g.metrics["time_s"] = time.perf_counter() - t0
+                               max_length=max_length, max_tokens=max_tokens, progress=progress, group=group,
+                               shard=shard, track_target_cov=True)  # Σyyᵀ feeds the calibrated p-value
+    act_dtype = next(src_model.parameters()).dtype
+    return CapturedPair(stats, src_ref, tgt_ref, dtype=str(act_dtype).removeprefix("torch."),
+                        model_type=getattr(getattr(src_model, "config", None), "model_type", None),
+                        world_size=world(group)[1], capture_time_s=time.perf_counter() - t0,
+                        data=dict(data_description or {}))
+
+
+def gauge_from_capture(
+    pair: CapturedPair,
+    method: str = "sign_marginalized",
+    *,
+    layers: Iterable[int] | None = None,
+    pooling: str = "mean_abs",
+    null_draws: int = 1,
+    calibration_draws: int = CALIBRATION_DRAWS,
+    seed: int = 0,
+    min_excess: float | None = None,
+    identity_tol: float = 0.01,
+) -> Gauge:
+    """Match captured (or loaded and merged) statistics into a gauge
+    (:func:`~hf_bdgauge.estimate.matching.estimate_from_stats` with both ends' provenance; for a
+    family without sign symmetry ``sign_marginalized`` falls back to ``permutation``). The gauge
+    records ``metrics["world_size"]`` (processes that captured) and ``metrics["tokens"]`` (all
+    of them)."""
+    if method not in ACTIVATION_METHODS:
+        raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS}, not {method!r}")
+    t0 = time.perf_counter()
+    requested = method
+    method = _restrict_to_family(pair.model_type, method)
+    g = estimate_from_stats(pair.stats, method, layers=layers, pooling=pooling, null_draws=null_draws,
+                            calibration_draws=calibration_draws, seed=seed, min_excess=min_excess,
+                            identity_tol=identity_tol, source=pair.source, target=pair.target)
+    g.metrics["capture_time_s"] = pair.capture_time_s
+    g.metrics["world_size"] = int(pair.world_size)
+    g.metrics["time_s"] = pair.capture_time_s + time.perf_counter() - t0
     if requested != method:
         g.metrics["method_requested"] = requested
-    g.metrics["summary"] += f" ({g.metrics['tokens']} tokens, {len(g.metrics['layers'])} layers, {g.metrics['time_s']:.1f} s)"
+    procs = f", {pair.world_size} processes" if pair.world_size > 1 else ""
+    g.metrics["summary"] += (f" ({g.metrics['tokens']} tokens, {len(g.metrics['layers'])} layers{procs}, "
+                             f"{g.metrics['time_s']:.1f} s)")
     return g
 
 
-def _restrict_to_family(model: torch.nn.Module, method: str) -> str:
+def _restrict_to_family(model_type: str | None, method: str) -> str:
     try:
-        spec = spec_for_model(model)
+        spec = spec_for_config({"model_type": model_type})
     except UnsupportedArchitectureError:  # unknown family: activations need no role map
         return method
     if not spec.allows_signs and method == "sign_marginalized":

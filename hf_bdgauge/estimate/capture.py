@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import on_every_rank, shard_batches, world
 from ..errors import DimensionMismatchError
 from ..fingerprint import model_fingerprint
 from ..gauge import ModelRef
@@ -38,6 +40,8 @@ from ..storage import checkpoint_shards
 from .stats import EstimationError, PairStats
 
 __all__ = [
+    "BatchSelection",
+    "SelectedBatch",
     "TokenBatch",
     "capture_pair_stats",
     "sequence_masks",
@@ -177,6 +181,68 @@ def sequence_masks(attention_mask: torch.Tensor, first_sequence: int = 0, *,
     return h0, mask & ~h0
 
 
+@dataclass
+class SelectedBatch:
+    """One batch of a :class:`BatchSelection`: its position among the selected batches
+    (``index``, what :func:`~hf_bdgauge.distributed.shard_batches` deals out), the global index of
+    its first sequence, the batch, the masks of the tokens it adds to each half
+    (:func:`sequence_masks`, cut at ``max_tokens``), and their count."""
+
+    index: int
+    first_sequence: int
+    batch: TokenBatch
+    halves: tuple[torch.Tensor, torch.Tensor]
+    tokens: int
+
+
+class BatchSelection:
+    """The batches a capture uses, decided from the attention masks alone (no forward pass), so
+    every process of a distributed capture computes the same selection.
+
+    Iterating yields :class:`SelectedBatch` es in order: sequence ``first_sequence + s`` (``s``
+    counting every sequence the data yields) goes to half ``(first_sequence + s) % 2``; with
+    ``skip_first`` the first real token of every sequence is left out; batches that add no token
+    are skipped; with ``max_tokens`` the selection stops once that many tokens are in, the last
+    batch cut to exactly ``max_tokens`` (row-major order). After iteration, ``tokens``,
+    ``n_batches`` (batches) and ``sequences`` hold the totals (``sequences``: the next global
+    sequence index, the data's sequences counted from ``first_sequence``).
+    """
+
+    def __init__(self, batches: Iterable[TokenBatch], *, max_tokens: int | None = None, skip_first: bool = True,
+                 first_sequence: int = 0) -> None:
+        self._batches = batches
+        self.max_tokens = max_tokens
+        self.skip_first = skip_first
+        self.tokens = 0
+        self.sequences = int(first_sequence)
+        self.n_batches = 0
+
+    def __iter__(self) -> Iterator[SelectedBatch]:
+        index = 0
+        for batch in self._batches:
+            if self.max_tokens is not None and self.tokens >= self.max_tokens:
+                break
+            first = self.sequences
+            halves = sequence_masks(batch["attention_mask"], first, skip_first=self.skip_first)
+            self.sequences += int(batch["attention_mask"].shape[0])
+            n_batch = int(halves[0].sum() + halves[1].sum())
+            if self.max_tokens is not None and self.tokens + n_batch > self.max_tokens:
+                keep = self.max_tokens - self.tokens  # cut the last batch to exactly max_tokens tokens (row-major order)
+                both = (halves[0] | halves[1]).reshape(-1)
+                idx = torch.nonzero(both).squeeze(1)
+                cut = torch.zeros_like(both)
+                cut[idx[:keep]] = True
+                cut = cut.view_as(halves[0])
+                halves = (halves[0] & cut, halves[1] & cut)
+                n_batch = keep
+            if n_batch == 0:
+                continue
+            self.tokens += n_batch
+            yield SelectedBatch(index, first, batch, halves, n_batch)
+            index += 1
+            self.n_batches = index
+
+
 def capture_pair_stats(
     source: torch.nn.Module,
     target: torch.nn.Module,
@@ -193,6 +259,8 @@ def capture_pair_stats(
     stats_device: torch.device | str | None = None,
     skip_first: bool = True,
     progress: bool = True,
+    group: Any = None,
+    shard: tuple[int, int] | None = None,
 ) -> PairStats:
     """Run ``source`` and ``target`` on the same token batches and accumulate, per layer, the
     sums of :class:`~hf_bdgauge.estimate.stats.PairStats` (padding positions excluded).
@@ -208,59 +276,81 @@ def capture_pair_stats(
     way). ``stats_device`` keeps the sums on one device (default: where each layer ran, so a
     GPU model's statistics stay on its GPU). ``track_target_cov=False`` skips Σyyᵀ (then no
     rotated null and no calibrated p-value can be computed).
+
+    Many processes (:mod:`hf_bdgauge.distributed`): under an initialised process group (``group``,
+    default the default group) every rank of it must call this with the same data and options;
+    the batches are selected once (:class:`BatchSelection`, the same on every rank), batch ``i``
+    of the selection runs on rank ``i mod N``, the new sums are all-reduced and added to
+    ``stats`` on every rank, so every rank returns the single-process statistics (to float64
+    rounding). ``shard=(k, n)`` keeps only shard ``k`` of ``n`` of the selection, without any
+    collective: the statistics of the ``n`` shards, saved and added
+    (:mod:`hf_bdgauge.estimate.captured`), are those of the whole data.
     """
     n_s, n_t = num_residual_layers(source), num_residual_layers(target)
     if n_s != n_t:
         raise DimensionMismatchError(f"source has {n_s - 1} decoder layers but target has {n_t - 1}; pick layers per model")
     sel = resolve_layers(layers, n_s)
-    stats = stats if stats is not None else PairStats()
-    pad_id = _pad_id(tokenizer)
-    batches = iter_token_batches(data, tokenizer, batch_size=batch_size, max_length=max_length, pad_id=pad_id)
+    rank, size, group = world(group)
+    first_sequence = int(stats.meta.get("sequences", 0)) if stats is not None else 0
+    selection = BatchSelection(
+        iter_token_batches(data, tokenizer, batch_size=batch_size, max_length=max_length, pad_id=_pad_id(tokenizer)),
+        max_tokens=max_tokens, skip_first=skip_first, first_sequence=first_sequence)
+    mine: Iterable[SelectedBatch] = selection
+    if shard is not None:
+        mine = shard_batches(mine, *shard)
+    if size > 1:
+        mine = shard_batches(mine, rank, size)
+    into = stats if stats is not None and size == 1 else PairStats()
     total = None
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, torch.Tensor) and shard is None and size == 1:
         total = -(-data.shape[0] // batch_size) if data.ndim == 2 else 1
-    seen = 0
-    sequences = int(stats.meta.get("sequences", 0))
-    bar = tqdm(batches, total=total, desc="capturing activations", unit="batch", disable=not progress)
-    for batch in bar:
-        if max_tokens is not None and seen >= max_tokens:
-            break
-        halves = sequence_masks(batch["attention_mask"], sequences, skip_first=skip_first)
-        sequences += int(batch["attention_mask"].shape[0])
-        n_batch = int(halves[0].sum() + halves[1].sum())
-        if max_tokens is not None and seen + n_batch > max_tokens:
-            keep = max_tokens - seen  # trim the last batch to exactly max_tokens tokens (row-major order)
-            both = (halves[0] | halves[1]).reshape(-1)
-            idx = torch.nonzero(both).squeeze(1)
-            cut = torch.zeros_like(both)
-            cut[idx[:keep]] = True
-            cut = cut.view_as(halves[0])
-            halves = (halves[0] & cut, halves[1] & cut)
-            n_batch = keep
-        if n_batch == 0:
-            continue
-        hs = residual_activations(source, batch, sel)
-        ht = residual_activations(target, batch, sel)
-        for h, hm in enumerate(halves):
-            m = hm.reshape(-1)
-            if not bool(m.any()):
-                continue
-            masks: dict[torch.device, torch.Tensor] = {}
-            for k in sel:
-                x = hs[k].reshape(-1, hs[k].shape[-1])
-                y = ht[k].reshape(-1, ht[k].shape[-1]).to(x.device)
-                mk = masks.setdefault(x.device, m.to(x.device))
-                stats.update(k, x[mk], y[mk], track_target_cov=track_target_cov, product_dtype=product_dtype,
-                             device=stats_device, half=h)
-        seen += n_batch
-        bar.set_postfix(tokens=seen)
-    bar.close()
-    if seen == 0:
-        raise EstimationError("the data produced no tokens" + (" (the first token of every sequence is left out: "
-                              "give sequences of at least 2 tokens)" if skip_first else ""))
-    stats.meta["sequences"] = sequences
-    logger.info("captured %d tokens at %d layers (halves: %s)", seen, len(sel), stats.half_tokens())
+    bar = tqdm(mine, total=total, desc="capturing activations", unit="batch", disable=not progress or rank != 0)
+
+    def capture_mine() -> int:
+        seen = 0
+        for item in bar:
+            _add_batch(into, source, target, item, sel, track_target_cov=track_target_cov,
+                       product_dtype=product_dtype, stats_device=stats_device)
+            seen += item.tokens
+            bar.set_postfix(tokens=seen)
+        bar.close()
+        if selection.tokens == 0:
+            raise EstimationError("the data produced no tokens" + (
+                " (the first token of every sequence is left out: give sequences of at least 2 tokens)"
+                if skip_first else ""))
+        return seen
+
+    seen = on_every_rank(capture_mine, group)
+    new_tokens = into.all_reduce(group).n_tokens if size > 1 else seen  # the same on every rank
+    if shard is not None and new_tokens == 0:
+        raise EstimationError(f"shard {shard[0]} of {shard[1]} gets none of the {selection.n_batches} batches: "
+                              "use fewer shards or a smaller batch size")
+    if size > 1 and stats is not None:
+        stats += into
+    stats = into if stats is None else stats
+    stats.meta["sequences"] = selection.sequences
+    logger.info("captured %d tokens at %d layers (halves: %s)%s", new_tokens, len(sel), stats.half_tokens(),
+                f", {seen} of them on rank {rank} of {size}" if size > 1 else "")
     return stats
+
+
+def _add_batch(stats: PairStats, source: torch.nn.Module, target: torch.nn.Module, item: SelectedBatch,
+               layers: Sequence[int], **update: Any) -> None:
+    """One forward pass of each model on ``item``'s batch; its selected tokens added to ``stats``,
+    half by half."""
+    hs = residual_activations(source, item.batch, layers)
+    ht = residual_activations(target, item.batch, layers)
+    stats_device = update.pop("stats_device")
+    for h, hm in enumerate(item.halves):
+        m = hm.reshape(-1)
+        if not bool(m.any()):
+            continue
+        masks: dict[torch.device, torch.Tensor] = {}
+        for k in layers:
+            x = hs[k].reshape(-1, hs[k].shape[-1])
+            y = ht[k].reshape(-1, ht[k].shape[-1]).to(x.device)
+            mk = masks.setdefault(x.device, m.to(x.device))
+            stats.update(k, x[mk], y[mk], device=stats_device, half=h, **update)
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..distributed import collective_device as _collective_device
 from ..errors import CheckpointError, DimensionMismatchError, EstimationError
 
 __all__ = ["STATS_FORMAT", "CrossMoments", "EstimationError", "PairStats"]
@@ -287,16 +288,6 @@ class CrossMoments:
             off += k
 
 
-def _collective_device(group: Any = None) -> torch.device:
-    """The device a collective of ``group``'s backend takes tensors on: the current CUDA device
-    for NCCL (which rejects CPU tensors), the CPU otherwise (gloo, mpi)."""
-    import torch.distributed as dist
-
-    if str(dist.get_backend(group)).lower() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class _MergedMoments(Mapping):
     """``layer -> CrossMoments`` of a :class:`PairStats`, both halves added on access (one layer
     at a time, so the merged sums never all exist at once)."""
@@ -475,23 +466,45 @@ class PairStats:
 
     merge = __add__
 
+    def _layout(self) -> list[tuple[int, int, int, int, bool]]:
+        """``(half, layer, dx, dy, has Σyyᵀ)`` of every sums held, in order."""
+        return [(i, k, *m.dims, m.sum_yy is not None) for i, h in enumerate(self._halves) for k, m in h.items()]
+
     def all_reduce(self, group: Any = None) -> PairStats:
         """Sum the statistics over every process of a ``torch.distributed`` group, in place.
 
-        A no-op when ``torch.distributed`` is unavailable or not initialised. Every process
-        must hold the same layers, halves and widths (capture the same ``layers`` everywhere).
-        Each layer's sums of each half travel as one flat float64 tensor.
+        A no-op when ``torch.distributed`` is unavailable or not initialised. The processes first
+        exchange which (half, layer) sums they hold (``all_gather_object``), so a process that
+        saw no token of a half or layer (fewer batches than processes) takes part with zeros;
+        afterwards sums that hold no token anywhere are dropped, as a single process would never
+        have created them. Widths and the tracking of Σyyᵀ must agree across processes (an
+        :class:`EstimationError` on every process otherwise). Each layer's sums of each half
+        travel as one flat float64 tensor of ``1 + 4·d + d²·(1 + [Σyyᵀ kept])`` entries.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
+        layouts: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(layouts, self._layout(), group=group)
+        union: dict[tuple[int, int], tuple[int, int, bool]] = {}
+        for rank, layout in enumerate(layouts):
+            for i, k, dx, dy, yy in layout:
+                if union.setdefault((i, k), (dx, dy, yy)) != (dx, dy, yy):
+                    raise EstimationError(f"process {rank} holds layer {k} with widths {(dx, dy)} and target "
+                                          f"covariance {yy}, another {union[(i, k)]}: capture the same models with "
+                                          "the same options on every process")
+        for (i, k), (dx, dy, yy) in union.items():
+            if k not in self._halves[i]:
+                self._halves[i][k] = CrossMoments.zeros(dx, dy, track_target_cov=yy)
+        self._halves = tuple(dict(sorted(h.items())) for h in self._halves)  # type: ignore[assignment]
         dev = _collective_device(group)
         for h in self._halves:
             for m in h.values():
                 flat = m.flatten().to(dev)
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
                 m.unflatten_(flat)
+        self._halves = tuple({k: m for k, m in h.items() if m.n > 0} for h in self._halves)  # type: ignore[assignment]
         logger.debug("all-reduced statistics of %d layers over %d processes", len(self), dist.get_world_size(group))
         return self
 

@@ -1,0 +1,171 @@
+"""Many processes with ``torch.distributed``: who this process is, which batches are its own,
+and failing together.
+
+The rule of the split (:func:`shard_batches`): the batches a capture uses are chosen first, in
+the order the data yields them (``max_tokens`` included), then batch ``i`` of that selection goes
+to rank ``i mod N``. Whole batches move, so no text or sequence is ever split; every batch goes
+to exactly one rank; and everything a capture assigns by position — the half a sequence joins,
+the token count, the cut of the last batch at ``max_tokens`` — is decided on the *global*
+selection, the same on every rank. The per-rank sums therefore add up, by
+:meth:`~hf_bdgauge.estimate.stats.PairStats.all_reduce`, to the single-process sums (float64
+addition in another order: equal to ~1e-16 of their scale).
+
+A process group comes from the launcher's environment (:func:`init_from_env`: torchrun,
+``accelerate launch``, or ``srun`` exporting ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
+``MASTER_PORT``), always with a timeout, so a rank that dies leaves the others waiting at most
+that long. Work that may fail on one rank only (a forward pass running out of memory, a bad
+batch) runs under :func:`on_every_rank`: after it, the ranks agree (one all-reduce of a failure
+vector) and, if any failed, every rank raises — the failing rank its own error, the others a
+short :class:`~hf_bdgauge.errors.DistributedError` naming it — so no rank is left waiting in a
+collective that will never come.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import DistributedError
+
+__all__ = ["DEFAULT_TIMEOUT_S", "collective_device", "init_from_env", "is_main", "on_every_rank", "rank_device", "shard_batches",
+           "shutdown", "world"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Seconds a collective waits for the other ranks before it fails (torch's own default).
+DEFAULT_TIMEOUT_S = 1800.0
+
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _dist() -> Any:
+    """``torch.distributed`` when it is available and initialised, else ``None``."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world(group: Any = None) -> tuple[int, int, Any | None]:
+    """``(rank, world_size, group)`` of this process in ``group`` (default: the default process
+    group); ``(0, 1, None)`` when no process group is initialised."""
+    dist = _dist()
+    if dist is None:
+        return 0, 1, None
+    g = dist.group.WORLD if group is None else group
+    return dist.get_rank(g), dist.get_world_size(g), g
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0: of the default process group when one is initialised,
+    else of the launcher's ``RANK`` (a lone process is the main one)."""
+    if _dist() is not None:
+        return world()[0] == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, Any | None]:
+    """Initialise the default process group from the launcher's environment and return
+    :func:`world`.
+
+    A no-op (returning :func:`world`) for a single process (``WORLD_SIZE`` unset or 1) or when a
+    group is already initialised. Backend: NCCL when CUDA is available (this rank then uses GPU
+    ``LOCAL_RANK``), gloo otherwise; every collective fails after ``timeout_s`` seconds.
+    """
+    import torch.distributed as dist
+
+    n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if n <= 1 or (dist.is_available() and dist.is_initialized()):
+        return world()
+    if not dist.is_available():
+        raise DistributedError(f"WORLD_SIZE={n} but this torch build has no torch.distributed")
+    missing = [v for v in _ENV if not os.environ.get(v)]
+    if missing:
+        raise DistributedError(f"WORLD_SIZE={n} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                               "set: launch with torchrun, accelerate launch, or export the four variables "
+                               f"{', '.join(_ENV)}")
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+    dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout_s)))
+    rank, size, group = world()
+    logger.info("rank %d of %d: %s process group at %s:%s (timeout %.0f s)", rank, size, backend,
+                os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], timeout_s)
+    return rank, size, group
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if one is initialised."""
+    dist = _dist()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device a collective of ``group``'s backend takes tensors on: the current CUDA device
+    for NCCL (which rejects CPU tensors), the CPU otherwise (gloo, mpi)."""
+    import torch.distributed as dist
+
+    if str(dist.get_backend(group)).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def rank_device() -> torch.device | None:
+    """This rank's GPU under an NCCL process group (where its models and sums belong), else
+    ``None`` (leave placement to the caller)."""
+    if _dist() is None:
+        return None
+    dev = collective_device()
+    return dev if dev.type == "cuda" else None
+
+
+def shard_batches(batches: Iterable[T], rank: int, world_size: int) -> Iterator[T]:
+    """The items of ``batches`` this rank takes: item ``i`` (counting from 0 in iteration order)
+    goes to rank ``i mod world_size``.
+
+    Pure and lazy: the N shards are disjoint, their union is every item, each keeps the input's
+    order, and the same input gives the same shards. Select first (e.g. ``max_tokens``), then
+    shard, so the selection does not depend on the number of ranks.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DistributedError(f"rank {rank} is not one of {world_size} rank(s)")
+    return (b for i, b in enumerate(batches) if i % world_size == rank)
+
+
+def on_every_rank(fn: Callable[[], T], group: Any = None) -> T:
+    """Run ``fn()`` on this rank, then agree with the other ranks of ``group`` on whether all
+    succeeded; if any raised, every rank raises.
+
+    The agreement is one all-reduce of a vector with a 1 at each failed rank (every rank must
+    call this at the same point, as any collective). A failing rank re-raises its own exception
+    (printed once, there); the others raise :class:`~hf_bdgauge.errors.DistributedError` naming
+    the failed ranks. Without a process group (or with one rank) it is just ``fn()``.
+    """
+    rank, size, g = world(group)
+    if size == 1:
+        return fn()
+    import torch.distributed as dist
+
+    error: Exception | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        error = e
+    failed = torch.zeros(size, dtype=torch.float64, device=collective_device(g))
+    failed[rank] = 1.0 if error is not None else 0.0
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=g)
+    if error is not None:
+        raise error
+    bad = [int(r) for r in torch.nonzero(failed.cpu()).flatten()]
+    if bad:
+        raise DistributedError(f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {size} failed "
+                               "(the error is printed by that rank); stopping every rank")
+    return result

@@ -1,0 +1,270 @@
+"""Scaling out: the sharding rule, real two-process gloo runs of the command line, statistics as
+artefacts merged exactly, and a failing rank that fails every rank (never a hang).
+
+Every process group here has a timeout (``--dist-timeout``) and every subprocess a ``timeout=``.
+The subprocesses run one torch thread each (``OMP_NUM_THREADS=1``) and the in-process reference
+runs one too, so both see the same float32 forward passes; the sums then differ only by the order
+of their float64 additions (~1e-16 of their scale).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
+from hf_bdgauge.cli import main
+from hf_bdgauge.distributed import init_from_env, is_main, on_every_rank, shard_batches, world
+from hf_bdgauge.errors import DistributedError, EstimationError, FingerprintMismatchError
+from hf_bdgauge.estimate import BatchSelection, load_pair_stats
+from hf_bdgauge.estimate.stats import _FIELDS
+from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
+from hf_bdgauge.gauge import Gauge
+from tolerances import assert_close_rel
+
+TEXTS = [
+    STORIES260K_GREEDY_TEXT,
+    "Tom had a big red ball. He liked to throw it high in the sky and catch it.",
+    "One day, a little bird sat on a tree. It sang a happy song for the kids.",
+    "Lily and her mom went to the park. They saw a dog and a cat playing together.",
+    "Ben had a small boat. He put it in the water and it went far away.",
+]
+SUB_TIMEOUT_S = 240  # per subprocess; each run takes ~15 s on 2 cores
+
+
+# ----------------------------------------------------------------------------- the sharding rule
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), world_size=st.integers(1, 7))
+def test_shards_are_disjoint_ordered_and_cover_everything(n, world_size):
+    items = [f"batch-{i}" for i in range(n)]
+    shards = [list(shard_batches(iter(items), r, world_size)) for r in range(world_size)]
+    assert sorted(b for s in shards for b in s) == sorted(items)          # nothing lost, nothing twice
+    assert sum(len(s) for s in shards) == n
+    for r, s in enumerate(shards):
+        assert s == items[r::world_size]                                  # batch i -> rank i mod N, in order
+    assert shards == [list(shard_batches(items, r, world_size)) for r in range(world_size)]  # deterministic
+
+
+def test_a_rank_outside_the_world_is_refused():
+    for rank, n in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(DistributedError):
+            shard_batches([1, 2], rank, n)  # refused at the call, before any batch is read
+
+
+def _batches(seed: int, n_batches: int) -> list[dict]:
+    """Right-padded batches of 1-3 sequences of 1-6 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        b = int(torch.randint(1, 4, (1,), generator=g))
+        lengths = torch.randint(1, 7, (b,), generator=g)
+        mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": torch.randint(3, 100, (b, 6), generator=g) * mask, "attention_mask": mask})
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_batches=st.integers(1, 9), world_size=st.integers(1, 4),
+       max_tokens=st.one_of(st.none(), st.integers(1, 40)), skip_first=st.booleans())
+def test_select_then_shard_is_the_one_process_selection(seed, n_batches, world_size, max_tokens, skip_first):
+    """With ``max_tokens`` the batches, the cut of the last one, the halves (by global sequence
+    index) and the counts are those of one process, whatever the number of ranks."""
+    batches = _batches(seed, n_batches)
+    one = BatchSelection(batches, max_tokens=max_tokens, skip_first=skip_first)
+    ref = [(b.index, b.first_sequence, b.tokens, b.halves[0].clone(), b.halves[1].clone()) for b in one]
+    got = []
+    for r in range(world_size):
+        sel = BatchSelection(batches, max_tokens=max_tokens, skip_first=skip_first)  # each rank selects alone
+        got += [(b.index, b.first_sequence, b.tokens, b.halves[0], b.halves[1]) for b in shard_batches(sel, r, world_size)]
+        assert (sel.tokens, sel.sequences, sel.n_batches) == (one.tokens, one.sequences, one.n_batches)
+    got.sort(key=lambda t: t[0])
+    assert [g[:3] for g in got] == [r[:3] for r in ref]
+    assert all(torch.equal(g[3], r[3]) and torch.equal(g[4], r[4]) for g, r in zip(got, ref))
+    total = sum(int(b["attention_mask"].sum()) - (int((b["attention_mask"].sum(1) > 0).sum()) if skip_first else 0)
+                for b in batches)
+    assert one.tokens == (total if max_tokens is None else min(total, max_tokens))
+
+
+def test_one_process_is_rank_0_of_1(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert world() == (0, 1, None) and init_from_env(5) == (0, 1, None) and is_main()
+    assert on_every_rank(lambda: 7) == 7
+    with pytest.raises(ZeroDivisionError):
+        on_every_rank(lambda: 1 / 0)
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        init_from_env(5)
+
+
+# ----------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """stories260K, a copy re-charted by a known gauge, and a corpus file."""
+    root = tmp_path_factory.mktemp("dist")
+    src = stories260k_hf_dir()
+    g = SignedPermutation.random(64, seed=5)
+    dst = apply_gauge_to_checkpoint(src, g, root / "recharted", progress=False)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    return src, dst, corpus, g
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(v, None)
+    return env
+
+
+def _one_thread_main(argv: list[str]) -> int:
+    """``bdgauge`` in this process with one torch thread (as the subprocesses run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _assert_same_sums(a, b, rtol=1e-12):
+    """Two statistics hold the same tokens in the same halves, with sums equal to ``rtol`` of
+    each sum's scale."""
+    for i in (0, 1):
+        ha, hb = a.half(i), b.half(i)
+        assert ha.layers == hb.layers
+        for k in ha.layers:
+            assert ha[k].n == hb[k].n, (i, k)
+            for f in _FIELDS:
+                assert_close_rel(getattr(ha[k], f), getattr(hb[k], f), rtol=rtol, what=f"half {i} layer {k} {f}")
+
+
+def test_two_gloo_processes_give_the_one_process_gauge_and_sums(pair, tmp_path):
+    """torchrun, 2 ranks: batch size 1 gives rank 0 only even sequences (half 0) and rank 1 only odd
+    ones, and --max-tokens cuts a batch in the middle: the sums match one process's to 1e-12,
+    the gauge is element for element the same, rank 0 alone writes."""
+    src, dst, corpus, planted = pair
+    args = ["estimate", str(src), str(dst), "--texts", str(corpus), "--batch-size", "1", "--max-tokens", "150",
+            "--calibration-draws", "16", "-q"]
+    assert _one_thread_main(args + ["-o", str(tmp_path / "one"), "--save-stats", str(tmp_path / "one-stats")]) == 0
+    out = tmp_path / "two"
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "hf_bdgauge.cli"] + args + ["--dist-timeout", "60", "-o", str(out),
+                                                           "--save-stats", str(tmp_path / "two-stats")],
+                         env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert time.perf_counter() - t0 < SUB_TIMEOUT_S
+    assert res.stdout.count(f"saved to {out}\n") == 1 and res.stdout.count("Gauge of dimension") == 1  # rank 0 only
+    one, two = Gauge.from_pretrained(tmp_path / "one"), Gauge.from_pretrained(out)
+    assert two.element == one.element == planted
+    assert two.metrics["world_size"] == 2 and one.metrics["world_size"] == 1
+    assert two.metrics["tokens"] == one.metrics["tokens"] == 150
+    assert two.metrics["half_tokens"] == one.metrics["half_tokens"]
+    s1, s2 = load_pair_stats(tmp_path / "one-stats"), load_pair_stats(tmp_path / "two-stats")
+    assert s2.world_size == 2 and s2.stats.meta["sequences"] == s1.stats.meta["sequences"]
+    _assert_same_sums(s2.stats, s1.stats)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one-stats", "two", "two-stats"]  # no temporaries
+
+
+def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_path, capsys):
+    """bdgauge stats --shard k/2 twice, then estimate --from-stats: the one-process sums (halves
+    included) and gauge; separate text files merge too; parts that do not add are refused."""
+    src, dst, corpus, planted = pair
+    common = ["--batch-size", "2", "-q"]
+    assert _one_thread_main(["estimate", str(src), str(dst), "--texts", str(corpus), "-o", str(tmp_path / "one"),
+                             "--save-stats", str(tmp_path / "one-stats")] + common) == 0
+    for k in (0, 1):
+        assert _one_thread_main(["stats", str(src), str(dst), "--texts", str(corpus), "--shard", f"{k}/2",
+                                 "-o", str(tmp_path / f"shard-{k}")] + common) == 0
+    parts = [str(tmp_path / "shard-0"), str(tmp_path / "shard-1")]
+    assert main(["estimate", "--from-stats", *parts, "-q", "-o", str(tmp_path / "merged")]) == 0
+    one, merged = Gauge.from_pretrained(tmp_path / "one"), Gauge.from_pretrained(tmp_path / "merged")
+    assert merged.element == one.element == planted and merged.metrics["tokens"] == one.metrics["tokens"]
+    assert merged.metrics["half_tokens"] == one.metrics["half_tokens"]
+    _assert_same_sums(load_pair_stats(parts).stats, load_pair_stats(tmp_path / "one-stats").stats)
+
+    # separate files (the first holds an even number of sequences, so the halves line up)
+    (tmp_path / "a.txt").write_text("\n".join(TEXTS[:2]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(TEXTS[2:]) + "\n")
+    for name in ("a", "b"):
+        assert _one_thread_main(["stats", str(src), str(dst), "--texts", str(tmp_path / f"{name}.txt"),
+                                 "-o", str(tmp_path / f"file-{name}")] + common) == 0
+    files = load_pair_stats([tmp_path / "file-a", tmp_path / "file-b"])
+    _assert_same_sums(files.stats, load_pair_stats(tmp_path / "one-stats").stats)
+
+    # refusals: the same shard twice, other models, other layers
+    capsys.readouterr()
+    assert main(["estimate", "--from-stats", parts[0], parts[0], "-q", "-o", str(tmp_path / "x")]) == 1
+    assert "same tokens" in capsys.readouterr().err
+    assert _one_thread_main(["stats", str(src), str(src), "--texts", str(tmp_path / "b.txt"), "-o",
+                             str(tmp_path / "other-model")] + common) == 0
+    with pytest.raises(FingerprintMismatchError, match="another target model"):
+        load_pair_stats([tmp_path / "file-a", tmp_path / "other-model"])
+    assert _one_thread_main(["stats", str(src), str(dst), "--texts", str(tmp_path / "b.txt"), "--layers", "2", "-o",
+                             str(tmp_path / "other-layers")] + common) == 0
+    with pytest.raises(EstimationError, match="layers"):
+        load_pair_stats([tmp_path / "file-a", tmp_path / "other-layers"])
+    assert not (tmp_path / "x").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_FAILING = """
+import os, sys
+import hf_bdgauge.estimate.capture as capture
+if os.environ["RANK"] == "1":
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure on rank 1")
+    capture.residual_activations = boom
+from hf_bdgauge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_makes_every_rank_fail_and_nothing_is_written(pair, tmp_path):
+    """Rank 1's forward raises: rank 1 prints its error, rank 0 a short line naming rank 1, both
+    exit 1 long before the process group's timeout, and no gauge (nor temporary) is written."""
+    src, dst, corpus, _ = pair
+    script = tmp_path / "failing.py"
+    script.write_text(_FAILING)
+    out = tmp_path / "out"
+    port = str(_free_port())
+    procs = []
+    t0 = time.perf_counter()
+    for rank in (0, 1):
+        env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, str(script), "estimate", str(src), str(dst), "--texts",
+                                       str(corpus), "--batch-size", "1", "--dist-timeout", "60", "-q", "-o", str(out)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=SUB_TIMEOUT_S)
+            results.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    assert time.perf_counter() - t0 < 60 + SUB_TIMEOUT_S / 2  # agreed, not timed out
+    (rc0, err0), (rc1, err1) = results
+    assert rc0 != 0 and rc1 != 0, (err0[-2000:], err1[-2000:])
+    assert "injected failure on rank 1" in err1 and "injected failure" not in err0
+    assert "rank 1 of 2 failed" in err0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failing.py"]
