@@ -1,27 +1,35 @@
-"""Benchmark: activation estimation on one process against two (torch.distributed, gloo, CPU).
+"""Benchmark: one process against two (torch.distributed, gloo, CPU) for estimation and re-charting.
 
-Runs ``bdgauge estimate`` on stories260K against a re-charted copy, on a corpus of ``--texts``
-short stories, as
+For stories260K (d = 64) and a random Llama with d = 1024 (2 blocks, vocab 512: the stories
+tokenizer), each against a copy re-charted by a planted gauge, three commands
+
+* ``bdgauge estimate --texts`` (activations, ``--texts`` short stories),
+* ``bdgauge estimate --method weights`` (data-free: tensors split over the ranks),
+* ``bdgauge apply`` of the planted gauge to the model saved in 4-5 shards (shards split over the ranks),
+
+each run as
 
 * 1 process × 1 torch thread;
 * 1 process × 2 torch threads (the same cores as two processes);
 * 2 processes × 1 thread each (``torchrun --standalone --nproc-per-node 2``);
 
 and prints, per run, the wall time of the whole command (interpreter start, imports, loading,
-fingerprints, capture, matching), the capture time the gauge records (loading included), the
-peak resident memory of the largest process (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``,
-measured in a fresh wrapper process per run) and whether the gauge equals the planted one.
+fingerprints, the work, writing), the time the gauge records for its main step, the peak resident
+memory of the largest process (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, measured in a
+fresh wrapper process per run), whether the result is right (the planted gauge; for ``apply``
+the 2-process output byte-identical to the 1-process one) and the ratio to 1 process × 1 thread.
 
 Then, in a 2-process run of :func:`~hf_bdgauge.estimate.capture_pair_stats` with
 ``torch.distributed.all_reduce`` wrapped by a counter, the bytes all-reduced per layer and half
 against the formula ``8·(d²·(1 + [Σyyᵀ kept]) + 4·d + 1)`` (n, Σx, Σy, Σx², Σy², Σxyᵀ and Σyyᵀ
-as float64), with and without Σyyᵀ, and what else travels (the layout exchange and the
-failure flags of :func:`~hf_bdgauge.distributed.on_every_rank`).
+as float64), with and without Σyyᵀ, what else travels (the layout exchange and the failure flags
+of :func:`~hf_bdgauge.distributed.on_every_rank`), and what a ring all-reduce sends per rank:
+2(N−1)/N of it.
 
 Usage::
 
-    python benchmarks/distributed.py                 # 512 texts
-    python benchmarks/distributed.py --texts 128     # quicker
+    python benchmarks/distributed.py                       # 512 texts, both models
+    python benchmarks/distributed.py --texts 128 --models stories
 """
 
 from __future__ import annotations
@@ -123,10 +131,118 @@ def _worker(out: str, texts_path: str, src: str, dst: str) -> int:
     return 0
 
 
+def _random_llama(root: Path, src: Path) -> Path:
+    """A random LlamaForCausalLM with d = 1024 (2 blocks, 16 heads, MLP 2816, vocab 512), saved
+    with the stories260K tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=512, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # non-unit gains, as a trained model has
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    out = root / "llama1024"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def _sharded(src: Path, out: Path) -> Path:
+    """``src`` saved again in about 4 safetensors shards (with an index)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(src)
+    size = sum(p.numel() * p.element_size() for p in m.parameters())
+    m.save_pretrained(out, max_shard_size=max(1, size // 4 + 1))
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, corpus: Path) -> None:
+    from hf_bdgauge import Gauge, SignedPermutation, apply_gauge_to_checkpoint
+    from hf_bdgauge.roles import hidden_size_of
+    from hf_bdgauge.storage import read_model_config
+
+    d = hidden_size_of(read_model_config(src))
+    planted = SignedPermutation.random(d, seed=3)
+    dst = apply_gauge_to_checkpoint(src, planted, tmp / f"{label}-recharted", progress=False)
+    gauge = tmp / f"{label}-planted"
+    Gauge(planted, method="planted").save_pretrained(gauge)
+    sharded = _sharded(src, tmp / f"{label}-sharded")
+    cli = [sys.executable, "-m", "hf_bdgauge.cli"]
+    runs = [("1 process × 1 thread", 1, []), ("1 process × 2 threads", 2, []),
+            ("2 processes × 1 thread", 1, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])]
+    commands = [
+        ("estimate --texts", ["estimate", str(src), str(dst), "--texts", str(corpus), "--batch-size",
+                              str(args.batch_size), "-q", "--dist-timeout", "300"], "capture_time_s"),
+        ("estimate --method weights", ["estimate", str(src), str(dst), "--method", "weights", "-q",
+                                       "--dist-timeout", "300"], "similarity_time_s"),
+        (f"apply ({len(list(sharded.glob('*.safetensors')))} shards)", ["apply", str(sharded), None, "--gauge", str(gauge), "--force", "-q",
+                              "--dist-timeout", "300"], None),
+    ]
+    print(f"## {label} (d = {d}): 1 vs 2 processes\n")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    print("| command | run | wall s (whole command) | main step s | peak RSS per process MB | right | wall ÷ 1×1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for c, (name, argv, step) in enumerate(commands):
+        base = None
+        first_out = None
+        for i, (run, threads, launcher) in enumerate(runs):
+            out = tmp / f"{label}-{c}-{i}"
+            full = list(argv)
+            if None in full:
+                full[full.index(None)] = str(out)
+            else:
+                full += ["-o", str(out)]
+            cmd = ([sys.executable] + launcher + ["-m", "hf_bdgauge.cli"] if launcher else cli) + full
+            m = _measure(cmd, _env(threads))
+            if step is None:
+                right = True if first_out is None else all(
+                    (first_out / f.name).read_bytes() == f.read_bytes() for f in out.iterdir())
+                first_out = first_out or out
+                step_s = "–"
+            else:
+                g = Gauge.from_pretrained(out)
+                right = g.element == planted
+                step_s = f"{g.metrics[step]:.2f}"
+            base = base or m["wall_s"]
+            print(f"| {name} | {run} | {m['wall_s']:.1f} | {step_s} | {m['peak_rss_mb']:.0f} | {right} | "
+                  f"{m['wall_s'] / base:.2f} |")
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+
+    rep = tmp / f"{label}-bytes.json"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          __file__, "--worker", str(rep), str(corpus), str(src), str(dst)],
+                         env=_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
+    if res.returncode != 0:
+        raise SystemExit(f"byte count run failed:\n{res.stderr[-3000:]}")
+    report = json.loads(rep.read_text())
+    print(f"### {label}: bytes all-reduced per layer and half (2 processes), measured vs 8·(d²·(1+[Σyyᵀ kept]) + 4d + 1)\n")
+    print("| Σyyᵀ kept | d | layer-halves | stats all-reduces | bytes each (measured) | formula | total stats bytes "
+          "| sent per rank by a ring, 2(N−1)/N | other traffic |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for yy, r in report.items():
+        d, n = r["d"], r["world_size"]
+        formula = 8 * (d * d * (1 + (yy == "True")) + 4 * d + 1)
+        stats_calls = [b for kind, b in r["calls"] if kind == "all_reduce" and b != 8 * n]
+        other = [f"{kind} {b} B" for kind, b in r["calls"] if kind != "all_reduce" or b == 8 * n]
+        sizes = sorted(set(stats_calls))
+        total = sum(stats_calls)
+        print(f"| {yy} | {d} | {r['layer_halves']} | {len(stats_calls)} | {', '.join(map(str, sizes))} | {formula} "
+              f"| {total} | {total * 2 * (n - 1) // n} | {'; '.join(other)} |")
+    print("\n(`all_gather_object`: the pickled layout each process sends; the 16 B all-reduce: the failure flags "
+          "of on_every_rank, 8 B per process.)\n")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--texts", type=int, default=512, help="stories in the corpus (~45 tokens each)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--models", choices=("stories", "llama1024", "both"), default="both")
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=4, metavar=("OUT", "TEXTS", "SRC", "DST"), help=argparse.SUPPRESS)
     p.add_argument("cmd", nargs="*", help=argparse.SUPPRESS)
@@ -136,57 +252,18 @@ def main() -> int:
     if args.worker:
         return _worker(*args.worker)
 
-    from hf_bdgauge import Gauge, SignedPermutation, apply_gauge_to_checkpoint
     from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         tmp = Path(tmp)
-        src = stories260k_hf_dir()
-        planted = SignedPermutation.random(64, seed=3)
-        dst = apply_gauge_to_checkpoint(src, planted, tmp / "recharted", progress=False)
+        src = Path(stories260k_hf_dir())
         corpus = tmp / "corpus.txt"
         corpus.write_text("\n".join(_corpus(args.texts)) + "\n")
-        estimate = ["-m", "hf_bdgauge.cli", "estimate", str(src), str(dst), "--texts", str(corpus), "--batch-size",
-                    str(args.batch_size), "-q", "--dist-timeout", "120"]
-        runs = [("1 process × 1 thread", 1, [sys.executable]),
-                ("1 process × 2 threads", 2, [sys.executable]),
-                ("2 processes × 1 thread (torchrun, gloo)", 1,
-                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])]
-        print(f"## 1 vs 2 processes: `bdgauge estimate` on stories260K (d = 64, 6 residual layers), {args.texts} texts, "
-              f"batch size {args.batch_size}\n")
-        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-        print("| run | tokens | wall s (whole command) | capture s (incl. loading) | match s | peak RSS per process MB "
-              "| gauge = planted |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for i, (label, threads, launcher) in enumerate(runs):
-            out = tmp / f"g{i}"
-            m = _measure(launcher + estimate + ["-o", str(out)], _env(threads))
-            g = Gauge.from_pretrained(out)
-            print(f"| {label} | {g.metrics['tokens']} | {m['wall_s']:.1f} | {g.metrics['capture_time_s']:.2f} | "
-                  f"{g.metrics['match_time_s']:.2f} | {m['peak_rss_mb']:.0f} | {g.element == planted} |")
-        print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-
-        rep = tmp / "bytes.json"
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              __file__, "--worker", str(rep), str(corpus), str(src), str(dst)],
-                             env=_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
-        if res.returncode != 0:
-            raise SystemExit(f"byte count run failed:\n{res.stderr[-3000:]}")
-        report = json.loads(rep.read_text())
-        print("## Bytes all-reduced per layer and half (2 processes), measured vs 8·(d²·(1+[Σyyᵀ kept]) + 4d + 1)\n")
-        print("| Σyyᵀ kept | d | layer-halves | stats all-reduces | bytes each (measured) | formula | total stats bytes "
-              "| other traffic |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for yy, r in report.items():
-            d, n = r["d"], r["world_size"]
-            formula = 8 * (d * d * (1 + (yy == "True")) + 4 * d + 1)
-            stats_calls = [b for kind, b in r["calls"] if kind == "all_reduce" and b != 8 * n]
-            other = [f"{kind} {b} B" for kind, b in r["calls"] if kind != "all_reduce" or b == 8 * n]
-            sizes = sorted(set(stats_calls))
-            print(f"| {yy} | {d} | {r['layer_halves']} | {len(stats_calls)} | {', '.join(map(str, sizes))} | {formula} "
-                  f"| {sum(stats_calls)} | {'; '.join(other)} |")
-        print("\n(`all_gather_object`: the pickled layout each process sends; the 16 B all-reduce: the failure flags "
-              "of on_every_rank, 8 B per process.)")
+        print(f"{args.texts} texts, batch size {args.batch_size}; {os.cpu_count()} CPUs\n")
+        if args.models in ("stories", "both"):
+            _bench_model("stories260K", src, tmp, args, corpus)
+        if args.models in ("llama1024", "both"):
+            _bench_model("random Llama", _random_llama(tmp, src), tmp, args, corpus)
     return 0
 
 

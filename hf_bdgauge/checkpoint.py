@@ -6,6 +6,13 @@ safetensors), transformed by :func:`hf_bdgauge.rules.transform` and written at i
 so peak memory is about two copies of the largest tensor, not the model. Config, tokenizer,
 generation and index files are copied unchanged. The result is assembled in a temporary
 directory beside the destination and renamed into place only when complete.
+
+Many processes (:mod:`hf_bdgauge.distributed`, e.g. ``torchrun … bdgauge apply``): shard ``i``
+of the checkpoint is rewritten by rank ``i mod N`` into one temporary directory that rank 0
+creates on a filesystem every rank sees; rank 0 alone copies the config, tokenizer and index
+files; the destination appears, renamed by rank 0, only once every rank has finished its
+shards (:func:`~hf_bdgauge.distributed.shared_atomic_directory`). A rank that fails or is killed
+leaves no destination behind.
 """
 
 from __future__ import annotations
@@ -24,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import on_every_rank, shared_atomic_directory, world
 from .errors import CheckpointError
 from .gauge import transport_record
-from .files import atomic_directory
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
 from .plan import TransformPlan
@@ -131,6 +138,7 @@ def apply_gauge_to_checkpoint(
     progress: bool = True,
     block_bytes: int = BLOCK_BYTES,
     force: bool = False,
+    group: Any = None,
 ) -> Path:
     """Re-chart a safetensors checkpoint (single file or sharded) without instantiating the model.
 
@@ -147,30 +155,37 @@ def apply_gauge_to_checkpoint(
     (default: as many as there are shards and CPU cores). Tensors are re-charted in blocks of
     about ``block_bytes``, so peak memory stays near ``max_workers × 2 × block_bytes`` above the
     interpreter's, whatever the size of the largest tensor (the source is memory-mapped).
+
+    Under an initialised process group (``group``, default the default group) every rank calls
+    this alike, on a destination every rank sees: each validates, rewrites its shards (shard
+    ``i`` on rank ``i mod N``) and the result appears once, complete (module docstring).
     """
+    rank, size, grp = world(group)
     src = resolve_checkpoint_dir(src_dir, revision)
     plan = TransformPlan.for_checkpoint(src)
-    g = plan.admit(gauge, end="source", force=force)
+    g = on_every_rank(lambda: plan.admit(gauge, end="source", force=force), grp)
     shards = checkpoint_shards(src)
-    headers = {s: read_safetensors_header(s) for s in shards}
-    total = sum(s.stat().st_size for s in shards)
+    mine = shards[rank::size]
+    headers = {s: read_safetensors_header(s) for s in mine}
+    total = sum(s.stat().st_size for s in mine)
     if max_workers is None:
-        max_workers = max(1, min(len(shards), os.cpu_count() or 1))
-    with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
-        for f in src.iterdir():  # config, tokenizer, generation, index, and sub-folders (e.g. 1_Pooling/)
-            if f.name.startswith("."):
-                continue
-            if f.is_dir():
-                shutil.copytree(f, tmp / f.name)
-            elif f.suffix != ".safetensors":
-                shutil.copy2(f, tmp / f.name)
-        if plan.forced:
-            (tmp / PROVENANCE_NAME).write_text(json.dumps({"applied_gauge": transport_record(gauge, forced=True)},
-                                                          indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="re-charting", disable=not progress)
+        max_workers = max(1, min(len(mine), os.cpu_count() or 1))
+    with shared_atomic_directory(dst_dir, overwrite=overwrite, group=grp) as tmp:
+        if rank == 0:
+            for f in src.iterdir():  # config, tokenizer, generation, index, and sub-folders (e.g. 1_Pooling/)
+                if f.name.startswith("."):
+                    continue
+                if f.is_dir():
+                    shutil.copytree(f, tmp / f.name)
+                elif f.suffix != ".safetensors":
+                    shutil.copy2(f, tmp / f.name)
+            if plan.forced:
+                (tmp / PROVENANCE_NAME).write_text(json.dumps({"applied_gauge": transport_record(gauge, forced=True)},
+                                                              indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="re-charting", disable=not progress or rank != 0)
         try:
-            jobs = [(s, tmp / s.name, *headers[s], plan.rules, g, bar, block_bytes) for s in shards]
-            if max_workers > 1 and len(shards) > 1:
+            jobs = [(s, tmp / s.name, *headers[s], plan.rules, g, bar, block_bytes) for s in mine]
+            if max_workers > 1 and len(jobs) > 1:
                 with ThreadPoolExecutor(max_workers=max_workers) as ex:
                     for fu in [ex.submit(_rewrite_shard, *job) for job in jobs]:
                         fu.result()
@@ -179,5 +194,6 @@ def apply_gauge_to_checkpoint(
                     _rewrite_shard(*job)
         finally:
             bar.close()
-    logger.info("re-charted %d shard(s), %.1f MB, into %s", len(shards), total / 1e6, dst_dir)
+    logger.info("re-charted %d shard(s), %.1f MB, into %s%s", len(mine), total / 1e6, dst_dir,
+                f" (rank {rank} of {size}; {len(shards)} shards in all)" if size > 1 else "")
     return Path(dst_dir)

@@ -14,12 +14,14 @@ name (:func:`~hf_bdgauge.estimate.estimate_gauge` — for activations its two st
 the statistics can be saved between them —, :func:`~hf_bdgauge.apply_gauge_to_checkpoint`, the
 transport modules' registered kinds, …).
 
-Under a launcher (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) the verbs that capture
-activations (``estimate``, ``stats``, ``compose``, ``trace``, ``diff``) join the process group
-(:func:`~hf_bdgauge.distributed.init_from_env`, ``--dist-timeout``), split the batches over the
-ranks and all-reduce the sums; rank 0 alone prints and writes, the other ranks exit 0 without
-writing (any rank's failure makes every rank exit 1). What does not split (the weights path,
-``--from-stats``, every other verb) runs on rank 0 only.
+Under a launcher (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) the verbs that can
+split their work (``estimate``, ``stats``, ``compose``, ``trace``, ``diff``, ``apply``) join the
+process group (:func:`~hf_bdgauge.distributed.init_from_env`, ``--dist-timeout``): activation
+captures split the batches and all-reduce the sums, ``--method weights`` and data-free ``trace``
+split the tensors, ``apply`` splits the checkpoint's shards into one shared temporary directory;
+rank 0 alone prints and writes (``apply``: renames), the other ranks exit 0 without writing, and
+any rank's failure makes every rank exit 1. What does not split (``--from-stats``, every other
+verb) runs on rank 0 only.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ logger = logging.getLogger("hf_bdgauge.cli")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _METHODS = ["sign_marginalized", "signed", "permutation", "weights"]
 #: Verbs whose activation capture splits over the ranks of a process group.
-_DISTRIBUTED_VERBS = ("estimate", "stats", "compose", "trace", "diff")
+_DISTRIBUTED_VERBS = ("estimate", "stats", "compose", "trace", "diff", "apply")
 
 
 def _set_threads() -> None:
@@ -118,6 +120,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         raise GaugeError("give --gauge DIR_OR_REPO[@REVISION], or --random-seed N to plant a random gauge")
     out = apply_gauge_to_checkpoint(src, gauge, args.dst, revision=rev, overwrite=args.overwrite,
                                     max_workers=args.workers, progress=not args.quiet, force=args.force)
+    if not is_main():
+        return 0
     print(f"wrote {out} (gauge of dimension {gauge.dim}, {gauge.num_flips} sign flips)")
     if planted is not None:
         gauge.source = ModelRef.from_checkpoint(src, revision=rev)
@@ -146,8 +150,6 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.method == "weights":
         if args.save_stats is not None:
             raise GaugeError("--save-stats saves activation statistics; --method weights has none")
-        if not is_main():
-            return 0  # the weights path does not split: rank 0 alone
         g = estimate_gauge(src, tgt, method=args.method, source_revision=src_rev, target_revision=tgt_rev,
                            progress=not args.quiet, **_big_model_kwargs(args))
         return _save_gauge(g, args.output, args.overwrite, args.force)
@@ -240,7 +242,7 @@ def _refuse_existing(out: Path | None, overwrite: bool) -> None:
 def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Estimation options for big models, from the shared flags (see :func:`_add_big_model_flags`)."""
     if args.method == "weights":
-        kw: dict[str, Any] = {"device": args.device}
+        kw: dict[str, Any] = {"device": args.device or rank_device()}  # under NCCL: this rank's GPU
         if args.dtype:
             kw["compute_dtype"] = getattr(torch, args.dtype)
     else:
@@ -308,8 +310,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
     texts = _read_texts(args.texts)
     _refuse_existing(args.output, args.overwrite)
-    if texts is None and not is_main():
-        return 0  # data-free: the weights path does not split, rank 0 alone
     src, src_rev = split_revision(args.source, args.source_revision)
     tgt, tgt_rev = split_revision(args.target, args.target_revision)
     report = trace(src, tgt, texts, source_revision=src_rev, target_revision=tgt_rev,
@@ -443,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace DST (and the planted gauge) if they exist")
     a.add_argument("--force", action="store_true", help="apply a gauge that does not fit (DST/hf_bdgauge.json records it)")
     a.add_argument("--workers", type=int, default=None, help="shards re-charted in parallel (default: shards and cores)")
+    a.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun / accelerate "
+                   "launch: seconds a rank waits for the others before failing (DST must be on a filesystem "
+                   "every rank sees)")
     a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_cmd_apply)
 

@@ -18,22 +18,32 @@ batch) runs under :func:`on_every_rank`: after it, the ranks agree (one all-redu
 vector) and, if any failed, every rank raises — the failing rank its own error, the others a
 short :class:`~hf_bdgauge.errors.DistributedError` naming it — so no rank is left waiting in a
 collective that will never come.
+
+Writing together (:func:`shared_atomic_directory`): on a filesystem every rank sees, rank 0
+creates one temporary directory beside the destination, every rank writes its part into it,
+the ranks agree that all parts are complete, and rank 0 alone renames it into place. Until that
+rename the destination does not exist (or keeps its old contents), so a rank that fails, or a
+launcher that kills the job at its timeout, never leaves a half-written destination behind: at
+most a hidden ``.NAME.tmp-*`` directory beside it (removed on any failure the ranks see).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 
 from .errors import DistributedError
+from .files import atomic_directory
 
 __all__ = ["DEFAULT_TIMEOUT_S", "collective_device", "init_from_env", "is_main", "on_every_rank", "rank_device", "shard_batches",
-           "shutdown", "world"]
+           "shared_atomic_directory", "shutdown", "world"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +179,45 @@ def on_every_rank(fn: Callable[[], T], group: Any = None) -> T:
         raise DistributedError(f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {size} failed "
                                "(the error is printed by that rank); stopping every rank")
     return result
+
+
+@contextlib.contextmanager
+def shared_atomic_directory(dst: str | os.PathLike, overwrite: bool = False, group: Any = None) -> Iterator[Path]:
+    """:func:`~hf_bdgauge.files.atomic_directory` for every rank of ``group`` at once, on a
+    filesystem they all see (module docstring).
+
+    Every rank must enter it at the same point. Rank 0 checks the destination and creates the
+    temporary directory (if that fails, every rank raises), every rank gets its path and writes
+    its own files into it; on leaving, the ranks agree (:func:`on_every_rank`) that every body
+    succeeded, then rank 0 gives the files the user's umask and renames the directory to ``dst``,
+    and every rank returns only once that rename is done. If any body raised, rank 0 removes the
+    temporary directory, ``dst`` stays as it was, and every rank raises. One process: exactly
+    :func:`~hf_bdgauge.files.atomic_directory`.
+    """
+    rank, size, g = world(group)
+    if size == 1:
+        with atomic_directory(dst, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    import torch.distributed as dist
+
+    with contextlib.ExitStack() as stack:  # rank 0 holds the atomic directory; closing it renames
+        made = on_every_rank(lambda: str(stack.enter_context(atomic_directory(dst, overwrite=overwrite)))
+                             if rank == 0 else None, g)
+        box = [made]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(g, 0), group=g, device=collective_device(g))
+        tmp = Path(box[0])
+        error: BaseException | None = None
+        try:
+            yield tmp
+        except BaseException as e:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            error = e
+        if error is not None and not isinstance(error, Exception):
+            raise error  # KeyboardInterrupt, SystemExit: no agreement; rank 0's stack removes tmp
+
+        def check() -> None:
+            if error is not None:
+                raise error
+
+        on_every_rank(check, g)  # raises on every rank if any failed; rank 0's stack then removes tmp
+        on_every_rank(stack.close, g)  # rank 0 renames; every rank waits for it (and sees it fail)

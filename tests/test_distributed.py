@@ -268,3 +268,163 @@ def test_a_failing_rank_makes_every_rank_fail_and_nothing_is_written(pair, tmp_p
     assert "injected failure on rank 1" in err1 and "injected failure" not in err0
     assert "rank 1 of 2 failed" in err0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failing.py"]
+
+
+# ----------------------------------------------------------------------------- weights, apply, trace, compose
+def _torchrun(argv: list[str], module: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2`` of ``hf_bdgauge.cli`` (or of a script), bounded."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    res = subprocess.run(cmd + (["-m", "hf_bdgauge.cli"] if module else []) + argv, env=_env(), capture_output=True,
+                         text=True, timeout=SUB_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+_WEIGHT_SUMS = """
+import sys
+import numpy as np
+from hf_bdgauge.distributed import init_from_env, shutdown
+from hf_bdgauge.estimate import weight_similarity
+rank, size, _ = init_from_env(60)
+sim, _, _ = weight_similarity(sys.argv[1], sys.argv[2], progress=False)
+if rank == 0:
+    arrays = {f"{h}.{k}": getattr(part, k) for h, part in enumerate(sim.halves) for k in
+              ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram", "tgt_gain_gram")}
+    np.savez(sys.argv[3], names0=np.array(sim.halves[0].tensors), names1=np.array(sim.halves[1].tensors),
+             size=size, **arrays)
+shutdown()
+"""
+
+
+def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, tmp_path):
+    """Data-free matching under torchrun: each rank reads every other tensor, the d×d sums equal
+    one process's to 1e-12 (each tensor's products are one process's), the same tensors sit in
+    the same halves, and `estimate --method weights` writes, once, the one-process gauge."""
+    import numpy as np
+
+    from hf_bdgauge.estimate import weight_similarity
+
+    src, dst, _, planted = pair
+    script = tmp_path / "sums.py"
+    script.write_text(_WEIGHT_SUMS)
+    _torchrun([str(script), str(src), str(dst), str(tmp_path / "two.npz")], module=False)
+    two = np.load(tmp_path / "two.npz")
+    torch.set_num_threads(1)
+    try:
+        one, _, _ = weight_similarity(src, dst, progress=False)
+    finally:
+        torch.set_num_threads(2)
+    assert int(two["size"]) == 2
+    for h, part in enumerate(one.halves):
+        assert list(two[f"names{h}"]) == part.tensors and part.tensors
+        for k in ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram",
+                  "tgt_gain_gram"):
+            assert_close_rel(torch.from_numpy(two[f"{h}.{k}"]), torch.from_numpy(getattr(part, k)), rtol=1e-12,
+                             what=f"half {h} {k}")
+
+    out = tmp_path / "gauge"
+    res = _torchrun(["estimate", str(src), str(dst), "--method", "weights", "-q", "--dist-timeout", "60", "-o", str(out)])
+    assert res.stdout.count(f"saved to {out}\n") == 1
+    assert _one_thread_main(["estimate", str(src), str(dst), "--method", "weights", "-q", "-o", str(tmp_path / "one")]) == 0
+    g1, g2 = Gauge.from_pretrained(tmp_path / "one"), Gauge.from_pretrained(out)
+    assert g2.element == g1.element == planted
+    assert (g1.metrics["world_size"], g2.metrics["world_size"]) == (1, 2)
+    assert_close_rel(torch.tensor(g2.metrics["p_value"]), torch.tensor(g1.metrics["p_value"]), rtol=1e-6, what="p")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """stories260K saved in 4 safetensors shards (with an index)."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("sharded")
+    AutoModelForCausalLM.from_pretrained(stories260k_hf_dir()).save_pretrained(root / "ckpt", max_shard_size="300KB")
+    assert len(list((root / "ckpt").glob("*.safetensors"))) == 4
+    return root / "ckpt"
+
+
+def test_apply_splits_the_shards_over_two_ranks_and_writes_the_one_process_bytes(sharded, tmp_path):
+    """torchrun apply: rank r rewrites shards r, r+2, …; the directory (weights, index, config)
+    is byte for byte the one-process result and the planted gauge is saved once; no temporaries."""
+    _torchrun(["apply", str(sharded), str(tmp_path / "two"), "--random-seed", "3", "-q", "--dist-timeout", "60"])
+    assert main(["apply", str(sharded), str(tmp_path / "one"), "--random-seed", "3", "-q"]) == 0
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one == sorted(p.name for p in (tmp_path / "two").iterdir()) and "model.safetensors.index.json" in one
+    for name in one:  # re-charting is gathers and sign flips: exact
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert Gauge.from_pretrained(tmp_path / "two.gauge").element == Gauge.from_pretrained(tmp_path / "one.gauge").element
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.gauge", "two", "two.gauge"]
+
+
+_FAILING_SHARD = """
+import os, sys
+import hf_bdgauge.checkpoint as checkpoint
+real = checkpoint._rewrite_shard
+def rewrite(src, dst, *args, **kwargs):
+    if os.environ["RANK"] == "1":
+        dst.write_bytes(b"half")  # a partial shard in the shared temporary directory
+        raise OSError("injected disk failure on rank 1")
+    return real(src, dst, *args, **kwargs)
+checkpoint._rewrite_shard = rewrite
+from hf_bdgauge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_fails_mid_apply_leaves_no_destination(sharded, tmp_path):
+    """Rank 1 fails after writing part of a shard: every rank exits 1 (rank 1 with its error,
+    rank 0 naming rank 1), well before the timeout, and neither the destination nor the shared
+    temporary directory is left behind."""
+    script = tmp_path / "failing.py"
+    script.write_text(_FAILING_SHARD)
+    work = tmp_path / "out"
+    work.mkdir()
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "apply", str(sharded), str(work / "dst"), "--random-seed", "3", "-q",
+                          "--dist-timeout", "60"], env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
+    assert time.perf_counter() - t0 < 60 + SUB_TIMEOUT_S / 2
+    assert res.returncode != 0
+    assert "injected disk failure on rank 1" in res.stderr and "rank 1 of 2 failed" in res.stderr
+    assert list(work.iterdir()) == []
+
+
+def test_trace_and_compose_under_two_ranks_match_one_process(pair, tmp_path):
+    """trace --texts (batches split) and compose over three checkpoints (every hop's capture split)
+    give the one-process gauges and p-values; each writes once."""
+    src, dst, corpus, planted = pair
+    common = ["--max-tokens", "120", "--calibration-draws", "16", "-q"]
+    _torchrun(["trace", str(src), str(dst), "--texts", str(corpus), "--dist-timeout", "60", "-o", str(tmp_path / "t2")]
+              + common)
+    assert _one_thread_main(["trace", str(src), str(dst), "--texts", str(corpus), "-o", str(tmp_path / "t1")]
+                            + common) == 0
+    t1, t2 = Gauge.from_pretrained(tmp_path / "t1"), Gauge.from_pretrained(tmp_path / "t2")
+    assert t2.element == t1.element == planted and t2.metrics["world_size"] == 2
+    assert t2.metrics["tokens"] == t1.metrics["tokens"] == 120
+    assert_close_rel(torch.tensor(t2.metrics["trace_p_value"]), torch.tensor(t1.metrics["trace_p_value"]), rtol=1e-6,
+                     what="trace p")
+
+    mid = apply_gauge_to_checkpoint(dst, SignedPermutation.random(64, seed=11), tmp_path / "mid", progress=False)
+    chain = [str(src), str(dst), str(mid)]
+    res = _torchrun(["compose", *chain, "--texts", str(corpus), "--batch-size", "1", "--dist-timeout", "60", "-o",
+                     str(tmp_path / "c2")] + common)
+    assert res.stdout.count(f"saved to {tmp_path / 'c2'}") == 1
+    assert _one_thread_main(["compose", *chain, "--texts", str(corpus), "--batch-size", "1", "-o",
+                             str(tmp_path / "c1")] + common) == 0
+    c1, c2 = Gauge.from_pretrained(tmp_path / "c1"), Gauge.from_pretrained(tmp_path / "c2")
+    assert c2.element == c1.element == SignedPermutation.random(64, seed=11) @ planted
+
+
+def test_accelerate_launch_runs_the_same_estimate(pair, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; gloo without CUDA)."""
+    pytest.importorskip("accelerate")
+    src, dst, corpus, planted = pair
+    out = tmp_path / "acc"
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                          "hf_bdgauge.cli", "estimate", str(src), str(dst), "--texts", str(corpus), "--batch-size", "1",
+                          "--max-tokens", "150", "--calibration-draws", "16", "-q", "--dist-timeout", "60", "-o", str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
+    assert res.returncode == 0, res.stderr[-3000:]
+    g = Gauge.from_pretrained(out)
+    assert g.element == planted and g.metrics["world_size"] == 2 and g.metrics["tokens"] == 150

@@ -42,6 +42,51 @@ def test_the_readme_has_what_this_test_runs():
     assert commands.count("bdgauge") >= 10 and set(commands) <= {"bdgauge", "python", "make"}, set(commands)
 
 
+#: sample values for the variables the launcher block uses
+_LAUNCH_ENV = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "16", "HEAD_NODE": "node0"}
+
+
+def _launcher_lines(code: str) -> list[list[str]]:
+    """The commands of an ``sh`` block: continuation lines joined, ``VAR=value`` prefixes and a
+    trailing ``&`` dropped, ``$VAR`` replaced by :data:`_LAUNCH_ENV`."""
+    for k, v in _LAUNCH_ENV.items():
+        code = code.replace(f"${k}", v)
+    out = []
+    for argv in command_lines(code.replace("\\\n", " ")):
+        while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
+            argv = argv[1:]
+        out.append([a for a in argv if a != "&"])
+    return out
+
+
+def test_the_launcher_block_parses():
+    """The ``sh`` block (commands that need a launcher, GPUs or a SLURM array, so the test below
+    cannot run them; tests/test_distributed.py runs the same verbs under torchrun and accelerate)
+    is checked as far as it can be here: each launcher line parses with that launcher's own parser
+    (torchrun's, accelerate's), and the ``bdgauge`` command it launches with ``bdgauge``'s."""
+    from torch.distributed.run import get_args_parser
+
+    from hf_bdgauge.cli import build_parser
+
+    blocks = [code for lang, code in readme_blocks() if lang == "sh"]
+    assert blocks
+    seen = set()
+    for argv in (a for code in blocks for a in _launcher_lines(code)):
+        if argv[0] == "torchrun":
+            launcher = get_args_parser().parse_args(argv[1:])
+            assert launcher.module and launcher.training_script == "hf_bdgauge.cli", argv
+            argv = ["bdgauge", *launcher.training_script_args]
+        elif argv[:2] == ["accelerate", "launch"]:
+            from accelerate.commands.launch import launch_command_parser
+
+            launcher = launch_command_parser().parse_args(argv[2:])
+            assert launcher.module and launcher.training_script == "hf_bdgauge.cli", argv
+            argv = ["bdgauge", *launcher.training_script_args]
+        assert argv[0] == "bdgauge", argv
+        seen.add(build_parser().parse_args(argv[1:]).verb)
+    assert {"estimate", "stats", "apply"} <= seen, seen
+
+
 @pytest.mark.real
 def test_every_block_and_command_line_runs_in_order(hub, tmp_path, monkeypatch, capsys):
     from hf_bdgauge.cli import main as bdgauge

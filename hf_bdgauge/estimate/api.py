@@ -88,7 +88,7 @@ def estimate_gauge(
         return estimate_gauge_from_weights(
             source, target, source_revision=source_revision, target_revision=target_revision, null_draws=null_draws,
             calibration_draws=calibration_draws, seed=seed, min_excess=min_excess, identity_tol=identity_tol,
-            fingerprint=fingerprint, progress=progress,
+            fingerprint=fingerprint, progress=progress, group=group,
             **weights_kwargs,
         )
     if weights_kwargs:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..distributed import world
 from ..gauge import Gauge
 from ..hub import resolve_checkpoint_dir
 from ..roles import spec_for_config
@@ -192,6 +193,7 @@ def trace(
     max_length: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    group: Any = None,
     **weights_kwargs: Any,
 ) -> TraceReport:
     """Is ``target`` derived from ``source`` up to a signed permutation (module docstring)?
@@ -201,20 +203,23 @@ def trace(
     or batches) otherwise. Returns a :class:`TraceReport`: the recovered gauge (with its own
     calibrated p-value and identified coordinates), one row per layer, ``report.p_value`` (the
     gauge's pooled test; ``report.derived`` at the documented level) and ``report.layers_p_value``
-    (the Cauchy combination of the rows' p-values).
+    (the Cauchy combination of the rows' p-values). Under an initialised process group
+    (``group``, default the default group) every rank calls this alike and the work is split as
+    in :func:`~hf_bdgauge.estimate.estimate_gauge` (batches of ``data``, or tensors of the weights);
+    every rank returns the same report.
     """
     t0 = time.perf_counter()
     if data is None:
         gauge = estimate_gauge(source, target, method="weights", source_revision=source_revision,
                                target_revision=target_revision, calibration_draws=calibration_draws, seed=seed,
-                               progress=progress, null_draws=0, **weights_kwargs)
+                               progress=progress, null_draws=0, group=group, **weights_kwargs)
         rows = _weights_rows(source, target, gauge, draws=calibration_draws, seed=seed,
-                             revisions=(source_revision, target_revision), **weights_kwargs)
+                             revisions=(source_revision, target_revision), group=group, **weights_kwargs)
         mode = "data-free (weights)"
     else:
         src_model, tgt_model, tok = _load_pair(source, target, data, tokenizer, source_revision, target_revision)
         stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tok, layers=layers, max_tokens=max_tokens,
-                                   max_length=max_length, batch_size=batch_size, progress=progress)
+                                   max_length=max_length, batch_size=batch_size, progress=progress, group=group)
         gauge = estimate_from_stats(stats, calibration_draws=calibration_draws, seed=seed, null_draws=0,
                                     source=model_ref(src_model, source_revision, fingerprint=True),
                                     target=model_ref(tgt_model, target_revision, fingerprint=True))
@@ -225,6 +230,7 @@ def trace(
     p = float(gauge.metrics["p_value"])
     p_layers = cauchy_combination([r.p_value for r in rows])
     report = TraceReport(gauge, rows, p, p_layers, mode=mode, seconds=time.perf_counter() - t0)
+    gauge.metrics.setdefault("world_size", world(group)[1])
     gauge.metrics.update(trace_p_value=p, trace_layers_p_value=p_layers, trace_derived=report.derived,
                          trace_layers=[{"layer": r.layer, "p_value": r.p_value, "verdict": r.verdict} for r in rows])
     logger.info("trace: %s", report.summary().splitlines()[-1])

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import collective_device, on_every_rank, world
 from ..errors import DimensionMismatchError, UnsupportedArchitectureError
 from ..gauge import Gauge, ModelRef
 from ..hub import resolve_checkpoint_dir, split_revision
@@ -274,6 +275,7 @@ def weight_similarity(
     fingerprint: bool = False,
     progress: bool = True,
     select: Callable[[str], bool] | None = None,
+    group: Any = None,
 ) -> tuple[WeightSimilarity, ModelRef, ModelRef]:
     """Accumulate the signature similarity of two models (modules, checkpoint dirs or Hub ids).
 
@@ -282,7 +284,15 @@ def weight_similarity(
     tensor's blocks in ``compute_dtype`` (float32 at least) and over tensors in float64. Returns the
     :class:`WeightSimilarity` and both ModelRefs (fingerprinted when ``fingerprint=True``).
     ``select(name)`` keeps only some tensors (e.g. one decoder block's, for a per-layer report).
+
+    Many processes (:mod:`hf_bdgauge.distributed`): under an initialised process group (``group``,
+    default the default group) every rank must call this with the same arguments. Tensor ``p``
+    of the name-ordered plan is read and multiplied on rank ``p mod N`` only (it still joins the
+    half ``p mod 2``), the d×d sums are all-reduced and every rank returns the same similarity:
+    each tensor's products are those of one process, so the sums equal the single-process ones
+    up to the order of their float64 additions. A rank that fails makes every rank fail.
     """
+    rank, size, grp = world(group)
     if tensor_weighting not in TENSOR_WEIGHTINGS:
         raise EstimationError(f"unknown tensor_weighting {tensor_weighting!r}; choose one of {TENSOR_WEIGHTINGS}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -307,7 +317,53 @@ def weight_similarity(
 
         halves = (zeros(), zeros())  # the even and the odd tensors in name order (the calibrated p-value's halves)
         plan = sorted(plan, key=lambda nr: nr[0])
-        for position, (name, rule) in enumerate(tqdm(plan, desc="weight signatures", unit="tensor", disable=not progress)):
+        mine = [(p, n, r) for p, (n, r) in enumerate(plan) if p % size == rank]
+        bar = tqdm(mine, desc="weight signatures", unit="tensor", disable=not progress or rank != 0)
+        on_every_rank(lambda: _accumulate(bar, halves, src, tgt, d, dev, include_gains=include_gains,
+                                          tensor_weighting=tensor_weighting, compute_dtype=compute_dtype,
+                                          acc_dtype=acc_dtype, block_elements=block_elements,
+                                          track_target_gram=track_target_gram), grp)
+        if size > 1:
+            _all_reduce_halves(halves, plan, grp)
+    np_ = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
+    parts = tuple(WeightSimilarity(**{k: (v if k == "tensors" else np_(v)) for k, v in h.items()},
+                                   allows_signs=src.spec.allows_signs) for h in halves)
+    sim = parts[0] + parts[1]
+    sim.halves = parts  # type: ignore[assignment]
+    return sim, src.ref, tgt.ref
+
+
+def _all_reduce_halves(halves: tuple[dict[str, Any], dict[str, Any]], plan: list[tuple[str, TensorRule]],
+                       group: Any) -> None:
+    """Sum both halves' accumulators over the ranks of ``group`` in place (one flat float64
+    tensor per half) and give every rank the tensors used anywhere, in plan order."""
+    import torch.distributed as dist
+
+    keys = [k for k in sorted(halves[0]) if k != "tensors" and halves[0][k] is not None]
+    order = {n: i for i, (n, _) in enumerate(plan)}
+    dev = collective_device(group)
+    for h in halves:
+        flat = torch.cat([h[k].reshape(-1) for k in keys]).to(dev)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat = flat.to(h[keys[0]].device)
+        at = 0
+        for k in keys:
+            n = h[k].numel()
+            h[k].copy_(flat[at:at + n].view_as(h[k]))
+            at += n
+        names: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(names, h["tensors"], group=group)
+        h["tensors"] = sorted((n for part in names for n in part), key=order.__getitem__)
+
+
+def _accumulate(items: Any, halves: tuple[dict[str, Any], dict[str, Any]], src: _Tensors, tgt: _Tensors, d: int,
+                dev: torch.device, *, include_gains: bool, tensor_weighting: str, compute_dtype: torch.dtype,
+                acc_dtype: torch.dtype, block_elements: int, track_target_gram: bool) -> None:
+    """Add the signature products of ``items`` (``(position, name, rule)``) into ``halves``
+    (the half ``position mod 2``), tensor by tensor and block by block (module docstring)."""
+    z = lambda *s: torch.zeros(s, dtype=torch.float64, device=dev)  # noqa: E731
+    try:
+        for position, name, rule in items:
             acc = halves[position % 2]
             gain = rule.role is Role.GAIN
             if gain and not include_gains:
@@ -348,12 +404,9 @@ def weight_similarity(
                 acc["tgt_gain_gram" if gain else "tgt_gram"].add_(K, alpha=fb * fb)
             acc["tensors"].append(name)
             del M, K
-    np_ = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
-    parts = tuple(WeightSimilarity(**{k: (v if k == "tensors" else np_(v)) for k, v in h.items()},
-                                   allows_signs=src.spec.allows_signs) for h in halves)
-    sim = parts[0] + parts[1]
-    sim.halves = parts  # type: ignore[assignment]
-    return sim, src.ref, tgt.ref
+    finally:
+        if hasattr(items, "close"):
+            items.close()
 
 
 def estimate_gauge_from_weights(
@@ -374,6 +427,7 @@ def estimate_gauge_from_weights(
     identity_tol: float = 0.01,
     fingerprint: bool = True,
     progress: bool = True,
+    group: Any = None,
 ) -> Gauge:
     """Data-free estimate of ``G`` (``h_target ≈ G·h_source``) from the weights alone.
 
@@ -385,7 +439,10 @@ def estimate_gauge_from_weights(
     ``calibration_draws`` Haar rotations of the target's signatures). ``null_draws`` sets the
     descriptive rotated null (0 skips it). ``device`` runs the products there (e.g. ``"cuda"``);
     ``block_elements`` bounds how much of a tensor is in memory at once (see
-    :func:`weight_similarity`). ``min_excess`` is ignored.
+    :func:`weight_similarity`). ``min_excess`` is ignored. Under an initialised process group
+    (``group``, default the default group) every rank calls this alike: the tensors are split
+    over the ranks (:func:`weight_similarity`), every rank matches the same all-reduced sums and
+    returns the same gauge, which records ``metrics["world_size"]``.
     """
     if min_excess is not None:
         warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
@@ -395,7 +452,7 @@ def estimate_gauge_from_weights(
         source, target, source_revision=source_revision, target_revision=target_revision,
         tensor_weighting=tensor_weighting, include_gains=include_gains, track_target_gram=True,
         compute_dtype=compute_dtype, device=device, block_elements=block_elements, fingerprint=fingerprint,
-        progress=progress,
+        progress=progress, group=group,
     )
     t_sim = time.perf_counter() - t0
     A, S, M = sim.scores()
@@ -416,6 +473,7 @@ def estimate_gauge_from_weights(
     metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol, what="cos",
                           matched_fit=sim.fit(match.element))
     metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=tensor_weighting,
+                   world_size=world(group)[1],
                    similarity_time_s=t_sim, calibration_time_s=time.perf_counter() - t_cal,
                    time_s=time.perf_counter() - t0)
     metrics["summary"] += f" (data-free, {len(sim.tensors)} tensors, {metrics['time_s']:.2f} s)"
