@@ -99,7 +99,7 @@ def estimate_gauge(
                         max_tokens=max_tokens, dtype=dtype, device_map=device_map, fingerprint=fingerprint,
                         progress=progress, group=group)
     g = gauge_from_capture(pair, method, pooling=pooling, null_draws=null_draws, calibration_draws=calibration_draws,
-                           seed=seed, min_excess=min_excess, identity_tol=identity_tol)
+                           seed=seed, min_excess=min_excess, identity_tol=identity_tol, group=group, across_ranks=True)
     g.metrics["time_s"] = time.perf_counter() - t0
     return g
 
@@ -164,12 +164,15 @@ def gauge_from_capture(
     seed: int = 0,
     min_excess: float | None = None,
     identity_tol: float = 0.01,
+    group: Any = None,
+    across_ranks: bool = False,
 ) -> Gauge:
     """Match captured (or loaded and merged) statistics into a gauge
     (:func:`~hf_bdgauge.estimate.matching.estimate_from_stats` with both ends' provenance; for a
     family without sign symmetry ``sign_marginalized`` falls back to ``permutation``). The gauge
     records ``metrics["world_size"]`` (processes that captured) and ``metrics["tokens"]`` (all
-    of them)."""
+    of them). ``across_ranks=True`` when every rank of ``group`` calls this with the same
+    statistics: the calibration's draws are then split over the ranks (the same gauge)."""
     if method not in ACTIVATION_METHODS:
         raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS}, not {method!r}")
     t0 = time.perf_counter()
@@ -177,7 +180,8 @@ def gauge_from_capture(
     method = _restrict_to_family(pair.model_type, method)
     g = estimate_from_stats(pair.stats, method, layers=layers, pooling=pooling, null_draws=null_draws,
                             calibration_draws=calibration_draws, seed=seed, min_excess=min_excess,
-                            identity_tol=identity_tol, source=pair.source, target=pair.target)
+                            identity_tol=identity_tol, source=pair.source, target=pair.target, group=group,
+                            across_ranks=across_ranks)
     g.metrics["capture_time_s"] = pair.capture_time_s
     g.metrics["world_size"] = int(pair.world_size)
     g.metrics["time_s"] = pair.capture_time_s + time.perf_counter() - t0

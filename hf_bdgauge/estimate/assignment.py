@@ -96,5 +96,12 @@ def match_scores(A: np.ndarray, S: np.ndarray, method: str = "sign_marginalized"
 
 def random_orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
     """A Haar-random orthogonal d×d matrix (QR of a Gaussian matrix with the signs of R fixed)."""
-    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return haar_from_gaussian(rng.standard_normal((d, d)))
+
+
+def haar_from_gaussian(z: np.ndarray) -> np.ndarray:
+    """The Haar-distributed ``Q`` of a standard Gaussian square matrix ``z = Q·R`` (the columns'
+    signs fixed by ``sign(diag R)``), so a caller may draw ``z`` and decide later whether to pay
+    for the QR (one rank of many does)."""
+    q, r = np.linalg.qr(z)
     return q * np.sign(np.where(np.diag(r) == 0, 1.0, np.diag(r)))[None, :]

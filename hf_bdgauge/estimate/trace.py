@@ -124,7 +124,8 @@ def _group_of(spec: Any, name: str) -> str:
     return "outside blocks" if b is None else f"block {b}"
 
 
-def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: int, revisions: tuple, **kw: Any) -> list[LayerRow]:
+def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: int, revisions: tuple, group: Any = None,
+                  **kw: Any) -> list[LayerRow]:
     """One row per decoder block (and one for the tensors outside the blocks)."""
     if isinstance(source, torch.nn.Module):
         spec = spec_for_config(source.config)
@@ -133,34 +134,36 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: i
         d = resolve_checkpoint_dir(source, revisions[0])
         spec = spec_for_config(read_model_config(d))
         names = list(tensor_index(d))
-    groups = sorted({_group_of(spec, n) for n in names if spec.rule_for(n) is not None},
+    blocks = sorted({_group_of(spec, n) for n in names if spec.rule_for(n) is not None},
                     key=lambda g: (g != "outside blocks", int(g.split()[-1]) if g.startswith("block") else -1))
     rows = []
     el = gauge.element
-    for group in groups:
+    for block in blocks:
         try:
             sim, _, _ = weight_similarity(source, target, source_revision=revisions[0], target_revision=revisions[1],
-                                          select=lambda n, g=group: _group_of(spec, n) == g, progress=False, **kw)
+                                          select=lambda n, b=block: _group_of(spec, n) == b, progress=False,
+                                          group=group, **kw)
         except EstimationError:
-            continue  # no residual tensor in this group
+            continue  # no residual tensor in this block
         A, S, M = sim.scores()
         halves = sim.halves
         method = "sign_marginalized" if sim.allows_signs else "permutation"
         if halves is None or not halves[0].tensors or not halves[1].tensors:
             cal = uninformative(el.dim, "one tensor only")
         else:
-            cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), method, el, (A, M), draws=draws, seed=seed)
+            cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), method, el, (A, M), draws=draws, seed=seed,
+                            group=group, across_ranks=True)
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = sim.fit(el)
         best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)
         # a block's few tensors identify few coordinates alone: its verdict reads the fits (the gauge is
         # the block's own best match) and the block's p-value, and reports the identification beside them
-        rows.append(LayerRow(group, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit,
+        rows.append(LayerRow(block, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit,
                              layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit)))
     return rows
 
 
-def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling: str) -> list[LayerRow]:
+def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling: str, group: Any = None) -> list[LayerRow]:
     """One row per residual layer."""
     el = gauge.element
     idx = np.arange(el.dim)
@@ -168,7 +171,8 @@ def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling
     for layer in stats.layers:
         one = stats.select([layer])
         A, S = pooled_correlations(one, pooling)
-        cal = calibrate_stats(one, "sign_marginalized", el, (A, S), pooling=pooling, draws=draws, seed=seed)
+        cal = calibrate_stats(one, "sign_marginalized", el, (A, S), pooling=pooling, draws=draws, seed=seed,
+                              group=group, across_ranks=True)
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = float(np.mean(el.signs * S[idx, el.perm]))
         best = match_scores(A, S, "sign_marginalized").element
@@ -221,9 +225,10 @@ def trace(
         stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tok, layers=layers, max_tokens=max_tokens,
                                    max_length=max_length, batch_size=batch_size, progress=progress, group=group)
         gauge = estimate_from_stats(stats, calibration_draws=calibration_draws, seed=seed, null_draws=0,
+                                    group=group, across_ranks=True,
                                     source=model_ref(src_model, source_revision, fingerprint=True),
                                     target=model_ref(tgt_model, target_revision, fingerprint=True))
-        rows = _activation_rows(stats, gauge, draws=calibration_draws, seed=seed, pooling="mean_abs")
+        rows = _activation_rows(stats, gauge, draws=calibration_draws, seed=seed, pooling="mean_abs", group=group)
         mode = f"activations ({stats.n_tokens} tokens)"
     if not rows:
         raise EstimationError("no layer to test")

@@ -78,9 +78,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import stats as sps
 
+from ..distributed import collective_device, on_every_rank, world
 from ..errors import EstimationError
 from ..gauge import DEFAULT_MIN_IDENTIFIED
-from .assignment import ACTIVATION_METHODS, MatchResult, hungarian, random_orthogonal
+from .assignment import ACTIVATION_METHODS, MatchResult, haar_from_gaussian, hungarian
 
 __all__ = [
     "LEVEL",
@@ -322,10 +323,16 @@ def uninformative(d: int, note: str, *, level: float = LEVEL, id_alpha: float = 
 
 def calibrate(half1: Parts, half2: Parts, method: str, element: Any, full_scores: tuple[np.ndarray, np.ndarray], *,
               draws: int = CALIBRATION_DRAWS, seed: int = 0, trim: float = TRIM, level: float = LEVEL,
-              id_alpha: float = ID_ALPHA) -> Calibration:
+              id_alpha: float = ID_ALPHA, group: Any = None, across_ranks: bool = False) -> Calibration:
     """The calibrated p-value of ``method`` and the identification of the match ``element``
     (``perm``, ``signs``) from two halves, with ``full_scores = (A, S)`` of both halves together.
-    ``draws`` Haar rotations are shared by the statistic and the identification."""
+    ``draws`` Haar rotations are shared by the statistic and the identification.
+
+    ``across_ranks=True`` (every rank of ``group``, default the default process group, calls this
+    with the same arguments) splits the draws: every rank draws the same Gaussian matrices from the
+    one seeded stream, rank ``r`` pays for the QR, the rotated halves and the matching of draws
+    ``k ≡ r mod N`` only, and one all-reduce gathers the null rows (each row is one rank's, the
+    others add exact zeros), so every rank returns the single-process calibration."""
     if method not in ACTIVATION_METHODS:
         raise EstimationError(f"unknown method {method!r}; choose one of {ACTIVATION_METHODS}")
     if draws < 3:
@@ -336,13 +343,30 @@ def calibrate(half1: Parts, half2: Parts, method: str, element: Any, full_scores
     obs2 = (half2.signed(None), half2.unsigned(None))
     v_obs = {m: _crossfit(obs1, obs2, pool, m) for m in methods}
     rng = np.random.default_rng(seed)
-    Vn = {m: np.empty((draws, d)) for m in methods}
-    for k in range(draws):
-        Q = random_orthogonal(d, rng)
-        r1 = (half1.signed(Q), half1.unsigned(Q))
-        r2 = (half2.signed(Q), half2.unsigned(Q))
-        for m in methods:
-            Vn[m][k] = _crossfit(r1, r2, pool, m)
+    rank, size, grp = world(group) if across_ranks else (0, 1, None)
+    Vn = {m: np.zeros((draws, d)) for m in methods}
+
+    def my_draws() -> None:
+        for k in range(draws):
+            z = rng.standard_normal((d, d))  # every rank advances the one stream alike
+            if k % size != rank:
+                continue
+            Q = haar_from_gaussian(z)
+            r1 = (half1.signed(Q), half1.unsigned(Q))
+            r2 = (half2.signed(Q), half2.unsigned(Q))
+            for m in methods:
+                Vn[m][k] = _crossfit(r1, r2, pool, m)
+
+    on_every_rank(my_draws, grp)
+    if size > 1:
+        import torch
+        import torch.distributed as dist
+
+        flat = torch.from_numpy(np.concatenate([Vn[m].reshape(-1) for m in methods])).to(collective_device(grp))
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=grp)
+        flat = flat.cpu().numpy()
+        for i, m in enumerate(methods):
+            Vn[m] = flat[i * draws * d:(i + 1) * draws * d].reshape(draws, d).copy()
     A1, S1 = _scores(obs1[0], obs1[1], pool, "sign_marginalized")
     A2, S2 = _scores(obs2[0], obs2[1], pool, "sign_marginalized")
     A, S = (np.asarray(x, dtype=np.float64) for x in full_scores)

@@ -469,7 +469,7 @@ def estimate_gauge_from_weights(
         cal = uninformative(sim.dim, "fewer than two tensors carry residual coordinates: no calibrated p-value")
     else:
         cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), how, match.element, (A, M),
-                        draws=calibration_draws, seed=seed)
+                        draws=calibration_draws, seed=seed, group=group, across_ranks=True)
     metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol, what="cos",
                           matched_fit=sim.fit(match.element))
     metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=tensor_weighting,
