@@ -122,7 +122,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                                     max_workers=args.workers, progress=not args.quiet, force=args.force)
     if not is_main():
         return 0
-    print(f"wrote {out} (gauge of dimension {gauge.dim}, {gauge.num_flips} sign flips)")
+    print(f"wrote {out} (gauge of dimension {gauge.dim}, {_describe_element(gauge)})")
     if planted is not None:
         gauge.source = ModelRef.from_checkpoint(src, revision=rev)
         gauge.target = ModelRef.from_checkpoint(out)
@@ -163,7 +163,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.save_stats is not None and is_main():
         save_pair_stats(pair, args.save_stats, overwrite=args.overwrite)
         print(f"statistics saved to {args.save_stats}")
-    g = gauge_from_capture(pair, args.method, **match)
+    g = gauge_from_capture(pair, args.method, across_ranks=True, **match)  # every rank: the draws split
     return _save_gauge(g, args.output, args.overwrite, args.force)
 
 
@@ -229,6 +229,11 @@ def _shard(spec: str) -> tuple[int, int]:
     if not 0 <= k < n:
         raise argparse.ArgumentTypeError(f"--shard {spec}: K must be one of 0..N-1")
     return k, n
+
+
+def _describe_element(g: Any) -> str:
+    """``"N sign flips"`` of a signed-permutation gauge, the kind of a rotation's."""
+    return f"a rotation, {g.kind}" if getattr(g, "is_rotation", False) else f"{g.num_flips} sign flips"
 
 
 def _refuse_existing(out: Path | None, overwrite: bool) -> None:
@@ -343,7 +348,7 @@ def _cmd_transport(args: argparse.Namespace) -> int:
     if args.inverse:
         g = g.inverse()
     out = transport_kinds()[args.kind].run(args, g)
-    print(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {g.num_flips} sign flips)")
+    print(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {_describe_element(g)})")
     return 0
 
 
