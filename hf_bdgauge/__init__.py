@@ -4,7 +4,8 @@ An RMSNorm transformer computes the same function after its residual stream is r
 any signed permutation ``G = P·D`` (the group B_d). This package represents such gauges,
 applies them to models and checkpoints, estimates them between checkpoints, and transports
 coordinate-indexed objects (adapters, SAEs, steering vectors, probes, optimizer state)
-between charts.
+between charts. Rotated charts (QuaRot / SpinQuant style) are the orthogonal gauges of a
+model whose norm gains were folded into its readers (:class:`Orthogonal`, :func:`fold_norm_gains`).
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ from .errors import (
     HubError,
     HubOfflineError,
     InvalidGaugeError,
+    OrthogonalGaugeError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
     SignedGaugeNotAllowedError,
     TransportError,
     UnsupportedArchitectureError,
 )
+from .fold import fold_norm_gains, fold_norm_gains_in_checkpoint, norm_gains_are_unit
 from .fingerprint import check_fingerprint, model_fingerprint, tensor_content_hash
 from .estimate import compose_trajectory, diff, estimate_gauge, trace
 from .gauge import Gauge, ModelRef, as_signed_permutation
 from .gauged_model import GaugedModel
 from .group import SignedPermutation
+from .orthogonal import Orthogonal
 from .hub import split_revision
 from .plan import TransformPlan
 from .roles import (
@@ -51,6 +55,10 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "SignedPermutation",
+    "Orthogonal",
+    "fold_norm_gains",
+    "fold_norm_gains_in_checkpoint",
+    "norm_gains_are_unit",
     "Gauge",
     "ModelRef",
     "GaugedModel",
@@ -79,6 +87,7 @@ __all__ = [
     "DimensionMismatchError",
     "UnsupportedArchitectureError",
     "SignedGaugeNotAllowedError",
+    "OrthogonalGaugeError",
     "CheckpointError",
     "FingerprintMismatchError",
     "FixtureError",

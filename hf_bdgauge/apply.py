@@ -5,6 +5,11 @@ Every parameter and buffer goes through its rule in the model's
 cover is an error). All checks — coverage, dimensions, the family's symmetry rule, the gauge's
 source fingerprint — run before the first tensor is touched, so a refused gauge leaves the model
 exactly as it was.
+
+The same plan takes a rotation :class:`~hf_bdgauge.orthogonal.Orthogonal` (``h ↦ R·h``): readers
+``W·Rᵀ``, writers ``R·W``, gains unchanged, admitted only when every residual gain is constant (fold
+them first with :func:`hf_bdgauge.fold.fold_norm_gains`). A signed permutation keeps its exact path
+(gathers and sign flips); a rotation rounds once per tensor (float64 product, then the weight's dtype).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .group import SignedPermutation
+from .orthogonal import Orthogonal
 from .plan import TransformPlan
 from .roles import ArchitectureSpec, check_gauge_allowed
 from .rules import TensorRule
@@ -37,7 +43,7 @@ def plan_model(model: torch.nn.Module, g: "Gauge | SignedPermutation", spec: Arc
 
 
 @torch.no_grad()
-def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation", *,
+def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation | Orthogonal", *,
                 spec: ArchitectureSpec | None = None, force: bool = False) -> torch.nn.Module:
     """Re-chart ``model`` in place so that its residual stream becomes ``G·h``; returns it.
 
@@ -48,6 +54,12 @@ def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation", *,
     writers ``W ↦ G·W`` (and their biases), residual gains ``g ↦ P·g``; see
     :mod:`hf_bdgauge.rules`. Tied parameters (embed_tokens/lm_head) are one tensor and move once,
     so they stay tied. Logits are unchanged up to float summation order.
+
+    ``gauge`` may also be a rotation :class:`~hf_bdgauge.orthogonal.Orthogonal` (readers ``W·Rᵀ``,
+    writers ``R·W``, gains unchanged): refused with :class:`~hf_bdgauge.errors.OrthogonalGaugeError`
+    unless every residual gain is constant (run :func:`hf_bdgauge.fold.fold_norm_gains` first; post-norm
+    gains on writer outputs must already be constant) and for LayerNorm families. Logits are then
+    unchanged up to rounding (float32: ~1e-6 of their scale).
     """
     plan = TransformPlan.for_model(model, spec=spec)
     g = plan.admit(gauge, end="source", force=force)
@@ -58,6 +70,9 @@ def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation", *,
     for n, rule in moved.items():
         t = named[n]
         t.copy_(plan.transform(n, t.detach(), g))
-    logger.info("re-charted %d tensors of %s by a gauge of dimension %d (%d sign flips)",
-                len(moved), type(model).__name__, g.dim, g.num_flips)
+    if isinstance(g, Orthogonal):
+        logger.info("rotated %d tensors of %s by %r", len(moved), type(model).__name__, g)
+    else:
+        logger.info("re-charted %d tensors of %s by a gauge of dimension %d (%d sign flips)",
+                    len(moved), type(model).__name__, g.dim, g.num_flips)
     return model

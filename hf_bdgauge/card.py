@@ -84,6 +84,11 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
         what = (f"**Not a gauge.** No signed permutation explains the pair `{src_label}` → `{tgt_label}`: the "
                 "estimate fits no better than an unrelated re-charting. Do not transport adapters, SAEs, steering "
                 "vectors or probes with it.")
+    elif gauge.is_rotation and not gauge.is_identity:
+        what = (f"Maps the residual stream of `{src_label}` to that of `{tgt_label}` by a rotation "
+                f"({gauge.kind}, d = {gauge.dim}): h ↦ R·h, the chart of a gain-folded, rotated checkpoint. Readers "
+                "move as W·Rᵀ, writers and vectors as R·W and R·v; objects whose move is not exact under a rotation "
+                "(index sets of residual coordinates, Adam's second moments) are refused.")
     elif gauge.is_identity:
         what = (f"The identity gauge of dimension {gauge.dim} between `{src_label}` and `{tgt_label}`: the two "
                 "models share one chart of the residual stream.")

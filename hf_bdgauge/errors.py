@@ -17,6 +17,7 @@ __all__ = [
     "DimensionMismatchError",
     "UnsupportedArchitectureError",
     "SignedGaugeNotAllowedError",
+    "OrthogonalGaugeError",
     "CheckpointError",
     "DestinationExistsError",
     "FingerprintMismatchError",
@@ -56,6 +57,14 @@ class UnsupportedArchitectureError(GaugeError, ValueError):
 class SignedGaugeNotAllowedError(GaugeError, ValueError):
     """A gauge with a sign flip was applied to a model (or object) whose symmetry group does not
     contain sign flips, e.g. a LayerNorm (mean-centering) model."""
+
+
+class OrthogonalGaugeError(GaugeError, ValueError):
+    """A rotation (an orthogonal gauge, :class:`~hf_bdgauge.orthogonal.Orthogonal`), or the norm-gain
+    folding that prepares one, cannot act on this object: a LayerNorm family (mean-centring does not
+    commute with rotations), residual norm gains that are not constant (fold them first with
+    :func:`~hf_bdgauge.fold.fold_norm_gains`), non-constant post-norm gains on writer outputs (they
+    cannot be folded), or an object that rotations do not transport."""
 
 
 class CheckpointError(GaugeError, OSError):

@@ -72,11 +72,13 @@ from .errors import (
     GaugeFitError,
     GaugeNotFoundError,
     InvalidGaugeError,
+    OrthogonalGaugeError,
 )
 from .files import apply_umask, atomic_directory, read_json_object, sha256_file
 from .fingerprint import check_fingerprint, model_fingerprint
 from .group import SignedPermutation
 from .hub import commit_of, download_files, is_local, push_folder, resolve_checkpoint_dir, split_revision
+from .orthogonal import ORTHOGONALITY_ATOL, Orthogonal
 from .plan import TransformPlan
 from .roles import hidden_size_of, spec_for_config
 
@@ -105,7 +107,10 @@ GAUGE_WEIGHTS_NAME = "gauge.safetensors"
 GAUGE_CONFIG_NAME = "gauge_config.json"
 MODEL_CARD_NAME = "README.md"
 
-_TENSOR_NAMES = ("perm", "signs", "confidence", "margin", "identified")
+_TENSOR_NAMES = ("perm", "signs", "rotation", "confidence", "margin", "identified")
+#: the element kinds a gauge repo can hold (``kind`` in its config; older repos: a signed permutation)
+KIND_SIGNED_PERMUTATION = "signed_permutation"
+ELEMENT_KINDS = (KIND_SIGNED_PERMUTATION, "orthogonal_dense", "orthogonal_hadamard")
 
 #: Methods whose gauges are exact by construction (nothing estimated): they count as fully identified.
 EXACT_METHODS = ("manual", "planted", "identity", "canonicalized", "rotation_config")
@@ -326,7 +331,15 @@ def _arrays_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def _element_sha256(g: SignedPermutation) -> str:
+def _element_sha256(g: "SignedPermutation | Orthogonal") -> str:
+    """The element by its hash: of ``perm`` and ``signs`` for a signed permutation (as ever), of
+    the kind and the saved factors (structured) or float64 matrix (dense) for a rotation."""
+    if isinstance(g, Orthogonal):
+        h = hashlib.sha256(g.kind.encode())
+        for name, t in sorted(g.to_tensors().items()):
+            h.update(name.encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
     h = hashlib.sha256(g.perm.astype("<i8").tobytes())
     h.update(g.signs.astype("i1").tobytes())
     return h.hexdigest()
@@ -365,6 +378,8 @@ def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, con
         verdict = "no_signed_permutation"
     elif element.is_identity:
         verdict = "identity"
+    elif isinstance(element, Orthogonal):
+        verdict = "rotation"
     else:
         verdict = "signed_permutation"
     d = element.dim
@@ -389,8 +404,11 @@ def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, con
                                          for h in hops))
     if identified is not None:
         out["identified_fraction"] = float(np.mean(identified))
-    summary = (f"{verdict} composed over {len(hops)} hops: {int(np.sum(element.perm != np.arange(d)))}/{d} coordinates "
-               f"move, {element.num_flips} flip")
+    if isinstance(element, Orthogonal):
+        summary = f"{verdict} composed over {len(hops)} hops: {element!r}"
+    else:
+        summary = (f"{verdict} composed over {len(hops)} hops: {int(np.sum(element.perm != np.arange(d)))}/{d} "
+                   f"coordinates move, {element.num_flips} flip")
     if confidence is not None:
         summary += f"; weakest link min confidence {float(confidence.min()):.3f}"
     if weak:
@@ -409,10 +427,13 @@ def transport_record(gauge: "Gauge | SignedPermutation", *, object_model: str | 
     ends (``model_id``, ``revision``, ``commit_hash``), its verdict, p-value and identified
     fraction; ``forced: true`` when a gauge that does not fit was used on request."""
     el = gauge.element if isinstance(gauge, Gauge) else gauge
-    if not isinstance(el, SignedPermutation):
-        raise TypeError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
-    rec: dict[str, Any] = {"gauge_sha256": _element_sha256(el), "dim": el.dim, "num_flips": el.num_flips,
+    if not isinstance(el, (SignedPermutation, Orthogonal)):
+        raise TypeError(f"expected a Gauge, a SignedPermutation or an Orthogonal, got {type(gauge).__name__}")
+    rec: dict[str, Any] = {"gauge_sha256": _element_sha256(el), "dim": el.dim,
+                           "num_flips": el.num_flips if isinstance(el, SignedPermutation) else None,
                            "object_model": object_model}
+    if isinstance(el, Orthogonal):
+        rec["kind"] = el.kind
     if forced:
         rec["forced"] = True
     if isinstance(gauge, Gauge):
@@ -435,9 +456,14 @@ class Gauge:
     ``metrics``: summary of how well the estimate fits (against a null); ``hops``: the chain of
     gauges it was composed from (empty for a gauge estimated or written directly);
     ``library_version``: the hf_bdgauge version that made it.
+
+    ``element`` is a :class:`~hf_bdgauge.group.SignedPermutation` (B_d, ``kind`` =
+    ``"signed_permutation"``) or a rotation :class:`~hf_bdgauge.orthogonal.Orthogonal` (``kind`` =
+    ``"orthogonal_dense"`` / ``"orthogonal_hadamard"``), the gauge of a gain-folded, rotated
+    checkpoint; per-coordinate arrays (confidence, margin, identified) exist only for the former.
     """
 
-    element: SignedPermutation
+    element: "SignedPermutation | Orthogonal"
     source: ModelRef = field(default_factory=ModelRef)
     target: ModelRef = field(default_factory=ModelRef)
     method: str = "manual"
@@ -449,8 +475,9 @@ class Gauge:
     identified: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.element, SignedPermutation):
-            raise TypeError(f"Gauge.element must be a SignedPermutation, got {type(self.element).__name__}")
+        if not isinstance(self.element, (SignedPermutation, Orthogonal)):
+            raise TypeError(f"Gauge.element must be a SignedPermutation or an Orthogonal, got "
+                            f"{type(self.element).__name__}")
         for end in ("source", "target"):
             ref = getattr(self, end)
             if ref is None:
@@ -461,6 +488,9 @@ class Gauge:
                 raise TypeError(f"Gauge.{end} must be a ModelRef, got {type(ref).__name__}")
         if not isinstance(self.method, str) or not self.method:
             raise InvalidGaugeError("Gauge.method must be a non-empty string")
+        if self.is_rotation and any(a is not None for a in (self.confidence, self.margin, self.identified)):
+            raise InvalidGaugeError("a rotation mixes coordinates: it has no per-coordinate confidence, margin or "
+                                    "identification")
         self.confidence = _per_coordinate(self.confidence, "confidence", self.dim)
         self.margin = _per_coordinate(self.margin, "margin", self.dim)
         self.identified = _identified_array(self.identified, self.dim)
@@ -489,12 +519,25 @@ class Gauge:
         return self.is_identity or self.metrics.get("verdict") == "identity"
 
     @property
+    def kind(self) -> str:
+        """The element's kind: ``"signed_permutation"``, ``"orthogonal_dense"`` or ``"orthogonal_hadamard"``."""
+        return self.element.kind if isinstance(self.element, Orthogonal) else KIND_SIGNED_PERMUTATION
+
+    @property
+    def is_rotation(self) -> bool:
+        """True when the element is a rotation (:class:`~hf_bdgauge.orthogonal.Orthogonal`)."""
+        return isinstance(self.element, Orthogonal)
+
+    @property
     def num_flips(self) -> int:
-        return self.element.num_flips
+        """Sign flips of a signed permutation (0 for a rotation, which has none to count)."""
+        return 0 if self.is_rotation else self.element.num_flips
 
     @property
     def num_moved(self) -> int:
-        """How many coordinates change index."""
+        """How many coordinates change index (a rotation that is not the identity mixes all ``d``)."""
+        if self.is_rotation:
+            return 0 if self.is_identity else self.dim
         return int(np.sum(self.element.perm != np.arange(self.dim)))
 
     @classmethod
@@ -523,6 +566,8 @@ class Gauge:
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 
     def __repr__(self) -> str:
+        if self.is_rotation:
+            return f"Gauge({self.element!r}, method={self.method!r}, {self.source.label()} -> {self.target.label()})"
         return (f"Gauge(d={self.dim}, flips={self.num_flips}, moved={self.num_moved}, method={self.method!r}, "
                 f"{self.source.label()} -> {self.target.label()})")
 
@@ -538,6 +583,7 @@ class Gauge:
             "method": self.method,
             "dim": self.dim,
             "num_flips": self.num_flips,
+            "kind": self.kind,
             "element_sha256": _element_sha256(self.element),
             "metrics": _jsonable(metrics),
             "inverted": False,
@@ -566,24 +612,27 @@ class Gauge:
                             what="the target of the first gauge is not the source of the second")
         element = self.element @ other.element
         hops = other.hop_chain() + self.hop_chain()
-        conf = _min_chain(other.confidence, self.confidence, other.element)
-        marg = _min_chain(other.margin, self.margin, other.element)
-        ident = _identified_chain(other, self)
+        if self.is_rotation or other.is_rotation:  # coordinates mix: no per-coordinate path minima
+            conf = marg = ident = None
+        else:
+            conf = _min_chain(other.confidence, self.confidence, other.element)
+            marg = _min_chain(other.margin, self.margin, other.element)
+            ident = _identified_chain(other, self)
         return Gauge(element, source=other.source, target=self.target, method="composed",
                      confidence=conf, margin=marg, identified=ident,
                      metrics=composed_metrics(hops, element, conf, ident), hops=hops)
 
-    def __matmul__(self, other: "Gauge | SignedPermutation") -> "Gauge":
+    def __matmul__(self, other: "Gauge | SignedPermutation | Orthogonal") -> "Gauge":
         """``g2 @ g1`` = ``g2.compose(g1)`` (``g1`` first). A bare :class:`SignedPermutation`
-        operand is taken as a gauge with unknown ends."""
-        if isinstance(other, SignedPermutation):
+        or :class:`~hf_bdgauge.orthogonal.Orthogonal` operand is taken as a gauge with unknown ends."""
+        if isinstance(other, (SignedPermutation, Orthogonal)):
             other = Gauge(other, target=self.source)
         if not isinstance(other, Gauge):
             return NotImplemented
         return self.compose(other)
 
-    def __rmatmul__(self, other: SignedPermutation) -> "Gauge":
-        if isinstance(other, SignedPermutation):
+    def __rmatmul__(self, other: "SignedPermutation | Orthogonal") -> "Gauge":
+        if isinstance(other, (SignedPermutation, Orthogonal)):
             return Gauge(other, source=self.target).compose(self)
         return NotImplemented
 
@@ -592,8 +641,11 @@ class Gauge:
         re-indexed by the new source chart (``c'[π(i)] = c[i]``), hops reversed with their ends
         swapped and ``inverted`` toggled."""
         g = self.element
-        p = (lambda a: None if a is None else g.apply(a, signed=False))
         hops = [_inverted_hop(h) for h in reversed(self.hops)]
+        if self.is_rotation:  # R⁻¹ = Rᵀ; no per-coordinate arrays to re-index
+            return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
+                         metrics=dict(self.metrics), hops=hops, library_version=self.library_version)
+        p = (lambda a: None if a is None else g.apply(a, signed=False))
         ident = None if self.identified is None else g.apply(self.identified.astype(np.int8), signed=False).astype(bool)
         return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
                      confidence=p(self.confidence), margin=p(self.margin), metrics=dict(self.metrics), hops=hops,
@@ -628,7 +680,11 @@ class Gauge:
             d = hidden_size_of(model)
             if d != self.dim:
                 raise DimensionMismatchError(f"the gauge has dimension {self.dim} but the {end} model's hidden size is {d}")
-            spec.check_element(self.element)
+            if self.is_rotation:
+                spec.check_rotation({}, getattr(model, "model_type", None) if not isinstance(model, Mapping)
+                                    else model.get("model_type"))  # a config has no gains to check
+            else:
+                spec.check_element(self.element)
             return self.check_fit(force=force)
         if fingerprint is not None:
             plan.fingerprint_of = lambda: dict(fingerprint)
@@ -726,6 +782,9 @@ class Gauge:
                 fit = f" (identity fit {self.metrics['identity_fit']:.4g} vs matched fit {self.metrics['matched_fit']:.4g})"
             lines.append(f"  identity: effectively — the identity fits as well as this estimate{fit}, which moves "
                          f"{self.num_moved} indistinguishable coordinates; a plain copy of adapters is already right")
+        elif self.is_rotation:
+            lines.append(f"  rotation: {self.element!r} — every coordinate mixes; objects move by R (readers W·Rᵀ, "
+                         "writers R·W, vectors R·v) where that is exact")
         else:
             lines.append(f"  identity: no — moves {self.num_moved} of {self.dim} coordinates, "
                          f"flips the sign of {self.num_flips}")
@@ -750,6 +809,7 @@ class Gauge:
             "library_name": "hf_bdgauge",
             "library_version": self.library_version,
             "dim": self.dim,
+            "kind": self.kind,
             "num_flips": self.num_flips,
             "is_identity": self.is_identity,
             "method": self.method,
@@ -764,12 +824,22 @@ class Gauge:
                 "identified": self.identified is not None,
             },
         }
+        if self.is_rotation:
+            rot = self.element.to_config()
+            cfg["rotation"] = {k: rot[k] for k in ("orthogonality_atol", "hadamard") if k in rot}
         if weights_sha256 is not None:
             cfg["tensors"]["sha256"] = weights_sha256
         return cfg
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """``perm`` int64, ``signs`` int8 and, when present, ``confidence``/``margin`` float32."""
+        """``perm`` int64, ``signs`` int8 and, when present, ``confidence``/``margin`` float32; a
+        rotation: ``rotation`` float64 [d, d] (dense) or its factor's ``perm``/``signs``
+        (structured, ``(H_d/√d)·G``; ``kind`` in the config says which)."""
+        if self.is_rotation:
+            t = self.element.to_tensors()
+            if "matrix" in t:
+                t = {"rotation": t.pop("matrix")}
+            return t
         t = self.element.to_tensors()
         if self.confidence is not None:
             t["confidence"] = torch.from_numpy(np.array(self.confidence, dtype=np.float32))
@@ -963,13 +1033,34 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
     cfg = _read_config(cfg_path)
     tensors = _read_tensors(w_path)
     dim = cfg["dim"]
-    for name in ("perm", "signs"):
+    kind = cfg.get("kind", KIND_SIGNED_PERMUTATION)  # older repos hold a signed permutation and say nothing
+    if kind not in ELEMENT_KINDS:
+        raise InvalidGaugeError(f"{cfg_path}: kind must be one of {ELEMENT_KINDS}, got {kind!r}")
+    needed = ("rotation",) if kind == "orthogonal_dense" else ("perm", "signs")
+    unexpected = sorted({"perm", "signs", "rotation"} & set(tensors) - set(needed))
+    if unexpected:
+        raise InvalidGaugeError(f"{w_path} holds {unexpected}, which a {kind} gauge does not have")
+    for name in needed:
         t = tensors.get(name)
         if t is None:
             raise InvalidGaugeError(f"{w_path} lacks the {name!r} tensor")
-        if t.ndim != 1 or t.shape[0] != dim:
-            raise InvalidGaugeError(f"{w_path}: {name} has shape {list(t.shape)}, expected [{dim}] (dim in the config)")
-    element = SignedPermutation.from_tensors(tensors)  # validates dtypes, bijection, ±1
+        want = (dim, dim) if name == "rotation" else (dim,)
+        if tuple(t.shape) != want:
+            raise InvalidGaugeError(f"{w_path}: {name} has shape {list(t.shape)}, expected {list(want)} (dim in the config)")
+    element: SignedPermutation | Orthogonal
+    if kind == "orthogonal_dense":
+        if tensors["rotation"].dtype != torch.float64:
+            raise InvalidGaugeError(f"{w_path}: rotation must be float64, got {tensors['rotation'].dtype}")
+        atol = float((cfg.get("rotation") or {}).get("orthogonality_atol", ORTHOGONALITY_ATOL))
+        element = Orthogonal(tensors["rotation"], atol=min(atol, ORTHOGONALITY_ATOL))  # validates orthogonality
+    else:
+        element = SignedPermutation.from_tensors(tensors)  # validates dtypes, bijection, ±1
+        if kind == "orthogonal_hadamard":
+            recorded = (cfg.get("rotation") or {}).get("hadamard")
+            element = Orthogonal.hadamard(dim, element)
+            if recorded != element.to_config()["hadamard"]:
+                raise InvalidGaugeError(f"{cfg_path}: Hadamard construction {recorded!r} is not this library's "
+                                        f"{element.to_config()['hadamard']!r} for d = {dim}")
     extras: dict[str, np.ndarray | None] = {}
     declared = cfg["tensors"]
     for name, want in (("confidence", torch.float32), ("margin", torch.float32), ("identified", torch.bool)):
@@ -984,8 +1075,9 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
             if t.ndim != 1 or t.shape[0] != dim:
                 raise InvalidGaugeError(f"{w_path}: {name} must have shape [{dim}], got {list(t.shape)}")
         extras[name] = None if t is None else t.numpy()
-    if "num_flips" in cfg and cfg["num_flips"] != element.num_flips:
-        raise InvalidGaugeError(f"{cfg_path} says {cfg['num_flips']} sign flips but the tensors have {element.num_flips}")
+    flips = element.num_flips if isinstance(element, SignedPermutation) else 0
+    if "num_flips" in cfg and cfg["num_flips"] != flips:
+        raise InvalidGaugeError(f"{cfg_path} says {cfg['num_flips']} sign flips but the tensors have {flips}")
     if "is_identity" in cfg and bool(cfg["is_identity"]) != element.is_identity:
         raise InvalidGaugeError(f"{cfg_path}: is_identity disagrees with the tensors")
     expected_sha = declared.get("sha256")
@@ -1010,9 +1102,12 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
 
 
 def as_signed_permutation(g: "Gauge | SignedPermutation") -> SignedPermutation:
-    """The group element of a :class:`Gauge` or a bare :class:`SignedPermutation`."""
+    """The group element of a :class:`Gauge` or a bare :class:`SignedPermutation`
+    (:class:`~hf_bdgauge.errors.OrthogonalGaugeError` for a rotation gauge)."""
     if isinstance(g, SignedPermutation):
         return g
     if isinstance(g, Gauge):
+        if g.is_rotation:
+            raise OrthogonalGaugeError(f"this gauge is a rotation ({g.element!r}), not a signed permutation")
         return g.element
     raise TypeError(f"expected a Gauge or SignedPermutation, got {type(g).__name__}")

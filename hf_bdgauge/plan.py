@@ -18,6 +18,12 @@ re-chart and asks it to :meth:`~TransformPlan.admit` the gauge. The plan holds
 dimension, symmetry and — when the gauge recorded one for that end — the fingerprint, all
 before anything is written. Tensors then move with :meth:`TransformPlan.transform`, i.e.
 :func:`hf_bdgauge.rules.transform` under their rule.
+
+A rotation (:class:`~hf_bdgauge.orthogonal.Orthogonal`) is admitted by the plans of models and
+checkpoints only (``check_rotation``): the family's rotation rule
+(:meth:`~hf_bdgauge.roles.ArchitectureSpec.check_rotation`) reads the values of the residual gains,
+which must be constant (fold them first: :func:`hf_bdgauge.fold.fold_norm_gains`). Every other
+object (adapters, optimizer state, SAEs, steering vectors, probes) refuses it.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 
-from .errors import DimensionMismatchError, FingerprintMismatchError, InvalidGaugeError
+from .errors import DimensionMismatchError, FingerprintMismatchError, InvalidGaugeError, OrthogonalGaugeError
 from .fingerprint import check_fingerprint, fingerprint_differences, model_fingerprint
 from .group import SignedPermutation
+from .orthogonal import Orthogonal
 from .roles import ArchitectureSpec, hidden_size_of, spec_for_config, spec_for_model
 from .rules import Role, TensorRule, transform
-from .storage import TensorInfo, read_model_config, tensor_index
+from .storage import TensorInfo, read_model_config, read_tensor, tensor_index
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
@@ -47,14 +54,15 @@ logger = logging.getLogger(__name__)
 End = Literal["source", "target"]
 
 
-def element_of(gauge: Any) -> SignedPermutation:
-    """The group element of a Gauge (anything with an ``element``) or a bare SignedPermutation."""
-    if isinstance(gauge, SignedPermutation):
+def element_of(gauge: Any) -> SignedPermutation | Orthogonal:
+    """The group element of a Gauge (anything with an ``element``), a bare SignedPermutation, or a
+    rotation (:class:`~hf_bdgauge.orthogonal.Orthogonal`)."""
+    if isinstance(gauge, (SignedPermutation, Orthogonal)):
         return gauge
     el = getattr(gauge, "element", None)
-    if isinstance(el, SignedPermutation):
+    if isinstance(el, (SignedPermutation, Orthogonal)):
         return el
-    raise InvalidGaugeError(f"expected a Gauge or a SignedPermutation, got {type(gauge).__name__}")
+    raise InvalidGaugeError(f"expected a Gauge, a SignedPermutation or an Orthogonal, got {type(gauge).__name__}")
 
 
 @dataclass
@@ -72,6 +80,8 @@ class TransformPlan:
     fingerprint_of: computes the object's fingerprint on first use (``None``: not fingerprintable).
     tensors: for checkpoint plans, where each tensor lives (:class:`~hf_bdgauge.storage.TensorInfo`).
     dim_label: how the width is named in errors (``"hidden size {d}"``, ``"d_in={d}"`` …).
+    check_rotation: the rotation rule (raises for a rotation the object does not admit); ``None``:
+        the object admits no rotation.
     """
 
     spec: ArchitectureSpec | None
@@ -83,6 +93,7 @@ class TransformPlan:
     fingerprint_of: Callable[[], dict[str, Any]] | None = None
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     dim_label: str = "hidden size {d}"
+    check_rotation: Callable[[Orthogonal], None] | None = None
     #: set by :meth:`admit`: whether the gauge it admitted did not fit and was forced
     forced: bool = field(default=False, init=False)
     _fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False)
@@ -114,10 +125,14 @@ class TransformPlan:
             raise DimensionMismatchError(
                 f"{what}: tensor {meta[0]} is on the meta device (offloaded); re-chart the checkpoint on disk instead")
         config = getattr(model, "config", None)
-        return cls(spec=spec, dim=hidden_size_of(config), rules=dict(rules) if rules is not None else spec.rules_for(named),
+        rules = dict(rules) if rules is not None else spec.rules_for(named)
+        model_type = getattr(config, "model_type", None)
+        gains = {n: named[n] for n, r in rules.items() if r.role is Role.GAIN and n in named}
+        return cls(spec=spec, dim=hidden_size_of(config), rules=rules,
                    shapes={n: tuple(t.shape) for n, t in named.items()}, what=what,
                    check_element=lambda g: spec.check_element(g, what),
-                   fingerprint_of=(lambda: model_fingerprint(model)) if config is not None else None)
+                   fingerprint_of=(lambda: model_fingerprint(model)) if config is not None else None,
+                   check_rotation=lambda r: spec.check_rotation(gains, model_type, what))
 
     @classmethod
     def for_checkpoint(cls, ckpt_dir: str | os.PathLike, *, what: str | None = None) -> "TransformPlan":
@@ -127,26 +142,35 @@ class TransformPlan:
         spec = spec_for_config(config)
         index = tensor_index(d)
         what = what or f"checkpoint {d} ({spec.name})"
-        return cls(spec=spec, dim=hidden_size_of(config), rules=spec.rules_for(index),
+        rules = spec.rules_for(index)
+
+        def check_rotation(r: Orthogonal) -> None:
+            gains = {n: read_tensor(index[n]) for n, rule in rules.items() if rule.role is Role.GAIN}
+            spec.check_rotation(gains, config.get("model_type"), what)
+
+        return cls(spec=spec, dim=hidden_size_of(config), rules=rules,
                    shapes={n: ti.shape for n, ti in index.items()}, what=what,
                    check_element=lambda g: spec.check_element(g, what),
-                   fingerprint_of=lambda: model_fingerprint(d), tensors=index)
+                   fingerprint_of=lambda: model_fingerprint(d), tensors=index, check_rotation=check_rotation)
 
     @classmethod
     def for_tensors(cls, shapes: Mapping[str, tuple[int, ...]], rules: Mapping[str, TensorRule], dim: int, *,
                     what: str, spec: ArchitectureSpec | None = None,
                     check_element: Callable[[SignedPermutation], None] | None = None,
                     fingerprint_of: Callable[[], dict[str, Any]] | None = None,
-                    dim_label: str = "hidden size {d}") -> "TransformPlan":
+                    dim_label: str = "hidden size {d}",
+                    check_rotation: Callable[[Orthogonal], None] | None = None) -> "TransformPlan":
         """The plan of a set of tensors with known rules (an adapter, optimizer state, an SAE, a
-        steering vector). The symmetry rule defaults to the family's (``spec``), else B_d."""
+        steering vector). The symmetry rule defaults to the family's (``spec``), else B_d.
+        ``check_rotation``: the object's rotation rule (``None``: rotations are refused)."""
         if check_element is None:
             check_element = (lambda g: spec.check_element(g, what)) if spec is not None else (lambda g: None)
         missing = sorted(set(shapes) - set(rules))
         if missing:
             raise InvalidGaugeError(f"{what}: no rule for tensors {missing[:5]}")
         return cls(spec=spec, dim=int(dim), rules={n: rules[n] for n in shapes}, shapes={n: tuple(s) for n, s in shapes.items()},
-                   what=what, check_element=check_element, fingerprint_of=fingerprint_of, dim_label=dim_label)
+                   what=what, check_element=check_element, fingerprint_of=fingerprint_of, dim_label=dim_label,
+                   check_rotation=check_rotation)
 
     # ------------------------------------------------------------------ views
     @property
@@ -162,8 +186,8 @@ class TransformPlan:
         return self._fingerprint
 
     # ------------------------------------------------------------------ the gauge
-    def admit(self, gauge: "Gauge | SignedPermutation", *, end: End = "source", strict: bool = True,
-              force: bool = False) -> SignedPermutation:
+    def admit(self, gauge: "Gauge | SignedPermutation | Orthogonal", *, end: End = "source", strict: bool = True,
+              force: bool = False) -> SignedPermutation | Orthogonal:
         """Check that ``gauge`` may act on this object as its ``end`` chart and return its element.
 
         Checks, in order: the dimension; the object's symmetry rule (a signed gauge on a
@@ -174,7 +198,9 @@ class TransformPlan:
         signed permutation fits, or whose identified fraction is below the default, raises
         :class:`~hf_bdgauge.errors.GaugeFitError` unless ``force=True``, which sets :attr:`forced`
         for the caller to record). A bare SignedPermutation records no ends and nothing estimated,
-        so only the first two apply.
+        so only the first two apply. A rotation (:class:`~hf_bdgauge.orthogonal.Orthogonal`) is checked
+        by :attr:`check_rotation` instead of the symmetry rule (objects without one refuse it with
+        :class:`~hf_bdgauge.errors.OrthogonalGaugeError`).
         """
         if end not in ("source", "target"):
             raise ValueError(f"end must be 'source' or 'target', got {end!r}")
@@ -182,7 +208,14 @@ class TransformPlan:
         if g.dim != self.dim:
             raise DimensionMismatchError(f"the gauge has dimension {g.dim} but {self.what} has "
                                          f"{self.dim_label.format(d=self.dim)}")
-        self.check_element(g)
+        if isinstance(g, Orthogonal):
+            if self.check_rotation is None:
+                raise OrthogonalGaugeError(
+                    f"{self.what}: rotations (orthogonal gauges) act on model weights only — a loaded model "
+                    "(apply_gauge) or a checkpoint (apply_gauge_to_checkpoint); this object has no rotation rule")
+            self.check_rotation(g)
+        else:
+            self.check_element(g)
         ref = getattr(gauge, end, None)
         expected = getattr(ref, "fingerprint", None)
         if expected and self.fingerprint_of is not None:
@@ -200,6 +233,6 @@ class TransformPlan:
         self.forced = bool(check_fit(force=force, what=f"to act on {self.what}")) if callable(check_fit) else False
         return g
 
-    def transform(self, name: str, x: Any, g: SignedPermutation, **kwargs: Any) -> Any:
+    def transform(self, name: str, x: Any, g: SignedPermutation | Orthogonal, **kwargs: Any) -> Any:
         """``x`` (the tensor ``name``, or a block of it) moved by ``g`` under its rule."""
         return transform(x, self.rules[name], g, **kwargs)

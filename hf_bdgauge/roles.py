@@ -12,6 +12,18 @@ the ``nn.Linear`` ``[out, in]`` default, the residual axis. Besides the tensors 
 * ``embedding``: the path of the token embedding module (``"embed_tokens"``, ``"wte"`` …);
 * ``width`` and ``depth``: the config keys of the residual width and of the number of blocks.
 
+* ``output_embedding``: the path of the output projection (``"lm_head"``, GPT-NeoX's ``"embed_out"``),
+  the name a folded final norm gives an untied copy of a tied embedding;
+* ``norms``: where each residual norm gain sits (:class:`NormSite`, :meth:`ArchitectureSpec.norm_site`):
+  ``"pre"`` — it scales the input of the readers it ``feeds`` (Llama's ``input_layernorm`` feeds
+  q/k/v, ``post_attention_layernorm`` gate/up, the final ``norm`` lm_head; patterns matched within the
+  gain's own decoder block, or outside the blocks for a gain outside them), so it can be folded into
+  them; ``"post"`` — it scales a writer's normalised output ``after`` it (Gemma 2/3's
+  ``post_attention_layernorm`` / ``post_feedforward_layernorm``, OLMo-2's post-norms) and cannot be
+  folded into anything; ``"stream"`` — the normalised vector is the residual stream itself (BERT's
+  post-LayerNorm). An entry may be limited to some of the family's ``model_types`` (Gemma 1's
+  ``post_attention_layernorm`` is the MLP's pre-norm, Gemma 2/3's a post-norm).
+
 Adding a family is adding one JSON file (or :func:`register_architecture`): nothing else in the
 library names a family's modules.
 
@@ -20,6 +32,13 @@ the one place this rule lives): ``"rmsnorm"`` families (a per-channel gain) admi
 signed-permutation group B_d; ``"layernorm"`` families subtract the mean, which commutes with
 permutations and with the global flip ``−P`` only (``LN(−P·x) = −P·LN(x)`` once the gain moves by
 ``P`` and the LayerNorm bias, a residual vector, by ``−P``; role ``write`` in the maps).
+
+Rotations ``R`` (:class:`~hf_bdgauge.orthogonal.Orthogonal`) are symmetries of an RMSNorm family only
+where every residual norm gain is constant (:meth:`ArchitectureSpec.check_rotation`, the one place):
+``rms(R·h) = rms(h)``, but ``diag(g)·R = R·diag(g)`` for every R only when ``g = c·1``. Pre-norm gains
+are made unit by folding them into their readers (:func:`hf_bdgauge.fold.fold_norm_gains`);
+post-norm gains cannot be folded and must already be constant; LayerNorm families are out of scope
+(mean-centring commutes with R only when ``R·1 = ±1``; SliceGPT converts LayerNorm to RMSNorm first).
 """
 
 from __future__ import annotations
@@ -31,12 +50,16 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Iterable, Mapping
 
-from .errors import SignedGaugeNotAllowedError, UnsupportedArchitectureError
+import numpy as np
+
+from .errors import OrthogonalGaugeError, SignedGaugeNotAllowedError, UnsupportedArchitectureError
 from .group import SignedPermutation
 from .rules import Role, TensorRule
 
 __all__ = [
     "TensorPattern",
+    "NormSite",
+    "NORM_POSITIONS",
     "ArchitectureSpec",
     "available_architectures",
     "spec_for_model_type",
@@ -62,6 +85,59 @@ class TensorPattern:
         object.__setattr__(self, "regex", re.compile(r"(?:^|\.)(?:" + self.pattern + r")$"))
 
 
+NORM_POSITIONS = ("pre", "post", "stream")
+"""Where a residual norm gain sits: before its readers, on a writer's output, on the stream itself."""
+
+
+def _suffix_regex(pattern: str) -> re.Pattern:
+    return re.compile(r"(?:^|\.)(?:" + pattern + r")$")
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """Where the gains matching ``pattern`` sit (one entry of a role map's ``norms``).
+
+    ``position``: ``"pre"`` (the gain scales the input of the readers matching ``feeds``),
+    ``"post"`` (it scales the normalised output of the writers matching ``after``) or ``"stream"``
+    (the normalised vector is the residual stream). ``feeds``/``after`` patterns are matched as
+    name suffixes within the gain's decoder block (outside the blocks for a gain outside them).
+    ``model_types``: the family's model types the entry is limited to (empty: all).
+    """
+
+    pattern: str
+    position: str
+    feeds: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
+    note: str = ""
+    regex: re.Pattern = field(init=False, repr=False, compare=False)
+    feeds_regex: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.position not in NORM_POSITIONS:
+            raise ValueError(f"norm position must be one of {NORM_POSITIONS}, got {self.position!r}")
+        if self.position == "pre" and not self.feeds:
+            raise ValueError(f"the pre-norm {self.pattern!r} must say which readers it feeds")
+        object.__setattr__(self, "regex", _suffix_regex(self.pattern))
+        object.__setattr__(self, "feeds_regex", tuple(_suffix_regex(f) for f in self.feeds))
+
+    @property
+    def foldable(self) -> bool:
+        """Whether the gain can be folded into readers (a pre-norm)."""
+        return self.position == "pre"
+
+    def feeds_tensor(self, name: str) -> bool:
+        """Whether the tensor ``name`` (in the gain's block) is one of the readers this gain feeds."""
+        return any(r.search(name) for r in self.feeds_regex)
+
+
+def is_constant(x: Any) -> bool:
+    """Whether every entry of ``x`` (a tensor or an array) equals the first (compared exactly)."""
+    a = x.detach().cpu().double().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
+    flat = a.reshape(-1)
+    return bool(flat.size == 0 or np.all(flat == flat[0]))
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """The role map of one model family.
@@ -76,6 +152,8 @@ class ArchitectureSpec:
     tensors: the ordered patterns; the first match wins.
     layers, embedding: module paths (name suffixes) of the decoder blocks and the token embedding.
     width, depth: config keys of the residual width and of the number of decoder blocks.
+    output_embedding: module path of the output projection (``lm_head``).
+    norms: where each residual norm gain sits (see :class:`NormSite`); first match wins.
     """
 
     name: str
@@ -88,6 +166,8 @@ class ArchitectureSpec:
     embedding: str = "embed_tokens"
     width: str = "hidden_size"
     depth: str = "num_hidden_layers"
+    output_embedding: str = "lm_head"
+    norms: tuple[NormSite, ...] = ()
 
     @property
     def allows_signs(self) -> bool:
@@ -109,6 +189,53 @@ class ArchitectureSpec:
             "mean over the residual coordinates; flipping the sign of some coordinates but not all changes that "
             "mean, so this signed permutation is not a symmetry of the model (permutations and the global flip -P "
             f"are); this gauge flips {g.num_flips} of {g.dim} coordinates.")
+
+    def norm_site(self, name: str, model_type: str | None = None) -> NormSite | None:
+        """Where the residual gain ``name`` sits for ``model_type`` (one of :attr:`model_types`;
+        entries limited to other types are skipped, and so are all limited entries when
+        ``model_type`` is ``None``); ``None`` when the role map does not say."""
+        for site in self.norms:
+            if site.model_types and model_type not in site.model_types:
+                continue
+            if site.regex.search(name):
+                return site
+        return None
+
+    def check_rotation(self, gains: Mapping[str, Any], model_type: str | None = None, what: str | None = None) -> None:
+        """Raise :class:`~hf_bdgauge.errors.OrthogonalGaugeError` unless a rotation ``R`` is a
+        symmetry of a model of this family whose residual gains (``name -> stored values``) are
+        ``gains``.
+
+        With ``h ↦ R·h``: ``rms(R·h) = rms(h)``, readers become ``W·Rᵀ`` and writers ``R·W``, and a
+        gain ``g`` (effective ``gain_offset + w``) must satisfy ``diag(g)·R = R·diag(g)``, which holds
+        for every R exactly when ``g = c·1`` (compared exactly). Refused: LayerNorm families
+        (``mean(R·h) ≠ R·mean(h)``), non-constant pre-norm gains (fold them first) and non-constant
+        post-norm gains (they scale a normalised writer output, so they cannot be folded).
+        """
+        label = f"the {self.name!r} family{f' ({what})' if what else ''}"
+        if self.norm != "rmsnorm":
+            raise OrthogonalGaugeError(
+                f"{label} normalises with LayerNorm, whose mean-centring does not commute with a rotation; rotating "
+                f"it is out of scope (SliceGPT converts LayerNorm to RMSNorm first). Its norm gains: "
+                f"{', '.join(sorted(gains)[:6])}{' …' if len(gains) > 6 else ''}")
+        offset = self.gain_offset
+        pre, post = [], []
+        for n, w in gains.items():
+            if is_constant(w):
+                continue
+            site = self.norm_site(n, model_type)
+            (post if site is not None and site.position == "post" else pre).append(n)
+        if post:
+            raise OrthogonalGaugeError(
+                f"{label}: a rotation needs constant residual norm gains, and these post-norm gains on writer outputs "
+                f"are not constant (they scale a normalised output, so they cannot be folded into any weight): "
+                f"{', '.join(sorted(post))}")
+        if pre:
+            unit = "w = 0 (effective gain 1 + w)" if offset else "g = 1"
+            raise OrthogonalGaugeError(
+                f"{label}: a rotation needs constant residual norm gains; fold these into the readers they feed first "
+                f"(hf_bdgauge.fold_norm_gains(model), which leaves {unit}): "
+                f"{', '.join(sorted(pre)[:8])}{f' … ({len(pre)} in all)' if len(pre) > 8 else ''}")
 
     def module_regex(self, path: str) -> re.Pattern:
         """A regex matching module names that end with ``path`` (``layers``/``embedding``)."""
@@ -159,8 +286,18 @@ class ArchitectureSpec:
                 TensorPattern(t["pattern"], TensorRule(Role(t["role"]), t.get("axis")), t.get("note", ""))
                 for t in data["tensors"]
             )
-            locators = {k: str(data[k]) for k in ("layers", "embedding", "width", "depth") if data.get(k)}
+            locators = {k: str(data[k]) for k in ("layers", "embedding", "width", "depth", "output_embedding")
+                        if data.get(k)}
+            norms = tuple(
+                NormSite(n["pattern"], n["position"], tuple(n.get("feeds", ())), tuple(n.get("after", ())),
+                         tuple(n.get("model_types", ())), n.get("note", ""))
+                for n in data.get("norms", ())
+            )
+            foreign = sorted({mt for n in norms for mt in n.model_types} - set(data["model_types"]))
+            if foreign:
+                raise ValueError(f"norms name model types {foreign} the family does not cover")
             return cls(
+                norms=norms,
                 name=data["name"],
                 model_types=tuple(data["model_types"]),
                 norm=norm,

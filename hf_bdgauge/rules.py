@@ -24,6 +24,16 @@ only axis for vectors).
 
 Second moments (AdamW ``exp_avg_sq``) are squares of quantities that move like their
 parameter, so they move by ``P`` alone whatever the role.
+
+Rotations
+---------
+The same rules hold for an orthogonal ``R`` (:class:`~hf_bdgauge.orthogonal.Orthogonal`), with the
+dense matrix in place of the gather: readers ``W ↦ W·Rᵀ`` (embedding rows too: row ``t`` is the
+residual vector of token ``t``, so ``E ↦ E·Rᵀ``), writers ``W ↦ R·W`` and ``b ↦ R·b``, computed in
+float64 and rounded once. A gain is left as it is: the plan admits ``R`` only when every residual
+gain is constant (:meth:`hf_bdgauge.roles.ArchitectureSpec.check_rotation`), and ``c·1`` commutes
+with ``R``. Second moments have no rotation rule (the square of ``R·x`` is not a function of the
+square of ``x``).
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from .errors import DimensionMismatchError
+from .errors import DimensionMismatchError, OrthogonalGaugeError
+from .orthogonal import Orthogonal
 
 if TYPE_CHECKING:  # pragma: no cover
     from .group import ArrayLike, SignedPermutation
@@ -94,7 +105,7 @@ NONE = TensorRule(Role.NONE)
 def transform(
     x: "ArrayLike",
     rule: TensorRule,
-    g: "SignedPermutation",
+    g: "SignedPermutation | Orthogonal",
     *,
     second_moment: bool = False,
     out_slice: slice | None = None,
@@ -104,9 +115,20 @@ def transform(
     ``second_moment=True`` treats ``x`` as an elementwise square of a quantity with this rule
     (e.g. AdamW ``exp_avg_sq``): only the permutation applies. ``out_slice`` returns only that
     block of the result along the residual axis (for block-wise streaming of big tensors).
-    Returns ``x`` itself (whole) for role NONE, otherwise a new array.
+    Returns ``x`` itself (whole) for role NONE, otherwise a new array. ``g`` may be a rotation
+    (see the module docstring): readers and writers move by ``R``, gains stay (a copy).
     """
     ax = rule.residual_axis(x.ndim)
     if ax is None:
         return x
+    if isinstance(g, Orthogonal):
+        if second_moment:
+            raise OrthogonalGaugeError("second moments (e.g. AdamW exp_avg_sq) have no rotation rule: the square of "
+                                       "R·x is not a function of the square of x")
+        if rule.role is Role.GAIN:
+            if x.shape[ax] != g.dim:
+                raise DimensionMismatchError(f"rotation has dimension {g.dim} but the gain has {x.shape[ax]} entries")
+            block = x[(slice(None),) * (ax % x.ndim) + (out_slice or slice(None),)]
+            return block.clone() if hasattr(block, "clone") else block.copy()
+        return g.apply(x, axis=ax, out_slice=out_slice)
     return g.apply(x, axis=ax, signed=rule.signed and not second_moment, out_slice=out_slice)

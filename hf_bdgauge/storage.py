@@ -30,6 +30,7 @@ __all__ = [
     "checkpoint_shards",
     "tensor_index",
     "read_tensor_bytes",
+    "read_tensor",
 ]
 
 _MAX_HEADER = 100 * 1024 * 1024
@@ -164,3 +165,15 @@ def read_tensor_bytes(info: TensorInfo) -> bytes:
     if len(data) != info.end - info.begin:
         raise CheckpointError(f"{info.shard} is truncated")
     return data
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor of a checkpoint, read into memory (a writable copy; meant for small ones, e.g. norm
+    gains); :class:`CheckpointError` for a dtype torch cannot hold."""
+    dtype = info.torch_dtype
+    if dtype is None:
+        raise CheckpointError(f"{info.shard.name}: dtype {info.dtype} cannot be read as a torch tensor")
+    data = read_tensor_bytes(info)
+    if not data:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)

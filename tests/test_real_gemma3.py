@@ -375,3 +375,18 @@ def test_detach_quantizer_makes_a_gguf_loaded_model_saveable(tmp_path):
 def test_unknown_real_model_name():
     with pytest.raises(ValueError, match="known: stories260K, gemma-3-270m, all-minilm-l6-v2"):
         real_model("gemma-7b")
+
+
+def test_trained_post_norms_refuse_folding_and_rotation_naming_them(gemma):
+    """Gemma 3 270M's trained post-attention / post-feedforward gains sit on writer outputs and are
+    not constant: folding and any rotation are refused, naming them, and the model is untouched."""
+    from hf_bdgauge import Orthogonal, OrthogonalGaugeError, fold_norm_gains
+
+    model = copy.deepcopy(gemma[0])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(OrthogonalGaugeError, match="post_attention_layernorm") as e:
+        fold_norm_gains(model)
+    assert "post_feedforward_layernorm" in str(e.value) and "cannot be folded" in str(e.value)
+    with pytest.raises(OrthogonalGaugeError, match="post-norm"):
+        apply_gauge(model, Orthogonal.random(D, seed=0))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

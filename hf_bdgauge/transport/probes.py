@@ -40,10 +40,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from ..errors import CheckpointError, DimensionMismatchError, TransportError
+from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError
 from ..files import atomic_write_bytes
 from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
+from ..orthogonal import Orthogonal
 from ..hub import resolve_file
 from ..plan import TransformPlan
 from ..rules import READ
@@ -120,7 +121,8 @@ class LinearProbe:
     def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "LinearProbe":
         """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged."""
         plan = TransformPlan.for_tensors({"weight": tuple(self.weight.shape)}, {"weight": READ}, self.dim,
-                                         what="the probe", dim_label="d={d}")
+                                         what="the probe", dim_label="d={d}",
+                                         check_rotation=lambda r: None)  # W ↦ W·Rᵀ: exact
         g = plan.admit(gauge, force=force)
         logger.debug("transported a linear probe of shape %s", tuple(self.weight.shape))
         return LinearProbe(
@@ -245,6 +247,11 @@ class IndexSet:
     def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "IndexSet":
         """``i ↦ π(i)``, ``sign ↦ s_i·sign``, signed ``score ↦ s_i·score`` (order kept)."""
         g = gauge.element if isinstance(gauge, Gauge) else gauge
+        if isinstance(g, Orthogonal):
+            raise OrthogonalGaugeError(
+                f"an index set of residual coordinates does not move under a rotation ({g!r}): R mixes every "
+                "coordinate, so coordinate i of the source is no coordinate of the target (MLP-neuron, head and "
+                "SAE-feature indices do not live in the residual stream and need no transport)")
         if not isinstance(g, SignedPermutation):
             raise TransportError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
         if self.dim is not None and self.dim != g.dim:

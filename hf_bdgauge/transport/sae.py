@@ -56,7 +56,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, DimensionMismatchError, TransportError, UnsupportedArchitectureError
+from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError, UnsupportedArchitectureError
 from ..files import atomic_directory, read_json_object
 from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
@@ -427,7 +427,15 @@ class SAE:
         shapes = {n: tuple(t.shape) for n, t in self.state_dict().items()}
         rules = {n: _SAE_RULES.get(n, TensorRule(Role.NONE)) for n in shapes}
         return TransformPlan.for_tensors(shapes, rules, self.d_in, what=f"the SAE ({self.hook_name or 'no hook'})",
-                                         check_element=self._check_element, dim_label="d_in={d}")
+                                         check_element=self._check_element, dim_label="d_in={d}",
+                                         check_rotation=self._check_rotation)
+
+    def _check_rotation(self, r: Any) -> None:
+        if self.normalize_activations == "layer_norm":
+            raise OrthogonalGaugeError(
+                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean over "
+                "the d_in coordinates; the mean does not commute with a rotation R (R·1 ≠ 1), so no transported SAE "
+                "reproduces it exactly")
 
     def _check_element(self, g: SignedPermutation) -> None:
         if self.normalize_activations == "layer_norm" and not g.commutes_with_centring:
@@ -476,8 +484,7 @@ class SAE:
         if target is not None:
             meta["model_name"] = target
         meta["hf_bdgauge_transports"] = list(meta.get("hf_bdgauge_transports") or []) + [record]
-        logger.info("transported %s SAE (d_in=%d, d_sae=%d) by a gauge with %d sign flips",
-                    self.architecture, self.d_in, self.d_sae, g.num_flips)
+        logger.info("transported %s SAE (d_in=%d, d_sae=%d) by %r", self.architecture, self.d_in, self.d_sae, g)
         return new
 
 

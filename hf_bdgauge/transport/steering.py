@@ -514,7 +514,7 @@ class SteeringVector:
         """The vector's transform plan: every layer's vector is a residual point (``WRITE``)."""
         shapes = {f"layer.{i}": (self.dim,) for i in self.layers}
         return TransformPlan.for_tensors(shapes, dict.fromkeys(shapes, WRITE), self.dim, what="the steering vector",
-                                         dim_label="dimension {d}")
+                                         dim_label="dimension {d}", check_rotation=lambda r: None)  # v ↦ R·v: exact
 
     def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "SteeringVector":
         """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE).
@@ -538,7 +538,7 @@ class SteeringVector:
                 meta["model_type"] = str(family)  # what a llama.cpp control vector names as its model_hint
         history = json.loads(meta.get("hf_bdgauge_transports", "[]"))
         meta["hf_bdgauge_transports"] = json.dumps(history + [record])
-        logger.info("transported a steering vector (layers %s) by a gauge with %d sign flips", self.layers, g.num_flips)
+        logger.info("transported a steering vector (layers %s) by %r", self.layers, g)
         return SteeringVector(vecs, self.layer_type, meta)
 
 

@@ -1,0 +1,237 @@
+"""Folding residual norm gains into the readers they feed (the first step of a rotated chart).
+
+An RMSNorm with gain ``g`` computes ``g ⊙ x̂`` (``x̂ = x / rms(x)``), and a reader ``W`` after it
+computes ``W·(g ⊙ x̂) = (W·diag(g))·x̂``. Folding sets ``W ← W·diag(g)`` for every reader the norm
+feeds and then ``g ← 1`` (Gemma stores ``w`` with gain ``1 + w``: ``w ← 0``); the residual stream
+itself does not move, so the model computes the same function (up to one rounding per folded
+weight). Afterwards every residual gain is exactly 1 and any orthogonal ``R`` is a symmetry
+(:mod:`hf_bdgauge.orthogonal`): ``RMSNorm(R·h) = R·RMSNorm(h)`` once the gain is 1.
+
+Which readers a norm feeds is data (the role map's ``norms``, :class:`~hf_bdgauge.roles.NormSite`):
+Llama's ``input_layernorm`` feeds q/k/v, ``post_attention_layernorm`` the MLP's gate/up, the final
+``norm`` the ``lm_head``. A tied ``lm_head`` (one tensor with the token embedding) is untied first:
+the embedding is a reader of tokens, not of the final norm, so only the copy in ``lm_head`` takes
+the gain (``config.tie_word_embeddings`` becomes ``False``).
+
+Refused, with the tensors named (:class:`~hf_bdgauge.errors.OrthogonalGaugeError`): LayerNorm
+families (mean-centring does not commute with a rotation; convert them to RMSNorm first, as
+SliceGPT does); gains whose placement the role map does not record; pre-norms that feed no tensor
+present in the model; and non-constant *post*-norm gains (Gemma 2/3's ``post_attention_layernorm``
+/ ``post_feedforward_layernorm``, OLMo-2's post-norms), which scale a writer's normalised output and
+cannot be folded into any weight — a constant one (e.g. a fresh Gemma 3's all-zero ``w``) commutes
+with every rotation and is left as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import OrthogonalGaugeError
+from .files import atomic_directory, read_json_object
+from .hub import resolve_checkpoint_dir
+from .roles import ArchitectureSpec, is_constant, spec_for_config, spec_for_model
+from .rules import Role
+from .storage import checkpoint_shards, read_model_config, read_tensor, tensor_index
+
+__all__ = ["fold_norm_gains", "fold_norm_gains_in_checkpoint", "norm_gains_are_unit", "plan_fold"]
+
+logger = logging.getLogger(__name__)
+
+
+def _untie_output_embedding(model: torch.nn.Module, spec: ArchitectureSpec) -> bool:
+    """Give the output projection its own copy of a weight it shares with the token embedding;
+    returns whether it was tied."""
+    out = getattr(model, spec.output_embedding, None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if out is None or emb is None or out.weight is not emb.weight:
+        return False
+    out.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+        text = getattr(config, "get_text_config", None)
+        if callable(text):
+            text().tie_word_embeddings = False
+    return True
+
+
+def _gains(model: torch.nn.Module, spec: ArchitectureSpec) -> dict[str, torch.nn.Parameter]:
+    named = dict(model.named_parameters())
+    return {n: p for n, p in named.items() if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN}
+
+
+def norm_gains_are_unit(model: torch.nn.Module) -> bool:
+    """Whether every residual norm gain of ``model`` is exactly 1 (effective gain; Gemma's ``1 + w``)."""
+    spec = spec_for_model(model)
+    return all(bool(torch.all(p.detach() + spec.gain_offset == 1)) for p in _gains(model, spec).values())
+
+
+def plan_fold(spec: ArchitectureSpec, model_type: str | None, names: Iterable[str], gains: Mapping[str, Any],
+              what: str) -> list[tuple[str, list[str]]]:
+    """The fold of one model, decided from its tensor names and residual gain values alone (the
+    one place, for models in memory and checkpoints on disk): ``[(gain, [readers it feeds])]`` for
+    every pre-norm gain, or :class:`~hf_bdgauge.errors.OrthogonalGaugeError` naming what cannot be
+    folded (module docstring). ``names`` must include a tied output projection's name."""
+    if spec.norm != "rmsnorm":
+        raise OrthogonalGaugeError(f"{what} normalises with LayerNorm: its gains cannot be folded into a rotation-ready "
+                                   "form (mean-centring does not commute with rotations; convert LayerNorm to RMSNorm "
+                                   "first, as SliceGPT does)")
+    if not gains:
+        raise OrthogonalGaugeError(f"{what} has no residual norm gains to fold")
+    names = list(names)
+    plan: list[tuple[str, list[str]]] = []
+    unplaced, post, orphans, not_readers = [], [], [], []
+    for n in gains:
+        site = spec.norm_site(n, model_type)
+        if site is None or site.position not in ("pre", "post"):
+            unplaced.append(n)
+        elif site.position == "post":
+            if not is_constant(gains[n]):
+                post.append(n)
+        else:
+            block = spec.block_of(n)
+            readers = [m for m in names if m != n and spec.block_of(m) == block and site.feeds_tensor(m)]
+            not_readers += [m for m in readers if (r := spec.rule_for(m)) is None or r.role is not Role.READ]
+            if not readers:
+                orphans.append(n)
+            plan.append((n, readers))
+    if unplaced:
+        raise OrthogonalGaugeError(f"{what}: the role map does not say where these norm gains sit, so they cannot be "
+                                   f"folded: {', '.join(sorted(unplaced)[:8])}")
+    if post:
+        raise OrthogonalGaugeError(f"{what}: these post-norm gains scale a writer's normalised output and are not "
+                                   "constant, so they cannot be folded into any weight (and no rotation but a signed "
+                                   f"permutation commutes with them): {', '.join(sorted(post)[:8])}"
+                                   f"{f' … ({len(post)} in all)' if len(post) > 8 else ''}")
+    if orphans:
+        raise OrthogonalGaugeError(f"{what}: these pre-norm gains feed no tensor present in the model: "
+                                   f"{', '.join(sorted(orphans)[:8])}")
+    if not_readers:
+        raise OrthogonalGaugeError(f"{what}: the role map says a norm feeds {', '.join(sorted(not_readers)[:4])}, "
+                                   "which are not residual readers")
+    return plan
+
+
+def _fold_into(w: torch.Tensor, gain: torch.Tensor, name: str, spec: ArchitectureSpec) -> torch.Tensor:
+    """``W·diag(offset + gain)`` along ``W``'s residual axis, computed in float64 and rounded
+    once to ``W``'s dtype."""
+    rule = spec.rule_for(name)
+    assert rule is not None
+    ax = rule.residual_axis(w.ndim) % w.ndim
+    shape = [1] * w.ndim
+    shape[ax] = -1
+    g = gain.detach().to(torch.float64) + spec.gain_offset
+    return (w.detach().to(torch.float64) * g.reshape(shape)).to(w.dtype)
+
+
+@torch.no_grad()
+def fold_norm_gains(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every residual pre-norm gain of ``model`` into the readers it feeds, in place; returns
+    the model (see the module docstring for the maths and what is refused).
+
+    Each folded reader is computed in float64 and rounded once to its dtype; afterwards every
+    pre-norm gain is exactly 1. All checks (:func:`plan_fold`) run before any tensor changes, so
+    a refused model is left as it was. ``config.tie_word_embeddings`` is set to ``False`` when
+    ``lm_head`` had to be untied; save the result with ``save_pretrained`` as usual.
+    """
+    spec = spec_for_model(model)
+    what = f"{type(model).__name__} ({spec.name})"
+    config = getattr(model, "config", None)
+    gains = _gains(model, spec)
+    plan = plan_fold(spec, getattr(config, "model_type", None), dict(model.named_parameters(remove_duplicate=False)),
+                     gains, what)
+    if _untie_output_embedding(model, spec):
+        logger.info("untied %s from the token embedding before folding the final norm", spec.output_embedding)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for n, readers in plan:
+        for m in readers:
+            named[m].copy_(_fold_into(named[m], named[n], m, spec))
+        named[n].fill_(1.0 - spec.gain_offset)
+    logger.info("folded %d norm gains into %d readers of %s", len(plan), sum(len(r) for _, r in plan), what)
+    return model
+
+
+def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+                                  revision: str | None = None, overwrite: bool = False,
+                                  progress: bool = True) -> Path:
+    """:func:`fold_norm_gains` for a safetensors checkpoint on disk (a directory or a Hub repo,
+    ``repo@revision``), written to ``dst_dir`` atomically, without instantiating the model.
+
+    The gains are read first (they are small) and :func:`plan_fold` decides everything before a
+    byte is written. Then shard by shard (one shard's tensors in memory at a time) each folded
+    reader becomes ``W·diag(g)`` (float64, rounded once), each gain 1, every other tensor is
+    copied as it is. A tied output projection is written as its own tensor (``lm_head.weight``,
+    beside the embedding in its shard, and in the index) and the config says
+    ``tie_word_embeddings: false``. Loading the result with ``from_pretrained`` gives the
+    in-memory folded model.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = resolve_checkpoint_dir(src_dir, revision)
+    config = read_model_config(src)
+    spec = spec_for_config(config)
+    what = f"checkpoint {src} ({spec.name})"
+    index = tensor_index(src)
+    gains = {n: read_tensor(ti) for n, ti in index.items()
+             if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN}
+    out_name = f"{spec.output_embedding}.weight"
+    emb_name = next((n for n in index if spec.is_embedding(n)), None)
+    tied = out_name not in index and emb_name is not None
+    names = list(index) + ([out_name] if tied else [])
+    plan = plan_fold(spec, config.get("model_type"), names, gains, what)
+    fed_by = {m: n for n, readers in plan for m in readers}
+    folded_gains = {n for n, _ in plan}
+    shards = checkpoint_shards(src)
+    index_file = src / "model.safetensors.index.json"
+    with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
+        for f in src.iterdir():
+            if f.name.startswith(".") or f.suffix == ".safetensors" or f.name in ("config.json", index_file.name):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        for shard in tqdm(shards, desc="folding norm gains", unit="shard", disable=not progress):
+            out: dict[str, torch.Tensor] = {}
+            with safe_open(str(shard), framework="pt") as fh:
+                metadata = fh.metadata()
+                for n in fh.keys():
+                    t = fh.get_tensor(n)
+                    if n in fed_by:
+                        t = _fold_into(t, gains[fed_by[n]], n, spec)
+                    elif n in folded_gains:
+                        t = torch.full_like(t, 1.0 - spec.gain_offset)
+                    out[n] = t.contiguous()
+                    if tied and n == emb_name:  # the untied output projection joins the embedding's shard
+                        out[out_name] = _fold_into(t, gains[fed_by[out_name]], out_name, spec).contiguous()
+            save_file(out, str(tmp / shard.name), metadata=metadata or {"format": "pt"})
+            del out
+        weight_map = None
+        if index_file.is_file():
+            weight_map = dict(read_json_object(index_file, what="checkpoint index")["weight_map"])
+        if tied and weight_map is not None:
+            weight_map[out_name] = index[emb_name].shard.name
+        if out_name in fed_by:  # the output projection now differs from the embedding: never re-tie them
+            _untie_config(config)
+        if weight_map is not None:
+            size = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+            (tmp / index_file.name).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                                          indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    logger.info("folded %d norm gains of %s into %s", len(plan), src, dst_dir)
+    return Path(dst_dir)
+
+
+def _untie_config(config: dict[str, Any]) -> None:
+    """``tie_word_embeddings: false`` in a config dict (and in its ``text_config`` when nested)."""
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
