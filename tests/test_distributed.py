@@ -287,7 +287,13 @@ from hf_bdgauge.distributed import init_from_env, shutdown
 from hf_bdgauge.estimate import weight_similarity
 rank, size, _ = init_from_env(60)
 sim, _, _ = weight_similarity(sys.argv[1], sys.argv[2], progress=False)
+# the Python API under a process group the caller initialised (group=None: the default group)
+from hf_bdgauge.estimate import estimate_gauge
+texts = open(sys.argv[4], encoding="utf-8").read().splitlines()
+g = estimate_gauge(sys.argv[1], sys.argv[2], texts, tokenizer=sys.argv[1], batch_size=1, calibration_draws=16,
+                   progress=False)
 if rank == 0:
+    g.save_pretrained(sys.argv[3] + ".gauge")
     arrays = {f"{h}.{k}": getattr(part, k) for h, part in enumerate(sim.halves) for k in
               ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram", "tgt_gain_gram")}
     np.savez(sys.argv[3], names0=np.array(sim.halves[0].tensors), names1=np.array(sim.halves[1].tensors),
@@ -304,11 +310,14 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
 
     from hf_bdgauge.estimate import weight_similarity
 
-    src, dst, _, planted = pair
+    src, dst, corpus, planted = pair
     script = tmp_path / "sums.py"
     script.write_text(_WEIGHT_SUMS)
-    _torchrun([str(script), str(src), str(dst), str(tmp_path / "two.npz")], module=False)
+    _torchrun([str(script), str(src), str(dst), str(tmp_path / "two.npz"), str(corpus)], module=False)
     two = np.load(tmp_path / "two.npz")
+    api = Gauge.from_pretrained(tmp_path / "two.npz.gauge")
+    assert api.element == planted and api.metrics["world_size"] == 2
+    assert api.metrics["tokens"] == sum(len(t) - 1 for t in _token_rows(src, corpus))
     torch.set_num_threads(1)
     try:
         one, _, _ = weight_similarity(src, dst, progress=False)
@@ -330,6 +339,14 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
     assert g2.element == g1.element == planted
     assert (g1.metrics["world_size"], g2.metrics["world_size"]) == (1, 2)
     assert_close_rel(torch.tensor(g2.metrics["p_value"]), torch.tensor(g1.metrics["p_value"]), rtol=1e-6, what="p")
+
+
+def _token_rows(src, corpus) -> list[list[int]]:
+    """The token ids of every text of ``corpus`` (one per line) under ``src``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    return [tok(t).input_ids for t in corpus.read_text(encoding="utf-8").splitlines() if t]
 
 
 @pytest.fixture(scope="module")
@@ -387,6 +404,36 @@ def test_a_rank_that_fails_mid_apply_leaves_no_destination(sharded, tmp_path):
     assert res.returncode != 0
     assert "injected disk failure on rank 1" in res.stderr and "rank 1 of 2 failed" in res.stderr
     assert list(work.iterdir()) == []
+
+
+_HANGING_SHARD = """
+import os, sys, time
+import hf_bdgauge.checkpoint as checkpoint
+real = checkpoint._rewrite_shard
+def rewrite(src, dst, *args, **kwargs):
+    if os.environ["RANK"] == "1":
+        dst.write_bytes(b"half")
+        time.sleep(600)  # a rank that hangs (a dead disk, a stuck node)
+    return real(src, dst, *args, **kwargs)
+checkpoint._rewrite_shard = rewrite
+from hf_bdgauge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_hangs_times_out_and_leaves_no_destination(sharded, tmp_path):
+    """Rank 1 hangs mid-shard: rank 0 gives up after --dist-timeout, torchrun stops the job, the
+    command exits non-zero long before rank 1's sleep would end, and no destination is left."""
+    script = tmp_path / "hanging.py"
+    script.write_text(_HANGING_SHARD)
+    work = tmp_path / "out"
+    work.mkdir()
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "apply", str(sharded), str(work / "dst"), "--random-seed", "3", "-q",
+                          "--dist-timeout", "10"], env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
+    assert res.returncode != 0 and time.perf_counter() - t0 < SUB_TIMEOUT_S / 2
+    assert list(work.iterdir()) == []  # rank 0 removed the shared temporary directory as it failed
 
 
 def test_trace_and_compose_under_two_ranks_match_one_process(pair, tmp_path):
