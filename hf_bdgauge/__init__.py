@@ -32,7 +32,7 @@ from .errors import (
     TransportError,
     UnsupportedArchitectureError,
 )
-from .fold import fold_norm_gains, fold_norm_gains_in_checkpoint, norm_gains_are_unit
+from .fold import fold_and_rotate, fold_norm_gains, fold_norm_gains_in_checkpoint, norm_gains_are_unit
 from .fingerprint import check_fingerprint, model_fingerprint, tensor_content_hash
 from .estimate import compose_trajectory, diff, estimate_gauge, trace
 from .gauge import Gauge, ModelRef, as_signed_permutation
@@ -57,6 +57,7 @@ __all__ = [
     "SignedPermutation",
     "Orthogonal",
     "fold_norm_gains",
+    "fold_and_rotate",
     "fold_norm_gains_in_checkpoint",
     "norm_gains_are_unit",
     "Gauge",

@@ -42,7 +42,8 @@ from .roles import ArchitectureSpec, is_constant, spec_for_config, spec_for_mode
 from .rules import Role
 from .storage import checkpoint_shards, read_model_config, read_tensor, tensor_index
 
-__all__ = ["fold_norm_gains", "fold_norm_gains_in_checkpoint", "norm_gains_are_unit", "plan_fold"]
+__all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "gain_feeding", "norm_gains_are_unit",
+           "plan_fold"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ def plan_fold(spec: ArchitectureSpec, model_type: str | None, names: Iterable[st
             if not is_constant(gains[n]):
                 post.append(n)
         else:
-            block = spec.block_of(n)
-            readers = [m for m in names if m != n and spec.block_of(m) == block and site.feeds_tensor(m)]
+            readers = [m for m in names if m != n and _feeds(spec, site, n, m)]
             not_readers += [m for m in readers if (r := spec.rule_for(m)) is None or r.role is not Role.READ]
             if not readers:
                 orphans.append(n)
@@ -120,6 +120,47 @@ def plan_fold(spec: ArchitectureSpec, model_type: str | None, names: Iterable[st
         raise OrthogonalGaugeError(f"{what}: the role map says a norm feeds {', '.join(sorted(not_readers)[:4])}, "
                                    "which are not residual readers")
     return plan
+
+
+def _feeds(spec: ArchitectureSpec, site: Any, gain: str, reader: str) -> bool:
+    """Whether the pre-norm ``gain`` (at ``site``) feeds the tensor ``reader``: one of the site's
+    ``feeds`` patterns, in the same decoder block (or both outside the blocks)."""
+    return spec.block_of(reader) == spec.block_of(gain) and site.feeds_tensor(reader)
+
+
+def gain_feeding(spec: ArchitectureSpec, model_type: str | None, reader: str, gains: Iterable[str]) -> str | None:
+    """The one of ``gains`` (pre-norm gain names) that feeds the tensor ``reader``, or ``None``."""
+    for n in gains:
+        site = spec.norm_site(n, model_type)
+        if site is not None and site.position == "pre" and _feeds(spec, site, n, reader):
+            return n
+    return None
+
+
+def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool = True) -> Any:
+    """Fold ``model``'s norm gains (:func:`fold_norm_gains`) and rotate it by ``rotation`` (an
+    :class:`~hf_bdgauge.orthogonal.Orthogonal`), in place, and return the exact
+    :class:`~hf_bdgauge.gauge.Gauge` from the model as it was to the folded, rotated model.
+
+    The gauge records the unfolded model's effective pre-norm gains, which adapters trained on it
+    need (a reader's LoRA ``A ↦ A·diag(g)·Rᵀ``); both ends carry fingerprints when
+    ``fingerprint=True``. The residual stream itself moves by ``R`` alone (folding does not move it),
+    so vectors, probes and SAEs move by ``R``.
+    """
+    from .apply import apply_gauge
+    from .gauge import Gauge, ModelRef
+
+    spec = spec_for_model(model)
+    source = ModelRef.from_model(model) if fingerprint else ModelRef()
+    gains = {n: (p.detach().to(torch.float64) + spec.gain_offset).cpu().numpy()
+             for n, p in _gains(model, spec).items()
+             if (site := spec.norm_site(n, getattr(model.config, "model_type", None))) is not None
+             and site.position == "pre"}
+    fold_norm_gains(model)
+    apply_gauge(model, rotation)
+    target = ModelRef.from_model(model) if fingerprint else ModelRef()
+    return Gauge(rotation, source=source, target=target, method="folded_rotation", gains=gains,
+                 metrics={"exact": True, "folded_gains": len(gains)})
 
 
 def _fold_into(w: torch.Tensor, gain: torch.Tensor, name: str, spec: ArchitectureSpec) -> torch.Tensor:

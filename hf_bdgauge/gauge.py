@@ -113,7 +113,9 @@ KIND_SIGNED_PERMUTATION = "signed_permutation"
 ELEMENT_KINDS = (KIND_SIGNED_PERMUTATION, "orthogonal_dense", "orthogonal_hadamard")
 
 #: Methods whose gauges are exact by construction (nothing estimated): they count as fully identified.
-EXACT_METHODS = ("manual", "planted", "identity", "canonicalized", "rotation_config")
+EXACT_METHODS = ("manual", "planted", "identity", "canonicalized", "rotation_config", "folded_rotation")
+#: prefix of the tensors that hold a gauge's recorded norm gains (``source_gain.<tensor name>``)
+GAIN_PREFIX = "source_gain."
 
 #: Below this identified fraction an estimated gauge is refused unless forced (the documented default).
 DEFAULT_MIN_IDENTIFIED = 0.99
@@ -331,6 +333,12 @@ def _arrays_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.array_equal(a, b))
 
 
+def _gains_equal(a: Mapping[str, np.ndarray] | None, b: Mapping[str, np.ndarray] | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def _element_sha256(g: "SignedPermutation | Orthogonal") -> str:
     """The element by its hash: of ``perm`` and ``signs`` for a signed permutation (as ever), of
     the kind and the saved factors (structured) or float64 matrix (dense) for a rotation."""
@@ -473,6 +481,10 @@ class Gauge:
     hops: list[dict[str, Any]] = field(default_factory=list)
     library_version: str = field(default_factory=library_version)
     identified: np.ndarray | None = None
+    #: a rotation from a model with norm gains to its folded, rotated copy: the effective pre-norm
+    #: gains (``name -> float64 [d]``, in the unfolded model's coordinates), at ``gains_at``
+    gains: dict[str, np.ndarray] | None = None
+    gains_at: str = "source"
 
     def __post_init__(self) -> None:
         if not isinstance(self.element, (SignedPermutation, Orthogonal)):
@@ -491,6 +503,18 @@ class Gauge:
         if self.is_rotation and any(a is not None for a in (self.confidence, self.margin, self.identified)):
             raise InvalidGaugeError("a rotation mixes coordinates: it has no per-coordinate confidence, margin or "
                                     "identification")
+        if self.gains is not None:
+            if not self.is_rotation:
+                raise InvalidGaugeError("only a rotation gauge records norm gains (those of a folded model)")
+            if self.gains_at not in ("source", "target"):
+                raise InvalidGaugeError(f"gains_at must be 'source' or 'target', got {self.gains_at!r}")
+            gains = {}
+            for n, v in dict(self.gains).items():
+                a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64).reshape(-1)
+                if a.shape != (self.dim,) or not np.all(np.isfinite(a)):
+                    raise InvalidGaugeError(f"the recorded gain {n} must be {self.dim} finite numbers")
+                gains[str(n)] = a
+            self.gains = gains
         self.confidence = _per_coordinate(self.confidence, "confidence", self.dim)
         self.margin = _per_coordinate(self.margin, "margin", self.dim)
         self.identified = _identified_array(self.identified, self.dim)
@@ -561,6 +585,7 @@ class Gauge:
             and _json_equal(self.metrics, other.metrics)
             and _json_equal(self.hops, other.hops)
             and self.library_version == other.library_version
+            and _gains_equal(self.gains, other.gains) and self.gains_at == other.gains_at
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
@@ -610,6 +635,9 @@ class Gauge:
         if check:
             _check_junction(other.target, self.source,
                             what="the target of the first gauge is not the source of the second")
+        if self.gains is not None or other.gains is not None:
+            raise OrthogonalGaugeError("composing a folded rotation (a gauge that records norm gains) with another gauge "
+                                       "is not supported yet: fold, then compose rotations of the folded model")
         element = self.element @ other.element
         hops = other.hop_chain() + self.hop_chain()
         if self.is_rotation or other.is_rotation:  # coordinates mix: no per-coordinate path minima
@@ -643,8 +671,14 @@ class Gauge:
         g = self.element
         hops = [_inverted_hop(h) for h in reversed(self.hops)]
         if self.is_rotation:  # R⁻¹ = Rᵀ; no per-coordinate arrays to re-index
+            if self.gains is not None:
+                zero = sorted(n for n, v in self.gains.items() if np.any(v == 0))
+                if zero:
+                    raise OrthogonalGaugeError(f"the inverse of a folded rotation divides by the gains, and these are 0 "
+                                               f"somewhere: {', '.join(zero[:6])}")
             return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
-                         metrics=dict(self.metrics), hops=hops, library_version=self.library_version)
+                         metrics=dict(self.metrics), hops=hops, library_version=self.library_version,
+                         gains=self.gains, gains_at="target" if self.gains_at == "source" else "source")
         p = (lambda a: None if a is None else g.apply(a, signed=False))
         ident = None if self.identified is None else g.apply(self.identified.astype(np.int8), signed=False).astype(bool)
         return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
@@ -827,6 +861,8 @@ class Gauge:
         if self.is_rotation:
             rot = self.element.to_config()
             cfg["rotation"] = {k: rot[k] for k in ("orthogonality_atol", "hadamard") if k in rot}
+            if self.gains is not None:
+                cfg["rotation"].update(gains=sorted(self.gains), gains_at=self.gains_at)
         if weights_sha256 is not None:
             cfg["tensors"]["sha256"] = weights_sha256
         return cfg
@@ -839,6 +875,8 @@ class Gauge:
             t = self.element.to_tensors()
             if "matrix" in t:
                 t = {"rotation": t.pop("matrix")}
+            for n, v in (self.gains or {}).items():
+                t[GAIN_PREFIX + n] = torch.from_numpy(np.array(v, dtype=np.float64))
             return t
         t = self.element.to_tensors()
         if self.confidence is not None:
@@ -1012,7 +1050,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         tensors = load(data)
     except Exception as e:  # safetensors raises SafetensorError (and others) on a truncated/corrupt file
         raise InvalidGaugeError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
-    unknown = sorted(set(tensors) - set(_TENSOR_NAMES))
+    unknown = sorted(n for n in set(tensors) - set(_TENSOR_NAMES) if not n.startswith(GAIN_PREFIX))
     if unknown:
         raise InvalidGaugeError(f"{path} holds unexpected tensors {unknown}; a gauge file holds only {list(_TENSOR_NAMES)}")
     return tensors
@@ -1075,6 +1113,13 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
             if t.ndim != 1 or t.shape[0] != dim:
                 raise InvalidGaugeError(f"{w_path}: {name} must have shape [{dim}], got {list(t.shape)}")
         extras[name] = None if t is None else t.numpy()
+    declared_gains = (cfg.get("rotation") or {}).get("gains") if kind != KIND_SIGNED_PERMUTATION else None
+    stored_gains = {n[len(GAIN_PREFIX):]: t for n, t in tensors.items() if n.startswith(GAIN_PREFIX)}
+    if sorted(stored_gains) != sorted(declared_gains or []):
+        raise InvalidGaugeError(f"{w_path}: the recorded gains {sorted(stored_gains)[:4]} are not those the config "
+                                f"declares {sorted(declared_gains or [])[:4]}")
+    if any(t.dtype != torch.float64 for t in stored_gains.values()):
+        raise InvalidGaugeError(f"{w_path}: recorded gains must be float64")
     flips = element.num_flips if isinstance(element, SignedPermutation) else 0
     if "num_flips" in cfg and cfg["num_flips"] != flips:
         raise InvalidGaugeError(f"{cfg_path} says {cfg['num_flips']} sign flips but the tensors have {flips}")
@@ -1098,6 +1143,8 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
         hops=cfg["hops"],
         library_version=str(cfg.get("library_version") or "unknown"),
         identified=extras["identified"],
+        gains={n: t.numpy() for n, t in stored_gains.items()} if declared_gains else None,
+        gains_at=str((cfg.get("rotation") or {}).get("gains_at", "source")),
     )
 
 

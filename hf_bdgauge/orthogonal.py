@@ -269,6 +269,15 @@ class Orthogonal:
         y = np.moveaxis(a, ax, -1).astype(np.float64) @ m.T
         return np.ascontiguousarray(np.moveaxis(y, -1, ax).astype(a.dtype))
 
+    def apply_squared(self, x: ArrayLike, axis: int = -1) -> ArrayLike:
+        """``x ↦ (R∘R)·x`` along ``axis`` (``R∘R``: the entrywise square): the diagonal of
+        ``R·diag(x)·Rᵀ``, i.e. where a vector of per-coordinate variances ``x`` of independent
+        coordinates goes under ``R``. An approximation for anything else (e.g. Adam's second
+        moments); float64, rounded once."""
+        sq = Orthogonal.__new__(Orthogonal)  # not orthogonal: only its action is borrowed
+        sq._matrix, sq._factor, sq._cache = self.matrix ** 2, None, {}
+        return sq.apply(x, axis=axis)
+
     def map_indices(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
         """Refused: a rotation maps no coordinate to one coordinate (every ``R·e_i`` mixes all of them),
         so index sets of residual coordinates have no image (:class:`OrthogonalGaugeError`)."""

@@ -32,8 +32,9 @@ dense matrix in place of the gather: readers ``W ↦ W·Rᵀ`` (embedding rows t
 residual vector of token ``t``, so ``E ↦ E·Rᵀ``), writers ``W ↦ R·W`` and ``b ↦ R·b``, computed in
 float64 and rounded once. A gain is left as it is: the plan admits ``R`` only when every residual
 gain is constant (:meth:`hf_bdgauge.roles.ArchitectureSpec.check_rotation`), and ``c·1`` commutes
-with ``R``. Second moments have no rotation rule (the square of ``R·x`` is not a function of the
-square of ``x``).
+with ``R``. Second moments have no rotation rule here (the square of ``R·x`` is not a function of
+the square of ``x``); :mod:`hf_bdgauge.transport.optimizer` refuses them, or moves them by
+``(R∘R)·v`` when asked to approximate.
 """
 
 from __future__ import annotations

@@ -338,22 +338,62 @@ def test_a_gauged_model_in_a_rotated_chart_maps_to_its_reference_and_canonicaliz
         assert_close_rel(p, ref[n], rtol=1e-12, what=n)
 
 
-def test_adapters_are_refused_under_a_rotation_with_the_reason():
-    """LoRA under a rotation is not implemented yet (it needs the source's gains when the base was
-    folded): the adapter plan has no rotation rule, so a rotation gauge is refused before any
-    tensor moves."""
+def test_a_lora_moves_into_the_folded_rotated_chart_and_back(tmp_path, token_ids):
+    """fold_and_rotate records the unfolded model's gains: a LoRA trained on the original
+    (readers and writers, lm_head included) moves by A ↦ A·diag(g)·Rᵀ, B ↦ R·B and keeps its
+    effect on the folded, rotated model (without transport it does not); the inverse brings it
+    back; the gauge (with its gains) saves and loads; DoRA across a fold and DoRA on writers under
+    any rotation are refused with the reason."""
+    import copy
+
     from peft import LoraConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     from hf_bdgauge import Gauge
-    from hf_bdgauge.roles import spec_for_model
+    from hf_bdgauge.fold import fold_and_rotate
     from hf_bdgauge.transport.peft import transport_adapter_state_dict
 
-    model = tiny_model("llama", seed=1)
-    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    cfg = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    base = tiny_model("llama", seed=9, dtype=torch.float64)
+    rotated = copy.deepcopy(base)
+    gauge = fold_and_rotate(rotated, Orthogonal.random_hadamard(64, seed=4))
+    assert gauge.gains and gauge.is_exact and gauge.source.fingerprint and gauge.target.fingerprint
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    ref = _logits(pm, token_ids)
+    assert (ref - _logits(base, token_ids)).abs().max() > 1e-2  # the adapter does something
     sd = get_peft_model_state_dict(pm)
-    with pytest.raises(OrthogonalGaugeError, match="no rotation rule"):
-        transport_adapter_state_dict(sd, Gauge(Orthogonal.random(64, seed=0), method="manual"), spec_for_model(model))
+    spec = spec_for_model(base)
+    moved = transport_adapter_state_dict(sd, gauge, spec)
+    pm2 = get_peft_model(copy.deepcopy(rotated), LoraConfig(**cfg))
+    set_peft_model_state_dict(pm2, moved)
+    assert_close_rel(_logits(pm2, token_ids), ref, rtol=1e-6, what="transported LoRA on the rotated model")
+    pm3 = get_peft_model(copy.deepcopy(rotated), LoraConfig(**cfg))
+    set_peft_model_state_dict(pm3, sd)  # not transported: the effect is lost
+    assert (_logits(pm3, token_ids) - ref).abs().max() > 1e-2
+    back = transport_adapter_state_dict(moved, gauge.inverse(), spec)
+    for n in sd:
+        assert_close_rel(back[n], sd[n], rtol=1e-12, what=n)
+
+    gauge.save_pretrained(tmp_path / "g")
+    loaded = Gauge.from_pretrained(tmp_path / "g")
+    assert loaded == gauge and set(loaded.gains) == set(gauge.gains)
+
+    torch.manual_seed(0)
+    dora = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, **{**cfg, "target_modules": ["q_proj"]}))
+    with pytest.raises(OrthogonalGaugeError, match="DoRA"):
+        transport_adapter_state_dict(get_peft_model_state_dict(dora), gauge, spec)
+    folded = fold_norm_gains(copy.deepcopy(base))
+    dora_w = get_peft_model(folded, LoraConfig(use_dora=True, **{**cfg, "target_modules": ["o_proj"]}))
+    with pytest.raises(OrthogonalGaugeError, match="DoRA on a residual writer"):
+        transport_adapter_state_dict(get_peft_model_state_dict(dora_w), Gauge(Orthogonal.random(64, seed=1)), spec)
+    with pytest.raises(OrthogonalGaugeError, match="not supported yet"):
+        gauge @ Gauge(SignedPermutation.random(64, seed=2), target=gauge.source)
+    zero = Gauge(Orthogonal.random(64, seed=1), gains={"model.norm.weight": np.zeros(64)})
+    with pytest.raises(OrthogonalGaugeError, match="model.norm.weight"):
+        zero.inverse()
+
 
 
 @pytest.mark.parametrize("model_type,tie,shard", [("llama", False, None), ("llama", True, "60KB"), ("gemma", True, None),
@@ -383,3 +423,73 @@ def test_folding_a_checkpoint_on_disk_gives_the_in_memory_fold(model_type, tie, 
     with pytest.raises(OrthogonalGaugeError, match="post_feedforward_layernorm"):
         fold_norm_gains_in_checkpoint(tmp_path / "gemma3", tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_optimizer_state_under_a_rotation_first_moments_exact_second_moments_refused_or_approximate(token_ids):
+    """SGD with momentum is rotation-equivariant: its state moved by R resumes, on the rotated
+    folded model, the rotated trajectory (weights R-moved to 1e-6, float64 with float32 norms;
+    untransported state is off by > 1e-4). Adam's second
+    moments are refused unless approximate=True, which moves them by (R∘R)·v and records it;
+    norm gains in the optimizer and state across a fold are refused."""
+    import copy
+
+    from hf_bdgauge import Gauge
+    from hf_bdgauge.fold import fold_and_rotate
+    from hf_bdgauge.transport.optimizer import transport_optimizer_state
+
+    r = Orthogonal.random(64, seed=12)
+    gauge = Gauge(r, method="manual")
+    model = fold_norm_gains(tiny_model("llama", seed=2, dtype=torch.float64))
+    spec = spec_for_model(model)
+
+    def trainable(m):
+        return [p for n, p in m.named_parameters() if spec.rule_for(n).role is not Role.GAIN]
+
+    def step(m, opt, n=2):
+        for _ in range(n):
+            opt.zero_grad()
+            m(token_ids, labels=token_ids).loss.backward()
+            opt.step()
+
+    for p in model.parameters():
+        p.requires_grad_(spec.rule_for([n for n, q in model.named_parameters() if q is p][0]).role is not Role.GAIN)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable(model), lr=0.05, momentum=0.9)
+    step(model, opt)
+    rotated = apply_gauge(copy.deepcopy(model), r)
+    untransported = copy.deepcopy(rotated)
+    opt_r = torch.optim.SGD(trainable(rotated), lr=0.05, momentum=0.9)
+    opt_r.load_state_dict(transport_optimizer_state(opt.state_dict(), names, gauge, spec))
+    opt_u = torch.optim.SGD(trainable(untransported), lr=0.05, momentum=0.9)
+    opt_u.load_state_dict(opt.state_dict())
+    step(model, opt)
+    step(rotated, opt_r)
+    step(untransported, opt_u)
+    expected = dict(apply_gauge(copy.deepcopy(model), r).named_parameters())
+    for n, p in rotated.named_parameters():  # float32 RMSNorm upcast: gradients to ~1e-7
+        assert_close_rel(p, expected[n], rtol=1e-6, what=f"resumed {n}")
+    worst = max(float((p.detach() - expected[n].detach()).abs().max() / expected[n].detach().abs().max())
+                for n, p in untransported.named_parameters())
+    assert worst > 1e-4  # the momentum left in the old chart pushes the wrong way
+
+    adam = torch.optim.AdamW(trainable(model), lr=1e-3)
+    step(model, adam, 1)
+    with pytest.raises(OrthogonalGaugeError, match="approximate=True"):
+        transport_optimizer_state(adam.state_dict(), names, gauge, spec)
+    moved = transport_optimizer_state(adam.state_dict(), names, gauge, spec, approximate=True)
+    assert all(gr["hf_bdgauge_approximate"] for gr in moved["param_groups"])
+    pid = 0  # embed_tokens: a reader on its last axis
+    v = adam.state_dict()["state"][pid]["exp_avg_sq"]
+    assert_close_rel(moved["state"][pid]["exp_avg_sq"], v @ (r.to_matrix() ** 2).T, rtol=1e-12, what="(R∘R)·v")
+    assert torch.all(moved["state"][pid]["exp_avg_sq"] >= 0)
+
+    with_gains = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    step(model, with_gains, 1)
+    all_names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(OrthogonalGaugeError, match="norm gain"):
+        transport_optimizer_state(with_gains.state_dict(), all_names, gauge, spec)
+    folded_gauge = fold_and_rotate(tiny_model("llama", seed=2, dtype=torch.float64), r)
+    with pytest.raises(OrthogonalGaugeError, match="fold"):
+        transport_optimizer_state(opt.state_dict(), names, folded_gauge, spec)

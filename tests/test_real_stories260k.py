@@ -80,3 +80,55 @@ def test_real_checkpoint_path_equals_in_memory(real_dir, tmp_path):
     assert (out / "tokenizer.json").exists()
     gen = on_disk.generate(IDS[:, :1], max_new_tokens=39, do_sample=False)
     assert gen[0].tolist() == list(STORIES260K_GREEDY_IDS)
+
+
+def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects(real_dir):
+    """stories260K folded and rotated by a random Hadamard (fold_and_rotate): logits (float32
+    relative 1e-4) and greedy text unchanged; a LoRA adapter, a steering vector and
+    an SAE moved by the recorded gauge keep their effect (the LoRA is random, init_lora_weights=False), and the
+    LoRA's effect is lost without transport."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from hf_bdgauge import Orthogonal
+    from hf_bdgauge.fold import fold_and_rotate
+    from hf_bdgauge.roles import spec_for_model
+    from hf_bdgauge.transport.peft import transport_adapter_state_dict
+    from hf_bdgauge.transport.sae import SAE
+    from hf_bdgauge.transport.steering import SteeringVector, next_token_logprobs
+    from tolerances import assert_close_rel
+
+    base = AutoModelForCausalLM.from_pretrained(real_dir).eval()
+    rotated = copy.deepcopy(base)
+    r = Orthogonal.random_hadamard(64, seed=11)
+    gauge = fold_and_rotate(rotated, r)
+    with torch.no_grad():
+        ref, out = base(IDS, output_hidden_states=True), rotated(IDS, output_hidden_states=True)
+    assert_close_rel(out.logits, ref.logits, rtol=1e-4, what="rotated logits")
+    assert rotated.generate(IDS[:, :1], max_new_tokens=39, do_sample=False)[0].tolist() == list(STORIES260K_GREEDY_IDS)
+
+    cfg = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    with torch.no_grad():
+        want = pm(IDS).logits
+    moved = transport_adapter_state_dict(get_peft_model_state_dict(pm), gauge, spec_for_model(base))
+    for state, keeps in ((moved, True), (get_peft_model_state_dict(pm), False)):
+        pm2 = get_peft_model(copy.deepcopy(rotated), LoraConfig(**cfg))
+        set_peft_model_state_dict(pm2, state)
+        with torch.no_grad():
+            err = (pm2(IDS).logits - want).abs().max().item() / want.abs().max().item()
+        assert (err <= 1e-4) == keeps, (keeps, err)
+
+    v = SteeringVector({3: 4.0 * torch.randn(64, generator=torch.Generator().manual_seed(1))})
+    effect = next_token_logprobs(base, IDS, v) - next_token_logprobs(base, IDS)
+    moved_effect = next_token_logprobs(rotated, IDS, v.transport(gauge)) - next_token_logprobs(rotated, IDS)
+    assert_close_rel(moved_effect, effect, rtol=1e-3, what="steering effect in the rotated chart")
+
+    gen = torch.Generator().manual_seed(2)
+    sae = SAE.from_weights(torch.randn(64, 256, generator=gen) / 8, torch.randn(256, 64, generator=gen) / 8,
+                           torch.zeros(256), torch.zeros(64), hook_name="blocks.2.hook_resid_post")
+    h, h_rot = ref.hidden_states[3][0], out.hidden_states[3][0]
+    assert_close_rel(sae.transport(gauge).encode(h_rot), sae.encode(h), rtol=1e-4, what="SAE features")

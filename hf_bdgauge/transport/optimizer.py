@@ -13,6 +13,14 @@ AdamW's state then moves as:
   gradients) by the permutation alone: ``v ↦ |T| v``;
 * ``step`` and every other scalar unchanged.
 
+Under a rotation ``R`` of a gain-folded model (:class:`~hf_bdgauge.orthogonal.Orthogonal`) the
+gradients still move like the parameters, so first moments do, exactly — when the state was
+accumulated on the folded model (a gauge that records folded gains is refused). Adam is not
+rotation-equivariant: the second moments of ``R·g`` are not a function of those of ``g``, so they
+are refused unless ``approximate=True``, which moves them by ``v ↦ (R∘R)·v`` (the diagonal of
+``R·diag(v)·Rᵀ``: exact for independent coordinates) and marks every param group
+``hf_bdgauge_approximate: true``. Norm gains have no rotated counterpart to train: refused.
+
 With this state the update ``Δθ = -lr·(m̂/(√v̂ + ε) + λ θ)`` is elementwise, hence
 ``Δθ' = T Δθ``: training resumed in the new chart follows the re-charted old trajectory
 exactly. State transported by ``P`` alone (dropping the signs) gets the first moments' signs
@@ -33,10 +41,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import CheckpointError, DimensionMismatchError, GaugeError, TransportError
+from ..errors import CheckpointError, DimensionMismatchError, GaugeError, OrthogonalGaugeError, TransportError
 from ..files import atomic_write_bytes
 from ..gauge import Gauge
 from ..group import SignedPermutation
+from ..orthogonal import Orthogonal
 from ..hub import resolve_checkpoint_dir, resolve_file, split_revision
 from ..plan import TransformPlan
 from ..roles import ArchitectureSpec, hidden_size_of, spec_for_model
@@ -123,6 +132,7 @@ def transport_optimizer_state(
     spec: ArchitectureSpec | None = None,
     *,
     force: bool = False,
+    approximate: bool = False,
 ) -> dict[str, Any]:
     """Return ``state_dict`` (from ``optimizer.state_dict()``) moved into the gauge's target chart.
 
@@ -141,7 +151,8 @@ def transport_optimizer_state(
 
     First moments move like their parameter, second moments by ``P`` alone, scalars (``step``)
     stay; see the module docstring. The result loads with ``optimizer.load_state_dict`` into an
-    optimizer over the re-charted model.
+    optimizer over the re-charted model. ``approximate``: under a rotation, move second moments
+    by ``(R∘R)`` instead of refusing them (recorded in every param group).
     """
     # a PeftModel: the family and width are its base model's
     inner = params.get_base_model() if hasattr(params, "get_base_model") else params
@@ -156,8 +167,13 @@ def transport_optimizer_state(
     rules: dict[str, TensorRule] = adapter_tensor_rules(names, spec)
     shapes = {n: tuple(p.shape) for n, p in params.named_parameters()} if isinstance(params, torch.nn.Module) else {}
     plan = TransformPlan.for_tensors({n: shapes[n] for n in names if n in shapes}, rules, d, spec=spec,
-                                     what="the optimizer's model")
+                                     what="the optimizer's model", check_rotation=lambda r: None)
     g = plan.admit(gauge, force=force)
+    rotation = isinstance(g, Orthogonal)
+    if rotation and getattr(gauge, "gains", None):
+        raise OrthogonalGaugeError("this gauge folds the norm gains too: optimizer state accumulated on the unfolded "
+                                   "model does not belong to the folded one (its updates are not equivariant under the "
+                                   "fold); fold first, then train or warm the state up on the folded model")
     plan: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
     for pid, entries in state_dict["state"].items():
         name = id_to_name.get(int(pid))
@@ -168,6 +184,14 @@ def transport_optimizer_state(
         for key, val in entries.items():
             kind = _entry_kind(key, val)
             plan[pid][key] = (kind, rule)
+            if rotation and kind != "scalar" and rule.role is Role.GAIN:
+                raise OrthogonalGaugeError(f"{name} is a norm gain: a rotated chart has only constant gains, whose "
+                                           "optimizer state has no rotated counterpart (freeze the norms)")
+            if rotation and kind == "second" and rule.role is not Role.NONE and not approximate:
+                raise OrthogonalGaugeError(
+                    f"state {key!r} of {name}: Adam's second moments are not rotation-equivariant (those of R·g are not "
+                    "a function of those of g); pass approximate=True (CLI: --approximate) to move them by (R∘R)·v, "
+                    "the diagonal of R·diag(v)·Rᵀ, and have the result record it")
             if kind != "scalar":
                 if name in shapes and tuple(val.shape) != shapes[name]:
                     raise TransportError(
@@ -187,6 +211,9 @@ def transport_optimizer_state(
             kind, rule = plan[pid][key]
             if kind == "scalar" or rule.role is Role.NONE:
                 out[key] = val.clone() if isinstance(val, torch.Tensor) else copy.deepcopy(val)
+            elif rotation and kind == "second":
+                out[key] = g.apply_squared(val, axis=rule.residual_axis(val.ndim))
+                moved += 1
             else:
                 out[key] = transform(val, rule, g, second_moment=(kind == "second"))
                 moved += 1
@@ -194,6 +221,10 @@ def transport_optimizer_state(
     logger.info("transported %d optimizer state tensors of %d parameters", moved, len(new_state))
     result = {k: copy.deepcopy(v) for k, v in state_dict.items() if k != "state"}
     result["state"] = new_state
+    if rotation and approximate:
+        for group in result.get("param_groups", []):
+            group["hf_bdgauge_approximate"] = True
+        logger.warning("second moments moved approximately, by (R∘R)·v; every param group records it")
     return result
 
 
@@ -212,7 +243,7 @@ def _cli_run(args: Any, gauge: Gauge) -> Path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for non-state files
         raise CheckpointError(f"cannot read optimizer state from {path} (torch.load, weights_only=True): {e}") from e
-    moved = transport_optimizer_state(state, model, gauge, force=args.force)
+    moved = transport_optimizer_state(state, model, gauge, force=args.force, approximate=args.approximate)
     buf = io.BytesIO()
     torch.save(moved, buf)
     return atomic_write_bytes(args.dst, buf.getvalue(), overwrite=args.overwrite)
@@ -221,6 +252,8 @@ def _cli_run(args: Any, gauge: Gauge) -> Path:
 def _cli_arguments(p: Any) -> None:
     p.add_argument("--model", help="the source model (dir or repo@revision): parameter names, order and roles")
     p.add_argument("--model-revision", help="revision of --model")
+    p.add_argument("--approximate", action="store_true", help="under a rotation gauge: move Adam's second moments "
+                   "by (R∘R)·v instead of refusing them (recorded in the output's param groups)")
 
 
 register_transport(TransportKind(

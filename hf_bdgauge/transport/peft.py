@@ -46,12 +46,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
-from ..errors import CheckpointError, HubError, TransportError, UnsupportedArchitectureError
+from ..errors import CheckpointError, HubError, OrthogonalGaugeError, TransportError, UnsupportedArchitectureError
 from ..files import atomic_directory, read_json_object
+from ..fold import gain_feeding
 from ..gauge import Gauge, transport_record
 from ..group import SignedPermutation
 from ..fingerprint import check_fingerprint, model_fingerprint
 from ..hub import cached_snapshot, hub_file, is_local, resolve_dir
+from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
 from ..roles import (
     ArchitectureSpec,
@@ -76,6 +78,7 @@ __all__ = [
     "parse_adapter_tensor_name",
     "adapter_tensor_rules",
     "transport_adapter_state_dict",
+    "move_adapter_tensors",
     "transport_adapter",
     "transport_peft_model",
 ]
@@ -275,7 +278,7 @@ def adapter_plan(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, di
         dim = next((r.residual_size(shapes[n]) for n, r in rules.items() if r.role is not Role.NONE), None)
         if dim is None:
             raise TransportError(f"{what}: no tensor carries residual coordinates")
-    return TransformPlan.for_tensors(shapes, rules, dim, spec=spec, what=what)
+    return TransformPlan.for_tensors(shapes, rules, dim, spec=spec, what=what, check_rotation=_rotation_rule(rules))
 
 
 def transport_adapter_state_dict(
@@ -295,7 +298,59 @@ def transport_adapter_state_dict(
     g = gauge.element if isinstance(gauge, Gauge) else gauge
     plan = adapter_plan(state_dict, spec, g.dim, fan_in_fan_out=fan_in_fan_out)
     g = plan.admit(gauge, force=force)
-    return {n: plan.transform(n, t, g) for n, t in state_dict.items()}
+    return move_adapter_tensors(plan, state_dict, gauge, g, spec)
+
+
+def _rotation_rule(rules: Mapping[str, TensorRule]) -> Any:
+    """An adapter's rotation rule: factors of readers and writers rotate, but a DoRA magnitude on
+    a writer (one value per residual row, role GAIN) is the norm of a rotated row: refused."""
+    gains = sorted(n for n, r in rules.items() if r.role is Role.GAIN)
+
+    def check(r: Any) -> None:
+        if gains:
+            raise OrthogonalGaugeError(
+                f"a rotation mixes the output rows of a writer, so these per-row magnitudes (DoRA on a residual writer, "
+                f"or a copied norm gain) have no rotated counterpart: {', '.join(gains[:4])}; recompute them on the "
+                "target or train the adapter there")
+    return check
+
+
+def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor], gauge: Any, g: Any,
+                         spec: ArchitectureSpec) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter moved by the admitted element ``g`` under its rule (the one
+    place both adapter paths move tensors).
+
+    A rotation gauge from a model with norm gains to its folded, rotated copy (``gauge.gains``)
+    also folds: a reader's factor (LoRA ``A``, a full reader copy) fed by the pre-norm gain ``g_n``
+    becomes ``A·diag(g_n)·Rᵀ`` (``A·R·diag(1/g_n)`` back, for the inverse); writers' ``B ↦ R·B``.
+    DoRA magnitudes across a fold are the row norms of a reader that changed: refused."""
+    gains = getattr(gauge, "gains", None) if isinstance(g, Orthogonal) else None
+    if not gains:
+        return {n: plan.transform(n, t, g) for n, t in tensors.items()}
+    dora = sorted(n for n in tensors if parse_adapter_tensor_name(n).kind == "magnitude")
+    if dora:
+        raise OrthogonalGaugeError(f"DoRA magnitudes are row norms of the base weight plus the update, and folding the "
+                                   f"norm gains changes those rows: {', '.join(dora[:4])}; recompute them on the folded "
+                                   "model (PEFT does on load of a fresh DoRA) or transport a plain LoRA")
+    model_type = ((getattr(gauge, gauge.gains_at).fingerprint or {}).get("model_type"))
+    forward = gauge.gains_at == "source"
+    out: dict[str, torch.Tensor] = {}
+    for n, t in tensors.items():
+        rule = plan.rules[n]
+        fed = gain_feeding(spec, model_type, parse_adapter_tensor_name(n).base_name, gains) \
+            if rule.role is Role.READ else None
+        if fed is None:
+            out[n] = plan.transform(n, t, g)
+            continue
+        ax = rule.residual_axis(t.ndim) % t.ndim
+        shape = [1] * t.ndim
+        shape[ax] = -1
+        scale = torch.from_numpy(gains[fed]).reshape(shape)
+        if forward:  # A·diag(g), then ·Rᵀ
+            out[n] = plan.transform(n, (t.detach().to(torch.float64) * scale).to(t.dtype), g)
+        else:  # ·R, then ·diag(1/g)
+            out[n] = (plan.transform(n, t.detach().to(torch.float64), g) / scale).to(t.dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -509,7 +564,7 @@ def transport_adapter(
                         what=f"the adapter {adapter_dir_or_repo}")
     _check_adapter_base(cfg, gauge)
     g = plan.admit(gauge, force=force)
-    moved = {n: plan.transform(n, t, g) for n, t in tensors.items()}
+    moved = move_adapter_tensors(plan, tensors, gauge, g, spec)
 
     new_cfg = dict(cfg)
     target = gauge.target if isinstance(gauge, Gauge) else None
@@ -621,6 +676,9 @@ def transport_peft_model(
     plan = TransformPlan.for_model(base, spec=spec, names=flat, rules=rules, what=f"PeftModel ({spec.name})")
     plan.fingerprint_of = None  # PEFT wraps the base's tensor names; the adapter itself has no fingerprint
     g = plan.admit(gauge, force=force)
+    if isinstance(g, Orthogonal):
+        raise OrthogonalGaugeError("rotating a PeftModel in memory is not supported yet: save the adapter and use "
+                                   "transport_adapter, and rotate the folded base with apply_gauge")
     moved = 0
     for n, t in flat.items():
         if rules[n].role is not Role.NONE:
