@@ -21,7 +21,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .distributed import on_every_rank, shared_atomic_directory, world
 from .errors import CheckpointError
+from .files import copy_companions
 from .gauge import transport_record
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
@@ -172,13 +172,7 @@ def apply_gauge_to_checkpoint(
         max_workers = max(1, min(len(mine), os.cpu_count() or 1))
     with shared_atomic_directory(dst_dir, overwrite=overwrite, group=grp) as tmp:
         if rank == 0:
-            for f in src.iterdir():  # config, tokenizer, generation, index, and sub-folders (e.g. 1_Pooling/)
-                if f.name.startswith("."):
-                    continue
-                if f.is_dir():
-                    shutil.copytree(f, tmp / f.name)
-                elif f.suffix != ".safetensors":
-                    shutil.copy2(f, tmp / f.name)
+            copy_companions(src, tmp)
             if plan.forced:
                 (tmp / PROVENANCE_NAME).write_text(json.dumps({"applied_gauge": transport_record(gauge, forced=True)},
                                                               indent=2, sort_keys=True) + "\n", encoding="utf-8")

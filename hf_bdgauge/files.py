@@ -23,12 +23,12 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import CheckpointError, DestinationExistsError, GaugeError
 
 __all__ = ["atomic_directory", "atomic_write_bytes", "atomic_file", "apply_umask", "sha256_file", "read_json_object", "current_umask",
-           "check_destination"]
+           "check_destination", "copy_companions"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -122,6 +122,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
             f.flush()
             os.fsync(f.fileno())
     return Path(path)
+
+
+def copy_companions(src: str | os.PathLike, dst: str | os.PathLike, *, skip: Iterable[str] = ()) -> None:
+    """Copy what sits beside a checkpoint's weights from ``src`` into ``dst`` (config, tokenizer,
+    generation and index files, sub-folders such as ``1_Pooling/`` whole): everything but hidden
+    entries, ``*.safetensors`` files and the names in ``skip`` (files a writer rewrites itself)."""
+    skip = set(skip)
+    for f in Path(src).iterdir():
+        if f.name.startswith(".") or f.name in skip:
+            continue
+        if f.is_dir():
+            shutil.copytree(f, Path(dst) / f.name)
+        elif f.suffix != ".safetensors":
+            shutil.copy2(f, Path(dst) / f.name)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

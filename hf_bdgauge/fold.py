@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import OrthogonalGaugeError
-from .files import atomic_directory, read_json_object
+from .files import atomic_directory, copy_companions, read_json_object
 from .hub import resolve_checkpoint_dir
 from .roles import ArchitectureSpec, is_constant, spec_for_config, spec_for_model
-from .rules import Role
+from .rules import Role, scale_residual
 from .storage import checkpoint_shards, read_model_config, read_tensor, tensor_index
 
 __all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "gain_feeding", "norm_gains_are_unit",
@@ -168,11 +167,7 @@ def _fold_into(w: torch.Tensor, gain: torch.Tensor, name: str, spec: Architectur
     once to ``W``'s dtype."""
     rule = spec.rule_for(name)
     assert rule is not None
-    ax = rule.residual_axis(w.ndim) % w.ndim
-    shape = [1] * w.ndim
-    shape[ax] = -1
-    g = gain.detach().to(torch.float64) + spec.gain_offset
-    return (w.detach().to(torch.float64) * g.reshape(shape)).to(w.dtype)
+    return scale_residual(w, rule, gain.detach().to(torch.float64) + spec.gain_offset).to(w.dtype)
 
 
 @torch.no_grad()
@@ -236,10 +231,7 @@ def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.
     shards = checkpoint_shards(src)
     index_file = src / "model.safetensors.index.json"
     with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
-        for f in src.iterdir():
-            if f.name.startswith(".") or f.suffix == ".safetensors" or f.name in ("config.json", index_file.name):
-                continue
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        copy_companions(src, tmp, skip=("config.json", index_file.name))
         for shard in tqdm(shards, desc="folding norm gains", unit="shard", disable=not progress):
             out: dict[str, torch.Tensor] = {}
             with safe_open(str(shard), framework="pt") as fh:

@@ -336,7 +336,7 @@ def _arrays_equal(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 def _gains_equal(a: Mapping[str, np.ndarray] | None, b: Mapping[str, np.ndarray] | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    return set(a) == set(b) and all(_arrays_equal(a[k], b[k]) for k in a)
 
 
 def _element_sha256(g: "SignedPermutation | Orthogonal") -> str:
@@ -510,9 +510,9 @@ class Gauge:
                 raise InvalidGaugeError(f"gains_at must be 'source' or 'target', got {self.gains_at!r}")
             gains = {}
             for n, v in dict(self.gains).items():
-                a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64).reshape(-1)
-                if a.shape != (self.dim,) or not np.all(np.isfinite(a)):
-                    raise InvalidGaugeError(f"the recorded gain {n} must be {self.dim} finite numbers")
+                a = _coordinate_vector(v, f"the recorded gain {n}", self.dim).astype(np.float64)
+                if not np.all(np.isfinite(a)):
+                    raise InvalidGaugeError(f"the recorded gain {n} holds non-finite values")
                 gains[str(n)] = a
             self.gains = gains
         self.confidence = _per_coordinate(self.confidence, "confidence", self.dim)

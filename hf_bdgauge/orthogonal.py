@@ -239,10 +239,18 @@ class Orthogonal:
         if n != self.dim:
             raise DimensionMismatchError(f"rotation has dimension {self.dim} but the object has {n} along its residual axis")
 
-    def _torch_matrix(self, device: Any) -> torch.Tensor:
-        key = ("torch", device)
+    def _numpy_matrix(self, squared: bool) -> np.ndarray:
+        """``R`` or its entrywise square ``R∘R`` (built once)."""
+        if not squared:
+            return self.matrix
+        if "squared" not in self._cache:
+            self._cache["squared"] = self.matrix ** 2
+        return self._cache["squared"]
+
+    def _torch_matrix(self, device: Any, squared: bool = False) -> torch.Tensor:
+        key = ("torch", device, squared)
         if key not in self._cache:
-            self._cache[key] = torch.from_numpy(self.matrix.copy()).to(device)
+            self._cache[key] = torch.from_numpy(self._numpy_matrix(squared).copy()).to(device)
         return self._cache[key]
 
     def apply(self, x: ArrayLike, axis: int = -1, out_slice: slice | None = None) -> ArrayLike:
@@ -250,6 +258,17 @@ class Orthogonal:
         ``R·W`` with ``axis=0``). ``out_slice`` computes only that block of the result along
         ``axis`` (rows ``[start, stop)`` of ``R``). Computed in float64, rounded once to ``x``'s
         dtype; returns a new contiguous array of the same type, dtype and device."""
+        return self._act(x, axis, out_slice, squared=False)
+
+    def apply_squared(self, x: ArrayLike, axis: int = -1) -> ArrayLike:
+        """``x ↦ (R∘R)·x`` along ``axis`` (``R∘R``: the entrywise square): the diagonal of
+        ``R·diag(x)·Rᵀ``, i.e. where a vector of per-coordinate variances ``x`` of independent
+        coordinates goes under ``R``. An approximation for anything else (e.g. Adam's second
+        moments); float64, rounded once."""
+        return self._act(x, axis, None, squared=True)
+
+    def _act(self, x: ArrayLike, axis: int, out_slice: slice | None, *, squared: bool) -> ArrayLike:
+        """``x ↦ M·x`` along ``axis`` for ``M = R`` or ``R∘R`` (see :meth:`apply`)."""
         if x.ndim == 0:
             raise DimensionMismatchError("cannot apply a rotation to a scalar")
         ax = axis % x.ndim
@@ -257,7 +276,7 @@ class Orthogonal:
         if isinstance(x, torch.Tensor):
             if not x.is_floating_point():
                 raise InvalidGaugeError(f"a rotation acts on floating-point tensors, got dtype {x.dtype}")
-            m = self._torch_matrix(x.device)
+            m = self._torch_matrix(x.device, squared)
             if out_slice is not None:
                 m = m[out_slice]
             y = torch.movedim(x, ax, -1).to(torch.float64) @ m.T
@@ -265,18 +284,11 @@ class Orthogonal:
         a = np.asarray(x)
         if a.dtype.kind != "f":
             raise InvalidGaugeError(f"a rotation acts on floating-point arrays, got dtype {a.dtype}")
-        m = self.matrix if out_slice is None else self.matrix[out_slice]
+        m = self._numpy_matrix(squared)
+        if out_slice is not None:
+            m = m[out_slice]
         y = np.moveaxis(a, ax, -1).astype(np.float64) @ m.T
         return np.ascontiguousarray(np.moveaxis(y, -1, ax).astype(a.dtype))
-
-    def apply_squared(self, x: ArrayLike, axis: int = -1) -> ArrayLike:
-        """``x ↦ (R∘R)·x`` along ``axis`` (``R∘R``: the entrywise square): the diagonal of
-        ``R·diag(x)·Rᵀ``, i.e. where a vector of per-coordinate variances ``x`` of independent
-        coordinates goes under ``R``. An approximation for anything else (e.g. Adam's second
-        moments); float64, rounded once."""
-        sq = Orthogonal.__new__(Orthogonal)  # not orthogonal: only its action is borrowed
-        sq._matrix, sq._factor, sq._cache = self.matrix ** 2, None, {}
-        return sq.apply(x, axis=axis)
 
     def map_indices(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
         """Refused: a rotation maps no coordinate to one coordinate (every ``R·e_i`` mixes all of them),

@@ -19,11 +19,12 @@ dimension, symmetry and — when the gauge recorded one for that end — the fin
 before anything is written. Tensors then move with :meth:`TransformPlan.transform`, i.e.
 :func:`hf_bdgauge.rules.transform` under their rule.
 
-A rotation (:class:`~hf_bdgauge.orthogonal.Orthogonal`) is admitted by the plans of models and
-checkpoints only (``check_rotation``): the family's rotation rule
-(:meth:`~hf_bdgauge.roles.ArchitectureSpec.check_rotation`) reads the values of the residual gains,
-which must be constant (fold them first: :func:`hf_bdgauge.fold.fold_norm_gains`). Every other
-object (adapters, optimizer state, SAEs, steering vectors, probes) refuses it.
+A rotation (:class:`~hf_bdgauge.orthogonal.Orthogonal`) is admitted only by a plan that has a
+rotation rule (``check_rotation``): for models and checkpoints the family's
+(:meth:`~hf_bdgauge.roles.ArchitectureSpec.check_rotation`: the residual gains must be constant;
+fold them first with :func:`hf_bdgauge.fold.fold_norm_gains`); objects pass their own to
+:meth:`TransformPlan.for_tensors` (adapters, optimizer state, SAEs, steering vectors, probes); a
+plan without one refuses rotations.
 """
 
 from __future__ import annotations

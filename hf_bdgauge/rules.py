@@ -41,15 +41,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import DimensionMismatchError, OrthogonalGaugeError
 from .orthogonal import Orthogonal
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .group import ArrayLike, SignedPermutation
 
-__all__ = ["Role", "TensorRule", "transform", "READ", "WRITE", "GAIN", "NONE"]
+__all__ = ["Role", "TensorRule", "transform", "scale_residual", "READ", "WRITE", "GAIN", "NONE"]
 
 
 class Role(str, Enum):
@@ -101,6 +103,21 @@ READ = TensorRule(Role.READ)
 WRITE = TensorRule(Role.WRITE)
 GAIN = TensorRule(Role.GAIN)
 NONE = TensorRule(Role.NONE)
+
+
+def scale_residual(x: "torch.Tensor", rule: TensorRule, v: Any, *, divide: bool = False) -> "torch.Tensor":
+    """``x·diag(v)`` along ``rule``'s residual axis (``x·diag(v)⁻¹`` with ``divide``), computed in
+    float64 and returned in float64 (the caller rounds once): folding a norm gain into a reader."""
+    import torch
+
+    ax = rule.residual_axis(x.ndim)
+    if ax is None:
+        raise DimensionMismatchError(f"a tensor of role {rule.role.value} has no residual axis to scale")
+    shape = [1] * x.ndim
+    shape[ax % x.ndim] = -1
+    s = torch.as_tensor(v, dtype=torch.float64).reshape(shape)
+    y = x.detach().to(torch.float64)
+    return y / s if divide else y * s
 
 
 def transform(

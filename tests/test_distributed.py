@@ -271,12 +271,14 @@ def test_a_failing_rank_makes_every_rank_fail_and_nothing_is_written(pair, tmp_p
 
 
 # ----------------------------------------------------------------------------- weights, apply, trace, compose
-def _torchrun(argv: list[str], module: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2`` of ``hf_bdgauge.cli`` (or of a script), bounded."""
+def _torchrun(argv: list[str], module: bool = True, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2`` of ``hf_bdgauge.cli`` (or of a script), bounded;
+    with ``check`` it must exit 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     res = subprocess.run(cmd + (["-m", "hf_bdgauge.cli"] if module else []) + argv, env=_env(), capture_output=True,
                          text=True, timeout=SUB_TIMEOUT_S)
-    assert res.returncode == 0, res.stderr[-3000:]
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
     return res
 
 
@@ -373,66 +375,52 @@ def test_apply_splits_the_shards_over_two_ranks_and_writes_the_one_process_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.gauge", "two", "two.gauge"]
 
 
-_FAILING_SHARD = """
-import os, sys
+_BROKEN_SHARD = """
+import os, sys, time
 import hf_bdgauge.checkpoint as checkpoint
 real = checkpoint._rewrite_shard
 def rewrite(src, dst, *args, **kwargs):
     if os.environ["RANK"] == "1":
         dst.write_bytes(b"half")  # a partial shard in the shared temporary directory
-        raise OSError("injected disk failure on rank 1")
+        {breakage}
     return real(src, dst, *args, **kwargs)
 checkpoint._rewrite_shard = rewrite
 from hf_bdgauge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def _apply_with_rank_1_broken(sharded, tmp_path, breakage: str, timeout_s: int):
+    """``torchrun … apply`` of the sharded checkpoint into ``tmp_path/out/dst`` with rank 1's shard
+    writer replaced by ``breakage`` (a line of Python); returns the run, its seconds and ``out``."""
+    script = tmp_path / "broken.py"
+    script.write_text(_BROKEN_SHARD.replace("{breakage}", breakage))
+    work = tmp_path / "out"
+    work.mkdir()
+    t0 = time.perf_counter()
+    res = _torchrun([str(script), "apply", str(sharded), str(work / "dst"), "--random-seed", "3", "-q",
+                     "--dist-timeout", str(timeout_s)], module=False, check=False)
+    return res, time.perf_counter() - t0, work
 
 
 def test_a_rank_that_fails_mid_apply_leaves_no_destination(sharded, tmp_path):
     """Rank 1 fails after writing part of a shard: every rank exits 1 (rank 1 with its error,
     rank 0 naming rank 1), well before the timeout, and neither the destination nor the shared
     temporary directory is left behind."""
-    script = tmp_path / "failing.py"
-    script.write_text(_FAILING_SHARD)
-    work = tmp_path / "out"
-    work.mkdir()
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), "apply", str(sharded), str(work / "dst"), "--random-seed", "3", "-q",
-                          "--dist-timeout", "60"], env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
-    assert time.perf_counter() - t0 < 60 + SUB_TIMEOUT_S / 2
+    res, seconds, work = _apply_with_rank_1_broken(
+        sharded, tmp_path, 'raise OSError("injected disk failure on rank 1")', 60)
+    assert seconds < 60 + SUB_TIMEOUT_S / 2
     assert res.returncode != 0
     assert "injected disk failure on rank 1" in res.stderr and "rank 1 of 2 failed" in res.stderr
     assert list(work.iterdir()) == []
 
 
-_HANGING_SHARD = """
-import os, sys, time
-import hf_bdgauge.checkpoint as checkpoint
-real = checkpoint._rewrite_shard
-def rewrite(src, dst, *args, **kwargs):
-    if os.environ["RANK"] == "1":
-        dst.write_bytes(b"half")
-        time.sleep(600)  # a rank that hangs (a dead disk, a stuck node)
-    return real(src, dst, *args, **kwargs)
-checkpoint._rewrite_shard = rewrite
-from hf_bdgauge.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_rank_that_hangs_times_out_and_leaves_no_destination(sharded, tmp_path):
-    """Rank 1 hangs mid-shard: rank 0 gives up after --dist-timeout, torchrun stops the job, the
-    command exits non-zero long before rank 1's sleep would end, and no destination is left."""
-    script = tmp_path / "hanging.py"
-    script.write_text(_HANGING_SHARD)
-    work = tmp_path / "out"
-    work.mkdir()
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), "apply", str(sharded), str(work / "dst"), "--random-seed", "3", "-q",
-                          "--dist-timeout", "10"], env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
-    assert res.returncode != 0 and time.perf_counter() - t0 < SUB_TIMEOUT_S / 2
+    """Rank 1 hangs mid-shard (a dead disk, a stuck node): rank 0 gives up after --dist-timeout,
+    torchrun stops the job, the command exits non-zero long before rank 1's sleep would end, and
+    no destination is left."""
+    res, seconds, work = _apply_with_rank_1_broken(sharded, tmp_path, "time.sleep(600)", 10)
+    assert res.returncode != 0 and seconds < SUB_TIMEOUT_S / 2
     assert list(work.iterdir()) == []  # rank 0 removed the shared temporary directory as it failed
 
 

@@ -63,7 +63,7 @@ from ..roles import (
     spec_for_model,
     spec_for_model_type,
 )
-from ..rules import Role, TensorRule
+from ..rules import Role, TensorRule, scale_residual
 from ..storage import read_model_config
 from .registry import TransportKind, register_transport
 
@@ -342,14 +342,11 @@ def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor
         if fed is None:
             out[n] = plan.transform(n, t, g)
             continue
-        ax = rule.residual_axis(t.ndim) % t.ndim
-        shape = [1] * t.ndim
-        shape[ax] = -1
-        scale = torch.from_numpy(gains[fed]).reshape(shape)
         if forward:  # A·diag(g), then ·Rᵀ
-            out[n] = plan.transform(n, (t.detach().to(torch.float64) * scale).to(t.dtype), g)
+            out[n] = plan.transform(n, scale_residual(t, rule, gains[fed]).to(t.dtype), g)
         else:  # ·R, then ·diag(1/g)
-            out[n] = (plan.transform(n, t.detach().to(torch.float64), g) / scale).to(t.dtype)
+            out[n] = scale_residual(plan.transform(n, t.detach().to(torch.float64), g), rule, gains[fed],
+                                    divide=True).to(t.dtype)
     return out
 
 
