@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
 
@@ -101,13 +102,30 @@ def make_checkpoint(root: Path, layers: int, shard_gb: float = 1.0) -> Path:
     return root
 
 
-def _child(method: str, src: str, dst: str, workers: int) -> None:
+def measured(work: Callable[[], None]) -> None:
+    """Run ``work()`` with 2 torch threads, then ``os.sync()``, and print one JSON line: wall
+    seconds, peak RSS (VmHWM), peak private memory (RssAnon) and its baseline before the work."""
     import torch
 
     torch.set_num_threads(2)
     base = _status_mb("RssAnon")
     sampler = _AnonPeak()
     t0 = time.perf_counter()
+    work()
+    os.sync()
+    dt = time.perf_counter() - t0
+    peak_anon = sampler.stop()
+    print(json.dumps({"seconds": dt, "peak_rss_mb": _status_mb("VmHWM"), "peak_anon_mb": peak_anon,
+                      "baseline_anon_mb": base}))
+
+
+def _child(method: str, src: str, dst: str, workers: int) -> None:
+    measured(lambda: _work(method, src, dst, workers))
+
+
+def _work(method: str, src: str, dst: str, workers: int) -> None:
+    import torch
+
     if method == "copy":
         shutil.copytree(src, dst)
     elif method == "stream":
@@ -122,11 +140,6 @@ def _child(method: str, src: str, dst: str, workers: int) -> None:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
         apply_gauge(model, SignedPermutation.random(HIDDEN, seed=0))
         model.save_pretrained(dst, max_shard_size="1GB")
-    os.sync()
-    dt = time.perf_counter() - t0
-    peak_anon = sampler.stop()
-    print(json.dumps({"seconds": dt, "peak_rss_mb": _status_mb("VmHWM"), "peak_anon_mb": peak_anon,
-                      "baseline_anon_mb": base}))
 
 
 def main() -> None:

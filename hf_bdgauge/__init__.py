@@ -39,6 +39,7 @@ from .gauge import Gauge, ModelRef, as_signed_permutation
 from .gauged_model import GaugedModel
 from .group import SignedPermutation
 from .orthogonal import Orthogonal
+from .transform_config import gauge_from_transform_config
 from .hub import split_revision
 from .plan import TransformPlan
 from .roles import (
@@ -59,6 +60,7 @@ __all__ = [
     "fold_norm_gains",
     "fold_and_rotate",
     "fold_norm_gains_in_checkpoint",
+    "gauge_from_transform_config",
     "norm_gains_are_unit",
     "Gauge",
     "ModelRef",

@@ -38,6 +38,7 @@ import torch
 
 from .distributed import DEFAULT_TIMEOUT_S, init_from_env, is_main, rank_device, shutdown, world
 from .errors import DestinationExistsError, GaugeError
+from .gauge import is_not_a_gauge
 from .hub import resolve_checkpoint_dir, split_revision
 
 __all__ = ["main", "build_parser"]
@@ -45,7 +46,8 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("hf_bdgauge.cli")
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
-_METHODS = ["sign_marginalized", "signed", "permutation", "weights"]
+_METHODS = ["sign_marginalized", "signed", "permutation", "weights", "orthogonal", "orthogonal_weights"]
+_DATA_FREE = ("weights", "orthogonal_weights")  # hf_bdgauge.estimate.DATA_FREE_METHODS (not imported: keeps --help fast)
 #: Verbs whose activation capture splits over the ranks of a process group.
 _DISTRIBUTED_VERBS = ("estimate", "stats", "compose", "trace", "diff", "apply")
 
@@ -78,7 +80,7 @@ def _save_gauge(g: Any, out: Path | None, overwrite: bool, force: bool) -> int:
     """Print the summary and save the gauge (rank 0 only; every rank returns the same code); an
     estimate that is no gauge (verdict ``no_signed_permutation``) is saved only with ``--force``
     and exits 1 otherwise."""
-    refused = g.verdict == "no_signed_permutation" and not force
+    refused = is_not_a_gauge(g.verdict) and not force
     if not is_main():
         return 1 if refused else 0
     print(g.summary())
@@ -142,14 +144,14 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.source is None or args.target is None:
         raise GaugeError("give SOURCE and TARGET (or --from-stats DIR...)")
     texts = _read_texts(args.texts)
-    if texts is None and args.method != "weights":
+    if texts is None and args.method not in _DATA_FREE:
         raise GaugeError("activation methods need --texts FILE (one text per line); or use --method weights")
     _refuse_existing(args.output, args.overwrite)
     src, src_rev = split_revision(args.source, args.source_revision)
     tgt, tgt_rev = split_revision(args.target, args.target_revision)
-    if args.method == "weights":
+    if args.method in _DATA_FREE:
         if args.save_stats is not None:
-            raise GaugeError("--save-stats saves activation statistics; --method weights has none")
+            raise GaugeError(f"--save-stats saves activation statistics; --method {args.method} has none")
         g = estimate_gauge(src, tgt, method=args.method, source_revision=src_rev, target_revision=tgt_rev,
                            progress=not args.quiet, **_big_model_kwargs(args))
         return _save_gauge(g, args.output, args.overwrite, args.force)
@@ -174,8 +176,8 @@ def _estimate_from_stats(args: argparse.Namespace) -> int:
     if args.source is not None or args.target is not None or args.texts is not None:
         raise GaugeError("--from-stats replaces SOURCE TARGET --texts (the statistics name their models): give one "
                          "or the other")
-    if args.method == "weights":
-        raise GaugeError("--from-stats matches activation statistics; --method weights reads the checkpoints")
+    if args.method in _DATA_FREE:
+        raise GaugeError(f"--from-stats matches activation statistics; --method {args.method} reads the checkpoints")
     _refuse_existing(args.output, args.overwrite)
     if not is_main():
         return 0
@@ -250,6 +252,8 @@ def _big_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw: dict[str, Any] = {"device": args.device or rank_device()}  # under NCCL: this rank's GPU
         if args.dtype:
             kw["compute_dtype"] = getattr(torch, args.dtype)
+    elif args.method == "orthogonal_weights":
+        kw = {}  # the embeddings only: read on the CPU in float64
     else:
         kw = _capture_kwargs(args)
         if args.device:
@@ -319,7 +323,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     tgt, tgt_rev = split_revision(args.target, args.target_revision)
     report = trace(src, tgt, texts, source_revision=src_rev, target_revision=tgt_rev,
                    calibration_draws=args.calibration_draws, max_tokens=args.max_tokens, progress=not args.quiet)
-    refused = args.output is not None and report.gauge.verdict == "no_signed_permutation" and not args.force
+    refused = args.output is not None and is_not_a_gauge(report.gauge.verdict) and not args.force
     if not is_main():
         return 1 if refused else 0
     print(report.summary())

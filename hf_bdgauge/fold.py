@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 
 from .errors import OrthogonalGaugeError
 from .files import atomic_directory, copy_companions, read_json_object
-from .hub import resolve_checkpoint_dir
+from .hub import resolve_checkpoint_dir, split_revision
 from .roles import ArchitectureSpec, is_constant, spec_for_config, spec_for_model
 from .rules import Role, scale_residual
 from .storage import checkpoint_shards, read_model_config, read_tensor, tensor_index
 
 __all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "gain_feeding", "norm_gains_are_unit",
+           "pre_norm_gains",
            "plan_fold"]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,23 @@ def gain_feeding(spec: ArchitectureSpec, model_type: str | None, reader: str, ga
     return None
 
 
+def pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any]:
+    """The effective pre-norm gains ``offset + w`` (float64 arrays, by tensor name) of a loaded
+    model or a checkpoint (directory or Hub id, ``repo@revision``): what a fold moves into the
+    readers, and what adapters trained on the unfolded model need (``A ↦ A·diag(g)·Rᵀ``)."""
+    if isinstance(obj, torch.nn.Module):
+        spec, model_type = spec_for_model(obj), getattr(getattr(obj, "config", None), "model_type", None)
+        tensors: Mapping[str, torch.Tensor] = {n: p.detach() for n, p in _gains(obj, spec).items()}
+    else:
+        d = resolve_checkpoint_dir(*split_revision(obj, revision))
+        config = read_model_config(d)
+        spec, model_type = spec_for_config(config), config.get("model_type")
+        tensors = {n: read_tensor(ti) for n, ti in tensor_index(d).items()
+                   if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN}
+    return {n: (t.to(torch.float64) + spec.gain_offset).cpu().numpy() for n, t in tensors.items()
+            if (site := spec.norm_site(n, model_type)) is not None and site.position == "pre"}
+
+
 def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool = True) -> Any:
     """Fold ``model``'s norm gains (:func:`fold_norm_gains`) and rotate it by ``rotation`` (an
     :class:`~hf_bdgauge.orthogonal.Orthogonal`), in place, and return the exact
@@ -149,12 +167,8 @@ def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool 
     from .apply import apply_gauge
     from .gauge import Gauge, ModelRef
 
-    spec = spec_for_model(model)
     source = ModelRef.from_model(model) if fingerprint else ModelRef()
-    gains = {n: (p.detach().to(torch.float64) + spec.gain_offset).cpu().numpy()
-             for n, p in _gains(model, spec).items()
-             if (site := spec.norm_site(n, getattr(model.config, "model_type", None))) is not None
-             and site.position == "pre"}
+    gains = pre_norm_gains(model)
     fold_norm_gains(model)
     apply_gauge(model, rotation)
     target = ModelRef.from_model(model) if fingerprint else ModelRef()

@@ -122,7 +122,16 @@ DEFAULT_MIN_IDENTIFIED = 0.99
 
 #: What an estimate says about a pair: the charts coincide; they differ by the gauge; no signed
 #: permutation relates them (then the object is not a gauge and nothing acts on it unforced).
-VERDICTS = ("identity", "signed_permutation", "no_signed_permutation")
+VERDICTS = ("identity", "signed_permutation", "no_signed_permutation", "rotation", "no_rotation")
+#: The verdicts that say the estimate is not a gauge: nothing acts on it unless forced.
+NOT_A_GAUGE_VERDICTS = ("no_signed_permutation", "no_rotation")
+#: Above this estimated ``‖R̂ − R‖_F/√d`` an estimated rotation is refused unless forced (the documented default).
+DEFAULT_MAX_ROTATION_ERROR = 0.05
+
+
+def is_not_a_gauge(verdict: str | None) -> bool:
+    """Whether ``verdict`` says that no gauge explains the pair (:data:`NOT_A_GAUGE_VERDICTS`)."""
+    return verdict in NOT_A_GAUGE_VERDICTS
 
 #: Metrics a composed gauge adds up over its hops (the rest are per hop).
 _SUMMED_METRICS = ("tokens", "time_s")
@@ -382,8 +391,9 @@ def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, con
     tokens and time summed over hops, the weakest hop's excess over its null, the path
     confidence, and a one-line ``summary``."""
     verdicts = [_hop_metric(h, "verdict") for h in hops]
-    if "no_signed_permutation" in verdicts:
-        verdict = "no_signed_permutation"
+    bad = [v for v in verdicts if is_not_a_gauge(v)]
+    if bad:
+        verdict = bad[0]
     elif element.is_identity:
         verdict = "identity"
     elif isinstance(element, Orthogonal):
@@ -422,8 +432,8 @@ def composed_metrics(hops: list[dict[str, Any]], element: SignedPermutation, con
     if weak:
         summary += f"; {len(weak)} weak link(s) (hops {weak[:8]})"
     out["summary"] = summary
-    if verdict == "no_signed_permutation":
-        logger.warning("a link of the chain has no signed permutation: %s", summary)
+    if is_not_a_gauge(verdict):
+        logger.warning("a link of the chain is not a gauge: %s", summary)
     return out
 
 
@@ -734,6 +744,11 @@ class Gauge:
         return str(v) if v is not None else None
 
     @property
+    def not_a_gauge(self) -> bool:
+        """Whether the estimate's verdict says no gauge explains the pair (:data:`NOT_A_GAUGE_VERDICTS`)."""
+        return is_not_a_gauge(self.verdict)
+
+    @property
     def is_exact(self) -> bool:
         """True when nothing was estimated: the gauge (every hop of it) was written by hand,
         planted, canonicalized or read from a rotation config (:data:`EXACT_METHODS`)."""
@@ -758,20 +773,28 @@ class Gauge:
         v = self.metrics.get("identified_fraction")
         return None if v is None else float(v)
 
-    def check_fit(self, *, force: bool = False, min_identified: float = DEFAULT_MIN_IDENTIFIED, what: str = "") -> bool:
+    def check_fit(self, *, force: bool = False, min_identified: float = DEFAULT_MIN_IDENTIFIED, what: str = "",
+                  max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR) -> bool:
         """Raise :class:`~hf_bdgauge.errors.GaugeFitError` unless this gauge may act on objects:
-        its verdict is not ``"no_signed_permutation"`` and its identified fraction is at least
+        its verdict is not one of :data:`NOT_A_GAUGE_VERDICTS` and its identified fraction is at least
         ``min_identified`` (exact gauges count as fully identified; a gauge that predates the
-        identification is accepted with a warning). ``force=True`` logs the reason instead and
+        identification is accepted with a warning); an estimated rotation instead needs its
+        estimated error ``metrics["rotation_error"]`` at most ``max_rotation_error``. ``force=True`` logs the reason instead and
         returns ``True`` (the caller records that it was forced); otherwise returns ``False``."""
         problems = []
-        if self.verdict == "no_signed_permutation":
+        if is_not_a_gauge(self.verdict):
             p = self.p_value
-            problems.append("its verdict is that no signed permutation explains the pair"
+            what_kind = "rotation" if self.verdict == "no_rotation" else "signed permutation"
+            problems.append(f"its verdict is that no {what_kind} explains the pair"
                             + (f" (p = {p:.3g})" if p is not None else ""))
         frac = self.identified_fraction
-        if frac is None:
-            if self.verdict != "no_signed_permutation":
+        err = self.metrics.get("rotation_error") if self.is_rotation and not self.is_exact else None
+        if err is not None:
+            if not float(err) <= max_rotation_error:
+                problems.append(f"its estimated error ‖R̂ − R‖_F/√d ≈ {float(err):.3g} exceeds {max_rotation_error} "
+                                "(re-estimate with more tokens: at least the width, well spread)")
+        elif frac is None:
+            if not is_not_a_gauge(self.verdict):
                 logger.warning("the gauge %s records no identified fraction (estimated before hf_bdgauge identified "
                                "coordinates); using it as it is", self.source.label())
         elif frac < min_identified:
@@ -800,8 +823,12 @@ class Gauge:
             tail += f"; p-value {p:.3g}" if p > 0 or lp is None else f"; p-value 10^{float(lp):.1f}"
         if frac is not None:
             tail += f"; {frac:.1%} of coordinates identified"
-        if verdict == "no_signed_permutation":
-            lines.append("  verdict: NOT A GAUGE — no signed permutation explains this pair; do not transport with it"
+        err = self.metrics.get("rotation_error")
+        if err is not None:
+            tail += f"; estimated error ‖R̂ − R‖_F/√d ≈ {float(err):.2e}"
+        if is_not_a_gauge(verdict):
+            what_kind = "rotation" if verdict == "no_rotation" else "signed permutation"
+            lines.append(f"  verdict: NOT A GAUGE — no {what_kind} explains this pair; do not transport with it"
                          + tail)
         elif verdict is not None:
             lines.append(f"  verdict: {verdict}{tail}")

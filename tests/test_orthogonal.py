@@ -493,3 +493,22 @@ def test_optimizer_state_under_a_rotation_first_moments_exact_second_moments_ref
     folded_gauge = fold_and_rotate(tiny_model("llama", seed=2, dtype=torch.float64), r)
     with pytest.raises(OrthogonalGaugeError, match="fold"):
         transport_optimizer_state(opt.state_dict(), names, folded_gauge, spec)
+
+
+@pytest.mark.parametrize("d", [1, 2, 12, 20, 40, 48, 64, 96, 160])
+def test_structured_rotations_act_by_fast_butterflies_like_their_dense_matrix(d):
+    """A structured ``(H/√d)·G`` acts on tensors by O(d log d) butterflies (``_fast_hadamard``):
+    the same values as the dense float64 product (float64 inputs to 1e-12; float32 rounds to the
+    same values here), on either axis, with ``out_slice``, and the input is left untouched."""
+    r = Orthogonal.random_hadamard(d, seed=d)
+    M = torch.from_numpy(r.matrix.copy())
+    x = torch.randn(3, 5, d, dtype=torch.float64)
+    x0 = x.clone()
+    torch.testing.assert_close(r.apply(x, axis=-1), x @ M.T, rtol=0, atol=1e-12)
+    assert torch.equal(x, x0)
+    w = torch.randn(d, 7, dtype=torch.float64)
+    torch.testing.assert_close(r.apply(w, axis=0), M @ w, rtol=0, atol=1e-12)
+    half = slice(0, max(1, d // 2))
+    torch.testing.assert_close(r.apply(w, axis=0, out_slice=half), (M @ w)[half], rtol=0, atol=1e-12)
+    xf = torch.randn(4, d)
+    torch.testing.assert_close(r.apply(xf, axis=-1), (xf.double() @ M.T).float(), rtol=1e-6, atol=1e-6)

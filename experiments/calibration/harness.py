@@ -244,6 +244,16 @@ def pair_shuffle_cross(seed: int, n_seq: int) -> Pair:
     return Pair("shuffle_cross", X[:, :n_seq], Y[:, :n_seq])
 
 
+#: the shuffled-pairing families: a random permutation of the tokens, half a sequence's offset
+#: within it, another sequence at a random offset
+SHUFFLE_FAMILIES = ("shuffle_full", "shuffle_offset", "shuffle_cross")
+
+
+def shuffle_pair(family: str, seed: int, n_seq: int) -> Pair:
+    """The pair of one of :data:`SHUFFLE_FAMILIES`."""
+    return pair_shuffle_cross(seed, n_seq) if family == "shuffle_cross" else pair_shuffle(family, seed, n_seq)
+
+
 _MODEL_CACHE: dict[int, torch.nn.Module] = {}
 
 

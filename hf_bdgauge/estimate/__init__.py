@@ -8,6 +8,8 @@
 * :mod:`~hf_bdgauge.estimate.verdict`: the fit against the null and the verdict (the one place);
 * :mod:`~hf_bdgauge.estimate.matching`: sign-marginalised matching of activation statistics;
 * :mod:`~hf_bdgauge.estimate.weights`: data-free matching from the weights (``method="weights"``);
+* :mod:`~hf_bdgauge.estimate.procrustes`: orthogonal gauges (``method="orthogonal"``, data-free
+  ``"orthogonal_weights"``): Procrustes, its held-out fit, error and p-value;
 * :mod:`~hf_bdgauge.estimate.api`: :func:`estimate_gauge`, the entry point;
 * :mod:`~hf_bdgauge.estimate.trajectory`: composing local gauges along training runs;
 * :mod:`~hf_bdgauge.estimate.trace`: the derivation test (``trace``) and the per-layer drift report (``diff``).
@@ -45,6 +47,7 @@ from .trajectory import (
     invert_gauge,
 )
 from .weights import WeightSimilarity, estimate_gauge_from_weights, weight_similarity
+from .procrustes import estimate_rotation_from_stats, estimate_rotation_from_weights, fit_rotation
 
 __all__ = [
     "ACTIVATION_METHODS",
@@ -67,6 +70,9 @@ __all__ = [
     "estimate_from_stats",
     "estimate_gauge",
     "estimate_gauge_from_weights",
+    "estimate_rotation_from_stats",
+    "estimate_rotation_from_weights",
+    "fit_rotation",
     "fit_metrics",
     "gauge_from_capture",
     "load_pair_stats",

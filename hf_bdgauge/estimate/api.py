@@ -25,6 +25,7 @@ from ..errors import UnsupportedArchitectureError
 from ..gauge import Gauge
 from ..roles import spec_for_config
 from .assignment import ACTIVATION_METHODS
+from .procrustes import estimate_rotation_from_stats, estimate_rotation_from_weights
 from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
 from .captured import CapturedPair
 from .matching import METHODS, estimate_from_stats
@@ -70,7 +71,10 @@ def estimate_gauge(
     ``data``: texts (with ``tokenizer=``, a tokenizer or a path; defaults to the source
     checkpoint's tokenizer), a LongTensor [B, T] of token ids, or an iterable of batches; not
     needed for ``method="weights"`` (data-free, see :mod:`hf_bdgauge.estimate.weights`, which
-    receives ``weights_kwargs``). ``layers``: residual layers to capture (0 = embedding output;
+    receives ``weights_kwargs``) nor for ``method="orthogonal_weights"`` (a rotation, data-free from the
+    token embeddings); ``method="orthogonal"`` estimates a rotation ``R`` (a rotated, gain-folded chart)
+    by Procrustes on the captured statistics (:mod:`hf_bdgauge.estimate.procrustes`; a signed
+    permutation found that way is returned as the B_d estimate). ``layers``: residual layers to capture (0 = embedding output;
     default all). For families without sign symmetry (LayerNorm) ``sign_marginalized`` falls back
     to ``permutation``. ``fingerprint=True`` records both models' fingerprints (config and content
     hashes) in the ModelRefs, so the gauge refuses to attach to other weights; by default they are
@@ -91,6 +95,12 @@ def estimate_gauge(
             fingerprint=fingerprint, progress=progress, group=group,
             **weights_kwargs,
         )
+    if method == "orthogonal_weights":
+        if weights_kwargs:
+            raise EstimationError(f"unexpected arguments for method {method!r}: {sorted(weights_kwargs)}")
+        return estimate_rotation_from_weights(source, target, source_revision=source_revision,
+                                              target_revision=target_revision, fingerprint=fingerprint,
+                                              identity_tol=identity_tol)
     if weights_kwargs:
         raise EstimationError(f"unexpected arguments for method {method!r}: {sorted(weights_kwargs)}")
     t0 = time.perf_counter()
@@ -173,9 +183,19 @@ def gauge_from_capture(
     records ``metrics["world_size"]`` (processes that captured) and ``metrics["tokens"]`` (all
     of them). ``across_ranks=True`` when every rank of ``group`` calls this with the same
     statistics: the calibration's draws are then split over the ranks (the same gauge)."""
-    if method not in ACTIVATION_METHODS:
-        raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS}, not {method!r}")
+    if method not in ACTIVATION_METHODS + ("orthogonal",):
+        raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS + ('orthogonal',)}, not {method!r}")
     t0 = time.perf_counter()
+    if method == "orthogonal":
+        g = estimate_rotation_from_stats(pair.stats, layers=layers, source=pair.source, target=pair.target,
+                                         identity_tol=identity_tol, pooling=pooling, null_draws=null_draws,
+                                         calibration_draws=calibration_draws, seed=seed, group=group,
+                                         across_ranks=across_ranks)
+        g.metrics["capture_time_s"] = pair.capture_time_s
+        g.metrics["world_size"] = int(pair.world_size)
+        g.metrics["time_s"] = pair.capture_time_s + time.perf_counter() - t0
+        g.metrics["summary"] += f" ({g.metrics['tokens']} tokens, {len(g.metrics['layers'])} layers)"
+        return g
     requested = method
     method = _restrict_to_family(pair.model_type, method)
     g = estimate_from_stats(pair.stats, method, layers=layers, pooling=pooling, null_draws=null_draws,

@@ -49,7 +49,7 @@ import numpy as np
 
 from ..errors import DimensionMismatchError
 from ..gauge import VERDICTS, Gauge, ModelRef
-from .assignment import ACTIVATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
+from .assignment import ACTIVATION_METHODS, ROTATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
 from .stats import EstimationError, PairStats
 from .verdict import (
     CALIBRATION_DRAWS,
@@ -82,7 +82,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ACTIVATION_METHODS + ("weights",)
+METHODS = ACTIVATION_METHODS + ("weights",) + ROTATION_METHODS
 POOLINGS = ("mean_abs", "mean_signed", "sum")
 
 

@@ -80,7 +80,7 @@ from scipy import stats as sps
 
 from ..distributed import collective_device, on_every_rank, world
 from ..errors import EstimationError
-from ..gauge import DEFAULT_MIN_IDENTIFIED
+from ..gauge import DEFAULT_MIN_IDENTIFIED, is_not_a_gauge
 from .assignment import ACTIVATION_METHODS, MatchResult, haar_from_gaussian, hungarian
 
 __all__ = [
@@ -103,6 +103,8 @@ __all__ = [
     "cauchy_combination",
     "layer_verdict",
     "LAYER_VERDICTS",
+    "ROTATION_MIN_ALIGNMENT",
+    "rotation_verdict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -453,8 +455,42 @@ def fit_metrics(
     return out
 
 
+#: an orthogonal estimate is a gauge only when its held-out alignment reaches this (an exact gauge
+#: gives 1 up to sampling noise; a related but not re-charted pair — independently trained models,
+#: a heavily drifted fine-tune — is linearly related without being a rotation of the source)
+ROTATION_MIN_ALIGNMENT = 0.9
+
+
+def rotation_verdict(fit: Any, *, level: float = LEVEL, identity_tol: float = 0.01,
+                     min_alignment: float = ROTATION_MIN_ALIGNMENT) -> dict[str, Any]:
+    """``{"verdict", "summary"}`` of an orthogonal estimate (a
+    :class:`~hf_bdgauge.estimate.procrustes.RotationFit`): ``"no_rotation"`` when
+    ``p_value > level`` (no linear trace of the source in the target) or the held-out alignment is
+    below ``min_alignment`` (related, but no rotation explains the target); else ``"identity"`` when
+    the plain copy aligns as well (``identity_alignment >= alignment − identity_tol``); else
+    ``"rotation"``."""
+    p = f"p = {fit.p_value:.3g}" if fit.p_value >= 1e-300 else f"log10 p = {fit.log10_p_value:.1f}"
+    if not fit.p_value <= level:
+        why = fit.note or f"the held-out alignment is no better than an unrelated re-charting ({p} > {level})"
+        return {"verdict": "no_rotation", "summary": f"no orthogonal gauge explains this pair: {why}"}
+    if not fit.alignment >= min_alignment:
+        return {"verdict": "no_rotation",
+                "summary": (f"no orthogonal gauge explains this pair: the streams are related ({p}) but the best "
+                            f"rotation aligns them to only {fit.alignment:.3f} held out (a gauge needs "
+                            f"{min_alignment}; relative residual {fit.residual:.3f}): drifted or independently "
+                            "trained, not re-charted")}
+    if fit.identity_alignment >= fit.alignment - identity_tol:
+        return {"verdict": "identity",
+                "summary": (f"identity ({p}): the plain copy aligns as well as the best rotation "
+                            f"({fit.identity_alignment:.3f} vs {fit.alignment:.3f}); no re-charting needed")}
+    return {"verdict": "rotation",
+            "summary": (f"rotation ({p}): held-out alignment {fit.alignment:.4f}, relative residual "
+                        f"{fit.residual:.2e}, estimated error ‖R̂ − R‖_F/√d ≈ {fit.rotation_error:.2e}; identity "
+                        f"alignment {fit.identity_alignment:.3f}")}
+
+
 def log_verdict(metrics: dict[str, Any]) -> None:
-    if metrics["verdict"] == "no_signed_permutation":
+    if is_not_a_gauge(metrics["verdict"]):
         logger.warning(metrics["summary"])
     else:
         logger.info(metrics["summary"])

@@ -66,7 +66,7 @@ from .capture import model_ref
 from .stats import EstimationError
 from .verdict import CALIBRATION_DRAWS, calibrate, fit_metrics, log_verdict, uninformative, weight_parts
 
-__all__ = ["TENSOR_WEIGHTINGS", "WeightSimilarity", "estimate_gauge_from_weights", "weight_similarity"]
+__all__ = ["TENSOR_WEIGHTINGS", "WeightSimilarity", "estimate_gauge_from_weights", "open_tensors", "weight_similarity"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ TENSOR_WEIGHTINGS = ("equal", "raw")
 
 # ---------------------------------------------------------------------- tensor sources
 class _Tensors:
-    """Uniform access to the named tensors of a loaded model or a safetensors checkpoint, with
+    """Uniform access to the named tensors of a loaded model or a safetensors checkpoint (see
+    :func:`open_tensors`), with
     the object's transform plan (role map, width, rules, shapes)."""
 
     plan: TransformPlan
@@ -121,7 +122,10 @@ class _CheckpointTensors(_Tensors):
         return self._where[name].get_slice(name)[idx]
 
 
-def _open(obj: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> _Tensors:
+def open_tensors(obj: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> _Tensors:
+    """The named tensors of ``obj`` (a loaded model, a checkpoint directory or a Hub id at
+    ``revision``; safetensors files stay open on ``stack``): ``.plan``, ``.spec``, ``.ref`` and
+    ``.get_block(name, axis, start, stop)``."""
     if isinstance(obj, torch.nn.Module):
         return _ModuleTensors(obj, revision, fingerprint)
     if isinstance(obj, (str, os.PathLike)):
@@ -299,8 +303,8 @@ def weight_similarity(
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32  # within one tensor
     f64 = torch.float64
     with contextlib.ExitStack() as stack:
-        src = _open(source, source_revision, stack, fingerprint)
-        tgt = _open(target, target_revision, stack, fingerprint)
+        src = open_tensors(source, source_revision, stack, fingerprint)
+        tgt = open_tensors(target, target_revision, stack, fingerprint)
         plan, d = _plan(src, tgt)
         if select is not None:
             plan = [(n, r) for n, r in plan if select(n)]

@@ -323,7 +323,14 @@ def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor
     A rotation gauge from a model with norm gains to its folded, rotated copy (``gauge.gains``)
     also folds: a reader's factor (LoRA ``A``, a full reader copy) fed by the pre-norm gain ``g_n``
     becomes ``A·diag(g_n)·Rᵀ`` (``A·R·diag(1/g_n)`` back, for the inverse); writers' ``B ↦ R·B``.
-    DoRA magnitudes across a fold are the row norms of a reader that changed: refused."""
+    DoRA magnitudes across a fold are the row norms of a reader that changed: refused. A gauge read
+    from a transform config whose target also rotates some modules by non-residual transforms
+    (SpinQuant's R2 on v/o, online R3/R4) refuses adapters on those modules
+    (:func:`~hf_bdgauge.transform_config.refuse_other_rotations`)."""
+    if isinstance(g, Orthogonal):
+        from ..transform_config import refuse_other_rotations
+
+        refuse_other_rotations(gauge, sorted({parse_adapter_tensor_name(n).base_name for n in tensors}))
     gains = getattr(gauge, "gains", None) if isinstance(g, Orthogonal) else None
     if not gains:
         return {n: plan.transform(n, t, g) for n, t in tensors.items()}
