@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
-import struct
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,14 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import on_every_rank, shared_atomic_directory, world
-from .errors import CheckpointError
 from .files import copy_companions
 from .gauge import transport_record
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
 from .plan import TransformPlan
 from .rules import Role, TensorRule, transform
-from .storage import ST_TO_TORCH, checkpoint_shards, read_safetensors_header
+from .storage import BLOCK_BYTES, checkpoint_shards, read_safetensors_header, rewrite_shard
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
@@ -50,8 +46,6 @@ logger = logging.getLogger(__name__)
 #: What a forced re-charting writes beside the weights: the record of the gauge it used.
 PROVENANCE_NAME = "hf_bdgauge.json"
 
-BLOCK_BYTES = 32 * 1024 * 1024
-"""Target size of one block when a large tensor is re-charted piecewise."""
 
 
 def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes: int):
@@ -79,52 +73,14 @@ def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes
 
 def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[str, TensorRule], g: SignedPermutation,
                    progress: Any = None, block_bytes: int = BLOCK_BYTES) -> int:
-    """Write ``dst`` = ``src`` with every tensor moved by its rule; same header, same offsets.
+    """Write ``dst`` = ``src`` with every tensor moved by its rule, block by block (see
+    :func:`_blocks`), through :func:`~hf_bdgauge.storage.rewrite_shard` (same header, same offsets;
+    untouched tensors copied as bytes)."""
+    def move(name: str):
+        rule = rules[name]
+        return None if rule.role is Role.NONE else (lambda t: _blocks(t, rule, g, block_bytes))
 
-    The source is memory-mapped and viewed without copies; untouched tensors are copied as
-    bytes; moved tensors are re-charted block by block (see :func:`_blocks`).
-    """
-    base = 8 + len(raw)
-    written = 0
-    order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    with open(src, "rb") as fin, mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm, open(dst, "wb") as fout:
-        fout.write(struct.pack("<Q", len(raw)))
-        fout.write(raw)
-        view = memoryview(mm)
-        try:
-            for name in order:
-                info = header[name]
-                begin, end = info["data_offsets"]
-                if fout.tell() != base + begin:  # padding or gaps between tensors: keep them as they are
-                    fout.write(view[fout.tell(): base + begin])
-                rule = rules[name]
-                chunk = view[base + begin: base + end]
-                if rule.role is Role.NONE or end == begin:
-                    fout.write(chunk)
-                else:
-                    dtype = ST_TO_TORCH.get(info["dtype"])
-                    if dtype is None:
-                        raise CheckpointError(f"{src.name}: tensor {name} has dtype {info['dtype']}, which cannot be re-charted")
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written to
-                        t = torch.frombuffer(chunk, dtype=dtype).reshape(info["shape"])
-                    n = 0
-                    for block in _blocks(t, rule, g, block_bytes):
-                        buf = block.view(torch.uint8).numpy()
-                        fout.write(memoryview(buf))
-                        n += buf.nbytes
-                    del t
-                    if n != end - begin:
-                        raise CheckpointError(f"{src.name}: tensor {name} has {n} bytes, header says {end - begin}")
-                written += end - begin
-                if progress is not None:
-                    progress.update(end - begin)
-                del chunk
-        finally:
-            view.release()
-        fout.flush()
-        os.fsync(fout.fileno())
-    return written
+    return rewrite_shard(src, dst, raw, header, move, progress)
 
 
 def apply_gauge_to_checkpoint(

@@ -39,7 +39,15 @@ from .files import atomic_directory, copy_companions, read_json_object
 from .hub import resolve_checkpoint_dir, split_revision
 from .roles import ArchitectureSpec, is_constant, spec_for_config, spec_for_model
 from .rules import Role, scale_residual
-from .storage import checkpoint_shards, read_model_config, read_tensor, tensor_index
+from .storage import (
+    BLOCK_BYTES,
+    checkpoint_shards,
+    read_model_config,
+    read_safetensors_header,
+    read_tensor,
+    rewrite_shard,
+    tensor_index,
+)
 
 __all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "gain_feeding", "norm_gains_are_unit",
            "pre_norm_gains",
@@ -213,15 +221,17 @@ def fold_norm_gains(model: torch.nn.Module) -> torch.nn.Module:
 
 def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
                                   revision: str | None = None, overwrite: bool = False,
-                                  progress: bool = True) -> Path:
+                                  progress: bool = True, block_bytes: int = BLOCK_BYTES) -> Path:
     """:func:`fold_norm_gains` for a safetensors checkpoint on disk (a directory or a Hub repo,
     ``repo@revision``), written to ``dst_dir`` atomically, without instantiating the model.
 
     The gains are read first (they are small) and :func:`plan_fold` decides everything before a
-    byte is written. Then shard by shard (one shard's tensors in memory at a time) each folded
-    reader becomes ``W·diag(g)`` (float64, rounded once), each gain 1, every other tensor is
-    copied as it is. A tied output projection is written as its own tensor (``lm_head.weight``,
-    beside the embedding in its shard, and in the index) and the config says
+    byte is written. Then shard by shard each folded reader becomes ``W·diag(g)`` (float64,
+    rounded once), each gain 1, every other tensor is copied as it is — streamed through
+    :func:`~hf_bdgauge.storage.rewrite_shard` a block of about ``block_bytes`` at a time (the writer of
+    :func:`~hf_bdgauge.apply_gauge_to_checkpoint`). A tied output projection is written as its own
+    tensor (``lm_head.weight``, beside the embedding in its shard, and in the index; that shard's
+    header changes, so its tensors are held in memory while it is written) and the config says
     ``tie_word_embeddings: false``. Loading the result with ``from_pretrained`` gives the
     in-memory folded model.
     """
@@ -247,6 +257,11 @@ def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.
     with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
         copy_companions(src, tmp, skip=("config.json", index_file.name))
         for shard in tqdm(shards, desc="folding norm gains", unit="shard", disable=not progress):
+            if not tied:  # same tensors, same header: streamed a block at a time
+                raw, header = read_safetensors_header(shard)
+                rewrite_shard(shard, tmp / shard.name, raw, header,
+                              lambda n: _fold_move(n, spec, fed_by, folded_gains, gains, block_bytes))
+                continue
             out: dict[str, torch.Tensor] = {}
             with safe_open(str(shard), framework="pt") as fh:
                 metadata = fh.metadata()
@@ -275,6 +290,33 @@ def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     logger.info("folded %d norm gains of %s into %s", len(plan), src, dst_dir)
     return Path(dst_dir)
+
+
+def _fold_move(name: str, spec: ArchitectureSpec, fed_by: Mapping[str, str], folded_gains: set[str],
+               gains: Mapping[str, torch.Tensor], block_bytes: int) -> Any:
+    """What :func:`~hf_bdgauge.storage.rewrite_shard` does with tensor ``name`` in a fold: a
+    folded reader yields ``W·diag(offset + g)`` a block of rows at a time (float64, rounded once;
+    the gain is sliced with the rows when the residual axis is the first), a folded gain
+    ``1 − offset`` everywhere, anything else is copied (``None``)."""
+    if name in folded_gains:
+        return lambda t: [torch.full_like(t, 1.0 - spec.gain_offset)]
+    if name not in fed_by:
+        return None
+    rule = spec.rule_for(name)
+    assert rule is not None
+    g = gains[fed_by[name]].detach().to(torch.float64) + spec.gain_offset
+
+    def blocks(t: torch.Tensor):
+        if t.ndim < 2:
+            yield scale_residual(t, rule, g).to(t.dtype)
+            return
+        ax = rule.residual_axis(t.ndim) % t.ndim
+        step = max(1, block_bytes // max(1, t[0].numel() * t.element_size()))
+        for a in range(0, t.shape[0], step):
+            b = min(a + step, t.shape[0])
+            yield scale_residual(t[a:b], rule, g[a:b] if ax == 0 else g).to(t.dtype)
+
+    return blocks
 
 
 def _untie_config(config: dict[str, Any]) -> None:

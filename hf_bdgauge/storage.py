@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -22,7 +22,9 @@ from .errors import CheckpointError
 from .files import read_json_object
 
 __all__ = [
+    "BLOCK_BYTES",
     "ST_TO_TORCH",
+    "rewrite_shard",
     "TORCH_TO_ST",
     "TensorInfo",
     "read_model_config",
@@ -34,6 +36,9 @@ __all__ = [
 ]
 
 _MAX_HEADER = 100 * 1024 * 1024
+
+#: Target size of one block when a large tensor is rewritten piecewise (:func:`rewrite_shard`).
+BLOCK_BYTES = 32 * 1024 * 1024
 
 #: safetensors dtype names → torch dtypes (and back).
 ST_TO_TORCH: dict[str, torch.dtype] = {
@@ -177,3 +182,63 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     if not data:
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
+
+
+def rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict[str, Any],
+                  move: "Callable[[str], Callable[[torch.Tensor], Iterable[torch.Tensor]] | None]",
+                  progress: Any = None) -> int:
+    """Write the safetensors file ``dst`` = ``src`` with the same header (``raw``, parsed as
+    ``header``: :func:`read_safetensors_header`) and the same offsets, where ``move(name)`` says
+    what becomes of each tensor: ``None`` copies its bytes; a function of the tensor (a read-only,
+    zero-copy view of the memory-mapped source) yields its new values in row-major order, in
+    blocks of the same dtype, whose bytes are written as they come — so at most a block is
+    materialised at a time whatever the tensor's size. The one streaming writer of re-charted
+    (:func:`hf_bdgauge.apply_gauge_to_checkpoint`) and folded
+    (:func:`hf_bdgauge.fold_norm_gains_in_checkpoint`) checkpoints. Returns the bytes written;
+    ``progress`` (a tqdm bar) is advanced by each tensor's size."""
+    import mmap
+    import warnings
+
+    base = 8 + len(raw)
+    written = 0
+    order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    with open(src, "rb") as fin, mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm, open(dst, "wb") as fout:
+        fout.write(struct.pack("<Q", len(raw)))
+        fout.write(raw)
+        view = memoryview(mm)
+        try:
+            for name in order:
+                info = header[name]
+                begin, end = info["data_offsets"]
+                if fout.tell() != base + begin:  # padding or gaps between tensors: keep them as they are
+                    fout.write(view[fout.tell(): base + begin])
+                chunk = view[base + begin: base + end]
+                fn = move(name) if end > begin else None
+                if fn is None:
+                    fout.write(chunk)
+                else:
+                    dtype = ST_TO_TORCH.get(info["dtype"])
+                    if dtype is None:
+                        raise CheckpointError(f"{src.name}: tensor {name} has dtype {info['dtype']}, which cannot be rewritten")
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written to
+                        t = torch.frombuffer(chunk, dtype=dtype).reshape(info["shape"])
+                    n = 0
+                    for block in fn(t):
+                        if block.dtype != dtype:
+                            raise CheckpointError(f"{src.name}: tensor {name} would change dtype ({dtype} -> {block.dtype})")
+                        buf = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+                        fout.write(memoryview(buf))
+                        n += buf.nbytes
+                    del t
+                    if n != end - begin:
+                        raise CheckpointError(f"{src.name}: tensor {name} has {n} bytes, header says {end - begin}")
+                written += end - begin
+                if progress is not None:
+                    progress.update(end - begin)
+                del chunk
+        finally:
+            view.release()
+        fout.flush()
+        os.fsync(fout.fileno())
+    return written

@@ -410,7 +410,7 @@ def test_folding_a_checkpoint_on_disk_gives_the_in_memory_fold(model_type, tie, 
     ref = _logits(model, token_ids)
     model.save_pretrained(tmp_path / "raw", **({"max_shard_size": shard} if shard else {}))
     assert (len(list((tmp_path / "raw").glob("*.safetensors"))) > 1) == bool(shard)
-    fold_norm_gains_in_checkpoint(tmp_path / "raw", tmp_path / "folded", progress=False)
+    fold_norm_gains_in_checkpoint(tmp_path / "raw", tmp_path / "folded", progress=False, block_bytes=4096)  # many blocks
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded", attn_implementation="eager").eval()
     assert loaded.config.tie_word_embeddings is False and norm_gains_are_unit(loaded)
     in_memory = dict(fold_norm_gains(tiny_model(model_type, seed=4, tie_word_embeddings=tie)).named_parameters())
