@@ -54,7 +54,9 @@ def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes
     Blocks run along axis 0: when the residual axis is another axis, each block of rows is
     transformed whole; when it is axis 0, each block is the slice ``[a, b)`` of the result along
     the residual axis (``transform(..., out_slice=slice(a, b))``). Either way at most about
-    ``block_bytes`` are materialised at once, and the bytes equal those of the whole transform.
+    ``block_bytes`` are materialised at once, and the bytes equal those of the whole transform —
+    except for a structured rotation along axis 0, whose butterflies need the whole axis: it is
+    computed once, in the tensor's dtype, and written a block at a time.
     """
     if t.ndim == 0:
         yield transform(t, rule, g).reshape(-1)
@@ -62,6 +64,13 @@ def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes
     row_bytes = max(1, t[0].numel() * t.element_size()) if t.ndim > 1 else t.element_size()
     step = max(1, block_bytes // row_bytes)
     ax = rule.residual_axis(t.ndim) % t.ndim
+    if ax == 0 and getattr(g, "is_structured", False):
+        # a structured rotation acts by butterflies over the whole residual axis: computing it once
+        # (a chunk of columns at a time, into t's dtype) is cheaper than once per block of rows
+        whole = transform(t, rule, g)
+        for a in range(0, t.shape[0], step):
+            yield whole[a:a + step].contiguous().reshape(-1)
+        return
     for a in range(0, t.shape[0], step):
         b = min(a + step, t.shape[0])
         if ax == 0:
