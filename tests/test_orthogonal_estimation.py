@@ -115,6 +115,17 @@ def test_too_few_tokens_give_a_large_error_that_check_fit_refuses():
         g.check_fit()
 
 
+def test_layers_that_each_see_part_of_the_width_do_not_inflate_the_error():
+    """Every layer sees 24 tokens (< d = 32: its own Procrustes estimate is arbitrary on the rest),
+    the four together see 96: the pooled estimate is exact and the layers' disagreement, weighted
+    by the directions each layer's data occupies, does not call it uncertain."""
+    rng = np.random.default_rng(12)
+    R = Orthogonal.random(D, seed=13).matrix
+    g = estimate_rotation_from_stats(_stats(24, R, rng=rng, layers=4))
+    assert np.linalg.norm(g.element.matrix - R) / np.sqrt(D) < 1e-10
+    assert g.metrics["rotation_layer_spread"] < 1e-6 and g.check_fit() is False
+
+
 def test_identity_and_signed_permutation_are_reported_as_such():
     rng = np.random.default_rng(7)
     g = estimate_rotation_from_stats(_stats(200, np.eye(D), rng=rng), b_d=False)

@@ -20,7 +20,10 @@ from the sums a :class:`~hf_bdgauge.estimate.stats.PairStats` already keeps (``�
   ``‖R̂⁰ − R̂¹‖/√2``; twice the tokens halve the variance). It cannot see a *bias*: when the
   models drifted apart (a fine-tune, then rotated) the best rotation between the streams is not the
   gauge, and more tokens only make the wrong answer surer. A gauge holds at every layer, so the
-  layers' own estimates disagree exactly when that happens: ``spread = √(mean_l ‖R̂_l − R̂‖²_F / d)``
+  layers' own estimates disagree exactly when that happens:
+  ``spread = √(mean_l ‖(R̂_l − R̂)·U_l·S_l^{1/2}‖²_F / Σ s_l)`` with ``C_l = U_l·S_l·V_lᵀ`` — the
+  disagreement on the directions layer ``l``'s data occupies (``‖R̂_l − R̂‖_F/√d`` when they are
+  isotropic; a layer seen on few distinct tokens does not count where it saw nothing)
   (measured on stories260K fine-tuned 20 steps at lr 3e-3, then rotated, 2016 tokens: true error
   0.126, sampling error 0.028, layer spread 0.15; data-free from the embeddings, which drift least,
   0.025 true and estimated);
@@ -184,6 +187,20 @@ def _spaced(layers: list[int], k: int) -> list[int]:
     return sorted({layers[int(round(i))] for i in np.linspace(0, len(layers) - 1, k)})
 
 
+def _layer_disagreement(C: np.ndarray, R: np.ndarray) -> float:
+    """``‖(R̂_l − R̂)·U·S^{1/2}‖²_F / Σ s``: how differently the layer's own Procrustes estimate
+    ``R̂_l = polar(C)`` (``C = U·S·Vᵀ``) and the pooled ``R̂`` act on the directions that layer's
+    source occupies (``Σxx_l^{1/2} = U·S^{1/2}·Uᵀ`` when ``C = Σxx_l·Rᵀ``). A layer whose tokens span
+    only part of the width says nothing about the rest (its own estimate is arbitrary there), and
+    the weighting keeps those directions out; with ``S = s·I`` it is ``‖R̂_l − R̂‖²_F/d``."""
+    U, S, Vt = np.linalg.svd(C)
+    total = float(S.sum())
+    if total <= 0:
+        return 0.0
+    D = (Vt.T @ U.T - R) @ (U * np.sqrt(S))
+    return float(np.sum(D * D)) / total
+
+
 def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_test_layers: int = TEST_LAYERS
                  ) -> RotationFit:
     """The Procrustes estimate of ``R`` (``h_target ≈ R·h_source``) from ``stats`` (every
@@ -214,7 +231,7 @@ def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_t
     test = _spaced(sel.layers, max_test_layers)
     spread = 0.0
     if len(test) > 1:  # the same gauge must hold at every layer: their disagreement is the drift's bias
-        spread = math.sqrt(float(np.mean([np.sum((procrustes(_cross(sel[k])[0]) - R) ** 2) for k in test])) / d)
+        spread = math.sqrt(float(np.mean([_layer_disagreement(_cross(sel[k])[0], R) for k in test])))
     err = max(sampling, spread)
     K = [_whitened(_moments(sel.select(test).half(h))) for h in (0, 1)]
     Rt = [procrustes(k) for k in K]
