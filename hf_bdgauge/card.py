@@ -71,7 +71,6 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
 
     src, tgt = gauge.source, gauge.target
     base = list(dict.fromkeys(m for m in (_hub_id(src.model_id), _hub_id(tgt.model_id)) if m))
-    verdict = gauge.metrics.get("verdict")
     not_a_gauge = gauge.not_a_gauge
     tags = list(CARD_TAGS)
     if gauge.is_effectively_identity:
@@ -81,8 +80,7 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
     card_data = ModelCardData(library_name="hf_bdgauge", tags=tags, base_model=base or None)
     src_label, tgt_label = src.label(), tgt.label()
     if not_a_gauge:
-        kind = "rotation" if verdict == "no_rotation" else "signed permutation"
-        what = (f"**Not a gauge.** No {kind} explains the pair `{src_label}` → `{tgt_label}`: the "
+        what = (f"**Not a gauge.** No {gauge.missing_kind} explains the pair `{src_label}` → `{tgt_label}`: the "
                 "estimate fits no better than an unrelated re-charting. Do not transport adapters, SAEs, steering "
                 "vectors or probes with it.")
     elif gauge.is_rotation and not gauge.is_identity:

@@ -47,7 +47,8 @@ logger = logging.getLogger("hf_bdgauge.cli")
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _METHODS = ["sign_marginalized", "signed", "permutation", "weights", "orthogonal", "orthogonal_weights"]
-_DATA_FREE = ("weights", "orthogonal_weights")  # hf_bdgauge.estimate.DATA_FREE_METHODS (not imported: keeps --help fast)
+#: the methods that read the checkpoints only (no --texts)
+_DATA_FREE = ("weights", "orthogonal_weights")
 #: Verbs whose activation capture splits over the ranks of a process group.
 _DISTRIBUTED_VERBS = ("estimate", "stats", "compose", "trace", "diff", "apply")
 

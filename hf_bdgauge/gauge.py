@@ -123,8 +123,9 @@ DEFAULT_MIN_IDENTIFIED = 0.99
 #: What an estimate says about a pair: the charts coincide; they differ by the gauge; no signed
 #: permutation relates them (then the object is not a gauge and nothing acts on it unforced).
 VERDICTS = ("identity", "signed_permutation", "no_signed_permutation", "rotation", "no_rotation")
-#: The verdicts that say the estimate is not a gauge: nothing acts on it unless forced.
-NOT_A_GAUGE_VERDICTS = ("no_signed_permutation", "no_rotation")
+#: The verdicts that say the estimate is not a gauge (nothing acts on it unless forced), and the
+#: kind of gauge each says does not exist.
+NOT_A_GAUGE_VERDICTS = {"no_signed_permutation": "signed permutation", "no_rotation": "rotation"}
 #: Above this estimated ``‖R̂ − R‖_F/√d`` an estimated rotation is refused unless forced (the documented default).
 DEFAULT_MAX_ROTATION_ERROR = 0.05
 
@@ -749,6 +750,12 @@ class Gauge:
         return is_not_a_gauge(self.verdict)
 
     @property
+    def missing_kind(self) -> str | None:
+        """For a verdict that is not a gauge, the kind it says does not exist (``"signed
+        permutation"``, ``"rotation"``); ``None`` otherwise."""
+        return NOT_A_GAUGE_VERDICTS.get(self.verdict) if self.verdict is not None else None
+
+    @property
     def is_exact(self) -> bool:
         """True when nothing was estimated: the gauge (every hop of it) was written by hand,
         planted, canonicalized or read from a rotation config (:data:`EXACT_METHODS`)."""
@@ -782,10 +789,9 @@ class Gauge:
         estimated error ``metrics["rotation_error"]`` at most ``max_rotation_error``. ``force=True`` logs the reason instead and
         returns ``True`` (the caller records that it was forced); otherwise returns ``False``."""
         problems = []
-        if is_not_a_gauge(self.verdict):
+        if self.not_a_gauge:
             p = self.p_value
-            what_kind = "rotation" if self.verdict == "no_rotation" else "signed permutation"
-            problems.append(f"its verdict is that no {what_kind} explains the pair"
+            problems.append(f"its verdict is that no {self.missing_kind} explains the pair"
                             + (f" (p = {p:.3g})" if p is not None else ""))
         frac = self.identified_fraction
         err = self.metrics.get("rotation_error") if self.is_rotation and not self.is_exact else None
@@ -794,7 +800,7 @@ class Gauge:
                 problems.append(f"its estimated error ‖R̂ − R‖_F/√d ≈ {float(err):.3g} exceeds {max_rotation_error} "
                                 "(re-estimate with more tokens: at least the width, well spread)")
         elif frac is None:
-            if not is_not_a_gauge(self.verdict):
+            if not self.not_a_gauge:
                 logger.warning("the gauge %s records no identified fraction (estimated before hf_bdgauge identified "
                                "coordinates); using it as it is", self.source.label())
         elif frac < min_identified:
@@ -826,9 +832,8 @@ class Gauge:
         err = self.metrics.get("rotation_error")
         if err is not None:
             tail += f"; estimated error ‖R̂ − R‖_F/√d ≈ {float(err):.2e}"
-        if is_not_a_gauge(verdict):
-            what_kind = "rotation" if verdict == "no_rotation" else "signed permutation"
-            lines.append(f"  verdict: NOT A GAUGE — no {what_kind} explains this pair; do not transport with it"
+        if self.not_a_gauge:
+            lines.append(f"  verdict: NOT A GAUGE — no {self.missing_kind} explains this pair; do not transport with it"
                          + tail)
         elif verdict is not None:
             lines.append(f"  verdict: {verdict}{tail}")

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import InvalidGaugeError
 
-__all__ = ["SUPPORTED_FORMS", "hadamard_construction", "hadamard_matrix"]
+__all__ = ["SUPPORTED_FORMS", "hadamard_construction", "hadamard_factors", "hadamard_matrix"]
 
 SUPPORTED_FORMS = "d = 2^k, 12·2^k or 20·2^k (k >= 0): 1, 2, 4, 8, …, 12, 24, 48, …, 20, 40, 80, …"
 
@@ -41,6 +41,12 @@ def _split(d: int) -> tuple[int, int]:
             if k & (k - 1) == 0:
                 return base, k
     raise InvalidGaugeError(f"no Hadamard construction for d = {d}; supported: {SUPPORTED_FORMS}")
+
+
+def hadamard_factors(d: int) -> tuple[int, int]:
+    """``(base, 2^k)`` with ``H_d = H_{2^k} ⊗ B`` and ``B`` of order ``base ∈ {1, 12, 20}``
+    (``B = hadamard_matrix(base)``); raises :class:`InvalidGaugeError` for an unsupported ``d``."""
+    return _split(d)
 
 
 def hadamard_construction(d: int) -> str:

@@ -43,7 +43,7 @@ import torch
 from .errors import DimensionMismatchError, InvalidGaugeError, OrthogonalGaugeError
 from .files import atomic_directory, read_json_object, sha256_file
 from .group import ArrayLike, SignedPermutation
-from .hadamard import hadamard_construction, hadamard_matrix
+from .hadamard import hadamard_construction, hadamard_factors, hadamard_matrix
 
 __all__ = ["Orthogonal", "ORTHOGONALITY_ATOL", "KIND_DENSE", "KIND_HADAMARD", "ROTATION_CONFIG_NAME",
            "ROTATION_WEIGHTS_NAME"]
@@ -307,17 +307,13 @@ class Orthogonal:
         or 20) as a product. Equal to the dense product up to float64 rounding."""
         g = self._factor
         d = g.dim
-        base = 1 if d & (d - 1) == 0 else (12 if d % 12 == 0 and ((d // 12) & (d // 12 - 1)) == 0 else 20)
-        k = d // base
+        base, k = hadamard_factors(d)
         lead = x.shape[:-1]
         flat = g.apply(x, axis=-1).reshape(-1, d)
         out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)  # each chunk rounded once into it
         bt = None
         if base > 1:
-            from .hadamard import hadamard_matrix
-
-            full = hadamard_matrix(d)  # H_{2^k} ⊗ B: B is its top-left base×base block
-            bt = torch.from_numpy(full[:base, :base].astype(np.float64).T.copy()).to(x.device)
+            bt = torch.from_numpy(hadamard_matrix(base).astype(np.float64).T.copy()).to(x.device)
         for a in range(0, flat.shape[0], self._FWHT_CHUNK_ROWS):
             y = flat[a:a + self._FWHT_CHUNK_ROWS].to(torch.float64, copy=True).reshape(-1, k, base)
             n = y.shape[0]

@@ -10,8 +10,10 @@ convert it.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -185,7 +187,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
 
 
 def rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict[str, Any],
-                  move: "Callable[[str], Callable[[torch.Tensor], Iterable[torch.Tensor]] | None]",
+                  move: Callable[[str], Callable[[torch.Tensor], Iterable[torch.Tensor]] | None],
                   progress: Any = None) -> int:
     """Write the safetensors file ``dst`` = ``src`` with the same header (``raw``, parsed as
     ``header``: :func:`read_safetensors_header`) and the same offsets, where ``move(name)`` says
@@ -196,9 +198,6 @@ def rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict[str, Any],
     (:func:`hf_bdgauge.apply_gauge_to_checkpoint`) and folded
     (:func:`hf_bdgauge.fold_norm_gains_in_checkpoint`) checkpoints. Returns the bytes written;
     ``progress`` (a tqdm bar) is advanced by each tensor's size."""
-    import mmap
-    import warnings
-
     base = 8 + len(raw)
     written = 0
     order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])

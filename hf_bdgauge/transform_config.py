@@ -42,6 +42,7 @@ gauge is the folded (and, if so, centred) original.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -128,18 +129,19 @@ def _classify(groups: Mapping[str, Any], modules: Mapping[str, tuple[str, Role |
     residual, others = None, {}
     for gname, scheme in groups.items():
         touched: list[str] = []
+        covered: set[str] = set()
         ok = bool(scheme.get("apply"))
         for a in scheme.get("apply") or []:
             hits = _targets(a, modules)
-            touched += [f"{m} ({a.get('location')}{', inverse' if a.get('inverse') else ''})" for m in hits]
             loc, inv = a.get("location"), bool(a.get("inverse"))
+            touched += [f"{m} ({loc}{', inverse' if inv else ''})" for m in hits]
+            covered.update(hits)
             if loc == "weight_output" and not inv:
                 ok &= set(hits) <= writers
             elif loc == "weight_input" and inv:
                 ok &= set(hits) <= readers
             else:
                 ok = False
-        covered = {t.split(" ")[0] for t in touched}
         if ok and covered == writers | readers:
             if residual is not None:
                 raise OrthogonalGaugeError(f"transform groups {residual!r} and {gname!r} both rotate the whole residual "
@@ -200,8 +202,6 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
     ``center_embeddings``) times ``U``, within ``atol`` relative to its largest entry; a mismatch
     is a :class:`~hf_bdgauge.errors.OrthogonalGaugeError`. ``metrics["other_rotations"]`` lists the
     modules rotated by other, non-residual groups (adapters there are refused)."""
-    import torch
-
     from .estimate.weights import open_tensors
     from .fold import pre_norm_gains
     from .gauge import Gauge, ModelRef
@@ -215,20 +215,12 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
     metrics: dict[str, Any] = {"exact": True, "residual_transform_group": group, "other_rotations": others}
     src_ref, gains = ModelRef(), None
     if source is not None:
-        import contextlib
-
         with contextlib.ExitStack() as stack:
             ends = [open_tensors(source, source_revision, stack, True), open_tensors(name, revision, stack, False)]
-            embs = []
-            for t in ends:
-                emb = [n for n in t.plan.shapes if t.spec.is_embedding(n)]
-                if len(emb) != 1:
-                    raise CheckpointError(f"{t.ref.label()}: expected one token embedding, found {emb or 'none'}")
-                embs.append(t.get_block(emb[0], 0, 0, int(t.plan.shapes[emb[0]][0])).to(torch.float64).numpy())
+            E, Et = (t.embedding().numpy() for t in ends)
             src_ref = ends[0].ref
             gains = pre_norm_gains(source, source_revision)
         if check:
-            E, Et = embs
             want = R.apply(E, axis=-1)
             scale = max(float(np.abs(Et).max()), 1e-30)
             err = float(np.abs(want - Et).max()) / scale

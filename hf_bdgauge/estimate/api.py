@@ -186,22 +186,18 @@ def gauge_from_capture(
     if method not in ACTIVATION_METHODS + ("orthogonal",):
         raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS + ('orthogonal',)}, not {method!r}")
     t0 = time.perf_counter()
+    requested = method
     if method == "orthogonal":
         g = estimate_rotation_from_stats(pair.stats, layers=layers, source=pair.source, target=pair.target,
                                          identity_tol=identity_tol, pooling=pooling, null_draws=null_draws,
                                          calibration_draws=calibration_draws, seed=seed, group=group,
                                          across_ranks=across_ranks)
-        g.metrics["capture_time_s"] = pair.capture_time_s
-        g.metrics["world_size"] = int(pair.world_size)
-        g.metrics["time_s"] = pair.capture_time_s + time.perf_counter() - t0
-        g.metrics["summary"] += f" ({g.metrics['tokens']} tokens, {len(g.metrics['layers'])} layers)"
-        return g
-    requested = method
-    method = _restrict_to_family(pair.model_type, method)
-    g = estimate_from_stats(pair.stats, method, layers=layers, pooling=pooling, null_draws=null_draws,
-                            calibration_draws=calibration_draws, seed=seed, min_excess=min_excess,
-                            identity_tol=identity_tol, source=pair.source, target=pair.target, group=group,
-                            across_ranks=across_ranks)
+    else:
+        method = _restrict_to_family(pair.model_type, method)
+        g = estimate_from_stats(pair.stats, method, layers=layers, pooling=pooling, null_draws=null_draws,
+                                calibration_draws=calibration_draws, seed=seed, min_excess=min_excess,
+                                identity_tol=identity_tol, source=pair.source, target=pair.target, group=group,
+                                across_ranks=across_ranks)
     g.metrics["capture_time_s"] = pair.capture_time_s
     g.metrics["world_size"] = int(pair.world_size)
     g.metrics["time_s"] = pair.capture_time_s + time.perf_counter() - t0

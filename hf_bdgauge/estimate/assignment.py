@@ -19,15 +19,13 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import DimensionMismatchError, EstimationError
 from ..group import SignedPermutation
 
-__all__ = ["ACTIVATION_METHODS", "ROTATION_METHODS", "DATA_FREE_METHODS", "MatchResult", "hungarian", "match_scores", "random_orthogonal"]
+__all__ = ["ACTIVATION_METHODS", "ROTATION_METHODS", "MatchResult", "hungarian", "match_scores", "random_orthogonal"]
 
 #: Matching methods on a pair of score matrices.
 ACTIVATION_METHODS = ("sign_marginalized", "signed", "permutation")
 #: Methods that estimate an orthogonal gauge (Procrustes; :mod:`hf_bdgauge.estimate.procrustes`):
 #: from activation statistics, and data-free from the token embeddings.
 ROTATION_METHODS = ("orthogonal", "orthogonal_weights")
-#: Methods that read the checkpoints only (no text).
-DATA_FREE_METHODS = ("weights", "orthogonal_weights")
 
 
 @dataclass

@@ -58,7 +58,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import stats as sps
 
 from ..errors import DimensionMismatchError
@@ -105,7 +104,6 @@ class RotationFit:
     """What :func:`fit_rotation` measures (see the module docstring)."""
 
     R: np.ndarray
-    halves: tuple[np.ndarray, np.ndarray] | None
     alignment: float
     residual: float
     identity_alignment: float
@@ -219,7 +217,7 @@ def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_t
     n0, n1 = sel.half_tokens()
     if not sel.is_split or min(n0, n1) < MIN_TOKENS_PER_HALF:
         rho, eps = _alignment(R, full)
-        return RotationFit(R, None, rho, eps, ident_rho, nan, 1.0, 0.0, float("-inf"),
+        return RotationFit(R, rho, eps, ident_rho, nan, 1.0, 0.0, float("-inf"),
                            note=f"the statistics are not split into two halves of at least {MIN_TOKENS_PER_HALF} "
                                 "tokens: no held-out fit, no p-value")
     halves = [_moments(sel.half(h)) for h in (0, 1)]
@@ -242,7 +240,7 @@ def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_t
     sd = float((np.linalg.norm(A[0]) + np.linalg.norm(A[1])) / math.sqrt(d))
     z = t / sd if sd > 0 else 0.0
     logp = float(sps.norm.logsf(z))
-    return RotationFit(R, (Rh[0], Rh[1]), rho, eps, ident_rho, err, float(math.exp(logp)), logp / math.log(10.0), z,
+    return RotationFit(R, rho, eps, ident_rho, err, float(math.exp(logp)), logp / math.log(10.0), z,
                        sampling_error=sampling, layer_spread=spread)
 
 
@@ -264,7 +262,7 @@ def estimate_rotation_from_stats(
     statistics is returned instead (``metrics["method_requested"] = method``)."""
     t0 = time.perf_counter()
     fit = fit_rotation(stats, layers=layers)
-    perm, signs, dist = nearest_signed_permutation(fit.R)
+    _, _, dist = nearest_signed_permutation(fit.R)
     if b_d and dist <= SIGNED_PERMUTATION_TOL and fit.p_value <= LEVEL:
         from .matching import estimate_from_stats
 
@@ -293,7 +291,6 @@ def estimate_rotation_from_weights(
     target_revision: str | None = None,
     fingerprint: bool = True,
     identity_tol: float = 0.01,
-    **_: Any,
 ) -> Gauge:
     """Data-free orthogonal estimate from the token embeddings (``method="orthogonal_weights"``).
 
@@ -307,15 +304,8 @@ def estimate_rotation_from_weights(
 
     with contextlib.ExitStack() as stack:
         ends = [open_tensors(obj, rev, stack, fingerprint) for obj, rev in ((source, source_revision), (target, target_revision))]
-        embs = []
-        for t in ends:
-            names = [n for n in t.plan.shapes if t.spec.is_embedding(n)]
-            if len(names) != 1:
-                raise EstimationError(f"{t.ref.label()}: expected one token embedding, found {names or 'none'}")
-            shape = t.plan.shapes[names[0]]
-            embs.append(t.get_block(names[0], 0, 0, int(shape[0])).to(dtype=torch.float64))
+        X, Y = (t.embedding() for t in ends)
         refs = [t.ref for t in ends]
-    X, Y = embs
     if X.shape != Y.shape:
         raise DimensionMismatchError(f"embeddings of shapes {tuple(X.shape)} and {tuple(Y.shape)}: no rotation "
                                      "relates them")

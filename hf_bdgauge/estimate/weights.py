@@ -91,6 +91,13 @@ class _Tensors:
         """Entries ``start:stop`` of tensor ``name`` along ``axis`` (everything on other axes)."""
         raise NotImplementedError
 
+    def embedding(self) -> torch.Tensor:
+        """The token embedding ``[V, d]`` (the one tensor the role map calls the embedding), float64."""
+        names = [n for n in self.plan.shapes if self.spec.is_embedding(n)]
+        if len(names) != 1:
+            raise EstimationError(f"{self.ref.label()}: expected one token embedding, found {names or 'none'}")
+        return self.get_block(names[0], 0, 0, int(self.plan.shapes[names[0]][0])).to(torch.float64)
+
 
 class _ModuleTensors(_Tensors):
     def __init__(self, model: torch.nn.Module, revision: str | None, fingerprint: bool = False) -> None:
