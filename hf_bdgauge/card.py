@@ -104,6 +104,9 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
         lp = gauge.metrics.get("log10_p_value")
         evidence.append(f"calibrated p-value {gauge.p_value:.3g}" if gauge.p_value > 0 or lp is None
                         else f"calibrated p-value 10^{float(lp):.1f}")
+        ref = gauge.metrics.get("p_value_reference")
+        if ref:
+            evidence[-1] += f" (against the reference null of {ref})"
     if gauge.identified_fraction is not None and not gauge.is_exact:
         evidence.append(f"{gauge.identified_fraction:.1%} of the coordinates identified")
     if gauge.is_exact:

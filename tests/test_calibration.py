@@ -48,7 +48,8 @@ def test_a_real_gauge_earns_a_tiny_p_value_with_every_method_and_null_draws(stor
     est = estimate_gauge(model, target, list(SAMPLE_TEXTS), method, tokenizer=tok, null_draws=null_draws,
                          progress=False)
     m = est.metrics
-    bound = 1e-12 if method in ("sign_marginalized", "weights") else 1e-6  # baselines: ~half the coordinates
+    # the baselines recover ~half the coordinates, and are read against the (conservative) reference null
+    bound = 1e-12 if method in ("sign_marginalized", "weights") else 1e-4
     assert m["p_value"] < bound and m["log10_p_value"] < np.log10(bound), m["p_value"]
     assert m["verdict"] == "signed_permutation" and m["p_value_draws"] == 64
     assert ("excess_over_null" in m) == (null_draws > 0)

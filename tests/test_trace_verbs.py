@@ -43,7 +43,10 @@ def test_a_recharted_noised_copy_is_derived_block_by_block_and_layer_by_layer(st
     data_free = trace(stories, b, progress=False)
     assert data_free.derived and data_free.p_value < 1e-20 and data_free.gauge.element == g
     assert [r.layer for r in data_free.rows] == ["outside blocks"] + [f"block {i}" for i in range(5)]
-    assert all(r.p_value < 1e-6 and r.verdict == "signed_permutation" for r in data_free.rows)
+    assert all(r.verdict == "signed_permutation" for r in data_free.rows)
+    # the tensors outside the blocks (embedding, head, final norm) are few, and their reference null is the
+    # widest (independently trained models share most there): a weaker test than a block's
+    assert data_free.rows[0].p_value < 1e-3 and all(r.p_value < 1e-6 for r in data_free.rows[1:])
     report = diff(stories, b, list(SAMPLE_TEXTS), tokenizer=str(stories260k_hf_dir()), progress=False)
     assert [r.layer for r in report.rows] == list(range(6)) and report.derived
     assert all(r.words == "re-charted: transport with the gauge" for r in report.rows)

@@ -62,6 +62,7 @@ def estimate_gauge(
     fingerprint: bool = True,
     progress: bool = True,
     group: Any = None,
+    reference: Any = "auto",
     **weights_kwargs: Any,
 ) -> Gauge:
     """Estimate the gauge ``G`` with ``h_target ≈ G·h_source``.
@@ -78,7 +79,10 @@ def estimate_gauge(
     default all). For families without sign symmetry (LayerNorm) ``sign_marginalized`` falls back
     to ``permutation``. ``fingerprint=True`` records both models' fingerprints (config and content
     hashes) in the ModelRefs, so the gauge refuses to attach to other weights; by default they are
-    left empty. See the module docstring for methods, pooling, null and verdict.
+    left empty. ``reference``: the reference null the B_d p-value is read against (``"auto"``, the
+    package's: independently trained models; ``None``: the Haar null alone; or a
+    :class:`~hf_bdgauge.estimate.verdict.Reference`). See the module docstring for methods,
+    pooling, null and verdict.
 
     Under an initialised ``torch.distributed`` process group (``group``, default the default
     group; :mod:`hf_bdgauge.distributed`) every rank must call this with the same arguments: each
@@ -92,7 +96,7 @@ def estimate_gauge(
         return estimate_gauge_from_weights(
             source, target, source_revision=source_revision, target_revision=target_revision, null_draws=null_draws,
             calibration_draws=calibration_draws, seed=seed, min_excess=min_excess, identity_tol=identity_tol,
-            fingerprint=fingerprint, progress=progress, group=group,
+            fingerprint=fingerprint, progress=progress, group=group, reference=reference,
             **weights_kwargs,
         )
     if method == "orthogonal_weights":
@@ -109,7 +113,8 @@ def estimate_gauge(
                         max_tokens=max_tokens, dtype=dtype, device_map=device_map, fingerprint=fingerprint,
                         progress=progress, group=group)
     g = gauge_from_capture(pair, method, pooling=pooling, null_draws=null_draws, calibration_draws=calibration_draws,
-                           seed=seed, min_excess=min_excess, identity_tol=identity_tol, group=group, across_ranks=True)
+                           seed=seed, min_excess=min_excess, identity_tol=identity_tol, group=group, across_ranks=True,
+                           reference=reference)
     g.metrics["time_s"] = time.perf_counter() - t0
     return g
 
@@ -176,13 +181,15 @@ def gauge_from_capture(
     identity_tol: float = 0.01,
     group: Any = None,
     across_ranks: bool = False,
+    reference: Any = "auto",
 ) -> Gauge:
     """Match captured (or loaded and merged) statistics into a gauge
     (:func:`~hf_bdgauge.estimate.matching.estimate_from_stats` with both ends' provenance; for a
     family without sign symmetry ``sign_marginalized`` falls back to ``permutation``). The gauge
     records ``metrics["world_size"]`` (processes that captured) and ``metrics["tokens"]`` (all
     of them). ``across_ranks=True`` when every rank of ``group`` calls this with the same
-    statistics: the calibration's draws are then split over the ranks (the same gauge)."""
+    statistics: the calibration's draws are then split over the ranks (the same gauge).
+    ``reference``: the reference null of the B_d p-value (see ``estimate_from_stats``)."""
     if method not in ACTIVATION_METHODS + ("orthogonal",):
         raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS + ('orthogonal',)}, not {method!r}")
     t0 = time.perf_counter()
@@ -197,7 +204,7 @@ def gauge_from_capture(
         g = estimate_from_stats(pair.stats, method, layers=layers, pooling=pooling, null_draws=null_draws,
                                 calibration_draws=calibration_draws, seed=seed, min_excess=min_excess,
                                 identity_tol=identity_tol, source=pair.source, target=pair.target, group=group,
-                                across_ranks=across_ranks)
+                                across_ranks=across_ranks, reference=reference)
     g.metrics["capture_time_s"] = pair.capture_time_s
     g.metrics["world_size"] = int(pair.world_size)
     g.metrics["time_s"] = pair.capture_time_s + time.perf_counter() - t0

@@ -116,13 +116,14 @@ CALIBRATION_LAYERS = 8
 def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tuple[np.ndarray, np.ndarray], *,
                     pooling: str = "mean_abs", draws: int = CALIBRATION_DRAWS, seed: int = 0,
                     max_layers: int | None = CALIBRATION_LAYERS, group: Any = None,
-                    across_ranks: bool = False) -> Calibration:
+                    across_ranks: bool = False, reference: Any = "auto") -> Calibration:
     """The calibrated p-value and identification of an activation estimate
     (:func:`hf_bdgauge.estimate.verdict.calibrate` on the two halves of ``stats``, over at most
     ``max_layers`` evenly spaced layers; ``None``: all); uninformative (``p = 1``) when the
     statistics are not split, a half holds fewer than
     :data:`~hf_bdgauge.estimate.verdict.MIN_TOKENS_PER_HALF` tokens, or Σyyᵀ was not kept.
-    ``across_ranks``: split the draws over the ranks of ``group`` (every rank calls this alike)."""
+    ``across_ranks``: split the draws over the ranks of ``group`` (every rank calls this alike);
+    ``reference``: the reference null (:func:`~hf_bdgauge.estimate.verdict.calibrate`)."""
     d = stats.dims[0]
     if max_layers is not None and len(stats) > max_layers:
         keep = sorted({stats.layers[int(round(i))] for i in np.linspace(0, len(stats) - 1, max_layers)})
@@ -139,7 +140,7 @@ def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tu
         return uninformative(d, "the statistics lack the target covariance (track_target_cov=False)")
     parts = [activation_parts(stats.half(h), pooling) for h in (0, 1)]
     return calibrate(parts[0], parts[1], method, element, full_scores, draws=draws, seed=seed, group=group,
-                     across_ranks=across_ranks)
+                     across_ranks=across_ranks, reference=reference)
 
 
 def estimate_from_stats(
@@ -157,6 +158,7 @@ def estimate_from_stats(
     target: ModelRef | None = None,
     group: Any = None,
     across_ranks: bool = False,
+    reference: Any = "auto",
 ) -> Gauge:
     """Match on captured statistics and return a :class:`~hf_bdgauge.gauge.Gauge` with
     confidence, margin, the calibrated p-value and identified coordinates
@@ -164,7 +166,9 @@ def estimate_from_stats(
     metrics (a rotated null of ``null_draws`` draws; 0 skips it). ``min_excess`` is ignored (the
     verdict comes from the p-value). ``across_ranks=True``: every rank of ``group`` (default the
     default process group) calls this with the same statistics, and the calibration's draws are
-    split over them (:func:`~hf_bdgauge.estimate.verdict.calibrate`); the gauge is the same."""
+    split over them (:func:`~hf_bdgauge.estimate.verdict.calibrate`); the gauge is the same.
+    ``reference``: the reference null the p-value is read against (``"auto"``: the package's;
+    ``None``: the Haar null alone; or a :class:`~hf_bdgauge.estimate.verdict.Reference`)."""
     if min_excess is not None:
         warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
                       stacklevel=2)
@@ -187,7 +191,7 @@ def estimate_from_stats(
                 nulls.append(match_scores(An, Sn, method).mean_matched)
     t_cal = time.perf_counter()
     cal = calibrate_stats(sel, method, match.element, (A, S), pooling=pooling, draws=calibration_draws, seed=seed,
-                          group=group, across_ranks=across_ranks)
+                          group=group, across_ranks=across_ranks, reference=reference)
     metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol)
     n0, n1 = sel.half_tokens()
     metrics.update(

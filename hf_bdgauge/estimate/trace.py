@@ -119,9 +119,13 @@ class TraceReport:
         return "\n".join(lines)
 
 
+#: the row of the tensors outside the decoder blocks (embedding, head, final norm)
+OUTSIDE_BLOCKS = "outside blocks"
+
+
 def _group_of(spec: Any, name: str) -> str:
     b = spec.block_of(name)
-    return "outside blocks" if b is None else f"block {b}"
+    return OUTSIDE_BLOCKS if b is None else f"block {b}"
 
 
 def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: int, revisions: tuple, group: Any = None,
@@ -135,7 +139,7 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: i
         spec = spec_for_config(read_model_config(d))
         names = list(tensor_index(d))
     blocks = sorted({_group_of(spec, n) for n in names if spec.rule_for(n) is not None},
-                    key=lambda g: (g != "outside blocks", int(g.split()[-1]) if g.startswith("block") else -1))
+                    key=lambda g: (g != OUTSIDE_BLOCKS, int(g.split()[-1]) if g.startswith("block") else -1))
     rows = []
     el = gauge.element
     for block in blocks:
@@ -151,8 +155,9 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: i
         if halves is None or not halves[0].tensors or not halves[1].tensors:
             cal = uninformative(el.dim, "one tensor only")
         else:
-            cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), method, el, (A, M), draws=draws, seed=seed,
-                            group=group, across_ranks=True)
+            kind = "weights_outside" if block == OUTSIDE_BLOCKS else "weights_block"  # their own references
+            cal = calibrate(weight_parts(halves[0], kind), weight_parts(halves[1], kind), method, el, (A, M),
+                            draws=draws, seed=seed, group=group, across_ranks=True)
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = sim.fit(el)
         best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)

@@ -439,6 +439,7 @@ def estimate_gauge_from_weights(
     fingerprint: bool = True,
     progress: bool = True,
     group: Any = None,
+    reference: Any = "auto",
 ) -> Gauge:
     """Data-free estimate of ``G`` (``h_target ≈ G·h_source``) from the weights alone.
 
@@ -453,7 +454,8 @@ def estimate_gauge_from_weights(
     :func:`weight_similarity`). ``min_excess`` is ignored. Under an initialised process group
     (``group``, default the default group) every rank calls this alike: the tensors are split
     over the ranks (:func:`weight_similarity`), every rank matches the same all-reduced sums and
-    returns the same gauge, which records ``metrics["world_size"]``.
+    returns the same gauge, which records ``metrics["world_size"]``. ``reference``: the reference
+    null of the p-value (:func:`~hf_bdgauge.estimate.verdict.calibrate`).
     """
     if min_excess is not None:
         warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
@@ -480,7 +482,7 @@ def estimate_gauge_from_weights(
         cal = uninformative(sim.dim, "fewer than two tensors carry residual coordinates: no calibrated p-value")
     else:
         cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), how, match.element, (A, M),
-                        draws=calibration_draws, seed=seed, group=group, across_ranks=True)
+                        draws=calibration_draws, seed=seed, group=group, across_ranks=True, reference=reference)
     metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol, what="cos",
                           matched_fit=sim.fit(match.element))
     metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=tensor_weighting,
