@@ -216,3 +216,16 @@ def test_cli_estimates_a_rotation_data_free_and_refuses_an_unrelated_pair(rotate
     assert main(["estimate", str(tmp_path / "a"), str(tmp_path / "c"), "--method", "orthogonal_weights",
                  "-o", str(tmp_path / "bad"), "-q"]) != 0
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method", ["orthogonal", "orthogonal_weights"])
+def test_a_layernorm_family_is_refused_before_a_rotation_is_estimated(method):
+    """LayerNorm's mean-centring does not commute with a rotation: no orthogonal gauge exists, so
+    the estimate is refused (with the family's reason) instead of returned for objects to move by."""
+    from hf_bdgauge.errors import OrthogonalGaugeError
+    from hf_bdgauge.testing import tiny_model
+
+    a, b = tiny_model("gpt2", seed=0), tiny_model("gpt2", seed=1)
+    ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(OrthogonalGaugeError, match="LayerNorm"):
+        estimate_gauge(a, b, None if method == "orthogonal_weights" else ids, method, progress=False)

@@ -195,6 +195,7 @@ def gauge_from_capture(
     t0 = time.perf_counter()
     requested = method
     if method == "orthogonal":
+        _check_family_rotates(pair.model_type)
         g = estimate_rotation_from_stats(pair.stats, layers=layers, source=pair.source, target=pair.target,
                                          identity_tol=identity_tol, pooling=pooling, null_draws=null_draws,
                                          calibration_draws=calibration_draws, seed=seed, group=group,
@@ -214,6 +215,16 @@ def gauge_from_capture(
     g.metrics["summary"] += (f" ({g.metrics['tokens']} tokens, {len(g.metrics['layers'])} layers{procs}, "
                              f"{g.metrics['time_s']:.1f} s)")
     return g
+
+
+def _check_family_rotates(model_type: str | None) -> None:
+    """Refuse an orthogonal estimate for a family no rotation is a symmetry of (LayerNorm:
+    :meth:`~hf_bdgauge.roles.ArchitectureSpec.check_rotation`), before anything is estimated."""
+    try:
+        spec = spec_for_config({"model_type": model_type})
+    except UnsupportedArchitectureError:  # unknown family: the statistics alone decide
+        return
+    spec.check_rotation({}, model_type, "an orthogonal estimate")
 
 
 def _restrict_to_family(model_type: str | None, method: str) -> str:

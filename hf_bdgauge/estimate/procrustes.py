@@ -304,6 +304,8 @@ def estimate_rotation_from_weights(
 
     with contextlib.ExitStack() as stack:
         ends = [open_tensors(obj, rev, stack, fingerprint) for obj, rev in ((source, source_revision), (target, target_revision))]
+        for t in ends:  # a LayerNorm family has no rotation gauge: refused before anything is estimated
+            t.spec.check_rotation({}, None, "an orthogonal estimate")
         X, Y = (t.embedding() for t in ends)
         refs = [t.ref for t in ends]
     if X.shape != Y.shape:
