@@ -54,10 +54,6 @@ def pair_list(first_seed: int, n: int) -> list[tuple[int, int]]:
     return independent_list(123, first_seed, N_MODELS)[:n]
 
 
-def _haar_t(cal: Any) -> float:
-    return float(cal.haar_t)
-
-
 def activation_record(st: Any, seed: int) -> dict[str, Any]:
     from hf_bdgauge.estimate.assignment import match_scores
     from hf_bdgauge.estimate.matching import calibrate_stats, pooled_correlations
@@ -66,13 +62,13 @@ def activation_record(st: Any, seed: int) -> dict[str, Any]:
     A, S = pooled_correlations(st)
     for m in METHODS:
         el = match_scores(A, S, m).element
-        rec[m] = _haar_t(calibrate_stats(st, m, el, (A, S), seed=seed, reference=None))
+        rec[m] = calibrate_stats(st, m, el, (A, S), seed=seed, reference=None).haar_t
     el = match_scores(A, S, "sign_marginalized").element
     layers = []
     for layer in st.layers:
         one = st.select([layer])
         A1, S1 = pooled_correlations(one)
-        layers.append(_haar_t(calibrate_stats(one, "sign_marginalized", el, (A1, S1), seed=seed, reference=None)))
+        layers.append(calibrate_stats(one, "sign_marginalized", el, (A1, S1), seed=seed, reference=None).haar_t)
     rec["layers"] = layers
     return rec
 
@@ -91,8 +87,8 @@ def weight_record(src: Any, tgt: Any, seed: int) -> dict[str, Any]:
             return None
         method = "sign_marginalized" if sim.allows_signs else "permutation"
         el = match_scores(A, S, method, sign_source=M).element
-        return _haar_t(calibrate(weight_parts(h[0]), weight_parts(h[1]), method, el, (A, M), seed=seed,
-                                 reference=None))
+        return calibrate(weight_parts(h[0]), weight_parts(h[1]), method, el, (A, M), seed=seed,
+                                 reference=None).haar_t
 
     spec = spec_for_config(src.config)
     names = [n for n, _ in src.named_parameters() if spec.rule_for(n) is not None]
@@ -167,20 +163,15 @@ def _row(name: str, p: np.ndarray) -> str:
 
 def _referenced(kind: str, t: np.ndarray) -> np.ndarray:
     """The p-values of Haar ``t`` read against the package's reference of ``kind``."""
-    from scipy.stats import t as student
+    from hf_bdgauge.estimate.verdict import reference_for, student_tail
 
-    from hf_bdgauge.estimate.verdict import CALIBRATION_DRAWS, reference_for
-
-    ref = reference_for(kind)
-    return student.sf(np.array([ref.apply(x) for x in t]), CALIBRATION_DRAWS - 1)
+    return student_tail(reference_for(kind).apply(np.asarray(t)))[0]
 
 
 def _haar(t: np.ndarray) -> np.ndarray:
-    from scipy.stats import t as student
+    from hf_bdgauge.estimate.verdict import student_tail
 
-    from hf_bdgauge.estimate.verdict import CALIBRATION_DRAWS
-
-    return student.sf(t, CALIBRATION_DRAWS - 1)
+    return student_tail(np.asarray(t))[0]
 
 
 def report() -> str:

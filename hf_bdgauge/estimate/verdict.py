@@ -115,6 +115,7 @@ __all__ = [
     "calibrate",
     "uninformative",
     "predictive_p_value",
+    "student_tail",
     "Reference",
     "REFERENCE_FILE",
     "REFERENCE_KINDS",
@@ -238,8 +239,15 @@ def predictive_p_value(t_obs: float, t_null: Sequence[float]) -> tuple[float, fl
     mu, s = float(x.mean()), float(x.std(ddof=1))
     s = max(s, 1e-12 * max(1.0, abs(mu)))
     t = (t_obs - mu) / (s * math.sqrt(1.0 + 1.0 / M))
-    logp = float(sps.t.logsf(t, M - 1))
-    return float(math.exp(logp)), logp / math.log(10.0), float(t)
+    p, log10p = student_tail(t, M)
+    return float(p), float(log10p), float(t)
+
+
+def student_tail(t: Any, draws: int = CALIBRATION_DRAWS) -> tuple[Any, Any]:
+    """``(p, log10 p)``: the tail ``P(t_{M−1} ≥ t)`` of Student's law with ``M = draws`` (arrays
+    elementwise; the log is computed directly, so it holds where ``p`` underflows)."""
+    logp = sps.t.logsf(t, draws - 1)
+    return np.exp(logp), logp / math.log(10.0)
 
 
 # =========================================================================== the reference null
@@ -505,8 +513,7 @@ def calibrate(half1: Parts, half2: Parts, method: str, element: Any, full_scores
     p, t = haar_p, haar_t
     if ref is not None:
         t = ref.apply(haar_t)
-        logp = float(sps.t.logsf(t, draws - 1)) / math.log(10.0)
-        p = float(10.0 ** logp)
+        p, logp = (float(x) for x in student_tail(t, draws))
     perm, signs = np.asarray(element.perm, dtype=np.int64), np.asarray(element.signs, dtype=np.int64)
     ident = _identify(A, S, A1, S1, A2, S2, perm, signs, v_obs["sign_marginalized"], Vn["sign_marginalized"], id_alpha)
     return Calibration(p_value=p, log10_p_value=logp, t=t, statistic=T, null_mean=float(Tn.mean()),
