@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -448,6 +448,19 @@ def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact").high)
+
+
+def read_parts(results: Path, parts: Iterable[str], json_name: Callable[[bool, str], str], mode: str) -> dict[str, Any]:
+    """The parts of a research script measured so far in ``mode`` (``"fast"`` or ``"full"``), as
+    :func:`parts_main` wrote them: ``{part: data}`` for every ``results/<json_name>`` present."""
+    files = {p: results / json_name(mode == "fast", p) for p in parts}
+    return {p: json.loads(f.read_text()) for p, f in files.items() if f.exists()}
+
+
+def provenance_lines(parts: dict[str, Any]) -> list[str]:
+    """One line per measured part (seconds and the environment it ran in), then a blank line."""
+    return [f"- part `{p}`: {d.get('seconds_total', 0):.0f} s; " + ", ".join(f"{k} {v}" for k, v in d.get("env", {}).items())
+            for p, d in parts.items()] + [""]
 
 
 def parts_main(argv: Sequence[str] | None, *, doc: str | None, parts: dict[str, Callable[[bool], dict[str, Any]]],
