@@ -346,31 +346,29 @@ def test_a_lora_moves_into_the_folded_rotated_chart_and_back(tmp_path, token_ids
     any rotation are refused with the reason."""
     import copy
 
+    from lora_checks import lora_with_state, random_lora
     from peft import LoraConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
 
     from hf_bdgauge import Gauge
     from hf_bdgauge.fold import fold_and_rotate
     from hf_bdgauge.transport.peft import transport_adapter_state_dict
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-    cfg = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    cfg = dict(r=4, lora_alpha=8, target_modules=targets)
     base = tiny_model("llama", seed=9, dtype=torch.float64)
     rotated = copy.deepcopy(base)
     gauge = fold_and_rotate(rotated, Orthogonal.random_hadamard(64, seed=4))
     assert gauge.gains and gauge.is_exact and gauge.source.fingerprint and gauge.target.fingerprint
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    pm = random_lora(base, **cfg)
     ref = _logits(pm, token_ids)
     assert (ref - _logits(base, token_ids)).abs().max() > 1e-2  # the adapter does something
     sd = get_peft_model_state_dict(pm)
     spec = spec_for_model(base)
     moved = transport_adapter_state_dict(sd, gauge, spec)
-    pm2 = get_peft_model(copy.deepcopy(rotated), LoraConfig(**cfg))
-    set_peft_model_state_dict(pm2, moved)
+    pm2 = lora_with_state(rotated, moved, **cfg)
     assert_close_rel(_logits(pm2, token_ids), ref, rtol=1e-6, what="transported LoRA on the rotated model")
-    pm3 = get_peft_model(copy.deepcopy(rotated), LoraConfig(**cfg))
-    set_peft_model_state_dict(pm3, sd)  # not transported: the effect is lost
+    pm3 = lora_with_state(rotated, sd, **cfg)  # not transported: the effect is lost
     assert (_logits(pm3, token_ids) - ref).abs().max() > 1e-2
     back = transport_adapter_state_dict(moved, gauge.inverse(), spec)
     for n in sd:
@@ -381,11 +379,13 @@ def test_a_lora_moves_into_the_folded_rotated_chart_and_back(tmp_path, token_ids
     assert loaded == gauge and set(loaded.gains) == set(gauge.gains)
 
     torch.manual_seed(0)
-    dora = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, **{**cfg, "target_modules": ["q_proj"]}))
+    dora = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, init_lora_weights=False,
+                                                        **{**cfg, "target_modules": ["q_proj"]}))
     with pytest.raises(OrthogonalGaugeError, match="DoRA"):
         transport_adapter_state_dict(get_peft_model_state_dict(dora), gauge, spec)
     folded = fold_norm_gains(copy.deepcopy(base))
-    dora_w = get_peft_model(folded, LoraConfig(use_dora=True, **{**cfg, "target_modules": ["o_proj"]}))
+    dora_w = get_peft_model(folded, LoraConfig(use_dora=True, init_lora_weights=False,
+                                              **{**cfg, "target_modules": ["o_proj"]}))
     with pytest.raises(OrthogonalGaugeError, match="DoRA on a residual writer"):
         transport_adapter_state_dict(get_peft_model_state_dict(dora_w), Gauge(Orthogonal.random(64, seed=1)), spec)
     with pytest.raises(OrthogonalGaugeError, match="not supported yet"):

@@ -89,8 +89,8 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
     LoRA's effect is lost without transport."""
     import copy
 
-    from peft import LoraConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from lora_checks import lora_with_state, random_lora
+    from peft.utils import get_peft_model_state_dict
 
     from hf_bdgauge import Orthogonal
     from hf_bdgauge.fold import fold_and_rotate
@@ -109,15 +109,13 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
     assert_close_rel(out.logits, ref.logits, rtol=1e-4, what="rotated logits")
     assert rotated.generate(IDS[:, :1], max_new_tokens=39, do_sample=False)[0].tolist() == list(STORIES260K_GREEDY_IDS)
 
-    cfg = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    cfg = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    pm = random_lora(base, **cfg)
     with torch.no_grad():
         want = pm(IDS).logits
     moved = transport_adapter_state_dict(get_peft_model_state_dict(pm), gauge, spec_for_model(base))
     for state, keeps in ((moved, True), (get_peft_model_state_dict(pm), False)):
-        pm2 = get_peft_model(copy.deepcopy(rotated), LoraConfig(**cfg))
-        set_peft_model_state_dict(pm2, state)
+        pm2 = lora_with_state(rotated, state, **cfg)
         with torch.no_grad():
             err = (pm2(IDS).logits - want).abs().max().item() / want.abs().max().item()
         assert (err <= 1e-4) == keeps, (keeps, err)

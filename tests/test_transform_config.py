@@ -90,8 +90,8 @@ def test_the_residual_rotation_is_read_and_maps_the_streams(base, spinquant):
 
 
 def test_the_gauge_is_validated_against_the_weights_and_moves_a_lora_except_on_r2_modules(base, spinquant, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from lora_checks import lora_with_state, random_lora
+    from peft.utils import get_peft_model_state_dict
 
     from hf_bdgauge.roles import spec_for_model
     from hf_bdgauge.testing import tiny_model
@@ -101,19 +101,16 @@ def test_the_gauge_is_validated_against_the_weights_and_moves_a_lora_except_on_r
     g = gauge_from_transform_config(out, base)
     assert g.method == "rotation_config" and g.is_exact and g.check_fit() is False
     assert g.metrics["embedding_check_error"] < 1e-6 and g.gains  # the source's pre-norm gains, for adapters
-    cfg = dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj", "down_proj"], init_lora_weights=False)
-    torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    cfg = dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "up_proj", "down_proj"])
+    pm = random_lora(base, **cfg)
     with torch.no_grad():
         want = pm(IDS).logits
     moved = transport_adapter_state_dict(get_peft_model_state_dict(pm), g, spec_for_model(base))
-    pm2 = get_peft_model(copy.deepcopy(rotated), LoraConfig(**cfg))
-    set_peft_model_state_dict(pm2, moved)
+    pm2 = lora_with_state(rotated, moved, **cfg)
     with torch.no_grad():
         got = pm2(IDS).logits
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-    torch.manual_seed(0)
-    pv = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    pv = random_lora(base, r=4, target_modules=["v_proj"])
     with pytest.raises(TransportError, match=r"v_proj \(R2\)"):
         transport_adapter_state_dict(get_peft_model_state_dict(pv), g, spec_for_model(base))
     other = tiny_model("llama", seed=1, hidden_size=64, vocab_size=512, num_hidden_layers=5, intermediate_size=172,
