@@ -132,6 +132,8 @@ def test_the_reference_is_threaded_through_every_estimator_and_only_raises_p(sto
     custom = Reference("activations", 0.0, 2.0, "mine")
     mine = estimate_from_stats(st, null_draws=0, reference=custom)
     assert mine.metrics["p_value_t"] == pytest.approx(haar.metrics["p_value_t"] / 2.0, rel=1e-12)
+    refit = Reference.from_fit("activations", json.loads(REFERENCE_FILE.read_text())["references"]["activations"])
+    assert refit == ref  # the packaged file's entries and fit_reference's results read the same way
     w = estimate_gauge(model, target, method="weights", null_draws=0, progress=False)
     wh = estimate_gauge(model, target, method="weights", null_draws=0, progress=False, reference=None)
     assert w.metrics["p_value_reference"] == reference_for("weights").name and w.metrics["p_value"] < 1e-12

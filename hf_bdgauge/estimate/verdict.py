@@ -64,11 +64,12 @@ independently trained stories260K-shaped models from seeds 0-39 and checked on 2
 other seeds (``experiments/calibration/results-reference.md``): there the pooled activation test
 rejects 0 of 200 at 0.01 (Haar only: 2; on the fitting seeds 5), the weights test 1 (Haar only 4),
 the tensors outside the blocks alone (embedding, head, final norm, whose Haar ``t`` of such pairs
-averages +1.6) 1 (Haar only 57), and no one-sided KS test finds too many small p-values (p ≥ 0.07). Random inits, tiny random
-models and shuffled pairings, calibrated under the Haar part alone, become conservative
-(``experiments/calibration/results-library.md``). The reference is fitted on one family at d =
-64; a family whose independently trained models share more structure needs its own
-(:func:`fit_reference` on its own unrelated pairs, passed as ``reference=``).
+averages +1.6) 1 (Haar only 57), and no one-sided KS test finds too many small p-values
+(p ≥ 0.07). Random inits, tiny random models and shuffled pairings, calibrated under the Haar part
+alone, become conservative (``experiments/calibration/results-library.md``). The reference is
+fitted on one family at d = 64; a family whose independently trained models share more structure
+needs its own: ``reference=Reference.from_fit(kind, fit_reference(t, pairs))`` on its own
+unrelated pairs.
 
 Identification
 --------------
@@ -264,19 +265,27 @@ class Reference:
     """A reference null: where the Haar test's ``t`` of pairs that share no chart but are alike —
     independently trained models of one recipe — lies beyond the Haar null's own law. The test
     reads ``t_ref = (t − location)/scale`` against the same Student tail (``location >= 0``,
-    ``scale >= 1``: a reference never makes the test less conservative than Haar's)."""
+    ``scale >= 1``: a reference never makes the test less conservative than Haar's). ``n``: the
+    number of ``t`` values it was fitted on."""
 
     kind: str
     location: float
     scale: float
     name: str
-    pairs: int = 0
+    n: int = 0
 
     def __post_init__(self) -> None:
         if not (self.location >= 0.0 and self.scale >= 1.0):
             raise EstimationError(f"a reference null needs location >= 0 and scale >= 1, got {self.location}, {self.scale}")
 
-    def apply(self, t: float) -> float:
+    @classmethod
+    def from_fit(cls, kind: str, fit: dict[str, Any]) -> Reference:
+        """The reference of ``kind`` from a :func:`fit_reference` result (or an entry of
+        :data:`REFERENCE_FILE`)."""
+        return cls(kind, float(fit["location"]), float(fit["scale"]), str(fit.get("name", "")), int(fit.get("n", 0)))
+
+    def apply(self, t: Any) -> Any:
+        """``(t − location)/scale`` (arrays elementwise)."""
         return (t - self.location) / self.scale
 
 
@@ -330,9 +339,7 @@ def _reference_table() -> dict[str, Any]:
 def reference_for(kind: str) -> Reference | None:
     """The package's reference null for ``kind`` (:data:`REFERENCE_KINDS`), or ``None``."""
     r = _reference_table().get(kind)
-    if r is None:
-        return None
-    return Reference(kind, float(r["location"]), float(r["scale"]), str(r["name"]), int(r.get("n", 0)))
+    return None if r is None else Reference.from_fit(kind, r)
 
 
 def _scores(P: np.ndarray, U: np.ndarray | None, pool: str, method: str) -> tuple[np.ndarray, np.ndarray]:
