@@ -217,22 +217,26 @@ def gauge_from_capture(
     return g
 
 
+def _family_spec(model_type: str | None) -> Any:
+    """The family's role map, or ``None`` for an unknown family (activations need no role map)."""
+    try:
+        return spec_for_config({"model_type": model_type})
+    except UnsupportedArchitectureError:
+        return None
+
+
 def _check_family_rotates(model_type: str | None) -> None:
     """Refuse an orthogonal estimate for a family no rotation is a symmetry of (LayerNorm:
-    :meth:`~hf_bdgauge.roles.ArchitectureSpec.check_rotation`), before anything is estimated."""
-    try:
-        spec = spec_for_config({"model_type": model_type})
-    except UnsupportedArchitectureError:  # unknown family: the statistics alone decide
-        return
-    spec.check_rotation({}, model_type, "an orthogonal estimate")
+    :meth:`~hf_bdgauge.roles.ArchitectureSpec.check_rotation`), before anything is estimated; an
+    unknown family is left to the statistics."""
+    spec = _family_spec(model_type)
+    if spec is not None:
+        spec.check_rotation({}, model_type, "an orthogonal estimate")
 
 
 def _restrict_to_family(model_type: str | None, method: str) -> str:
-    try:
-        spec = spec_for_config({"model_type": model_type})
-    except UnsupportedArchitectureError:  # unknown family: activations need no role map
-        return method
-    if not spec.allows_signs and method == "sign_marginalized":
+    spec = _family_spec(model_type)
+    if spec is not None and not spec.allows_signs and method == "sign_marginalized":
         logger.info("the %r family has no sign symmetry (LayerNorm); matching permutations only", spec.name)
         return "permutation"
     return method
