@@ -41,6 +41,7 @@ QUICK = {
     "stats_overhead": ["--repeats", "1"],
     "estimate": ["--dims", "1024", "2048", "--samples", "2"],
     "weights_matching_7b": ["--layers", "1", "--runs", "stream"],
+    "cli_startup": ["--runs", "5"],
 }
 ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}

@@ -479,7 +479,8 @@ def report(res: dict[str, Any], args, out: Path, argv: list[str]) -> Path:
               "| model | " + " | ".join(str(n) for n in SWEEP[: args.sweep]) + " | exact from | corpus tokens |",
               "|---|" + "---|" * (args.sweep + 2)]
     for s in res["sweeps"]:
-        cells = [f"{s['sweep'][n]['signed_acc']:.3f}" + ("" if s["sweep"][n]["verdict"] != "no_signed_permutation"
+        cells = [f"{s['sweep'][n]['signed_acc']:.3f}" + ("" if s["sweep"][n]["verdict"] not in
+                                                          ("no_signed_permutation", "insufficient_data")
                                                           else " (refused)") for n in SWEEP[: args.sweep]]
         lines.append(f"| {s['model']} | " + " | ".join(cells) + f" | {s['tokens_needed']} | {s['corpus_tokens']} |")
     lines += ["", "With an exact planted gauge the true match has |corr| = 1 at every layer, so a handful of tokens "

@@ -43,12 +43,13 @@ def plan_model(model: torch.nn.Module, g: "Gauge | SignedPermutation", spec: Arc
 
 
 @torch.no_grad()
-def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation | Orthogonal", *,
+def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation | Orthogonal | str", *,
                 spec: ArchitectureSpec | None = None, force: bool = False) -> torch.nn.Module:
     """Re-chart ``model`` in place so that its residual stream becomes ``G·h``; returns it.
 
     ``gauge``: a :class:`~hf_bdgauge.gauge.Gauge` whose source is this model (its fingerprint is
-    checked when it recorded one) or a bare :class:`SignedPermutation`; a gauge that does not fit
+    checked when it recorded one), a bare :class:`SignedPermutation`, or a gauge directory or Hub id
+    (``repo@revision``; :func:`~hf_bdgauge.gauge.as_gauge`); a gauge that does not fit
     (no signed permutation explains its pair, too few coordinates identified) is refused unless
     ``force=True``. Readers ``W ↦ W·Gᵀ``,
     writers ``W ↦ G·W`` (and their biases), residual gains ``g ↦ P·g``; see
@@ -61,6 +62,9 @@ def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation | Orth
     gains on writer outputs must already be constant) and for LayerNorm families. Logits are then
     unchanged up to rounding (float32: ~1e-6 of their scale).
     """
+    from .gauge import as_gauge  # gauge.py imports this module's plan machinery
+
+    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     plan = TransformPlan.for_model(model, spec=spec)
     g = plan.admit(gauge, end="source", force=force)
     named = dict(model.named_parameters())

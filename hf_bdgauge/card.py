@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .gauge import Gauge
 
-__all__ = ["render_gauge_card", "gauge_card_template", "format_value", "hop_end_label", "CARD_TAGS"]
+__all__ = ["render_gauge_card", "gauge_card_template", "format_value", "hop_end_label", "public_model_name",
+           "CARD_TAGS"]
 
 #: Tags every gauge card carries.
 CARD_TAGS = ("hf_bdgauge", "gauge", "signed-permutation", "residual-stream")
@@ -39,12 +40,25 @@ def format_value(v: Any, width: int = 60) -> str:
     return s if len(s) <= width else s[: width - 3] + "..."
 
 
+def public_model_name(model_id: str | None) -> str | None:
+    """How a card (a public page) names a model: a Hub repo id as it is, a local checkpoint by its
+    directory's name — never an absolute local path, which says nothing to a reader and may say
+    too much about the writer's machine. A local path is an absolute one, one that exists here,
+    or one written relative (``./``, ``../``, ``~``)."""
+    if not model_id:
+        return model_id
+    text = str(model_id)
+    if os.path.isabs(text) or text.startswith(("./", "../", "~", ".\\", "..\\")) or os.path.exists(text):
+        return os.path.basename(os.path.normpath(os.path.expanduser(text))) or text
+    return text
+
+
 def hop_end_label(end: Any) -> str:
-    """The model id of one end of a hop record (a ModelRef dict; older trajectory records held a
-    plain string)."""
+    """The model of one end of a hop record (a ModelRef dict; older trajectory records held a
+    plain string), named as a card names it (:func:`public_model_name`)."""
     if isinstance(end, Mapping):
-        return str(end.get("model_id") or "?")
-    return str(end) if end else "?"
+        return str(public_model_name(end.get("model_id")) or "?")
+    return str(public_model_name(str(end))) if end else "?"
 
 
 def _hub_id(model_id: str | None) -> str | None:
@@ -78,11 +92,18 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
     if not_a_gauge:
         tags.append("not-a-gauge")
     card_data = ModelCardData(library_name="hf_bdgauge", tags=tags, base_model=base or None)
-    src_label, tgt_label = src.label(), tgt.label()
-    if not_a_gauge:
-        what = (f"**Not a gauge.** No {gauge.missing_kind} explains the pair `{src_label}` → `{tgt_label}`: the "
-                "estimate fits no better than an unrelated re-charting. Do not transport adapters, SAEs, steering "
-                "vectors or probes with it.")
+    src_label, tgt_label = src.label(public=True), tgt.label(public=True)
+    src_name, tgt_name = public_model_name(src.model_id), public_model_name(tgt.model_id)
+    if not_a_gauge and gauge.missing_kind is None:  # too little data to test: a third answer, not a "no"
+        note = gauge.metrics.get("p_value_note", "see p_value_note")
+        what = (f"**Not a gauge.** The estimate of `{src_label}` → `{tgt_label}` had too little data to "
+                f"test ({note}); this says nothing about whether the models are related. Do not transport "
+                "adapters, SAEs, steering vectors or probes with it.")
+    elif not_a_gauge:
+        what = (f"**Not a gauge.** No evidence of a {gauge.missing_kind} relating `{src_label}` → "
+                f"`{tgt_label}` at this budget: the estimate fits no better than an unrelated re-charting (a "
+                "failure to reject, not proof that they are unrelated). Do not transport adapters, SAEs, "
+                "steering vectors or probes with it.")
     elif gauge.is_rotation and not gauge.is_identity:
         what = (f"Maps the residual stream of `{src_label}` to that of `{tgt_label}` by a rotation "
                 f"({gauge.kind}, d = {gauge.dim}): h ↦ R·h, the chart of a gain-folded, rotated checkpoint. Readers "
@@ -125,13 +146,14 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
     ends = []
     for name, ref in (("source", src), ("target", tgt)):
         fp = ref.fingerprint or {}
-        ends.append({"name": name, "model_id": ref.model_id or "–", "revision": ref.revision or "–",
+        ends.append({"name": name, "model_id": public_model_name(ref.model_id) or "–",
+                     "revision": ref.revision or "–",
                      "commit_hash": _short(ref.commit_hash, 12), "model_type": fp.get("model_type") or "–",
                      "hidden_size": fp.get("hidden_size") or gauge.dim})
     hops = [{"method": h.get("method"), "inverted": h.get("inverted", False),
              "source": hop_end_label(h.get("source")), "target": hop_end_label(h.get("target"))} for h in gauge.hops]
     kwargs: dict[str, Any] = dict(
-        title=f"Gauge: {src.model_id or 'source'} → {tgt.model_id or 'target'}",
+        title=f"Gauge: {src_name or 'source'} → {tgt_name or 'target'}",
         summary=what + how,
         library_version=gauge.library_version,
         dim=gauge.dim,
@@ -145,7 +167,7 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
         metrics=[(k, format_value(v)) for k, v in gauge.metrics.items()],
         hops=hops,
         repo_id=repo_id or "<this repo>",
-        source_id=src.model_id or "<source model>",
+        source_id=src_name or "<source model>",
         has_confidence=gauge.confidence is not None,
         has_margin=gauge.margin is not None,
         format_version=format_version,

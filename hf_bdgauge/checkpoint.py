@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .distributed import on_every_rank, shared_atomic_directory, world
 from .files import copy_companions
-from .gauge import transport_record
+from .gauge import as_gauge, transport_record
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
 from .plan import TransformPlan
@@ -94,7 +94,7 @@ def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[s
 
 def apply_gauge_to_checkpoint(
     src_dir: str | os.PathLike,
-    gauge: "Gauge | SignedPermutation",
+    gauge: "Gauge | SignedPermutation | str | os.PathLike",
     dst_dir: str | os.PathLike,
     *,
     revision: str | None = None,
@@ -111,7 +111,9 @@ def apply_gauge_to_checkpoint(
     result with ``from_pretrained`` gives, bit for bit, the in-memory re-charted model.
     ``src_dir`` may be a local directory or a Hub repo id (``repo@revision`` or ``revision=``).
     ``gauge`` is a :class:`~hf_bdgauge.gauge.Gauge` whose source is this checkpoint (its
-    fingerprint is checked when it recorded one) or a bare :class:`SignedPermutation`. All
+    fingerprint is checked when it recorded one), a bare :class:`SignedPermutation` or
+    :class:`~hf_bdgauge.orthogonal.Orthogonal`, or a gauge directory or Hub id
+    (``repo@revision``; :func:`~hf_bdgauge.gauge.as_gauge`). All
     validation (the transform plan: known family, coverage of every tensor, dimensions, the
     family's symmetry rule, the fingerprint, the fit — a gauge that does not fit is refused unless
     ``force=True``, and a forced result records it in ``hf_bdgauge.json``) happens before
@@ -125,6 +127,7 @@ def apply_gauge_to_checkpoint(
     this alike, on a destination every rank sees: each validates, rewrites its shards (shard
     ``i`` on rank ``i mod N``) and the result appears once, complete (module docstring).
     """
+    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     rank, size, grp = world(group)
     src = resolve_checkpoint_dir(src_dir, revision)
     plan = TransformPlan.for_checkpoint(src)

@@ -32,18 +32,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from datetime import timedelta
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import DistributedError
 from .files import atomic_directory
 
 __all__ = ["DEFAULT_TIMEOUT_S", "collective_device", "init_from_env", "is_main", "on_every_rank", "rank_device", "shard_batches",
            "shared_atomic_directory", "shutdown", "world"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,11 @@ _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _dist() -> Any:
-    """``torch.distributed`` when it is available and initialised, else ``None``."""
+    """``torch.distributed`` when it is available and initialised, else ``None`` (also when it was
+    never imported: no process group can exist then, and this module imports no torch itself, so
+    the command line's ``--help`` starts without it)."""
+    if sys.modules.get("torch.distributed") is None:
+        return None
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
@@ -88,6 +94,7 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, Any |
     group is already initialised. Backend: NCCL when CUDA is available (this rank then uses GPU
     ``LOCAL_RANK``), gloo otherwise; every collective fails after ``timeout_s`` seconds.
     """
+    import torch
     import torch.distributed as dist
 
     n = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -120,6 +127,7 @@ def shutdown() -> None:
 def collective_device(group: Any = None) -> torch.device:
     """The device a collective of ``group``'s backend takes tensors on: the current CUDA device
     for NCCL (which rejects CPU tensors), the CPU otherwise (gloo, mpi)."""
+    import torch
     import torch.distributed as dist
 
     if str(dist.get_backend(group)).lower() == "nccl":
@@ -161,6 +169,7 @@ def on_every_rank(fn: Callable[[], T], group: Any = None) -> T:
     rank, size, g = world(group)
     if size == 1:
         return fn()
+    import torch
     import torch.distributed as dist
 
     error: Exception | None = None

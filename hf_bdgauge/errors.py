@@ -9,8 +9,12 @@ place that does it), so a missing repository or revision reads as one line, not 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Literal, Mapping
 
 __all__ = [
+    "Interface",
+    "Words",
     "GaugeError",
     "InvalidGaugeError",
     "GaugeNotFoundError",
@@ -30,11 +34,83 @@ __all__ = [
     "RepositoryNotFoundError",
     "RevisionNotFoundError",
     "HubOfflineError",
+    "HubAuthError",
+    "HubRateLimitError",
+    "OVERWRITE",
+    "FORCE",
+    "INVERSE",
+    "UNINVERT",
 ]
 
 
+#: The interfaces an error can be worded for: the Python API, and the ``bdgauge`` command line.
+Interface = Literal["python", "cli"]
+
+
+@dataclass(frozen=True)
+class Words:
+    """What an error's advice says, per interface: ``python`` in the Python API (arguments,
+    methods), ``cli`` on the command line (flags). An empty string drops the advice in that
+    interface (an option it does not have)."""
+
+    python: str
+    cli: str
+
+    def for_interface(self, interface: Interface) -> str:
+        return self.cli if interface == "cli" else self.python
+
+
+#: The permission to replace an existing destination.
+OVERWRITE = Words("overwrite=True", "--overwrite")
+#: The permission to use a gauge that does not fit.
+FORCE = Words("force=True", "--force")
+#: Using a gauge from its other end (its target model as the source).
+INVERSE = Words("gauge.inverse()", "--inverse")
+#: The same advice where the gauge was already inverted (the CLI's ``--inverse`` was given).
+UNINVERT = Words("the gauge as it is (not gauge.inverse())", "the gauge as saved (leave out --inverse)")
+
+
 class GaugeError(Exception):
-    """Base class of every error raised by hf_bdgauge."""
+    """Base class of every error raised by hf_bdgauge.
+
+    The one mechanism for errors whose advice names an option: the message holds placeholders
+    ``{name}`` and ``options`` maps each name to its :class:`Words`. ``str(error)`` reads in
+    the Python API's words; :meth:`for_interface` gives the same error in another interface's
+    (the CLI prints ``error.for_interface("cli")``), so each interface names only options it has.
+    """
+
+    def __init__(self, *args: object, options: Mapping[str, Words] | None = None) -> None:
+        super().__init__(*args)
+        self.options: dict[str, Words] = dict(options or {})
+        self.interface: Interface = "python"
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        for name, words in getattr(self, "options", {}).items():
+            text = text.replace("{" + name + "}", words.for_interface(getattr(self, "interface", "python")))
+        return text
+
+    def for_interface(self, interface: Interface) -> "GaugeError":
+        """A copy of this error worded for ``interface`` (``"python"`` or ``"cli"``)."""
+        if interface not in ("python", "cli"):
+            raise ValueError(f"interface must be 'python' or 'cli', got {interface!r}")
+        out = _rebuild(type(self), self.args, self.__dict__)
+        out.__cause__, out.__context__ = self.__cause__, self.__context__
+        out.__traceback__ = self.__traceback__
+        out.interface = interface
+        return out
+
+    def __reduce__(self) -> tuple:
+        # pickled (between processes) with its message and fields, not through a constructor whose
+        # arguments differ per type (DestinationExistsError takes a path)
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> "GaugeError":
+    out = cls.__new__(cls, *args)
+    out.args = args
+    out.__dict__.update(state)
+    return out
 
 
 class InvalidGaugeError(GaugeError, ValueError):
@@ -76,18 +152,30 @@ class DestinationExistsError(CheckpointError, FileExistsError):
     replace it. ``path`` is the destination; ``flag`` names the permission in the interface the
     user called (``overwrite=True`` in Python, ``--overwrite`` on the command line)."""
 
-    def __init__(self, path: str | os.PathLike, flag: str = "overwrite=True") -> None:
+    def __init__(self, path: str | os.PathLike, flag: str | None = None) -> None:
         self.path = os.fspath(path)
-        self.flag = flag
-        super().__init__(f"{self.path} already exists (pass {flag} to replace it)")
+        super().__init__(f"{self.path} already exists (pass {{overwrite}} to replace it)",
+                         options={"overwrite": OVERWRITE if flag is None else Words(flag, flag)})
+
+    @property
+    def flag(self) -> str:
+        """The permission as the interface this error is worded for names it."""
+        return self.options["overwrite"].for_interface(self.interface)
 
     def with_flag(self, flag: str) -> "DestinationExistsError":
-        """The same error, naming another interface's flag (the CLI's ``--overwrite``)."""
+        """The same error, naming ``flag`` (kept for callers of the older API; the CLI uses
+        :meth:`GaugeError.for_interface`)."""
         return DestinationExistsError(self.path, flag)
 
 
 class FingerprintMismatchError(GaugeError, ValueError):
-    """A gauge was attached to a model other than the one it was estimated for."""
+    """A gauge was attached to a model other than the one it was estimated for. ``mismatch``
+    says how the model differs from the end it was checked against (without advice)."""
+
+    def __init__(self, *args: object, mismatch: str | None = None,
+                 options: Mapping[str, Words] | None = None) -> None:
+        super().__init__(*args, options=options)
+        self.mismatch = mismatch if mismatch is not None else (str(args[0]) if args else "")
 
 
 class GaugeFitError(GaugeError, ValueError):
@@ -126,4 +214,14 @@ class RevisionNotFoundError(HubError):
 
 
 class HubOfflineError(HubError):
-    """Offline (``HF_HUB_OFFLINE=1`` or no network) and the file is not in the local cache."""
+    """Offline (``HF_HUB_OFFLINE=1`` or no network: DNS, connection refused, timeout, a broken
+    connection) and the file is not in the local cache."""
+
+
+class HubAuthError(HubError):
+    """The Hub refused the request's credentials: 401 (no or invalid token) or 403 (the token
+    may not read or write this repository)."""
+
+
+class HubRateLimitError(HubError):
+    """The Hub answered 429: too many requests; retry later (or with a token)."""

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .errors import CheckpointError, FingerprintMismatchError, UnsupportedArchitectureError
+from .errors import CheckpointError, FingerprintMismatchError, UnsupportedArchitectureError, Words
 from .hub import resolve_checkpoint_dir
 from .roles import spec_for_model_type
 from .rules import Role
@@ -493,9 +493,11 @@ def check_fingerprint(
     if diffs:
         msg = f"the {what} does not match the fingerprint the gauge recorded: " + "; ".join(diffs)
         if strict:
+            bypass = Words(" (or, only if this is the same model saved anew, pass strict=False to attach it "
+                           "anyway)", "")  # the safe advice first; the bypass only where it exists (Python)
             raise FingerprintMismatchError(
-                msg + ". The gauge was estimated for another checkpoint; pass strict=False to attach it anyway."
-            )
+                msg + ": the gauge was estimated for another checkpoint; use it with that checkpoint{bypass}",
+                mismatch=msg, options={"bypass": bypass})
         logger.warning(msg)
     elif rounded:
         logger.warning("the %s holds the same weights as the gauge recorded, up to rounding (another dtype): %s",

@@ -31,10 +31,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import OrthogonalGaugeError
+from .errors import CheckpointError, OrthogonalGaugeError
 from .files import atomic_directory, copy_companions, read_json_object
 from .hub import resolve_checkpoint_dir, split_revision
 from .roles import ArchitectureSpec, is_constant, spec_for_config, spec_for_model
@@ -49,9 +50,9 @@ from .storage import (
     tensor_index,
 )
 
-__all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "gain_feeding", "norm_gains_are_unit",
-           "pre_norm_gains",
-           "plan_fold"]
+__all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "fed_by_a_pre_norm",
+           "gain_feeding", "gains_are_unit", "known_pre_norm_gains", "norm_gains_are_unit", "pre_norm_gains",
+           "plan_fold", "record_gains"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,15 @@ def gain_feeding(spec: ArchitectureSpec, model_type: str | None, reader: str, ga
     return None
 
 
+def fed_by_a_pre_norm(spec: ArchitectureSpec, model_type: str | None, reader: str) -> bool:
+    """Whether some pre-norm gain of the family feeds the tensor ``reader`` (the role map's
+    ``norms``; entries limited to model types count for every type when ``model_type`` is
+    ``None``), whatever the gains' names."""
+    return any(site.position == "pre" and site.feeds_tensor(reader)
+               and (not site.model_types or model_type is None or model_type in site.model_types)
+               for site in spec.norms)
+
+
 def pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any]:
     """The effective pre-norm gains ``offset + w`` (float64 arrays, by tensor name) of a loaded
     model or a checkpoint (directory or Hub id, ``repo@revision``): what a fold moves into the
@@ -152,6 +162,10 @@ def pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any]:
     if isinstance(obj, torch.nn.Module):
         spec, model_type = spec_for_model(obj), getattr(getattr(obj, "config", None), "model_type", None)
         tensors: Mapping[str, torch.Tensor] = {n: p.detach() for n, p in _gains(obj, spec).items()}
+        offloaded = sorted(n for n, t in tensors.items() if t.is_meta)
+        if offloaded:
+            raise CheckpointError(f"the model's gains are offloaded (not in memory: {', '.join(offloaded[:3])}); "
+                                  "give its checkpoint directory instead of the loaded model")
     else:
         d = resolve_checkpoint_dir(*split_revision(obj, revision))
         config = read_model_config(d)
@@ -162,13 +176,66 @@ def pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any]:
             if (site := spec.norm_site(n, model_type)) is not None and site.position == "pre"}
 
 
+def known_pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any] | None:
+    """:func:`pre_norm_gains` of ``obj``, or ``None`` (unknown) for a family the role maps do not
+    cover (an activation estimate needs no role map) or a loaded model whose gains are offloaded."""
+    from .errors import UnsupportedArchitectureError
+
+    try:
+        return pre_norm_gains(obj, revision)
+    except UnsupportedArchitectureError:  # no role map
+        return None
+    except CheckpointError:
+        if isinstance(obj, torch.nn.Module):  # offloaded: its gains are not in memory
+            return None
+        raise
+
+
+def gains_are_unit(gains: Mapping[str, Any] | None) -> bool | None:
+    """Whether every effective pre-norm gain in ``gains`` (:func:`pre_norm_gains`) is exactly 1;
+    ``None`` when ``gains`` is ``None`` (unknown)."""
+    if gains is None:
+        return None
+    return all(bool(np.all(np.asarray(v) == 1)) for v in gains.values())
+
+
+def record_gains(gauge: Any, source_gains: Mapping[str, Any] | None,
+                 target_gains: Mapping[str, Any] | None) -> Any:
+    """``gauge`` (a copy) recording what its ends' effective pre-norm gains are — the
+    one rule for every gauge made from models in hand (:func:`fold_and_rotate`, the estimates,
+    ``gauge_from_transform_config``). ``source_gains``/``target_gains``: :func:`pre_norm_gains`
+    of each end, ``None`` when unknown.
+
+    ``gauge.unit_gains`` says for each end whether its gains are all exactly 1. A reader ``W``
+    fed by a pre-norm gain moves by ``W·diag(g_s)·Gᵀ·diag(1/g_t)``
+    (:meth:`~hf_bdgauge.gauge.Gauge.readers_gain_problem`), so a rotation gauge whose one end is
+    folded (gains 1) records the other end's gains (``gains``, ``gains_at``): the source's for a
+    gauge into a folded, rotated copy (``A ↦ A·diag(g_s)·Rᵀ``), the target's for the way back
+    (``A ↦ A·Rᵀ·diag(1/g_t)``). With both ends unit nothing is recorded (``A ↦ A·Rᵀ``); with both
+    ends' gains other than 1, or an end unknown, nothing is recorded either, and a reader's adapter
+    is refused. A signed permutation holds no gains (between unfolded models ``g_t = P·g_s``); its
+    ``unit_gains`` tell a fold between the ends apart (refused for readers)."""
+    import dataclasses
+
+    unit = {"source": gains_are_unit(source_gains), "target": gains_are_unit(target_gains)}
+    gains, at = None, "source"
+    if gauge.is_rotation:
+        if unit["source"] is False and unit["target"] is True:
+            gains = source_gains
+        elif unit["target"] is False and unit["source"] is True:
+            gains, at = target_gains, "target"
+    return dataclasses.replace(gauge, gains=None if gains is None else dict(gains), gains_at=at,
+                               unit_gains=unit)
+
+
 def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool = True) -> Any:
     """Fold ``model``'s norm gains (:func:`fold_norm_gains`) and rotate it by ``rotation`` (an
     :class:`~hf_bdgauge.orthogonal.Orthogonal`), in place, and return the exact
     :class:`~hf_bdgauge.gauge.Gauge` from the model as it was to the folded, rotated model.
 
     The gauge records the unfolded model's effective pre-norm gains, which adapters trained on it
-    need (a reader's LoRA ``A ↦ A·diag(g)·Rᵀ``); both ends carry fingerprints when
+    need (a reader's LoRA ``A ↦ A·diag(g)·Rᵀ``), by :func:`record_gains` (none when they are already
+    all 1: both ends unit); both ends carry fingerprints when
     ``fingerprint=True``. The residual stream itself moves by ``R`` alone (folding does not move it),
     so vectors, probes and SAEs move by ``R``.
     """
@@ -180,8 +247,9 @@ def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool 
     fold_norm_gains(model)
     apply_gauge(model, rotation)
     target = ModelRef.from_model(model) if fingerprint else ModelRef()
-    return Gauge(rotation, source=source, target=target, method="folded_rotation", gains=gains,
-                 metrics={"exact": True, "folded_gains": len(gains)})
+    gauge = Gauge(rotation, source=source, target=target, method="folded_rotation",
+                  metrics={"exact": True, "folded_gains": len(gains)})
+    return record_gains(gauge, gains, pre_norm_gains(model))
 
 
 def _fold_into(w: torch.Tensor, gain: torch.Tensor, name: str, spec: ArchitectureSpec) -> torch.Tensor:

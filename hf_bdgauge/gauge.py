@@ -33,8 +33,9 @@ Serialization (a Hub-pushable repo, following ``huggingface_hub.ModelHubMixin``)
 * ``gauge.safetensors``: ``perm`` int64 ``[d]``, ``signs`` int8 ``[d]``, optionally
   ``confidence`` / ``margin`` float32 ``[d]``;
 * ``gauge_config.json``: ``format_version`` (1), ``library_version``, ``dim``, ``method``,
-  ``source``/``target`` (model id, revision, commit hash, fingerprint), ``metrics``, ``hops``
-  and the sha256 of ``gauge.safetensors``;
+  ``source``/``target`` (model id, revision, commit hash, fingerprint), ``metrics``, ``hops``,
+  ``unit_gains`` (whether each end's pre-norm gains are 1; absent in older repos: unknown) and the
+  sha256 of ``gauge.safetensors``;
 * ``README.md``: a model card rendered from ``model_cards/gauge_card_template.md``.
 
 ``from_pretrained(dir_or_repo_id, revision=...)`` resolves through ``huggingface_hub`` (Hub
@@ -63,8 +64,9 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import torch
 
-from .card import format_value, render_gauge_card
+from .card import format_value, public_model_name, render_gauge_card
 from .errors import (
+    FORCE,
     CheckpointError,
     DestinationExistsError,
     DimensionMismatchError,
@@ -73,11 +75,13 @@ from .errors import (
     GaugeNotFoundError,
     InvalidGaugeError,
     OrthogonalGaugeError,
+    Words,
 )
 from .files import apply_umask, atomic_directory, read_json_object, sha256_file
 from .fingerprint import check_fingerprint, model_fingerprint
 from .group import SignedPermutation
-from .hub import commit_of, download_files, is_local, push_folder, resolve_checkpoint_dir, split_revision
+from .hub import (commit_of, download_files, local_path, push_folder, resolve_checkpoint_dir,
+                  split_revision)
 from .orthogonal import ORTHOGONALITY_ATOL, Orthogonal
 from .plan import TransformPlan
 from .roles import hidden_size_of, spec_for_config
@@ -85,6 +89,7 @@ from .roles import hidden_size_of, spec_for_config
 __all__ = [
     "ModelRef",
     "Gauge",
+    "as_gauge",
     "as_signed_permutation",
     "load_gauge_files",
     "transport_record",
@@ -92,6 +97,9 @@ __all__ = [
     "EXACT_METHODS",
     "DEFAULT_MIN_IDENTIFIED",
     "VERDICTS",
+    "INSUFFICIENT_DATA",
+    "ANSWERS",
+    "answer_of",
     "library_version",
     "FORMAT_VERSION",
     "GAUGE_WEIGHTS_NAME",
@@ -120,19 +128,42 @@ GAIN_PREFIX = "source_gain."
 #: Below this identified fraction an estimated gauge is refused unless forced (the documented default).
 DEFAULT_MIN_IDENTIFIED = 0.99
 
-#: What an estimate says about a pair: the charts coincide; they differ by the gauge; no signed
-#: permutation relates them (then the object is not a gauge and nothing acts on it unforced).
-VERDICTS = ("identity", "signed_permutation", "no_signed_permutation", "rotation", "no_rotation")
+#: The verdict of an estimate whose data were too few to test at all (fewer sequences, tokens per
+#: half or tensors than the test needs): neither "related" nor "no evidence", a third answer.
+INSUFFICIENT_DATA = "insufficient_data"
+#: What an estimate says about a pair: the charts coincide; they differ by the gauge; no evidence
+#: that a signed permutation (a rotation) relates them at this budget; too little data to test
+#: (then the object is not a gauge and nothing acts on it unforced).
+VERDICTS = ("identity", "signed_permutation", "no_signed_permutation", "rotation", "no_rotation",
+            INSUFFICIENT_DATA)
 #: The verdicts that say the estimate is not a gauge (nothing acts on it unless forced), and the
-#: kind of gauge each says does not exist.
-NOT_A_GAUGE_VERDICTS = {"no_signed_permutation": "signed permutation", "no_rotation": "rotation"}
+#: kind of gauge each found no evidence for (``None``: the data were too few to test).
+NOT_A_GAUGE_VERDICTS = {"no_signed_permutation": "signed permutation", "no_rotation": "rotation",
+                        INSUFFICIENT_DATA: None}
+#: The three answers a question about a pair can get (``estimate``, ``trace``, ``diff``, ``compose``):
+#: related (the identity, or this gauge); no evidence of a relation at this budget (a failure to
+#: reject, never "not related"); too little data to test.
+ANSWERS = ("related", "no_evidence", INSUFFICIENT_DATA)
 #: Above this estimated ``‖R̂ − R‖_F/√d`` an estimated rotation is refused unless forced (the documented default).
 DEFAULT_MAX_ROTATION_ERROR = 0.05
 
 
 def is_not_a_gauge(verdict: str | None) -> bool:
-    """Whether ``verdict`` says that no gauge explains the pair (:data:`NOT_A_GAUGE_VERDICTS`)."""
+    """Whether ``verdict`` says that the estimate is not a gauge — no evidence of one, or too
+    little data to test (:data:`NOT_A_GAUGE_VERDICTS`): nothing acts on it unless forced."""
     return verdict in NOT_A_GAUGE_VERDICTS
+
+
+def answer_of(verdict: str | None) -> str | None:
+    """The answer (one of :data:`ANSWERS`) that ``verdict`` gives to "are the two charts related":
+    ``"insufficient_data"`` for :data:`INSUFFICIENT_DATA`, ``"no_evidence"`` for the other
+    :data:`NOT_A_GAUGE_VERDICTS`, ``"related"`` for the rest; ``None`` for a gauge that was not
+    estimated (written by hand, planted)."""
+    if verdict is None:
+        return None
+    if verdict == INSUFFICIENT_DATA:
+        return INSUFFICIENT_DATA
+    return "no_evidence" if is_not_a_gauge(verdict) else "related"
 
 #: Metrics a composed gauge adds up over its hops (the rest are per hop).
 _SUMMED_METRICS = ("tokens", "time_s")
@@ -212,9 +243,12 @@ class ModelRef:
         """Whether anything identifies this end."""
         return bool(self.model_id or self.commit_hash or self.fingerprint)
 
-    def label(self) -> str:
-        """Short human label: ``model_id@revision (commit abc1234)``."""
-        name = self.model_id or (f"<{self.fingerprint.get('model_type')} model>" if self.fingerprint else "<unknown model>")
+    def label(self, *, public: bool = False) -> str:
+        """Short human label: ``model_id@revision (commit abc1234)``; ``public=True`` (model cards)
+        names a local model by its directory's name, never its absolute path
+        (:func:`~hf_bdgauge.card.public_model_name`)."""
+        name = (public_model_name(self.model_id) if public else self.model_id) or \
+            (f"<{self.fingerprint.get('model_type')} model>" if self.fingerprint else "<unknown model>")
         if self.revision and self.revision != self.commit_hash:
             name += f"@{self.revision}"
         if self.commit_hash:
@@ -347,6 +381,25 @@ def _gains_equal(a: Mapping[str, np.ndarray] | None, b: Mapping[str, np.ndarray]
     if a is None or b is None:
         return a is None and b is None
     return set(a) == set(b) and all(_arrays_equal(a[k], b[k]) for k in a)
+
+
+#: the two ends of a gauge, in the order they are read and written
+_ENDS = ("source", "target")
+
+
+def _unit_gains(x: Any) -> dict[str, bool | None]:
+    """``{"source": bool | None, "target": bool | None}`` from a mapping (a missing end is unknown)."""
+    if x is None:
+        x = {}
+    if not isinstance(x, Mapping) or set(x) - set(_ENDS):
+        raise InvalidGaugeError(f"unit_gains must map 'source'/'target' to true, false or null, got {x!r}")
+    out = {}
+    for end in _ENDS:
+        v = x.get(end)
+        if v is not None and not isinstance(v, (bool, np.bool_)):
+            raise InvalidGaugeError(f"unit_gains[{end!r}] must be true, false or null, got {v!r}")
+        out[end] = None if v is None else bool(v)
+    return out
 
 
 def _element_sha256(g: "SignedPermutation | Orthogonal") -> str:
@@ -496,6 +549,11 @@ class Gauge:
     #: gains (``name -> float64 [d]``, in the unfolded model's coordinates), at ``gains_at``
     gains: dict[str, np.ndarray] | None = None
     gains_at: str = "source"
+    #: whether each end's effective pre-norm gains are all exactly 1 (``{"source": bool | None,
+    #: "target": bool | None}``; ``None``: unknown, e.g. written by hand or loaded from an older repo).
+    #: Set by :func:`hf_bdgauge.fold.record_gains` (the one rule, with ``gains`` above); what a
+    #: reader's adapter needs is :meth:`readers_gain_problem`
+    unit_gains: dict[str, bool | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.element, (SignedPermutation, Orthogonal)):
@@ -526,6 +584,14 @@ class Gauge:
                     raise InvalidGaugeError(f"the recorded gain {n} holds non-finite values")
                 gains[str(n)] = a
             self.gains = gains
+        self.unit_gains = _unit_gains(self.unit_gains)
+        if self.gains is not None:  # what recorded gains mean: this end's, the other end folded (unit)
+            other = "target" if self.gains_at == "source" else "source"
+            if self.unit_gains[other] is False:
+                raise InvalidGaugeError(f"a gauge records one end's norm gains, with the other end folded (unit "
+                                        f"gains); the {other} is said not to be")
+            self.unit_gains[other] = True
+            self.unit_gains[self.gains_at] = all(bool(np.all(v == 1)) for v in self.gains.values())
         self.confidence = _per_coordinate(self.confidence, "confidence", self.dim)
         self.margin = _per_coordinate(self.margin, "margin", self.dim)
         self.identified = _identified_array(self.identified, self.dim)
@@ -564,6 +630,44 @@ class Gauge:
         return isinstance(self.element, Orthogonal)
 
     @property
+    def source_gains_unit(self) -> bool | None:
+        """Whether the source's effective pre-norm gains are all exactly 1 (``None``: unknown)."""
+        return self.unit_gains["source"]
+
+    @property
+    def target_gains_unit(self) -> bool | None:
+        """Whether the target's effective pre-norm gains are all exactly 1 (``None``: unknown)."""
+        return self.unit_gains["target"]
+
+    def readers_gain_problem(self) -> str | None:
+        """What this gauge lacks to move a reader fed by a pre-norm gain exactly (a LoRA ``A`` on
+        q/k/v/gate/up/lm_head, a copy of such a weight), said in words, or ``None``.
+
+        A reader computes ``W·diag(g)·x̂`` with ``g`` its pre-norm gain, so for ``h' = G·h`` between a
+        source with gains ``g_s`` and a target with gains ``g_t`` the target's reader is
+        ``W' = W·diag(g_s)·Gᵀ·diag(1/g_t)``. A signed permutation between unfolded models has
+        ``g_t = P·g_s`` (gains move by ``P``), which makes it ``W·Gᵀ``; a rotation commutes with
+        ``diag(g)`` only for ``g = c·1``. So a rotation needs each end's gains recorded (``gains`` at
+        ``gains_at``: ``A ↦ A·diag(g_s)·Rᵀ`` or ``A ↦ A·Rᵀ·diag(1/g_t)``) or known to be 1
+        (:attr:`unit_gains`); a signed permutation needs its ends not to differ by a fold (one end's
+        gains 1, the other's not), which it does not carry."""
+        unit = self.unit_gains
+        if not self.is_rotation:
+            if unit["source"] is not None and unit["target"] is not None and unit["source"] != unit["target"]:
+                folded = "target" if unit["target"] else "source"
+                return (f"the {folded}'s pre-norm gains are 1 (folded) and the other end's are not, a fold that "
+                        "a signed permutation does not carry")
+            return None
+        recorded = self.gains_at if self.gains is not None else None
+        missing = [end for end in _ENDS if end != recorded and unit[end] is not True]
+        if not missing:
+            return None
+        if len(missing) == 2 and unit["source"] is False and unit["target"] is False:
+            return "both ends have pre-norm gains other than 1, and a gauge records one end's (the other folded)"
+        said = {False: "not 1 and not recorded", None: "unknown (neither recorded nor known to be 1)"}
+        return "; ".join(f"the {end}'s pre-norm gains are {said[unit[end]]}" for end in missing)
+
+    @property
     def num_flips(self) -> int:
         """Sign flips of a signed permutation (0 for a rotation, which has none to count)."""
         return 0 if self.is_rotation else self.element.num_flips
@@ -597,6 +701,7 @@ class Gauge:
             and _json_equal(self.hops, other.hops)
             and self.library_version == other.library_version
             and _gains_equal(self.gains, other.gains) and self.gains_at == other.gains_at
+            and self.unit_gains == other.unit_gains
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
@@ -638,6 +743,11 @@ class Gauge:
         junction ``other.target == self.source`` is verified (module docstring). The composite's
         ``hops`` concatenate both chains; its confidence and margin are the path minima; its
         metrics aggregate the hops' (:func:`composed_metrics`).
+
+        Norm gains: a reader moves by ``W·diag(g_A)·(G2·G1)ᵀ·diag(1/g_C)`` along ``A → B → C``
+        (:meth:`readers_gain_problem`) — the junction's gains cancel — so the composite keeps the
+        outer ends' :attr:`unit_gains` and the gains a hop recorded at an outer end (when the other
+        outer end is known to be unit; otherwise it records none, and a reader's adapter is refused).
         """
         if not isinstance(other, Gauge):
             raise TypeError(f"can only compose a Gauge with a Gauge, got {type(other).__name__}")
@@ -646,9 +756,12 @@ class Gauge:
         if check:
             _check_junction(other.target, self.source,
                             what="the target of the first gauge is not the source of the second")
-        if self.gains is not None or other.gains is not None:
-            raise OrthogonalGaugeError("composing a folded rotation (a gauge that records norm gains) with another gauge "
-                                       "is not supported yet: fold, then compose rotations of the folded model")
+        unit = {"source": other.unit_gains["source"], "target": self.unit_gains["target"]}
+        outer = [(g.gains, end) for g, end in ((other, "source"), (self, "target"))
+                 if g.gains is not None and g.gains_at == end]
+        gains, gains_at = None, "source"
+        if len(outer) == 1 and unit["target" if outer[0][1] == "source" else "source"] is True:
+            gains, gains_at = outer[0]
         element = self.element @ other.element
         hops = other.hop_chain() + self.hop_chain()
         if self.is_rotation or other.is_rotation:  # coordinates mix: no per-coordinate path minima
@@ -659,7 +772,9 @@ class Gauge:
             ident = _identified_chain(other, self)
         return Gauge(element, source=other.source, target=self.target, method="composed",
                      confidence=conf, margin=marg, identified=ident,
-                     metrics=composed_metrics(hops, element, conf, ident), hops=hops)
+                     metrics=composed_metrics(hops, element, conf, ident), hops=hops,
+                     gains=gains if isinstance(element, Orthogonal) else None, gains_at=gains_at,
+                     unit_gains=unit)
 
     def __matmul__(self, other: "Gauge | SignedPermutation | Orthogonal") -> "Gauge":
         """``g2 @ g1`` = ``g2.compose(g1)`` (``g1`` first). A bare :class:`SignedPermutation`
@@ -689,12 +804,28 @@ class Gauge:
                                                f"somewhere: {', '.join(zero[:6])}")
             return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
                          metrics=dict(self.metrics), hops=hops, library_version=self.library_version,
-                         gains=self.gains, gains_at="target" if self.gains_at == "source" else "source")
+                         gains=self.gains, gains_at="target" if self.gains_at == "source" else "source",
+                         unit_gains=self._swapped_unit_gains())
         p = (lambda a: None if a is None else g.apply(a, signed=False))
         ident = None if self.identified is None else g.apply(self.identified.astype(np.int8), signed=False).astype(bool)
         return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
                      confidence=p(self.confidence), margin=p(self.margin), metrics=dict(self.metrics), hops=hops,
-                     library_version=self.library_version, identified=ident)
+                     library_version=self.library_version, identified=ident,
+                     unit_gains=self._swapped_unit_gains())
+
+    def _gains_line(self) -> str:
+        """One summary line: whether each end's pre-norm gains are unit, what is recorded, and
+        whether a reader's adapter moves exactly (:meth:`readers_gain_problem`)."""
+        said = {True: "unit", False: "not unit", None: "unknown"}
+        line = f"norm gains: source {said[self.unit_gains['source']]}, target {said[self.unit_gains['target']]}"
+        if self.gains is not None:
+            line += (f"; {len(self.gains)} pre-norm gains of the {self.gains_at} recorded (readers' adapters "
+                     "fold them)")
+        problem = self.readers_gain_problem()
+        return line + (f"; adapters on readers are refused: {problem}" if problem else "")
+
+    def _swapped_unit_gains(self) -> dict[str, bool | None]:
+        return {"source": self.unit_gains["target"], "target": self.unit_gains["source"]}
 
     # ------------------------------------------------------------------ attaching
     def check_attachable(
@@ -709,15 +840,16 @@ class Gauge:
         """Raise unless this gauge can act on ``model`` as its ``end`` chart; returns whether a
         gauge that does not fit was forced.
 
-        ``model`` is a transformers model in memory, a checkpoint directory, or a config. The
+        ``model`` is a transformers model in memory, a checkpoint directory or Hub id
+        (``repo@revision``), or a config. The
         checks are the transform plan's (:meth:`hf_bdgauge.plan.TransformPlan.admit`): dimension,
         the family's symmetry rule, and, when that end recorded a fingerprint, that ``model``
         matches it (:class:`FingerprintMismatchError`, or a warning with ``strict=False``).
         ``fingerprint`` may pass the model's precomputed fingerprint. A bare config has no
         tensors, so only dimension and symmetry are checked for it.
         """
-        if isinstance(model, (str, os.PathLike)):
-            plan = TransformPlan.for_checkpoint(model)
+        if isinstance(model, (str, os.PathLike)):  # a directory or repo@revision, through the one resolver
+            plan = TransformPlan.for_checkpoint(resolve_checkpoint_dir(model))
         elif isinstance(model, torch.nn.Module):
             plan = TransformPlan.for_model(model)
         else:
@@ -780,18 +912,23 @@ class Gauge:
         v = self.metrics.get("identified_fraction")
         return None if v is None else float(v)
 
-    def check_fit(self, *, force: bool = False, min_identified: float = DEFAULT_MIN_IDENTIFIED, what: str = "",
-                  max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR) -> bool:
-        """Raise :class:`~hf_bdgauge.errors.GaugeFitError` unless this gauge may act on objects:
-        its verdict is not one of :data:`NOT_A_GAUGE_VERDICTS` and its identified fraction is at least
-        ``min_identified`` (exact gauges count as fully identified; a gauge that predates the
-        identification is accepted with a warning); an estimated rotation instead needs its
-        estimated error ``metrics["rotation_error"]`` at most ``max_rotation_error``. ``force=True`` logs the reason instead and
-        returns ``True`` (the caller records that it was forced); otherwise returns ``False``."""
+    @property
+    def answer(self) -> str | None:
+        """The estimate's answer to "are the charts related" (:func:`answer_of` its verdict)."""
+        return answer_of(self.verdict)
+
+    def fit_problems(self, *, min_identified: float = DEFAULT_MIN_IDENTIFIED,
+                     max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR) -> list[str]:
+        """Why this gauge may not act on objects (empty: it may): the rule of :meth:`check_fit`,
+        which raises on them; reports (``bdgauge diff``'s rows) read the same list."""
         problems = []
+        if self.verdict == INSUFFICIENT_DATA:
+            note = str(self.metrics.get("p_value_note") or "too little data to test")
+            return [f"its estimate had {note}" if note.startswith("too little data to test") else
+                    f"its estimate had too little data to test ({note})"]
         if self.not_a_gauge:
             p = self.p_value
-            problems.append(f"its verdict is that no {self.missing_kind} explains the pair"
+            problems.append(f"its estimate found no evidence of a {self.missing_kind} relating the pair"
                             + (f" (p = {p:.3g})" if p is not None else ""))
         frac = self.identified_fraction
         err = self.metrics.get("rotation_error") if self.is_rotation and not self.is_exact else None
@@ -804,9 +941,21 @@ class Gauge:
                 logger.warning("the gauge %s records no identified fraction (estimated before hf_bdgauge identified "
                                "coordinates); using it as it is", self.source.label())
         elif frac < min_identified:
-            problems.append(f"only {frac:.1%} of its coordinates are identified (the default minimum is "
-                            f"{min_identified:.0%}: re-estimate with more text, compose local gauges along a trajectory, "
-                            "or lower min_identified)")
+            problems.append(f"only {frac:.1%} of its coordinates are identified (the minimum is "
+                            f"{min_identified:.0%}: re-estimate with more text, or compose local gauges along a "
+                            "trajectory)")
+        return problems
+
+    def check_fit(self, *, force: bool = False, min_identified: float = DEFAULT_MIN_IDENTIFIED, what: str = "",
+                  max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR) -> bool:
+        """Raise :class:`~hf_bdgauge.errors.GaugeFitError` unless this gauge may act on objects
+        (:meth:`fit_problems` is empty): its verdict is not one of :data:`NOT_A_GAUGE_VERDICTS` (no
+        evidence of a gauge, or too little data to test) and its identified fraction is at least
+        ``min_identified`` (exact gauges count as fully identified; a gauge that predates the
+        identification is accepted with a warning); an estimated rotation instead needs its
+        estimated error ``metrics["rotation_error"]`` at most ``max_rotation_error``. ``force=True`` logs the reason instead and
+        returns ``True`` (the caller records that it was forced); otherwise returns ``False``."""
+        problems = self.fit_problems(min_identified=min_identified, max_rotation_error=max_rotation_error)
         if not problems:
             return False
         msg = f"the gauge {self.source.label()} -> {self.target.label()} does not fit{f' {what}' if what else ''}: " + \
@@ -814,7 +963,11 @@ class Gauge:
         if force:
             logger.warning("%s — used anyway because it was forced", msg)
             return True
-        raise GaugeFitError(msg + "; pass force=True (CLI: --force) to use it anyway, the output then records it")
+        # lowering the minimum is an argument of the Python API only; the CLI has no such flag
+        lower = Words("; or lower min_identified", "") if any("coordinates are identified" in p for p in problems) \
+            else Words("", "")
+        raise GaugeFitError(msg + "; pass {force} to use it anyway, the output then records it{lower}",
+                            options={"force": FORCE, "lower": lower})
 
     def summary(self) -> str:
         """A human-readable multi-line description, leading with the verdict, the calibrated
@@ -832,9 +985,14 @@ class Gauge:
         err = self.metrics.get("rotation_error")
         if err is not None:
             tail += f"; estimated error ‖R̂ − R‖_F/√d ≈ {float(err):.2e}"
-        if self.not_a_gauge:
-            lines.append(f"  verdict: NOT A GAUGE — no {self.missing_kind} explains this pair; do not transport with it"
-                         + tail)
+        if verdict == INSUFFICIENT_DATA:
+            note = self.metrics.get("p_value_note")
+            lines.append("  verdict: NOT A GAUGE — too little data to test (not a \"no\")"
+                         + (f": {note}" if note else "") + "; do not transport with it" + tail)
+        elif self.not_a_gauge:
+            lines.append(f"  verdict: NOT A GAUGE — no evidence of a {self.missing_kind} relating this pair at "
+                         "this budget (a failure to reject, not proof that they are unrelated); do not transport "
+                         "with it" + tail)
         elif verdict is not None:
             lines.append(f"  verdict: {verdict}{tail}")
         elif self.is_exact:
@@ -854,6 +1012,7 @@ class Gauge:
         else:
             lines.append(f"  identity: no — moves {self.num_moved} of {self.dim} coordinates, "
                          f"flips the sign of {self.num_flips}")
+        lines.append("  " + self._gains_line())
         if self.confidence is not None:
             c = self.confidence
             lines.append(f"  confidence: mean {c.mean():.4g}, min {c.min():.4g} (coordinate {int(c.argmin())})")
@@ -883,6 +1042,7 @@ class Gauge:
             "target": self.target.to_dict(),
             "metrics": _jsonable(self.metrics),
             "hops": _jsonable(self.hops),
+            "unit_gains": dict(self.unit_gains),
             "tensors": {
                 "file": GAUGE_WEIGHTS_NAME,
                 "confidence": self.confidence is not None,
@@ -1002,17 +1162,19 @@ class Gauge:
         :class:`~hf_bdgauge.errors.HubError` subclasses for a missing repository or revision.
         """
         name, revision = split_revision(pretrained_model_name_or_path, revision)
-        path = Path(name).expanduser()
-        local = path / subfolder if subfolder else path
-        if local.is_dir():
+        path = local_path(name, revision, what="gauge")  # local paths take no revision (hub.local_path)
+        if path is not None:
+            local = path / subfolder if subfolder else path
+            if not local.is_dir():
+                got = "got a file" if local.exists() else "it does not exist"
+                raise CheckpointError(f"gauge {local}: expected a gauge directory ({GAUGE_CONFIG_NAME} and "
+                                      f"{GAUGE_WEIGHTS_NAME}), {got}")
             return cls._from_pretrained(local)
-        if is_local(name):
-            raise CheckpointError(f"gauge directory {local} does not exist")
         try:
             directory, commit = download_files(
                 name, [GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME], revision=revision, subfolder=subfolder, what="gauge",
                 missing=GaugeNotFoundError, cache_dir=cache_dir, force_download=force_download, token=token,
-                local_files_only=local_files_only)
+                local_files_only=local_files_only, name=name)
         except GaugeNotFoundError as e:
             where = f"{name!r} (revision {revision or 'main'}{f', folder {subfolder}' if subfolder else ''})"
             raise GaugeNotFoundError(f"{where} has no {GAUGE_CONFIG_NAME} and {GAUGE_WEIGHTS_NAME}: it is not an "
@@ -1177,7 +1339,28 @@ def load_gauge_files(directory: str | os.PathLike) -> Gauge:
         identified=extras["identified"],
         gains={n: t.numpy() for n, t in stored_gains.items()} if declared_gains else None,
         gains_at=str((cfg.get("rotation") or {}).get("gains_at", "source")),
+        unit_gains=cfg.get("unit_gains"),  # older repos say nothing: unknown
     )
+
+
+def as_gauge(gauge: Any, revision: str | None = None,
+             **hub_kwargs: Any) -> "Gauge | SignedPermutation | Orthogonal":
+    """The one resolver of gauge arguments: a :class:`Gauge`, a bare
+    :class:`~hf_bdgauge.group.SignedPermutation` or :class:`~hf_bdgauge.orthogonal.Orthogonal` is
+    returned as it is; a local gauge directory or a Hub repo id (``repo@revision`` or
+    ``revision=``; ``hub_kwargs``: ``token``, ``cache_dir``, ``local_files_only``,
+    ``force_download``) is loaded with :meth:`Gauge.from_pretrained` (a revision with a local
+    path is refused, not dropped). Anything else raises :class:`InvalidGaugeError`.
+    """
+    if isinstance(gauge, (Gauge, SignedPermutation, Orthogonal)):
+        if revision is not None:
+            raise InvalidGaugeError(f"revision {revision!r} was given with a gauge object; a revision pins a "
+                                    "gauge loaded from the Hub (give its repo id)")
+        return gauge
+    if isinstance(gauge, (str, os.PathLike)):
+        return Gauge.from_pretrained(gauge, revision=revision, **hub_kwargs)
+    raise InvalidGaugeError(f"expected a Gauge, a SignedPermutation, an Orthogonal, a gauge directory or a Hub "
+                            f"repo id (repo@revision), got {type(gauge).__name__}")
 
 
 def as_signed_permutation(g: "Gauge | SignedPermutation") -> SignedPermutation:

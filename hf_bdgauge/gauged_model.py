@@ -36,14 +36,14 @@ from .apply import apply_gauge
 from .errors import (
     CheckpointError,
     DestinationExistsError,
-    FingerprintMismatchError,
     GaugeNotFoundError,
     HubError,
+    InvalidGaugeError,
 )
-from .fingerprint import check_fingerprint, fingerprint_differences, model_fingerprint
-from .gauge import GAUGE_CONFIG_NAME, Gauge, ModelRef
+from .fingerprint import check_fingerprint, model_fingerprint
+from .gauge import GAUGE_CONFIG_NAME, Gauge, ModelRef, as_gauge
 from .group import SignedPermutation
-from .hub import cached_snapshot, hub_errors, is_local, resolve_commit, split_revision
+from .hub import cached_snapshot, hub_errors, local_path, resolve_commit, split_revision
 from .roles import hidden_size_of
 
 __all__ = ["GaugedModel", "GAUGE_SUBFOLDER"]
@@ -65,11 +65,13 @@ def _checkpoint_dir(model_id: str, commit: str | None, revision: str | None, hub
 
 
 def _resolve_commit(model_id: str, revision: str | None, hub_kwargs: Mapping[str, Any]) -> str | None:
-    """The commit a Hub revision points to (``None`` for local directories or when unknown)."""
-    if Path(model_id).is_dir():
+    """The commit a Hub revision points to (``None`` for local directories or when unknown); a
+    revision with a local directory is refused (:func:`hf_bdgauge.hub.local_path`)."""
+    local = local_path(model_id, revision, what="model")
+    if local is not None:
+        if not local.is_dir():
+            raise CheckpointError(f"model {model_id}: expected a checkpoint directory, got a file")
         return None
-    if is_local(model_id):
-        raise CheckpointError(f"model directory {model_id} does not exist")
     return resolve_commit(model_id, revision, token=hub_kwargs.get("token"), cache_dir=hub_kwargs.get("cache_dir"),
                           local_files_only=bool(hub_kwargs.get("local_files_only")))
 
@@ -82,7 +84,8 @@ class GaugedModel:
     model:
         A transformers model (any family with a role map, see :mod:`hf_bdgauge.roles`).
     gauge:
-        A :class:`Gauge` (model chart → reference chart) or a bare :class:`SignedPermutation`;
+        A :class:`Gauge` (model chart → reference chart), a bare :class:`SignedPermutation`, or a
+        gauge directory or Hub id (``repo@revision``, :func:`~hf_bdgauge.gauge.as_gauge`);
         ``None`` attaches the identity (the model is its own reference).
     model_ref:
         What identifies ``model`` (id, revision, commit, fingerprint); computed from the model in
@@ -95,7 +98,8 @@ class GaugedModel:
         pair, or too few coordinates are identified); :attr:`forced` then records it.
     """
 
-    def __init__(self, model: torch.nn.Module, gauge: Gauge | SignedPermutation | None = None, *,
+    def __init__(self, model: torch.nn.Module,
+                 gauge: Gauge | SignedPermutation | str | os.PathLike | None = None, *,
                  model_ref: ModelRef | None = None, strict: bool = True, force: bool = False) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"GaugedModel wraps a transformers model, got {type(model).__name__}")
@@ -106,18 +110,16 @@ class GaugedModel:
         self._model_ref = ref
         if gauge is None:
             gauge = Gauge.identity(hidden_size_of(model.config), source=ref, target=ref)
-        elif isinstance(gauge, SignedPermutation):
-            gauge = Gauge(gauge, source=ref, method="manual")
-        elif not isinstance(gauge, Gauge):
-            raise TypeError(f"gauge must be a Gauge, a SignedPermutation or None, got {type(gauge).__name__}")
-        try:
-            self.forced = gauge.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint, force=force)
-        except FingerprintMismatchError as e:
-            if gauge.target.fingerprint and not fingerprint_differences(gauge.target.fingerprint, ref.fingerprint):
-                raise FingerprintMismatchError(
-                    f"{e} — the model matches the gauge's *target* end instead; attach gauge.inverse() to map this "
-                    "model's chart to the gauge's source chart") from e
-            raise
+        else:
+            gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+            if isinstance(gauge, SignedPermutation):
+                gauge = Gauge(gauge, source=ref, method="manual")
+            elif not isinstance(gauge, Gauge):
+                raise InvalidGaugeError(f"GaugedModel attaches a Gauge or a SignedPermutation, got "
+                                        f"{type(gauge).__name__} (wrap a rotation in a Gauge)")
+        # a model matching the gauge's target end instead is told to attach gauge.inverse() (TransformPlan.admit)
+        self.forced = gauge.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint,
+                                             force=force)
         self._gauge = gauge
 
     # ------------------------------------------------------------------ loading
@@ -154,7 +156,7 @@ class GaugedModel:
         hub_kwargs = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
         commit = _resolve_commit(model_id, revision, hub_kwargs)
         try:
-            with hub_errors(f"model {model_id}@{revision or 'main'}"):
+            with hub_errors(f"model {model_id}@{revision or 'main'}", name=model_id):
                 model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit or revision,
                                                              trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
         except OSError as e:  # transformers' own "is not a local folder and not a valid model identifier"
@@ -178,13 +180,8 @@ class GaugedModel:
     @staticmethod
     def _resolve_gauge(gauge: Any, gauge_revision: str | None, model_id: str, *, revision: str | None,
                        ckpt: Path | None, hub_kwargs: Mapping[str, Any]) -> Gauge | SignedPermutation | None:
-        if isinstance(gauge, (Gauge, SignedPermutation)):
-            return gauge
-        if isinstance(gauge, (str, os.PathLike)):
-            name, rev = split_revision(gauge, gauge_revision)
-            return Gauge.from_pretrained(name, revision=rev, **hub_kwargs)
-        if gauge is not None:
-            raise TypeError(f"gauge must be a Gauge, a directory or a Hub repo id, got {type(gauge).__name__}")
+        if gauge is not None:  # the one resolver of gauge arguments
+            return as_gauge(gauge, gauge_revision, **hub_kwargs)
         if ckpt is not None and (ckpt / GAUGE_SUBFOLDER / GAUGE_CONFIG_NAME).is_file():
             logger.info("attaching the gauge saved in %s", ckpt / GAUGE_SUBFOLDER)
             return Gauge.from_pretrained(ckpt / GAUGE_SUBFOLDER)

@@ -15,14 +15,18 @@ Wherever the library takes a model, adapter, SAE, gauge or file, it takes
   ``/``, so what follows the second is the path). A revision containing ``/`` (``refs/pr/1``)
   is passed with ``revision=`` / ``--revision`` instead.
 
-A revision given both ways must agree.
+A revision given both ways must agree. Local paths are not versioned: a revision given with an
+existing local path is refused (:func:`local_path`), never dropped, unless the path is the Hub
+cache snapshot of that very commit. A name that is neither an existing local path nor found on
+the Hub is reported as both.
 
 Errors
 ------
-:func:`hub_errors` is the one place where ``huggingface_hub`` exceptions become
-:class:`~hf_bdgauge.errors.GaugeError` subclasses (missing repository, missing revision, a file
-the repo lacks, offline without a cached copy, an invalid id, any other HTTP failure), each with
-one line saying what was asked for; the CLI prints that line and exits 1.
+:func:`hub_errors` is the one place where ``huggingface_hub`` exceptions, and its HTTP client's
+(``httpx2``, ``httpx``) transport errors, become :class:`~hf_bdgauge.errors.GaugeError`
+subclasses (missing repository, missing revision, a file the repo lacks, offline or unreachable
+without a cached copy, 401/403, 429, an invalid id, any other HTTP failure), each with one line
+saying what was asked for; the CLI prints that line.
 
 Transfers
 ---------
@@ -46,8 +50,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from .errors import (
     CheckpointError,
     GaugeError,
+    HubAuthError,
     HubError,
     HubOfflineError,
+    HubRateLimitError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -59,6 +65,7 @@ __all__ = [
     "split_revision",
     "split_hub_path",
     "is_local",
+    "local_path",
     "hub_errors",
     "commit_of",
     "snapshot",
@@ -127,6 +134,47 @@ def split_hub_path(spec: str | os.PathLike, revision: str | None = None) -> tupl
     return "/".join(parts[:2]), revision, "/".join(parts[2:])
 
 
+def local_path(name: str | os.PathLike, revision: str | None = None, *, what: str = "path") -> Path | None:
+    """The local path ``name`` stands for, or ``None`` when it is to be looked up on the Hub.
+
+    The one rule of the argument contract for the local side: an existing path is used as it is
+    (``~`` expanded); a string that starts like a path (:func:`is_local`) but does not exist
+    raises :class:`CheckpointError`; anything else is a Hub id. Local paths are not versioned,
+    so a ``revision`` (from ``name@revision`` or ``revision=``) with an existing path is refused —
+    never dropped — unless the path is a Hub cache snapshot of that very revision
+    (``…/snapshots/<sha>`` with ``<sha>`` the commit, or the branch or tag the cache's ``refs/``
+    recorded as it), which is how the library hands a downloaded revision on.
+    """
+    s = os.fspath(name)
+    p = Path(s).expanduser()
+    if p.exists():
+        if revision is not None and not _snapshot_at(p, revision):
+            raise CheckpointError(
+                f"{what} {s!r} is a local path, and local paths have no revisions: revision {revision!r} "
+                "cannot be checked against it; drop the revision to use the local copy, or give the Hub "
+                "repo id to pin it")
+        return p
+    if is_local(s):
+        raise CheckpointError(f"{what} {s} does not exist")
+    return None
+
+
+def _snapshot_at(path: Path, revision: str) -> bool:
+    """Whether ``path`` lies in the Hub cache snapshot of ``revision``: the snapshot's commit is
+    ``revision``, or the cache's ``refs/<revision>`` (a branch or tag it resolved) names it."""
+    commit = commit_of(path.resolve())
+    if commit is None:
+        return False
+    if commit == revision:
+        return True
+    repo_cache = Path(_SNAPSHOT_RE.split(os.fspath(path.resolve()))[0])  # …/models--org--name/
+    ref = repo_cache / "refs" / revision
+    try:
+        return ref.is_file() and ref.read_text(encoding="utf-8").strip() == commit
+    except OSError:
+        return False
+
+
 def commit_of(path: str | os.PathLike) -> str | None:
     """The commit hash of a Hub cache snapshot path (``…/snapshots/<sha>/…``), else ``None``."""
     m = _SNAPSHOT_RE.search(os.fspath(path))
@@ -134,42 +182,136 @@ def commit_of(path: str | os.PathLike) -> str | None:
 
 
 # =========================================================================== errors
-@contextlib.contextmanager
-def hub_errors(what: str, *, missing: type[GaugeError] = CheckpointError) -> Iterator[None]:
-    """Turn ``huggingface_hub`` exceptions raised inside the block into one-line
-    :class:`GaugeError` subclasses naming ``what`` (e.g. ``"checkpoint 'org/m@v2'"``).
+def _transport_error_types() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' transport errors (DNS, refused or broken connections, timeouts, proxy
+    and protocol failures): ``httpx2``'s, which ``huggingface_hub`` 2.x uses, and ``httpx``'s."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            types.append(__import__(module).TransportError)
+        except (ImportError, AttributeError):  # pragma: no cover - the client is not installed
+            pass
+    return tuple(types)
 
-    ``missing`` is raised when the repository and revision exist but lack the file asked for.
+
+def _network_cause(e: BaseException) -> BaseException | None:
+    """The transport error behind ``e`` (``e`` itself or one it was raised from), if any."""
+    return _cause_of_type(e, _transport_error_types())
+
+
+def _status(e: BaseException) -> int | None:
+    response = getattr(e, "response", None)
+    code = getattr(response, "status_code", None)
+    return int(code) if isinstance(code, int) else None
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, *, missing: type[GaugeError] = CheckpointError, name: str | None = None,
+               action: str = "get") -> Iterator[None]:
+    """Turn ``huggingface_hub`` (and its HTTP client's) exceptions raised inside the block into
+    one-line :class:`GaugeError` subclasses naming ``what`` (e.g. ``"checkpoint 'org/m@v2'"``).
+
+    ============================================  =====================================================
+    failure                                       raised as
+    ============================================  =====================================================
+    offline (``HF_HUB_OFFLINE``) and not cached   :class:`~hf_bdgauge.errors.HubOfflineError`
+    DNS, refused connection, timeout, a broken    :class:`~hf_bdgauge.errors.HubOfflineError` (the
+    connection (``httpx2``/``httpx`` transport    endpoint and the client's reason)
+    errors), and no cached copy
+    no such repository (404), gated repository    :class:`~hf_bdgauge.errors.RepositoryNotFoundError`
+    no such revision                              :class:`~hf_bdgauge.errors.RevisionNotFoundError`
+    401 / 403                                     :class:`~hf_bdgauge.errors.HubAuthError`
+    429                                           :class:`~hf_bdgauge.errors.HubRateLimitError`
+    the repo lacks the file                       ``missing``
+    an invalid repo id                            :class:`~hf_bdgauge.errors.CheckpointError`
+    any other HTTP answer                         :class:`~hf_bdgauge.errors.HubError`
+    ============================================  =====================================================
+
+    ``name``: the name the user gave, when it could have been a local path (it was looked for
+    there first): then a name found neither locally nor on the Hub is reported as both ("not a
+    local path, and not on the Hub or in its cache"), never as a cache miss to fix by going
+    online. ``action``: what was being done (``"get"``, ``"push to"``).
     """
+    from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
+    head = f"cannot {action} {what}: "
     try:
         yield
     except GaugeError:
         raise
-    except hf.LocalEntryNotFoundError as e:
-        raise HubOfflineError(
-            f"cannot get {what}: it is not in the local Hugging Face cache and the Hub cannot be reached "
-            f"(offline mode or no network): {_first_line(e)}") from e
-    except hf.OfflineModeIsEnabled as e:
-        raise HubOfflineError(f"cannot get {what}: HF_HUB_OFFLINE is set and it is not cached") from e
-    except hf.GatedRepoError as e:
-        raise RepositoryNotFoundError(f"cannot get {what}: the repository is gated; accept its terms and pass a "
-                                      "token") from e
-    except hf.RepositoryNotFoundError as e:
-        raise RepositoryNotFoundError(f"cannot get {what}: no such repository on the Hub (or it is private and no "
-                                      "valid token was given)") from e
-    except hf.RevisionNotFoundError as e:
-        raise RevisionNotFoundError(f"cannot get {what}: the repository has no such revision (branch, tag or "
-                                    "commit)") from e
-    except hf.EntryNotFoundError as e:
-        raise missing(f"cannot get {what}: the repository has no such file ({_first_line(e)})") from e
-    except hf.HFValidationError as e:
-        raise CheckpointError(f"{what}: neither an existing local path nor a valid Hub repo id ({_first_line(e)})") from e
-    except hf.HfHubHTTPError as e:
-        raise HubError(f"cannot get {what}: the Hub answered {_first_line(e)}") from e
-    except (ConnectionError, TimeoutError) as e:
-        raise HubOfflineError(f"cannot get {what}: the Hub cannot be reached ({_first_line(e)})") from e
+    except Exception as e:
+        # the Hub's own answer, possibly behind the client's fallbacks (a cache miss, "force download failed")
+        answer = _cause_of_type(e, (hf.HfHubHTTPError, hf.HFValidationError, hf.EntryNotFoundError),
+                                exclude=hf.LocalEntryNotFoundError)
+        if answer is not None:
+            raise _answer_error(answer, head, what, name, missing) from e
+        offline = isinstance(e, hf.OfflineModeIsEnabled) or (
+            isinstance(e, hf.LocalEntryNotFoundError) and constants.is_offline_mode())
+        cause = _network_cause(e)
+        if not offline and cause is None and not isinstance(e, hf.LocalEntryNotFoundError):
+            raise  # not a Hub or network failure: a bug to see whole
+        if offline:
+            why = "HF_HUB_OFFLINE is set (the Hub was not asked)"
+        else:
+            why = f"the Hub at {constants.ENDPOINT} cannot be reached"
+            why += f" ({_describe(cause)})" if cause is not None else ""
+        if action != "get":
+            raise HubOfflineError(head + why) from e
+        subject = f"{name!r} is not a local path, not" if name is not None else "it is not"
+        raise HubOfflineError(head + f"{subject} in the local Hugging Face cache, and {why}") from e
+
+
+def _answer_error(answer: BaseException, head: str, what: str, name: str | None,
+                  missing: type[GaugeError]) -> GaugeError:
+    """The typed error of an answer of the Hub (see the table of :func:`hub_errors`)."""
+    from huggingface_hub import errors as hf
+
+    if isinstance(answer, hf.GatedRepoError):
+        return RepositoryNotFoundError(head + "the repository is gated; accept its terms on the Hub and pass a "
+                                       "token (HF_TOKEN or `hf auth login`)")
+    if isinstance(answer, hf.RevisionNotFoundError):
+        return RevisionNotFoundError(head + "the repository has no such revision (branch, tag or commit)")
+    if isinstance(answer, hf.EntryNotFoundError):
+        return missing(head + f"the repository has no such file ({_first_line(answer)})")
+    if isinstance(answer, hf.HFValidationError):
+        return CheckpointError(f"{what}: neither an existing local path nor a valid Hub repo id "
+                               f"({_first_line(answer)})")
+    status = _status(answer)
+    # a 404 without the Hub's error code (a mirror, a proxy, a local endpoint) says the same as RepoNotFound
+    if isinstance(answer, hf.RepositoryNotFoundError) or status == 404:
+        subject = f"{name!r} is not a local path, and no" if name is not None else "no"
+        return RepositoryNotFoundError(head + f"{subject} such repository is on the Hub (or it is private and no "
+                                       "valid token was given)")
+    if status in (401, 403):
+        why = "no or an invalid token" if status == 401 else "the token may not do this"
+        return HubAuthError(head + f"the Hub refused the credentials ({status}: {why}); pass a valid token "
+                            "(HF_TOKEN or `hf auth login`)")
+    if status == 429:
+        return HubRateLimitError(head + "the Hub is rate-limiting these requests (429 Too Many Requests); "
+                                 "retry later, or with a token (HF_TOKEN)")
+    return HubError(head + f"the Hub answered {_first_line(answer)}")
+
+
+def _cause_of_type(e: BaseException, types: type[BaseException] | tuple[type[BaseException], ...], *,
+                   exclude: type[BaseException] | tuple[type[BaseException], ...] = ()
+                   ) -> BaseException | None:
+    """``e`` or the first exception it was raised from (``__cause__`` / ``__context__``) of
+    ``types`` and not of ``exclude``."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, types) and not isinstance(cur, exclude):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception (its message alone can be empty, e.g. a timeout)."""
+    text = _first_line(e)
+    return type(e).__name__ if text == type(e).__name__ else f"{type(e).__name__}: {text}"
 
 
 def _first_line(e: BaseException) -> str:
@@ -189,12 +331,13 @@ def _hub_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def snapshot(repo_id: str, *, revision: str | None = None, allow_patterns: Sequence[str] | None = None,
-             what: str | None = None, **hub_kwargs: Any) -> Path:
-    """``snapshot_download`` of ``repo_id`` at ``revision`` (only ``allow_patterns``)."""
+             what: str | None = None, name: str | None = None, **hub_kwargs: Any) -> Path:
+    """``snapshot_download`` of ``repo_id`` at ``revision`` (only ``allow_patterns``); ``name``:
+    the user's name for it when it was looked for locally first (see :func:`hub_errors`)."""
     from huggingface_hub import snapshot_download
 
     label = what or f"{repo_id}@{revision or 'main'}"
-    with hub_errors(label):
+    with hub_errors(label, name=name):
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns or ["*"]),
                                       **_hub_kwargs(hub_kwargs)))
 
@@ -204,13 +347,14 @@ def resolve_checkpoint_dir(src: str | os.PathLike, revision: str | None = None, 
     (``repo@revision`` or ``revision=``) downloaded (safetensors, json and tokenizer files
     only)."""
     name, rev = split_revision(src, revision)
-    p = Path(name).expanduser()
-    if p.is_dir():
+    p = local_path(name, rev, what="checkpoint")
+    if p is not None:
+        if not p.is_dir():
+            raise CheckpointError(f"checkpoint {name}: expected a directory (config.json and *.safetensors), "
+                                  "got a file")
         return p
-    if is_local(name):
-        raise CheckpointError(f"checkpoint directory {name} does not exist")
     return snapshot(name, revision=rev, allow_patterns=CHECKPOINT_PATTERNS, what=f"checkpoint {name}@{rev or 'main'}",
-                    **hub_kwargs)
+                    name=name, **hub_kwargs)
 
 
 def resolve_dir(spec: str | os.PathLike, revision: str | None = None, *, what: str = "directory",
@@ -218,13 +362,16 @@ def resolve_dir(spec: str | os.PathLike, revision: str | None = None, *, what: s
     """A directory (an adapter, an SAE): local as it is, or ``namespace/name[@revision][/subfolder]``
     on the Hub (the subfolder's files only)."""
     repo, rev, sub = split_hub_path(spec, revision)
-    p = Path(repo).expanduser()
-    if sub is None and p.is_dir():
+    p = local_path(repo, rev, what=what) if sub is None else None
+    if p is not None:
+        if not p.is_dir():
+            raise CheckpointError(f"{what} {repo}: expected a directory, got a file")
         return p
     if is_local(repo):
         raise CheckpointError(f"{what} {repo} does not exist")
     patterns = [f"{sub}/{pat}" for pat in (allow_patterns or ["*"])] if sub else allow_patterns
-    root = snapshot(repo, revision=rev, allow_patterns=patterns, what=f"{what} {spec}", **hub_kwargs)
+    root = snapshot(repo, revision=rev, allow_patterns=patterns, what=f"{what} {spec}",
+                    name=os.fspath(spec) if sub is None else None, **hub_kwargs)
     out = root / sub if sub else root
     if not out.is_dir():
         raise CheckpointError(f"{what} {spec}: the repository has no folder {sub!r}")
@@ -234,13 +381,14 @@ def resolve_dir(spec: str | os.PathLike, revision: str | None = None, *, what: s
 def resolve_file(spec: str | os.PathLike, revision: str | None = None, *, what: str = "file", **hub_kwargs: Any) -> Path:
     """A file: local as it is, or ``namespace/name[@revision]/path/in/repo`` on the Hub."""
     repo, rev, path = split_hub_path(spec, revision)
-    p = Path(repo).expanduser()
     if path is None:
-        if p.is_file():
+        p = local_path(repo, rev, what=what)
+        if p is not None:
+            if not p.is_file():
+                raise CheckpointError(f"{what} {repo}: expected a file, got a directory")
             return p
-        if is_local(repo) or p.exists():
-            raise CheckpointError(f"no {what} at {repo}")
-        raise CheckpointError(f"{what} {spec!r}: give a local file or namespace/name[@revision]/path/in/repo")
+        raise CheckpointError(f"{what} {os.fspath(spec)!r} is not a local file, and not a file on the Hub "
+                              "either (name one as namespace/name[@revision]/path/in/repo)")
     from huggingface_hub import hf_hub_download
 
     with hub_errors(f"{what} {spec}"):
@@ -249,7 +397,7 @@ def resolve_file(spec: str | os.PathLike, revision: str | None = None, *, what: 
 
 def download_files(repo_id: str, filenames: Sequence[str], *, revision: str | None = None, subfolder: str | None = None,
                    what: str = "repository", missing: type[GaugeError] = CheckpointError,
-                   **hub_kwargs: Any) -> tuple[Path, str | None]:
+                   name: str | None = None, **hub_kwargs: Any) -> tuple[Path, str | None]:
     """Download ``filenames`` of ``repo_id`` (inside ``subfolder``); return ``(directory,
     commit_hash)``. The first file resolves the revision to a commit; the others are fetched at
     that commit, so all come from one repository state. A file the repo lacks raises
@@ -258,7 +406,7 @@ def download_files(repo_id: str, filenames: Sequence[str], *, revision: str | No
 
     kw = dict(subfolder=subfolder, **_hub_kwargs(hub_kwargs))
     label = f"{what} {repo_id}@{revision or 'main'}" + (f"/{subfolder}" if subfolder else "")
-    with hub_errors(label, missing=missing):
+    with hub_errors(label, missing=missing, name=name):
         first = Path(hf_hub_download(repo_id, filenames[0], revision=revision, **kw))
         snapshot_dir = first.parent.parent if subfolder else first.parent
         commit = snapshot_dir.name if _COMMIT_RE.match(snapshot_dir.name) else None
@@ -319,7 +467,7 @@ def push_folder(write: Callable[[Path], None], repo_id: str, *, commit_message: 
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    with hub_errors(f"repository {repo_id}"):
+    with hub_errors(f"repository {repo_id}", action="push to"):
         repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
         if branch and not create_pr:
             api.create_branch(repo_id=repo_id, branch=branch, exist_ok=True)

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 
-from .errors import DimensionMismatchError, FingerprintMismatchError, InvalidGaugeError, OrthogonalGaugeError
+from .errors import (INVERSE, DimensionMismatchError, FingerprintMismatchError, InvalidGaugeError,
+                     OrthogonalGaugeError)
 from .fingerprint import check_fingerprint, fingerprint_differences, model_fingerprint
 from .group import SignedPermutation
 from .orthogonal import Orthogonal
@@ -224,11 +225,13 @@ class TransformPlan:
             try:
                 check_fingerprint(expected, actual, strict, what=f"{self.what} (the gauge's {end})")
             except FingerprintMismatchError as e:
-                other = getattr(getattr(gauge, "target" if end == "source" else "source", None), "fingerprint", None)
-                if other and not fingerprint_differences(other, actual):
+                other_end = "target" if end == "source" else "source"
+                other = getattr(getattr(gauge, other_end, None), "fingerprint", None)
+                if other and not fingerprint_differences(other, actual):  # used from its wrong end
                     raise FingerprintMismatchError(
-                        f"{e} — it matches the gauge's {'target' if end == 'source' else 'source'} instead: use "
-                        "gauge.inverse()") from e
+                        f"{self.what} is not the gauge's {end} (its fingerprint differs); it matches the gauge's "
+                        f"{other_end} end instead: use {{inverse}}",
+                        mismatch=e.mismatch, options={"inverse": INVERSE}) from e
                 raise
         check_fit = getattr(gauge, "check_fit", None)
         self.forced = bool(check_fit(force=force, what=f"to act on {self.what}")) if callable(check_fit) else False

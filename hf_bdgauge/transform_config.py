@@ -203,7 +203,7 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
     is a :class:`~hf_bdgauge.errors.OrthogonalGaugeError`. ``metrics["other_rotations"]`` lists the
     modules rotated by other, non-residual groups (adapters there are refused)."""
     from .estimate.weights import open_tensors
-    from .fold import pre_norm_gains
+    from .fold import known_pre_norm_gains, pre_norm_gains, record_gains
     from .gauge import Gauge, ModelRef
 
     name, revision = split_revision(target, revision)
@@ -232,8 +232,8 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
                     f"{name}: its transform config does not describe these weights: the token embedding is not the "
                     f"source's rotated by it (relative error {min(err, err_c):.3g} > {atol}); wrong source, or the "
                     "checkpoint was changed after rotation")
-    g = Gauge(R, source=src_ref, target=tgt_ref, method="rotation_config", gains=gains or None, metrics=metrics)
-    return g
+    g = Gauge(R, source=src_ref, target=tgt_ref, method="rotation_config", metrics=metrics)
+    return record_gains(g, gains, known_pre_norm_gains(name, revision))
 
 
 def refuse_other_rotations(gauge: Any, module_names: list[str]) -> None:

@@ -102,10 +102,15 @@ def test_one_sequence_or_tiny_halves_are_uninformative(stories, planted):
     model, tok = stories
     _, target = planted
     one = estimate_gauge(model, target, [SAMPLE_TEXTS[0]], tokenizer=tok, progress=False)
-    assert one.metrics["p_value"] == 1.0 and "not split" in one.metrics["p_value_note"]
-    assert one.metrics["verdict"] == "no_signed_permutation" and not one.identified.any()
+    # too little data to test is a third answer, not a "no": the note says the minimum and what to add
+    assert one.metrics["p_value"] == 1.0 and "at least 2 texts" in one.metrics["p_value_note"]
+    assert "give at least one more text" in one.metrics["p_value_note"]
+    assert one.metrics["verdict"] == "insufficient_data" and one.answer == "insufficient_data"
+    assert not one.identified.any() and "not related" not in one.metrics["summary"]
     tiny = estimate_gauge(model, target, ["Once upon", "Tom had"], tokenizer=tok, progress=False)  # 2 tokens a half
-    assert tiny.metrics["p_value"] == 1.0 and "fewer than 3" in tiny.metrics["p_value_note"]
+    assert tiny.metrics["p_value"] == 1.0 and "at least 3 tokens each" in tiny.metrics["p_value_note"]
+    assert "give at least 1 more token(s)" in tiny.metrics["p_value_note"]
+    assert tiny.verdict == "insufficient_data"
 
 
 def test_statistics_merged_from_batches_give_the_same_verdict(stories, planted):

@@ -32,8 +32,8 @@ def test_apply_random_gauge_and_inverse_round_trip(tmp_path, token_ids):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
-def test_errors_exit_1_with_message(tmp_path, capsys):
-    assert main(["apply", str(tmp_path / "nope"), str(tmp_path / "out"), "--random-seed", "1"]) == 1
+def test_errors_exit_3_with_message(tmp_path, capsys):
+    assert main(["apply", str(tmp_path / "nope"), str(tmp_path / "out"), "--random-seed", "1"]) == 3
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["apply"])
@@ -59,7 +59,7 @@ def test_estimate_big_model_flags_on_stories260k(tmp_path, capsys):
     assert main(["estimate", str(src), str(tmp_path / "dst"), "--method", "weights", "--dtype", "float64",
                  "--device", "cpu", "-q", "-o", str(tmp_path / "w")]) == 0
     assert Gauge.from_pretrained(tmp_path / "w").element == g
-    assert main(["estimate", str(src), str(tmp_path / "dst"), "--texts", str(tmp_path / "t.txt"), "--device", "cuda"]) == 1
+    assert main(["estimate", str(src), str(tmp_path / "dst"), "--texts", str(tmp_path / "t.txt"), "--device", "cuda"]) == 3
     assert "--device-map" in capsys.readouterr().err
 
 
@@ -111,7 +111,7 @@ def test_show_refuses_a_tampered_gauge(tmp_path, capsys):
     _, path = _saved_gauge(tmp_path)
     data = (path / "gauge.safetensors").read_bytes()
     (path / "gauge.safetensors").write_bytes(data[:-5])
-    assert main(["show", str(path)]) == 1
+    assert main(["show", str(path)]) == 3
     assert "error" in capsys.readouterr().err
 
 

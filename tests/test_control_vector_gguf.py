@@ -273,7 +273,7 @@ def test_existing_file_needs_overwrite_and_a_failed_write_leaves_the_old_file(tm
 
 
 def test_bad_files_raise_clear_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no control vector file"):
+    with pytest.raises(CheckpointError, match="control vector file .*missing.gguf does not exist"):
         SteeringVector.load_gguf(tmp_path / "missing.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(CheckpointError, match="not a readable GGUF"):

@@ -83,7 +83,7 @@ def test_errors_from_the_hub_are_clear(hub):
     from hf_bdgauge.errors import GaugeError, RepositoryNotFoundError, RevisionNotFoundError
 
     _gauge(1).push_to_hub("me/gauge")
-    with pytest.raises(RepositoryNotFoundError, match="gauge me/missing@main: no such repository") as e:
+    with pytest.raises(RepositoryNotFoundError, match="gauge me/missing@main: .*not a local path, and no such repository is on the Hub") as e:
         Gauge.from_pretrained("me/missing")
     assert isinstance(e.value, GaugeError) and "\n" not in str(e.value)
     with pytest.raises(RevisionNotFoundError, match="no such revision"):

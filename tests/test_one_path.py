@@ -131,7 +131,7 @@ def test_hub_failures_are_one_line_errors(hub, tmp_path, capsys):
     for argv in (["show", "me/nothing"], ["show", "me/nothing@v3"],
                  ["apply", "me/nothing@v1", str(tmp_path / "x"), "--random-seed", "1"],
                  ["estimate", "me/nothing", "me/nothing@v2", "--method", "weights"]):
-        assert main(argv) == 1, argv
+        assert main(argv) == 3, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"bdgauge {argv[0]}: error:") and len(err.splitlines()) == 1, err
         assert "Traceback" not in err
@@ -143,15 +143,15 @@ def test_writers_refuse_existing_destinations_naming_the_callers_flag(chain, tmp
     texts = str(root / "corpus.txt")
     assert main(["estimate", str(a), str(root / "b"), "--texts", texts, "-q", "-o", str(tmp_path / "g")]) == 0
     before = (tmp_path / "g" / "gauge.safetensors").read_bytes()
-    assert main(["estimate", str(a), str(root / "c"), "--texts", texts, "-q", "-o", str(tmp_path / "g")]) == 1
+    assert main(["estimate", str(a), str(root / "c"), "--texts", texts, "-q", "-o", str(tmp_path / "g")]) == 3
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err and "overwrite=True" not in err
     assert (tmp_path / "g" / "gauge.safetensors").read_bytes() == before
     assert main(["estimate", str(a), str(root / "c"), "--texts", texts, "-q", "-o", str(tmp_path / "g"), "--overwrite"]) == 0
     assert Gauge.from_pretrained(tmp_path / "g").element != g1
-    assert main(["compose", str(a), str(root / "b"), "--texts", texts, "-q", "-o", str(tmp_path / "g")]) == 1
+    assert main(["compose", str(a), str(root / "b"), "--texts", texts, "-q", "-o", str(tmp_path / "g")]) == 3
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["apply", str(a), str(root / "b"), "--random-seed", "1", "-q"]) == 1
+    assert main(["apply", str(a), str(root / "b"), "--random-seed", "1", "-q"]) == 3
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(DestinationExistsError, match="overwrite=True"):
         apply_gauge_to_checkpoint(a, g1, root / "b", progress=False)
@@ -270,4 +270,5 @@ def test_objects_are_read_from_the_hub_at_a_revision(hub, chain, tmp_path):
     v = SteeringVector.load(tmp_path / "v.safetensors")
     assert torch.equal(v[2], g1.apply_vector(SteeringVector.load(objs / "v.safetensors")[2]))
     assert torch.equal(SAE.load(tmp_path / "sae").b_dec, g1.apply_vector(SAE.load(objs / "sae").b_dec))
-    assert main(["transport", "steering", "me/objs@v9/v.safetensors", str(tmp_path / "g"), str(tmp_path / "w")]) == 1
+    assert main(["transport", "steering", "me/objs@v9/v.safetensors", str(tmp_path / "g"),
+                 str(tmp_path / "w.safetensors")]) == 3

@@ -3,36 +3,23 @@ in order, in one temporary directory, on the bundled model (the push goes to the
 
 Python blocks share one namespace (a later block may use what an earlier one defined); each
 command line runs in-process (``bdgauge …`` through :func:`hf_bdgauge.cli.main`, ``python -m
-hf_bdgauge.fixtures …`` through its ``main``) and must exit 0. The set-up block's ``make`` lines
-are what CI itself runs. A line of any other kind fails the test, so README and code cannot drift.
+hf_bdgauge.fixtures …`` through its ``main``) and must exit 0, or as its ``# exit N: text`` comment
+says (:mod:`docs_runner`, shared with the docs pages' test). The set-up block's ``make`` lines are
+what CI itself runs. A line of any other kind fails the test, so README and code cannot drift.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
-from pathlib import Path
 
 import pytest
+from docs_runner import README, command_lines, fenced_blocks, run_page
 from hub_double import hub  # noqa: F401  (a fixture: a local test double of the Hub)
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
 def readme_blocks() -> list[tuple[str, str]]:
     """``(language, code)`` of every fenced block of the README, in order."""
-    return [(m.group(1), m.group(2)) for m in _FENCE.finditer(README.read_text(encoding="utf-8"))]
-
-
-def command_lines(code: str) -> list[list[str]]:
-    """The commands of a bash block (comments and blank lines dropped)."""
-    out = []
-    for line in code.splitlines():
-        argv = shlex.split(line, comments=True)
-        if argv:
-            out.append(argv)
-    return out
+    return fenced_blocks(README)
 
 
 def test_the_readme_has_what_this_test_runs():
@@ -89,29 +76,8 @@ def test_the_launcher_block_parses():
 
 @pytest.mark.real
 def test_every_block_and_command_line_runs_in_order(hub, tmp_path, monkeypatch, capsys):
-    from hf_bdgauge.cli import main as bdgauge
-    from hf_bdgauge.fixtures.__main__ import main as fixtures
-
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__readme__"}
-    ran = []
-    for i, (lang, code) in enumerate(readme_blocks()):
-        if lang == "python":
-            exec(compile(code, f"README.md block {i}", "exec"), namespace)  # noqa: S102 - the README is ours
-            ran.append(f"python block {i}")
-        elif lang == "bash":
-            for argv in command_lines(code):
-                if argv[0] == "make":
-                    continue  # the set-up commands: what CI runs (`make test`) and tests/test_cli.py's demo
-                if argv[:3] == ["python", "-m", "hf_bdgauge.fixtures"]:
-                    rc = fixtures(argv[3:])
-                elif argv[0] == "bdgauge":
-                    rc = bdgauge(argv[1:])
-                else:
-                    pytest.fail(f"README block {i} has a command this test cannot run: {' '.join(argv)}")
-                err = capsys.readouterr().err
-                assert rc == 0, f"`{' '.join(argv)}` exited {rc}: {err}"
-                ran.append(" ".join(argv[:2]))
+    ran = run_page(README, capsys)
     assert any(r.startswith("python block") for r in ran) and sum(r.startswith("bdgauge") for r in ran) >= 10
     # what the blocks promise actually happened
     from hf_bdgauge import Gauge, SignedPermutation

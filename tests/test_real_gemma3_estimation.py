@@ -138,8 +138,8 @@ def test_sign_marginalized_recovers_the_gauge_exactly_from_the_shipped_texts(gem
 def test_three_tokens_suffice_and_two_are_refused_as_uninformative(gemma, recharted, planted, record_property):
     """With 2 tokens every centred correlation is ±1 and the match is arbitrary; from 3 tokens on
     the planted gauge comes back exactly. The verdict needs evidence in both halves of the
-    statistics (sequences alternate between them): it says "no signed permutation" (p = 1,
-    uninformative) until each half holds 3 tokens, and "signed permutation" from then on."""
+    statistics (sequences alternate between them): it says "insufficient_data" (p = 1, too little
+    data to test) until each half holds 3 tokens, and "signed permutation" from then on."""
     model, tok = gemma
     rows = {}
     for n in TOKEN_SWEEP:
@@ -151,12 +151,12 @@ def test_three_tokens_suffice_and_two_are_refused_as_uninformative(gemma, rechar
             **{f"tokens_{n}_verdict": r[1] for n, r in rows.items()},
             **{f"tokens_{n}_p_value": r[3] for n, r in rows.items()},
             **{f"tokens_{n}_seconds": r[4] for n, r in rows.items()})
-    assert rows[2][1] == "no_signed_permutation" and rows[2][0] < 0.05
+    assert rows[2][1] == "insufficient_data" and rows[2][0] < 0.05
     for n in TOKEN_SWEEP[1:]:
         assert rows[n][0] == 1.0, (n, rows[n])
     for n, (_, verdict, half, p, _) in rows.items():
         if half < 3:
-            assert verdict == "no_signed_permutation" and p == 1.0, (n, rows[n])
+            assert verdict == "insufficient_data" and p == 1.0, (n, rows[n])
     assert rows[TOKEN_SWEEP[-1]][1] == "signed_permutation" and rows[TOKEN_SWEEP[-1]][3] < 1e-10
 
 

@@ -22,6 +22,7 @@ import torch
 
 from ..distributed import world
 from ..errors import UnsupportedArchitectureError
+from ..fold import known_pre_norm_gains, record_gains
 from ..gauge import Gauge
 from ..roles import spec_for_config
 from .assignment import ACTIVATION_METHODS
@@ -93,12 +94,14 @@ def estimate_gauge(
     if method not in METHODS:
         raise EstimationError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "weights":
-        return estimate_gauge_from_weights(
+        g = estimate_gauge_from_weights(
             source, target, source_revision=source_revision, target_revision=target_revision, null_draws=null_draws,
             calibration_draws=calibration_draws, seed=seed, min_excess=min_excess, identity_tol=identity_tol,
             fingerprint=fingerprint, progress=progress, group=group, reference=reference,
             **weights_kwargs,
         )
+        return record_gains(g, known_pre_norm_gains(source, source_revision),
+                            known_pre_norm_gains(target, target_revision))
     if method == "orthogonal_weights":
         if weights_kwargs:
             raise EstimationError(f"unexpected arguments for method {method!r}: {sorted(weights_kwargs)}")
@@ -152,10 +155,10 @@ def capture_pair(
         src_model, src_ref, src_dir = load_causal_lm(source, source_revision, dtype=dtype, device_map=device_map,
                                                      fingerprint=fingerprint)
     if isinstance(target, torch.nn.Module):
-        tgt_model, tgt_ref = target, model_ref(target, target_revision, fingerprint=fingerprint)
+        tgt_model, tgt_ref, tgt_dir = target, model_ref(target, target_revision, fingerprint=fingerprint), None
     else:
-        tgt_model, tgt_ref, _ = load_causal_lm(target, target_revision, dtype=dtype, device_map=device_map,
-                                               fingerprint=fingerprint)
+        tgt_model, tgt_ref, tgt_dir = load_causal_lm(target, target_revision, dtype=dtype, device_map=device_map,
+                                                     fingerprint=fingerprint)
     if needs_tokenizer(data) or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer, src_dir, source_revision)
     stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tokenizer, layers=layers, batch_size=batch_size,
@@ -165,7 +168,10 @@ def capture_pair(
     return CapturedPair(stats, src_ref, tgt_ref, dtype=str(act_dtype).removeprefix("torch."),
                         model_type=getattr(getattr(src_model, "config", None), "model_type", None),
                         world_size=world(group)[1], capture_time_s=time.perf_counter() - t0,
-                        data=dict(data_description or {}))
+                        data=dict(data_description or {}),
+                        # read from the checkpoint where there is one: an offloaded model's weights are not in memory
+                        gains={"source": known_pre_norm_gains(src_model if src_dir is None else src_dir),
+                               "target": known_pre_norm_gains(tgt_model if tgt_dir is None else tgt_dir)})
 
 
 def gauge_from_capture(
@@ -189,7 +195,10 @@ def gauge_from_capture(
     records ``metrics["world_size"]`` (processes that captured) and ``metrics["tokens"]`` (all
     of them). ``across_ranks=True`` when every rank of ``group`` calls this with the same
     statistics: the calibration's draws are then split over the ranks (the same gauge).
-    ``reference``: the reference null of the B_d p-value (see ``estimate_from_stats``)."""
+    ``reference``: the reference null of the B_d p-value (see ``estimate_from_stats``). Both ends'
+    pre-norm gains, captured with the statistics, are recorded (:func:`~hf_bdgauge.fold.record_gains`:
+    a rotation into a folded copy moves a reader's LoRA by ``A ↦ A·diag(g)·Rᵀ``); statistics saved
+    before they were captured leave them unknown."""
     if method not in ACTIVATION_METHODS + ("orthogonal",):
         raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS + ('orthogonal',)}, not {method!r}")
     t0 = time.perf_counter()
@@ -206,6 +215,7 @@ def gauge_from_capture(
                                 calibration_draws=calibration_draws, seed=seed, min_excess=min_excess,
                                 identity_tol=identity_tol, source=pair.source, target=pair.target, group=group,
                                 across_ranks=across_ranks, reference=reference)
+    g = record_gains(g, pair.gains.get("source"), pair.gains.get("target"))  # older statistics: unknown
     g.metrics["capture_time_s"] = pair.capture_time_s
     g.metrics["world_size"] = int(pair.world_size)
     g.metrics["time_s"] = pair.capture_time_s + time.perf_counter() - t0

@@ -288,7 +288,10 @@ def capture_pair_stats(
     """
     n_s, n_t = num_residual_layers(source), num_residual_layers(target)
     if n_s != n_t:
-        raise DimensionMismatchError(f"source has {n_s - 1} decoder layers but target has {n_t - 1}; pick layers per model")
+        raise DimensionMismatchError(
+            f"source has {n_s - 1} decoder layers but target has {n_t - 1}: estimation pairs residual layer "
+            "k of one with layer k of the other, so both models need the same depth (a gauge relates "
+            "re-charted or fine-tuned copies of one architecture)")
     sel = resolve_layers(layers, n_s)
     rank, size, group = world(group)
     first_sequence = int(stats.meta.get("sequences", 0)) if stats is not None else 0

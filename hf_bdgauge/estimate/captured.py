@@ -6,10 +6,12 @@ A capture of ``(source, target)`` on some tokens is a :class:`CapturedPair`: the
 fingerprints, the residual layers, the activations' dtype, the data. :func:`save_pair_stats`
 writes it as a directory (written atomically) holding
 
-* ``pair_stats.safetensors``: the float64 sums (:meth:`PairStats.save`);
+* ``pair_stats.safetensors``: the float64 sums (:meth:`PairStats.save`) and both models'
+  effective pre-norm gains (``source_gain.<name>``, ``target_gain.<name>``, float64), which a
+  rotation gauge matched from them records (statistics saved without them still load: unknown);
 * ``pair_stats.json``: the manifest (format, both :class:`~hf_bdgauge.gauge.ModelRef` s with
   fingerprints, layers, widths, tokens per half, dtype, options, the data description, the
-  sha256 of the safetensors file).
+  names of the recorded gains per end (``null``: unknown), the sha256 of the safetensors file).
 
 :func:`load_pair_stats` reads any number of them and adds them: sums add exactly (the
 statistics of disjoint token sets are the sums of their parts), so the ``n`` shards of a corpus
@@ -33,7 +35,7 @@ from typing import Any
 from ..errors import CheckpointError, EstimationError, FingerprintMismatchError
 from ..files import atomic_directory, read_json_object, sha256_file
 from ..gauge import ModelRef
-from .stats import PairStats
+from .stats import PairStats, gain_tensors, read_gain_tensors
 
 __all__ = ["STATS_DIR_FORMAT", "STATS_CONFIG_NAME", "STATS_WEIGHTS_NAME", "CapturedPair", "load_pair_stats",
            "save_pair_stats"]
@@ -69,6 +71,10 @@ class CapturedPair:
     capture_time_s: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     skip_first: bool = True
+    #: each end's effective pre-norm gains (``{"source": {name: float64 [d]} | None, "target": …}``;
+    #: ``None`` or missing: unknown, e.g. statistics saved before they were kept), which a rotation
+    #: gauge matched from these statistics records (:func:`~hf_bdgauge.fold.record_gains`)
+    gains: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
         """The JSON manifest of these statistics (without the file hash)."""
@@ -78,14 +84,16 @@ class CapturedPair:
                 "model_type": self.model_type, "dtype": self.dtype, "layers": st.layers, "dims": list(st.dims),
                 "tokens": int(st.n_tokens), "half_tokens": [int(n) for n in st.half_tokens()],
                 "track_target_cov": yy == {True}, "skip_first": bool(self.skip_first), "world_size": int(self.world_size),
-                "capture_time_s": float(self.capture_time_s), "data": self.data}
+                "capture_time_s": float(self.capture_time_s), "data": self.data,
+                "gains": {end: None if self.gains.get(end) is None else sorted(self.gains[end])
+                          for end in ("source", "target")}}
 
 
 def save_pair_stats(pair: CapturedPair, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``pair`` to the directory ``out`` (``pair_stats.safetensors`` + ``pair_stats.json``,
     atomically; an existing ``out`` is refused unless ``overwrite``)."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        weights = pair.stats.save(tmp / STATS_WEIGHTS_NAME)
+        weights = pair.stats.save(tmp / STATS_WEIGHTS_NAME, extra=gain_tensors(pair.gains))
         manifest = pair.manifest() | {"sha256": sha256_file(weights)}
         (tmp / STATS_CONFIG_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     logger.info("saved statistics of %d tokens at %d layers to %s", pair.stats.n_tokens, len(pair.stats), out)
@@ -168,9 +176,11 @@ def load_pair_stats(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> C
     if len(ps) > 1:
         stats.meta.pop("sequences", None)  # each part counts sequences from its own start
     first = manifests[0]
+    known = all(isinstance(m.get("gains"), dict) for m in manifests)  # older parts: the gains are unknown
     return CapturedPair(
         stats, ModelRef.from_dict(first["source"]), ModelRef.from_dict(first["target"]), dtype=str(first["dtype"]),
         model_type=first.get("model_type"), world_size=sum(int(m.get("world_size", 1)) for m in manifests),
         capture_time_s=sum(float(m.get("capture_time_s", 0.0)) for m in manifests),
         data={"parts": [str(p) for p in ps]} if len(ps) > 1 else dict(first.get("data") or {}),
-        skip_first=bool(first.get("skip_first", True)))
+        skip_first=bool(first.get("skip_first", True)),
+        gains=read_gain_tensors(ps[0] / STATS_WEIGHTS_NAME, first["gains"]) if known else {})

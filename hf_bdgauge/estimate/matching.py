@@ -53,12 +53,12 @@ from .assignment import ACTIVATION_METHODS, ROTATION_METHODS, MatchResult, hunga
 from .stats import EstimationError, PairStats
 from .verdict import (
     CALIBRATION_DRAWS,
-    MIN_TOKENS_PER_HALF,
     NULL_RESOLUTION,
     Calibration,
     activation_parts,
     calibrate,
     fit_metrics,
+    insufficient_tokens,
     log_verdict,
     uninformative,
 )
@@ -119,7 +119,8 @@ def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tu
                     across_ranks: bool = False, reference: Any = "auto") -> Calibration:
     """The calibrated p-value and identification of an activation estimate
     (:func:`hf_bdgauge.estimate.verdict.calibrate` on the two halves of ``stats``, over at most
-    ``max_layers`` evenly spaced layers; ``None``: all); uninformative (``p = 1``) when the
+    ``max_layers`` evenly spaced layers; ``None``: all); uninformative (``p = 1``, the verdict
+    ``"insufficient_data"``, :func:`~hf_bdgauge.estimate.verdict.insufficient_tokens`) when the
     statistics are not split, a half holds fewer than
     :data:`~hf_bdgauge.estimate.verdict.MIN_TOKENS_PER_HALF` tokens, or Σyyᵀ was not kept.
     ``across_ranks``: split the draws over the ranks of ``group`` (every rank calls this alike);
@@ -129,15 +130,12 @@ def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tu
         keep = sorted({stats.layers[int(round(i))] for i in np.linspace(0, len(stats) - 1, max_layers)})
         stats = stats.select(keep)
         full_scores = pooled_correlations(stats, pooling)
-    if not stats.is_split:
-        return uninformative(d, "the statistics are not split into two halves (one sequence, or statistics saved "
-                                "before hf_bdgauge kept halves): no calibrated p-value")
-    n0, n1 = stats.half_tokens()
-    if min(n0, n1) < MIN_TOKENS_PER_HALF:
-        return uninformative(d, f"a half of the statistics holds {min(n0, n1)} token(s), fewer than "
-                                f"{MIN_TOKENS_PER_HALF}: the pair is uninformative")
+    too_few = insufficient_tokens(stats.is_split, stats.half_tokens())
+    if too_few is not None:
+        return uninformative(d, too_few)
     if any(m.sum_yy is None for h in (0, 1) for m in stats.half(h).moments.values()):
-        return uninformative(d, "the statistics lack the target covariance (track_target_cov=False)")
+        return uninformative(d, "too little data to test: the statistics lack the target covariance "
+                                "(capture them with track_target_cov=True)")
     parts = [activation_parts(stats.half(h), pooling) for h in (0, 1)]
     return calibrate(parts[0], parts[1], method, element, full_scores, draws=draws, seed=seed, group=group,
                      across_ranks=across_ranks, reference=reference)
@@ -192,7 +190,7 @@ def estimate_from_stats(
     t_cal = time.perf_counter()
     cal = calibrate_stats(sel, method, match.element, (A, S), pooling=pooling, draws=calibration_draws, seed=seed,
                           group=group, across_ranks=across_ranks, reference=reference)
-    metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol)
+    metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol, tokens=int(sel.n_tokens))
     n0, n1 = sel.half_tokens()
     metrics.update(
         tokens=int(sel.n_tokens),

@@ -61,11 +61,12 @@ import numpy as np
 from scipy import stats as sps
 
 from ..errors import DimensionMismatchError
+from ..fold import known_pre_norm_gains, record_gains
 from ..gauge import Gauge, ModelRef
 from ..orthogonal import Orthogonal
 from .assignment import hungarian
 from .stats import EstimationError, PairStats
-from .verdict import LEVEL, MIN_TOKENS_PER_HALF, log_verdict, rotation_verdict
+from .verdict import LEVEL, insufficient_tokens, log_verdict, rotation_verdict
 
 __all__ = ["RotationFit", "procrustes", "fit_rotation", "estimate_rotation_from_stats", "estimate_rotation_from_weights",
            "nearest_signed_permutation",
@@ -215,11 +216,10 @@ def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_t
     ident_rho, _ = _alignment(np.eye(d), full)
     nan = float("nan")
     n0, n1 = sel.half_tokens()
-    if not sel.is_split or min(n0, n1) < MIN_TOKENS_PER_HALF:
+    too_few = insufficient_tokens(sel.is_split, (n0, n1))
+    if too_few is not None:
         rho, eps = _alignment(R, full)
-        return RotationFit(R, rho, eps, ident_rho, nan, 1.0, 0.0, float("-inf"),
-                           note=f"the statistics are not split into two halves of at least {MIN_TOKENS_PER_HALF} "
-                                "tokens: no held-out fit, no p-value")
+        return RotationFit(R, rho, eps, ident_rho, nan, 1.0, 0.0, float("-inf"), note=too_few)
     halves = [_moments(sel.half(h)) for h in (0, 1)]
     Rh = [procrustes(_pooled(ms)) for ms in halves]
     fits = [_alignment(Rh[0], halves[1]), _alignment(Rh[1], halves[0])]
@@ -299,7 +299,10 @@ def estimate_rotation_from_weights(
     streams, one per vocabulary entry. They enter :func:`estimate_rotation_from_stats` as
     statistics with the even and the odd rows as the two halves (``V ≥ d`` rows recover ``R``
     exactly). ``source``/``target``: loaded models, checkpoint directories or Hub ids
-    (``repo@revision``); the embedding is read from safetensors, never with remote code."""
+    (``repo@revision``); the embedding is read from safetensors, never with remote code. Both
+    ends' pre-norm gains are read too and recorded (:func:`~hf_bdgauge.fold.record_gains`): an
+    unfolded source against its folded, rotated copy gives a gauge that moves a reader's LoRA by
+    ``A ↦ A·diag(g)·Rᵀ``."""
     from .weights import open_tensors
 
     with contextlib.ExitStack() as stack:
@@ -317,4 +320,6 @@ def estimate_rotation_from_weights(
     g = estimate_rotation_from_stats(st, source=refs[0], target=refs[1], identity_tol=identity_tol,
                                      method="orthogonal_weights", b_d=False)
     g.metrics["summary"] += f" (data-free, token embeddings, {X.shape[0]} rows)"
-    return g
+    # the embedding does not see the gains, the readers' adapters do: recorded as fold_and_rotate does
+    return record_gains(g, known_pre_norm_gains(source, source_revision),
+                        known_pre_norm_gains(target, target_revision))

@@ -56,7 +56,8 @@ import torch
 from ..distributed import collective_device as _collective_device
 from ..errors import CheckpointError, DimensionMismatchError, EstimationError
 
-__all__ = ["STATS_FORMAT", "CrossMoments", "EstimationError", "PairStats"]
+__all__ = ["STATS_FORMAT", "CrossMoments", "EstimationError", "PairStats", "gain_tensors",
+           "read_gain_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -520,15 +521,21 @@ class PairStats:
                         out[f"half{i}.layer{k}.{f}"] = t.detach().cpu().contiguous()
         return out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the sums to a safetensors file (metadata: format, layers per half, ``meta``)."""
+    def save(self, path: str | os.PathLike, *, extra: Mapping[str, torch.Tensor] | None = None) -> Path:
+        """Write the sums to a safetensors file (metadata: format, layers per half, ``meta``);
+        ``extra``: more tensors to keep beside them (e.g. :func:`gain_tensors`; :meth:`load` skips them)."""
         from safetensors.torch import save as safetensors_save
 
         from ..files import atomic_write_bytes
 
         meta = {"format": STATS_FORMAT, "halves": json.dumps([list(h) for h in self._halves]),
                 "meta": json.dumps(self.meta, default=str)}
-        return atomic_write_bytes(path, safetensors_save(self.to_tensors(), metadata=meta), overwrite=True)
+        tensors = self.to_tensors()
+        clash = sorted(set(extra or {}) & set(tensors))
+        if clash:
+            raise EstimationError(f"extra tensors would overwrite the sums: {clash[:4]}")
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
+        return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PairStats:
@@ -571,3 +578,44 @@ class PairStats:
     def __repr__(self) -> str:
         dims = self.dims if self.layers else None
         return f"PairStats(layers={self.layers}, tokens={self.n_tokens} {self.half_tokens()}, dims={dims})"
+
+
+#: prefix of the tensors holding an end's effective pre-norm gains beside saved sums (``source_gain.<name>``)
+GAIN_TENSOR_PREFIX = {"source": "source_gain.", "target": "target_gain."}
+
+
+def gain_tensors(gains: Mapping[str, Mapping[str, Any] | None]) -> dict[str, torch.Tensor]:
+    """``{"source": {name: gain}, "target": …}`` (an end ``None`` or missing: unknown, nothing
+    written) as float64 tensors named ``source_gain.<name>`` / ``target_gain.<name>``."""
+    return {GAIN_TENSOR_PREFIX[end] + n: torch.as_tensor(np.asarray(v, dtype=np.float64))
+            for end in GAIN_TENSOR_PREFIX for n, v in (gains.get(end) or {}).items()}
+
+
+def read_gain_tensors(path: str | os.PathLike,
+                      names: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray] | None]:
+    """The gains :func:`gain_tensors` wrote into the safetensors file ``path``; ``names``: the
+    gain names per end a manifest lists (``None``: that end's gains are unknown). A listed gain
+    that is absent, or a stored one that is not float64 and 1-D, is a
+    :class:`~hf_bdgauge.errors.CheckpointError`."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, np.ndarray] | None] = {}
+    with safe_open(str(path), framework="pt") as f:
+        have = set(f.keys())
+        for end, prefix in GAIN_TENSOR_PREFIX.items():
+            listed = names.get(end)
+            if listed is None:
+                out[end] = None
+                continue
+            missing = [n for n in listed if prefix + n not in have]
+            if missing:
+                raise CheckpointError(f"{path}: the manifest lists {end} gains that the file lacks: "
+                                      f"{missing[:4]}")
+            out[end] = {}
+            for n in listed:
+                t = f.get_tensor(prefix + n)
+                if t.dtype != torch.float64 or t.ndim != 1:
+                    raise CheckpointError(f"{path}: {prefix + n} must be a float64 vector, got {t.dtype} "
+                                          f"{list(t.shape)}")
+                out[end][n] = t.numpy()
+    return out

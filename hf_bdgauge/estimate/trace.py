@@ -1,7 +1,10 @@
 """Derivation tests and drift reports: ``trace(a, b)`` and ``diff(a, b)``.
 
 :func:`trace` asks: *is B derived from A up to a signed permutation* — re-charted, fine-tuned,
-merged, magnitude-pruned at the same width, noised? It estimates the gauge A → B from every layer
+merged, magnitude-pruned at the same width, noised? It answers once, with one of three answers
+(:attr:`TraceReport.answer`): related (*the same chart*, or *up to this signed permutation*), *no
+evidence at this budget* (a failure to reject, with the power the calibration measured there —
+never "not derived"), or *too little data to test*. It estimates the gauge A → B from every layer
 at once and decides by that estimate's calibrated p-value — one held-out statistic pooled over the
 layers and calibrated once against the same Haar rotations, so it is valid whatever the dependence
 between the layers (no combination rule is needed). It also tests every layer separately:
@@ -25,9 +28,12 @@ noise; two independently trained models fail it.
 
 :func:`diff` reports, per layer, what that means for objects made on A: with the gauge A → B,
 the identity fit and the gauge fit at that layer, its p-value and identified fraction, and the
-plain verdict of :func:`~hf_bdgauge.estimate.verdict.layer_verdict` — *same chart: objects at
-this layer move as they are*, *re-charted: transport with the gauge*, or *drifted: do not
-transport* — so a user knows which layers' SAEs and steering vectors carry over to a fine-tune.
+plain verdict of :func:`~hf_bdgauge.estimate.verdict.layer_verdict` (:data:`LAYER_VERDICTS`) —
+*same chart: objects at this layer move as they are*, *re-charted: transport with the gauge*
+(only when the gauge passes :meth:`~hf_bdgauge.gauge.Gauge.check_fit`'s rule,
+:meth:`~hf_bdgauge.gauge.Gauge.fit_problems`), *drifted*, *no evidence at this layer* or *too
+little data to test this layer* — so a user knows which layers' SAEs and steering vectors carry
+over to a fine-tune.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import numpy as np
 import torch
 
 from ..distributed import world
-from ..gauge import Gauge
+from ..gauge import INSUFFICIENT_DATA, Gauge
 from ..hub import resolve_checkpoint_dir
 from ..roles import spec_for_config
 from ..storage import read_model_config, tensor_index
@@ -52,11 +58,13 @@ from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
 from .stats import EstimationError
 from .verdict import (
     CALIBRATION_DRAWS,
+    LAYER_ANSWERS,
     LAYER_VERDICTS,
     LEVEL,
     calibrate,
     cauchy_combination,
     layer_verdict,
+    power_words,
     uninformative,
     weight_parts,
 )
@@ -71,7 +79,8 @@ logger = logging.getLogger(__name__)
 class LayerRow:
     """One layer of a report: ``layer`` (a residual layer, a decoder block ``"block 3"``, or
     ``"outside blocks"``), the p-value of that layer alone, the identified fraction of the
-    report's gauge there, its identity and gauge fits, and the plain verdict."""
+    report's gauge there (that layer's data alone), its identity and gauge fits, the plain
+    verdict (a key of :data:`LAYER_VERDICTS`) and, for a layer too small to test, why."""
 
     layer: Any
     p_value: float
@@ -79,17 +88,29 @@ class LayerRow:
     identity_fit: float
     gauge_fit: float
     verdict: str
+    note: str = ""
 
     @property
     def words(self) -> str:
         return LAYER_VERDICTS[self.verdict]
 
+    @property
+    def answer(self) -> str:
+        """What this layer's test answers (one of :data:`~hf_bdgauge.gauge.ANSWERS`)."""
+        return LAYER_ANSWERS[self.verdict]
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"layer": self.layer, "answer": self.answer, "verdict": self.verdict, "advice": self.words,
+               "p_value": self.p_value, "identified_fraction": self.identified_fraction,
+               "identity_fit": self.identity_fit, "gauge_fit": self.gauge_fit}
+        return {**out, "note": self.note} if self.note else out
+
 
 @dataclass
 class TraceReport:
     """What :func:`trace` / :func:`diff` found: the gauge, the per-layer rows, ``p_value`` — the
-    pooled test of every layer (the gauge's calibrated p-value), which decides ``derived`` at the
-    documented level — and ``layers_p_value``, the Cauchy combination of the rows' p-values."""
+    pooled test of every layer (the gauge's calibrated p-value), whose verdict is the report's
+    :attr:`answer` — and ``layers_p_value``, the Cauchy combination of the rows' p-values."""
 
     gauge: Gauge
     rows: list[LayerRow]
@@ -101,22 +122,54 @@ class TraceReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def derived(self) -> bool:
-        return bool(self.p_value <= self.level)
+    def answer(self) -> str:
+        """Is B derived from A: ``"related"``, ``"no_evidence"`` or ``"insufficient_data"``
+        (:func:`~hf_bdgauge.gauge.answer_of` the gauge's verdict)."""
+        return self.gauge.answer or "related"
 
-    def summary(self) -> str:
-        """A table and a one-line conclusion."""
-        head = f"{'layer':>16}  {'p-value':>10}  {'identified':>10}  {'identity fit':>12}  {'gauge fit':>9}  verdict"
+    @property
+    def derived(self) -> bool:
+        """Whether the answer is "related" (B is derived from A: the same chart, or up to the gauge)."""
+        return self.answer == "related"
+
+    def conclusion(self) -> str:
+        """The one-line answer to "is B derived from A" (``bdgauge trace`` prints it)."""
+        g = self.gauge
+        p = f"p = {self.p_value:.3g} over every layer"
+        cauchy = f"layers' Cauchy combination {self.layers_p_value:.3g}"
+        if self.answer == INSUFFICIENT_DATA:
+            note = g.metrics.get("p_value_note") or "too little data to test"
+            what = f"{note} (whether B is derived from A cannot be tested yet: not a \"no\")"
+        elif self.answer == "no_evidence":
+            what = (f"no evidence that B is derived from A at this budget ({p}, above {self.level}; "
+                    f"{cauchy}): a failure to reject, not proof that it is not; "
+                    f"{power_words(g.metrics.get('tokens') or None)}")
+        elif g.verdict == "identity":
+            what = f"B IS derived from A: the same chart (identity; {p}; {cauchy}; level {self.level})"
+        else:
+            frac = g.identified_fraction or 0.0
+            what = (f"B IS derived from A up to a signed permutation ({p}; {cauchy}; level {self.level}; "
+                    f"{frac:.1%} of its coordinates identified)")
+            problems = g.fit_problems()
+            if problems:
+                what += (f"; the recovered gauge fails its fit check ({'; '.join(problems)}): do not transport "
+                         "with it")
+        return f"{what}; {self.mode}, {self.seconds:.1f} s"
+
+    def table(self) -> str:
+        """The per-layer table (``bdgauge diff`` prints it above the conclusion)."""
+        head = (f"{'layer':>16}  {'p-value':>10}  {'identified':>10}  {'identity fit':>12}  "
+                f"{'gauge fit':>9}  answer and advice (identified: this layer's data alone)")
         lines = [head]
         for r in self.rows:
+            note = r.note if r.note and r.note != self.gauge.metrics.get("p_value_note") else ""  # said once
             lines.append(f"{str(r.layer):>16}  {r.p_value:>10.3g}  {r.identified_fraction:>10.1%}  {r.identity_fit:>12.4f}"
-                         f"  {r.gauge_fit:>9.4f}  {r.words}")
-        ps = f"p = {self.p_value:.3g} over every layer; layers' Cauchy combination {self.layers_p_value:.3g}"
-        what = (f"B IS derived from A up to a signed permutation ({ps}; level {self.level})" if self.derived else
-                f"no evidence that B is derived from A up to a signed permutation ({ps})")
-        lines.append(f"{what}; {self.gauge.identified_fraction or 0.0:.1%} of the coordinates of the recovered gauge "
-                     f"identified; {self.mode}, {self.seconds:.1f} s")
+                         f"  {r.gauge_fit:>9.4f}  {r.words}" + (f" ({note})" if note else ""))
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The per-layer table and the one-line conclusion."""
+        return self.table() + "\n" + self.conclusion()
 
 
 #: the row of the tensors outside the decoder blocks (embedding, head, final norm)
@@ -129,7 +182,7 @@ def _group_of(spec: Any, name: str) -> str:
 
 
 def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: int, revisions: tuple, group: Any = None,
-                  **kw: Any) -> list[LayerRow]:
+                  gauge_problems: list[str] = (), **kw: Any) -> list[LayerRow]:
     """One row per decoder block (and one for the tensors outside the blocks)."""
     if isinstance(source, torch.nn.Module):
         spec = spec_for_config(source.config)
@@ -153,7 +206,8 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: i
         halves = sim.halves
         method = "sign_marginalized" if sim.allows_signs else "permutation"
         if halves is None or not halves[0].tensors or not halves[1].tensors:
-            cal = uninformative(el.dim, "one tensor only")
+            cal = uninformative(el.dim, "one tensor with residual coordinates in this block; its test "
+                                        "needs at least 2 (one per half)")
         else:
             kind = "weights_outside" if block == OUTSIDE_BLOCKS else "weights_block"  # their own references
             cal = calibrate(weight_parts(halves[0], kind), weight_parts(halves[1], kind), method, el, (A, M),
@@ -163,12 +217,15 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: i
         best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)
         # a block's few tensors identify few coordinates alone: its verdict reads the fits (the gauge is
         # the block's own best match) and the block's p-value, and reports the identification beside them
-        rows.append(LayerRow(block, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit,
-                             layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit)))
+        verdict = layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit, insufficient=cal.insufficient,
+                                gauge_problems=gauge_problems)
+        rows.append(LayerRow(block, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict,
+                             cal.note if cal.insufficient else ""))
     return rows
 
 
-def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling: str, group: Any = None) -> list[LayerRow]:
+def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling: str, group: Any = None,
+                     gauge_problems: list[str] = ()) -> list[LayerRow]:
     """One row per residual layer."""
     el = gauge.element
     idx = np.arange(el.dim)
@@ -182,8 +239,10 @@ def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling
         gauge_fit = float(np.mean(el.signs * S[idx, el.perm]))
         best = match_scores(A, S, "sign_marginalized").element
         best_fit = float(np.mean(best.signs * S[idx, best.perm]))
-        rows.append(LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit,
-                             layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit)))
+        verdict = layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit, insufficient=cal.insufficient,
+                                gauge_problems=gauge_problems)
+        rows.append(LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict,
+                             cal.note if cal.insufficient else ""))
     return rows
 
 
@@ -223,7 +282,8 @@ def trace(
                                target_revision=target_revision, calibration_draws=calibration_draws, seed=seed,
                                progress=progress, null_draws=0, group=group, **weights_kwargs)
         rows = _weights_rows(source, target, gauge, draws=calibration_draws, seed=seed,
-                             revisions=(source_revision, target_revision), group=group, **weights_kwargs)
+                             revisions=(source_revision, target_revision), group=group,
+                             gauge_problems=gauge.fit_problems(), **weights_kwargs)
         mode = "data-free (weights)"
     else:
         src_model, tgt_model, tok = _load_pair(source, target, data, tokenizer, source_revision, target_revision)
@@ -233,7 +293,8 @@ def trace(
                                     group=group, across_ranks=True,
                                     source=model_ref(src_model, source_revision, fingerprint=True),
                                     target=model_ref(tgt_model, target_revision, fingerprint=True))
-        rows = _activation_rows(stats, gauge, draws=calibration_draws, seed=seed, pooling="mean_abs", group=group)
+        rows = _activation_rows(stats, gauge, draws=calibration_draws, seed=seed, pooling="mean_abs",
+                                group=group, gauge_problems=gauge.fit_problems())
         mode = f"activations ({stats.n_tokens} tokens)"
     if not rows:
         raise EstimationError("no layer to test")
@@ -242,8 +303,9 @@ def trace(
     report = TraceReport(gauge, rows, p, p_layers, mode=mode, seconds=time.perf_counter() - t0)
     gauge.metrics.setdefault("world_size", world(group)[1])
     gauge.metrics.update(trace_p_value=p, trace_layers_p_value=p_layers, trace_derived=report.derived,
+                         trace_answer=report.answer,
                          trace_layers=[{"layer": r.layer, "p_value": r.p_value, "verdict": r.verdict} for r in rows])
-    logger.info("trace: %s", report.summary().splitlines()[-1])
+    logger.info("trace: %s", report.conclusion())
     return report
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..gauge import Gauge, ModelRef, composed_metrics
+from ..gauge import Gauge, ModelRef, as_gauge, composed_metrics
 from ..hub import split_revision
 from .api import estimate_gauge
 from .capture import load_causal_lm, load_tokenizer, needs_tokenizer
@@ -72,9 +72,11 @@ def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None, check:
     group law :meth:`Gauge.compose` (junctions checked unless ``check=False``): path-minimum
     confidence/margin, ``hops`` = every link's hop records, and the aggregated verdict
     (``no_signed_permutation`` if any link has it). ``method`` names the result (default
-    ``trajectory[<first link's method>]``)."""
+    ``trajectory[<first link's method>]``). Each link is a :class:`Gauge`, a gauge directory or
+    ``repo@revision`` (:func:`~hf_bdgauge.gauge.as_gauge`)."""
     if not gauges:
         raise EstimationError("nothing to compose")
+    gauges = [as_gauge(g) for g in gauges]  # the one resolver of gauge arguments
     d = gauges[0].dim
     total = gauges[0]
     for k, g in enumerate(gauges[1:], 1):

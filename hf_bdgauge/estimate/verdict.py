@@ -1,8 +1,11 @@
 """The verdict of an estimate: a calibrated p-value, which coordinates it identified, what it says.
 
 The one module that decides whether an estimate says *the charts coincide* (``"identity"``),
-*they differ by this gauge* (``"signed_permutation"``) or *no signed permutation relates them*
-(``"no_signed_permutation"``). The activation and the weight methods, compositions and the
+*they differ by this gauge* (``"signed_permutation"``), *no evidence at this budget that a signed
+permutation relates them* (``"no_signed_permutation"``: a failure to reject, with the power the
+calibration measured at that budget, :func:`power_at` — never "not related") or *too little data
+to test* (``"insufficient_data"``: fewer sequences, tokens per half or tensors than the test
+needs, :func:`insufficient_tokens`). The activation and the weight methods, compositions and the
 trace/diff reports all get their verdict from here.
 
 Hypotheses
@@ -52,7 +55,8 @@ null (``T`` averages ``d`` values; the null's skewness is checked small) — and
 ``t`` itself, the Haar-only p-value, always reported as ``p_value_haar``). It reaches the values a
 real gauge earns (planted gauges: ``p ≈ 1e-30`` to ``1e-50``; reported as ``log10_p_value`` too)
 and does not depend on ``null_draws``, which only sets the descriptive ``excess_over_null``.
-Fewer than :data:`MIN_TOKENS_PER_HALF` tokens in a half give ``p = 1``.
+Fewer than :data:`MIN_TOKENS_PER_HALF` tokens in a half (or fewer than two tensors for the
+weights) give ``p = 1`` and the verdict ``"insufficient_data"`` (:func:`uninformative`).
 
 **The documented level is** :data:`LEVEL` = 0.01: ``p ≤ 0.01`` — a signed permutation relates the
 charts; otherwise the verdict is ``"no_signed_permutation"``. Among related pairs the verdict is
@@ -99,7 +103,7 @@ from scipy import stats as sps
 
 from ..distributed import collective_device, on_every_rank, world
 from ..errors import EstimationError
-from ..gauge import DEFAULT_MIN_IDENTIFIED, is_not_a_gauge
+from ..gauge import INSUFFICIENT_DATA, is_not_a_gauge
 from .assignment import ACTIVATION_METHODS, MatchResult, haar_from_gaussian, hungarian
 
 __all__ = [
@@ -115,6 +119,10 @@ __all__ = [
     "weight_parts",
     "calibrate",
     "uninformative",
+    "insufficient_tokens",
+    "POWER_FILE",
+    "power_at",
+    "power_words",
     "predictive_p_value",
     "student_tail",
     "Reference",
@@ -129,6 +137,7 @@ __all__ = [
     "cauchy_combination",
     "layer_verdict",
     "LAYER_VERDICTS",
+    "LAYER_ANSWERS",
     "ROTATION_MIN_ALIGNMENT",
     "rotation_verdict",
 ]
@@ -400,6 +409,8 @@ class Calibration:
     haar_t: float = float("nan")
     haar_p_value: float = float("nan")
     reference: Reference | None = None
+    #: too little data to test (:func:`uninformative`): the verdict is ``"insufficient_data"``
+    insufficient: bool = False
 
     @property
     def related(self) -> bool:
@@ -451,12 +462,87 @@ def _identify(A: np.ndarray, S: np.ndarray, A1: np.ndarray, S1: np.ndarray, A2: 
 
 
 def uninformative(d: int, note: str, *, level: float = LEVEL, id_alpha: float = ID_ALPHA) -> Calibration:
-    """The calibration of statistics too small (or not split) to say anything: ``p = 1``,
-    nothing identified, ``note`` saying why."""
+    """The calibration of statistics too small (or not split) to test at all: ``p = 1``, nothing
+    identified, ``insufficient=True`` (the verdict ``"insufficient_data"``, never "not related"),
+    ``note`` saying what the test needs and how much more to give."""
     nan = float("nan")
     return Calibration(p_value=1.0, log10_p_value=0.0, t=float("-inf"), statistic=nan, null_mean=nan, null_std=nan,
                        null_skew=nan, draws=0, identified=np.zeros(d, dtype=bool), level=level, id_alpha=id_alpha,
-                       note=note)
+                       note=note, insufficient=True)
+
+
+def insufficient_tokens(is_split: bool, half_tokens: tuple[int, int]) -> str | None:
+    """Why activation statistics are too few to test, with how much more to give; ``None`` when
+    they are enough. The test needs two halves (sequences alternate between them, so at least two
+    sequences) of at least :data:`MIN_TOKENS_PER_HALF` tokens each (each sequence's first token is
+    left out). The one rule for every activation test (matching, rotations, ``trace`` rows)."""
+    n0, n1 = (int(n) for n in half_tokens)
+    if is_split and min(n0, n1) >= MIN_TOKENS_PER_HALF:
+        return None
+    short = MIN_TOKENS_PER_HALF - min(n0, n1)
+    if not is_split or min(n0, n1) == 0:
+        more = f"at least one more text of {MIN_TOKENS_PER_HALF + 1}+ tokens"
+    else:
+        more = f"at least {short} more token(s) in the smaller half (about {2 * short} in total)"
+    return (f"too little data to test: the halves hold {n0} and {n1} token(s), and the test needs two "
+            f"halves (at least 2 texts: they alternate between the halves; each text's first token is "
+            f"left out) of at least {MIN_TOKENS_PER_HALF} tokens each: give {more}")
+
+
+# =========================================================================== measured power
+#: the power the calibration measured for related pairs, per token budget (activations) and for
+#: the data-free weights test; written by ``experiments/calibration/power_table.py`` from the
+#: library's calibration results (``experiments/calibration/results-library.md``)
+POWER_FILE = Path(__file__).resolve().parents[1] / "data" / "power.json"
+
+
+@lru_cache(maxsize=1)
+def _power_table() -> dict[str, Any]:
+    try:
+        return json.loads(POWER_FILE.read_text())
+    except (OSError, ValueError) as e:  # pragma: no cover - a broken install
+        logger.warning("no power table (%s)", e)
+        return {}
+
+
+def power_at(tokens: int | None) -> dict[str, Any] | None:
+    """The measured power at ``p <= level`` of the related pair families of the calibration set
+    (:data:`POWER_FILE`), at this budget: ``tokens`` entering activation statistics (both halves;
+    the largest measured budget not above it), or ``None``/0 for the data-free weights test.
+    Returns ``{"test", "tokens_calibrated", "pairs": {family: power}, "source"}``; ``None`` when
+    ``tokens`` is below every measured budget (or no table is installed)."""
+    table = _power_table()
+    if not table:
+        return None
+    if not tokens:
+        return {"test": "weights", "tokens_calibrated": None, "pairs": dict(table["weights"]["pairs"]),
+                "source": table["source"]}
+    acts = table["activations"]
+    k = int(np.searchsorted(acts["tokens"], int(tokens), side="right")) - 1
+    if k < 0:
+        return None
+    return {"test": "activations", "tokens_calibrated": int(acts["tokens"][k]),
+            "pairs": {name: float(v[k]) for name, v in acts["pairs"].items()}, "source": table["source"]}
+
+
+def power_words(tokens: int | None) -> str:
+    """:func:`power_at` in words, for an answer of "no evidence at this budget"."""
+    pw = power_at(tokens)
+    if pw is None:
+        return (f"{tokens} tokens is below every budget the calibration measured: its power there is unknown "
+                "and low; give more text")
+    pairs = pw["pairs"]
+    weakest = min(pairs, key=pairs.get)
+    data_free = pw["tokens_calibrated"] is None
+    at = "of the data-free test" if data_free else f"at {pw['tokens_calibrated']} tokens"
+    if pairs[weakest] == max(pairs.values()):
+        words = f"{pairs[weakest]:.2f} for each of the {len(pairs)} related pair families measured"
+    else:
+        planted = pairs.get("planted", max(pairs.values()))
+        words = (f"{planted:.2f} for a planted gauge, {pairs[weakest]:.2f} for the weakest related pair "
+                 f"measured ({weakest})")
+        words += "" if data_free else "; more text raises it"
+    return f"the calibration's power {at}: {words} [{pw['source']}]"
 
 
 def calibrate(half1: Parts, half2: Parts, method: str, element: Any, full_scores: tuple[np.ndarray, np.ndarray], *,
@@ -531,10 +617,13 @@ def calibrate(half1: Parts, half2: Parts, method: str, element: Any, full_scores
 
 # =========================================================================== the verdict
 def verdict_label(p_value: float, identity_fit: float, matched_fit: float, is_identity: bool = False, *,
-                  level: float = LEVEL, identity_tol: float = 0.01) -> str:
-    """``"no_signed_permutation"`` when ``p_value > level``; else ``"identity"`` when the plain
-    copy fits as well as the estimate (``identity_fit >= matched_fit − identity_tol``, or the
-    estimate is the identity), else ``"signed_permutation"``."""
+                  level: float = LEVEL, identity_tol: float = 0.01, insufficient: bool = False) -> str:
+    """``"insufficient_data"`` when the data were too few to test (``insufficient``); else
+    ``"no_signed_permutation"`` (no evidence at this budget) when ``p_value > level``; else
+    ``"identity"`` when the plain copy fits as well as the estimate (``identity_fit >= matched_fit
+    − identity_tol``, or the estimate is the identity), else ``"signed_permutation"``."""
+    if insufficient:
+        return INSUFFICIENT_DATA
     if not p_value <= level:
         return "no_signed_permutation"
     if is_identity or identity_fit >= matched_fit - identity_tol:
@@ -552,6 +641,7 @@ def fit_metrics(
     what: str = "corr",
     matched_fit: float | None = None,
     weak_excess: float = 0.25,
+    tokens: int | None = None,
 ) -> dict[str, Any]:
     """Fit statistics, the calibrated p-value, the verdict and a one-line summary of a match.
 
@@ -559,7 +649,9 @@ def fit_metrics(
     pass it when the sign-aware fit is computed differently), ``identity_fit``, and, with
     ``null_values`` (the descriptive rotated null, ``null_draws``), ``excess_over_null =
     (matched − null)/(1 − null)`` and ``weak_fit``. Decisive: the verdict from
-    ``calibration.p_value`` at its level (:func:`verdict_label`)."""
+    ``calibration.p_value`` at its level (:func:`verdict_label`). ``tokens``: the budget of an
+    activation test (``None``: the data-free test), for the power an answer of "no evidence"
+    states (:func:`power_words`)."""
     g = match.element
     idx = np.arange(g.dim)
     matched = match.mean_matched
@@ -582,15 +674,16 @@ def fit_metrics(
         out["weak_fit"] = bool(out["excess_over_null"] < weak_excess)
     out.update(calibration.metrics())
     verdict = verdict_label(calibration.p_value, identity_fit, matched_fit, g.is_identity, level=calibration.level,
-                            identity_tol=identity_tol)
+                            identity_tol=identity_tol, insufficient=calibration.insufficient)
     p = f"p = {calibration.p_value:.3g}" if calibration.p_value >= 1e-300 else f"log10 p = {calibration.log10_p_value:.1f}"
     ident = f"{calibration.identified_fraction:.0%} of the coordinates identified"
-    if verdict == "no_signed_permutation":
-        why = calibration.note or (f"the best signed permutation fits no better than an unrelated re-charting "
-                                   f"({p} > {calibration.level})")
-        summary = (f"no signed permutation explains this pair: {why}; the charts are not related by a signed "
-                   "permutation (if one was trained from the other, compose local gauges through intermediate "
-                   "checkpoints with compose_trajectory)")
+    if verdict == INSUFFICIENT_DATA:
+        summary = f"{calibration.note} (this is not a \"no\": nothing can be said about the pair yet)"
+    elif verdict == "no_signed_permutation":
+        summary = (f"no evidence of a signed permutation relating this pair at this budget: the best one "
+                   f"fits no better than an unrelated re-charting ({p} > {calibration.level}) — a failure to "
+                   f"reject, not proof that they are unrelated; {power_words(tokens)} (if one was trained "
+                   "from the other, compose local gauges through intermediate checkpoints)")
     elif verdict == "identity":
         summary = (f"identity ({p}): the plain copy already fits as well as the best signed permutation "
                    f"(sign-aware fit {identity_fit:.3f} vs {matched_fit:.3f}); no re-charting needed")
@@ -612,14 +705,21 @@ def rotation_verdict(fit: Any, *, level: float = LEVEL, identity_tol: float = 0.
                      min_alignment: float = ROTATION_MIN_ALIGNMENT) -> dict[str, Any]:
     """``{"verdict", "summary"}`` of an orthogonal estimate (a
     :class:`~hf_bdgauge.estimate.procrustes.RotationFit`): ``"no_rotation"`` when
-    ``p_value > level`` (no linear trace of the source in the target) or the held-out alignment is
-    below ``min_alignment`` (related, but no rotation explains the target); else ``"identity"`` when
+    ``p_value > level`` (no evidence at this budget of a linear trace of the source in the target)
+    or the held-out alignment is below ``min_alignment`` (related, but no rotation explains the
+    target); ``"insufficient_data"`` when ``fit.note`` says the statistics were too few to test
+    (:func:`insufficient_tokens`); else ``"identity"`` when
     the plain copy aligns as well (``identity_alignment >= alignment − identity_tol``); else
     ``"rotation"``."""
     p = f"p = {fit.p_value:.3g}" if fit.p_value >= 1e-300 else f"log10 p = {fit.log10_p_value:.1f}"
+    if fit.note:  # too few tokens to test (insufficient_tokens)
+        return {"verdict": INSUFFICIENT_DATA, "summary": f"{fit.note} (this is not a \"no\")"}
     if not fit.p_value <= level:
-        why = fit.note or f"the held-out alignment is no better than an unrelated re-charting ({p} > {level})"
-        return {"verdict": "no_rotation", "summary": f"no orthogonal gauge explains this pair: {why}"}
+        return {"verdict": "no_rotation",
+                "summary": (f"no evidence of an orthogonal gauge relating this pair at this budget: the "
+                            f"held-out alignment is no better than an unrelated re-charting ({p} > "
+                            f"{level}) — a failure to reject, not proof that they are unrelated; give more "
+                            "text")}
     if not fit.alignment >= min_alignment:
         return {"verdict": "no_rotation",
                 "summary": (f"no orthogonal gauge explains this pair: the streams are related ({p}) but the best "
@@ -644,12 +744,19 @@ def log_verdict(metrics: dict[str, Any]) -> None:
 
 
 # =========================================================================== per layer
-#: The plain words of a per-layer report (``bdgauge diff``).
+#: The plain words of a per-layer report (``bdgauge diff``): what the layer's test answers and what
+#: that means for objects made at this layer on the source.
 LAYER_VERDICTS = {
-    "identity": "same chart: objects at this layer move as they are",
-    "signed_permutation": "re-charted: transport with the gauge",
-    "drifted": "drifted: do not transport",
+    "identity": "related, same chart: objects at this layer move as they are",
+    "signed_permutation": "related, re-charted: transport with the gauge",
+    "gauge_refused": "related, re-charted, but the gauge fails its fit check: do not transport",
+    "drifted": "related, but the gauge does not fit this layer (drifted): do not transport",
+    "no_evidence": "no evidence of a relation at this layer at this budget: do not transport",
+    INSUFFICIENT_DATA: "too little data to test this layer: do not transport",
 }
+#: The answer (:data:`~hf_bdgauge.gauge.ANSWERS`) each row verdict gives about its layer.
+LAYER_ANSWERS = {"identity": "related", "signed_permutation": "related", "gauge_refused": "related",
+                 "drifted": "related", "no_evidence": "no_evidence", INSUFFICIENT_DATA: INSUFFICIENT_DATA}
 
 
 def cauchy_combination(p_values: Sequence[float], weights: Sequence[float] | None = None) -> float:
@@ -669,23 +776,27 @@ def cauchy_combination(p_values: Sequence[float], weights: Sequence[float] | Non
     return float(min(1.0, max(0.0, 0.5 - math.atan(T) / math.pi)))
 
 
-def layer_verdict(p_value: float, identity_fit: float, gauge_fit: float, best_fit: float,
-                  identified_fraction: float | None = None, *, level: float = LEVEL, identity_tol: float = 0.01,
-                  fit_tol: float = 0.01, min_identified: float | None = None) -> str:
+def layer_verdict(p_value: float, identity_fit: float, gauge_fit: float, best_fit: float, *,
+                  insufficient: bool = False, gauge_problems: Sequence[str] = (), level: float = LEVEL,
+                  identity_tol: float = 0.01, fit_tol: float = 0.01) -> str:
     """One layer's plain verdict (keys of :data:`LAYER_VERDICTS`) for the report's gauge:
 
-    * ``"identity"``: the layer is related (``p_value <= level``) and the plain copy fits it as
-      well as the gauge (``identity_fit >= gauge_fit − identity_tol``);
+    * ``"insufficient_data"``: the layer's data were too few to test (``insufficient``);
+    * ``"no_evidence"``: ``p_value > level`` — no evidence of a relation at this layer at this
+      budget (a failure to reject, not "unrelated");
+    * ``"identity"``: the layer is related and the plain copy fits it as well as the gauge
+      (``identity_fit >= gauge_fit − identity_tol``);
     * ``"signed_permutation"``: related, and the gauge fits the layer as well as the layer's own
-      best signed permutation (``gauge_fit >= best_fit − fit_tol``) with, when the layer's
-      identification is given, at least ``min_identified`` of its coordinates identified (default
-      :data:`~hf_bdgauge.gauge.DEFAULT_MIN_IDENTIFIED`);
-    * ``"drifted"`` otherwise: objects at this layer should not be transported."""
-    floor = DEFAULT_MIN_IDENTIFIED if min_identified is None else min_identified
+      best signed permutation (``gauge_fit >= best_fit − fit_tol``) — only when the gauge passes
+      its fit check (``gauge_problems``: :meth:`~hf_bdgauge.gauge.Gauge.fit_problems`, the rule
+      that :meth:`~hf_bdgauge.gauge.Gauge.check_fit` enforces), else ``"gauge_refused"``;
+    * ``"drifted"`` otherwise: related, but the gauge does not fit this layer."""
+    if insufficient:
+        return INSUFFICIENT_DATA
     if not p_value <= level:
-        return "drifted"
+        return "no_evidence"
     if identity_fit >= gauge_fit - identity_tol:
         return "identity"
-    if gauge_fit >= best_fit - fit_tol and (identified_fraction is None or identified_fraction >= floor):
-        return "signed_permutation"
+    if gauge_fit >= best_fit - fit_tol:
+        return "gauge_refused" if gauge_problems else "signed_permutation"
     return "drifted"

@@ -479,7 +479,9 @@ def estimate_gauge_from_weights(
     t_cal = time.perf_counter()
     halves = sim.halves
     if halves is None or not halves[0].tensors or not halves[1].tensors:
-        cal = uninformative(sim.dim, "fewer than two tensors carry residual coordinates: no calibrated p-value")
+        cal = uninformative(sim.dim, "too little data to test: fewer than two tensors carry "
+                                         "residual coordinates, and the data-free test needs at least 2 "
+                                         "(one per half); estimate from activations instead")
     else:
         cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), how, match.element, (A, M),
                         draws=calibration_draws, seed=seed, group=group, across_ranks=True, reference=reference)

@@ -3,8 +3,9 @@
 Every transport builds the object's :class:`~hf_bdgauge.plan.TransformPlan` (a
 :class:`~hf_bdgauge.rules.TensorRule` per tensor, its residual sizes, its symmetry rule), lets it
 admit the gauge, and moves each tensor through :func:`hf_bdgauge.rules.transform`; none
-re-derives the rules. Each module registers its kind of object with the command line
-(:mod:`.registry`: ``bdgauge transport <kind>``), so a new transportable object is one module.
+re-derives the rules. Each kind of object is one row of the command line's registry
+(:data:`.registry.KINDS`: ``bdgauge transport <kind>``), so a new transportable object is one
+module and one row of that table. The package is lazy: each public name imports its module on first use.
 
 | object | module | rule |
 | --- | --- | --- |
@@ -18,13 +19,23 @@ re-derives the rules. Each module registers its kind of object with the command 
 
 from __future__ import annotations
 
-from .merge import merge_adapters, merge_checkpoints, merge_models, merge_tensors
-from .optimizer import optimizer_parameter_names, transport_optimizer_state
-from .peft import adapter_tensor_rules, transport_adapter, transport_adapter_state_dict, transport_peft_model
-from .probes import IndexSet, LinearProbe, transport_indices, transport_probe
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
 from .registry import TransportKind, register_transport, transport_kinds
-from .sae import SAE, fit_sae, transport_sae
-from .steering import SteeringVector, percent_effect_preserved, transport_steering_vector
+
+#: public name -> the module (relative to this package) that defines it; imported on first use
+#: (PEP 562), so the command line reads :mod:`.registry` without importing torch.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("merge_adapters", "merge_checkpoints", "merge_models", "merge_tensors"), ".merge"),
+    **dict.fromkeys(("optimizer_parameter_names", "transport_optimizer_state"), ".optimizer"),
+    **dict.fromkeys(("adapter_tensor_rules", "transport_adapter", "transport_adapter_state_dict",
+                     "transport_peft_model"), ".peft"),
+    **dict.fromkeys(("IndexSet", "LinearProbe", "transport_indices", "transport_probe"), ".probes"),
+    **dict.fromkeys(("SAE", "fit_sae", "transport_sae"), ".sae"),
+    **dict.fromkeys(("SteeringVector", "percent_effect_preserved", "transport_steering_vector"), ".steering"),
+}
 
 __all__ = [
     "TransportKind",
@@ -51,3 +62,34 @@ __all__ = [
     "transport_probe",
     "transport_indices",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: import the module that defines public ``name`` on first use, and cache it (a
+    submodule's own name imports it)."""
+    module = _LAZY.get(name)
+    if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .merge import merge_adapters, merge_checkpoints, merge_models, merge_tensors
+    from .optimizer import optimizer_parameter_names, transport_optimizer_state
+    from .peft import (
+        adapter_tensor_rules,
+        transport_adapter,
+        transport_adapter_state_dict,
+        transport_peft_model,
+    )
+    from .probes import IndexSet, LinearProbe, transport_indices, transport_probe
+    from .sae import SAE, fit_sae, transport_sae
+    from .steering import SteeringVector, percent_effect_preserved, transport_steering_vector

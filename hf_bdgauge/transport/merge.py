@@ -35,7 +35,7 @@ import torch
 
 from ..errors import CheckpointError, TransportError
 from ..files import atomic_directory
-from ..gauge import Gauge
+from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
 from ..hub import resolve_checkpoint_dir, resolve_dir
 from ..plan import TransformPlan
@@ -65,6 +65,7 @@ def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], refe
     for i, (g, plan) in enumerate(zip(gauges, plans)):
         el = None
         if g is not None:
+            g = as_gauge(g)  # an object, a gauge directory or repo@revision
             el = plan.admit(g, end="source", force=force)
             reference.admit(g, end="target", force=force)
         out.append(None if el is None or el.is_identity else el)
@@ -285,7 +286,8 @@ def merge_adapters(
         raise TransportError("no adapters to merge")
     if len(weights) != n:
         raise TransportError(f"{len(weights)} weights given for {n} adapters")
-    gl = list(gauges) if gauges is not None else [None] * n
+    # each an object, a gauge directory or repo@revision, resolved before anything is loaded
+    gl = [None if g is None else as_gauge(g) for g in gauges] if gauges is not None else [None] * n
     rl = list(revisions) if revisions is not None else [None] * n
     if len(gl) != n or len(rl) != n:
         raise TransportError("gauges and revisions must have one entry per adapter")

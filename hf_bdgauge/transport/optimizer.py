@@ -36,27 +36,28 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import CheckpointError, DimensionMismatchError, GaugeError, OrthogonalGaugeError, TransportError
+from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError, Words
 from ..files import atomic_write_bytes
-from ..gauge import Gauge
+from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
 from ..orthogonal import Orthogonal
 from ..hub import resolve_checkpoint_dir, resolve_file, split_revision
 from ..plan import TransformPlan
 from ..roles import ArchitectureSpec, hidden_size_of, spec_for_model
 from ..rules import Role, TensorRule, transform
-from .peft import adapter_tensor_rules
-from .registry import TransportKind, register_transport
+from .peft import adapter_tensor_rules, refuse_missing_gains
 
 __all__ = [
     "FIRST_MOMENT_KEYS",
     "SECOND_MOMENT_KEYS",
     "optimizer_parameter_names",
+    "read_optimizer_state",
     "transport_optimizer_state",
 ]
 
@@ -125,10 +126,29 @@ def _entry_kind(key: str, value: Any) -> str:
         f"{sorted(FIRST_MOMENT_KEYS)} nor a known second moment {sorted(SECOND_MOMENT_KEYS)}; cannot transport it")
 
 
+def read_optimizer_state(path: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """An optimizer state dict saved with ``torch.save(optimizer.state_dict(), path)``: a local
+    file or ``namespace/name[@revision]/path/in/repo``, read with ``weights_only=True`` (no code
+    runs). A file that is not one raises :class:`CheckpointError` naming it and what was expected."""
+    p = resolve_file(path, revision, what="optimizer state")
+    expected = "an optimizer state_dict saved with torch.save (a .pt file holding 'state' and 'param_groups')"
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types, with bare numbers or unsafe advice as messages
+        raise CheckpointError(f"cannot read {p}: expected {expected}; it is not a file torch.load reads "
+                              f"without running code ({type(e).__name__})") from e
+    if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
+        got = f"a {type(state).__name__}"
+        if isinstance(state, Mapping):
+            got += f" with keys {sorted(map(str, state))[:6]}"
+        raise CheckpointError(f"cannot read {p}: expected {expected}, got {got}")
+    return dict(state)
+
+
 def transport_optimizer_state(
-    state_dict: Mapping[str, Any],
+    state_dict: Mapping[str, Any] | str | os.PathLike,
     params: torch.nn.Module | Sequence[str],
-    gauge: Gauge | SignedPermutation,
+    gauge: Gauge | SignedPermutation | str | os.PathLike,
     spec: ArchitectureSpec | None = None,
     *,
     force: bool = False,
@@ -138,7 +158,8 @@ def transport_optimizer_state(
 
     Parameters
     ----------
-    state_dict: an optimizer state dict; it is not modified.
+    state_dict: an optimizer state dict (it is not modified), or its file, local or
+        ``namespace/name[@revision]/path`` (:func:`read_optimizer_state`).
     params: the model the optimizer trains (its ``named_parameters()`` order, or its trainable
         parameters' order, is taken as the optimizer's) or the parameter names in optimizer
         order (see :func:`optimizer_parameter_names`). Ignored when the state dict's groups carry
@@ -154,6 +175,9 @@ def transport_optimizer_state(
     optimizer over the re-charted model. ``approximate``: under a rotation, move second moments
     by ``(R∘R)`` instead of refusing them (recorded in every param group).
     """
+    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+    if isinstance(state_dict, (str, os.PathLike)):  # a file, local or on the Hub
+        state_dict = read_optimizer_state(state_dict)
     # a PeftModel: the family and width are its base model's
     inner = params.get_base_model() if hasattr(params, "get_base_model") else params
     if spec is None:
@@ -174,6 +198,7 @@ def transport_optimizer_state(
         raise OrthogonalGaugeError("this gauge folds the norm gains too: optimizer state accumulated on the unfolded "
                                    "model does not belong to the folded one (its updates are not equivariant under the "
                                    "fold); fold first, then train or warm the state up on the folded model")
+    refuse_missing_gains(gauge, g, rules, spec)  # the state of a reader needs its gains, as an adapter does
     plan: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
     for pid, entries in state_dict["state"].items():
         name = id_to_name.get(int(pid))
@@ -190,8 +215,9 @@ def transport_optimizer_state(
             if rotation and kind == "second" and rule.role is not Role.NONE and not approximate:
                 raise OrthogonalGaugeError(
                     f"state {key!r} of {name}: Adam's second moments are not rotation-equivariant (those of R·g are not "
-                    "a function of those of g); pass approximate=True (CLI: --approximate) to move them by (R∘R)·v, "
-                    "the diagonal of R·diag(v)·Rᵀ, and have the result record it")
+                    "a function of those of g); pass {approximate} to move them by (R∘R)·v, "
+                    "the diagonal of R·diag(v)·Rᵀ, and have the result record it",
+                    options={"approximate": Words("approximate=True", "--approximate")})
             if kind != "scalar":
                 if name in shapes and tuple(val.shape) != shapes[name]:
                     raise TransportError(
@@ -230,33 +256,15 @@ def transport_optimizer_state(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli_run(args: Any, gauge: Gauge) -> Path:
-    if not args.model:
-        raise GaugeError("transport optimizer needs --model DIR_OR_REPO (the source model: parameter names and roles)")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name, rev = split_revision(args.model, args.model_revision)
     config = AutoConfig.from_pretrained(str(resolve_checkpoint_dir(name, rev)), trust_remote_code=False)
     with torch.device("meta"):  # names, order and shapes only: no weights are needed
         model = AutoModelForCausalLM.from_config(config)
-    path = resolve_file(args.src, args.revision, what="optimizer state")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for non-state files
-        raise CheckpointError(f"cannot read optimizer state from {path} (torch.load, weights_only=True): {e}") from e
+    state = read_optimizer_state(args.src, args.revision)
     moved = transport_optimizer_state(state, model, gauge, force=args.force, approximate=args.approximate)
     buf = io.BytesIO()
     torch.save(moved, buf)
     return atomic_write_bytes(args.dst, buf.getvalue(), overwrite=args.overwrite)
 
-
-def _cli_arguments(p: Any) -> None:
-    p.add_argument("--model", help="the source model (dir or repo@revision): parameter names, order and roles")
-    p.add_argument("--model-revision", help="revision of --model")
-    p.add_argument("--approximate", action="store_true", help="under a rotation gauge: move Adam's second moments "
-                   "by (R∘R)·v instead of refusing them (recorded in the output's param groups)")
-
-
-register_transport(TransportKind(
-    "optimizer", "optimizer state (AdamW, SGD, …): first moments like their parameters, second moments by P",
-    "a torch .pt state_dict (read with weights_only=True), local or namespace/name[@revision]/path", _cli_run,
-    _cli_arguments))

@@ -46,10 +46,17 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
-from ..errors import CheckpointError, HubError, OrthogonalGaugeError, TransportError, UnsupportedArchitectureError
+from ..errors import (
+    CheckpointError,
+    HubError,
+    OrthogonalGaugeError,
+    TransportError,
+    UnsupportedArchitectureError,
+    Words,
+)
 from ..files import atomic_directory, read_json_object
-from ..fold import gain_feeding
-from ..gauge import Gauge, transport_record
+from ..fold import fed_by_a_pre_norm, gain_feeding
+from ..gauge import Gauge, as_gauge, transport_record
 from ..group import SignedPermutation
 from ..fingerprint import check_fingerprint, model_fingerprint
 from ..hub import cached_snapshot, hub_file, is_local, resolve_dir
@@ -65,7 +72,6 @@ from ..roles import (
 )
 from ..rules import Role, TensorRule, scale_residual
 from ..storage import read_model_config
-from .registry import TransportKind, register_transport
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
@@ -79,6 +85,7 @@ __all__ = [
     "adapter_tensor_rules",
     "transport_adapter_state_dict",
     "move_adapter_tensors",
+    "refuse_missing_gains",
     "transport_adapter",
     "transport_peft_model",
 ]
@@ -295,6 +302,7 @@ def transport_adapter_state_dict(
     All rules and sizes are checked before anything is computed (the adapter's transform plan);
     the gauge must be a symmetry of the family (:meth:`ArchitectureSpec.check_element`).
     """
+    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     g = gauge.element if isinstance(gauge, Gauge) else gauge
     plan = adapter_plan(state_dict, spec, g.dim, fan_in_fan_out=fan_in_fan_out)
     g = plan.admit(gauge, force=force)
@@ -315,6 +323,45 @@ def _rotation_rule(rules: Mapping[str, TensorRule]) -> Any:
     return check
 
 
+#: how to make a gauge that records both ends' norm gains, per interface
+_REESTIMATE = Words(
+    "re-make the gauge with the models themselves, so that it records their gains: "
+    "estimate_gauge(source_model, target_model, ..., method=\"orthogonal\") (or \"orthogonal_weights\", or "
+    "gauge_from_capture on statistics captured by this version), fold_and_rotate(model, r), or "
+    "gauge_from_transform_config(target, source); or move an adapter trained on the folded source "
+    "(fold_norm_gains) instead; if both models are known to be folded, say so: "
+    "Gauge(r, unit_gains={\"source\": True, \"target\": True})",
+    "re-estimate the gauge with bdgauge estimate SOURCE TARGET --method orthogonal (or orthogonal_weights), "
+    "which records the models' gains, or move an adapter trained on the folded source instead")
+
+
+def refuse_missing_gains(gauge: Any, g: Any, rules: Mapping[str, TensorRule], spec: ArchitectureSpec) -> None:
+    """Refuse (:class:`~hf_bdgauge.errors.OrthogonalGaugeError`, the tensors and the missing gains
+    named) to move tensors on a reader fed by a pre-norm gain (a LoRA ``A``, a DoRA magnitude, a
+    copy of the weight) with a gauge that does not carry what they need
+    (:meth:`~hf_bdgauge.gauge.Gauge.readers_gain_problem`: ``W ↦ W·diag(g_s)·Gᵀ·diag(1/g_t)``). A bare
+    rotation records nothing about the gains; a bare signed permutation needs nothing."""
+    if isinstance(gauge, Gauge):
+        problem = gauge.readers_gain_problem()
+        model_type = next((ref.fingerprint.get("model_type") for ref in (gauge.source, gauge.target)
+                           if isinstance(ref.fingerprint, dict) and ref.fingerprint.get("model_type")), None)
+    else:
+        problem = "a bare rotation records nothing about the models' norm gains" \
+            if isinstance(g, Orthogonal) else None
+        model_type = None
+    if problem is None:
+        return
+    hit = sorted(n for n, r in rules.items()
+                 if (r.role is Role.READ or parse_adapter_tensor_name(n).kind == "magnitude")
+                 and fed_by_a_pre_norm(spec, model_type, parse_adapter_tensor_name(n).base_name))
+    if hit:
+        shown = ", ".join(hit[:4]) + (f" … ({len(hit)} in all)" if len(hit) > 4 else "")
+        raise OrthogonalGaugeError(
+            f"these tensors sit on readers fed by a pre-norm gain g, which move by "
+            f"W·diag(g_source)·Gᵀ·diag(1/g_target): {shown}; the gauge does not carry that: {problem}. "
+            "To move them, {reestimate}", options={"reestimate": _REESTIMATE})
+
+
 def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor], gauge: Any, g: Any,
                          spec: ArchitectureSpec) -> dict[str, torch.Tensor]:
     """Every tensor of an adapter moved by the admitted element ``g`` under its rule (the one
@@ -327,6 +374,7 @@ def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor
     from a transform config whose target also rotates some modules by non-residual transforms
     (SpinQuant's R2 on v/o, online R3/R4) refuses adapters on those modules
     (:func:`~hf_bdgauge.transform_config.refuse_other_rotations`)."""
+    refuse_missing_gains(gauge, g, plan.rules, spec)
     if isinstance(g, Orthogonal):
         from ..transform_config import refuse_other_rotations
 
@@ -403,7 +451,8 @@ def _read_adapter_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+        raise CheckpointError(f"cannot read {path}: expected a safetensors file of adapter weights (truncated or "
+                              f"corrupt?): {e}") from e
     return tensors, meta
 
 
@@ -560,6 +609,7 @@ def transport_adapter(
     ``huggingface_hub.HfApi().upload_folder``. Only safetensors weights are read; an adapter
     with only ``adapter_model.bin`` raises :class:`CheckpointError`.
     """
+    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     src = _resolve_adapter_dir(adapter_dir_or_repo, revision, subfolder)
     cfg = _read_adapter_config(src)
     tensors, meta = _read_adapter_weights(src)
@@ -643,6 +693,7 @@ def transport_peft_model(
     ``adapter_names`` limits the adapters moved (default: all). When ``gauge`` is a Gauge with
     a target model id, the moved adapters' configs name the target as their base.
     """
+    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     base = peft_model.get_base_model()
     spec = spec_for_model(base)
     configs = dict(getattr(peft_model, "peft_config", {}) or {})
@@ -680,6 +731,8 @@ def transport_peft_model(
     plan = TransformPlan.for_model(base, spec=spec, names=flat, rules=rules, what=f"PeftModel ({spec.name})")
     plan.fingerprint_of = None  # PEFT wraps the base's tensor names; the adapter itself has no fingerprint
     g = plan.admit(gauge, force=force)
+    owned = {n: r for n, r in rules.items() if n in flat and parse_adapter_tensor_name(n).is_adapter_owned}
+    refuse_missing_gains(gauge, g, owned, spec)  # a base moved with its adapter stays consistent
     if isinstance(g, Orthogonal):
         raise OrthogonalGaugeError("rotating a PeftModel in memory is not supported yet: save the adapter and use "
                                    "transport_adapter, and rotate the folded base with apply_gauge")
@@ -708,13 +761,3 @@ def _cli_run(args: Any, gauge: Gauge) -> Path:
                              overwrite=args.overwrite, base_model_name_or_path=args.base_model,
                              base_model_revision=args.base_model_revision, force=args.force)
 
-
-def _cli_arguments(p: Any) -> None:
-    p.add_argument("--base-model", help="base_model_name_or_path to record (default: the gauge's target)")
-    p.add_argument("--base-model-revision", help="base model revision to record")
-    p.add_argument("--subfolder", help="the adapter's folder inside SRC")
-
-
-register_transport(TransportKind(
-    "adapter", "a PEFT LoRA adapter (LoRA, rsLoRA, DoRA, embedding LoRA, modules_to_save)",
-    "adapter directory, or namespace/name[@revision][/subfolder] on the Hub", _cli_run, _cli_arguments))

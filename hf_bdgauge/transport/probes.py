@@ -42,13 +42,12 @@ from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError
 from ..files import atomic_write_bytes
-from ..gauge import Gauge, transport_record
+from ..gauge import Gauge, as_gauge, transport_record
 from ..group import SignedPermutation
 from ..orthogonal import Orthogonal
 from ..hub import resolve_file
 from ..plan import TransformPlan
 from ..rules import READ
-from .registry import TransportKind, register_transport
 
 __all__ = [
     "LinearProbe",
@@ -120,6 +119,7 @@ class LinearProbe:
 
     def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "LinearProbe":
         """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged."""
+        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         plan = TransformPlan.for_tensors({"weight": tuple(self.weight.shape)}, {"weight": READ}, self.dim,
                                          what="the probe", dim_label="d={d}",
                                          check_rotation=lambda r: None)  # W ↦ W·Rᵀ: exact
@@ -246,6 +246,7 @@ class IndexSet:
 
     def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "IndexSet":
         """``i ↦ π(i)``, ``sign ↦ s_i·sign``, signed ``score ↦ s_i·score`` (order kept)."""
+        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         g = gauge.element if isinstance(gauge, Gauge) else gauge
         if isinstance(g, Orthogonal):
             raise OrthogonalGaugeError(
@@ -300,8 +301,12 @@ class IndexSet:
         return cls.from_dict(data)
 
 
-def transport_probe(probe: LinearProbe, gauge: "Gauge | SignedPermutation") -> LinearProbe:
-    """``W ↦ W·Gᵀ``, bias unchanged (see :meth:`LinearProbe.transport`)."""
+def transport_probe(probe: "LinearProbe | str | os.PathLike",
+                    gauge: "Gauge | SignedPermutation | str | os.PathLike") -> LinearProbe:
+    """``W ↦ W·Gᵀ``, bias unchanged (see :meth:`LinearProbe.transport`). ``probe``: the object or
+    its file (:meth:`LinearProbe.load`); ``gauge``: the object, a gauge directory or ``repo@revision``."""
+    if isinstance(probe, (str, os.PathLike)):
+        probe = LinearProbe.load(probe)
     return probe.transport(gauge)
 
 
@@ -310,7 +315,10 @@ def transport_indices(
     gauge: "Gauge | SignedPermutation",
     signs: Iterable[int] | None = None,
 ) -> IndexSet:
-    """Transport an :class:`IndexSet`, or a plain list of indices (with optional signs)."""
+    """Transport an :class:`IndexSet` (or its file, :meth:`IndexSet.load`), or a plain list of
+    indices (with optional signs); ``gauge``: the object, a gauge directory or ``repo@revision``."""
+    if isinstance(indices, (str, os.PathLike)):
+        indices = IndexSet.load(indices)
     s = indices if isinstance(indices, IndexSet) else IndexSet(indices, None if signs is None else np.asarray(list(signs)))
     return s.transport(gauge)
 
@@ -325,10 +333,3 @@ def _cli_indices(args: Any, gauge: Gauge) -> Path:
     moved = IndexSet.load(args.src, revision=args.revision).transport(gauge, force=args.force)
     return moved.save(args.dst, overwrite=args.overwrite)
 
-
-register_transport(TransportKind(
-    "probe", "a linear probe on the residual stream (w -> w·Gᵀ, bias unchanged)",
-    "a probe .safetensors file, local or namespace/name[@revision]/path", _cli_probe))
-register_transport(TransportKind(
-    "indices", "a signed index set of residual coordinates (i -> π(i), sign -> s_i·sign)",
-    "an index-set .json file, local or namespace/name[@revision]/path", _cli_indices))

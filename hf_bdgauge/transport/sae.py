@@ -58,13 +58,12 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError, UnsupportedArchitectureError
 from ..files import atomic_directory, read_json_object
-from ..gauge import Gauge, transport_record
+from ..gauge import Gauge, as_gauge, transport_record
 from ..group import SignedPermutation
 from ..hub import resolve_dir
 from ..layers import from_hook_name, hook_block
 from ..plan import TransformPlan
 from ..rules import WRITE, Role, TensorRule
-from .registry import TransportKind, register_transport
 
 __all__ = [
     "SAE",
@@ -459,6 +458,7 @@ class SAE:
         names a layer the gauge's models lack, or a gauge flipping some coordinates but not all
         on a ``layer_norm`` SAE.
         """
+        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         hook = self.hook_name
         if self.cfg.get("reshape_activations", "none") != "none" or (hook and _NON_RESIDUAL_HOOK.search(str(hook))):
             raise TransportError(
@@ -571,7 +571,3 @@ def _cli_run(args: Any, gauge: Gauge) -> Path:
     transport_sae(SAE.load(args.src, revision=args.revision), gauge, args.dst, overwrite=args.overwrite, force=args.force)
     return Path(args.dst)
 
-
-register_transport(TransportKind(
-    "sae", "a sparse autoencoder in SAELens's format (cfg.json + sae_weights.safetensors)",
-    "SAE directory, or namespace/name[@revision][/folder] on the Hub", _cli_run))

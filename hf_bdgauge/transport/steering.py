@@ -70,18 +70,19 @@ from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError, DimensionMismatchError, TransportError
 from ..files import atomic_file, atomic_write_bytes, check_destination
-from ..gauge import Gauge, transport_record
+from ..gauge import Gauge, as_gauge, transport_record
 from ..group import SignedPermutation
 from ..hub import resolve_file
 from ..layers import add_to_residual, decoder_blocks, from_block_output, residual_states, resolve_layer, to_block_output
 from ..plan import TransformPlan
 from ..roles import hidden_size_of
 from ..rules import WRITE
-from .registry import TransportKind, register_transport
 
 __all__ = [
     "SteeringVector",
     "STEERING_FORMAT",
+    "SUFFIXES",
+    "NUM_LAYERS_KEY",
     "CONTROL_VECTOR_ARCH",
     "transport_steering_vector",
     "decoder_layers",
@@ -103,6 +104,13 @@ CONTROL_VECTOR_ARCH = "controlvector"
 _DIRECTION = re.compile(r"direction\.(\d+)")
 _GGUF_META_KEY = "hf_bdgauge.metadata"
 _GGUF_VERSION_KEY = "hf_bdgauge.format_version"
+#: The metadata key that records the number of decoder blocks of the vector's model (set by
+#: :meth:`SteeringVector.from_mean_difference` and :meth:`SteeringVector.transport` when known).
+NUM_LAYERS_KEY = "num_hidden_layers"
+#: Output suffix -> format: :meth:`SteeringVector.write` (and ``bdgauge transport steering``)
+#: pick the writer by it and refuse any other suffix.
+SUFFIXES = {".safetensors": "hf_bdgauge steering vector (safetensors)",
+            ".gguf": "llama.cpp control vector (GGUF)"}
 
 
 def _import_gguf(action: str) -> Any:
@@ -185,6 +193,18 @@ class SteeringVector:
     def layers(self) -> list[int]:
         return list(self.layer_vectors)
 
+    @property
+    def num_layers(self) -> int | None:
+        """The number of decoder blocks of the vector's model, when recorded (metadata
+        ``num_hidden_layers``), else ``None``."""
+        value = self.metadata.get(NUM_LAYERS_KEY)
+        try:
+            n = int(value) if value is not None else None
+        except ValueError:
+            raise TransportError(f"the steering vector's metadata {NUM_LAYERS_KEY}={value!r} is not an "
+                                 "integer") from None
+        return n if n is not None and n > 0 else None
+
     def __getitem__(self, layer: int) -> torch.Tensor:
         return self.layer_vectors[layer]
 
@@ -229,7 +249,7 @@ class SteeringVector:
         pos, neg = per_prompt(positive), per_prompt(negative)
         dtype = next(model.parameters()).dtype
         vecs = {i: (pos[i] - neg[i]).to(dtype) for i in layers}
-        meta = {"method": f"mean_difference_{reduce}"}
+        meta = {"method": f"mean_difference_{reduce}", NUM_LAYERS_KEY: str(len(decoder_blocks(model)))}
         config = getattr(model, "config", None)
         name = getattr(config, "_name_or_path", None)
         if name:
@@ -290,7 +310,10 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write a safetensors file (atomically): tensors ``layer.<i>`` plus string metadata."""
+        """Write a safetensors file (atomically): tensors ``layer.<i>`` plus string metadata.
+        ``path`` must end in ``.safetensors`` (:meth:`write` picks the format by suffix);
+        raises :class:`TransportError` otherwise."""
+        _output_format(path, {".safetensors"})
         tensors = {f"layer.{i}": v.detach().cpu().contiguous() for i, v in self.layer_vectors.items()}
         meta = {
             "format": STEERING_FORMAT,
@@ -330,6 +353,20 @@ class SteeringVector:
             vecs = {from_block_output(k): v for k, v in vecs.items()}
         return cls(vecs, layer_type, user_meta)
 
+    def write(self, path: str | os.PathLike, *, overwrite: bool = False, num_layers: int | None = None,
+              model_hint: str | None = None) -> Path:
+        """Write the vector in the format ``path``'s suffix names (:data:`SUFFIXES`):
+        ``.safetensors`` by :meth:`save`, ``.gguf`` by :meth:`save_gguf` (``num_layers`` and
+        ``model_hint`` are the GGUF writer's). Raises :class:`TransportError` for another suffix,
+        or for ``num_layers``/``model_hint`` with a ``.safetensors`` path (they would be ignored)."""
+        suffix = _output_format(path, set(SUFFIXES))
+        if suffix == ".gguf":
+            return self.save_gguf(path, model_hint=model_hint, num_layers=num_layers, overwrite=overwrite)
+        if num_layers is not None or model_hint is not None:
+            raise TransportError("num_layers= and model_hint= apply to a .gguf output (a llama.cpp control "
+                                 f"vector), not to {path}")
+        return self.save(path, overwrite=overwrite)
+
     # ------------------------------------------------------------------ llama.cpp control vectors
     def _gguf_layers(self, num_layers: int | None) -> dict[int, torch.Tensor]:
         """``direction.<n>`` indices (block ``n``'s output = residual layer ``n + 1``)."""
@@ -366,15 +403,27 @@ class SteeringVector:
         Residual layer ``ℓ`` becomes tensor ``direction.<ℓ − 1>`` (float32 [d]); llama.cpp adds it
         to the output of decoder block ``ℓ − 1``, as :meth:`apply` does (module docstring). ``model_hint``
         (``controlvector.model_hint``) defaults to the metadata's ``model_hint`` or ``model_type``;
-        ``num_layers`` resolves negative keys and checks the others. The metadata travels in the
-        string key ``hf_bdgauge.metadata`` (ignored by llama.cpp and repeng).
+        ``num_layers`` (default: :attr:`num_layers`, the depth recorded with the vector) resolves
+        negative keys and refuses a layer past the last block, which llama.cpp would ignore without
+        a word; when neither is known the file is written unchecked, with a warning. The metadata
+        travels in the string key ``hf_bdgauge.metadata`` (ignored by llama.cpp and repeng).
 
         Raises :class:`TransportError` for residual layers 0 and 1 (no slot), a negative key
-        without ``num_layers``, a key out of range, a non-decoder-block vector, non-finite entries
-        or no model hint; :class:`CheckpointError` when ``path`` exists and not ``overwrite``.
-        Nothing is written on error.
+        without ``num_layers``, a key out of range, a ``num_layers`` other than the recorded one, a
+        non-decoder-block vector, non-finite entries or no model hint; :class:`CheckpointError`
+        when ``path`` exists and not ``overwrite``. Nothing is written on error.
         """
         gguf = _import_gguf("writing")
+        recorded = self.num_layers
+        if num_layers is not None and recorded is not None and num_layers != recorded:
+            raise TransportError(f"num_layers={num_layers}, but the vector's model has {recorded} decoder "
+                                 f"blocks (metadata {NUM_LAYERS_KEY}); leave num_layers out or pass "
+                                 f"{recorded}")
+        num_layers = recorded if num_layers is None else num_layers
+        if num_layers is None:
+            logger.warning("writing %s without knowing the model's number of decoder blocks: llama.cpp "
+                           "ignores, without a word, a direction past its last block; pass num_layers= to "
+                           "check", path)
         layers = self._gguf_layers(num_layers)
         hint = model_hint or self.metadata.get("model_hint") or self.metadata.get("model_type")
         if not hint:
@@ -522,13 +571,19 @@ class SteeringVector:
         Raises :class:`DimensionMismatchError` when ``d`` differs from the gauge's dimension and
         :class:`TransportError` for a layer the gauge's models lack (when its fingerprints
         record ``num_hidden_layers``)."""
+        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         plan = self.plan()
         g = plan.admit(gauge, force=force)
         n_layers = _recorded_num_layers(gauge)
         if n_layers is not None:  # the gauge knows its models' depth: a layer they lack is an error now
             self._resolve_layers(n_layers, None)
+            if self.num_layers is not None and self.num_layers != n_layers:
+                raise TransportError(f"the steering vector was made on a model of {self.num_layers} decoder "
+                                     f"blocks, but the gauge's models have {n_layers}")
         vecs = {i: plan.transform(f"layer.{i}", v, g) for i, v in self.layer_vectors.items()}
         meta = dict(self.metadata)
+        if n_layers is not None:
+            meta[NUM_LAYERS_KEY] = str(n_layers)  # the target's depth, for its llama.cpp file's check
         record = transport_record(gauge, object_model=meta.get("model_id"), forced=plan.forced)
         if isinstance(gauge, Gauge):
             if gauge.target.model_id:
@@ -542,8 +597,13 @@ class SteeringVector:
         return SteeringVector(vecs, self.layer_type, meta)
 
 
-def transport_steering_vector(vector: SteeringVector, gauge: "Gauge | SignedPermutation") -> SteeringVector:
-    """``v_ℓ ↦ G·v_ℓ`` for every layer (see :meth:`SteeringVector.transport`)."""
+def transport_steering_vector(vector: "SteeringVector | str | os.PathLike",
+                              gauge: "Gauge | SignedPermutation | str | os.PathLike") -> SteeringVector:
+    """``v_ℓ ↦ G·v_ℓ`` for every layer (see :meth:`SteeringVector.transport`). ``vector``: the
+    object or its file (:meth:`SteeringVector.load`: local or ``namespace/name[@revision]/path``);
+    ``gauge``: the object, a gauge directory or ``repo@revision``."""
+    if isinstance(vector, (str, os.PathLike)):
+        vector = SteeringVector.load(vector)
     return vector.transport(gauge)
 
 
@@ -590,20 +650,35 @@ def percent_effect_preserved(delta_source: torch.Tensor, delta_target: torch.Ten
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli_run(args: Any, gauge: Gauge) -> Path:
+    """``bdgauge transport steering SRC GAUGE DST``: DST's suffix picks the writer (refused before
+    any work when unknown); a .gguf DST is checked against the model's depth (``--num-layers``, or
+    the gauge's fingerprints, or the depth recorded with the vector; refused when none knows it)."""
+    to_gguf = _output_format(args.dst, set(SUFFIXES), flag="DST") == ".gguf"
+    if args.num_layers is not None and not to_gguf:
+        raise TransportError("--num-layers applies to a .gguf DST (a llama.cpp control vector)")
     gguf_in = str(args.src).endswith(".gguf")
     src = resolve_file(args.src, args.revision, what="steering vector")
     moved = (SteeringVector.load_gguf(src) if gguf_in else SteeringVector.load(src)).transport(gauge, force=args.force)
-    if str(args.dst).endswith(".gguf"):
-        return moved.save_gguf(args.dst, overwrite=args.overwrite, num_layers=args.num_layers)
-    return moved.save(args.dst, overwrite=args.overwrite)
+    if not to_gguf:
+        return moved.save(args.dst, overwrite=args.overwrite)
+    known = moved.num_layers
+    if args.num_layers is not None and known is not None and args.num_layers != known:
+        raise TransportError(f"--num-layers {args.num_layers}, but the model has {known} decoder blocks "
+                             f"(recorded by the gauge or the vector); leave --num-layers out or pass {known}")
+    if args.num_layers is None and known is None:
+        raise TransportError("the model's number of decoder blocks is not recorded (by the gauge's "
+                             "fingerprints or the vector), and llama.cpp ignores a direction past its last "
+                             "block without a word: pass --num-layers N")
+    return moved.save_gguf(args.dst, overwrite=args.overwrite, num_layers=args.num_layers)
 
 
-def _cli_arguments(p: Any) -> None:
-    p.add_argument("--num-layers", type=int, help="steering → .gguf: the model's number of decoder blocks (resolves "
-                   "negative layer keys)")
+def _output_format(path: str | os.PathLike, accepted: set[str], flag: str = "path") -> str:
+    """The suffix of ``path`` if it is one of ``accepted``; a :class:`TransportError` naming them
+    otherwise (an output's format is chosen by its suffix, never guessed)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in accepted:
+        names = ", ".join(f"{s} ({SUFFIXES[s]})" for s in sorted(accepted))
+        raise TransportError(f"{flag} {os.fspath(path)!r}: a steering vector is written as {names}; name it "
+                             f"with {'that suffix' if len(accepted) == 1 else 'one of these suffixes'}")
+    return suffix
 
-
-register_transport(TransportKind(
-    "steering", "a steering vector (hf_bdgauge .safetensors, or a llama.cpp control-vector .gguf)",
-    "a .safetensors / .gguf file, local or namespace/name[@revision]/path; DST's suffix picks the format", _cli_run,
-    _cli_arguments))
