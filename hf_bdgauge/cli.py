@@ -178,11 +178,12 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _report(args: argparse.Namespace, *, full: Sequence[str], line: str, payload: dict[str, Any]) -> None:
-    """The one output of a verb: with ``--json`` one JSON object (``payload``), with ``-q`` the
-    one-line result ``line``, else the ``full`` lines."""
+def _report(args: argparse.Namespace, *, full: Sequence[str], line: str,
+            payload: Callable[[], dict[str, Any]]) -> None:
+    """The one output of a verb: with ``--json`` one JSON object (``payload()``, built only then),
+    with ``-q`` the one-line result ``line``, else the ``full`` lines."""
     if getattr(args, "json", False):
-        _say(json.dumps(_jsonable(payload), sort_keys=True))
+        _say(json.dumps(_jsonable(payload()), sort_keys=True))
     elif getattr(args, "quiet", False):
         _say(line)
     else:
@@ -237,7 +238,7 @@ def _save_gauge(g: Any, args: argparse.Namespace) -> int:
     line = str(g.metrics.get("summary") or g.summary().splitlines()[1].strip())
     where = [f"saved to {saved}"] if saved is not None else []
     _report(args, full=[g.summary(), *where], line="; ".join([line, *where]),
-            payload=_answer_payload(args, g, code, saved))
+            payload=lambda: _answer_payload(args, g, code, saved))
     return code
 
 
@@ -253,23 +254,18 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     src, rev = split_revision(args.src, args.revision)
     planted = None
-    if args.gauge and args.save_gauge is not None:
-        raise GaugeError("--save-gauge saves the gauge --random-seed plants; with --gauge there is none to "
-                         "save")
-    if args.gauge:
+    if args.gauge:  # argparse requires exactly one of --gauge and --random-seed
         gauge = _load_gauge(args.gauge, args.gauge_revision)
         if args.inverse:
             gauge = gauge.inverse()
-    elif args.random_seed is not None:
+    else:
         d = hidden_size_of(read_model_config(resolve_checkpoint_dir(src, rev)))
         el = SignedPermutation.random(d, seed=args.random_seed)
         gauge = Gauge(el.inverse() if args.inverse else el, method="planted",
                       metrics={"planted_seed": args.random_seed, "inverse": bool(args.inverse)})
         planted = Path(args.save_gauge) if args.save_gauge else Path(str(Path(args.dst)).rstrip("/\\") + ".gauge")
         if planted.exists() and not args.overwrite:
-            raise DestinationExistsError(planted, "--overwrite")
-    else:
-        raise GaugeError("give --gauge DIR_OR_REPO[@REVISION], or --random-seed N to plant a random gauge")
+            raise DestinationExistsError(planted)
     out = apply_gauge_to_checkpoint(src, gauge, args.dst, revision=rev, overwrite=args.overwrite,
                                     max_workers=args.workers, progress=not args.quiet, force=args.force)
     if not is_main():
@@ -278,7 +274,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         gauge.source = ModelRef.from_checkpoint(src, revision=rev)
         gauge.target = ModelRef.from_checkpoint(out)
         gauge.save_pretrained(planted, overwrite=args.overwrite)
-    _say(f"wrote {out} (gauge of dimension {gauge.dim}, {_describe_element(gauge)})",
+    _say(f"wrote {out} (gauge of dimension {gauge.dim}, {_describe_element(gauge)}){_forced(args, gauge)}",
          *([f"planted gauge (source -> output) saved to {planted}"] if planted is not None else []))
     return 0
 
@@ -359,7 +355,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         save_pair_stats(pair, args.output, overwrite=args.overwrite)
         n, layers = pair.stats.n_tokens, pair.stats.layers
         line = f"statistics of {n} tokens at layers {layers} saved to {args.output}"
-        _report(args, full=[line], line=line, payload={
+        _report(args, full=[line], line=line, payload=lambda: {
             "verb": "stats", "exit_code": 0, "output": str(args.output), "tokens": int(pair.stats.n_tokens),
             "half_tokens": list(pair.stats.half_tokens()), "layers": list(pair.stats.layers)})
     return 0
@@ -491,9 +487,12 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     where = f"gauge saved to {saved}" if saved is not None else ""
     line = report.conclusion() + (f"; {where}" if where else "")
     full = [report.table(), report.conclusion()] if args.verb == "diff" else [report.conclusion()]
-    payload = _answer_payload(args, report.gauge, code, saved)
-    payload.update(answer=report.answer, p_value=report.p_value, layers_p_value=report.layers_p_value,
-                   conclusion=report.conclusion(), mode=report.mode, rows=[r.as_dict() for r in report.rows])
+
+    def payload() -> dict[str, Any]:
+        return {**_answer_payload(args, report.gauge, code, saved), "answer": report.answer,
+                "p_value": report.p_value, "layers_p_value": report.layers_p_value,
+                "conclusion": report.conclusion(), "mode": report.mode, "rows": [r.as_dict() for r in report.rows]}
+
     _report(args, full=full + ([where] if where else []), line=line, payload=payload)
     return code
 
@@ -514,8 +513,15 @@ def _cmd_transport(args: argparse.Namespace) -> int:
     if args.inverse:
         g = g.inverse()
     out = transport_kinds()[args.kind].run(args, g)
-    print(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {_describe_element(g)})")
+    _say(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {_describe_element(g)}){_forced(args, g)}")
     return 0
+
+
+def _forced(args: argparse.Namespace, gauge: Any) -> str:
+    """What the one-line result of a writer adds when ``--force`` made a gauge that does not fit
+    act (its output records it too; ``-q`` silences the library's warning, not this)."""
+    problems = gauge.fit_problems() if args.force and hasattr(gauge, "fit_problems") else []
+    return f"; FORCED, the gauge does not fit: {'; '.join(problems)}" if problems else ""
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -542,12 +548,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
         hist, edges = np.histogram(c, bins=10, range=(0.0, 1.0))
         for h, lo in zip(hist, edges[:-1]):
             lines.append(f"  [{lo:.1f}, {lo + 0.1:.1f}) {'#' * int(40 * h / max(1, hist.max()))} {h}")
-    payload = {"verb": "show", "exit_code": 0, "answer": g.answer, "verdict": g.verdict, "p_value": g.p_value,
-               "log10_p_value": g.metrics.get("log10_p_value"), "identified_fraction": g.identified_fraction,
-               "fit_problems": g.fit_problems(), "dim": g.dim, "kind": g.kind, "method": g.method,
-               "is_exact": g.is_exact, "source": g.source.label(), "target": g.target.label(),
-               "metrics": g.metrics}
-    _report(args, full=lines, line=lines[0].splitlines()[0], payload=payload)
+    _report(args, full=lines, line=lines[0].splitlines()[0], payload=lambda: {
+        "verb": "show", "exit_code": 0, "answer": g.answer, "verdict": g.verdict, "p_value": g.p_value,
+        "log10_p_value": g.metrics.get("log10_p_value"), "identified_fraction": g.identified_fraction,
+        "fit_problems": g.fit_problems(), "dim": g.dim, "kind": g.kind, "method": g.method,
+        "is_exact": g.is_exact, "source": g.source.label(), "target": g.target.label(), "metrics": g.metrics})
     return 0
 
 
@@ -602,8 +607,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_quiet_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, and no info logs of "
-                   "transformers, PEFT and huggingface_hub")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the one-line result: no progress "
+                   "bars, and no logs of transformers, PEFT, huggingface_hub or hf_bdgauge (what their warnings "
+                   "would say, e.g. a forced gauge, is in that line)")
 
 
 def _add_transport_verbs(sub: Any) -> None:
@@ -782,6 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verb == "apply" and args.gauge and args.save_gauge is not None:  # exit 2, like its twin conflict
+        parser.error("apply: --save-gauge saves the gauge --random-seed plants; with --gauge there is none to save")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with _quiet_libraries() if getattr(args, "quiet", False) else contextlib.nullcontext():
         return _run(args)

@@ -51,7 +51,7 @@ from .storage import (
 )
 
 __all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "fed_by_a_pre_norm",
-           "gain_feeding", "gains_are_unit", "known_pre_norm_gains", "norm_gains_are_unit", "pre_norm_gains",
+           "gain_feeding", "known_pre_norm_gains", "norm_gains_are_unit", "pre_norm_gains",
            "plan_fold", "record_gains"]
 
 logger = logging.getLogger(__name__)
@@ -191,14 +191,6 @@ def known_pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any
         raise
 
 
-def gains_are_unit(gains: Mapping[str, Any] | None) -> bool | None:
-    """Whether every effective pre-norm gain in ``gains`` (:func:`pre_norm_gains`) is exactly 1;
-    ``None`` when ``gains`` is ``None`` (unknown)."""
-    if gains is None:
-        return None
-    return all(bool(np.all(np.asarray(v) == 1)) for v in gains.values())
-
-
 def record_gains(gauge: Any, source_gains: Mapping[str, Any] | None,
                  target_gains: Mapping[str, Any] | None) -> Any:
     """``gauge`` (a copy) recording what its ends' effective pre-norm gains are — the
@@ -216,6 +208,8 @@ def record_gains(gauge: Any, source_gains: Mapping[str, Any] | None,
     is refused. A signed permutation holds no gains (between unfolded models ``g_t = P·g_s``); its
     ``unit_gains`` tell a fold between the ends apart (refused for readers)."""
     import dataclasses
+
+    from .gauge import gains_are_unit
 
     unit = {"source": gains_are_unit(source_gains), "target": gains_are_unit(target_gains)}
     gains, at = None, "source"

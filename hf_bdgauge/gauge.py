@@ -402,6 +402,14 @@ def _unit_gains(x: Any) -> dict[str, bool | None]:
     return out
 
 
+def gains_are_unit(gains: Mapping[str, Any] | None) -> bool | None:
+    """Whether every effective pre-norm gain in ``gains`` (:func:`~hf_bdgauge.fold.pre_norm_gains`)
+    is exactly 1; ``None`` when ``gains`` is ``None`` (unknown): the one rule for :attr:`Gauge.unit_gains`."""
+    if gains is None:
+        return None
+    return all(bool(np.all(np.asarray(v) == 1)) for v in gains.values())
+
+
 def _element_sha256(g: "SignedPermutation | Orthogonal") -> str:
     """The element by its hash: of ``perm`` and ``signs`` for a signed permutation (as ever), of
     the kind and the saved factors (structured) or float64 matrix (dense) for a rotation."""
@@ -591,7 +599,7 @@ class Gauge:
                 raise InvalidGaugeError(f"a gauge records one end's norm gains, with the other end folded (unit "
                                         f"gains); the {other} is said not to be")
             self.unit_gains[other] = True
-            self.unit_gains[self.gains_at] = all(bool(np.all(v == 1)) for v in self.gains.values())
+            self.unit_gains[self.gains_at] = gains_are_unit(self.gains)
         self.confidence = _per_coordinate(self.confidence, "confidence", self.dim)
         self.margin = _per_coordinate(self.margin, "margin", self.dim)
         self.identified = _identified_array(self.identified, self.dim)
@@ -936,11 +944,7 @@ class Gauge:
             if not float(err) <= max_rotation_error:
                 problems.append(f"its estimated error ‖R̂ − R‖_F/√d ≈ {float(err):.3g} exceeds {max_rotation_error} "
                                 "(re-estimate with more tokens: at least the width, well spread)")
-        elif frac is None:
-            if not self.not_a_gauge:
-                logger.warning("the gauge %s records no identified fraction (estimated before hf_bdgauge identified "
-                               "coordinates); using it as it is", self.source.label())
-        elif frac < min_identified:
+        elif frac is not None and frac < min_identified:
             problems.append(f"only {frac:.1%} of its coordinates are identified (the minimum is "
                             f"{min_identified:.0%}: re-estimate with more text, or compose local gauges along a "
                             "trajectory)")
@@ -956,7 +960,11 @@ class Gauge:
         estimated error ``metrics["rotation_error"]`` at most ``max_rotation_error``. ``force=True`` logs the reason instead and
         returns ``True`` (the caller records that it was forced); otherwise returns ``False``."""
         problems = self.fit_problems(min_identified=min_identified, max_rotation_error=max_rotation_error)
+        estimated_rotation = self.is_rotation and not self.is_exact and self.metrics.get("rotation_error") is not None
         if not problems:
+            if self.identified_fraction is None and not estimated_rotation:
+                logger.warning("the gauge %s records no identified fraction (estimated before hf_bdgauge identified "
+                               "coordinates); using it as it is", self.source.label())
             return False
         msg = f"the gauge {self.source.label()} -> {self.target.label()} does not fit{f' {what}' if what else ''}: " + \
             "; ".join(problems)
@@ -964,8 +972,9 @@ class Gauge:
             logger.warning("%s — used anyway because it was forced", msg)
             return True
         # lowering the minimum is an argument of the Python API only; the CLI has no such flag
-        lower = Words("; or lower min_identified", "") if any("coordinates are identified" in p for p in problems) \
-            else Words("", "")
+        frac = self.identified_fraction
+        lower = Words("; or lower min_identified", "") if not estimated_rotation and frac is not None \
+            and frac < min_identified else Words("", "")
         raise GaugeFitError(msg + "; pass {force} to use it anyway, the output then records it{lower}",
                             options={"force": FORCE, "lower": lower})
 

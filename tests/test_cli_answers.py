@@ -251,3 +251,24 @@ def test_the_packaged_power_table_is_generated_from_the_calibration_results():
         assert got["pairs"] == {name: v[k] for name, v in table["activations"]["pairs"].items()}
     assert power_at(budgets[0] - 1) is None and "below every budget" in power_words(budgets[0] - 1)
     assert power_at(None)["pairs"] == table["weights"]["pairs"] and power_at(None)["test"] == "weights"
+
+
+def test_a_forced_writer_says_so_in_its_one_line_result(pair, capsys, tmp_path):
+    """``-q`` silences the library's logs, so a writer forced past a gauge that does not fit says so
+    in the one line it prints; the same writer with a gauge that fits says nothing of the kind."""
+    from hf_bdgauge.transport import SteeringVector, transport_steering_vector
+
+    root, a, _, fresh = pair
+    assert main(["estimate", a, fresh, "--method", "weights", "-q", "-o", str(tmp_path / "g-no"), "--force"]) == 1
+    SteeringVector({2: torch.randn(64)}).save(tmp_path / "v.safetensors")
+    code, out, _ = _run(capsys, ["transport", "steering", str(tmp_path / "v.safetensors"), str(tmp_path / "g-no"),
+                                 str(tmp_path / "v-no.safetensors"), "--force", "-q"])
+    assert code == 0 and out.count("\n") == 1
+    assert "FORCED, the gauge does not fit: its estimate found no evidence" in out
+    code, out, _ = _run(capsys, ["transport", "steering", str(tmp_path / "v.safetensors"),
+                                 str(Path(pair[2] + ".gauge")), str(tmp_path / "v-b.gguf"), "--force", "-q"])
+    assert code == 0 and "FORCED" not in out
+    # the .gguf it wrote reads back through the one suffix-dispatching reader, in Python as on the CLI
+    back = transport_steering_vector(tmp_path / "v-b.gguf", Gauge.from_pretrained(pair[2] + ".gauge").inverse())
+    assert torch.allclose(back.layer_vectors[2].double(),
+                          SteeringVector.load(tmp_path / "v.safetensors").layer_vectors[2].double(), atol=1e-6)

@@ -353,6 +353,14 @@ class SteeringVector:
             vecs = {from_block_output(k): v for k, v in vecs.items()}
         return cls(vecs, layer_type, user_meta)
 
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
+        """Read a vector in the format ``path``'s suffix names, as :meth:`write` writes it: a
+        ``.gguf`` file by :meth:`load_gguf` (a llama.cpp control vector), anything else by
+        :meth:`load` (safetensors, which checks the file's own format)."""
+        gguf = os.fspath(path).lower().endswith(".gguf")
+        return (cls.load_gguf if gguf else cls.load)(path, revision=revision)
+
     def write(self, path: str | os.PathLike, *, overwrite: bool = False, num_layers: int | None = None,
               model_hint: str | None = None) -> Path:
         """Write the vector in the format ``path``'s suffix names (:data:`SUFFIXES`):
@@ -600,10 +608,11 @@ class SteeringVector:
 def transport_steering_vector(vector: "SteeringVector | str | os.PathLike",
                               gauge: "Gauge | SignedPermutation | str | os.PathLike") -> SteeringVector:
     """``v_ℓ ↦ G·v_ℓ`` for every layer (see :meth:`SteeringVector.transport`). ``vector``: the
-    object or its file (:meth:`SteeringVector.load`: local or ``namespace/name[@revision]/path``);
+    object or its file (:meth:`SteeringVector.read`: safetensors or a llama.cpp ``.gguf``, local or
+    ``namespace/name[@revision]/path``);
     ``gauge``: the object, a gauge directory or ``repo@revision``."""
     if isinstance(vector, (str, os.PathLike)):
-        vector = SteeringVector.load(vector)
+        vector = SteeringVector.read(vector)
     return vector.transport(gauge)
 
 
@@ -656,9 +665,7 @@ def _cli_run(args: Any, gauge: Gauge) -> Path:
     to_gguf = _output_format(args.dst, set(SUFFIXES), flag="DST") == ".gguf"
     if args.num_layers is not None and not to_gguf:
         raise TransportError("--num-layers applies to a .gguf DST (a llama.cpp control vector)")
-    gguf_in = str(args.src).endswith(".gguf")
-    src = resolve_file(args.src, args.revision, what="steering vector")
-    moved = (SteeringVector.load_gguf(src) if gguf_in else SteeringVector.load(src)).transport(gauge, force=args.force)
+    moved = SteeringVector.read(args.src, revision=args.revision).transport(gauge, force=args.force)
     if not to_gguf:
         return moved.save(args.dst, overwrite=args.overwrite)
     known = moved.num_layers
