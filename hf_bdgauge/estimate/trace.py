@@ -58,11 +58,11 @@ from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
 from .stats import EstimationError
 from .verdict import (
     CALIBRATION_DRAWS,
-    LAYER_ANSWERS,
     LAYER_VERDICTS,
     LEVEL,
     calibrate,
     cauchy_combination,
+    layer_answer,
     layer_verdict,
     power_words,
     uninformative,
@@ -97,7 +97,7 @@ class LayerRow:
     @property
     def answer(self) -> str:
         """What this layer's test answers (one of :data:`~hf_bdgauge.gauge.ANSWERS`)."""
-        return LAYER_ANSWERS[self.verdict]
+        return layer_answer(self.verdict)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"layer": self.layer, "answer": self.answer, "verdict": self.verdict, "advice": self.words,

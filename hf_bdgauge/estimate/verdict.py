@@ -137,7 +137,7 @@ __all__ = [
     "cauchy_combination",
     "layer_verdict",
     "LAYER_VERDICTS",
-    "LAYER_ANSWERS",
+    "layer_answer",
     "ROTATION_MIN_ALIGNMENT",
     "rotation_verdict",
 ]
@@ -754,9 +754,15 @@ LAYER_VERDICTS = {
     "no_evidence": "no evidence of a relation at this layer at this budget: do not transport",
     INSUFFICIENT_DATA: "too little data to test this layer: do not transport",
 }
-#: The answer (:data:`~hf_bdgauge.gauge.ANSWERS`) each row verdict gives about its layer.
-LAYER_ANSWERS = {"identity": "related", "signed_permutation": "related", "gauge_refused": "related",
-                 "drifted": "related", "no_evidence": "no_evidence", INSUFFICIENT_DATA: INSUFFICIENT_DATA}
+
+
+def layer_answer(verdict: str) -> str:
+    """What a layer verdict (a key of :data:`LAYER_VERDICTS`) answers, one of
+    :data:`~hf_bdgauge.gauge.ANSWERS`: the two verdicts named after an answer give it, every other
+    one says the layer is related (in one chart, re-charted, or drifted)."""
+    if verdict not in LAYER_VERDICTS:
+        raise ValueError(f"not a layer verdict: {verdict!r}")
+    return verdict if verdict in ("no_evidence", INSUFFICIENT_DATA) else "related"
 
 
 def cauchy_combination(p_values: Sequence[float], weights: Sequence[float] | None = None) -> float:
