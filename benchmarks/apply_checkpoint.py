@@ -130,8 +130,10 @@ def _work(method: str, src: str, dst: str, workers: int) -> None:
         shutil.copytree(src, dst)
     elif method == "stream":
         from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
+        from hf_bdgauge.checkpoint import Workers
 
-        apply_gauge_to_checkpoint(src, SignedPermutation.random(HIDDEN, seed=0), dst, max_workers=workers, progress=False)
+        apply_gauge_to_checkpoint(src, SignedPermutation.random(HIDDEN, seed=0), dst, workers=Workers(threads=workers),
+                                  progress=False)
     elif method == "naive":
         from transformers import AutoModelForCausalLM
 

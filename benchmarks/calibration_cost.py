@@ -1,4 +1,4 @@
-"""Cost of the calibrated p-value (``hf_bdgauge.estimate.verdict.calibrate``): seconds per Haar
+"""Cost of the calibrated p-value (``hf_bdgauge.estimate.calibration.calibrate``): seconds per Haar
 draw, for the weights test (one similarity block + gains) and the activation test (per layer), at
 several widths d, on synthetic sums of a planted gauge.
 
@@ -15,8 +15,10 @@ import time
 import numpy as np
 import torch
 
+from hf_bdgauge.options import CalibrationOptions
 from hf_bdgauge import SignedPermutation
-from hf_bdgauge.estimate import PairStats, hungarian
+from hf_bdgauge.estimate.assignment import hungarian
+from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.estimate.matching import calibrate_stats, pooled_correlations
 
 
@@ -45,7 +47,7 @@ def main() -> None:
         hungarian(A)
         t_h = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cal = calibrate_stats(stats, "sign_marginalized", g, (A, S), draws=args.draws)
+        cal = calibrate_stats(stats, "sign_marginalized", g, (A, S), calibration=CalibrationOptions(draws=args.draws))
         per = (time.perf_counter() - t0) / args.draws
         print(f"{d:>6} {args.layers:>6} {per:>10.3f} {t_h:>12.3f} {per / max(t_h, 1e-9):>7.1f}   (p = {cal.p_value:.2g})")
 

@@ -47,6 +47,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
 
 TIMEOUT_S = 600
 
@@ -99,7 +100,7 @@ def _worker(out: str, texts_path: str, src: str, dst: str) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_bdgauge.distributed import init_from_env, shutdown
-    from hf_bdgauge.estimate import capture_pair_stats
+    from hf_bdgauge.estimate.capture import capture_pair_stats
 
     torch.set_num_threads(1)
     rank, size, _ = init_from_env(120)
@@ -122,7 +123,7 @@ def _worker(out: str, texts_path: str, src: str, dst: str) -> int:
     report = {}
     for yy in (True, False):
         calls.clear()
-        st = capture_pair_stats(a, b, texts, tokenizer=tok, track_target_cov=yy, progress=False)
+        st = capture_pair_stats(a, b, texts, track_target_cov=yy, capture=CaptureOptions(tokenizer=tok, progress=False))
         report[str(yy)] = {"calls": list(calls), "layer_halves": sum(len(st.half(i)) for i in (0, 1)),
                            "d": st.dims[0], "world_size": size}
     if rank == 0:

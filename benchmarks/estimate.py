@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.estimate import estimate_gauge
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
@@ -61,16 +62,16 @@ def bench_methods(n_samples: int, sample_len: int, seed: int) -> None:
     for label, data in datasets.items():
         for method in ("sign_marginalized", "signed", "permutation"):
             t0 = time.perf_counter()
-            est = estimate_gauge(src, tgt, data, method, tokenizer=tok, progress=False)
+            est = estimate_gauge(src, tgt, data, method, capture=CaptureOptions(tokenizer=tok, progress=False))
             dt = time.perf_counter() - t0
             print(_row(f"{method} ({label})", est.metrics["tokens"], dt, est.element.agreement(g), est.metrics["verdict"]))
     t0 = time.perf_counter()
-    est = estimate_gauge(src, tgt, method="weights", progress=False)
+    est = estimate_gauge(src, tgt, method="weights", weights=WeightOptions(progress=False))
     print(_row("weights (loaded models)", "-", time.perf_counter() - t0, est.element.agreement(g), est.metrics["verdict"]))
     with tempfile.TemporaryDirectory() as tmp:
         dst = apply_gauge_to_checkpoint(d, g, Path(tmp) / "recharted", progress=False)
         t0 = time.perf_counter()
-        est = estimate_gauge(str(d), str(dst), method="weights", progress=False)
+        est = estimate_gauge(str(d), str(dst), method="weights", weights=WeightOptions(progress=False))
         print(_row("weights (safetensors dirs)", "-", time.perf_counter() - t0, est.element.agreement(g),
                    est.metrics["verdict"]))
 

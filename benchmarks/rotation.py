@@ -95,7 +95,7 @@ def part_procrustes(tokens: int, layers: int) -> None:
     import torch
 
     from hf_bdgauge import Orthogonal
-    from hf_bdgauge.estimate import PairStats
+    from hf_bdgauge.estimate.stats import PairStats
     from hf_bdgauge.estimate.procrustes import estimate_rotation_from_stats, procrustes
 
     torch.set_num_threads(2)

@@ -45,15 +45,13 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
-from hf_bdgauge.estimate import (  # noqa: E402
-    PairStats,
-    capture_pair_stats,
-    estimate_from_stats,
-    iter_token_batches,
-    residual_activations,
-)
-from hf_bdgauge.estimate.capture import num_residual_layers  # noqa: E402
+from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches  # noqa: E402
+from hf_bdgauge.layers import residual_states  # noqa: E402
+from hf_bdgauge.estimate.matching import estimate_from_stats  # noqa: E402
+from hf_bdgauge.estimate.stats import PairStats  # noqa: E402
+from hf_bdgauge.layers import num_residual_layers  # noqa: E402
 
 MODELS = ("stories260K", "llama-d1024")
 #: (batch size, sequence length, number of batches) per model: about 16k and 4k tokens per run
@@ -136,14 +134,16 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
 
     def fwd_residual(bs: list[dict]) -> None:
         for b in bs:
-            residual_activations(src, b, all_layers)
-            residual_activations(tgt, b, all_layers)
+            residual_states(src, b, all_layers)
+            residual_states(tgt, b, all_layers)
 
     out: dict[str, PairStats] = {}
 
     def cap(key: str, **kw) -> Callable[[list[dict]], None]:
         def run(bs: list[dict]) -> None:
-            out[key] = capture_pair_stats(src, tgt, bs, progress=False, **kw)
+            track = kw.pop("track_target_cov", True)
+            out[key] = capture_pair_stats(src, tgt, bs, capture=CaptureOptions(progress=False, **kw),
+                                          track_target_cov=track)
         return run
 
     runs = {
@@ -169,8 +169,8 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
                      f"{100 * (c / base_c - 1):+.1f} % |")
 
     # sanity: the statistics find the planted gauge, and the float32 products agree with float64
-    acc = estimate_from_stats(out["all"], null_draws=0).element.agreement(g)
-    acc_sub = estimate_from_stats(out["subset"], null_draws=0).element.agreement(g)
+    acc = estimate_from_stats(out["all"], calibration=CalibrationOptions(null_draws=0)).element.agreement(g)
+    acc_sub = estimate_from_stats(out["subset"], calibration=CalibrationOptions(null_draws=0)).element.agreement(g)
     dev = max(float(np.max(np.abs(out["f64"][k].corr() - out["all"][k].corr()))) for k in all_layers)
     rel = max(float(torch.max(torch.abs(out["f64"][k].sum_xy - out["all"][k].sum_xy)) /
                     torch.max(torch.abs(out["f64"][k].sum_xy))) for k in all_layers)
@@ -188,8 +188,8 @@ def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: l
     n = int(batch["attention_mask"].sum())
     per_k = 1000.0 / n
     m = batch["attention_mask"].reshape(-1).bool()
-    t_fwd = _ms(lambda: (residual_activations(src, batch, layers), residual_activations(tgt, batch, layers)), r)
-    hs, ht = residual_activations(src, batch, layers), residual_activations(tgt, batch, layers)
+    t_fwd = _ms(lambda: (residual_states(src, batch, layers), residual_states(tgt, batch, layers)), r)
+    hs, ht = residual_states(src, batch, layers), residual_states(tgt, batch, layers)
 
     def cast() -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(hs[k].reshape(-1, d).to("cpu", torch.float64)[m], ht[k].reshape(-1, d).to("cpu", torch.float64)[m])

@@ -64,12 +64,13 @@ def _child(run: str, src: str, dst: str, threads: int) -> None:
     import torch
 
     from hf_bdgauge import SignedPermutation
-    from hf_bdgauge.estimate import estimate_gauge_from_weights
+    from hf_bdgauge.estimate.weights import estimate_gauge_from_weights
+    from hf_bdgauge.options import CalibrationOptions, WeightOptions
 
     torch.set_num_threads(threads)
     kw = dict(RUNS[run])
-    if kw.get("compute_dtype") == "bfloat16":
-        kw["compute_dtype"] = torch.bfloat16
+    calibration = CalibrationOptions(null_draws=kw.pop("null_draws", 1))
+    weights = WeightOptions(progress=False, **kw)  # compute_dtype by name
     base = _status_mb("RssAnon")
     sampler = _AnonPeak()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -79,10 +80,10 @@ def _child(run: str, src: str, dst: str, threads: int) -> None:
         a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
         b = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.bfloat16)
         t_load = time.perf_counter() - t0
-        est = estimate_gauge_from_weights(a, b, progress=False, **kw)
+        est = estimate_gauge_from_weights(a, b, weights=weights, calibration=calibration)
     else:
         t_load = 0.0
-        est = estimate_gauge_from_weights(src, dst, progress=False, **kw)
+        est = estimate_gauge_from_weights(src, dst, weights=weights, calibration=calibration)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = sampler.stop()
     acc = est.element.agreement(SignedPermutation.random(HIDDEN, seed=GAUGE_SEED))

@@ -9,6 +9,17 @@ and the link is rewritten to the copy. Links inside ``docs_dir``, and links to f
 left alone, so MkDocs still validates them and a broken link still fails ``mkdocs build --strict``.
 Linked copies are scanned in turn, so their own links resolve the same way.
 
+Measured numbers are never typed into a page: a line ``--8<-- "path"`` (outside code fences) includes a
+results file of the repository (``benchmarks/results/*.md``, ``experiments/**/results*.md``,
+``examples/results/*.md``), and ``--8<-- "path#Heading"`` only the section under that heading (to the next
+heading of the same or a higher level). :func:`expand_includes` is the one reader of that line: the site
+(:func:`on_files`, :func:`on_page_markdown`) and the tests that run the pages (``tests/docs_runner.py``) both
+call it. The path is relative to the repository root; the file's own ``# title`` is dropped, its headings
+are moved below the page's current heading, and its relative links (plots, other results) are rewritten
+to point from the page to the same files. An include that names a missing file or heading raises
+:class:`IncludeError`, which stops the build. (The syntax is pymdownx.snippets', whose extension is not
+used: it can neither pick a section by heading nor move headings and links.)
+
 The docstrings use Sphinx roles (``:func:`x```), which mkdocstrings leaves as text before the code span;
 :func:`on_page_content` drops the role so the name reads as code.
 """
@@ -72,6 +83,79 @@ class _Layout:
         return f"{REPO_PREFIX}/{target.relative_to(self.repo).as_posix()}", target
 
 
+#: ``--8<-- "path"`` or ``--8<-- "path#Heading"`` on a line of its own
+INCLUDE = re.compile(r'^--8<--\s+"([^"#]+)(?:#([^"]+))?"\s*$')
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+class IncludeError(Exception):
+    """An include line whose file or heading does not exist."""
+
+
+def _section(text: str, heading: str | None, where: str) -> str:
+    """The file without its ``# title`` (``heading=None``), or the body under ``heading``."""
+    lines = text.splitlines()
+    fenced = {i for i, (prose, _) in enumerate(_outside_fences(text + "\n")) if not prose}
+    if heading is None:
+        title = _HEADING.match(lines[0]) if lines else None
+        return "\n".join(lines[1:] if title and len(title.group(1)) == 1 else lines).strip("\n")
+    for i, line in enumerate(lines):
+        m = _HEADING.match(line)
+        if m and i not in fenced and m.group(2) == heading:
+            level, body = len(m.group(1)), []
+            for j in range(i + 1, len(lines)):
+                n = _HEADING.match(lines[j])
+                if n and j not in fenced and len(n.group(1)) <= level:
+                    break
+                body.append(lines[j])
+            return "\n".join(body).strip("\n")
+    raise IncludeError(f"{where}: no heading {heading!r}")
+
+
+def _included(path: str, heading: str | None, page: Path, repo: Path, level: int) -> str:
+    """The text an include line stands for, its headings below ``level`` and its links from ``page``."""
+    where = f'{page.name}: --8<-- "{path}{"#" + heading if heading else ""}"'
+    source = (repo / path).resolve()
+    if not source.is_relative_to(repo) or not source.is_file():
+        raise IncludeError(f"{where}: no such file in the repository")
+    text = _section(source.read_text(encoding="utf-8"), heading, where)
+    chunks = _outside_fences(text + "\n")
+    levels = [len(m.group(1)) for prose, t in chunks if prose and (m := _HEADING.match(t))]
+    shift = max(0, level + 1 - min(levels)) if levels else 0
+
+    def relink(m: re.Match[str]) -> str:
+        url = m.group(1)
+        scheme, netloc, target, _, _ = urlsplit(url)
+        if scheme or netloc or not target or target.startswith(("/", "#")):
+            return m.group(0)
+        moved = (source.parent / target).resolve().as_posix()
+        moved = posixpath.relpath(moved, page.parent.resolve().as_posix())
+        return m.group(0).replace(target, moved, 1)
+
+    out = []
+    for prose, t in chunks:
+        if prose:
+            t = re.sub(r"^(#{1,6})(?=\s)", lambda h: "#" * min(6, len(h.group(1)) + shift), t)
+            t = _LINK.sub(relink, t)
+        out.append(t)
+    return "".join(out).rstrip("\n")
+
+
+def expand_includes(markdown: str, page: Path, repo: Path) -> str:
+    """``markdown`` (the text of ``page``) with every include line replaced by what it includes."""
+    out, level = [], 0
+    for prose, line in _outside_fences(markdown):
+        m = INCLUDE.match(line.strip()) if prose else None
+        h = _HEADING.match(line) if prose else None
+        if h:
+            level = len(h.group(1))
+        if m:
+            out.append(_included(m.group(1), m.group(2), page, repo, level) + "\n")
+        else:
+            out.append(line)
+    return "".join(out)
+
+
 def _links(markdown: str) -> list[str]:
     return [m.group(1) for prose, text in _outside_fences(markdown) if prose for m in _LINK.finditer(text)]
 
@@ -82,7 +166,8 @@ def on_files(files: Files, config: Any) -> Files:
     queue = [f for f in files.documentation_pages()]
     while queue:
         page = queue.pop()
-        text = layout.real_source(page.src_uri).read_text(encoding="utf-8")
+        source = layout.real_source(page.src_uri)
+        text = expand_includes(source.read_text(encoding="utf-8"), source, layout.repo)
         for url in _links(text):
             found = layout.outside_target(page.src_uri, url)
             if found is None or files.get_file_from_path(found[0]) is not None:
@@ -96,8 +181,10 @@ def on_files(files: Files, config: Any) -> Files:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    """Point each link to a repository file outside ``docs_dir`` at its copy in the site."""
+    """Expand the include lines, then point each link to a repository file outside ``docs_dir`` at its
+    copy in the site."""
     layout = _Layout(config)
+    markdown = expand_includes(markdown, layout.real_source(page.file.src_uri), layout.repo)
 
     def rewrite(m: re.Match[str]) -> str:
         url = m.group(1)

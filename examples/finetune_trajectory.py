@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.estimate import compose_gauges, compose_trajectory, estimate_gauge
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
@@ -120,7 +121,7 @@ def main() -> None:
         prev = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
         for k in range(1, len(dirs)):
             cur = AutoModelForCausalLM.from_pretrained(dirs[k]).eval()
-            links.append(estimate_gauge(prev, cur, eval_ids, progress=False))
+            links.append(estimate_gauge(prev, cur, eval_ids, capture=CaptureOptions(progress=False)))
             prev = cur
         t_hops = time.perf_counter() - t0
         first = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
@@ -131,9 +132,9 @@ def main() -> None:
         print("|-------|------------|----------------|--------|-----------------------|----------------|--------------------|")
         for k in milestones:
             truth = gauges[k] @ gauges[0].inverse()
-            end = estimate_gauge(first, AutoModelForCausalLM.from_pretrained(dirs[k]).eval(), eval_ids, progress=False)
+            end = estimate_gauge(first, AutoModelForCausalLM.from_pretrained(dirs[k]).eval(), eval_ids, capture=CaptureOptions(progress=False))
             comp = compose_gauges(links[:k])
-            wts = estimate_gauge(str(dirs[0]), str(dirs[k]), method="weights", progress=False)
+            wts = estimate_gauge(str(dirs[0]), str(dirs[k]), method="weights", weights=WeightOptions(progress=False))
             print(f"| {k * args.every:5d} | {losses[k]:10.3f} | {end.element.agreement(truth)['signed_accuracy']:14.3f} | "
                   f"{end.metrics['excess_over_null']:6.3f} | {end.metrics['verdict']:<21} | "
                   f"{comp.element.agreement(truth)['signed_accuracy']:14.3f} | "
@@ -145,7 +146,7 @@ def main() -> None:
 
         # the same in one call, from the directories
         t0 = time.perf_counter()
-        traj = compose_trajectory([str(d) for d in dirs], eval_ids, progress=False)
+        traj = compose_trajectory([str(d) for d in dirs], eval_ids, capture=CaptureOptions(progress=False))
         truth = gauges[-1] @ gauges[0].inverse()
         print(f"compose_trajectory over {len(dirs)} saved checkpoints: signed accuracy "
               f"{traj.element.agreement(truth)['signed_accuracy']:.3f} in {time.perf_counter() - t0:.1f} s; "

@@ -1,6 +1,6 @@
 """Load a model with a gauge to a reference chart: ``GaugedModel.from_pretrained``.
 
-Makes the local repo of revisions of ``experiments/common.build_revision_repo`` and treats
+Makes the local repo of revisions of ``examples/common.build_revision_repo`` and treats
 ``v1.0`` (stories260K) as the *reference*: the chart the community's objects (steering vectors,
 SAEs, probes) were made in. ``v1.1-recharted`` is the same network in another residual chart.
 
@@ -36,12 +36,15 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import (  # noqa: E402
+from examples.common import (  # noqa: E402
     Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_example, load_model,
     load_tokenizer, run_example, setup, work_dir,
 )
 
-from hf_bdgauge import FingerprintMismatchError, Gauge, GaugedModel, ModelRef  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
+from hf_bdgauge.errors import FingerprintMismatchError  # noqa: E402
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect  # noqa: E402
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ref_path, model_path = repo.path(RevisionRepo.BASE), repo.path(RevisionRepo.RECHARTED)
 
         # 1. estimate model chart -> reference chart, record both ends, save
-        est = estimate_gauge(model_path, ref_path, repo.texts, progress=False)
+        est = estimate_gauge(model_path, ref_path, repo.texts, capture=CaptureOptions(progress=False))
         est.source = ModelRef.from_checkpoint(model_path)
         est.target = ModelRef.from_checkpoint(ref_path)
         res["estimate_equals_planted"] = est.element == repo.planted[RevisionRepo.RECHARTED].inverse()

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.transport.merge import merge_models
 
@@ -101,7 +102,7 @@ def _estimated_alignment(b_prime: torch.nn.Module, a: torch.nn.Module, data: tor
     except ImportError:
         return None
     try:
-        est = estimate_gauge(b_prime, a, data, progress=False)
+        est = estimate_gauge(b_prime, a, data, capture=CaptureOptions(progress=False))
     except Exception as e:  # the report stays useful without the estimate
         logger.warning("gauge estimation failed, skipping that row: %s", e)
         return None

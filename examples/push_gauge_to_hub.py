@@ -1,6 +1,6 @@
 """Estimate a gauge between two revisions of a model and publish it as a Hub repo.
 
-Makes the local repo of revisions of ``experiments/common.build_revision_repo`` (``v1.0`` =
+Makes the local repo of revisions of ``examples/common.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = the same weights re-charted on disk by a random signed
 permutation), **estimates** the gauge v1.0 -> v1.1 from activations on held-out text, records
 both ends' fingerprints, and compares it with the planted gauge. Then:
@@ -41,12 +41,14 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import (  # noqa: E402
+from examples.common import (  # noqa: E402
     Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, run_example,
     setup,
 )
 
-from hf_bdgauge import Gauge, GaugedModel, ModelRef  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 
 
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         repo = build_revision_repo(work / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed)
         src, tgt = repo.path(RevisionRepo.BASE), repo.path(RevisionRepo.RECHARTED)
-        gauge = estimate_gauge(src, tgt, repo.texts, progress=False)
+        gauge = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
         # name the ends as they would be published, and fingerprint them (GaugedModel checks these)
         gauge.source = ModelRef.from_checkpoint(src)
         gauge.target = ModelRef.from_checkpoint(tgt)

@@ -55,17 +55,16 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import Checks, setup, versions  # noqa: E402
+from examples.common import Checks, setup, versions  # noqa: E402
 
-from hf_bdgauge import (  # noqa: E402
-    SignedGaugeNotAllowedError,
-    SignedPermutation,
-    apply_gauge,
-    apply_gauge_to_checkpoint,
-)
+from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
+from hf_bdgauge.errors import SignedGaugeNotAllowedError  # noqa: E402
 from hf_bdgauge.errors import FixtureError  # noqa: E402
-from hf_bdgauge.estimate import estimate_gauge, hungarian  # noqa: E402
-from hf_bdgauge.gauge import Gauge, ModelRef  # noqa: E402
+from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
+from hf_bdgauge.estimate.assignment import hungarian  # noqa: E402
+from hf_bdgauge.options import CaptureOptions, WeightOptions  # noqa: E402
+from hf_bdgauge.gauge import Gauge  # noqa: E402
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.real_models import real_model, real_model_dir  # noqa: E402
 
 DATA = _ROOT / "tests" / "data"
@@ -166,9 +165,13 @@ def invariance_minilm(model, tok, d: int, seed: int, checks: Checks) -> tuple[di
 
 
 # ------------------------------------------------------------------------------------- 2 estimation
-def _estimate(source, target, method: str, **kw) -> tuple[Gauge, float]:
+def _estimate(source, target, method: str, data=None, **kw) -> tuple[Gauge, float]:
     t0 = time.perf_counter()
-    g = estimate_gauge(source, target, method=method, progress=False, fingerprint=False, **kw)
+    if method == "weights":
+        options = {"weights": WeightOptions(progress=False, **kw)}
+    else:
+        options = {"capture": CaptureOptions(progress=False, **kw)}
+    g = estimate_gauge(source, target, data, method=method, fingerprint=False, **options)
     return g, time.perf_counter() - t0
 
 
@@ -263,12 +266,8 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
     from hf_bdgauge.fixtures.lora import train_lora_fixture
     from hf_bdgauge.transport.peft import transport_adapter
     from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
-    from hf_bdgauge.transport.steering import (
-        SteeringVector,
-        percent_effect_preserved,
-        record_residual,
-        steering_effect,
-    )
+    from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect
+    from hf_bdgauge.layers import residual_states
 
     layer, n_layers, d = 7, model.config.num_hidden_layers, model.config.hidden_size  # residual layer 7 = after block 6
     gauge = Gauge(estimate.element, source=ModelRef(SOURCE_ID, revision="main"),
@@ -283,8 +282,8 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
     with torch.no_grad():
         seqs = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.sae_new_tokens,
                               do_sample=False)
-    src = record_residual(model, seqs, [layer])[layer][:, 1:]  # drop <bos> (norm ≈ 5e4, would dominate)
-    tgt = record_residual(recharted, seqs, [layer])[layer][:, 1:]
+    src = residual_states(model, seqs, [layer])[layer][:, 1:]  # drop <bos> (norm ≈ 5e4, would dominate)
+    tgt = residual_states(recharted, seqs, [layer])[layer][:, 1:]
     held = torch.arange(len(texts)) % 4 == 3  # every 4th sequence is held out
     train = src[~held].reshape(-1, d)
     x_src, x_tgt = src[held].reshape(-1, d), tgt[held].reshape(-1, d)

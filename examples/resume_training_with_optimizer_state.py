@@ -39,11 +39,12 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import (  # noqa: E402
+from examples.common import (  # noqa: E402
     Checks, base_dir, example_main, example_parser, fast_or_full, load_model, run_example, sample_ids, setup, train_lm,
     work_dir,
 )
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.transport.optimizer import transport_optimizer_state  # noqa: E402
@@ -75,7 +76,7 @@ def resume_experiment(work: Path, *, steps: int, resume_steps: int, lr: float, w
     g = SignedPermutation.random(base.config.hidden_size, seed=gauge_seed)
     recharted = apply_gauge_to_checkpoint(ckpt, g, work / f"checkpoint-{steps}-recharted", overwrite=True,
                                           progress=False)
-    est = estimate_gauge(str(ckpt), str(recharted), eval_ids, progress=False)
+    est = estimate_gauge(str(ckpt), str(recharted), eval_ids, capture=CaptureOptions(progress=False))
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
 
     def resume(path: Path, opt_state: dict | None) -> tuple[list[float], torch.nn.Module]:

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from hf_bdgauge import SignedPermutation, TransportError, apply_gauge
-from hf_bdgauge.gauge import Gauge, ModelRef
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import TransportError
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.transport.probes import IndexSet, LinearProbe
 from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
 from hf_bdgauge.transport.steering import SteeringVector, next_token_logprobs, percent_effect_preserved, steering_effect

@@ -1,6 +1,6 @@
 """Steer a newer revision of a model with a steering vector made on an older one.
 
-Makes the local repo of revisions of ``experiments/common.build_revision_repo`` (``v1.0`` =
+Makes the local repo of revisions of ``examples/common.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = same weights in another residual chart, ``v2.0-finetuned`` = a
 short fine-tune saved in yet another chart). On v1.0 a steering vector is the mean difference of
 the residual after decoder block ``L`` between happy and sad sentences (the contrast sets of
@@ -33,11 +33,12 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import (  # noqa: E402
+from examples.common import (  # noqa: E402
     Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_example, load_model,
     load_tokenizer, run_example, setup, work_dir,
 )
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect  # noqa: E402
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to {out / 'happy-v1.0.safetensors'}")
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt_model = load_model(repo.path(rev))
-            est = estimate_gauge(src, repo.path(rev), repo.texts, progress=False)
+            est = estimate_gauge(src, repo.path(rev), repo.texts, capture=CaptureOptions(progress=False))
             exact = est.element == repo.planted[rev]
             print(f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}")
             if rev == RevisionRepo.RECHARTED:

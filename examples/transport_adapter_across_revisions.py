@@ -1,6 +1,6 @@
 """Transport a PEFT LoRA adapter from one revision of a model to another.
 
-A local "repo" of revisions is made first (``experiments/common.build_revision_repo``):
+A local "repo" of revisions is made first (``examples/common.build_revision_repo``):
 ``v1.0`` = the real pretrained stories260K, ``v1.1-recharted`` = the same weights re-charted on
 disk by a random signed permutation (``apply_gauge_to_checkpoint``: same function, other
 residual coordinates), ``v2.0-finetuned`` = a short CPU fine-tune of v1.0 saved in yet another
@@ -38,11 +38,12 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import (  # noqa: E402
+from examples.common import (  # noqa: E402
     Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, load_tokenizer,
     lora_losses, run_example, setup, task_data, train_lora, work_dir,
 )
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
-            est = estimate_gauge(src, tgt, repo.texts, progress=False)
+            est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
             agree = est.element.agreement(repo.planted[rev])
             exact = est.element == repo.planted[rev]
             print(f"\n{RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: {est.metrics['summary']}")

@@ -1,6 +1,6 @@
 """Transport a sparse autoencoder (SAELens format) from one revision of a model to another.
 
-Makes the local repo of revisions of ``experiments/common.build_revision_repo`` (``v1.0`` =
+Makes the local repo of revisions of ``examples/common.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = same weights in another residual chart, ``v2.0-finetuned`` = a
 short fine-tune saved in yet another chart), trains SAEs (ReLU and top-k, d_sae = 256) on v1.0's
 residual layer ``ℓ`` (the output of block ``ℓ − 1``, ``blocks.<ℓ−1>.hook_resid_post``) and saves them as SAELens directories. For each
@@ -32,19 +32,20 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import (  # noqa: E402
+from examples.common import (  # noqa: E402
     Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, run_example,
     sample_ids, setup, work_dir,
 )
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae  # noqa: E402
-from hf_bdgauge.transport.steering import record_residual  # noqa: E402
+from hf_bdgauge.layers import residual_states  # noqa: E402
 
 
 def residuals(path: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
     """Residual layer ``layer`` (the output of block ``layer − 1``) of the model at ``path``, as [tokens, d]."""
-    h = record_residual(load_model(path), ids, [layer])[layer]
+    h = residual_states(load_model(path), ids, [layer])[layer]
     return h.reshape(-1, h.shape[-1])
 
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             saes[arch] = sae.save(out / f"sae-{arch}-v1.0", overwrite=True)
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
-            est = estimate_gauge(src, tgt, repo.texts, progress=False)
+            est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
             exact = est.element == repo.planted[rev]
             print(f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}")
             if rev == RevisionRepo.RECHARTED:

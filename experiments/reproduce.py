@@ -50,21 +50,22 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from experiments.common import (  # noqa: E402
+from examples.common import (  # noqa: E402
     RevisionRepo, build_revision_repo, lm_loss, load_example, load_model, load_tokenizer, sample_ids, setup,
     signs_with_fraction, task_data, train_lm, train_lora, versions,
 )
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
-from hf_bdgauge.estimate import compose_gauges, compose_via_base, estimate_gauge, invert_gauge  # noqa: E402
+from hf_bdgauge.estimate import compose_gauges, compose_via_base, estimate_gauge  # noqa: E402
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
 from hf_bdgauge.transport.sae import fit_sae  # noqa: E402
 from hf_bdgauge.transport.steering import (  # noqa: E402
     SteeringVector,
     percent_effect_preserved,
-    record_residual,
     steering_effect,
 )
+from hf_bdgauge.layers import residual_states  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "stories260K (llama2.c TinyStories, d=64, 5 layers, real pretrained weights bundled in hf_bdgauge)"
@@ -180,7 +181,7 @@ class Context:
                                            n_train=self.cfg.finetune_samples, n_eval=self.cfg.estimate_samples, seed=s,
                                            gauge_seeds=(101 + s, 202 + s))
                 src = repo.path(RevisionRepo.BASE)
-                est = {rev: estimate_gauge(src, repo.path(rev), repo.texts, progress=False)
+                est = {rev: estimate_gauge(src, repo.path(rev), repo.texts, capture=CaptureOptions(progress=False))
                        for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED)}
                 agree = {rev: est[rev].element.agreement(repo.planted[rev]) for rev in est}
                 self._repos.append({"seed": s, "repo": repo, "est": est, "agree": agree,
@@ -225,7 +226,7 @@ def section_a(ctx: Context) -> dict[str, Any]:
             actual.append(float((g.signs > 0).mean()))
             tgt = apply_gauge(copy.deepcopy(model), g)
             for m in methods:
-                a = estimate_gauge(model, tgt, ids, method=m, progress=False).element.agreement(g)
+                a = estimate_gauge(model, tgt, ids, method=m, capture=CaptureOptions(progress=False)).element.agreement(g)
                 for k in rows[m]:
                     rows[m][k].append(a[k])
         key = f"{f:g}"
@@ -322,16 +323,16 @@ def section_b(ctx: Context) -> dict[str, Any]:
         for run, seed, gseed in (("A", 0, 20_000), ("B", 1, 30_000)):
             ck[run], gs[run], tl[run] = _run_chain(base, data[run], lr=lr, cfg=cfg, seed=seed, g0=g0, gauge_seed=gseed)
         n = len(ck["A"])
-        links = {r: [estimate_gauge(ck[r][k], ck[r][k + 1], ev, progress=False) for k in range(n - 1)] for r in ck}
+        links = {r: [estimate_gauge(ck[r][k], ck[r][k + 1], ev, capture=CaptureOptions(progress=False)) for k in range(n - 1)] for r in ck}
         hop_acc = [_acc(links["A"][k], gs["A"][k + 1] @ gs["A"][k].inverse()) for k in range(n - 1)]
         steps, composed, endpoint, excess, via, direct, direct_excess, eval_loss = [], [], [], [], [], [], [], []
         for k in range(1, n):
             truth = gs["A"][k] @ g0.inverse()
             comp_a = compose_gauges(links["A"][:k])
-            end = estimate_gauge(ck["A"][0], ck["A"][k], ev, progress=False)
+            end = estimate_gauge(ck["A"][0], ck["A"][k], ev, capture=CaptureOptions(progress=False))
             truth_ab = gs["B"][k] @ gs["A"][k].inverse()
-            via_g = compose_gauges([invert_gauge(comp_a), compose_gauges(links["B"][:k])])
-            dir_g = estimate_gauge(ck["A"][k], ck["B"][k], ev, progress=False)
+            via_g = compose_gauges([comp_a.inverse(), compose_gauges(links["B"][:k])])
+            dir_g = estimate_gauge(ck["A"][k], ck["B"][k], ev, capture=CaptureOptions(progress=False))
             steps.append(k * cfg.b_every)
             composed.append(_acc(comp_a, truth))
             endpoint.append(_acc(end, truth))
@@ -342,7 +343,7 @@ def section_b(ctx: Context) -> dict[str, Any]:
             eval_loss.append(lm_loss(ck["A"][k], ev))
         lib_acc = None
         if lr == cfg.b_lrs[-1]:  # the library's own path through the base, from the checkpoints, at the last step
-            lib = compose_via_base(ck["A"][1:], ck["A"][0], ck["B"][1:], ev, progress=False)
+            lib = compose_via_base(ck["A"][1:], ck["A"][0], ck["B"][1:], ev, capture=CaptureOptions(progress=False))
             lib_acc = _acc(lib, gs["B"][-1] @ gs["A"][-1].inverse())
         out["runs"][f"{lr:g}"] = {
             "lr": lr, "steps": steps, "composed": composed, "endpoint": endpoint, "endpoint_excess": excess,
@@ -445,7 +446,7 @@ def plot_b(res: dict[str, Any], path: Path) -> None:
 
 # ============================================================================================ (c)
 def _resid(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
-    h = record_residual(model, ids, [layer])[layer]
+    h = residual_states(model, ids, [layer])[layer]
     return h.reshape(-1, h.shape[-1])
 
 

@@ -3,9 +3,15 @@
 An RMSNorm transformer computes the same function after its residual stream is re-charted by
 any signed permutation ``G = P·D`` (the group B_d). This package represents such gauges,
 applies them to models and checkpoints, estimates them between checkpoints, and transports
-coordinate-indexed objects (adapters, SAEs, steering vectors, probes, optimizer state)
+coordinate-indexed objects (adapters, SAEs, steering vectors, optimizer state, merges)
 between charts. Rotated charts (QuaRot / SpinQuant style) are the orthogonal gauges of a
 model whose norm gains were folded into its readers (:class:`Orthogonal`, :func:`fold_norm_gains`).
+
+The top level holds what a user calls (at most 25 names, :data:`__all__`). Everything else lives
+in its module: the exceptions in :mod:`hf_bdgauge.errors`, the extension API (architectures,
+role maps, tensor rules, transform plans, transport kinds) in :mod:`hf_bdgauge.extend`, the
+finer estimation and transport functions in :mod:`hf_bdgauge.estimate` and
+:mod:`hf_bdgauge.transport`.
 
 The package is lazy (PEP 562): ``import hf_bdgauge`` loads no submodule, and each public name
 imports its submodule (and with it torch) on first use, so ``bdgauge --help`` starts without
@@ -23,81 +29,52 @@ __version__ = "0.1.0"
 
 #: public name -> the submodule (relative to this package) that defines it
 _LAZY: dict[str, str] = {
-    "apply_gauge": ".apply",
-    "apply_gauge_to_checkpoint": ".checkpoint",
-    **dict.fromkeys((
-        "CheckpointError", "DestinationExistsError", "DimensionMismatchError", "EstimationError",
-        "FingerprintMismatchError", "FixtureError", "GaugeError", "GaugeFitError", "GaugeNotFoundError",
-        "HubError", "HubOfflineError", "InvalidGaugeError", "OrthogonalGaugeError", "RepositoryNotFoundError",
-        "RevisionNotFoundError", "SignedGaugeNotAllowedError", "TransportError",
-        "UnsupportedArchitectureError",
-    ), ".errors"),
-    **dict.fromkeys(("fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint",
-                     "norm_gains_are_unit"), ".fold"),
-    **dict.fromkeys(("check_fingerprint", "model_fingerprint", "tensor_content_hash"), ".fingerprint"),
-    **dict.fromkeys(("compose_trajectory", "diff", "estimate_gauge", "trace"), ".estimate"),
-    **dict.fromkeys(("Gauge", "ModelRef", "as_signed_permutation"), ".gauge"),
+    "Gauge": ".gauge",
     "GaugedModel": ".gauged_model",
     "SignedPermutation": ".group",
     "Orthogonal": ".orthogonal",
+    **dict.fromkeys(("compose_trajectory", "diff", "estimate_gauge", "trace"), ".estimate"),
+    **dict.fromkeys(("CaptureOptions", "CalibrationOptions", "WeightOptions"), ".options"),
+    "apply_gauge": ".apply",
+    "apply_gauge_to_checkpoint": ".checkpoint",
+    **dict.fromkeys(("fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint"), ".fold"),
     "gauge_from_transform_config": ".transform_config",
-    "split_revision": ".hub",
-    "TransformPlan": ".plan",
-    **dict.fromkeys(("ArchitectureSpec", "available_architectures", "check_gauge_allowed",
-                     "register_architecture", "spec_for_model"), ".roles"),
-    **dict.fromkeys(("Role", "TensorRule", "transform"), ".rules"),
+    **dict.fromkeys(("merge_checkpoints", "transport_adapter", "transport_optimizer_state", "transport_sae",
+                     "transport_steering_vector"), ".transport"),
+    **dict.fromkeys(("check_fingerprint", "model_fingerprint"), ".fingerprint"),
 }
 
 __all__ = [
     "__version__",
+    # objects
+    "Gauge",
+    "GaugedModel",
     "SignedPermutation",
     "Orthogonal",
+    # estimating
+    "estimate_gauge",
+    "CaptureOptions",
+    "CalibrationOptions",
+    "WeightOptions",
+    "trace",
+    "diff",
+    "compose_trajectory",
+    # applying
+    "apply_gauge",
+    "apply_gauge_to_checkpoint",
     "fold_norm_gains",
     "fold_and_rotate",
     "fold_norm_gains_in_checkpoint",
     "gauge_from_transform_config",
-    "norm_gains_are_unit",
-    "Gauge",
-    "ModelRef",
-    "GaugedModel",
-    "estimate_gauge",
-    "compose_trajectory",
-    "trace",
-    "diff",
-    "as_signed_permutation",
+    # transporting
+    "transport_adapter",
+    "transport_sae",
+    "transport_steering_vector",
+    "transport_optimizer_state",
+    "merge_checkpoints",
+    # fingerprints
     "model_fingerprint",
     "check_fingerprint",
-    "tensor_content_hash",
-    "apply_gauge",
-    "apply_gauge_to_checkpoint",
-    "check_gauge_allowed",
-    "ArchitectureSpec",
-    "available_architectures",
-    "register_architecture",
-    "spec_for_model",
-    "Role",
-    "TensorRule",
-    "transform",
-    "TransformPlan",
-    "split_revision",
-    "GaugeError",
-    "InvalidGaugeError",
-    "DimensionMismatchError",
-    "UnsupportedArchitectureError",
-    "SignedGaugeNotAllowedError",
-    "OrthogonalGaugeError",
-    "CheckpointError",
-    "FingerprintMismatchError",
-    "FixtureError",
-    "TransportError",
-    "EstimationError",
-    "GaugeNotFoundError",
-    "GaugeFitError",
-    "DestinationExistsError",
-    "HubError",
-    "RepositoryNotFoundError",
-    "RevisionNotFoundError",
-    "HubOfflineError",
 ]
 
 
@@ -121,41 +98,19 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - what the names are, for type checkers and IDEs
     from .apply import apply_gauge
     from .checkpoint import apply_gauge_to_checkpoint
-    from .errors import (
-        CheckpointError,
-        DestinationExistsError,
-        DimensionMismatchError,
-        EstimationError,
-        FingerprintMismatchError,
-        FixtureError,
-        GaugeError,
-        GaugeFitError,
-        GaugeNotFoundError,
-        HubError,
-        HubOfflineError,
-        InvalidGaugeError,
-        OrthogonalGaugeError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        SignedGaugeNotAllowedError,
-        TransportError,
-        UnsupportedArchitectureError,
-    )
     from .estimate import compose_trajectory, diff, estimate_gauge, trace
-    from .fingerprint import check_fingerprint, model_fingerprint, tensor_content_hash
-    from .fold import fold_and_rotate, fold_norm_gains, fold_norm_gains_in_checkpoint, norm_gains_are_unit
-    from .gauge import Gauge, ModelRef, as_signed_permutation
+    from .fingerprint import check_fingerprint, model_fingerprint
+    from .fold import fold_and_rotate, fold_norm_gains, fold_norm_gains_in_checkpoint
+    from .gauge import Gauge
     from .gauged_model import GaugedModel
     from .group import SignedPermutation
-    from .hub import split_revision
+    from .options import CalibrationOptions, CaptureOptions, WeightOptions
     from .orthogonal import Orthogonal
-    from .plan import TransformPlan
-    from .roles import (
-        ArchitectureSpec,
-        available_architectures,
-        check_gauge_allowed,
-        register_architecture,
-        spec_for_model,
-    )
-    from .rules import Role, TensorRule, transform
     from .transform_config import gauge_from_transform_config
+    from .transport import (
+        merge_checkpoints,
+        transport_adapter,
+        transport_optimizer_state,
+        transport_sae,
+        transport_steering_vector,
+    )

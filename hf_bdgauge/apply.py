@@ -15,7 +15,7 @@ them first with :func:`hf_bdgauge.fold.fold_norm_gains`). A signed permutation k
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -42,9 +42,13 @@ def plan_model(model: torch.nn.Module, g: "Gauge | SignedPermutation", spec: Arc
     return plan.moved
 
 
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+"""The model :func:`apply_gauge` re-charts in place and returns (its type is kept)."""
+
+
 @torch.no_grad()
-def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation | Orthogonal | str", *,
-                spec: ArchitectureSpec | None = None, force: bool = False) -> torch.nn.Module:
+def apply_gauge(model: ModelT, gauge: "Gauge | SignedPermutation | Orthogonal | str", *,
+                spec: ArchitectureSpec | None = None, force: bool = False) -> ModelT:
     """Re-chart ``model`` in place so that its residual stream becomes ``G·h``; returns it.
 
     ``gauge``: a :class:`~hf_bdgauge.gauge.Gauge` whose source is this model (its fingerprint is
@@ -67,11 +71,11 @@ def apply_gauge(model: torch.nn.Module, gauge: "Gauge | SignedPermutation | Orth
     gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     plan = TransformPlan.for_model(model, spec=spec)
     g = plan.admit(gauge, end="source", force=force)
-    named = dict(model.named_parameters())
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
     for n, b in model.named_buffers():
         named.setdefault(n, b)
     moved = plan.moved
-    for n, rule in moved.items():
+    for n in moved:
         t = named[n]
         t.copy_(plan.transform(n, t.detach(), g))
     if isinstance(g, Orthogonal):

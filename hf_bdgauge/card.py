@@ -1,4 +1,4 @@
-"""The model card of a gauge repository (``README.md``), rendered from the packaged template.
+"""The model card of a gauge repository (``README.md``), rendered from the template of ``model_cards/``.
 
 :func:`render_gauge_card` fills ``model_cards/gauge_card_template.md`` (YAML metadata:
 ``library_name: hf_bdgauge``, tags, ``base_model`` = the Hub models the gauge connects) from a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,8 +27,16 @@ CARD_TAGS = ("hf_bdgauge", "gauge", "signed-permutation", "residual-stream")
 
 
 def gauge_card_template() -> str:
-    """The packaged model card template (``hf_bdgauge/model_cards/gauge_card_template.md``)."""
-    return resources.files("hf_bdgauge").joinpath("model_cards/gauge_card_template.md").read_text(encoding="utf-8")
+    """The model card template, ``model_cards/gauge_card_template.md`` of the repository.
+
+    It has one home: a wheel carries it as package data copied there at build time (``setup.py``), a
+    checkout or an editable install reads the repository's file (no second copy is kept in the package).
+    """
+    packaged = resources.files("hf_bdgauge").joinpath("model_cards/gauge_card_template.md")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    repository = Path(__file__).resolve().parents[1]
+    return (repository / "model_cards" / "gauge_card_template.md").read_text(encoding="utf-8")
 
 
 def format_value(v: Any, width: int = 60) -> str:
@@ -106,20 +115,20 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
                 "steering vectors or probes with it.")
     elif gauge.is_rotation and not gauge.is_identity:
         what = (f"Maps the residual stream of `{src_label}` to that of `{tgt_label}` by a rotation "
-                f"({gauge.kind}, d = {gauge.dim}): h ↦ R·h, the chart of a gain-folded, rotated checkpoint. Readers "
-                "move as W·Rᵀ, writers and vectors as R·W and R·v; objects whose move is not exact under a rotation "
-                "(index sets of residual coordinates, Adam's second moments) are refused.")
+                f"({gauge.kind}, d = {gauge.dim}): h ↦ R·h, the chart of a gain-folded, rotated checkpoint. "
+                "Readers move as W·Rᵀ, writers and vectors as R·W and R·v; objects whose move is not exact "
+                "under a rotation (index sets of residual coordinates, Adam's second moments) are refused.")
     elif gauge.is_identity:
         what = (f"The identity gauge of dimension {gauge.dim} between `{src_label}` and `{tgt_label}`: the two "
                 "models share one chart of the residual stream.")
     elif gauge.is_effectively_identity:
-        what = (f"Effectively the identity between `{src_label}` and `{tgt_label}`: the plain copy fits the pair as "
-                f"well as the estimated signed permutation (which moves {gauge.num_moved} indistinguishable "
-                f"coordinates of {gauge.dim}).")
+        what = (f"Effectively the identity between `{src_label}` and `{tgt_label}`: the plain copy fits "
+                f"the pair as well as the estimated signed permutation (which moves {gauge.num_moved} "
+                f"indistinguishable coordinates of {gauge.dim}).")
     else:
         what = (f"Maps the residual-stream coordinates of `{src_label}` to those of `{tgt_label}`: a signed "
-                f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them and flips the sign of "
-                f"{gauge.num_flips}.")
+                f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them "
+                f"and flips the sign of {gauge.num_flips}.")
     evidence = []
     if gauge.p_value is not None:
         lp = gauge.metrics.get("log10_p_value")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 
 from .distributed import on_every_rank, shared_atomic_directory, world
 from .files import copy_companions
-from .gauge import as_gauge, transport_record
+from .gauge import as_gauge
+from .record import transport_record
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
 from .plan import TransformPlan
@@ -39,12 +41,26 @@ from .storage import BLOCK_BYTES, checkpoint_shards, read_safetensors_header, re
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
 
-__all__ = ["apply_gauge_to_checkpoint", "read_safetensors_header", "checkpoint_shards", "resolve_checkpoint_dir"]
+__all__ = ["apply_gauge_to_checkpoint", "Workers", "read_safetensors_header", "checkpoint_shards",
+           "resolve_checkpoint_dir"]
 
 logger = logging.getLogger(__name__)
 
 #: What a forced re-charting writes beside the weights: the record of the gauge it used.
 PROVENANCE_NAME = "hf_bdgauge.json"
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Who rewrites the shards of :func:`apply_gauge_to_checkpoint`: threads of this process, and
+    the ranks of a process group (shard ``i`` on rank ``i mod N``; module docstring)."""
+
+    threads: int | None = field(default=None, metadata={
+        "help": "shards rewritten in parallel threads by this process "
+                "(default: as many as its shards and CPU cores)"})
+    group: Any = field(default=None, metadata={
+        "help": "the torch.distributed process group whose ranks share the shards "
+                "(default: the default group when one is initialised, else this process alone)"})
 
 
 
@@ -93,23 +109,23 @@ def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[s
 
 
 def apply_gauge_to_checkpoint(
-    src_dir: str | os.PathLike,
+    src: str | os.PathLike,
     gauge: "Gauge | SignedPermutation | str | os.PathLike",
-    dst_dir: str | os.PathLike,
+    dst: str | os.PathLike,
     *,
     revision: str | None = None,
     overwrite: bool = False,
-    max_workers: int | None = None,
+    force: bool = False,
     progress: bool = True,
     block_bytes: int = BLOCK_BYTES,
-    force: bool = False,
-    group: Any = None,
+    workers: Workers | None = None,
 ) -> Path:
     """Re-chart a safetensors checkpoint (single file or sharded) without instantiating the model.
 
     Every tensor goes through the same rules as :func:`hf_bdgauge.apply_gauge`, so loading the
     result with ``from_pretrained`` gives, bit for bit, the in-memory re-charted model.
-    ``src_dir`` may be a local directory or a Hub repo id (``repo@revision`` or ``revision=``).
+    ``src`` may be a local directory or a Hub repo id (``repo@revision`` or ``revision=``); the
+    result is written to ``dst`` (an existing one is replaced only with ``overwrite=True``).
     ``gauge`` is a :class:`~hf_bdgauge.gauge.Gauge` whose source is this checkpoint (its
     fingerprint is checked when it recorded one), a bare :class:`SignedPermutation` or
     :class:`~hf_bdgauge.orthogonal.Orthogonal`, or a gauge directory or Hub id
@@ -118,29 +134,29 @@ def apply_gauge_to_checkpoint(
     family's symmetry rule, the fingerprint, the fit — a gauge that does not fit is refused unless
     ``force=True``, and a forced result records it in ``hf_bdgauge.json``) happens before
     anything is written; the destination
-    appears only when complete. Shards are rewritten in ``max_workers`` parallel threads
-    (default: as many as there are shards and CPU cores). Tensors are re-charted in blocks of
-    about ``block_bytes``, so peak memory stays near ``max_workers × 2 × block_bytes`` above the
-    interpreter's, whatever the size of the largest tensor (the source is memory-mapped).
+    appears only when complete. Shards are rewritten in ``workers.threads`` parallel threads
+    (:class:`Workers`; default: as many as there are shards and CPU cores). Tensors are re-charted
+    in blocks of about ``block_bytes``, so peak memory stays near ``threads × 2 × block_bytes``
+    above the interpreter's, whatever the size of the largest tensor (the source is memory-mapped).
 
-    Under an initialised process group (``group``, default the default group) every rank calls
-    this alike, on a destination every rank sees: each validates, rewrites its shards (shard
+    Under an initialised process group (``workers.group``, default the default group) every rank
+    calls this alike, on a destination every rank sees: each validates, rewrites its shards (shard
     ``i`` on rank ``i mod N``) and the result appears once, complete (module docstring).
     """
     gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
-    rank, size, grp = world(group)
-    src = resolve_checkpoint_dir(src_dir, revision)
-    plan = TransformPlan.for_checkpoint(src)
+    workers = workers or Workers()
+    rank, size, grp = world(workers.group)
+    where = resolve_checkpoint_dir(src, revision)
+    plan = TransformPlan.for_checkpoint(where)
     g = on_every_rank(lambda: plan.admit(gauge, end="source", force=force), grp)
-    shards = checkpoint_shards(src)
+    shards = checkpoint_shards(where)
     mine = shards[rank::size]
     headers = {s: read_safetensors_header(s) for s in mine}
     total = sum(s.stat().st_size for s in mine)
-    if max_workers is None:
-        max_workers = max(1, min(len(mine), os.cpu_count() or 1))
-    with shared_atomic_directory(dst_dir, overwrite=overwrite, group=grp) as tmp:
+    max_workers = max(1, min(len(mine), os.cpu_count() or 1)) if workers.threads is None else workers.threads
+    with shared_atomic_directory(dst, overwrite=overwrite, group=grp) as tmp:
         if rank == 0:
-            copy_companions(src, tmp)
+            copy_companions(where, tmp)
             if plan.forced:
                 (tmp / PROVENANCE_NAME).write_text(json.dumps({"applied_gauge": transport_record(gauge, forced=True)},
                                                               indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -156,6 +172,6 @@ def apply_gauge_to_checkpoint(
                     _rewrite_shard(*job)
         finally:
             bar.close()
-    logger.info("re-charted %d shard(s), %.1f MB, into %s%s", len(mine), total / 1e6, dst_dir,
+    logger.info("re-charted %d shard(s), %.1f MB, into %s%s", len(mine), total / 1e6, dst,
                 f" (rank {rank} of {size}; {len(shards)} shards in all)" if size > 1 else "")
-    return Path(dst_dir)
+    return Path(dst)

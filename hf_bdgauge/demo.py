@@ -18,9 +18,15 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import GenerationMixin
+
+    from .gauge import Gauge
+    from .group import SignedPermutation
 
 __all__ = ["run_demo", "format_table", "sample_texts"]
 
@@ -57,13 +63,23 @@ def _metric(metrics: dict[str, Any], prefix: str) -> float:
     return next((float(v) for k, v in metrics.items() if k.startswith(prefix)), float("nan"))
 
 
-def sample_texts(model: torch.nn.Module, tok: Any, n: int, length: int, seed: int = 0) -> list[str]:
+def sample_texts(model: GenerationMixin, tok: Any, n: int, length: int, seed: int = 0) -> list[str]:
     """``n`` temperature-1 samples of ``length`` tokens from BOS (the model's own real text)."""
     torch.manual_seed(seed)
     bos = torch.full((n, 1), tok.bos_token_id)
     out = model.generate(bos, max_new_tokens=length, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                          pad_token_id=tok.eos_token_id)
     return [t for t in tok.batch_decode(out, skip_special_tokens=True) if t.strip()]
+
+
+def _signed_permutation(gauge: Gauge) -> SignedPermutation:
+    """The element of a gauge of the demo's model pair, a signed permutation (every method the demo
+    runs estimates one)."""
+    from .group import SignedPermutation
+
+    if not isinstance(gauge.element, SignedPermutation):
+        raise AssertionError(f"the demo expects signed permutations, got {gauge.element!r}")
+    return gauge.element
 
 
 def _train_lora(model: torch.nn.Module, tok: Any, texts: list[str], out: Path, steps: int) -> Path:
@@ -81,7 +97,7 @@ def _train_lora(model: torch.nn.Module, tok: Any, texts: list[str], out: Path, s
         opt.step()
         opt.zero_grad()
     peft_model.eval()
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return out
 
 
@@ -102,8 +118,10 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     from .apply import apply_gauge
     from .checkpoint import apply_gauge_to_checkpoint
     from .estimate import estimate_gauge
+    from .options import CaptureOptions, WeightOptions
     from .fixtures.llama2c import stories260k_hf_dir
-    from .gauge import Gauge, ModelRef
+    from .gauge import Gauge
+    from .provenance import ModelRef
     from .group import SignedPermutation
     from .transport.peft import transport_adapter
     from .transport.steering import SteeringVector, percent_effect_preserved, steering_effect
@@ -154,9 +172,10 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     estimates = []
     for method in ("sign_marginalized", "signed", "permutation", "weights"):
         t = time.perf_counter()
-        est = estimate_gauge(model, gauged, None if method == "weights" else texts, method=method, tokenizer=tok,
-                             max_length=128, progress=False)
-        acc = est.element.agreement(g)
+        options = ({"weights": WeightOptions(progress=False)} if method == "weights" else
+                   {"capture": CaptureOptions(tokenizer=tok, max_length=128, progress=False)})
+        est = estimate_gauge(model, gauged, None if method == "weights" else texts, method=method, **options)
+        acc = _signed_permutation(est).agreement(g)
         estimates.append({
             "method": method,
             "tokens": est.metrics.get("tokens", 0),
@@ -175,7 +194,7 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     # the planted gauge as a Hub-format repo (safetensors + config + card); everything below uses
     # the copy read back from disk, validated on load
     Gauge(g, source=ModelRef(str(src)), target=ModelRef(str(disk)), method="planted").save_pretrained(work / "gauge")
-    g = Gauge.from_pretrained(work / "gauge").element
+    g = _signed_permutation(Gauge.from_pretrained(work / "gauge"))
     adapter = _train_lora(load(), tok, texts, work / "lora-source", steps=10 if fast else 25)
     probe = tok(NEUTRAL, return_tensors="pt", padding=True).input_ids
     with torch.no_grad():
@@ -202,8 +221,8 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
                           "% of adapter effect kept": percent_effect_preserved(delta_src, delta_tgt)})
     print("\n## 3. Transporting an adapter and a steering vector to the re-charted model\n")
     print(format_table(lora_rows, ["object", "transport", "max abs Δ logit vs source+adapter", "% of adapter effect kept"]))
-    print("\n(for the steering vector the Δ column compares next-token log-prob shifts and the last column is the "
-          "% of the steering effect preserved)")
+    print("\n(for the steering vector the Δ column compares next-token log-prob shifts and the last "
+          "column is the % of the steering effect preserved)")
     seconds = time.perf_counter() - t0
     print(f"\nfiles in {work}; total {seconds:.1f} s")
     return {"gauge": g, "dlogit": dlogit, "dh": dh, "same_text": same_text, "bitwise": bitwise,

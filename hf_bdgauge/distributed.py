@@ -204,7 +204,7 @@ def shared_atomic_directory(dst: str | os.PathLike, overwrite: bool = False, gro
     :func:`~hf_bdgauge.files.atomic_directory`.
     """
     rank, size, g = world(group)
-    if size == 1:
+    if size == 1 or g is None:  # no process group: one process
         with atomic_directory(dst, overwrite=overwrite) as tmp:
             yield tmp
         return
@@ -215,6 +215,8 @@ def shared_atomic_directory(dst: str | os.PathLike, overwrite: bool = False, gro
                              if rank == 0 else None, g)
         box = [made]
         dist.broadcast_object_list(box, src=dist.get_global_rank(g, 0), group=g, device=collective_device(g))
+        if box[0] is None:  # broadcast_object_list gives every rank rank 0's directory
+            raise AssertionError("rank 0 broadcast no directory")
         tmp = Path(box[0])
         error: BaseException | None = None
         try:

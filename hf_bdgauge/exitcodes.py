@@ -37,7 +37,7 @@ MEANINGS = {
                       "gauge that does not fit, a Hub or network failure (one line on stderr says what)",
 }
 
-#: The answer (:data:`hf_bdgauge.gauge.ANSWERS`) -> the exit code of a question; ``None``: a gauge
+#: The answer (:data:`hf_bdgauge.verdicts.ANSWERS`) -> the exit code of a question; ``None``: a gauge
 #: that was not estimated (planted, written by hand) answers nothing and is done.
 _BY_ANSWER = {None: ExitCode.OK, "related": ExitCode.OK, "no_evidence": ExitCode.NO_EVIDENCE,
               "insufficient_data": ExitCode.REFUSED}
@@ -45,5 +45,5 @@ _BY_ANSWER = {None: ExitCode.OK, "related": ExitCode.OK, "no_evidence": ExitCode
 
 def for_answer(answer: str | None) -> ExitCode:
     """The exit code of a question whose answer is ``answer`` (one of
-    :data:`hf_bdgauge.gauge.ANSWERS`, or ``None``)."""
+    :data:`hf_bdgauge.verdicts.ANSWERS`, or ``None``)."""
     return _BY_ANSWER[answer]

@@ -10,22 +10,11 @@ for one end of a gauge,
   (:data:`ARCH_CONFIG_KEYS`; RoPE settings normalised so ``rope_theta`` and
   ``rope_parameters`` spell the same thing);
 * ``embedding_shape`` and ``embedding_shape_sha256``;
-* ``content``: :func:`tensor_content_hash` of a small fixed set of tensors (the token
-  embedding, the first and the last residual norm gain), each with its name, dtype and shape.
-
-Content hashes are computed from a model in memory or from the safetensors shards on disk
-and give **the same hash both ways**: the hash covers a version tag, the safetensors dtype name,
-the shape and the raw little-endian bytes. Besides the raw hash every floating tensor (and the
-digest of all weights) records the hashes of its *canonical casts* (fingerprint version 2): ``sha256_f32``, ``sha256_bf16`` and
-``sha256_f16`` (the tensor cast to float32, bfloat16, float16), so that the same weights held in
-another dtype are recognised:
-
-* same dtype: the raw hashes must agree;
-* different dtypes, equal float32 casts (and neither is float64): **the same weights** — the
-  narrower dtype holds them exactly (a bf16 or fp16 checkpoint loaded in float32);
-* different dtypes, equal bfloat16 or float16 casts only: **the same weights up to rounding**
-  (an fp32 checkpoint loaded in bf16 or fp16) — accepted with a warning;
-* anything else, or a version-1 fingerprint (raw hashes only) met in another dtype: a mismatch.
+* ``content``: the content hashes (:mod:`hf_bdgauge.content_hash`) of a small fixed set of tensors
+  (the token embedding, the first and the last residual norm gain, :data:`CONTENT_KINDS`), each with
+  its name, dtype and shape, and ``all``, one digest over every weight. They are the same from a
+  model in memory and from the safetensors shards on disk, and recognise the same weights held in
+  another dtype (fingerprint version 2 records the canonical-cast hashes; version 1 raw hashes only).
 
 :func:`check_fingerprint` compares two fingerprints field by field (only fields both record)
 and raises :class:`~hf_bdgauge.errors.FingerprintMismatchError` naming every difference.
@@ -38,17 +27,17 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from .errors import CheckpointError, FingerprintMismatchError, UnsupportedArchitectureError, Words
+from .content_hash import compare_hashes, file_tensor_hashes, tensor_hashes, weights_digest
+from .errors import FingerprintMismatchError, UnsupportedArchitectureError, Words
 from .hub import resolve_checkpoint_dir
 from .roles import spec_for_model_type
 from .rules import Role
-from .storage import TORCH_TO_ST, TensorInfo, read_model_config, read_tensor_bytes, tensor_index
+from .storage import read_model_config, tensor_index
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -57,13 +46,10 @@ __all__ = [
     "model_fingerprint",
     "config_fingerprint",
     "canonical_arch_config",
-    "tensor_content_hash",
-    "bytes_content_hash",
     "select_content_tensors",
     "check_fingerprint",
     "fingerprint_differences",
     "fingerprint_comparison",
-    "tensor_hashes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,74 +81,10 @@ ARCH_CONFIG_KEYS: tuple[str, ...] = (
 #: The tensors whose content is hashed, in this order.
 CONTENT_KINDS: tuple[str, ...] = ("embedding", "first_norm", "last_norm")
 
-_CONTENT_TAG = b"hf_bdgauge-tensor-v1"
 #: Fields compared by :func:`check_fingerprint` (``architectures`` names the head class, not the
 #: weights, and is informational only).
 _COMPARED_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "config_sha256",
                     "embedding_shape_sha256")
-
-
-# --------------------------------------------------------------------------- hashing
-def bytes_content_hash(dtype: str, shape: Iterable[int], data: bytes | memoryview) -> str:
-    """sha256 over ``tag \\0 dtype \\0 shape-json \\0 raw bytes`` (``dtype`` in safetensors spelling)."""
-    h = hashlib.sha256()
-    h.update(_CONTENT_TAG + b"\0")
-    h.update(dtype.encode("ascii") + b"\0")
-    h.update(json.dumps([int(s) for s in shape], separators=(",", ":")).encode("ascii") + b"\0")
-    h.update(data)
-    return h.hexdigest()
-
-
-def _st_dtype(t: torch.Tensor) -> str:
-    try:
-        return TORCH_TO_ST[t.dtype]
-    except KeyError:
-        raise UnsupportedArchitectureError(f"cannot fingerprint a tensor of dtype {t.dtype}") from None
-
-
-#: The canonical casts every floating tensor is also hashed in (fingerprint version 2).
-_CANONICAL = {"sha256_f32": ("F32", torch.float32), "sha256_bf16": ("BF16", torch.bfloat16),
-              "sha256_f16": ("F16", torch.float16)}
-
-
-def _canonical_hashes(t: torch.Tensor, dtype: str, raw_hash: str) -> dict[str, str]:
-    """``{"sha256_f32", "sha256_bf16", "sha256_f16"}`` of a CPU tensor: the hashes of its float32,
-    bfloat16 and float16 casts (the raw hash where the tensor already is that dtype; integer
-    tensors: the raw hash)."""
-    if not t.is_floating_point():
-        return dict.fromkeys(_CANONICAL, raw_hash)
-    out = {}
-    for key, (st, dt) in _CANONICAL.items():
-        if dtype == st:
-            out[key] = raw_hash
-        else:
-            c = t.to(dt).contiguous()
-            out[key] = bytes_content_hash(st, c.shape, memoryview(c.reshape(-1).view(torch.uint8).numpy()) if c.numel() else b"")
-    return out
-
-
-def tensor_hashes(tensor: torch.Tensor) -> dict[str, str]:
-    """``{"dtype", "sha256", "sha256_f32", "sha256_bf16"}`` of a tensor (see the module docstring)."""
-    if tensor.device.type == "meta":
-        raise CheckpointError("cannot hash a tensor on the meta device (offloaded weights)")
-    t = tensor.detach().to("cpu").contiguous()
-    raw = bytes_content_hash(_st_dtype(t), t.shape, memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
-    return {"dtype": _st_dtype(t), "sha256": raw, **_canonical_hashes(t, _st_dtype(t), raw)}
-
-
-def tensor_content_hash(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes with its dtype and shape included.
-
-    Equal to the hash of the same tensor read from a safetensors file (see
-    :func:`bytes_content_hash`), whatever device or memory layout the tensor has.
-    """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type == "meta":
-        raise CheckpointError("cannot hash a tensor on the meta device (offloaded weights)")
-    t = tensor.detach().to("cpu").contiguous()
-    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-    return bytes_content_hash(_st_dtype(t), t.shape, raw)
 
 
 # --------------------------------------------------------------------------- config
@@ -300,24 +222,6 @@ def select_content_tensors(names: Iterable[str], model_type: str | None) -> dict
 
 
 # --------------------------------------------------------------------------- sources
-def _all_weights_entry(hashes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:
-    """One digest over every weight: sha256 of the sorted ``name:sha256`` lines (and the same
-    over the canonical-cast hashes), with the sha256 of the sorted names and the dtypes."""
-    names = sorted(hashes)
-    dtypes = sorted({h["dtype"] for h in hashes.values()})
-
-    def digest(key: str) -> str:
-        return hashlib.sha256("\n".join(f"{n}:{hashes[n][key]}" for n in names).encode()).hexdigest()
-
-    return {
-        "count": len(names),
-        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes),
-        "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-        "sha256": digest("sha256"),
-        **{key: digest(key) for key in _CANONICAL},
-    }
-
-
 def _content_entries(sel: Mapping[str, str], hashes: Mapping[str, Mapping[str, str]],
                      shapes: Mapping[str, Any]) -> dict[str, Any]:
     entries: dict[str, Any] = {}
@@ -345,7 +249,7 @@ def _fingerprint_model(model: torch.nn.Module, content: bool) -> dict[str, Any]:
         hashes = {n: tensor_hashes(t) for n, t in named.items() if t.device.type != "meta"}
         entries = _content_entries(sel, hashes, {n: t.shape for n, t in named.items()})
         if len(hashes) == len(named):
-            entries["all"] = _all_weights_entry(hashes)
+            entries["all"] = weights_digest(hashes)
         fp["content"] = entries
     return fp
 
@@ -364,23 +268,11 @@ def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
     emb_shape = where[sel["embedding"]].shape if "embedding" in sel else None
     fp = config_fingerprint(config, emb_shape)
     if content:
-        hashes = {name: _file_tensor_hashes(ti) for name, ti in where.items()}
+        hashes = {name: file_tensor_hashes(ti) for name, ti in where.items()}
         entries = _content_entries(sel, hashes, {n: ti.shape for n, ti in where.items()})
-        entries["all"] = _all_weights_entry(hashes)
+        entries["all"] = weights_digest(hashes)
         fp["content"] = entries
     return fp
-
-
-def _file_tensor_hashes(ti: TensorInfo) -> dict[str, str]:
-    data = read_tensor_bytes(ti)
-    raw = bytes_content_hash(ti.dtype, ti.shape, data)
-    dt = ti.torch_dtype
-    if dt is None or not dt.is_floating_point:
-        return {"dtype": ti.dtype, "sha256": raw, **dict.fromkeys(_CANONICAL, raw)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, never written to
-        t = torch.frombuffer(bytearray(data), dtype=dt).reshape(ti.shape) if data else torch.empty(ti.shape, dtype=dt)
-    return {"dtype": ti.dtype, "sha256": raw, **_canonical_hashes(t, ti.dtype, raw)}
 
 
 def model_fingerprint(
@@ -410,20 +302,6 @@ def model_fingerprint(
 
 
 # --------------------------------------------------------------------------- comparison
-def _compare_hashes(ea: Mapping[str, Any], eb: Mapping[str, Any]) -> str:
-    """``"same"``, ``"rounded"`` or ``"different"`` for two hash entries (module docstring)."""
-    if ea.get("dtype") == eb.get("dtype"):
-        return "same" if ea.get("sha256") == eb.get("sha256") else "different"
-    fa, fb = ea.get("sha256_f32"), eb.get("sha256_f32")
-    if fa and fb and fa == fb:
-        return "rounded" if "F64" in (ea.get("dtype"), eb.get("dtype")) else "same"
-    for key in ("sha256_bf16", "sha256_f16"):
-        ca, cb = ea.get(key), eb.get(key)
-        if ca and cb and ca == cb:
-            return "rounded"
-    return "different"
-
-
 def fingerprint_comparison(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """``(differences, rounded)``: what differs, and what holds the same weights only up to
     rounding (another dtype), over the fields both fingerprints record."""
@@ -446,7 +324,7 @@ def fingerprint_comparison(expected: Mapping[str, Any], actual: Mapping[str, Any
         if list(ea.get("shape", [])) != list(eb.get("shape", [])):
             diffs.append(f"content.{kind} shape ({ea.get('shape')} != {eb.get('shape')})")
             continue
-        verdict = _compare_hashes(ea, eb)
+        verdict = compare_hashes(ea, eb)
         where = f"content.{kind} ({ea.get('tensor')}, {ea.get('dtype')} vs {eb.get('dtype')})"
         if verdict == "rounded":
             rounded.append(where)
@@ -459,7 +337,7 @@ def fingerprint_comparison(expected: Mapping[str, Any], actual: Mapping[str, Any
         if ea.get("names_sha256") != eb.get("names_sha256"):
             logger.info("digest of all weights not compared: different tensor names (e.g. tied vs untied lm_head)")
         else:
-            verdict = _compare_hashes(ea, eb)
+            verdict = compare_hashes(ea, eb)
             if verdict == "rounded":
                 rounded.append(f"content.all ({ea.get('count')} weights, {ea.get('dtype')} vs {eb.get('dtype')})")
             elif verdict == "different":

@@ -209,7 +209,7 @@ def record_gains(gauge: Any, source_gains: Mapping[str, Any] | None,
     ``unit_gains`` tell a fold between the ends apart (refused for readers)."""
     import dataclasses
 
-    from .gauge import gains_are_unit
+    from .gains import gains_are_unit
 
     unit = {"source": gains_are_unit(source_gains), "target": gains_are_unit(target_gains)}
     gains, at = None, "source"
@@ -234,7 +234,8 @@ def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool 
     so vectors, probes and SAEs move by ``R``.
     """
     from .apply import apply_gauge
-    from .gauge import Gauge, ModelRef
+    from .gauge import Gauge
+    from .provenance import ModelRef
 
     source = ModelRef.from_model(model) if fingerprint else ModelRef()
     gains = pre_norm_gains(model)
@@ -281,11 +282,12 @@ def fold_norm_gains(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+def fold_norm_gains_in_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                                   revision: str | None = None, overwrite: bool = False,
                                   progress: bool = True, block_bytes: int = BLOCK_BYTES) -> Path:
     """:func:`fold_norm_gains` for a safetensors checkpoint on disk (a directory or a Hub repo,
-    ``repo@revision``), written to ``dst_dir`` atomically, without instantiating the model.
+    ``repo@revision``), written to ``dst`` atomically (an existing one only with ``overwrite``),
+    without instantiating the model.
 
     The gains are read first (they are small) and :func:`plan_fold` decides everything before a
     byte is written. Then shard by shard each folded reader becomes ``W·diag(g)`` (float64,
@@ -300,11 +302,11 @@ def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    src = resolve_checkpoint_dir(src_dir, revision)
-    config = read_model_config(src)
+    where = resolve_checkpoint_dir(src, revision)
+    config = read_model_config(where)
     spec = spec_for_config(config)
-    what = f"checkpoint {src} ({spec.name})"
-    index = tensor_index(src)
+    what = f"checkpoint {where} ({spec.name})"
+    index = tensor_index(where)
     gains = {n: read_tensor(ti) for n, ti in index.items()
              if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN}
     out_name = f"{spec.output_embedding}.weight"
@@ -314,10 +316,10 @@ def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.
     plan = plan_fold(spec, config.get("model_type"), names, gains, what)
     fed_by = {m: n for n, readers in plan for m in readers}
     folded_gains = {n for n, _ in plan}
-    shards = checkpoint_shards(src)
-    index_file = src / "model.safetensors.index.json"
-    with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
-        copy_companions(src, tmp, skip=("config.json", index_file.name))
+    shards = checkpoint_shards(where)
+    index_file = where / "model.safetensors.index.json"
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        copy_companions(where, tmp, skip=("config.json", index_file.name))
         for shard in tqdm(shards, desc="folding norm gains", unit="shard", disable=not progress):
             if not tied:  # same tensors, same header: streamed a block at a time
                 raw, header = read_safetensors_header(shard)
@@ -350,8 +352,8 @@ def fold_norm_gains_in_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.
             (tmp / index_file.name).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
                                                           indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    logger.info("folded %d norm gains of %s into %s", len(plan), src, dst_dir)
-    return Path(dst_dir)
+    logger.info("folded %d norm gains of %s into %s", len(plan), where, dst)
+    return Path(dst)
 
 
 def _fold_move(name: str, spec: ArchitectureSpec, fed_by: Mapping[str, str], folded_gains: set[str],

@@ -27,7 +27,8 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,10 +42,16 @@ from .errors import (
     InvalidGaugeError,
 )
 from .fingerprint import check_fingerprint, model_fingerprint
-from .gauge import GAUGE_CONFIG_NAME, Gauge, ModelRef, as_gauge
+from .gauge import Gauge, as_gauge
+from .gauge_files import GAUGE_CONFIG_NAME
+from .provenance import ModelRef
 from .group import SignedPermutation
+from .orthogonal import Orthogonal
 from .hub import cached_snapshot, hub_errors, local_path, resolve_commit, split_revision
 from .roles import hidden_size_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
 
 __all__ = ["GaugedModel", "GAUGE_SUBFOLDER"]
 
@@ -86,7 +93,8 @@ class GaugedModel:
     gauge:
         A :class:`Gauge` (model chart → reference chart), a bare :class:`SignedPermutation`, or a
         gauge directory or Hub id (``repo@revision``, :func:`~hf_bdgauge.gauge.as_gauge`);
-        ``None`` attaches the identity (the model is its own reference).
+        ``None`` attaches the identity (the model is its own reference). A bare
+        :class:`~hf_bdgauge.orthogonal.Orthogonal` is refused: wrap a rotation in a :class:`Gauge`.
     model_ref:
         What identifies ``model`` (id, revision, commit, fingerprint); computed from the model in
         memory when omitted.
@@ -98,8 +106,8 @@ class GaugedModel:
         pair, or too few coordinates are identified); :attr:`forced` then records it.
     """
 
-    def __init__(self, model: torch.nn.Module,
-                 gauge: Gauge | SignedPermutation | str | os.PathLike | None = None, *,
+    def __init__(self, model: PreTrainedModel,
+                 gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None = None, *,
                  model_ref: ModelRef | None = None, strict: bool = True, force: bool = False) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"GaugedModel wraps a transformers model, got {type(model).__name__}")
@@ -108,19 +116,23 @@ class GaugedModel:
         if not ref.fingerprint:
             ref.fingerprint = model_fingerprint(model)
         self._model_ref = ref
+        attached: Gauge
         if gauge is None:
-            gauge = Gauge.identity(hidden_size_of(model.config), source=ref, target=ref)
+            attached = Gauge.identity(hidden_size_of(model.config), source=ref, target=ref)
         else:
-            gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
-            if isinstance(gauge, SignedPermutation):
-                gauge = Gauge(gauge, source=ref, method="manual")
-            elif not isinstance(gauge, Gauge):
+            g = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+            if isinstance(g, SignedPermutation):
+                attached = Gauge(g, source=ref, method="manual")
+            elif isinstance(g, Gauge):
+                attached = g
+            else:
                 raise InvalidGaugeError(f"GaugedModel attaches a Gauge or a SignedPermutation, got "
-                                        f"{type(gauge).__name__} (wrap a rotation in a Gauge)")
-        # a model matching the gauge's target end instead is told to attach gauge.inverse() (TransformPlan.admit)
-        self.forced = gauge.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint,
-                                             force=force)
-        self._gauge = gauge
+                                        f"{type(g).__name__} (wrap a rotation in a Gauge)")
+        # a model matching the gauge's target end instead is told to attach gauge.inverse()
+        # (TransformPlan.admit)
+        self.forced = attached.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint,
+                                                force=force)
+        self._gauge = attached
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -179,7 +191,7 @@ class GaugedModel:
 
     @staticmethod
     def _resolve_gauge(gauge: Any, gauge_revision: str | None, model_id: str, *, revision: str | None,
-                       ckpt: Path | None, hub_kwargs: Mapping[str, Any]) -> Gauge | SignedPermutation | None:
+                       ckpt: Path | None, hub_kwargs: Mapping[str, Any]) -> Gauge | SignedPermutation | Orthogonal | None:
         if gauge is not None:  # the one resolver of gauge arguments
             return as_gauge(gauge, gauge_revision, **hub_kwargs)
         if ckpt is not None and (ckpt / GAUGE_SUBFOLDER / GAUGE_CONFIG_NAME).is_file():
@@ -196,7 +208,7 @@ class GaugedModel:
 
     # ------------------------------------------------------------------ properties
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> PreTrainedModel:
         """The wrapped transformers model."""
         return self._model
 
@@ -236,7 +248,10 @@ class GaugedModel:
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's ``generate`` (token ids do not depend on the chart)."""
-        return self._model.generate(*args, **kwargs)
+        generate = getattr(self._model, "generate", None)  # a GenerationMixin's, not every PreTrainedModel's
+        if not callable(generate):
+            raise AttributeError(f"{type(self._model).__name__} has no 'generate' (not a generative model)")
+        return generate(*args, **kwargs)
 
     def eval(self) -> "GaugedModel":
         self._model.eval()
@@ -248,7 +263,9 @@ class GaugedModel:
 
     # ------------------------------------------------------------------ charts
     def _map(self, obj: Any, g: Gauge) -> Any:
-        if isinstance(obj, (torch.Tensor, np.ndarray)):
+        if isinstance(obj, torch.Tensor):  # apply keeps the array type: torch and numpy apart
+            return g.element.apply(obj, axis=-1)
+        if isinstance(obj, np.ndarray):
             return g.element.apply(obj, axis=-1)
         transport = getattr(obj, "transport", None)
         if callable(transport):
@@ -262,8 +279,9 @@ class GaugedModel:
         if isinstance(obj, Mapping):
             return {k: self._map(v, g) for k, v in obj.items()}
         raise TypeError(
-            f"cannot map a {type(obj).__name__} between charts: pass a tensor or array whose last axis is the residual "
-            "stream, an object with a .transport(gauge) method, or a list/tuple/dict of those")
+            f"cannot map a {type(obj).__name__} between charts: pass a tensor or array whose last axis "
+            "is the residual stream, an object with a .transport(gauge) method, or a list/tuple/dict of "
+            "those")
 
     def to_reference(self, obj: Any) -> Any:
         """Map ``obj`` from the model's chart to the reference chart (``x ↦ G·x``)."""

@@ -19,16 +19,19 @@ sign bit.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from .errors import DimensionMismatchError, InvalidGaugeError
 
-__all__ = ["SignedPermutation", "ArrayLike"]
+__all__ = ["SignedPermutation", "ArrayLike", "ArrayT"]
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
+ArrayLike = torch.Tensor | np.ndarray
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
+"""An array whose type an action keeps: a torch tensor in, a torch tensor out (numpy likewise)."""
 
 # dtype -> (integer view of the same width, its numpy type, the sign-bit mask as that type)
 _BIT_VIEWS: dict[torch.dtype, tuple[torch.dtype, type, int]] = {
@@ -232,7 +235,7 @@ class SignedPermutation:
         sg = self._signs[self._inv].astype(x.dtype if signed and x.dtype.kind in "fc" else np.int64) if signed else None
         return self._inv, sg
 
-    def apply(self, x: ArrayLike, axis: int = -1, signed: bool = True, out_slice: slice | None = None) -> ArrayLike:
+    def apply(self, x: ArrayT, axis: int = -1, signed: bool = True, out_slice: slice | None = None) -> ArrayT:
         """Act on ``x`` along ``axis``: ``x ↦ G·x`` there (``signed=False``: ``x ↦ P·x``).
 
         For a matrix W this gives ``G·W`` with ``axis=0`` and ``W·Gᵀ`` with ``axis=-1``.
@@ -286,15 +289,15 @@ class SignedPermutation:
             out *= self._signs[inv].astype(np_int).reshape(shape)
         return torch.from_numpy(out).view(x.dtype)
 
-    def apply_vector(self, v: ArrayLike) -> ArrayLike:
+    def apply_vector(self, v: ArrayT) -> ArrayT:
         """``v ↦ G·v`` on the last axis (a vector, or a batch of vectors)."""
         return self.apply(v, axis=-1)
 
-    def apply_rows(self, w: ArrayLike) -> ArrayLike:
+    def apply_rows(self, w: ArrayT) -> ArrayT:
         """``W ↦ G·W``: permute and sign the rows (a matrix that writes the residual)."""
         return self.apply(w, axis=-2 if w.ndim >= 2 else -1)
 
-    def apply_columns(self, w: ArrayLike) -> ArrayLike:
+    def apply_columns(self, w: ArrayT) -> ArrayT:
         """``W ↦ W·Gᵀ``: permute and sign the columns (a matrix that reads the residual)."""
         return self.apply(w, axis=-1)
 
@@ -326,7 +329,7 @@ class SignedPermutation:
         return {"perm": torch.from_numpy(self._perm.copy()), "signs": torch.from_numpy(self._signs.copy())}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, ArrayLike]) -> "SignedPermutation":
+    def from_tensors(cls, tensors: Mapping[str, ArrayLike]) -> SignedPermutation:
         """Inverse of :meth:`to_tensors`; validates dtypes (perm int64, signs int8) and values."""
         try:
             perm, signs = tensors["perm"], tensors["signs"]

@@ -436,7 +436,7 @@ def resolve_commit(repo_id: str, revision: str | None = None, *, token: str | bo
     try:
         with hub_errors(f"{repo_id}@{revision or 'main'}"):
             resolved = HfApi(token=token).resolve_revision(
-                repo_id, revision=revision, cache_dir=cache_dir,
+                repo_id, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir),
                 local_files_only=bool(local_files_only) or constants.is_offline_mode())
     except HubOfflineError as e:
         logger.debug("could not resolve %s@%s: %s", repo_id, revision, e)
@@ -450,7 +450,8 @@ def cached_snapshot(repo_id: str, revision: str | None = None, *, cache_dir: str
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=None if cache_dir is None else Path(cache_dir),
+                                       revision=revision)
     except Exception:  # malformed ids etc.: no local snapshot to read
         return None
     return Path(found).parent if isinstance(found, str) else None

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -120,8 +120,8 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
             best = (depth, mod)
     if best is None:
         raise UnsupportedArchitectureError(
-            f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList named {' / '.join(paths)} of "
-            f"length {n} (the 'layers' entry of its role map)")
+            f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList named "
+            f"{' / '.join(paths)} of length {n} (the 'layers' entry of its role map)")
     return best[1]
 
 
@@ -152,8 +152,22 @@ def resolve_layers(layers: Iterable[int] | int | None, n: int) -> list[int]:
     return sorted(out)
 
 
+def input_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The token embedding of a transformers model (its ``get_input_embeddings()``), whose output is
+    residual layer 0; ``None`` for a module without one."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb if isinstance(emb, torch.nn.Module) else None
+
+
 def _module_of(model: torch.nn.Module, blocks: torch.nn.ModuleList, layer: int) -> torch.nn.Module:
-    return model.get_input_embeddings() if layer == 0 else blocks[layer - 1]
+    if layer > 0:
+        return blocks[layer - 1]
+    emb = input_embedding(model)
+    if emb is None:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no input embedding (get_input_embeddings) "
+                                           "whose output is residual layer 0")
+    return emb
 
 
 def _hidden(out: Any) -> torch.Tensor:
@@ -164,8 +178,9 @@ def _hidden(out: Any) -> torch.Tensor:
 
 
 def _input_device(model: torch.nn.Module) -> torch.device:
-    emb = model.get_input_embeddings()
-    dev = emb.weight.device if emb is not None and hasattr(emb, "weight") else next(model.parameters()).device
+    emb = input_embedding(model)
+    weight = getattr(emb, "weight", None)
+    dev = weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
     return torch.device("cpu") if dev.type == "meta" else dev
 
 
@@ -186,7 +201,7 @@ def residual_states(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor] |
     deepest = max(index.values())
     acts: dict[int, torch.Tensor] = {}
 
-    def hook_for(layer: int):
+    def hook_for(layer: int) -> Callable[[Any, Any, Any], None]:
         def hook(_mod: Any, _inp: Any, out: Any) -> None:
             h = _hidden(out).detach()
             for k, kk in index.items():
@@ -219,7 +234,7 @@ def residual_states(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor] |
     return acts
 
 
-def _additive_hook(delta: torch.Tensor):
+def _additive_hook(delta: torch.Tensor) -> Callable[[torch.nn.Module, Any, Any], Any]:
     cache: dict[tuple, torch.Tensor] = {}
 
     def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:

@@ -42,7 +42,7 @@ import torch
 
 from .errors import DimensionMismatchError, InvalidGaugeError, OrthogonalGaugeError
 from .files import atomic_directory, read_json_object, sha256_file
-from .group import ArrayLike, SignedPermutation
+from .group import ArrayLike, ArrayT, SignedPermutation
 from .hadamard import hadamard_construction, hadamard_factors, hadamard_matrix
 
 __all__ = ["Orthogonal", "ORTHOGONALITY_ATOL", "KIND_DENSE", "KIND_HADAMARD", "ROTATION_CONFIG_NAME",
@@ -138,7 +138,7 @@ class Orthogonal:
     @property
     def dim(self) -> int:
         """The dimension d."""
-        return self._factor.dim if self._factor is not None else int(self._matrix.shape[0])
+        return self._factor.dim if self._factor is not None else int(self.matrix.shape[0])
 
     def __len__(self) -> int:
         return self.dim
@@ -163,11 +163,18 @@ class Orthogonal:
         """``G`` of a structured rotation ``(H_d/√d)·G``; ``None`` for a dense one."""
         return self._factor
 
+    def _structured_factor(self) -> SignedPermutation:
+        """``G`` of a rotation that holds no dense matrix: every rotation holds one of the two (the
+        constructor the matrix, :meth:`hadamard` the factor)."""
+        if self._factor is None:
+            raise AssertionError("a dense rotation always holds its matrix")
+        return self._factor
+
     @property
     def matrix(self) -> np.ndarray:
         """``R`` as a read-only float64 array (built once for a structured rotation)."""
         if self._matrix is None:
-            g = self._factor
+            g = self._structured_factor()
             h = hadamard_matrix(g.dim).astype(np.float64) / math.sqrt(g.dim)
             # (H·G)[:, j] = H[:, π(j)]·s_j: a gather and a sign, exact
             m = h[:, g.perm] * g.signs.astype(np.float64)[None, :]
@@ -231,7 +238,8 @@ class Orthogonal:
 
     def __repr__(self) -> str:
         if self._factor is not None:
-            return f"Orthogonal(d={self.dim}, {hadamard_construction(self.dim)}·G, flips={self._factor.num_flips})"
+            construction = hadamard_construction(self.dim)
+            return f"Orthogonal(d={self.dim}, {construction}·G, flips={self._factor.num_flips})"
         return f"Orthogonal(d={self.dim}, dense)"
 
     # ------------------------------------------------------------------ action
@@ -253,21 +261,21 @@ class Orthogonal:
             self._cache[key] = torch.from_numpy(self._numpy_matrix(squared).copy()).to(device)
         return self._cache[key]
 
-    def apply(self, x: ArrayLike, axis: int = -1, out_slice: slice | None = None) -> ArrayLike:
+    def apply(self, x: ArrayT, axis: int = -1, out_slice: slice | None = None) -> ArrayT:
         """Act on ``x`` along ``axis``: ``x ↦ R·x`` there (``W·Rᵀ`` with ``axis=-1`` on a matrix,
         ``R·W`` with ``axis=0``). ``out_slice`` computes only that block of the result along
         ``axis`` (rows ``[start, stop)`` of ``R``). Computed in float64, rounded once to ``x``'s
         dtype; returns a new contiguous array of the same type, dtype and device."""
         return self._act(x, axis, out_slice, squared=False)
 
-    def apply_squared(self, x: ArrayLike, axis: int = -1) -> ArrayLike:
+    def apply_squared(self, x: ArrayT, axis: int = -1) -> ArrayT:
         """``x ↦ (R∘R)·x`` along ``axis`` (``R∘R``: the entrywise square): the diagonal of
         ``R·diag(x)·Rᵀ``, i.e. where a vector of per-coordinate variances ``x`` of independent
         coordinates goes under ``R``. An approximation for anything else (e.g. Adam's second
         moments); float64, rounded once."""
         return self._act(x, axis, None, squared=True)
 
-    def _act(self, x: ArrayLike, axis: int, out_slice: slice | None, *, squared: bool) -> ArrayLike:
+    def _act(self, x: ArrayT, axis: int, out_slice: slice | None, *, squared: bool) -> ArrayT:
         """``x ↦ M·x`` along ``axis`` for ``M = R`` or ``R∘R`` (see :meth:`apply`)."""
         if x.ndim == 0:
             raise DimensionMismatchError("cannot apply a rotation to a scalar")
@@ -305,7 +313,7 @@ class Orthogonal:
         ``H_d = H_{2^k} ⊗ B`` (:mod:`hf_bdgauge.hadamard`) as Sylvester butterflies over the
         ``2^k`` factor (``[a, b] ↦ [a + b, a − b]``, ``k`` passes) and the small ``B`` (order 1, 12
         or 20) as a product. Equal to the dense product up to float64 rounding."""
-        g = self._factor
+        g = self._structured_factor()
         d = g.dim
         base, k = hadamard_factors(d)
         lead = x.shape[:-1]
@@ -337,7 +345,7 @@ class Orthogonal:
         raise OrthogonalGaugeError(f"{self!r} mixes every coordinate: residual coordinate indices have no image "
                                    "under a rotation")
 
-    def apply_vector(self, v: ArrayLike) -> ArrayLike:
+    def apply_vector(self, v: ArrayT) -> ArrayT:
         """``v ↦ R·v`` on the last axis (a vector, or a batch of vectors)."""
         return self.apply(v, axis=-1)
 

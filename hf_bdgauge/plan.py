@@ -105,7 +105,8 @@ class TransformPlan:
             size = self.rules[n].residual_size(tuple(shape))
             if size is not None and size != self.dim:
                 raise DimensionMismatchError(
-                    f"{self.what}: tensor {n} of shape {list(shape)} has {size} != {self.dim} entries on its residual axis")
+                    f"{self.what}: tensor {n} of shape {list(shape)} has {size} != {self.dim} entries "
+                    "on its residual axis")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -116,6 +117,7 @@ class TransformPlan:
         meta device (offloaded) are refused: re-chart the checkpoint on disk instead."""
         spec = spec or spec_for_model(model)
         what = what or f"{type(model).__name__} ({spec.name})"
+        named: dict[str, torch.Tensor]
         if names is None:
             named = dict(model.named_parameters())
             for n, b in model.named_buffers():
@@ -125,7 +127,8 @@ class TransformPlan:
         meta = [n for n, t in named.items() if t.device.type == "meta"]
         if meta:
             raise DimensionMismatchError(
-                f"{what}: tensor {meta[0]} is on the meta device (offloaded); re-chart the checkpoint on disk instead")
+                f"{what}: tensor {meta[0]} is on the meta device (offloaded); "
+                "re-chart the checkpoint on disk instead")
         config = getattr(model, "config", None)
         rules = dict(rules) if rules is not None else spec.rules_for(named)
         model_type = getattr(config, "model_type", None)
@@ -159,19 +162,19 @@ class TransformPlan:
     def for_tensors(cls, shapes: Mapping[str, tuple[int, ...]], rules: Mapping[str, TensorRule], dim: int, *,
                     what: str, spec: ArchitectureSpec | None = None,
                     check_element: Callable[[SignedPermutation], None] | None = None,
-                    fingerprint_of: Callable[[], dict[str, Any]] | None = None,
                     dim_label: str = "hidden size {d}",
                     check_rotation: Callable[[Orthogonal], None] | None = None) -> "TransformPlan":
         """The plan of a set of tensors with known rules (an adapter, optimizer state, an SAE, a
         steering vector). The symmetry rule defaults to the family's (``spec``), else B_d.
-        ``check_rotation``: the object's rotation rule (``None``: rotations are refused)."""
+        ``check_rotation``: the object's rotation rule (``None``: rotations are refused). Such
+        objects have no fingerprint of their own (set :attr:`fingerprint_of` for one that has)."""
         if check_element is None:
             check_element = (lambda g: spec.check_element(g, what)) if spec is not None else (lambda g: None)
         missing = sorted(set(shapes) - set(rules))
         if missing:
             raise InvalidGaugeError(f"{what}: no rule for tensors {missing[:5]}")
         return cls(spec=spec, dim=int(dim), rules={n: rules[n] for n in shapes}, shapes={n: tuple(s) for n, s in shapes.items()},
-                   what=what, check_element=check_element, fingerprint_of=fingerprint_of, dim_label=dim_label,
+                   what=what, check_element=check_element, dim_label=dim_label,
                    check_rotation=check_rotation)
 
     # ------------------------------------------------------------------ views
@@ -214,7 +217,8 @@ class TransformPlan:
             if self.check_rotation is None:
                 raise OrthogonalGaugeError(
                     f"{self.what}: rotations (orthogonal gauges) act on model weights only — a loaded model "
-                    "(apply_gauge) or a checkpoint (apply_gauge_to_checkpoint); this object has no rotation rule")
+                    "(apply_gauge) or a checkpoint (apply_gauge_to_checkpoint); "
+                    "this object has no rotation rule")
             self.check_rotation(g)
         else:
             self.check_element(g)
@@ -229,8 +233,8 @@ class TransformPlan:
                 other = getattr(getattr(gauge, other_end, None), "fingerprint", None)
                 if other and not fingerprint_differences(other, actual):  # used from its wrong end
                     raise FingerprintMismatchError(
-                        f"{self.what} is not the gauge's {end} (its fingerprint differs); it matches the gauge's "
-                        f"{other_end} end instead: use {{inverse}}",
+                        f"{self.what} is not the gauge's {end} (its fingerprint differs); "
+                        f"it matches the gauge's {other_end} end instead: use {{inverse}}",
                         mismatch=e.mismatch, options={"inverse": INVERSE}) from e
                 raise
         check_fit = getattr(gauge, "check_fit", None)

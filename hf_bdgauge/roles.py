@@ -27,11 +27,12 @@ the ``nn.Linear`` ``[out, in]`` default, the residual axis. Besides the tensors 
 Adding a family is adding one JSON file (or :func:`register_architecture`): nothing else in the
 library names a family's modules.
 
-A family also states its normalisation, which fixes its symmetry group (:meth:`ArchitectureSpec.check_element`,
-the one place this rule lives): ``"rmsnorm"`` families (a per-channel gain) admit the whole
-signed-permutation group B_d; ``"layernorm"`` families subtract the mean, which commutes with
-permutations and with the global flip ``−P`` only (``LN(−P·x) = −P·LN(x)`` once the gain moves by
-``P`` and the LayerNorm bias, a residual vector, by ``−P``; role ``write`` in the maps).
+A family also states its normalisation, which fixes its symmetry group
+(:meth:`ArchitectureSpec.check_element`, the one place this rule lives): ``"rmsnorm"`` families (a
+per-channel gain) admit the whole signed-permutation group B_d; ``"layernorm"`` families subtract the
+mean, which commutes with permutations and with the global flip ``−P`` only (``LN(−P·x) = −P·LN(x)``
+once the gain moves by ``P`` and the LayerNorm bias, a residual vector, by ``−P``; role ``write`` in
+the maps).
 
 Rotations ``R`` (:class:`~hf_bdgauge.orthogonal.Orthogonal`) are symmetries of an RMSNorm family only
 where every residual norm gain is constant (:meth:`ArchitectureSpec.check_rotation`, the one place):
@@ -185,10 +186,11 @@ class ArchitectureSpec:
         if self.allows_signs or g.commutes_with_centring:
             return
         raise SignedGaugeNotAllowedError(
-            f"the {self.name!r} family{f' ({what})' if what else ''} normalises with LayerNorm, which subtracts the "
-            "mean over the residual coordinates; flipping the sign of some coordinates but not all changes that "
-            "mean, so this signed permutation is not a symmetry of the model (permutations and the global flip -P "
-            f"are); this gauge flips {g.num_flips} of {g.dim} coordinates.")
+            f"the {self.name!r} family{f' ({what})' if what else ''} normalises with LayerNorm, which "
+            "subtracts the mean over the residual coordinates; flipping the sign of some coordinates "
+            "but not all changes that mean, so this signed permutation is not a symmetry of the model "
+            f"(permutations and the global flip -P are); this gauge flips {g.num_flips} of {g.dim} "
+            "coordinates.")
 
     def norm_site(self, name: str, model_type: str | None = None) -> NormSite | None:
         """Where the residual gain ``name`` sits for ``model_type`` (one of :attr:`model_types`;
@@ -215,11 +217,12 @@ class ArchitectureSpec:
         label = f"the {self.name!r} family{f' ({what})' if what else ''}"
         if self.norm != "rmsnorm":
             raise OrthogonalGaugeError(
-                f"{label} normalises with LayerNorm, whose mean-centring does not commute with a rotation; rotating "
-                f"it is out of scope (SliceGPT converts LayerNorm to RMSNorm first). Its norm gains: "
-                f"{', '.join(sorted(gains)[:6])}{' …' if len(gains) > 6 else ''}")
+                f"{label} normalises with LayerNorm, whose mean-centring does not commute with a "
+                "rotation; rotating it is out of scope (SliceGPT converts LayerNorm to RMSNorm first). "
+                f"Its norm gains: {', '.join(sorted(gains)[:6])}{' …' if len(gains) > 6 else ''}")
         offset = self.gain_offset
-        pre, post = [], []
+        pre: list[str] = []
+        post: list[str] = []
         for n, w in gains.items():
             if is_constant(w):
                 continue
@@ -227,14 +230,14 @@ class ArchitectureSpec:
             (post if site is not None and site.position == "post" else pre).append(n)
         if post:
             raise OrthogonalGaugeError(
-                f"{label}: a rotation needs constant residual norm gains, and these post-norm gains on writer outputs "
-                f"are not constant (they scale a normalised output, so they cannot be folded into any weight): "
-                f"{', '.join(sorted(post))}")
+                f"{label}: a rotation needs constant residual norm gains, and these post-norm gains on "
+                "writer outputs are not constant (they scale a normalised output, so they cannot be "
+                f"folded into any weight): {', '.join(sorted(post))}")
         if pre:
             unit = "w = 0 (effective gain 1 + w)" if offset else "g = 1"
             raise OrthogonalGaugeError(
-                f"{label}: a rotation needs constant residual norm gains; fold these into the readers they feed first "
-                f"(hf_bdgauge.fold_norm_gains(model), which leaves {unit}): "
+                f"{label}: a rotation needs constant residual norm gains; fold these into the readers "
+                f"they feed first (hf_bdgauge.fold_norm_gains(model), which leaves {unit}): "
                 f"{', '.join(sorted(pre)[:8])}{f' … ({len(pre)} in all)' if len(pre) > 8 else ''}")
 
     def module_regex(self, path: str) -> re.Pattern:

@@ -49,7 +49,7 @@ from .orthogonal import Orthogonal
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .group import ArrayLike, SignedPermutation
+    from .group import ArrayT, SignedPermutation
 
 __all__ = ["Role", "TensorRule", "transform", "scale_residual", "READ", "WRITE", "GAIN", "NONE"]
 
@@ -121,13 +121,13 @@ def scale_residual(x: "torch.Tensor", rule: TensorRule, v: Any, *, divide: bool 
 
 
 def transform(
-    x: "ArrayLike",
+    x: ArrayT,
     rule: TensorRule,
     g: "SignedPermutation | Orthogonal",
     *,
     second_moment: bool = False,
     out_slice: slice | None = None,
-) -> "ArrayLike":
+) -> ArrayT:
     """Move ``x`` from the source chart to the target chart of ``g`` according to ``rule``.
 
     ``second_moment=True`` treats ``x`` as an elementwise square of a quantity with this rule
@@ -146,7 +146,9 @@ def transform(
         if rule.role is Role.GAIN:
             if x.shape[ax] != g.dim:
                 raise DimensionMismatchError(f"rotation has dimension {g.dim} but the gain has {x.shape[ax]} entries")
+            import torch
+
             block = x[(slice(None),) * (ax % x.ndim) + (out_slice or slice(None),)]
-            return block.clone() if hasattr(block, "clone") else block.copy()
+            return block.clone() if isinstance(block, torch.Tensor) else block.copy()
         return g.apply(x, axis=ax, out_slice=out_slice)
     return g.apply(x, axis=ax, signed=rule.signed and not second_moment, out_slice=out_slice)

@@ -227,7 +227,7 @@ def rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict[str, Any],
                         if block.dtype != dtype:
                             raise CheckpointError(f"{src.name}: tensor {name} would change dtype ({dtype} -> {block.dtype})")
                         buf = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-                        fout.write(memoryview(buf))
+                        fout.write(buf.data)  # a memoryview of the bytes, no copy
                         n += buf.nbytes
                     del t
                     if n != end - begin:

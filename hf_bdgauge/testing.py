@@ -7,9 +7,12 @@ would hide a wrongly permuted gain), so a wrong rule shows up as a changed logit
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PretrainedConfig
 
 from .real_models import REAL_MODEL_NAMES, real_model, real_model_dir
 
@@ -54,7 +57,7 @@ LAYERNORM_TYPES = ("gpt2", "gpt_neox", "bert")
 RMSNORM_TYPES = tuple(t for t in TINY_CONFIGS if t not in LAYERNORM_TYPES)
 
 
-def tiny_config(model_type: str, tie_word_embeddings: bool = False, **overrides: Any):
+def tiny_config(model_type: str, tie_word_embeddings: bool = False, **overrides: Any) -> PretrainedConfig:
     """A transformers config of ``model_type`` with hidden size 64 and 2 layers."""
     from transformers import AutoConfig
 

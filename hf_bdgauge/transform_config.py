@@ -103,7 +103,7 @@ def _modules(spec: Any, tensor_names: list[str]) -> dict[str, tuple[str, Role | 
     weight: whether the module writes the residual stream (the token embedding too: its rows are
     residual vectors, though the role map moves them along the last axis like a reader's) or
     reads it."""
-    out = {}
+    out: dict[str, tuple[str, Role | None]] = {}
     for n in tensor_names:
         if not n.endswith(".weight"):
             continue
@@ -178,9 +178,10 @@ def rotation_from_transform_config(checkpoint: str | os.PathLike, revision: str 
         how = ("learned (requires_grad)" if scheme.get("requires_grad") else
                "randomised (randomize)" if scheme.get("randomize") else f"drawn at random ({kind!r})")
         raise OrthogonalGaugeError(
-            f"{d}: the residual rotation {residual!r} is {how}; its matrix came from a generator whose seed the "
-            "transform config does not record. Estimate it from the weights instead: "
-            "estimate_gauge(original, rotated, method='orthogonal_weights') (data-free, from the token embeddings)")
+            f"{d}: the residual rotation {residual!r} is {how}; its matrix came from a generator whose "
+            "seed the transform config does not record. Estimate it from the weights instead: "
+            "estimate_gauge(original, rotated, method='orthogonal_weights') (data-free, from the token "
+            "embeddings)")
     width = int(config.get("hidden_size") or config.get("n_embd") or 0)
     b = int(scheme.get("head_dim") or width)
     if b <= 0 or width % b or b & (b - 1):
@@ -204,7 +205,8 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
     modules rotated by other, non-residual groups (adapters there are refused)."""
     from .estimate.weights import open_tensors
     from .fold import known_pre_norm_gains, pre_norm_gains, record_gains
-    from .gauge import Gauge, ModelRef
+    from .gauge import Gauge
+    from .provenance import ModelRef
 
     name, revision = split_revision(target, revision)
     R, group, others = rotation_from_transform_config(name, revision)
@@ -229,9 +231,9 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
             metrics.update(embedding_check_error=min(err, err_c), embedding_centred=bool(err_c < err))
             if min(err, err_c) > atol:
                 raise OrthogonalGaugeError(
-                    f"{name}: its transform config does not describe these weights: the token embedding is not the "
-                    f"source's rotated by it (relative error {min(err, err_c):.3g} > {atol}); wrong source, or the "
-                    "checkpoint was changed after rotation")
+                    f"{name}: its transform config does not describe these weights: the token embedding "
+                    f"is not the source's rotated by it (relative error {min(err, err_c):.3g} > {atol}); "
+                    "wrong source, or the checkpoint was changed after rotation")
     g = Gauge(R, source=src_ref, target=tgt_ref, method="rotation_config", metrics=metrics)
     return record_gains(g, gains, known_pre_norm_gains(name, revision))
 
@@ -252,5 +254,6 @@ def refuse_other_rotations(gauge: Any, module_names: list[str]) -> None:
     if hits:
         raise TransportError(
             "the target checkpoint also rotates these modules by transforms that are not residual gauges "
-            f"(head-space or online rotations): {', '.join(sorted(hits)[:8])}{' …' if len(hits) > 8 else ''}; "
+            "(head-space or online rotations): "
+            f"{', '.join(sorted(hits)[:8])}{' …' if len(hits) > 8 else ''}; "
             "an adapter on them cannot be moved by the residual gauge alone")

@@ -3,6 +3,8 @@
 One reader of fenced blocks and one runner of their command lines, for ``tests/test_readme.py``
 and ``tests/test_docs.py``:
 
+* a page's include lines (``--8<-- "path[#Heading]"``: a results file, or one section of it) are
+  expanded first, by the site's own reader (``docs/hooks.py``);
 * a ``python`` block runs with :func:`exec` in the page's namespace (a later block may use what an
   earlier one defined);
 * a ``bash`` block is a list of command lines (comments and blank lines dropped), each run
@@ -17,10 +19,12 @@ Any other command fails the test, so the pages and the code cannot drift.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -32,9 +36,27 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _EXPECT = re.compile(r"#\s*exit\s+(\d+)(?::\s*(.*))?$")
 
 
+def _hooks() -> ModuleType:
+    """``docs/hooks.py``, the site's hooks: its :func:`expand_includes` is the one reader of include lines."""
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+hooks = _hooks()
+
+
+def page_text(path: Path) -> str:
+    """The Markdown of a page as the site shows it: its include lines (``--8<-- "results file"``) expanded,
+    as ``docs/hooks.py`` expands them for the site (an include that does not resolve raises)."""
+    return hooks.expand_includes(path.read_text(encoding="utf-8"), path, ROOT)
+
+
 def fenced_blocks(path: Path) -> list[tuple[str, str]]:
-    """``(language, code)`` of every fenced block of a Markdown file, in order."""
-    return [(m.group(1), m.group(2)) for m in _FENCE.finditer(path.read_text(encoding="utf-8"))]
+    """``(language, code)`` of every fenced block of a Markdown file (includes expanded), in order."""
+    return [(m.group(1), m.group(2)) for m in _FENCE.finditer(page_text(path))]
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,8 @@ def run_page(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
                 out = capsys.readouterr()
                 printed = out.out + out.err
                 line = " ".join(cmd.argv)
-                assert rc == cmd.exit_code, f"{path.name}: `{line}` exited {rc}, not {cmd.exit_code}: {printed}"
+                assert rc == cmd.exit_code, \
+                    f"{path.name}: `{line}` exited {rc}, not {cmd.exit_code}: {printed}"
                 if cmd.expect is not None:
                     assert " ".join(cmd.expect.split()) in " ".join(printed.split()), \
                         f"{path.name}: `{line}` did not print {cmd.expect!r}: {printed}"

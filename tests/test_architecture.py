@@ -43,11 +43,20 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return ids
 
 
-def _imports(name: str, path: Path) -> list[tuple[str, str]]:
-    """``(module imported, name imported)`` for every hf_bdgauge import, function-level included,
-    ``TYPE_CHECKING`` blocks excluded."""
+def _function_nodes(tree: ast.AST) -> set[int]:
+    """The nodes inside functions (run when called, not when the module is imported)."""
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            ids |= {id(n) for n in ast.walk(node)}
+    return ids
+
+
+def _imports(name: str, path: Path, *, module_level: bool = False) -> list[tuple[str, str]]:
+    """``(module imported, name imported)`` for every hf_bdgauge import, function-level included
+    unless ``module_level``, ``TYPE_CHECKING`` blocks excluded."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skip = _type_checking_nodes(tree)
+    skip = _type_checking_nodes(tree) | (_function_nodes(tree) if module_level else set())
     is_pkg = path.name == "__init__.py"
     out = []
     for node in ast.walk(tree):
@@ -91,6 +100,65 @@ def test_no_module_imports_a_module_that_imports_it_back():
             visit(m)
 
 
+ARCHITECTURE_PAGE = ROOT / "docs" / "architecture.md"
+
+
+def _architecture_rows() -> list[str]:
+    """The rows of the architecture table, bottom to top: the first column of each row of the
+    table under ``## Modules`` of docs/architecture.md (``name.py`` or ``package/``), in order; the
+    README's ``## Architecture`` table where the docs page is absent."""
+    if ARCHITECTURE_PAGE.exists():
+        page, heading = ARCHITECTURE_PAGE.read_text(encoding="utf-8"), "## Modules"
+    else:  # pragma: no cover - before the docs site
+        page, heading = (ROOT / "README.md").read_text(encoding="utf-8"), "## Architecture"
+    section = page.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cell = line.split("|")[1].strip() if line.startswith("|") else ""
+        if cell.startswith("`") and cell.endswith("`"):
+            rows.append(cell.strip("`"))
+    assert rows, f"no table of modules under {heading!r}"
+    return rows
+
+
+def _row_of(module: str) -> str:
+    """The table row of a module: ``x.py`` for ``hf_bdgauge.x``, ``pkg/`` for anything in ``hf_bdgauge.pkg``."""
+    parts = module.split(".")[1:]
+    return f"{parts[0]}/" if (PKG / parts[0]).is_dir() else f"{parts[0]}.py"
+
+
+def test_every_module_imports_only_modules_at_or_above_its_row_of_the_architecture_table():
+    """The architecture table lists the modules bottom to top; a module imports, when it is
+    imported, only modules of its own row or of rows above it (a package is one row). Checked:
+    module-level imports, ``TYPE_CHECKING`` blocks aside (annotations only). Imports inside
+    functions may reach down the table: they run when the function is called, after every module is
+    loaded, so they make no import-time cycle (:func:`test_no_module_imports_a_module_that_imports_it_back`
+    still sees them); that is how the lazy package roots and the fixtures' heavy loaders work.
+    ``hf_bdgauge`` itself (the lazy root, which imports nothing at import time) is no row."""
+    rows = _architecture_rows()
+    order = {row: k for k, row in enumerate(rows)}
+    assert len(order) == len(rows), "a row is listed twice"
+    modules = {m: p for m, p in MODULES.items() if m != "hf_bdgauge"}
+    missing = sorted({_row_of(m) for m in modules} - set(order))
+    assert not missing, f"modules missing from the architecture table: {missing}"
+    upward = []
+    for m, p in modules.items():
+        mine = order[_row_of(m)]
+        for target, _ in _imports(m, p, module_level=True):
+            if target == "hf_bdgauge" or target not in MODULES:
+                continue
+            if order[_row_of(target)] > mine:
+                upward.append(f"{m} ({_row_of(m)}) imports {target} ({_row_of(target)}), listed below it")
+    assert not upward, "\n".join(sorted(set(upward)))
+
+
+def test_the_architecture_table_is_read_as_written():
+    rows = _architecture_rows()
+    assert rows[0] == "errors.py" and "estimate/" in rows and "cli/" in rows
+    assert all(r.endswith((".py", "/")) for r in rows)
+    assert _row_of("hf_bdgauge.estimate.api") == "estimate/" and _row_of("hf_bdgauge.gauge") == "gauge.py"
+
+
 def test_no_private_name_is_used_outside_its_module():
     private_defs: dict[str, set[str]] = {}
     for m, p in MODULES.items():
@@ -129,8 +197,7 @@ def _sources_matching(pattern: str) -> set[str]:
     ("the mapping of Hub errors", r"huggingface_hub(\.errors| import errors)|HfHubHTTPError|EntryNotFoundError", {"hf_bdgauge.hub"}),
     ("Hub transfers", r"hf_hub_download|snapshot_download|upload_folder|create_repo\(|resolve_revision|try_to_load_from_cache",
      {"hf_bdgauge.hub"}),
-    ("the atomic writer", r"mkstemp|mkdtemp", {"hf_bdgauge.files", "hf_bdgauge.demo", "hf_bdgauge.fixtures.gemma3",
-                                               "hf_bdgauge.fixtures.independent"}),
+    ("the atomic writer", r"mkstemp|mkdtemp", {"hf_bdgauge.files", "hf_bdgauge.demo", "hf_bdgauge.fixtures.gemma3"}),
     ("the config reader", r"""["']config\.json["']\)?\.read_text|json\.loads\(.*config\.json""", {"hf_bdgauge.fixtures.minilm",
                                                                                               "hf_bdgauge.fixtures.gemma3"}),
     ("the symmetry (LayerNorm) rule", r"raise SignedGaugeNotAllowedError|commutes_with_centring", {"hf_bdgauge.roles",
@@ -167,14 +234,34 @@ def test_the_role_map_finds_blocks_embedding_and_width_of_every_family(model_typ
 
 
 def test_every_builtin_family_is_a_file_and_every_module_is_in_the_readme():
-    """The README's Architecture section names each module (what to touch for what)."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    """The docs' architecture page (its Modules section) names each module (what to touch for what)."""
+    page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = page.split("## Modules", 1)[1].split("\n## ", 1)[0]
     for m, p in MODULES.items():
         rel = p.relative_to(PKG).as_posix()
         if rel.startswith("fixtures/") or rel == "__init__.py" or rel.endswith("/__init__.py"):
             continue
         named = rel in section or (f"`{rel.split('/')[0]}/`" in section and f"`{rel.split('/')[-1]}`" in section)
-        assert named, f"README's Architecture section does not name {rel}"
+        assert named, f"docs/architecture.md's Modules section does not name {rel}"
     assert {s.name for s in available_architectures().values()} <= {
         e.name[:-5] for e in resources.files("hf_bdgauge.architectures").iterdir() if e.name.endswith(".json")}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports (any level of the file)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_the_library_and_the_examples_import_nothing_from_experiments():
+    """The wheel ships the library only, and the examples stand on the library (and
+    ``examples/common.py``): research code (``experiments/``, calibration-model training included)
+    is imported by nothing outside it."""
+    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in [*PKG.rglob("*.py"), *(ROOT / "examples").glob("*.py")]
+                 for m in _imported_modules(p) if m == "experiments" or m.startswith("experiments.")]
+    assert offenders == []

@@ -37,7 +37,8 @@ from hf_bdgauge.errors import (
     HubRateLimitError,
     InvalidGaugeError,
 )
-from hf_bdgauge.gauge import Gauge, ModelRef, as_gauge
+from hf_bdgauge.gauge import Gauge, as_gauge
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.gauged_model import GaugedModel
 from hf_bdgauge.hub import resolve_checkpoint_dir
 from hf_bdgauge.testing import tiny_model

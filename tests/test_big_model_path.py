@@ -18,17 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
-from hf_bdgauge.estimate import (
-    PairStats,
-    capture_pair_stats,
-    estimate_from_stats,
-    estimate_gauge,
-    iter_token_batches,
-    residual_activations,
-)
+from hf_bdgauge.estimate import estimate_gauge
+from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches
+from hf_bdgauge.layers import residual_states
+from hf_bdgauge.estimate.matching import estimate_from_stats
+from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.estimate.capture import sequence_masks
-from hf_bdgauge.estimate.stats import _FIELDS
+from hf_bdgauge.estimate.moments import SUM_FIELDS
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from tolerances import assert_close_rel
 
@@ -71,7 +69,7 @@ def _assert_same_sums(a: PairStats, b: PairStats, rtol: float = 1e-9) -> None:
     assert a.layers == b.layers and a.n_tokens == b.n_tokens
     for k in a.layers:
         assert a[k].n == b[k].n
-        for f in _FIELDS:
+        for f in SUM_FIELDS:
             x, y = getattr(a[k], f), getattr(b[k], f)
             assert x.dtype == y.dtype == torch.float64, (k, f)
             scale = float(y.abs().max())
@@ -79,7 +77,7 @@ def _assert_same_sums(a: PairStats, b: PairStats, rtol: float = 1e-9) -> None:
 
 
 def _capture(src, tgt, batches, **kw) -> PairStats:
-    return capture_pair_stats(src, tgt, batches, progress=False, **kw)
+    return capture_pair_stats(src, tgt, batches, capture=CaptureOptions(progress=False, **kw))
 
 
 # ---------------------------------------------------------------------- accelerate / offload
@@ -92,14 +90,15 @@ def test_disk_offloaded_device_map_gives_the_same_sums_and_gauge(pair, tmp_path)
     plain = _capture(pair["src"], pair["tgt"], pair["batches"])
     offloaded = _capture(pair["src"], off, pair["batches"])
     _assert_same_sums(offloaded, plain)
-    est = estimate_from_stats(offloaded, null_draws=0)
-    assert est.element == pair["g"] == estimate_from_stats(plain, null_draws=0).element
+    est = estimate_from_stats(offloaded, calibration=CalibrationOptions(null_draws=0))
+    assert est.element == pair["g"] == estimate_from_stats(plain, calibration=CalibrationOptions(null_draws=0)).element
 
 
 def test_estimate_gauge_from_directories_with_a_disk_device_map(pair):
-    kw = dict(fingerprint=False, progress=False, null_draws=0)
-    est = estimate_gauge(str(pair["src_dir"]), str(pair["dst_dir"]), pair["batches"], device_map=DISK_MAP, **kw)
-    ref = estimate_gauge(pair["src"], pair["tgt"], pair["batches"], **kw)
+    kw = dict(fingerprint=False, calibration=CalibrationOptions(null_draws=0))
+    est = estimate_gauge(str(pair["src_dir"]), str(pair["dst_dir"]), pair["batches"],
+                         capture=CaptureOptions(device_map=DISK_MAP, progress=False), **kw)
+    ref = estimate_gauge(pair["src"], pair["tgt"], pair["batches"], capture=CaptureOptions(progress=False), **kw)
     assert est.element == ref.element == pair["g"]
     # confidences are matched |correlations| (scale 1) stored in float32
     assert_close_rel(est.confidence, ref.confidence, rtol=1e-5, scale=1.0, what="confidence, disk map vs in memory")
@@ -134,11 +133,10 @@ def test_layer_subset_sums_equal_those_of_the_full_capture(pair):
 @pytest.mark.parametrize("layer", [0, 2, 5])
 def test_any_single_layer_gives_the_same_gauge(pair, layer):
     full = _capture(pair["src"], pair["tgt"], pair["batches"])
-    est = estimate_gauge(pair["src"], pair["tgt"], pair["batches"], layers=[layer], fingerprint=False, progress=False,
-                         null_draws=0)
+    est = estimate_gauge(pair["src"], pair["tgt"], pair["batches"], fingerprint=False, capture=CaptureOptions(layers=[layer], progress=False), calibration=CalibrationOptions(null_draws=0))
     assert est.metrics["layers"] == [layer]
-    assert est.element == pair["g"] == estimate_from_stats(full, null_draws=0).element
-    assert_close_rel(est.confidence, estimate_from_stats(full, layers=[layer], null_draws=0).confidence, rtol=1e-5,
+    assert est.element == pair["g"] == estimate_from_stats(full, calibration=CalibrationOptions(null_draws=0)).element
+    assert_close_rel(est.confidence, estimate_from_stats(full, capture=CaptureOptions(layers=[layer]), calibration=CalibrationOptions(null_draws=0)).confidence, rtol=1e-5,
                      scale=1.0, what="confidence (|corr| <= 1, float32), one layer vs all")
 
 
@@ -147,7 +145,7 @@ def _float64_reference(src, tgt, batches, layers) -> dict[int, dict[str, np.ndar
     """The sums computed by hand in numpy float64 from the bf16 activations cast up."""
     acc: dict[int, dict[str, np.ndarray]] = {}
     for b in batches:
-        hs, ht = residual_activations(src, b, layers), residual_activations(tgt, b, layers)
+        hs, ht = residual_states(src, b, layers), residual_states(tgt, b, layers)
         h0, h1 = sequence_masks(b["attention_mask"])  # what capture adds: no padding, no first tokens
         m = (h0 | h1).reshape(-1).numpy()
         for k in layers:
@@ -174,17 +172,17 @@ def test_bf16_models_accumulate_in_float64(pair, product_dtype, rtol):
     tgt = copy.deepcopy(pair["tgt"]).to(torch.bfloat16)
     st = _capture(src, tgt, pair["batches"], product_dtype=product_dtype)
     ref = _float64_reference(src, tgt, pair["batches"], st.layers)
-    worst = {f: 0.0 for f in _FIELDS}
+    worst = {f: 0.0 for f in SUM_FIELDS}
     for k in st.layers:
         assert st[k].n == int(ref[k]["n"])
-        for f in _FIELDS:
+        for f in SUM_FIELDS:
             got = getattr(st[k], f)
             assert got.dtype == torch.float64, (k, f)
             want = ref[k][f]
             worst[f] = max(worst[f], float(np.max(np.abs(got.numpy() - want)) / np.max(np.abs(want))))
     assert max(worst.values()) <= rtol, worst
     # the planted gauge survives bf16 activations (matched |corr| ~ 1 up to bf16 rounding)
-    est = estimate_from_stats(st, null_draws=0)
+    est = estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0))
     assert est.element == pair["g"]
     assert float(np.min(est.confidence)) > 0.99
 
@@ -192,13 +190,12 @@ def test_bf16_models_accumulate_in_float64(pair, product_dtype, rtol):
 def test_bf16_offloaded_directories_with_a_layer_subset(pair):
     """All three at once, the way a big checkpoint is estimated: loaded from disk in bf16 with
     a disk device map, two layers captured."""
-    from hf_bdgauge.estimate import load_causal_lm
+    from hf_bdgauge.estimate.capture import load_causal_lm
 
     model, _, _ = load_causal_lm(pair["dst_dir"], dtype=torch.bfloat16, device_map=DISK_MAP, fingerprint=False)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu", "meta"}
-    est = estimate_gauge(str(pair["src_dir"]), str(pair["dst_dir"]), pair["batches"], dtype=torch.bfloat16,
-                         device_map=DISK_MAP, layers=[2, -1], fingerprint=False, progress=False, null_draws=0)
+    est = estimate_gauge(str(pair["src_dir"]), str(pair["dst_dir"]), pair["batches"], fingerprint=False, capture=CaptureOptions(dtype=torch.bfloat16, device_map=DISK_MAP, layers=[2, -1], progress=False), calibration=CalibrationOptions(null_draws=0))
     assert est.element == pair["g"]
     assert est.metrics["layers"] == [2, 5]
 
@@ -207,7 +204,7 @@ def test_bf16_offloaded_directories_with_a_layer_subset(pair):
 def test_cuda_model_keeps_its_sums_on_the_gpu(pair):  # pragma: no cover - GPU machines only
     src, tgt = copy.deepcopy(pair["src"]).cuda(), copy.deepcopy(pair["tgt"]).cuda()
     st = _capture(src, tgt, pair["batches"])
-    assert all(getattr(st[k], f).device.type == "cuda" for k in st.layers for f in _FIELDS)
+    assert all(getattr(st[k], f).device.type == "cuda" for k in st.layers for f in SUM_FIELDS)
     _assert_same_sums(st.to("cpu"), _capture(pair["src"], pair["tgt"], pair["batches"]), rtol=1e-5)
-    est = estimate_from_stats(st, null_draws=1)
+    est = estimate_from_stats(st, calibration=CalibrationOptions(null_draws=1))
     assert est.element == pair["g"]

@@ -7,16 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError
-from hf_bdgauge.estimate import (
-    EstimationError,
-    capture_pair_stats,
-    find_decoder_layers,
-    iter_token_batches,
-    residual_activations,
-)
-from hf_bdgauge.estimate.capture import resolve_layers
+from hf_bdgauge.errors import EstimationError
+from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches
+from hf_bdgauge.layers import decoder_blocks, residual_states
+from hf_bdgauge.layers import resolve_layers
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.testing import tiny_model
 from tolerances import assert_close_rel
@@ -76,7 +73,7 @@ def test_hooks_capture_the_residual_stream_after_each_layer(stories):
     _, model, _ = stories
     ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    acts = residual_activations(model, batch, None)
+    acts = residual_states(model, batch, None)
     assert sorted(acts) == list(range(6))
     with torch.no_grad():
         out = model.model(ids, output_hidden_states=True, use_cache=False)
@@ -89,11 +86,11 @@ def test_hooks_capture_the_residual_stream_after_each_layer(stories):
 def test_forward_stops_after_the_deepest_requested_layer(stories):
     _, model, _ = stories
     ran = []
-    handle = find_decoder_layers(model)[3].register_forward_hook(lambda *a: ran.append(1))
+    handle = decoder_blocks(model)[3].register_forward_hook(lambda *a: ran.append(1))
     try:
         ids = torch.randint(3, 512, (1, 6))
         model.train()
-        acts = residual_activations(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [0, 2])
+        acts = residual_states(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [0, 2])
     finally:
         handle.remove()
     assert sorted(acts) == [0, 2] and ran == []
@@ -104,8 +101,8 @@ def test_forward_stops_after_the_deepest_requested_layer(stories):
 def test_padding_is_excluded(stories):
     _, model, tok = stories
     texts = ["Once upon a time there was a cat.", "Lily liked to play in the big green park with her dog Max."]
-    padded = capture_pair_stats(model, model, texts, tokenizer=tok, batch_size=2, progress=False)
-    single = capture_pair_stats(model, model, texts, tokenizer=tok, batch_size=1, progress=False)
+    padded = capture_pair_stats(model, model, texts, capture=CaptureOptions(tokenizer=tok, batch_size=2, progress=False))
+    single = capture_pair_stats(model, model, texts, capture=CaptureOptions(tokenizer=tok, batch_size=1, progress=False))
     n = sum(len(tok(t)["input_ids"]) - 1 for t in texts)  # each sequence's first token is left out
     assert padded.n_tokens == single.n_tokens == n
     for k in padded.layers:
@@ -115,8 +112,7 @@ def test_padding_is_excluded(stories):
 
 def test_max_tokens_is_exact(stories):
     _, model, tok = stories
-    st = capture_pair_stats(model, model, [STORIES260K_GREEDY_TEXT] * 3, tokenizer=tok, batch_size=2, max_tokens=70,
-                            layers=[1], progress=False)
+    st = capture_pair_stats(model, model, [STORIES260K_GREEDY_TEXT] * 3, capture=CaptureOptions(tokenizer=tok, batch_size=2, max_tokens=70, layers=[1], progress=False))
     assert st.n_tokens == 70 and st.layers == [1]
 
 
@@ -127,7 +123,7 @@ def test_planted_gauge_shows_in_the_statistics(stories):
     target = AutoModelForCausalLM.from_pretrained(d).eval()
     g = SignedPermutation.random(64, seed=4)
     apply_gauge(target, g)
-    st = capture_pair_stats(model, target, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
+    st = capture_pair_stats(model, target, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False))
     assert st.layers == list(range(6)) and st.n_tokens == len(tok(STORIES260K_GREEDY_TEXT)["input_ids"]) - 1
     for k in st.layers:
         c = st[k].corr()
@@ -143,8 +139,8 @@ def test_offloaded_device_map_model(stories, tmp_path):
 
     off = AutoModelForCausalLM.from_pretrained(d, device_map="auto", max_memory={"cpu": "400KB"}, offload_folder=str(tmp_path))
     assert any(p.device.type == "meta" for p in off.parameters())
-    a = capture_pair_stats(model, off, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
-    b = capture_pair_stats(model, model, [STORIES260K_GREEDY_TEXT], tokenizer=tok, progress=False)
+    a = capture_pair_stats(model, off, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False))
+    b = capture_pair_stats(model, model, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False))
     for k in a.layers:
         assert_close_rel(a[k].corr(), b[k].corr(), rtol=1e-6, scale=1.0, what=f"layer {k}: correlations, offloaded")
 
@@ -153,4 +149,4 @@ def test_depth_mismatch_is_refused():
     a = tiny_model("llama", seed=0)
     b = tiny_model("llama", seed=0, num_hidden_layers=3)
     with pytest.raises(DimensionMismatchError, match="decoder layers"):
-        capture_pair_stats(a, b, torch.randint(3, 128, (1, 5)), progress=False)
+        capture_pair_stats(a, b, torch.randint(3, 128, (1, 5)), capture=CaptureOptions(progress=False))

@@ -12,16 +12,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_bdgauge import (
+from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge.errors import (
     CheckpointError,
     DimensionMismatchError,
     SignedGaugeNotAllowedError,
-    SignedPermutation,
     UnsupportedArchitectureError,
-    apply_gauge,
-    apply_gauge_to_checkpoint,
 )
-from hf_bdgauge.checkpoint import checkpoint_shards, read_safetensors_header
+from hf_bdgauge.checkpoint import Workers, checkpoint_shards, read_safetensors_header
 from hf_bdgauge.testing import tiny_model
 from tolerances import assert_close_rel
 
@@ -75,7 +73,7 @@ def test_bf16_checkpoint_and_parallel_shards(tmp_path):
     src = _save(model, tmp_path / "src", max_shard_size="20KB")
     g = SignedPermutation.random(64, seed=5)
     a = apply_gauge_to_checkpoint(src, g, tmp_path / "a", progress=False)
-    b = apply_gauge_to_checkpoint(src, g, tmp_path / "b", progress=False, max_workers=2)
+    b = apply_gauge_to_checkpoint(src, g, tmp_path / "b", progress=False, workers=Workers(threads=2))
     for s in checkpoint_shards(src):
         assert (a / s.name).read_bytes() == (b / s.name).read_bytes()
         t_src, t_dst = load_file(s), load_file(a / s.name)

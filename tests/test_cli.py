@@ -90,7 +90,8 @@ def test_demo_results_are_what_the_paper_predicts(tmp_path):
 # ----------------------------------------------------------------------------- gauges and objects
 from hub_double import hub  # noqa: E402,F401  (``hub`` is a fixture: a local test double of the Hub)
 
-from hf_bdgauge.gauge import Gauge, ModelRef  # noqa: E402
+from hf_bdgauge.gauge import Gauge  # noqa: E402
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 
 
 def _saved_gauge(tmp_path, seed=3, d=64):

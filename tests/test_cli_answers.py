@@ -34,7 +34,7 @@ from hf_bdgauge.errors import GaugeFitError
 from hf_bdgauge.exitcodes import MEANINGS, ExitCode, for_answer
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
-from hf_bdgauge.gauge import ANSWERS
+from hf_bdgauge.verdicts import ANSWERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED_SEED = 5

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_bdgauge import Gauge, ModelRef, SignedPermutation
+from hf_bdgauge import Gauge, SignedPermutation
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.cli import build_parser, main
 from hf_bdgauge.errors import TransportError
 from hf_bdgauge.exitcodes import ExitCode
@@ -75,10 +76,10 @@ def test_the_options_messages_name_exist():
 
 
 def test_cli_methods_are_the_estimators():
-    from hf_bdgauge.cli import _METHODS
+    from hf_bdgauge.cli.estimate_verbs import METHODS as CLI_METHODS
     from hf_bdgauge.estimate.matching import METHODS
 
-    assert list(_METHODS) == list(METHODS)
+    assert list(CLI_METHODS) == list(METHODS)
 
 
 # ------------------------------------------------------------------ required and conflicting options
@@ -103,18 +104,26 @@ def test_transport_optimizer_requires_model(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ the registry and lazy imports
-def test_registry_is_what_the_transport_modules_implement():
+def test_registry_is_what_the_cli_implements():
+    """Every kind runs one ``run_*`` of :mod:`hf_bdgauge.cli.transport_kinds` (and each of those is a
+    kind's), its options are that module's too, and no transport module holds command-line code."""
     import hf_bdgauge.transport as pkg
+    from hf_bdgauge.cli import transport_kinds as cli_kinds
 
-    runners = set()
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        runners |= {f"{mod.__name__}:{n}" for n, f in vars(mod).items()
-                    if n.startswith("_cli_") and inspect.isfunction(f) and f.__module__ == mod.__name__}
+    mod = cli_kinds.__name__
+    runners = {f"{mod}:{n}" for n, f in vars(cli_kinds).items()
+               if n.startswith("run_") and inspect.isfunction(f) and f.__module__ == mod}
     assert {k.runner for k in KINDS.values()} == runners
     assert all(callable(k.load_run()) for k in KINDS.values())
+    assert all(k.add_arguments is None or k.add_arguments.startswith(f"{mod}:") for k in KINDS.values())
+    assert all(k.add_arguments is None or callable(k.load_arguments()) for k in KINDS.values())
     kinds = dict(_parsers(build_parser()))[("transport",)]._subparsers._group_actions[0].choices
     assert set(kinds) == set(KINDS)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name == "registry":  # the table the command line reads: names, help, "module:function"s
+            continue
+        source = Path(importlib.import_module(f"{pkg.__name__}.{info.name}").__file__).read_text(encoding="utf-8")
+        assert not re.search(r"\bargparse\b|\bargs\.[a-z]|def _cli_", source), info.name
 
 
 def test_lazy_packages_export_every_name():

@@ -20,10 +20,14 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra 'real') reads and writes control vectors")
 
-from hf_bdgauge import CheckpointError, DimensionMismatchError, SignedPermutation, TransportError  # noqa: E402
-from hf_bdgauge.gauge import Gauge, ModelRef  # noqa: E402
+from hf_bdgauge import SignedPermutation  # noqa: E402
+from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, TransportError  # noqa: E402
+from hf_bdgauge.gauge import Gauge  # noqa: E402
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.testing import tiny_model  # noqa: E402
-from hf_bdgauge.transport.steering import CONTROL_VECTOR_ARCH, SteeringVector, record_residual  # noqa: E402
+from hf_bdgauge.transport.control_vector import CONTROL_VECTOR_ARCH  # noqa: E402
+from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
+from hf_bdgauge.layers import residual_states  # noqa: E402
 from tolerances import assert_close_rel, product_rtol  # noqa: E402
 
 D = 16
@@ -194,9 +198,9 @@ def test_direction_n_is_added_to_the_output_of_decoder_block_n(tmp_path):
     sv = SteeringVector.load_gguf(tmp_path / "cv.gguf")
     sv.check_fits(model)
     assert sv.layers == [3]
-    base = record_residual(model, ids, [0, 1, 2, 3, 4])
+    base = residual_states(model, ids, [0, 1, 2, 3, 4])
     with sv.apply(model, alpha=0.5):
-        steered = record_residual(model, ids, [0, 1, 2, 3, 4])
+        steered = residual_states(model, ids, [0, 1, 2, 3, 4])
     for i in (0, 1, 2):
         assert torch.equal(steered[i], base[i])  # up to block 2's output: untouched
     # block 2's output + α·v: (h + α·v) - h rounds twice, relative to |h| + |α·v|, not to |α·v|

@@ -20,12 +20,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hf_bdgauge.options import WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
 from hf_bdgauge.cli import main
 from hf_bdgauge.distributed import init_from_env, is_main, on_every_rank, shard_batches, world
 from hf_bdgauge.errors import DistributedError, EstimationError, FingerprintMismatchError
-from hf_bdgauge.estimate import BatchSelection, load_pair_stats
-from hf_bdgauge.estimate.stats import _FIELDS
+from hf_bdgauge.estimate import load_pair_stats
+from hf_bdgauge.estimate.capture import BatchSelection
+from hf_bdgauge.estimate.moments import SUM_FIELDS
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
 from tolerances import assert_close_rel
@@ -145,7 +147,7 @@ def _assert_same_sums(a, b, rtol=1e-12):
         assert ha.layers == hb.layers
         for k in ha.layers:
             assert ha[k].n == hb[k].n, (i, k)
-            for f in _FIELDS:
+            for f in SUM_FIELDS:
                 assert_close_rel(getattr(ha[k], f), getattr(hb[k], f), rtol=rtol, what=f"half {i} layer {k} {f}")
 
 
@@ -230,7 +232,7 @@ import hf_bdgauge.estimate.capture as capture
 if os.environ["RANK"] == "1":
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure on rank 1")
-    capture.residual_activations = boom
+    capture.residual_states = boom
 from hf_bdgauge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -286,14 +288,15 @@ _WEIGHT_SUMS = """
 import sys
 import numpy as np
 from hf_bdgauge.distributed import init_from_env, shutdown
-from hf_bdgauge.estimate import weight_similarity
+from hf_bdgauge.estimate.weights import weight_similarity
 rank, size, _ = init_from_env(60)
-sim, _, _ = weight_similarity(sys.argv[1], sys.argv[2], progress=False)
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
+sim, _, _ = weight_similarity(sys.argv[1], sys.argv[2], WeightOptions(progress=False))
 # the Python API under a process group the caller initialised (group=None: the default group)
 from hf_bdgauge.estimate import estimate_gauge
 texts = open(sys.argv[4], encoding="utf-8").read().splitlines()
-g = estimate_gauge(sys.argv[1], sys.argv[2], texts, tokenizer=sys.argv[1], batch_size=1, calibration_draws=16,
-                   progress=False)
+g = estimate_gauge(sys.argv[1], sys.argv[2], texts, capture=CaptureOptions(tokenizer=sys.argv[1], batch_size=1,
+                   progress=False), calibration=CalibrationOptions(draws=16))
 if rank == 0:
     g.save_pretrained(sys.argv[3] + ".gauge")
     arrays = {f"{h}.{k}": getattr(part, k) for h, part in enumerate(sim.halves) for k in
@@ -310,7 +313,7 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
     the same halves, and `estimate --method weights` writes, once, the one-process gauge."""
     import numpy as np
 
-    from hf_bdgauge.estimate import weight_similarity
+    from hf_bdgauge.estimate.weights import weight_similarity
 
     src, dst, corpus, planted = pair
     script = tmp_path / "sums.py"
@@ -322,7 +325,7 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
     assert api.metrics["tokens"] == sum(len(t) - 1 for t in _token_rows(src, corpus))
     torch.set_num_threads(1)
     try:
-        one, _, _ = weight_similarity(src, dst, progress=False)
+        one, _, _ = weight_similarity(src, dst, options=WeightOptions(progress=False))
     finally:
         torch.set_num_threads(2)
     assert int(two["size"]) == 2

@@ -110,3 +110,56 @@ def test_a_link_outside_docs_builds_only_when_its_target_exists(tmp_path, exists
     else:
         assert done.returncode != 0
         assert "missing.md" in done.stderr and "not found among documentation files" in done.stderr
+
+
+#: the modules whose public names the API page documents (a module rendered whole documents its members)
+CURATED = ("hf_bdgauge", "hf_bdgauge.options", "hf_bdgauge.errors", "hf_bdgauge.estimate", "hf_bdgauge.transport",
+           "hf_bdgauge.extend")
+
+
+def test_the_api_page_documents_every_public_name_of_the_curated_modules():
+    """Each name in a curated module's ``__all__`` is on the API page: as ``::: module.name``, as the
+    same object at the top level (``::: hf_bdgauge.name``), or because the page renders the module (or
+    another curated module that exports the same object) whole."""
+    import importlib
+
+    import hf_bdgauge
+
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^::: (\S+)", text, re.M))
+    whole = {m.group(1) for m in re.finditer(r"^::: (\S+)\n(?!\s+options:\s*\n\s+members: false)", text, re.M)}
+    rendered = [importlib.import_module(m) for m in CURATED if m in whole]
+    in_whole = {id(getattr(m, n)) for m in rendered for n in getattr(m, "__all__", ())}
+    missing = []
+    for name in CURATED:
+        module = importlib.import_module(name)
+        assert name in listed, f"the API page does not render {name}"
+        for member in getattr(module, "__all__", ()):
+            if member == "__version__" or name in whole or f"{name}.{member}" in listed:
+                continue
+            top = f"hf_bdgauge.{member}" in listed and getattr(hf_bdgauge, member, None) is getattr(module, member)
+            if not top and id(getattr(module, member)) not in in_whole:
+                missing.append(f"{name}.{member}")
+    assert not missing, f"public names the API page does not document: {missing}"
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "missing"])
+def test_an_include_builds_only_when_its_section_exists(tmp_path, exists):
+    """An include line (``--8<-- "path#heading"``, docs/hooks.py) puts that section of a repository file
+    into the page; one naming a heading the file does not have stops the build."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "run.md").write_text("# Run\n\n## Speed\n\n| x | s |\n| --- | --- |\n| a | 1.25 |\n",
+                                                 encoding="utf-8")
+    heading = "Speed" if exists else "Accuracy"
+    (tmp_path / "docs" / "index.md").write_text(f'# Home\n\n## Measured\n\n--8<-- "results/run.md#{heading}"\n',
+                                                encoding="utf-8")
+    (tmp_path / "mkdocs.yml").write_text(
+        f"site_name: t\ndocs_dir: docs\nstrict: true\nhooks:\n  - {DOCS / 'hooks.py'}\n", encoding="utf-8")
+    done = build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    if exists:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "<td>1.25</td>" in (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+    else:
+        assert done.returncode != 0
+        assert "no heading 'Accuracy'" in done.stdout + done.stderr

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from hf_bdgauge import FingerprintMismatchError, SignedPermutation, apply_gauge
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.content_hash import tensor_content_hash
+from hf_bdgauge.errors import FingerprintMismatchError
 from hf_bdgauge.fingerprint import (
     canonical_arch_config,
     check_fingerprint,
@@ -16,7 +18,6 @@ from hf_bdgauge.fingerprint import (
     fingerprint_differences,
     model_fingerprint,
     select_content_tensors,
-    tensor_content_hash,
 )
 from hf_bdgauge.testing import tiny_model
 

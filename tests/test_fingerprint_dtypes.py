@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from hf_bdgauge import FingerprintMismatchError
+from hf_bdgauge.errors import FingerprintMismatchError
 from hf_bdgauge.fingerprint import check_fingerprint, fingerprint_comparison, model_fingerprint
 from hf_bdgauge.testing import tiny_model
 

@@ -15,16 +15,9 @@ import json
 import pytest
 import torch
 
-from hf_bdgauge import (
-    FingerprintMismatchError,
-    Gauge,
-    GaugedModel,
-    GaugeFitError,
-    ModelRef,
-    SignedPermutation,
-    apply_gauge,
-    apply_gauge_to_checkpoint,
-)
+from hf_bdgauge import Gauge, GaugedModel, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge.errors import FingerprintMismatchError, GaugeFitError
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.cli import main
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir

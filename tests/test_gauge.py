@@ -11,27 +11,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_bdgauge import (
-    DestinationExistsError,
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import (
     CheckpointError,
+    DestinationExistsError,
     DimensionMismatchError,
     FingerprintMismatchError,
     InvalidGaugeError,
     SignedGaugeNotAllowedError,
-    SignedPermutation,
-    apply_gauge,
 )
 from hf_bdgauge.fingerprint import model_fingerprint
-from hf_bdgauge.gauge import (
-    FORMAT_VERSION,
-    GAUGE_CONFIG_NAME,
-    GAUGE_WEIGHTS_NAME,
-    MODEL_CARD_NAME,
-    Gauge,
-    ModelRef,
-    as_signed_permutation,
-    library_version,
-)
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.gauge_files import FORMAT_VERSION, GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME, MODEL_CARD_NAME
+from hf_bdgauge.plan import element_of
+from hf_bdgauge.provenance import ModelRef, library_version
 from hf_bdgauge.testing import tiny_model
 
 D = 16
@@ -117,9 +110,9 @@ def test_bare_signed_permutations_compose_with_gauges():
     p = SignedPermutation.random(D, seed=9)
     assert (g @ p).element == g.element @ p and (g @ p).target == B
     assert (p @ g).element == p @ g.element and (p @ g).source == A
-    assert as_signed_permutation(g) is g.element and as_signed_permutation(p) is p
-    with pytest.raises(TypeError):
-        as_signed_permutation("nope")
+    assert element_of(g) is g.element and element_of(p) is p
+    with pytest.raises(InvalidGaugeError):
+        element_of("nope")
 
 
 def test_constructor_validates():
@@ -193,14 +186,25 @@ def test_model_card_metadata_and_identity_note(tmp_path):
     assert card.data.base_model == ["org/a", "org/b"]
 
 
-def test_packaged_template_is_the_repository_copy():
+def test_the_card_template_has_one_home_and_the_wheel_gets_it_at_build_time(tmp_path):
+    """``model_cards/gauge_card_template.md`` is the template: a checkout reads it, and the build step
+    (``setup.py``) copies it where :func:`gauge_card_template` finds package data in a wheel."""
+    import importlib.util
     from pathlib import Path
 
-    from hf_bdgauge.card import gauge_card_template
+    from hf_bdgauge import card
 
-    repo_copy = Path(__file__).resolve().parents[1] / "model_cards" / "gauge_card_template.md"
-    if repo_copy.exists():
-        assert repo_copy.read_text(encoding="utf-8") == gauge_card_template()
+    root = Path(__file__).resolve().parents[1]
+    template = (root / "model_cards" / "gauge_card_template.md").read_text(encoding="utf-8")
+    assert not (root / "hf_bdgauge" / "model_cards").exists(), "no second copy of the template in the package"
+    assert card.gauge_card_template() == template
+    spec = importlib.util.spec_from_file_location("_hf_bdgauge_setup", root / "setup.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)  # not __main__: defines the build step, runs no build
+    copy = build.copy_card_template(tmp_path)
+    assert copy == tmp_path / "hf_bdgauge" / "model_cards" / "gauge_card_template.md"
+    assert copy.read_text(encoding="utf-8") == template
+    assert '"model_cards/*.md"' in (root / "pyproject.toml").read_text(encoding="utf-8")  # shipped as package data
 
 
 def test_save_into_existing_directory_keeps_other_files(tmp_path):

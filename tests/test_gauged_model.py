@@ -11,15 +11,11 @@ import torch
 from hub_double import hub  # noqa: F401  (fixture)
 from transformers import AutoModelForCausalLM
 
-from hf_bdgauge import (
-    DimensionMismatchError,
-    FingerprintMismatchError,
-    SignedGaugeNotAllowedError,
-    SignedPermutation,
-    apply_gauge_to_checkpoint,
-)
+from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
+from hf_bdgauge.errors import DimensionMismatchError, FingerprintMismatchError, SignedGaugeNotAllowedError
 from hf_bdgauge.fingerprint import model_fingerprint
-from hf_bdgauge.gauge import Gauge, ModelRef
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.gauged_model import GAUGE_SUBFOLDER, GaugedModel
 from hf_bdgauge.testing import tiny_model
 from tolerances import assert_close_rel

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_bdgauge import DimensionMismatchError, InvalidGaugeError, SignedPermutation
+from hf_bdgauge import SignedPermutation
+from hf_bdgauge.errors import DimensionMismatchError, InvalidGaugeError
 
 
 @st.composite

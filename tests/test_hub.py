@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from hub_double import TEST_TOKEN, git_blob_sha1, hub  # noqa: F401  (``hub`` is a fixture)
 
-from hf_bdgauge import InvalidGaugeError, SignedPermutation
-from hf_bdgauge.gauge import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME, MODEL_CARD_NAME, Gauge, ModelRef
+from hf_bdgauge import SignedPermutation
+from hf_bdgauge.errors import InvalidGaugeError
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.gauge_files import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME, MODEL_CARD_NAME
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.errors import GaugeNotFoundError
 
 D = 32

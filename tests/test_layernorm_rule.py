@@ -13,7 +13,8 @@ import copy
 import pytest
 import torch
 
-from hf_bdgauge import SignedGaugeNotAllowedError, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge.errors import SignedGaugeNotAllowedError
 from hf_bdgauge.roles import spec_for_model
 from hf_bdgauge.rules import Role
 from hf_bdgauge.testing import LAYERNORM_TYPES, tiny_model

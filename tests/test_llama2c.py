@@ -16,6 +16,8 @@ import torch
 
 from hf_bdgauge.errors import CheckpointError, FixtureError
 from hf_bdgauge.fixtures import llama2c as L
+from hf_bdgauge.fixtures import llama2c_files as LF
+from hf_bdgauge.fixtures import llama2c_reference as LR
 from tolerances import assert_close_rel, product_rtol
 
 torch.set_num_threads(2)
@@ -46,7 +48,7 @@ def source(request) -> tuple[str, Path, Path]:
 
 @pytest.fixture(scope="session")
 def checkpoint(source):
-    return L.read_llama2c_checkpoint(source[1])
+    return LF.read_llama2c_checkpoint(source[1])
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +68,7 @@ def hf_model(hf_dir):
 @pytest.fixture(scope="session")
 def reference_logits(checkpoint) -> np.ndarray:
     cfg, weights = checkpoint
-    return L.llama2c_reference_forward(cfg, weights, GREEDY_IDS, dtype=np.float64)
+    return LR.llama2c_reference_forward(cfg, weights, GREEDY_IDS, dtype=np.float64)
 
 
 def _hf_logits(model, ids) -> np.ndarray:
@@ -94,7 +96,7 @@ def test_bundled_package_data_files_present():
 
 def test_header(checkpoint):
     cfg, weights = checkpoint
-    assert cfg == L.Llama2cConfig(64, 172, 5, 8, 4, 512, 512, shared_classifier=True)
+    assert cfg == LF.Llama2cConfig(64, 172, 5, 8, 4, 512, 512, shared_classifier=True)
     assert weights["wq"].shape == (5, 64, 64) and weights["wk"].shape == (5, 32, 64)
     assert weights["w2"].shape == (5, 64, 172) and weights["freq_cis_real"].shape == (512, 4)
     assert all(w.dtype == np.float32 for w in weights.values())
@@ -108,7 +110,7 @@ def test_reference_forward_reproduces_greedy_ids(checkpoint, reference_logits):
     assert reference_logits.shape == (40, 512)
     assert reference_logits.argmax(-1)[:-1].tolist() == GREEDY_IDS[1:]
     cfg, weights = checkpoint
-    theta = L.llama2c_reference_forward(cfg, weights, GREEDY_IDS, rope="theta")
+    theta = LR.llama2c_reference_forward(cfg, weights, GREEDY_IDS, rope="theta")
     # The file's float32 RoPE tables vs exact float64 angles: tiny difference, relative to the logits' scale.
     assert_close_rel(theta, reference_logits, rtol=1e-5, what="logits, float64 angles vs the file's float32 tables")
 
@@ -201,7 +203,7 @@ def test_hf_generate_greedy_reproduces_runc(hf_model):
 # --- tokenizer ----------------------------------------------------------------------------------
 
 
-def _runc_encode(tok: L.Llama2cTokenizerData, text: str) -> list[int]:
+def _runc_encode(tok: LF.Llama2cTokenizerData, text: str) -> list[int]:
     """llama2.c run.c's encoder (BOS, dummy-prefix space, per-codepoint lookup with byte fallback,
     then repeatedly merge the adjacent pair whose concatenation has the best score)."""
     index = {p: i for i, p in enumerate(tok.pieces)}
@@ -258,7 +260,7 @@ def test_tokenizer_encode_round_trip(hf_tokenizer):
     ],
 )
 def test_tokenizer_matches_runc_encoder(hf_tokenizer, source, text):
-    data = L.read_llama2c_tokenizer(source[2])
+    data = LF.read_llama2c_tokenizer(source[2])
     ids = hf_tokenizer(text)["input_ids"]
     assert ids == _runc_encode(data, text)
     assert hf_tokenizer.decode(ids, skip_special_tokens=True) == text
@@ -284,7 +286,7 @@ def test_truncated_checkpoint_raises(tmp_path, cut):
     bad = tmp_path / "truncated.bin"
     bad.write_bytes(src.read_bytes()[:cut])
     with pytest.raises(CheckpointError, match="truncated"):
-        L.read_llama2c_checkpoint(bad)
+        LF.read_llama2c_checkpoint(bad)
 
 
 def test_trailing_bytes_and_bad_header_raise(tmp_path):
@@ -293,17 +295,17 @@ def test_trailing_bytes_and_bad_header_raise(tmp_path):
     extra = tmp_path / "extra.bin"
     extra.write_bytes(raw + b"\0\0\0\0")
     with pytest.raises(CheckpointError, match="implies"):
-        L.read_llama2c_checkpoint(extra)
+        LF.read_llama2c_checkpoint(extra)
     bad_header = tmp_path / "header.bin"
     bad_header.write_bytes(np.array([64, 172, 5, 7, 4, 512, 512], "<i4").tobytes() + raw[28:])
     with pytest.raises(CheckpointError, match="divisible"):
-        L.read_llama2c_checkpoint(bad_header)
+        LF.read_llama2c_checkpoint(bad_header)
     with pytest.raises(CheckpointError):
-        L.read_llama2c_checkpoint(tmp_path / "missing.bin")
+        LF.read_llama2c_checkpoint(tmp_path / "missing.bin")
     short_tok = tmp_path / "tok.bin"
     short_tok.write_bytes(tok.read_bytes()[:-3])
     with pytest.raises(CheckpointError):
-        L.read_llama2c_tokenizer(short_tok)
+        LF.read_llama2c_tokenizer(short_tok)
     out = tmp_path / "never"
     with pytest.raises(CheckpointError):
         L.convert_llama2c_to_hf(extra, tok, out)

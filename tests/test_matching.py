@@ -10,20 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import DimensionMismatchError
-from hf_bdgauge.estimate import (
-    POOLINGS,
-    EstimationError,
-    PairStats,
-    capture_pair_stats,
-    estimate_from_activations,
-    estimate_from_stats,
-    estimate_gauge,
-    hungarian,
-    match_scores,
-    random_orthogonal,
-)
+from hf_bdgauge.estimate import estimate_gauge
+from hf_bdgauge.estimate.matching import POOLINGS
+from hf_bdgauge.errors import EstimationError
+from hf_bdgauge.estimate.assignment import hungarian, match_scores, random_orthogonal
+from hf_bdgauge.estimate.capture import capture_pair_stats
+from hf_bdgauge.estimate.matching import estimate_from_activations, estimate_from_stats, pooled_correlations
+from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.testing import tiny_model
@@ -109,9 +105,9 @@ def test_estimate_from_activations_accepts_layers():
 def test_null_is_the_same_matching_on_a_rotated_target():
     g = SignedPermutation.random(24, seed=1)
     X, Y = _decorrelated(600, 24, g, 5, noise=0.5)
-    est = estimate_from_activations(X, Y, null_draws=1, seed=42)
+    est = estimate_from_activations(X, Y, calibration=CalibrationOptions(null_draws=1, seed=42))
     Q = random_orthogonal(24, np.random.default_rng(42))  # the first rotation drawn with seed 42
-    rotated = estimate_from_activations(X, Y @ Q.T, null_draws=0)
+    rotated = estimate_from_activations(X, Y @ Q.T, calibration=CalibrationOptions(null_draws=0))
     # a mean |correlation| (scale 1), computed from rotated sums vs from rotated data
     assert_close_rel(est.metrics["null_mean_matched_abs_corr"], rotated.metrics["mean_matched_abs_corr"], rtol=1e-9,
                      scale=1.0, what="null mean matched |corr|")
@@ -124,7 +120,7 @@ def test_two_tokens_are_uninformative_in_any_precision(dtype):
     as an excess over the null."""
     g = SignedPermutation.random(32, seed=3)
     X, Y = _decorrelated(2, 32, g, 4)
-    est = estimate_from_activations(X.astype(dtype), Y.astype(dtype), null_draws=2)
+    est = estimate_from_activations(X.astype(dtype), Y.astype(dtype), calibration=CalibrationOptions(null_draws=2))
     m = est.metrics
     assert 1.0 - m["null_mean_matched_abs_corr"] < 1e-5
     assert m["excess_over_null"] == 0.0 and m["verdict"] == "insufficient_data"  # one token per half
@@ -138,7 +134,7 @@ def test_recovers_planted_gauge_on_stories260k_exactly(stories, seed):
     tgt = _load(d)
     g = SignedPermutation.random(64, seed=seed)
     apply_gauge(tgt, g)
-    est = estimate_gauge(src, tgt, TWO_TEXTS, tokenizer=tok, progress=False)
+    est = estimate_gauge(src, tgt, TWO_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
     assert isinstance(est, Gauge) and est.method == "sign_marginalized"
     assert est.element.agreement(g) == {"perm_accuracy": 1.0, "signed_accuracy": 1.0}
     assert est.confidence.dtype == np.float32 and est.confidence.shape == (64,)
@@ -151,7 +147,7 @@ def test_recovers_planted_gauge_on_stories260k_exactly(stories, seed):
     assert abs(m["identity_fit"]) < 0.1 and m["matched_fit"] > 0.999
     assert m["time_s"] > 0 and "signed permutation" in m["summary"]
     # the raw-signed baseline recovers at most the coordinates whose sign is +1
-    raw = estimate_gauge(src, tgt, TWO_TEXTS, "signed", tokenizer=tok, progress=False)
+    raw = estimate_gauge(src, tgt, TWO_TEXTS, "signed", capture=CaptureOptions(tokenizer=tok, progress=False))
     acc = raw.element.agreement(g)["perm_accuracy"]
     assert acc <= float(np.mean(g.signs == 1)) + 0.05
     # ... and says so: it identifies no more than it got right, never a good-looking full fit
@@ -164,7 +160,7 @@ def test_estimate_from_checkpoint_directories(stories, tmp_path):
     d, _, _ = stories
     g = SignedPermutation.random(64, seed=21)
     dst = apply_gauge_to_checkpoint(d, g, tmp_path / "recharted", progress=False)
-    est = estimate_gauge(str(d), str(dst), TWO_TEXTS, progress=False, layers=[0, 2, -1])
+    est = estimate_gauge(str(d), str(dst), TWO_TEXTS, capture=CaptureOptions(progress=False, layers=[0, 2, -1]))
     assert est.element == g
     assert est.source.model_id == str(d) and est.target.model_id == str(dst)
     assert est.metrics["layers"] == [0, 2, 5]
@@ -177,11 +173,11 @@ def test_fingerprints_by_default(stories, tmp_path):
     d, src, tok = stories
     g = SignedPermutation.random(64, seed=22)
     dst = apply_gauge_to_checkpoint(d, g, tmp_path / "recharted", progress=False)
-    plain = estimate_gauge(src, _load(dst), TWO_TEXTS, tokenizer=tok, progress=False, fingerprint=False)
+    plain = estimate_gauge(src, _load(dst), TWO_TEXTS, fingerprint=False, capture=CaptureOptions(tokenizer=tok, progress=False))
     assert plain.source.fingerprint == {} and plain.target.fingerprint == {}
-    mem = estimate_gauge(src, _load(dst), TWO_TEXTS, tokenizer=tok, progress=False)
-    disk = estimate_gauge(str(d), str(dst), TWO_TEXTS, progress=False, fingerprint=True)
-    wts = estimate_gauge(str(d), str(dst), method="weights", progress=False, fingerprint=True)
+    mem = estimate_gauge(src, _load(dst), TWO_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
+    disk = estimate_gauge(str(d), str(dst), TWO_TEXTS, fingerprint=True, capture=CaptureOptions(progress=False))
+    wts = estimate_gauge(str(d), str(dst), method="weights", fingerprint=True, weights=WeightOptions(progress=False))
     for est in (mem, disk, wts):
         assert est.element == g
         assert est.source.fingerprint["hidden_size"] == 64 and est.source.fingerprint["content"]
@@ -197,7 +193,7 @@ def test_recovers_planted_gauge_on_tiny_models(model_type):
     g = SignedPermutation.random(64, seed=8)
     apply_gauge(tgt, g)
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    est = estimate_gauge(src, tgt, ids, progress=False)
+    est = estimate_gauge(src, tgt, ids, capture=CaptureOptions(progress=False))
     assert est.element == g and est.metrics["verdict"] == "signed_permutation"
 
 
@@ -205,7 +201,7 @@ def test_recovers_planted_gauge_on_tiny_models(model_type):
 @pytest.mark.real
 def test_verdict_identity_for_a_plain_copy(stories):
     _, src, tok = stories
-    est = estimate_gauge(src, src, TWO_TEXTS, tokenizer=tok, progress=False)
+    est = estimate_gauge(src, src, TWO_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
     assert est.element.is_identity
     assert est.metrics["verdict"] == "identity" and "plain copy" in est.metrics["summary"]
 
@@ -214,7 +210,7 @@ def test_verdict_no_signed_permutation_for_unrelated_models(caplog):
     a, b = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     with caplog.at_level(logging.WARNING, logger="hf_bdgauge.estimate.matching"):
-        est = estimate_gauge(a, b, ids, progress=False, null_draws=2)
+        est = estimate_gauge(a, b, ids, capture=CaptureOptions(progress=False), calibration=CalibrationOptions(null_draws=2))
     m = est.metrics
     assert m["verdict"] == "no_signed_permutation"
     assert abs(m["excess_over_null"]) < 0.05  # measured 0.00 ± 0.01
@@ -238,9 +234,9 @@ def test_pooling_choices(stories):
                 p.add_(p.std() * torch.randn(p.shape, generator=gen))
         g = SignedPermutation.random(64, seed=seed)
         apply_gauge(tgt, g)
-        st = capture_pair_stats(src, tgt, TWO_TEXTS, tokenizer=tok, progress=False)
+        st = capture_pair_stats(src, tgt, TWO_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
         for p in POOLINGS:
-            acc[p].append(estimate_from_stats(st, pooling=p, null_draws=0).element.agreement(g)["signed_accuracy"])
+            acc[p].append(estimate_from_stats(st, capture=CaptureOptions(pooling=p), calibration=CalibrationOptions(null_draws=0)).element.agreement(g)["signed_accuracy"])
     mean = {p: float(np.mean(v)) for p, v in acc.items()}
     assert mean["mean_abs"] >= mean["mean_signed"] - 0.02
     assert mean["mean_signed"] > mean["sum"] + 0.2
@@ -252,7 +248,7 @@ def test_layernorm_family_matches_permutations_only():
     g = SignedPermutation.random(64, seed=3, signed=False)
     apply_gauge(tgt, g)
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    est = estimate_gauge(src, tgt, ids, progress=False)
+    est = estimate_gauge(src, tgt, ids, capture=CaptureOptions(progress=False))
     assert est.element == g and est.method == "permutation"
     assert est.metrics["method_requested"] == "sign_marginalized"
 
@@ -263,12 +259,14 @@ def test_bad_arguments():
     with pytest.raises(EstimationError, match="unknown method"):
         estimate_gauge(a, a, ids, method="nope")
     with pytest.raises(EstimationError, match="tokenizer"):
-        estimate_gauge(a, a, ["some text"], progress=False)
+        estimate_gauge(a, a, ["some text"], capture=CaptureOptions(progress=False))
     with pytest.raises(EstimationError, match="needs data"):
-        estimate_gauge(a, a, None, progress=False)
+        estimate_gauge(a, a, None, capture=CaptureOptions(progress=False))
     st = PairStats.from_activations(np.random.rand(10, 4), np.random.rand(10, 4))
+    with pytest.raises(EstimationError, match=r"pooling must be one of \('mean_abs'"):
+        estimate_from_stats(st, capture=CaptureOptions(pooling="max"))
     with pytest.raises(EstimationError, match="unknown pooling"):
-        estimate_from_stats(st, pooling="max")
+        pooled_correlations(st, "max")
     with pytest.raises(DimensionMismatchError):
         estimate_from_stats(PairStats.from_activations(np.random.rand(10, 4), np.random.rand(10, 5)))
     with pytest.raises(DimensionMismatchError):

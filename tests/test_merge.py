@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_bdgauge import (
-    DimensionMismatchError,
-    SignedGaugeNotAllowedError,
-    SignedPermutation,
-    TransportError,
-    apply_gauge,
-)
-from hf_bdgauge.gauge import Gauge, ModelRef
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import DimensionMismatchError, SignedGaugeNotAllowedError, TransportError
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.merge import merge_checkpoints, merge_models, merge_tensors
 from tolerances import assert_close_rel, assert_product_close
@@ -67,7 +63,7 @@ def test_merging_a_model_with_its_recharted_copy(capsys):
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_aligned_merge_equals_the_merge_in_a_common_chart(method):
     """Merging A with B' = G·B after alignment equals merging A with B, for either method; the
-    base of task arithmetic may itself live in another chart (base_gauge)."""
+    base of task arithmetic may itself live in another chart (base=(base, gauge))."""
     base = tiny_model("qwen2", seed=1)
     a, b = _finetune_like(base, 1), _finetune_like(base, 2)
     bp = apply_gauge(copy.deepcopy(b), G)
@@ -78,8 +74,8 @@ def test_aligned_merge_equals_the_merge_in_a_common_chart(method):
     got = merge_models([a, bp], [0.7, 0.6], gauges=[None, Gauge(G.inverse(), source=ModelRef("b'"), target=ModelRef("a"))],
                        **kw)
     if method == "task_arithmetic":
-        got2 = merge_models([a, bp], [0.7, 0.6], gauges=[None, G.inverse()], method=method, base=base_h,
-                            base_gauge=h.inverse())
+        got2 = merge_models([a, bp], [0.7, 0.6], gauges=[None, G.inverse()], method=method,
+                            base=(base_h, h.inverse()))
         s2 = _state(got2)
     sw, sg = _state(want), _state(got)
     for k in sw:
@@ -117,7 +113,7 @@ def test_checkpoint_merge_matches_in_memory_merge(tmp_path):
     base.save_pretrained(tmp_path / "base")
     assert (tmp_path / "a" / "model.safetensors.index.json").exists()
     out = merge_checkpoints([tmp_path / "a", tmp_path / "bp"], tmp_path / "merged", [1.0, 1.0],
-                            gauges=[None, G.inverse()], method="task_arithmetic", base_dir=tmp_path / "base")
+                            gauges=[None, G.inverse()], method="task_arithmetic", base=tmp_path / "base")
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
     from transformers import AutoModelForCausalLM
 
@@ -134,6 +130,8 @@ def test_merge_refusals(tmp_path):
         merge_models([m, m], gauges=[G, None])
     with pytest.raises(TransportError, match="needs base"):
         merge_models([m, m], method="task_arithmetic")
+    with pytest.raises(TransportError, match="pair"):
+        merge_models([m, m], method="task_arithmetic", base=(m, None, None))
     with pytest.raises(TransportError, match="unknown merge method"):
         merge_models([m, m], method="ties")
     with pytest.raises(DimensionMismatchError):
@@ -147,7 +145,7 @@ def test_merge_refusals(tmp_path):
         merge_models([gpt, gpt], gauges=[None, G])
     merge_models([gpt, gpt], gauges=[None, G.unsigned()])  # permutations are fine
     m.save_pretrained(tmp_path / "m")
-    with pytest.raises(TransportError, match="needs base_dir"):
+    with pytest.raises(TransportError, match="needs base="):
         merge_checkpoints([tmp_path / "m"], tmp_path / "x", method="task_arithmetic")
     assert not (tmp_path / "x").exists()
 

@@ -21,16 +21,9 @@ import pytest
 import torch
 from hub_double import hub  # noqa: F401  (a fixture: a local test double of the Hub)
 
-from hf_bdgauge import (
-    DestinationExistsError,
-    FingerprintMismatchError,
-    Gauge,
-    GaugedModel,
-    RepositoryNotFoundError,
-    SignedPermutation,
-    apply_gauge,
-    apply_gauge_to_checkpoint,
-)
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge import Gauge, GaugedModel, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge.errors import DestinationExistsError, FingerprintMismatchError, RepositoryNotFoundError
 from hf_bdgauge.cli import main
 from hf_bdgauge.estimate import compose_trajectory
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
@@ -74,7 +67,7 @@ def test_compose_verb_saves_shows_and_its_inverse_saves(chain, tmp_path, capsys)
 
 def test_trajectory_in_python_saves_too(chain, tmp_path):
     root, a, g1, g2 = chain
-    g = compose_trajectory([str(a), f"{root / 'b'}", str(root / "c")], TEXTS, progress=False)
+    g = compose_trajectory([str(a), f"{root / 'b'}", str(root / "c")], TEXTS, capture=CaptureOptions(progress=False))
     g.save_pretrained(tmp_path / "t")
     g.inverse().save_pretrained(tmp_path / "t-inv")
     assert Gauge.from_pretrained(tmp_path / "t-inv").element == g.element.inverse()
@@ -250,7 +243,8 @@ def test_objects_are_read_from_the_hub_at_a_revision(hub, chain, tmp_path):
     """SAE folders and steering / optimizer / probe files inside a Hub repo: namespace/name@rev/path."""
     from huggingface_hub import HfApi
 
-    from hf_bdgauge.transport import SAE, LinearProbe, fit_sae
+    from hf_bdgauge.transport import LinearProbe, SAE
+    from hf_bdgauge.transport.sae import fit_sae
 
     root, a, g1, _ = chain
     Gauge(g1).save_pretrained(tmp_path / "g")

@@ -12,16 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_bdgauge import (
-    InvalidGaugeError,
-    Orthogonal,
-    OrthogonalGaugeError,
-    SignedPermutation,
-    apply_gauge,
-    apply_gauge_to_checkpoint,
-    fold_norm_gains,
-    norm_gains_are_unit,
-)
+from hf_bdgauge import Orthogonal, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint, fold_norm_gains
+from hf_bdgauge.errors import InvalidGaugeError, OrthogonalGaugeError
+from hf_bdgauge.fold import norm_gains_are_unit
 from hf_bdgauge.hadamard import hadamard_matrix
 from hf_bdgauge.orthogonal import ROTATION_CONFIG_NAME, ROTATION_WEIGHTS_NAME
 from hf_bdgauge.roles import spec_for_model
@@ -241,7 +234,7 @@ def test_a_folded_checkpoint_rotates_on_disk_as_in_memory(tmp_path, token_ids):
 @pytest.mark.parametrize("kind", ["dense", "hadamard"])
 def test_a_gauge_holds_a_rotation_saves_loads_composes_and_inverts(tmp_path, kind):
     from hf_bdgauge import Gauge
-    from hf_bdgauge.gauge import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME
+    from hf_bdgauge.gauge_files import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME
 
     r = Orthogonal.random(32, seed=2) if kind == "dense" else Orthogonal.random_hadamard(32, seed=2)
     g = Gauge(r, method="manual")

@@ -12,9 +12,11 @@ import pytest
 import torch
 from scipy.stats import kstest
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import Gauge, Orthogonal, SignedPermutation
 from hf_bdgauge.errors import GaugeFitError
-from hf_bdgauge.estimate import PairStats, estimate_gauge
+from hf_bdgauge.estimate import estimate_gauge
+from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.estimate.procrustes import (
     estimate_rotation_from_stats,
     fit_rotation,
@@ -170,14 +172,14 @@ def test_real_stories260k_rotation_is_recovered_from_activations_and_from_embedd
     512 embedding rows; a steering vector moved by the estimated gauge keeps its effect."""
     base, rot, R, exact = rotated_pair
     ids = torch.randint(1, 512, (2, 64), generator=torch.Generator().manual_seed(0))
-    g = estimate_gauge(base, rot, ids, method="orthogonal", progress=False)
+    g = estimate_gauge(base, rot, ids, method="orthogonal", capture=CaptureOptions(progress=False))
     assert g.verdict == "rotation" and g.metrics["log10_p_value"] < -100
     assert np.linalg.norm(g.element.matrix - R.matrix) / 8 < 1e-5
     assert g.metrics["rotation_error"] < 1e-3  # per-layer estimates from 126 float32 tokens: ~1e-4
     from hf_bdgauge.fingerprint import check_fingerprint, model_fingerprint
 
     assert check_fingerprint(g.target.fingerprint, model_fingerprint(rot)) == []  # pinned to the rotated model
-    w = estimate_gauge(base, rot, method="orthogonal_weights", progress=False)
+    w = estimate_gauge(base, rot, method="orthogonal_weights")
     assert w.verdict == "rotation" and np.linalg.norm(w.element.matrix - R.matrix) / 8 < 1e-6
     from hf_bdgauge.transport.steering import SteeringVector, next_token_logprobs
     from tolerances import assert_close_rel
@@ -188,20 +190,31 @@ def test_real_stories260k_rotation_is_recovered_from_activations_and_from_embedd
     assert_close_rel(moved, effect, rtol=1e-3, what="steering effect moved by the estimated rotation")
 
 
+def random_init_model(seed: int) -> torch.nn.Module:
+    """An untrained stories260K-shaped model (``experiments/calibration/independent.py``: training
+    calibration models is research, not part of the library), loaded by its path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "calibration" / "independent.py"
+    spec = importlib.util.spec_from_file_location("_calibration_independent", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.random_init_model(seed)
+
+
 def test_independent_models_are_no_rotation(rotated_pair):
-    from hf_bdgauge.fixtures.independent import random_init_model
 
     base = rotated_pair[0]
     other = random_init_model(3)  # the stories260K shape, its own random initialisation
     ids = torch.randint(1, 512, (4, 64), generator=torch.Generator().manual_seed(1))
-    g = estimate_gauge(base, other, ids, method="orthogonal", progress=False)
+    g = estimate_gauge(base, other, ids, method="orthogonal", capture=CaptureOptions(progress=False))
     assert g.verdict == "no_rotation"
-    assert estimate_gauge(base, other, method="orthogonal_weights", progress=False).verdict == "no_rotation"
+    assert estimate_gauge(base, other, method="orthogonal_weights").verdict == "no_rotation"
 
 
 def test_cli_estimates_a_rotation_data_free_and_refuses_an_unrelated_pair(rotated_pair, tmp_path, capsys):
     from hf_bdgauge.cli import main
-    from hf_bdgauge.fixtures.independent import random_init_model
 
     base, rot, R, _ = rotated_pair
     base.save_pretrained(tmp_path / "a")
@@ -228,4 +241,5 @@ def test_a_layernorm_family_is_refused_before_a_rotation_is_estimated(method):
     a, b = tiny_model("gpt2", seed=0), tiny_model("gpt2", seed=1)
     ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(OrthogonalGaugeError, match="LayerNorm"):
-        estimate_gauge(a, b, None if method == "orthogonal_weights" else ids, method, progress=False)
+        estimate_gauge(a, b, None if method == "orthogonal_weights" else ids, method,
+                       capture=None if method == "orthogonal_weights" else CaptureOptions(progress=False))

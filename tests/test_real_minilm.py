@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_bdgauge import SignedGaugeNotAllowedError, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge.errors import SignedGaugeNotAllowedError
 from hf_bdgauge.files import sha256_file
 from hf_bdgauge.errors import FixtureError
 from hf_bdgauge.fixtures import minilm as minilm_fixture

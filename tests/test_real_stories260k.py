@@ -15,11 +15,11 @@ from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.fixtures.llama2c import (
     STORIES260K_GREEDY_IDS,
     convert_llama2c_to_hf,
-    llama2c_reference_forward,
-    read_llama2c_checkpoint,
     shared_stories260k_paths,
     stories260k_hf_dir,
 )
+from hf_bdgauge.fixtures.llama2c_files import read_llama2c_checkpoint
+from hf_bdgauge.fixtures.llama2c_reference import llama2c_reference_forward
 
 IDS = torch.tensor([STORIES260K_GREEDY_IDS])
 

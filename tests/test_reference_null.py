@@ -20,18 +20,13 @@ from scipy import stats as sps
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import EstimationError
-from hf_bdgauge.estimate import capture_pair_stats, estimate_from_stats, estimate_gauge
-from hf_bdgauge.estimate.verdict import (
-    CALIBRATION_DRAWS,
-    LEVEL,
-    REFERENCE_FILE,
-    REFERENCE_KINDS,
-    Reference,
-    fit_reference,
-    reference_for,
-    student_tail,
-)
+from hf_bdgauge.estimate import estimate_gauge
+from hf_bdgauge.estimate.capture import capture_pair_stats
+from hf_bdgauge.estimate.matching import estimate_from_stats
+from hf_bdgauge.estimate.reference import REFERENCE_FILE, REFERENCE_KINDS, Reference, fit_reference, reference_for
+from hf_bdgauge.estimate.statistic import student_tail
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
+from hf_bdgauge.options import CALIBRATION_DRAWS, CalibrationOptions, CaptureOptions, LEVEL, WeightOptions
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,24 +114,24 @@ def test_the_reference_is_threaded_through_every_estimator_and_only_raises_p(sto
 
     torch.manual_seed(1)
     fresh = AutoModelForCausalLM.from_config(model.config).eval()
-    st = capture_pair_stats(model, fresh, list(SAMPLE_TEXTS), tokenizer=tok, progress=False)
-    auto, haar = estimate_from_stats(st, null_draws=0), estimate_from_stats(st, null_draws=0, reference=None)
+    st = capture_pair_stats(model, fresh, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=tok, progress=False))
+    auto, haar = estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0)), estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0, reference=None))
     assert "p_value_reference" not in haar.metrics and "p_value_haar" in auto.metrics
     assert auto.metrics["p_value_haar"] == haar.metrics["p_value"] and auto.metrics["p_value_haar_t"] == haar.metrics["p_value_t"]
     ref = reference_for("activations")
     assert auto.metrics["p_value_t"] == pytest.approx(ref.apply(haar.metrics["p_value_t"]), rel=1e-12)
     assert auto.metrics["p_value"] >= haar.metrics["p_value"]
     assert auto.metrics["p_value_reference"] == ref.name
-    one = estimate_from_stats(st, layers=[2], null_draws=0)  # one layer alone: that kind's reference
+    one = estimate_from_stats(st, capture=CaptureOptions(layers=[2]), calibration=CalibrationOptions(null_draws=0))  # one layer alone: that kind's reference
     assert one.metrics["p_value_reference"] == reference_for("activations_layer").name
     custom = Reference("activations", 0.0, 2.0, "mine")
-    mine = estimate_from_stats(st, null_draws=0, reference=custom)
+    mine = estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0, reference=custom))
     assert mine.metrics["p_value_t"] == pytest.approx(haar.metrics["p_value_t"] / 2.0, rel=1e-12)
     refit = Reference.from_fit("activations", json.loads(REFERENCE_FILE.read_text())["references"]["activations"])
     assert refit == ref  # the packaged file's entries and fit_reference's results read the same way
-    w = estimate_gauge(model, target, method="weights", null_draws=0, progress=False)
-    wh = estimate_gauge(model, target, method="weights", null_draws=0, progress=False, reference=None)
+    w = estimate_gauge(model, target, method="weights", weights=WeightOptions(progress=False), calibration=CalibrationOptions(null_draws=0))
+    wh = estimate_gauge(model, target, method="weights", weights=WeightOptions(progress=False), calibration=CalibrationOptions(null_draws=0, reference=None))
     assert w.metrics["p_value_reference"] == reference_for("weights").name and w.metrics["p_value"] < 1e-12
     assert wh.metrics["p_value"] <= w.metrics["p_value"]
     with pytest.raises(EstimationError):
-        estimate_from_stats(st, null_draws=0, reference="haar")
+        estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0, reference="haar"))

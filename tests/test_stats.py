@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError
-from hf_bdgauge.estimate import (
-    CrossMoments,
-    EstimationError,
-    PairStats,
-    random_orthogonal,
-)
+from hf_bdgauge.errors import EstimationError
+from hf_bdgauge.estimate.assignment import random_orthogonal
+from hf_bdgauge.estimate.moments import CrossMoments
+from hf_bdgauge.estimate.stats import PairStats
 from tolerances import assert_close_rel, assert_product_close
 
 

@@ -13,10 +13,14 @@ import copy
 import pytest
 import torch
 
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import Gauge, SignedPermutation, apply_gauge, diff, trace
 from hf_bdgauge.cli import main
-from hf_bdgauge.estimate import match_scores, weight_similarity
-from hf_bdgauge.estimate.verdict import calibrate, cauchy_combination, weight_parts
+from hf_bdgauge.estimate.assignment import match_scores
+from hf_bdgauge.estimate.weights import weight_similarity
+from hf_bdgauge.estimate.calibration import calibrate
+from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
+from hf_bdgauge.estimate.statistic import weight_parts
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 
@@ -40,27 +44,27 @@ def _derived(model, g, noise=0.02, seed=0):
 def test_a_recharted_noised_copy_is_derived_block_by_block_and_layer_by_layer(stories):
     g = SignedPermutation.random(64, seed=1)
     b = _derived(stories, g)
-    data_free = trace(stories, b, progress=False)
+    data_free = trace(stories, b, weights=WeightOptions(progress=False))
     assert data_free.derived and data_free.p_value < 1e-20 and data_free.gauge.element == g
     assert [r.layer for r in data_free.rows] == ["outside blocks"] + [f"block {i}" for i in range(5)]
     assert all(r.verdict == "signed_permutation" for r in data_free.rows)
     # the tensors outside the blocks (embedding, head, final norm) are few, and their reference null is the
     # widest (independently trained models share most there): a weaker test than a block's
     assert data_free.rows[0].p_value < 1e-3 and all(r.p_value < 1e-6 for r in data_free.rows[1:])
-    report = diff(stories, b, list(SAMPLE_TEXTS), tokenizer=str(stories260k_hf_dir()), progress=False)
+    report = diff(stories, b, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=str(stories260k_hf_dir()), progress=False))
     assert [r.layer for r in report.rows] == list(range(6)) and report.derived
     assert all(r.verdict == "signed_permutation" and r.answer == "related" for r in report.rows)
     assert "B IS derived from A" in report.summary()
 
 
 def test_a_plain_copy_is_the_same_chart_and_a_fresh_init_is_not_derived(stories):
-    same = diff(stories, copy.deepcopy(stories), list(SAMPLE_TEXTS), tokenizer=str(stories260k_hf_dir()), progress=False)
+    same = diff(stories, copy.deepcopy(stories), list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=str(stories260k_hf_dir()), progress=False))
     assert all(r.verdict == "identity" for r in same.rows) and "the same chart" in same.conclusion()
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     fresh = AutoModelForCausalLM.from_config(stories.config).eval()
-    other = trace(stories, fresh, progress=False)
+    other = trace(stories, fresh, weights=WeightOptions(progress=False))
     assert not other.derived and other.p_value > 0.01 and other.gauge.verdict == "no_signed_permutation"
     assert other.answer == "no_evidence" and "no evidence that B is derived from A" in other.conclusion()
     # never "related": no evidence, or too little data (the fresh init's unit norms carry nothing to test)
@@ -71,7 +75,7 @@ def test_a_plain_copy_is_the_same_chart_and_a_fresh_init_is_not_derived(stories)
 def test_the_global_flip_defeats_a_permutation_only_statistic_and_not_ours(stories):
     flip = SignedPermutation(SignedPermutation.random(64, seed=2).perm, [-1] * 64)
     b = _derived(stories, flip)
-    sim, _, _ = weight_similarity(stories, b, progress=False)
+    sim, _, _ = weight_similarity(stories, b, options=WeightOptions(progress=False))
     A, S, M = sim.scores()
     parts = [weight_parts(h) for h in sim.halves]
     ours = calibrate(*parts, "sign_marginalized", flip, (A, M))
@@ -79,7 +83,7 @@ def test_the_global_flip_defeats_a_permutation_only_statistic_and_not_ours(stori
     perm_only = calibrate(*parts, "permutation", perm_only_match, (S, S))
     assert ours.p_value < 1e-20 and ours.identified_fraction == 1.0
     assert perm_only.p_value > 0.01  # every true match scores −1 for a sign-blind statistic
-    assert trace(stories, b, progress=False).derived
+    assert trace(stories, b, weights=WeightOptions(progress=False)).derived
 
 
 def test_cauchy_combination_is_dominated_by_the_smallest_p_value():

@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
-from hf_bdgauge.estimate import (
-    EstimationError,
-    compose_gauges,
-    compose_trajectory,
-    compose_via_base,
-    estimate_gauge,
-    invert_gauge,
-)
+from hf_bdgauge.estimate import compose_gauges, compose_trajectory, compose_via_base, estimate_gauge
+from hf_bdgauge.errors import EstimationError
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
 
@@ -125,8 +120,8 @@ def test_composition_beats_endpoint_matching(stories, run):
     _, tok, _ = stories
     dirs, gauges = run
     truth = gauges[-1] @ gauges[0].inverse()
-    endpoint = estimate_gauge(str(dirs[0]), str(dirs[-1]), EVAL_TEXTS, tokenizer=tok, progress=False)
-    composed = compose_trajectory([str(p) for p in dirs], EVAL_TEXTS, tokenizer=tok, progress=False)
+    endpoint = estimate_gauge(str(dirs[0]), str(dirs[-1]), EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
+    composed = compose_trajectory([str(p) for p in dirs], EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
     e_acc = endpoint.element.agreement(truth)["signed_accuracy"]
     c_acc = composed.element.agreement(truth)["signed_accuracy"]
     assert c_acc >= 0.95, c_acc
@@ -151,7 +146,7 @@ def test_weights_composition_is_exact(run):
     dirs, gauges = run
     sub = dirs[::6]  # 6 checkpoints, every 12 steps
     truth = gauges[30] @ gauges[0].inverse()
-    composed = compose_trajectory([str(p) for p in sub], method="weights", progress=False)
+    composed = compose_trajectory([str(p) for p in sub], method="weights", weights=WeightOptions(progress=False))
     assert composed.element == truth
     assert composed.method == "trajectory[weights]" and len(composed.hops) == 5
 
@@ -167,7 +162,7 @@ def test_path_through_a_common_base(stories, run, tmp_path):
     truth = b_gauges[-1] @ a_gauges[-1].inverse()
     base_dir = a_dirs[0]  # the base as run A saved it; run B's first checkpoint is the same model in another chart
     run_a = [str(p) for p in a_dirs[1:]]
-    g = compose_via_base(run_a, str(base_dir), [str(p) for p in b_dirs], EVAL_TEXTS, tokenizer=tok, progress=False)
+    g = compose_via_base(run_a, str(base_dir), [str(p) for p in b_dirs], EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
     assert g.element == truth, g.element.agreement(truth)
     assert len(g.hops) == len(run_a) + len(b_dirs)
     assert all(h.get("inverted") for h in g.hops[: len(run_a)])
@@ -192,7 +187,7 @@ def test_compose_and_invert_algebra():
     k = gs[1].perm[j]
     assert np.isclose(out.confidence[i], min(conf[0][i], conf[1][j], conf[2][k]))
     assert out.metrics["tokens"] == 30 and out.metrics["num_hops"] == 3
-    inv = invert_gauge(links[0])
+    inv = links[0].inverse()
     assert inv.element == gs[0].inverse()
     assert np.isclose(inv.confidence[gs[0].perm[i]], conf[0][i])
     assert compose_gauges([links[0], inv]).element.is_identity

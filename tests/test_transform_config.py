@@ -126,7 +126,7 @@ def test_random_rotations_are_refused_and_the_data_free_estimate_recovers_them(b
     rotated = _rotated_checkpoint(base, out, kind="random-hadamard", r2=False)
     with pytest.raises(OrthogonalGaugeError, match="orthogonal_weights"):
         rotation_from_transform_config(out)
-    g = estimate_gauge(base, out, method="orthogonal_weights", progress=False)
+    g = estimate_gauge(base, out, method="orthogonal_weights")
     assert g.verdict == "rotation" and g.metrics["rotation_error"] < 1e-5
     with torch.no_grad():
         h0 = base(IDS, output_hidden_states=True).hidden_states[2][0].double().numpy()

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import Gauge, Orthogonal, SignedPermutation, apply_gauge, fold_norm_gains  # noqa: E402
 from hf_bdgauge.errors import GaugeError, GaugeFitError, OrthogonalGaugeError, TransportError  # noqa: E402
 
@@ -252,15 +253,16 @@ def make(kind: str, making: str, tmp: Path) -> tuple[Gauge, Pair]:
     if making == UNDECLARED:
         return Gauge(p.element), p
     if making == ACTIVATIONS:
-        return estimate_gauge(p.src, p.tgt, p.ids, method=acts, progress=False), p
+        return estimate_gauge(p.src, p.tgt, p.ids, method=acts, capture=CaptureOptions(progress=False)), p
     if making == WEIGHTS:
-        return estimate_gauge(p.src, p.tgt, method=weights, progress=False), p
+        return estimate_gauge(p.src, p.tgt, method=weights,
+                              weights=WeightOptions(progress=False) if weights == "weights" else None), p
     if making == STATS:
         out = tmp / f"stats-{KINDS.index(kind)}"
-        save_pair_stats(capture_pair(p.src, p.tgt, p.ids, progress=False), out)
+        save_pair_stats(capture_pair(p.src, p.tgt, p.ids, capture=CaptureOptions(progress=False)), out)
         return gauge_from_capture(load_pair_stats(out), acts), p
     if making == INVERTED:
-        return estimate_gauge(p.tgt, p.src, p.ids, method=acts, progress=False).inverse(), p
+        return estimate_gauge(p.tgt, p.src, p.ids, method=acts, capture=CaptureOptions(progress=False)).inverse(), p
     if making == COMPOSED:  # source -> another chart -> target
         if kind in ROTATIONS:
             r1 = Orthogonal.random(64, seed=11)
@@ -655,7 +657,7 @@ def test_saved_statistics_carry_the_gains_and_older_ones_load_as_unknown(tmp_pat
     from hf_bdgauge.estimate.captured import load_pair_stats, save_pair_stats
 
     p = pair(DENSE_G)
-    save_pair_stats(capture_pair(p.src, p.tgt, p.ids[:4], progress=False), tmp_path / "s")
+    save_pair_stats(capture_pair(p.src, p.tgt, p.ids[:4], capture=CaptureOptions(progress=False)), tmp_path / "s")
     loaded = load_pair_stats(tmp_path / "s")
     assert set(loaded.gains["source"]) == set(p.planted.gains) and loaded.gains["target"]
     manifest = tmp_path / "s" / "pair_stats.json"
@@ -676,7 +678,7 @@ def test_a_signed_permutation_across_a_fold_refuses_readers() -> None:
     from hf_bdgauge.transport.peft import transport_adapter_state_dict
 
     p = pair(DENSE_G)
-    g = estimate_gauge(p.src, pair(DENSE).src, p.ids, method="orthogonal", progress=False)
+    g = estimate_gauge(p.src, pair(DENSE).src, p.ids, method="orthogonal", capture=CaptureOptions(progress=False))
     assert not g.is_rotation and g.is_identity and g.unit_gains == {"source": False, "target": True}
     with pytest.raises(OrthogonalGaugeError, match="a fold that a signed permutation does not carry"):
         transport_adapter_state_dict(_reader_lora(p), g, spec_for_model(p.src))
@@ -695,7 +697,7 @@ def test_the_impossible_cells_are_refused_where_they_can_be_asked() -> None:
     with pytest.raises(SignedGaugeNotAllowedError):
         apply_gauge(copy.deepcopy(p.src), SignedPermutation.random(d, seed=0))
     with pytest.raises(OrthogonalGaugeError, match="LayerNorm"):
-        estimate_gauge(p.src, p.tgt, method="orthogonal_weights", progress=False)
+        estimate_gauge(p.src, p.tgt, method="orthogonal_weights")
 
 
 if __name__ == "__main__":  # rewrite the generated block of the doc

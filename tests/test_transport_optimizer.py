@@ -7,14 +7,9 @@ import copy
 import pytest
 import torch
 
-from hf_bdgauge import (
-    DimensionMismatchError,
-    SignedGaugeNotAllowedError,
-    SignedPermutation,
-    TransportError,
-    apply_gauge,
-    spec_for_model,
-)
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import DimensionMismatchError, SignedGaugeNotAllowedError, TransportError
+from hf_bdgauge.roles import spec_for_model
 from hf_bdgauge.rules import Role, transform
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.optimizer import (

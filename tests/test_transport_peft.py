@@ -16,25 +16,20 @@ from safetensors.torch import save_file
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from hf_bdgauge import (  # noqa: E402
-    CheckpointError,
-    DimensionMismatchError,
-    SignedGaugeNotAllowedError,
-    SignedPermutation,
-    TransportError,
-    apply_gauge,
-)
-from hf_bdgauge.gauge import Gauge, ModelRef  # noqa: E402
+from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
+from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, SignedGaugeNotAllowedError, TransportError  # noqa: E402
+from hf_bdgauge.gauge import Gauge  # noqa: E402
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.roles import spec_for_model_type  # noqa: E402
 from hf_bdgauge.rules import GAIN, NONE, Role, TensorRule, transform  # noqa: E402
 from hf_bdgauge.testing import tiny_model  # noqa: E402
 from hf_bdgauge.transport.peft import (  # noqa: E402
     adapter_tensor_rules,
-    parse_adapter_tensor_name,
     transport_adapter,
     transport_adapter_state_dict,
     transport_peft_model,
 )
+from hf_bdgauge.transport.peft_files import parse_adapter_tensor_name  # noqa: E402
 from tolerances import assert_product_close  # noqa: E402
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -236,6 +231,26 @@ def test_base_family_found_from_local_base_dir_in_adapter_config(tmp_path):
             safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f0:
         k = next(k for k in f.keys() if k.endswith("o_proj.lora_B.weight"))
         assert torch.equal(f.get_tensor(k), G.apply_rows(f0.get_tensor(k)))
+
+
+def test_an_adapter_in_a_subfolder_is_named_by_its_path_and_the_cli_joins_subfolder(tmp_path):
+    from hf_bdgauge.cli import main
+
+    src = tiny_model("mistral", seed=2)
+    src.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(copy.deepcopy(src), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    pm.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    pm.save_pretrained(tmp_path / "multi" / "sub")
+    py = transport_adapter(tmp_path / "multi" / "sub", G, tmp_path / "py")
+    Gauge(G).save_pretrained(tmp_path / "g")
+    assert main(["transport", "adapter", str(tmp_path / "multi"), str(tmp_path / "g"), str(tmp_path / "cli"),
+                 "--subfolder", "sub", "-q"]) == 0
+    with safe_open(str(py / "adapter_model.safetensors"), "pt") as f, \
+            safe_open(str(tmp_path / "cli" / "adapter_model.safetensors"), "pt") as f1:
+        assert set(f.keys()) == set(f1.keys()) and all(torch.equal(f.get_tensor(k), f1.get_tensor(k)) for k in f.keys())
+    assert main(["transport", "adapter", str(tmp_path / "multi"), str(tmp_path / "g"), str(tmp_path / "none"),
+                 "--subfolder", "nope", "-q"]) != 0
+    assert not (tmp_path / "none").exists()
 
 
 def test_hub_repo_id_and_revision_are_resolved_through_snapshot_download(tmp_path, monkeypatch):

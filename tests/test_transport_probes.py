@@ -11,8 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_bdgauge import CheckpointError, DimensionMismatchError, SignedPermutation, TransportError, apply_gauge
-from hf_bdgauge.gauge import Gauge, ModelRef
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, TransportError
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.transport.probes import IndexSet, LinearProbe, transport_indices, transport_probe
 from tolerances import assert_close_rel, product_rtol
 

@@ -10,16 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_bdgauge import (
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import (
     CheckpointError,
     DimensionMismatchError,
-    SignedPermutation,
     TransportError,
     UnsupportedArchitectureError,
-    apply_gauge,
 )
-from hf_bdgauge.gauge import Gauge, ModelRef
-from hf_bdgauge.transport.sae import SAE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, fit_sae, transport_sae
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.provenance import ModelRef
+from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
+from hf_bdgauge.transport.sae_files import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from tolerances import assert_close_rel
 
 LAYER = 2
@@ -234,7 +235,8 @@ def test_files_load_with_saelens_own_loader(tmp_path):
 
 def test_sae_for_a_block_the_model_does_not_have_is_refused():
     from hf_bdgauge.errors import TransportError as _TE
-    from hf_bdgauge.gauge import Gauge as _Gauge, ModelRef as _Ref
+    from hf_bdgauge.gauge import Gauge as _Gauge
+    from hf_bdgauge.provenance import ModelRef as _Ref
     from hf_bdgauge.group import SignedPermutation as _SP
     from hf_bdgauge.transport.sae import SAE as _SAE
 
@@ -248,3 +250,20 @@ def test_sae_for_a_block_the_model_does_not_have_is_refused():
     ok = _SAE.from_weights(torch.randn(64, 32), torch.randn(32, 64), torch.zeros(32), torch.zeros(64),
                            hook_name="blocks.1.hook_resid_post")
     assert torch.equal(ok.transport(g).W_enc, g.element.apply(ok.W_enc, axis=0))
+
+
+def test_from_weights_routes_cfg_fields_and_fit_sae_takes_its_optimiser_settings():
+    """Keywords naming a top-level cfg.json field go into the config, the others into its metadata;
+    ``fit_sae(training=SAETraining(...))`` reaches the optimiser (lr = 0 leaves the tied start)."""
+    from hf_bdgauge.transport.sae import SAETraining
+
+    gen = torch.Generator().manual_seed(0)
+    sae = SAE.from_weights(torch.randn(16, 8, generator=gen), torch.randn(8, 16, generator=gen), torch.zeros(8),
+                           torch.zeros(16), apply_b_dec_to_input=False, hook_name="blocks.1.hook_resid_post")
+    assert sae.cfg["apply_b_dec_to_input"] is False and "apply_b_dec_to_input" not in sae.metadata
+    assert sae.hook_name == "blocks.1.hook_resid_post" and "hook_name" not in sae.to_cfg_dict()
+    acts = torch.randn(64, 16, generator=gen)
+    still = fit_sae(acts, 8, steps=3, training=SAETraining(lr=0.0, batch_size=16))
+    assert torch.equal(still.W_enc, still.W_dec.T)
+    moved = fit_sae(acts, 8, steps=3, training=SAETraining(batch_size=16))
+    assert not torch.equal(moved.W_enc, moved.W_dec.T)

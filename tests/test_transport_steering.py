@@ -11,25 +11,24 @@ import numpy as np
 import pytest
 import torch
 
-from hf_bdgauge import (
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import (
     CheckpointError,
     DimensionMismatchError,
-    SignedPermutation,
     TransportError,
     UnsupportedArchitectureError,
-    apply_gauge,
 )
-from hf_bdgauge.gauge import Gauge, ModelRef
+from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.steering import (
     SteeringVector,
-    decoder_layers,
     next_token_logprobs,
     percent_effect_preserved,
-    record_residual,
     steering_effect,
     transport_steering_vector,
 )
+from hf_bdgauge.layers import decoder_blocks, residual_states
 from tolerances import assert_close_rel
 
 HAPPY = [
@@ -111,7 +110,7 @@ def test_vector_is_a_residual_difference_and_transport_is_the_write_rule(real):
     sad = [real.tok(t, return_tensors="pt").input_ids for t in SAD]
     sv_tgt = SteeringVector.from_mean_difference(real.tgt, happy, sad, layers=[LAYER])
     # v is a difference of means of float32 residuals: its rounding is relative to max|h|, not to |v|
-    h_scale = max(record_residual(real.src, ids, [LAYER])[LAYER].abs().max().item() for ids in happy + sad)
+    h_scale = max(residual_states(real.src, ids, [LAYER])[LAYER].abs().max().item() for ids in happy + sad)
     assert_close_rel(sv_tgt[LAYER], real.sv.transport(g)[LAYER], rtol=2e-6, scale=h_scale, what="recipe on the target vs G·v")
     G = g.to_matrix(torch.float32)  # products with a signed permutation matrix are exact
     assert torch.equal(real.sv.transport(g)[LAYER], G @ real.sv[LAYER])
@@ -143,7 +142,7 @@ def test_multi_layer_negative_index_on_tiny_qwen2():
 def test_hooks_are_removed_on_exit_and_on_exceptions(real):
     model, ids = real.src, real.prompts[0]
     plain = next_token_logprobs(model, ids)
-    blocks = decoder_layers(model)
+    blocks = decoder_blocks(model)
     with real.sv.apply(model, alpha=ALPHA):
         assert len(blocks[LAYER - 1]._forward_hooks) == 1  # residual layer ℓ is the output of block ℓ − 1
         assert not torch.allclose(next_token_logprobs(model, ids), plain)
@@ -262,16 +261,16 @@ def test_validation_errors():
     with pytest.raises(TransportError, match="no entry for layer 1"):
         with SteeringVector({0: torch.randn(64)}).apply(model, layers=[1]):
             pass
-    assert all(len(b._forward_hooks) == 0 for b in decoder_layers(model))
+    assert all(len(b._forward_hooks) == 0 for b in decoder_blocks(model))
     with pytest.raises(UnsupportedArchitectureError, match="decoder blocks"):
-        decoder_layers(torch.nn.Linear(3, 3))
+        decoder_blocks(torch.nn.Linear(3, 3))
     with pytest.raises(DimensionMismatchError, match="same length"):
         SteeringVector({0: torch.randn(64), 1: torch.randn(63)})
     with pytest.raises(DimensionMismatchError, match="gauge has dimension 32"):
         SteeringVector({0: torch.randn(64)}).transport(SignedPermutation.random(32, seed=0))
     with pytest.raises(TransportError, match="no effect"):
         percent_effect_preserved(torch.zeros(5), torch.ones(5))
-    rec = record_residual(model, ids, [0, 1])
+    rec = residual_states(model, ids, [0, 1])
     assert rec[1].shape == (1, 5, 64)
 
 

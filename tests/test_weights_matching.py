@@ -9,18 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from hf_bdgauge.options import CalibrationOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import (
     CheckpointError,
     DimensionMismatchError,
     UnsupportedArchitectureError,
 )
-from hf_bdgauge.estimate import (
-    EstimationError,
-    estimate_gauge,
-    estimate_gauge_from_weights,
-    weight_similarity,
-)
+from hf_bdgauge.estimate import estimate_gauge
+from hf_bdgauge.errors import EstimationError
+from hf_bdgauge.estimate.weights import estimate_gauge_from_weights, weight_similarity
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 from hf_bdgauge.testing import RMSNORM_TYPES, tiny_model
 from tolerances import assert_close_rel, eps
@@ -43,7 +41,7 @@ def test_recovers_planted_gauge_on_stories260k(stories_dir, seed):
     src, tgt = _load(stories_dir), _load(stories_dir)
     g = SignedPermutation.random(64, seed=seed)
     apply_gauge(tgt, g)
-    est = estimate_gauge(src, tgt, method="weights", progress=False)
+    est = estimate_gauge(src, tgt, method="weights", weights=WeightOptions(progress=False))
     assert est.method == "weights" and est.element == g
     m = est.metrics
     assert m["verdict"] == "signed_permutation" and m["tokens"] == 0
@@ -58,13 +56,13 @@ def test_recovers_planted_gauge_on_stories260k(stories_dir, seed):
 def test_streams_safetensors_checkpoints(stories_dir, tmp_path):
     g = SignedPermutation.random(64, seed=11)
     dst = apply_gauge_to_checkpoint(stories_dir, g, tmp_path / "g", progress=False)
-    est = estimate_gauge_from_weights(str(stories_dir), dst, progress=False)
+    est = estimate_gauge_from_weights(str(stories_dir), dst, weights=WeightOptions(progress=False))
     assert est.element == g
     assert est.source.model_id == str(stories_dir) and est.target.model_id == str(dst)
     # a loaded model against a directory gives the same similarity to float64 rounding; the
     # confidences (cosines, scale 1) are stored in float32, so they may differ by one float32 ulp
-    mixed = estimate_gauge_from_weights(_load(stories_dir), dst, progress=False, compute_dtype=torch.float64)
-    ondisk = estimate_gauge_from_weights(str(stories_dir), dst, progress=False, compute_dtype=torch.float64)
+    mixed = estimate_gauge_from_weights(_load(stories_dir), dst, weights=WeightOptions(progress=False, compute_dtype=torch.float64))
+    ondisk = estimate_gauge_from_weights(str(stories_dir), dst, weights=WeightOptions(progress=False, compute_dtype=torch.float64))
     assert mixed.element == g
     assert_close_rel(mixed.confidence, ondisk.confidence, rtol=eps(np.float32), scale=1.0, what="confidence")
 
@@ -76,7 +74,7 @@ def test_recovers_planted_gauge_on_tiny_models(model_type, tie):
     tgt = tiny_model(model_type, seed=5, tie_word_embeddings=tie)
     g = SignedPermutation.random(64, seed=6)
     apply_gauge(tgt, g)
-    est = estimate_gauge_from_weights(src, tgt, progress=False, null_draws=0)
+    est = estimate_gauge_from_weights(src, tgt, weights=WeightOptions(progress=False), calibration=CalibrationOptions(null_draws=0))
     assert est.element == g, est.element.agreement(g)
 
 
@@ -86,7 +84,8 @@ def test_variants_recover_too(stories_dir, kw):
     src, tgt = _load(stories_dir), _load(stories_dir)
     g = SignedPermutation.random(64, seed=13)
     apply_gauge(tgt, g)
-    assert estimate_gauge_from_weights(src, tgt, progress=False, null_draws=0, **kw).element == g
+    assert estimate_gauge_from_weights(src, tgt, weights=WeightOptions(progress=False, **kw),
+                                       calibration=CalibrationOptions(null_draws=0)).element == g
 
 
 @pytest.mark.real
@@ -98,15 +97,15 @@ def test_blocked_streaming_equals_whole_tensors(stories_dir, tmp_path):
     g = SignedPermutation.random(64, seed=5)
     dst = apply_gauge_to_checkpoint(stories_dir, g, tmp_path / "g", progress=False)
     kw = dict(compute_dtype=torch.float64, progress=False)
-    whole, _, _ = weight_similarity(str(stories_dir), dst, block_elements=1 << 30, **kw)
-    tiny, _, _ = weight_similarity(str(stories_dir), dst, block_elements=100, **kw)
-    mem, _, _ = weight_similarity(_load(stories_dir), _load(dst), block_elements=100, **kw)
+    whole, _, _ = weight_similarity(str(stories_dir), dst, WeightOptions(block_elements=1 << 30, **kw))
+    tiny, _, _ = weight_similarity(str(stories_dir), dst, WeightOptions(block_elements=100, **kw))
+    mem, _, _ = weight_similarity(_load(stories_dir), _load(dst), WeightOptions(block_elements=100, **kw))
     assert whole.tensors == tiny.tensors and sorted(mem.tensors) == sorted(whole.tensors) and len(whole.tensors) == 47
     for f in ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram", "tgt_gain_gram"):
         ref = getattr(whole, f)
         for other in (tiny, mem):
             assert np.max(np.abs(getattr(other, f) - ref)) <= 1e-12 * np.max(np.abs(ref)), f
-    est = estimate_gauge_from_weights(str(stories_dir), dst, block_elements=100, progress=False)
+    est = estimate_gauge_from_weights(str(stories_dir), dst, weights=WeightOptions(block_elements=100, progress=False))
     assert est.element == g
 
 
@@ -128,10 +127,10 @@ def test_gain_profiles_alone_find_the_permutation_but_not_the_signs():
     src, tgt = tiny_model("llama", seed=2), tiny_model("llama", seed=2)
     g = SignedPermutation.random(64, seed=3)
     apply_gauge(tgt, g)
-    sim, _, _ = weight_similarity(src, tgt, progress=False)
+    sim, _, _ = weight_similarity(src, tgt, options=WeightOptions(progress=False))
     _, _, M = sim.scores()
     gain_only = sim.gain_num / np.sqrt(np.outer(sim.src_gain_sq, sim.tgt_gain_sq))
-    from hf_bdgauge.estimate import hungarian
+    from hf_bdgauge.estimate.assignment import hungarian
 
     assert np.array_equal(hungarian(gain_only), g.perm)
     assert np.allclose(gain_only[np.arange(64), g.perm], 1.0)
@@ -141,9 +140,9 @@ def test_gain_profiles_alone_find_the_permutation_but_not_the_signs():
 
 def test_verdicts():
     a = tiny_model("qwen2", seed=1)
-    same = estimate_gauge_from_weights(a, a, progress=False)
+    same = estimate_gauge_from_weights(a, a, weights=WeightOptions(progress=False))
     assert same.metrics["verdict"] == "identity" and same.element.is_identity
-    other = estimate_gauge_from_weights(a, tiny_model("qwen2", seed=2), progress=False)
+    other = estimate_gauge_from_weights(a, tiny_model("qwen2", seed=2), weights=WeightOptions(progress=False))
     assert other.metrics["verdict"] == "no_signed_permutation"
     assert abs(other.metrics["excess_over_null"]) < 0.05
 
@@ -152,25 +151,25 @@ def test_layernorm_family_is_permutation_only():
     src, tgt = tiny_model("gpt2", seed=0), tiny_model("gpt2", seed=0)
     g = SignedPermutation.random(64, seed=4, signed=False)
     apply_gauge(tgt, g)
-    est = estimate_gauge_from_weights(src, tgt, progress=False)
+    est = estimate_gauge_from_weights(src, tgt, weights=WeightOptions(progress=False))
     assert est.element == g and est.element.is_unsigned
 
 
 def test_errors(tmp_path, stories_dir):
     llama, gemma = tiny_model("llama", seed=0), tiny_model("gemma", seed=0)
     with pytest.raises(UnsupportedArchitectureError, match="gemma"):
-        estimate_gauge_from_weights(llama, gemma, progress=False)
+        estimate_gauge_from_weights(llama, gemma, weights=WeightOptions(progress=False))
     with pytest.raises(DimensionMismatchError):
-        estimate_gauge_from_weights(llama, tiny_model("llama", seed=0, hidden_size=32, head_dim=8), progress=False)
+        estimate_gauge_from_weights(llama, tiny_model("llama", seed=0, hidden_size=32, head_dim=8), weights=WeightOptions(progress=False))
     with pytest.raises(EstimationError, match="tensor_weighting"):
-        estimate_gauge_from_weights(llama, llama, tensor_weighting="max", progress=False)
+        estimate_gauge_from_weights(llama, llama, weights=WeightOptions(tensor_weighting="max", progress=False))
     with pytest.raises(EstimationError):
-        estimate_gauge_from_weights(llama, 3.0, progress=False)
+        estimate_gauge_from_weights(llama, 3.0, weights=WeightOptions(progress=False))
     pick = tmp_path / "pickled"
     pick.mkdir()
     (pick / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     (pick / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="pickle"):
-        estimate_gauge_from_weights(str(stories_dir), pick, progress=False)
+        estimate_gauge_from_weights(str(stories_dir), pick, weights=WeightOptions(progress=False))
     with pytest.raises(CheckpointError):
-        estimate_gauge_from_weights(str(stories_dir), tmp_path / "missing", progress=False)
+        estimate_gauge_from_weights(str(stories_dir), tmp_path / "missing", weights=WeightOptions(progress=False))

@@ -36,10 +36,11 @@ sys.path.append(str(HERE.parents[1]))
 
 import harness as H  # noqa: E402
 from run_library import BUDGET_CYCLE, HELDOUT_FIRST_SEED, capture, independent_list  # noqa: E402
+from hf_bdgauge.options import CalibrationOptions
 
 
 def _variants():
-    import hf_bdgauge.estimate.verdict as V
+    import hf_bdgauge.estimate.calibration as V
 
     orig = V.trimmed_mean
     return orig, {"top25": lambda v: orig(v, 0.25), "top50": lambda v: orig(v, 0.5),
@@ -49,7 +50,7 @@ def _variants():
 
 def _calibrated(st, statistic=None, eig: bool = False):
     """The library's calibrated p-value of ``st`` with the statistic and/or the null swapped."""
-    import hf_bdgauge.estimate.verdict as V
+    import hf_bdgauge.estimate.calibration as V
     from hf_bdgauge.estimate.assignment import match_scores
     from hf_bdgauge.estimate.matching import calibrate_stats, pooled_correlations
 
@@ -63,7 +64,7 @@ def _calibrated(st, statistic=None, eig: bool = False):
             C = sum(mm.cov_yy() / np.trace(mm.cov_yy()) for mm in st.moments.values())
             _, Vb = np.linalg.eigh(C)
             V.haar_from_gaussian = lambda z: (Vb * np.where(z[0] < 0, -1.0, 1.0)) @ Vb.T
-        return calibrate_stats(st, "sign_marginalized", m.element, (A, S), reference=None)  # the Haar part alone
+        return calibrate_stats(st, "sign_marginalized", m.element, (A, S), calibration=CalibrationOptions(reference=None))  # the Haar part alone
     finally:
         V.trimmed_mean, V.haar_from_gaussian = orig_t, orig_q
 

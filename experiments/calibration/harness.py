@@ -10,7 +10,7 @@ themselves never see anything but sums.
 Unrelated families
     ``random_init``: two stories260K-config models, transformers init, different seeds;
     ``tiny_random``: two ``hf_bdgauge.testing.tiny_model("llama")`` models (generic random weights);
-    ``independent``: two independently trained models (``hf_bdgauge.fixtures.independent``);
+    ``independent``: two independently trained models (``experiments/calibration/independent.py``);
     ``shuffle_full``: stories260K against itself with the target's tokens randomly re-paired
     (any position of any sequence); ``shuffle_offset``: the target at position ``t + k`` of the same
     sequence (``k`` = T/2, cyclic within the sequence); ``shuffle_cross``: the target from another
@@ -146,7 +146,7 @@ def noised(model: torch.nn.Module, sigma: float, seed: int) -> torch.nn.Module:
 
 
 def finetuned(model: torch.nn.Module, steps: int, lr: float, seed: int) -> torch.nn.Module:
-    from hf_bdgauge.fixtures.independent import independent_corpus
+    from independent import independent_corpus
 
     train, _ = independent_corpus()
     m = copy.deepcopy(model).train()
@@ -207,7 +207,7 @@ def pair_shuffle(kind: str, seed: int, n_seq: int) -> Pair:
 
 def weight_pair(kind: str, seed: int, strength: float = 0.0):
     """``(src, tgt, truth)`` models for the weights method."""
-    from hf_bdgauge.fixtures.independent import independent_model_dir, random_init_model
+    from independent import independent_model_dir, random_init_model
     from hf_bdgauge.testing import tiny_model
 
     if kind == "random_init":
@@ -259,7 +259,7 @@ _MODEL_CACHE: dict[int, torch.nn.Module] = {}
 
 def independent_model(seed: int) -> torch.nn.Module:
     if seed not in _MODEL_CACHE:
-        from hf_bdgauge.fixtures.independent import independent_model_dir
+        from independent import independent_model_dir
 
         _MODEL_CACHE[seed] = load_dir(independent_model_dir(seed))
     return _MODEL_CACHE[seed]

@@ -7,10 +7,10 @@ and checked on another.
     python experiments/calibration/reference_null.py report   # → results-reference.md
 
 ``collect`` runs the library's calibrated test (Haar part only: ``reference=None``) on 200 pairs of
-independently trained stories260K-shaped models (``hf_bdgauge.fixtures.independent``, seeds
+independently trained stories260K-shaped models (``experiments/calibration/independent.py``, seeds
 ``first_seed .. first_seed + 39``: the 20 disjoint pairs first, then other pairs of the 40 models;
 budgets cycling 2/8/32 sequences of 64 tokens as in ``run_library.py``) and keeps every Haar
-``t`` (the Student statistic of :func:`hf_bdgauge.estimate.verdict.predictive_p_value`):
+``t`` (the Student statistic of :func:`hf_bdgauge.estimate.statistic.predictive_p_value`):
 
 * ``activations``: the pooled activation test of each method (sign-marginalised, signed, permutation);
 * ``activations_layer``: each residual layer alone (``trace --texts``'s rows);
@@ -21,7 +21,7 @@ budgets cycling 2/8/32 sequences of 64 tokens as in ``run_library.py``) and keep
 
 ``fit`` estimates, per kind, the location and scale of those ``t`` beyond the Haar null's — the
 one-sided 95 % upper bounds of a delete-one-model jackknife
-(:func:`hf_bdgauge.estimate.verdict.fit_reference`, on the fitting set only) — and writes the
+(:func:`hf_bdgauge.estimate.reference.fit_reference`, on the fitting set only) — and writes the
 package's reference file. ``report`` applies the fitted references to the *held-out* seeds and to
 random inits (collected alike with ``--family random_init``) and prints rejection rates and KS tests.
 """
@@ -43,6 +43,7 @@ sys.path.append(str(HERE.parents[1]))
 
 import harness as H  # noqa: E402
 from run_library import BUDGET_CYCLE, capture, independent_list  # noqa: E402
+from hf_bdgauge.options import CalibrationOptions, WeightOptions
 
 RESULTS = HERE / "results"
 METHODS = ("sign_marginalized", "signed", "permutation")
@@ -62,33 +63,35 @@ def activation_record(st: Any, seed: int) -> dict[str, Any]:
     A, S = pooled_correlations(st)
     for m in METHODS:
         el = match_scores(A, S, m).element
-        rec[m] = calibrate_stats(st, m, el, (A, S), seed=seed, reference=None).haar_t
+        rec[m] = calibrate_stats(st, m, el, (A, S), calibration=CalibrationOptions(seed=seed, reference=None)).haar_t
     el = match_scores(A, S, "sign_marginalized").element
     layers = []
     for layer in st.layers:
         one = st.select([layer])
         A1, S1 = pooled_correlations(one)
-        layers.append(calibrate_stats(one, "sign_marginalized", el, (A1, S1), seed=seed, reference=None).haar_t)
+        layers.append(calibrate_stats(one, "sign_marginalized", el, (A1, S1), calibration=CalibrationOptions(seed=seed, reference=None)).haar_t)
     rec["layers"] = layers
     return rec
 
 
 def weight_record(src: Any, tgt: Any, seed: int) -> dict[str, Any]:
     from hf_bdgauge.estimate.assignment import match_scores
-    from hf_bdgauge.estimate.verdict import calibrate, weight_parts
+    from hf_bdgauge.estimate.calibration import calibrate
+    from hf_bdgauge.estimate.statistic import weight_parts
+    from hf_bdgauge.options import CalibrationOptions
     from hf_bdgauge.estimate.weights import weight_similarity
     from hf_bdgauge.roles import spec_for_config
 
     def cal_of(select=None) -> float | None:
-        sim, _, _ = weight_similarity(src, tgt, select=select, progress=False)
+        sim, _, _ = weight_similarity(src, tgt, select=select, options=WeightOptions(progress=False))
         A, S, M = sim.scores()
         h = sim.halves
         if h is None or not h[0].tensors or not h[1].tensors:
             return None
         method = "sign_marginalized" if sim.allows_signs else "permutation"
         el = match_scores(A, S, method, sign_source=M).element
-        return calibrate(weight_parts(h[0]), weight_parts(h[1]), method, el, (A, M), seed=seed,
-                                 reference=None).haar_t
+        return calibrate(weight_parts(h[0]), weight_parts(h[1]), method, el, (A, M),
+                         CalibrationOptions(seed=seed, reference=None)).haar_t
 
     spec = spec_for_config(src.config)
     names = [n for n, _ in src.named_parameters() if spec.rule_for(n) is not None]
@@ -108,7 +111,7 @@ def collect(first_seed: int, n: int, family: str) -> Path:
         if family == "independent":
             src, tgt = H.independent_model(a), H.independent_model(b)
         else:
-            from hf_bdgauge.fixtures.independent import random_init_model
+            from independent import random_init_model
 
             src, tgt = random_init_model(50_000 + 2 * i + first_seed * 1000), random_init_model(50_001 + 2 * i + first_seed * 1000)
         sub = H._seq_subset(ids, BUDGET_CYCLE[i % 3], 1000 + i + first_seed * 1000)
@@ -136,7 +139,8 @@ def t_values_by_kind(recs: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, 
 
 
 def fit(source: Path) -> Path:
-    from hf_bdgauge.estimate.verdict import CALIBRATION_DRAWS, REFERENCE_FILE, fit_reference
+    from hf_bdgauge.estimate.reference import REFERENCE_FILE, fit_reference
+    from hf_bdgauge.options import CALIBRATION_DRAWS
 
     d = json.loads(source.read_text())
     refs = {}
@@ -163,19 +167,21 @@ def _row(name: str, p: np.ndarray) -> str:
 
 def _referenced(kind: str, t: np.ndarray) -> np.ndarray:
     """The p-values of Haar ``t`` read against the package's reference of ``kind``."""
-    from hf_bdgauge.estimate.verdict import reference_for, student_tail
+    from hf_bdgauge.estimate.reference import reference_for
+    from hf_bdgauge.estimate.statistic import student_tail
 
     return student_tail(reference_for(kind).apply(np.asarray(t)))[0]
 
 
 def _haar(t: np.ndarray) -> np.ndarray:
-    from hf_bdgauge.estimate.verdict import student_tail
+    from hf_bdgauge.estimate.statistic import student_tail
 
     return student_tail(np.asarray(t))[0]
 
 
 def report() -> str:
-    from hf_bdgauge.estimate.verdict import REFERENCE_FILE, cauchy_combination
+    from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
+    from hf_bdgauge.estimate.reference import REFERENCE_FILE
 
     refs = json.loads(REFERENCE_FILE.read_text())["references"]
     L = ["# The reference null of the B_d p-value\n",

@@ -24,7 +24,7 @@ and a fine-tune of A), ``prune`` (magnitude pruning of every linear layer's weig
 same width), ``noise`` (Gaussian noise of a relative std). A permutation-only statistic still sees
 the unflipped half of a random re-charting; ``−P`` leaves it nothing but the gains. Unrelated:
 the 20 disjoint pairs of independently trained stories260K-shaped models
-(``hf_bdgauge.fixtures.independent``: seeds 40 + 2k, 41 + 2k, held out from the package's reference
+(``experiments/calibration/independent.py``: seeds 40 + 2k, 41 + 2k, held out from the package's reference
 null, which is fitted on seeds 0-39) and stories260K against 20 of them (seeds 40-59).
 Reported: detection rates at the documented level 0.01, the false-positive rates with their
 exact (Clopper-Pearson) 95 % upper bounds, and the ROC AUC of ``−log10 p`` for derived against
@@ -49,7 +49,8 @@ sys.path.append(str(ROOT))
 
 import harness as H  # noqa: E402
 from run_library import HELDOUT_FIRST_SEED  # noqa: E402
-from experiments.common import clopper_pearson_upper, parts_main, provenance_lines, read_parts  # noqa: E402
+from experiments.common import clopper_pearson_upper, parts_main, read_parts, report_head  # noqa: E402
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 
 RESULTS = HERE / "results"
 LEVEL = 0.01
@@ -59,8 +60,12 @@ LEVEL = 0.01
 def permutation_only_weights(src: Any, tgt: Any, include_gains: bool, seed: int = 0) -> float:
     """The Cauchy-combined p-value of ``trace``'s per-block weights test with the match and its
     signs restricted to permutations (signs +1)."""
-    from hf_bdgauge.estimate import match_scores, weight_similarity
-    from hf_bdgauge.estimate.verdict import calibrate, cauchy_combination, weight_parts
+    from hf_bdgauge.estimate.assignment import match_scores
+    from hf_bdgauge.estimate.weights import weight_similarity
+    from hf_bdgauge.estimate.calibration import calibrate
+    from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
+    from hf_bdgauge.estimate.statistic import weight_parts
+    from hf_bdgauge.options import CalibrationOptions
     from hf_bdgauge.roles import spec_for_config
 
     spec = spec_for_config(src.config)
@@ -68,15 +73,14 @@ def permutation_only_weights(src: Any, tgt: Any, include_gains: bool, seed: int 
     groups = sorted({group(n) for n, _ in src.named_parameters() if spec.rule_for(n) is not None}, key=str)
     ps = []
     for gname in groups:
-        sim, _, _ = weight_similarity(src, tgt, include_gains=include_gains, progress=False,
-                                      select=lambda n, g=gname: group(n) == g)
+        sim, _, _ = weight_similarity(src, tgt, select=lambda n, g=gname: group(n) == g, options=WeightOptions(include_gains=include_gains, progress=False))
         if sim.halves is None or not sim.halves[0].tensors or not sim.halves[1].tensors:
             continue
         A, S, M = sim.scores()
         el = match_scores(A, S, "permutation", sign_source=M).element
         kind = "weights_outside" if gname == "outside" else "weights_block"
         cal = calibrate(weight_parts(sim.halves[0], kind), weight_parts(sim.halves[1], kind), "permutation", el, (A, M),
-                        seed=seed)
+                        CalibrationOptions(seed=seed))
         ps.append(cal.p_value)
     return cauchy_combination(ps)
 
@@ -84,21 +88,23 @@ def permutation_only_weights(src: Any, tgt: Any, include_gains: bool, seed: int 
 def activation_tests(src: Any, tgt: Any, ids: Any, seed: int = 0) -> dict[str, float]:
     """``trace(src, tgt, ids)``'s pooled p-value and layers' Cauchy combination (ours), and the
     same tests with the match restricted to permutations."""
-    from hf_bdgauge.estimate import capture_pair_stats, estimate_from_stats, match_scores, pooled_correlations
+    from hf_bdgauge.estimate.assignment import match_scores
+    from hf_bdgauge.estimate.capture import capture_pair_stats
+    from hf_bdgauge.estimate.matching import estimate_from_stats, pooled_correlations
     from hf_bdgauge.estimate.matching import calibrate_stats
-    from hf_bdgauge.estimate.verdict import cauchy_combination
+    from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
     from hf_bdgauge import trace
 
     width = int((ids["input_ids"] if isinstance(ids, dict) else ids).shape[1])
-    ours = trace(src, tgt, ids, progress=False, max_length=width, seed=seed)
-    stats = capture_pair_stats(src, tgt, ids, max_length=width, progress=False)
+    ours = trace(src, tgt, ids, capture=CaptureOptions(progress=False, max_length=width), calibration=CalibrationOptions(seed=seed))
+    stats = capture_pair_stats(src, tgt, ids, capture=CaptureOptions(max_length=width, progress=False))
     ps = []
     for layer in stats.layers:
         one = stats.select([layer])
         A, S = pooled_correlations(one)
         el = match_scores(A, S, "permutation").element
-        ps.append(calibrate_stats(one, "permutation", el, (A, S), seed=seed).p_value)
-    pooled = estimate_from_stats(stats, "permutation", null_draws=0, seed=seed)
+        ps.append(calibrate_stats(one, "permutation", el, (A, S), calibration=CalibrationOptions(seed=seed)).p_value)
+    pooled = estimate_from_stats(stats, "permutation", calibration=CalibrationOptions(null_draws=0, seed=seed))
     return {"ours_act": ours.p_value, "ours_act_layers": ours.layers_p_value, "perm_act": cauchy_combination(ps),
             "perm_act_pooled": float(pooled.metrics["p_value"]),
             "ours_act_identified": float(ours.gauge.identified_fraction or 0.0)}
@@ -108,7 +114,7 @@ def evaluate(src: Any, tgt: Any, truth: Any = None, ids: Any = None, seed: int =
     from hf_bdgauge import trace
 
     t0 = time.perf_counter()
-    rep = trace(src, tgt, progress=False, seed=seed, fingerprint=False)
+    rep = trace(src, tgt, weights=WeightOptions(progress=False), calibration=CalibrationOptions(seed=seed))
     rec: dict[str, Any] = {"ours_w": rep.p_value, "ours_w_identified": float(rep.gauge.identified_fraction or 0.0),
                            "ours_w_layers": rep.layers_p_value,
                            "perm_w": permutation_only_weights(src, tgt, include_gains=False, seed=seed),
@@ -260,7 +266,6 @@ def part_file(fast: bool, part: str) -> str:
     return f"{'fast-' if fast else ''}{part}.json"
 
 
-PARTS = {"stories": part_stories, "gemma": part_gemma}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -284,16 +289,19 @@ STATS = (("ours_w", "ours, weights"), ("ours_w_layers", "ours, weights, blocks' 
          ("perm_act_pooled", "permutation-only, activations"), ("perm_act", "permutation-only, activations, layers' Cauchy"))
 
 
+#: the report's title, and how its numbers were made (line breaks read as spaces)
+REPORT = ("Derivation test: ours against a permutation-only statistic",
+          """; level 0.01. *ours*: `hf_bdgauge.trace`'s decision, the calibrated test of the gauge pooled
+over every block (weights) or residual layer (activations, 16 stories of 63 tokens); *…, Cauchy*: the
+Cauchy combination of the per-block / per-layer p-values `trace` also reports; *permutation-only*: the
+same tests with the match and its signs restricted to permutations (weights: per block, Cauchy-combined;
+activations: pooled, and per layer Cauchy-combined).
+""")
+
+
 def render(mode: str) -> str:
     parts = read_parts(RESULTS, PARTS, part_file, mode)
-    L = [f"# Derivation test: ours against a permutation-only statistic ({mode} mode)\n",
-         "Generated by `python experiments/trace/run_trace.py --part …" + (" --fast" if mode == "fast" else "")
-         + "`; level 0.01. *ours*: `hf_bdgauge.trace`'s decision, the calibrated test of the gauge pooled over "
-         "every block (weights) or residual layer (activations, 16 stories of 63 tokens); *…, Cauchy*: the "
-         "Cauchy combination of the per-block / per-layer p-values `trace` also reports; *permutation-only*: "
-         "the same tests with the match and its signs restricted to permutations (weights: per block, "
-         "Cauchy-combined; activations: pooled, and per layer Cauchy-combined).\n"]
-    L += provenance_lines(parts)
+    L = report_head(*REPORT, __file__, mode, parts)
     if "stories" in parts:
         s = parts["stories"]
         L.append("## stories260K: detection rate at p ≤ 0.01\n")
@@ -348,10 +356,11 @@ def render(mode: str) -> str:
     return "\n".join(L) + "\n"
 
 
+PARTS = {"stories": part_stories, "gemma": part_gemma}
+
+
 def main(argv: list[str] | None = None) -> int:
-    return parts_main(argv, doc=__doc__, parts=PARTS, render=render, results=RESULTS,
-                      report=lambda fast: HERE / ("results-fast.md" if fast else "results.md"),
-                      json_name=part_file)
+    return parts_main(argv, __doc__, PARTS, render, HERE / "results.md", part_file)
 
 
 if __name__ == "__main__":

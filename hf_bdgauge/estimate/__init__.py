@@ -1,11 +1,16 @@
 """Estimating gauges between checkpoints.
 
 * :mod:`~hf_bdgauge.estimate.capture`: residual-stream hooks on two models fed the same tokens;
-* :mod:`~hf_bdgauge.estimate.stats`: mergeable float64 sufficient statistics (sums per layer);
+* :mod:`~hf_bdgauge.estimate.moments`: one layer's float64 cross moments (raw sums, centred update);
+* :mod:`~hf_bdgauge.estimate.stats`: mergeable statistics of a pair (sums per layer, in two halves);
 * :mod:`~hf_bdgauge.estimate.captured`: statistics with both models' provenance, saved as a
   directory and merged back exactly (``bdgauge stats``, ``bdgauge estimate --from-stats``);
 * :mod:`~hf_bdgauge.estimate.assignment`: the Hungarian step shared by every method;
-* :mod:`~hf_bdgauge.estimate.verdict`: the fit against the null and the verdict (the one place);
+* :mod:`~hf_bdgauge.estimate.statistic`: the held-out, trimmed statistic and its Student tail;
+* :mod:`~hf_bdgauge.estimate.reference`: the reference null of alike, unrelated models;
+* :mod:`~hf_bdgauge.estimate.calibration`: the calibrated p-value and the identification;
+* :mod:`~hf_bdgauge.estimate.verdict`: what the p-value and the fits say (the one place); per layer
+  :mod:`~hf_bdgauge.estimate.layer_verdicts`, for rotations :mod:`~hf_bdgauge.estimate.rotation_verdict`;
 * :mod:`~hf_bdgauge.estimate.matching`: sign-marginalised matching of activation statistics;
 * :mod:`~hf_bdgauge.estimate.weights`: data-free matching from the weights (``method="weights"``);
 * :mod:`~hf_bdgauge.estimate.procrustes`: orthogonal gauges (``method="orthogonal"``, data-free
@@ -17,79 +22,25 @@
 
 from __future__ import annotations
 
-from ..gauge import VERDICTS
 from .api import capture_pair, estimate_gauge, gauge_from_capture
-from .assignment import ACTIVATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
-from .capture import (
-    BatchSelection,
-    capture_pair_stats,
-    find_decoder_layers,
-    iter_token_batches,
-    load_causal_lm,
-    load_tokenizer,
-    residual_activations,
-)
 from .captured import CapturedPair, load_pair_stats, save_pair_stats
-from .matching import (
-    METHODS,
-    POOLINGS,
-    estimate_from_activations,
-    estimate_from_stats,
-    pooled_correlations,
-)
-from .verdict import fit_metrics
-from .stats import CrossMoments, EstimationError, PairStats
 from .trace import LayerRow, TraceReport, diff, trace
-from .trajectory import (
-    compose_gauges,
-    compose_trajectory,
-    compose_via_base,
-    invert_gauge,
-)
-from .weights import WeightSimilarity, estimate_gauge_from_weights, weight_similarity
-from .procrustes import estimate_rotation_from_stats, estimate_rotation_from_weights, fit_rotation
+from .trajectory import compose_gauges, compose_trajectory, compose_via_base
 
+#: what a user calls (the docs' reference); the finer pieces (statistics, assignment, capture hooks,
+#: Procrustes, weight similarities) are imported from their modules.
 __all__ = [
-    "ACTIVATION_METHODS",
-    "BatchSelection",
-    "CapturedPair",
-    "METHODS",
-    "POOLINGS",
-    "VERDICTS",
-    "CrossMoments",
-    "EstimationError",
-    "MatchResult",
-    "PairStats",
-    "WeightSimilarity",
-    "capture_pair",
-    "capture_pair_stats",
-    "compose_gauges",
-    "compose_trajectory",
-    "compose_via_base",
-    "estimate_from_activations",
-    "estimate_from_stats",
     "estimate_gauge",
-    "estimate_gauge_from_weights",
-    "estimate_rotation_from_stats",
-    "estimate_rotation_from_weights",
-    "fit_rotation",
-    "fit_metrics",
+    "capture_pair",
     "gauge_from_capture",
-    "load_pair_stats",
+    "CapturedPair",
     "save_pair_stats",
-    "load_tokenizer",
-    "find_decoder_layers",
-    "hungarian",
-    "invert_gauge",
-    "iter_token_batches",
-    "load_causal_lm",
-    "match_scores",
-    "pooled_correlations",
-    "random_orthogonal",
-    "residual_activations",
-    "weight_similarity",
+    "load_pair_stats",
     "trace",
     "diff",
     "TraceReport",
     "LayerRow",
+    "compose_trajectory",
+    "compose_via_base",
+    "compose_gauges",
 ]

@@ -15,28 +15,69 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
 
 from ..distributed import world
-from ..errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError, Words
 from ..fold import known_pre_norm_gains, record_gains
 from ..gauge import Gauge
 from ..roles import spec_for_config
 from .assignment import ACTIVATION_METHODS
 from .procrustes import estimate_rotation_from_stats, estimate_rotation_from_weights
-from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
+from .capture import CAPTURE_STATS_FIELDS, capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
 from .captured import CapturedPair
 from .matching import METHODS, estimate_from_stats
 from .stats import EstimationError
-from .verdict import CALIBRATION_DRAWS
+from ..options import CalibrationOptions, CaptureOptions, WeightOptions, flag_name, refuse_unused
 from .weights import estimate_gauge_from_weights
 
 __all__ = ["capture_pair", "estimate_gauge", "gauge_from_capture"]
 
 logger = logging.getLogger(__name__)
+
+
+#: the methods that read the checkpoints only (no data, no capture)
+DATA_FREE_METHODS = ("weights", "orthogonal_weights")
+#: the fields of CalibrationOptions that ``method="orthogonal_weights"`` uses
+_ORTHOGONAL_WEIGHTS_CALIBRATION = ("level", "identity_tol")
+#: how each argument of :func:`estimate_gauge` reads on the command line
+_CLI_WORDS = {"data": "--texts", "capture": "the capture flags", "weights": "--device"}
+
+
+def _refuse(argument: str, method: str, why: str, advice: str, options: Any = None) -> None:
+    """Refuse ``argument=`` given to ``method`` (an option that does not apply is never dropped);
+    on the command line the flags of the fields ``options`` changes are named."""
+    changed = [flag_name(f) for f in fields(options) if f.name in options.changed()] if options is not None else []
+    cli = ", ".join(f for f in changed if f) or _CLI_WORDS.get(argument, argument)
+    raise EstimationError("{arg} {verb} not apply to {method} (" + why + "): drop {it} or " + advice,
+                          options={"arg": Words(f"{argument}=", cli),
+                                   "verb": Words("does", "do" if "," in cli else "does"),
+                                   "it": Words("it", "them" if "," in cli else "it"),
+                                   "method": Words(f"method={method!r}", f"--method {method}")})
+
+
+def check_method_options(method: str, data: Any = None, capture: CaptureOptions | None = None,
+                         weights: WeightOptions | None = None,
+                         calibration: CalibrationOptions | None = None) -> None:
+    """Refuse what ``method`` would not use: ``data``/``capture`` for a data-free method,
+    ``weights`` for any other method than ``"weights"``, and the fields of ``calibration``
+    ``"orthogonal_weights"`` does not read (it uses ``level`` and ``identity_tol`` only)."""
+    if method not in METHODS:
+        raise EstimationError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method in DATA_FREE_METHODS:
+        if data is not None:
+            _refuse("data", method, "data-free: it reads the checkpoints", "choose an activation method")
+        if capture is not None:
+            _refuse("capture", method, "data-free: it captures nothing", "choose an activation method", capture)
+    if weights is not None and method != "weights":
+        _refuse("weights", method, "WeightOptions set how method='weights' compares the checkpoints",
+                "choose method='weights'", weights)
+    if method == "orthogonal_weights":
+        refuse_unused(calibration, _ORTHOGONAL_WEIGHTS_CALIBRATION, "calibration", f"method={method!r}",
+                      f"--method {method}")
 
 
 def estimate_gauge(
@@ -45,79 +86,61 @@ def estimate_gauge(
     data: Any = None,
     method: str = "sign_marginalized",
     *,
-    tokenizer: Any = None,
-    layers: Iterable[int] | None = None,
+    capture: CaptureOptions | None = None,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    fingerprint: bool = True,
     source_revision: str | None = None,
     target_revision: str | None = None,
-    batch_size: int = 8,
-    max_length: int = 256,
-    max_tokens: int | None = None,
-    pooling: str = "mean_abs",
-    null_draws: int = 1,
-    calibration_draws: int = CALIBRATION_DRAWS,
-    seed: int = 0,
-    min_excess: float | None = None,
-    identity_tol: float = 0.01,
-    dtype: torch.dtype | None = None,
-    device_map: Any = None,
-    fingerprint: bool = True,
-    progress: bool = True,
-    group: Any = None,
-    reference: Any = "auto",
-    **weights_kwargs: Any,
 ) -> Gauge:
     """Estimate the gauge ``G`` with ``h_target ≈ G·h_source``.
 
     ``source``/``target``: loaded transformers models, or local directories / Hub ids (loaded
     from safetensors at ``source_revision``/``target_revision``, never with remote code).
-    ``data``: texts (with ``tokenizer=``, a tokenizer or a path; defaults to the source
-    checkpoint's tokenizer), a LongTensor [B, T] of token ids, or an iterable of batches; not
-    needed for ``method="weights"`` (data-free, see :mod:`hf_bdgauge.estimate.weights`, which
-    receives ``weights_kwargs``) nor for ``method="orthogonal_weights"`` (a rotation, data-free from the
-    token embeddings); ``method="orthogonal"`` estimates a rotation ``R`` (a rotated, gain-folded chart)
-    by Procrustes on the captured statistics (:mod:`hf_bdgauge.estimate.procrustes`; a signed
-    permutation found that way is returned as the B_d estimate). ``layers``: residual layers to capture (0 = embedding output;
-    default all). For families without sign symmetry (LayerNorm) ``sign_marginalized`` falls back
-    to ``permutation``. ``fingerprint=True`` records both models' fingerprints (config and content
-    hashes) in the ModelRefs, so the gauge refuses to attach to other weights; by default they are
-    left empty. ``reference``: the reference null the B_d p-value is read against (``"auto"``, the
-    package's: independently trained models; ``None``: the Haar null alone; or a
-    :class:`~hf_bdgauge.estimate.verdict.Reference`). See the module docstring for methods,
-    pooling, null and verdict.
+    ``method``: ``"sign_marginalized"`` (default), ``"signed"``, ``"permutation"`` (a signed
+    permutation matched on activations), ``"orthogonal"`` (a rotation ``R``, a rotated gain-folded
+    chart, by Procrustes on the captured statistics, :mod:`hf_bdgauge.estimate.procrustes`; a
+    signed permutation found that way is returned as the B_d estimate), ``"weights"`` (a signed
+    permutation from the checkpoints alone, :mod:`hf_bdgauge.estimate.weights`) or
+    ``"orthogonal_weights"`` (a rotation from the token embeddings alone).
 
-    Under an initialised ``torch.distributed`` process group (``group``, default the default
-    group; :mod:`hf_bdgauge.distributed`) every rank must call this with the same arguments: each
-    captures its share of the batches, the sums are all-reduced and every rank returns the same
-    gauge, which records ``metrics["world_size"]`` and the total ``metrics["tokens"]``. It is
+    ``data`` (activation methods only): texts (tokenised with ``capture.tokenizer``, a tokenizer
+    or a path; default the source checkpoint's tokenizer), a LongTensor [B, T] of token ids, or an
+    iterable of batches. ``capture`` (:class:`~hf_bdgauge.options.CaptureOptions`, activation
+    methods only): layers (0 = embedding output; default all), batches, dtype, device map and
+    pooling. ``weights`` (:class:`~hf_bdgauge.options.WeightOptions`, ``method="weights"`` only).
+    ``calibration`` (:class:`~hf_bdgauge.options.CalibrationOptions`): draws, seed, reference null
+    and level of the calibrated p-value, the descriptive null and the identity tolerance
+    (``"orthogonal_weights"`` reads only ``level`` and ``identity_tol``). An argument or field the
+    method does not use is refused (:class:`~hf_bdgauge.errors.EstimationError`), never ignored.
+    For families without sign symmetry (LayerNorm) ``sign_marginalized`` falls back to
+    ``permutation``. ``fingerprint=True`` records both models' fingerprints (config and content
+    hashes) in the ModelRefs, so the gauge refuses to attach to other weights. See the module
+    docstrings for methods, pooling, null and verdict.
+
+    Under an initialised ``torch.distributed`` process group (``capture.group`` or
+    ``weights.group``, default the default group; :mod:`hf_bdgauge.distributed`) every rank must
+    call this with the same arguments: each captures its share of the batches (or reads its share
+    of the tensors), the sums are all-reduced and every rank returns the same gauge, which records
+    ``metrics["world_size"]`` and the total ``metrics["tokens"]``. The activation methods are
     :func:`capture_pair` followed by :func:`gauge_from_capture`.
     """
-    if method not in METHODS:
-        raise EstimationError(f"unknown method {method!r}; choose one of {METHODS}")
+    check_method_options(method, data, capture, weights, calibration)
     if method == "weights":
-        g = estimate_gauge_from_weights(
-            source, target, source_revision=source_revision, target_revision=target_revision, null_draws=null_draws,
-            calibration_draws=calibration_draws, seed=seed, min_excess=min_excess, identity_tol=identity_tol,
-            fingerprint=fingerprint, progress=progress, group=group, reference=reference,
-            **weights_kwargs,
-        )
+        g = estimate_gauge_from_weights(source, target, weights=weights, calibration=calibration,
+                                        fingerprint=fingerprint, source_revision=source_revision,
+                                        target_revision=target_revision)
         return record_gains(g, known_pre_norm_gains(source, source_revision),
                             known_pre_norm_gains(target, target_revision))
     if method == "orthogonal_weights":
-        if weights_kwargs:
-            raise EstimationError(f"unexpected arguments for method {method!r}: {sorted(weights_kwargs)}")
-        return estimate_rotation_from_weights(source, target, source_revision=source_revision,
-                                              target_revision=target_revision, fingerprint=fingerprint,
-                                              identity_tol=identity_tol)
-    if weights_kwargs:
-        raise EstimationError(f"unexpected arguments for method {method!r}: {sorted(weights_kwargs)}")
+        return estimate_rotation_from_weights(source, target, calibration=calibration, fingerprint=fingerprint,
+                                              source_revision=source_revision, target_revision=target_revision)
     t0 = time.perf_counter()
-    pair = capture_pair(source, target, data, tokenizer=tokenizer, layers=layers, source_revision=source_revision,
-                        target_revision=target_revision, batch_size=batch_size, max_length=max_length,
-                        max_tokens=max_tokens, dtype=dtype, device_map=device_map, fingerprint=fingerprint,
-                        progress=progress, group=group)
-    g = gauge_from_capture(pair, method, pooling=pooling, null_draws=null_draws, calibration_draws=calibration_draws,
-                           seed=seed, min_excess=min_excess, identity_tol=identity_tol, group=group, across_ranks=True,
-                           reference=reference)
+    cap = capture or CaptureOptions()
+    # the capture reads what it needs, the match its part (layers, pooling, group)
+    pair = capture_pair(source, target, data, capture=replace(cap, pooling="mean_abs"), fingerprint=fingerprint,
+                        source_revision=source_revision, target_revision=target_revision)
+    g = gauge_from_capture(pair, method, capture=cap.matching(), calibration=calibration, across_ranks=True)
     g.metrics["time_s"] = time.perf_counter() - t0
     return g
 
@@ -127,28 +150,26 @@ def capture_pair(
     target: Any,
     data: Any,
     *,
-    tokenizer: Any = None,
-    layers: Iterable[int] | None = None,
-    source_revision: str | None = None,
-    target_revision: str | None = None,
-    batch_size: int = 8,
-    max_length: int = 256,
-    max_tokens: int | None = None,
-    dtype: torch.dtype | None = None,
-    device_map: Any = None,
+    capture: CaptureOptions | None = None,
     fingerprint: bool = True,
-    progress: bool = True,
-    group: Any = None,
     shard: tuple[int, int] | None = None,
     data_description: dict[str, Any] | None = None,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
 ) -> CapturedPair:
-    """Load both models (as :func:`estimate_gauge` does) and capture their paired statistics on
-    ``data`` (:func:`~hf_bdgauge.estimate.capture.capture_pair_stats`: under a process group
-    every rank captures its share and all get the sums of all; ``shard=(k, n)`` keeps shard
-    ``k`` of ``n``). Returns a :class:`~hf_bdgauge.estimate.captured.CapturedPair`, to match
+    """Load both models (as :func:`estimate_gauge` does, in ``capture.dtype`` with
+    ``capture.device_map``) and capture their paired statistics on ``data``
+    (:func:`~hf_bdgauge.estimate.capture.capture_pair_stats` with the other fields of ``capture``
+    but ``pooling``, which matching uses and is refused here: under a process group every rank
+    captures its share and all get the sums of all; ``shard=(k, n)`` keeps shard ``k`` of ``n``).
+    Returns a :class:`~hf_bdgauge.estimate.captured.CapturedPair`, to match
     (:func:`gauge_from_capture`) or to save (:func:`~hf_bdgauge.estimate.captured.save_pair_stats`);
     ``data_description`` is recorded with it."""
+    cap = capture or CaptureOptions()
+    refuse_unused(cap, tuple(f for f in CAPTURE_STATS_FIELDS + ("dtype", "device_map")), "capture",
+                  "capture_pair (pooling is matching's: give it to gauge_from_capture)")
     t0 = time.perf_counter()
+    dtype, device_map = cap.torch_dtype, cap.device_map
     if isinstance(source, torch.nn.Module):
         src_model, src_ref, src_dir = source, model_ref(source, source_revision, fingerprint=fingerprint), None
     else:
@@ -159,15 +180,16 @@ def capture_pair(
     else:
         tgt_model, tgt_ref, tgt_dir = load_causal_lm(target, target_revision, dtype=dtype, device_map=device_map,
                                                      fingerprint=fingerprint)
+    tokenizer = cap.tokenizer
     if needs_tokenizer(data) or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer, src_dir, source_revision)
-    stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tokenizer, layers=layers, batch_size=batch_size,
-                               max_length=max_length, max_tokens=max_tokens, progress=progress, group=group,
+    stats = capture_pair_stats(src_model, tgt_model, data,
+                               capture=replace(cap, tokenizer=tokenizer, dtype=None, device_map=None),
                                shard=shard, track_target_cov=True)  # Σyyᵀ feeds the calibrated p-value
     act_dtype = next(src_model.parameters()).dtype
     return CapturedPair(stats, src_ref, tgt_ref, dtype=str(act_dtype).removeprefix("torch."),
                         model_type=getattr(getattr(src_model, "config", None), "model_type", None),
-                        world_size=world(group)[1], capture_time_s=time.perf_counter() - t0,
+                        world_size=world(cap.group)[1], capture_time_s=time.perf_counter() - t0,
                         data=dict(data_description or {}),
                         # read from the checkpoint where there is one: an offloaded model's weights are not in memory
                         gains={"source": known_pre_norm_gains(src_model if src_dir is None else src_dir),
@@ -178,43 +200,35 @@ def gauge_from_capture(
     pair: CapturedPair,
     method: str = "sign_marginalized",
     *,
-    layers: Iterable[int] | None = None,
-    pooling: str = "mean_abs",
-    null_draws: int = 1,
-    calibration_draws: int = CALIBRATION_DRAWS,
-    seed: int = 0,
-    min_excess: float | None = None,
-    identity_tol: float = 0.01,
-    group: Any = None,
+    capture: CaptureOptions | None = None,
+    calibration: CalibrationOptions | None = None,
     across_ranks: bool = False,
-    reference: Any = "auto",
 ) -> Gauge:
     """Match captured (or loaded and merged) statistics into a gauge
     (:func:`~hf_bdgauge.estimate.matching.estimate_from_stats` with both ends' provenance; for a
-    family without sign symmetry ``sign_marginalized`` falls back to ``permutation``). The gauge
-    records ``metrics["world_size"]`` (processes that captured) and ``metrics["tokens"]`` (all
-    of them). ``across_ranks=True`` when every rank of ``group`` calls this with the same
-    statistics: the calibration's draws are then split over the ranks (the same gauge).
-    ``reference``: the reference null of the B_d p-value (see ``estimate_from_stats``). Both ends'
-    pre-norm gains, captured with the statistics, are recorded (:func:`~hf_bdgauge.fold.record_gains`:
-    a rotation into a folded copy moves a reader's LoRA by ``A ↦ A·diag(g)·Rᵀ``); statistics saved
-    before they were captured leave them unknown."""
+    family without sign symmetry ``sign_marginalized`` falls back to ``permutation``;
+    ``method="orthogonal"``: :func:`~hf_bdgauge.estimate.procrustes.estimate_rotation_from_stats`).
+    Of ``capture`` only ``layers``, ``pooling`` and ``group`` apply (others are refused);
+    ``calibration``: the calibrated p-value's draws, seed, reference null and level, the
+    descriptive null and the identity tolerance. The gauge records ``metrics["world_size"]``
+    (processes that captured) and ``metrics["tokens"]`` (all of them). ``across_ranks=True`` when
+    every rank of ``capture.group`` calls this with the same statistics: the calibration's draws
+    are then split over the ranks (the same gauge). Both ends' pre-norm gains, captured with the
+    statistics, are recorded (:func:`~hf_bdgauge.fold.record_gains`: a rotation into a folded copy
+    moves a reader's LoRA by ``A ↦ A·diag(g)·Rᵀ``); statistics saved before they were captured
+    leave them unknown."""
     if method not in ACTIVATION_METHODS + ("orthogonal",):
         raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS + ('orthogonal',)}, not {method!r}")
     t0 = time.perf_counter()
     requested = method
     if method == "orthogonal":
         _check_family_rotates(pair.model_type)
-        g = estimate_rotation_from_stats(pair.stats, layers=layers, source=pair.source, target=pair.target,
-                                         identity_tol=identity_tol, pooling=pooling, null_draws=null_draws,
-                                         calibration_draws=calibration_draws, seed=seed, group=group,
-                                         across_ranks=across_ranks)
+        g = estimate_rotation_from_stats(pair.stats, capture=capture, calibration=calibration, source=pair.source,
+                                         target=pair.target, across_ranks=across_ranks)
     else:
         method = _restrict_to_family(pair.model_type, method)
-        g = estimate_from_stats(pair.stats, method, layers=layers, pooling=pooling, null_draws=null_draws,
-                                calibration_draws=calibration_draws, seed=seed, min_excess=min_excess,
-                                identity_tol=identity_tol, source=pair.source, target=pair.target, group=group,
-                                across_ranks=across_ranks, reference=reference)
+        g = estimate_from_stats(pair.stats, method, capture=capture, calibration=calibration, source=pair.source,
+                                target=pair.target, across_ranks=across_ranks)
     g = record_gains(g, pair.gains.get("source"), pair.gains.get("target"))  # older statistics: unknown
     g.metrics["capture_time_s"] = pair.capture_time_s
     g.metrics["world_size"] = int(pair.world_size)

@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from ..distributed import on_every_rank, shard_batches, world
 from ..errors import DimensionMismatchError
 from ..fingerprint import model_fingerprint
-from ..gauge import ModelRef
+from ..provenance import ModelRef
 from ..hub import commit_of, resolve_checkpoint_dir, split_revision
-from ..layers import decoder_blocks, num_residual_layers, resolve_layers, residual_states
+from ..layers import num_residual_layers, resolve_layers, residual_states
+from ..options import CaptureOptions, refuse_unused
 from ..storage import checkpoint_shards
 from .stats import EstimationError, PairStats
 
@@ -45,15 +46,11 @@ __all__ = [
     "TokenBatch",
     "capture_pair_stats",
     "sequence_masks",
-    "find_decoder_layers",
     "iter_token_batches",
     "load_causal_lm",
     "load_tokenizer",
     "model_ref",
     "needs_tokenizer",
-    "num_residual_layers",
-    "residual_activations",
-    "resolve_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,18 +148,6 @@ def iter_token_batches(
 
 
 # ---------------------------------------------------------------------- model structure
-def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks (:func:`hf_bdgauge.layers.decoder_blocks`)."""
-    return decoder_blocks(model)
-
-
-def residual_activations(model: torch.nn.Module, batch: TokenBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """One forward pass; ``layer -> hidden state [B, T, d]`` for residual layers ``layers``
-    (:func:`hf_bdgauge.layers.residual_states`; the forward stops after the deepest one)."""
-    n = num_residual_layers(model)
-    return residual_states(model, batch, resolve_layers(layers, n))
-
-
 def sequence_masks(attention_mask: torch.Tensor, first_sequence: int = 0, *,
                    skip_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(half-0 mask, half-1 mask)`` [B, T] of the tokens a batch adds to each half of the
@@ -248,22 +233,17 @@ def capture_pair_stats(
     target: torch.nn.Module,
     data: Any,
     *,
-    tokenizer: Any = None,
-    layers: Iterable[int] | None = None,
-    batch_size: int = 8,
-    max_length: int = 256,
-    max_tokens: int | None = None,
-    track_target_cov: bool = True,
+    capture: CaptureOptions | None = None,
     stats: PairStats | None = None,
-    product_dtype: torch.dtype | None = None,
-    stats_device: torch.device | str | None = None,
-    skip_first: bool = True,
-    progress: bool = True,
-    group: Any = None,
     shard: tuple[int, int] | None = None,
+    track_target_cov: bool = True,
 ) -> PairStats:
     """Run ``source`` and ``target`` on the same token batches and accumulate, per layer, the
     sums of :class:`~hf_bdgauge.estimate.stats.PairStats` (padding positions excluded).
+
+    ``capture`` (:class:`~hf_bdgauge.options.CaptureOptions`; its ``tokenizer`` a loaded one, or
+    a directory or Hub id): every field applies but ``dtype``, ``device_map`` (the models are
+    loaded already) and ``pooling`` (matching's), which are refused.
 
     Sequences alternate between the two halves of the statistics in the order they come (the
     calibrated p-value selects on one half and scores on the other); with ``skip_first`` (default)
@@ -286,6 +266,12 @@ def capture_pair_stats(
     collective: the statistics of the ``n`` shards, saved and added
     (:mod:`hf_bdgauge.estimate.captured`), are those of the whole data.
     """
+    cap = capture or CaptureOptions()
+    refuse_unused(cap, CAPTURE_STATS_FIELDS, "capture", "capturing loaded models' statistics")
+    tokenizer = load_tokenizer(cap.tokenizer) if isinstance(cap.tokenizer, (str, os.PathLike)) else cap.tokenizer
+    layers, batch_size, max_length, max_tokens = cap.layers, cap.batch_size, cap.max_length, cap.max_tokens
+    product_dtype, stats_device, skip_first = cap.torch_product_dtype, cap.stats_device, cap.skip_first
+    progress, group = cap.progress, cap.group
     n_s, n_t = num_residual_layers(source), num_residual_layers(target)
     if n_s != n_t:
         raise DimensionMismatchError(
@@ -337,12 +323,17 @@ def capture_pair_stats(
     return stats
 
 
+#: the fields of CaptureOptions that :func:`capture_pair_stats` uses
+CAPTURE_STATS_FIELDS = ("tokenizer", "layers", "batch_size", "max_length", "max_tokens", "progress", "group",
+                        "skip_first", "product_dtype", "stats_device")
+
+
 def _add_batch(stats: PairStats, source: torch.nn.Module, target: torch.nn.Module, item: SelectedBatch,
                layers: Sequence[int], **update: Any) -> None:
     """One forward pass of each model on ``item``'s batch; its selected tokens added to ``stats``,
     half by half."""
-    hs = residual_activations(source, item.batch, layers)
-    ht = residual_activations(target, item.batch, layers)
+    hs = residual_states(source, item.batch, layers)
+    ht = residual_states(target, item.batch, layers)
     stats_device = update.pop("stats_device")
     for h, hm in enumerate(item.halves):
         m = hm.reshape(-1)
@@ -389,7 +380,7 @@ def load_tokenizer(tokenizer: Any, fallback: Any = None, revision: str | None = 
 
 
 def model_ref(obj: Any, revision: str | None = None, path: Path | None = None, *, fingerprint: bool = False) -> ModelRef:
-    """A :class:`~hf_bdgauge.gauge.ModelRef` for a module or a checkpoint id/dir.
+    """A :class:`~hf_bdgauge.provenance.ModelRef` for a module or a checkpoint id/dir.
 
     ``commit_hash`` is read from a Hub cache path (``.../snapshots/<sha>/``) when available.
     ``fingerprint=True`` fills the fingerprint (config hash and content hashes,

@@ -9,7 +9,7 @@ writes it as a directory (written atomically) holding
 * ``pair_stats.safetensors``: the float64 sums (:meth:`PairStats.save`) and both models'
   effective pre-norm gains (``source_gain.<name>``, ``target_gain.<name>``, float64), which a
   rotation gauge matched from them records (statistics saved without them still load: unknown);
-* ``pair_stats.json``: the manifest (format, both :class:`~hf_bdgauge.gauge.ModelRef` s with
+* ``pair_stats.json``: the manifest (format, both :class:`~hf_bdgauge.provenance.ModelRef` s with
   fingerprints, layers, widths, tokens per half, dtype, options, the data description, the
   names of the recorded gains per end (``null``: unknown), the sha256 of the safetensors file).
 
@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import CheckpointError, EstimationError, FingerprintMismatchError
 from ..files import atomic_directory, read_json_object, sha256_file
-from ..gauge import ModelRef
+from ..provenance import ModelRef
 from .stats import PairStats, gain_tensors, read_gain_tensors
 
 __all__ = ["STATS_DIR_FORMAT", "STATS_CONFIG_NAME", "STATS_WEIGHTS_NAME", "CapturedPair", "load_pair_stats",

@@ -26,12 +26,11 @@ assignment. ``pooling="mean_abs"`` (default): ``A = mean_l |C_l|`` and ``S = mea
 averaging signed correlations is also valid and cancels layer-wise noise); ``"sum"``: the layers'
 sufficient statistics are summed into one correlation (every (layer, token) one sample; deep
 layers with large residual norms dominate). The three agree when the gauge is planted exactly.
-On noisy pairs (stories260K against a copy with one standard deviation of Gaussian noise added to
-every tensor, re-charted, 62 tokens, 3 seeds) the measured signed accuracy is ``mean_abs`` 0.46,
-``mean_signed`` 0.41, ``sum`` 0.03; at the drifted endpoint of a fine-tuning run ``mean_abs``
-also led (0.55 / 0.52 / 0.09 with 256 tokens). ``mean_abs`` is therefore the default: it does
-not need the layers' signed correlations to agree to find the permutation, and lets every layer
-count equally whatever its residual norm (see ``tests/test_matching.py::test_pooling_choices``).
+On noisy pairs ``mean_abs`` recovers at least as many signs as ``mean_signed`` and ``sum`` far
+fewer (``tests/test_matching.py::test_pooling_choices`` checks the order on stories260K against a
+noised, re-charted copy). ``mean_abs`` is therefore the default: it does not need the layers'
+signed correlations to agree to find the permutation, and lets every layer count equally whatever
+its residual norm.
 
 The fit of the match against the rotated null and the verdict are computed by
 :mod:`hf_bdgauge.estimate.verdict`.
@@ -42,26 +41,20 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from ..errors import DimensionMismatchError
-from ..gauge import VERDICTS, Gauge, ModelRef
+from ..gauge import Gauge
+from ..provenance import ModelRef
+from ..verdicts import VERDICTS
+from ..options import POOLINGS, CalibrationOptions, CaptureOptions, refuse_unused
 from .assignment import ACTIVATION_METHODS, ROTATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
+from .calibration import Calibration, calibrate
+from .statistic import activation_parts
 from .stats import EstimationError, PairStats
-from .verdict import (
-    CALIBRATION_DRAWS,
-    NULL_RESOLUTION,
-    Calibration,
-    activation_parts,
-    calibrate,
-    fit_metrics,
-    insufficient_tokens,
-    log_verdict,
-    uninformative,
-)
+from .verdict import NULL_RESOLUTION, fit_metrics, insufficient_tokens, log_verdict, uninformative
 
 __all__ = [
     "ACTIVATION_METHODS",
@@ -83,7 +76,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METHODS = ACTIVATION_METHODS + ("weights",) + ROTATION_METHODS
-POOLINGS = ("mean_abs", "mean_signed", "sum")
+#: the fields of CaptureOptions that matching captured statistics uses
+MATCHING_CAPTURE_FIELDS = ("layers", "pooling", "group")
 
 
 def pooled_correlations(stats: PairStats, pooling: str = "mean_abs", rotation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -114,17 +108,21 @@ CALIBRATION_LAYERS = 8
 
 
 def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tuple[np.ndarray, np.ndarray], *,
-                    pooling: str = "mean_abs", draws: int = CALIBRATION_DRAWS, seed: int = 0,
-                    max_layers: int | None = CALIBRATION_LAYERS, group: Any = None,
-                    across_ranks: bool = False, reference: Any = "auto") -> Calibration:
+                    capture: CaptureOptions | None = None, calibration: CalibrationOptions | None = None,
+                    across_ranks: bool = False, max_layers: int | None = CALIBRATION_LAYERS) -> Calibration:
     """The calibrated p-value and identification of an activation estimate
-    (:func:`hf_bdgauge.estimate.verdict.calibrate` on the two halves of ``stats``, over at most
+    (:func:`hf_bdgauge.estimate.calibration.calibrate` on the two halves of ``stats``, over at most
     ``max_layers`` evenly spaced layers; ``None``: all); uninformative (``p = 1``, the verdict
     ``"insufficient_data"``, :func:`~hf_bdgauge.estimate.verdict.insufficient_tokens`) when the
     statistics are not split, a half holds fewer than
     :data:`~hf_bdgauge.estimate.verdict.MIN_TOKENS_PER_HALF` tokens, or Σyyᵀ was not kept.
-    ``across_ranks``: split the draws over the ranks of ``group`` (every rank calls this alike);
-    ``reference``: the reference null (:func:`~hf_bdgauge.estimate.verdict.calibrate`)."""
+    ``capture``: its ``pooling`` and ``group`` are read; ``calibration``: its ``draws``, ``seed``,
+    ``reference`` and ``level`` (defaults: :class:`~hf_bdgauge.options.CaptureOptions`,
+    :class:`~hf_bdgauge.options.CalibrationOptions`); ``across_ranks``: split the draws over the
+    ranks of ``capture.group`` (every rank calls this alike)."""
+    cal = calibration or CalibrationOptions()
+    cap = capture or CaptureOptions()
+    pooling, group = cap.pooling, cap.group
     d = stats.dims[0]
     if max_layers is not None and len(stats) > max_layers:
         keep = sorted({stats.layers[int(round(i))] for i in np.linspace(0, len(stats) - 1, max_layers)})
@@ -132,42 +130,40 @@ def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tu
         full_scores = pooled_correlations(stats, pooling)
     too_few = insufficient_tokens(stats.is_split, stats.half_tokens())
     if too_few is not None:
-        return uninformative(d, too_few)
+        return uninformative(d, too_few, level=cal.level)
     if any(m.sum_yy is None for h in (0, 1) for m in stats.half(h).moments.values()):
         return uninformative(d, "too little data to test: the statistics lack the target covariance "
-                                "(capture them with track_target_cov=True)")
+                                "(capture them with track_target_cov=True)", level=cal.level)
     parts = [activation_parts(stats.half(h), pooling) for h in (0, 1)]
-    return calibrate(parts[0], parts[1], method, element, full_scores, draws=draws, seed=seed, group=group,
-                     across_ranks=across_ranks, reference=reference)
+    return calibrate(parts[0], parts[1], method, element, full_scores, cal, group=group, across_ranks=across_ranks)
 
 
 def estimate_from_stats(
     stats: PairStats,
     method: str = "sign_marginalized",
     *,
-    layers: Iterable[int] | None = None,
-    pooling: str = "mean_abs",
-    null_draws: int = 1,
-    calibration_draws: int = CALIBRATION_DRAWS,
-    seed: int = 0,
-    min_excess: float | None = None,
-    identity_tol: float = 0.01,
+    capture: CaptureOptions | None = None,
+    calibration: CalibrationOptions | None = None,
     source: ModelRef | None = None,
     target: ModelRef | None = None,
-    group: Any = None,
     across_ranks: bool = False,
-    reference: Any = "auto",
 ) -> Gauge:
     """Match on captured statistics and return a :class:`~hf_bdgauge.gauge.Gauge` with
     confidence, margin, the calibrated p-value and identified coordinates
-    (:mod:`hf_bdgauge.estimate.verdict`, ``calibration_draws`` Haar rotations) and descriptive fit
-    metrics (a rotated null of ``null_draws`` draws; 0 skips it). ``min_excess`` is ignored (the
-    verdict comes from the p-value). ``across_ranks=True``: every rank of ``group`` (default the
-    default process group) calls this with the same statistics, and the calibration's draws are
-    split over them (:func:`~hf_bdgauge.estimate.verdict.calibrate`); the gauge is the same.
-    ``reference``: the reference null the p-value is read against (``"auto"``: the package's;
-    ``None``: the Haar null alone; or a :class:`~hf_bdgauge.estimate.verdict.Reference`)."""
-    if min_excess is not None:
+    (:mod:`hf_bdgauge.estimate.verdict`, ``calibration.draws`` Haar rotations, read against
+    ``calibration.reference`` at ``calibration.level``) and descriptive fit metrics (a rotated null
+    of ``calibration.null_draws`` draws; 0 skips it). ``capture``: only its ``layers`` (default
+    all), ``pooling`` and ``group`` apply (others are refused); ``calibration.min_excess`` is
+    ignored (the verdict comes from the p-value). ``across_ranks=True``: every rank of ``group``
+    (default the default process group) calls this with the same statistics, and the
+    calibration's draws are split over them (:func:`~hf_bdgauge.estimate.calibration.calibrate`);
+    the gauge is the same. ``source``/``target``: the ends' provenance recorded in the gauge."""
+    refuse_unused(capture, MATCHING_CAPTURE_FIELDS, "capture", "matching captured statistics")
+    cap = capture or CaptureOptions()
+    cal = calibration or CalibrationOptions()
+    layers, pooling, group = cap.layers, cap.pooling, cap.group
+    null_draws, seed, identity_tol = cal.null_draws, cal.seed, cal.identity_tol
+    if cal.min_excess is not None:
         warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
                       stacklevel=2)
     t0 = time.perf_counter()
@@ -188,9 +184,9 @@ def estimate_from_stats(
                 An, Sn = pooled_correlations(sel, pooling, rotation=Q)
                 nulls.append(match_scores(An, Sn, method).mean_matched)
     t_cal = time.perf_counter()
-    cal = calibrate_stats(sel, method, match.element, (A, S), pooling=pooling, draws=calibration_draws, seed=seed,
-                          group=group, across_ranks=across_ranks, reference=reference)
-    metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol, tokens=int(sel.n_tokens))
+    calib = calibrate_stats(sel, method, match.element, (A, S), capture=CaptureOptions(pooling=pooling, group=group),
+                            calibration=cal, across_ranks=across_ranks)
+    metrics = fit_metrics(match, S, nulls, calib, identity_tol=identity_tol, tokens=int(sel.n_tokens))
     n0, n1 = sel.half_tokens()
     metrics.update(
         tokens=int(sel.n_tokens),
@@ -209,14 +205,15 @@ def estimate_from_stats(
         method=method,
         confidence=match.confidence,
         margin=match.margin,
-        identified=cal.identified,
+        identified=calib.identified,
         metrics=metrics,
     )
 
 
 def estimate_from_activations(X: Any, Y: Any, method: str = "sign_marginalized", **kwargs: Any) -> Gauge:
     """Match paired activations directly: ``X``, ``Y`` are [n, d] arrays (one layer) or
-    sequences / dicts of per-layer arrays; keyword arguments go to :func:`estimate_from_stats`."""
+    sequences / dicts of per-layer arrays; keyword arguments (``capture=``, ``calibration=``, ...)
+    go to :func:`estimate_from_stats`."""
     t0 = time.perf_counter()
     g = estimate_from_stats(PairStats.from_activations(X, Y), method, **kwargs)
     g.metrics["time_s"] = time.perf_counter() - t0

@@ -23,10 +23,8 @@ from the sums a :class:`~hf_bdgauge.estimate.stats.PairStats` already keeps (``�
   layers' own estimates disagree exactly when that happens:
   ``spread = √(mean_l ‖(R̂_l − R̂)·U_l·S_l^{1/2}‖²_F / Σ s_l)`` with ``C_l = U_l·S_l·V_lᵀ`` — the
   disagreement on the directions layer ``l``'s data occupies (``‖R̂_l − R̂‖_F/√d`` when they are
-  isotropic; a layer seen on few distinct tokens does not count where it saw nothing)
-  (measured on stories260K fine-tuned 20 steps at lr 3e-3, then rotated, 2016 tokens: true error
-  0.126, sampling error 0.028, layer spread 0.15; data-free from the embeddings, which drift least,
-  0.025 true and estimated);
+  isotropic; a layer seen on few distinct tokens does not count where it saw nothing) (true and
+  estimated errors of planted and drifted pairs: ``experiments/calibration/results-orthogonal.md``);
 * **p-value** against H0 "the target's stream carries no linear trace of the source's" (the
   two streams independent as processes): the source standardised per coordinate and the target
   *whitened* (``K_l = D_x^{-1/2}·C_l·(Σyy_l + λI)^{-1/2}``, so under H0 the noise of ``K`` has the
@@ -40,7 +38,7 @@ from the sums a :class:`~hf_bdgauge.estimate.stats.PairStats` already keeps (``�
   statistic this one is not invariant under re-charting the target (no Hungarian step), which is
   why rotating the scored half is a null and not a no-op.
 
-The verdict (:func:`hf_bdgauge.estimate.verdict.rotation_verdict`) also asks that the rotation
+The verdict (:func:`hf_bdgauge.estimate.rotation_verdict.rotation_verdict`) also asks that the rotation
 *explains* the target, not merely that the streams are related (independently trained models
 are linearly related to a degree). When ``R̂`` is a signed permutation up to noise, the B_d
 estimate is returned instead (:func:`~hf_bdgauge.estimate.matching.estimate_from_stats`), with its
@@ -62,11 +60,15 @@ from scipy import stats as sps
 
 from ..errors import DimensionMismatchError
 from ..fold import known_pre_norm_gains, record_gains
-from ..gauge import Gauge, ModelRef
+from ..gauge import Gauge
+from ..provenance import ModelRef
+from ..options import CalibrationOptions, CaptureOptions, refuse_unused
 from ..orthogonal import Orthogonal
 from .assignment import hungarian
 from .stats import EstimationError, PairStats
-from .verdict import LEVEL, insufficient_tokens, log_verdict, rotation_verdict
+from ..options import LEVEL
+from .rotation_verdict import rotation_verdict
+from .verdict import insufficient_tokens, log_verdict
 
 __all__ = ["RotationFit", "procrustes", "fit_rotation", "estimate_rotation_from_stats", "estimate_rotation_from_weights",
            "nearest_signed_permutation",
@@ -244,37 +246,53 @@ def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_t
                        sampling_error=sampling, layer_spread=spread)
 
 
+#: the fields of CalibrationOptions a rotation estimate uses: its verdict's ``level`` and
+#: ``identity_tol``, and (when it hands over to the B_d estimate) that estimate's calibration
+ROTATION_CALIBRATION_FIELDS = ("level", "identity_tol")
+HANDOVER_CALIBRATION_FIELDS = ("draws", "null_draws", "seed", "reference", "level", "identity_tol")
+
+
 def estimate_rotation_from_stats(
     stats: PairStats,
     *,
-    layers: Iterable[int] | None = None,
+    capture: CaptureOptions | None = None,
+    calibration: CalibrationOptions | None = None,
     source: ModelRef | None = None,
     target: ModelRef | None = None,
-    identity_tol: float = 0.01,
     method: str = "orthogonal",
     b_d: bool = True,
-    **bd_kwargs: Any,
+    across_ranks: bool = False,
 ) -> Gauge:
     """A rotation :class:`~hf_bdgauge.gauge.Gauge` (``kind`` ``orthogonal_dense``, ``method``
-    ``"orthogonal"``) from ``stats`` with its fit, ``rotation_error``, p-value and verdict
-    (``"rotation"``, ``"identity"`` or ``"no_rotation"``). When ``b_d`` and the estimate is a
+    ``"orthogonal"``) from ``stats`` (at ``capture.layers``, default all) with its fit,
+    ``rotation_error``, p-value and verdict (``"rotation"``, ``"identity"`` or ``"no_rotation"``,
+    at ``calibration.level`` and ``calibration.identity_tol``). When ``b_d`` and the estimate is a
     signed permutation up to :data:`SIGNED_PERMUTATION_TOL`, the B_d estimate of the same
-    statistics is returned instead (``metrics["method_requested"] = method``)."""
+    statistics is returned instead (``metrics["method_requested"] = method``;
+    :func:`~hf_bdgauge.estimate.matching.estimate_from_stats` with ``capture``'s ``layers``,
+    ``pooling`` and ``group``, ``calibration`` and ``across_ranks``). Options neither uses are refused."""
+    refuse_unused(capture, ("layers", "pooling", "group") if b_d else ("layers",), "capture", f"method={method!r}")
+    refuse_unused(calibration, HANDOVER_CALIBRATION_FIELDS if b_d else ROTATION_CALIBRATION_FIELDS, "calibration",
+                  f"method={method!r}")
+    cap = capture or CaptureOptions()
+    cal = calibration or CalibrationOptions()
+    layers, identity_tol = cap.layers, cal.identity_tol
     t0 = time.perf_counter()
     fit = fit_rotation(stats, layers=layers)
     _, _, dist = nearest_signed_permutation(fit.R)
-    if b_d and dist <= SIGNED_PERMUTATION_TOL and fit.p_value <= LEVEL:
+    if b_d and dist <= SIGNED_PERMUTATION_TOL and fit.p_value <= cal.level:
         from .matching import estimate_from_stats
 
-        g = estimate_from_stats(stats, "sign_marginalized", layers=layers, source=source, target=target,
-                                identity_tol=identity_tol, **bd_kwargs)
+        g = estimate_from_stats(stats, "sign_marginalized", capture=capture, calibration=calibration, source=source,
+                                target=target, across_ranks=across_ranks)
         g.metrics.update(method_requested=method, rotation_distance_to_signed_permutation=dist,
                          rotation_alignment=fit.alignment)
         g.metrics["summary"] = (f"the rotation is a signed permutation (‖R̂ − P‖_F/√d = {dist:.3f}): "
                                 + g.metrics["summary"])
         return g
     metrics = fit.metrics()
-    metrics.update(rotation_verdict(fit, identity_tol=identity_tol))
+    metrics["p_value_level"] = cal.level
+    metrics.update(rotation_verdict(fit, identity_tol=identity_tol, level=cal.level))
     sel = stats.select(layers)
     metrics.update(tokens=int(sel.n_tokens), half_tokens=[int(x) for x in sel.half_tokens()], layers=sel.layers,
                    rotation_distance_to_signed_permutation=dist, time_s=time.perf_counter() - t0)
@@ -287,12 +305,13 @@ def estimate_rotation_from_weights(
     source: Any,
     target: Any,
     *,
+    calibration: CalibrationOptions | None = None,
+    fingerprint: bool = True,
     source_revision: str | None = None,
     target_revision: str | None = None,
-    fingerprint: bool = True,
-    identity_tol: float = 0.01,
 ) -> Gauge:
-    """Data-free orthogonal estimate from the token embeddings (``method="orthogonal_weights"``).
+    """Data-free orthogonal estimate from the token embeddings (``method="orthogonal_weights"``;
+    of ``calibration`` only ``level`` and ``identity_tol`` apply, others are refused).
 
     The embedding is a writer: a rotated chart stores ``E' = E·Rᵀ`` (row ``e`` of token ``v``
     becomes ``R·e``; folding the gains does not touch it), so its rows are paired samples of the two
@@ -305,6 +324,8 @@ def estimate_rotation_from_weights(
     ``A ↦ A·diag(g)·Rᵀ``."""
     from .weights import open_tensors
 
+    refuse_unused(calibration, ROTATION_CALIBRATION_FIELDS, "calibration", "method='orthogonal_weights'",
+                  "--method orthogonal_weights")
     with contextlib.ExitStack() as stack:
         ends = [open_tensors(obj, rev, stack, fingerprint) for obj, rev in ((source, source_revision), (target, target_revision))]
         for t in ends:  # a LayerNorm family has no rotation gauge: refused before anything is estimated
@@ -317,7 +338,7 @@ def estimate_rotation_from_weights(
     st = PairStats()
     st.update(0, X[0::2], Y[0::2], half=0)
     st.update(0, X[1::2], Y[1::2], half=1)
-    g = estimate_rotation_from_stats(st, source=refs[0], target=refs[1], identity_tol=identity_tol,
+    g = estimate_rotation_from_stats(st, calibration=calibration, source=refs[0], target=refs[1],
                                      method="orthogonal_weights", b_d=False)
     g.metrics["summary"] += f" (data-free, token embeddings, {X.shape[0]} rows)"
     # the embedding does not see the gains, the readers' adapters do: recorded as fold_and_rotate does

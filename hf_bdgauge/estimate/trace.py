@@ -11,15 +11,14 @@ between the layers (no combination rule is needed). It also tests every layer se
 
 * data-free (default): one p-value per decoder block from that block's tensors (and one for the
   tensors outside the blocks: embedding, head, final norm), each the calibrated weights test of
-  :mod:`hf_bdgauge.estimate.verdict`, halves = the block's even and odd tensors;
+  :mod:`hf_bdgauge.estimate.calibration`, halves = the block's even and odd tensors;
 * with ``data``: one p-value per residual layer from the paired activations' two halves.
 
 The per-layer p-values are combined by the Cauchy combination too (valid under dependence between
 the layers, unlike Fisher's method; ``report.layers_p_value``) — reported, not decisive: a single
 layer's statistic is more sensitive than the pooled one to coordinate structure that models trained
-by the same recipe share without being derived from each other (measured in
-``experiments/trace/results.md``: 7 of 20 disjoint pairs of independently trained stories260K-shaped
-models have a Cauchy-combined activation p ≤ 0.01, against none for the pooled test).
+by the same recipe share without being derived from each other (how often each test rejects such
+pairs at the level is measured in ``experiments/trace/results.md``).
 The gauge recovered from all the evidence is returned (and saved by ``bdgauge trace -o``), with
 the per-layer table. H0 per layer is the verdict module's: an arbitrary orthogonal re-charting of
 B fits as well. Note that the weights test needs the non-residual axes (heads, MLP neurons) in one
@@ -28,7 +27,7 @@ noise; two independently trained models fail it.
 
 :func:`diff` reports, per layer, what that means for objects made on A: with the gauge A → B,
 the identity fit and the gauge fit at that layer, its p-value and identified fraction, and the
-plain verdict of :func:`~hf_bdgauge.estimate.verdict.layer_verdict` (:data:`LAYER_VERDICTS`) —
+plain verdict of :func:`~hf_bdgauge.estimate.layer_verdicts.layer_verdict` (:data:`LAYER_VERDICTS`) —
 *same chart: objects at this layer move as they are*, *re-charted: transport with the gauge*
 (only when the gauge passes :meth:`~hf_bdgauge.gauge.Gauge.check_fit`'s rule,
 :meth:`~hf_bdgauge.gauge.Gauge.fit_problems`), *drifted*, *no evidence at this layer* or *too
@@ -39,15 +38,18 @@ over to a fine-tune.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..distributed import world
-from ..gauge import INSUFFICIENT_DATA, Gauge
+from ..gauge import Gauge
+from ..verdicts import INSUFFICIENT_DATA
 from ..hub import resolve_checkpoint_dir
 from ..roles import spec_for_config
 from ..storage import read_model_config, tensor_index
@@ -55,19 +57,12 @@ from .api import estimate_gauge
 from .assignment import match_scores
 from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
 from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
+from ..options import LEVEL, CalibrationOptions, CaptureOptions, WeightOptions, refuse_unused
+from .calibration import calibrate
+from .layer_verdicts import LAYER_VERDICTS, cauchy_combination, layer_answer, layer_verdict
+from .statistic import weight_parts
 from .stats import EstimationError
-from .verdict import (
-    CALIBRATION_DRAWS,
-    LAYER_VERDICTS,
-    LEVEL,
-    calibrate,
-    cauchy_combination,
-    layer_answer,
-    layer_verdict,
-    power_words,
-    uninformative,
-    weight_parts,
-)
+from .verdict import power_words, uninformative
 from .weights import weight_similarity
 
 __all__ = ["LayerRow", "TraceReport", "trace", "diff"]
@@ -96,7 +91,7 @@ class LayerRow:
 
     @property
     def answer(self) -> str:
-        """What this layer's test answers (one of :data:`~hf_bdgauge.gauge.ANSWERS`)."""
+        """What this layer's test answers (one of :data:`~hf_bdgauge.verdicts.ANSWERS`)."""
         return layer_answer(self.verdict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -124,7 +119,7 @@ class TraceReport:
     @property
     def answer(self) -> str:
         """Is B derived from A: ``"related"``, ``"no_evidence"`` or ``"insufficient_data"``
-        (:func:`~hf_bdgauge.gauge.answer_of` the gauge's verdict)."""
+        (:func:`~hf_bdgauge.verdicts.answer_of` the gauge's verdict)."""
         return self.gauge.answer or "related"
 
     @property
@@ -181,8 +176,8 @@ def _group_of(spec: Any, name: str) -> str:
     return OUTSIDE_BLOCKS if b is None else f"block {b}"
 
 
-def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: int, revisions: tuple, group: Any = None,
-                  gauge_problems: list[str] = (), **kw: Any) -> list[LayerRow]:
+def _weights_rows(source: Any, target: Any, gauge: Gauge, *, calibration: CalibrationOptions, revisions: tuple,
+                  weights: WeightOptions, gauge_problems: Sequence[str] = ()) -> list[LayerRow]:
     """One row per decoder block (and one for the tensors outside the blocks)."""
     if isinstance(source, torch.nn.Module):
         spec = spec_for_config(source.config)
@@ -197,9 +192,8 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: i
     el = gauge.element
     for block in blocks:
         try:
-            sim, _, _ = weight_similarity(source, target, source_revision=revisions[0], target_revision=revisions[1],
-                                          select=lambda n, b=block: _group_of(spec, n) == b, progress=False,
-                                          group=group, **kw)
+            sim, _, _ = weight_similarity(source, target, weights, select=lambda n, b=block: _group_of(spec, n) == b,
+                                          source_revision=revisions[0], target_revision=revisions[1])
         except EstimationError:
             continue  # no residual tensor in this block
         A, S, M = sim.scores()
@@ -207,25 +201,25 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, draws: int, seed: i
         method = "sign_marginalized" if sim.allows_signs else "permutation"
         if halves is None or not halves[0].tensors or not halves[1].tensors:
             cal = uninformative(el.dim, "one tensor with residual coordinates in this block; its test "
-                                        "needs at least 2 (one per half)")
+                                        "needs at least 2 (one per half)", level=calibration.level)
         else:
             kind = "weights_outside" if block == OUTSIDE_BLOCKS else "weights_block"  # their own references
             cal = calibrate(weight_parts(halves[0], kind), weight_parts(halves[1], kind), method, el, (A, M),
-                            draws=draws, seed=seed, group=group, across_ranks=True)
+                            calibration, group=weights.group, across_ranks=True)
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = sim.fit(el)
         best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)
         # a block's few tensors identify few coordinates alone: its verdict reads the fits (the gauge is
         # the block's own best match) and the block's p-value, and reports the identification beside them
-        verdict = layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit, insufficient=cal.insufficient,
-                                gauge_problems=gauge_problems)
+        verdict = layer_verdict(cal, identity_fit, gauge_fit, best_fit, gauge_problems=gauge_problems,
+                                identity_tol=calibration.identity_tol)
         rows.append(LayerRow(block, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict,
                              cal.note if cal.insufficient else ""))
     return rows
 
 
-def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling: str, group: Any = None,
-                     gauge_problems: list[str] = ()) -> list[LayerRow]:
+def _activation_rows(stats: Any, gauge: Gauge, *, calibration: CalibrationOptions, pooling: str, group: Any = None,
+                     gauge_problems: Sequence[str] = ()) -> list[LayerRow]:
     """One row per residual layer."""
     el = gauge.element
     idx = np.arange(el.dim)
@@ -233,17 +227,69 @@ def _activation_rows(stats: Any, gauge: Gauge, *, draws: int, seed: int, pooling
     for layer in stats.layers:
         one = stats.select([layer])
         A, S = pooled_correlations(one, pooling)
-        cal = calibrate_stats(one, "sign_marginalized", el, (A, S), pooling=pooling, draws=draws, seed=seed,
-                              group=group, across_ranks=True)
+        cal = calibrate_stats(one, "sign_marginalized", el, (A, S), capture=CaptureOptions(pooling=pooling, group=group),
+                              calibration=calibration, across_ranks=True)
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = float(np.mean(el.signs * S[idx, el.perm]))
         best = match_scores(A, S, "sign_marginalized").element
         best_fit = float(np.mean(best.signs * S[idx, best.perm]))
-        verdict = layer_verdict(cal.p_value, identity_fit, gauge_fit, best_fit, insufficient=cal.insufficient,
-                                gauge_problems=gauge_problems)
+        verdict = layer_verdict(cal, identity_fit, gauge_fit, best_fit, gauge_problems=gauge_problems,
+                                identity_tol=calibration.identity_tol)
         rows.append(LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict,
                              cal.note if cal.insufficient else ""))
     return rows
+
+
+#: the fields of CalibrationOptions trace and diff use (the descriptive null is not drawn)
+TRACE_CALIBRATION_FIELDS = ("draws", "seed", "reference", "level", "identity_tol")
+
+
+def _report(source: Any, target: Any, data: Any, capture: CaptureOptions | None, weights: WeightOptions | None,
+            calibration: CalibrationOptions | None, revisions: tuple[str | None, str | None], verb: str) -> TraceReport:
+    """The computation :func:`trace` and :func:`diff` share (their docstrings), after refusing
+    the options the chosen evidence (weights without ``data``, activations with it) does not use."""
+    if data is None and capture is not None:
+        raise EstimationError(f"capture= does not apply to {verb} without data (data-free, from the weights): "
+                              "drop it or give data")
+    if data is not None and weights is not None:
+        raise EstimationError(f"weights= does not apply to {verb} with data (from activations): drop it or "
+                              "leave out data")
+    refuse_unused(calibration, TRACE_CALIBRATION_FIELDS, "calibration", f"{verb}()", f"bdgauge {verb}")
+    cal = replace(calibration or CalibrationOptions(), null_draws=0)
+    source_revision, target_revision = revisions
+    t0 = time.perf_counter()
+    if data is None:
+        wopts = weights or WeightOptions()
+        group = wopts.group
+        gauge = estimate_gauge(source, target, method="weights", weights=wopts, calibration=cal,
+                               source_revision=source_revision, target_revision=target_revision)
+        rows = _weights_rows(source, target, gauge, calibration=cal, revisions=revisions,
+                             weights=replace(wopts, progress=False), gauge_problems=gauge.fit_problems())
+        mode = "data-free (weights)"
+    else:
+        cap = capture or CaptureOptions()
+        group = cap.group
+        src_model, tgt_model, tok = _load_pair(source, target, data, cap, source_revision, target_revision)
+        stats = capture_pair_stats(src_model, tgt_model, data, capture=replace(cap, tokenizer=tok, dtype=None,
+                                                                                device_map=None, pooling="mean_abs"))
+        gauge = estimate_from_stats(stats, capture=CaptureOptions(pooling=cap.pooling, group=group), calibration=cal,
+                                    across_ranks=True,
+                                    source=model_ref(src_model, source_revision, fingerprint=True),
+                                    target=model_ref(tgt_model, target_revision, fingerprint=True))
+        rows = _activation_rows(stats, gauge, calibration=cal, pooling=cap.pooling, group=group,
+                                gauge_problems=gauge.fit_problems())
+        mode = f"activations ({stats.n_tokens} tokens)"
+    if not rows:
+        raise EstimationError("no layer to test")
+    p = float(gauge.metrics["p_value"])
+    p_layers = cauchy_combination([r.p_value for r in rows])
+    report = TraceReport(gauge, rows, p, p_layers, level=cal.level, mode=mode, seconds=time.perf_counter() - t0)
+    gauge.metrics.setdefault("world_size", world(group)[1])
+    gauge.metrics.update(trace_p_value=p, trace_layers_p_value=p_layers, trace_derived=report.derived,
+                         trace_answer=report.answer,
+                         trace_layers=[{"layer": r.layer, "p_value": r.p_value, "verdict": r.verdict} for r in rows])
+    logger.info("%s: %s", verb, report.conclusion())
+    return report
 
 
 def trace(
@@ -251,79 +297,66 @@ def trace(
     target: Any,
     data: Any = None,
     *,
-    tokenizer: Any = None,
+    capture: CaptureOptions | None = None,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
     source_revision: str | None = None,
     target_revision: str | None = None,
-    layers: Any = None,
-    calibration_draws: int = CALIBRATION_DRAWS,
-    seed: int = 0,
-    max_tokens: int | None = None,
-    max_length: int = 256,
-    batch_size: int = 8,
-    progress: bool = True,
-    group: Any = None,
-    **weights_kwargs: Any,
 ) -> TraceReport:
     """Is ``target`` derived from ``source`` up to a signed permutation (module docstring)?
 
     Data-free from the weights when ``data`` is ``None`` (models, directories or Hub ids
-    ``repo@revision``); from paired activations on ``data`` (texts with ``tokenizer``, token ids
-    or batches) otherwise. Returns a :class:`TraceReport`: the recovered gauge (with its own
-    calibrated p-value and identified coordinates), one row per layer, ``report.p_value`` (the
-    gauge's pooled test; ``report.derived`` at the documented level) and ``report.layers_p_value``
-    (the Cauchy combination of the rows' p-values). Under an initialised process group
-    (``group``, default the default group) every rank calls this alike and the work is split as
-    in :func:`~hf_bdgauge.estimate.estimate_gauge` (batches of ``data``, or tensors of the weights);
+    ``repo@revision``; ``weights``: :class:`~hf_bdgauge.options.WeightOptions`); from paired
+    activations on ``data`` (texts, token ids or batches; ``capture``:
+    :class:`~hf_bdgauge.options.CaptureOptions`, its tokenizer, layers, batches, dtype, device map
+    and pooling) otherwise; the other option set is refused. ``calibration``
+    (:class:`~hf_bdgauge.options.CalibrationOptions`): draws, seed, reference null, level and
+    identity tolerance (no descriptive null is drawn: ``null_draws`` is refused). Returns a
+    :class:`TraceReport`: the recovered gauge (with its own calibrated p-value and identified
+    coordinates), one row per layer, ``report.p_value`` (the gauge's pooled test;
+    ``report.derived`` at ``calibration.level``) and ``report.layers_p_value`` (the Cauchy
+    combination of the rows' p-values). Under an initialised process group (the options' ``group``,
+    default the default group) every rank calls this alike and the work is split as in
+    :func:`~hf_bdgauge.estimate.estimate_gauge` (batches of ``data``, or tensors of the weights);
     every rank returns the same report.
     """
-    t0 = time.perf_counter()
-    if data is None:
-        gauge = estimate_gauge(source, target, method="weights", source_revision=source_revision,
-                               target_revision=target_revision, calibration_draws=calibration_draws, seed=seed,
-                               progress=progress, null_draws=0, group=group, **weights_kwargs)
-        rows = _weights_rows(source, target, gauge, draws=calibration_draws, seed=seed,
-                             revisions=(source_revision, target_revision), group=group,
-                             gauge_problems=gauge.fit_problems(), **weights_kwargs)
-        mode = "data-free (weights)"
-    else:
-        src_model, tgt_model, tok = _load_pair(source, target, data, tokenizer, source_revision, target_revision)
-        stats = capture_pair_stats(src_model, tgt_model, data, tokenizer=tok, layers=layers, max_tokens=max_tokens,
-                                   max_length=max_length, batch_size=batch_size, progress=progress, group=group)
-        gauge = estimate_from_stats(stats, calibration_draws=calibration_draws, seed=seed, null_draws=0,
-                                    group=group, across_ranks=True,
-                                    source=model_ref(src_model, source_revision, fingerprint=True),
-                                    target=model_ref(tgt_model, target_revision, fingerprint=True))
-        rows = _activation_rows(stats, gauge, draws=calibration_draws, seed=seed, pooling="mean_abs",
-                                group=group, gauge_problems=gauge.fit_problems())
-        mode = f"activations ({stats.n_tokens} tokens)"
-    if not rows:
-        raise EstimationError("no layer to test")
-    p = float(gauge.metrics["p_value"])
-    p_layers = cauchy_combination([r.p_value for r in rows])
-    report = TraceReport(gauge, rows, p, p_layers, mode=mode, seconds=time.perf_counter() - t0)
-    gauge.metrics.setdefault("world_size", world(group)[1])
-    gauge.metrics.update(trace_p_value=p, trace_layers_p_value=p_layers, trace_derived=report.derived,
-                         trace_answer=report.answer,
-                         trace_layers=[{"layer": r.layer, "p_value": r.p_value, "verdict": r.verdict} for r in rows])
-    logger.info("trace: %s", report.conclusion())
-    return report
+    return _report(source, target, data, capture, weights, calibration, (source_revision, target_revision), "trace")
 
 
-def diff(source: Any, target: Any, data: Any = None, **kwargs: Any) -> TraceReport:
-    """The per-layer drift report of ``target`` against ``source`` (module docstring): the same
-    computation as :func:`trace`, read layer by layer (``report.rows``: identity fit, gauge fit,
-    p-value, identified fraction and the plain verdict of each layer)."""
-    return trace(source, target, data, **kwargs)
+def diff(
+    source: Any,
+    target: Any,
+    data: Any = None,
+    *,
+    capture: CaptureOptions | None = None,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
+) -> TraceReport:
+    """What ``target`` did to ``source``'s chart, layer by layer (module docstring): per residual
+    layer (with ``data``) or per decoder block (data-free), the identity fit, the fit of the gauge
+    ``source → target``, that layer's own p-value and identified fraction, and its plain answer
+    (``report.rows``; :attr:`LayerRow.words` says whether objects made on ``source`` at that layer
+    carry over as they are, carry over with the gauge, or do not); ``report.table()`` prints them.
+    The evidence, the options (``capture`` with ``data``, ``weights`` without, ``calibration``)
+    and the work split are those of :func:`trace`, whose one-line answer for the whole model is
+    ``report.conclusion()``."""
+    return _report(source, target, data, capture, weights, calibration, (source_revision, target_revision), "diff")
 
 
-def _load_pair(source: Any, target: Any, data: Any, tokenizer: Any, src_rev: str | None, tgt_rev: str | None):
+def _load_pair(source: Any, target: Any, data: Any, capture: CaptureOptions, src_rev: str | None,
+               tgt_rev: str | None) -> tuple[Any, Any, Any]:
+    """Both models (loaded in ``capture.dtype`` with ``capture.device_map`` unless given loaded)
+    and the tokenizer of ``data`` (``capture.tokenizer``, default the source checkpoint's)."""
     src_dir = None
+    kw = {"dtype": capture.torch_dtype, "device_map": capture.device_map, "fingerprint": False}
     if isinstance(source, torch.nn.Module):
         src_model = source
     else:
-        src_model, _, src_dir = load_causal_lm(source, src_rev, fingerprint=False)
-    tgt_model = target if isinstance(target, torch.nn.Module) else load_causal_lm(target, tgt_rev, fingerprint=False)[0]
-    tok = tokenizer
-    if needs_tokenizer(data) or isinstance(tokenizer, str):
-        tok = load_tokenizer(tokenizer, src_dir, src_rev)
+        src_model, _, src_dir = load_causal_lm(source, src_rev, **kw)
+    tgt_model = target if isinstance(target, torch.nn.Module) else load_causal_lm(target, tgt_rev, **kw)[0]
+    tok = capture.tokenizer
+    if needs_tokenizer(data) or isinstance(tok, (str, os.PathLike)):
+        tok = load_tokenizer(tok, src_dir, src_rev)
     return src_model, tgt_model, tok

@@ -22,19 +22,24 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..gauge import Gauge, ModelRef, as_gauge, composed_metrics
+from ..gauge import Gauge, as_gauge
+
+from ..provenance import ModelRef
+
+from ..record import composed_metrics
 from ..hub import split_revision
-from .api import estimate_gauge
+from ..options import CalibrationOptions, CaptureOptions, WeightOptions
+from .api import DATA_FREE_METHODS, check_method_options, estimate_gauge
 from .capture import load_causal_lm, load_tokenizer, needs_tokenizer
-from .matching import METHODS
 from .stats import EstimationError
 
-__all__ = ["CheckpointLike", "compose_gauges", "compose_trajectory", "compose_via_base", "invert_gauge"]
+__all__ = ["CheckpointLike", "compose_gauges", "compose_trajectory", "compose_via_base"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +65,6 @@ def _label(obj: Any, revision: str | None) -> str:
     else:
         name = str(obj)
     return f"{name}@{revision}" if revision else name
-
-
-def invert_gauge(g: Gauge) -> Gauge:
-    """``g.inverse()`` (kept for compatibility): ``Gᵀ`` with source/target swapped."""
-    return g.inverse()
 
 
 def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None, check: bool = True) -> Gauge:
@@ -107,11 +107,10 @@ def compose_trajectory(
     data: Any = None,
     method: str = "sign_marginalized",
     *,
-    tokenizer: Any = None,
-    dtype: torch.dtype | None = None,
-    device_map: Any = None,
-    progress: bool = True,
-    **estimate_kwargs: Any,
+    capture: CaptureOptions | None = None,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    fingerprint: bool | None = None,
 ) -> Gauge:
     """Estimate the local gauge between each pair of consecutive checkpoints and compose them
     into the gauge first → last.
@@ -119,13 +118,25 @@ def compose_trajectory(
     ``checkpoints``: local directories, Hub ids, ``(repo, revision)`` pairs (e.g. the commits of
     a training run pushed to one repo) or loaded models, in training order. Activation methods
     load two checkpoints at a time; ``method="weights"`` streams tensors from disk and loads
-    nothing. ``data``/``tokenizer``/``estimate_kwargs`` go to
-    :func:`~hf_bdgauge.estimate.matching.estimate_gauge` for every hop (texts default to the
-    first checkpoint's tokenizer). ``dtype``/``device_map`` are used to load each checkpoint
-    (e.g. ``torch.bfloat16``, ``"auto"`` with offload). The result's ``hops`` list each local estimate.
+    nothing. ``data``, ``capture``, ``weights`` and ``calibration`` go to
+    :func:`~hf_bdgauge.estimate.estimate_gauge` for every hop (which refuses what the method does
+    not use; texts default to the first checkpoint's tokenizer); ``capture.dtype`` and
+    ``capture.device_map`` load each checkpoint (e.g. ``"bfloat16"``, ``"auto"`` with offload);
+    the options' ``progress`` shows the bar over the hops (each hop's own bars are hidden).
+    ``fingerprint``: record both ends' fingerprints (default: the checkpoints this loads are
+    recorded without, loaded models given with). The result's ``hops`` list each local estimate.
     """
-    if method not in METHODS:
-        raise EstimationError(f"unknown method {method!r}; choose one of {METHODS}")
+    check_method_options(method, data, capture, weights, calibration)
+    cap = capture or CaptureOptions()
+    progress = (weights or WeightOptions()).progress if method == "weights" else cap.progress
+    tokenizer = cap.tokenizer
+    hop: dict[str, Any] = {"calibration": calibration}
+    if fingerprint is not None:
+        hop["fingerprint"] = fingerprint
+    if method == "weights":
+        hop["weights"] = replace(weights or WeightOptions(), progress=False)
+    elif capture is not None or method not in DATA_FREE_METHODS:
+        hop["capture"] = replace(cap, progress=False)
     items = [_split(c) for c in checkpoints]
     if len(items) < 2:
         raise EstimationError("a trajectory needs at least two checkpoints")
@@ -137,8 +148,8 @@ def compose_trajectory(
     def load(obj: Any, rev: str | None) -> tuple[Any, ModelRef | None]:
         if method == "weights" or isinstance(obj, torch.nn.Module):
             return obj, None
-        model, ref, _ = load_causal_lm(obj, rev, dtype=dtype, device_map=device_map,
-                                       fingerprint=estimate_kwargs.get("fingerprint", False))
+        model, ref, _ = load_causal_lm(obj, rev, dtype=cap.torch_dtype, device_map=cap.device_map,
+                                       fingerprint=bool(fingerprint))
         return model, ref
 
     links: list[Gauge] = []
@@ -147,8 +158,9 @@ def compose_trajectory(
     for k in bar:
         cur, cur_ref = load(*items[k])
         bar.set_postfix_str(f"{_label(*items[k - 1])} -> {_label(*items[k])}")
-        g = estimate_gauge(prev, cur, data, method, tokenizer=tokenizer, source_revision=items[k - 1][1],
-                           target_revision=items[k][1], progress=False, **estimate_kwargs)
+        if "capture" in hop:
+            hop["capture"] = replace(hop["capture"], tokenizer=tokenizer)
+        g = estimate_gauge(prev, cur, data, method, source_revision=items[k - 1][1], target_revision=items[k][1], **hop)
         if prev_ref is not None:
             g.source = prev_ref
         if cur_ref is not None:

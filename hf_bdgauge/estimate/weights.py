@@ -56,21 +56,23 @@ from tqdm.auto import tqdm
 
 from ..distributed import collective_device, on_every_rank, world
 from ..errors import DimensionMismatchError, UnsupportedArchitectureError
-from ..gauge import Gauge, ModelRef
+from ..gauge import Gauge
+from ..provenance import ModelRef
 from ..hub import resolve_checkpoint_dir, split_revision
+from ..options import TENSOR_WEIGHTINGS, CalibrationOptions, WeightOptions
 from ..plan import TransformPlan
 from ..roles import ArchitectureSpec
 from ..rules import Role, TensorRule
 from .assignment import match_scores, random_orthogonal
 from .capture import model_ref
+from .calibration import calibrate
+from .statistic import weight_parts
 from .stats import EstimationError
-from .verdict import CALIBRATION_DRAWS, calibrate, fit_metrics, log_verdict, uninformative, weight_parts
+from .verdict import fit_metrics, log_verdict, uninformative
 
 __all__ = ["TENSOR_WEIGHTINGS", "WeightSimilarity", "estimate_gauge_from_weights", "open_tensors", "weight_similarity"]
 
 logger = logging.getLogger(__name__)
-
-TENSOR_WEIGHTINGS = ("equal", "raw")
 
 
 # ---------------------------------------------------------------------- tensor sources
@@ -274,38 +276,35 @@ def _plan(src: _Tensors, tgt: _Tensors) -> tuple[list[tuple[str, TensorRule]], i
 def weight_similarity(
     source: Any,
     target: Any,
+    options: WeightOptions | None = None,
     *,
+    select: Callable[[str], bool] | None = None,
+    track_target_gram: bool = True,
+    fingerprint: bool = False,
     source_revision: str | None = None,
     target_revision: str | None = None,
-    tensor_weighting: str = "equal",
-    include_gains: bool = True,
-    track_target_gram: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    block_elements: int = 1 << 24,
-    fingerprint: bool = False,
-    progress: bool = True,
-    select: Callable[[str], bool] | None = None,
-    group: Any = None,
 ) -> tuple[WeightSimilarity, ModelRef, ModelRef]:
     """Accumulate the signature similarity of two models (modules, checkpoint dirs or Hub ids).
 
-    Each tensor is read in blocks of about ``block_elements`` entries (default 2²⁴: 64 MB of
-    float32), whose products run in ``compute_dtype`` on ``device`` (default CPU), summed over a
-    tensor's blocks in ``compute_dtype`` (float32 at least) and over tensors in float64. Returns the
+    ``options`` (:class:`~hf_bdgauge.options.WeightOptions`): each tensor is read in blocks of
+    about ``block_elements`` entries (default 2²⁴: 64 MB of float32), whose products run in
+    ``compute_dtype`` (default float32) on ``device`` (default CPU), summed over a tensor's blocks
+    in ``compute_dtype`` (float32 at least) and over tensors in float64. Returns the
     :class:`WeightSimilarity` and both ModelRefs (fingerprinted when ``fingerprint=True``).
-    ``select(name)`` keeps only some tensors (e.g. one decoder block's, for a per-layer report).
+    ``select(name)`` keeps only some tensors (e.g. one decoder block's, for a per-layer report);
+    ``track_target_gram=False`` skips the target's Gram matrices (then no rotated null).
 
-    Many processes (:mod:`hf_bdgauge.distributed`): under an initialised process group (``group``,
-    default the default group) every rank must call this with the same arguments. Tensor ``p``
-    of the name-ordered plan is read and multiplied on rank ``p mod N`` only (it still joins the
+    Many processes (:mod:`hf_bdgauge.distributed`): under an initialised process group
+    (``options.group``, default the default group) every rank must call this with the same
+    arguments. Tensor ``p`` of the name-ordered plan is read and multiplied on rank ``p mod N`` only (it still joins the
     half ``p mod 2``), the d×d sums are all-reduced and every rank returns the same similarity:
     each tensor's products are those of one process, so the sums equal the single-process ones
     up to the order of their float64 additions. A rank that fails makes every rank fail.
     """
+    opts = options or WeightOptions()
+    tensor_weighting, include_gains, compute_dtype = opts.tensor_weighting, opts.include_gains, opts.torch_compute_dtype
+    device, block_elements, progress, group = opts.device, opts.block_elements, opts.progress, opts.group
     rank, size, grp = world(group)
-    if tensor_weighting not in TENSOR_WEIGHTINGS:
-        raise EstimationError(f"unknown tensor_weighting {tensor_weighting!r}; choose one of {TENSOR_WEIGHTINGS}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32  # within one tensor
     f64 = torch.float64
@@ -424,22 +423,11 @@ def estimate_gauge_from_weights(
     source: Any,
     target: Any,
     *,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    fingerprint: bool = True,
     source_revision: str | None = None,
     target_revision: str | None = None,
-    tensor_weighting: str = "equal",
-    include_gains: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    block_elements: int = 1 << 24,
-    null_draws: int = 1,
-    calibration_draws: int = CALIBRATION_DRAWS,
-    seed: int = 0,
-    min_excess: float | None = None,
-    identity_tol: float = 0.01,
-    fingerprint: bool = True,
-    progress: bool = True,
-    group: Any = None,
-    reference: Any = "auto",
 ) -> Gauge:
     """Data-free estimate of ``G`` (``h_target ≈ G·h_source``) from the weights alone.
 
@@ -448,50 +436,49 @@ def estimate_gauge_from_weights(
     ``confidence`` = matched sign-marginalised cosine, ``margin`` to the runner-up, and the same
     calibrated p-value, identified coordinates and verdict as the activation methods
     (:mod:`hf_bdgauge.estimate.verdict`: the halves are the even and the odd tensors in name order;
-    ``calibration_draws`` Haar rotations of the target's signatures). ``null_draws`` sets the
-    descriptive rotated null (0 skips it). ``device`` runs the products there (e.g. ``"cuda"``);
-    ``block_elements`` bounds how much of a tensor is in memory at once (see
-    :func:`weight_similarity`). ``min_excess`` is ignored. Under an initialised process group
-    (``group``, default the default group) every rank calls this alike: the tensors are split
-    over the ranks (:func:`weight_similarity`), every rank matches the same all-reduced sums and
-    returns the same gauge, which records ``metrics["world_size"]``. ``reference``: the reference
-    null of the p-value (:func:`~hf_bdgauge.estimate.verdict.calibrate`).
+    ``calibration.draws`` Haar rotations of the target's signatures, read against
+    ``calibration.reference`` at ``calibration.level``). ``calibration.null_draws`` sets the
+    descriptive rotated null (0 skips it); ``calibration.min_excess`` is ignored. ``weights``
+    (:class:`~hf_bdgauge.options.WeightOptions`): ``device`` runs the products there (e.g.
+    ``"cuda"``); ``block_elements`` bounds how much of a tensor is in memory at once (see
+    :func:`weight_similarity`). Under an initialised process group (``weights.group``, default the
+    default group) every rank calls this alike: the tensors are split over the ranks
+    (:func:`weight_similarity`), every rank matches the same all-reduced sums and returns the same
+    gauge, which records ``metrics["world_size"]``.
     """
-    if min_excess is not None:
+    opts = weights or WeightOptions()
+    cal = calibration or CalibrationOptions()
+    if cal.min_excess is not None:
         warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
                       stacklevel=2)
     t0 = time.perf_counter()
-    sim, src_ref, tgt_ref = weight_similarity(
-        source, target, source_revision=source_revision, target_revision=target_revision,
-        tensor_weighting=tensor_weighting, include_gains=include_gains, track_target_gram=True,
-        compute_dtype=compute_dtype, device=device, block_elements=block_elements, fingerprint=fingerprint,
-        progress=progress, group=group,
-    )
+    sim, src_ref, tgt_ref = weight_similarity(source, target, opts, track_target_gram=True, fingerprint=fingerprint,
+                                              source_revision=source_revision, target_revision=target_revision)
     t_sim = time.perf_counter() - t0
     A, S, M = sim.scores()
     how = "sign_marginalized" if sim.allows_signs else "permutation"
     match = match_scores(A, S, how, sign_source=M)
     nulls: list[float] = []
-    rng = np.random.default_rng(seed)
-    for _ in range(null_draws):
+    rng = np.random.default_rng(cal.seed)
+    for _ in range(cal.null_draws):
         An, Sn, Mn = sim.scores(random_orthogonal(sim.dim, rng))
         nulls.append(match_scores(An, Sn, how, sign_source=Mn).mean_matched)
     t_cal = time.perf_counter()
     halves = sim.halves
     if halves is None or not halves[0].tensors or not halves[1].tensors:
-        cal = uninformative(sim.dim, "too little data to test: fewer than two tensors carry "
+        calib = uninformative(sim.dim, "too little data to test: fewer than two tensors carry "
                                          "residual coordinates, and the data-free test needs at least 2 "
-                                         "(one per half); estimate from activations instead")
+                                         "(one per half); estimate from activations instead", level=cal.level)
     else:
-        cal = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), how, match.element, (A, M),
-                        draws=calibration_draws, seed=seed, group=group, across_ranks=True, reference=reference)
-    metrics = fit_metrics(match, S, nulls, cal, identity_tol=identity_tol, what="cos",
+        calib = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), how, match.element, (A, M), cal,
+                          group=opts.group, across_ranks=True)
+    metrics = fit_metrics(match, S, nulls, calib, identity_tol=cal.identity_tol, what="cos",
                           matched_fit=sim.fit(match.element))
-    metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=tensor_weighting,
-                   world_size=world(group)[1],
+    metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=opts.tensor_weighting,
+                   world_size=world(opts.group)[1],
                    similarity_time_s=t_sim, calibration_time_s=time.perf_counter() - t_cal,
                    time_s=time.perf_counter() - t0)
     metrics["summary"] += f" (data-free, {len(sim.tensors)} tensors, {metrics['time_s']:.2f} s)"
     log_verdict(metrics)
     return Gauge(element=match.element, source=src_ref, target=tgt_ref, method="weights",
-                 confidence=match.confidence, margin=match.margin, identified=cal.identified, metrics=metrics)
+                 confidence=match.confidence, margin=match.margin, identified=calib.identified, metrics=metrics)

@@ -5,7 +5,8 @@ Every transport builds the object's :class:`~hf_bdgauge.plan.TransformPlan` (a
 admit the gauge, and moves each tensor through :func:`hf_bdgauge.rules.transform`; none
 re-derives the rules. Each kind of object is one row of the command line's registry
 (:data:`.registry.KINDS`: ``bdgauge transport <kind>``), so a new transportable object is one
-module and one row of that table. The package is lazy: each public name imports its module on first use.
+module, its command line in :mod:`hf_bdgauge.cli.transport_kinds` (no transport module holds any)
+and one row of that table. The package is lazy: each public name imports its module on first use.
 
 | object | module | rule |
 | --- | --- | --- |
@@ -23,40 +24,33 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from .registry import TransportKind, register_transport, transport_kinds
+# the registry is the extension API (documented in hf_bdgauge.extend); imported here for the CLI
+from .registry import TransportKind, register_transport, transport_kinds  # noqa: F401
 
 #: public name -> the module (relative to this package) that defines it; imported on first use
 #: (PEP 562), so the command line reads :mod:`.registry` without importing torch.
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(("merge_adapters", "merge_checkpoints", "merge_models", "merge_tensors"), ".merge"),
-    **dict.fromkeys(("optimizer_parameter_names", "transport_optimizer_state"), ".optimizer"),
-    **dict.fromkeys(("adapter_tensor_rules", "transport_adapter", "transport_adapter_state_dict",
-                     "transport_peft_model"), ".peft"),
+    **dict.fromkeys(("merge_adapters", "merge_checkpoints", "merge_models"), ".merge"),
+    "transport_optimizer_state": ".optimizer",
+    **dict.fromkeys(("transport_adapter", "transport_peft_model"), ".peft"),
     **dict.fromkeys(("IndexSet", "LinearProbe", "transport_indices", "transport_probe"), ".probes"),
-    **dict.fromkeys(("SAE", "fit_sae", "transport_sae"), ".sae"),
-    **dict.fromkeys(("SteeringVector", "percent_effect_preserved", "transport_steering_vector"), ".steering"),
+    **dict.fromkeys(("SAE", "transport_sae"), ".sae"),
+    **dict.fromkeys(("SteeringVector", "transport_steering_vector"), ".steering"),
 }
 
+#: what a user calls (the docs' reference); helpers (tensor rules of an adapter, SAE fitting, steering
+#: effects) are imported from their modules, and the registry of kinds is part of :mod:`hf_bdgauge.extend`.
 __all__ = [
-    "TransportKind",
-    "register_transport",
-    "transport_kinds",
     "transport_adapter",
-    "transport_adapter_state_dict",
     "transport_peft_model",
-    "adapter_tensor_rules",
     "transport_optimizer_state",
-    "optimizer_parameter_names",
-    "merge_models",
     "merge_checkpoints",
+    "merge_models",
     "merge_adapters",
-    "merge_tensors",
     "SAE",
     "transport_sae",
-    "fit_sae",
     "SteeringVector",
     "transport_steering_vector",
-    "percent_effect_preserved",
     "LinearProbe",
     "IndexSet",
     "transport_probe",
@@ -82,14 +76,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .merge import merge_adapters, merge_checkpoints, merge_models, merge_tensors
-    from .optimizer import optimizer_parameter_names, transport_optimizer_state
-    from .peft import (
-        adapter_tensor_rules,
-        transport_adapter,
-        transport_adapter_state_dict,
-        transport_peft_model,
-    )
+    from .merge import merge_adapters, merge_checkpoints, merge_models
+    from .optimizer import transport_optimizer_state
+    from .peft import transport_adapter, transport_peft_model
     from .probes import IndexSet, LinearProbe, transport_indices, transport_probe
-    from .sae import SAE, fit_sae, transport_sae
-    from .steering import SteeringVector, percent_effect_preserved, transport_steering_vector
+    from .sae import SAE, transport_sae
+    from .steering import SteeringVector, transport_steering_vector

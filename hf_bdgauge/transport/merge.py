@@ -14,7 +14,8 @@ the other way round). ``gauges[0]`` must be ``None`` or the identity. Each tenso
 
 * ``method="linear"``: ``θ = Σ_i w_i · T_i(θ_i)`` (weights as given; default uniform ``1/n``);
 * ``method="task_arithmetic"``: ``θ = θ_base + Σ_i λ_i · (T_i(θ_i) − θ_base)`` where the base
-  is in the reference chart too (``base_gauge`` maps it there; default uniform ``λ_i = 1/n``).
+  is in the reference chart too (``base=(base, gauge)`` maps it there with ``gauge``; default
+  uniform ``λ_i = 1/n``).
 
 Sums are accumulated in float64 and cast back to the reference tensor's dtype; non-floating
 tensors are copied from the reference. :func:`merge_adapters` does the same for PEFT LoRA
@@ -72,6 +73,17 @@ def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], refe
     if gauges[0] is not None and out[0] is not None:
         raise TransportError("gauges[0] must be None or the identity: the first model's chart is the reference chart")
     return out
+
+
+def _base_and_gauge(base: Any) -> tuple[Any, Any]:
+    """``base`` or ``(base, gauge)`` (the gauge mapping the base's chart into the reference chart)
+    -> ``(base, gauge or None)``."""
+    if isinstance(base, tuple):
+        if len(base) != 2:
+            raise TransportError("base must be the base, or a pair (base, gauge) whose gauge maps the base's chart "
+                                 f"into the first model's; got a tuple of {len(base)}")
+        return base[0], base[1]
+    return base, None
 
 
 def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -135,29 +147,31 @@ def merge_models(
     *,
     gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
     method: str = "linear",
-    base: torch.nn.Module | None = None,
-    base_gauge: Gauge | SignedPermutation | None = None,
+    base: torch.nn.Module | tuple[torch.nn.Module, Gauge | SignedPermutation | None] | None = None,
     spec: ArchitectureSpec | None = None,
     force: bool = False,
 ) -> torch.nn.Module:
     """Merge transformers models of one family into the first model's chart; returns a new model.
 
     ``gauges[i]`` maps ``models[i]``'s chart into ``models[0]``'s (``h_0 = G_i·h_i``); ``None``
-    means "already aligned". ``base`` (task arithmetic) must be in ``models[0]``'s chart or be
-    mapped there by ``base_gauge``. The inputs are not modified; the result is a deep copy of
-    ``models[0]`` with merged parameters (tied ones stay tied) and ``models[0]``'s buffers.
+    means "already aligned". ``base`` (task arithmetic) is in ``models[0]``'s chart, or is given
+    as a pair ``(base, gauge)`` whose gauge maps it there. The inputs are not modified; the result
+    is a deep copy of ``models[0]`` with merged parameters (tied ones stay tied) and ``models[0]``'s
+    buffers.
     """
     if not models:
         raise TransportError("no models to merge")
     if method not in MERGE_METHODS:
         raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
-    if method == "task_arithmetic" and base is None:
+    base_model, base_gauge = _base_and_gauge(base)
+    if method == "task_arithmetic" and base_model is None:
         raise TransportError("task_arithmetic needs base= (the common pre-trained model)")
     named = [_named_tensors(m) for m in models]
-    base_named = _named_tensors(base) if base is not None else None
+    base_named = _named_tensors(base_model) if base_model is not None else None
     plans = [TransformPlan.for_model(m, spec=spec, names=nt, what=f"models[{i}]") for i, (m, nt) in enumerate(zip(models, named))]
     _same_layout(plans, "models")
-    base_plan = TransformPlan.for_model(base, spec=spec, names=base_named, what="base") if base is not None else None
+    base_plan = (TransformPlan.for_model(base_model, spec=spec, names=base_named, what="base")
+                 if base_model is not None else None)
     if base_plan is not None:
         _same_layout([plans[0], base_plan], "models[0] and base")
     gs = _elements(gauges, plans, plans[0], force)
@@ -190,33 +204,30 @@ def _same_layout(plans: Sequence[TransformPlan], what: str) -> None:
 
 
 def merge_checkpoints(
-    src_dirs: Sequence[str | os.PathLike],
-    dst_dir: str | os.PathLike,
+    srcs: Sequence[str | os.PathLike],
+    dst: str | os.PathLike,
     weights: Sequence[float] | None = None,
     *,
     gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
     method: str = "linear",
-    base_dir: str | os.PathLike | None = None,
-    base_gauge: Gauge | SignedPermutation | None = None,
-    revisions: Sequence[str | None] | None = None,
-    base_revision: str | None = None,
+    base: str | os.PathLike | tuple[str | os.PathLike, Gauge | SignedPermutation | None] | None = None,
     overwrite: bool = False,
     force: bool = False,
 ) -> Path:
-    """:func:`merge_models` on safetensors checkpoint directories (or Hub ids), without
-    instantiating models; the result has the first checkpoint's shard layout, config and
-    tokenizer files, and is written atomically. One output shard is in memory at a time."""
-    if not src_dirs:
+    """:func:`merge_models` on safetensors checkpoints, without instantiating models: ``srcs`` (and
+    ``base``, or the first of a pair ``(base, gauge)``) are local directories or Hub ids
+    (``repo@revision``); the result, written atomically to ``dst`` (an existing one only with
+    ``overwrite``), has the first checkpoint's shard layout, config and tokenizer files. One output
+    shard is in memory at a time."""
+    if not srcs:
         raise TransportError("no checkpoints to merge")
     if method not in MERGE_METHODS:
         raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
+    base_dir, base_gauge = _base_and_gauge(base)
     if method == "task_arithmetic" and base_dir is None:
-        raise TransportError("task_arithmetic needs base_dir= (the common pre-trained checkpoint)")
-    revs = list(revisions) if revisions is not None else [None] * len(src_dirs)
-    if len(revs) != len(src_dirs):
-        raise TransportError(f"{len(revs)} revisions given for {len(src_dirs)} checkpoints")
-    dirs = [resolve_checkpoint_dir(s, r) for s, r in zip(src_dirs, revs)]
-    bdir = resolve_checkpoint_dir(base_dir, base_revision) if base_dir is not None else None
+        raise TransportError("task_arithmetic needs base= (the common pre-trained checkpoint)")
+    dirs = [resolve_checkpoint_dir(s) for s in srcs]
+    bdir = resolve_checkpoint_dir(base_dir) if base_dir is not None else None
     plans = [TransformPlan.for_checkpoint(x, what=f"checkpoint {i} ({x})") for i, x in enumerate(dirs)]
     base_plan = TransformPlan.for_checkpoint(bdir, what=f"base checkpoint ({bdir})") if bdir is not None else None
     _same_layout(plans + ([base_plan] if base_plan else []), "merge_checkpoints")
@@ -236,7 +247,7 @@ def merge_checkpoints(
     shards: dict[Path, list[str]] = {}
     for n, (shard, _) in indexes[0].items():
         shards.setdefault(shard, []).append(n)
-    with atomic_directory(dst_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
         for f in dirs[0].iterdir():
             if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
@@ -247,8 +258,8 @@ def merge_checkpoints(
                 base_t = load(indexes[-1], n) if bdir is not None else None
                 out[n] = merge_tensors(tensors, rules[n], gs, ws, method=method, base=base_t, base_gauge=bg).contiguous()
             save_file(out, str(tmp / shard.name), metadata={"format": "pt"})
-    logger.info("merged %d checkpoints (%s) into %s", len(dirs), method, dst_dir)
-    return Path(dst_dir)
+    logger.info("merged %d checkpoints (%s) into %s", len(dirs), method, dst)
+    return Path(dst)
 
 
 def merge_adapters(

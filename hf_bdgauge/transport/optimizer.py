@@ -34,20 +34,17 @@ and NAdam/RAdam (as Adam). An unknown non-scalar state entry is an error, never 
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError, Words
-from ..files import atomic_write_bytes
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
 from ..orthogonal import Orthogonal
-from ..hub import resolve_checkpoint_dir, resolve_file, split_revision
+from ..hub import resolve_file
 from ..plan import TransformPlan
 from ..roles import ArchitectureSpec, hidden_size_of, spec_for_model
 from ..rules import Role, TensorRule, transform
@@ -252,19 +249,3 @@ def transport_optimizer_state(
             group["hf_bdgauge_approximate"] = True
         logger.warning("second moments moved approximately, by (R∘R)·v; every param group records it")
     return result
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _cli_run(args: Any, gauge: Gauge) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    name, rev = split_revision(args.model, args.model_revision)
-    config = AutoConfig.from_pretrained(str(resolve_checkpoint_dir(name, rev)), trust_remote_code=False)
-    with torch.device("meta"):  # names, order and shapes only: no weights are needed
-        model = AutoModelForCausalLM.from_config(config)
-    state = read_optimizer_state(args.src, args.revision)
-    moved = transport_optimizer_state(state, model, gauge, force=args.force, approximate=args.approximate)
-    buf = io.BytesIO()
-    torch.save(moved, buf)
-    return atomic_write_bytes(args.dst, buf.getvalue(), overwrite=args.overwrite)
-

@@ -31,7 +31,8 @@ unchanged.
 Two entry points: :func:`transport_adapter` rewrites an adapter directory (or Hub repo) into a
 standard PEFT directory for the target base (``adapter_config.json`` naming the target and its
 revision, ``adapter_model.safetensors``), and :func:`transport_peft_model` re-charts a
-``PeftModel`` in memory.
+``PeftModel`` in memory. PEFT's file and tensor-name conventions (what an adapter directory holds,
+how it is read and written) are in :mod:`.peft_files`.
 """
 
 from __future__ import annotations
@@ -39,50 +40,39 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 
-from ..errors import (
-    CheckpointError,
-    HubError,
-    OrthogonalGaugeError,
-    TransportError,
-    UnsupportedArchitectureError,
-    Words,
-)
-from ..files import atomic_directory, read_json_object
+from ..errors import OrthogonalGaugeError, TransportError, UnsupportedArchitectureError, Words
 from ..fold import fed_by_a_pre_norm, gain_feeding
-from ..gauge import Gauge, as_gauge, transport_record
+from ..gauge import Gauge, as_gauge
+from ..record import transport_record
 from ..group import SignedPermutation
-from ..fingerprint import check_fingerprint, model_fingerprint
-from ..hub import cached_snapshot, hub_file, is_local, resolve_dir
+from ..hub import resolve_dir
 from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
-from ..roles import (
-    ArchitectureSpec,
-    available_architectures,
-    hidden_size_of,
-    spec_for_config,
-    spec_for_model,
-    spec_for_model_type,
-)
+from ..roles import ArchitectureSpec, spec_for_model
 from ..rules import Role, TensorRule, scale_residual
-from ..storage import read_model_config
+from .peft_files import (
+    AdapterTensor,
+    base_config_from_adapter,
+    check_adapter_base,
+    parse_adapter_tensor_name,
+    read_adapter_config,
+    read_adapter_weights,
+    spec_from_config_like,
+    write_adapter_dir,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME",
-    "ADAPTER_WEIGHTS_NAME",
     "FACTOR_RULES",
-    "AdapterTensor",
-    "parse_adapter_tensor_name",
     "adapter_tensor_rules",
+    "adapter_plan",
     "transport_adapter_state_dict",
     "move_adapter_tensors",
     "refuse_missing_gains",
@@ -92,20 +82,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
-# kinds of adapter tensors
-_FACTOR_KINDS = {
-    "lora_A": "lora_A",
-    "lora_B": "lora_B",
-    "lora_embedding_A": "lora_embedding_A",
-    "lora_embedding_B": "lora_embedding_B",
-    "lora_magnitude_vector": "magnitude",
-    "trainable_tokens_delta": "trainable_tokens",
-    "trainable_tokens_original": "trainable_tokens",  # in-memory buffer: the original rows
-}
 _IN, _OUT = "in", "out"
 
 #: ``(tensor kind, side of the base weight that carries the residual) -> rule`` for LoRA tensors.
@@ -119,81 +96,6 @@ FACTOR_RULES: dict[tuple[str, str], tuple[str, int]] = {
     ("lora_embedding_B", _OUT): ("signed", -2),  # [embedding_dim, r]: G·B since ΔE = s·(B·A)ᵀ
     ("magnitude", _OUT): ("gain", -1),  # DoRA per-output-channel norms: P·m for a writer
 }
-
-
-@dataclass(frozen=True)
-class AdapterTensor:
-    """A PEFT tensor name, decoded.
-
-    Attributes
-    ----------
-    name: the name as given (saved form ``...q_proj.lora_A.weight`` or in-memory form
-        ``...q_proj.lora_A.default.weight``).
-    kind: ``lora_A``, ``lora_B``, ``lora_embedding_A``, ``lora_embedding_B``, ``magnitude``,
-        ``trainable_tokens`` or ``full`` (a whole base tensor: a base parameter, a
-        ``modules_to_save`` copy, a saved embedding layer).
-    module: the base module path with PEFT wrappers (``base_layer``, ``token_adapter``,
-        ``original_module``, ``modules_to_save.<name>``) removed.
-    param: ``weight``/``bias``/``None`` (the parameter of the adapter sub-module).
-    adapter: the adapter name when the name carries one (in-memory names), else ``None``.
-    wrapper: the PEFT wrapper a copy of base-model values sat in (``base_layer``,
-        ``original_module``, ``modules_to_save``; trainable tokens' saved original rows count
-        as ``original_module``) or ``None``.
-    """
-
-    name: str
-    kind: str
-    module: str
-    param: str | None
-    adapter: str | None
-    wrapper: str | None = None
-
-    @property
-    def base_name(self) -> str:
-        """The base-model tensor whose role decides this tensor's move."""
-        if self.kind == "full":
-            return f"{self.module}.{self.param}" if self.module else str(self.param)
-        return f"{self.module}.weight"
-
-    @property
-    def is_adapter_owned(self) -> bool:
-        """True for tensors that belong to an adapter (factors, magnitudes, token deltas and
-        ``modules_to_save`` copies), False for the base model's own tensors."""
-        return (self.kind != "full" and self.wrapper is None) or self.wrapper == "modules_to_save"
-
-
-def parse_adapter_tensor_name(name: str) -> AdapterTensor:
-    """Decode a PEFT parameter name (saved or in-memory form) into an :class:`AdapterTensor`."""
-    tokens = name.split(".")
-    idx = max((i for i, t in enumerate(tokens) if t in _FACTOR_KINDS), default=None)
-    if idx is not None:
-        kind = _FACTOR_KINDS[tokens[idx]]
-        tail = tokens[idx + 1:]
-        param = tail[-1] if tail and tail[-1] in ("weight", "bias") else None
-        rest = tail[:-1] if param else tail
-        if len(rest) > 1:
-            raise TransportError(f"cannot parse PEFT tensor name {name!r}")
-        mod = [t for t in tokens[:idx] if t not in ("base_layer", "token_adapter")]
-        # the saved original rows of trainable tokens are a copy of base-model rows
-        wrapper = "original_module" if tokens[idx] == "trainable_tokens_original" else None
-        return AdapterTensor(name, kind, ".".join(mod), param, rest[0] if rest else None, wrapper)
-    mod: list[str] = []
-    wrapper = adapter = None
-    i = 0
-    body, param = tokens[:-1], tokens[-1]
-    while i < len(body):
-        t = body[i]
-        if t in ("base_layer", "token_adapter", "original_module"):
-            wrapper = wrapper or ("original_module" if t == "original_module" else "base_layer")
-            i += 1
-            continue
-        if t == "modules_to_save" and i + 1 < len(body):
-            wrapper, adapter = "modules_to_save", body[i + 1]
-            i += 2
-            continue
-        mod.append(t)
-        i += 1
-    return AdapterTensor(name, "full", ".".join(mod), param, adapter, wrapper)
 
 
 def _layout(kinds: set[str], fan_in_fan_out: bool) -> str:
@@ -405,195 +307,30 @@ def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor
     return out
 
 
-# ---------------------------------------------------------------------------------------------- files
-
-
-def _resolve_adapter_dir(src: str | os.PathLike, revision: str | None, subfolder: str | None) -> Path:
-    spec = f"{os.fspath(src).rstrip('/')}/{subfolder}" if subfolder and not is_local(src) else src
-    d = resolve_dir(spec, revision, what="PEFT adapter")
-    if subfolder and is_local(src):
-        d = d / subfolder
-        if not d.is_dir():
-            raise CheckpointError(f"adapter subfolder {subfolder!r} does not exist in {src}")
-    return d
-
-
-def _read_adapter_config(d: Path) -> dict[str, Any]:
-    cfg = read_json_object(d / ADAPTER_CONFIG_NAME, what="PEFT adapter directory")
-    path = d / ADAPTER_CONFIG_NAME
-    ptype = str(cfg.get("peft_type", "")).upper()
-    if ptype != "LORA":
-        raise TransportError(
-            f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; hf_bdgauge transports LoRA adapters "
-            "(incl. rsLoRA, DoRA, embedding LoRA, modules_to_save and trainable tokens)"
-        )
-    if cfg.get("target_parameters"):
-        raise TransportError(
-            f"{path}: LoRA on raw parameters (target_parameters={cfg['target_parameters']}) is not supported yet"
-        )
-    return cfg
-
-
-def _read_adapter_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = d / ADAPTER_WEIGHTS_NAME
-    if not path.exists():
-        pickles = [p for p in _PICKLE_WEIGHTS if (d / p).exists()]
-        if pickles:
-            raise CheckpointError(
-                f"{d} holds the adapter only as pickle ({', '.join(pickles)}); hf_bdgauge reads safetensors only. "
-                "Re-save it with PeftModel.save_pretrained(..., safe_serialization=True)."
-            )
-        raise CheckpointError(f"{d} has no {ADAPTER_WEIGHTS_NAME}")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: expected a safetensors file of adapter weights (truncated or "
-                              f"corrupt?): {e}") from e
-    return tensors, meta
-
-
-def _spec_from_config_like(cfg: Any) -> tuple[ArchitectureSpec, int | None]:
-    """Role map and hidden size from a config object/dict, a model, a model_type, a model
-    directory or a Hub model id."""
-    if isinstance(cfg, ArchitectureSpec):
-        return cfg, None
-    if isinstance(cfg, (str, os.PathLike)) and Path(cfg).is_dir():
-        cfg = read_model_config(cfg)
-    elif isinstance(cfg, str) and cfg in available_architectures():
-        return spec_for_model_type(cfg), None
-    elif isinstance(cfg, str):  # a Hub id (repo@revision): its config.json (from the cache when offline)
-        try:
-            cfg = _hub_config(cfg, None)
-        except (HubError, CheckpointError) as e:
-            raise TransportError(f"base_config {cfg!r} is neither a known model_type, a directory, nor a reachable "
-                                 f"Hub model: {e}") from e
-    if isinstance(cfg, torch.nn.Module):
-        return spec_for_model(cfg), hidden_size_of(cfg.config)
-    spec = spec_for_config(cfg)
-    try:
-        return spec, hidden_size_of(cfg)
-    except UnsupportedArchitectureError:
-        return spec, None
-
-
-def _hub_config(model_id: str, revision: str | None) -> dict[str, Any]:
-    """``config.json`` of a Hub model (``repo@revision`` or ``revision``), from the cache when offline."""
-    return read_json_object(hub_file(model_id, "config.json", revision=revision), what="model")
-
-
-def _base_config_from_adapter(adapter_cfg: Mapping[str, Any], gauge: Any) -> Any:
-    """Find the base model's family, trying in turn: the Gauge's fingerprints (``model_type``,
-    ``hidden_size``), the ``config.json`` of the model the Gauge or the adapter names (a local
-    directory, or the Hub / its cache), and the adapter's ``auto_mapping`` class name."""
-    candidates: list[tuple[str, str | None]] = []
-    if isinstance(gauge, Gauge):
-        for ref in (gauge.source, gauge.target):
-            if ref.model_id:
-                candidates.append((ref.model_id, ref.commit_hash or ref.revision))
-            fp = ref.fingerprint if isinstance(ref.fingerprint, dict) else {}
-            if fp.get("model_type"):
-                return {k: fp[k] for k in ("model_type", "hidden_size") if fp.get(k)}
-    if adapter_cfg.get("base_model_name_or_path"):
-        candidates.append((adapter_cfg["base_model_name_or_path"], adapter_cfg.get("revision")))
-    for model_id, rev in candidates:
-        p = Path(model_id)
-        if (p / "config.json").exists():
-            return p
-        if is_local(model_id):
-            continue
-        try:
-            return _hub_config(model_id, rev)
-        except (HubError, CheckpointError) as e:  # offline, unknown repo, …: try the next source
-            logger.debug("no config.json for %s@%s: %s", model_id, rev, e)
-    cls = (adapter_cfg.get("auto_mapping") or {}).get("base_model_class")
-    if cls:
-        try:
-            from transformers.models.auto import modeling_auto
-
-            matches = [
-                mt
-                for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
-                for mt, name in mapping.items()
-                if name == cls or (isinstance(name, (tuple, list)) and cls in name)
-            ]
-            known = [mt for mt in matches if mt in available_architectures()]
-            # several model types may share a class name (e.g. LlamaForCausalLM): prefer the namesake
-            namesake = [mt for mt in known if cls.lower().startswith(mt.replace("_", ""))]
-            if namesake or known:
-                return (namesake or known)[0]
-        except ImportError:  # pragma: no cover
-            pass
-    raise TransportError(
-        "cannot tell the base model's family: adapter_config.json names "
-        f"{adapter_cfg.get('base_model_name_or_path')!r}, whose config.json is neither a local directory nor in the "
-        "Hub cache. Pass base_config= (a transformers config, a config.json dict, a model, a model directory or a "
-        "model_type string)."
-    )
-
-
-def _check_adapter_base(adapter_cfg: Mapping[str, Any], gauge: Any) -> None:
-    """An adapter whose base is reachable (a local directory, or a Hub snapshot already in the
-    cache) is fingerprinted against the gauge's source; a mismatch is an error. An unreachable
-    base, or a gauge that recorded no source fingerprint, is only compared by name (a warning)."""
-    if not isinstance(gauge, Gauge):
-        return
-    base = adapter_cfg.get("base_model_name_or_path")
-    expected = gauge.source.fingerprint
-    if not base:
-        return
-    where: Path | None = Path(base) if Path(base).is_dir() else (None if is_local(base) else
-                                                               cached_snapshot(str(base), adapter_cfg.get("revision")))
-    if where is not None and expected and (where / "config.json").is_file():
-        check_fingerprint(expected, model_fingerprint(where),
-                          what=f"base model {base!r} the adapter was trained on (the gauge's source)")
-        return
-    if gauge.source.model_id and base != gauge.source.model_id:
-        logger.warning("the adapter names base %r, which cannot be fingerprinted here, and the gauge's source is %r; "
-                       "transporting anyway", base, gauge.source.model_id)
-
-
-def _update_model_card(path: Path, base: str | None) -> None:
-    """Point the copied model card's ``base_model`` metadata at the target (best effort)."""
-    if not base:
-        return
-    try:
-        from huggingface_hub import ModelCard
-
-        card = ModelCard.load(path)
-        card.data.base_model = base
-        tags = [t for t in (card.data.tags or []) if not str(t).startswith("base_model:adapter:")]
-        card.data.tags = [f"base_model:adapter:{base}", *tags]
-        card.save(path)
-    except Exception as e:  # a card is documentation; never fail a transport on it
-        logger.warning("could not update base_model in %s: %s", path, e)
-
-
 def transport_adapter(
-    adapter_dir_or_repo: str | os.PathLike,
+    src: str | os.PathLike,
     gauge: Gauge | SignedPermutation,
-    out_dir: str | os.PathLike,
+    dst: str | os.PathLike,
     *,
+    revision: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
     base_model_name_or_path: str | None = None,
     base_model_revision: str | None = None,
     base_config: Any = None,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    overwrite: bool = False,
-    force: bool = False,
 ) -> Path:
     """Transport a PEFT LoRA adapter trained on the gauge's source base onto its target base.
 
     Parameters
     ----------
-    adapter_dir_or_repo: a local adapter directory or a Hub repo id (downloaded with
-        ``huggingface_hub.snapshot_download`` at ``revision``, honouring ``HF_HUB_OFFLINE``).
+    src: a local adapter directory, or a Hub id ``namespace/name[@revision][/subfolder]``
+        (downloaded with ``huggingface_hub.snapshot_download`` at ``revision``, honouring
+        ``HF_HUB_OFFLINE``); an adapter in a sub-folder is named by its path.
     gauge: a :class:`~hf_bdgauge.gauge.Gauge` (or bare :class:`SignedPermutation`) with
         ``h_target = G·h_source``, the source being the adapter's base model.
-    out_dir: where the transported adapter directory is written (atomically).
+    dst: where the transported adapter directory is written (atomically; an existing one only
+        with ``overwrite=True``).
+    force: transport with a gauge whose fit is refused (recorded in the result's metadata).
     base_model_name_or_path, base_model_revision: the target base written into
         ``adapter_config.json`` (``base_model_name_or_path`` and ``revision``); default the
         Gauge's ``target`` ref (its ``revision``, else its ``commit_hash``). With neither, the
@@ -601,22 +338,21 @@ def transport_adapter(
     base_config: the base model family when it cannot be found from the Gauge or the adapter
         config (a transformers config, a ``config.json`` dict, a model, a model directory, a Hub
         model id or a ``model_type`` string).
-    subfolder: the adapter's folder inside ``adapter_dir_or_repo``.
 
     Returns the output directory: ``adapter_config.json`` + ``adapter_model.safetensors`` (+ the
     source's other non-weight files, with the model card's ``base_model`` updated), loadable
-    with ``PeftModel.from_pretrained(target_model, out_dir)`` and uploadable as is with
+    with ``PeftModel.from_pretrained(target_model, dst)`` and uploadable as is with
     ``huggingface_hub.HfApi().upload_folder``. Only safetensors weights are read; an adapter
     with only ``adapter_model.bin`` raises :class:`CheckpointError`.
     """
     gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
-    src = _resolve_adapter_dir(adapter_dir_or_repo, revision, subfolder)
-    cfg = _read_adapter_config(src)
-    tensors, meta = _read_adapter_weights(src)
-    spec, d = _spec_from_config_like(base_config if base_config is not None else _base_config_from_adapter(cfg, gauge))
+    where = resolve_dir(src, revision, what="PEFT adapter")
+    cfg = read_adapter_config(where)
+    tensors, meta = read_adapter_weights(where)
+    spec, d = spec_from_config_like(base_config if base_config is not None else base_config_from_adapter(cfg, gauge))
     plan = adapter_plan(tensors, spec, d, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-                        what=f"the adapter {adapter_dir_or_repo}")
-    _check_adapter_base(cfg, gauge)
+                        what=f"the adapter {src}")
+    check_adapter_base(cfg, gauge)
     g = plan.admit(gauge, force=force)
     moved = move_adapter_tensors(plan, tensors, gauge, g, spec)
 
@@ -638,29 +374,12 @@ def transport_adapter(
         {**transport_record(gauge, forced=plan.forced), "source_base": cfg.get("base_model_name_or_path"),
          "target_base": new_cfg.get("base_model_name_or_path")}, sort_keys=True)
 
-    from safetensors.torch import save_file
-
-    skipped = []
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        for f in src.iterdir():
-            if f.is_dir():
-                if (f / ADAPTER_CONFIG_NAME).exists():
-                    skipped.append(f.name)
-                continue
-            if f.name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) or f.name.startswith("."):
-                continue
-            if f.suffix in (".bin", ".pt", ".pth", ".safetensors", ".ckpt"):
-                continue  # stale untransported weights must not travel with the result
-            shutil.copy2(f, tmp / f.name)
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file({k: v.contiguous() for k, v in moved.items()}, str(tmp / ADAPTER_WEIGHTS_NAME), metadata=meta)
-        if (tmp / "README.md").exists():
-            _update_model_card(tmp / "README.md", new_cfg.get("base_model_name_or_path"))
+    skipped = write_adapter_dir(where, dst, new_cfg, moved, meta, overwrite=overwrite)
     if skipped:
-        logger.warning("adapters in sub-folders %s were not transported; transport each with subfolder=", skipped)
+        logger.warning("adapters in sub-folders %s were not transported; transport each by its own path", skipped)
     logger.info("transported %d adapter tensors (%d moved) from %s to %s", len(tensors),
-                sum(1 for k in tensors if moved[k] is not tensors[k]), src, out_dir)
-    return Path(out_dir)
+                sum(1 for k in tensors if moved[k] is not tensors[k]), where, dst)
+    return Path(dst)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -753,11 +472,3 @@ def transport_peft_model(
     logger.info("re-charted %d tensors of a PeftModel (adapters %s, base %s)", moved, sorted(wanted),
                 "moved" if include_base else "kept")
     return peft_model
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _cli_run(args: Any, gauge: Gauge) -> Path:
-    return transport_adapter(args.src, gauge, args.dst, revision=args.revision, subfolder=args.subfolder,
-                             overwrite=args.overwrite, base_model_name_or_path=args.base_model,
-                             base_model_revision=args.base_model_revision, force=args.force)
-

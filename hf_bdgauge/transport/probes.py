@@ -42,7 +42,8 @@ from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError
 from ..files import atomic_write_bytes
-from ..gauge import Gauge, as_gauge, transport_record
+from ..gauge import Gauge, as_gauge
+from ..record import transport_record
 from ..group import SignedPermutation
 from ..orthogonal import Orthogonal
 from ..hub import resolve_file
@@ -321,15 +322,3 @@ def transport_indices(
         indices = IndexSet.load(indices)
     s = indices if isinstance(indices, IndexSet) else IndexSet(indices, None if signs is None else np.asarray(list(signs)))
     return s.transport(gauge)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _cli_probe(args: Any, gauge: Gauge) -> Path:
-    moved = LinearProbe.load(args.src, revision=args.revision).transport(gauge, force=args.force)
-    return moved.save(args.dst, overwrite=args.overwrite)
-
-
-def _cli_indices(args: Any, gauge: Gauge) -> Path:
-    moved = IndexSet.load(args.src, revision=args.revision).transport(gauge, force=args.force)
-    return moved.save(args.dst, overwrite=args.overwrite)
-

@@ -1,18 +1,7 @@
-"""Sparse autoencoders in SAELens's on-disk format, and their transport between gauges.
+"""Sparse autoencoders (inference, in SAELens's conventions) and their transport between gauges.
 
-File format (what SAELens's ``SAE.load_from_disk`` reads)
---------------------------------------------------------
-A directory with
-
-* ``cfg.json``: ``d_in``, ``d_sae``, ``dtype``, ``device``, ``architecture`` (``"standard"``,
-  ``"jumprelu"``, ``"topk"``), ``apply_b_dec_to_input``, ``normalize_activations`` (``"none"``,
-  ``"expected_average_only_in"``, ``"constant_norm_rescale"``, ``"layer_norm"``),
-  ``reshape_activations``, ``k`` and ``rescale_acts_by_decoder_norm`` for top-k SAEs, and a
-  ``metadata`` object (``model_name``, ``hook_name``, ``sae_lens_version``, …). Configs written
-  by SAELens before 6.0 are flat (``model_name``/``hook_name`` at top level); both are read and
-  written back in the layout they came in.
-* ``sae_weights.safetensors``: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc``
-  [d_sae], ``b_dec`` [d_in] and, for JumpReLU, ``threshold`` [d_sae].
+The on-disk format (SAELens's ``cfg.json`` + ``sae_weights.safetensors``) is read and written by
+:mod:`.sae_files`.
 
 Maths
 -----
@@ -36,15 +25,13 @@ layer_norm cannot be sign-transported exactly**: :meth:`SAE.transport` refuses i
 which the mean just changes sign) are exact and allowed.
 
 Permutation-only (S_d) transport of an SAE across a *signed* gauge reads every flipped
-coordinate with the wrong sign: on stories260K (layer-2 residual, d_sae = 256, about half the
-coordinates flipped) its NMSE is 0.4–0.8 against 0.11 for the original, about as bad as not
-transporting at all (``tests/test_transport_sae.py``, ``examples/sae_and_steering_report.py``).
+coordinate with the wrong sign: ``(x·Dᵀ·Pᵀ − b_dec·Pᵀ)·P·W_enc = (x·D − b_dec)·W_enc``, so every
+feature reads ``D·x`` instead of ``x`` (``tests/test_transport_sae.py`` measures the NMSE this costs).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
@@ -53,22 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError, UnsupportedArchitectureError
-from ..files import atomic_directory, read_json_object
-from ..gauge import Gauge, as_gauge, transport_record
+from ..gauge import Gauge, as_gauge
+from ..record import transport_record
 from ..group import SignedPermutation
-from ..hub import resolve_dir
 from ..layers import from_hook_name, hook_block
 from ..plan import TransformPlan
 from ..rules import WRITE, Role, TensorRule
+from .sae_files import cfg_json, new_cfg, read_sae_dir, write_sae_dir
 
 __all__ = [
     "SAE",
-    "SAE_CFG_FILENAME",
-    "SAE_WEIGHTS_FILENAME",
+    "SAETraining",
     "SAE_ARCHITECTURES",
     "NORMALIZATIONS",
     "W_ENC_RULE",
@@ -80,8 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SAE_CFG_FILENAME = "cfg.json"
-SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAE_ARCHITECTURES = ("standard", "jumprelu", "topk")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
@@ -92,14 +74,8 @@ W_DEC_RULE = TensorRule(Role.WRITE, axis=-1)
 B_DEC_RULE = WRITE
 """``b_dec`` [d_in] is a point of the residual: ``b_dec ↦ G·b_dec``."""
 
-_SAE_FORMAT_VERSION = "6.0.0"  # SAELens picks its >= 6 config parser from metadata.sae_lens_version
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Hook points whose activations are NOT in residual-stream coordinates (TransformerLens names).
 _NON_RESIDUAL_HOOK = re.compile(r"(?:^|\.)hook_(?:z|q|k|v|pre|pre_linear|post|pattern|attn_scores|rot_q|rot_k)$")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 @dataclass(eq=False)
@@ -210,40 +186,20 @@ class SAE:
         threshold: torch.Tensor | None = None,
         architecture: str = "standard",
         k: int | None = None,
-        hook_name: str | None = None,
-        model_name: str | None = None,
         normalize_activations: str = "none",
-        apply_b_dec_to_input: bool = True,
-        **metadata: Any,
+        **fields: Any,
     ) -> "SAE":
-        """Build an SAE with a fresh SAELens-6-style config."""
-        meta: dict[str, Any] = {"sae_lens_version": _SAE_FORMAT_VERSION, "sae_lens_training_version": None}
-        if model_name is not None:
-            meta["model_name"] = model_name
-        if hook_name is not None:
-            meta["hook_name"] = hook_name
-        meta.update(metadata)
-        cfg = {
-            "device": "cpu",
-            "apply_b_dec_to_input": apply_b_dec_to_input,
-            "normalize_activations": normalize_activations,
-            "reshape_activations": "none",
-            "metadata": meta,
-        }
-        if architecture == "topk":
-            cfg["rescale_acts_by_decoder_norm"] = False
+        """Build an SAE with a fresh SAELens-6-style config (:func:`~.sae_files.new_cfg`):
+        ``fields`` naming a top-level ``cfg.json`` field (:data:`~.sae_files.CFG_FIELDS`:
+        ``apply_b_dec_to_input``, default True, ``reshape_activations``,
+        ``rescale_acts_by_decoder_norm``) go into the config; all others (``hook_name``,
+        ``model_name``, …) into its ``metadata``."""
+        cfg = new_cfg(architecture, normalize_activations, fields)
         return cls(W_enc, W_dec, b_enc, b_dec, threshold=threshold, architecture=architecture, k=k, cfg=cfg)
 
     def to_cfg_dict(self) -> dict[str, Any]:
         """``cfg.json`` content: ``cfg`` with the shape/architecture fields made consistent."""
-        cfg = copy.deepcopy(self.cfg)
-        cfg.update(d_in=self.d_in, d_sae=self.d_sae, dtype=_dtype_name(self.dtype), architecture=self.architecture)
-        cfg.setdefault("device", "cpu")
-        if self.architecture == "topk":
-            cfg["k"] = self.k
-        else:
-            cfg.pop("k", None)
-        return cfg
+        return cfg_json(self.cfg, self.W_enc, self.architecture, self.k)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors of ``sae_weights.safetensors`` (contiguous CPU copies)."""
@@ -253,69 +209,21 @@ class SAE:
         return {n: t.detach().to("cpu").contiguous() for n, t in sd.items()}
 
     # ------------------------------------------------------------------ I/O
-    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``cfg.json`` and ``sae_weights.safetensors`` atomically; returns the directory."""
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file(self.state_dict(), str(tmp / SAE_WEIGHTS_FILENAME))
-            (tmp / SAE_CFG_FILENAME).write_text(json.dumps(self.to_cfg_dict(), indent=2, sort_keys=True), encoding="utf-8")
-        logger.info("saved %s SAE d_in=%d d_sae=%d to %s", self.architecture, self.d_in, self.d_sae, directory)
-        return Path(directory)
+    def save(self, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` into the directory ``dst``
+        atomically (:mod:`.sae_files`); returns it."""
+        out = write_sae_dir(dst, self.to_cfg_dict(), self.state_dict(), overwrite=overwrite)
+        logger.info("saved %s SAE d_in=%d d_sae=%d to %s", self.architecture, self.d_in, self.d_sae, dst)
+        return out
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, revision: str | None = None) -> "SAE":
-        """Read an SAE directory in SAELens's format (safetensors only; nothing is unpickled):
-        a local directory, or ``namespace/name[@revision][/folder]`` on the Hub (SAELens release
-        repos keep one SAE per folder).
-
-        ``log_threshold`` (SAELens training checkpoints) is converted to ``threshold``; a
-        ``scaling_factor`` of all ones is dropped; any other unknown tensor is an error (its
-        transform rule would be unknown).
-        """
-        directory = resolve_dir(directory, revision, what="SAE")
-        cfg_path, w_path = directory / SAE_CFG_FILENAME, directory / SAE_WEIGHTS_FILENAME
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{directory} is not an SAE directory: {SAE_CFG_FILENAME} is missing")
-        if not w_path.is_file():
-            others = sorted(p.name for p in directory.glob("*.pt")) + sorted(p.name for p in directory.glob("*.bin"))
-            hint = f" (found {', '.join(others)}; only safetensors are read, never pickles)" if others else ""
-            raise CheckpointError(f"{directory} has no {SAE_WEIGHTS_FILENAME}{hint}")
-        cfg = read_json_object(cfg_path, what="SAE directory")
-        try:
-            sd = load_file(str(w_path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{w_path} is not a readable safetensors file: {e}") from e
-        if "log_threshold" in sd and "threshold" not in sd:
-            sd["threshold"] = torch.exp(sd.pop("log_threshold"))
-        if "scaling_factor" in sd and bool(torch.all(sd["scaling_factor"] == 1)):
-            del sd["scaling_factor"]
-        missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec") if n not in sd]
-        if missing:
-            raise CheckpointError(f"{w_path} lacks {', '.join(missing)}")
-        unknown = sorted(set(sd) - {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"})
-        if unknown:
-            raise CheckpointError(
-                f"{w_path} holds tensors {unknown} that hf_bdgauge does not know how to read or transport"
-            )
-        arch = cfg.get("architecture") or ("jumprelu" if "threshold" in sd else "standard")
-        k = cfg.get("k")
-        if k is None and arch == "topk":
-            k = (cfg.get("activation_fn_kwargs") or {}).get("k")
-        if arch == "standard" and cfg.get("activation_fn", cfg.get("activation_fn_str")) == "topk":
-            arch, k = "topk", (cfg.get("activation_fn_kwargs") or {}).get("k")
-        if isinstance(cfg.get("normalize_activations"), bool):  # SAELens < 6 stored a bool
-            cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
-        if cfg.get("normalize_activations") is None:
-            cfg["normalize_activations"] = "none"
-        want = dtype or _DTYPES.get(str(cfg.get("dtype", "float32")).replace("torch.", ""), None)
-        if want is not None:
-            sd = {n: t.to(want) for n, t in sd.items()}
-        for key, size in (("d_in", sd["W_enc"].shape[0]), ("d_sae", sd["W_enc"].shape[-1])):
-            if key in cfg and int(cfg[key]) != int(size):
-                raise CheckpointError(f"{cfg_path} says {key}={cfg[key]} but W_enc has shape {tuple(sd['W_enc'].shape)}")
-        return cls(
-            sd["W_enc"], sd["W_dec"], sd["b_enc"], sd["b_dec"],
-            threshold=sd.get("threshold"), architecture=arch, k=k, cfg=cfg,
-        )
+    def load(cls, src: str | os.PathLike, *, dtype: torch.dtype | None = None, revision: str | None = None) -> "SAE":
+        """Read an SAE directory in SAELens's format (:func:`~.sae_files.read_sae_dir`: safetensors
+        only, nothing is unpickled): a local directory, or ``namespace/name[@revision][/folder]`` on
+        the Hub."""
+        sd, arch, k, cfg = read_sae_dir(src, revision=revision, dtype=dtype)
+        return cls(sd["W_enc"], sd["W_dec"], sd["b_enc"], sd["b_dec"], threshold=sd.get("threshold"),
+                   architecture=arch, k=k, cfg=cfg)
 
     # ------------------------------------------------------------------ forward pass
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -450,7 +358,7 @@ class SAE:
 
         ``W_enc ↦ G·W_enc``, ``W_dec ↦ W_dec·Gᵀ``, ``b_dec ↦ G·b_dec``; ``b_enc``, ``threshold``
         unchanged. ``cfg.metadata.model_name`` becomes ``model_name`` or the gauge's target
-        model id when known, and the gauge's :func:`~hf_bdgauge.gauge.transport_record` is
+        model id when known, and the gauge's :func:`~hf_bdgauge.record.transport_record` is
         appended to ``metadata["hf_bdgauge_transports"]``.
 
         Raises :class:`DimensionMismatchError` if ``d_in`` differs from the gauge's dimension,
@@ -492,21 +400,33 @@ _SAE_RULES = {"W_enc": W_ENC_RULE, "W_dec": W_DEC_RULE, "b_dec": B_DEC_RULE}
 
 
 def transport_sae(
-    sae_or_dir: "SAE | str | os.PathLike",
+    src: "SAE | str | os.PathLike",
     gauge: "Gauge | SignedPermutation",
-    out_dir: str | os.PathLike | None = None,
+    dst: str | os.PathLike | None = None,
     *,
+    revision: str | None = None,
     overwrite: bool = False,
-    model_name: str | None = None,
     force: bool = False,
+    model_name: str | None = None,
 ) -> SAE:
-    """Transport an :class:`SAE` (or an SAELens directory) by ``gauge``; optionally save the
-    result as an SAELens directory at ``out_dir`` (atomically). Returns the transported SAE."""
-    sae = sae_or_dir if isinstance(sae_or_dir, SAE) else SAE.load(sae_or_dir)
+    """Transport an :class:`SAE`, or an SAELens directory ``src`` (local or
+    ``namespace/name[@revision][/folder]``, at ``revision``), by ``gauge``
+    (:meth:`SAE.transport`); with ``dst``, also save the result there as an SAELens directory
+    (atomically; an existing one only with ``overwrite``). Returns the transported SAE."""
+    sae = src if isinstance(src, SAE) else SAE.load(src, revision=revision)
     new = sae.transport(gauge, model_name=model_name, force=force)
-    if out_dir is not None:
-        new.save(out_dir, overwrite=overwrite)
+    if dst is not None:
+        new.save(dst, overwrite=overwrite)
     return new
+
+
+@dataclass(frozen=True)
+class SAETraining:
+    """The optimiser settings of :func:`fit_sae` (Adam, one minibatch a step)."""
+
+    batch_size: int = field(default=256, metadata={"help": "activations per step (at most all of them)"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam's learning rate"})
+    l1_coefficient: float = field(default=0.1, metadata={"help": "λ of the sparsity penalty (standard SAEs)"})
 
 
 def fit_sae(
@@ -516,10 +436,8 @@ def fit_sae(
     architecture: str = "standard",
     k: int | None = None,
     steps: int = 400,
-    batch_size: int = 256,
-    lr: float = 3e-3,
-    l1_coefficient: float = 0.1,
     seed: int = 0,
+    training: SAETraining | None = None,
     **cfg_metadata: Any,
 ) -> SAE:
     """Train a small SAE on ``acts`` [N, d_in] (a minimal CPU trainer for tests and examples;
@@ -527,11 +445,14 @@ def fit_sae(
 
     ``"standard"``: ReLU with loss ``‖x − x̂‖² + λ·Σ_j f_j·‖W_dec[j]‖``; ``"topk"``: top-k
     latents, loss ``‖x − x̂‖²``. Decoder rows start at unit norm with ``W_enc = W_decᵀ`` and
-    ``b_dec`` at the data mean. Extra keyword arguments go into the config metadata
-    (``hook_name``, ``model_name``, …).
+    ``b_dec`` at the data mean. ``training``: batch size, learning rate and λ (:class:`SAETraining`).
+    Extra keyword arguments go to :meth:`SAE.from_weights` (``hook_name``, ``model_name``, … into the
+    config's metadata).
     """
     if architecture not in ("standard", "topk"):
         raise UnsupportedArchitectureError("fit_sae trains 'standard' or 'topk' SAEs")
+    training = training or SAETraining()
+    batch_size, lr, l1_coefficient = training.batch_size, training.lr, training.l1_coefficient
     x = acts.reshape(-1, acts.shape[-1]).detach().to(torch.float32)
     n, d_in = x.shape
     gen = torch.Generator().manual_seed(seed)
@@ -564,10 +485,3 @@ def fit_sae(
         t = {name: p.detach().clone() for name, p in params.items()}
     return SAE.from_weights(t["W_enc"], t["W_dec"], t["b_enc"], t["b_dec"], architecture=architecture,
                             k=int(k or 8) if architecture == "topk" else None, **cfg_metadata)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _cli_run(args: Any, gauge: Gauge) -> Path:
-    transport_sae(SAE.load(args.src, revision=args.revision), gauge, args.dst, overwrite=args.overwrite, force=args.force)
-    return Path(args.dst)
-

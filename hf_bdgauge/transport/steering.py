@@ -1,4 +1,4 @@
-"""Steering vectors: a small value object, its file formats, hooks, and transport.
+"""Steering vectors: a small value object, other libraries' conventions, model hooks, and transport.
 
 A :class:`SteeringVector` maps **residual layers** (:mod:`hf_bdgauge.layers`: ``0`` = the
 embedding output, ``ℓ`` = the output of decoder block ``ℓ − 1``, negatives count from the end) to
@@ -29,27 +29,11 @@ Other formats (the layer keys are converted here, and only here)
   *output* it is added to: their key ``n`` is our residual layer ``n + 1``
   (:func:`hf_bdgauge.layers.from_block_output`; negative keys mean the same in both). Neither
   library is imported; both are read and written by duck typing.
-* llama.cpp control vectors (GGUF, :meth:`SteeringVector.save_gguf` / :meth:`SteeringVector.load_gguf`,
-  through the ``gguf`` package), the file ``llama-cli --control-vector[-scaled] FILE`` reads and
-  ``llama-cvector-generator`` and repeng's ``ControlVector.export_gguf`` write: KV
-  ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (the model family;
-  repeng's importer requires it), ``controlvector.layer_count``, and one float32 1-D tensor
-  ``direction.<n>`` of length ``n_embd`` per steered layer. ``common_control_vector_load``
-  (llama.cpp ``common/common.cpp``) parses ``n`` from the name, rejects ``n = 0`` and non-F32 /
-  non-1-D tensors, sums several tensors of one layer; ``llama_adapter_cvec::apply`` puts slot
-  ``n`` into ``tensors[n]`` for ``1 ≤ n < n_layer``; every graph ends block ``il`` with
-  ``cur = build_cvec(cur, il)``, which adds ``tensors[il]`` after the block's residual add. So
-  ``direction.<n>`` steers the output of block ``n``: **residual layer n + 1**. Consequences:
-  residual layers 0 and 1 cannot be written (no block output / llama.cpp has no slot 0),
-  negative keys must be resolved against the model's depth first, and blocks ≥ ``n_layer`` are
-  ignored by llama.cpp. (``llama-cvector-generator`` *estimates* ``direction.<n>`` from the
-  output of block ``n − 1``, so its vectors act one block later than they were measured; the
-  file's meaning is the runtime's, described above.)
+* llama.cpp control vectors (GGUF): :mod:`.control_vector` (``direction.<n>`` steers the output of
+  block ``n``, residual layer ``n + 1``).
 
-File format of :meth:`SteeringVector.save`: one safetensors file with tensors ``"layer.<ℓ>"``
-[d] and string metadata ``format = "hf_bdgauge.steering_vector"``, ``format_version`` (``"2"``:
-keys are residual layers; files of version ``"1"`` keyed blocks and are read converted),
-``layer_type`` and ``metadata`` (a JSON object of strings).
+The file of :meth:`SteeringVector.save` (safetensors, keyed by residual layer) is described in
+:mod:`.steering_files`.
 """
 
 from __future__ import annotations
@@ -58,35 +42,28 @@ import contextlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_save
 
-from ..errors import CheckpointError, DimensionMismatchError, TransportError
-from ..files import atomic_file, atomic_write_bytes, check_destination
-from ..gauge import Gauge, as_gauge, transport_record
+from ..errors import DimensionMismatchError, TransportError
+from ..gauge import Gauge, as_gauge
+from ..record import transport_record
 from ..group import SignedPermutation
-from ..hub import resolve_file
 from ..layers import add_to_residual, decoder_blocks, from_block_output, residual_states, resolve_layer, to_block_output
 from ..plan import TransformPlan
 from ..roles import hidden_size_of
 from ..rules import WRITE
+from .control_vector import read_control_vector, write_control_vector
+from .steering_files import SUFFIXES, output_format, read_steering_file, write_steering_file
 
 __all__ = [
     "SteeringVector",
-    "STEERING_FORMAT",
-    "SUFFIXES",
     "NUM_LAYERS_KEY",
-    "CONTROL_VECTOR_ARCH",
     "transport_steering_vector",
-    "decoder_layers",
-    "record_residual",
     "next_token_logprobs",
     "steering_effect",
     "percent_effect_preserved",
@@ -94,44 +71,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STEERING_FORMAT = "hf_bdgauge.steering_vector"
-_FORMAT_VERSION = "2"
-_BLOCK_KEYED_VERSIONS = ("1",)
-_KEY = re.compile(r"layer\.(-?\d+)")
-
-#: ``general.architecture`` of a llama.cpp control-vector GGUF file.
-CONTROL_VECTOR_ARCH = "controlvector"
-_DIRECTION = re.compile(r"direction\.(\d+)")
-_GGUF_META_KEY = "hf_bdgauge.metadata"
-_GGUF_VERSION_KEY = "hf_bdgauge.format_version"
 #: The metadata key that records the number of decoder blocks of the vector's model (set by
 #: :meth:`SteeringVector.from_mean_difference` and :meth:`SteeringVector.transport` when known).
 NUM_LAYERS_KEY = "num_hidden_layers"
-#: Output suffix -> format: :meth:`SteeringVector.write` (and ``bdgauge transport steering``)
-#: pick the writer by it and refuse any other suffix.
-SUFFIXES = {".safetensors": "hf_bdgauge steering vector (safetensors)",
-            ".gguf": "llama.cpp control vector (GGUF)"}
-
-
-def _import_gguf(action: str) -> Any:
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover - gguf is in the 'real' extra
-        raise TransportError(f"{action} llama.cpp control vectors needs the gguf package (pip install gguf)") from e
-    return gguf
-
-
-def _gguf_string(reader: Any, key: str) -> str | None:
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    try:
-        value = field.contents()
-    except Exception:  # older gguf: no contents(); a string's bytes are the last part
-        value = bytes(field.parts[-1]).decode("utf-8", errors="replace")
-    return None if value is None else str(value)
-
-
 def _recorded_num_layers(gauge: Any) -> int | None:
     """``num_hidden_layers`` recorded in a Gauge's fingerprints (both ends agree for a gauge)."""
     if not isinstance(gauge, Gauge):
@@ -310,48 +252,17 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write a safetensors file (atomically): tensors ``layer.<i>`` plus string metadata.
-        ``path`` must end in ``.safetensors`` (:meth:`write` picks the format by suffix);
-        raises :class:`TransportError` otherwise."""
-        _output_format(path, {".safetensors"})
-        tensors = {f"layer.{i}": v.detach().cpu().contiguous() for i, v in self.layer_vectors.items()}
-        meta = {
-            "format": STEERING_FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "layer_type": self.layer_type,
-            "metadata": json.dumps(self.metadata, sort_keys=True),
-        }
-        return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite)
+        """Write a safetensors file (atomically; :mod:`.steering_files`): tensors ``layer.<i>`` plus
+        string metadata. ``path`` must end in ``.safetensors`` (:meth:`write` picks the format by
+        suffix); raises :class:`TransportError` otherwise."""
+        return write_steering_file(path, self.layer_vectors, self.layer_type, self.metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
         """Read a file written by :meth:`save` (safetensors; nothing is unpickled): local, or
         ``namespace/name[@revision]/path/in/repo`` on the Hub. Files of format version 1 (keyed
         by block) are converted to residual layers."""
-        path = resolve_file(path, revision, what="steering vector")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = list(f.keys())
-                tensors = {k: f.get_tensor(k) for k in keys}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-        if meta.get("format") != STEERING_FORMAT:
-            raise CheckpointError(f"{path} is not a hf_bdgauge steering vector (format={meta.get('format')!r})")
-        vecs: dict[int, torch.Tensor] = {}
-        for k, t in tensors.items():
-            m = _KEY.fullmatch(k)
-            if not m:
-                raise CheckpointError(f"{path}: unexpected tensor {k!r} (expected 'layer.<index>')")
-            vecs[int(m.group(1))] = t
-        try:
-            user_meta = json.loads(meta.get("metadata", "{}"))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
-        layer_type = meta.get("layer_type", "decoder_block")
-        if meta.get("format_version", "1") in _BLOCK_KEYED_VERSIONS and layer_type == "decoder_block":
-            vecs = {from_block_output(k): v for k, v in vecs.items()}
-        return cls(vecs, layer_type, user_meta)
+        return cls(*read_steering_file(path, revision=revision))
 
     @classmethod
     def read(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
@@ -367,7 +278,7 @@ class SteeringVector:
         ``.safetensors`` by :meth:`save`, ``.gguf`` by :meth:`save_gguf` (``num_layers`` and
         ``model_hint`` are the GGUF writer's). Raises :class:`TransportError` for another suffix,
         or for ``num_layers``/``model_hint`` with a ``.safetensors`` path (they would be ignored)."""
-        suffix = _output_format(path, set(SUFFIXES))
+        suffix = output_format(path, set(SUFFIXES))
         if suffix == ".gguf":
             return self.save_gguf(path, model_hint=model_hint, num_layers=num_layers, overwrite=overwrite)
         if num_layers is not None or model_hint is not None:
@@ -376,33 +287,6 @@ class SteeringVector:
         return self.save(path, overwrite=overwrite)
 
     # ------------------------------------------------------------------ llama.cpp control vectors
-    def _gguf_layers(self, num_layers: int | None) -> dict[int, torch.Tensor]:
-        """``direction.<n>`` indices (block ``n``'s output = residual layer ``n + 1``)."""
-        if self.layer_type != "decoder_block":
-            raise TransportError(f"llama.cpp control vectors steer decoder-block outputs, not {self.layer_type!r}")
-        if num_layers is not None and (isinstance(num_layers, bool) or int(num_layers) < 1):
-            raise TransportError(f"num_layers must be a positive integer, got {num_layers!r}")
-        out: dict[int, torch.Tensor] = {}
-        for i, v in self.layer_vectors.items():
-            if i < 0 and num_layers is None:
-                raise TransportError(
-                    f"layer key {i} counts from the end; pass num_layers= (the model's number of decoder layers) "
-                    "to write it as a llama.cpp direction index")
-            layer = resolve_layer(i, int(num_layers) + 1, TransportError) if num_layers is not None else i
-            if layer in (0, 1):
-                raise TransportError(
-                    f"residual layer {layer} cannot be written as a llama.cpp control vector: "
-                    + ("it is the embedding output, no block's output" if layer == 0 else
-                       "it is the output of block 0, for which llama.cpp has no slot (its loader rejects "
-                       "'direction.0' and with it the whole file)") + "; drop it before exporting")
-            j = to_block_output(layer)
-            if j in out:
-                raise TransportError(f"layer keys {i} and {j + 1} name the same layer once resolved")
-            if not bool(torch.isfinite(v).all()):
-                raise TransportError(f"the vector of layer {i} has non-finite entries")
-            out[j] = v
-        return dict(sorted(out.items()))
-
     def save_gguf(self, path: str | os.PathLike, *, model_hint: str | None = None, num_layers: int | None = None,
                   overwrite: bool = False) -> Path:
         """Write a llama.cpp control-vector GGUF file (atomically), readable by
@@ -421,37 +305,13 @@ class SteeringVector:
         non-decoder-block vector, non-finite entries or no model hint; :class:`CheckpointError`
         when ``path`` exists and not ``overwrite``. Nothing is written on error.
         """
-        gguf = _import_gguf("writing")
         recorded = self.num_layers
         if num_layers is not None and recorded is not None and num_layers != recorded:
             raise TransportError(f"num_layers={num_layers}, but the vector's model has {recorded} decoder "
                                  f"blocks (metadata {NUM_LAYERS_KEY}); leave num_layers out or pass "
                                  f"{recorded}")
-        num_layers = recorded if num_layers is None else num_layers
-        if num_layers is None:
-            logger.warning("writing %s without knowing the model's number of decoder blocks: llama.cpp "
-                           "ignores, without a word, a direction past its last block; pass num_layers= to "
-                           "check", path)
-        layers = self._gguf_layers(num_layers)
-        hint = model_hint or self.metadata.get("model_hint") or self.metadata.get("model_type")
-        if not hint:
-            raise TransportError("a control vector names its model family (controlvector.model_hint; repeng requires "
-                                 "it): pass model_hint=... (e.g. 'gemma3')")
-        path = check_destination(path, overwrite)
-        with atomic_file(path, overwrite=overwrite) as tmp:
-            writer = gguf.GGUFWriter(str(tmp), CONTROL_VECTOR_ARCH)
-            writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", str(hint))
-            writer.add_int32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(layers))
-            writer.add_string(_GGUF_VERSION_KEY, _FORMAT_VERSION)
-            writer.add_string(_GGUF_META_KEY, json.dumps(self.metadata, sort_keys=True))
-            for j, v in layers.items():
-                writer.add_tensor(f"direction.{j}", v.detach().to("cpu", torch.float32).contiguous().numpy().copy())
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-        logger.info("wrote a llama.cpp control vector (layers %s, d=%d) to %s", list(layers), self.dim, path)
-        return path
+        return write_control_vector(path, self.layer_vectors, self.layer_type, self.metadata, model_hint=model_hint,
+                                    num_layers=recorded if num_layers is None else num_layers, overwrite=overwrite)
 
     @classmethod
     def load_gguf(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
@@ -465,63 +325,8 @@ class SteeringVector:
         direction at all; :class:`DimensionMismatchError` for a tensor that is not 1-D or
         lengths that differ.
         """
-        gguf = _import_gguf("reading")
-        path = resolve_file(path, revision, what="control vector file")
-        try:
-            reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # gguf raises ValueError/struct errors/IndexError on foreign or truncated files
-            raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
-        try:
-            arch = _gguf_string(reader, "general.architecture")
-            if arch is None:
-                logger.warning("%s has no general.architecture; reading it as a control vector", path)
-            elif arch != CONTROL_VECTOR_ARCH:
-                raise CheckpointError(f"{path} is a GGUF file of architecture {arch!r}, not a control vector "
-                                      f"({CONTROL_VECTOR_ARCH!r})")
-            hint = _gguf_string(reader, f"{CONTROL_VECTOR_ARCH}.model_hint")
-            stored = _gguf_string(reader, _GGUF_META_KEY)
-            float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                           gguf.GGMLQuantizationType.F64}
-            vecs: dict[int, np.ndarray] = {}
-            for t in reader.tensors:
-                m = _DIRECTION.fullmatch(t.name)
-                if not m:
-                    raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (a control vector holds only "
-                                          "'direction.<layer>' tensors)")
-                if t.tensor_type not in float_types:
-                    raise CheckpointError(f"{path}: {t.name} has type {t.tensor_type.name}; control vectors are F32")
-                dims = [int(x) for x in t.shape]
-                if any(x != 1 for x in dims[1:]):
-                    raise DimensionMismatchError(f"{path}: {t.name} must be one-dimensional, got shape {dims}")
-                data = np.array(t.data, copy=True).reshape(-1)
-                data = data.astype(np.float64 if data.dtype == np.float64 else np.float32)
-                layer = int(m.group(1))
-                if layer in vecs:
-                    if vecs[layer].shape != data.shape:
-                        raise DimensionMismatchError(f"{path}: two direction tensors of layer {layer} differ in length")
-                    vecs[layer] = vecs[layer] + data
-                else:
-                    vecs[layer] = data
-        finally:
-            del reader
-        if not vecs:
-            raise CheckpointError(f"{path} holds no direction.<layer> tensors")
-        if 0 in vecs:
-            logger.warning("%s has a direction.0 tensor: llama.cpp has no slot for block 0 and refuses such files", path)
-        meta: dict[str, Any] = {}
-        if stored is not None:
-            try:
-                meta = json.loads(stored)
-            except ValueError as e:
-                raise CheckpointError(f"{path}: {_GGUF_META_KEY} is not valid JSON: {e}") from e
-            if not isinstance(meta, dict):
-                raise CheckpointError(f"{path}: {_GGUF_META_KEY} must be a JSON object")
-        else:
-            meta["source_format"] = "llama.cpp-control-vector"
-        if hint:
-            meta["model_hint"] = hint
-            meta.setdefault("model_type", hint)
-        return cls({from_block_output(i): torch.from_numpy(v) for i, v in vecs.items()}, "decoder_block", meta)
+        vecs, meta = read_control_vector(path, revision=revision)
+        return cls(vecs, "decoder_block", meta)
 
     # ------------------------------------------------------------------ model hooks
     def _resolve_layers(self, n_layers: int, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
@@ -616,17 +421,6 @@ def transport_steering_vector(vector: "SteeringVector | str | os.PathLike",
     return vector.transport(gauge)
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks (:func:`hf_bdgauge.layers.decoder_blocks`)."""
-    return decoder_blocks(model)
-
-
-def record_residual(model: torch.nn.Module, input_ids: torch.Tensor, layers: Sequence[int], **kwargs: Any) -> dict[int, torch.Tensor]:
-    """The residual stream at residual layers ``layers`` for one batch, ``layer -> [B, T, d]``
-    (:func:`hf_bdgauge.layers.residual_states`, full forward)."""
-    return residual_states(model, input_ids, layers, stop=False, **kwargs)
-
-
 @torch.no_grad()
 def next_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, vector: SteeringVector | None = None,
                         alpha: float = 1.0, layers: Sequence[int] | None = None) -> torch.Tensor:
@@ -655,37 +449,3 @@ def percent_effect_preserved(delta_source: torch.Tensor, delta_target: torch.Ten
     if denom == 0.0:
         raise TransportError("the source steering has no effect (Δ_source = 0); nothing to preserve")
     return 100.0 * float(t @ s) / denom
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _cli_run(args: Any, gauge: Gauge) -> Path:
-    """``bdgauge transport steering SRC GAUGE DST``: DST's suffix picks the writer (refused before
-    any work when unknown); a .gguf DST is checked against the model's depth (``--num-layers``, or
-    the gauge's fingerprints, or the depth recorded with the vector; refused when none knows it)."""
-    to_gguf = _output_format(args.dst, set(SUFFIXES), flag="DST") == ".gguf"
-    if args.num_layers is not None and not to_gguf:
-        raise TransportError("--num-layers applies to a .gguf DST (a llama.cpp control vector)")
-    moved = SteeringVector.read(args.src, revision=args.revision).transport(gauge, force=args.force)
-    if not to_gguf:
-        return moved.save(args.dst, overwrite=args.overwrite)
-    known = moved.num_layers
-    if args.num_layers is not None and known is not None and args.num_layers != known:
-        raise TransportError(f"--num-layers {args.num_layers}, but the model has {known} decoder blocks "
-                             f"(recorded by the gauge or the vector); leave --num-layers out or pass {known}")
-    if args.num_layers is None and known is None:
-        raise TransportError("the model's number of decoder blocks is not recorded (by the gauge's "
-                             "fingerprints or the vector), and llama.cpp ignores a direction past its last "
-                             "block without a word: pass --num-layers N")
-    return moved.save_gguf(args.dst, overwrite=args.overwrite, num_layers=args.num_layers)
-
-
-def _output_format(path: str | os.PathLike, accepted: set[str], flag: str = "path") -> str:
-    """The suffix of ``path`` if it is one of ``accepted``; a :class:`TransportError` naming them
-    otherwise (an output's format is chosen by its suffix, never guessed)."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in accepted:
-        names = ", ".join(f"{s} ({SUFFIXES[s]})" for s in sorted(accepted))
-        raise TransportError(f"{flag} {os.fspath(path)!r}: a steering vector is written as {names}; name it "
-                             f"with {'that suffix' if len(accepted) == 1 else 'one of these suffixes'}")
-    return suffix
-
