@@ -22,8 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
 
@@ -66,16 +66,28 @@ def make_checkpoint(root: Path, layers: int, shard_gb: float = 1.0) -> Path:
     from transformers import LlamaConfig
 
     root.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=VOCAB, tie_word_embeddings=False, dtype="bfloat16")
+    cfg = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     cfg.save_pretrained(root)
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(p + f"self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
-        shapes += [(p + "mlp.gate_proj.weight", (INTER, HIDDEN)), (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-                   (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
-                   (p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
+        shapes += [
+            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+        ]
     shapes += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
     gen = torch.Generator().manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
@@ -97,8 +109,9 @@ def make_checkpoint(root: Path, layers: int, shard_gb: float = 1.0) -> Path:
         for n, t in tensors.items():
             weight_map[n] = fname
             total += t.numel() * 2
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                    "weight_map": weight_map}))
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return root
 
 
@@ -115,8 +128,16 @@ def measured(work: Callable[[], None]) -> None:
     os.sync()
     dt = time.perf_counter() - t0
     peak_anon = sampler.stop()
-    print(json.dumps({"seconds": dt, "peak_rss_mb": _status_mb("VmHWM"), "peak_anon_mb": peak_anon,
-                      "baseline_anon_mb": base}))
+    print(
+        json.dumps(
+            {
+                "seconds": dt,
+                "peak_rss_mb": _status_mb("VmHWM"),
+                "peak_anon_mb": peak_anon,
+                "baseline_anon_mb": base,
+            }
+        )
+    )
 
 
 def _child(method: str, src: str, dst: str, workers: int) -> None:
@@ -132,8 +153,13 @@ def _work(method: str, src: str, dst: str, workers: int) -> None:
         from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
         from hf_bdgauge.checkpoint import Workers
 
-        apply_gauge_to_checkpoint(src, SignedPermutation.random(HIDDEN, seed=0), dst, workers=Workers(threads=workers),
-                                  progress=False)
+        apply_gauge_to_checkpoint(
+            src,
+            SignedPermutation.random(HIDDEN, seed=0),
+            dst,
+            workers=Workers(threads=workers),
+            progress=False,
+        )
     elif method == "naive":
         from transformers import AutoModelForCausalLM
 
@@ -162,29 +188,41 @@ def main() -> None:
         make_checkpoint(src, args.layers)
     nbytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     largest = VOCAB * HIDDEN * 2
-    print(f"synthetic Llama-7B-shaped bf16 checkpoint: {args.layers} layers, {nbytes / 1e9:.2f} GB in "
-          f"{len(list(src.glob('*.safetensors')))} shards, largest tensor {largest / 1e6:.0f} MB "
-          f"(built in {time.perf_counter() - t0:.0f} s); 2 CPU threads")
+    print(
+        f"synthetic Llama-7B-shaped bf16 checkpoint: {args.layers} layers, {nbytes / 1e9:.2f} GB in "
+        f"{len(list(src.glob('*.safetensors')))} shards, largest tensor {largest / 1e6:.0f} MB "
+        f"(built in {time.perf_counter() - t0:.0f} s); 2 CPU threads"
+    )
     runs = [("copy", 1), ("stream", 1), ("stream", 2)] + ([] if args.skip_naive else [("naive", 1)])
     rows = []
     for method, workers in runs:
         dst = work / f"out-{method}-{workers}"
         shutil.rmtree(dst, ignore_errors=True)
-        out = subprocess.run([sys.executable, __file__, "--child", method, str(src), str(dst), str(workers)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", method, str(src), str(dst), str(workers)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        r.update(method=method if method != "stream" else f"stream ({workers} worker{'s' if workers > 1 else ''})")
+        r.update(
+            method=method if method != "stream" else f"stream ({workers} worker{'s' if workers > 1 else ''})"
+        )
         r["gb_per_s"] = nbytes / 1e9 / r["seconds"]
         r["anon_over_baseline_mb"] = r["peak_anon_mb"] - r["baseline_anon_mb"]
         rows.append(r)
         shutil.rmtree(dst, ignore_errors=True)
     copy_speed = rows[0]["gb_per_s"]
-    print("\n| method | seconds | GB/s | × copy speed | peak RSS (VmHWM, incl. mapped file pages) MB | "
-          "peak private memory above baseline MB | ÷ largest tensor |")
+    print(
+        "\n| method | seconds | GB/s | × copy speed | peak RSS (VmHWM, incl. mapped file pages) MB | "
+        "peak private memory above baseline MB | ÷ largest tensor |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {r['gb_per_s'] / copy_speed:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['anon_over_baseline_mb']:.0f} | {r['anon_over_baseline_mb'] * 1e6 / largest:.2f} |")
+        print(
+            f"| {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {r['gb_per_s'] / copy_speed:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['anon_over_baseline_mb']:.0f} | {r['anon_over_baseline_mb'] * 1e6 / largest:.2f} |"
+        )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -15,11 +15,11 @@ import time
 import numpy as np
 import torch
 
-from hf_bdgauge.options import CalibrationOptions
 from hf_bdgauge import SignedPermutation
 from hf_bdgauge.estimate.assignment import hungarian
-from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.estimate.matching import calibrate_stats, pooled_correlations
+from hf_bdgauge.estimate.stats import PairStats
+from hf_bdgauge.options import CalibrationOptions
 
 
 def main() -> None:
@@ -47,9 +47,13 @@ def main() -> None:
         hungarian(A)
         t_h = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cal = calibrate_stats(stats, "sign_marginalized", g, (A, S), calibration=CalibrationOptions(draws=args.draws))
+        cal = calibrate_stats(
+            stats, "sign_marginalized", g, (A, S), calibration=CalibrationOptions(draws=args.draws)
+        )
         per = (time.perf_counter() - t0) / args.draws
-        print(f"{d:>6} {args.layers:>6} {per:>10.3f} {t_h:>12.3f} {per / max(t_h, 1e-9):>7.1f}   (p = {cal.p_value:.2g})")
+        print(
+            f"{d:>6} {args.layers:>6} {per:>10.3f} {t_h:>12.3f} {per / max(t_h, 1e-9):>7.1f}   (p = {cal.p_value:.2g})"
+        )
 
 
 if __name__ == "__main__":

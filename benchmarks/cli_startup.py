@@ -68,16 +68,18 @@ def _measure(cmd: list[str], runs: int) -> tuple[float, float]:
 
 
 def _imports_torch(args: list[str]) -> bool:
-    out = subprocess.run([sys.executable, "-c", _IMPORTS_TORCH, *args], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_TORCH, *args], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     return out.stderr.strip().splitlines()[-1] == "True"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=21, help="runs per command (the median is reported)")
-    ap.add_argument("--output", type=Path, default=HERE / "results" / "cli_startup.md",
-                    help="markdown file to write")
+    ap.add_argument(
+        "--output", type=Path, default=HERE / "results" / "cli_startup.md", help="markdown file to write"
+    )
     args = ap.parse_args()
 
     base_s, base_mb = _measure([sys.executable, "-c", "pass"], args.runs)
@@ -86,25 +88,32 @@ def main() -> int:
         wall, mb = _measure(_bdgauge() + argv, args.runs)
         rows.append((argv, wall, mb, _imports_torch(argv)))
     shown = "bdgauge" if _bdgauge()[0].endswith("bdgauge") else "python -m hf_bdgauge.cli"
-    lines = [f"`python benchmarks/cli_startup.py --runs {args.runs}`: median of {args.runs} runs each "
-             f"(after one warm-up), peak RSS of each child (os.wait4); command: `{shown}`.", "",
-             "| command | median wall s | × `python -c pass` | peak RSS MB | × `python -c pass` "
-             "| imports torch |",
-             "| --- | --- | --- | --- | --- | --- |",
-             f"| `python -c pass` | {base_s:.3f} | 1.0 | {base_mb:.1f} | 1.0 | no |"]
+    lines = [
+        f"`python benchmarks/cli_startup.py --runs {args.runs}`: median of {args.runs} runs each "
+        f"(after one warm-up), peak RSS of each child (os.wait4); command: `{shown}`.",
+        "",
+        "| command | median wall s | × `python -c pass` | peak RSS MB | × `python -c pass` | imports torch |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| `python -c pass` | {base_s:.3f} | 1.0 | {base_mb:.1f} | 1.0 | no |",
+    ]
     for argv, wall, mb, torch_in in rows:
-        lines.append(f"| `bdgauge {' '.join(argv)}` | {wall:.3f} | {wall / base_s:.1f} | {mb:.1f} | "
-                     f"{mb / base_mb:.1f} | {'yes' if torch_in else 'no'} |")
+        lines.append(
+            f"| `bdgauge {' '.join(argv)}` | {wall:.3f} | {wall / base_s:.1f} | {mb:.1f} | "
+            f"{mb / base_mb:.1f} | {'yes' if torch_in else 'no'} |"
+        )
     worst = max(r[1] for r in rows)
     met = "met" if worst <= TARGET_S else "NOT met"
     lines += ["", f"target: median ≤ {TARGET_S} s — {met} (slowest median {worst:.3f} s)."]
     text = "\n".join(lines)
     print(text)
-    header = ["# benchmarks/cli_startup.py", "",
-              f"Measured {_dt.date.today().isoformat()} on {platform.machine()} with {os.cpu_count()} CPUs, "
-              f"Python {platform.python_version()}, load average "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
-              ""]
+    header = [
+        "# benchmarks/cli_startup.py",
+        "",
+        f"Measured {_dt.date.today().isoformat()} on {platform.machine()} with {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        "",
+    ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(header) + "\n" + text + "\n", encoding="utf-8")
     return 1 if any(r[3] for r in rows) else 0

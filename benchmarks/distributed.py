@@ -47,6 +47,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
 from hf_bdgauge.options import CaptureOptions
 
 TIMEOUT_S = 600
@@ -60,13 +61,21 @@ def _corpus(n: int) -> list[str]:
     out = []
     for i in range(n):
         a, b = names[i % len(names)], things[(i // len(names)) % len(things)]
-        out.append(f"{a} had a {b}. {SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} {a} was happy with the {b} on day {i}.")
+        out.append(
+            f"{a} had a {b}. {SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} {a} was happy with the {b} on day {i}."
+        )
     return out
 
 
 def _env(threads: int) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+    )
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(v, None)
     return env
@@ -123,9 +132,15 @@ def _worker(out: str, texts_path: str, src: str, dst: str) -> int:
     report = {}
     for yy in (True, False):
         calls.clear()
-        st = capture_pair_stats(a, b, texts, track_target_cov=yy, capture=CaptureOptions(tokenizer=tok, progress=False))
-        report[str(yy)] = {"calls": list(calls), "layer_halves": sum(len(st.half(i)) for i in (0, 1)),
-                           "d": st.dims[0], "world_size": size}
+        st = capture_pair_stats(
+            a, b, texts, track_target_cov=yy, capture=CaptureOptions(tokenizer=tok, progress=False)
+        )
+        report[str(yy)] = {
+            "calls": list(calls),
+            "layer_halves": sum(len(st.half(i)) for i in (0, 1)),
+            "d": st.dims[0],
+            "world_size": size,
+        }
     if rank == 0:
         Path(out).write_text(json.dumps(report))
     shutdown()
@@ -139,8 +154,15 @@ def _random_llama(root: Path, src: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=512, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=512,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # non-unit gains, as a trained model has
         for n, p in model.named_parameters():
@@ -175,19 +197,48 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
     Gauge(planted, method="planted").save_pretrained(gauge)
     sharded = _sharded(src, tmp / f"{label}-sharded")
     cli = [sys.executable, "-m", "hf_bdgauge.cli"]
-    runs = [("1 process × 1 thread", 1, []), ("1 process × 2 threads", 2, []),
-            ("2 processes × 1 thread", 1, ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])]
+    runs = [
+        ("1 process × 1 thread", 1, []),
+        ("1 process × 2 threads", 2, []),
+        (
+            "2 processes × 1 thread",
+            1,
+            ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+        ),
+    ]
     commands = [
-        ("estimate --texts", ["estimate", str(src), str(dst), "--texts", str(corpus), "--batch-size",
-                              str(args.batch_size), "-q", "--dist-timeout", "300"], "capture_time_s"),
-        ("estimate --method weights", ["estimate", str(src), str(dst), "--method", "weights", "-q",
-                                       "--dist-timeout", "300"], "similarity_time_s"),
-        (f"apply ({len(list(sharded.glob('*.safetensors')))} shards)", ["apply", str(sharded), None, "--gauge", str(gauge), "--force", "-q",
-                              "--dist-timeout", "300"], None),
+        (
+            "estimate --texts",
+            [
+                "estimate",
+                str(src),
+                str(dst),
+                "--texts",
+                str(corpus),
+                "--batch-size",
+                str(args.batch_size),
+                "-q",
+                "--dist-timeout",
+                "300",
+            ],
+            "capture_time_s",
+        ),
+        (
+            "estimate --method weights",
+            ["estimate", str(src), str(dst), "--method", "weights", "-q", "--dist-timeout", "300"],
+            "similarity_time_s",
+        ),
+        (
+            f"apply ({len(list(sharded.glob('*.safetensors')))} shards)",
+            ["apply", str(sharded), None, "--gauge", str(gauge), "--force", "-q", "--dist-timeout", "300"],
+            None,
+        ),
     ]
     print(f"## {label} (d = {d}): 1 vs 2 processes\n")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print("| command | run | wall s (whole command) | main step s | peak RSS per process MB | right | wall ÷ 1×1 |")
+    print(
+        "| command | run | wall s (whole command) | main step s | peak RSS per process MB | right | wall ÷ 1×1 |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for c, (name, argv, step) in enumerate(commands):
         base = None
@@ -202,8 +253,11 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
             cmd = ([sys.executable] + launcher + ["-m", "hf_bdgauge.cli"] if launcher else cli) + full
             m = _measure(cmd, _env(threads))
             if step is None:
-                right = True if first_out is None else all(
-                    (first_out / f.name).read_bytes() == f.read_bytes() for f in out.iterdir())
+                right = (
+                    True
+                    if first_out is None
+                    else all((first_out / f.name).read_bytes() == f.read_bytes() for f in out.iterdir())
+                )
                 first_out = first_out or out
                 step_s = "–"
             else:
@@ -211,20 +265,43 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
                 right = g.element == planted
                 step_s = f"{g.metrics[step]:.2f}"
             base = base or m["wall_s"]
-            print(f"| {name} | {run} | {m['wall_s']:.1f} | {step_s} | {m['peak_rss_mb']:.0f} | {right} | "
-                  f"{m['wall_s'] / base:.2f} |")
+            print(
+                f"| {name} | {run} | {m['wall_s']:.1f} | {step_s} | {m['peak_rss_mb']:.0f} | {right} | "
+                f"{m['wall_s'] / base:.2f} |"
+            )
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
 
     rep = tmp / f"{label}-bytes.json"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          __file__, "--worker", str(rep), str(corpus), str(src), str(dst)],
-                         env=_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            __file__,
+            "--worker",
+            str(rep),
+            str(corpus),
+            str(src),
+            str(dst),
+        ],
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     if res.returncode != 0:
         raise SystemExit(f"byte count run failed:\n{res.stderr[-3000:]}")
     report = json.loads(rep.read_text())
-    print(f"### {label}: bytes all-reduced per layer and half (2 processes), measured vs 8·(d²·(1+[Σyyᵀ kept]) + 4d + 1)\n")
-    print("| Σyyᵀ kept | d | layer-halves | stats all-reduces | bytes each (measured) | formula | total stats bytes "
-          "| sent per rank by a ring, 2(N−1)/N | other traffic |")
+    print(
+        f"### {label}: bytes all-reduced per layer and half (2 processes), measured vs 8·(d²·(1+[Σyyᵀ kept]) + 4d + 1)\n"
+    )
+    print(
+        "| Σyyᵀ kept | d | layer-halves | stats all-reduces | bytes each (measured) | formula | total stats bytes "
+        "| sent per rank by a ring, 2(N−1)/N | other traffic |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for yy, r in report.items():
         d, n = r["d"], r["world_size"]
@@ -233,10 +310,14 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
         other = [f"{kind} {b} B" for kind, b in r["calls"] if kind != "all_reduce" or b == 8 * n]
         sizes = sorted(set(stats_calls))
         total = sum(stats_calls)
-        print(f"| {yy} | {d} | {r['layer_halves']} | {len(stats_calls)} | {', '.join(map(str, sizes))} | {formula} "
-              f"| {total} | {total * 2 * (n - 1) // n} | {'; '.join(other)} |")
-    print("\n(`all_gather_object`: the pickled layout each process sends; the 16 B all-reduce: the failure flags "
-          "of on_every_rank, 8 B per process.)\n")
+        print(
+            f"| {yy} | {d} | {r['layer_halves']} | {len(stats_calls)} | {', '.join(map(str, sizes))} | {formula} "
+            f"| {total} | {total * 2 * (n - 1) // n} | {'; '.join(other)} |"
+        )
+    print(
+        "\n(`all_gather_object`: the pickled layout each process sends; the 16 B all-reduce: the failure flags "
+        "of on_every_rank, 8 B per process.)\n"
+    )
 
 
 def main() -> int:

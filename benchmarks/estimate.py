@@ -28,15 +28,17 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.estimate import estimate_gauge
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 
 
 def _row(method: str, tokens: int | str, seconds: float, acc: dict, verdict: str) -> str:
-    return (f"| {method:<31} | {tokens!s:>6} | {seconds:8.3f} | {acc['perm_accuracy']:6.3f} | "
-            f"{acc['signed_accuracy']:6.3f} | {verdict:<22} |")
+    return (
+        f"| {method:<31} | {tokens!s:>6} | {seconds:8.3f} | {acc['perm_accuracy']:6.3f} | "
+        f"{acc['signed_accuracy']:6.3f} | {verdict:<22} |"
+    )
 
 
 def bench_methods(n_samples: int, sample_len: int, seed: int) -> None:
@@ -50,30 +52,70 @@ def bench_methods(n_samples: int, sample_len: int, seed: int) -> None:
     apply_gauge(tgt, g)
     torch.manual_seed(seed)
     with torch.no_grad():
-        sampled = src.generate(torch.ones(n_samples, 1, dtype=torch.long), do_sample=True, max_new_tokens=sample_len,
-                               top_k=0, pad_token_id=0) if n_samples else None
+        sampled = (
+            src.generate(
+                torch.ones(n_samples, 1, dtype=torch.long),
+                do_sample=True,
+                max_new_tokens=sample_len,
+                top_k=0,
+                pad_token_id=0,
+            )
+            if n_samples
+            else None
+        )
     datasets = {"greedy text": [STORIES260K_GREEDY_TEXT]}
     if sampled is not None:
         datasets["sampled"] = sampled
-    print(f"\nstories260K (d=64, 5 layers), planted gauge with {g.num_flips} sign flips; fraction of + signs "
-          f"{float(np.mean(g.signs == 1)):.3f}")
-    print("| method                          | tokens |  seconds |  perm  | signed | verdict                |")
-    print("|---------------------------------|--------|----------|--------|--------|------------------------|")
+    print(
+        f"\nstories260K (d=64, 5 layers), planted gauge with {g.num_flips} sign flips; fraction of + signs "
+        f"{float(np.mean(g.signs == 1)):.3f}"
+    )
+    print(
+        "| method                          | tokens |  seconds |  perm  | signed | verdict                |"
+    )
+    print(
+        "|---------------------------------|--------|----------|--------|--------|------------------------|"
+    )
     for label, data in datasets.items():
         for method in ("sign_marginalized", "signed", "permutation"):
             t0 = time.perf_counter()
-            est = estimate_gauge(src, tgt, data, method, capture=CaptureOptions(tokenizer=tok, progress=False))
+            est = estimate_gauge(
+                src, tgt, data, method, capture=CaptureOptions(tokenizer=tok, progress=False)
+            )
             dt = time.perf_counter() - t0
-            print(_row(f"{method} ({label})", est.metrics["tokens"], dt, est.element.agreement(g), est.metrics["verdict"]))
+            print(
+                _row(
+                    f"{method} ({label})",
+                    est.metrics["tokens"],
+                    dt,
+                    est.element.agreement(g),
+                    est.metrics["verdict"],
+                )
+            )
     t0 = time.perf_counter()
     est = estimate_gauge(src, tgt, method="weights", weights=WeightOptions(progress=False))
-    print(_row("weights (loaded models)", "-", time.perf_counter() - t0, est.element.agreement(g), est.metrics["verdict"]))
+    print(
+        _row(
+            "weights (loaded models)",
+            "-",
+            time.perf_counter() - t0,
+            est.element.agreement(g),
+            est.metrics["verdict"],
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         dst = apply_gauge_to_checkpoint(d, g, Path(tmp) / "recharted", progress=False)
         t0 = time.perf_counter()
         est = estimate_gauge(str(d), str(dst), method="weights", weights=WeightOptions(progress=False))
-        print(_row("weights (safetensors dirs)", "-", time.perf_counter() - t0, est.element.agreement(g),
-                   est.metrics["verdict"]))
+        print(
+            _row(
+                "weights (safetensors dirs)",
+                "-",
+                time.perf_counter() - t0,
+                est.element.agreement(g),
+                est.metrics["verdict"],
+            )
+        )
 
 
 def _score_matrix(d: int, rng: np.random.Generator, uniform: bool, tokens: int = 4096) -> np.ndarray:

@@ -47,14 +47,22 @@ def _work(method: str, src: str, dst: str) -> None:
     else:
         from hf_bdgauge import Orthogonal, apply_gauge_to_checkpoint
 
-        r = Orthogonal.random_hadamard(HIDDEN, seed=0) if method == "hadamard" else Orthogonal.random(HIDDEN, seed=0)
+        r = (
+            Orthogonal.random_hadamard(HIDDEN, seed=0)
+            if method == "hadamard"
+            else Orthogonal.random(HIDDEN, seed=0)
+        )
         apply_gauge_to_checkpoint(src, r, dst, progress=False)
 
 
 def _run(method: str, src: Path, dst: Path) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
-    out = subprocess.run([sys.executable, __file__, "--child", method, str(src), str(dst)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -64,8 +72,10 @@ def part_checkpoint(work: Path, layers: int, skip_dense: bool) -> None:
     if not src.exists():
         make_checkpoint(src, layers)
     nbytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    print(f"synthetic Llama-7B-shaped bf16 checkpoint: {layers} layers, {nbytes / 1e9:.2f} GB "
-          f"(built in {time.perf_counter() - t0:.0f} s); 2 CPU threads\n")
+    print(
+        f"synthetic Llama-7B-shaped bf16 checkpoint: {layers} layers, {nbytes / 1e9:.2f} GB "
+        f"(built in {time.perf_counter() - t0:.0f} s); 2 CPU threads\n"
+    )
     rows = [("copy", _run("copy", src, work / "copy"))]
     shutil.rmtree(work / "copy", ignore_errors=True)
     rows.append(("fold", _run("fold", src, work / "folded")))
@@ -76,18 +86,25 @@ def part_checkpoint(work: Path, layers: int, skip_dense: bool) -> None:
         shutil.rmtree(work / "rot-d", ignore_errors=True)
     copy_s = rows[0][1]["seconds"]
     largest = VOCAB * HIDDEN * 2
-    print("| step | seconds | GB/s | × copy time | peak private memory above baseline MB | ÷ largest tensor |")
+    print(
+        "| step | seconds | GB/s | × copy time | peak private memory above baseline MB | ÷ largest tensor |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in rows:
         anon = r["peak_anon_mb"] - r["baseline_anon_mb"]
-        print(f"| {name} | {r['seconds']:.2f} | {nbytes / 1e9 / r['seconds']:.2f} | {r['seconds'] / copy_s:.1f} | "
-              f"{anon:.0f} | {anon * 1e6 / largest:.2f} |")
+        print(
+            f"| {name} | {r['seconds']:.2f} | {nbytes / 1e9 / r['seconds']:.2f} | {r['seconds'] / copy_s:.1f} | "
+            f"{anon:.0f} | {anon * 1e6 / largest:.2f} |"
+        )
     per_layer = {name: r["seconds"] for name, r in rows}
     fr = per_layer["fold"] + per_layer["rotate (Hadamard, folded)"]
-    scale = (32 * (4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN) + 2 * VOCAB * HIDDEN) / \
-            (layers * (4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN) + 2 * VOCAB * HIDDEN)
-    print(f"\nfold + Hadamard rotation: {fr:.1f} s for {nbytes / 1e9:.2f} GB = {fr / copy_s:.1f}× a copy; "
-          f"scaled by parameter count to 32 layers (×{scale:.1f}, an extrapolation): about {fr * scale / 60:.1f} min")
+    scale = (32 * (4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN) + 2 * VOCAB * HIDDEN) / (
+        layers * (4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN) + 2 * VOCAB * HIDDEN
+    )
+    print(
+        f"\nfold + Hadamard rotation: {fr:.1f} s for {nbytes / 1e9:.2f} GB = {fr / copy_s:.1f}× a copy; "
+        f"scaled by parameter count to 32 layers (×{scale:.1f}, an extrapolation): about {fr * scale / 60:.1f} min"
+    )
 
 
 def part_procrustes(tokens: int, layers: int) -> None:
@@ -95,8 +112,8 @@ def part_procrustes(tokens: int, layers: int) -> None:
     import torch
 
     from hf_bdgauge import Orthogonal
-    from hf_bdgauge.estimate.stats import PairStats
     from hf_bdgauge.estimate.procrustes import estimate_rotation_from_stats, procrustes
+    from hf_bdgauge.estimate.stats import PairStats
 
     torch.set_num_threads(2)
     d = HIDDEN
@@ -124,8 +141,10 @@ def part_procrustes(tokens: int, layers: int) -> None:
     print(f"| sums (PairStats.update, both halves, all layers) | {t_sums:.1f} |")
     print(f"| one Procrustes SVD (d × d) | {t_svd:.1f} |")
     print(f"| estimate_rotation_from_stats (estimate, halves, layers' disagreement, p-value) | {t_all:.1f} |")
-    print(f"\nverdict {g.verdict}, ‖R̂ − R‖_F/√d = {err:.2e} (reported rotation_error {g.metrics['rotation_error']:.2e}), "
-          f"log10 p = {g.metrics['log10_p_value']:.0f}")
+    print(
+        f"\nverdict {g.verdict}, ‖R̂ − R‖_F/√d = {err:.2e} (reported rotation_error {g.metrics['rotation_error']:.2e}), "
+        f"log10 p = {g.metrics['log10_p_value']:.0f}"
+    )
 
 
 def main() -> None:

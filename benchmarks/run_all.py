@@ -43,12 +43,20 @@ QUICK = {
     "weights_matching_7b": ["--layers", "1", "--runs", "stream"],
     "cli_startup": ["--runs", "5"],
 }
-ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "OMP_NUM_THREADS": "2",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def discover() -> list[str]:
-    names = sorted(p.stem for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
+    names = sorted(
+        p.stem for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
+    )
     return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
 
 
@@ -66,7 +74,11 @@ def _machine() -> list[str]:
     except OSError:
         pass
     try:
-        mem = next(int(x.split()[1]) / 2**20 for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        mem = next(
+            int(x.split()[1]) / 2**20
+            for x in Path("/proc/meminfo").read_text().splitlines()
+            if x.startswith("MemTotal")
+        )
         mem_s = f"{mem:.0f} GB RAM"
     except (OSError, StopIteration):
         mem_s = "RAM unknown"
@@ -77,9 +89,15 @@ def _machine() -> list[str]:
         except Exception:  # noqa: BLE001 - a missing optional package is just not listed
             pass
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True
+        ).stdout.strip()
         commit += " (with uncommitted changes)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
@@ -91,11 +109,13 @@ def _machine() -> list[str]:
             gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     except Exception:  # noqa: BLE001
         pass
-    return [f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- commit: {commit}",
-            f"- machine: {cpu}, {os.cpu_count()} CPUs, {mem_s}, GPU: {gpu}; Python {platform.python_version()}",
-            f"- packages: {', '.join(versions)}",
-            f"- environment: {', '.join(f'{k}={v}' for k, v in ENV.items() if k != 'PYTHONUNBUFFERED')}"]
+    return [
+        f"- date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- commit: {commit}",
+        f"- machine: {cpu}, {os.cpu_count()} CPUs, {mem_s}, GPU: {gpu}; Python {platform.python_version()}",
+        f"- packages: {', '.join(versions)}",
+        f"- environment: {', '.join(f'{k}={v}' for k, v in ENV.items() if k != 'PYTHONUNBUFFERED')}",
+    ]
 
 
 def _as_markdown(text: str) -> str:
@@ -114,10 +134,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names (file stems) to run")
     ap.add_argument("--skip", nargs="*", default=[], help="benchmark names to leave out")
-    ap.add_argument("--quick", action="store_true",
-                    help="smaller sizes: " + "; ".join(f"{k} {' '.join(v)}" for k, v in QUICK.items()))
-    ap.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
-                    help="extra arguments for one benchmark, e.g. estimate='--dims 1024' (repeatable)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sizes: " + "; ".join(f"{k} {' '.join(v)}" for k, v in QUICK.items()),
+    )
+    ap.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="extra arguments for one benchmark, e.g. estimate='--dims 1024' (repeatable)",
+    )
     ap.add_argument("--output", type=Path, default=HERE / "results.md")
     args = ap.parse_args()
 
@@ -138,8 +166,14 @@ def main() -> int:
     env = dict(os.environ)
     for k, v in ENV.items():
         env.setdefault(k, v)
-    header = ["# Benchmark results", "", "Written by `python benchmarks/run_all.py"
-              + (" --quick" if args.quick else "") + "`; every section is one benchmark's printed output.", ""]
+    header = [
+        "# Benchmark results",
+        "",
+        "Written by `python benchmarks/run_all.py"
+        + (" --quick" if args.quick else "")
+        + "`; every section is one benchmark's printed output.",
+        "",
+    ]
     header += _machine()
     sections: list[str] = []
     failed: list[str] = []
@@ -153,7 +187,9 @@ def main() -> int:
         shown = "python " + " ".join(shlex.quote(x) for x in [f"benchmarks/{name}.py", *argv])
         print(f"\n===== {shown}  (load {_load()})", flush=True)
         load0, t0 = _load(), time.perf_counter()
-        with tempfile.TemporaryFile("w+") as errf:  # a file, not a pipe: progress bars cannot fill it and block
+        with tempfile.TemporaryFile(
+            "w+"
+        ) as errf:  # a file, not a pipe: progress bars cannot fill it and block
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errf, text=True)
             lines: list[str] = []
             assert proc.stdout is not None

@@ -45,13 +45,15 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hf_bdgauge.options import CalibrationOptions, CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
 from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches  # noqa: E402
-from hf_bdgauge.layers import residual_states  # noqa: E402
 from hf_bdgauge.estimate.matching import estimate_from_stats  # noqa: E402
 from hf_bdgauge.estimate.stats import PairStats  # noqa: E402
-from hf_bdgauge.layers import num_residual_layers  # noqa: E402
+from hf_bdgauge.layers import (
+    num_residual_layers,  # noqa: E402
+    residual_states,  # noqa: E402
+)
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions
 
 MODELS = ("stories260K", "llama-d1024")
 #: (batch size, sequence length, number of batches) per model: about 16k and 4k tokens per run
@@ -68,9 +70,16 @@ def load_pair(name: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module, S
     elif name == "llama-d1024":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
-                          num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048,
-                          tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
         torch.manual_seed(seed)
         src = LlamaForCausalLM(cfg).to(torch.float32)
     else:
@@ -83,8 +92,9 @@ def load_pair(name: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module, S
 
 
 # ---------------------------------------------------------------------- timing
-def _median_times(runs: dict[str, Callable[[list[dict]], object]], batches: list[dict],
-                  repeats: int) -> dict[str, tuple[float, float]]:
+def _median_times(
+    runs: dict[str, Callable[[list[dict]], object]], batches: list[dict], repeats: int
+) -> dict[str, tuple[float, float]]:
     """``(wall seconds, CPU seconds)`` of each run over all ``batches``: the median time of one
     batch (over ``repeats`` × batches samples) times the number of batches. The runs take turns
     batch by batch, so a change of machine load hits every row alike."""
@@ -98,7 +108,10 @@ def _median_times(runs: dict[str, Callable[[list[dict]], object]], batches: list
                 fn([b])
                 times[k].append((time.perf_counter() - w0, time.process_time() - c0))
     nb = len(batches)
-    return {k: (nb * statistics.median(w for w, _ in v), nb * statistics.median(c for _, c in v)) for k, v in times.items()}
+    return {
+        k: (nb * statistics.median(w for w, _ in v), nb * statistics.median(c for _, c in v))
+        for k, v in times.items()
+    }
 
 
 def _ms(fn: Callable[[], object], repeats: int) -> float:
@@ -142,8 +155,10 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     def cap(key: str, **kw) -> Callable[[list[dict]], None]:
         def run(bs: list[dict]) -> None:
             track = kw.pop("track_target_cov", True)
-            out[key] = capture_pair_stats(src, tgt, bs, capture=CaptureOptions(progress=False, **kw),
-                                          track_target_cov=track)
+            out[key] = capture_pair_stats(
+                src, tgt, bs, capture=CaptureOptions(progress=False, **kw), track_target_cov=track
+            )
+
         return run
 
     runs = {
@@ -159,30 +174,45 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     load1 = os.getloadavg()[0]
     base_w, base_c = med[BASELINE]
     params = sum(p.numel() for p in src.parameters())
-    lines = [f"\n### {name}: d = {d}, {L1 - 1} layers, {params / 1e6:.1f} M parameters, float32; "
-             f"{nb} batches of {B}×{T} = {tokens} tokens per run, median over {repeats}×{nb} batch timings, "
-             f"interleaved (1-min load {load0:.1f} → {load1:.1f})",
-             "| run | wall s | tokens/s | × baseline tokens/s | overhead (wall) | overhead (CPU time) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"\n### {name}: d = {d}, {L1 - 1} layers, {params / 1e6:.1f} M parameters, float32; "
+        f"{nb} batches of {B}×{T} = {tokens} tokens per run, median over {repeats}×{nb} batch timings, "
+        f"interleaved (1-min load {load0:.1f} → {load1:.1f})",
+        "| run | wall s | tokens/s | × baseline tokens/s | overhead (wall) | overhead (CPU time) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for k, (w, c) in med.items():
-        lines.append(f"| {k} | {w:.3f} | {tokens / w:,.0f} | {base_w / w:.2f} | {100 * (w / base_w - 1):+.1f} % | "
-                     f"{100 * (c / base_c - 1):+.1f} % |")
+        lines.append(
+            f"| {k} | {w:.3f} | {tokens / w:,.0f} | {base_w / w:.2f} | {100 * (w / base_w - 1):+.1f} % | "
+            f"{100 * (c / base_c - 1):+.1f} % |"
+        )
 
     # sanity: the statistics find the planted gauge, and the float32 products agree with float64
     acc = estimate_from_stats(out["all"], calibration=CalibrationOptions(null_draws=0)).element.agreement(g)
-    acc_sub = estimate_from_stats(out["subset"], calibration=CalibrationOptions(null_draws=0)).element.agreement(g)
+    acc_sub = estimate_from_stats(
+        out["subset"], calibration=CalibrationOptions(null_draws=0)
+    ).element.agreement(g)
     dev = max(float(np.max(np.abs(out["f64"][k].corr() - out["all"][k].corr()))) for k in all_layers)
-    rel = max(float(torch.max(torch.abs(out["f64"][k].sum_xy - out["all"][k].sum_xy)) /
-                    torch.max(torch.abs(out["f64"][k].sum_xy))) for k in all_layers)
-    lines.append(f"\nplanted gauge recovered from the captured statistics: all layers {acc['signed_accuracy']:.3f}, "
-                 f"layers {subset} {acc_sub['signed_accuracy']:.3f} (signed accuracy); default float32 centred "
-                 f"products vs float64 products: max |Δcorr| = {dev:.1e}, max relative |ΔΣxyᵀ| = {rel:.1e}")
+    rel = max(
+        float(
+            torch.max(torch.abs(out["f64"][k].sum_xy - out["all"][k].sum_xy))
+            / torch.max(torch.abs(out["f64"][k].sum_xy))
+        )
+        for k in all_layers
+    )
+    lines.append(
+        f"\nplanted gauge recovered from the captured statistics: all layers {acc['signed_accuracy']:.3f}, "
+        f"layers {subset} {acc_sub['signed_accuracy']:.3f} (signed accuracy); default float32 centred "
+        f"products vs float64 products: max |Δcorr| = {dev:.1e}, max relative |ΔΣxyᵀ| = {rel:.1e}"
+    )
     lines += breakdown(src, tgt, batches[0], all_layers, d, repeats)
     return lines
 
 
 @torch.no_grad()
-def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: list[int], d: int, repeats: int) -> list[str]:
+def breakdown(
+    src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: list[int], d: int, repeats: int
+) -> list[str]:
     """Per-part cost of one batch (ms per 1000 tokens), all layers."""
     r = max(repeats, 3)
     n = int(batch["attention_mask"].sum())
@@ -192,8 +222,13 @@ def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: l
     hs, ht = residual_states(src, batch, layers), residual_states(tgt, batch, layers)
 
     def cast() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(hs[k].reshape(-1, d).to("cpu", torch.float64)[m], ht[k].reshape(-1, d).to("cpu", torch.float64)[m])
-                for k in layers]
+        return [
+            (
+                hs[k].reshape(-1, d).to("cpu", torch.float64)[m],
+                ht[k].reshape(-1, d).to("cpu", torch.float64)[m],
+            )
+            for k in layers
+        ]
 
     xy = cast()
 
@@ -209,7 +244,10 @@ def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: l
         for _, Y in xy:
             Y.T @ Y
 
-    st64, st32 = PairStats(), PairStats()  # allocated once, as in a capture (fresh d×d zeros would add page faults)
+    st64, st32 = (
+        PairStats(),
+        PairStats(),
+    )  # allocated once, as in a capture (fresh d×d zeros would add page faults)
 
     def full_update() -> None:
         st = st64
@@ -233,9 +271,12 @@ def breakdown(src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: l
         "PairStats.update, default (float32 centred products)": _ms(f32_update, r),
     }
     gemm_flop = 4.0 * n * d * d * len(layers)  # Xᵀ·Y and Yᵀ·Y: 2·n·d² each, per layer
-    lines = [f"\nwhere the time goes (one batch of {n} tokens, {len(layers)} layers, median of {r}); the d×d "
-             f"products are {gemm_flop / n / 1e6:.1f} MFLOP per token",
-             "| part | ms per 1000 tokens | ÷ forward |", "| --- | --- | --- |"]
+    lines = [
+        f"\nwhere the time goes (one batch of {n} tokens, {len(layers)} layers, median of {r}); the d×d "
+        f"products are {gemm_flop / n / 1e6:.1f} MFLOP per token",
+        "| part | ms per 1000 tokens | ÷ forward |",
+        "| --- | --- | --- |",
+    ]
     for k, v in parts.items():
         lines.append(f"| {k} | {v * per_k:.2f} | {v / t_fwd:.3f} |")
     return lines
@@ -252,8 +293,10 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("hf_bdgauge").setLevel(logging.ERROR)
     load = os.getloadavg()
-    print(f"Activation statistics overhead ({args.threads} torch threads, load average at start "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs)")
+    print(
+        f"Activation statistics overhead ({args.threads} torch threads, load average at start "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs)"
+    )
     for name in args.models:
         print("\n".join(bench_model(name, args.repeats, args.seed)), flush=True)
 

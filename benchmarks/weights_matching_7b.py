@@ -88,11 +88,24 @@ def _child(run: str, src: str, dst: str, threads: int) -> None:
     peak = sampler.stop()
     acc = est.element.agreement(SignedPermutation.random(HIDDEN, seed=GAUGE_SEED))
     m = est.metrics
-    print(json.dumps({"seconds": dt, "cpu_s": cpu, "load_s": t_load, "similarity_s": m["similarity_time_s"],
-                      "match_s": m["time_s"] - m["similarity_time_s"], "peak_anon_mb": peak,
-                      "peak_rss_mb": _status_mb("VmHWM"), "baseline_anon_mb": base,
-                      "signed_accuracy": acc["signed_accuracy"], "verdict": m["verdict"],
-                      "min_confidence": float(min(est.confidence)), "tensors": m["tensors_used"]}))
+    print(
+        json.dumps(
+            {
+                "seconds": dt,
+                "cpu_s": cpu,
+                "load_s": t_load,
+                "similarity_s": m["similarity_time_s"],
+                "match_s": m["time_s"] - m["similarity_time_s"],
+                "peak_anon_mb": peak,
+                "peak_rss_mb": _status_mb("VmHWM"),
+                "baseline_anon_mb": base,
+                "signed_accuracy": acc["signed_accuracy"],
+                "verdict": m["verdict"],
+                "min_confidence": float(min(est.confidence)),
+                "tensors": m["tensors_used"],
+            }
+        )
+    )
 
 
 def _gemm_gflops(dtype_name: str, threads: int) -> float:
@@ -121,7 +134,9 @@ def _product_flops(layers: int, gram: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--workdir", type=Path, default=None, help="keep the checkpoints here (reused when present)")
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="keep the checkpoints here (reused when present)"
+    )
     ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--repeats", type=int, default=1, help="runs per row (the median is reported)")
     ap.add_argument("--threads", type=int, default=2)
@@ -147,17 +162,33 @@ def main() -> None:
     nbytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     largest = VOCAB * HIDDEN * 2
     load = os.getloadavg()
-    print(f"Data-free weight matching, synthetic Llama-7B-shaped bf16 checkpoint: {layers} layers, "
-          f"{nbytes / 1e9:.2f} GB (built in {t_build:.0f} s), re-charted by a random signed permutation "
-          f"(apply_gauge_to_checkpoint: {t_apply:.1f} s); {args.threads} torch threads; load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"Data-free weight matching, synthetic Llama-7B-shaped bf16 checkpoint: {layers} layers, "
+        f"{nbytes / 1e9:.2f} GB (built in {t_build:.0f} s), re-charted by a random signed permutation "
+        f"(apply_gauge_to_checkpoint: {t_apply:.1f} s); {args.threads} torch threads; load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     rates = {n: _gemm_gflops(n, args.threads) for n in ("float32", "bfloat16")}
-    print(f"GEMM rate on this machine now: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
+    print(
+        f"GEMM rate on this machine now: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s"
+    )
     results: dict[str, list[dict]] = {run: [] for run in args.runs}
     for _ in range(args.repeats):  # round-robin, so a change of machine load hits every row alike
         for run in args.runs:
-            out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", run, str(src), str(dst)],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--child",
+                    run,
+                    str(src),
+                    str(dst),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 sys.stderr.write(out.stderr)
                 raise SystemExit(f"run {run} failed")
@@ -171,9 +202,11 @@ def main() -> None:
         r["run"] = run
         rows.append(r)
     naive = next((r["seconds"] for r in rows if r["run"] == "loaded"), None)
-    print("\n| run | seconds | CPU s | × naive time | load s | similarity s | GEMM floor s | matching s | "
-          "peak private MB above baseline | ÷ largest tensor | ÷ both checkpoints | peak RSS incl. file pages MB | "
-          "signed accuracy | verdict |")
+    print(
+        "\n| run | seconds | CPU s | × naive time | load s | similarity s | GEMM floor s | matching s | "
+        "peak private MB above baseline | ÷ largest tensor | ÷ both checkpoints | peak RSS incl. file pages MB | "
+        "signed accuracy | verdict |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         kw = RUNS[r["run"]]
@@ -181,14 +214,18 @@ def main() -> None:
         floor = _product_flops(layers, kw.get("null_draws", 1) > 0) / rate / 1e9
         anon = r["peak_anon_mb"] - r["baseline_anon_mb"]
         vs = f"{r['seconds'] / naive:.2f}" if naive else "-"
-        print(f"| {LABELS[r['run']]} | {r['seconds']:.1f} | {r['cpu_s']:.0f} | {vs} | {r['load_s']:.1f} | "
-              f"{r['similarity_s']:.1f} | {floor:.1f} | {r['match_s']:.1f} | {anon:.0f} | {anon * 1e6 / largest:.2f} | "
-              f"{anon * 1e6 / (2 * nbytes):.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['signed_accuracy']:.3f} | {r['verdict']} |")
+        print(
+            f"| {LABELS[r['run']]} | {r['seconds']:.1f} | {r['cpu_s']:.0f} | {vs} | {r['load_s']:.1f} | "
+            f"{r['similarity_s']:.1f} | {floor:.1f} | {r['match_s']:.1f} | {anon:.0f} | {anon * 1e6 / largest:.2f} | "
+            f"{anon * 1e6 / (2 * nbytes):.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['signed_accuracy']:.3f} | {r['verdict']} |"
+        )
     load = os.getloadavg()
-    print(f"\n(median of {args.repeats} run(s) per row; 'CPU s' = process CPU time, at most {args.threads}× the wall time "
-          f"on an idle machine; 'GEMM floor' = the d×d products' FLOPs at the GEMM rate measured above; load average "
-          f"at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
+    print(
+        f"\n(median of {args.repeats} run(s) per row; 'CPU s' = process CPU time, at most {args.threads}× the wall time "
+        f"on an idle machine; 'GEMM floor' = the d×d products' FLOPs at the GEMM rate measured above; load average "
+        f"at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})"
+    )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -68,7 +68,7 @@ class _Layout:
 
     def real_source(self, src_uri: str) -> Path:
         if src_uri.startswith(REPO_PREFIX + "/"):
-            return self.repo / src_uri[len(REPO_PREFIX) + 1:]
+            return self.repo / src_uri[len(REPO_PREFIX) + 1 :]
         return self.docs / src_uri
 
     def outside_target(self, src_uri: str, url: str) -> tuple[str, Path] | None:
@@ -172,8 +172,9 @@ def on_files(files: Files, config: Any) -> Files:
             found = layout.outside_target(page.src_uri, url)
             if found is None or files.get_file_from_path(found[0]) is not None:
                 continue
-            copy = File.generated(config, found[0], abs_src_path=str(found[1]),
-                                  inclusion=InclusionLevel.NOT_IN_NAV)
+            copy = File.generated(
+                config, found[0], abs_src_path=str(found[1]), inclusion=InclusionLevel.NOT_IN_NAV
+            )
             files.append(copy)
             if copy.is_documentation_page():
                 queue.append(copy)
@@ -191,7 +192,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         found = layout.outside_target(page.file.src_uri, url)
         if found is None:
             return m.group(0)
-        rest = url[len(urlsplit(url).path):]  # the query and anchor, kept
+        rest = url[len(urlsplit(url).path) :]  # the query and anchor, kept
         relative = posixpath.relpath(found[0], posixpath.dirname(page.file.src_uri) or ".")
         return m.group(0).replace(url, relative + rest, 1)
 
@@ -204,6 +205,7 @@ _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|data|exc|obj|const):<c
 
 def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
     """Render the docstrings' Sphinx roles as code: ``:class:`~a.b.C``` shows ``C``, others their target."""
+
     def code(m: re.Match[str]) -> str:
         target = m.group(2)
         return f"<code>{target.rsplit('.', 1)[-1] if m.group(1) else target}</code>"

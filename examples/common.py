@@ -35,10 +35,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -95,7 +96,11 @@ def versions() -> dict[str, str]:
 
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     for name in ("peft", "huggingface_hub", "numpy", "scipy", "hf_bdgauge"):
         try:
             out[name] = __import__(name).__version__
@@ -147,8 +152,15 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Any:
     return tok
 
 
-def sample_ids(model: torch.nn.Module, n: int, length: int, seed: int, *, prompt_ids: Sequence[int] | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
+def sample_ids(
+    model: torch.nn.Module,
+    n: int,
+    length: int,
+    seed: int,
+    *,
+    prompt_ids: Sequence[int] | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """``n`` stories of ``length`` tokens sampled from ``model`` (BOS, or ``prompt_ids`` starting with
     BOS, continued at ``temperature``, top-k/top-p off): ``examples/merge_report.sample_stories``."""
     mr = load_example("merge_report")
@@ -179,12 +191,18 @@ def train_lm(
     model, loss)`` runs after every step. Returns the per-step losses and the optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1))) if warmup else None
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1))) if warmup else None
+    )
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     model.train()
     for step in range(1, steps + 1):
-        idx = batches[step - 1] if batches is not None else torch.randint(0, data.shape[0], (batch_size,), generator=gen)
+        idx = (
+            batches[step - 1]
+            if batches is not None
+            else torch.randint(0, data.shape[0], (batch_size,), generator=gen)
+        )
         b = data[idx]
         loss = model(b, labels=b).loss
         loss.backward()
@@ -267,16 +285,23 @@ def build_revision_repo(
     planted[RevisionRepo.BASE] = SignedPermutation.identity(model.config.hidden_size)
 
     g1 = SignedPermutation.random(model.config.hidden_size, seed=gauge_seeds[0])
-    revs[RevisionRepo.RECHARTED] = apply_gauge_to_checkpoint(v10, g1, root / RevisionRepo.RECHARTED, overwrite=True,
-                                                             progress=False)
+    revs[RevisionRepo.RECHARTED] = apply_gauge_to_checkpoint(
+        v10, g1, root / RevisionRepo.RECHARTED, overwrite=True, progress=False
+    )
     planted[RevisionRepo.RECHARTED] = g1
 
     train_ids = sample_ids(model, n_train, length, seed=seed)
     eval_ids = sample_ids(model, n_eval, length, seed=seed + 1)
     texts = [t for t in tok.batch_decode(eval_ids, skip_special_tokens=True) if t.strip()]
-    settings: dict[str, Any] = dict(model="stories260K (llama2.c, d=64, 5 layers)", n_train=n_train, n_eval=n_eval,
-                                    length=length, seed=seed, gauge_seeds=list(gauge_seeds),
-                                    eval_tokens=int(eval_ids.numel()))
+    settings: dict[str, Any] = dict(
+        model="stories260K (llama2.c, d=64, 5 layers)",
+        n_train=n_train,
+        n_eval=n_eval,
+        length=length,
+        seed=seed,
+        gauge_seeds=list(gauge_seeds),
+        eval_tokens=int(eval_ids.numel()),
+    )
     if with_finetune:
         tuned = copy.deepcopy(model)
         losses, _ = train_lm(tuned, train_ids, finetune_steps, lr=finetune_lr, batch_size=8, seed=seed)
@@ -285,38 +310,72 @@ def build_revision_repo(
         for f in src.glob("tokenizer*"):
             shutil.copy2(f, tmp / f.name)
         g2 = SignedPermutation.random(model.config.hidden_size, seed=gauge_seeds[1])
-        revs[RevisionRepo.FINETUNED] = apply_gauge_to_checkpoint(tmp, g2, root / RevisionRepo.FINETUNED, overwrite=True,
-                                                                 progress=False)
+        revs[RevisionRepo.FINETUNED] = apply_gauge_to_checkpoint(
+            tmp, g2, root / RevisionRepo.FINETUNED, overwrite=True, progress=False
+        )
         planted[RevisionRepo.FINETUNED] = g2
         shutil.rmtree(tmp, ignore_errors=True)
-        settings.update(finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                        finetune_loss_first=float(np.mean(losses[:5])), finetune_loss_last=float(np.mean(losses[-5:])))
-    (root / "revisions.json").write_text(json.dumps(
-        {"revisions": {k: str(v.name) for k, v in revs.items()},
-         "description": {RevisionRepo.BASE: "stories260K as converted",
-                         RevisionRepo.RECHARTED: "v1.0 re-charted on disk by a random signed permutation",
-                         RevisionRepo.FINETUNED: "a short CPU fine-tune of v1.0, saved in another chart"},
-         "settings": settings}, indent=2) + "\n")
+        settings.update(
+            finetune_steps=finetune_steps,
+            finetune_lr=finetune_lr,
+            finetune_loss_first=float(np.mean(losses[:5])),
+            finetune_loss_last=float(np.mean(losses[-5:])),
+        )
+    (root / "revisions.json").write_text(
+        json.dumps(
+            {
+                "revisions": {k: str(v.name) for k, v in revs.items()},
+                "description": {
+                    RevisionRepo.BASE: "stories260K as converted",
+                    RevisionRepo.RECHARTED: "v1.0 re-charted on disk by a random signed permutation",
+                    RevisionRepo.FINETUNED: "a short CPU fine-tune of v1.0, saved in another chart",
+                },
+                "settings": settings,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return RevisionRepo(root, revs, planted, texts, eval_ids, train_ids, settings)
 
 
 # ------------------------------------------------------------------------------------------ LoRA
-def task_data(model: torch.nn.Module, tok: Any, n_train: int, n_heldout: int, length: int = 64, seed: int = 0,
-              prompt_index: int = 0, temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def task_data(
+    model: torch.nn.Module,
+    tok: Any,
+    n_train: int,
+    n_heldout: int,
+    length: int = 64,
+    seed: int = 0,
+    prompt_index: int = 0,
+    temperature: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A fine-tuning task: stories that open with ``examples/merge_report.PROMPTS[prompt_index]``,
     continued by ``model`` at ``temperature`` (sharper than the model: a shift a LoRA can learn).
     Returns ``(train [n_train, length], heldout [n_heldout, length])``."""
     prompt = load_example("merge_report").PROMPTS[prompt_index]
-    ids = sample_ids(model, n_train + n_heldout, length, seed, prompt_ids=tok(prompt).input_ids, temperature=temperature)
+    ids = sample_ids(
+        model, n_train + n_heldout, length, seed, prompt_ids=tok(prompt).input_ids, temperature=temperature
+    )
     return ids[:n_train], ids[n_train:]
 
 
 LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
 
 
-def train_lora(model: torch.nn.Module, data: torch.Tensor, out_dir: str | os.PathLike, *, steps: int, lr: float = 3e-3,
-               r: int = 4, alpha: int = 8, batch_size: int = 8, seed: int = 0,
-               targets: Sequence[str] = LORA_TARGETS) -> Path:
+def train_lora(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    out_dir: str | os.PathLike,
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    r: int = 4,
+    alpha: int = 8,
+    batch_size: int = 8,
+    seed: int = 0,
+    targets: Sequence[str] = LORA_TARGETS,
+) -> Path:
     """Train a rank-``r`` LoRA on readers and writers of the residual (q, v: read; o, down: write)
     of ``model`` (wrapped in place) and save it as a PEFT directory. Returns ``out_dir``."""
     from peft import LoraConfig, get_peft_model
@@ -370,7 +429,9 @@ class Checks:
         return [f"{n}: {d}" if d else n for n, ok, d in self.results if not ok]
 
     def report(self) -> str:
-        lines = [f"  [{'ok' if ok else 'FAILED'}] {n}" + (f" ({d})" if d else "") for n, ok, d in self.results]
+        lines = [
+            f"  [{'ok' if ok else 'FAILED'}] {n}" + (f" ({d})" if d else "") for n, ok, d in self.results
+        ]
         verdict = "all checks passed" if not self.failures else f"{len(self.failures)} check(s) FAILED"
         return "\n".join(["checks:", *lines, verdict])
 

@@ -30,21 +30,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.estimate import compose_gauges, compose_trajectory, estimate_gauge
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 
 
 def sample_stories(model, n: int, length: int, seed: int) -> torch.Tensor:
     """``n`` sampled continuations of BOS (temperature 1), as token ids [n, length + 1]."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        return model.generate(torch.ones(n, 1, dtype=torch.long), do_sample=True, top_k=0, max_new_tokens=length,
-                              min_new_tokens=length, pad_token_id=0)
+        return model.generate(
+            torch.ones(n, 1, dtype=torch.long),
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            pad_token_id=0,
+        )
 
 
-def fine_tune(model, train_ids: torch.Tensor, out: Path, args) -> tuple[list[Path], list[SignedPermutation], list[float]]:
+def fine_tune(
+    model, train_ids: torch.Tensor, out: Path, args
+) -> tuple[list[Path], list[SignedPermutation], list[float]]:
     """Train in the model's own chart; save checkpoint k re-charted by G_k. Returns dirs, gauges, losses."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup + 1)))
@@ -87,9 +95,15 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--sample-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; stories260K's matrices are tiny, more threads mostly add contention")
-    p.add_argument("--out", type=Path, default=None, help="keep the checkpoints here (default: a temporary directory)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; stories260K's matrices are tiny, more threads mostly add contention",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="keep the checkpoints here (default: a temporary directory)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
@@ -104,16 +118,20 @@ def main() -> None:
     t0 = time.perf_counter()
     train_ids = sample_stories(model, args.train_samples, args.sample_len, args.seed)
     eval_ids = sample_stories(model, args.eval_samples, args.sample_len, args.seed + 1)
-    print(f"sampled {train_ids.numel()} training and {eval_ids.numel()} evaluation tokens from stories260K "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"sampled {train_ids.numel()} training and {eval_ids.numel()} evaluation tokens from stories260K "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         dirs, gauges, losses = fine_tune(model, train_ids, out, args)
-        print(f"fine-tuned {args.steps} steps (AdamW lr {args.lr}, {args.warmup} warm-up steps) in "
-              f"{time.perf_counter() - t0:.1f} s; {len(dirs)} checkpoints, each in its own random chart")
+        print(
+            f"fine-tuned {args.steps} steps (AdamW lr {args.lr}, {args.warmup} warm-up steps) in "
+            f"{time.perf_counter() - t0:.1f} s; {len(dirs)} checkpoints, each in its own random chart"
+        )
 
         # one local estimate per consecutive pair, each checkpoint loaded once
         t0 = time.perf_counter()
@@ -126,31 +144,55 @@ def main() -> None:
         t_hops = time.perf_counter() - t0
         first = AutoModelForCausalLM.from_pretrained(dirs[0]).eval()
 
-        milestones = sorted({k for k in (1, 2, 5, 10, 20, 30, 40, 60, 80, 100) if k < len(dirs)} | {len(dirs) - 1})
-        print(f"\nsigned accuracy against the planted ground truth G_k·G_0ᵀ ({eval_ids.numel()} evaluation tokens)")
-        print("|  step | train loss | endpoint (act) | excess | endpoint verdict      | composed (act) | endpoint (weights) |")
-        print("|-------|------------|----------------|--------|-----------------------|----------------|--------------------|")
+        milestones = sorted(
+            {k for k in (1, 2, 5, 10, 20, 30, 40, 60, 80, 100) if k < len(dirs)} | {len(dirs) - 1}
+        )
+        print(
+            f"\nsigned accuracy against the planted ground truth G_k·G_0ᵀ ({eval_ids.numel()} evaluation tokens)"
+        )
+        print(
+            "|  step | train loss | endpoint (act) | excess | endpoint verdict      | composed (act) | endpoint (weights) |"
+        )
+        print(
+            "|-------|------------|----------------|--------|-----------------------|----------------|--------------------|"
+        )
         for k in milestones:
             truth = gauges[k] @ gauges[0].inverse()
-            end = estimate_gauge(first, AutoModelForCausalLM.from_pretrained(dirs[k]).eval(), eval_ids, capture=CaptureOptions(progress=False))
+            end = estimate_gauge(
+                first,
+                AutoModelForCausalLM.from_pretrained(dirs[k]).eval(),
+                eval_ids,
+                capture=CaptureOptions(progress=False),
+            )
             comp = compose_gauges(links[:k])
-            wts = estimate_gauge(str(dirs[0]), str(dirs[k]), method="weights", weights=WeightOptions(progress=False))
-            print(f"| {k * args.every:5d} | {losses[k]:10.3f} | {end.element.agreement(truth)['signed_accuracy']:14.3f} | "
-                  f"{end.metrics['excess_over_null']:6.3f} | {end.metrics['verdict']:<21} | "
-                  f"{comp.element.agreement(truth)['signed_accuracy']:14.3f} | "
-                  f"{wts.element.agreement(truth)['signed_accuracy']:18.3f} |")
-        hop_acc = [links[k].element.agreement(gauges[k + 1] @ gauges[k].inverse())["signed_accuracy"] for k in range(len(links))]
-        print(f"\n{len(links)} local estimates in {t_hops:.1f} s; local signed accuracy min {min(hop_acc):.3f}, "
-              f"mean {np.mean(hop_acc):.3f}; weakest local excess over null "
-              f"{min(g.metrics['excess_over_null'] for g in links):.3f}")
+            wts = estimate_gauge(
+                str(dirs[0]), str(dirs[k]), method="weights", weights=WeightOptions(progress=False)
+            )
+            print(
+                f"| {k * args.every:5d} | {losses[k]:10.3f} | {end.element.agreement(truth)['signed_accuracy']:14.3f} | "
+                f"{end.metrics['excess_over_null']:6.3f} | {end.metrics['verdict']:<21} | "
+                f"{comp.element.agreement(truth)['signed_accuracy']:14.3f} | "
+                f"{wts.element.agreement(truth)['signed_accuracy']:18.3f} |"
+            )
+        hop_acc = [
+            links[k].element.agreement(gauges[k + 1] @ gauges[k].inverse())["signed_accuracy"]
+            for k in range(len(links))
+        ]
+        print(
+            f"\n{len(links)} local estimates in {t_hops:.1f} s; local signed accuracy min {min(hop_acc):.3f}, "
+            f"mean {np.mean(hop_acc):.3f}; weakest local excess over null "
+            f"{min(g.metrics['excess_over_null'] for g in links):.3f}"
+        )
 
         # the same in one call, from the directories
         t0 = time.perf_counter()
         traj = compose_trajectory([str(d) for d in dirs], eval_ids, capture=CaptureOptions(progress=False))
         truth = gauges[-1] @ gauges[0].inverse()
-        print(f"compose_trajectory over {len(dirs)} saved checkpoints: signed accuracy "
-              f"{traj.element.agreement(truth)['signed_accuracy']:.3f} in {time.perf_counter() - t0:.1f} s; "
-              f"{traj.metrics['summary']}")
+        print(
+            f"compose_trajectory over {len(dirs)} saved checkpoints: signed accuracy "
+            f"{traj.element.agreement(truth)['signed_accuracy']:.3f} in {time.perf_counter() - t0:.1f} s; "
+            f"{traj.metrics['summary']}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,15 +37,24 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples.common import (  # noqa: E402
-    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_example, load_model,
-    load_tokenizer, run_example, setup, work_dir,
+    Checks,
+    RevisionRepo,
+    build_revision_repo,
+    example_main,
+    example_parser,
+    fast_or_full,
+    load_example,
+    load_model,
+    load_tokenizer,
+    run_example,
+    setup,
+    work_dir,
 )
-
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
 from hf_bdgauge.errors import FingerprintMismatchError  # noqa: E402
-from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect  # noqa: E402
 
 
@@ -55,7 +64,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
     res: dict[str, Any] = {}
     with work_dir(args.out, "bdgauge-gauged-") as out:
-        repo = build_revision_repo(out / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed)
+        repo = build_revision_repo(
+            out / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed
+        )
         ref_path, model_path = repo.path(RevisionRepo.BASE), repo.path(RevisionRepo.RECHARTED)
 
         # 1. estimate model chart -> reference chart, record both ends, save
@@ -78,13 +89,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             h_model = gm(ids, output_hidden_states=True).hidden_states
             h_ref = ref_model(ids, output_hidden_states=True).hidden_states
             dlogit = (gm(ids).logits - ref_model(ids).logits).abs().max().item()
-        res["max_dh_to_reference"] = max((gm.to_reference(a) - b).abs().max().item() for a, b in zip(h_model, h_ref))
+        res["max_dh_to_reference"] = max(
+            (gm.to_reference(a) - b).abs().max().item() for a, b in zip(h_model, h_ref)
+        )
         res["max_dh_untransported"] = max((a - b).abs().max().item() for a, b in zip(h_model, h_ref))
         print(f"logits of v1.1 vs v1.0: max |Δ| {dlogit:.1e} (same function)")
-        print(f"hidden states, all {len(h_model)} layers: max |to_reference(h_v1.1) − h_v1.0| = "
-              f"{res['max_dh_to_reference']:.1e}  (without the gauge: {res['max_dh_untransported']:.2f})")
-        checks("to_reference maps v1.1 hidden states onto v1.0's", res["max_dh_to_reference"] < 1e-4,
-               f"{res['max_dh_to_reference']:.1e}")
+        print(
+            f"hidden states, all {len(h_model)} layers: max |to_reference(h_v1.1) − h_v1.0| = "
+            f"{res['max_dh_to_reference']:.1e}  (without the gauge: {res['max_dh_untransported']:.2f})"
+        )
+        checks(
+            "to_reference maps v1.1 hidden states onto v1.0's",
+            res["max_dh_to_reference"] < 1e-4,
+            f"{res['max_dh_to_reference']:.1e}",
+        )
 
         enc = lambda ss: [tok(s, return_tensors="pt").input_ids for s in ss]  # noqa: E731
         vec = SteeringVector.from_mean_difference(ref_model, enc(report.HAPPY), enc(report.SAD), layers=[2])
@@ -94,10 +112,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         d_raw = torch.cat([steering_effect(gm.model, vec, p, 4.0) for p in prompts])
         res["steering_preserved"] = percent_effect_preserved(d_ref, d_model)
         res["steering_preserved_untransported"] = percent_effect_preserved(d_ref, d_raw)
-        print(f"a v1.0 steering vector on v1.1 via from_reference: {res['steering_preserved']:.3f}% of its effect "
-              f"(used as is: {res['steering_preserved_untransported']:.1f}%)")
-        checks("from_reference carries a v1.0 steering vector to v1.1 (>= 99.9%)", res["steering_preserved"] >= 99.9,
-               f"{res['steering_preserved']:.3f}%")
+        print(
+            f"a v1.0 steering vector on v1.1 via from_reference: {res['steering_preserved']:.3f}% of its effect "
+            f"(used as is: {res['steering_preserved_untransported']:.1f}%)"
+        )
+        checks(
+            "from_reference carries a v1.0 steering vector to v1.1 (>= 99.9%)",
+            res["steering_preserved"] >= 99.9,
+            f"{res['steering_preserved']:.3f}%",
+        )
 
         # 3. save with the gauge, reload without naming it
         bundled = out / "v1.1-with-gauge"
@@ -120,9 +143,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gm.canonicalize()
         ref_sd = ref_model.state_dict()
         res["canonical_bitwise"] = all(torch.equal(t, ref_sd[k]) for k, t in gm.model.state_dict().items())
-        print(f"after canonicalize(): is_canonical={gm.is_canonical}, weights equal v1.0's bit for bit: "
-              f"{res['canonical_bitwise']}")
-        checks("canonicalize() turns v1.1 into v1.0 bit for bit", res["canonical_bitwise"] and gm.is_canonical)
+        print(
+            f"after canonicalize(): is_canonical={gm.is_canonical}, weights equal v1.0's bit for bit: "
+            f"{res['canonical_bitwise']}"
+        )
+        checks(
+            "canonicalize() turns v1.1 into v1.0 bit for bit", res["canonical_bitwise"] and gm.is_canonical
+        )
         res["gauge_summary"] = Gauge.from_pretrained(gauge_dir).summary()
     res["seconds"] = checks.finish()
     res["failures"] = checks.failures
@@ -130,7 +157,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(__doc__, fast_help="fewer estimation samples (for the tests)", out_help="keep the files here")
+    p = example_parser(
+        __doc__, fast_help="fewer estimation samples (for the tests)", out_help="keep the files here"
+    )
     p.add_argument("--seed", type=int, default=0)
     return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 

@@ -27,11 +27,20 @@ from typing import Any
 
 import torch
 
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.transport.merge import merge_models
 
-__all__ = ["PROMPTS", "MergeReport", "sample_stories", "fine_tune", "lm_loss", "run_merge_report", "format_table", "main"]
+__all__ = [
+    "PROMPTS",
+    "MergeReport",
+    "sample_stories",
+    "fine_tune",
+    "lm_loss",
+    "run_merge_report",
+    "format_table",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +63,32 @@ class MergeReport:
 
 
 @torch.no_grad()
-def sample_stories(model: torch.nn.Module, prompt_ids: list[int], n: int, length: int, seed: int,
-                   temperature: float = 0.5) -> torch.Tensor:
+def sample_stories(
+    model: torch.nn.Module, prompt_ids: list[int], n: int, length: int, seed: int, temperature: float = 0.5
+) -> torch.Tensor:
     """``n`` stories of ``length`` tokens: ``prompt_ids`` (starting with BOS) continued by
     ``model`` at ``temperature`` (below 1 the text is sharper than the model, a shift that
     fine-tuning learns along with the opening)."""
     torch.manual_seed(seed)
     start = torch.tensor([prompt_ids] * n, dtype=torch.long)
     new = length - len(prompt_ids)
-    out = model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=new, min_new_tokens=new,
-                         do_sample=True, top_k=0, top_p=1.0, temperature=temperature, pad_token_id=0)
+    out = model.generate(
+        start,
+        attention_mask=torch.ones_like(start),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=temperature,
+        pad_token_id=0,
+    )
     return out[:, :length]
 
 
-def fine_tune(model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int) -> torch.nn.Module:
+def fine_tune(
+    model: torch.nn.Module, data: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int
+) -> torch.nn.Module:
     """A copy of ``model`` trained ``steps`` AdamW steps on random minibatches of ``data``."""
     model = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -88,14 +109,16 @@ def lm_loss(model: torch.nn.Module, data: torch.Tensor, batch_size: int = 16) ->
     model.eval()
     total, count = 0.0, 0
     for i in range(0, data.shape[0], batch_size):
-        b = data[i:i + batch_size]
+        b = data[i : i + batch_size]
         n_tok = b.shape[0] * (b.shape[1] - 1)
         total += model(b, labels=b).loss.item() * n_tok
         count += n_tok
     return total / count
 
 
-def _estimated_alignment(b_prime: torch.nn.Module, a: torch.nn.Module, data: torch.Tensor) -> SignedPermutation | None:
+def _estimated_alignment(
+    b_prime: torch.nn.Module, a: torch.nn.Module, data: torch.Tensor
+) -> SignedPermutation | None:
     """A gauge B' -> A estimated from activations, when hf_bdgauge.estimate is installed."""
     try:
         from hf_bdgauge.estimate import estimate_gauge
@@ -132,8 +155,12 @@ def run_merge_report(
     path = model_dir or stories260k_hf_dir()
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    texts = [sample_stories(base, tok(p).input_ids, n_train + n_heldout, seq_len, seed=i + 1, temperature=temperature)
-             for i, p in enumerate(PROMPTS)]
+    texts = [
+        sample_stories(
+            base, tok(p).input_ids, n_train + n_heldout, seq_len, seed=i + 1, temperature=temperature
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
     train = [t[:n_train] for t in texts]
     heldout = {"A text": texts[0][n_train:], "B text": texts[1][n_train:]}
     a = fine_tune(base, train[0], steps, lr, batch_size, seed=11)
@@ -161,11 +188,24 @@ def run_merge_report(
     merges: dict[str, dict[str, dict[str, float]]] = {}
     for label, gauge in alignments.items():
         lin = merge_models([a, b_prime], [0.5, 0.5], gauges=[None, gauge])
-        ta = merge_models([a, b_prime], [ta_lambda, ta_lambda], gauges=[None, gauge], method="task_arithmetic", base=base)
+        ta = merge_models(
+            [a, b_prime], [ta_lambda, ta_lambda], gauges=[None, gauge], method="task_arithmetic", base=base
+        )
         merges[label] = {"linear": losses(lin), "task_arithmetic": losses(ta)}
-    settings = dict(steps=steps, n_train=n_train, n_heldout=n_heldout, seq_len=seq_len, batch_size=batch_size, lr=lr,
-                    temperature=temperature, ta_lambda=ta_lambda, gauge_seed=gauge_seed, sign_flips=g.num_flips,
-                    d=g.dim, seconds=round(time.perf_counter() - t0, 1))
+    settings = dict(
+        steps=steps,
+        n_train=n_train,
+        n_heldout=n_heldout,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        lr=lr,
+        temperature=temperature,
+        ta_lambda=ta_lambda,
+        gauge_seed=gauge_seed,
+        sign_flips=g.num_flips,
+        d=g.dim,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
     return MergeReport(refs, merges, settings)
 
 
@@ -177,8 +217,10 @@ def format_table(report: MergeReport) -> str:
     for k, row in report.references.items():
         lines.append(f"{k:<36}" + "".join(f"{row[c]:>10.4f}" for c in cols))
     lam = report.settings.get("ta_lambda", 1.0)
-    for method, title in (("linear", "linear merge (A + B')/2"),
-                          ("task_arithmetic", f"task arithmetic, λ = {lam:g}")):
+    for method, title in (
+        ("linear", "linear merge (A + B')/2"),
+        ("task_arithmetic", f"task arithmetic, λ = {lam:g}"),
+    ):
         lines.append("")
         lines.append(f"{title + ', alignment':<36}" + "".join(f"{c:>10}" for c in cols))
         for k, row in report.merges.items():
@@ -198,9 +240,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-estimate", action="store_true", help="skip the estimated-gauge row")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    report = run_merge_report(steps=args.steps, n_train=args.n_train, seq_len=args.seq_len, lr=args.lr,
-                              temperature=args.temperature, ta_lambda=args.ta_lambda, gauge_seed=args.gauge_seed,
-                              use_estimate=not args.no_estimate)
+    report = run_merge_report(
+        steps=args.steps,
+        n_train=args.n_train,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        temperature=args.temperature,
+        ta_lambda=args.ta_lambda,
+        gauge_seed=args.gauge_seed,
+        use_estimate=not args.no_estimate,
+    )
     print(format_table(report))
 
 

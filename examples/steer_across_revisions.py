@@ -34,17 +34,27 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples.common import (  # noqa: E402
-    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_example, load_model,
-    load_tokenizer, run_example, setup, work_dir,
+    Checks,
+    RevisionRepo,
+    build_revision_repo,
+    example_main,
+    example_parser,
+    fast_or_full,
+    load_example,
+    load_model,
+    load_tokenizer,
+    run_example,
+    setup,
+    work_dir,
 )
-
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect  # noqa: E402
 
 
-def steered_text(model: torch.nn.Module, tok: Any, prompt: str, vector: SteeringVector | None, alpha: float,
-                 n: int = 24) -> str:
+def steered_text(
+    model: torch.nn.Module, tok: Any, prompt: str, vector: SteeringVector | None, alpha: float, n: int = 24
+) -> str:
     """Greedy continuation of ``prompt`` with ``alpha·vector`` added (``None``: unsteered)."""
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -53,7 +63,7 @@ def steered_text(model: torch.nn.Module, tok: Any, prompt: str, vector: Steering
         else:
             with vector.apply(model, alpha=alpha):
                 out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,30 +73,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     texts: dict[str, str] = {}
     with work_dir(args.out, "bdgauge-steer-") as out:
-        repo = build_revision_repo(out / "repo", finetune_steps=args.finetune_steps, n_train=args.finetune_samples,
-                                   n_eval=args.eval_samples, seed=args.seed)
+        repo = build_revision_repo(
+            out / "repo",
+            finetune_steps=args.finetune_steps,
+            n_train=args.finetune_samples,
+            n_eval=args.eval_samples,
+            seed=args.seed,
+        )
         src = repo.path(RevisionRepo.BASE)
         tok = load_tokenizer(src)
         enc = lambda ss: [tok(s, return_tensors="pt").input_ids for s in ss]  # noqa: E731
         model = load_model(src)
-        vec = SteeringVector.from_mean_difference(model, enc(report.HAPPY), enc(report.SAD), layers=[args.layer])
+        vec = SteeringVector.from_mean_difference(
+            model, enc(report.HAPPY), enc(report.SAD), layers=[args.layer]
+        )
         vec.save(out / "happy-v1.0.safetensors", overwrite=True)
         prompts = enc(report.PROMPTS)
         d_src = torch.cat([steering_effect(model, vec, p, args.alpha) for p in prompts])
         texts["v1.0 unsteered"] = steered_text(model, tok, report.PROMPTS[0], None, args.alpha)
         texts["v1.0 steered"] = steered_text(model, tok, report.PROMPTS[0], vec, args.alpha)
-        print(f"steering vector: mean(happy) − mean(sad) at residual layer {args.layer} (after block {args.layer - 1}) of v1.0, |v| = "
-              f"{vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to {out / 'happy-v1.0.safetensors'}")
+        print(
+            f"steering vector: mean(happy) − mean(sad) at residual layer {args.layer} (after block {args.layer - 1}) of v1.0, |v| = "
+            f"{vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to {out / 'happy-v1.0.safetensors'}"
+        )
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt_model = load_model(repo.path(rev))
             est = estimate_gauge(src, repo.path(rev), repo.texts, capture=CaptureOptions(progress=False))
             exact = est.element == repo.planted[rev]
-            print(f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}")
+            print(
+                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}"
+            )
             if rev == RevisionRepo.RECHARTED:
                 checks("estimate equals the planted gauge (v1.1-recharted)", exact)
             loaded = SteeringVector.load(out / "happy-v1.0.safetensors")
-            candidates = {"B_d (estimated G)": loaded.transport(est), "S_d (its permutation only)":
-                          loaded.transport(est.element.unsigned()), "none (vector as is)": loaded}
+            candidates = {
+                "B_d (estimated G)": loaded.transport(est),
+                "S_d (its permutation only)": loaded.transport(est.element.unsigned()),
+                "none (vector as is)": loaded,
+            }
             candidates["B_d (estimated G)"].save(out / f"happy-{rev}.safetensors", overwrite=True)
             res = {}
             for how, v in candidates.items():
@@ -94,36 +118,64 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res[how] = percent_effect_preserved(d_src, d_tgt)
                 text = steered_text(tgt_model, tok, report.PROMPTS[0], v, args.alpha)
                 texts[f"{rev} steered, {how}"] = text
-                rows.append({"revision": rev, "transport": how, "effect preserved %": res[how],
-                             "steered text == v1.0 steered text": text == texts["v1.0 steered"]})
+                rows.append(
+                    {
+                        "revision": rev,
+                        "transport": how,
+                        "effect preserved %": res[how],
+                        "steered text == v1.0 steered text": text == texts["v1.0 steered"],
+                    }
+                )
             bd, sd = res["B_d (estimated G)"], res["S_d (its permutation only)"]
             if rev == RevisionRepo.RECHARTED:
                 checks("B_d preserves the steering effect on v1.1 (>= 99.9%)", bd >= 99.9, f"{bd:.4f}%")
-                checks("B_d reproduces the steered greedy text on v1.1", texts[f"{rev} steered, B_d (estimated G)"]
-                       == texts["v1.0 steered"])
-            checks(f"B_d preserves more of the effect than S_d ({rev})", bd > sd, f"B_d {bd:.2f}%, S_d {sd:.2f}%")
+                checks(
+                    "B_d reproduces the steered greedy text on v1.1",
+                    texts[f"{rev} steered, B_d (estimated G)"] == texts["v1.0 steered"],
+                )
+            checks(
+                f"B_d preserves more of the effect than S_d ({rev})", bd > sd, f"B_d {bd:.2f}%, S_d {sd:.2f}%"
+            )
 
-        print(f"\nsteering effect preserved (next-token log-prob shift on {len(prompts)} prompts, alpha {args.alpha:g})")
-        print(f"| {'revision':<15} | {'transport':<28} | {'effect preserved %':>18} | {'steered text = v1.0':>19} |")
+        print(
+            f"\nsteering effect preserved (next-token log-prob shift on {len(prompts)} prompts, alpha {args.alpha:g})"
+        )
+        print(
+            f"| {'revision':<15} | {'transport':<28} | {'effect preserved %':>18} | {'steered text = v1.0':>19} |"
+        )
         print(f"|{'-' * 17}|{'-' * 30}|{'-' * 20}|{'-' * 21}|")
         for r in rows:
-            print(f"| {r['revision']:<15} | {r['transport']:<28} | {r['effect preserved %']:18.3f} | "
-                  f"{r['steered text == v1.0 steered text']!s:>19} |")
+            print(
+                f"| {r['revision']:<15} | {r['transport']:<28} | {r['effect preserved %']:18.3f} | "
+                f"{r['steered text == v1.0 steered text']!s:>19} |"
+            )
         print(f"\ngreedy continuations of {report.PROMPTS[0]!r}:")
         for k, v in texts.items():
             print(f"  {k:<52} {v!r}")
     seconds = checks.finish()
-    return {"rows": rows, "texts": texts, "failures": checks.failures, "repo_settings": repo.settings,
-            "seconds": seconds}
+    return {
+        "rows": rows,
+        "texts": texts,
+        "failures": checks.failures,
+        "repo_settings": repo.settings,
+        "seconds": seconds,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(__doc__, fast_help="a shorter fine-tune and fewer samples (for the tests)",
-                       out_help="keep the revisions and vectors here")
-    p.add_argument("--layer", type=int, default=3, help="residual layer steered (1-5: the output of block layer-1)")
+    p = example_parser(
+        __doc__,
+        fast_help="a shorter fine-tune and fewer samples (for the tests)",
+        out_help="keep the revisions and vectors here",
+    )
+    p.add_argument(
+        "--layer", type=int, default=3, help="residual layer steered (1-5: the output of block layer-1)"
+    )
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
-    return fast_or_full(p.parse_args(argv), finetune_steps=(10, 40), finetune_samples=(32, 128), eval_samples=(4, 8))
+    return fast_or_full(
+        p.parse_args(argv), finetune_steps=(10, 40), finetune_samples=(32, 128), eval_samples=(4, 8)
+    )
 
 
 main = example_main(run, parse_args)

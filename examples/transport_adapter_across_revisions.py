@@ -39,12 +39,23 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples.common import (  # noqa: E402
-    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, load_tokenizer,
-    lora_losses, run_example, setup, task_data, train_lora, work_dir,
+    Checks,
+    RevisionRepo,
+    build_revision_repo,
+    example_main,
+    example_parser,
+    fast_or_full,
+    load_model,
+    load_tokenizer,
+    lora_losses,
+    run_example,
+    setup,
+    task_data,
+    train_lora,
+    work_dir,
 )
-
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
 
 
@@ -60,20 +71,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup()
     checks = Checks()
     with work_dir(args.out, "bdgauge-adapter-") as out:
-        repo = build_revision_repo(out / "repo", finetune_steps=args.finetune_steps, n_train=args.finetune_samples,
-                                   n_eval=args.eval_samples, seed=args.seed)
+        repo = build_revision_repo(
+            out / "repo",
+            finetune_steps=args.finetune_steps,
+            n_train=args.finetune_samples,
+            n_eval=args.eval_samples,
+            seed=args.seed,
+        )
         src = repo.path(RevisionRepo.BASE)
         base = load_model(src)
-        train, heldout = task_data(base, load_tokenizer(src), args.train_samples, args.heldout_samples, seed=args.seed + 7)
-        adapter = train_lora(load_model(src), train, out / "adapter-v1.0", steps=args.lora_steps, lr=args.lora_lr,
-                             seed=args.seed)
+        train, heldout = task_data(
+            base, load_tokenizer(src), args.train_samples, args.heldout_samples, seed=args.seed + 7
+        )
+        adapter = train_lora(
+            load_model(src),
+            train,
+            out / "adapter-v1.0",
+            steps=args.lora_steps,
+            lr=args.lora_lr,
+            seed=args.seed,
+        )
         loss_src = lora_losses(src, None, heldout)
         loss_src_ad = lora_losses(src, adapter, heldout)
         gain_src = loss_src - loss_src_ad
         print(f"revisions in {repo.root}: {', '.join(repo.revisions)}")
-        print(f"LoRA r=4 on q,v,o,down of v1.0: {args.lora_steps} AdamW steps (lr {args.lora_lr:g}) on {train.numel()} "
-              "task tokens; held-out "
-              f"loss {loss_src:.4f} -> {loss_src_ad:.4f} nats/token (gain {gain_src:.4f}) on {heldout.numel()} tokens")
+        print(
+            f"LoRA r=4 on q,v,o,down of v1.0: {args.lora_steps} AdamW steps (lr {args.lora_lr:g}) on {train.numel()} "
+            "task tokens; held-out "
+            f"loss {loss_src:.4f} -> {loss_src_ad:.4f} nats/token (gain {gain_src:.4f}) on {heldout.numel()} tokens"
+        )
 
         rows: list[dict[str, Any]] = []
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
@@ -81,14 +107,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
             agree = est.element.agreement(repo.planted[rev])
             exact = est.element == repo.planted[rev]
-            print(f"\n{RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: {est.metrics['summary']}")
+            print(
+                f"\n{RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: {est.metrics['summary']}"
+            )
             print(f"  estimate == planted gauge: {exact} (signed accuracy {agree['signed_accuracy']:.3f})")
             if rev == RevisionRepo.RECHARTED:
-                checks("estimate equals the planted gauge (v1.1-recharted)", exact, f"signed acc {agree['signed_accuracy']:.3f}")
+                checks(
+                    "estimate equals the planted gauge (v1.1-recharted)",
+                    exact,
+                    f"signed acc {agree['signed_accuracy']:.3f}",
+                )
             moved = {
-                "B_d (estimated G)": transport_adapter(adapter, est, out / f"adapter-{rev}-Bd", overwrite=True),
-                "S_d (its permutation only)": transport_adapter(adapter, est.element.unsigned(), out / f"adapter-{rev}-Sd",
-                                                                base_model_name_or_path=tgt, overwrite=True),
+                "B_d (estimated G)": transport_adapter(
+                    adapter, est, out / f"adapter-{rev}-Bd", overwrite=True
+                ),
+                "S_d (its permutation only)": transport_adapter(
+                    adapter,
+                    est.element.unsigned(),
+                    out / f"adapter-{rev}-Sd",
+                    base_model_name_or_path=tgt,
+                    overwrite=True,
+                ),
                 "none (adapter copied as is)": adapter,
             }
             loss_tgt = lora_losses(tgt, None, heldout)
@@ -97,43 +136,84 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for how, ad in moved.items():
                 loss = lora_losses(tgt, ad, heldout)
                 dlogit = (adapter_logits(tgt, ad, heldout[:4]) - ref_logits).abs().max().item()
-                rows.append({"revision": rev, "transport": how, "loss": loss,
-                             "retained %": 100.0 * (loss_tgt - loss) / gain_src, "max |Δ logit|": dlogit,
-                             "estimate == planted": exact})
+                rows.append(
+                    {
+                        "revision": rev,
+                        "transport": how,
+                        "loss": loss,
+                        "retained %": 100.0 * (loss_tgt - loss) / gain_src,
+                        "max |Δ logit|": dlogit,
+                        "estimate == planted": exact,
+                    }
+                )
             rec = {r["transport"]: r for r in rows if r["revision"] == rev}
             bd, sd, none = (rec[k] for k in moved)
             if rev == RevisionRepo.RECHARTED:
-                checks("B_d-transported adapter reproduces v1.0 + adapter to 1e-4", bd["max |Δ logit|"] < 1e-4,
-                       f"max |Δ logit| {bd['max |Δ logit|']:.2e}")
-                checks("B_d retains 100% of the loss gain on v1.1", abs(bd["retained %"] - 100) < 0.1,
-                       f"{bd['retained %']:.3f}%")
-            checks(f"B_d retains more of the gain than S_d and no transport ({rev})",
-                   bd["retained %"] > max(sd["retained %"], none["retained %"]),
-                   f"B_d {bd['retained %']:.1f}%, S_d {sd['retained %']:.1f}%, none {none['retained %']:.1f}%")
+                checks(
+                    "B_d-transported adapter reproduces v1.0 + adapter to 1e-4",
+                    bd["max |Δ logit|"] < 1e-4,
+                    f"max |Δ logit| {bd['max |Δ logit|']:.2e}",
+                )
+                checks(
+                    "B_d retains 100% of the loss gain on v1.1",
+                    abs(bd["retained %"] - 100) < 0.1,
+                    f"{bd['retained %']:.3f}%",
+                )
+            checks(
+                f"B_d retains more of the gain than S_d and no transport ({rev})",
+                bd["retained %"] > max(sd["retained %"], none["retained %"]),
+                f"B_d {bd['retained %']:.1f}%, S_d {sd['retained %']:.1f}%, none {none['retained %']:.1f}%",
+            )
 
-        print("\nheld-out task loss with the adapter on each revision (the v1.0 adapter's gain is "
-              f"{gain_src:.4f} nats/token; 'retained' = gain on the revision / that gain)")
-        print(f"| {'revision':<15} | {'transport':<28} | {'loss':>7} | {'retained %':>10} | {'max |Δ logit| vs v1.0+adapter':>30} |")
+        print(
+            "\nheld-out task loss with the adapter on each revision (the v1.0 adapter's gain is "
+            f"{gain_src:.4f} nats/token; 'retained' = gain on the revision / that gain)"
+        )
+        print(
+            f"| {'revision':<15} | {'transport':<28} | {'loss':>7} | {'retained %':>10} | {'max |Δ logit| vs v1.0+adapter':>30} |"
+        )
         print(f"|{'-' * 17}|{'-' * 30}|{'-' * 9}|{'-' * 12}|{'-' * 32}|")
         for r in rows:
-            print(f"| {r['revision']:<15} | {r['transport']:<28} | {r['loss']:7.4f} | {r['retained %']:10.2f} | "
-                  f"{r['max |Δ logit|']:30.2e} |")
-        print("(on v2.0-finetuned the base itself changed, so logits differ from v1.0 + adapter whatever the transport)")
+            print(
+                f"| {r['revision']:<15} | {r['transport']:<28} | {r['loss']:7.4f} | {r['retained %']:10.2f} | "
+                f"{r['max |Δ logit|']:30.2e} |"
+            )
+        print(
+            "(on v2.0-finetuned the base itself changed, so logits differ from v1.0 + adapter whatever the transport)"
+        )
     seconds = checks.finish()
-    return {"rows": rows, "gain_source": gain_src, "loss_source": loss_src, "loss_source_adapter": loss_src_ad,
-            "repo_settings": repo.settings, "failures": checks.failures, "seconds": seconds}
+    return {
+        "rows": rows,
+        "gain_source": gain_src,
+        "loss_source": loss_src,
+        "loss_source_adapter": loss_src_ad,
+        "repo_settings": repo.settings,
+        "failures": checks.failures,
+        "seconds": seconds,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(__doc__, fast_help="fewer steps and samples (for the tests)",
-                       out_help="keep the revisions and adapters here")
+    p = example_parser(
+        __doc__,
+        fast_help="fewer steps and samples (for the tests)",
+        out_help="keep the revisions and adapters here",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-steps", type=int, default=None, help="LoRA training steps (default 60; 30 with --fast)")
+    p.add_argument(
+        "--lora-steps", type=int, default=None, help="LoRA training steps (default 60; 30 with --fast)"
+    )
     p.add_argument("--lora-lr", type=float, default=3e-3)
     args = p.parse_args(argv)
     args.lora_steps = args.lora_steps or (30 if args.fast else 60)
-    return fast_or_full(args, finetune_steps=(10, 40), finetune_samples=(32, 128), train_samples=(64, 128),
-                        heldout_samples=(8, 16), eval_samples=(4, 8))
+    return fast_or_full(
+        args,
+        finetune_steps=(10, 40),
+        finetune_samples=(32, 128),
+        train_samples=(64, 128),
+        heldout_samples=(8, 16),
+        eval_samples=(4, 8),
+    )
 
 
 main = example_main(run, parse_args)

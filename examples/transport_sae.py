@@ -33,14 +33,22 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples.common import (  # noqa: E402
-    Checks, RevisionRepo, build_revision_repo, example_main, example_parser, fast_or_full, load_model, run_example,
-    sample_ids, setup, work_dir,
+    Checks,
+    RevisionRepo,
+    build_revision_repo,
+    example_main,
+    example_parser,
+    fast_or_full,
+    load_model,
+    run_example,
+    sample_ids,
+    setup,
+    work_dir,
 )
-
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
-from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae  # noqa: E402
 from hf_bdgauge.layers import residual_states  # noqa: E402
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae  # noqa: E402
 
 
 def residuals(path: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
@@ -54,64 +62,115 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = Checks()
     rows: list[dict[str, Any]] = []
     with work_dir(args.out, "bdgauge-sae-") as out:
-        repo = build_revision_repo(out / "repo", finetune_steps=args.finetune_steps, n_train=args.finetune_samples,
-                                   n_eval=args.eval_samples, seed=args.seed)
+        repo = build_revision_repo(
+            out / "repo",
+            finetune_steps=args.finetune_steps,
+            n_train=args.finetune_samples,
+            n_eval=args.eval_samples,
+            seed=args.seed,
+        )
         src = repo.path(RevisionRepo.BASE)
         fit_ids = sample_ids(load_model(src), args.sae_samples, 64, seed=args.seed + 11)
         x_fit = residuals(src, fit_ids, args.layer)
         x_src = residuals(src, repo.eval_ids, args.layer)
-        print(f"SAEs on v1.0 blocks.{args.layer - 1}.hook_resid_post: fitted on {x_fit.shape[0]} tokens of sampled stories, "
-              f"NMSE on {x_src.shape[0]} held-out tokens")
+        print(
+            f"SAEs on v1.0 blocks.{args.layer - 1}.hook_resid_post: fitted on {x_fit.shape[0]} tokens of sampled stories, "
+            f"NMSE on {x_src.shape[0]} held-out tokens"
+        )
         saes = {}
         for arch, k in (("standard", None), ("topk", 16)):
-            sae = fit_sae(x_fit, 256, architecture=arch, k=k, steps=args.sae_steps, seed=args.seed + 1,
-                          hook_name=f"blocks.{args.layer - 1}.hook_resid_post", model_name=src)
+            sae = fit_sae(
+                x_fit,
+                256,
+                architecture=arch,
+                k=k,
+                steps=args.sae_steps,
+                seed=args.seed + 1,
+                hook_name=f"blocks.{args.layer - 1}.hook_resid_post",
+                model_name=src,
+            )
             saes[arch] = sae.save(out / f"sae-{arch}-v1.0", overwrite=True)
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
             est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
             exact = est.element == repo.planted[rev]
-            print(f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}")
+            print(
+                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}"
+            )
             if rev == RevisionRepo.RECHARTED:
                 checks("estimate equals the planted gauge (v1.1-recharted)", exact)
             x_tgt = residuals(tgt, repo.eval_ids, args.layer)
             for arch, sae_dir in saes.items():
                 sae = SAE.load(sae_dir)
-                bd = transport_sae(sae_dir, est, out / f"sae-{arch}-{rev}", overwrite=True)  # SAELens dir -> dir
+                bd = transport_sae(
+                    sae_dir, est, out / f"sae-{arch}-{rev}", overwrite=True
+                )  # SAELens dir -> dir
                 sd = sae.transport(est.element.unsigned())
-                row = {"revision": rev, "sae": arch, "source NMSE (v1.0)": sae.nmse(x_src),
-                       "B_d NMSE": bd.nmse(x_tgt), "S_d NMSE": sd.nmse(x_tgt), "untransported NMSE": sae.nmse(x_tgt),
-                       "max |Δ feature act| B_d": (bd.encode(x_tgt) - sae.encode(x_src)).abs().max().item(),
-                       "saved model_name": SAE.load(out / f"sae-{arch}-{rev}").model_name}
+                row = {
+                    "revision": rev,
+                    "sae": arch,
+                    "source NMSE (v1.0)": sae.nmse(x_src),
+                    "B_d NMSE": bd.nmse(x_tgt),
+                    "S_d NMSE": sd.nmse(x_tgt),
+                    "untransported NMSE": sae.nmse(x_tgt),
+                    "max |Δ feature act| B_d": (bd.encode(x_tgt) - sae.encode(x_src)).abs().max().item(),
+                    "saved model_name": SAE.load(out / f"sae-{arch}-{rev}").model_name,
+                }
                 rows.append(row)
                 if rev == RevisionRepo.RECHARTED:
-                    checks(f"{arch}: B_d NMSE on v1.1 equals the source NMSE",
-                           abs(row["B_d NMSE"] - row["source NMSE (v1.0)"]) < 1e-5,
-                           f"{row['B_d NMSE']:.6f} vs {row['source NMSE (v1.0)']:.6f}")
-                    checks(f"{arch}: B_d feature activations identical on v1.1", row["max |Δ feature act| B_d"] < 1e-4,
-                           f"max |Δ| {row['max |Δ feature act| B_d']:.1e}")
-                checks(f"{arch}: B_d beats S_d and no transport ({rev})",
-                       row["B_d NMSE"] < min(row["S_d NMSE"], row["untransported NMSE"]),
-                       f"B_d {row['B_d NMSE']:.4f}, S_d {row['S_d NMSE']:.4f}, none {row['untransported NMSE']:.4f}")
-        print("\nSAE NMSE (d_sae 256; 0 = perfect, 1 = predicting the mean) on the revision's own activations")
-        print(f"| {'revision':<15} | {'SAE':<8} | {'source (v1.0)':>13} | {'B_d':>8} | {'S_d':>8} | {'untransported':>13} | "
-              f"{'max |Δ f| B_d':>13} |")
+                    checks(
+                        f"{arch}: B_d NMSE on v1.1 equals the source NMSE",
+                        abs(row["B_d NMSE"] - row["source NMSE (v1.0)"]) < 1e-5,
+                        f"{row['B_d NMSE']:.6f} vs {row['source NMSE (v1.0)']:.6f}",
+                    )
+                    checks(
+                        f"{arch}: B_d feature activations identical on v1.1",
+                        row["max |Δ feature act| B_d"] < 1e-4,
+                        f"max |Δ| {row['max |Δ feature act| B_d']:.1e}",
+                    )
+                checks(
+                    f"{arch}: B_d beats S_d and no transport ({rev})",
+                    row["B_d NMSE"] < min(row["S_d NMSE"], row["untransported NMSE"]),
+                    f"B_d {row['B_d NMSE']:.4f}, S_d {row['S_d NMSE']:.4f}, none {row['untransported NMSE']:.4f}",
+                )
+        print(
+            "\nSAE NMSE (d_sae 256; 0 = perfect, 1 = predicting the mean) on the revision's own activations"
+        )
+        print(
+            f"| {'revision':<15} | {'SAE':<8} | {'source (v1.0)':>13} | {'B_d':>8} | {'S_d':>8} | {'untransported':>13} | "
+            f"{'max |Δ f| B_d':>13} |"
+        )
         print(f"|{'-' * 17}|{'-' * 10}|{'-' * 15}|{'-' * 10}|{'-' * 10}|{'-' * 15}|{'-' * 15}|")
         for r in rows:
-            print(f"| {r['revision']:<15} | {r['sae']:<8} | {r['source NMSE (v1.0)']:13.6f} | {r['B_d NMSE']:8.6f} | "
-                  f"{r['S_d NMSE']:8.4f} | {r['untransported NMSE']:13.4f} | {r['max |Δ feature act| B_d']:13.1e} |")
-        print("(max |Δ f|: feature activations of the B_d SAE on the revision vs the original SAE on v1.0, same tokens)")
+            print(
+                f"| {r['revision']:<15} | {r['sae']:<8} | {r['source NMSE (v1.0)']:13.6f} | {r['B_d NMSE']:8.6f} | "
+                f"{r['S_d NMSE']:8.4f} | {r['untransported NMSE']:13.4f} | {r['max |Δ feature act| B_d']:13.1e} |"
+            )
+        print(
+            "(max |Δ f|: feature activations of the B_d SAE on the revision vs the original SAE on v1.0, same tokens)"
+        )
     seconds = checks.finish()
     return {"rows": rows, "failures": checks.failures, "repo_settings": repo.settings, "seconds": seconds}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(__doc__, fast_help="fewer steps and samples (for the tests)",
-                       out_help="keep the revisions and SAEs here")
-    p.add_argument("--layer", type=int, default=3, help="residual layer the SAE reads (1-5: the output of block layer-1)")
+    p = example_parser(
+        __doc__,
+        fast_help="fewer steps and samples (for the tests)",
+        out_help="keep the revisions and SAEs here",
+    )
+    p.add_argument(
+        "--layer", type=int, default=3, help="residual layer the SAE reads (1-5: the output of block layer-1)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    return fast_or_full(p.parse_args(argv), sae_steps=(100, 300), sae_samples=(16, 48), finetune_steps=(10, 40),
-                        finetune_samples=(32, 128), eval_samples=(4, 8))
+    return fast_or_full(
+        p.parse_args(argv),
+        sae_steps=(100, 300),
+        sae_samples=(16, 48),
+        finetune_steps=(10, 40),
+        finetune_samples=(32, 128),
+        eval_samples=(4, 8),
+    )
 
 
 main = example_main(run, parse_args)

@@ -39,8 +39,16 @@ _LAZY: dict[str, str] = {
     "apply_gauge_to_checkpoint": ".checkpoint",
     **dict.fromkeys(("fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint"), ".fold"),
     "gauge_from_transform_config": ".transform_config",
-    **dict.fromkeys(("merge_checkpoints", "transport_adapter", "transport_optimizer_state", "transport_sae",
-                     "transport_steering_vector"), ".transport"),
+    **dict.fromkeys(
+        (
+            "merge_checkpoints",
+            "transport_adapter",
+            "transport_optimizer_state",
+            "transport_sae",
+            "transport_steering_vector",
+        ),
+        ".transport",
+    ),
     **dict.fromkeys(("check_fingerprint", "model_fingerprint"), ".fingerprint"),
 }
 

@@ -33,8 +33,13 @@ __all__ = ["apply_gauge", "check_gauge_allowed", "plan_model"]
 logger = logging.getLogger(__name__)
 
 
-def plan_model(model: torch.nn.Module, g: "Gauge | SignedPermutation", spec: ArchitectureSpec | None = None, *,
-               force: bool = False) -> dict[str, TensorRule]:
+def plan_model(
+    model: torch.nn.Module,
+    g: Gauge | SignedPermutation,
+    spec: ArchitectureSpec | None = None,
+    *,
+    force: bool = False,
+) -> dict[str, TensorRule]:
     """Validate ``g`` against ``model`` and return ``name -> rule`` for every tensor to move
     (see :class:`~hf_bdgauge.plan.TransformPlan`)."""
     plan = TransformPlan.for_model(model, spec=spec)
@@ -47,8 +52,13 @@ ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 @torch.no_grad()
-def apply_gauge(model: ModelT, gauge: "Gauge | SignedPermutation | Orthogonal | str", *,
-                spec: ArchitectureSpec | None = None, force: bool = False) -> ModelT:
+def apply_gauge(
+    model: ModelT,
+    gauge: Gauge | SignedPermutation | Orthogonal | str,
+    *,
+    spec: ArchitectureSpec | None = None,
+    force: bool = False,
+) -> ModelT:
     """Re-chart ``model`` in place so that its residual stream becomes ``G·h``; returns it.
 
     ``gauge``: a :class:`~hf_bdgauge.gauge.Gauge` whose source is this model (its fingerprint is
@@ -81,6 +91,11 @@ def apply_gauge(model: ModelT, gauge: "Gauge | SignedPermutation | Orthogonal | 
     if isinstance(g, Orthogonal):
         logger.info("rotated %d tensors of %s by %r", len(moved), type(model).__name__, g)
     else:
-        logger.info("re-charted %d tensors of %s by a gauge of dimension %d (%d sign flips)",
-                    len(moved), type(model).__name__, g.dim, g.num_flips)
+        logger.info(
+            "re-charted %d tensors of %s by a gauge of dimension %d (%d sign flips)",
+            len(moved),
+            type(model).__name__,
+            g.dim,
+            g.num_flips,
+        )
     return model

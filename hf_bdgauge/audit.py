@@ -19,9 +19,10 @@ exact, so the restored weights are bit-identical).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,20 +45,22 @@ class Claim:
     signs: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, value: Any) -> "Claim":
+    def of(cls, value: Any) -> Claim:
         """Normalise what a claim function returns: a Claim, a sequence of ints, an
         ``(indices, signs)`` pair, or an object with ``.indices`` / ``.signs`` (IndexSet)."""
         if isinstance(value, Claim):
             return value
         if hasattr(value, "indices"):
             signs = getattr(value, "signs", None)
-            return cls(tuple(int(i) for i in np.asarray(value.indices).tolist()),
-                       None if signs is None else tuple(int(s) for s in np.asarray(signs).tolist()))
+            return cls(
+                tuple(int(i) for i in np.asarray(value.indices).tolist()),
+                None if signs is None else tuple(int(s) for s in np.asarray(signs).tolist()),
+            )
         if isinstance(value, tuple) and len(value) == 2 and not np.isscalar(value[0]):
             return cls(tuple(int(i) for i in value[0]), tuple(int(s) for s in value[1]))
         return cls(tuple(int(i) for i in np.asarray(value).reshape(-1).tolist()))
 
-    def pulled_back(self, g: SignedPermutation) -> "Claim":
+    def pulled_back(self, g: SignedPermutation) -> Claim:
         """The claim made in the chart ``G·h``, expressed in the original chart (via ``G⁻¹``)."""
         idx, sg = g.inverse().map_indices(list(self.indices))
         signs = None if self.signs is None else tuple(int(a * b) for a, b in zip(self.signs, sg))
@@ -111,10 +114,15 @@ class AuditReport:
 
     def verdict(self) -> str:
         s = self.summary()
-        rel = "reproduced exactly" if self.reproducible_relative_to_gauge else \
-            f"reproduced only {s['gauge_relative_overlap_mean']:.0%} on average"
-        return (f"relative to an explicit gauge the claim is {rel}; by raw index it overlaps "
-                f"{s['raw_index_overlap_mean']:.0%} (chance {s['raw_index_chance']:.0%}).")
+        rel = (
+            "reproduced exactly"
+            if self.reproducible_relative_to_gauge
+            else f"reproduced only {s['gauge_relative_overlap_mean']:.0%} on average"
+        )
+        return (
+            f"relative to an explicit gauge the claim is {rel}; by raw index it overlaps "
+            f"{s['raw_index_overlap_mean']:.0%} (chance {s['raw_index_chance']:.0%})."
+        )
 
 
 def audit_claim(
@@ -157,7 +165,9 @@ def audit_claim(
     return report
 
 
-def top_massive_activations(input_ids: torch.Tensor, k: int = 5, layer: int = -1) -> Callable[[torch.nn.Module], Claim]:
+def top_massive_activations(
+    input_ids: torch.Tensor, k: int = 5, layer: int = -1
+) -> Callable[[torch.nn.Module], Claim]:
     """A claim function: the ``k`` residual coordinates with the largest mean |h| at ``layer``
     (hidden-state index, ``0`` = embeddings) on ``input_ids``, with the sign of their mean."""
 

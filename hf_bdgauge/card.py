@@ -10,17 +10,24 @@ it), or not a gauge at all (no signed permutation explains the pair: do not tran
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
     from .gauge import Gauge
 
-__all__ = ["render_gauge_card", "gauge_card_template", "format_value", "hop_end_label", "public_model_name",
-           "CARD_TAGS"]
+__all__ = [
+    "render_gauge_card",
+    "gauge_card_template",
+    "format_value",
+    "hop_end_label",
+    "public_model_name",
+    "CARD_TAGS",
+]
 
 #: Tags every gauge card carries.
 CARD_TAGS = ("hf_bdgauge", "gauge", "signed-permutation", "residual-stream")
@@ -87,8 +94,14 @@ def _short(v: Any, n: int = 7) -> str:
     return str(v)[:n] if v else "–"
 
 
-def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_str: str | None = None,
-                      format_version: int | None = None, **template_kwargs: Any) -> "ModelCard":
+def render_gauge_card(
+    gauge: Gauge,
+    *,
+    repo_id: str | None = None,
+    template_str: str | None = None,
+    format_version: int | None = None,
+    **template_kwargs: Any,
+) -> ModelCard:
     """Render the gauge's model card (a :class:`huggingface_hub.ModelCard`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -105,35 +118,50 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
     src_name, tgt_name = public_model_name(src.model_id), public_model_name(tgt.model_id)
     if not_a_gauge and gauge.missing_kind is None:  # too little data to test: a third answer, not a "no"
         note = gauge.metrics.get("p_value_note", "see p_value_note")
-        what = (f"**Not a gauge.** The estimate of `{src_label}` → `{tgt_label}` had too little data to "
-                f"test ({note}); this says nothing about whether the models are related. Do not transport "
-                "adapters, SAEs, steering vectors or probes with it.")
+        what = (
+            f"**Not a gauge.** The estimate of `{src_label}` → `{tgt_label}` had too little data to "
+            f"test ({note}); this says nothing about whether the models are related. Do not transport "
+            "adapters, SAEs, steering vectors or probes with it."
+        )
     elif not_a_gauge:
-        what = (f"**Not a gauge.** No evidence of a {gauge.missing_kind} relating `{src_label}` → "
-                f"`{tgt_label}` at this budget: the estimate fits no better than an unrelated re-charting (a "
-                "failure to reject, not proof that they are unrelated). Do not transport adapters, SAEs, "
-                "steering vectors or probes with it.")
+        what = (
+            f"**Not a gauge.** No evidence of a {gauge.missing_kind} relating `{src_label}` → "
+            f"`{tgt_label}` at this budget: the estimate fits no better than an unrelated re-charting (a "
+            "failure to reject, not proof that they are unrelated). Do not transport adapters, SAEs, "
+            "steering vectors or probes with it."
+        )
     elif gauge.is_rotation and not gauge.is_identity:
-        what = (f"Maps the residual stream of `{src_label}` to that of `{tgt_label}` by a rotation "
-                f"({gauge.kind}, d = {gauge.dim}): h ↦ R·h, the chart of a gain-folded, rotated checkpoint. "
-                "Readers move as W·Rᵀ, writers and vectors as R·W and R·v; objects whose move is not exact "
-                "under a rotation (index sets of residual coordinates, Adam's second moments) are refused.")
+        what = (
+            f"Maps the residual stream of `{src_label}` to that of `{tgt_label}` by a rotation "
+            f"({gauge.kind}, d = {gauge.dim}): h ↦ R·h, the chart of a gain-folded, rotated checkpoint. "
+            "Readers move as W·Rᵀ, writers and vectors as R·W and R·v; objects whose move is not exact "
+            "under a rotation (index sets of residual coordinates, Adam's second moments) are refused."
+        )
     elif gauge.is_identity:
-        what = (f"The identity gauge of dimension {gauge.dim} between `{src_label}` and `{tgt_label}`: the two "
-                "models share one chart of the residual stream.")
+        what = (
+            f"The identity gauge of dimension {gauge.dim} between `{src_label}` and `{tgt_label}`: the two "
+            "models share one chart of the residual stream."
+        )
     elif gauge.is_effectively_identity:
-        what = (f"Effectively the identity between `{src_label}` and `{tgt_label}`: the plain copy fits "
-                f"the pair as well as the estimated signed permutation (which moves {gauge.num_moved} "
-                f"indistinguishable coordinates of {gauge.dim}).")
+        what = (
+            f"Effectively the identity between `{src_label}` and `{tgt_label}`: the plain copy fits "
+            f"the pair as well as the estimated signed permutation (which moves {gauge.num_moved} "
+            f"indistinguishable coordinates of {gauge.dim})."
+        )
     else:
-        what = (f"Maps the residual-stream coordinates of `{src_label}` to those of `{tgt_label}`: a signed "
-                f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them "
-                f"and flips the sign of {gauge.num_flips}.")
+        what = (
+            f"Maps the residual-stream coordinates of `{src_label}` to those of `{tgt_label}`: a signed "
+            f"permutation of {gauge.dim} coordinates that moves {gauge.num_moved} of them "
+            f"and flips the sign of {gauge.num_flips}."
+        )
     evidence = []
     if gauge.p_value is not None:
         lp = gauge.metrics.get("log10_p_value")
-        evidence.append(f"calibrated p-value {gauge.p_value:.3g}" if gauge.p_value > 0 or lp is None
-                        else f"calibrated p-value 10^{float(lp):.1f}")
+        evidence.append(
+            f"calibrated p-value {gauge.p_value:.3g}"
+            if gauge.p_value > 0 or lp is None
+            else f"calibrated p-value 10^{float(lp):.1f}"
+        )
         ref = gauge.metrics.get("p_value_reference")
         if ref:
             evidence[-1] += f" (against the reference null of {ref})"
@@ -155,12 +183,25 @@ def render_gauge_card(gauge: "Gauge", *, repo_id: str | None = None, template_st
     ends = []
     for name, ref in (("source", src), ("target", tgt)):
         fp = ref.fingerprint or {}
-        ends.append({"name": name, "model_id": public_model_name(ref.model_id) or "–",
-                     "revision": ref.revision or "–",
-                     "commit_hash": _short(ref.commit_hash, 12), "model_type": fp.get("model_type") or "–",
-                     "hidden_size": fp.get("hidden_size") or gauge.dim})
-    hops = [{"method": h.get("method"), "inverted": h.get("inverted", False),
-             "source": hop_end_label(h.get("source")), "target": hop_end_label(h.get("target"))} for h in gauge.hops]
+        ends.append(
+            {
+                "name": name,
+                "model_id": public_model_name(ref.model_id) or "–",
+                "revision": ref.revision or "–",
+                "commit_hash": _short(ref.commit_hash, 12),
+                "model_type": fp.get("model_type") or "–",
+                "hidden_size": fp.get("hidden_size") or gauge.dim,
+            }
+        )
+    hops = [
+        {
+            "method": h.get("method"),
+            "inverted": h.get("inverted", False),
+            "source": hop_end_label(h.get("source")),
+            "target": hop_end_label(h.get("target")),
+        }
+        for h in gauge.hops
+    ]
     kwargs: dict[str, Any] = dict(
         title=f"Gauge: {src_name or 'source'} → {tgt_name or 'target'}",
         summary=what + how,

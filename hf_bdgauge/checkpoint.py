@@ -31,18 +31,23 @@ from tqdm.auto import tqdm
 from .distributed import on_every_rank, shared_atomic_directory, world
 from .files import copy_companions
 from .gauge import as_gauge
-from .record import transport_record
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
 from .plan import TransformPlan
+from .record import transport_record
 from .rules import Role, TensorRule, transform
 from .storage import BLOCK_BYTES, checkpoint_shards, read_safetensors_header, rewrite_shard
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
 
-__all__ = ["apply_gauge_to_checkpoint", "Workers", "read_safetensors_header", "checkpoint_shards",
-           "resolve_checkpoint_dir"]
+__all__ = [
+    "apply_gauge_to_checkpoint",
+    "Workers",
+    "read_safetensors_header",
+    "checkpoint_shards",
+    "resolve_checkpoint_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +60,20 @@ class Workers:
     """Who rewrites the shards of :func:`apply_gauge_to_checkpoint`: threads of this process, and
     the ranks of a process group (shard ``i`` on rank ``i mod N``; module docstring)."""
 
-    threads: int | None = field(default=None, metadata={
-        "help": "shards rewritten in parallel threads by this process "
-                "(default: as many as its shards and CPU cores)"})
-    group: Any = field(default=None, metadata={
-        "help": "the torch.distributed process group whose ranks share the shards "
-                "(default: the default group when one is initialised, else this process alone)"})
-
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "shards rewritten in parallel threads by this process "
+            "(default: as many as its shards and CPU cores)"
+        },
+    )
+    group: Any = field(
+        default=None,
+        metadata={
+            "help": "the torch.distributed process group whose ranks share the shards "
+            "(default: the default group when one is initialised, else this process alone)"
+        },
+    )
 
 
 def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes: int):
@@ -85,7 +97,7 @@ def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes
         # (a chunk of columns at a time, into t's dtype) is cheaper than once per block of rows
         whole = transform(t, rule, g)
         for a in range(0, t.shape[0], step):
-            yield whole[a:a + step].contiguous().reshape(-1)
+            yield whole[a : a + step].contiguous().reshape(-1)
         return
     for a in range(0, t.shape[0], step):
         b = min(a + step, t.shape[0])
@@ -96,11 +108,20 @@ def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes
         yield out.contiguous().reshape(-1)
 
 
-def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[str, TensorRule], g: SignedPermutation,
-                   progress: Any = None, block_bytes: int = BLOCK_BYTES) -> int:
+def _rewrite_shard(
+    src: Path,
+    dst: Path,
+    raw: bytes,
+    header: dict,
+    rules: dict[str, TensorRule],
+    g: SignedPermutation,
+    progress: Any = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> int:
     """Write ``dst`` = ``src`` with every tensor moved by its rule, block by block (see
     :func:`_blocks`), through :func:`~hf_bdgauge.storage.rewrite_shard` (same header, same offsets;
     untouched tensors copied as bytes)."""
+
     def move(name: str):
         rule = rules[name]
         return None if rule.role is Role.NONE else (lambda t: _blocks(t, rule, g, block_bytes))
@@ -110,7 +131,7 @@ def _rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict, rules: dict[s
 
 def apply_gauge_to_checkpoint(
     src: str | os.PathLike,
-    gauge: "Gauge | SignedPermutation | str | os.PathLike",
+    gauge: Gauge | SignedPermutation | str | os.PathLike,
     dst: str | os.PathLike,
     *,
     revision: str | None = None,
@@ -158,9 +179,16 @@ def apply_gauge_to_checkpoint(
         if rank == 0:
             copy_companions(where, tmp)
             if plan.forced:
-                (tmp / PROVENANCE_NAME).write_text(json.dumps({"applied_gauge": transport_record(gauge, forced=True)},
-                                                              indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="re-charting", disable=not progress or rank != 0)
+                (tmp / PROVENANCE_NAME).write_text(
+                    json.dumps(
+                        {"applied_gauge": transport_record(gauge, forced=True)}, indent=2, sort_keys=True
+                    )
+                    + "\n",
+                    encoding="utf-8",
+                )
+        bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc="re-charting", disable=not progress or rank != 0
+        )
         try:
             jobs = [(s, tmp / s.name, *headers[s], plan.rules, g, bar, block_bytes) for s in mine]
             if max_workers > 1 and len(jobs) > 1:
@@ -172,6 +200,11 @@ def apply_gauge_to_checkpoint(
                     _rewrite_shard(*job)
         finally:
             bar.close()
-    logger.info("re-charted %d shard(s), %.1f MB, into %s%s", len(mine), total / 1e6, dst,
-                f" (rank {rank} of {size}; {len(shards)} shards in all)" if size > 1 else "")
+    logger.info(
+        "re-charted %d shard(s), %.1f MB, into %s%s",
+        len(mine),
+        total / 1e6,
+        dst,
+        f" (rank {rank} of {size}; {len(shards)} shards in all)" if size > 1 else "",
+    )
     return Path(dst)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -43,8 +44,11 @@ __all__ = [
 _CONTENT_TAG = b"hf_bdgauge-tensor-v1"
 #: The canonical casts every floating tensor is also hashed in (fingerprint version 2):
 #: ``key -> (safetensors dtype, torch dtype)``.
-CANONICAL_CASTS = {"sha256_f32": ("F32", torch.float32), "sha256_bf16": ("BF16", torch.bfloat16),
-                   "sha256_f16": ("F16", torch.float16)}
+CANONICAL_CASTS = {
+    "sha256_f32": ("F32", torch.float32),
+    "sha256_bf16": ("BF16", torch.bfloat16),
+    "sha256_f16": ("F16", torch.float16),
+}
 
 
 def bytes_content_hash(dtype: str, shape: Iterable[int], data: bytes | memoryview) -> str:
@@ -76,7 +80,9 @@ def _canonical_hashes(t: torch.Tensor, dtype: str, raw_hash: str) -> dict[str, s
             out[key] = raw_hash
         else:
             c = t.to(dt).contiguous()
-            out[key] = bytes_content_hash(st, c.shape, c.reshape(-1).view(torch.uint8).numpy().data if c.numel() else b"")
+            out[key] = bytes_content_hash(
+                st, c.shape, c.reshape(-1).view(torch.uint8).numpy().data if c.numel() else b""
+            )
     return out
 
 
@@ -85,7 +91,9 @@ def tensor_hashes(tensor: torch.Tensor) -> dict[str, str]:
     if tensor.device.type == "meta":
         raise CheckpointError("cannot hash a tensor on the meta device (offloaded weights)")
     t = tensor.detach().to("cpu").contiguous()
-    raw = bytes_content_hash(_st_dtype(t), t.shape, t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    raw = bytes_content_hash(
+        _st_dtype(t), t.shape, t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+    )
     return {"dtype": _st_dtype(t), "sha256": raw, **_canonical_hashes(t, _st_dtype(t), raw)}
 
 
@@ -113,7 +121,11 @@ def file_tensor_hashes(ti: TensorInfo) -> dict[str, str]:
         return {"dtype": ti.dtype, "sha256": raw, **dict.fromkeys(CANONICAL_CASTS, raw)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, never written to
-        t = torch.frombuffer(bytearray(data), dtype=dt).reshape(ti.shape) if data else torch.empty(ti.shape, dtype=dt)
+        t = (
+            torch.frombuffer(bytearray(data), dtype=dt).reshape(ti.shape)
+            if data
+            else torch.empty(ti.shape, dtype=dt)
+        )
     return {"dtype": ti.dtype, "sha256": raw, **_canonical_hashes(t, ti.dtype, raw)}
 
 

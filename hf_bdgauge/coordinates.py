@@ -20,8 +20,14 @@ from .group import SignedPermutation
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
 
-__all__ = ["coordinate_vector", "per_coordinate", "identified_array", "min_chain", "identified_chain",
-           "arrays_equal"]
+__all__ = [
+    "coordinate_vector",
+    "per_coordinate",
+    "identified_array",
+    "min_chain",
+    "identified_chain",
+    "arrays_equal",
+]
 
 
 def coordinate_vector(x: Any, name: str, d: int) -> np.ndarray | None:
@@ -65,7 +71,9 @@ def identified_array(x: Any, d: int) -> np.ndarray | None:
     return a
 
 
-def min_chain(first: np.ndarray | None, second_on_mid: np.ndarray | None, g1: SignedPermutation) -> np.ndarray | None:
+def min_chain(
+    first: np.ndarray | None, second_on_mid: np.ndarray | None, g1: SignedPermutation
+) -> np.ndarray | None:
     """``min(a[i], b[π1(i)])`` with ``a`` on the source chart of g1 and ``b`` on its target chart."""
     pulled = None if second_on_mid is None else g1.inverse().apply(second_on_mid, signed=False)
     if first is None:
@@ -75,11 +83,12 @@ def min_chain(first: np.ndarray | None, second_on_mid: np.ndarray | None, g1: Si
     return np.minimum(first, pulled)
 
 
-def identified_chain(first: "Gauge", second: "Gauge") -> np.ndarray | None:
+def identified_chain(first: Gauge, second: Gauge) -> np.ndarray | None:
     """Identified along ``first`` then ``second`` (per source coordinate of ``first``): both
     links established; an exact link counts as established, an estimated link that recorded no
     identification makes the path unknown (``None``)."""
-    def as_float(g: "Gauge") -> np.ndarray | None | str:
+
+    def as_float(g: Gauge) -> np.ndarray | None | str:
         if g.identified is not None:
             return g.identified.astype(np.float32)
         return None if g.is_exact else "unknown"

@@ -32,12 +32,24 @@ __all__ = ["run_demo", "format_table", "sample_texts"]
 
 logger = logging.getLogger(__name__)
 
-POSITIVE = ["Lily was very happy. She smiled and laughed with joy.", "Tom loved his new toy. He was so glad and happy.",
-            "The sun was warm and the day was fun. Everyone was happy.", "She hugged her mom and felt happy and loved."]
-NEGATIVE = ["Lily was very sad. She cried and felt bad.", "Tom lost his toy. He was sad and angry.",
-            "The rain was cold and the day was bad. Everyone was sad.", "She was alone and scared and very sad."]
-NEUTRAL = ["Once upon a time, there was a", "One day, a little boy went to the", "The cat sat on the",
-           "Mom said to Lily,"]
+POSITIVE = [
+    "Lily was very happy. She smiled and laughed with joy.",
+    "Tom loved his new toy. He was so glad and happy.",
+    "The sun was warm and the day was fun. Everyone was happy.",
+    "She hugged her mom and felt happy and loved.",
+]
+NEGATIVE = [
+    "Lily was very sad. She cried and felt bad.",
+    "Tom lost his toy. He was sad and angry.",
+    "The rain was cold and the day was bad. Everyone was sad.",
+    "She was alone and scared and very sad.",
+]
+NEUTRAL = [
+    "Once upon a time, there was a",
+    "One day, a little boy went to the",
+    "The cat sat on the",
+    "Mom said to Lily,",
+]
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -67,8 +79,15 @@ def sample_texts(model: GenerationMixin, tok: Any, n: int, length: int, seed: in
     """``n`` temperature-1 samples of ``length`` tokens from BOS (the model's own real text)."""
     torch.manual_seed(seed)
     bos = torch.full((n, 1), tok.bos_token_id)
-    out = model.generate(bos, max_new_tokens=length, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                         pad_token_id=tok.eos_token_id)
+    out = model.generate(
+        bos,
+        max_new_tokens=length,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tok.eos_token_id,
+    )
     return [t for t in tok.batch_decode(out, skip_special_tokens=True) if t.strip()]
 
 
@@ -86,7 +105,9 @@ def _train_lora(model: torch.nn.Module, tok: Any, texts: list[str], out: Path, s
     """A few AdamW steps of a rank-4 LoRA on readers and writers (q, v, o, down) of ``model``."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.0)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], lora_dropout=0.0
+    )
     peft_model = get_peft_model(model, cfg)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
     ids = tok(texts[:8], return_tensors="pt", padding=True, truncation=True, max_length=64)
@@ -118,11 +139,11 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     from .apply import apply_gauge
     from .checkpoint import apply_gauge_to_checkpoint
     from .estimate import estimate_gauge
-    from .options import CaptureOptions, WeightOptions
     from .fixtures.llama2c import stories260k_hf_dir
     from .gauge import Gauge
-    from .provenance import ModelRef
     from .group import SignedPermutation
+    from .options import CaptureOptions, WeightOptions
+    from .provenance import ModelRef
     from .transport.peft import transport_adapter
     from .transport.steering import SteeringVector, percent_effect_preserved, steering_effect
 
@@ -137,8 +158,10 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     load = lambda p=src: AutoModelForCausalLM.from_pretrained(p).eval()  # noqa: E731
     model = load()
     d = model.config.hidden_size
-    print(f"model: stories260K (llama2.c, real pretrained weights) as LlamaForCausalLM: d={d}, "
-          f"{model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"model: stories260K (llama2.c, real pretrained weights) as LlamaForCausalLM: d={d}, "
+        f"{model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
     bos = torch.tensor([[tok.bos_token_id]])
     greedy = model.generate(bos, max_new_tokens=40, do_sample=False)
     text = tok.decode(greedy[0], skip_special_tokens=True)
@@ -155,12 +178,23 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
         out = gauged(greedy, output_hidden_states=True)
     dlogit = (out.logits - ref.logits).abs().max().item()
     dh = max((g.apply_vector(a) - b).abs().max().item() for a, b in zip(ref.hidden_states, out.hidden_states))
-    same_text = tok.decode(gauged.generate(bos, max_new_tokens=40, do_sample=False)[0], skip_special_tokens=True) == text
+    same_text = (
+        tok.decode(gauged.generate(bos, max_new_tokens=40, do_sample=False)[0], skip_special_tokens=True)
+        == text
+    )
     disk = apply_gauge_to_checkpoint(src, g, work / "stories260K-gauged", overwrite=True, progress=False)
-    bitwise = all(torch.equal(a, b) for a, b in zip(gauged.state_dict().values(), load(disk).state_dict().values()))
+    bitwise = all(
+        torch.equal(a, b) for a, b in zip(gauged.state_dict().values(), load(disk).state_dict().values())
+    )
     invariance = [
-        {"check": "planted gauge G", "result": f"d={d}, {g.num_flips} sign flips, {int((g.perm != range(d)).sum())} moved"},
-        {"check": "max abs Δ logit (fp32)", "result": f"{dlogit:.2e} (max abs logit {ref.logits.abs().max().item():.1f})"},
+        {
+            "check": "planted gauge G",
+            "result": f"d={d}, {g.num_flips} sign flips, {int((g.perm != range(d)).sum())} moved",
+        },
+        {
+            "check": "max abs Δ logit (fp32)",
+            "result": f"{dlogit:.2e} (max abs logit {ref.logits.abs().max().item():.1f})",
+        },
         {"check": "max abs (h' − G·h), all layers", "result": f"{dh:.2e}"},
         {"check": "greedy text unchanged", "result": str(same_text)},
         {"check": "checkpoint path == in-memory (bitwise)", "result": str(bitwise)},
@@ -172,20 +206,25 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     estimates = []
     for method in ("sign_marginalized", "signed", "permutation", "weights"):
         t = time.perf_counter()
-        options = ({"weights": WeightOptions(progress=False)} if method == "weights" else
-                   {"capture": CaptureOptions(tokenizer=tok, max_length=128, progress=False)})
+        options = (
+            {"weights": WeightOptions(progress=False)}
+            if method == "weights"
+            else {"capture": CaptureOptions(tokenizer=tok, max_length=128, progress=False)}
+        )
         est = estimate_gauge(model, gauged, None if method == "weights" else texts, method=method, **options)
         acc = _signed_permutation(est).agreement(g)
-        estimates.append({
-            "method": method,
-            "tokens": est.metrics.get("tokens", 0),
-            "perm acc": acc["perm_accuracy"],
-            "perm+sign acc": acc["signed_accuracy"],
-            "matched abs corr/cos": _metric(est.metrics, "mean_matched_abs_"),
-            "same on rotated null": _metric(est.metrics, "null_mean_matched_abs_"),
-            "verdict": est.metrics.get("verdict", ""),
-            "seconds": time.perf_counter() - t,
-        })
+        estimates.append(
+            {
+                "method": method,
+                "tokens": est.metrics.get("tokens", 0),
+                "perm acc": acc["perm_accuracy"],
+                "perm+sign acc": acc["signed_accuracy"],
+                "matched abs corr/cos": _metric(est.metrics, "mean_matched_abs_"),
+                "same on rotated null": _metric(est.metrics, "null_mean_matched_abs_"),
+                "verdict": est.metrics.get("verdict", ""),
+                "seconds": time.perf_counter() - t,
+            }
+        )
     pos_frac = float((g.signs > 0).mean())
     print(f"\n## 2. Recovering G (fraction of + signs in G: {pos_frac:.2f})\n")
     print(format_table(estimates))
@@ -193,7 +232,9 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     # ---------------------------------------------------------------- 3. transport objects
     # the planted gauge as a Hub-format repo (safetensors + config + card); everything below uses
     # the copy read back from disk, validated on load
-    Gauge(g, source=ModelRef(str(src)), target=ModelRef(str(disk)), method="planted").save_pretrained(work / "gauge")
+    Gauge(g, source=ModelRef(str(src)), target=ModelRef(str(disk)), method="planted").save_pretrained(
+        work / "gauge"
+    )
     g = _signed_permutation(Gauge.from_pretrained(work / "gauge"))
     adapter = _train_lora(load(), tok, texts, work / "lora-source", steps=10 if fast else 25)
     probe = tok(NEUTRAL, return_tensors="pt", padding=True).input_ids
@@ -202,28 +243,57 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
         base_logits = model(probe).logits
     lora_rows = []
     for name, el in (("B_d (G)", g), ("S_d (P only)", g.unsigned())):
-        moved = transport_adapter(adapter, el, work / f"lora-{name[:3].strip()}", base_model_name_or_path=str(disk),
-                                  overwrite=True)
+        moved = transport_adapter(
+            adapter, el, work / f"lora-{name[:3].strip()}", base_model_name_or_path=str(disk), overwrite=True
+        )
         with torch.no_grad():
             tgt_logits = PeftModel.from_pretrained(load(disk), moved).eval()(probe).logits
         gain = (src_logits - base_logits).pow(2).sum()
         kept = 100 * float(((tgt_logits - base_logits) * (src_logits - base_logits)).sum() / gain)
-        lora_rows.append({"object": "LoRA adapter (q,v,o,down; r=4)", "transport": name,
-                          "max abs Δ logit vs source+adapter": (tgt_logits - src_logits).abs().max().item(),
-                          "% of adapter effect kept": kept})
+        lora_rows.append(
+            {
+                "object": "LoRA adapter (q,v,o,down; r=4)",
+                "transport": name,
+                "max abs Δ logit vs source+adapter": (tgt_logits - src_logits).abs().max().item(),
+                "% of adapter effect kept": kept,
+            }
+        )
     enc = lambda ss: [tok(s, return_tensors="pt").input_ids for s in ss]  # noqa: E731
-    vec = SteeringVector.from_mean_difference(model, enc(POSITIVE), enc(NEGATIVE), layers=[3])  # after block 2
+    vec = SteeringVector.from_mean_difference(
+        model, enc(POSITIVE), enc(NEGATIVE), layers=[3]
+    )  # after block 2
     delta_src = steering_effect(model, vec, probe, alpha=4.0)
     for name, el in (("B_d (G)", g), ("S_d (P only)", g.unsigned())):
         delta_tgt = steering_effect(gauged, vec.transport(el), probe, alpha=4.0)
-        lora_rows.append({"object": "steering vector (happy − sad, residual layer 3)", "transport": name,
-                          "max abs Δ logit vs source+adapter": (delta_tgt - delta_src).abs().max().item(),
-                          "% of adapter effect kept": percent_effect_preserved(delta_src, delta_tgt)})
+        lora_rows.append(
+            {
+                "object": "steering vector (happy − sad, residual layer 3)",
+                "transport": name,
+                "max abs Δ logit vs source+adapter": (delta_tgt - delta_src).abs().max().item(),
+                "% of adapter effect kept": percent_effect_preserved(delta_src, delta_tgt),
+            }
+        )
     print("\n## 3. Transporting an adapter and a steering vector to the re-charted model\n")
-    print(format_table(lora_rows, ["object", "transport", "max abs Δ logit vs source+adapter", "% of adapter effect kept"]))
-    print("\n(for the steering vector the Δ column compares next-token log-prob shifts and the last "
-          "column is the % of the steering effect preserved)")
+    print(
+        format_table(
+            lora_rows,
+            ["object", "transport", "max abs Δ logit vs source+adapter", "% of adapter effect kept"],
+        )
+    )
+    print(
+        "\n(for the steering vector the Δ column compares next-token log-prob shifts and the last "
+        "column is the % of the steering effect preserved)"
+    )
     seconds = time.perf_counter() - t0
     print(f"\nfiles in {work}; total {seconds:.1f} s")
-    return {"gauge": g, "dlogit": dlogit, "dh": dh, "same_text": same_text, "bitwise": bitwise,
-            "estimates": estimates, "transport": lora_rows, "seconds": seconds, "invariance": invariance}
+    return {
+        "gauge": g,
+        "dlogit": dlogit,
+        "dh": dh,
+        "same_text": same_text,
+        "bitwise": bitwise,
+        "estimates": estimates,
+        "transport": lora_rows,
+        "seconds": seconds,
+        "invariance": invariance,
+    }

@@ -34,15 +34,25 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import DistributedError
 from .files import atomic_directory
 
-__all__ = ["DEFAULT_TIMEOUT_S", "collective_device", "init_from_env", "is_main", "on_every_rank", "rank_device", "shard_batches",
-           "shared_atomic_directory", "shutdown", "world"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "collective_device",
+    "init_from_env",
+    "is_main",
+    "on_every_rank",
+    "rank_device",
+    "shard_batches",
+    "shared_atomic_directory",
+    "shutdown",
+    "world",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -104,16 +114,25 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, Any |
         raise DistributedError(f"WORLD_SIZE={n} but this torch build has no torch.distributed")
     missing = [v for v in _ENV if not os.environ.get(v)]
     if missing:
-        raise DistributedError(f"WORLD_SIZE={n} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
-                               "set: launch with torchrun, accelerate launch, or export the four variables "
-                               f"{', '.join(_ENV)}")
+        raise DistributedError(
+            f"WORLD_SIZE={n} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+            "set: launch with torchrun, accelerate launch, or export the four variables "
+            f"{', '.join(_ENV)}"
+        )
     backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
     dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout_s)))
     rank, size, group = world()
-    logger.info("rank %d of %d: %s process group at %s:%s (timeout %.0f s)", rank, size, backend,
-                os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], timeout_s)
+    logger.info(
+        "rank %d of %d: %s process group at %s:%s (timeout %.0f s)",
+        rank,
+        size,
+        backend,
+        os.environ["MASTER_ADDR"],
+        os.environ["MASTER_PORT"],
+        timeout_s,
+    )
     return rank, size, group
 
 
@@ -185,13 +204,17 @@ def on_every_rank(fn: Callable[[], T], group: Any = None) -> T:
         raise error
     bad = [int(r) for r in torch.nonzero(failed.cpu()).flatten()]
     if bad:
-        raise DistributedError(f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {size} failed "
-                               "(the error is printed by that rank); stopping every rank")
+        raise DistributedError(
+            f"rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} of {size} failed "
+            "(the error is printed by that rank); stopping every rank"
+        )
     return result
 
 
 @contextlib.contextmanager
-def shared_atomic_directory(dst: str | os.PathLike, overwrite: bool = False, group: Any = None) -> Iterator[Path]:
+def shared_atomic_directory(
+    dst: str | os.PathLike, overwrite: bool = False, group: Any = None
+) -> Iterator[Path]:
     """:func:`~hf_bdgauge.files.atomic_directory` for every rank of ``group`` at once, on a
     filesystem they all see (module docstring).
 
@@ -211,8 +234,12 @@ def shared_atomic_directory(dst: str | os.PathLike, overwrite: bool = False, gro
     import torch.distributed as dist
 
     with contextlib.ExitStack() as stack:  # rank 0 holds the atomic directory; closing it renames
-        made = on_every_rank(lambda: str(stack.enter_context(atomic_directory(dst, overwrite=overwrite)))
-                             if rank == 0 else None, g)
+        made = on_every_rank(
+            lambda: (
+                str(stack.enter_context(atomic_directory(dst, overwrite=overwrite))) if rank == 0 else None
+            ),
+            g,
+        )
         box = [made]
         dist.broadcast_object_list(box, src=dist.get_global_rank(g, 0), group=g, device=collective_device(g))
         if box[0] is None:  # broadcast_object_list gives every rank rank 0's directory

@@ -9,8 +9,9 @@ place that does it), so a missing repository or revision reads as one line, not 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 __all__ = [
     "Interface",
@@ -90,7 +91,7 @@ class GaugeError(Exception):
             text = text.replace("{" + name + "}", words.for_interface(getattr(self, "interface", "python")))
         return text
 
-    def for_interface(self, interface: Interface) -> "GaugeError":
+    def for_interface(self, interface: Interface) -> GaugeError:
         """A copy of this error worded for ``interface`` (``"python"`` or ``"cli"``)."""
         if interface not in ("python", "cli"):
             raise ValueError(f"interface must be 'python' or 'cli', got {interface!r}")
@@ -106,7 +107,7 @@ class GaugeError(Exception):
         return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
-def _rebuild(cls: type, args: tuple, state: dict) -> "GaugeError":
+def _rebuild(cls: type, args: tuple, state: dict) -> GaugeError:
     out = cls.__new__(cls, *args)
     out.args = args
     out.__dict__.update(state)
@@ -154,15 +155,17 @@ class DestinationExistsError(CheckpointError, FileExistsError):
 
     def __init__(self, path: str | os.PathLike, flag: str | None = None) -> None:
         self.path = os.fspath(path)
-        super().__init__(f"{self.path} already exists (pass {{overwrite}} to replace it)",
-                         options={"overwrite": OVERWRITE if flag is None else Words(flag, flag)})
+        super().__init__(
+            f"{self.path} already exists (pass {{overwrite}} to replace it)",
+            options={"overwrite": OVERWRITE if flag is None else Words(flag, flag)},
+        )
 
     @property
     def flag(self) -> str:
         """The permission as the interface this error is worded for names it."""
         return self.options["overwrite"].for_interface(self.interface)
 
-    def with_flag(self, flag: str) -> "DestinationExistsError":
+    def with_flag(self, flag: str) -> DestinationExistsError:
         """The same error, naming ``flag`` (kept for callers of the older API; the CLI uses
         :meth:`GaugeError.for_interface`)."""
         return DestinationExistsError(self.path, flag)
@@ -172,8 +175,9 @@ class FingerprintMismatchError(GaugeError, ValueError):
     """A gauge was attached to a model other than the one it was estimated for. ``mismatch``
     says how the model differs from the end it was checked against (without advice)."""
 
-    def __init__(self, *args: object, mismatch: str | None = None,
-                 options: Mapping[str, Words] | None = None) -> None:
+    def __init__(
+        self, *args: object, mismatch: str | None = None, options: Mapping[str, Words] | None = None
+    ) -> None:
         super().__init__(*args, options=options)
         self.mismatch = mismatch if mismatch is not None else (str(args[0]) if args else "")
 

@@ -28,19 +28,23 @@ class ExitCode(IntEnum):
 
 #: What each code means, the table of ``docs/exit-codes.md`` (a test checks that they agree).
 MEANINGS = {
-    ExitCode.OK: "done; for a question (estimate, trace, diff, compose) the answer is \"related\" "
-                 "(the same chart, or this gauge)",
-    ExitCode.NO_EVIDENCE: "done; the answer is \"no evidence of a relation\" at this budget (a failure to "
-                          "reject, not \"unrelated\")",
+    ExitCode.OK: 'done; for a question (estimate, trace, diff, compose) the answer is "related" '
+    "(the same chart, or this gauge)",
+    ExitCode.NO_EVIDENCE: 'done; the answer is "no evidence of a relation" at this budget (a failure to '
+    'reject, not "unrelated")',
     ExitCode.USAGE: "usage error (argparse's): an unknown verb or option, a missing or malformed argument",
     ExitCode.REFUSED: "refused or failed: bad or missing input, too little data to test, the wrong model, a "
-                      "gauge that does not fit, a Hub or network failure (one line on stderr says what)",
+    "gauge that does not fit, a Hub or network failure (one line on stderr says what)",
 }
 
 #: The answer (:data:`hf_bdgauge.verdicts.ANSWERS`) -> the exit code of a question; ``None``: a gauge
 #: that was not estimated (planted, written by hand) answers nothing and is done.
-_BY_ANSWER = {None: ExitCode.OK, "related": ExitCode.OK, "no_evidence": ExitCode.NO_EVIDENCE,
-              "insufficient_data": ExitCode.REFUSED}
+_BY_ANSWER = {
+    None: ExitCode.OK,
+    "related": ExitCode.OK,
+    "no_evidence": ExitCode.NO_EVIDENCE,
+    "insufficient_data": ExitCode.REFUSED,
+}
 
 
 def for_answer(answer: str | None) -> ExitCode:

@@ -22,13 +22,23 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import CheckpointError, DestinationExistsError, GaugeError
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_file", "apply_umask", "sha256_file", "read_json_object", "current_umask",
-           "check_destination", "copy_companions"]
+__all__ = [
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_file",
+    "apply_umask",
+    "sha256_file",
+    "read_json_object",
+    "current_umask",
+    "check_destination",
+    "copy_companions",
+]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -147,8 +157,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_json_object(path: str | os.PathLike, *, what: str = "file", error: type[GaugeError] = CheckpointError,
-                     max_bytes: int = 64 * 1024 * 1024) -> dict[str, Any]:
+def read_json_object(
+    path: str | os.PathLike,
+    *,
+    what: str = "file",
+    error: type[GaugeError] = CheckpointError,
+    max_bytes: int = 64 * 1024 * 1024,
+) -> dict[str, Any]:
     """Read a JSON file that must hold an object (``config.json``, ``adapter_config.json``,
     ``cfg.json``, ``gauge_config.json`` …); every failure raises ``error`` naming ``path``."""
     path = Path(path)

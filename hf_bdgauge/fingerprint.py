@@ -27,8 +27,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -83,8 +84,14 @@ CONTENT_KINDS: tuple[str, ...] = ("embedding", "first_norm", "last_norm")
 
 #: Fields compared by :func:`check_fingerprint` (``architectures`` names the head class, not the
 #: weights, and is informational only).
-_COMPARED_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "config_sha256",
-                    "embedding_shape_sha256")
+_COMPARED_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "config_sha256",
+    "embedding_shape_sha256",
+)
 
 
 # --------------------------------------------------------------------------- config
@@ -209,7 +216,11 @@ def select_content_tensors(names: Iterable[str], model_type: str | None) -> dict
     emb = [n for n in names if spec.is_embedding(n)]
     if emb:
         out["embedding"] = emb[0]
-    gains = [n for n in names if n.endswith("weight") and (r := spec.rule_for(n)) is not None and r.role is Role.GAIN]
+    gains = [
+        n
+        for n in names
+        if n.endswith("weight") and (r := spec.rule_for(n)) is not None and r.role is Role.GAIN
+    ]
     layered = sorted((b, n) for n in gains if (b := spec.block_of(n)) is not None)
     outside = sorted(n for n in gains if spec.block_of(n) is None)
     if layered:
@@ -222,8 +233,9 @@ def select_content_tensors(names: Iterable[str], model_type: str | None) -> dict
 
 
 # --------------------------------------------------------------------------- sources
-def _content_entries(sel: Mapping[str, str], hashes: Mapping[str, Mapping[str, str]],
-                     shapes: Mapping[str, Any]) -> dict[str, Any]:
+def _content_entries(
+    sel: Mapping[str, str], hashes: Mapping[str, Mapping[str, str]], shapes: Mapping[str, Any]
+) -> dict[str, Any]:
     entries: dict[str, Any] = {}
     for kind in CONTENT_KINDS:
         name = sel.get(kind)
@@ -302,7 +314,9 @@ def model_fingerprint(
 
 
 # --------------------------------------------------------------------------- comparison
-def fingerprint_comparison(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+def fingerprint_comparison(
+    expected: Mapping[str, Any], actual: Mapping[str, Any]
+) -> tuple[list[str], list[str]]:
     """``(differences, rounded)``: what differs, and what holds the same weights only up to
     rounding (another dtype), over the fields both fingerprints record."""
     diffs: list[str] = []
@@ -329,20 +343,31 @@ def fingerprint_comparison(expected: Mapping[str, Any], actual: Mapping[str, Any
         if verdict == "rounded":
             rounded.append(where)
         elif verdict == "different":
-            why = "" if ea.get("dtype") == eb.get("dtype") or ("sha256_f32" in ea and "sha256_f32" in eb) else \
-                "; the stored fingerprint (version 1) cannot compare across dtypes: load the model in its stored dtype"
-            diffs.append(f"{where}: sha256 {str(ea.get('sha256'))[:12]}… != {str(eb.get('sha256'))[:12]}…{why}")
+            why = (
+                ""
+                if ea.get("dtype") == eb.get("dtype") or ("sha256_f32" in ea and "sha256_f32" in eb)
+                else "; the stored fingerprint (version 1) cannot compare across dtypes: load the model in its stored dtype"
+            )
+            diffs.append(
+                f"{where}: sha256 {str(ea.get('sha256'))[:12]}… != {str(eb.get('sha256'))[:12]}…{why}"
+            )
     ea, eb = ca.get("all"), cb.get("all")
     if ea and eb:
         if ea.get("names_sha256") != eb.get("names_sha256"):
-            logger.info("digest of all weights not compared: different tensor names (e.g. tied vs untied lm_head)")
+            logger.info(
+                "digest of all weights not compared: different tensor names (e.g. tied vs untied lm_head)"
+            )
         else:
             verdict = compare_hashes(ea, eb)
             if verdict == "rounded":
-                rounded.append(f"content.all ({ea.get('count')} weights, {ea.get('dtype')} vs {eb.get('dtype')})")
+                rounded.append(
+                    f"content.all ({ea.get('count')} weights, {ea.get('dtype')} vs {eb.get('dtype')})"
+                )
             elif verdict == "different":
-                diffs.append(f"content.all ({ea.get('count')} weights: sha256 {str(ea.get('sha256'))[:12]}… != "
-                             f"{str(eb.get('sha256'))[:12]}…; some weight other than those named above differs)")
+                diffs.append(
+                    f"content.all ({ea.get('count')} weights: sha256 {str(ea.get('sha256'))[:12]}… != "
+                    f"{str(eb.get('sha256'))[:12]}…; some weight other than those named above differs)"
+                )
     return diffs, rounded
 
 
@@ -371,13 +396,19 @@ def check_fingerprint(
     if diffs:
         msg = f"the {what} does not match the fingerprint the gauge recorded: " + "; ".join(diffs)
         if strict:
-            bypass = Words(" (or, only if this is the same model saved anew, pass strict=False to attach it "
-                           "anyway)", "")  # the safe advice first; the bypass only where it exists (Python)
+            bypass = Words(
+                " (or, only if this is the same model saved anew, pass strict=False to attach it anyway)", ""
+            )  # the safe advice first; the bypass only where it exists (Python)
             raise FingerprintMismatchError(
                 msg + ": the gauge was estimated for another checkpoint; use it with that checkpoint{bypass}",
-                mismatch=msg, options={"bypass": bypass})
+                mismatch=msg,
+                options={"bypass": bypass},
+            )
         logger.warning(msg)
     elif rounded:
-        logger.warning("the %s holds the same weights as the gauge recorded, up to rounding (another dtype): %s",
-                       what, "; ".join(rounded))
+        logger.warning(
+            "the %s holds the same weights as the gauge recorded, up to rounding (another dtype): %s",
+            what,
+            "; ".join(rounded),
+        )
     return diffs

@@ -31,7 +31,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -50,9 +49,18 @@ from .storage import (
     tensor_index,
 )
 
-__all__ = ["fold_and_rotate", "fold_norm_gains", "fold_norm_gains_in_checkpoint", "fed_by_a_pre_norm",
-           "gain_feeding", "known_pre_norm_gains", "norm_gains_are_unit", "pre_norm_gains",
-           "plan_fold", "record_gains"]
+__all__ = [
+    "fold_and_rotate",
+    "fold_norm_gains",
+    "fold_norm_gains_in_checkpoint",
+    "fed_by_a_pre_norm",
+    "gain_feeding",
+    "known_pre_norm_gains",
+    "norm_gains_are_unit",
+    "pre_norm_gains",
+    "plan_fold",
+    "record_gains",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +94,19 @@ def norm_gains_are_unit(model: torch.nn.Module) -> bool:
     return all(bool(torch.all(p.detach() + spec.gain_offset == 1)) for p in _gains(model, spec).values())
 
 
-def plan_fold(spec: ArchitectureSpec, model_type: str | None, names: Iterable[str], gains: Mapping[str, Any],
-              what: str) -> list[tuple[str, list[str]]]:
+def plan_fold(
+    spec: ArchitectureSpec, model_type: str | None, names: Iterable[str], gains: Mapping[str, Any], what: str
+) -> list[tuple[str, list[str]]]:
     """The fold of one model, decided from its tensor names and residual gain values alone (the
     one place, for models in memory and checkpoints on disk): ``[(gain, [readers it feeds])]`` for
     every pre-norm gain, or :class:`~hf_bdgauge.errors.OrthogonalGaugeError` naming what cannot be
     folded (module docstring). ``names`` must include a tied output projection's name."""
     if spec.norm != "rmsnorm":
-        raise OrthogonalGaugeError(f"{what} normalises with LayerNorm: its gains cannot be folded into a rotation-ready "
-                                   "form (mean-centring does not commute with rotations; convert LayerNorm to RMSNorm "
-                                   "first, as SliceGPT does)")
+        raise OrthogonalGaugeError(
+            f"{what} normalises with LayerNorm: its gains cannot be folded into a rotation-ready "
+            "form (mean-centring does not commute with rotations; convert LayerNorm to RMSNorm "
+            "first, as SliceGPT does)"
+        )
     if not gains:
         raise OrthogonalGaugeError(f"{what} has no residual norm gains to fold")
     names = list(names)
@@ -115,19 +126,27 @@ def plan_fold(spec: ArchitectureSpec, model_type: str | None, names: Iterable[st
                 orphans.append(n)
             plan.append((n, readers))
     if unplaced:
-        raise OrthogonalGaugeError(f"{what}: the role map does not say where these norm gains sit, so they cannot be "
-                                   f"folded: {', '.join(sorted(unplaced)[:8])}")
+        raise OrthogonalGaugeError(
+            f"{what}: the role map does not say where these norm gains sit, so they cannot be "
+            f"folded: {', '.join(sorted(unplaced)[:8])}"
+        )
     if post:
-        raise OrthogonalGaugeError(f"{what}: these post-norm gains scale a writer's normalised output and are not "
-                                   "constant, so they cannot be folded into any weight (and no rotation but a signed "
-                                   f"permutation commutes with them): {', '.join(sorted(post)[:8])}"
-                                   f"{f' … ({len(post)} in all)' if len(post) > 8 else ''}")
+        raise OrthogonalGaugeError(
+            f"{what}: these post-norm gains scale a writer's normalised output and are not "
+            "constant, so they cannot be folded into any weight (and no rotation but a signed "
+            f"permutation commutes with them): {', '.join(sorted(post)[:8])}"
+            f"{f' … ({len(post)} in all)' if len(post) > 8 else ''}"
+        )
     if orphans:
-        raise OrthogonalGaugeError(f"{what}: these pre-norm gains feed no tensor present in the model: "
-                                   f"{', '.join(sorted(orphans)[:8])}")
+        raise OrthogonalGaugeError(
+            f"{what}: these pre-norm gains feed no tensor present in the model: "
+            f"{', '.join(sorted(orphans)[:8])}"
+        )
     if not_readers:
-        raise OrthogonalGaugeError(f"{what}: the role map says a norm feeds {', '.join(sorted(not_readers)[:4])}, "
-                                   "which are not residual readers")
+        raise OrthogonalGaugeError(
+            f"{what}: the role map says a norm feeds {', '.join(sorted(not_readers)[:4])}, "
+            "which are not residual readers"
+        )
     return plan
 
 
@@ -137,7 +156,9 @@ def _feeds(spec: ArchitectureSpec, site: Any, gain: str, reader: str) -> bool:
     return spec.block_of(reader) == spec.block_of(gain) and site.feeds_tensor(reader)
 
 
-def gain_feeding(spec: ArchitectureSpec, model_type: str | None, reader: str, gains: Iterable[str]) -> str | None:
+def gain_feeding(
+    spec: ArchitectureSpec, model_type: str | None, reader: str, gains: Iterable[str]
+) -> str | None:
     """The one of ``gains`` (pre-norm gain names) that feeds the tensor ``reader``, or ``None``."""
     for n in gains:
         site = spec.norm_site(n, model_type)
@@ -150,9 +171,12 @@ def fed_by_a_pre_norm(spec: ArchitectureSpec, model_type: str | None, reader: st
     """Whether some pre-norm gain of the family feeds the tensor ``reader`` (the role map's
     ``norms``; entries limited to model types count for every type when ``model_type`` is
     ``None``), whatever the gains' names."""
-    return any(site.position == "pre" and site.feeds_tensor(reader)
-               and (not site.model_types or model_type is None or model_type in site.model_types)
-               for site in spec.norms)
+    return any(
+        site.position == "pre"
+        and site.feeds_tensor(reader)
+        and (not site.model_types or model_type is None or model_type in site.model_types)
+        for site in spec.norms
+    )
 
 
 def pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any]:
@@ -164,16 +188,24 @@ def pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any]:
         tensors: Mapping[str, torch.Tensor] = {n: p.detach() for n, p in _gains(obj, spec).items()}
         offloaded = sorted(n for n, t in tensors.items() if t.is_meta)
         if offloaded:
-            raise CheckpointError(f"the model's gains are offloaded (not in memory: {', '.join(offloaded[:3])}); "
-                                  "give its checkpoint directory instead of the loaded model")
+            raise CheckpointError(
+                f"the model's gains are offloaded (not in memory: {', '.join(offloaded[:3])}); "
+                "give its checkpoint directory instead of the loaded model"
+            )
     else:
         d = resolve_checkpoint_dir(*split_revision(obj, revision))
         config = read_model_config(d)
         spec, model_type = spec_for_config(config), config.get("model_type")
-        tensors = {n: read_tensor(ti) for n, ti in tensor_index(d).items()
-                   if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN}
-    return {n: (t.to(torch.float64) + spec.gain_offset).cpu().numpy() for n, t in tensors.items()
-            if (site := spec.norm_site(n, model_type)) is not None and site.position == "pre"}
+        tensors = {
+            n: read_tensor(ti)
+            for n, ti in tensor_index(d).items()
+            if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN
+        }
+    return {
+        n: (t.to(torch.float64) + spec.gain_offset).cpu().numpy()
+        for n, t in tensors.items()
+        if (site := spec.norm_site(n, model_type)) is not None and site.position == "pre"
+    }
 
 
 def known_pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any] | None:
@@ -191,8 +223,9 @@ def known_pre_norm_gains(obj: Any, revision: str | None = None) -> dict[str, Any
         raise
 
 
-def record_gains(gauge: Any, source_gains: Mapping[str, Any] | None,
-                 target_gains: Mapping[str, Any] | None) -> Any:
+def record_gains(
+    gauge: Any, source_gains: Mapping[str, Any] | None, target_gains: Mapping[str, Any] | None
+) -> Any:
     """``gauge`` (a copy) recording what its ends' effective pre-norm gains are — the
     one rule for every gauge made from models in hand (:func:`fold_and_rotate`, the estimates,
     ``gauge_from_transform_config``). ``source_gains``/``target_gains``: :func:`pre_norm_gains`
@@ -218,8 +251,9 @@ def record_gains(gauge: Any, source_gains: Mapping[str, Any] | None,
             gains = source_gains
         elif unit["target"] is False and unit["source"] is True:
             gains, at = target_gains, "target"
-    return dataclasses.replace(gauge, gains=None if gains is None else dict(gains), gains_at=at,
-                               unit_gains=unit)
+    return dataclasses.replace(
+        gauge, gains=None if gains is None else dict(gains), gains_at=at, unit_gains=unit
+    )
 
 
 def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool = True) -> Any:
@@ -242,8 +276,13 @@ def fold_and_rotate(model: torch.nn.Module, rotation: Any, *, fingerprint: bool 
     fold_norm_gains(model)
     apply_gauge(model, rotation)
     target = ModelRef.from_model(model) if fingerprint else ModelRef()
-    gauge = Gauge(rotation, source=source, target=target, method="folded_rotation",
-                  metrics={"exact": True, "folded_gains": len(gains)})
+    gauge = Gauge(
+        rotation,
+        source=source,
+        target=target,
+        method="folded_rotation",
+        metrics={"exact": True, "folded_gains": len(gains)},
+    )
     return record_gains(gauge, gains, pre_norm_gains(model))
 
 
@@ -269,8 +308,13 @@ def fold_norm_gains(model: torch.nn.Module) -> torch.nn.Module:
     what = f"{type(model).__name__} ({spec.name})"
     config = getattr(model, "config", None)
     gains = _gains(model, spec)
-    plan = plan_fold(spec, getattr(config, "model_type", None), dict(model.named_parameters(remove_duplicate=False)),
-                     gains, what)
+    plan = plan_fold(
+        spec,
+        getattr(config, "model_type", None),
+        dict(model.named_parameters(remove_duplicate=False)),
+        gains,
+        what,
+    )
     if _untie_output_embedding(model, spec):
         logger.info("untied %s from the token embedding before folding the final norm", spec.output_embedding)
     named = dict(model.named_parameters(remove_duplicate=False))
@@ -282,9 +326,15 @@ def fold_norm_gains(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def fold_norm_gains_in_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
-                                  revision: str | None = None, overwrite: bool = False,
-                                  progress: bool = True, block_bytes: int = BLOCK_BYTES) -> Path:
+def fold_norm_gains_in_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    block_bytes: int = BLOCK_BYTES,
+) -> Path:
     """:func:`fold_norm_gains` for a safetensors checkpoint on disk (a directory or a Hub repo,
     ``repo@revision``), written to ``dst`` atomically (an existing one only with ``overwrite``),
     without instantiating the model.
@@ -307,8 +357,11 @@ def fold_norm_gains_in_checkpoint(src: str | os.PathLike, dst: str | os.PathLike
     spec = spec_for_config(config)
     what = f"checkpoint {where} ({spec.name})"
     index = tensor_index(where)
-    gains = {n: read_tensor(ti) for n, ti in index.items()
-             if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN}
+    gains = {
+        n: read_tensor(ti)
+        for n, ti in index.items()
+        if (r := spec.rule_for(n)) is not None and r.role is Role.GAIN
+    }
     out_name = f"{spec.output_embedding}.weight"
     emb_name = next((n for n in index if spec.is_embedding(n)), None)
     tied = out_name not in index and emb_name is not None
@@ -323,8 +376,13 @@ def fold_norm_gains_in_checkpoint(src: str | os.PathLike, dst: str | os.PathLike
         for shard in tqdm(shards, desc="folding norm gains", unit="shard", disable=not progress):
             if not tied:  # same tensors, same header: streamed a block at a time
                 raw, header = read_safetensors_header(shard)
-                rewrite_shard(shard, tmp / shard.name, raw, header,
-                              lambda n: _fold_move(n, spec, fed_by, folded_gains, gains, block_bytes))
+                rewrite_shard(
+                    shard,
+                    tmp / shard.name,
+                    raw,
+                    header,
+                    lambda n: _fold_move(n, spec, fed_by, folded_gains, gains, block_bytes),
+                )
                 continue
             out: dict[str, torch.Tensor] = {}
             with safe_open(str(shard), framework="pt") as fh:
@@ -349,15 +407,28 @@ def fold_norm_gains_in_checkpoint(src: str | os.PathLike, dst: str | os.PathLike
             _untie_config(config)
         if weight_map is not None:
             size = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-            (tmp / index_file.name).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
-                                                          indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (tmp / index_file.name).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2, sort_keys=True
+                )
+                + "\n",
+                encoding="utf-8",
+            )
+        (tmp / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
     logger.info("folded %d norm gains of %s into %s", len(plan), where, dst)
     return Path(dst)
 
 
-def _fold_move(name: str, spec: ArchitectureSpec, fed_by: Mapping[str, str], folded_gains: set[str],
-               gains: Mapping[str, torch.Tensor], block_bytes: int) -> Any:
+def _fold_move(
+    name: str,
+    spec: ArchitectureSpec,
+    fed_by: Mapping[str, str],
+    folded_gains: set[str],
+    gains: Mapping[str, torch.Tensor],
+    block_bytes: int,
+) -> Any:
     """What :func:`~hf_bdgauge.storage.rewrite_shard` does with tensor ``name`` in a fold: a
     folded reader yields ``W·diag(offset + g)`` a block of rows at a time (float64, rounded once;
     the gain is sliced with the rows when the residual axis is the first), a folded gain

@@ -13,7 +13,8 @@ the other's not), which it does not carry (:func:`readers_gain_problem`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +24,15 @@ from .errors import InvalidGaugeError
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
 
-__all__ = ["ENDS", "gains_are_unit", "unit_gains_map", "checked_gains", "composed_gains", "gains_equal",
-           "readers_gain_problem"]
+__all__ = [
+    "ENDS",
+    "gains_are_unit",
+    "unit_gains_map",
+    "checked_gains",
+    "composed_gains",
+    "gains_equal",
+    "readers_gain_problem",
+]
 
 #: the two ends of a gauge, in the order they are read and written
 ENDS = ("source", "target")
@@ -53,8 +61,9 @@ def unit_gains_map(x: Any) -> dict[str, bool | None]:
     return out
 
 
-def checked_gains(gains: Mapping[str, Any] | None, gains_at: str, unit_gains: Any, dim: int,
-                  is_rotation: bool) -> tuple[dict[str, np.ndarray] | None, dict[str, bool | None]]:
+def checked_gains(
+    gains: Mapping[str, Any] | None, gains_at: str, unit_gains: Any, dim: int, is_rotation: bool
+) -> tuple[dict[str, np.ndarray] | None, dict[str, bool | None]]:
     """``(gains, unit_gains)`` validated: only a rotation records gains (float64 ``[dim]``, finite),
     those of ``gains_at``; recorded gains say the other end is folded (unit) and whether their own
     end's are 1 (:func:`gains_are_unit`). :class:`~hf_bdgauge.errors.InvalidGaugeError` otherwise."""
@@ -77,22 +86,28 @@ def checked_gains(gains: Mapping[str, Any] | None, gains_at: str, unit_gains: An
     if out is not None:  # what recorded gains mean: this end's, the other end folded (unit)
         other = "target" if gains_at == "source" else "source"
         if unit[other] is False:
-            raise InvalidGaugeError(f"a gauge records one end's norm gains, with the other end folded (unit "
-                                    f"gains); the {other} is said not to be")
+            raise InvalidGaugeError(
+                f"a gauge records one end's norm gains, with the other end folded (unit "
+                f"gains); the {other} is said not to be"
+            )
         unit[other] = True
         unit[gains_at] = gains_are_unit(out)
     return out, unit
 
 
-def composed_gains(first: "Gauge", second: "Gauge") -> tuple[dict[str, np.ndarray] | None, str,
-                                                              dict[str, bool | None]]:
+def composed_gains(
+    first: Gauge, second: Gauge
+) -> tuple[dict[str, np.ndarray] | None, str, dict[str, bool | None]]:
     """``(gains, gains_at, unit_gains)`` of ``second ∘ first`` (``first`` applied first). A reader
     moves by ``W·diag(g_A)·(G2·G1)ᵀ·diag(1/g_C)`` along ``A → B → C``, so the junction's gains cancel:
     the composite keeps the outer ends' unit gains and the gains a hop recorded at an outer end
     (when the other outer end is known to be unit; otherwise it records none)."""
     unit = {"source": first.unit_gains["source"], "target": second.unit_gains["target"]}
-    outer = [(g.gains, end) for g, end in ((first, "source"), (second, "target"))
-             if g.gains is not None and g.gains_at == end]
+    outer = [
+        (g.gains, end)
+        for g, end in ((first, "source"), (second, "target"))
+        if g.gains is not None and g.gains_at == end
+    ]
     if len(outer) == 1 and unit["target" if outer[0][1] == "source" else "source"] is True:
         return outer[0][0], outer[0][1], unit
     return None, "source", unit
@@ -105,15 +120,17 @@ def gains_equal(a: Mapping[str, np.ndarray] | None, b: Mapping[str, np.ndarray] 
     return set(a) == set(b) and all(arrays_equal(a[k], b[k]) for k in a)
 
 
-def readers_gain_problem(gauge: "Gauge") -> str | None:
+def readers_gain_problem(gauge: Gauge) -> str | None:
     """What ``gauge`` lacks to move a reader fed by a pre-norm gain exactly (a LoRA ``A`` on
     q/k/v/gate/up/lm_head, a copy of such a weight), said in words, or ``None`` (module docstring)."""
     unit = gauge.unit_gains
     if not gauge.is_rotation:
         if unit["source"] is not None and unit["target"] is not None and unit["source"] != unit["target"]:
             folded = "target" if unit["target"] else "source"
-            return (f"the {folded}'s pre-norm gains are 1 (folded) and the other end's are not, a fold that "
-                    "a signed permutation does not carry")
+            return (
+                f"the {folded}'s pre-norm gains are 1 (folded) and the other end's are not, a fold that "
+                "a signed permutation does not carry"
+            )
         return None
     recorded = gauge.gains_at if gauge.gains is not None else None
     missing = [end for end in ENDS if end != recorded and unit[end] is not True]

@@ -29,8 +29,9 @@ and their validation are :mod:`hf_bdgauge.gauge_files`'s.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,6 +49,7 @@ from .summary import gauge_summary
 from .verdicts import EXACT_METHODS, NOT_A_GAUGE_VERDICTS, answer_of, is_not_a_gauge
 
 __all__ = ["Gauge", "as_gauge"]
+
 
 def _json_equal(a: Any, b: Any) -> bool:
     try:
@@ -73,7 +75,7 @@ class Gauge(GaugeHubMixin):
     checkpoint; per-coordinate arrays (confidence, margin, identified) exist only for the former.
     """
 
-    element: "SignedPermutation | Orthogonal"
+    element: SignedPermutation | Orthogonal
     source: ModelRef = field(default_factory=ModelRef)
     target: ModelRef = field(default_factory=ModelRef)
     method: str = "manual"
@@ -95,8 +97,10 @@ class Gauge(GaugeHubMixin):
 
     def __post_init__(self) -> None:
         if not isinstance(self.element, (SignedPermutation, Orthogonal)):
-            raise TypeError(f"Gauge.element must be a SignedPermutation or an Orthogonal, got "
-                            f"{type(self.element).__name__}")
+            raise TypeError(
+                f"Gauge.element must be a SignedPermutation or an Orthogonal, got "
+                f"{type(self.element).__name__}"
+            )
         for end in ("source", "target"):
             ref = getattr(self, end)
             if ref is None:
@@ -108,10 +112,12 @@ class Gauge(GaugeHubMixin):
         if not isinstance(self.method, str) or not self.method:
             raise InvalidGaugeError("Gauge.method must be a non-empty string")
         if self.is_rotation and any(a is not None for a in (self.confidence, self.margin, self.identified)):
-            raise InvalidGaugeError("a rotation mixes coordinates: it has no per-coordinate confidence, margin or "
-                                    "identification")
-        self.gains, self.unit_gains = checked_gains(self.gains, self.gains_at, self.unit_gains, self.dim,
-                                                    self.is_rotation)
+            raise InvalidGaugeError(
+                "a rotation mixes coordinates: it has no per-coordinate confidence, margin or identification"
+            )
+        self.gains, self.unit_gains = checked_gains(
+            self.gains, self.gains_at, self.unit_gains, self.dim, self.is_rotation
+        )
         self.confidence = per_coordinate(self.confidence, "confidence", self.dim)
         self.margin = per_coordinate(self.margin, "margin", self.dim)
         self.identified = identified_array(self.identified, self.dim)
@@ -179,11 +185,23 @@ class Gauge(GaugeHubMixin):
         return 0 if self.is_identity else self.dim
 
     @classmethod
-    def identity(cls, d: int, *, source: ModelRef | None = None, target: ModelRef | None = None,
-                 method: str = "identity", **kwargs: Any) -> "Gauge":
+    def identity(
+        cls,
+        d: int,
+        *,
+        source: ModelRef | None = None,
+        target: ModelRef | None = None,
+        method: str = "identity",
+        **kwargs: Any,
+    ) -> Gauge:
         """The identity gauge of dimension ``d`` (e.g. between a model and itself)."""
-        return cls(SignedPermutation.identity(d), source=source or ModelRef(), target=target or ModelRef(),
-                   method=method, **kwargs)
+        return cls(
+            SignedPermutation.identity(d),
+            source=source or ModelRef(),
+            target=target or ModelRef(),
+            method=method,
+            **kwargs,
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Gauge):
@@ -199,7 +217,8 @@ class Gauge(GaugeHubMixin):
             and _json_equal(self.metrics, other.metrics)
             and _json_equal(self.hops, other.hops)
             and self.library_version == other.library_version
-            and gains_equal(self.gains, other.gains) and self.gains_at == other.gains_at
+            and gains_equal(self.gains, other.gains)
+            and self.gains_at == other.gains_at
             and self.unit_gains == other.unit_gains
         )
 
@@ -208,8 +227,10 @@ class Gauge(GaugeHubMixin):
     def __repr__(self) -> str:
         if self.is_rotation:
             return f"Gauge({self.element!r}, method={self.method!r}, {self.source.label()} -> {self.target.label()})"
-        return (f"Gauge(d={self.dim}, flips={self.num_flips}, moved={self.num_moved}, method={self.method!r}, "
-                f"{self.source.label()} -> {self.target.label()})")
+        return (
+            f"Gauge(d={self.dim}, flips={self.num_flips}, moved={self.num_moved}, method={self.method!r}, "
+            f"{self.source.label()} -> {self.target.label()})"
+        )
 
     # ------------------------------------------------------------------ group law
     def as_hop(self) -> dict[str, Any]:
@@ -221,7 +242,7 @@ class Gauge(GaugeHubMixin):
         one hop (:meth:`as_hop`) when it was estimated or written directly."""
         return [dict(h) for h in self.hops] if self.hops else [self.as_hop()]
 
-    def compose(self, other: "Gauge", *, check: bool = True) -> "Gauge":
+    def compose(self, other: Gauge, *, check: bool = True) -> Gauge:
         """``self ∘ other``: apply ``other`` (A → B) first, then ``self`` (B → C); returns A → C.
 
         The one group law of the library (trajectories are folds of it). With ``check`` the
@@ -238,8 +259,11 @@ class Gauge(GaugeHubMixin):
         if other.dim != self.dim:
             raise DimensionMismatchError(f"cannot compose gauges of dimensions {self.dim} and {other.dim}")
         if check:
-            check_junction(other.target, self.source,
-                           what="the target of the first gauge is not the source of the second")
+            check_junction(
+                other.target,
+                self.source,
+                what="the target of the first gauge is not the source of the second",
+            )
         gains, gains_at, unit = composed_gains(other, self)
         element = self.element @ other.element
         hops = other.hop_chain() + self.hop_chain()
@@ -249,13 +273,22 @@ class Gauge(GaugeHubMixin):
             ident = identified_chain(other, self)
         else:  # a rotation: coordinates mix, no per-coordinate path minima
             conf = marg = ident = None
-        return Gauge(element, source=other.source, target=self.target, method="composed",
-                     confidence=conf, margin=marg, identified=ident,
-                     metrics=composed_metrics(hops, element, conf, ident), hops=hops,
-                     gains=gains if isinstance(element, Orthogonal) else None, gains_at=gains_at,
-                     unit_gains=unit)
+        return Gauge(
+            element,
+            source=other.source,
+            target=self.target,
+            method="composed",
+            confidence=conf,
+            margin=marg,
+            identified=ident,
+            metrics=composed_metrics(hops, element, conf, ident),
+            hops=hops,
+            gains=gains if isinstance(element, Orthogonal) else None,
+            gains_at=gains_at,
+            unit_gains=unit,
+        )
 
-    def __matmul__(self, other: "Gauge | SignedPermutation | Orthogonal") -> "Gauge":
+    def __matmul__(self, other: Gauge | SignedPermutation | Orthogonal) -> Gauge:
         """``g2 @ g1`` = ``g2.compose(g1)`` (``g1`` first). A bare :class:`SignedPermutation`
         or :class:`~hf_bdgauge.orthogonal.Orthogonal` operand is taken as a gauge with unknown ends."""
         if isinstance(other, (SignedPermutation, Orthogonal)):
@@ -264,12 +297,12 @@ class Gauge(GaugeHubMixin):
             return NotImplemented
         return self.compose(other)
 
-    def __rmatmul__(self, other: "SignedPermutation | Orthogonal") -> "Gauge":
+    def __rmatmul__(self, other: SignedPermutation | Orthogonal) -> Gauge:
         if isinstance(other, (SignedPermutation, Orthogonal)):
             return Gauge(other, source=self.target).compose(self)
         return NotImplemented
 
-    def inverse(self) -> "Gauge":
+    def inverse(self) -> Gauge:
         """The gauge ``target → source``: element ``Gᵀ``, ends swapped, per-coordinate arrays
         re-indexed by the new source chart (``c'[π(i)] = c[i]``), hops reversed with their ends
         swapped and ``inverted`` toggled."""
@@ -279,25 +312,55 @@ class Gauge(GaugeHubMixin):
             if self.gains is not None:
                 zero = sorted(n for n, v in self.gains.items() if np.any(v == 0))
                 if zero:
-                    raise OrthogonalGaugeError(f"the inverse of a folded rotation divides by the gains, and these are 0 "
-                                               f"somewhere: {', '.join(zero[:6])}")
-            return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
-                         metrics=dict(self.metrics), hops=hops, library_version=self.library_version,
-                         gains=self.gains, gains_at="target" if self.gains_at == "source" else "source",
-                         unit_gains=self._swapped_unit_gains())
-        p = (lambda a: None if a is None else g.apply(a, signed=False))
-        ident = None if self.identified is None else g.apply(self.identified.astype(np.int8), signed=False).astype(bool)
-        return Gauge(g.inverse(), source=self.target, target=self.source, method=self.method,
-                     confidence=p(self.confidence), margin=p(self.margin), metrics=dict(self.metrics), hops=hops,
-                     library_version=self.library_version, identified=ident,
-                     unit_gains=self._swapped_unit_gains())
+                    raise OrthogonalGaugeError(
+                        f"the inverse of a folded rotation divides by the gains, and these are 0 "
+                        f"somewhere: {', '.join(zero[:6])}"
+                    )
+            return Gauge(
+                g.inverse(),
+                source=self.target,
+                target=self.source,
+                method=self.method,
+                metrics=dict(self.metrics),
+                hops=hops,
+                library_version=self.library_version,
+                gains=self.gains,
+                gains_at="target" if self.gains_at == "source" else "source",
+                unit_gains=self._swapped_unit_gains(),
+            )
+        p = lambda a: None if a is None else g.apply(a, signed=False)
+        ident = (
+            None
+            if self.identified is None
+            else g.apply(self.identified.astype(np.int8), signed=False).astype(bool)
+        )
+        return Gauge(
+            g.inverse(),
+            source=self.target,
+            target=self.source,
+            method=self.method,
+            confidence=p(self.confidence),
+            margin=p(self.margin),
+            metrics=dict(self.metrics),
+            hops=hops,
+            library_version=self.library_version,
+            identified=ident,
+            unit_gains=self._swapped_unit_gains(),
+        )
 
     def _swapped_unit_gains(self) -> dict[str, bool | None]:
         return {"source": self.unit_gains["target"], "target": self.unit_gains["source"]}
 
     # ------------------------------------------------------------------ attaching
-    def check_attachable(self, model: Any, end: Literal["source", "target"] = "source", *, strict: bool = True,
-                         fingerprint: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    def check_attachable(
+        self,
+        model: Any,
+        end: Literal["source", "target"] = "source",
+        *,
+        strict: bool = True,
+        fingerprint: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
         """Raise unless this gauge can act on ``model`` (a model in memory, a checkpoint directory or
         Hub id ``repo@revision``, or a config) as its ``end`` chart; returns whether a gauge that does
         not fit was forced. The checks are the transform plan's: dimension, the family's symmetry
@@ -353,22 +416,33 @@ class Gauge(GaugeHubMixin):
         """The estimate's answer to "are the charts related" (:func:`answer_of` its verdict)."""
         return answer_of(self.verdict)
 
-    def fit_problems(self, *, min_identified: float = DEFAULT_MIN_IDENTIFIED,
-                     max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR) -> list[str]:
+    def fit_problems(
+        self,
+        *,
+        min_identified: float = DEFAULT_MIN_IDENTIFIED,
+        max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR,
+    ) -> list[str]:
         """Why this gauge may not act on objects (empty: it may): the rule of :meth:`check_fit`,
         which raises on them; reports (``bdgauge diff``'s rows) read the same list
         (:func:`hf_bdgauge.fit.fit_problems`)."""
         return fit_problems(self, min_identified=min_identified, max_rotation_error=max_rotation_error)
 
-    def check_fit(self, *, force: bool = False, min_identified: float = DEFAULT_MIN_IDENTIFIED, what: str = "",
-                  max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR) -> bool:
+    def check_fit(
+        self,
+        *,
+        force: bool = False,
+        min_identified: float = DEFAULT_MIN_IDENTIFIED,
+        what: str = "",
+        max_rotation_error: float = DEFAULT_MAX_ROTATION_ERROR,
+    ) -> bool:
         """Raise :class:`~hf_bdgauge.errors.GaugeFitError` unless this gauge may act on objects: its
         verdict is not one of :data:`~hf_bdgauge.verdicts.NOT_A_GAUGE_VERDICTS` and its identified
         fraction is at least ``min_identified`` (an estimated rotation: its estimated error at most
         ``max_rotation_error``). ``force=True`` logs the reason instead and returns ``True`` (the
         caller records that it was forced); otherwise returns ``False`` (:func:`hf_bdgauge.fit.check_fit`)."""
-        return check_fit(self, force=force, min_identified=min_identified, what=what,
-                         max_rotation_error=max_rotation_error)
+        return check_fit(
+            self, force=force, min_identified=min_identified, what=what, max_rotation_error=max_rotation_error
+        )
 
     def summary(self) -> str:
         """A human-readable multi-line description, leading with the verdict, the calibrated
@@ -377,9 +451,9 @@ class Gauge(GaugeHubMixin):
         return gauge_summary(self)
 
 
-
-def as_gauge(gauge: Any, revision: str | None = None,
-             **hub_kwargs: Any) -> "Gauge | SignedPermutation | Orthogonal":
+def as_gauge(
+    gauge: Any, revision: str | None = None, **hub_kwargs: Any
+) -> Gauge | SignedPermutation | Orthogonal:
     """The one resolver of gauge arguments: a :class:`Gauge`, a bare
     :class:`~hf_bdgauge.group.SignedPermutation` or :class:`~hf_bdgauge.orthogonal.Orthogonal` is
     returned as it is; a local gauge directory or a Hub repo id (``repo@revision`` or
@@ -389,11 +463,14 @@ def as_gauge(gauge: Any, revision: str | None = None,
     """
     if isinstance(gauge, (Gauge, SignedPermutation, Orthogonal)):
         if revision is not None:
-            raise InvalidGaugeError(f"revision {revision!r} was given with a gauge object; a revision pins a "
-                                    "gauge loaded from the Hub (give its repo id)")
+            raise InvalidGaugeError(
+                f"revision {revision!r} was given with a gauge object; a revision pins a "
+                "gauge loaded from the Hub (give its repo id)"
+            )
         return gauge
     if isinstance(gauge, (str, os.PathLike)):
         return Gauge.from_pretrained(gauge, revision=revision, **hub_kwargs)
-    raise InvalidGaugeError(f"expected a Gauge, a SignedPermutation, an Orthogonal, a gauge directory or a Hub "
-                            f"repo id (repo@revision), got {type(gauge).__name__}")
-
+    raise InvalidGaugeError(
+        f"expected a Gauge, a SignedPermutation, an Orthogonal, a gauge directory or a Hub "
+        f"repo id (repo@revision), got {type(gauge).__name__}"
+    )

@@ -24,8 +24,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ _MAX_CONFIG_BYTES = 64 * 1024 * 1024
 
 
 # =========================================================================== writing
-def gauge_config(gauge: "Gauge", weights_sha256: str | None = None) -> dict[str, Any]:
+def gauge_config(gauge: Gauge, weights_sha256: str | None = None) -> dict[str, Any]:
     """The ``gauge_config.json`` content of ``gauge`` (with the tensor file's sha256 when given)."""
     cfg: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -108,7 +109,7 @@ def gauge_config(gauge: "Gauge", weights_sha256: str | None = None) -> dict[str,
     return cfg
 
 
-def gauge_tensors(gauge: "Gauge") -> dict[str, torch.Tensor]:
+def gauge_tensors(gauge: Gauge) -> dict[str, torch.Tensor]:
     """The ``gauge.safetensors`` content of ``gauge`` (module docstring)."""
     if gauge.is_rotation:
         t = gauge.element.to_tensors()
@@ -127,7 +128,7 @@ def gauge_tensors(gauge: "Gauge") -> dict[str, torch.Tensor]:
     return t
 
 
-def write_gauge_files(gauge: "Gauge", directory: Path, card: Any) -> None:
+def write_gauge_files(gauge: Gauge, directory: Path, card: Any) -> None:
     """Write the three files into an existing ``directory`` (no atomicity of its own); ``card``
     is the :class:`huggingface_hub.ModelCard` to save as ``README.md``."""
     from safetensors.torch import save_file
@@ -138,11 +139,14 @@ def write_gauge_files(gauge: "Gauge", directory: Path, card: Any) -> None:
     save_file(gauge_tensors(gauge), str(weights), metadata={"format": "pt"})
     cfg = gauge_config(gauge, sha256_file(weights))
     (directory / GAUGE_CONFIG_NAME).write_text(
-        json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+        json.dumps(cfg, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8"
+    )
     card.save(str(directory / MODEL_CARD_NAME))
 
 
-def write_gauge_directory(save_directory: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> None:
+def write_gauge_directory(
+    save_directory: Path, write: Callable[[Path], None], *, overwrite: bool = False
+) -> None:
     """Have ``write(folder)`` write the three files, then put them in ``save_directory``: a new
     directory appears atomically (assembled beside it, then renamed); an existing one is written
     into (other files are kept; each file renamed into place, the config last), but one that
@@ -164,8 +168,12 @@ def write_gauge_directory(save_directory: Path, write: Callable[[Path], None], *
 
 
 # =========================================================================== reading
-def locate_gauge_files(pretrained_model_name_or_path: str | os.PathLike, revision: str | None = None,
-                       subfolder: str | None = None, **hub_kwargs: Any) -> tuple[Path, str | None]:
+def locate_gauge_files(
+    pretrained_model_name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    **hub_kwargs: Any,
+) -> tuple[Path, str | None]:
     """``(directory, where)``: the local directory that holds a gauge's files, and for a Hub repo
     (``repo@revision`` or ``revision=``) a label of the commit it resolved to (``None`` for a local
     path, which takes no revision). ``hub_kwargs``: ``cache_dir``, ``force_download``, ``token``,
@@ -176,37 +184,56 @@ def locate_gauge_files(pretrained_model_name_or_path: str | os.PathLike, revisio
         local = path / subfolder if subfolder else path
         if not local.is_dir():
             got = "got a file" if local.exists() else "it does not exist"
-            raise CheckpointError(f"gauge {local}: expected a gauge directory ({GAUGE_CONFIG_NAME} and "
-                                  f"{GAUGE_WEIGHTS_NAME}), {got}")
+            raise CheckpointError(
+                f"gauge {local}: expected a gauge directory ({GAUGE_CONFIG_NAME} and "
+                f"{GAUGE_WEIGHTS_NAME}), {got}"
+            )
         return local, None
     try:
         directory, commit = download_files(
-            name, [GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME], revision=revision, subfolder=subfolder, what="gauge",
-            missing=GaugeNotFoundError, name=name, **hub_kwargs)
+            name,
+            [GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME],
+            revision=revision,
+            subfolder=subfolder,
+            what="gauge",
+            missing=GaugeNotFoundError,
+            name=name,
+            **hub_kwargs,
+        )
     except GaugeNotFoundError as e:
         where = f"{name!r} (revision {revision or 'main'}{f', folder {subfolder}' if subfolder else ''})"
-        raise GaugeNotFoundError(f"{where} has no {GAUGE_CONFIG_NAME} and {GAUGE_WEIGHTS_NAME}: it is not an "
-                                 "hf_bdgauge gauge repository") from e
+        raise GaugeNotFoundError(
+            f"{where} has no {GAUGE_CONFIG_NAME} and {GAUGE_WEIGHTS_NAME}: it is not an "
+            "hf_bdgauge gauge repository"
+        ) from e
     return directory, f"{name}@{revision or 'main'} (commit {commit})"
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    cfg = read_json_object(path, what="hf_bdgauge gauge directory", error=InvalidGaugeError, max_bytes=_MAX_CONFIG_BYTES)
+    cfg = read_json_object(
+        path, what="hf_bdgauge gauge directory", error=InvalidGaugeError, max_bytes=_MAX_CONFIG_BYTES
+    )
     version = cfg.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise InvalidGaugeError(f"{path}: format_version must be an integer, got {version!r}")
     if version != FORMAT_VERSION:
-        newer = (f" (written by hf_bdgauge {cfg.get('library_version')!s}; upgrade hf_bdgauge)"
-                 if version > FORMAT_VERSION else "")
+        newer = (
+            f" (written by hf_bdgauge {cfg.get('library_version')!s}; upgrade hf_bdgauge)"
+            if version > FORMAT_VERSION
+            else ""
+        )
         raise InvalidGaugeError(
             f"{path}: unknown gauge format_version {version}; this hf_bdgauge ({library_version()}) reads "
-            f"version {FORMAT_VERSION}{newer}")
+            f"version {FORMAT_VERSION}{newer}"
+        )
     dim = cfg.get("dim")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise InvalidGaugeError(f"{path}: dim must be a positive integer, got {dim!r}")
     for key, typ in (("method", str), ("metrics", dict), ("hops", list), ("tensors", dict)):
         if not isinstance(cfg.get(key), typ):
-            raise InvalidGaugeError(f"{path}: {key} must be a {typ.__name__}, got {type(cfg.get(key)).__name__}")
+            raise InvalidGaugeError(
+                f"{path}: {key} must be a {typ.__name__}, got {type(cfg.get(key)).__name__}"
+            )
     if not all(isinstance(h, dict) for h in cfg["hops"]):
         raise InvalidGaugeError(f"{path}: every hop must be an object")
     return cfg
@@ -227,7 +254,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise InvalidGaugeError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
     unknown = sorted(n for n in set(tensors) - set(_TENSOR_NAMES) if not n.startswith(GAIN_PREFIX))
     if unknown:
-        raise InvalidGaugeError(f"{path} holds unexpected tensors {unknown}; a gauge file holds only {list(_TENSOR_NAMES)}")
+        raise InvalidGaugeError(
+            f"{path} holds unexpected tensors {unknown}; a gauge file holds only {list(_TENSOR_NAMES)}"
+        )
     return tensors
 
 
@@ -260,40 +289,52 @@ def read_gauge_files(directory: str | os.PathLike) -> dict[str, Any]:
             raise InvalidGaugeError(f"{w_path} lacks the {name!r} tensor")
         want = (dim, dim) if name == "rotation" else (dim,)
         if tuple(t.shape) != want:
-            raise InvalidGaugeError(f"{w_path}: {name} has shape {list(t.shape)}, expected {list(want)} (dim in the config)")
+            raise InvalidGaugeError(
+                f"{w_path}: {name} has shape {list(t.shape)}, expected {list(want)} (dim in the config)"
+            )
     element: SignedPermutation | Orthogonal
     if kind == "orthogonal_dense":
         if tensors["rotation"].dtype != torch.float64:
             raise InvalidGaugeError(f"{w_path}: rotation must be float64, got {tensors['rotation'].dtype}")
         atol = float((cfg.get("rotation") or {}).get("orthogonality_atol", ORTHOGONALITY_ATOL))
-        element = Orthogonal(tensors["rotation"], atol=min(atol, ORTHOGONALITY_ATOL))  # validates orthogonality
+        element = Orthogonal(
+            tensors["rotation"], atol=min(atol, ORTHOGONALITY_ATOL)
+        )  # validates orthogonality
     else:
         element = SignedPermutation.from_tensors(tensors)  # validates dtypes, bijection, ±1
         if kind == "orthogonal_hadamard":
             recorded = (cfg.get("rotation") or {}).get("hadamard")
             element = Orthogonal.hadamard(dim, element)
             if recorded != element.to_config()["hadamard"]:
-                raise InvalidGaugeError(f"{cfg_path}: Hadamard construction {recorded!r} is not this library's "
-                                        f"{element.to_config()['hadamard']!r} for d = {dim}")
+                raise InvalidGaugeError(
+                    f"{cfg_path}: Hadamard construction {recorded!r} is not this library's "
+                    f"{element.to_config()['hadamard']!r} for d = {dim}"
+                )
     extras: dict[str, np.ndarray | None] = {}
     declared = cfg["tensors"]
     for name, dtype in (("confidence", torch.float32), ("margin", torch.float32), ("identified", torch.bool)):
         t = tensors.get(name)
         if bool(declared.get(name, t is not None)) != (t is not None):
-            raise InvalidGaugeError(f"{w_path}: the config says {name} is {'present' if declared.get(name) else 'absent'}, "
-                                    f"the file disagrees")
+            raise InvalidGaugeError(
+                f"{w_path}: the config says {name} is {'present' if declared.get(name) else 'absent'}, "
+                f"the file disagrees"
+            )
         if t is not None:
             if t.dtype != dtype:
-                raise InvalidGaugeError(f"{w_path}: {name} must be {str(dtype).replace('torch.', '')}, got "
-                                        f"{str(t.dtype).replace('torch.', '')}")
+                raise InvalidGaugeError(
+                    f"{w_path}: {name} must be {str(dtype).replace('torch.', '')}, got "
+                    f"{str(t.dtype).replace('torch.', '')}"
+                )
             if t.ndim != 1 or t.shape[0] != dim:
                 raise InvalidGaugeError(f"{w_path}: {name} must have shape [{dim}], got {list(t.shape)}")
         extras[name] = None if t is None else t.numpy()
     declared_gains = (cfg.get("rotation") or {}).get("gains") if kind != KIND_SIGNED_PERMUTATION else None
-    stored_gains = {n[len(GAIN_PREFIX):]: t for n, t in tensors.items() if n.startswith(GAIN_PREFIX)}
+    stored_gains = {n[len(GAIN_PREFIX) :]: t for n, t in tensors.items() if n.startswith(GAIN_PREFIX)}
     if sorted(stored_gains) != sorted(declared_gains or []):
-        raise InvalidGaugeError(f"{w_path}: the recorded gains {sorted(stored_gains)[:4]} are not those the config "
-                                f"declares {sorted(declared_gains or [])[:4]}")
+        raise InvalidGaugeError(
+            f"{w_path}: the recorded gains {sorted(stored_gains)[:4]} are not those the config "
+            f"declares {sorted(declared_gains or [])[:4]}"
+        )
     if any(t.dtype != torch.float64 for t in stored_gains.values()):
         raise InvalidGaugeError(f"{w_path}: recorded gains must be float64")
     flips = element.num_flips if isinstance(element, SignedPermutation) else 0
@@ -307,7 +348,8 @@ def read_gauge_files(directory: str | os.PathLike) -> dict[str, Any]:
         if actual_sha != expected_sha:
             raise InvalidGaugeError(
                 f"{w_path} does not match the sha256 recorded in {GAUGE_CONFIG_NAME} "
-                f"({actual_sha[:12]}… != {str(expected_sha)[:12]}…): the file was modified or truncated")
+                f"({actual_sha[:12]}… != {str(expected_sha)[:12]}…): the file was modified or truncated"
+            )
     return dict(
         element=element,
         source=ModelRef.from_dict(cfg.get("source"), "source"),

@@ -26,8 +26,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,10 +44,10 @@ from .errors import (
 from .fingerprint import check_fingerprint, model_fingerprint
 from .gauge import Gauge, as_gauge
 from .gauge_files import GAUGE_CONFIG_NAME
-from .provenance import ModelRef
 from .group import SignedPermutation
-from .orthogonal import Orthogonal
 from .hub import cached_snapshot, hub_errors, local_path, resolve_commit, split_revision
+from .orthogonal import Orthogonal
+from .provenance import ModelRef
 from .roles import hidden_size_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,7 +63,9 @@ GAUGE_SUBFOLDER = "gauge"
 _HUB_KWARGS = ("token", "cache_dir", "local_files_only", "force_download")
 
 
-def _checkpoint_dir(model_id: str, commit: str | None, revision: str | None, hub_kwargs: Mapping[str, Any]) -> Path | None:
+def _checkpoint_dir(
+    model_id: str, commit: str | None, revision: str | None, hub_kwargs: Mapping[str, Any]
+) -> Path | None:
     """The local directory a model was loaded from (a local dir, or its Hub cache snapshot)."""
     p = Path(model_id)
     if p.is_dir():
@@ -79,8 +81,13 @@ def _resolve_commit(model_id: str, revision: str | None, hub_kwargs: Mapping[str
         if not local.is_dir():
             raise CheckpointError(f"model {model_id}: expected a checkpoint directory, got a file")
         return None
-    return resolve_commit(model_id, revision, token=hub_kwargs.get("token"), cache_dir=hub_kwargs.get("cache_dir"),
-                          local_files_only=bool(hub_kwargs.get("local_files_only")))
+    return resolve_commit(
+        model_id,
+        revision,
+        token=hub_kwargs.get("token"),
+        cache_dir=hub_kwargs.get("cache_dir"),
+        local_files_only=bool(hub_kwargs.get("local_files_only")),
+    )
 
 
 class GaugedModel:
@@ -106,9 +113,15 @@ class GaugedModel:
         pair, or too few coordinates are identified); :attr:`forced` then records it.
     """
 
-    def __init__(self, model: PreTrainedModel,
-                 gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None = None, *,
-                 model_ref: ModelRef | None = None, strict: bool = True, force: bool = False) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None = None,
+        *,
+        model_ref: ModelRef | None = None,
+        strict: bool = True,
+        force: bool = False,
+    ) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"GaugedModel wraps a transformers model, got {type(model).__name__}")
         self._model = model
@@ -126,12 +139,15 @@ class GaugedModel:
             elif isinstance(g, Gauge):
                 attached = g
             else:
-                raise InvalidGaugeError(f"GaugedModel attaches a Gauge or a SignedPermutation, got "
-                                        f"{type(g).__name__} (wrap a rotation in a Gauge)")
+                raise InvalidGaugeError(
+                    f"GaugedModel attaches a Gauge or a SignedPermutation, got "
+                    f"{type(g).__name__} (wrap a rotation in a Gauge)"
+                )
         # a model matching the gauge's target end instead is told to attach gauge.inverse()
         # (TransformPlan.admit)
-        self.forced = attached.check_attachable(model, "source", strict=strict, fingerprint=ref.fingerprint,
-                                                force=force)
+        self.forced = attached.check_attachable(
+            model, "source", strict=strict, fingerprint=ref.fingerprint, force=force
+        )
         self._gauge = attached
 
     # ------------------------------------------------------------------ loading
@@ -147,7 +163,7 @@ class GaugedModel:
         force: bool = False,
         trust_remote_code: bool = False,
         **from_pretrained_kwargs: Any,
-    ) -> "GaugedModel":
+    ) -> GaugedModel:
         """Load a causal LM with ``AutoModelForCausalLM.from_pretrained`` and attach a gauge.
 
         ``pretrained_model_name_or_path`` and ``gauge`` take ``repo@revision`` (or ``revision=`` /
@@ -169,12 +185,18 @@ class GaugedModel:
         commit = _resolve_commit(model_id, revision, hub_kwargs)
         try:
             with hub_errors(f"model {model_id}@{revision or 'main'}", name=model_id):
-                model = AutoModelForCausalLM.from_pretrained(model_id, revision=commit or revision,
-                                                             trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_id,
+                    revision=commit or revision,
+                    trust_remote_code=trust_remote_code,
+                    **from_pretrained_kwargs,
+                )
         except OSError as e:  # transformers' own "is not a local folder and not a valid model identifier"
             if isinstance(e, (CheckpointError, HubError)):
                 raise
-            raise CheckpointError(f"cannot load model {model_id}@{revision or 'main'}: {str(e).splitlines()[0]}") from e
+            raise CheckpointError(
+                f"cannot load model {model_id}@{revision or 'main'}: {str(e).splitlines()[0]}"
+            ) from e
         model.eval()
         ckpt = _checkpoint_dir(model_id, commit, revision, hub_kwargs)
         fp = None
@@ -183,15 +205,27 @@ class GaugedModel:
                 fp = model_fingerprint(ckpt)
             except CheckpointError as e:
                 logger.debug("fingerprinting %s from memory: %s", model_id, e)
-        ref = ModelRef(model_id=model_id, revision=revision, commit_hash=commit,
-                       fingerprint=fp or model_fingerprint(model))
-        g = cls._resolve_gauge(gauge, gauge_revision, model_id, revision=commit or revision, ckpt=ckpt,
-                               hub_kwargs=hub_kwargs)
+        ref = ModelRef(
+            model_id=model_id,
+            revision=revision,
+            commit_hash=commit,
+            fingerprint=fp or model_fingerprint(model),
+        )
+        g = cls._resolve_gauge(
+            gauge, gauge_revision, model_id, revision=commit or revision, ckpt=ckpt, hub_kwargs=hub_kwargs
+        )
         return cls(model, g, model_ref=ref, strict=strict, force=force)
 
     @staticmethod
-    def _resolve_gauge(gauge: Any, gauge_revision: str | None, model_id: str, *, revision: str | None,
-                       ckpt: Path | None, hub_kwargs: Mapping[str, Any]) -> Gauge | SignedPermutation | Orthogonal | None:
+    def _resolve_gauge(
+        gauge: Any,
+        gauge_revision: str | None,
+        model_id: str,
+        *,
+        revision: str | None,
+        ckpt: Path | None,
+        hub_kwargs: Mapping[str, Any],
+    ) -> Gauge | SignedPermutation | Orthogonal | None:
         if gauge is not None:  # the one resolver of gauge arguments
             return as_gauge(gauge, gauge_revision, **hub_kwargs)
         if ckpt is not None and (ckpt / GAUGE_SUBFOLDER / GAUGE_CONFIG_NAME).is_file():
@@ -199,11 +233,16 @@ class GaugedModel:
             return Gauge.from_pretrained(ckpt / GAUGE_SUBFOLDER)
         if not Path(model_id).is_dir():
             try:
-                return Gauge.from_pretrained(model_id, revision=revision, subfolder=GAUGE_SUBFOLDER, **hub_kwargs)
+                return Gauge.from_pretrained(
+                    model_id, revision=revision, subfolder=GAUGE_SUBFOLDER, **hub_kwargs
+                )
             except (GaugeNotFoundError, HubError) as e:  # no bundled gauge
                 logger.debug("no bundled gauge in %s: %s", model_id, e)
-        logger.warning("no gauge given and none saved with %s: attaching the identity (the model is its own "
-                       "reference chart)", model_id)
+        logger.warning(
+            "no gauge given and none saved with %s: attaching the identity (the model is its own "
+            "reference chart)",
+            model_id,
+        )
         return None
 
     # ------------------------------------------------------------------ properties
@@ -253,11 +292,11 @@ class GaugedModel:
             raise AttributeError(f"{type(self._model).__name__} has no 'generate' (not a generative model)")
         return generate(*args, **kwargs)
 
-    def eval(self) -> "GaugedModel":
+    def eval(self) -> GaugedModel:
         self._model.eval()
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> "GaugedModel":
+    def to(self, *args: Any, **kwargs: Any) -> GaugedModel:
         self._model.to(*args, **kwargs)
         return self
 
@@ -281,7 +320,8 @@ class GaugedModel:
         raise TypeError(
             f"cannot map a {type(obj).__name__} between charts: pass a tensor or array whose last axis "
             "is the residual stream, an object with a .transport(gauge) method, or a list/tuple/dict of "
-            "those")
+            "those"
+        )
 
     def to_reference(self, obj: Any) -> Any:
         """Map ``obj`` from the model's chart to the reference chart (``x ↦ G·x``)."""
@@ -295,7 +335,7 @@ class GaugedModel:
         """Model-chart coordinate indices → ``(reference indices, signs)``."""
         return self._gauge.element.map_indices(indices)
 
-    def canonicalize(self) -> "GaugedModel":
+    def canonicalize(self) -> GaugedModel:
         """Re-chart the weights in place by ``G`` so the model computes in the reference chart.
 
         Afterwards the attached gauge is the identity (its hops keep the provenance) and the
@@ -312,15 +352,27 @@ class GaugedModel:
             diffs = check_fingerprint(old.target.fingerprint, fp, strict=False, what="canonicalized model")
             if not diffs:
                 logger.info("the canonicalized model matches the reference fingerprint")
-        new_source = ModelRef(model_id=self._model_ref.model_id, revision=self._model_ref.revision,
-                              commit_hash=None, fingerprint=fp)
+        new_source = ModelRef(
+            model_id=self._model_ref.model_id,
+            revision=self._model_ref.revision,
+            commit_hash=None,
+            fingerprint=fp,
+        )
         self._model_ref = new_source
-        self._gauge = Gauge.identity(old.dim, source=new_source, target=old.target, method="canonicalized",
-                                     metrics={"canonicalized_from": old.method}, hops=old.hop_chain())
+        self._gauge = Gauge.identity(
+            old.dim,
+            source=new_source,
+            target=old.target,
+            method="canonicalized",
+            metrics={"canonicalized_from": old.method},
+            hops=old.hop_chain(),
+        )
         return self
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any
+    ) -> None:
         """``model.save_pretrained(save_directory, **kwargs)`` plus the gauge in ``gauge/``.
 
         A directory that already holds a saved gauge is refused (before anything is written)

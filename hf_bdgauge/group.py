@@ -107,12 +107,12 @@ class SignedPermutation:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def identity(cls, d: int) -> "SignedPermutation":
+    def identity(cls, d: int) -> SignedPermutation:
         """The neutral element of B_d."""
         return cls(np.arange(d, dtype=np.int64))
 
     @classmethod
-    def random(cls, d: int, seed: int | None = None, signed: bool = True) -> "SignedPermutation":
+    def random(cls, d: int, seed: int | None = None, signed: bool = True) -> SignedPermutation:
         """A uniformly random element of B_d (or of S_d when ``signed=False``)."""
         rng = np.random.default_rng(seed)
         perm = rng.permutation(d)
@@ -120,7 +120,7 @@ class SignedPermutation:
         return cls(perm, signs)
 
     @classmethod
-    def from_matrix(cls, m: ArrayLike, atol: float = 0.0) -> "SignedPermutation":
+    def from_matrix(cls, m: ArrayLike, atol: float = 0.0) -> SignedPermutation:
         """Read a signed permutation matrix (exactly one ±1 per row and column)."""
         a = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
         if a.ndim != 2 or a.shape[0] != a.shape[1]:
@@ -179,7 +179,7 @@ class SignedPermutation:
         return self.is_unsigned and bool(np.all(self._perm == np.arange(self.dim)))
 
     # ------------------------------------------------------------------ group law
-    def __matmul__(self, other: "SignedPermutation") -> "SignedPermutation":
+    def __matmul__(self, other: SignedPermutation) -> SignedPermutation:
         """``g @ h`` = G·H, the map x ↦ g(h(x))."""
         if not isinstance(other, SignedPermutation):
             return NotImplemented
@@ -188,11 +188,11 @@ class SignedPermutation:
         signs = other._signs.astype(np.int64) * self._signs[other._perm]
         return SignedPermutation(perm, signs)
 
-    def inverse(self) -> "SignedPermutation":
+    def inverse(self) -> SignedPermutation:
         """G⁻¹ = Gᵀ: target coordinate π(i) goes back to i with sign s_i."""
         return SignedPermutation(self._inv, self._signs[self._inv])
 
-    def unsigned(self) -> "SignedPermutation":
+    def unsigned(self) -> SignedPermutation:
         """The S_d part P (all signs +1)."""
         return SignedPermutation(self._perm)
 
@@ -218,7 +218,9 @@ class SignedPermutation:
     # ------------------------------------------------------------------ action
     def _check_dim(self, n: int) -> None:
         if n != self.dim:
-            raise DimensionMismatchError(f"gauge has dimension {self.dim} but the object has {n} along its residual axis")
+            raise DimensionMismatchError(
+                f"gauge has dimension {self.dim} but the object has {n} along its residual axis"
+            )
 
     def _index_and_signs(self, x: ArrayLike, signed: bool) -> tuple[Any, Any]:
         """π⁻¹ and s[π⁻¹] in x's framework, dtype and device (cached per device/dtype)."""
@@ -229,10 +231,16 @@ class SignedPermutation:
                 sg = None
                 if signed:
                     sdt = x.dtype if (x.is_floating_point() or x.is_complex()) else torch.int64
-                    sg = torch.from_numpy(self._signs[self._inv].astype(np.int64)).to(device=x.device, dtype=sdt)
+                    sg = torch.from_numpy(self._signs[self._inv].astype(np.int64)).to(
+                        device=x.device, dtype=sdt
+                    )
                 self._cache[key] = (idx, sg)
             return self._cache[key]
-        sg = self._signs[self._inv].astype(x.dtype if signed and x.dtype.kind in "fc" else np.int64) if signed else None
+        sg = (
+            self._signs[self._inv].astype(x.dtype if signed and x.dtype.kind in "fc" else np.int64)
+            if signed
+            else None
+        )
         return self._inv, sg
 
     def apply(self, x: ArrayT, axis: int = -1, signed: bool = True, out_slice: slice | None = None) -> ArrayT:
@@ -341,7 +349,7 @@ class SignedPermutation:
                 raise InvalidGaugeError(f"gauge tensor {name!r} must be {want}, got {got}")
         return cls(perm, signs)
 
-    def agreement(self, other: "SignedPermutation") -> dict[str, float]:
+    def agreement(self, other: SignedPermutation) -> dict[str, float]:
         """Fraction of coordinates where two estimates agree: on π, and on (π, s) jointly."""
         self._check_dim(other.dim)
         same_p = self._perm == other._perm

@@ -44,8 +44,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CheckpointError,
@@ -96,8 +97,11 @@ def is_local(spec: str | os.PathLike) -> bool:
     s = os.fspath(spec)
     if Path(s).expanduser().exists():
         return True
-    return s.startswith((".", "/", "~", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", s)) or (
-        os.sep != "/" and os.sep in s)
+    return (
+        s.startswith((".", "/", "~", "\\"))
+        or bool(re.match(r"^[A-Za-z]:[\\/]", s))
+        or (os.sep != "/" and os.sep in s)
+    )
 
 
 def split_revision(spec: str | os.PathLike, revision: str | None = None) -> tuple[str, str | None]:
@@ -114,7 +118,9 @@ def split_revision(spec: str | os.PathLike, revision: str | None = None) -> tupl
     return name, rev
 
 
-def split_hub_path(spec: str | os.PathLike, revision: str | None = None) -> tuple[str, str | None, str | None]:
+def split_hub_path(
+    spec: str | os.PathLike, revision: str | None = None
+) -> tuple[str, str | None, str | None]:
     """``"namespace/name[@revision][/path/in/repo]"`` → ``(repo_id, revision, path_in_repo)``
     (``path_in_repo`` ``None`` when absent). Local paths are not split: ``(path, revision, None)``."""
     s = os.fspath(spec)
@@ -152,7 +158,8 @@ def local_path(name: str | os.PathLike, revision: str | None = None, *, what: st
             raise CheckpointError(
                 f"{what} {s!r} is a local path, and local paths have no revisions: revision {revision!r} "
                 "cannot be checked against it; drop the revision to use the local copy, or give the Hub "
-                "repo id to pin it")
+                "repo id to pin it"
+            )
         return p
     if is_local(s):
         raise CheckpointError(f"{what} {s} does not exist")
@@ -206,8 +213,9 @@ def _status(e: BaseException) -> int | None:
 
 
 @contextlib.contextmanager
-def hub_errors(what: str, *, missing: type[GaugeError] = CheckpointError, name: str | None = None,
-               action: str = "get") -> Iterator[None]:
+def hub_errors(
+    what: str, *, missing: type[GaugeError] = CheckpointError, name: str | None = None, action: str = "get"
+) -> Iterator[None]:
     """Turn ``huggingface_hub`` (and its HTTP client's) exceptions raised inside the block into
     one-line :class:`GaugeError` subclasses naming ``what`` (e.g. ``"checkpoint 'org/m@v2'"``).
 
@@ -242,12 +250,16 @@ def hub_errors(what: str, *, missing: type[GaugeError] = CheckpointError, name: 
         raise
     except Exception as e:
         # the Hub's own answer, possibly behind the client's fallbacks (a cache miss, "force download failed")
-        answer = _cause_of_type(e, (hf.HfHubHTTPError, hf.HFValidationError, hf.EntryNotFoundError),
-                                exclude=hf.LocalEntryNotFoundError)
+        answer = _cause_of_type(
+            e,
+            (hf.HfHubHTTPError, hf.HFValidationError, hf.EntryNotFoundError),
+            exclude=hf.LocalEntryNotFoundError,
+        )
         if answer is not None:
             raise _answer_error(answer, head, what, name, missing) from e
         offline = isinstance(e, hf.OfflineModeIsEnabled) or (
-            isinstance(e, hf.LocalEntryNotFoundError) and constants.is_offline_mode())
+            isinstance(e, hf.LocalEntryNotFoundError) and constants.is_offline_mode()
+        )
         cause = _network_cause(e)
         if not offline and cause is None and not isinstance(e, hf.LocalEntryNotFoundError):
             raise  # not a Hub or network failure: a bug to see whole
@@ -262,40 +274,52 @@ def hub_errors(what: str, *, missing: type[GaugeError] = CheckpointError, name: 
         raise HubOfflineError(head + f"{subject} in the local Hugging Face cache, and {why}") from e
 
 
-def _answer_error(answer: BaseException, head: str, what: str, name: str | None,
-                  missing: type[GaugeError]) -> GaugeError:
+def _answer_error(
+    answer: BaseException, head: str, what: str, name: str | None, missing: type[GaugeError]
+) -> GaugeError:
     """The typed error of an answer of the Hub (see the table of :func:`hub_errors`)."""
     from huggingface_hub import errors as hf
 
     if isinstance(answer, hf.GatedRepoError):
-        return RepositoryNotFoundError(head + "the repository is gated; accept its terms on the Hub and pass a "
-                                       "token (HF_TOKEN or `hf auth login`)")
+        return RepositoryNotFoundError(
+            head + "the repository is gated; accept its terms on the Hub and pass a "
+            "token (HF_TOKEN or `hf auth login`)"
+        )
     if isinstance(answer, hf.RevisionNotFoundError):
         return RevisionNotFoundError(head + "the repository has no such revision (branch, tag or commit)")
     if isinstance(answer, hf.EntryNotFoundError):
         return missing(head + f"the repository has no such file ({_first_line(answer)})")
     if isinstance(answer, hf.HFValidationError):
-        return CheckpointError(f"{what}: neither an existing local path nor a valid Hub repo id "
-                               f"({_first_line(answer)})")
+        return CheckpointError(
+            f"{what}: neither an existing local path nor a valid Hub repo id ({_first_line(answer)})"
+        )
     status = _status(answer)
     # a 404 without the Hub's error code (a mirror, a proxy, a local endpoint) says the same as RepoNotFound
     if isinstance(answer, hf.RepositoryNotFoundError) or status == 404:
         subject = f"{name!r} is not a local path, and no" if name is not None else "no"
-        return RepositoryNotFoundError(head + f"{subject} such repository is on the Hub (or it is private and no "
-                                       "valid token was given)")
+        return RepositoryNotFoundError(
+            head + f"{subject} such repository is on the Hub (or it is private and no valid token was given)"
+        )
     if status in (401, 403):
         why = "no or an invalid token" if status == 401 else "the token may not do this"
-        return HubAuthError(head + f"the Hub refused the credentials ({status}: {why}); pass a valid token "
-                            "(HF_TOKEN or `hf auth login`)")
+        return HubAuthError(
+            head + f"the Hub refused the credentials ({status}: {why}); pass a valid token "
+            "(HF_TOKEN or `hf auth login`)"
+        )
     if status == 429:
-        return HubRateLimitError(head + "the Hub is rate-limiting these requests (429 Too Many Requests); "
-                                 "retry later, or with a token (HF_TOKEN)")
+        return HubRateLimitError(
+            head + "the Hub is rate-limiting these requests (429 Too Many Requests); "
+            "retry later, or with a token (HF_TOKEN)"
+        )
     return HubError(head + f"the Hub answered {_first_line(answer)}")
 
 
-def _cause_of_type(e: BaseException, types: type[BaseException] | tuple[type[BaseException], ...], *,
-                   exclude: type[BaseException] | tuple[type[BaseException], ...] = ()
-                   ) -> BaseException | None:
+def _cause_of_type(
+    e: BaseException,
+    types: type[BaseException] | tuple[type[BaseException], ...],
+    *,
+    exclude: type[BaseException] | tuple[type[BaseException], ...] = (),
+) -> BaseException | None:
     """``e`` or the first exception it was raised from (``__cause__`` / ``__context__``) of
     ``types`` and not of ``exclude``."""
     seen: set[int] = set()
@@ -330,16 +354,29 @@ def _hub_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None and v is not False}
 
 
-def snapshot(repo_id: str, *, revision: str | None = None, allow_patterns: Sequence[str] | None = None,
-             what: str | None = None, name: str | None = None, **hub_kwargs: Any) -> Path:
+def snapshot(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    allow_patterns: Sequence[str] | None = None,
+    what: str | None = None,
+    name: str | None = None,
+    **hub_kwargs: Any,
+) -> Path:
     """``snapshot_download`` of ``repo_id`` at ``revision`` (only ``allow_patterns``); ``name``:
     the user's name for it when it was looked for locally first (see :func:`hub_errors`)."""
     from huggingface_hub import snapshot_download
 
     label = what or f"{repo_id}@{revision or 'main'}"
     with hub_errors(label, name=name):
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns or ["*"]),
-                                      **_hub_kwargs(hub_kwargs)))
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(allow_patterns or ["*"]),
+                **_hub_kwargs(hub_kwargs),
+            )
+        )
 
 
 def resolve_checkpoint_dir(src: str | os.PathLike, revision: str | None = None, **hub_kwargs: Any) -> Path:
@@ -350,15 +387,28 @@ def resolve_checkpoint_dir(src: str | os.PathLike, revision: str | None = None, 
     p = local_path(name, rev, what="checkpoint")
     if p is not None:
         if not p.is_dir():
-            raise CheckpointError(f"checkpoint {name}: expected a directory (config.json and *.safetensors), "
-                                  "got a file")
+            raise CheckpointError(
+                f"checkpoint {name}: expected a directory (config.json and *.safetensors), got a file"
+            )
         return p
-    return snapshot(name, revision=rev, allow_patterns=CHECKPOINT_PATTERNS, what=f"checkpoint {name}@{rev or 'main'}",
-                    name=name, **hub_kwargs)
+    return snapshot(
+        name,
+        revision=rev,
+        allow_patterns=CHECKPOINT_PATTERNS,
+        what=f"checkpoint {name}@{rev or 'main'}",
+        name=name,
+        **hub_kwargs,
+    )
 
 
-def resolve_dir(spec: str | os.PathLike, revision: str | None = None, *, what: str = "directory",
-                allow_patterns: Sequence[str] | None = None, **hub_kwargs: Any) -> Path:
+def resolve_dir(
+    spec: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    what: str = "directory",
+    allow_patterns: Sequence[str] | None = None,
+    **hub_kwargs: Any,
+) -> Path:
     """A directory (an adapter, an SAE): local as it is, or ``namespace/name[@revision][/subfolder]``
     on the Hub (the subfolder's files only)."""
     repo, rev, sub = split_hub_path(spec, revision)
@@ -370,15 +420,23 @@ def resolve_dir(spec: str | os.PathLike, revision: str | None = None, *, what: s
     if is_local(repo):
         raise CheckpointError(f"{what} {repo} does not exist")
     patterns = [f"{sub}/{pat}" for pat in (allow_patterns or ["*"])] if sub else allow_patterns
-    root = snapshot(repo, revision=rev, allow_patterns=patterns, what=f"{what} {spec}",
-                    name=os.fspath(spec) if sub is None else None, **hub_kwargs)
+    root = snapshot(
+        repo,
+        revision=rev,
+        allow_patterns=patterns,
+        what=f"{what} {spec}",
+        name=os.fspath(spec) if sub is None else None,
+        **hub_kwargs,
+    )
     out = root / sub if sub else root
     if not out.is_dir():
         raise CheckpointError(f"{what} {spec}: the repository has no folder {sub!r}")
     return out
 
 
-def resolve_file(spec: str | os.PathLike, revision: str | None = None, *, what: str = "file", **hub_kwargs: Any) -> Path:
+def resolve_file(
+    spec: str | os.PathLike, revision: str | None = None, *, what: str = "file", **hub_kwargs: Any
+) -> Path:
     """A file: local as it is, or ``namespace/name[@revision]/path/in/repo`` on the Hub."""
     repo, rev, path = split_hub_path(spec, revision)
     if path is None:
@@ -387,17 +445,27 @@ def resolve_file(spec: str | os.PathLike, revision: str | None = None, *, what: 
             if not p.is_file():
                 raise CheckpointError(f"{what} {repo}: expected a file, got a directory")
             return p
-        raise CheckpointError(f"{what} {os.fspath(spec)!r} is not a local file, and not a file on the Hub "
-                              "either (name one as namespace/name[@revision]/path/in/repo)")
+        raise CheckpointError(
+            f"{what} {os.fspath(spec)!r} is not a local file, and not a file on the Hub "
+            "either (name one as namespace/name[@revision]/path/in/repo)"
+        )
     from huggingface_hub import hf_hub_download
 
     with hub_errors(f"{what} {spec}"):
         return Path(hf_hub_download(repo, path, revision=rev, **_hub_kwargs(hub_kwargs)))
 
 
-def download_files(repo_id: str, filenames: Sequence[str], *, revision: str | None = None, subfolder: str | None = None,
-                   what: str = "repository", missing: type[GaugeError] = CheckpointError,
-                   name: str | None = None, **hub_kwargs: Any) -> tuple[Path, str | None]:
+def download_files(
+    repo_id: str,
+    filenames: Sequence[str],
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    what: str = "repository",
+    missing: type[GaugeError] = CheckpointError,
+    name: str | None = None,
+    **hub_kwargs: Any,
+) -> tuple[Path, str | None]:
     """Download ``filenames`` of ``repo_id`` (inside ``subfolder``); return ``(directory,
     commit_hash)``. The first file resolves the revision to a commit; the others are fetched at
     that commit, so all come from one repository state. A file the repo lacks raises
@@ -417,8 +485,9 @@ def download_files(repo_id: str, filenames: Sequence[str], *, revision: str | No
     return first.parent, commit
 
 
-def hub_file(repo_id: str, filename: str, *, revision: str | None = None, what: str | None = None,
-             **hub_kwargs: Any) -> Path:
+def hub_file(
+    repo_id: str, filename: str, *, revision: str | None = None, what: str | None = None, **hub_kwargs: Any
+) -> Path:
     """One file of a Hub repo (``repo@revision`` or ``revision=``), from the cache when offline."""
     from huggingface_hub import hf_hub_download
 
@@ -427,8 +496,14 @@ def hub_file(repo_id: str, filename: str, *, revision: str | None = None, what: 
         return Path(hf_hub_download(name, filename, revision=rev, **_hub_kwargs(hub_kwargs)))
 
 
-def resolve_commit(repo_id: str, revision: str | None = None, *, token: str | bool | None = None,
-                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> str | None:
+def resolve_commit(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> str | None:
     """The commit a Hub revision points to; ``None`` when offline and it is not cached (the
     caller may still find a cached copy). A missing repository or revision raises."""
     from huggingface_hub import HfApi, constants
@@ -436,32 +511,50 @@ def resolve_commit(repo_id: str, revision: str | None = None, *, token: str | bo
     try:
         with hub_errors(f"{repo_id}@{revision or 'main'}"):
             resolved = HfApi(token=token).resolve_revision(
-                repo_id, revision=revision, cache_dir=None if cache_dir is None else Path(cache_dir),
-                local_files_only=bool(local_files_only) or constants.is_offline_mode())
+                repo_id,
+                revision=revision,
+                cache_dir=None if cache_dir is None else Path(cache_dir),
+                local_files_only=bool(local_files_only) or constants.is_offline_mode(),
+            )
     except HubOfflineError as e:
         logger.debug("could not resolve %s@%s: %s", repo_id, revision, e)
         return None
     return getattr(resolved, "resolved", None)
 
 
-def cached_snapshot(repo_id: str, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> Path | None:
+def cached_snapshot(
+    repo_id: str, revision: str | None = None, *, cache_dir: str | os.PathLike | None = None
+) -> Path | None:
     """The local snapshot directory of a Hub model already in the cache (by its ``config.json``),
     else ``None``."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=None if cache_dir is None else Path(cache_dir),
-                                       revision=revision)
+        found = try_to_load_from_cache(
+            repo_id,
+            "config.json",
+            cache_dir=None if cache_dir is None else Path(cache_dir),
+            revision=revision,
+        )
     except Exception:  # malformed ids etc.: no local snapshot to read
         return None
     return Path(found).parent if isinstance(found, str) else None
 
 
 # =========================================================================== pushes
-def push_folder(write: Callable[[Path], None], repo_id: str, *, commit_message: str, private: bool | None = None,
-                token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
-                allow_patterns: list[str] | str | None = None, ignore_patterns: list[str] | str | None = None,
-                delete_patterns: list[str] | str | None = None) -> "CommitInfo":
+def push_folder(
+    write: Callable[[Path], None],
+    repo_id: str,
+    *,
+    commit_message: str,
+    private: bool | None = None,
+    token: str | None = None,
+    branch: str | None = None,
+    create_pr: bool | None = None,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+    delete_patterns: list[str] | str | None = None,
+) -> CommitInfo:
     """Create ``repo_id`` if needed (and ``branch`` from the default branch if it does not exist
     yet), call ``write(folder)`` to fill a fresh temporary folder, and upload it in one commit.
     Returns the :class:`huggingface_hub.CommitInfo` (``.oid`` is the new commit)."""
@@ -476,9 +569,18 @@ def push_folder(write: Callable[[Path], None], repo_id: str, *, commit_message: 
             folder = Path(tmp) / "upload"
             folder.mkdir()
             write(folder)
-            info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=folder,
-                                     commit_message=commit_message, revision=branch, create_pr=create_pr,
-                                     allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
-                                     delete_patterns=delete_patterns)
-    logger.info("pushed to %s%s (commit %s)", repo_id, f"@{branch}" if branch else "", getattr(info, "oid", None))
+            info = api.upload_folder(
+                repo_id=repo_id,
+                repo_type="model",
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=branch,
+                create_pr=create_pr,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+                delete_patterns=delete_patterns,
+            )
+    logger.info(
+        "pushed to %s%s (commit %s)", repo_id, f"@{branch}" if branch else "", getattr(info, "oid", None)
+    )
     return info

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .card import render_gauge_card
-from .gauge_files import (FORMAT_VERSION, gauge_config, gauge_tensors, locate_gauge_files, read_gauge_files,
-                          write_gauge_directory, write_gauge_files)
+from .gauge_files import (
+    FORMAT_VERSION,
+    gauge_config,
+    gauge_tensors,
+    locate_gauge_files,
+    read_gauge_files,
+    write_gauge_directory,
+    write_gauge_files,
+)
 from .hub import push_folder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,15 +55,19 @@ class GaugeHubMixin:
         factor's ``perm``/``signs`` (:func:`hf_bdgauge.gauge_files.gauge_tensors`)."""
         return gauge_tensors(cast("Gauge", self))
 
-    def generate_model_card(self, **kwargs: Any) -> "ModelCard":
+    def generate_model_card(self, **kwargs: Any) -> ModelCard:
         """A :class:`huggingface_hub.ModelCard` rendered from the gauge card template; ``kwargs``
         are passed to the template (e.g. ``repo_id``)."""
         kwargs.setdefault("format_version", FORMAT_VERSION)
         return render_gauge_card(cast("Gauge", self), **kwargs)
 
-    def _save_pretrained(self, save_directory: Path, model_card_kwargs: Mapping[str, Any] | None = None) -> None:
+    def _save_pretrained(
+        self, save_directory: Path, model_card_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
         """Write the three files into an existing directory (no atomicity of its own)."""
-        write_gauge_files(cast("Gauge", self), save_directory, self.generate_model_card(**dict(model_card_kwargs or {})))
+        write_gauge_files(
+            cast("Gauge", self), save_directory, self.generate_model_card(**dict(model_card_kwargs or {}))
+        )
 
     def save_pretrained(
         self,
@@ -77,12 +89,16 @@ class GaugeHubMixin:
         directory name) and returns the commit.
         """
         save_directory = Path(save_directory)
-        write_gauge_directory(save_directory, lambda folder: self._save_pretrained(folder, model_card_kwargs),
-                              overwrite=overwrite)
+        write_gauge_directory(
+            save_directory,
+            lambda folder: self._save_pretrained(folder, model_card_kwargs),
+            overwrite=overwrite,
+        )
         logger.info("saved %r to %s", self, save_directory)
         if push_to_hub:
-            return self.push_to_hub(repo_id or save_directory.name, model_card_kwargs=model_card_kwargs,
-                                    **push_to_hub_kwargs)
+            return self.push_to_hub(
+                repo_id or save_directory.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs
+            )
         return None
 
     @classmethod
@@ -111,8 +127,14 @@ class GaugeHubMixin:
         :class:`~hf_bdgauge.errors.HubError` subclasses for a missing repository or revision.
         """
         directory, where = locate_gauge_files(
-            pretrained_model_name_or_path, revision, subfolder, cache_dir=cache_dir, force_download=force_download,
-            token=token, local_files_only=local_files_only)
+            pretrained_model_name_or_path,
+            revision,
+            subfolder,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
         gauge = cls._from_pretrained(directory)
         if where is not None:
             logger.info("loaded gauge %s", where)
@@ -131,13 +153,21 @@ class GaugeHubMixin:
         ignore_patterns: list[str] | str | None = None,
         delete_patterns: list[str] | str | None = None,
         model_card_kwargs: Mapping[str, Any] | None = None,
-    ) -> "CommitInfo":
+    ) -> CommitInfo:
         """Create ``repo_id`` if needed (and ``branch``, from the default branch, when it does
         not exist yet) and upload the gauge in one commit (``create_repo`` + ``upload_folder``).
         Returns the :class:`huggingface_hub.CommitInfo` (a ``str`` URL with ``.oid``, the new
         commit hash)."""
         card_kwargs = {"repo_id": repo_id, **dict(model_card_kwargs or {})}
-        return push_folder(lambda folder: self._save_pretrained(folder, card_kwargs), repo_id,
-                           commit_message=commit_message, private=private, token=token, branch=branch,
-                           create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
-                           delete_patterns=delete_patterns)
+        return push_folder(
+            lambda folder: self._save_pretrained(folder, card_kwargs),
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            branch=branch,
+            create_pr=create_pr,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+            delete_patterns=delete_patterns,
+        )

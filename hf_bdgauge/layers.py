@@ -77,8 +77,10 @@ def to_block_output(layer: int) -> int:
     block's output and raises :class:`TransportError`."""
     layer = int(layer)
     if layer == 0:
-        raise TransportError("residual layer 0 is the embedding output, which is no decoder block's output: "
-                             "block-keyed formats (steering-vectors, repeng, llama.cpp) cannot express it")
+        raise TransportError(
+            "residual layer 0 is the embedding output, which is no decoder block's output: "
+            "block-keyed formats (steering-vectors, repeng, llama.cpp) cannot express it"
+        )
     return layer - 1 if layer > 0 else layer
 
 
@@ -111,7 +113,11 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     regexes = [re.compile(r"(?:^|\.)" + re.escape(p) + "$") for p in paths]
     best: tuple[int, torch.nn.ModuleList] | None = None
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0 or not any(r.search(name) for r in regexes):
+        if (
+            not isinstance(mod, torch.nn.ModuleList)
+            or len(mod) == 0
+            or not any(r.search(name) for r in regexes)
+        ):
             continue
         if n is not None and len(mod) != n:
             continue
@@ -121,7 +127,8 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     if best is None:
         raise UnsupportedArchitectureError(
             f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList named "
-            f"{' / '.join(paths)} of length {n} (the 'layers' entry of its role map)")
+            f"{' / '.join(paths)} of length {n} (the 'layers' entry of its role map)"
+        )
     return best[1]
 
 
@@ -135,8 +142,10 @@ def resolve_layer(layer: int, n: int, error: type[Exception] = EstimationError) 
     k = int(layer)
     kk = k + n if k < 0 else k
     if not 0 <= kk < n:
-        raise error(f"layer {k} does not exist: residual layers are 0..{n - 1} (0 = embedding output, "
-                    f"{n - 1} = output of the last of {n - 1} blocks)")
+        raise error(
+            f"layer {k} does not exist: residual layers are 0..{n - 1} (0 = embedding output, "
+            f"{n - 1} = output of the last of {n - 1} blocks)"
+        )
     return kk
 
 
@@ -165,15 +174,19 @@ def _module_of(model: torch.nn.Module, blocks: torch.nn.ModuleList, layer: int) 
         return blocks[layer - 1]
     emb = input_embedding(model)
     if emb is None:
-        raise UnsupportedArchitectureError(f"{type(model).__name__} has no input embedding (get_input_embeddings) "
-                                           "whose output is residual layer 0")
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no input embedding (get_input_embeddings) "
+            "whose output is residual layer 0"
+        )
     return emb
 
 
 def _hidden(out: Any) -> torch.Tensor:
     h = out[0] if isinstance(out, (tuple, list)) else out
     if not isinstance(h, torch.Tensor):
-        raise UnsupportedArchitectureError(f"a residual layer's module returned {type(h).__name__}, not a tensor")
+        raise UnsupportedArchitectureError(
+            f"a residual layer's module returned {type(h).__name__}, not a tensor"
+        )
     return h
 
 
@@ -185,8 +198,14 @@ def _input_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def residual_states(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor] | torch.Tensor,
-                    layers: Iterable[int] | None, *, stop: bool = True, **forward_kwargs: Any) -> dict[int, torch.Tensor]:
+def residual_states(
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor] | torch.Tensor,
+    layers: Iterable[int] | None,
+    *,
+    stop: bool = True,
+    **forward_kwargs: Any,
+) -> dict[int, torch.Tensor]:
     """One forward pass; returns ``{ℓ: hidden state [B, T, d]}`` for the residual layers asked
     (keys as given, negatives included), each on the device where it was computed.
 
@@ -212,7 +231,10 @@ def residual_states(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor] |
 
         return hook
 
-    handles = [_module_of(model, blocks, layer).register_forward_hook(hook_for(layer)) for layer in sorted(set(index.values()))]
+    handles = [
+        _module_of(model, blocks, layer).register_forward_hook(hook_for(layer))
+        for layer in sorted(set(index.values()))
+    ]
     batch = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": torch.as_tensor(inputs)}
     ids = torch.as_tensor(batch["input_ids"])
     batch["input_ids"] = ids.reshape(-1, ids.shape[-1]) if ids.ndim != 2 else ids
@@ -230,7 +252,9 @@ def residual_states(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor] |
         model.train(was_training)
     missing = [k for k in wanted if k not in acts]
     if missing:
-        raise UnsupportedArchitectureError(f"residual layers {missing} of {type(model).__name__} produced no output")
+        raise UnsupportedArchitectureError(
+            f"residual layers {missing} of {type(model).__name__} produced no output"
+        )
     return acts
 
 
@@ -263,8 +287,11 @@ def add_to_residual(model: torch.nn.Module, deltas: Mapping[int, torch.Tensor]) 
     handles: list[Any] = []
     try:
         for layer, v in deltas.items():
-            handles.append(_module_of(model, blocks, resolve_layer(layer, len(blocks) + 1, TransportError))
-                           .register_forward_hook(_additive_hook(v)))
+            handles.append(
+                _module_of(
+                    model, blocks, resolve_layer(layer, len(blocks) + 1, TransportError)
+                ).register_forward_hook(_additive_hook(v))
+            )
         yield
     finally:
         for h in handles:

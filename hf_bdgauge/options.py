@@ -26,8 +26,18 @@ from typing import Any
 
 from .errors import EstimationError, Words
 
-__all__ = ["CALIBRATION_DRAWS", "DTYPES", "LEVEL", "POOLINGS", "TENSOR_WEIGHTINGS", "CalibrationOptions",
-           "CaptureOptions", "WeightOptions", "flag_name", "refuse_unused"]
+__all__ = [
+    "CALIBRATION_DRAWS",
+    "DTYPES",
+    "LEVEL",
+    "POOLINGS",
+    "TENSOR_WEIGHTINGS",
+    "CalibrationOptions",
+    "CaptureOptions",
+    "WeightOptions",
+    "flag_name",
+    "refuse_unused",
+]
 
 #: the documented level: ``p_value <= LEVEL`` means "a signed permutation relates the charts"
 LEVEL = 0.01
@@ -75,8 +85,15 @@ def _check_int(obj: Any, name: str, minimum: int, *, optional: bool = False) -> 
         _fail(type(obj), name, v, f"an integer >= {minimum}" + (" or None" if optional else ""))
 
 
-def _check_number(obj: Any, name: str, low: float, high: float | None = None, *, optional: bool = False,
-                  open_low: bool = False) -> None:
+def _check_number(
+    obj: Any,
+    name: str,
+    low: float,
+    high: float | None = None,
+    *,
+    optional: bool = False,
+    open_low: bool = False,
+) -> None:
     v = getattr(obj, name)
     if optional and v is None:
         return
@@ -132,12 +149,14 @@ class _Options:
 
     def to_dict(self) -> dict[str, Any]:
         """The changed fields as JSON-friendly values (dtypes and objects as text), for recording."""
+
         def plain(v: Any) -> Any:
             if v is None or isinstance(v, (bool, int, float, str)):
                 return v
             if isinstance(v, (list, tuple)):
                 return [plain(x) for x in v]
             return str(v)
+
         return {k: plain(v) for k, v in self.changed().items()}
 
 
@@ -155,27 +174,49 @@ class CaptureOptions(_Options):
     into windows of ``max_length`` tokens, ``batch_size`` sequences per forward pass, until
     ``max_tokens`` tokens have entered the statistics."""
 
-    tokenizer: Any = _opt(None, "tokenizer of the texts: a tokenizer, or a directory or Hub id to load one "
-                                "from (default: the source checkpoint's)")
-    layers: Any = _opt(None, "residual layers to capture and pool (0 = embedding output; negatives count "
-                             "from the end; default: all)", type=int, nargs="*")
+    tokenizer: Any = _opt(
+        None,
+        "tokenizer of the texts: a tokenizer, or a directory or Hub id to load one "
+        "from (default: the source checkpoint's)",
+    )
+    layers: Any = _opt(
+        None,
+        "residual layers to capture and pool (0 = embedding output; negatives count "
+        "from the end; default: all)",
+        type=int,
+        nargs="*",
+    )
     batch_size: int = _opt(8, "sequences per forward pass (also the unit split over processes and shards)")
     max_length: int = _opt(256, "tokens per text window (longer texts become several windows)")
-    max_tokens: int | None = _opt(None, "stop after this many tokens have entered the statistics "
-                                        "(default: all)", type=int)
-    dtype: Any = _opt(None, "activation methods: load the models in this dtype (the sums stay float64); "
-                            "weights: the products' dtype (default float32)", choices=DTYPES)
-    device_map: Any = _opt(None, 'accelerate device map to load the models with, e.g. "auto" (offloads what '
-                                 "does not fit; default: CPU, or this rank's GPU under torchrun with CUDA)")
+    max_tokens: int | None = _opt(
+        None, "stop after this many tokens have entered the statistics (default: all)", type=int
+    )
+    dtype: Any = _opt(
+        None,
+        "activation methods: load the models in this dtype (the sums stay float64); "
+        "weights: the products' dtype (default float32)",
+        choices=DTYPES,
+    )
+    device_map: Any = _opt(
+        None,
+        'accelerate device map to load the models with, e.g. "auto" (offloads what '
+        "does not fit; default: CPU, or this rank's GPU under torchrun with CUDA)",
+    )
     pooling: str = _opt("mean_abs", "how the layers' correlations are pooled", choices=POOLINGS)
     progress: bool = _opt(True, "show progress bars (the CLI's -q hides them)", flag=None)
-    group: Any = _opt(None, "torch.distributed process group to split the capture over (default: the default "
-                            "group; the CLI uses torchrun's)", flag=None)
+    group: Any = _opt(
+        None,
+        "torch.distributed process group to split the capture over (default: the default "
+        "group; the CLI uses torchrun's)",
+        flag=None,
+    )
     # tuning of the capture itself (no flags: they change cost, not results)
-    skip_first: bool = _opt(True, "leave out the first token of every sequence (it has no context)",
-                            flag=None)
-    product_dtype: Any = _opt(None, "precision of the centred d×d products (default float32, float64 for "
-                                    "float64 models)", flag=None)
+    skip_first: bool = _opt(
+        True, "leave out the first token of every sequence (it has no context)", flag=None
+    )
+    product_dtype: Any = _opt(
+        None, "precision of the centred d×d products (default float32, float64 for float64 models)", flag=None
+    )
     stats_device: Any = _opt(None, "device the sums are kept on (default: where each layer ran)", flag=None)
 
     def __post_init__(self) -> None:
@@ -207,7 +248,7 @@ class CaptureOptions(_Options):
         """``product_dtype`` as a torch.dtype (``None``: by the model's)."""
         return _torch_dtype(self.product_dtype)
 
-    def matching(self) -> "CaptureOptions":
+    def matching(self) -> CaptureOptions:
         """Only the fields that matching captured statistics uses (``layers``, ``pooling``, ``group``)."""
         return CaptureOptions(layers=self.layers, pooling=self.pooling, group=self.group)
 
@@ -218,18 +259,30 @@ class WeightOptions(_Options):
     :mod:`hf_bdgauge.estimate.weights`): tensors are read ``block_elements`` entries at a time and
     multiplied in ``compute_dtype`` on ``device``."""
 
-    tensor_weighting: str = _opt("equal", "each tensor scaled to unit mean squared row norm ('equal') or "
-                                          "used as is ('raw')", choices=TENSOR_WEIGHTINGS)
+    tensor_weighting: str = _opt(
+        "equal",
+        "each tensor scaled to unit mean squared row norm ('equal') or used as is ('raw')",
+        choices=TENSOR_WEIGHTINGS,
+    )
     include_gains: bool = _opt(True, "compare the norm gains' profiles too", flag=None)
-    compute_dtype: Any = _opt(None, "dtype of the products (a torch dtype or its name; default float32)",
-                              flag="--dtype", choices=DTYPES)
-    device: Any = _opt(None, 'device the products run on, e.g. "cuda" (default: CPU, or this rank\'s GPU '
-                             "under torchrun)")
-    block_elements: int = _opt(1 << 24, "entries of a tensor read and multiplied at once (bounds memory)",
-                               flag=None)
+    compute_dtype: Any = _opt(
+        None,
+        "dtype of the products (a torch dtype or its name; default float32)",
+        flag="--dtype",
+        choices=DTYPES,
+    )
+    device: Any = _opt(
+        None, 'device the products run on, e.g. "cuda" (default: CPU, or this rank\'s GPU under torchrun)'
+    )
+    block_elements: int = _opt(
+        1 << 24, "entries of a tensor read and multiplied at once (bounds memory)", flag=None
+    )
     progress: bool = _opt(True, "show a progress bar (the CLI's -q hides it)", flag=None)
-    group: Any = _opt(None, "torch.distributed process group to split the tensors over (default: the default "
-                            "group)", flag=None)
+    group: Any = _opt(
+        None,
+        "torch.distributed process group to split the tensors over (default: the default group)",
+        flag=None,
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self, "tensor_weighting", TENSOR_WEIGHTINGS)
@@ -252,18 +305,29 @@ class CalibrationOptions(_Options):
     the descriptive null; ``identity_tol``: a gauge moving at most this fraction of the
     coordinates reads as the identity."""
 
-    draws: int = _opt(CALIBRATION_DRAWS, "Haar rotations of the calibrated p-value's fitted null (cost grows "
-                                         "with it and with d³·layers)", flag="--calibration-draws", type=int)
+    draws: int = _opt(
+        CALIBRATION_DRAWS,
+        "Haar rotations of the calibrated p-value's fitted null (cost grows with it and with d³·layers)",
+        flag="--calibration-draws",
+        type=int,
+    )
     null_draws: int = _opt(1, "draws of the descriptive rotated null (excess over null; 0 skips it)")
     seed: int = _opt(0, "seed of the rotations")
-    reference: Any = _opt("auto", "reference null the p-value is read against: 'auto' (the package's, "
-                                  "independently trained models), None (the Haar null alone) or a Reference",
-                          choices=("auto", "none"), type=str)
+    reference: Any = _opt(
+        "auto",
+        "reference null the p-value is read against: 'auto' (the package's, "
+        "independently trained models), None (the Haar null alone) or a Reference",
+        choices=("auto", "none"),
+        type=str,
+    )
     level: float = _opt(LEVEL, "level of the test: p <= level means a gauge relates the pair")
-    min_excess: float | None = _opt(None, "ignored (deprecated): the verdict comes from the calibrated "
-                                          "p-value", flag=None)
-    identity_tol: float = _opt(0.01, "fraction of moved coordinates (or rotation distance) below which the "
-                                     "gauge reads as the identity")
+    min_excess: float | None = _opt(
+        None, "ignored (deprecated): the verdict comes from the calibrated p-value", flag=None
+    )
+    identity_tol: float = _opt(
+        0.01,
+        "fraction of moved coordinates (or rotation distance) below which the gauge reads as the identity",
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "draws", 3)
@@ -282,8 +346,9 @@ class CalibrationOptions(_Options):
         _check_number(self, "identity_tol", 0.0, 1.0)
 
 
-def refuse_unused(options: _Options | None, used: Iterable[str], argument: str, where: str,
-                  cli_where: str | None = None) -> None:
+def refuse_unused(
+    options: _Options | None, used: Iterable[str], argument: str, where: str, cli_where: str | None = None
+) -> None:
     """Refuse the fields of ``options`` (passed as ``argument=``) that differ from their defaults
     and that ``where`` (e.g. ``"method='orthogonal_weights'"``) does not use: an
     :class:`~hf_bdgauge.errors.EstimationError` naming them in Python words (``str(error)``) and,
@@ -301,8 +366,11 @@ def refuse_unused(options: _Options | None, used: Iterable[str], argument: str, 
     uses = f" (it uses only {', '.join(used)} of {cls})" if used else f" (it uses no field of {cls})"
     raise EstimationError(
         "{given} {verb} not apply to {where}{uses}: drop {them}",
-        options={"given": Words(f"{argument}={cls}({given})", flags),
-                 "verb": Words("does", "do" if len(extra) > 1 else "does"),
-                 "where": Words(where, cli_where or where),
-                 "uses": Words(uses, ""),
-                 "them": Words(", ".join(extra), "them" if len(extra) > 1 else "it")})
+        options={
+            "given": Words(f"{argument}={cls}({given})", flags),
+            "verb": Words("does", "do" if len(extra) > 1 else "does"),
+            "where": Words(where, cli_where or where),
+            "uses": Words(uses, ""),
+            "them": Words(", ".join(extra), "them" if len(extra) > 1 else "it"),
+        },
+    )

@@ -45,8 +45,14 @@ from .files import atomic_directory, read_json_object, sha256_file
 from .group import ArrayLike, ArrayT, SignedPermutation
 from .hadamard import hadamard_construction, hadamard_factors, hadamard_matrix
 
-__all__ = ["Orthogonal", "ORTHOGONALITY_ATOL", "KIND_DENSE", "KIND_HADAMARD", "ROTATION_CONFIG_NAME",
-           "ROTATION_WEIGHTS_NAME"]
+__all__ = [
+    "Orthogonal",
+    "ORTHOGONALITY_ATOL",
+    "KIND_DENSE",
+    "KIND_HADAMARD",
+    "ROTATION_CONFIG_NAME",
+    "ROTATION_WEIGHTS_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +77,9 @@ def _check_orthogonal(m: np.ndarray, atol: float) -> None:
         raise InvalidGaugeError(f"a rotation must be finite; entries {bad} are not")
     err = float(np.max(np.abs(m.T @ m - np.eye(m.shape[0]))))
     if not err <= atol:
-        raise InvalidGaugeError(f"the matrix is not orthogonal: max|RᵀR − I| = {err:.3g} > {atol:.3g} "
-                                f"(dimension {m.shape[0]})")
+        raise InvalidGaugeError(
+            f"the matrix is not orthogonal: max|RᵀR − I| = {err:.3g} > {atol:.3g} (dimension {m.shape[0]})"
+        )
 
 
 class Orthogonal:
@@ -99,19 +106,21 @@ class Orthogonal:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def hadamard(cls, d: int, then: SignedPermutation | None = None) -> "Orthogonal":
+    def hadamard(cls, d: int, then: SignedPermutation | None = None) -> Orthogonal:
         """The structured rotation ``(H_d/√d)·G`` (``G = then``, default the identity); ``d`` must be
         ``2^k``, ``12·2^k`` or ``20·2^k`` (:mod:`hf_bdgauge.hadamard`)."""
         hadamard_construction(d)  # refuses unsupported orders with the list of forms
         g = then if then is not None else SignedPermutation.identity(d)
         if g.dim != d:
-            raise DimensionMismatchError(f"the signed permutation has dimension {g.dim}, the Hadamard matrix {d}")
+            raise DimensionMismatchError(
+                f"the signed permutation has dimension {g.dim}, the Hadamard matrix {d}"
+            )
         out = cls.__new__(cls)
         out._matrix, out._factor, out._cache = None, g, {}
         return out
 
     @classmethod
-    def random(cls, d: int, seed: int | None = None) -> "Orthogonal":
+    def random(cls, d: int, seed: int | None = None) -> Orthogonal:
         """A Haar-random rotation of dimension ``d``: ``Q`` of ``Z = Q·R`` (``Z`` standard Gaussian)
         with column ``j`` multiplied by ``sign(R[j, j])``, which makes the distribution uniform."""
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
@@ -123,14 +132,14 @@ class Orthogonal:
         return cls(q * signs[None, :])
 
     @classmethod
-    def random_hadamard(cls, d: int, seed: int | None = None) -> "Orthogonal":
+    def random_hadamard(cls, d: int, seed: int | None = None) -> Orthogonal:
         """``(H_d/√d)·G`` with ``G`` a uniformly random signed permutation (random signs, as in
         QuaRot, and a random order of the coordinates)."""
         hadamard_construction(d)
         return cls.hadamard(d, SignedPermutation.random(d, seed=seed))
 
     @classmethod
-    def from_signed_permutation(cls, g: SignedPermutation) -> "Orthogonal":
+    def from_signed_permutation(cls, g: SignedPermutation) -> Orthogonal:
         """The dense rotation with the matrix of ``g`` (exact)."""
         return cls(g.to_matrix(torch.float64))
 
@@ -192,7 +201,7 @@ class Orthogonal:
         return float(np.max(np.abs(m.T @ m - np.eye(self.dim))))
 
     # ------------------------------------------------------------------ group law
-    def __matmul__(self, other: "Orthogonal | SignedPermutation") -> "Orthogonal":
+    def __matmul__(self, other: Orthogonal | SignedPermutation) -> Orthogonal:
         """``R @ S`` = R·S, the map x ↦ R(S(x))."""
         if isinstance(other, SignedPermutation):
             self._check_dim(other.dim)
@@ -205,21 +214,21 @@ class Orthogonal:
             return Orthogonal(self.matrix @ other.matrix)
         return NotImplemented
 
-    def __rmatmul__(self, other: SignedPermutation) -> "Orthogonal":
+    def __rmatmul__(self, other: SignedPermutation) -> Orthogonal:
         """``G @ R`` = G·R for a signed permutation ``G`` (exact: a gather of the rows of R)."""
         if isinstance(other, SignedPermutation):
             self._check_dim(other.dim)
             return Orthogonal(other.apply(self.matrix, axis=0))
         return NotImplemented
 
-    def compose(self, other: "Orthogonal | SignedPermutation") -> "Orthogonal":
+    def compose(self, other: Orthogonal | SignedPermutation) -> Orthogonal:
         """``self @ other`` (apply ``other`` first)."""
         out = self.__matmul__(other)
         if out is NotImplemented:
             raise InvalidGaugeError(f"cannot compose a rotation with a {type(other).__name__}")
         return out
 
-    def inverse(self) -> "Orthogonal":
+    def inverse(self) -> Orthogonal:
         """``R⁻¹ = Rᵀ`` (dense)."""
         return Orthogonal(self.matrix.T)
 
@@ -245,14 +254,16 @@ class Orthogonal:
     # ------------------------------------------------------------------ action
     def _check_dim(self, n: int) -> None:
         if n != self.dim:
-            raise DimensionMismatchError(f"rotation has dimension {self.dim} but the object has {n} along its residual axis")
+            raise DimensionMismatchError(
+                f"rotation has dimension {self.dim} but the object has {n} along its residual axis"
+            )
 
     def _numpy_matrix(self, squared: bool) -> np.ndarray:
         """``R`` or its entrywise square ``R∘R`` (built once)."""
         if not squared:
             return self.matrix
         if "squared" not in self._cache:
-            self._cache["squared"] = self.matrix ** 2
+            self._cache["squared"] = self.matrix**2
         return self._cache["squared"]
 
     def _torch_matrix(self, device: Any, squared: bool = False) -> torch.Tensor:
@@ -323,7 +334,7 @@ class Orthogonal:
         if base > 1:
             bt = torch.from_numpy(hadamard_matrix(base).astype(np.float64).T.copy()).to(x.device)
         for a in range(0, flat.shape[0], self._FWHT_CHUNK_ROWS):
-            y = flat[a:a + self._FWHT_CHUNK_ROWS].to(torch.float64, copy=True).reshape(-1, k, base)
+            y = flat[a : a + self._FWHT_CHUNK_ROWS].to(torch.float64, copy=True).reshape(-1, k, base)
             n = y.shape[0]
             h = 1
             while h < k:  # in place: a ↦ a + b, b ↦ a − b
@@ -336,14 +347,15 @@ class Orthogonal:
             y = y.reshape(n, k, base)
             if bt is not None:
                 y = y @ bt
-            out[a:a + n] = (y.reshape(n, d) / math.sqrt(d)).to(x.dtype)
+            out[a : a + n] = (y.reshape(n, d) / math.sqrt(d)).to(x.dtype)
         return out.reshape(*lead, d)
 
     def map_indices(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
         """Refused: a rotation maps no coordinate to one coordinate (every ``R·e_i`` mixes all of them),
         so index sets of residual coordinates have no image (:class:`OrthogonalGaugeError`)."""
-        raise OrthogonalGaugeError(f"{self!r} mixes every coordinate: residual coordinate indices have no image "
-                                   "under a rotation")
+        raise OrthogonalGaugeError(
+            f"{self!r} mixes every coordinate: residual coordinate indices have no image under a rotation"
+        )
 
     def apply_vector(self, v: ArrayT) -> ArrayT:
         """``v ↦ R·v`` on the last axis (a vector, or a batch of vectors)."""
@@ -359,9 +371,14 @@ class Orthogonal:
 
     def to_config(self, weights_sha256: str | None = None) -> dict[str, Any]:
         """The ``rotation_config.json`` content."""
-        cfg: dict[str, Any] = {"format_version": FORMAT_VERSION, "library_name": "hf_bdgauge", "kind": self.kind,
-                               "dim": self.dim, "orthogonality_atol": ORTHOGONALITY_ATOL,
-                               "tensors": {"file": ROTATION_WEIGHTS_NAME}}
+        cfg: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "library_name": "hf_bdgauge",
+            "kind": self.kind,
+            "dim": self.dim,
+            "orthogonality_atol": ORTHOGONALITY_ATOL,
+            "tensors": {"file": ROTATION_WEIGHTS_NAME},
+        }
         if self._factor is not None:
             cfg["hadamard"] = hadamard_construction(self.dim)
         if weights_sha256 is not None:
@@ -377,12 +394,14 @@ class Orthogonal:
             weights = tmp / ROTATION_WEIGHTS_NAME
             save_file(self.to_tensors(), str(weights), metadata={"format": "pt"})
             (tmp / ROTATION_CONFIG_NAME).write_text(
-                json.dumps(self.to_config(sha256_file(weights)), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                json.dumps(self.to_config(sha256_file(weights)), indent=2, sort_keys=True) + "\n",
+                encoding="utf-8",
+            )
         logger.info("saved %r to %s", self, directory)
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, atol: float = ORTHOGONALITY_ATOL) -> "Orthogonal":
+    def load(cls, directory: str | os.PathLike, *, atol: float = ORTHOGONALITY_ATOL) -> Orthogonal:
         """Read and validate a directory written by :meth:`save`: the config (format version,
         ``kind``, ``dim``, the Hadamard construction), the tensors (exactly the expected ones, their
         dtypes and shapes, the recorded sha256) and the rotation itself (orthogonality within
@@ -394,11 +413,15 @@ class Orthogonal:
         cfg_path, w_path = directory / ROTATION_CONFIG_NAME, directory / ROTATION_WEIGHTS_NAME
         cfg = read_json_object(cfg_path, what="hf_bdgauge rotation directory", error=InvalidGaugeError)
         if cfg.get("format_version") != FORMAT_VERSION:
-            raise InvalidGaugeError(f"{cfg_path}: unknown format_version {cfg.get('format_version')!r} "
-                                    f"(this hf_bdgauge reads {FORMAT_VERSION})")
+            raise InvalidGaugeError(
+                f"{cfg_path}: unknown format_version {cfg.get('format_version')!r} "
+                f"(this hf_bdgauge reads {FORMAT_VERSION})"
+            )
         kind, dim = cfg.get("kind"), cfg.get("dim")
         if kind not in (KIND_DENSE, KIND_HADAMARD):
-            raise InvalidGaugeError(f"{cfg_path}: kind must be {KIND_DENSE!r} or {KIND_HADAMARD!r}, got {kind!r}")
+            raise InvalidGaugeError(
+                f"{cfg_path}: kind must be {KIND_DENSE!r} or {KIND_HADAMARD!r}, got {kind!r}"
+            )
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise InvalidGaugeError(f"{cfg_path}: dim must be a positive integer, got {dim!r}")
         if not w_path.is_file():
@@ -407,26 +430,38 @@ class Orthogonal:
             raise InvalidGaugeError(f"{w_path} is implausibly large for a rotation")
         expected_sha = (cfg.get("tensors") or {}).get("sha256")
         if expected_sha is not None and sha256_file(w_path) != expected_sha:
-            raise InvalidGaugeError(f"{w_path} does not match the sha256 recorded in {ROTATION_CONFIG_NAME}: "
-                                    "the file was modified or truncated")
+            raise InvalidGaugeError(
+                f"{w_path} does not match the sha256 recorded in {ROTATION_CONFIG_NAME}: "
+                "the file was modified or truncated"
+            )
         try:
             tensors = load(w_path.read_bytes())
         except Exception as e:  # safetensors raises SafetensorError (and others) on a corrupt file
-            raise InvalidGaugeError(f"{w_path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
+            raise InvalidGaugeError(
+                f"{w_path} is not a valid safetensors file (truncated or corrupt?): {e}"
+            ) from e
         want = {"matrix"} if kind == KIND_DENSE else {"perm", "signs"}
         if set(tensors) != want:
-            raise InvalidGaugeError(f"{w_path} holds tensors {sorted(tensors)}; a {kind} rotation holds {sorted(want)}")
+            raise InvalidGaugeError(
+                f"{w_path} holds tensors {sorted(tensors)}; a {kind} rotation holds {sorted(want)}"
+            )
         if kind == KIND_HADAMARD:
             recorded = cfg.get("hadamard")
             if recorded != hadamard_construction(dim):
-                raise InvalidGaugeError(f"{cfg_path}: Hadamard construction {recorded!r} is not this library's "
-                                        f"{hadamard_construction(dim)!r} for d = {dim}")
+                raise InvalidGaugeError(
+                    f"{cfg_path}: Hadamard construction {recorded!r} is not this library's "
+                    f"{hadamard_construction(dim)!r} for d = {dim}"
+                )
             g = SignedPermutation.from_tensors(tensors)
             if g.dim != dim:
-                raise InvalidGaugeError(f"{w_path}: the factors have dimension {g.dim}, the config says {dim}")
+                raise InvalidGaugeError(
+                    f"{w_path}: the factors have dimension {g.dim}, the config says {dim}"
+                )
             return cls.hadamard(dim, g)
         m = tensors["matrix"]
         if m.dtype != torch.float64 or tuple(m.shape) != (dim, dim):
-            raise InvalidGaugeError(f"{w_path}: matrix must be float64 of shape [{dim}, {dim}], got "
-                                    f"{str(m.dtype).replace('torch.', '')} {list(m.shape)}")
+            raise InvalidGaugeError(
+                f"{w_path}: matrix must be float64 of shape [{dim}, {dim}], got "
+                f"{str(m.dtype).replace('torch.', '')} {list(m.shape)}"
+            )
         return cls(m, atol=atol)

@@ -31,14 +31,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .errors import (INVERSE, DimensionMismatchError, FingerprintMismatchError, InvalidGaugeError,
-                     OrthogonalGaugeError)
+from .errors import (
+    INVERSE,
+    DimensionMismatchError,
+    FingerprintMismatchError,
+    InvalidGaugeError,
+    OrthogonalGaugeError,
+)
 from .fingerprint import check_fingerprint, fingerprint_differences, model_fingerprint
 from .group import SignedPermutation
 from .orthogonal import Orthogonal
@@ -64,7 +70,9 @@ def element_of(gauge: Any) -> SignedPermutation | Orthogonal:
     el = getattr(gauge, "element", None)
     if isinstance(el, (SignedPermutation, Orthogonal)):
         return el
-    raise InvalidGaugeError(f"expected a Gauge, a SignedPermutation or an Orthogonal, got {type(gauge).__name__}")
+    raise InvalidGaugeError(
+        f"expected a Gauge, a SignedPermutation or an Orthogonal, got {type(gauge).__name__}"
+    )
 
 
 @dataclass
@@ -106,13 +114,20 @@ class TransformPlan:
             if size is not None and size != self.dim:
                 raise DimensionMismatchError(
                     f"{self.what}: tensor {n} of shape {list(shape)} has {size} != {self.dim} entries "
-                    "on its residual axis")
+                    "on its residual axis"
+                )
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def for_model(cls, model: torch.nn.Module, *, spec: ArchitectureSpec | None = None,
-                  names: Mapping[str, torch.Tensor] | None = None, rules: Mapping[str, TensorRule] | None = None,
-                  what: str | None = None) -> "TransformPlan":
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        *,
+        spec: ArchitectureSpec | None = None,
+        names: Mapping[str, torch.Tensor] | None = None,
+        rules: Mapping[str, TensorRule] | None = None,
+        what: str | None = None,
+    ) -> TransformPlan:
         """The plan of a loaded model (every parameter and buffer, or ``names``). Tensors on the
         meta device (offloaded) are refused: re-chart the checkpoint on disk instead."""
         spec = spec or spec_for_model(model)
@@ -128,19 +143,25 @@ class TransformPlan:
         if meta:
             raise DimensionMismatchError(
                 f"{what}: tensor {meta[0]} is on the meta device (offloaded); "
-                "re-chart the checkpoint on disk instead")
+                "re-chart the checkpoint on disk instead"
+            )
         config = getattr(model, "config", None)
         rules = dict(rules) if rules is not None else spec.rules_for(named)
         model_type = getattr(config, "model_type", None)
         gains = {n: named[n] for n, r in rules.items() if r.role is Role.GAIN and n in named}
-        return cls(spec=spec, dim=hidden_size_of(config), rules=rules,
-                   shapes={n: tuple(t.shape) for n, t in named.items()}, what=what,
-                   check_element=lambda g: spec.check_element(g, what),
-                   fingerprint_of=(lambda: model_fingerprint(model)) if config is not None else None,
-                   check_rotation=lambda r: spec.check_rotation(gains, model_type, what))
+        return cls(
+            spec=spec,
+            dim=hidden_size_of(config),
+            rules=rules,
+            shapes={n: tuple(t.shape) for n, t in named.items()},
+            what=what,
+            check_element=lambda g: spec.check_element(g, what),
+            fingerprint_of=(lambda: model_fingerprint(model)) if config is not None else None,
+            check_rotation=lambda r: spec.check_rotation(gains, model_type, what),
+        )
 
     @classmethod
-    def for_checkpoint(cls, ckpt_dir: str | os.PathLike, *, what: str | None = None) -> "TransformPlan":
+    def for_checkpoint(cls, ckpt_dir: str | os.PathLike, *, what: str | None = None) -> TransformPlan:
         """The plan of a safetensors checkpoint directory, from its config and headers alone."""
         d = Path(ckpt_dir)
         config = read_model_config(d)
@@ -153,17 +174,31 @@ class TransformPlan:
             gains = {n: read_tensor(index[n]) for n, rule in rules.items() if rule.role is Role.GAIN}
             spec.check_rotation(gains, config.get("model_type"), what)
 
-        return cls(spec=spec, dim=hidden_size_of(config), rules=rules,
-                   shapes={n: ti.shape for n, ti in index.items()}, what=what,
-                   check_element=lambda g: spec.check_element(g, what),
-                   fingerprint_of=lambda: model_fingerprint(d), tensors=index, check_rotation=check_rotation)
+        return cls(
+            spec=spec,
+            dim=hidden_size_of(config),
+            rules=rules,
+            shapes={n: ti.shape for n, ti in index.items()},
+            what=what,
+            check_element=lambda g: spec.check_element(g, what),
+            fingerprint_of=lambda: model_fingerprint(d),
+            tensors=index,
+            check_rotation=check_rotation,
+        )
 
     @classmethod
-    def for_tensors(cls, shapes: Mapping[str, tuple[int, ...]], rules: Mapping[str, TensorRule], dim: int, *,
-                    what: str, spec: ArchitectureSpec | None = None,
-                    check_element: Callable[[SignedPermutation], None] | None = None,
-                    dim_label: str = "hidden size {d}",
-                    check_rotation: Callable[[Orthogonal], None] | None = None) -> "TransformPlan":
+    def for_tensors(
+        cls,
+        shapes: Mapping[str, tuple[int, ...]],
+        rules: Mapping[str, TensorRule],
+        dim: int,
+        *,
+        what: str,
+        spec: ArchitectureSpec | None = None,
+        check_element: Callable[[SignedPermutation], None] | None = None,
+        dim_label: str = "hidden size {d}",
+        check_rotation: Callable[[Orthogonal], None] | None = None,
+    ) -> TransformPlan:
         """The plan of a set of tensors with known rules (an adapter, optimizer state, an SAE, a
         steering vector). The symmetry rule defaults to the family's (``spec``), else B_d.
         ``check_rotation``: the object's rotation rule (``None``: rotations are refused). Such
@@ -173,9 +208,16 @@ class TransformPlan:
         missing = sorted(set(shapes) - set(rules))
         if missing:
             raise InvalidGaugeError(f"{what}: no rule for tensors {missing[:5]}")
-        return cls(spec=spec, dim=int(dim), rules={n: rules[n] for n in shapes}, shapes={n: tuple(s) for n, s in shapes.items()},
-                   what=what, check_element=check_element, dim_label=dim_label,
-                   check_rotation=check_rotation)
+        return cls(
+            spec=spec,
+            dim=int(dim),
+            rules={n: rules[n] for n in shapes},
+            shapes={n: tuple(s) for n, s in shapes.items()},
+            what=what,
+            check_element=check_element,
+            dim_label=dim_label,
+            check_rotation=check_rotation,
+        )
 
     # ------------------------------------------------------------------ views
     @property
@@ -191,8 +233,14 @@ class TransformPlan:
         return self._fingerprint
 
     # ------------------------------------------------------------------ the gauge
-    def admit(self, gauge: "Gauge | SignedPermutation | Orthogonal", *, end: End = "source", strict: bool = True,
-              force: bool = False) -> SignedPermutation | Orthogonal:
+    def admit(
+        self,
+        gauge: Gauge | SignedPermutation | Orthogonal,
+        *,
+        end: End = "source",
+        strict: bool = True,
+        force: bool = False,
+    ) -> SignedPermutation | Orthogonal:
         """Check that ``gauge`` may act on this object as its ``end`` chart and return its element.
 
         Checks, in order: the dimension; the object's symmetry rule (a signed gauge on a
@@ -211,14 +259,16 @@ class TransformPlan:
             raise ValueError(f"end must be 'source' or 'target', got {end!r}")
         g = element_of(gauge)
         if g.dim != self.dim:
-            raise DimensionMismatchError(f"the gauge has dimension {g.dim} but {self.what} has "
-                                         f"{self.dim_label.format(d=self.dim)}")
+            raise DimensionMismatchError(
+                f"the gauge has dimension {g.dim} but {self.what} has {self.dim_label.format(d=self.dim)}"
+            )
         if isinstance(g, Orthogonal):
             if self.check_rotation is None:
                 raise OrthogonalGaugeError(
                     f"{self.what}: rotations (orthogonal gauges) act on model weights only — a loaded model "
                     "(apply_gauge) or a checkpoint (apply_gauge_to_checkpoint); "
-                    "this object has no rotation rule")
+                    "this object has no rotation rule"
+                )
             self.check_rotation(g)
         else:
             self.check_element(g)
@@ -235,10 +285,14 @@ class TransformPlan:
                     raise FingerprintMismatchError(
                         f"{self.what} is not the gauge's {end} (its fingerprint differs); "
                         f"it matches the gauge's {other_end} end instead: use {{inverse}}",
-                        mismatch=e.mismatch, options={"inverse": INVERSE}) from e
+                        mismatch=e.mismatch,
+                        options={"inverse": INVERSE},
+                    ) from e
                 raise
         check_fit = getattr(gauge, "check_fit", None)
-        self.forced = bool(check_fit(force=force, what=f"to act on {self.what}")) if callable(check_fit) else False
+        self.forced = (
+            bool(check_fit(force=force, what=f"to act on {self.what}")) if callable(check_fit) else False
+        )
         return g
 
     def transform(self, name: str, x: Any, g: SignedPermutation | Orthogonal, **kwargs: Any) -> Any:

@@ -15,9 +15,10 @@ import importlib.metadata
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,33 +84,58 @@ class ModelRef:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model: Any, *, model_id: str | None = None, revision: str | None = None,
-                   commit_hash: str | None = None, content: bool = True) -> "ModelRef":
+    def from_model(
+        cls,
+        model: Any,
+        *,
+        model_id: str | None = None,
+        revision: str | None = None,
+        commit_hash: str | None = None,
+        content: bool = True,
+    ) -> ModelRef:
         """Describe a model in memory (fingerprint computed from its tensors). ``model_id``
         defaults to ``model.config._name_or_path``."""
         if model_id is None:
             model_id = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        return cls(model_id=model_id, revision=revision, commit_hash=commit_hash,
-                   fingerprint=model_fingerprint(model, content=content))
+        return cls(
+            model_id=model_id,
+            revision=revision,
+            commit_hash=commit_hash,
+            fingerprint=model_fingerprint(model, content=content),
+        )
 
     @classmethod
-    def from_checkpoint(cls, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
-                        content: bool = True, **hub_kwargs: Any) -> "ModelRef":
+    def from_checkpoint(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        content: bool = True,
+        **hub_kwargs: Any,
+    ) -> ModelRef:
         """Describe a checkpoint directory or Hub repo id (resolved at ``revision``); the commit
         hash is read from the Hub cache path when the checkpoint came from the Hub."""
         name, revision = split_revision(path_or_repo_id, revision)
         d = resolve_checkpoint_dir(name, revision, **hub_kwargs)
         commit = None if Path(name).is_dir() else commit_of(d)
-        return cls(model_id=name, revision=revision, commit_hash=commit,
-                   fingerprint=model_fingerprint(d, content=content))
+        return cls(
+            model_id=name,
+            revision=revision,
+            commit_hash=commit,
+            fingerprint=model_fingerprint(d, content=content),
+        )
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "revision": self.revision, "commit_hash": self.commit_hash,
-                "fingerprint": jsonable(self.fingerprint)}
+        return {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "commit_hash": self.commit_hash,
+            "fingerprint": jsonable(self.fingerprint),
+        }
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "model") -> "ModelRef":
+    def from_dict(cls, d: Any, where: str = "model") -> ModelRef:
         if d is None:
             return cls()
         if not isinstance(d, Mapping):
@@ -117,8 +143,12 @@ class ModelRef:
         fp = d.get("fingerprint") or {}
         if not isinstance(fp, Mapping):
             raise InvalidGaugeError(f"{where}.fingerprint must be an object, got {type(fp).__name__}")
-        return cls(model_id=_opt_str(d, "model_id", where), revision=_opt_str(d, "revision", where),
-                   commit_hash=_opt_str(d, "commit_hash", where), fingerprint=dict(fp))
+        return cls(
+            model_id=_opt_str(d, "model_id", where),
+            revision=_opt_str(d, "revision", where),
+            commit_hash=_opt_str(d, "commit_hash", where),
+            fingerprint=dict(fp),
+        )
 
     # ------------------------------------------------------------------ description
     @property
@@ -130,8 +160,9 @@ class ModelRef:
         """Short human label: ``model_id@revision (commit abc1234)``; ``public=True`` (model cards)
         names a local model by its directory's name, never its absolute path
         (:func:`~hf_bdgauge.card.public_model_name`)."""
-        name = (public_model_name(self.model_id) if public else self.model_id) or \
-            (f"<{self.fingerprint.get('model_type')} model>" if self.fingerprint else "<unknown model>")
+        name = (public_model_name(self.model_id) if public else self.model_id) or (
+            f"<{self.fingerprint.get('model_type')} model>" if self.fingerprint else "<unknown model>"
+        )
         if self.revision and self.revision != self.commit_hash:
             name += f"@{self.revision}"
         if self.commit_hash:
@@ -152,9 +183,11 @@ def check_junction(left: ModelRef, right: ModelRef, *, what: str) -> None:
         return
     if left.commit_hash and right.commit_hash:
         raise FingerprintMismatchError(
-            f"cannot compose: {what} — {left.label()} is not {right.label()} (different commits)")
+            f"cannot compose: {what} — {left.label()} is not {right.label()} (different commits)"
+        )
     if left.model_id and right.model_id and left.model_id != right.model_id:
         raise FingerprintMismatchError(
             f"cannot compose: {what} — {left.label()} is not {right.label()} (different model ids, no fingerprints "
-            "to compare); pass check=False to compose anyway")
+            "to compare); pass check=False to compose anyway"
+        )
     logger.debug("composition junction not checked (%s): the ends record too little", what)

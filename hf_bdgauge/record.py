@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,8 +26,15 @@ from .verdicts import is_not_a_gauge
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
 
-__all__ = ["element_sha256", "hop_record", "hop_metric", "inverted_hop", "composed_metrics", "transport_record",
-           "COMPOSED_ONLY"]
+__all__ = [
+    "element_sha256",
+    "hop_record",
+    "hop_metric",
+    "inverted_hop",
+    "composed_metrics",
+    "transport_record",
+    "COMPOSED_ONLY",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +44,7 @@ _SUMMED_METRICS = ("tokens", "time_s")
 COMPOSED_ONLY = ("hop_verdicts", "weak_hops", "methods")
 
 
-def element_sha256(g: "SignedPermutation | Orthogonal") -> str:
+def element_sha256(g: SignedPermutation | Orthogonal) -> str:
     """The element by its hash: of ``perm`` and ``signs`` for a signed permutation (as ever), of
     the kind and the saved factors (structured) or float64 matrix (dense) for a rotation."""
     if isinstance(g, Orthogonal):
@@ -50,7 +58,7 @@ def element_sha256(g: "SignedPermutation | Orthogonal") -> str:
     return h.hexdigest()
 
 
-def hop_record(gauge: "Gauge") -> dict[str, Any]:
+def hop_record(gauge: Gauge) -> dict[str, Any]:
     """``gauge`` as one provenance record (the one hop schema): both ends as ModelRef dicts,
     ``method``, ``dim``, ``num_flips``, ``kind``, ``element_sha256``, ``metrics`` (without the
     metrics only a composite has, :data:`COMPOSED_ONLY`), ``inverted`` and ``library_version``."""
@@ -86,8 +94,12 @@ def inverted_hop(h: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def composed_metrics(hops: list[dict[str, Any]], element: "SignedPermutation | Orthogonal", confidence: np.ndarray | None,
-                     identified: np.ndarray | None = None) -> dict[str, Any]:
+def composed_metrics(
+    hops: list[dict[str, Any]],
+    element: SignedPermutation | Orthogonal,
+    confidence: np.ndarray | None,
+    identified: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Metrics of a chain of hops: ``verdict`` (``no_signed_permutation`` if any hop has it,
     ``identity`` when the product is the identity, else
     ``signed_permutation``), ``num_hops``, ``methods``, ``hop_verdicts``, ``weak_hops``, the
@@ -105,8 +117,13 @@ def composed_metrics(hops: list[dict[str, Any]], element: "SignedPermutation | O
         verdict = "signed_permutation"
     d = element.dim
     weak = [k for k, h in enumerate(hops) if hop_metric(h, "weak_fit")]
-    out: dict[str, Any] = {"verdict": verdict, "num_hops": len(hops), "methods": [h.get("method") for h in hops],
-                           "hop_verdicts": verdicts, "weak_hops": weak}
+    out: dict[str, Any] = {
+        "verdict": verdict,
+        "num_hops": len(hops),
+        "methods": [h.get("method") for h in hops],
+        "hop_verdicts": verdicts,
+        "weak_hops": weak,
+    }
     for key in _SUMMED_METRICS:
         vals = [hop_metric(h, key) for h in hops]
         if any(v is not None for v in vals):
@@ -121,15 +138,21 @@ def composed_metrics(hops: list[dict[str, Any]], element: "SignedPermutation | O
     if all(p is not None for p in p_values) and p_values:
         # every hop must hold: the composite's evidence is its weakest hop's (an intersection-union test)
         out["p_value"] = float(max(p_values))
-        out["log10_p_value"] = float(max(hop_metric(h, "log10_p_value") or math.log10(max(float(hop_metric(h, "p_value")), 1e-300))
-                                         for h in hops))
+        out["log10_p_value"] = float(
+            max(
+                hop_metric(h, "log10_p_value") or math.log10(max(float(hop_metric(h, "p_value")), 1e-300))
+                for h in hops
+            )
+        )
     if identified is not None:
         out["identified_fraction"] = float(np.mean(identified))
     if isinstance(element, Orthogonal):
         summary = f"{verdict} composed over {len(hops)} hops: {element!r}"
     else:
-        summary = (f"{verdict} composed over {len(hops)} hops: {int(np.sum(element.perm != np.arange(d)))}/{d} "
-                   f"coordinates move, {element.num_flips} flip")
+        summary = (
+            f"{verdict} composed over {len(hops)} hops: {int(np.sum(element.perm != np.arange(d)))}/{d} "
+            f"coordinates move, {element.num_flips} flip"
+        )
     if confidence is not None:
         summary += f"; weakest link min confidence {float(confidence.min()):.3f}"
     if weak:
@@ -140,24 +163,28 @@ def composed_metrics(hops: list[dict[str, Any]], element: "SignedPermutation | O
     return out
 
 
-def transport_record(gauge: "Gauge | SignedPermutation | Orthogonal", *, object_model: str | None = None,
-                     forced: bool = False) -> dict[str, Any]:
+def transport_record(
+    gauge: Gauge | SignedPermutation | Orthogonal, *, object_model: str | None = None, forced: bool = False
+) -> dict[str, Any]:
     """The one record a transported object (adapter, SAE, steering vector, probe, index set)
     keeps of the gauge that moved it: the element's sha256, ``dim``, ``num_flips``, the model the
     object named before (``object_model``) and, for a :class:`~hf_bdgauge.gauge.Gauge`, its
     ``method`` and both ends (``model_id``, ``revision``, ``commit_hash``), its verdict, p-value and
     identified fraction; ``forced: true`` when a gauge that does not fit was used on request."""
     el: Any
-    g: "Gauge | None"
+    g: Gauge | None
     if isinstance(gauge, (SignedPermutation, Orthogonal)):
         el, g = gauge, None
     else:  # a Gauge (gauge.py imports this module, so it is known by its element)
         el, g = getattr(gauge, "element", None), gauge
     if not isinstance(el, (SignedPermutation, Orthogonal)):
         raise TypeError(f"expected a Gauge, a SignedPermutation or an Orthogonal, got {type(gauge).__name__}")
-    rec: dict[str, Any] = {"gauge_sha256": element_sha256(el), "dim": el.dim,
-                           "num_flips": el.num_flips if isinstance(el, SignedPermutation) else None,
-                           "object_model": object_model}
+    rec: dict[str, Any] = {
+        "gauge_sha256": element_sha256(el),
+        "dim": el.dim,
+        "num_flips": el.num_flips if isinstance(el, SignedPermutation) else None,
+        "object_model": object_model,
+    }
     if isinstance(el, Orthogonal):
         rec["kind"] = el.kind
     if forced:

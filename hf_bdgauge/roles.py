@@ -46,10 +46,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -190,7 +191,8 @@ class ArchitectureSpec:
             "subtracts the mean over the residual coordinates; flipping the sign of some coordinates "
             "but not all changes that mean, so this signed permutation is not a symmetry of the model "
             f"(permutations and the global flip -P are); this gauge flips {g.num_flips} of {g.dim} "
-            "coordinates.")
+            "coordinates."
+        )
 
     def norm_site(self, name: str, model_type: str | None = None) -> NormSite | None:
         """Where the residual gain ``name`` sits for ``model_type`` (one of :attr:`model_types`;
@@ -203,7 +205,9 @@ class ArchitectureSpec:
                 return site
         return None
 
-    def check_rotation(self, gains: Mapping[str, Any], model_type: str | None = None, what: str | None = None) -> None:
+    def check_rotation(
+        self, gains: Mapping[str, Any], model_type: str | None = None, what: str | None = None
+    ) -> None:
         """Raise :class:`~hf_bdgauge.errors.OrthogonalGaugeError` unless a rotation ``R`` is a
         symmetry of a model of this family whose residual gains (``name -> stored values``) are
         ``gains``.
@@ -219,7 +223,8 @@ class ArchitectureSpec:
             raise OrthogonalGaugeError(
                 f"{label} normalises with LayerNorm, whose mean-centring does not commute with a "
                 "rotation; rotating it is out of scope (SliceGPT converts LayerNorm to RMSNorm first). "
-                f"Its norm gains: {', '.join(sorted(gains)[:6])}{' …' if len(gains) > 6 else ''}")
+                f"Its norm gains: {', '.join(sorted(gains)[:6])}{' …' if len(gains) > 6 else ''}"
+            )
         offset = self.gain_offset
         pre: list[str] = []
         post: list[str] = []
@@ -232,13 +237,15 @@ class ArchitectureSpec:
             raise OrthogonalGaugeError(
                 f"{label}: a rotation needs constant residual norm gains, and these post-norm gains on "
                 "writer outputs are not constant (they scale a normalised output, so they cannot be "
-                f"folded into any weight): {', '.join(sorted(post))}")
+                f"folded into any weight): {', '.join(sorted(post))}"
+            )
         if pre:
             unit = "w = 0 (effective gain 1 + w)" if offset else "g = 1"
             raise OrthogonalGaugeError(
                 f"{label}: a rotation needs constant residual norm gains; fold these into the readers "
                 f"they feed first (hf_bdgauge.fold_norm_gains(model), which leaves {unit}): "
-                f"{', '.join(sorted(pre)[:8])}{f' … ({len(pre)} in all)' if len(pre) > 8 else ''}")
+                f"{', '.join(sorted(pre)[:8])}{f' … ({len(pre)} in all)' if len(pre) > 8 else ''}"
+            )
 
     def module_regex(self, path: str) -> re.Pattern:
         """A regex matching module names that end with ``path`` (``layers``/``embedding``)."""
@@ -280,7 +287,7 @@ class ArchitectureSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ArchitectureSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ArchitectureSpec:
         try:
             norm = data["norm"]
             if norm not in ("rmsnorm", "layernorm"):
@@ -289,11 +296,20 @@ class ArchitectureSpec:
                 TensorPattern(t["pattern"], TensorRule(Role(t["role"]), t.get("axis")), t.get("note", ""))
                 for t in data["tensors"]
             )
-            locators = {k: str(data[k]) for k in ("layers", "embedding", "width", "depth", "output_embedding")
-                        if data.get(k)}
+            locators = {
+                k: str(data[k])
+                for k in ("layers", "embedding", "width", "depth", "output_embedding")
+                if data.get(k)
+            }
             norms = tuple(
-                NormSite(n["pattern"], n["position"], tuple(n.get("feeds", ())), tuple(n.get("after", ())),
-                         tuple(n.get("model_types", ())), n.get("note", ""))
+                NormSite(
+                    n["pattern"],
+                    n["position"],
+                    tuple(n.get("feeds", ())),
+                    tuple(n.get("after", ())),
+                    tuple(n.get("model_types", ())),
+                    n.get("note", ""),
+                )
                 for n in data.get("norms", ())
             )
             foreign = sorted({mt for n in norms for mt in n.model_types} - set(data["model_types"]))
@@ -316,7 +332,7 @@ class ArchitectureSpec:
 _EXTRA: dict[str, ArchitectureSpec] = {}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _builtin_specs() -> dict[str, ArchitectureSpec]:
     specs: dict[str, ArchitectureSpec] = {}
     for entry in resources.files("hf_bdgauge.architectures").iterdir():
@@ -405,7 +421,9 @@ def num_layers_of(config: Any) -> int | None:
     return None
 
 
-def check_gauge_allowed(spec: ArchitectureSpec, g: SignedPermutation, layernorm_biases: Mapping[str, Any] | None = None) -> None:
+def check_gauge_allowed(
+    spec: ArchitectureSpec, g: SignedPermutation, layernorm_biases: Mapping[str, Any] | None = None
+) -> None:
     """:meth:`ArchitectureSpec.check_element` (``layernorm_biases`` is accepted for compatibility
     and ignored: the LayerNorm rule does not depend on the biases)."""
     spec.check_element(g)

@@ -95,7 +95,9 @@ class TensorRule:
         if ax is None:
             return None
         if not -len(shape) <= ax < len(shape):
-            raise DimensionMismatchError(f"residual axis {ax} does not exist for a tensor of shape {tuple(shape)}")
+            raise DimensionMismatchError(
+                f"residual axis {ax} does not exist for a tensor of shape {tuple(shape)}"
+            )
         return int(shape[ax])
 
 
@@ -105,7 +107,7 @@ GAIN = TensorRule(Role.GAIN)
 NONE = TensorRule(Role.NONE)
 
 
-def scale_residual(x: "torch.Tensor", rule: TensorRule, v: Any, *, divide: bool = False) -> "torch.Tensor":
+def scale_residual(x: torch.Tensor, rule: TensorRule, v: Any, *, divide: bool = False) -> torch.Tensor:
     """``x·diag(v)`` along ``rule``'s residual axis (``x·diag(v)⁻¹`` with ``divide``), computed in
     float64 and returned in float64 (the caller rounds once): folding a norm gain into a reader."""
     import torch
@@ -123,7 +125,7 @@ def scale_residual(x: "torch.Tensor", rule: TensorRule, v: Any, *, divide: bool 
 def transform(
     x: ArrayT,
     rule: TensorRule,
-    g: "SignedPermutation | Orthogonal",
+    g: SignedPermutation | Orthogonal,
     *,
     second_moment: bool = False,
     out_slice: slice | None = None,
@@ -141,11 +143,15 @@ def transform(
         return x
     if isinstance(g, Orthogonal):
         if second_moment:
-            raise OrthogonalGaugeError("second moments (e.g. AdamW exp_avg_sq) have no rotation rule: the square of "
-                                       "R·x is not a function of the square of x")
+            raise OrthogonalGaugeError(
+                "second moments (e.g. AdamW exp_avg_sq) have no rotation rule: the square of "
+                "R·x is not a function of the square of x"
+            )
         if rule.role is Role.GAIN:
             if x.shape[ax] != g.dim:
-                raise DimensionMismatchError(f"rotation has dimension {g.dim} but the gain has {x.shape[ax]} entries")
+                raise DimensionMismatchError(
+                    f"rotation has dimension {g.dim} but the gain has {x.shape[ax]} entries"
+                )
             import torch
 
             block = x[(slice(None),) * (ax % x.ndim) + (out_slice or slice(None),)]

@@ -14,9 +14,10 @@ import mmap
 import os
 import struct
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -57,7 +58,9 @@ TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 def read_model_config(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a checkpoint directory as a dict; :class:`CheckpointError` when it is
     missing, not JSON, or not an object."""
-    return read_json_object(Path(ckpt_dir) / "config.json", what="checkpoint directory (cannot tell the model family)")
+    return read_json_object(
+        Path(ckpt_dir) / "config.json", what="checkpoint directory (cannot tell the model family)"
+    )
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
@@ -83,7 +86,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[bytes, dict[str, A
         raise CheckpointError(f"{path}: the safetensors header is not an object")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
-        raise CheckpointError(f"{path} is truncated or corrupt: header says {8 + n + end} bytes, file has {size}")
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: header says {8 + n + end} bytes, file has {size}"
+        )
     return raw, header
 
 
@@ -156,10 +161,14 @@ def tensor_index(ckpt_dir: str | os.PathLike) -> dict[str, TensorInfo]:
                 for s in shape:
                     numel *= s
                 if numel * dt.itemsize != end - begin:
-                    raise CheckpointError(f"{shard.name}: tensor {name} of shape {list(shape)} ({ti.dtype}) does not "
-                                          f"fit its {end - begin} bytes")
+                    raise CheckpointError(
+                        f"{shard.name}: tensor {name} of shape {list(shape)} ({ti.dtype}) does not "
+                        f"fit its {end - begin} bytes"
+                    )
             if name in out:
-                raise CheckpointError(f"tensor {name} appears in two shards ({out[name].shard.name}, {shard.name})")
+                raise CheckpointError(
+                    f"tensor {name} appears in two shards ({out[name].shard.name}, {shard.name})"
+                )
             out[name] = ti
     return out
 
@@ -186,9 +195,14 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
 
 
-def rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict[str, Any],
-                  move: Callable[[str], Callable[[torch.Tensor], Iterable[torch.Tensor]] | None],
-                  progress: Any = None) -> int:
+def rewrite_shard(
+    src: Path,
+    dst: Path,
+    raw: bytes,
+    header: dict[str, Any],
+    move: Callable[[str], Callable[[torch.Tensor], Iterable[torch.Tensor]] | None],
+    progress: Any = None,
+) -> int:
     """Write the safetensors file ``dst`` = ``src`` with the same header (``raw``, parsed as
     ``header``: :func:`read_safetensors_header`) and the same offsets, where ``move(name)`` says
     what becomes of each tensor: ``None`` copies its bytes; a function of the tensor (a read-only,
@@ -201,7 +215,11 @@ def rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict[str, Any],
     base = 8 + len(raw)
     written = 0
     order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    with open(src, "rb") as fin, mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm, open(dst, "wb") as fout:
+    with (
+        open(src, "rb") as fin,
+        mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+        open(dst, "wb") as fout,
+    ):
         fout.write(struct.pack("<Q", len(raw)))
         fout.write(raw)
         view = memoryview(mm)
@@ -210,28 +228,34 @@ def rewrite_shard(src: Path, dst: Path, raw: bytes, header: dict[str, Any],
                 info = header[name]
                 begin, end = info["data_offsets"]
                 if fout.tell() != base + begin:  # padding or gaps between tensors: keep them as they are
-                    fout.write(view[fout.tell(): base + begin])
-                chunk = view[base + begin: base + end]
+                    fout.write(view[fout.tell() : base + begin])
+                chunk = view[base + begin : base + end]
                 fn = move(name) if end > begin else None
                 if fn is None:
                     fout.write(chunk)
                 else:
                     dtype = ST_TO_TORCH.get(info["dtype"])
                     if dtype is None:
-                        raise CheckpointError(f"{src.name}: tensor {name} has dtype {info['dtype']}, which cannot be rewritten")
+                        raise CheckpointError(
+                            f"{src.name}: tensor {name} has dtype {info['dtype']}, which cannot be rewritten"
+                        )
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written to
                         t = torch.frombuffer(chunk, dtype=dtype).reshape(info["shape"])
                     n = 0
                     for block in fn(t):
                         if block.dtype != dtype:
-                            raise CheckpointError(f"{src.name}: tensor {name} would change dtype ({dtype} -> {block.dtype})")
+                            raise CheckpointError(
+                                f"{src.name}: tensor {name} would change dtype ({dtype} -> {block.dtype})"
+                            )
                         buf = block.contiguous().reshape(-1).view(torch.uint8).numpy()
                         fout.write(buf.data)  # a memoryview of the bytes, no copy
                         n += buf.nbytes
                     del t
                     if n != end - begin:
-                        raise CheckpointError(f"{src.name}: tensor {name} has {n} bytes, header says {end - begin}")
+                        raise CheckpointError(
+                            f"{src.name}: tensor {name} has {n} bytes, header says {end - begin}"
+                        )
                 written += end - begin
                 if progress is not None:
                     progress.update(end - begin)

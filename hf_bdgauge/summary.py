@@ -18,19 +18,21 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["gauge_summary"]
 
 
-def _gains_line(gauge: "Gauge") -> str:
+def _gains_line(gauge: Gauge) -> str:
     """One summary line: whether each end's pre-norm gains are unit, what is recorded, and
     whether a reader's adapter moves exactly (:func:`~hf_bdgauge.gains.readers_gain_problem`)."""
     said = {True: "unit", False: "not unit", None: "unknown"}
     line = f"norm gains: source {said[gauge.unit_gains['source']]}, target {said[gauge.unit_gains['target']]}"
     if gauge.gains is not None:
-        line += (f"; {len(gauge.gains)} pre-norm gains of the {gauge.gains_at} recorded (readers' adapters "
-                 "fold them)")
+        line += (
+            f"; {len(gauge.gains)} pre-norm gains of the {gauge.gains_at} recorded (readers' adapters "
+            "fold them)"
+        )
     problem = readers_gain_problem(gauge)
     return line + (f"; adapters on readers are refused: {problem}" if problem else "")
 
 
-def gauge_summary(gauge: "Gauge") -> str:
+def gauge_summary(gauge: Gauge) -> str:
     """A multi-line description of ``gauge`` (module docstring)."""
     lines = [f"Gauge of dimension {gauge.dim}: {gauge.source.label()} -> {gauge.target.label()}"]
     verdict = gauge.verdict
@@ -46,12 +48,18 @@ def gauge_summary(gauge: "Gauge") -> str:
         tail += f"; estimated error ‖R̂ − R‖_F/√d ≈ {float(err):.2e}"
     if verdict == INSUFFICIENT_DATA:
         note = gauge.metrics.get("p_value_note")
-        lines.append("  verdict: NOT A GAUGE — too little data to test (not a \"no\")"
-                     + (f": {note}" if note else "") + "; do not transport with it" + tail)
+        lines.append(
+            '  verdict: NOT A GAUGE — too little data to test (not a "no")'
+            + (f": {note}" if note else "")
+            + "; do not transport with it"
+            + tail
+        )
     elif gauge.not_a_gauge:
-        lines.append(f"  verdict: NOT A GAUGE — no evidence of a {gauge.missing_kind} relating this pair at "
-                     "this budget (a failure to reject, not proof that they are unrelated); do not transport "
-                     "with it" + tail)
+        lines.append(
+            f"  verdict: NOT A GAUGE — no evidence of a {gauge.missing_kind} relating this pair at "
+            "this budget (a failure to reject, not proof that they are unrelated); do not transport "
+            "with it" + tail
+        )
     elif verdict is not None:
         lines.append(f"  verdict: {verdict}{tail}")
     elif gauge.is_exact:
@@ -63,14 +71,20 @@ def gauge_summary(gauge: "Gauge") -> str:
         fit = ""
         if "identity_fit" in gauge.metrics and "matched_fit" in gauge.metrics:
             fit = f" (identity fit {gauge.metrics['identity_fit']:.4g} vs matched fit {gauge.metrics['matched_fit']:.4g})"
-        lines.append(f"  identity: effectively — the identity fits as well as this estimate{fit}, which moves "
-                     f"{gauge.num_moved} indistinguishable coordinates; a plain copy of adapters is already right")
+        lines.append(
+            f"  identity: effectively — the identity fits as well as this estimate{fit}, which moves "
+            f"{gauge.num_moved} indistinguishable coordinates; a plain copy of adapters is already right"
+        )
     elif gauge.is_rotation:
-        lines.append(f"  rotation: {gauge.element!r} — every coordinate mixes; objects move by R (readers W·Rᵀ, "
-                     "writers R·W, vectors R·v) where that is exact")
+        lines.append(
+            f"  rotation: {gauge.element!r} — every coordinate mixes; objects move by R (readers W·Rᵀ, "
+            "writers R·W, vectors R·v) where that is exact"
+        )
     else:
-        lines.append(f"  identity: no — moves {gauge.num_moved} of {gauge.dim} coordinates, "
-                     f"flips the sign of {gauge.num_flips}")
+        lines.append(
+            f"  identity: no — moves {gauge.num_moved} of {gauge.dim} coordinates, "
+            f"flips the sign of {gauge.num_flips}"
+        )
     lines.append("  " + _gains_line(gauge))
     if gauge.confidence is not None:
         c = gauge.confidence
@@ -81,6 +95,10 @@ def gauge_summary(gauge: "Gauge") -> str:
         lines.append("  metrics:")
         lines += [f"    {k}: {format_value(v, 200)}" for k, v in gauge.metrics.items() if k != "verdict"]
     if gauge.hops:
-        lines.append(f"  composed of {len(gauge.hops)} hops: " + " ; ".join(
-            f"{h.get('method')}" + (" (inverted)" if h.get("inverted") else "") for h in gauge.hops))
+        lines.append(
+            f"  composed of {len(gauge.hops)} hops: "
+            + " ; ".join(
+                f"{h.get('method')}" + (" (inverted)" if h.get("inverted") else "") for h in gauge.hops
+            )
+        )
     return "\n".join(lines)

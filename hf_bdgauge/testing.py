@@ -16,7 +16,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from .real_models import REAL_MODEL_NAMES, real_model, real_model_dir
 
-__all__ = ["real_model", "real_model_dir", "REAL_MODEL_NAMES", "TINY_CONFIGS", "RMSNORM_TYPES", "LAYERNORM_TYPES", "MOE_TYPES", "tiny_config", "tiny_model", "randomize_"]
+__all__ = [
+    "real_model",
+    "real_model_dir",
+    "REAL_MODEL_NAMES",
+    "TINY_CONFIGS",
+    "RMSNORM_TYPES",
+    "LAYERNORM_TYPES",
+    "MOE_TYPES",
+    "tiny_config",
+    "tiny_model",
+    "randomize_",
+]
 
 _BASE: dict[str, Any] = dict(
     hidden_size=64,
@@ -38,17 +49,40 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3": dict(head_dim=16),
     "gemma": dict(head_dim=16),
     "gemma2": dict(head_dim=16, query_pre_attn_scalar=16),
-    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "phi3": dict(),
     "olmo2": dict(),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                      decoder_sparse_step=1, mlp_only_layers=[]),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, decoder_sparse_step=1,
-                      mlp_only_layers=[]),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        head_dim=16,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
     "granite": dict(),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2),
-    "gpt_neox": dict(hidden_size=64, num_attention_heads=4, intermediate_size=96, rotary_pct=0.5, use_parallel_residual=True),
+    "gpt_neox": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=96,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+    ),
     "bert": dict(intermediate_size=96),
 }
 
@@ -90,8 +124,14 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 1.0) -> tor
     return model
 
 
-def tiny_model(model_type: str, *, seed: int = 0, tie_word_embeddings: bool = False,
-               dtype: torch.dtype = torch.float32, **overrides: Any) -> torch.nn.Module:
+def tiny_model(
+    model_type: str,
+    *,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+) -> torch.nn.Module:
     """A tiny randomly initialised causal LM (``bert``: a BertModel encoder) in eval mode."""
     from transformers import AutoModel, AutoModelForCausalLM
 

@@ -46,7 +46,8 @@ import contextlib
 import logging
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -57,8 +58,13 @@ from .orthogonal import Orthogonal
 from .rules import Role
 from .storage import read_model_config, tensor_index
 
-__all__ = ["read_transform_config", "rotation_from_transform_config", "gauge_from_transform_config",
-           "refuse_other_rotations", "OFFLINE_LOCATIONS"]
+__all__ = [
+    "read_transform_config",
+    "rotation_from_transform_config",
+    "gauge_from_transform_config",
+    "refuse_other_rotations",
+    "OFFLINE_LOCATIONS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +91,9 @@ def read_transform_config(checkpoint: str | os.PathLike, revision: str | None = 
     except ImportError:
         return {str(k): dict(v) for k, v in groups.items()}
     try:
-        return {k: v.model_dump(mode="json") for k, v in TransformConfig.model_validate(tc).config_groups.items()}
+        return {
+            k: v.model_dump(mode="json") for k, v in TransformConfig.model_validate(tc).config_groups.items()
+        }
     except Exception as e:  # pydantic's ValidationError: the config is malformed
         raise CheckpointError(f"{d}: invalid transform config ({e})") from e
 
@@ -122,7 +130,9 @@ def _targets(args: Mapping[str, Any], modules: Mapping[str, tuple[str, Role | No
     return sorted(m for m, (cls, _) in modules.items() if hit(m, cls, ts) and not hit(m, cls, ign))
 
 
-def _classify(groups: Mapping[str, Any], modules: Mapping[str, tuple[str, Role | None]]) -> tuple[str | None, dict[str, list[str]]]:
+def _classify(
+    groups: Mapping[str, Any], modules: Mapping[str, tuple[str, Role | None]]
+) -> tuple[str | None, dict[str, list[str]]]:
     """The residual group's name (or ``None``) and every other group's modules."""
     writers = {m for m, (_, r) in modules.items() if r is Role.WRITE}
     readers = {m for m, (_, r) in modules.items() if r is Role.READ}
@@ -144,16 +154,19 @@ def _classify(groups: Mapping[str, Any], modules: Mapping[str, tuple[str, Role |
                 ok = False
         if ok and covered == writers | readers:
             if residual is not None:
-                raise OrthogonalGaugeError(f"transform groups {residual!r} and {gname!r} both rotate the whole residual "
-                                           "stream; a chart has one rotation")
+                raise OrthogonalGaugeError(
+                    f"transform groups {residual!r} and {gname!r} both rotate the whole residual "
+                    "stream; a chart has one rotation"
+                )
             residual = gname
         else:
             others[gname] = touched
     return residual, others
 
 
-def rotation_from_transform_config(checkpoint: str | os.PathLike, revision: str | None = None
-                                   ) -> tuple[Orthogonal | None, str | None, dict[str, list[str]]]:
+def rotation_from_transform_config(
+    checkpoint: str | os.PathLike, revision: str | None = None
+) -> tuple[Orthogonal | None, str | None, dict[str, list[str]]]:
     """``(R, group, other rotations)``: the residual gauge ``R = Uᵀ`` a checkpoint's transform
     config declares and the name of its group (``None, None`` when it declares no residual
     rotation) and, per other group, the modules it
@@ -175,24 +188,38 @@ def rotation_from_transform_config(checkpoint: str | os.PathLike, revision: str 
     scheme = groups[residual]
     kind = scheme.get("type")
     if kind != "hadamard" or scheme.get("randomize") or scheme.get("requires_grad"):
-        how = ("learned (requires_grad)" if scheme.get("requires_grad") else
-               "randomised (randomize)" if scheme.get("randomize") else f"drawn at random ({kind!r})")
+        how = (
+            "learned (requires_grad)"
+            if scheme.get("requires_grad")
+            else "randomised (randomize)"
+            if scheme.get("randomize")
+            else f"drawn at random ({kind!r})"
+        )
         raise OrthogonalGaugeError(
             f"{d}: the residual rotation {residual!r} is {how}; its matrix came from a generator whose "
             "seed the transform config does not record. Estimate it from the weights instead: "
             "estimate_gauge(original, rotated, method='orthogonal_weights') (data-free, from the token "
-            "embeddings)")
+            "embeddings)"
+        )
     width = int(config.get("hidden_size") or config.get("n_embd") or 0)
     b = int(scheme.get("head_dim") or width)
     if b <= 0 or width % b or b & (b - 1):
-        raise OrthogonalGaugeError(f"{d}: a deterministic Hadamard block of size {b} needs a power of 2 dividing the "
-                                   f"width {width}")
+        raise OrthogonalGaugeError(
+            f"{d}: a deterministic Hadamard block of size {b} needs a power of 2 dividing the width {width}"
+        )
     U = np.kron(np.eye(width // b), hadamard_matrix(b) / np.sqrt(b))
     return Orthogonal(U.T), residual, others
 
 
-def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *, revision: str | None = None,
-                                source_revision: str | None = None, check: bool = True, atol: float = 1e-2) -> Any:
+def gauge_from_transform_config(
+    target: str | os.PathLike,
+    source: Any = None,
+    *,
+    revision: str | None = None,
+    source_revision: str | None = None,
+    check: bool = True,
+    atol: float = 1e-2,
+) -> Any:
     """The exact gauge (``method="rotation_config"``) from the chart of ``source`` (the original,
     unrotated model: a loaded model, directory or Hub id; optional) to the rotated checkpoint
     ``target``, built from ``target``'s transform config (:func:`rotation_from_transform_config`).
@@ -211,14 +238,19 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
     name, revision = split_revision(target, revision)
     R, group, others = rotation_from_transform_config(name, revision)
     if R is None:
-        raise OrthogonalGaugeError(f"{name}: its transform config declares no rotation of the whole residual stream"
-                                   + (f" (other groups: {sorted(others)})" if others else ""))
+        raise OrthogonalGaugeError(
+            f"{name}: its transform config declares no rotation of the whole residual stream"
+            + (f" (other groups: {sorted(others)})" if others else "")
+        )
     tgt_ref = ModelRef.from_checkpoint(name, revision=revision)
     metrics: dict[str, Any] = {"exact": True, "residual_transform_group": group, "other_rotations": others}
     src_ref, gains = ModelRef(), None
     if source is not None:
         with contextlib.ExitStack() as stack:
-            ends = [open_tensors(source, source_revision, stack, True), open_tensors(name, revision, stack, False)]
+            ends = [
+                open_tensors(source, source_revision, stack, True),
+                open_tensors(name, revision, stack, False),
+            ]
             E, Et = (t.embedding().numpy() for t in ends)
             src_ref = ends[0].ref
             gains = pre_norm_gains(source, source_revision)
@@ -233,7 +265,8 @@ def gauge_from_transform_config(target: str | os.PathLike, source: Any = None, *
                 raise OrthogonalGaugeError(
                     f"{name}: its transform config does not describe these weights: the token embedding "
                     f"is not the source's rotated by it (relative error {min(err, err_c):.3g} > {atol}); "
-                    "wrong source, or the checkpoint was changed after rotation")
+                    "wrong source, or the checkpoint was changed after rotation"
+                )
     g = Gauge(R, source=src_ref, target=tgt_ref, method="rotation_config", metrics=metrics)
     return record_gains(g, gains, known_pre_norm_gains(name, revision))
 
@@ -256,4 +289,5 @@ def refuse_other_rotations(gauge: Any, module_names: list[str]) -> None:
             "the target checkpoint also rotates these modules by transforms that are not residual gauges "
             "(head-space or online rotations): "
             f"{', '.join(sorted(hits)[:8])}{' …' if len(hits) > 8 else ''}; "
-            "an adapter on them cannot be moved by the residual gauge alone")
+            "an adapter on them cannot be moved by the residual gauge alone"
+        )

@@ -25,12 +25,21 @@ INSUFFICIENT_DATA = "insufficient_data"
 #: What an estimate says about a pair: the charts coincide; they differ by the gauge; no evidence
 #: that a signed permutation (a rotation) relates them at this budget; too little data to test
 #: (then the object is not a gauge and nothing acts on it unforced).
-VERDICTS = ("identity", "signed_permutation", "no_signed_permutation", "rotation", "no_rotation",
-            INSUFFICIENT_DATA)
+VERDICTS = (
+    "identity",
+    "signed_permutation",
+    "no_signed_permutation",
+    "rotation",
+    "no_rotation",
+    INSUFFICIENT_DATA,
+)
 #: The verdicts that say the estimate is not a gauge (nothing acts on it unless forced), and the
 #: kind of gauge each found no evidence for (``None``: the data were too few to test).
-NOT_A_GAUGE_VERDICTS = {"no_signed_permutation": "signed permutation", "no_rotation": "rotation",
-                        INSUFFICIENT_DATA: None}
+NOT_A_GAUGE_VERDICTS = {
+    "no_signed_permutation": "signed permutation",
+    "no_rotation": "rotation",
+    INSUFFICIENT_DATA: None,
+}
 #: The three answers a question about a pair can get (``estimate``, ``trace``, ``diff``, ``compose``):
 #: related (the identity, or this gauge); no evidence of a relation at this budget (a failure to
 #: reject, never "not related"); too little data to test.

@@ -124,10 +124,12 @@ def run_page(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
                 out = capsys.readouterr()
                 printed = out.out + out.err
                 line = " ".join(cmd.argv)
-                assert rc == cmd.exit_code, \
+                assert rc == cmd.exit_code, (
                     f"{path.name}: `{line}` exited {rc}, not {cmd.exit_code}: {printed}"
+                )
                 if cmd.expect is not None:
-                    assert " ".join(cmd.expect.split()) in " ".join(printed.split()), \
+                    assert " ".join(cmd.expect.split()) in " ".join(printed.split()), (
                         f"{path.name}: `{line}` did not print {cmd.expect!r}: {printed}"
+                    )
                 ran.append(" ".join(cmd.argv[:2]))
     return ran

@@ -42,9 +42,10 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
@@ -122,7 +123,7 @@ class HubDouble:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "HubDouble":
+    def start(self) -> HubDouble:
         double = self
 
         class Handler(_Handler):
@@ -131,8 +132,9 @@ class HubDouble:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._server.timeout = 5
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="hub-double", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-double", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -144,7 +146,7 @@ class HubDouble:
             self._thread.join(timeout=5)
         self._server = self._thread = None
 
-    def __enter__(self) -> "HubDouble":
+    def __enter__(self) -> HubDouble:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -183,7 +185,7 @@ class HubDouble:
         return c
 
     # ------------------------------------------------------------------ routes
-    def create_repo(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def create_repo(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         body = h.json_body()
         name, org = body.get("name"), body.get("organization")
         if body.get("type") not in (None, "model"):
@@ -193,13 +195,21 @@ class HubDouble:
         repo_id = f"{org or 'user'}/{name}"
         with self._lock:
             if repo_id in self.repos:  # the Hub answers 409 with the url; create_repo(exist_ok=True) reads it
-                return 409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
+                return 409, {
+                    "error": "You already created this model repo",
+                    "url": f"{self.endpoint}/{repo_id}",
+                }
             repo = RepoState(repo_id, private=body.get("visibility") == "private")
             self.repos[repo_id] = repo
-            self._commit(repo, "main", "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            self._commit(
+                repo,
+                "main",
+                "initial commit",
+                {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+            )
         return 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": repo_id}
 
-    def validate_yaml(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def validate_yaml(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         import yaml
 
         content = h.json_body().get("content", "")
@@ -229,7 +239,7 @@ class HubDouble:
             raise _HttpError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         return c
 
-    def preupload(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def preupload(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         h.require_auth()
         repo = self._repo(m)
         head = self._rev(repo, m.group("rev"))
@@ -237,11 +247,17 @@ class HubDouble:
         for f in h.json_body().get("files", []):
             path = f["path"]
             existing = head.files.get(path)
-            files.append({"path": path, "uploadMode": "regular", "shouldIgnore": False,
-                          "oid": git_blob_sha1(existing) if existing is not None else None})
+            files.append(
+                {
+                    "path": path,
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_sha1(existing) if existing is not None else None,
+                }
+            )
         return 200, {"files": files, "commitOid": head.oid}
 
-    def commit(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def commit(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         h.require_auth()
         if q.get("create_pr"):
             raise _HttpError(400, "the hub double does not implement pull requests")
@@ -280,10 +296,14 @@ class HubDouble:
                 else:
                     raise _HttpError(400, f"unknown commit operation {key!r}")
             c = self._commit(repo, branch, header.get("summary") or "commit", files)
-        return 200, {"commitUrl": f"{self.endpoint}/{repo.repo_id}/commit/{c.oid}", "commitOid": c.oid,
-                     "pullRequestUrl": None, "success": True}
+        return 200, {
+            "commitUrl": f"{self.endpoint}/{repo.repo_id}/commit/{c.oid}",
+            "commitOid": c.oid,
+            "pullRequestUrl": None,
+            "success": True,
+        }
 
-    def create_branch(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def create_branch(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         h.require_auth()
         repo = self._repo(m)
         branch = unquote(m.group("branch"))
@@ -294,17 +314,29 @@ class HubDouble:
             repo.refs[branch] = start.oid
         return 200, {}
 
-    def repo_info(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def repo_info(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         repo = self._repo(m)
         c = self._rev(repo, m.group("rev"))
         return 200, {
-            "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": c.oid,
-            "private": repo.private, "disabled": False, "gated": False, "tags": [], "downloads": 0, "likes": 0,
-            "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z",
-            "siblings": [{"rfilename": p, "size": len(b), "blobId": git_blob_sha1(b)} for p, b in sorted(c.files.items())],
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": c.oid,
+            "private": repo.private,
+            "disabled": False,
+            "gated": False,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
+            "lastModified": "2024-01-01T00:00:00.000Z",
+            "createdAt": "2024-01-01T00:00:00.000Z",
+            "siblings": [
+                {"rfilename": p, "size": len(b), "blobId": git_blob_sha1(b)}
+                for p, b in sorted(c.files.items())
+            ],
         }
 
-    def tree(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def tree(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         repo = self._repo(m)
         c = self._rev(repo, m.group("rev"))
         base = unquote(m.group("path") or "").strip("/")
@@ -314,28 +346,39 @@ class HubDouble:
         for p, b in sorted(c.files.items()):
             if not p.startswith(prefix):
                 continue
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             parts = rest.split("/")
             for i in range(1, len(parts)):
                 folder = prefix + "/".join(parts[:i])
                 if recursive or i == 1:
-                    entries.setdefault(folder, {"type": "directory", "path": folder,
-                                                "oid": hashlib.sha1(folder.encode()).hexdigest(), "size": 0})
+                    entries.setdefault(
+                        folder,
+                        {
+                            "type": "directory",
+                            "path": folder,
+                            "oid": hashlib.sha1(folder.encode()).hexdigest(),
+                            "size": 0,
+                        },
+                    )
             if recursive or len(parts) == 1:
                 entries[p] = {"type": "file", "path": p, "oid": git_blob_sha1(b), "size": len(b)}
         if base and not entries:
             raise _HttpError(404, f"{base} does not exist", "EntryNotFound")
         return 200, [entries[k] for k in sorted(entries)]
 
-    def resolve(self, h: "_Handler", m: re.Match, q: dict) -> tuple[int, Any]:
+    def resolve(self, h: _Handler, m: re.Match, q: dict) -> tuple[int, Any]:
         repo = self._repo(m)
         c = self._rev(repo, m.group("rev"))
         path = unquote(m.group("path"))
         data = c.files.get(path)
         if data is None:
             raise _HttpError(404, "Entry not found", "EntryNotFound")
-        headers = {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": c.oid, "Content-Type": "application/octet-stream",
-                   "Accept-Ranges": "none"}
+        headers = {
+            "ETag": f'"{git_blob_sha1(data)}"',
+            "X-Repo-Commit": c.oid,
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "none",
+        }
         return 200, _Raw(data, headers)
 
 
@@ -373,7 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
     def require_auth(self) -> None:
         auth = self.headers.get("Authorization") or ""
         if auth.startswith("Bearer "):
-            self.hub.tokens_seen.add(auth[len("Bearer "):])
+            self.hub.tokens_seen.add(auth[len("Bearer ") :])
         elif self.hub.require_token:
             raise _HttpError(401, "Invalid credentials in Authorization header")
 
@@ -440,7 +483,9 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactor
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     # huggingface_hub reads these environment variables once, at import: patch the module too.
     monkeypatch.setattr(constants, "ENDPOINT", ep)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", ep + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", ep + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))

@@ -22,33 +22,65 @@ PKG = Path(hf_bdgauge.__file__).resolve().parent
 #: of a curated ``__all__`` is documented is tests/test_docs_site.py's check)
 TOP_LEVEL = {
     "__version__",
-    "Gauge", "GaugedModel", "SignedPermutation", "Orthogonal",
-    "estimate_gauge", "CaptureOptions", "CalibrationOptions", "WeightOptions",
-    "trace", "diff", "compose_trajectory",
-    "apply_gauge", "apply_gauge_to_checkpoint",
-    "fold_norm_gains", "fold_and_rotate", "fold_norm_gains_in_checkpoint", "gauge_from_transform_config",
-    "transport_adapter", "transport_sae", "transport_steering_vector", "transport_optimizer_state",
+    "Gauge",
+    "GaugedModel",
+    "SignedPermutation",
+    "Orthogonal",
+    "estimate_gauge",
+    "CaptureOptions",
+    "CalibrationOptions",
+    "WeightOptions",
+    "trace",
+    "diff",
+    "compose_trajectory",
+    "apply_gauge",
+    "apply_gauge_to_checkpoint",
+    "fold_norm_gains",
+    "fold_and_rotate",
+    "fold_norm_gains_in_checkpoint",
+    "gauge_from_transform_config",
+    "transport_adapter",
+    "transport_sae",
+    "transport_steering_vector",
+    "transport_optimizer_state",
     "merge_checkpoints",
-    "model_fingerprint", "check_fingerprint",
+    "model_fingerprint",
+    "check_fingerprint",
 }
 MAX_TOP_LEVEL = 25
 
 #: the extension API (hf_bdgauge.extend) and the module each name is defined in
 EXTEND = {
-    "ArchitectureSpec": "hf_bdgauge.roles", "register_architecture": "hf_bdgauge.roles",
-    "available_architectures": "hf_bdgauge.roles", "spec_for_model": "hf_bdgauge.roles",
+    "ArchitectureSpec": "hf_bdgauge.roles",
+    "register_architecture": "hf_bdgauge.roles",
+    "available_architectures": "hf_bdgauge.roles",
+    "spec_for_model": "hf_bdgauge.roles",
     "check_gauge_allowed": "hf_bdgauge.roles",
-    "Role": "hf_bdgauge.rules", "TensorRule": "hf_bdgauge.rules", "transform": "hf_bdgauge.rules",
+    "Role": "hf_bdgauge.rules",
+    "TensorRule": "hf_bdgauge.rules",
+    "transform": "hf_bdgauge.rules",
     "TransformPlan": "hf_bdgauge.plan",
-    "TransportKind": "hf_bdgauge.transport.registry", "register_transport": "hf_bdgauge.transport.registry",
+    "TransportKind": "hf_bdgauge.transport.registry",
+    "register_transport": "hf_bdgauge.transport.registry",
     "transport_record": "hf_bdgauge.record",
 }
 
 #: the most parameters a public function or method takes, besides self/cls, *args/**kwargs and the
 #: Hub arguments it passes through to huggingface_hub
 MAX_PARAMETERS = 8
-HUB_PASS_THROUGH = {"token", "revision", "source_revision", "target_revision", "cache_dir", "force_download",
-                    "local_files_only", "private", "commit_message", "create_pr", "branch"}
+HUB_PASS_THROUGH = {
+    "token",
+    "revision",
+    "source_revision",
+    "target_revision",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "private",
+    "commit_message",
+    "create_pr",
+    "branch",
+}
 MAX_MODULE_LINES = 500
 
 
@@ -81,12 +113,20 @@ def test_every_exception_lives_in_errors_and_none_at_the_top_level():
     for modname in _library_modules():
         mod = importlib.import_module(modname)
         for name, obj in vars(mod).items():
-            if (inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == modname
-                    and not name.startswith("_") and modname != errors.__name__):
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == modname
+                and not name.startswith("_")
+                and modname != errors.__name__
+            ):
                 defined_elsewhere.append(f"{modname}.{name}")
     assert defined_elsewhere == [], "exceptions belong in hf_bdgauge.errors"
-    exported = [n for n in hf_bdgauge.__all__ if inspect.isclass(getattr(hf_bdgauge, n))
-                and issubclass(getattr(hf_bdgauge, n), BaseException)]
+    exported = [
+        n
+        for n in hf_bdgauge.__all__
+        if inspect.isclass(getattr(hf_bdgauge, n)) and issubclass(getattr(hf_bdgauge, n), BaseException)
+    ]
     assert exported == [], "exceptions are imported from hf_bdgauge.errors, not the top level"
     assert issubclass(errors.EstimationError, errors.GaugeError)
 
@@ -104,8 +144,16 @@ def test_the_extension_api_is_one_module():
 def test_subpackages_export_only_what_they_define_or_document():
     """Each ``__all__`` resolves, and the internals (assignment, capture hooks, random rotations)
     stay in their modules."""
-    internals = {"hungarian", "random_orthogonal", "find_decoder_layers", "residual_activations",
-                 "load_causal_lm", "EstimationError", "invert_gauge", "as_signed_permutation"}
+    internals = {
+        "hungarian",
+        "random_orthogonal",
+        "find_decoder_layers",
+        "residual_activations",
+        "load_causal_lm",
+        "EstimationError",
+        "invert_gauge",
+        "as_signed_permutation",
+    }
     for modname in ("hf_bdgauge.estimate", "hf_bdgauge.transport", "hf_bdgauge.extend"):
         mod = importlib.import_module(modname)
         assert len(mod.__all__) == len(set(mod.__all__)), modname
@@ -157,7 +205,7 @@ def _too_many_parameters() -> list[str]:
 
 
 def test_the_parameter_count_is_measured_as_documented():
-    src = '''
+    src = """
 class A:
     def m(self, a, b, *args, token=None, revision=None, c=1, **kw): ...
     @staticmethod
@@ -165,7 +213,7 @@ class A:
     def _private(self, a, b, c, d, e, f, g, h, i, j): ...
 def f(a, /, b, *, c, cache_dir=None): ...
 def _g(a, b, c, d, e, f, g, h, i, j): ...
-'''
+"""
     found = {q: _counted(fn, m) for q, fn, m in _public_functions(ast.parse(src))}
     assert found == {"A.m": ["a", "b", "c"], "A.s": ["a", "b"], "f": ["a", "b", "c"]}
 

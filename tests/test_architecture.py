@@ -78,8 +78,14 @@ def _imports(name: str, path: Path, *, module_level: bool = False) -> list[tuple
 
 def test_no_module_imports_a_module_that_imports_it_back():
     """No cycles in the module graph (a package's own __init__ re-exports and parent/child edges aside)."""
-    graph = {m: {t for t, _ in _imports(m, p) if t in MODULES and t != m and not m.startswith(t + ".")
-                 and not t.startswith(m + ".")} for m, p in MODULES.items()}
+    graph = {
+        m: {
+            t
+            for t, _ in _imports(m, p)
+            if t in MODULES and t != m and not m.startswith(t + ".") and not t.startswith(m + ".")
+        }
+        for m, p in MODULES.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -88,7 +94,7 @@ def test_no_module_imports_a_module_that_imports_it_back():
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -163,16 +169,29 @@ def test_no_private_name_is_used_outside_its_module():
     private_defs: dict[str, set[str]] = {}
     for m, p in MODULES.items():
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and node.name.startswith("_") \
-                    and not node.name.startswith("__"):
+            if (
+                isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                and node.name.startswith("_")
+                and not node.name.startswith("__")
+            ):
                 private_defs.setdefault(node.name, set()).add(m)
     offences = []
     for m, p in MODULES.items():
-        offences += [f"{m} imports {n} from {t}" for t, n in _imports(m, p) if n.startswith("_") and not n.startswith("__")]
+        offences += [
+            f"{m} imports {n} from {t}"
+            for t, n in _imports(m, p)
+            if n.startswith("_") and not n.startswith("__")
+        ]
         for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Attribute) and node.attr in private_defs and m not in private_defs[node.attr] \
-                    and ast.unparse(node.value) not in ("self", "cls"):
-                offences.append(f"{m} uses {ast.unparse(node)} (private to {sorted(private_defs[node.attr])})")
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in private_defs
+                and m not in private_defs[node.attr]
+                and ast.unparse(node.value) not in ("self", "cls")
+            ):
+                offences.append(
+                    f"{m} uses {ast.unparse(node)} (private to {sorted(private_defs[node.attr])})"
+                )
     assert not offences, offences
 
 
@@ -181,8 +200,13 @@ def _code(path: Path) -> str:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-                and isinstance(body[0].value.value, str):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(getattr(body[0], "value", None), ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             body[0].value.value = ""
     return ast.unparse(tree)
 
@@ -192,24 +216,49 @@ def _sources_matching(pattern: str) -> set[str]:
     return {m for m, p in MODULES.items() if rx.search(_code(p))}
 
 
-@pytest.mark.parametrize("what, pattern, allowed", [
-    ("the repo@revision resolver", r"""(partition|split|rsplit)\(["']@["']""", {"hf_bdgauge.hub"}),
-    ("the mapping of Hub errors", r"huggingface_hub(\.errors| import errors)|HfHubHTTPError|EntryNotFoundError", {"hf_bdgauge.hub"}),
-    ("Hub transfers", r"hf_hub_download|snapshot_download|upload_folder|create_repo\(|resolve_revision|try_to_load_from_cache",
-     {"hf_bdgauge.hub"}),
-    ("the atomic writer", r"mkstemp|mkdtemp", {"hf_bdgauge.files", "hf_bdgauge.demo", "hf_bdgauge.fixtures.gemma3"}),
-    ("the config reader", r"""["']config\.json["']\)?\.read_text|json\.loads\(.*config\.json""", {"hf_bdgauge.fixtures.minilm",
-                                                                                              "hf_bdgauge.fixtures.gemma3"}),
-    ("the symmetry (LayerNorm) rule", r"raise SignedGaugeNotAllowedError|commutes_with_centring", {"hf_bdgauge.roles",
-                                                                                                "hf_bdgauge.group",
-                                                                                                "hf_bdgauge.transport.sae"}),
-    ("the model hooks", r"register_forward_hook", {"hf_bdgauge.layers"}),
-    ("the one group law (composition of elements)", r"\.element\s*@|@\s*\w+\.element", {"hf_bdgauge.gauge"}),
-])
+@pytest.mark.parametrize(
+    "what, pattern, allowed",
+    [
+        ("the repo@revision resolver", r"""(partition|split|rsplit)\(["']@["']""", {"hf_bdgauge.hub"}),
+        (
+            "the mapping of Hub errors",
+            r"huggingface_hub(\.errors| import errors)|HfHubHTTPError|EntryNotFoundError",
+            {"hf_bdgauge.hub"},
+        ),
+        (
+            "Hub transfers",
+            r"hf_hub_download|snapshot_download|upload_folder|create_repo\(|resolve_revision|try_to_load_from_cache",
+            {"hf_bdgauge.hub"},
+        ),
+        (
+            "the atomic writer",
+            r"mkstemp|mkdtemp",
+            {"hf_bdgauge.files", "hf_bdgauge.demo", "hf_bdgauge.fixtures.gemma3"},
+        ),
+        (
+            "the config reader",
+            r"""["']config\.json["']\)?\.read_text|json\.loads\(.*config\.json""",
+            {"hf_bdgauge.fixtures.minilm", "hf_bdgauge.fixtures.gemma3"},
+        ),
+        (
+            "the symmetry (LayerNorm) rule",
+            r"raise SignedGaugeNotAllowedError|commutes_with_centring",
+            {"hf_bdgauge.roles", "hf_bdgauge.group", "hf_bdgauge.transport.sae"},
+        ),
+        ("the model hooks", r"register_forward_hook", {"hf_bdgauge.layers"}),
+        (
+            "the one group law (composition of elements)",
+            r"\.element\s*@|@\s*\w+\.element",
+            {"hf_bdgauge.gauge"},
+        ),
+    ],
+)
 def test_each_rule_lives_in_one_module(what, pattern, allowed):
     """Fixtures may read their own packaged files; every library path goes through the one module."""
     found = _sources_matching(pattern)
-    assert found <= allowed, f"{what} is re-derived in {sorted(found - allowed)} (it lives in {sorted(allowed)})"
+    assert found <= allowed, (
+        f"{what} is re-derived in {sorted(found - allowed)} (it lives in {sorted(allowed)})"
+    )
 
 
 def test_every_role_map_says_where_its_layers_embedding_and_width_live():
@@ -230,7 +279,9 @@ def test_the_role_map_finds_blocks_embedding_and_width_of_every_family(model_typ
     names = [n for n, p in model.named_parameters() if p is emb]
     assert names and spec.is_embedding(names[0]), (names, spec.embedding)
     assert getattr(model.config, spec.width) == 64
-    assert {spec.block_of(n) for n, _ in model.named_parameters()} - {None} == set(range(model.config.num_hidden_layers))
+    assert {spec.block_of(n) for n, _ in model.named_parameters()} - {None} == set(
+        range(model.config.num_hidden_layers)
+    )
 
 
 def test_every_builtin_family_is_a_file_and_every_module_is_in_the_readme():
@@ -241,10 +292,13 @@ def test_every_builtin_family_is_a_file_and_every_module_is_in_the_readme():
         rel = p.relative_to(PKG).as_posix()
         if rel.startswith("fixtures/") or rel == "__init__.py" or rel.endswith("/__init__.py"):
             continue
-        named = rel in section or (f"`{rel.split('/')[0]}/`" in section and f"`{rel.split('/')[-1]}`" in section)
+        named = rel in section or (
+            f"`{rel.split('/')[0]}/`" in section and f"`{rel.split('/')[-1]}`" in section
+        )
         assert named, f"docs/architecture.md's Modules section does not name {rel}"
     assert {s.name for s in available_architectures().values()} <= {
-        e.name[:-5] for e in resources.files("hf_bdgauge.architectures").iterdir() if e.name.endswith(".json")}
+        e.name[:-5] for e in resources.files("hf_bdgauge.architectures").iterdir() if e.name.endswith(".json")
+    }
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -262,6 +316,10 @@ def test_the_library_and_the_examples_import_nothing_from_experiments():
     """The wheel ships the library only, and the examples stand on the library (and
     ``examples/common.py``): research code (``experiments/``, calibration-model training included)
     is imported by nothing outside it."""
-    offenders = [f"{p.relative_to(ROOT)} imports {m}" for p in [*PKG.rglob("*.py"), *(ROOT / "examples").glob("*.py")]
-                 for m in _imported_modules(p) if m == "experiments" or m.startswith("experiments.")]
+    offenders = [
+        f"{p.relative_to(ROOT)} imports {m}"
+        for p in [*PKG.rglob("*.py"), *(ROOT / "examples").glob("*.py")]
+        for m in _imported_modules(p)
+        if m == "experiments" or m.startswith("experiments.")
+    ]
     assert offenders == []

@@ -38,9 +38,9 @@ from hf_bdgauge.errors import (
     InvalidGaugeError,
 )
 from hf_bdgauge.gauge import Gauge, as_gauge
-from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.gauged_model import GaugedModel
 from hf_bdgauge.hub import resolve_checkpoint_dir
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.merge import merge_models
 from hf_bdgauge.transport.optimizer import read_optimizer_state, transport_optimizer_state
@@ -77,13 +77,18 @@ def world(tmp_path_factory):
     model.save_pretrained(root / "ckpt-a")
     el = SignedPermutation.random(D, seed=5)
     apply_gauge_to_checkpoint(root / "ckpt-a", el, root / "ckpt-b", progress=False)
-    g = Gauge(el, source=ModelRef.from_checkpoint(root / "ckpt-a"),
-              target=ModelRef.from_checkpoint(root / "ckpt-b"), method="planted")
+    g = Gauge(
+        el,
+        source=ModelRef.from_checkpoint(root / "ckpt-a"),
+        target=ModelRef.from_checkpoint(root / "ckpt-b"),
+        method="planted",
+    )
     g.save_pretrained(root / "gauge-a-b")
     g.inverse().save_pretrained(root / "gauge-b-a")
     torch.manual_seed(0)
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
-                                                         init_lora_weights=False))
+    pm = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
     pm.save_pretrained(root / "lora-on-A")
     trained = copy.deepcopy(model)  # the model itself stays ckpt-a
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
@@ -106,8 +111,9 @@ def test_as_gauge_is_the_one_resolver(world, here):
     g = world["gauge"]
     assert as_gauge(g) is g and as_gauge(g.element) is g.element
     assert as_gauge("gauge-a-b") == g and as_gauge(Path("gauge-a-b")) == g
-    with pytest.raises(InvalidGaugeError,
-                       match=r"a gauge directory or a Hub repo id \(repo@revision\), got int"):
+    with pytest.raises(
+        InvalidGaugeError, match=r"a gauge directory or a Hub repo id \(repo@revision\), got int"
+    ):
         as_gauge(3)
     with pytest.raises(InvalidGaugeError, match="revision 'v1' was given with a gauge object"):
         as_gauge(g, "v1")
@@ -123,9 +129,14 @@ def test_every_transport_takes_a_gauge_path(world, here):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # SAE
     gen = torch.Generator().manual_seed(0)
-    sae = SAE.from_weights(torch.randn(D, 32, generator=gen), torch.randn(32, D, generator=gen),
-                           torch.zeros(32), torch.randn(D, generator=gen),
-                           hook_name="blocks.0.hook_resid_post", model_name="a")
+    sae = SAE.from_weights(
+        torch.randn(D, 32, generator=gen),
+        torch.randn(32, D, generator=gen),
+        torch.zeros(32),
+        torch.randn(D, generator=gen),
+        hook_name="blocks.0.hook_resid_post",
+        model_name="a",
+    )
     s1, s2 = transport_sae(sae, "gauge-a-b"), transport_sae(sae, g)
     assert all(torch.equal(getattr(s1, n), getattr(s2, n)) for n in ("W_enc", "W_dec", "b_dec"))
     # steering vector, probe, index set: as objects and as files
@@ -136,12 +147,15 @@ def test_every_transport_takes_a_gauge_path(world, here):
         assert torch.equal(transport_steering_vector(v, gauge).layer_vectors[1], moved.layer_vectors[1])
     probe = LinearProbe(torch.randn(3, D, generator=gen))
     probe.save("probe.safetensors", overwrite=True)
-    assert torch.equal(transport_probe("probe.safetensors", "gauge-a-b").weight,
-                       transport_probe(probe, g).weight)
+    assert torch.equal(
+        transport_probe("probe.safetensors", "gauge-a-b").weight, transport_probe(probe, g).weight
+    )
     idx = IndexSet([3, 7, 11])
     idx.save("idx.safetensors", overwrite=True)
-    assert transport_indices("idx.safetensors", "gauge-a-b").indices.tolist() == \
-        transport_indices(idx, g).indices.tolist()
+    assert (
+        transport_indices("idx.safetensors", "gauge-a-b").indices.tolist()
+        == transport_indices(idx, g).indices.tolist()
+    )
     # optimizer state: its file and the gauge's directory
     st1 = transport_optimizer_state("opt.pt", world["model"], "gauge-a-b")
     st2 = transport_optimizer_state(torch.load("opt.pt", weights_only=True), world["model"], g)
@@ -183,9 +197,11 @@ def test_a_missing_name_is_reported_as_neither_local_nor_on_the_hub(here, capsys
         _refused(main(["apply", "ckpt-missing", "out-x", "--gauge", "gauge-a-b"]))
         msg = _one_line(capsys.readouterr().err)
     else:
-        fn = {"gauge": lambda: Gauge.from_pretrained("ckpt-missing"),
-              "checkpoint": lambda: apply_gauge_to_checkpoint("ckpt-missing", "gauge-a-b", "out-x"),
-              "adapter": lambda: transport_adapter("ckpt-missing", "gauge-a-b", "out-x")}[call]
+        fn = {
+            "gauge": lambda: Gauge.from_pretrained("ckpt-missing"),
+            "checkpoint": lambda: apply_gauge_to_checkpoint("ckpt-missing", "gauge-a-b", "out-x"),
+            "adapter": lambda: transport_adapter("ckpt-missing", "gauge-a-b", "out-x"),
+        }[call]
         with pytest.raises(HubOfflineError) as e:
             fn()
         msg = _one_line(str(e.value))
@@ -203,10 +219,12 @@ def test_a_path_that_starts_like_one_is_local_only(here):
 
 @pytest.mark.parametrize("how", ["at", "keyword", "checkpoint", "model", "cli"])
 def test_a_revision_with_a_local_path_is_refused_not_dropped(world, here, capsys, how):
-    calls = {"at": lambda: Gauge.from_pretrained("gauge-a-b@nonexistent"),
-             "keyword": lambda: as_gauge("gauge-a-b", revision="nonexistent"),
-             "checkpoint": lambda: apply_gauge_to_checkpoint("ckpt-a@nonexistent", "gauge-a-b", "out-r"),
-             "model": lambda: GaugedModel.from_pretrained("ckpt-a", revision="nonexistent")}
+    calls = {
+        "at": lambda: Gauge.from_pretrained("gauge-a-b@nonexistent"),
+        "keyword": lambda: as_gauge("gauge-a-b", revision="nonexistent"),
+        "checkpoint": lambda: apply_gauge_to_checkpoint("ckpt-a@nonexistent", "gauge-a-b", "out-r"),
+        "model": lambda: GaugedModel.from_pretrained("ckpt-a", revision="nonexistent"),
+    }
     if how == "cli":
         _refused(main(["show", "gauge-a-b@nonexistent"]))
         msg = _one_line(capsys.readouterr().err)
@@ -232,8 +250,10 @@ def test_a_hub_cache_snapshot_takes_its_own_revision_only(hub, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- item 5
 def test_wrong_end_points_to_the_inverse_once_in_python(world, here):
-    for attach in (lambda: apply_gauge_to_checkpoint("ckpt-b", "gauge-a-b", "out-w"),
-                   lambda: GaugedModel.from_pretrained("ckpt-b", gauge="gauge-a-b")):
+    for attach in (
+        lambda: apply_gauge_to_checkpoint("ckpt-b", "gauge-a-b", "out-w"),
+        lambda: GaugedModel.from_pretrained("ckpt-b", gauge="gauge-a-b"),
+    ):
         with pytest.raises(FingerprintMismatchError) as e:
             attach()
         msg = _one_line(str(e.value))
@@ -305,12 +325,18 @@ def test_push_to_an_unreachable_hub_is_one_line(hub, no_backoff, here, capsys):
     err = _one_line(capsys.readouterr().err)
     assert "cannot push to repository me/gauge: the Hub at http://127.0.0.1:" in err
     assert "cannot be reached (ConnectError: " in err
-    with pytest.raises(HubOfflineError, match=r"'me/gauge' is not a local path, not in the local "
-                                              r"Hugging Face cache, and the Hub at \S+ cannot be reached "
-                                              r"\(ConnectError"):
+    with pytest.raises(
+        HubOfflineError,
+        match=r"'me/gauge' is not a local path, not in the local "
+        r"Hugging Face cache, and the Hub at \S+ cannot be reached "
+        r"\(ConnectError",
+    ):
         Gauge.from_pretrained("me/gauge")
-    with pytest.raises(HubOfflineError, match=r"'ckpt-missing' is not a local path, not in the local .* cannot be "
-                                              r"reached \(ConnectError"):  # not a bare ConnectError
+    with pytest.raises(
+        HubOfflineError,
+        match=r"'ckpt-missing' is not a local path, not in the local .* cannot be "
+        r"reached \(ConnectError",
+    ):  # not a bare ConnectError
         apply_gauge_to_checkpoint("ckpt-missing", "gauge-a-b", "out-u")
 
 
@@ -323,16 +349,20 @@ def test_push_offline_is_one_line(hub, here, capsys, monkeypatch):
     assert err.endswith("cannot push to repository me/gauge: HF_HUB_OFFLINE is set (the Hub was not asked)")
 
 
-@pytest.mark.parametrize("status, error, words", [
-    (401, HubAuthError, "the Hub refused the credentials (401"),
-    (403, HubAuthError, "the Hub refused the credentials (403"),
-    (429, HubRateLimitError, "rate-limiting these requests (429"),
-    (500, HubError, "the Hub answered Server error '500"),
-    (503, HubError, "the Hub answered Server error '503"),
-])
+@pytest.mark.parametrize(
+    "status, error, words",
+    [
+        (401, HubAuthError, "the Hub refused the credentials (401"),
+        (403, HubAuthError, "the Hub refused the credentials (403"),
+        (429, HubRateLimitError, "rate-limiting these requests (429"),
+        (500, HubError, "the Hub answered Server error '500"),
+        (503, HubError, "the Hub answered Server error '503"),
+    ],
+)
 @pytest.mark.parametrize("force_download", [False, True])
-def test_hub_answers_are_typed_one_line_errors(hub, no_backoff, monkeypatch, capsys, status, error, words,
-                                               force_download):
+def test_hub_answers_are_typed_one_line_errors(
+    hub, no_backoff, monkeypatch, capsys, status, error, words, force_download
+):
     """The double answers every download with ``status`` (the client's cache fallback and its
     "force download failed" wrapper both hide the answer one level down)."""
     Gauge(SignedPermutation.random(8, seed=1), method="test").push_to_hub("me/gauge")
@@ -349,15 +379,18 @@ def test_hub_answers_are_typed_one_line_errors(hub, no_backoff, monkeypatch, cap
         assert words in _one_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("make", [
-    lambda httpx2: httpx2.ConnectError("[Errno -2] Name or service not known"),  # DNS
-    lambda httpx2: httpx2.ConnectError("[Errno 111] Connection refused"),
-    lambda httpx2: httpx2.ConnectTimeout("timed out"),
-    lambda httpx2: httpx2.ReadTimeout("timed out"),
-    lambda httpx2: httpx2.RemoteProtocolError("Server disconnected without sending a response."),
-    lambda httpx2: httpx2.ProxyError("407 Proxy Authentication Required"),
-    lambda httpx2: TimeoutError("timed out"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda httpx2: httpx2.ConnectError("[Errno -2] Name or service not known"),  # DNS
+        lambda httpx2: httpx2.ConnectError("[Errno 111] Connection refused"),
+        lambda httpx2: httpx2.ConnectTimeout("timed out"),
+        lambda httpx2: httpx2.ReadTimeout("timed out"),
+        lambda httpx2: httpx2.RemoteProtocolError("Server disconnected without sending a response."),
+        lambda httpx2: httpx2.ProxyError("407 Proxy Authentication Required"),
+        lambda httpx2: TimeoutError("timed out"),
+    ],
+)
 @pytest.mark.parametrize("where", ["hf_hub_download", "snapshot_download"])
 def test_transport_errors_of_the_client_are_typed(hub, monkeypatch, capsys, here, make, where):
     import httpx2
@@ -369,8 +402,11 @@ def test_transport_errors_of_the_client_are_typed(hub, monkeypatch, capsys, here
         raise exc
 
     monkeypatch.setattr(huggingface_hub, where, fail)
-    call = (lambda: Gauge.from_pretrained("me/gauge")) if where == "hf_hub_download" else \
-        (lambda: apply_gauge_to_checkpoint("me/model", "gauge-a-b", "out-t"))
+    call = (
+        (lambda: Gauge.from_pretrained("me/gauge"))
+        if where == "hf_hub_download"
+        else (lambda: apply_gauge_to_checkpoint("me/model", "gauge-a-b", "out-t"))
+    )
     with pytest.raises(HubOfflineError) as e:
         call()
     msg = _one_line(str(e.value))
@@ -401,21 +437,25 @@ def test_unreadable_optimizer_state_names_the_file_and_what_was_expected(world, 
     msg = str(e.value)
     assert msg.startswith("cannot read junk.pt: expected an optimizer state_dict saved with torch.save")
     assert "weights_only=False" not in msg  # torch's own advice would run the file's code
-    with pytest.raises(CheckpointError,
-                       match=r"not-an-optimizer.pt: expected .* got a dict with keys \['a'\]$"):
+    with pytest.raises(
+        CheckpointError, match=r"not-an-optimizer.pt: expected .* got a dict with keys \['a'\]$"
+    ):
         transport_optimizer_state("not-an-optimizer.pt", world["model"], "gauge-a-b")
     _refused(main(["transport", "optimizer", "junk.pt", "gauge-a-b", "out.pt", "--model", "ckpt-a"]))
     err = _one_line(capsys.readouterr().err)
     assert "junk.pt: expected an optimizer state_dict" in err and not (here / "out.pt").exists()
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (("lora-on-A", "adapter_model.safetensors", b"junk" * 20), "expected a safetensors file of adapter"),
-    (("lora-on-A", "adapter_config.json", b"{not json"), "is not valid JSON"),
-    (("gauge-a-b", "gauge.safetensors", b"junk" * 20), "is not a valid safetensors file"),
-    (("ckpt-a", "config.json", b"[1, 2"), "is not valid JSON"),
-    (("ckpt-a", "model.safetensors", b"junk" * 20), "corrupt safetensors header"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (("lora-on-A", "adapter_model.safetensors", b"junk" * 20), "expected a safetensors file of adapter"),
+        (("lora-on-A", "adapter_config.json", b"{not json"), "is not valid JSON"),
+        (("gauge-a-b", "gauge.safetensors", b"junk" * 20), "is not a valid safetensors file"),
+        (("ckpt-a", "config.json", b"[1, 2"), "is not valid JSON"),
+        (("ckpt-a", "model.safetensors", b"junk" * 20), "corrupt safetensors header"),
+    ],
+)
 def test_unreadable_files_name_their_path_and_what_was_expected(world, tmp_path, damage, expected):
     import shutil
 
@@ -423,10 +463,11 @@ def test_unreadable_files_name_their_path_and_what_was_expected(world, tmp_path,
     broken = tmp_path / folder
     shutil.copytree(world["root"] / folder, broken)
     (broken / name).write_bytes(data)
-    call = {"lora-on-A": lambda: transport_adapter(broken, world["gauge"], tmp_path / "out"),
-            "gauge-a-b": lambda: Gauge.from_pretrained(broken),
-            "ckpt-a": lambda: apply_gauge_to_checkpoint(broken, world["gauge"].element, tmp_path / "out"),
-            }[folder]
+    call = {
+        "lora-on-A": lambda: transport_adapter(broken, world["gauge"], tmp_path / "out"),
+        "gauge-a-b": lambda: Gauge.from_pretrained(broken),
+        "ckpt-a": lambda: apply_gauge_to_checkpoint(broken, world["gauge"].element, tmp_path / "out"),
+    }[folder]
     with pytest.raises(GaugeError) as e:
         call()
     assert str(broken / name) in str(e.value) and expected in str(e.value)

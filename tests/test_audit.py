@@ -20,14 +20,20 @@ def test_claim_pull_back_inverts_the_gauge():
 
 def test_massive_activation_claim_on_real_model(tmp_path):
     model, tok = real_model("stories260K")
-    ids = tok(["Once upon a time there was a little dog. The girl saw a big red ball."], return_tensors="pt").input_ids
+    ids = tok(
+        ["Once upon a time there was a little dog. The girl saw a big red ball."], return_tensors="pt"
+    ).input_ids
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    report = audit_claim(model, top_massive_activations(ids, k=4, layer=3), n_gauges=6, seed=10, progress=False)
+    report = audit_claim(
+        model, top_massive_activations(ids, k=4, layer=3), n_gauges=6, seed=10, progress=False
+    )
     s = report.summary()
     assert report.reproducible_relative_to_gauge and s["gauge_relative_overlap_mean"] == 1.0
     assert s["gauge_relative_signed_overlap_mean"] == 1.0
     assert s["raw_index_overlap_mean"] < 0.5  # chance is 4/64
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "model must be restored exactly"
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), (
+        "model must be restored exactly"
+    )
     png = plot_audit(report, tmp_path / "audit.png")
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -17,18 +17,17 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_rel
 
-from hf_bdgauge.options import CalibrationOptions, CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
 from hf_bdgauge.estimate import estimate_gauge
-from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches
-from hf_bdgauge.layers import residual_states
+from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches, sequence_masks
 from hf_bdgauge.estimate.matching import estimate_from_stats
-from hf_bdgauge.estimate.stats import PairStats
-from hf_bdgauge.estimate.capture import sequence_masks
 from hf_bdgauge.estimate.moments import SUM_FIELDS
+from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
-from tolerances import assert_close_rel
+from hf_bdgauge.layers import residual_states
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions
 
 # every other block, the embedding and the (tied) lm_head on disk; the rest in RAM
 DISK_MAP = {
@@ -84,24 +83,39 @@ def _capture(src, tgt, batches, **kw) -> PairStats:
 def test_disk_offloaded_device_map_gives_the_same_sums_and_gauge(pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    off = AutoModelForCausalLM.from_pretrained(pair["dst_dir"], device_map=DISK_MAP, offload_folder=str(tmp_path))
+    off = AutoModelForCausalLM.from_pretrained(
+        pair["dst_dir"], device_map=DISK_MAP, offload_folder=str(tmp_path)
+    )
     assert off.hf_device_map["model.layers.1"] == "disk"
     assert any(p.device.type == "meta" for p in off.parameters())
     plain = _capture(pair["src"], pair["tgt"], pair["batches"])
     offloaded = _capture(pair["src"], off, pair["batches"])
     _assert_same_sums(offloaded, plain)
     est = estimate_from_stats(offloaded, calibration=CalibrationOptions(null_draws=0))
-    assert est.element == pair["g"] == estimate_from_stats(plain, calibration=CalibrationOptions(null_draws=0)).element
+    assert (
+        est.element
+        == pair["g"]
+        == estimate_from_stats(plain, calibration=CalibrationOptions(null_draws=0)).element
+    )
 
 
 def test_estimate_gauge_from_directories_with_a_disk_device_map(pair):
     kw = dict(fingerprint=False, calibration=CalibrationOptions(null_draws=0))
-    est = estimate_gauge(str(pair["src_dir"]), str(pair["dst_dir"]), pair["batches"],
-                         capture=CaptureOptions(device_map=DISK_MAP, progress=False), **kw)
-    ref = estimate_gauge(pair["src"], pair["tgt"], pair["batches"], capture=CaptureOptions(progress=False), **kw)
+    est = estimate_gauge(
+        str(pair["src_dir"]),
+        str(pair["dst_dir"]),
+        pair["batches"],
+        capture=CaptureOptions(device_map=DISK_MAP, progress=False),
+        **kw,
+    )
+    ref = estimate_gauge(
+        pair["src"], pair["tgt"], pair["batches"], capture=CaptureOptions(progress=False), **kw
+    )
     assert est.element == ref.element == pair["g"]
     # confidences are matched |correlations| (scale 1) stored in float32
-    assert_close_rel(est.confidence, ref.confidence, rtol=1e-5, scale=1.0, what="confidence, disk map vs in memory")
+    assert_close_rel(
+        est.confidence, ref.confidence, rtol=1e-5, scale=1.0, what="confidence, disk map vs in memory"
+    )
     n = sum(int(sum(h.sum() for h in sequence_masks(b["attention_mask"]))) for b in pair["batches"])
     assert est.metrics["tokens"] == ref.metrics["tokens"] == n
 
@@ -117,7 +131,9 @@ def test_accelerate_offload_hooks(pair, tmp_path, how):
     else:
         accelerate.disk_offload(model, offload_dir=str(tmp_path), execution_device=torch.device("cpu"))
     assert all(p.device.type == "meta" for p in model.parameters())
-    _assert_same_sums(_capture(pair["src"], model, pair["batches"]), _capture(pair["src"], pair["tgt"], pair["batches"]))
+    _assert_same_sums(
+        _capture(pair["src"], model, pair["batches"]), _capture(pair["src"], pair["tgt"], pair["batches"])
+    )
 
 
 # ---------------------------------------------------------------------- layer subsets
@@ -133,11 +149,29 @@ def test_layer_subset_sums_equal_those_of_the_full_capture(pair):
 @pytest.mark.parametrize("layer", [0, 2, 5])
 def test_any_single_layer_gives_the_same_gauge(pair, layer):
     full = _capture(pair["src"], pair["tgt"], pair["batches"])
-    est = estimate_gauge(pair["src"], pair["tgt"], pair["batches"], fingerprint=False, capture=CaptureOptions(layers=[layer], progress=False), calibration=CalibrationOptions(null_draws=0))
+    est = estimate_gauge(
+        pair["src"],
+        pair["tgt"],
+        pair["batches"],
+        fingerprint=False,
+        capture=CaptureOptions(layers=[layer], progress=False),
+        calibration=CalibrationOptions(null_draws=0),
+    )
     assert est.metrics["layers"] == [layer]
-    assert est.element == pair["g"] == estimate_from_stats(full, calibration=CalibrationOptions(null_draws=0)).element
-    assert_close_rel(est.confidence, estimate_from_stats(full, capture=CaptureOptions(layers=[layer]), calibration=CalibrationOptions(null_draws=0)).confidence, rtol=1e-5,
-                     scale=1.0, what="confidence (|corr| <= 1, float32), one layer vs all")
+    assert (
+        est.element
+        == pair["g"]
+        == estimate_from_stats(full, calibration=CalibrationOptions(null_draws=0)).element
+    )
+    assert_close_rel(
+        est.confidence,
+        estimate_from_stats(
+            full, capture=CaptureOptions(layers=[layer]), calibration=CalibrationOptions(null_draws=0)
+        ).confidence,
+        rtol=1e-5,
+        scale=1.0,
+        what="confidence (|corr| <= 1, float32), one layer vs all",
+    )
 
 
 # ---------------------------------------------------------------------- bf16 models, float64 sums
@@ -152,8 +186,15 @@ def _float64_reference(src, tgt, batches, layers) -> dict[int, dict[str, np.ndar
             assert hs[k].dtype == ht[k].dtype == torch.bfloat16
             X = hs[k].reshape(-1, hs[k].shape[-1]).float().numpy().astype(np.float64)[m]
             Y = ht[k].reshape(-1, ht[k].shape[-1]).float().numpy().astype(np.float64)[m]
-            parts = {"sum_x": X.sum(0), "sum_y": Y.sum(0), "sum_x2": (X * X).sum(0), "sum_y2": (Y * Y).sum(0),
-                     "sum_xy": X.T @ Y, "sum_yy": Y.T @ Y, "n": np.array(X.shape[0])}
+            parts = {
+                "sum_x": X.sum(0),
+                "sum_y": Y.sum(0),
+                "sum_x2": (X * X).sum(0),
+                "sum_y2": (Y * Y).sum(0),
+                "sum_xy": X.T @ Y,
+                "sum_yy": Y.T @ Y,
+                "n": np.array(X.shape[0]),
+            }
             if k not in acc:
                 acc[k] = parts
             else:
@@ -192,10 +233,19 @@ def test_bf16_offloaded_directories_with_a_layer_subset(pair):
     a disk device map, two layers captured."""
     from hf_bdgauge.estimate.capture import load_causal_lm
 
-    model, _, _ = load_causal_lm(pair["dst_dir"], dtype=torch.bfloat16, device_map=DISK_MAP, fingerprint=False)
+    model, _, _ = load_causal_lm(
+        pair["dst_dir"], dtype=torch.bfloat16, device_map=DISK_MAP, fingerprint=False
+    )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu", "meta"}
-    est = estimate_gauge(str(pair["src_dir"]), str(pair["dst_dir"]), pair["batches"], fingerprint=False, capture=CaptureOptions(dtype=torch.bfloat16, device_map=DISK_MAP, layers=[2, -1], progress=False), calibration=CalibrationOptions(null_draws=0))
+    est = estimate_gauge(
+        str(pair["src_dir"]),
+        str(pair["dst_dir"]),
+        pair["batches"],
+        fingerprint=False,
+        capture=CaptureOptions(dtype=torch.bfloat16, device_map=DISK_MAP, layers=[2, -1], progress=False),
+        calibration=CalibrationOptions(null_draws=0),
+    )
     assert est.element == pair["g"]
     assert est.metrics["layers"] == [2, 5]
 

@@ -21,12 +21,12 @@ from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.estimate import estimate_gauge
 from hf_bdgauge.estimate.capture import capture_pair_stats
 from hf_bdgauge.estimate.matching import estimate_from_stats
-from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.estimate.statistic import predictive_p_value
+from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.estimate.verdict import verdict_label
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
-from hf_bdgauge.options import CalibrationOptions, CaptureOptions, LEVEL, WeightOptions
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
+from hf_bdgauge.options import LEVEL, CalibrationOptions, CaptureOptions, WeightOptions
 from hf_bdgauge.testing import tiny_model
 
 
@@ -54,12 +54,19 @@ def _options(method, **capture):
 
 @pytest.mark.parametrize("method", ["sign_marginalized", "signed", "permutation", "weights"])
 @pytest.mark.parametrize("null_draws", [0, 1])
-def test_a_real_gauge_earns_a_tiny_p_value_with_every_method_and_null_draws(stories, planted, method, null_draws):
+def test_a_real_gauge_earns_a_tiny_p_value_with_every_method_and_null_draws(
+    stories, planted, method, null_draws
+):
     model, tok = stories
     g, target = planted
-    est = estimate_gauge(model, target, None if method == "weights" else list(SAMPLE_TEXTS), method,
-                         calibration=CalibrationOptions(null_draws=null_draws),
-                         **_options(method, tokenizer=tok, progress=False))
+    est = estimate_gauge(
+        model,
+        target,
+        None if method == "weights" else list(SAMPLE_TEXTS),
+        method,
+        calibration=CalibrationOptions(null_draws=null_draws),
+        **_options(method, tokenizer=tok, progress=False),
+    )
     m = est.metrics
     # the baselines recover ~half the coordinates, and are read against the (conservative) reference null
     bound = 1e-12 if method in ("sign_marginalized", "weights") else 1e-4
@@ -81,7 +88,15 @@ def test_unrelated_pairs_give_uniform_or_conservative_p_values():
     ps = []
     for k in range(20):
         a, b = tiny_model("llama", seed=100 + 2 * k), tiny_model("llama", seed=101 + 2 * k)
-        ps.append(estimate_gauge(a, b, ids, capture=CaptureOptions(progress=False), calibration=CalibrationOptions(null_draws=0)).metrics["p_value"])
+        ps.append(
+            estimate_gauge(
+                a,
+                b,
+                ids,
+                capture=CaptureOptions(progress=False),
+                calibration=CalibrationOptions(null_draws=0),
+            ).metrics["p_value"]
+        )
     ps = np.array(ps)
     assert (ps <= LEVEL).sum() <= 2, np.sort(ps)[:5]
     # anti-conservative means too many small p-values: the empirical CDF above the uniform one
@@ -99,15 +114,23 @@ def test_the_verdict_comes_from_the_p_value_at_the_documented_level():
 
 def test_a_plain_copy_is_the_identity_and_unrelated_models_are_not_a_gauge(stories):
     model, tok = stories
-    same = estimate_gauge(model, model, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=tok, progress=False))
+    same = estimate_gauge(
+        model, model, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
     assert same.metrics["verdict"] == "identity" and same.metrics["p_value"] < 1e-12
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     fresh = AutoModelForCausalLM.from_config(model.config).eval()
     for method in ("sign_marginalized", "weights"):
-        other = estimate_gauge(model, fresh, None if method == "weights" else list(SAMPLE_TEXTS), method,
-                               calibration=CalibrationOptions(null_draws=0), **_options(method, tokenizer=tok, progress=False))
+        other = estimate_gauge(
+            model,
+            fresh,
+            None if method == "weights" else list(SAMPLE_TEXTS),
+            method,
+            calibration=CalibrationOptions(null_draws=0),
+            **_options(method, tokenizer=tok, progress=False),
+        )
         assert other.metrics["verdict"] == "no_signed_permutation", (method, other.metrics["p_value"])
         assert other.identified_fraction < 0.05
 
@@ -115,13 +138,17 @@ def test_a_plain_copy_is_the_identity_and_unrelated_models_are_not_a_gauge(stori
 def test_one_sequence_or_tiny_halves_are_uninformative(stories, planted):
     model, tok = stories
     _, target = planted
-    one = estimate_gauge(model, target, [SAMPLE_TEXTS[0]], capture=CaptureOptions(tokenizer=tok, progress=False))
+    one = estimate_gauge(
+        model, target, [SAMPLE_TEXTS[0]], capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
     # too little data to test is a third answer, not a "no": the note says the minimum and what to add
     assert one.metrics["p_value"] == 1.0 and "at least 2 texts" in one.metrics["p_value_note"]
     assert "give at least one more text" in one.metrics["p_value_note"]
     assert one.metrics["verdict"] == "insufficient_data" and one.answer == "insufficient_data"
     assert not one.identified.any() and "not related" not in one.metrics["summary"]
-    tiny = estimate_gauge(model, target, ["Once upon", "Tom had"], capture=CaptureOptions(tokenizer=tok, progress=False))  # 2 tokens a half
+    tiny = estimate_gauge(
+        model, target, ["Once upon", "Tom had"], capture=CaptureOptions(tokenizer=tok, progress=False)
+    )  # 2 tokens a half
     assert tiny.metrics["p_value"] == 1.0 and "at least 3 tokens each" in tiny.metrics["p_value_note"]
     assert "give at least 1 more token(s)" in tiny.metrics["p_value_note"]
     assert tiny.verdict == "insufficient_data"
@@ -132,20 +159,35 @@ def test_statistics_merged_from_batches_give_the_same_verdict(stories, planted):
     model, tok = stories
     _, target = planted
     texts = list(SAMPLE_TEXTS) * 2
-    whole = capture_pair_stats(model, target, texts, capture=CaptureOptions(tokenizer=tok, batch_size=8, progress=False))
+    whole = capture_pair_stats(
+        model, target, texts, capture=CaptureOptions(tokenizer=tok, batch_size=8, progress=False)
+    )
     parts = PairStats()
     for k in range(4):  # each capture continues the sequence count, so the halves are the same
-        parts = capture_pair_stats(model, target, texts[2 * k: 2 * k + 2], stats=parts, capture=CaptureOptions(tokenizer=tok, progress=False))
+        parts = capture_pair_stats(
+            model,
+            target,
+            texts[2 * k : 2 * k + 2],
+            stats=parts,
+            capture=CaptureOptions(tokenizer=tok, progress=False),
+        )
     a, b = estimate_from_stats(whole), estimate_from_stats(parts)
     assert a.element == b.element and np.array_equal(a.identified, b.identified)
-    assert abs(a.metrics["log10_p_value"] - b.metrics["log10_p_value"]) < 1e-6 * abs(a.metrics["log10_p_value"])
+    assert abs(a.metrics["log10_p_value"] - b.metrics["log10_p_value"]) < 1e-6 * abs(
+        a.metrics["log10_p_value"]
+    )
     assert whole.half_tokens() == parts.half_tokens() and whole.half_tokens()[1] > 0
 
 
 def test_halves_survive_save_and_load(stories, planted, tmp_path):
     model, tok = stories
     _, target = planted
-    st = capture_pair_stats(model, target, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=tok, layers=[1, 3], progress=False))
+    st = capture_pair_stats(
+        model,
+        target,
+        list(SAMPLE_TEXTS),
+        capture=CaptureOptions(tokenizer=tok, layers=[1, 3], progress=False),
+    )
     back = PairStats.load(st.save(tmp_path / "stats.safetensors"))
     assert back.half_tokens() == st.half_tokens() and back.layers == [1, 3]
     for h in (0, 1):

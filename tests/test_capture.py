@@ -6,17 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from hf_bdgauge.options import CaptureOptions
-from hf_bdgauge import SignedPermutation, apply_gauge
-from hf_bdgauge.errors import DimensionMismatchError
-from hf_bdgauge.errors import EstimationError
-from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches
-from hf_bdgauge.layers import decoder_blocks, residual_states
-from hf_bdgauge.layers import resolve_layers
-from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
-from hf_bdgauge.testing import tiny_model
 from tolerances import assert_close_rel
+
+from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge.errors import DimensionMismatchError, EstimationError
+from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches
+from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
+from hf_bdgauge.layers import decoder_blocks, residual_states, resolve_layers
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +51,7 @@ def test_batches_from_tensor_dict_and_iterable():
     mask[:, 6:] = 0
     (d,) = list(iter_token_batches({"input_ids": ids, "attention_mask": mask}, batch_size=8))
     assert torch.equal(d["attention_mask"], mask)
-    gen = (ids[i:i + 1] for i in range(5))
+    gen = (ids[i : i + 1] for i in range(5))
     assert len(list(iter_token_batches(gen))) == 5
 
 
@@ -100,9 +98,16 @@ def test_forward_stops_after_the_deepest_requested_layer(stories):
 
 def test_padding_is_excluded(stories):
     _, model, tok = stories
-    texts = ["Once upon a time there was a cat.", "Lily liked to play in the big green park with her dog Max."]
-    padded = capture_pair_stats(model, model, texts, capture=CaptureOptions(tokenizer=tok, batch_size=2, progress=False))
-    single = capture_pair_stats(model, model, texts, capture=CaptureOptions(tokenizer=tok, batch_size=1, progress=False))
+    texts = [
+        "Once upon a time there was a cat.",
+        "Lily liked to play in the big green park with her dog Max.",
+    ]
+    padded = capture_pair_stats(
+        model, model, texts, capture=CaptureOptions(tokenizer=tok, batch_size=2, progress=False)
+    )
+    single = capture_pair_stats(
+        model, model, texts, capture=CaptureOptions(tokenizer=tok, batch_size=1, progress=False)
+    )
     n = sum(len(tok(t)["input_ids"]) - 1 for t in texts)  # each sequence's first token is left out
     assert padded.n_tokens == single.n_tokens == n
     for k in padded.layers:
@@ -112,7 +117,12 @@ def test_padding_is_excluded(stories):
 
 def test_max_tokens_is_exact(stories):
     _, model, tok = stories
-    st = capture_pair_stats(model, model, [STORIES260K_GREEDY_TEXT] * 3, capture=CaptureOptions(tokenizer=tok, batch_size=2, max_tokens=70, layers=[1], progress=False))
+    st = capture_pair_stats(
+        model,
+        model,
+        [STORIES260K_GREEDY_TEXT] * 3,
+        capture=CaptureOptions(tokenizer=tok, batch_size=2, max_tokens=70, layers=[1], progress=False),
+    )
     assert st.n_tokens == 70 and st.layers == [1]
 
 
@@ -123,12 +133,16 @@ def test_planted_gauge_shows_in_the_statistics(stories):
     target = AutoModelForCausalLM.from_pretrained(d).eval()
     g = SignedPermutation.random(64, seed=4)
     apply_gauge(target, g)
-    st = capture_pair_stats(model, target, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False))
+    st = capture_pair_stats(
+        model, target, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
     assert st.layers == list(range(6)) and st.n_tokens == len(tok(STORIES260K_GREEDY_TEXT)["input_ids"]) - 1
     for k in st.layers:
         c = st[k].corr()
         matched = c[np.arange(64), g.perm]
-        assert_close_rel(matched, g.signs, rtol=1e-4, scale=1.0, what=f"layer {k}: matched correlations vs signs")
+        assert_close_rel(
+            matched, g.signs, rtol=1e-4, scale=1.0, what=f"layer {k}: matched correlations vs signs"
+        )
 
 
 def test_offloaded_device_map_model(stories, tmp_path):
@@ -137,12 +151,20 @@ def test_offloaded_device_map_model(stories, tmp_path):
     d, model, tok = stories
     from transformers import AutoModelForCausalLM
 
-    off = AutoModelForCausalLM.from_pretrained(d, device_map="auto", max_memory={"cpu": "400KB"}, offload_folder=str(tmp_path))
+    off = AutoModelForCausalLM.from_pretrained(
+        d, device_map="auto", max_memory={"cpu": "400KB"}, offload_folder=str(tmp_path)
+    )
     assert any(p.device.type == "meta" for p in off.parameters())
-    a = capture_pair_stats(model, off, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False))
-    b = capture_pair_stats(model, model, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False))
+    a = capture_pair_stats(
+        model, off, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
+    b = capture_pair_stats(
+        model, model, [STORIES260K_GREEDY_TEXT], capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
     for k in a.layers:
-        assert_close_rel(a[k].corr(), b[k].corr(), rtol=1e-6, scale=1.0, what=f"layer {k}: correlations, offloaded")
+        assert_close_rel(
+            a[k].corr(), b[k].corr(), rtol=1e-6, scale=1.0, what=f"layer {k}: correlations, offloaded"
+        )
 
 
 def test_depth_mismatch_is_refused():

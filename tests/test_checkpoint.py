@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tolerances import assert_close_rel
 from transformers import AutoModelForCausalLM
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
+from hf_bdgauge.checkpoint import Workers, checkpoint_shards, read_safetensors_header
 from hf_bdgauge.errors import (
     CheckpointError,
     DimensionMismatchError,
     SignedGaugeNotAllowedError,
     UnsupportedArchitectureError,
 )
-from hf_bdgauge.checkpoint import Workers, checkpoint_shards, read_safetensors_header
 from hf_bdgauge.testing import tiny_model
-from tolerances import assert_close_rel
 
 
 def _save(model, path: Path, **kw) -> Path:
@@ -41,8 +41,15 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize(
     "model_type,tie,shard",
-    [("llama", False, None), ("llama", True, "20KB"), ("gemma3_text", True, "30KB"), ("mixtral", False, "40KB"),
-     ("qwen2", False, None), ("olmo2", False, "25KB"), ("phi3", True, None)],
+    [
+        ("llama", False, None),
+        ("llama", True, "20KB"),
+        ("gemma3_text", True, "30KB"),
+        ("mixtral", False, "40KB"),
+        ("qwen2", False, None),
+        ("olmo2", False, "25KB"),
+        ("phi3", True, None),
+    ],
 )
 def test_checkpoint_equals_in_memory_bit_for_bit(tmp_path, model_type, tie, shard, token_ids):
     model = tiny_model(model_type, seed=2, tie_word_embeddings=tie)
@@ -58,14 +65,19 @@ def test_checkpoint_equals_in_memory_bit_for_bit(tmp_path, model_type, tie, shar
     # same headers (names, dtypes, shapes, offsets), so shard files have identical sizes
     for s in checkpoint_shards(src):
         assert read_safetensors_header(s)[0] == read_safetensors_header(dst / s.name)[0]
-    loaded = AutoModelForCausalLM.from_pretrained(dst, attn_implementation="eager",
-                                                  **({"experts_implementation": "eager"} if model_type == "mixtral" else {})).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        dst,
+        attn_implementation="eager",
+        **({"experts_implementation": "eager"} if model_type == "mixtral" else {}),
+    ).eval()
     apply_gauge(model, g)
     _state_equal(model, loaded)
     # The weights are bit for bit the same, but the loaded ones are views into the safetensors file
     # at unaligned offsets, and MKL may choose another kernel (other rounding) for unaligned data.
     with torch.no_grad():
-        assert_close_rel(loaded(token_ids).logits, model(token_ids).logits, rtol=1e-6, what="logits, loaded vs in memory")
+        assert_close_rel(
+            loaded(token_ids).logits, model(token_ids).logits, rtol=1e-6, what="logits, loaded vs in memory"
+        )
 
 
 def test_bf16_checkpoint_and_parallel_shards(tmp_path):
@@ -181,7 +193,7 @@ def test_header_that_lies_about_sizes_is_refused(tmp_path):
     header[name]["shape"] = [header[name]["shape"][0] + 1] + header[name]["shape"][1:]
     new = json.dumps(header).encode()
     data = (src / "model.safetensors").read_bytes()
-    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + data[8 + len(raw):])
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + data[8 + len(raw) :])
     with pytest.raises(CheckpointError, match="does not fit"):
         apply_gauge_to_checkpoint(src, SignedPermutation.random(64, seed=1), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

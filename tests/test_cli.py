@@ -26,7 +26,9 @@ def test_apply_random_gauge_and_inverse_round_trip(tmp_path, token_ids):
     model.save_pretrained(tmp_path / "src")
     assert main(["apply", str(tmp_path / "src"), str(tmp_path / "a"), "--random-seed", "3"]) == 0
     assert main(["apply", str(tmp_path / "a"), str(tmp_path / "b"), "--random-seed", "3", "--inverse"]) == 0
-    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "src" / "model.safetensors").read_bytes()
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (
+        tmp_path / "src" / "model.safetensors"
+    ).read_bytes()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
     apply_gauge(model, SignedPermutation.random(64, seed=3))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
@@ -51,15 +53,72 @@ def test_estimate_big_model_flags_on_stories260k(tmp_path, capsys):
     g = SignedPermutation.random(64, seed=4)
     assert main(["apply", str(src), str(tmp_path / "dst"), "--random-seed", "4"]) == 0
     (tmp_path / "t.txt").write_text(STORIES260K_GREEDY_TEXT + "\n" + STORIES260K_GREEDY_TEXT[::-1] + "\n")
-    assert main(["estimate", str(src), str(tmp_path / "dst"), "--texts", str(tmp_path / "t.txt"), "--dtype", "bfloat16",
-                 "--device-map", "cpu", "--batch-size", "1", "--layers", "2", "5", "--null-draws", "0", "-q",
-                 "-o", str(tmp_path / "act")]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                str(src),
+                str(tmp_path / "dst"),
+                "--texts",
+                str(tmp_path / "t.txt"),
+                "--dtype",
+                "bfloat16",
+                "--device-map",
+                "cpu",
+                "--batch-size",
+                "1",
+                "--layers",
+                "2",
+                "5",
+                "--null-draws",
+                "0",
+                "-q",
+                "-o",
+                str(tmp_path / "act"),
+            ]
+        )
+        == 0
+    )
     act = Gauge.from_pretrained(tmp_path / "act")
-    assert act.element == g and act.metrics["layers"] == [2, 5] and "null_mean_matched_abs_corr" not in act.metrics
-    assert main(["estimate", str(src), str(tmp_path / "dst"), "--method", "weights", "--dtype", "float64",
-                 "--device", "cpu", "-q", "-o", str(tmp_path / "w")]) == 0
+    assert (
+        act.element == g
+        and act.metrics["layers"] == [2, 5]
+        and "null_mean_matched_abs_corr" not in act.metrics
+    )
+    assert (
+        main(
+            [
+                "estimate",
+                str(src),
+                str(tmp_path / "dst"),
+                "--method",
+                "weights",
+                "--dtype",
+                "float64",
+                "--device",
+                "cpu",
+                "-q",
+                "-o",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 0
+    )
     assert Gauge.from_pretrained(tmp_path / "w").element == g
-    assert main(["estimate", str(src), str(tmp_path / "dst"), "--texts", str(tmp_path / "t.txt"), "--device", "cuda"]) == 3
+    assert (
+        main(
+            [
+                "estimate",
+                str(src),
+                str(tmp_path / "dst"),
+                "--texts",
+                str(tmp_path / "t.txt"),
+                "--device",
+                "cuda",
+            ]
+        )
+        == 3
+    )
     assert "--device-map" in capsys.readouterr().err
 
 
@@ -79,8 +138,13 @@ def test_demo_results_are_what_the_paper_predicts(tmp_path):
     assert est["sign_marginalized"]["perm+sign acc"] == 1.0 and est["weights"]["perm+sign acc"] == 1.0
     pos = float((r["gauge"].signs > 0).mean())
     assert abs(est["signed"]["perm acc"] - pos) <= 0.1  # raw-signed matching is capped near the + fraction
-    kept = {(row["object"][:4], row["transport"][:3]): row["% of adapter effect kept"] for row in r["transport"]}
-    err = {(row["object"][:4], row["transport"][:3]): row["max abs Δ logit vs source+adapter"] for row in r["transport"]}
+    kept = {
+        (row["object"][:4], row["transport"][:3]): row["% of adapter effect kept"] for row in r["transport"]
+    }
+    err = {
+        (row["object"][:4], row["transport"][:3]): row["max abs Δ logit vs source+adapter"]
+        for row in r["transport"]
+    }
     assert abs(kept[("LoRA", "B_d")] - 100) < 0.1 and abs(kept[("stee", "B_d")] - 100) < 0.1
     assert kept[("LoRA", "S_d")] < 90
     for obj in ("LoRA", "stee"):
@@ -95,8 +159,12 @@ from hf_bdgauge.provenance import ModelRef  # noqa: E402
 
 
 def _saved_gauge(tmp_path, seed=3, d=64):
-    g = Gauge(SignedPermutation.random(d, seed=seed), source=ModelRef("src-model"), target=ModelRef("tgt-model"),
-              method="manual")
+    g = Gauge(
+        SignedPermutation.random(d, seed=seed),
+        source=ModelRef("src-model"),
+        target=ModelRef("tgt-model"),
+        method="manual",
+    )
     g.save_pretrained(tmp_path / "gauge")
     return g, tmp_path / "gauge"
 
@@ -129,7 +197,18 @@ def test_transport_steering_vector_via_cli(tmp_path):
     g, path = _saved_gauge(tmp_path)
     v = SteeringVector({1: torch.randn(64)})
     v.save(tmp_path / "v.safetensors")
-    assert main(["transport", "steering", str(tmp_path / "v.safetensors"), str(path), str(tmp_path / "w.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "transport",
+                "steering",
+                str(tmp_path / "v.safetensors"),
+                str(path),
+                str(tmp_path / "w.safetensors"),
+            ]
+        )
+        == 0
+    )
     w = SteeringVector.load(tmp_path / "w.safetensors")
     assert torch.equal(w.layer_vectors[1], g.element.apply_vector(v.layer_vectors[1]))
 
@@ -142,19 +221,48 @@ def test_transport_optimizer_state_via_cli(tmp_path):
     opt.step()
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     g, path = _saved_gauge(tmp_path)
-    assert main(["transport", "optimizer", str(tmp_path / "opt.pt"), str(path), str(tmp_path / "opt2.pt"),
-                 "--model", str(tmp_path / "model")]) == 0
+    assert (
+        main(
+            [
+                "transport",
+                "optimizer",
+                str(tmp_path / "opt.pt"),
+                str(path),
+                str(tmp_path / "opt2.pt"),
+                "--model",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
     moved = torch.load(tmp_path / "opt2.pt", weights_only=True)
     names = [n for n, _ in model.named_parameters()]
     i = names.index("model.layers.0.self_attn.o_proj.weight")
     ref = opt.state_dict()["state"][i]
     assert torch.equal(moved["state"][i]["exp_avg"], g.element.apply(ref["exp_avg"], axis=0))
-    assert torch.equal(moved["state"][i]["exp_avg_sq"], g.element.apply(ref["exp_avg_sq"], axis=0, signed=False))
+    assert torch.equal(
+        moved["state"][i]["exp_avg_sq"], g.element.apply(ref["exp_avg_sq"], axis=0, signed=False)
+    )
 
 
 def test_audit_verb_on_bundled_model(tmp_path, capsys):
     from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 
-    assert main(["audit", str(stories260k_hf_dir()), "--k", "3", "--gauges", "3", "-q", "--plot", str(tmp_path / "a.png")]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                str(stories260k_hf_dir()),
+                "--k",
+                "3",
+                "--gauges",
+                "3",
+                "-q",
+                "--plot",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "gauge_relative_overlap_mean: 1" in out and (tmp_path / "a.png").exists()

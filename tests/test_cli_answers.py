@@ -84,8 +84,20 @@ def test_a_one_line_text_is_too_little_data_not_a_no(pair, capsys, tmp_path, ver
 
 def test_a_forced_one_line_estimate_is_saved_and_refused_by_check_fit(pair, capsys, tmp_path):
     root, a, b, _ = pair
-    code, out, _ = _run(capsys, ["estimate", a, b, "--texts", str(root / "one-line.txt"), "--force", "--json",
-                                 "-o", str(tmp_path / "g")])
+    code, out, _ = _run(
+        capsys,
+        [
+            "estimate",
+            a,
+            b,
+            "--texts",
+            str(root / "one-line.txt"),
+            "--force",
+            "--json",
+            "-o",
+            str(tmp_path / "g"),
+        ],
+    )
     obj = json.loads(out)
     assert code == 3 and obj["exit_code"] == 3 and obj["answer"] == "insufficient_data"
     assert obj["verdict"] == "insufficient_data" and obj["output"] == str(tmp_path / "g")
@@ -196,15 +208,25 @@ def test_a_closed_stdout_loses_no_output_and_prints_no_traceback(pair, tmp_path)
     shell pipe itself, and a pipe closed before the process writes at all (deterministic)."""
     _, a, b, _ = pair
     cmd = " ".join(_bdgauge("estimate", a, b, "--method", "weights", "-o", str(tmp_path / "g1")))
-    res = subprocess.run(["bash", "-c", f"{cmd} | head -1; exit ${{PIPESTATUS[0]}}"], env=_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        ["bash", "-c", f"{cmd} | head -1; exit ${{PIPESTATUS[0]}}"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("Gauge of dimension 64") and res.stdout.count("\n") == 1
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr
     assert Gauge.from_pretrained(tmp_path / "g1").element == SignedPermutation.random(64, seed=PLANTED_SEED)
 
-    proc = subprocess.Popen(_bdgauge("estimate", a, b, "--method", "weights", "-o", str(tmp_path / "g2")),
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _bdgauge("estimate", a, b, "--method", "weights", "-o", str(tmp_path / "g2")),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()  # the reader leaves before anything is written
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, err[-3000:]
@@ -259,16 +281,44 @@ def test_a_forced_writer_says_so_in_its_one_line_result(pair, capsys, tmp_path):
     from hf_bdgauge.transport import SteeringVector, transport_steering_vector
 
     root, a, _, fresh = pair
-    assert main(["estimate", a, fresh, "--method", "weights", "-q", "-o", str(tmp_path / "g-no"), "--force"]) == 1
+    assert (
+        main(["estimate", a, fresh, "--method", "weights", "-q", "-o", str(tmp_path / "g-no"), "--force"])
+        == 1
+    )
     SteeringVector({2: torch.randn(64)}).save(tmp_path / "v.safetensors")
-    code, out, _ = _run(capsys, ["transport", "steering", str(tmp_path / "v.safetensors"), str(tmp_path / "g-no"),
-                                 str(tmp_path / "v-no.safetensors"), "--force", "-q"])
+    code, out, _ = _run(
+        capsys,
+        [
+            "transport",
+            "steering",
+            str(tmp_path / "v.safetensors"),
+            str(tmp_path / "g-no"),
+            str(tmp_path / "v-no.safetensors"),
+            "--force",
+            "-q",
+        ],
+    )
     assert code == 0 and out.count("\n") == 1
     assert "FORCED, the gauge does not fit: its estimate found no evidence" in out
-    code, out, _ = _run(capsys, ["transport", "steering", str(tmp_path / "v.safetensors"),
-                                 str(Path(pair[2] + ".gauge")), str(tmp_path / "v-b.gguf"), "--force", "-q"])
+    code, out, _ = _run(
+        capsys,
+        [
+            "transport",
+            "steering",
+            str(tmp_path / "v.safetensors"),
+            str(Path(pair[2] + ".gauge")),
+            str(tmp_path / "v-b.gguf"),
+            "--force",
+            "-q",
+        ],
+    )
     assert code == 0 and "FORCED" not in out
     # the .gguf it wrote reads back through the one suffix-dispatching reader, in Python as on the CLI
-    back = transport_steering_vector(tmp_path / "v-b.gguf", Gauge.from_pretrained(pair[2] + ".gauge").inverse())
-    assert torch.allclose(back.layer_vectors[2].double(),
-                          SteeringVector.load(tmp_path / "v.safetensors").layer_vectors[2].double(), atol=1e-6)
+    back = transport_steering_vector(
+        tmp_path / "v-b.gguf", Gauge.from_pretrained(pair[2] + ".gauge").inverse()
+    )
+    assert torch.allclose(
+        back.layer_vectors[2].double(),
+        SteeringVector.load(tmp_path / "v.safetensors").layer_vectors[2].double(),
+        atol=1e-6,
+    )

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from hf_bdgauge import Gauge, SignedPermutation
-from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.cli import build_parser, main
 from hf_bdgauge.errors import TransportError
 from hf_bdgauge.exitcodes import ExitCode
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.registry import KINDS
 from hf_bdgauge.transport.steering import SteeringVector
@@ -56,8 +56,19 @@ def test_every_option_has_help_and_shows_its_default():
 
 def test_every_verb_has_quiet():
     leaves = [(w, p) for w, p in _parsers(build_parser()) if p.get_default("func") is not None]
-    assert {w[0] for w, _ in leaves} >= {"estimate", "stats", "compose", "trace", "diff", "apply", "audit",
-                                          "demo", "transport", "push", "show"}
+    assert {w[0] for w, _ in leaves} >= {
+        "estimate",
+        "stats",
+        "compose",
+        "trace",
+        "diff",
+        "apply",
+        "audit",
+        "demo",
+        "transport",
+        "push",
+        "show",
+    }
     for words, parser in leaves:
         assert any("--quiet" in a.option_strings for a in _options(parser)), words
 
@@ -70,8 +81,11 @@ def test_the_options_messages_name_exist():
     """Every ``--flag`` written anywhere in the library (messages, docstrings) is an option of
     ``bdgauge`` (or of another program it names)."""
     known = {o for _, parser in _parsers(build_parser()) for a in parser._actions for o in a.option_strings}
-    named = {(m.group(0), f.name) for f in (ROOT / "hf_bdgauge").rglob("*.py")
-             for m in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text(encoding="utf-8"))}
+    named = {
+        (m.group(0), f.name)
+        for f in (ROOT / "hf_bdgauge").rglob("*.py")
+        for m in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text(encoding="utf-8"))
+    }
     assert {(flag, where) for flag, where in named if flag not in known | _OTHER_PROGRAMS} == set()
 
 
@@ -84,8 +98,10 @@ def test_cli_methods_are_the_estimators():
 
 # ------------------------------------------------------------------ required and conflicting options
 def test_apply_refuses_a_seed_with_a_gauge_and_needs_one_of_them(tmp_path, capsys):
-    for extra, said in ((["--random-seed", "1", "--gauge", "g"], "not allowed with"),
-                        ([], "one of the arguments --gauge --random-seed is required")):
+    for extra, said in (
+        (["--random-seed", "1", "--gauge", "g"], "not allowed with"),
+        ([], "one of the arguments --gauge --random-seed is required"),
+    ):
         with pytest.raises(SystemExit) as e:
             main(["apply", str(tmp_path / "a"), str(tmp_path / "b"), *extra])
         assert e.value.code == ExitCode.USAGE and said in capsys.readouterr().err
@@ -98,8 +114,9 @@ def test_transport_optimizer_requires_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["transport", "optimizer", "opt.pt", "g", "out.pt"])
     assert e.value.code == ExitCode.USAGE and "--model" in capsys.readouterr().err
-    opt = next(a for a in _options(dict(_parsers(build_parser()))[("transport", "optimizer")])
-               if a.dest == "model")
+    opt = next(
+        a for a in _options(dict(_parsers(build_parser()))[("transport", "optimizer")]) if a.dest == "model"
+    )
     assert opt.required
 
 
@@ -111,8 +128,11 @@ def test_registry_is_what_the_cli_implements():
     from hf_bdgauge.cli import transport_kinds as cli_kinds
 
     mod = cli_kinds.__name__
-    runners = {f"{mod}:{n}" for n, f in vars(cli_kinds).items()
-               if n.startswith("run_") and inspect.isfunction(f) and f.__module__ == mod}
+    runners = {
+        f"{mod}:{n}"
+        for n, f in vars(cli_kinds).items()
+        if n.startswith("run_") and inspect.isfunction(f) and f.__module__ == mod
+    }
     assert {k.runner for k in KINDS.values()} == runners
     assert all(callable(k.load_run()) for k in KINDS.values())
     assert all(k.add_arguments is None or k.add_arguments.startswith(f"{mod}:") for k in KINDS.values())
@@ -122,7 +142,9 @@ def test_registry_is_what_the_cli_implements():
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name == "registry":  # the table the command line reads: names, help, "module:function"s
             continue
-        source = Path(importlib.import_module(f"{pkg.__name__}.{info.name}").__file__).read_text(encoding="utf-8")
+        source = Path(importlib.import_module(f"{pkg.__name__}.{info.name}").__file__).read_text(
+            encoding="utf-8"
+        )
         assert not re.search(r"\bargparse\b|\bargs\.[a-z]|def _cli_", source), info.name
 
 
@@ -134,7 +156,7 @@ def test_lazy_packages_export_every_name():
         assert set(pkg.__all__) <= set(dir(pkg))
         for name in pkg.__all__:
             assert getattr(pkg, name) is not None, name
-    from hf_bdgauge import Gauge as G, estimate_gauge  # noqa: F401
+    from hf_bdgauge import Gauge as G  # noqa: F401
 
     assert G is Gauge
     with pytest.raises(AttributeError):
@@ -168,8 +190,13 @@ print("checked", len(list(words(build_parser()))))
 
 
 def test_help_imports_no_torch():
-    out = subprocess.run([sys.executable, "-c", _NO_TORCH.format(heavy=HEAVY)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH.format(heavy=HEAVY)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) > 12  # the root, every verb and every transport kind
 
@@ -195,8 +222,14 @@ def _bdgauge(*argv: str) -> subprocess.CompletedProcess:
     loud = ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")  # conftest quiets transformers
     env = {k: v for k, v in os.environ.items() if k not in loud}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "hf_bdgauge.cli", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_bdgauge.cli", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_quiet_silences_transformers_and_hub_progress_bars(pair, tmp_path):
@@ -204,8 +237,9 @@ def test_quiet_silences_transformers_and_hub_progress_bars(pair, tmp_path):
     loud = _bdgauge("stats", str(a), str(b), "--texts", str(texts), "-o", str(tmp_path / "s0"))
     assert loud.returncode == 0, loud.stderr
     assert "Loading weights" in loud.stderr  # what -q has to silence is there without it
-    quiet = _bdgauge("estimate", str(a), str(b), "--texts", str(texts), "--save-stats", str(tmp_path / "s1"),
-                     "-q")
+    quiet = _bdgauge(
+        "estimate", str(a), str(b), "--texts", str(texts), "--save-stats", str(tmp_path / "s1"), "-q"
+    )
     assert quiet.returncode in (ExitCode.OK, ExitCode.NO_EVIDENCE, ExitCode.REFUSED), quiet.stderr
     bars = [line for line in quiet.stderr.replace("\r", "\n").splitlines() if any(m in line for m in _BAR)]
     assert not bars and (tmp_path / "s1").is_dir(), bars  # it loaded both models, silently
@@ -214,8 +248,12 @@ def test_quiet_silences_transformers_and_hub_progress_bars(pair, tmp_path):
 # ------------------------------------------------------------------ outputs chosen by suffix
 @pytest.fixture
 def plain_gauge(tmp_path) -> Path:
-    Gauge(SignedPermutation.random(64, seed=3), source=ModelRef("src-model"), target=ModelRef("tgt-model"),
-          method="manual").save_pretrained(tmp_path / "g")
+    Gauge(
+        SignedPermutation.random(64, seed=3),
+        source=ModelRef("src-model"),
+        target=ModelRef("tgt-model"),
+        method="manual",
+    ).save_pretrained(tmp_path / "g")
     return tmp_path / "g"
 
 
@@ -223,12 +261,26 @@ def test_steering_output_refuses_an_unknown_suffix(tmp_path, plain_gauge, capsys
     sv = SteeringVector({2: torch.randn(64)}, metadata={"model_type": "llama"})
     src = sv.save(tmp_path / "v.safetensors")
     for name in ("x.bin", "x.txt", "x"):
-        assert main(["transport", "steering", str(src), str(plain_gauge), str(tmp_path / name)]) \
+        assert (
+            main(["transport", "steering", str(src), str(plain_gauge), str(tmp_path / name)])
             == ExitCode.REFUSED
+        )
         err = capsys.readouterr().err
         assert ".safetensors" in err and ".gguf" in err and not (tmp_path / name).exists()
-    assert main(["transport", "steering", str(src), str(plain_gauge), str(tmp_path / "y.safetensors"),
-                 "--num-layers", "2"]) == ExitCode.REFUSED
+    assert (
+        main(
+            [
+                "transport",
+                "steering",
+                str(src),
+                str(plain_gauge),
+                str(tmp_path / "y.safetensors"),
+                "--num-layers",
+                "2",
+            ]
+        )
+        == ExitCode.REFUSED
+    )
     assert "--num-layers applies to a .gguf" in capsys.readouterr().err
     with pytest.raises(TransportError, match=r"\.safetensors"):
         sv.save(tmp_path / "x.gguf")
@@ -244,8 +296,9 @@ def test_steering_output_refuses_an_unknown_suffix(tmp_path, plain_gauge, capsys
 def test_control_vector_depth_comes_from_the_gauge_or_the_vector(tmp_path, capsys):
     pytest.importorskip("gguf")
     tiny_model("llama", seed=0).save_pretrained(tmp_path / "ckpt-a")  # 2 decoder blocks
-    assert main(["apply", str(tmp_path / "ckpt-a"), str(tmp_path / "ckpt-b"), "--random-seed", "5",
-                 "-q"]) == 0
+    assert (
+        main(["apply", str(tmp_path / "ckpt-a"), str(tmp_path / "ckpt-b"), "--random-seed", "5", "-q"]) == 0
+    )
     gauge = tmp_path / "ckpt-b.gauge"
     src = SteeringVector({-1: torch.randn(64)}).save(tmp_path / "v.safetensors")
     # the gauge's fingerprints know the depth: -1 resolves to residual layer 2 without --num-layers
@@ -253,25 +306,42 @@ def test_control_vector_depth_comes_from_the_gauge_or_the_vector(tmp_path, capsy
     moved = SteeringVector.load_gguf(tmp_path / "v.gguf")
     assert moved.layers == [2] and moved.num_layers == 2
     capsys.readouterr()
-    assert main(["transport", "steering", str(src), str(gauge), str(tmp_path / "w.gguf"),
-                 "--num-layers", "5"]) == ExitCode.REFUSED
+    assert (
+        main(["transport", "steering", str(src), str(gauge), str(tmp_path / "w.gguf"), "--num-layers", "5"])
+        == ExitCode.REFUSED
+    )
     assert "--num-layers 5" in capsys.readouterr().err and not (tmp_path / "w.gguf").exists()
 
     # a gauge that does not know the depth: the CLI asks for --num-layers, then refuses a layer past it
     Gauge(SignedPermutation.random(64, seed=3), method="manual").save_pretrained(tmp_path / "blind")
     deep = SteeringVector({3: torch.randn(64)}, metadata={"model_type": "llama"})
     deep = deep.save(tmp_path / "deep.safetensors")
-    assert main(["transport", "steering", str(deep), str(tmp_path / "blind"), str(tmp_path / "d.gguf")]) \
+    assert (
+        main(["transport", "steering", str(deep), str(tmp_path / "blind"), str(tmp_path / "d.gguf")])
         == ExitCode.REFUSED
+    )
     assert "--num-layers N" in capsys.readouterr().err
-    assert main(["transport", "steering", str(deep), str(tmp_path / "blind"), str(tmp_path / "d.gguf"),
-                 "--num-layers", "2"]) == ExitCode.REFUSED
+    assert (
+        main(
+            [
+                "transport",
+                "steering",
+                str(deep),
+                str(tmp_path / "blind"),
+                str(tmp_path / "d.gguf"),
+                "--num-layers",
+                "2",
+            ]
+        )
+        == ExitCode.REFUSED
+    )
     assert not (tmp_path / "d.gguf").exists()
 
     # Python: a vector made on a model records its depth, and the writer checks against it
     model = tiny_model("llama", seed=0)
-    made = SteeringVector.from_mean_difference(model, [torch.tensor([3, 4, 5])], [torch.tensor([6, 7])],
-                                               layers=[2])
+    made = SteeringVector.from_mean_difference(
+        model, [torch.tensor([3, 4, 5])], [torch.tensor([6, 7])], layers=[2]
+    )
     assert made.num_layers == model.config.num_hidden_layers == 2
     past = SteeringVector({3: torch.randn(64)}, metadata={"model_type": "llama", "num_hidden_layers": "2"})
     with pytest.raises(TransportError):
@@ -284,12 +354,17 @@ def test_control_vector_depth_comes_from_the_gauge_or_the_vector(tmp_path, capsy
 # ------------------------------------------------------------------ cards and the fixtures command
 def test_gauge_cards_name_local_models_by_directory(tmp_path):
     tiny_model("llama", seed=0).save_pretrained(tmp_path / "ckpt-a")
-    assert main(["apply", str(tmp_path / "ckpt-a"), str(tmp_path / "ckpt-b"), "--random-seed", "2",
-                 "-q"]) == 0
+    assert (
+        main(["apply", str(tmp_path / "ckpt-a"), str(tmp_path / "ckpt-b"), "--random-seed", "2", "-q"]) == 0
+    )
     card = (tmp_path / "ckpt-b.gauge" / "README.md").read_text()
     assert str(tmp_path) not in card and "Gauge: ckpt-a → ckpt-b" in card and "| source | ckpt-a |" in card
-    hub = Gauge(SignedPermutation.random(64, seed=1), source=ModelRef("org/model", revision="main",
-                commit_hash="a" * 40), target=ModelRef(str(tmp_path / "ckpt-b")), method="manual")
+    hub = Gauge(
+        SignedPermutation.random(64, seed=1),
+        source=ModelRef("org/model", revision="main", commit_hash="a" * 40),
+        target=ModelRef(str(tmp_path / "ckpt-b")),
+        method="manual",
+    )
     card = str(hub.generate_model_card())
     assert "org/model@main (commit aaaaaaa)" in card and str(tmp_path) not in card and "ckpt-b" in card
 

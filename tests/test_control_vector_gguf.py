@@ -20,15 +20,16 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra 'real') reads and writes control vectors")
 
+from tolerances import assert_close_rel, product_rtol  # noqa: E402
+
 from hf_bdgauge import SignedPermutation  # noqa: E402
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, TransportError  # noqa: E402
 from hf_bdgauge.gauge import Gauge  # noqa: E402
+from hf_bdgauge.layers import residual_states  # noqa: E402
 from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.testing import tiny_model  # noqa: E402
 from hf_bdgauge.transport.control_vector import CONTROL_VECTOR_ARCH  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
-from hf_bdgauge.layers import residual_states  # noqa: E402
-from tolerances import assert_close_rel, product_rtol  # noqa: E402
 
 D = 16
 
@@ -52,7 +53,9 @@ def _repeng_export(path, model_type: str, directions: dict[int, np.ndarray]) -> 
     writer.close()
 
 
-def _raw_gguf(path, tensors: dict[str, np.ndarray], arch: str = "controlvector", hint: str | None = "llama") -> None:
+def _raw_gguf(
+    path, tensors: dict[str, np.ndarray], arch: str = "controlvector", hint: str | None = "llama"
+) -> None:
     """A GGUF file the way llama-cvector-generator writes one (int32 layer_count), or a bad one."""
     writer = gguf.GGUFWriter(path, arch)
     if hint is not None:
@@ -92,7 +95,7 @@ def _llama_cpp_slots(path, n_layer: int) -> dict[int, np.ndarray]:
     for t in reader.tensors:
         name = t.name
         dot = name.find(".")
-        layer_idx = int(name[dot + 1:]) if dot >= 0 and name[:dot] == "direction" else -1
+        layer_idx = int(name[dot + 1 :]) if dot >= 0 and name[:dot] == "direction" else -1
         if layer_idx <= 0:
             raise ValueError(f"llama.cpp rejects tensor {name!r}")
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
@@ -111,7 +114,7 @@ def _llama_cpp_slots(path, n_layer: int) -> dict[int, np.ndarray]:
     for il in range(1, n_layer):
         off = n_embd * (il - 1)
         if off + n_embd <= len(data):
-            slots[il] = np.asarray(data[off:off + n_embd], dtype=np.float32)
+            slots[il] = np.asarray(data[off : off + n_embd], dtype=np.float32)
     return slots
 
 
@@ -135,7 +138,9 @@ def test_round_trip_is_exact_and_keeps_layers_metadata_and_hint(tmp_path):
 
 def test_file_has_the_llama_cpp_layout(tmp_path):
     # residual layers 4 and 2 = the outputs of blocks 3 and 1
-    path = SteeringVector(_vec([4, 2]), metadata={"model_type": "gemma3_text"}).save_gguf(tmp_path / "cv.gguf")
+    path = SteeringVector(_vec([4, 2]), metadata={"model_type": "gemma3_text"}).save_gguf(
+        tmp_path / "cv.gguf"
+    )
     reader = gguf.GGUFReader(path)
     assert reader.get_field("general.architecture").contents() == CONTROL_VECTOR_ARCH == "controlvector"
     assert reader.get_field("controlvector.model_hint").contents() == "gemma3_text"
@@ -156,7 +161,11 @@ def test_a_file_written_in_repengs_exact_style_loads(tmp_path, order):
     sv = SteeringVector.load_gguf(tmp_path / "repeng.gguf")
     assert sv.layers == sorted(k + 1 for k in keys) and sv.dim == D  # block k's output = residual layer k + 1
     assert all(np.array_equal(sv[k + 1].numpy(), directions[k]) for k in keys)
-    assert sv.metadata == {"source_format": "llama.cpp-control-vector", "model_hint": "mistral", "model_type": "mistral"}
+    assert sv.metadata == {
+        "source_format": "llama.cpp-control-vector",
+        "model_hint": "mistral",
+        "model_type": "mistral",
+    }
     # and back to repeng: the same keys (repeng's key i steers block i, as direction.i does)
     out = sv.to_repeng_kwargs()
     assert out["model_type"] == "mistral" and set(out["directions"]) == set(keys)
@@ -204,8 +213,13 @@ def test_direction_n_is_added_to_the_output_of_decoder_block_n(tmp_path):
     for i in (0, 1, 2):
         assert torch.equal(steered[i], base[i])  # up to block 2's output: untouched
     # block 2's output + α·v: (h + α·v) - h rounds twice, relative to |h| + |α·v|, not to |α·v|
-    assert_close_rel(steered[3] - base[3], 0.5 * v.expand_as(base[3]), rtol=product_rtol(torch.float32, 2),
-                     scale=base[3].abs() + 0.5 * v.abs(), what="block 2's output + α·v")
+    assert_close_rel(
+        steered[3] - base[3],
+        0.5 * v.expand_as(base[3]),
+        rtol=product_rtol(torch.float32, 2),
+        scale=base[3].abs() + 0.5 * v.abs(),
+        what="block 2's output + α·v",
+    )
     assert not torch.allclose(steered[4], base[4])  # and the change propagates
     # the slot llama.cpp fills: tensors[2], added by build_cvec(cur, il=2); block 1 gets zeros
     slots = _llama_cpp_slots(tmp_path / "cv.gguf", n_layer=4)
@@ -220,7 +234,9 @@ def test_negative_keys_resolve_against_num_layers(tmp_path):
     back = SteeringVector.load_gguf(sv.save_gguf(tmp_path / "cv.gguf", num_layers=6))  # residual layers 0..6
     assert back.layers == [4, 6] and torch.equal(back[6], sv[-1]) and torch.equal(back[4], sv[-3])
     with pytest.raises(TransportError, match="same layer"):
-        SteeringVector(_vec([-1, 6]), metadata={"model_type": "llama"}).save_gguf(tmp_path / "x.gguf", num_layers=6)
+        SteeringVector(_vec([-1, 6]), metadata={"model_type": "llama"}).save_gguf(
+            tmp_path / "x.gguf", num_layers=6
+        )
 
 
 def test_steering_vectors_library_shape_survives_the_gguf_trip(tmp_path):
@@ -247,7 +263,11 @@ def test_layer_zero_and_other_unwritable_vectors_are_refused_and_nothing_is_writ
         (SteeringVector(_vec([2, 9]), metadata={"model_type": "llama"}), {"num_layers": 6}, "does not exist"),
         (SteeringVector(_vec([2]), "attention", {"model_type": "llama"}), {}, "decoder-block"),
         (SteeringVector(_vec([2])), {}, "model_hint"),
-        (SteeringVector({2: torch.full((D,), float("nan"))}, metadata={"model_type": "llama"}), {}, "non-finite"),
+        (
+            SteeringVector({2: torch.full((D,), float("nan"))}, metadata={"model_type": "llama"}),
+            {},
+            "non-finite",
+        ),
     ]
     for sv, kw, msg in cases:
         with pytest.raises(TransportError, match=msg):

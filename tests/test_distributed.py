@@ -19,8 +19,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import assert_close_rel
 
-from hf_bdgauge.options import WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
 from hf_bdgauge.cli import main
 from hf_bdgauge.distributed import init_from_env, is_main, on_every_rank, shard_batches, world
@@ -30,7 +30,7 @@ from hf_bdgauge.estimate.capture import BatchSelection
 from hf_bdgauge.estimate.moments import SUM_FIELDS
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
-from tolerances import assert_close_rel
+from hf_bdgauge.options import WeightOptions
 
 TEXTS = [
     STORIES260K_GREEDY_TEXT,
@@ -48,10 +48,10 @@ SUB_TIMEOUT_S = 240  # per subprocess; each run takes ~15 s on 2 cores
 def test_shards_are_disjoint_ordered_and_cover_everything(n, world_size):
     items = [f"batch-{i}" for i in range(n)]
     shards = [list(shard_batches(iter(items), r, world_size)) for r in range(world_size)]
-    assert sorted(b for s in shards for b in s) == sorted(items)          # nothing lost, nothing twice
+    assert sorted(b for s in shards for b in s) == sorted(items)  # nothing lost, nothing twice
     assert sum(len(s) for s in shards) == n
     for r, s in enumerate(shards):
-        assert s == items[r::world_size]                                  # batch i -> rank i mod N, in order
+        assert s == items[r::world_size]  # batch i -> rank i mod N, in order
     assert shards == [list(shard_batches(items, r, world_size)) for r in range(world_size)]  # deterministic
 
 
@@ -74,8 +74,13 @@ def _batches(seed: int, n_batches: int) -> list[dict]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), n_batches=st.integers(1, 9), world_size=st.integers(1, 4),
-       max_tokens=st.one_of(st.none(), st.integers(1, 40)), skip_first=st.booleans())
+@given(
+    seed=st.integers(0, 10_000),
+    n_batches=st.integers(1, 9),
+    world_size=st.integers(1, 4),
+    max_tokens=st.one_of(st.none(), st.integers(1, 40)),
+    skip_first=st.booleans(),
+)
 def test_select_then_shard_is_the_one_process_selection(seed, n_batches, world_size, max_tokens, skip_first):
     """With ``max_tokens`` the batches, the cut of the last one, the halves (by global sequence
     index) and the counts are those of one process, whatever the number of ranks."""
@@ -85,13 +90,18 @@ def test_select_then_shard_is_the_one_process_selection(seed, n_batches, world_s
     got = []
     for r in range(world_size):
         sel = BatchSelection(batches, max_tokens=max_tokens, skip_first=skip_first)  # each rank selects alone
-        got += [(b.index, b.first_sequence, b.tokens, b.halves[0], b.halves[1]) for b in shard_batches(sel, r, world_size)]
+        got += [
+            (b.index, b.first_sequence, b.tokens, b.halves[0], b.halves[1])
+            for b in shard_batches(sel, r, world_size)
+        ]
         assert (sel.tokens, sel.sequences, sel.n_batches) == (one.tokens, one.sequences, one.n_batches)
     got.sort(key=lambda t: t[0])
     assert [g[:3] for g in got] == [r[:3] for r in ref]
     assert all(torch.equal(g[3], r[3]) and torch.equal(g[4], r[4]) for g, r in zip(got, ref))
-    total = sum(int(b["attention_mask"].sum()) - (int((b["attention_mask"].sum(1) > 0).sum()) if skip_first else 0)
-                for b in batches)
+    total = sum(
+        int(b["attention_mask"].sum()) - (int((b["attention_mask"].sum(1) > 0).sum()) if skip_first else 0)
+        for b in batches
+    )
     assert one.tokens == (total if max_tokens is None else min(total, max_tokens))
 
 
@@ -123,7 +133,13 @@ def pair(tmp_path_factory):
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(v, None)
     return env
@@ -148,7 +164,9 @@ def _assert_same_sums(a, b, rtol=1e-12):
         for k in ha.layers:
             assert ha[k].n == hb[k].n, (i, k)
             for f in SUM_FIELDS:
-                assert_close_rel(getattr(ha[k], f), getattr(hb[k], f), rtol=rtol, what=f"half {i} layer {k} {f}")
+                assert_close_rel(
+                    getattr(ha[k], f), getattr(hb[k], f), rtol=rtol, what=f"half {i} layer {k} {f}"
+                )
 
 
 def test_two_gloo_processes_give_the_one_process_gauge_and_sums(pair, tmp_path):
@@ -156,18 +174,49 @@ def test_two_gloo_processes_give_the_one_process_gauge_and_sums(pair, tmp_path):
     ones, and --max-tokens cuts a batch in the middle: the sums match one process's to 1e-12,
     the gauge is element for element the same, rank 0 alone writes."""
     src, dst, corpus, planted = pair
-    args = ["estimate", str(src), str(dst), "--texts", str(corpus), "--batch-size", "1", "--max-tokens", "150",
-            "--calibration-draws", "16", "-q"]
-    assert _one_thread_main(args + ["-o", str(tmp_path / "one"), "--save-stats", str(tmp_path / "one-stats")]) == 0
+    args = [
+        "estimate",
+        str(src),
+        str(dst),
+        "--texts",
+        str(corpus),
+        "--batch-size",
+        "1",
+        "--max-tokens",
+        "150",
+        "--calibration-draws",
+        "16",
+        "-q",
+    ]
+    assert (
+        _one_thread_main(args + ["-o", str(tmp_path / "one"), "--save-stats", str(tmp_path / "one-stats")])
+        == 0
+    )
     out = tmp_path / "two"
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "hf_bdgauge.cli"] + args + ["--dist-timeout", "60", "-o", str(out),
-                                                           "--save-stats", str(tmp_path / "two-stats")],
-                         env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "hf_bdgauge.cli",
+        ]
+        + args
+        + ["--dist-timeout", "60", "-o", str(out), "--save-stats", str(tmp_path / "two-stats")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUB_TIMEOUT_S,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert time.perf_counter() - t0 < SUB_TIMEOUT_S
-    assert res.stdout.count(f"saved to {out}\n") == 1 and res.stdout.count("\n") == 1  # rank 0 only, -q: one line
+    assert (
+        res.stdout.count(f"saved to {out}\n") == 1 and res.stdout.count("\n") == 1
+    )  # rank 0 only, -q: one line
     one, two = Gauge.from_pretrained(tmp_path / "one"), Gauge.from_pretrained(out)
     assert two.element == one.element == planted
     assert two.metrics["world_size"] == 2 and one.metrics["world_size"] == 1
@@ -176,7 +225,12 @@ def test_two_gloo_processes_give_the_one_process_gauge_and_sums(pair, tmp_path):
     s1, s2 = load_pair_stats(tmp_path / "one-stats"), load_pair_stats(tmp_path / "two-stats")
     assert s2.world_size == 2 and s2.stats.meta["sequences"] == s1.stats.meta["sequences"]
     _assert_same_sums(s2.stats, s1.stats)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one-stats", "two", "two-stats"]  # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one",
+        "one-stats",
+        "two",
+        "two-stats",
+    ]  # no temporaries
 
 
 def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_path, capsys):
@@ -184,11 +238,41 @@ def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_pat
     included) and gauge; separate text files merge too; parts that do not add are refused."""
     src, dst, corpus, planted = pair
     common = ["--batch-size", "2", "-q"]
-    assert _one_thread_main(["estimate", str(src), str(dst), "--texts", str(corpus), "-o", str(tmp_path / "one"),
-                             "--save-stats", str(tmp_path / "one-stats")] + common) == 0
+    assert (
+        _one_thread_main(
+            [
+                "estimate",
+                str(src),
+                str(dst),
+                "--texts",
+                str(corpus),
+                "-o",
+                str(tmp_path / "one"),
+                "--save-stats",
+                str(tmp_path / "one-stats"),
+            ]
+            + common
+        )
+        == 0
+    )
     for k in (0, 1):
-        assert _one_thread_main(["stats", str(src), str(dst), "--texts", str(corpus), "--shard", f"{k}/2",
-                                 "-o", str(tmp_path / f"shard-{k}")] + common) == 0
+        assert (
+            _one_thread_main(
+                [
+                    "stats",
+                    str(src),
+                    str(dst),
+                    "--texts",
+                    str(corpus),
+                    "--shard",
+                    f"{k}/2",
+                    "-o",
+                    str(tmp_path / f"shard-{k}"),
+                ]
+                + common
+            )
+            == 0
+        )
     parts = [str(tmp_path / "shard-0"), str(tmp_path / "shard-1")]
     assert main(["estimate", "--from-stats", *parts, "-q", "-o", str(tmp_path / "merged")]) == 0
     one, merged = Gauge.from_pretrained(tmp_path / "one"), Gauge.from_pretrained(tmp_path / "merged")
@@ -200,8 +284,21 @@ def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_pat
     (tmp_path / "a.txt").write_text("\n".join(TEXTS[:2]) + "\n")
     (tmp_path / "b.txt").write_text("\n".join(TEXTS[2:]) + "\n")
     for name in ("a", "b"):
-        assert _one_thread_main(["stats", str(src), str(dst), "--texts", str(tmp_path / f"{name}.txt"),
-                                 "-o", str(tmp_path / f"file-{name}")] + common) == 0
+        assert (
+            _one_thread_main(
+                [
+                    "stats",
+                    str(src),
+                    str(dst),
+                    "--texts",
+                    str(tmp_path / f"{name}.txt"),
+                    "-o",
+                    str(tmp_path / f"file-{name}"),
+                ]
+                + common
+            )
+            == 0
+        )
     files = load_pair_stats([tmp_path / "file-a", tmp_path / "file-b"])
     _assert_same_sums(files.stats, load_pair_stats(tmp_path / "one-stats").stats)
 
@@ -209,12 +306,40 @@ def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_pat
     capsys.readouterr()
     assert main(["estimate", "--from-stats", parts[0], parts[0], "-q", "-o", str(tmp_path / "x")]) == 3
     assert "same tokens" in capsys.readouterr().err
-    assert _one_thread_main(["stats", str(src), str(src), "--texts", str(tmp_path / "b.txt"), "-o",
-                             str(tmp_path / "other-model")] + common) == 0
+    assert (
+        _one_thread_main(
+            [
+                "stats",
+                str(src),
+                str(src),
+                "--texts",
+                str(tmp_path / "b.txt"),
+                "-o",
+                str(tmp_path / "other-model"),
+            ]
+            + common
+        )
+        == 0
+    )
     with pytest.raises(FingerprintMismatchError, match="another target model"):
         load_pair_stats([tmp_path / "file-a", tmp_path / "other-model"])
-    assert _one_thread_main(["stats", str(src), str(dst), "--texts", str(tmp_path / "b.txt"), "--layers", "2", "-o",
-                             str(tmp_path / "other-layers")] + common) == 0
+    assert (
+        _one_thread_main(
+            [
+                "stats",
+                str(src),
+                str(dst),
+                "--texts",
+                str(tmp_path / "b.txt"),
+                "--layers",
+                "2",
+                "-o",
+                str(tmp_path / "other-layers"),
+            ]
+            + common
+        )
+        == 0
+    )
     with pytest.raises(EstimationError, match="layers"):
         load_pair_stats([tmp_path / "file-a", tmp_path / "other-layers"])
     assert not (tmp_path / "x").exists()
@@ -249,11 +374,37 @@ def test_a_failing_rank_makes_every_rank_fail_and_nothing_is_written(pair, tmp_p
     procs = []
     t0 = time.perf_counter()
     for rank in (0, 1):
-        env = _env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, str(script), "estimate", str(src), str(dst), "--texts",
-                                       str(corpus), "--batch-size", "1", "--dist-timeout", "60", "-q", "-o", str(out)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = _env() | {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    "estimate",
+                    str(src),
+                    str(dst),
+                    "--texts",
+                    str(corpus),
+                    "--batch-size",
+                    "1",
+                    "--dist-timeout",
+                    "60",
+                    "-q",
+                    "-o",
+                    str(out),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     try:
         for p in procs:
@@ -277,8 +428,13 @@ def _torchrun(argv: list[str], module: bool = True, check: bool = True) -> subpr
     """``torchrun --standalone --nproc-per-node 2`` of ``hf_bdgauge.cli`` (or of a script), bounded;
     with ``check`` it must exit 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    res = subprocess.run(cmd + (["-m", "hf_bdgauge.cli"] if module else []) + argv, env=_env(), capture_output=True,
-                         text=True, timeout=SUB_TIMEOUT_S)
+    res = subprocess.run(
+        cmd + (["-m", "hf_bdgauge.cli"] if module else []) + argv,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUB_TIMEOUT_S,
+    )
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -331,19 +487,40 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
     assert int(two["size"]) == 2
     for h, part in enumerate(one.halves):
         assert list(two[f"names{h}"]) == part.tensors and part.tensors
-        for k in ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram",
-                  "tgt_gain_gram"):
-            assert_close_rel(torch.from_numpy(two[f"{h}.{k}"]), torch.from_numpy(getattr(part, k)), rtol=1e-12,
-                             what=f"half {h} {k}")
+        for k in (
+            "signed_num",
+            "gain_num",
+            "src_sq",
+            "tgt_sq",
+            "src_gain_sq",
+            "tgt_gain_sq",
+            "tgt_gram",
+            "tgt_gain_gram",
+        ):
+            assert_close_rel(
+                torch.from_numpy(two[f"{h}.{k}"]),
+                torch.from_numpy(getattr(part, k)),
+                rtol=1e-12,
+                what=f"half {h} {k}",
+            )
 
     out = tmp_path / "gauge"
-    res = _torchrun(["estimate", str(src), str(dst), "--method", "weights", "-q", "--dist-timeout", "60", "-o", str(out)])
+    res = _torchrun(
+        ["estimate", str(src), str(dst), "--method", "weights", "-q", "--dist-timeout", "60", "-o", str(out)]
+    )
     assert res.stdout.count(f"saved to {out}\n") == 1
-    assert _one_thread_main(["estimate", str(src), str(dst), "--method", "weights", "-q", "-o", str(tmp_path / "one")]) == 0
+    assert (
+        _one_thread_main(
+            ["estimate", str(src), str(dst), "--method", "weights", "-q", "-o", str(tmp_path / "one")]
+        )
+        == 0
+    )
     g1, g2 = Gauge.from_pretrained(tmp_path / "one"), Gauge.from_pretrained(out)
     assert g2.element == g1.element == planted
     assert (g1.metrics["world_size"], g2.metrics["world_size"]) == (1, 2)
-    assert_close_rel(torch.tensor(g2.metrics["p_value"]), torch.tensor(g1.metrics["p_value"]), rtol=1e-6, what="p")
+    assert_close_rel(
+        torch.tensor(g2.metrics["p_value"]), torch.tensor(g1.metrics["p_value"]), rtol=1e-6, what="p"
+    )
 
 
 def _token_rows(src, corpus) -> list[list[int]]:
@@ -360,7 +537,9 @@ def sharded(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("sharded")
-    AutoModelForCausalLM.from_pretrained(stories260k_hf_dir()).save_pretrained(root / "ckpt", max_shard_size="300KB")
+    AutoModelForCausalLM.from_pretrained(stories260k_hf_dir()).save_pretrained(
+        root / "ckpt", max_shard_size="300KB"
+    )
     assert len(list((root / "ckpt").glob("*.safetensors"))) == 4
     return root / "ckpt"
 
@@ -368,13 +547,20 @@ def sharded(tmp_path_factory):
 def test_apply_splits_the_shards_over_two_ranks_and_writes_the_one_process_bytes(sharded, tmp_path):
     """torchrun apply: rank r rewrites shards r, r+2, …; the directory (weights, index, config)
     is byte for byte the one-process result and the planted gauge is saved once; no temporaries."""
-    _torchrun(["apply", str(sharded), str(tmp_path / "two"), "--random-seed", "3", "-q", "--dist-timeout", "60"])
+    _torchrun(
+        ["apply", str(sharded), str(tmp_path / "two"), "--random-seed", "3", "-q", "--dist-timeout", "60"]
+    )
     assert main(["apply", str(sharded), str(tmp_path / "one"), "--random-seed", "3", "-q"]) == 0
     one = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert one == sorted(p.name for p in (tmp_path / "two").iterdir()) and "model.safetensors.index.json" in one
+    assert (
+        one == sorted(p.name for p in (tmp_path / "two").iterdir()) and "model.safetensors.index.json" in one
+    )
     for name in one:  # re-charting is gathers and sign flips: exact
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
-    assert Gauge.from_pretrained(tmp_path / "two.gauge").element == Gauge.from_pretrained(tmp_path / "one.gauge").element
+    assert (
+        Gauge.from_pretrained(tmp_path / "two.gauge").element
+        == Gauge.from_pretrained(tmp_path / "one.gauge").element
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "one.gauge", "two", "two.gauge"]
 
 
@@ -401,8 +587,21 @@ def _apply_with_rank_1_broken(sharded, tmp_path, breakage: str, timeout_s: int):
     work = tmp_path / "out"
     work.mkdir()
     t0 = time.perf_counter()
-    res = _torchrun([str(script), "apply", str(sharded), str(work / "dst"), "--random-seed", "3", "-q",
-                     "--dist-timeout", str(timeout_s)], module=False, check=False)
+    res = _torchrun(
+        [
+            str(script),
+            "apply",
+            str(sharded),
+            str(work / "dst"),
+            "--random-seed",
+            "3",
+            "-q",
+            "--dist-timeout",
+            str(timeout_s),
+        ],
+        module=False,
+        check=False,
+    )
     return res, time.perf_counter() - t0, work
 
 
@@ -411,7 +610,8 @@ def test_a_rank_that_fails_mid_apply_leaves_no_destination(sharded, tmp_path):
     rank 0 naming rank 1), well before the timeout, and neither the destination nor the shared
     temporary directory is left behind."""
     res, seconds, work = _apply_with_rank_1_broken(
-        sharded, tmp_path, 'raise OSError("injected disk failure on rank 1")', 60)
+        sharded, tmp_path, 'raise OSError("injected disk failure on rank 1")', 60
+    )
     assert seconds < 60 + SUB_TIMEOUT_S / 2
     assert res.returncode != 0
     assert "injected disk failure on rank 1" in res.stderr and "rank 1 of 2 failed" in res.stderr
@@ -432,23 +632,63 @@ def test_trace_and_compose_under_two_ranks_match_one_process(pair, tmp_path):
     give the one-process gauges and p-values; each writes once."""
     src, dst, corpus, planted = pair
     common = ["--max-tokens", "120", "--calibration-draws", "16", "-q"]
-    _torchrun(["trace", str(src), str(dst), "--texts", str(corpus), "--dist-timeout", "60", "-o", str(tmp_path / "t2")]
-              + common)
-    assert _one_thread_main(["trace", str(src), str(dst), "--texts", str(corpus), "-o", str(tmp_path / "t1")]
-                            + common) == 0
+    _torchrun(
+        [
+            "trace",
+            str(src),
+            str(dst),
+            "--texts",
+            str(corpus),
+            "--dist-timeout",
+            "60",
+            "-o",
+            str(tmp_path / "t2"),
+        ]
+        + common
+    )
+    assert (
+        _one_thread_main(
+            ["trace", str(src), str(dst), "--texts", str(corpus), "-o", str(tmp_path / "t1")] + common
+        )
+        == 0
+    )
     t1, t2 = Gauge.from_pretrained(tmp_path / "t1"), Gauge.from_pretrained(tmp_path / "t2")
     assert t2.element == t1.element == planted and t2.metrics["world_size"] == 2
     assert t2.metrics["tokens"] == t1.metrics["tokens"] == 120
-    assert_close_rel(torch.tensor(t2.metrics["trace_p_value"]), torch.tensor(t1.metrics["trace_p_value"]), rtol=1e-6,
-                     what="trace p")
+    assert_close_rel(
+        torch.tensor(t2.metrics["trace_p_value"]),
+        torch.tensor(t1.metrics["trace_p_value"]),
+        rtol=1e-6,
+        what="trace p",
+    )
 
-    mid = apply_gauge_to_checkpoint(dst, SignedPermutation.random(64, seed=11), tmp_path / "mid", progress=False)
+    mid = apply_gauge_to_checkpoint(
+        dst, SignedPermutation.random(64, seed=11), tmp_path / "mid", progress=False
+    )
     chain = [str(src), str(dst), str(mid)]
-    res = _torchrun(["compose", *chain, "--texts", str(corpus), "--batch-size", "1", "--dist-timeout", "60", "-o",
-                     str(tmp_path / "c2")] + common)
+    res = _torchrun(
+        [
+            "compose",
+            *chain,
+            "--texts",
+            str(corpus),
+            "--batch-size",
+            "1",
+            "--dist-timeout",
+            "60",
+            "-o",
+            str(tmp_path / "c2"),
+        ]
+        + common
+    )
     assert res.stdout.count(f"saved to {tmp_path / 'c2'}") == 1
-    assert _one_thread_main(["compose", *chain, "--texts", str(corpus), "--batch-size", "1", "-o",
-                             str(tmp_path / "c1")] + common) == 0
+    assert (
+        _one_thread_main(
+            ["compose", *chain, "--texts", str(corpus), "--batch-size", "1", "-o", str(tmp_path / "c1")]
+            + common
+        )
+        == 0
+    )
     c1, c2 = Gauge.from_pretrained(tmp_path / "c1"), Gauge.from_pretrained(tmp_path / "c2")
     assert c2.element == c1.element == SignedPermutation.random(64, seed=11) @ planted
 
@@ -458,11 +698,44 @@ def test_accelerate_launch_runs_the_same_estimate(pair, tmp_path):
     pytest.importorskip("accelerate")
     src, dst, corpus, planted = pair
     out = tmp_path / "acc"
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-                          "hf_bdgauge.cli", "estimate", str(src), str(dst), "--texts", str(corpus), "--batch-size", "1",
-                          "--max-tokens", "150", "--calibration-draws", "16", "-q", "--dist-timeout", "60", "-o", str(out)],
-                         env=_env(), capture_output=True, text=True, timeout=SUB_TIMEOUT_S)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "hf_bdgauge.cli",
+            "estimate",
+            str(src),
+            str(dst),
+            "--texts",
+            str(corpus),
+            "--batch-size",
+            "1",
+            "--max-tokens",
+            "150",
+            "--calibration-draws",
+            "16",
+            "-q",
+            "--dist-timeout",
+            "60",
+            "-o",
+            str(out),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUB_TIMEOUT_S,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     g = Gauge.from_pretrained(out)
     assert g.element == planted and g.metrics["world_size"] == 2 and g.metrics["tokens"] == 150

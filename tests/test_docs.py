@@ -21,8 +21,14 @@ from hub_double import hub  # noqa: F401  (a fixture: a local test double of the
 PAGES = sorted(DOCS.glob("*.md"))
 
 #: the files experiments and benchmarks write their measurements to: what an include may name
-RESULTS = sorted({*ROOT.glob("benchmarks/results.md"), *ROOT.glob("benchmarks/results/*.md"),
-                  *ROOT.glob("experiments/**/results*.md"), *ROOT.glob("examples/results/*.md")})
+RESULTS = sorted(
+    {
+        *ROOT.glob("benchmarks/results.md"),
+        *ROOT.glob("benchmarks/results/*.md"),
+        *ROOT.glob("experiments/**/results*.md"),
+        *ROOT.glob("examples/results/*.md"),
+    }
+)
 #: a measured figure as the results files print it: 0.125, 3.3e-06, 12 %
 _FIGURE = re.compile(r"(?<![\w.·^])(\d+(?:\.\d+)?e[-+−]?\d+|\d+\.\d+|\d+(?:\.\d+)?\s?%)(?!\w)")
 #: a table another test generates between markers (transport-matrix.md: tests/test_transport_matrix.py)
@@ -96,8 +102,10 @@ def test_every_include_resolves_to_a_results_file():
 
 def test_an_include_of_a_missing_file_or_heading_fails(tmp_path):
     page = tmp_path / "p.md"
-    for line in ('--8<-- "benchmarks/results/no-such-file.md"',
-                 '--8<-- "benchmarks/results.md#No such heading"'):
+    for line in (
+        '--8<-- "benchmarks/results/no-such-file.md"',
+        '--8<-- "benchmarks/results.md#No such heading"',
+    ):
         page.write_text(f"# P\n\n{line}\n", encoding="utf-8")
         with pytest.raises(hooks.IncludeError):
             page_text(page)
@@ -118,8 +126,13 @@ def _library_constants() -> set[float]:
     for path in [*ROOT.glob("hf_bdgauge/**/*.py"), *ROOT.glob("tests/**/tolerances.py")]:
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-                values |= {float(c.value) for c in ast.walk(node.value) if isinstance(c, ast.Constant)
-                           and isinstance(c.value, (int, float)) and not isinstance(c.value, bool)}
+                values |= {
+                    float(c.value)
+                    for c in ast.walk(node.value)
+                    if isinstance(c, ast.Constant)
+                    and isinstance(c.value, (int, float))
+                    and not isinstance(c.value, bool)
+                }
     return values
 
 

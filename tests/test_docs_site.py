@@ -23,9 +23,24 @@ ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about its 
 
 
 def build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
-                           "--site-dir", str(site)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(config),
+            "--site-dir",
+            str(site),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def built_page(site: Path, src: str, directory_urls: bool = True) -> Path:
@@ -98,10 +113,12 @@ def test_a_link_outside_docs_builds_only_when_its_target_exists(tmp_path, exists
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "here.md").write_text("# Here\n", encoding="utf-8")
     target = "here.md" if exists else "missing.md"
-    (tmp_path / "docs" / "index.md").write_text(f"# Home\n\nSee [the note](../notes/{target}).\n",
-                                                encoding="utf-8")
+    (tmp_path / "docs" / "index.md").write_text(
+        f"# Home\n\nSee [the note](../notes/{target}).\n", encoding="utf-8"
+    )
     (tmp_path / "mkdocs.yml").write_text(
-        f"site_name: t\ndocs_dir: docs\nstrict: true\nhooks:\n  - {DOCS / 'hooks.py'}\n", encoding="utf-8")
+        f"site_name: t\ndocs_dir: docs\nstrict: true\nhooks:\n  - {DOCS / 'hooks.py'}\n", encoding="utf-8"
+    )
     done = build(tmp_path / "mkdocs.yml", tmp_path / "site")
     if exists:
         assert done.returncode == 0, done.stdout + done.stderr
@@ -113,8 +130,14 @@ def test_a_link_outside_docs_builds_only_when_its_target_exists(tmp_path, exists
 
 
 #: the modules whose public names the API page documents (a module rendered whole documents its members)
-CURATED = ("hf_bdgauge", "hf_bdgauge.options", "hf_bdgauge.errors", "hf_bdgauge.estimate", "hf_bdgauge.transport",
-           "hf_bdgauge.extend")
+CURATED = (
+    "hf_bdgauge",
+    "hf_bdgauge.options",
+    "hf_bdgauge.errors",
+    "hf_bdgauge.estimate",
+    "hf_bdgauge.transport",
+    "hf_bdgauge.extend",
+)
 
 
 def test_the_api_page_documents_every_public_name_of_the_curated_modules():
@@ -127,7 +150,9 @@ def test_the_api_page_documents_every_public_name_of_the_curated_modules():
 
     text = (DOCS / "api.md").read_text(encoding="utf-8")
     listed = set(re.findall(r"^::: (\S+)", text, re.M))
-    whole = {m.group(1) for m in re.finditer(r"^::: (\S+)\n(?!\s+options:\s*\n\s+members: false)", text, re.M)}
+    whole = {
+        m.group(1) for m in re.finditer(r"^::: (\S+)\n(?!\s+options:\s*\n\s+members: false)", text, re.M)
+    }
     rendered = [importlib.import_module(m) for m in CURATED if m in whole]
     in_whole = {id(getattr(m, n)) for m in rendered for n in getattr(m, "__all__", ())}
     missing = []
@@ -137,7 +162,9 @@ def test_the_api_page_documents_every_public_name_of_the_curated_modules():
         for member in getattr(module, "__all__", ()):
             if member == "__version__" or name in whole or f"{name}.{member}" in listed:
                 continue
-            top = f"hf_bdgauge.{member}" in listed and getattr(hf_bdgauge, member, None) is getattr(module, member)
+            top = f"hf_bdgauge.{member}" in listed and getattr(hf_bdgauge, member, None) is getattr(
+                module, member
+            )
             if not top and id(getattr(module, member)) not in in_whole:
                 missing.append(f"{name}.{member}")
     assert not missing, f"public names the API page does not document: {missing}"
@@ -149,13 +176,16 @@ def test_an_include_builds_only_when_its_section_exists(tmp_path, exists):
     into the page; one naming a heading the file does not have stops the build."""
     (tmp_path / "docs").mkdir()
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "run.md").write_text("# Run\n\n## Speed\n\n| x | s |\n| --- | --- |\n| a | 1.25 |\n",
-                                                 encoding="utf-8")
+    (tmp_path / "results" / "run.md").write_text(
+        "# Run\n\n## Speed\n\n| x | s |\n| --- | --- |\n| a | 1.25 |\n", encoding="utf-8"
+    )
     heading = "Speed" if exists else "Accuracy"
-    (tmp_path / "docs" / "index.md").write_text(f'# Home\n\n## Measured\n\n--8<-- "results/run.md#{heading}"\n',
-                                                encoding="utf-8")
+    (tmp_path / "docs" / "index.md").write_text(
+        f'# Home\n\n## Measured\n\n--8<-- "results/run.md#{heading}"\n', encoding="utf-8"
+    )
     (tmp_path / "mkdocs.yml").write_text(
-        f"site_name: t\ndocs_dir: docs\nstrict: true\nhooks:\n  - {DOCS / 'hooks.py'}\n", encoding="utf-8")
+        f"site_name: t\ndocs_dir: docs\nstrict: true\nhooks:\n  - {DOCS / 'hooks.py'}\n", encoding="utf-8"
+    )
     done = build(tmp_path / "mkdocs.yml", tmp_path / "site")
     if exists:
         assert done.returncode == 0, done.stdout + done.stderr

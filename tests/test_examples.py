@@ -23,7 +23,9 @@ pytestmark = pytest.mark.real
 
 
 def _hub_double_module():
-    spec = importlib.util.spec_from_file_location("_hub_double_for_examples", Path(__file__).with_name("hub_double.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_hub_double_for_examples", Path(__file__).with_name("hub_double.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -57,12 +59,23 @@ def _rows(res: dict[str, Any], revision: str) -> dict[str, dict[str, Any]]:
 def test_push_gauge_to_hub_double(tmp_path):
     hub_double = _hub_double_module()
     with hub_double.HubDouble() as hub:
-        res = run_example("push_gauge_to_hub", "--out", str(tmp_path / "gauge"), "--endpoint", hub.endpoint,
-                          "--repo-id", "me/stories260K-gauge", "--token", hub_double.TEST_TOKEN)
+        res = run_example(
+            "push_gauge_to_hub",
+            "--out",
+            str(tmp_path / "gauge"),
+            "--endpoint",
+            hub.endpoint,
+            "--repo-id",
+            "me/stories260K-gauge",
+            "--token",
+            hub_double.TEST_TOKEN,
+        )
         assert res["failures"] == []
         assert res["estimate_equals_planted"] and res["local_roundtrip"] and res["hub_roundtrip"]
         assert res["commit"] == hub.head("me/stories260K-gauge")
-        assert {"gauge.safetensors", "gauge_config.json", "README.md"} <= set(hub.files("me/stories260K-gauge"))
+        assert {"gauge.safetensors", "gauge_config.json", "README.md"} <= set(
+            hub.files("me/stories260K-gauge")
+        )
         assert hub.tokens_seen == {hub_double.TEST_TOKEN}
         assert res["max_dh_via_hub_gauge"] < 1e-4
     assert (tmp_path / "gauge" / "gauge_config.json").is_file()
@@ -72,11 +85,21 @@ def test_push_gauge_to_hub_double(tmp_path):
 def test_push_gauge_to_hub_cli_saves_locally(tmp_path):
     """Without --endpoint the script only saves; as a command it exits 0 and says so."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "push_gauge_to_hub.py"), "--fast", "--out", str(tmp_path / "g")],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "push_gauge_to_hub.py"), "--fast", "--out", str(tmp_path / "g")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all checks passed" in proc.stdout and "nothing pushed" in proc.stdout
-    assert {p.name for p in (tmp_path / "g").iterdir()} == {"gauge.safetensors", "gauge_config.json", "README.md"}
+    assert {p.name for p in (tmp_path / "g").iterdir()} == {
+        "gauge.safetensors",
+        "gauge_config.json",
+        "README.md",
+    }
 
 
 def test_load_gauged_model():
@@ -94,7 +117,11 @@ def test_transport_adapter_across_revisions():
     assert res["failures"] == []
     assert res["gain_source"] > 0
     exact = _rows(res, "v1.1-recharted")
-    bd, sd, none = exact["B_d (estimated G)"], exact["S_d (its permutation only)"], exact["none (adapter copied as is)"]
+    bd, sd, none = (
+        exact["B_d (estimated G)"],
+        exact["S_d (its permutation only)"],
+        exact["none (adapter copied as is)"],
+    )
     assert bd["estimate == planted"]
     assert bd["max |Δ logit|"] < 1e-4  # the transported adapter reproduces v1.0 + adapter
     assert abs(bd["retained %"] - 100) < 0.1
@@ -123,7 +150,10 @@ def test_steer_across_revisions():
     assert exact["B_d (estimated G)"]["steered text == v1.0 steered text"]
     assert exact["S_d (its permutation only)"]["effect preserved %"] < 50
     tuned = _rows(res, "v2.0-finetuned")
-    assert tuned["B_d (estimated G)"]["effect preserved %"] > tuned["S_d (its permutation only)"]["effect preserved %"]
+    assert (
+        tuned["B_d (estimated G)"]["effect preserved %"]
+        > tuned["S_d (its permutation only)"]["effect preserved %"]
+    )
 
 
 def test_resume_training_with_optimizer_state():

@@ -84,7 +84,10 @@ def test_recharted_model_changes_content_not_config(saved_llama):
     after = model_fingerprint(other)
     diffs = fingerprint_differences(before, after)
     assert len(diffs) == 4 and all(x.startswith("content.") for x in diffs)
-    with pytest.raises(FingerprintMismatchError, match="content.embedding.*content.first_norm.*content.last_norm.*content.all"):
+    with pytest.raises(
+        FingerprintMismatchError,
+        match="content.embedding.*content.first_norm.*content.last_norm.*content.all",
+    ):
         check_fingerprint(before, after)
     assert check_fingerprint(before, after, strict=False) == diffs  # logs instead of raising
 
@@ -105,7 +108,11 @@ def test_dtype_difference_is_not_a_content_mismatch(saved_llama):
 
 def test_rope_spellings_canonicalise_alike():
     v4 = {"model_type": "llama", "hidden_size": 8, "rope_theta": 10000.0}
-    v5 = {"model_type": "llama", "hidden_size": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    v5 = {
+        "model_type": "llama",
+        "hidden_size": 8,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
     assert canonical_arch_config(v4) == canonical_arch_config(v5)
     assert canonical_arch_config({**v4, "dtype": "bfloat16", "eos_token_id": 7}) == canonical_arch_config(v4)
     assert canonical_arch_config({**v4, "rope_theta": 5e5}) != canonical_arch_config(v4)
@@ -114,8 +121,11 @@ def test_rope_spellings_canonicalise_alike():
 def test_content_tensor_selection_by_family():
     gpt2 = [n for n, _ in tiny_model("gpt2").named_parameters()]
     sel = select_content_tensors(gpt2, "gpt2")
-    assert sel == {"embedding": "transformer.wte.weight", "first_norm": "transformer.h.0.ln_1.weight",
-                   "last_norm": "transformer.ln_f.weight"}
+    assert sel == {
+        "embedding": "transformer.wte.weight",
+        "first_norm": "transformer.h.0.ln_1.weight",
+        "last_norm": "transformer.ln_f.weight",
+    }
     # an unknown family has no role map to say which tensors are its embedding and gains
     assert select_content_tensors(["x.embed_tokens.weight", "x.norm.weight"], "unknown_family") == {}
 

@@ -82,8 +82,9 @@ def test_the_same_file_gives_the_same_hashes_from_memory_and_from_disk(saved):
 def test_version_1_fingerprints_still_compare_within_a_dtype_and_refuse_across(saved):
     def v1(fp):
         fp = dict(fp, fingerprint_version=1)
-        fp["content"] = {k: {f: v for f, v in e.items() if not f.startswith("sha256_")}
-                         for k, e in fp["content"].items()}
+        fp["content"] = {
+            k: {f: v for f, v in e.items() if not f.startswith("sha256_")} for k, e in fp["content"].items()
+        }
         return fp
 
     old = v1(model_fingerprint(saved[0, torch.float32]))

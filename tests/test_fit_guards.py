@@ -16,26 +16,40 @@ import pytest
 import torch
 
 from hf_bdgauge import Gauge, GaugedModel, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
-from hf_bdgauge.errors import FingerprintMismatchError, GaugeFitError
-from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.cli import main
+from hf_bdgauge.errors import FingerprintMismatchError, GaugeFitError
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
-from hf_bdgauge.transport import SAE, IndexSet, LinearProbe, SteeringVector, merge_models, transport_optimizer_state
+from hf_bdgauge.transport import (
+    SAE,
+    IndexSet,
+    LinearProbe,
+    SteeringVector,
+    merge_models,
+    transport_optimizer_state,
+)
 from hf_bdgauge.transport.peft import transport_adapter
 
 
 def _not_a_gauge(d: int = 64) -> Gauge:
-    return Gauge(SignedPermutation.random(d, seed=3), method="sign_marginalized",
-                 metrics={"verdict": "no_signed_permutation", "p_value": 0.4, "identified_fraction": 0.0})
+    return Gauge(
+        SignedPermutation.random(d, seed=3),
+        method="sign_marginalized",
+        metrics={"verdict": "no_signed_permutation", "p_value": 0.4, "identified_fraction": 0.0},
+    )
 
 
 def _weak(d: int = 64) -> Gauge:
     ident = torch.zeros(d, dtype=torch.bool)
     ident[: d // 2] = True
-    return Gauge(SignedPermutation.random(d, seed=4), method="sign_marginalized", identified=ident,
-                 metrics={"verdict": "signed_permutation", "p_value": 1e-9})
+    return Gauge(
+        SignedPermutation.random(d, seed=4),
+        method="sign_marginalized",
+        identified=ident,
+        metrics={"verdict": "signed_permutation", "p_value": 1e-9},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +64,11 @@ def test_apply_takes_a_gauge_in_memory_and_on_disk(tmp_path):
     AttributeError and a BufferError before)."""
     model = tiny_model("llama", seed=0)
     model.save_pretrained(tmp_path / "src")
-    g = Gauge(SignedPermutation.random(64, seed=1), source=ModelRef.from_checkpoint(tmp_path / "src"), method="planted")
+    g = Gauge(
+        SignedPermutation.random(64, seed=1),
+        source=ModelRef.from_checkpoint(tmp_path / "src"),
+        method="planted",
+    )
     out = apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "dst", progress=False)
     moved = apply_gauge(copy.deepcopy(model), g)
     from transformers import AutoModelForCausalLM
@@ -71,8 +89,9 @@ def test_every_writer_refuses_a_gauge_that_does_not_fit_unless_forced(bad, tmp_p
     opt = torch.optim.AdamW(model.parameters())
     refusals = {
         "apply_gauge": lambda **kw: apply_gauge(model, gauge, **kw),
-        "apply_gauge_to_checkpoint": lambda **kw: apply_gauge_to_checkpoint(tmp_path / "m", gauge, tmp_path / "out",
-                                                                            progress=False, **kw),
+        "apply_gauge_to_checkpoint": lambda **kw: apply_gauge_to_checkpoint(
+            tmp_path / "m", gauge, tmp_path / "out", progress=False, **kw
+        ),
         "steering": lambda **kw: sv.transport(gauge, **kw),
         "probe": lambda **kw: probe.transport(gauge, **kw),
         "indices": lambda **kw: IndexSet([1, 2]).transport(gauge, **kw),
@@ -84,7 +103,10 @@ def test_every_writer_refuses_a_gauge_that_does_not_fit_unless_forced(bad, tmp_p
     for name, call in refusals.items():
         with pytest.raises(GaugeFitError, match="does not fit"):
             call()
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and not (tmp_path / "out").exists()
+    assert (
+        all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        and not (tmp_path / "out").exists()
+    )
     # forced: it acts, and the outputs say so
     assert json.loads(sv.transport(gauge, force=True).metadata["hf_bdgauge_transports"])[-1]["forced"] is True
     assert sae.transport(gauge, force=True).metadata["hf_bdgauge_transports"][-1]["forced"] is True
@@ -95,11 +117,19 @@ def test_every_writer_refuses_a_gauge_that_does_not_fit_unless_forced(bad, tmp_p
 
 def test_exact_gauges_count_as_fully_identified():
     g = SignedPermutation.random(64, seed=5)
-    for exact in (Gauge(g), Gauge(g, method="planted"), Gauge(g, method="planted").compose(Gauge(g.inverse()))):
+    for exact in (
+        Gauge(g),
+        Gauge(g, method="planted"),
+        Gauge(g, method="planted").compose(Gauge(g.inverse())),
+    ):
         assert exact.is_exact and exact.identified_fraction == 1.0
         assert exact.check_fit() is False
-    estimated = Gauge(g, method="sign_marginalized", identified=torch.ones(64, dtype=torch.bool),
-                      metrics={"verdict": "signed_permutation", "p_value": 1e-30})
+    estimated = Gauge(
+        g,
+        method="sign_marginalized",
+        identified=torch.ones(64, dtype=torch.bool),
+        metrics={"verdict": "signed_permutation", "p_value": 1e-30},
+    )
     path = estimated.compose(Gauge(g.inverse(), method="planted"))
     assert not path.is_exact and path.identified_fraction == 1.0
     weak_path = _weak().compose(Gauge(g, method="planted"))
@@ -111,10 +141,26 @@ def test_exact_gauges_count_as_fully_identified():
 def test_a_gauge_from_a_to_b_is_refused_on_b(corpus, tmp_path, capsys):
     a = str(stories260k_hf_dir())
     assert main(["apply", a, str(tmp_path / "b"), "--random-seed", "1", "-q"]) == 0
-    assert main(["estimate", a, str(tmp_path / "b"), "--texts", str(corpus / "corpus.txt"), "-q",
-                 "-o", str(tmp_path / "a-b")]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                a,
+                str(tmp_path / "b"),
+                "--texts",
+                str(corpus / "corpus.txt"),
+                "-q",
+                "-o",
+                str(tmp_path / "a-b"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["apply", str(tmp_path / "b"), str(tmp_path / "out"), "--gauge", str(tmp_path / "a-b"), "-q"]) == 3
+    assert (
+        main(["apply", str(tmp_path / "b"), str(tmp_path / "out"), "--gauge", str(tmp_path / "a-b"), "-q"])
+        == 3
+    )
     err = capsys.readouterr().err
     assert "is not the gauge's source (its fingerprint differs)" in err and "use --inverse" in err
     assert not (tmp_path / "out").exists()
@@ -123,8 +169,20 @@ def test_a_gauge_from_a_to_b_is_refused_on_b(corpus, tmp_path, capsys):
 
     with pytest.raises(FingerprintMismatchError):
         apply_gauge(AutoModelForCausalLM.from_pretrained(tmp_path / "b"), gauge)
-    assert main(["apply", str(tmp_path / "b"), str(tmp_path / "back"), "--gauge", str(tmp_path / "a-b"), "--inverse",
-                 "-q"]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                str(tmp_path / "b"),
+                str(tmp_path / "back"),
+                "--gauge",
+                str(tmp_path / "a-b"),
+                "--inverse",
+                "-q",
+            ]
+        )
+        == 0
+    )
 
 
 def test_estimate_refuses_to_save_what_is_not_a_gauge_unless_forced(corpus, tmp_path, capsys):
@@ -137,7 +195,16 @@ def test_estimate_refuses_to_save_what_is_not_a_gauge_unless_forced(corpus, tmp_
 
     for f in ("tokenizer.json", "tokenizer_config.json"):
         copy2(stories260k_hf_dir() / f, tmp_path / "fresh" / f)
-    argv = ["estimate", a, str(tmp_path / "fresh"), "--texts", str(corpus / "corpus.txt"), "-q", "-o", str(tmp_path / "g")]
+    argv = [
+        "estimate",
+        a,
+        str(tmp_path / "fresh"),
+        "--texts",
+        str(corpus / "corpus.txt"),
+        "-q",
+        "-o",
+        str(tmp_path / "g"),
+    ]
     assert main(argv) == 1  # the answer: no evidence of a relation (docs/exit-codes.md)
     out, err = capsys.readouterr()
     assert out.count("\n") == 1 and out.startswith("no evidence of a signed permutation")  # -q: one line
@@ -154,7 +221,10 @@ def test_estimate_refuses_to_save_what_is_not_a_gauge_unless_forced(corpus, tmp_
     w = str(tmp_path / "w.safetensors")  # the suffix picks the format
     assert main(["transport", "steering", str(tmp_path / "v.safetensors"), str(tmp_path / "g"), w]) == 3
     assert "does not fit" in capsys.readouterr().err and not (tmp_path / "w.safetensors").exists()
-    assert main(["transport", "steering", str(tmp_path / "v.safetensors"), str(tmp_path / "g"), w, "--force"]) == 0
+    assert (
+        main(["transport", "steering", str(tmp_path / "v.safetensors"), str(tmp_path / "g"), w, "--force"])
+        == 0
+    )
 
 
 def test_an_adapter_whose_base_is_another_model_is_refused(tmp_path):
@@ -165,7 +235,11 @@ def test_an_adapter_whose_base_is_another_model_is_refused(tmp_path):
     lora = peft.get_peft_model(b, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     lora.peft_config["default"].base_model_name_or_path = str(tmp_path / "b")
     lora.save_pretrained(tmp_path / "lora-on-b")
-    gauge = Gauge(SignedPermutation.random(64, seed=2), source=ModelRef.from_checkpoint(tmp_path / "a"), method="planted")
+    gauge = Gauge(
+        SignedPermutation.random(64, seed=2),
+        source=ModelRef.from_checkpoint(tmp_path / "a"),
+        method="planted",
+    )
     with pytest.raises(FingerprintMismatchError, match="base model"):
         transport_adapter(tmp_path / "lora-on-b", gauge, tmp_path / "out")
     assert not (tmp_path / "out").exists()

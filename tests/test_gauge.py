@@ -36,9 +36,15 @@ def _ref(name: str, commit: str | None = None, **fp) -> ModelRef:
 
 def _gauge(seed: int, src: ModelRef, tgt: ModelRef, conf: bool = True) -> Gauge:
     rng = np.random.default_rng(seed)
-    return Gauge(SignedPermutation.random(D, seed=seed), source=src, target=tgt, method=f"est{seed}",
-                 confidence=rng.uniform(0.2, 1.0, D) if conf else None,
-                 margin=rng.uniform(0.0, 0.5, D) if conf else None, metrics={"null_z": 10.0 + seed})
+    return Gauge(
+        SignedPermutation.random(D, seed=seed),
+        source=src,
+        target=tgt,
+        method=f"est{seed}",
+        confidence=rng.uniform(0.2, 1.0, D) if conf else None,
+        margin=rng.uniform(0.0, 0.5, D) if conf else None,
+        metrics={"null_z": 10.0 + seed},
+    )
 
 
 A, B, C = (_ref(n, c * 40) for n, c in (("org/a", "a"), ("org/b", "b"), ("org/c", "c")))
@@ -122,7 +128,9 @@ def test_constructor_validates():
         Gauge(SignedPermutation.identity(D), confidence=np.ones(D - 1))
     with pytest.raises(InvalidGaugeError, match="non-finite"):
         Gauge(SignedPermutation.identity(D), confidence=np.full(D, np.nan))
-    g = Gauge(SignedPermutation.identity(D), confidence=torch.ones(D, dtype=torch.float64), source={"model_id": "m"})
+    g = Gauge(
+        SignedPermutation.identity(D), confidence=torch.ones(D, dtype=torch.float64), source={"model_id": "m"}
+    )
     assert g.confidence.dtype == np.float32 and g.source == ModelRef("m")
     assert g.library_version == library_version()
 
@@ -142,18 +150,28 @@ def test_save_load_round_trip_and_files(tmp_path):
     g.metrics["p_value"] = np.float64(1e-12)
     g.metrics["inf"] = float("inf")
     g.save_pretrained(tmp_path / "g")
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == sorted([GAUGE_WEIGHTS_NAME, GAUGE_CONFIG_NAME, MODEL_CARD_NAME])
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == sorted(
+        [GAUGE_WEIGHTS_NAME, GAUGE_CONFIG_NAME, MODEL_CARD_NAME]
+    )
     loaded = Gauge.from_pretrained(tmp_path / "g")
     assert loaded == g and loaded.confidence.dtype == np.float32
     cfg = json.loads((tmp_path / "g" / GAUGE_CONFIG_NAME).read_text())
-    assert cfg["format_version"] == FORMAT_VERSION and cfg["dim"] == D and cfg["library_version"] == library_version()
+    assert (
+        cfg["format_version"] == FORMAT_VERSION
+        and cfg["dim"] == D
+        and cfg["library_version"] == library_version()
+    )
     assert cfg["source"]["model_id"] == "org/a" and cfg["target"]["commit_hash"] == "c" * 40
     assert cfg["metrics"]["inf"] == "inf" and len(cfg["hops"]) == 2
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "g" / GAUGE_WEIGHTS_NAME), "pt") as f:
         assert {k: f.get_tensor(k).dtype for k in f.keys()} == {
-            "perm": torch.int64, "signs": torch.int8, "confidence": torch.float32, "margin": torch.float32}
+            "perm": torch.int64,
+            "signs": torch.int8,
+            "confidence": torch.float32,
+            "margin": torch.float32,
+        }
     # a gauge without per-coordinate arrays round-trips too
     bare = Gauge(SignedPermutation.random(D, seed=5))
     bare.save_pretrained(tmp_path / "bare")
@@ -204,7 +222,9 @@ def test_the_card_template_has_one_home_and_the_wheel_gets_it_at_build_time(tmp_
     copy = build.copy_card_template(tmp_path)
     assert copy == tmp_path / "hf_bdgauge" / "model_cards" / "gauge_card_template.md"
     assert copy.read_text(encoding="utf-8") == template
-    assert '"model_cards/*.md"' in (root / "pyproject.toml").read_text(encoding="utf-8")  # shipped as package data
+    assert '"model_cards/*.md"' in (root / "pyproject.toml").read_text(
+        encoding="utf-8"
+    )  # shipped as package data
 
 
 def test_save_into_existing_directory_keeps_other_files(tmp_path):
@@ -348,14 +368,18 @@ def test_no_pickle_anywhere():
 
     for name in ("gauge.py", "hub.py", "fingerprint.py", "gauged_model.py"):
         src = (pathlib.Path(hf_bdgauge.__file__).parent / name).read_text()
-        assert not re.search(r"import pickle|pickle\.|torch\.load\(|weights_only|trust_remote_code=True", src), name
+        assert not re.search(
+            r"import pickle|pickle\.|torch\.load\(|weights_only|trust_remote_code=True", src
+        ), name
 
 
 # --------------------------------------------------------------------------- attaching
 def test_check_attachable_dimension_signs_and_fingerprint(tmp_path):
     model = tiny_model("llama", seed=0)
     fp = model_fingerprint(model)
-    g = Gauge(SignedPermutation.random(64, seed=1), source=ModelRef("m", fingerprint=fp), target=ModelRef("r"))
+    g = Gauge(
+        SignedPermutation.random(64, seed=1), source=ModelRef("m", fingerprint=fp), target=ModelRef("r")
+    )
     g.check_attachable(model)  # matches
     g.check_attachable(model.config)  # config only: content not compared
     model.save_pretrained(tmp_path)
@@ -384,8 +408,11 @@ def test_an_estimate_whose_verdict_is_identity_is_reported_as_a_plain_copy():
 
     perm = _np.arange(16)
     perm[[3, 4]] = perm[[4, 3]]
-    near = _Gauge(_SP(perm), method="sign_marginalized",
-                  metrics={"verdict": "identity", "identity_fit": 0.998, "matched_fit": 0.999})
+    near = _Gauge(
+        _SP(perm),
+        method="sign_marginalized",
+        metrics={"verdict": "identity", "identity_fit": 0.998, "matched_fit": 0.999},
+    )
     assert not near.is_identity and near.is_effectively_identity
     assert "plain copy of adapters is already right" in near.summary()
     card = str(near.generate_model_card())

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 from hub_double import hub  # noqa: F401  (fixture)
+from tolerances import assert_close_rel
 from transformers import AutoModelForCausalLM
 
 from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import DimensionMismatchError, FingerprintMismatchError, SignedGaugeNotAllowedError
 from hf_bdgauge.fingerprint import model_fingerprint
 from hf_bdgauge.gauge import Gauge
-from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.gauged_model import GAUGE_SUBFOLDER, GaugedModel
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
-from tolerances import assert_close_rel
 
 
 def _run(model, ids):
@@ -35,11 +35,22 @@ def charts(tmp_path_factory):
     tiny_model("llama", seed=5, tie_word_embeddings=True).save_pretrained(orig)
     g = SignedPermutation.random(64, seed=6)
     moved = apply_gauge_to_checkpoint(orig, g, root / "moved", progress=False)
-    att = Gauge(g.inverse(), source=ModelRef(str(moved), fingerprint=model_fingerprint(moved)),
-                target=ModelRef(str(orig), fingerprint=model_fingerprint(orig)), method="exact")
+    att = Gauge(
+        g.inverse(),
+        source=ModelRef(str(moved), fingerprint=model_fingerprint(moved)),
+        target=ModelRef(str(orig), fingerprint=model_fingerprint(orig)),
+        method="exact",
+    )
     att.save_pretrained(root / "gauge")
     original = AutoModelForCausalLM.from_pretrained(orig).eval()
-    return {"orig": orig, "moved": moved, "g": g, "att": att, "gauge_dir": root / "gauge", "original": original}
+    return {
+        "orig": orig,
+        "moved": moved,
+        "g": g,
+        "att": att,
+        "gauge_dir": root / "gauge",
+        "original": original,
+    }
 
 
 def test_inverse_gauge_gives_original_behaviour_in_reference_coordinates(charts, token_ids):
@@ -53,7 +64,9 @@ def test_inverse_gauge_gives_original_behaviour_in_reference_coordinates(charts,
     for layer, (h_ref, h) in enumerate(zip(ref.hidden_states, mapped)):
         assert_close_rel(h, h_ref, rtol=1e-5, what=f"hidden state {layer} mapped to the reference chart")
     # the raw hidden states are in the moved chart: h_moved = g·h_ref, not h_ref
-    assert_close_rel(out.hidden_states[-1], charts["g"].apply(ref.hidden_states[-1]), rtol=1e-5, what="h_moved vs g·h_ref")
+    assert_close_rel(
+        out.hidden_states[-1], charts["g"].apply(ref.hidden_states[-1]), rtol=1e-5, what="h_moved vs g·h_ref"
+    )
     assert not torch.allclose(out.hidden_states[-1], ref.hidden_states[-1], atol=1e-2)
     x = torch.randn(5, 64)
     assert torch.equal(gm.from_reference(gm.to_reference(x)), x)
@@ -89,7 +102,9 @@ def test_generate_matches_the_original(charts):
 
 
 def test_attaching_to_the_wrong_model_is_refused(charts, caplog):
-    with pytest.raises(FingerprintMismatchError, match=r"matches the gauge's target end instead: use gauge\.inverse\(\)$"):
+    with pytest.raises(
+        FingerprintMismatchError, match=r"matches the gauge's target end instead: use gauge\.inverse\(\)$"
+    ):
         GaugedModel.from_pretrained(charts["orig"], gauge=charts["att"])
     GaugedModel.from_pretrained(charts["orig"], gauge=charts["att"].inverse())  # the right way round
     with caplog.at_level(logging.WARNING, logger="hf_bdgauge"):
@@ -137,11 +152,18 @@ def test_save_pretrained_bundles_the_gauge(charts, tmp_path, token_ids):
     assert (tmp_path / "bundle" / GAUGE_SUBFOLDER / "gauge_config.json").exists()
     again = GaugedModel.from_pretrained(tmp_path / "bundle")  # picks the gauge up again
     assert again.gauge == gm.gauge
-    assert_close_rel(again.to_reference(_run(again, token_ids).hidden_states[-1]),
-                     _run(charts["original"], token_ids).hidden_states[-1], rtol=1e-5, what="bundle's last hidden state")
+    assert_close_rel(
+        again.to_reference(_run(again, token_ids).hidden_states[-1]),
+        _run(charts["original"], token_ids).hidden_states[-1],
+        rtol=1e-5,
+        what="bundle's last hidden state",
+    )
     gm.canonicalize().save_pretrained(tmp_path / "canon")
     canon = GaugedModel.from_pretrained(tmp_path / "canon")
-    assert canon.is_canonical and model_fingerprint(tmp_path / "canon")["content"] == model_fingerprint(charts["orig"])["content"]
+    assert (
+        canon.is_canonical
+        and model_fingerprint(tmp_path / "canon")["content"] == model_fingerprint(charts["orig"])["content"]
+    )
 
 
 def test_kwargs_pass_through_and_fingerprint_from_disk(charts, monkeypatch):
@@ -154,11 +176,15 @@ def test_kwargs_pass_through_and_fingerprint_from_disk(charts, monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
     # (a revision with a local directory is refused: tests/test_arguments_and_messages.py)
-    gm = GaugedModel.from_pretrained(charts["moved"], gauge=charts["att"], dtype=torch.bfloat16, device_map="cpu")
+    gm = GaugedModel.from_pretrained(
+        charts["moved"], gauge=charts["att"], dtype=torch.bfloat16, device_map="cpu"
+    )
     assert seen["dtype"] is torch.bfloat16 and seen["device_map"] == "cpu"
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
     assert gm.model.dtype == torch.bfloat16 and gm.dtype == torch.bfloat16  # attribute fall-through
-    assert gm.model_ref.fingerprint["content"]["embedding"]["dtype"] == "F32"  # the checkpoint's, not the cast
+    assert (
+        gm.model_ref.fingerprint["content"]["embedding"]["dtype"] == "F32"
+    )  # the checkpoint's, not the cast
     with pytest.raises(ValueError, match="safetensors"):
         GaugedModel.from_pretrained(charts["moved"], gauge=charts["att"], use_safetensors=False)
 
@@ -178,13 +204,18 @@ def test_model_and_gauge_from_the_hub_with_revisions(hub, charts, token_ids):
     model_commit = api.upload_folder(repo_id="me/moved", folder_path=charts["moved"]).oid
     gauge_commit = charts["att"].push_to_hub("me/moved-to-orig").oid
     Gauge.identity(64).push_to_hub("me/moved-to-orig")  # a later, wrong gauge on main
-    gm = GaugedModel.from_pretrained("me/moved", revision=model_commit, gauge="me/moved-to-orig",
-                                     gauge_revision=gauge_commit)
+    gm = GaugedModel.from_pretrained(
+        "me/moved", revision=model_commit, gauge="me/moved-to-orig", gauge_revision=gauge_commit
+    )
     assert gm.gauge == charts["att"]
     assert gm.model_ref.commit_hash == model_commit and gm.model_ref.model_id == "me/moved"
     ref = _run(charts["original"], token_ids)
-    assert_close_rel(gm.to_reference(_run(gm, token_ids).hidden_states[-1]), ref.hidden_states[-1], rtol=1e-5,
-                     what="hub model's last hidden state")
+    assert_close_rel(
+        gm.to_reference(_run(gm, token_ids).hidden_states[-1]),
+        ref.hidden_states[-1],
+        rtol=1e-5,
+        what="hub model's last hidden state",
+    )
 
 
 @pytest.mark.real
@@ -194,8 +225,12 @@ def test_real_stories260k_recharted_and_reattached(tmp_path):
     src = stories260k_hf_dir()
     g = SignedPermutation.random(64, seed=260)
     moved = apply_gauge_to_checkpoint(src, g, tmp_path / "moved", progress=False)
-    att = Gauge(g.inverse(), source=ModelRef.from_checkpoint(moved), target=ModelRef.from_checkpoint(src),
-                method="exact")
+    att = Gauge(
+        g.inverse(),
+        source=ModelRef.from_checkpoint(moved),
+        target=ModelRef.from_checkpoint(src),
+        method="exact",
+    )
     original = AutoModelForCausalLM.from_pretrained(src).eval()
     gm = GaugedModel.from_pretrained(moved, gauge=att)
     ids = torch.tensor([STORIES260K_GREEDY_IDS])

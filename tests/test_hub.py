@@ -12,19 +12,23 @@ import pytest
 from hub_double import TEST_TOKEN, git_blob_sha1, hub  # noqa: F401  (``hub`` is a fixture)
 
 from hf_bdgauge import SignedPermutation
-from hf_bdgauge.errors import InvalidGaugeError
+from hf_bdgauge.errors import GaugeNotFoundError, InvalidGaugeError
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.gauge_files import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME, MODEL_CARD_NAME
 from hf_bdgauge.provenance import ModelRef
-from hf_bdgauge.errors import GaugeNotFoundError
 
 D = 32
 
 
 def _gauge(seed: int) -> Gauge:
-    return Gauge(SignedPermutation.random(D, seed=seed), source=ModelRef("org/base", "main", "a" * 40),
-                 target=ModelRef("org/tuned", "v1", "b" * 40), method="test",
-                 confidence=np.random.default_rng(seed).uniform(0.5, 1.0, D), metrics={"seed": seed})
+    return Gauge(
+        SignedPermutation.random(D, seed=seed),
+        source=ModelRef("org/base", "main", "a" * 40),
+        target=ModelRef("org/tuned", "v1", "b" * 40),
+        method="test",
+        confidence=np.random.default_rng(seed).uniform(0.5, 1.0, D),
+        metrics={"seed": seed},
+    )
 
 
 def test_push_then_pull_by_commit_and_branch(hub, tmp_path):
@@ -36,7 +40,11 @@ def test_push_then_pull_by_commit_and_branch(hub, tmp_path):
     assert Gauge.from_pretrained("me/gauge", revision=info.oid) == g
     assert Gauge.from_pretrained("me/gauge") == g  # main
     card = files[MODEL_CARD_NAME].decode()
-    assert "library_name: hf_bdgauge" in card and "- org/base" in card and 'Gauge.from_pretrained("me/gauge")' in card
+    assert (
+        "library_name: hf_bdgauge" in card
+        and "- org/base" in card
+        and 'Gauge.from_pretrained("me/gauge")' in card
+    )
     ops = [p for m, p in hub.requests if m == "POST"]
     assert ops[0] == "/api/repos/create" and ops[-1] == "/api/models/me/gauge/commit/main"
 
@@ -86,7 +94,10 @@ def test_errors_from_the_hub_are_clear(hub):
     from hf_bdgauge.errors import GaugeError, RepositoryNotFoundError, RevisionNotFoundError
 
     _gauge(1).push_to_hub("me/gauge")
-    with pytest.raises(RepositoryNotFoundError, match="gauge me/missing@main: .*not a local path, and no such repository is on the Hub") as e:
+    with pytest.raises(
+        RepositoryNotFoundError,
+        match="gauge me/missing@main: .*not a local path, and no such repository is on the Hub",
+    ) as e:
         Gauge.from_pretrained("me/missing")
     assert isinstance(e.value, GaugeError) and "\n" not in str(e.value)
     with pytest.raises(RevisionNotFoundError, match="no such revision"):

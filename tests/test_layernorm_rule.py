@@ -62,12 +62,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("model_type", LAYERNORM_TYPES)
 def test_global_flip_is_exact_with_nonzero_biases_and_partial_flips_are_refused(model_type, token_ids):
     model = _model(model_type)
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias") and ("ln" in n.lower() or "norm" in n.lower())]
+    biases = [
+        p
+        for n, p in model.named_parameters()
+        if n.endswith("bias") and ("ln" in n.lower() or "norm" in n.lower())
+    ]
     assert biases and all(float(b.detach().abs().max()) > 0 for b in biases)
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(SignedGaugeNotAllowedError, match="LayerNorm"):
         apply_gauge(model, SignedPermutation.random(D, seed=1))  # some coordinates flipped, not all
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), "a refusal must not touch the model"
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), (
+        "a refusal must not touch the model"
+    )
     before, hs = _out(model, token_ids)
     for g in (_global_flip(3), SignedPermutation.random(D, seed=2, signed=False)):
         m = apply_gauge(copy.deepcopy(model), g)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_rel, product_rtol
 
 from hf_bdgauge.errors import CheckpointError, FixtureError
 from hf_bdgauge.fixtures import llama2c as L
 from hf_bdgauge.fixtures import llama2c_files as LF
 from hf_bdgauge.fixtures import llama2c_reference as LR
-from tolerances import assert_close_rel, product_rtol
 
 torch.set_num_threads(2)
 
@@ -112,7 +112,9 @@ def test_reference_forward_reproduces_greedy_ids(checkpoint, reference_logits):
     cfg, weights = checkpoint
     theta = LR.llama2c_reference_forward(cfg, weights, GREEDY_IDS, rope="theta")
     # The file's float32 RoPE tables vs exact float64 angles: tiny difference, relative to the logits' scale.
-    assert_close_rel(theta, reference_logits, rtol=1e-5, what="logits, float64 angles vs the file's float32 tables")
+    assert_close_rel(
+        theta, reference_logits, rtol=1e-5, what="logits, float64 angles vs the file's float32 tables"
+    )
 
 
 def test_rope_row_permutation_turns_interleaved_into_rotate_half():
@@ -132,8 +134,13 @@ def test_rope_row_permutation_turns_interleaved_into_rotate_half():
     # HF's rotated (permuted) vector is the permutation of llama2.c's rotated vector.
     expected = L.interleaved_to_rotate_half_rows(inter.reshape(-1, 1), n_heads)[:, 0].reshape(n_heads, hs)
     # two-term sums of products: rounding relative to |x|·|cos| + |x|·|sin|
-    assert_close_rel(hf, expected, rtol=product_rtol(hf.dtype, 2), scale=np.abs(xp) * np.abs(c2) + np.abs(rot_half) * np.abs(s2),
-                     what="rotate_half RoPE vs permuted interleaved RoPE")
+    assert_close_rel(
+        hf,
+        expected,
+        rtol=product_rtol(hf.dtype, 2),
+        scale=np.abs(xp) * np.abs(c2) + np.abs(rot_half) * np.abs(s2),
+        what="rotate_half RoPE vs permuted interleaved RoPE",
+    )
 
 
 # --- converted Hugging Face model ------------------------------------------------------------------
@@ -229,7 +236,11 @@ def hf_tokenizer(source):
 
 def test_tokenizer_special_tokens(hf_tokenizer):
     assert len(hf_tokenizer) == 512
-    assert (hf_tokenizer.unk_token, hf_tokenizer.bos_token, hf_tokenizer.eos_token) == ("<unk>", "<s>", "</s>")
+    assert (hf_tokenizer.unk_token, hf_tokenizer.bos_token, hf_tokenizer.eos_token) == (
+        "<unk>",
+        "<s>",
+        "</s>",
+    )
     assert (hf_tokenizer.unk_token_id, hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (0, 1, 2)
     assert hf_tokenizer.convert_ids_to_tokens([259, 410, 3, 258]) == ["\u2581t", "\u2581", "<0x00>", "<0xFF>"]
 
@@ -253,7 +264,7 @@ def test_tokenizer_encode_round_trip(hf_tokenizer):
     "text",
     [
         L.STORIES260K_GREEDY_TEXT,
-        "Tim and Lily's dog ran to the park!  Then   they had \"fun\".",
+        'Tim and Lily\'s dog ran to the park!  Then   they had "fun".',
         "Hello\nworld\t caf\u00e9 \u2603 \u201cquoted\u201d \u2014 1,234.5 (ok)?",
         " leading space and trailing ",
         "x",

@@ -9,25 +9,30 @@ import logging
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_rel
 
-from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
-from hf_bdgauge.errors import DimensionMismatchError
+from hf_bdgauge.errors import DimensionMismatchError, EstimationError
 from hf_bdgauge.estimate import estimate_gauge
-from hf_bdgauge.estimate.matching import POOLINGS
-from hf_bdgauge.errors import EstimationError
 from hf_bdgauge.estimate.assignment import hungarian, match_scores, random_orthogonal
 from hf_bdgauge.estimate.capture import capture_pair_stats
-from hf_bdgauge.estimate.matching import estimate_from_activations, estimate_from_stats, pooled_correlations
+from hf_bdgauge.estimate.matching import (
+    POOLINGS,
+    estimate_from_activations,
+    estimate_from_stats,
+    pooled_correlations,
+)
 from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 from hf_bdgauge.testing import tiny_model
-from tolerances import assert_close_rel
-
 
 #: two sequences: the calibrated p-value selects on one and scores on the other
-TWO_TEXTS = [STORIES260K_GREEDY_TEXT, "Tom had a big red ball. He liked to throw it high in the sky and catch it."]
+TWO_TEXTS = [
+    STORIES260K_GREEDY_TEXT,
+    "Tom had a big red ball. He liked to throw it high in the sky and catch it.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,12 @@ def _decorrelated(n: int, d: int, g: SignedPermutation, seed: int, noise: float 
     """Independent, non-Gaussian latent coordinates (Laplace, uniform, exponential mixed) with
     distinct scales; the target is G·x plus a little noise."""
     rng = np.random.default_rng(seed)
-    draws = [lambda: rng.laplace(size=n), lambda: rng.uniform(-1, 1, size=n),
-             lambda: rng.exponential(size=n) - 1, lambda: rng.standard_t(5, size=n)]
+    draws = [
+        lambda: rng.laplace(size=n),
+        lambda: rng.uniform(-1, 1, size=n),
+        lambda: rng.exponential(size=n) - 1,
+        lambda: rng.standard_t(5, size=n),
+    ]
     X = np.stack([draws[i % 4]() for i in range(d)], axis=1)
     X *= rng.uniform(0.3, 3.0, size=d)
     Y = g.apply(X, axis=-1) + noise * rng.standard_normal((n, d))
@@ -109,8 +118,13 @@ def test_null_is_the_same_matching_on_a_rotated_target():
     Q = random_orthogonal(24, np.random.default_rng(42))  # the first rotation drawn with seed 42
     rotated = estimate_from_activations(X, Y @ Q.T, calibration=CalibrationOptions(null_draws=0))
     # a mean |correlation| (scale 1), computed from rotated sums vs from rotated data
-    assert_close_rel(est.metrics["null_mean_matched_abs_corr"], rotated.metrics["mean_matched_abs_corr"], rtol=1e-9,
-                     scale=1.0, what="null mean matched |corr|")
+    assert_close_rel(
+        est.metrics["null_mean_matched_abs_corr"],
+        rotated.metrics["mean_matched_abs_corr"],
+        rtol=1e-9,
+        scale=1.0,
+        what="null mean matched |corr|",
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -120,7 +134,9 @@ def test_two_tokens_are_uninformative_in_any_precision(dtype):
     as an excess over the null."""
     g = SignedPermutation.random(32, seed=3)
     X, Y = _decorrelated(2, 32, g, 4)
-    est = estimate_from_activations(X.astype(dtype), Y.astype(dtype), calibration=CalibrationOptions(null_draws=2))
+    est = estimate_from_activations(
+        X.astype(dtype), Y.astype(dtype), calibration=CalibrationOptions(null_draws=2)
+    )
     m = est.metrics
     assert 1.0 - m["null_mean_matched_abs_corr"] < 1e-5
     assert m["excess_over_null"] == 0.0 and m["verdict"] == "insufficient_data"  # one token per half
@@ -142,7 +158,14 @@ def test_recovers_planted_gauge_on_stories260k_exactly(stories, seed):
     m = est.metrics
     assert m["verdict"] == "signed_permutation" and m["p_value"] < 1e-20 and est.identified_fraction == 1.0
     # every sequence's context-free first token is left out of the statistics
-    assert m["tokens"] == sum(len(tok(t)["input_ids"]) - 1 for t in TWO_TEXTS) and m["layers"] == [0, 1, 2, 3, 4, 5]
+    assert m["tokens"] == sum(len(tok(t)["input_ids"]) - 1 for t in TWO_TEXTS) and m["layers"] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     assert m["mean_matched_abs_corr"] > 0.999 and m["null_mean_matched_abs_corr"] < 0.6
     assert abs(m["identity_fit"]) < 0.1 and m["matched_fit"] > 0.999
     assert m["time_s"] > 0 and "signed permutation" in m["summary"]
@@ -160,7 +183,9 @@ def test_estimate_from_checkpoint_directories(stories, tmp_path):
     d, _, _ = stories
     g = SignedPermutation.random(64, seed=21)
     dst = apply_gauge_to_checkpoint(d, g, tmp_path / "recharted", progress=False)
-    est = estimate_gauge(str(d), str(dst), TWO_TEXTS, capture=CaptureOptions(progress=False, layers=[0, 2, -1]))
+    est = estimate_gauge(
+        str(d), str(dst), TWO_TEXTS, capture=CaptureOptions(progress=False, layers=[0, 2, -1])
+    )
     assert est.element == g
     assert est.source.model_id == str(d) and est.target.model_id == str(dst)
     assert est.metrics["layers"] == [0, 2, 5]
@@ -173,15 +198,25 @@ def test_fingerprints_by_default(stories, tmp_path):
     d, src, tok = stories
     g = SignedPermutation.random(64, seed=22)
     dst = apply_gauge_to_checkpoint(d, g, tmp_path / "recharted", progress=False)
-    plain = estimate_gauge(src, _load(dst), TWO_TEXTS, fingerprint=False, capture=CaptureOptions(tokenizer=tok, progress=False))
+    plain = estimate_gauge(
+        src, _load(dst), TWO_TEXTS, fingerprint=False, capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
     assert plain.source.fingerprint == {} and plain.target.fingerprint == {}
     mem = estimate_gauge(src, _load(dst), TWO_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
-    disk = estimate_gauge(str(d), str(dst), TWO_TEXTS, fingerprint=True, capture=CaptureOptions(progress=False))
-    wts = estimate_gauge(str(d), str(dst), method="weights", fingerprint=True, weights=WeightOptions(progress=False))
+    disk = estimate_gauge(
+        str(d), str(dst), TWO_TEXTS, fingerprint=True, capture=CaptureOptions(progress=False)
+    )
+    wts = estimate_gauge(
+        str(d), str(dst), method="weights", fingerprint=True, weights=WeightOptions(progress=False)
+    )
     for est in (mem, disk, wts):
         assert est.element == g
         assert est.source.fingerprint["hidden_size"] == 64 and est.source.fingerprint["content"]
-    assert mem.source.fingerprint["content"] == disk.source.fingerprint["content"] == wts.source.fingerprint["content"]
+    assert (
+        mem.source.fingerprint["content"]
+        == disk.source.fingerprint["content"]
+        == wts.source.fingerprint["content"]
+    )
     assert mem.target.fingerprint["content"] == disk.target.fingerprint["content"]
     assert disk.source.fingerprint["content"] != disk.target.fingerprint["content"]
 
@@ -210,7 +245,9 @@ def test_verdict_no_signed_permutation_for_unrelated_models(caplog):
     a, b = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     with caplog.at_level(logging.WARNING, logger="hf_bdgauge.estimate.matching"):
-        est = estimate_gauge(a, b, ids, capture=CaptureOptions(progress=False), calibration=CalibrationOptions(null_draws=2))
+        est = estimate_gauge(
+            a, b, ids, capture=CaptureOptions(progress=False), calibration=CalibrationOptions(null_draws=2)
+        )
     m = est.metrics
     assert m["verdict"] == "no_signed_permutation"
     assert abs(m["excess_over_null"]) < 0.05  # measured 0.00 ± 0.01
@@ -236,7 +273,11 @@ def test_pooling_choices(stories):
         apply_gauge(tgt, g)
         st = capture_pair_stats(src, tgt, TWO_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
         for p in POOLINGS:
-            acc[p].append(estimate_from_stats(st, capture=CaptureOptions(pooling=p), calibration=CalibrationOptions(null_draws=0)).element.agreement(g)["signed_accuracy"])
+            acc[p].append(
+                estimate_from_stats(
+                    st, capture=CaptureOptions(pooling=p), calibration=CalibrationOptions(null_draws=0)
+                ).element.agreement(g)["signed_accuracy"]
+            )
     mean = {p: float(np.mean(v)) for p, v in acc.items()}
     assert mean["mean_abs"] >= mean["mean_signed"] - 0.02
     assert mean["mean_signed"] > mean["sum"] + 0.2

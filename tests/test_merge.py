@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_close_rel, assert_product_close
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, SignedGaugeNotAllowedError, TransportError
@@ -16,7 +17,6 @@ from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.merge import merge_checkpoints, merge_models, merge_tensors
-from tolerances import assert_close_rel, assert_product_close
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 G = SignedPermutation.random(64, seed=5)
@@ -54,8 +54,10 @@ def test_merging_a_model_with_its_recharted_copy(capsys):
             s0, s1 = _state(m), _state(merged)
             assert all(torch.equal(s0[k], s1[k]) for k in s0)
     with capsys.disabled():
-        print(f"\n[merge M with G·M] max |Δlogit| vs M: B_d {results['B_d']:.1e}, S_d {results['S_d']:.3f}, "
-              f"none {results['none']:.3f} (logit scale {ref.abs().max().item():.2f})")
+        print(
+            f"\n[merge M with G·M] max |Δlogit| vs M: B_d {results['B_d']:.1e}, S_d {results['S_d']:.3f}, "
+            f"none {results['none']:.3f} (logit scale {ref.abs().max().item():.2f})"
+        )
     assert results["B_d"] == 0.0
     assert results["S_d"] > 0.1 and results["none"] > 0.1
 
@@ -71,11 +73,16 @@ def test_aligned_merge_equals_the_merge_in_a_common_chart(method):
     base_h = apply_gauge(copy.deepcopy(base), h)
     kw = dict(method=method, base=base) if method == "task_arithmetic" else {}
     want = merge_models([a, b], [0.7, 0.6], **kw)
-    got = merge_models([a, bp], [0.7, 0.6], gauges=[None, Gauge(G.inverse(), source=ModelRef("b'"), target=ModelRef("a"))],
-                       **kw)
+    got = merge_models(
+        [a, bp],
+        [0.7, 0.6],
+        gauges=[None, Gauge(G.inverse(), source=ModelRef("b'"), target=ModelRef("a"))],
+        **kw,
+    )
     if method == "task_arithmetic":
-        got2 = merge_models([a, bp], [0.7, 0.6], gauges=[None, G.inverse()], method=method,
-                            base=(base_h, h.inverse()))
+        got2 = merge_models(
+            [a, bp], [0.7, 0.6], gauges=[None, G.inverse()], method=method, base=(base_h, h.inverse())
+        )
         s2 = _state(got2)
     sw, sg = _state(want), _state(got)
     for k in sw:
@@ -112,9 +119,17 @@ def test_checkpoint_merge_matches_in_memory_merge(tmp_path):
     bp.save_pretrained(tmp_path / "bp")
     base.save_pretrained(tmp_path / "base")
     assert (tmp_path / "a" / "model.safetensors.index.json").exists()
-    out = merge_checkpoints([tmp_path / "a", tmp_path / "bp"], tmp_path / "merged", [1.0, 1.0],
-                            gauges=[None, G.inverse()], method="task_arithmetic", base=tmp_path / "base")
-    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    out = merge_checkpoints(
+        [tmp_path / "a", tmp_path / "bp"],
+        tmp_path / "merged",
+        [1.0, 1.0],
+        gauges=[None, G.inverse()],
+        method="task_arithmetic",
+        base=tmp_path / "base",
+    )
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(
+        p.name for p in (tmp_path / "a").glob("*.safetensors")
+    )
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(out)
@@ -163,7 +178,9 @@ def test_merge_adapters_from_two_charts(tmp_path, capsys):
 
     m = tiny_model("llama", seed=6)
     mp = apply_gauge(copy.deepcopy(m), G)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], init_lora_weights=False
+    )
     dirs = []
     for i, base in enumerate((m, mp)):
         pm = get_peft_model(copy.deepcopy(base), cfg)
@@ -182,8 +199,12 @@ def test_merge_adapters_from_two_charts(tmp_path, capsys):
     _, unaligned = merged_logits(m, [None, None])
     # an adapter already loaded (in the base's chart) may be named instead of passed as a directory
     pm_named = PeftModel.from_pretrained(copy.deepcopy(m), dirs[0])
-    pm_named.set_adapter(merge_adapters(pm_named, ["default", dirs[1]], [0.6, 0.4], gauges=[None, G.inverse()]))
-    assert_close_rel(_logits(pm_named.eval()), on_m, rtol=1e-6, what="logits, adapter named vs passed as a directory")
+    pm_named.set_adapter(
+        merge_adapters(pm_named, ["default", dirs[1]], [0.6, 0.4], gauges=[None, G.inverse()])
+    )
+    assert_close_rel(
+        _logits(pm_named.eval()), on_m, rtol=1e-6, what="logits, adapter named vs passed as a directory"
+    )
     with pytest.raises(TransportError, match="already loaded"):
         merge_adapters(pm_named, ["default", dirs[1]], [0.6, 0.4], gauges=[G, None], adapter_name="again")
     err, err_un = (on_m - on_mp).abs().max().item(), (unaligned - on_mp).abs().max().item()
@@ -203,8 +224,14 @@ def test_merge_adapters_from_two_charts(tmp_path, capsys):
     want = 0.6 * delta(dirs[0], key) + 0.4 * G.inverse().apply_rows(delta(dirs[1], key))
     # both sides are sums of r-term products (float32): rounding relative to |B|·|A| of the merged factors
     b_m, a_m = layer.lora_B["merged"].weight.detach(), layer.lora_A["merged"].weight.detach()
-    assert_product_close(layer.get_delta_weight("merged").detach(), want, b_m, a_m, factor=layer.scaling["merged"],
-                         what="merged ΔW vs 0.6 ΔW_1 + 0.4 G⁻¹·ΔW_2")
+    assert_product_close(
+        layer.get_delta_weight("merged").detach(),
+        want,
+        b_m,
+        a_m,
+        factor=layer.scaling["merged"],
+        what="merged ΔW vs 0.6 ΔW_1 + 0.4 G⁻¹·ΔW_2",
+    )
 
 
 def _load_example():

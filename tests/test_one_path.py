@@ -21,13 +21,13 @@ import pytest
 import torch
 from hub_double import hub  # noqa: F401  (a fixture: a local test double of the Hub)
 
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import Gauge, GaugedModel, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
-from hf_bdgauge.errors import DestinationExistsError, FingerprintMismatchError, RepositoryNotFoundError
 from hf_bdgauge.cli import main
+from hf_bdgauge.errors import DestinationExistsError, FingerprintMismatchError, RepositoryNotFoundError
 from hf_bdgauge.estimate import compose_trajectory
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.layers import residual_states
+from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.testing import LAYERNORM_TYPES, RMSNORM_TYPES, tiny_model
 from hf_bdgauge.transport.steering import SteeringVector
 
@@ -48,11 +48,28 @@ def chain(tmp_path_factory):
 
 def test_compose_verb_saves_shows_and_its_inverse_saves(chain, tmp_path, capsys):
     root, a, g1, g2 = chain
-    assert main(["compose", str(a), str(root / "b"), str(root / "c"), "--texts", str(root / "corpus.txt"), "-q",
-                 "-o", str(tmp_path / "a-c")]) == 0
+    assert (
+        main(
+            [
+                "compose",
+                str(a),
+                str(root / "b"),
+                str(root / "c"),
+                "--texts",
+                str(root / "corpus.txt"),
+                "-q",
+                "-o",
+                str(tmp_path / "a-c"),
+            ]
+        )
+        == 0
+    )
     g = Gauge.from_pretrained(tmp_path / "a-c")
     assert g.element == g2 @ g1 and g.method == "trajectory[sign_marginalized]"
-    assert [h["source"]["model_id"] for h in g.hops] == [str(a), str(root / "b")]  # one hop schema: ModelRef dicts
+    assert [h["source"]["model_id"] for h in g.hops] == [
+        str(a),
+        str(root / "b"),
+    ]  # one hop schema: ModelRef dicts
     assert main(["show", str(tmp_path / "a-c")]) == 0
     assert "composed of 2 hops" in capsys.readouterr().out
     inv = g.inverse()
@@ -62,12 +79,17 @@ def test_compose_verb_saves_shows_and_its_inverse_saves(chain, tmp_path, capsys)
     assert "→" in (tmp_path / "c-a" / "README.md").read_text()
     # the Python composition and the trajectory are the same law
     via_law = Gauge(g2, method="x").compose(Gauge(g1, method="x"))
-    assert via_law.element == g.element and via_law.metrics["verdict"] == g.metrics["verdict"] == "signed_permutation"
+    assert (
+        via_law.element == g.element
+        and via_law.metrics["verdict"] == g.metrics["verdict"] == "signed_permutation"
+    )
 
 
 def test_trajectory_in_python_saves_too(chain, tmp_path):
     root, a, g1, g2 = chain
-    g = compose_trajectory([str(a), f"{root / 'b'}", str(root / "c")], TEXTS, capture=CaptureOptions(progress=False))
+    g = compose_trajectory(
+        [str(a), f"{root / 'b'}", str(root / "c")], TEXTS, capture=CaptureOptions(progress=False)
+    )
     g.save_pretrained(tmp_path / "t")
     g.inverse().save_pretrained(tmp_path / "t-inv")
     assert Gauge.from_pretrained(tmp_path / "t-inv").element == g.element.inverse()
@@ -84,7 +106,21 @@ def test_repo_at_revision_everywhere(hub, chain, tmp_path, capsys):
     api.create_branch("me/model", branch="v2")
     api.upload_folder(repo_id="me/model", folder_path=str(root / "b"), revision="v2", commit_message="v2")
     # estimate with repo@revision on both ends
-    assert main(["estimate", "me/model@main", "me/model@v2", "--method", "weights", "-q", "-o", str(tmp_path / "g")]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "me/model@main",
+                "me/model@v2",
+                "--method",
+                "weights",
+                "-q",
+                "-o",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 0
+    )
     g = Gauge.from_pretrained(tmp_path / "g")
     assert g.element == g1 and g.source.revision == "main" and g.target.revision == "v2"
     # push to a new branch creates it; show / from_pretrained / GaugedModel read repo@branch
@@ -121,9 +157,12 @@ def test_repo_at_revision_for_apply_and_gauged_model(hub, chain, tmp_path):
 def test_hub_failures_are_one_line_errors(hub, tmp_path, capsys):
     with pytest.raises(RepositoryNotFoundError, match="no such repository"):
         Gauge.from_pretrained("me/nothing@main")
-    for argv in (["show", "me/nothing"], ["show", "me/nothing@v3"],
-                 ["apply", "me/nothing@v1", str(tmp_path / "x"), "--random-seed", "1"],
-                 ["estimate", "me/nothing", "me/nothing@v2", "--method", "weights"]):
+    for argv in (
+        ["show", "me/nothing"],
+        ["show", "me/nothing@v3"],
+        ["apply", "me/nothing@v1", str(tmp_path / "x"), "--random-seed", "1"],
+        ["estimate", "me/nothing", "me/nothing@v2", "--method", "weights"],
+    ):
         assert main(argv) == 3, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"bdgauge {argv[0]}: error:") and len(err.splitlines()) == 1, err
@@ -140,7 +179,22 @@ def test_writers_refuse_existing_destinations_naming_the_callers_flag(chain, tmp
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err and "overwrite=True" not in err
     assert (tmp_path / "g" / "gauge.safetensors").read_bytes() == before
-    assert main(["estimate", str(a), str(root / "c"), "--texts", texts, "-q", "-o", str(tmp_path / "g"), "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                str(a),
+                str(root / "c"),
+                "--texts",
+                texts,
+                "-q",
+                "-o",
+                str(tmp_path / "g"),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert Gauge.from_pretrained(tmp_path / "g").element != g1
     assert main(["compose", str(a), str(root / "b"), "--texts", texts, "-q", "-o", str(tmp_path / "g")]) == 3
     assert "--overwrite" in capsys.readouterr().err
@@ -165,8 +219,12 @@ def test_written_files_get_the_users_umask(chain, tmp_path, umask):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     for d in (tmp_path / "ckpt", tmp_path / "gauge"):
         assert mode(d) == 0o777 & ~umask, (d, oct(mode(d)))
-    for f in (tmp_path / "gauge" / "gauge.safetensors", tmp_path / "gauge" / "gauge_config.json",
-              tmp_path / "v.safetensors", tmp_path / "ckpt" / "model.safetensors"):
+    for f in (
+        tmp_path / "gauge" / "gauge.safetensors",
+        tmp_path / "gauge" / "gauge_config.json",
+        tmp_path / "v.safetensors",
+        tmp_path / "ckpt" / "model.safetensors",
+    ):
         assert mode(f) == 0o666 & ~umask, (f, oct(mode(f)))
 
 
@@ -177,10 +235,28 @@ def test_apply_random_seed_saves_the_planted_gauge(chain, tmp_path, capsys):
     planted = Gauge.from_pretrained(tmp_path / "d.gauge")
     assert planted.element == SignedPermutation.random(64, seed=7) and planted.method == "planted"
     assert planted.source.fingerprint and planted.target.fingerprint
-    assert main(["estimate", str(a), str(tmp_path / "d"), "--method", "weights", "-q", "-o", str(tmp_path / "e")]) == 0
+    assert (
+        main(
+            ["estimate", str(a), str(tmp_path / "d"), "--method", "weights", "-q", "-o", str(tmp_path / "e")]
+        )
+        == 0
+    )
     assert Gauge.from_pretrained(tmp_path / "e").element == planted.element
-    assert main(["apply", str(a), str(tmp_path / "d2"), "--random-seed", "7", "--save-gauge", str(tmp_path / "pg"),
-                 "-q"]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                str(a),
+                str(tmp_path / "d2"),
+                "--random-seed",
+                "7",
+                "--save-gauge",
+                str(tmp_path / "pg"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert Gauge.from_pretrained(tmp_path / "pg").element == planted.element
 
 
@@ -194,8 +270,20 @@ def test_optimizer_verb_on_a_layernorm_model_with_the_global_flip(tmp_path):
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     flip = SignedPermutation(SignedPermutation.random(64, seed=3).perm, [-1] * 64)
     Gauge(flip).save_pretrained(tmp_path / "g")
-    assert main(["transport", "optimizer", str(tmp_path / "opt.pt"), str(tmp_path / "g"), str(tmp_path / "o2.pt"),
-                 "--model", str(tmp_path / "model")]) == 0
+    assert (
+        main(
+            [
+                "transport",
+                "optimizer",
+                str(tmp_path / "opt.pt"),
+                str(tmp_path / "g"),
+                str(tmp_path / "o2.pt"),
+                "--model",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
     moved = torch.load(tmp_path / "o2.pt", weights_only=True)
     names = [n for n, _ in model.named_parameters()]
     i = names.index("transformer.h.0.ln_1.bias")
@@ -226,8 +314,11 @@ def test_steering_transports_on_every_family(model_type, token_ids):
     """A steering vector moved by a gauge the family admits (B_d, or ±P for LayerNorm) steers the
     re-charted model exactly as the original steers the source."""
     model = tiny_model(model_type, seed=4, dtype=torch.float64)
-    g = SignedPermutation.random(64, seed=5) if model_type in RMSNORM_TYPES else \
-        SignedPermutation(SignedPermutation.random(64, seed=5).perm, [-1] * 64)
+    g = (
+        SignedPermutation.random(64, seed=5)
+        if model_type in RMSNORM_TYPES
+        else SignedPermutation(SignedPermutation.random(64, seed=5).perm, [-1] * 64)
+    )
     target = apply_gauge(copy.deepcopy(model), g)
     sv = SteeringVector({1: torch.randn(64, dtype=torch.float64), -1: torch.randn(64, dtype=torch.float64)})
     with sv.apply(model, alpha=0.5):
@@ -243,7 +334,7 @@ def test_objects_are_read_from_the_hub_at_a_revision(hub, chain, tmp_path):
     """SAE folders and steering / optimizer / probe files inside a Hub repo: namespace/name@rev/path."""
     from huggingface_hub import HfApi
 
-    from hf_bdgauge.transport import LinearProbe, SAE
+    from hf_bdgauge.transport import SAE, LinearProbe
     from hf_bdgauge.transport.sae import fit_sae
 
     root, a, g1, _ = chain
@@ -257,12 +348,24 @@ def test_objects_are_read_from_the_hub_at_a_revision(hub, chain, tmp_path):
     api.create_repo("me/objs")
     api.create_branch("me/objs", branch="v1")
     api.upload_folder(repo_id="me/objs", folder_path=str(objs), revision="v1", commit_message="objects")
-    for kind, src, dst in (("steering", "me/objs@v1/v.safetensors", "v.safetensors"),
-                           ("probe", "me/objs@v1/probe.safetensors", "p.safetensors"),
-                           ("sae", "me/objs@v1/sae", "sae")):
+    for kind, src, dst in (
+        ("steering", "me/objs@v1/v.safetensors", "v.safetensors"),
+        ("probe", "me/objs@v1/probe.safetensors", "p.safetensors"),
+        ("sae", "me/objs@v1/sae", "sae"),
+    ):
         assert main(["transport", kind, src, str(tmp_path / "g"), str(tmp_path / dst)]) == 0, kind
     v = SteeringVector.load(tmp_path / "v.safetensors")
     assert torch.equal(v[2], g1.apply_vector(SteeringVector.load(objs / "v.safetensors")[2]))
     assert torch.equal(SAE.load(tmp_path / "sae").b_dec, g1.apply_vector(SAE.load(objs / "sae").b_dec))
-    assert main(["transport", "steering", "me/objs@v9/v.safetensors", str(tmp_path / "g"),
-                 str(tmp_path / "w.safetensors")]) == 3
+    assert (
+        main(
+            [
+                "transport",
+                "steering",
+                "me/objs@v9/v.safetensors",
+                str(tmp_path / "g"),
+                str(tmp_path / "w.safetensors"),
+            ]
+        )
+        == 3
+    )

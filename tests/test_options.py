@@ -29,15 +29,33 @@ from hf_bdgauge.testing import tiny_model
 
 _C, _W, _K = CaptureOptions, WeightOptions, CalibrationOptions
 BAD = [
-    (_C, "layers", "0"), (_C, "layers", []), (_C, "layers", [1.5]), (_C, "batch_size", 0),
-    (_C, "batch_size", 2.0), (_C, "max_length", 0), (_C, "max_tokens", 0), (_C, "dtype", "int8"),
-    (_C, "dtype", torch.int8), (_C, "pooling", "max"), (_C, "progress", "yes"), (_C, "skip_first", 1),
+    (_C, "layers", "0"),
+    (_C, "layers", []),
+    (_C, "layers", [1.5]),
+    (_C, "batch_size", 0),
+    (_C, "batch_size", 2.0),
+    (_C, "max_length", 0),
+    (_C, "max_tokens", 0),
+    (_C, "dtype", "int8"),
+    (_C, "dtype", torch.int8),
+    (_C, "pooling", "max"),
+    (_C, "progress", "yes"),
+    (_C, "skip_first", 1),
     (_C, "product_dtype", "half-ish"),
-    (_W, "tensor_weighting", "unit"), (_W, "include_gains", None), (_W, "compute_dtype", "int8"),
-    (_W, "block_elements", 0), (_W, "progress", 0),
-    (_K, "draws", 2), (_K, "null_draws", -1), (_K, "seed", -1), (_K, "reference", "haar"),
+    (_W, "tensor_weighting", "unit"),
+    (_W, "include_gains", None),
+    (_W, "compute_dtype", "int8"),
+    (_W, "block_elements", 0),
+    (_W, "progress", 0),
+    (_K, "draws", 2),
+    (_K, "null_draws", -1),
+    (_K, "seed", -1),
+    (_K, "reference", "haar"),
     (_K, "reference", 3),
-    (_K, "level", 0), (_K, "level", 1.5), (_K, "min_excess", "a"), (_K, "identity_tol", 2.0),
+    (_K, "level", 0),
+    (_K, "level", 1.5),
+    (_K, "min_excess", "a"),
+    (_K, "identity_tol", 2.0),
     (_K, "identity_tol", True),
 ]
 
@@ -100,19 +118,28 @@ def test_weight_options_are_refused_by_every_other_method(pair):
     a, b, ids = pair
     for method in ("sign_marginalized", "signed", "permutation", "orthogonal", "orthogonal_weights"):
         with pytest.raises(EstimationError, match=rf"weights= does not apply to method='{method}'"):
-            estimate_gauge(a, b, None if method == "orthogonal_weights" else ids, method,
-                           weights=WeightOptions(progress=False))
+            estimate_gauge(
+                a,
+                b,
+                None if method == "orthogonal_weights" else ids,
+                method,
+                weights=WeightOptions(progress=False),
+            )
 
 
 def test_orthogonal_weights_reads_only_level_and_identity_tol(pair):
     a, b, _ = pair
-    with pytest.raises(EstimationError, match=r"calibration=CalibrationOptions\(draws=16, seed=3\) does not "
-                       r"apply to method='orthogonal_weights' \(it uses only level, identity_tol") as e:
+    with pytest.raises(
+        EstimationError,
+        match=r"calibration=CalibrationOptions\(draws=16, seed=3\) does not "
+        r"apply to method='orthogonal_weights' \(it uses only level, identity_tol",
+    ) as e:
         estimate_gauge(a, b, method="orthogonal_weights", calibration=CalibrationOptions(draws=16, seed=3))
     cli = str(e.value.for_interface("cli"))
     assert cli.startswith("--calibration-draws, --seed do not apply to --method orthogonal_weights"), cli
-    g = estimate_gauge(a, b, method="orthogonal_weights",
-                       calibration=CalibrationOptions(identity_tol=0.05, level=0.05))
+    g = estimate_gauge(
+        a, b, method="orthogonal_weights", calibration=CalibrationOptions(identity_tol=0.05, level=0.05)
+    )
     assert g.metrics["p_value_level"] == 0.05
 
 
@@ -158,8 +185,9 @@ def _verb(name: str):
 
 
 def _flagged(cls, names=None):
-    return [f for f in dataclasses.fields(cls)
-            if flag_name(f) is not None and (names is None or f.name in names)]
+    return [
+        f for f in dataclasses.fields(cls) if flag_name(f) is not None and (names is None or f.name in names)
+    ]
 
 
 @pytest.mark.parametrize("verb", ["estimate", "stats", "trace", "diff"])
@@ -168,8 +196,9 @@ def test_cli_flags_are_the_option_fields_with_their_help(verb):
     stats_fields = ("tokenizer", "layers", "batch_size", "max_length", "max_tokens", "dtype", "device_map")
     capture = _flagged(CaptureOptions, None if verb != "stats" else stats_fields)
     traced = ("draws", "seed", "reference", "level", "identity_tol")  # trace, diff: no descriptive null
-    calibration = [] if verb == "stats" else _flagged(CalibrationOptions,
-                                                      None if verb == "estimate" else traced)
+    calibration = (
+        [] if verb == "stats" else _flagged(CalibrationOptions, None if verb == "estimate" else traced)
+    )
     assert capture and (verb == "stats" or calibration)
     for f in capture + calibration:
         action = flags[flag_name(f)]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import assert_close_rel
 
 from hf_bdgauge import Orthogonal, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint, fold_norm_gains
 from hf_bdgauge.errors import InvalidGaugeError, OrthogonalGaugeError
@@ -20,7 +21,6 @@ from hf_bdgauge.orthogonal import ROTATION_CONFIG_NAME, ROTATION_WEIGHTS_NAME
 from hf_bdgauge.roles import spec_for_model
 from hf_bdgauge.rules import Role
 from hf_bdgauge.testing import LAYERNORM_TYPES, RMSNORM_TYPES, tiny_model
-from tolerances import assert_close_rel
 
 #: families whose post-norms sit on writer outputs (Gemma 2/3, OLMo-2)
 POST_NORM_TYPES = ("gemma2", "gemma3_text", "olmo2")
@@ -50,10 +50,12 @@ def test_group_law_with_rotations_and_signed_permutations(d, seed):
     R, Q, G = r.to_matrix(), q.to_matrix(), g.to_matrix(torch.float64)
     assert r.orthogonality_error() < 1e-12
     assert_close_rel((r @ q).to_matrix(), R @ Q, rtol=1e-13, what="R·Q")
-    assert torch.equal((r @ g).to_matrix(), R @ G)            # a gather and sign flips of columns: exact
-    assert torch.equal((g @ r).to_matrix(), G @ R)            # of rows: exact
+    assert torch.equal((r @ g).to_matrix(), R @ G)  # a gather and sign flips of columns: exact
+    assert torch.equal((g @ r).to_matrix(), G @ R)  # of rows: exact
     assert torch.equal(r.inverse().to_matrix(), R.T)
-    assert_close_rel((r @ r.inverse()).to_matrix(), torch.eye(d, dtype=torch.float64), rtol=1e-13, what="R·Rᵀ")
+    assert_close_rel(
+        (r @ r.inverse()).to_matrix(), torch.eye(d, dtype=torch.float64), rtol=1e-13, what="R·Rᵀ"
+    )
     assert Orthogonal.from_signed_permutation(g).to_matrix().equal(G)
     x = torch.randn(3, d, dtype=torch.float64)
     assert_close_rel(r.apply(x, axis=-1), x @ R.T, rtol=1e-13, what="x ↦ R·x")
@@ -187,7 +189,9 @@ def test_gemma_offset_gains_fold_to_zero_and_readers_take_one_plus_w():
     q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     fold_norm_gains(model)
     assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.zeros_like(w))
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q * (1 + w)[None, :])  # one float64 product
+    assert torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, q * (1 + w)[None, :]
+    )  # one float64 product
 
 
 def test_every_prenorm_gain_of_every_family_feeds_a_reader():
@@ -205,7 +209,11 @@ def test_every_prenorm_gain_of_every_family_feeds_a_reader():
             assert site is not None, (model_type, n)
             if site.position == "pre":
                 readers = [m for m in named if spec.block_of(m) == spec.block_of(n) and site.feeds_tensor(m)]
-                assert readers and all(spec.rule_for(m).role is Role.READ for m in readers), (model_type, n, readers)
+                assert readers and all(spec.rule_for(m).role is Role.READ for m in readers), (
+                    model_type,
+                    n,
+                    readers,
+                )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -245,8 +253,10 @@ def test_a_gauge_holds_a_rotation_saves_loads_composes_and_inverts(tmp_path, kin
     back = Gauge.from_pretrained(tmp_path / "g")
     assert back == g and back.element == r and "rotation" in (tmp_path / "g" / "README.md").read_text()
     p = SignedPermutation.random(32, seed=3)
-    composed = Gauge(p, method="planted") @ g          # g first, then p
-    assert composed.is_rotation and torch.equal(composed.element.to_matrix(), p.to_matrix(torch.float64) @ r.to_matrix())
+    composed = Gauge(p, method="planted") @ g  # g first, then p
+    assert composed.is_rotation and torch.equal(
+        composed.element.to_matrix(), p.to_matrix(torch.float64) @ r.to_matrix()
+    )
     inv = g.inverse()
     assert inv.is_rotation and torch.equal(inv.element.to_matrix(), r.to_matrix().T)
     with pytest.raises(InvalidGaugeError, match="per-coordinate"):
@@ -287,26 +297,41 @@ def test_vectors_probes_and_saes_move_by_r_exactly_where_that_is_exact(token_ids
     v = SteeringVector({1: torch.randn(64, generator=gen)})
     moved = v.transport(gauge)
     assert_close_rel(moved.layer_vectors[1], r.apply(v.layer_vectors[1], axis=-1), rtol=1e-6, what="R·v")
-    assert_close_rel(next_token_logprobs(rotated, token_ids, moved), next_token_logprobs(base, token_ids, v),
-                     rtol=1e-4, what="steered log-probs")
+    assert_close_rel(
+        next_token_logprobs(rotated, token_ids, moved),
+        next_token_logprobs(base, token_ids, v),
+        rtol=1e-4,
+        what="steered log-probs",
+    )
 
     h = torch.randn(5, 64, generator=gen)
     probe = LinearProbe(torch.randn(3, 64, generator=gen), torch.randn(3, generator=gen))
     assert_close_rel(probe.transport(gauge)(r.apply(h, axis=-1)), probe(h), rtol=1e-5, what="probe on R·h")
 
-    sae = SAE.from_weights(torch.randn(64, 128, generator=gen) / 8, torch.randn(128, 64, generator=gen) / 8,
-                           torch.randn(128, generator=gen) / 8, torch.randn(64, generator=gen) / 8,
-                           hook_name="blocks.1.hook_resid_post")
+    sae = SAE.from_weights(
+        torch.randn(64, 128, generator=gen) / 8,
+        torch.randn(128, 64, generator=gen) / 8,
+        torch.randn(128, generator=gen) / 8,
+        torch.randn(64, generator=gen) / 8,
+        hook_name="blocks.1.hook_resid_post",
+    )
     t = sae.transport(gauge)
     assert_close_rel(t.encode(r.apply(h, axis=-1)), sae.encode(h), rtol=1e-5, what="SAE features of R·h")
-    assert_close_rel(t.decode(sae.encode(h)), r.apply(sae.decode(sae.encode(h)), axis=-1), rtol=1e-5, what="R·x̂")
-    ln = SAE.from_weights(sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec, hook_name="blocks.1.hook_resid_post",
-                          normalize_activations="layer_norm")
+    assert_close_rel(
+        t.decode(sae.encode(h)), r.apply(sae.decode(sae.encode(h)), axis=-1), rtol=1e-5, what="R·x̂"
+    )
+    ln = SAE.from_weights(
+        sae.W_enc,
+        sae.W_dec,
+        sae.b_enc,
+        sae.b_dec,
+        hook_name="blocks.1.hook_resid_post",
+        normalize_activations="layer_norm",
+    )
     with pytest.raises(OrthogonalGaugeError, match="layer_norm"):
         ln.transport(gauge)
     with pytest.raises(OrthogonalGaugeError, match="mixes every coordinate"):
         IndexSet.top_k(torch.randn(64, generator=gen), 5).transport(gauge)
-
 
 
 def test_a_gauged_model_in_a_rotated_chart_maps_to_its_reference_and_canonicalizes(token_ids):
@@ -372,25 +397,33 @@ def test_a_lora_moves_into_the_folded_rotated_chart_and_back(tmp_path, token_ids
     assert loaded == gauge and set(loaded.gains) == set(gauge.gains)
 
     torch.manual_seed(0)
-    dora = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, init_lora_weights=False,
-                                                        **{**cfg, "target_modules": ["q_proj"]}))
+    dora = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(use_dora=True, init_lora_weights=False, **{**cfg, "target_modules": ["q_proj"]}),
+    )
     with pytest.raises(OrthogonalGaugeError, match="DoRA"):
         transport_adapter_state_dict(get_peft_model_state_dict(dora), gauge, spec)
     folded = fold_norm_gains(copy.deepcopy(base))
-    dora_w = get_peft_model(folded, LoraConfig(use_dora=True, init_lora_weights=False,
-                                              **{**cfg, "target_modules": ["o_proj"]}))
+    dora_w = get_peft_model(
+        folded, LoraConfig(use_dora=True, init_lora_weights=False, **{**cfg, "target_modules": ["o_proj"]})
+    )
     with pytest.raises(OrthogonalGaugeError, match="DoRA on a residual writer"):
-        transport_adapter_state_dict(get_peft_model_state_dict(dora_w), Gauge(Orthogonal.random(64, seed=1)), spec)
-    composed = gauge @ Gauge(SignedPermutation.random(64, seed=2), target=gauge.source)  # the junction's gains cancel
+        transport_adapter_state_dict(
+            get_peft_model_state_dict(dora_w), Gauge(Orthogonal.random(64, seed=1)), spec
+        )
+    composed = gauge @ Gauge(
+        SignedPermutation.random(64, seed=2), target=gauge.source
+    )  # the junction's gains cancel
     assert composed.gains is None and "source's pre-norm gains are unknown" in composed.readers_gain_problem()
     zero = Gauge(Orthogonal.random(64, seed=1), gains={"model.norm.weight": np.zeros(64)})
     with pytest.raises(OrthogonalGaugeError, match="model.norm.weight"):
         zero.inverse()
 
 
-
-@pytest.mark.parametrize("model_type,tie,shard", [("llama", False, None), ("llama", True, "60KB"), ("gemma", True, None),
-                                                  ("qwen2_moe", False, "80KB")])
+@pytest.mark.parametrize(
+    "model_type,tie,shard",
+    [("llama", False, None), ("llama", True, "60KB"), ("gemma", True, None), ("qwen2_moe", False, "80KB")],
+)
 def test_folding_a_checkpoint_on_disk_gives_the_in_memory_fold(model_type, tie, shard, tmp_path, token_ids):
     """fold_norm_gains_in_checkpoint (single file or sharded with an index, tied or not): the
     loaded result equals the in-memory fold tensor for tensor (the same float64 products rounded
@@ -403,10 +436,14 @@ def test_folding_a_checkpoint_on_disk_gives_the_in_memory_fold(model_type, tie, 
     ref = _logits(model, token_ids)
     model.save_pretrained(tmp_path / "raw", **({"max_shard_size": shard} if shard else {}))
     assert (len(list((tmp_path / "raw").glob("*.safetensors"))) > 1) == bool(shard)
-    fold_norm_gains_in_checkpoint(tmp_path / "raw", tmp_path / "folded", progress=False, block_bytes=4096)  # many blocks
+    fold_norm_gains_in_checkpoint(
+        tmp_path / "raw", tmp_path / "folded", progress=False, block_bytes=4096
+    )  # many blocks
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded", attn_implementation="eager").eval()
     assert loaded.config.tie_word_embeddings is False and norm_gains_are_unit(loaded)
-    in_memory = dict(fold_norm_gains(tiny_model(model_type, seed=4, tie_word_embeddings=tie)).named_parameters())
+    in_memory = dict(
+        fold_norm_gains(tiny_model(model_type, seed=4, tie_word_embeddings=tie)).named_parameters()
+    )
     for n, p in loaded.named_parameters():
         assert torch.equal(p, in_memory[n]), n  # elementwise float64 products, one rounding: exact
     assert_close_rel(_logits(loaded, token_ids), ref, rtol=1e-4, what="folded checkpoint logits")
@@ -418,7 +455,9 @@ def test_folding_a_checkpoint_on_disk_gives_the_in_memory_fold(model_type, tie, 
     assert not (tmp_path / "never").exists()
 
 
-def test_optimizer_state_under_a_rotation_first_moments_exact_second_moments_refused_or_approximate(token_ids):
+def test_optimizer_state_under_a_rotation_first_moments_exact_second_moments_refused_or_approximate(
+    token_ids,
+):
     """SGD with momentum is rotation-equivariant: its state moved by R resumes, on the rotated
     folded model, the rotated trajectory (weights R-moved to 1e-6, float64 with float32 norms;
     untransported state is off by > 1e-4). Adam's second
@@ -445,7 +484,9 @@ def test_optimizer_state_under_a_rotation_first_moments_exact_second_moments_ref
             opt.step()
 
     for p in model.parameters():
-        p.requires_grad_(spec.rule_for([n for n, q in model.named_parameters() if q is p][0]).role is not Role.GAIN)
+        p.requires_grad_(
+            spec.rule_for([n for n, q in model.named_parameters() if q is p][0]).role is not Role.GAIN
+        )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable(model), lr=0.05, momentum=0.9)
     step(model, opt)
@@ -461,8 +502,10 @@ def test_optimizer_state_under_a_rotation_first_moments_exact_second_moments_ref
     expected = dict(apply_gauge(copy.deepcopy(model), r).named_parameters())
     for n, p in rotated.named_parameters():  # float32 RMSNorm upcast: gradients to ~1e-7
         assert_close_rel(p, expected[n], rtol=1e-6, what=f"resumed {n}")
-    worst = max(float((p.detach() - expected[n].detach()).abs().max() / expected[n].detach().abs().max())
-                for n, p in untransported.named_parameters())
+    worst = max(
+        float((p.detach() - expected[n].detach()).abs().max() / expected[n].detach().abs().max())
+        for n, p in untransported.named_parameters()
+    )
     assert worst > 1e-4  # the momentum left in the old chart pushes the wrong way
 
     adam = torch.optim.AdamW(trainable(model), lr=1e-3)
@@ -473,7 +516,9 @@ def test_optimizer_state_under_a_rotation_first_moments_exact_second_moments_ref
     assert all(gr["hf_bdgauge_approximate"] for gr in moved["param_groups"])
     pid = 0  # embed_tokens: a reader on its last axis
     v = adam.state_dict()["state"][pid]["exp_avg_sq"]
-    assert_close_rel(moved["state"][pid]["exp_avg_sq"], v @ (r.to_matrix() ** 2).T, rtol=1e-12, what="(R∘R)·v")
+    assert_close_rel(
+        moved["state"][pid]["exp_avg_sq"], v @ (r.to_matrix() ** 2).T, rtol=1e-12, what="(R∘R)·v"
+    )
     assert torch.all(moved["state"][pid]["exp_avg_sq"] >= 0)
 
     with_gains = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

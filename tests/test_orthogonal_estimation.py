@@ -12,27 +12,35 @@ import pytest
 import torch
 from scipy.stats import kstest
 
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import Gauge, Orthogonal, SignedPermutation
 from hf_bdgauge.errors import GaugeFitError
 from hf_bdgauge.estimate import estimate_gauge
-from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.estimate.procrustes import (
     estimate_rotation_from_stats,
     fit_rotation,
     nearest_signed_permutation,
     procrustes,
 )
+from hf_bdgauge.estimate.stats import PairStats
+from hf_bdgauge.options import CaptureOptions
 
 D = 32
 
 
-def _stats(n: int, R: np.ndarray | None, *, rng: np.random.Generator, layers: int = 2, noise: float = 0.0,
-           ar: float = 0.0) -> PairStats:
+def _stats(
+    n: int,
+    R: np.ndarray | None,
+    *,
+    rng: np.random.Generator,
+    layers: int = 2,
+    noise: float = 0.0,
+    ar: float = 0.0,
+) -> PairStats:
     """Paired streams of ``layers`` layers and ``n`` tokens, in two halves of independent
     sequences as a capture keeps them (an AR(1) process with coefficient ``ar`` along each half's
     tokens, heteroscedastic coordinates); target ``R·x + noise`` or, for ``R=None``, an
     independent stream of the same kind."""
+
     def stream(m: int) -> np.ndarray:
         e = rng.standard_normal((m, D)) * np.linspace(0.2, 3.0, D)
         for t in range(1, m):
@@ -178,11 +186,14 @@ def test_real_stories260k_rotation_is_recovered_from_activations_and_from_embedd
     assert g.metrics["rotation_error"] < 1e-3  # per-layer estimates from 126 float32 tokens: ~1e-4
     from hf_bdgauge.fingerprint import check_fingerprint, model_fingerprint
 
-    assert check_fingerprint(g.target.fingerprint, model_fingerprint(rot)) == []  # pinned to the rotated model
+    assert (
+        check_fingerprint(g.target.fingerprint, model_fingerprint(rot)) == []
+    )  # pinned to the rotated model
     w = estimate_gauge(base, rot, method="orthogonal_weights")
     assert w.verdict == "rotation" and np.linalg.norm(w.element.matrix - R.matrix) / 8 < 1e-6
-    from hf_bdgauge.transport.steering import SteeringVector, next_token_logprobs
     from tolerances import assert_close_rel
+
+    from hf_bdgauge.transport.steering import SteeringVector, next_token_logprobs
 
     v = SteeringVector({3: 4.0 * torch.randn(64, generator=torch.Generator().manual_seed(1))})
     effect = next_token_logprobs(base, ids, v) - next_token_logprobs(base, ids)
@@ -219,15 +230,41 @@ def test_cli_estimates_a_rotation_data_free_and_refuses_an_unrelated_pair(rotate
     base, rot, R, _ = rotated_pair
     base.save_pretrained(tmp_path / "a")
     rot.save_pretrained(tmp_path / "b")
-    assert main(["estimate", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "orthogonal_weights",
-                 "-o", str(tmp_path / "g"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--method",
+                "orthogonal_weights",
+                "-o",
+                str(tmp_path / "g"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     g = Gauge.from_pretrained(tmp_path / "g")
     assert g.is_rotation and np.linalg.norm(g.element.matrix - R.matrix) / 8 < 1e-6
     assert main(["show", str(tmp_path / "g")]) == 0
     assert "verdict: rotation" in capsys.readouterr().out
     random_init_model(3).save_pretrained(tmp_path / "c")
-    assert main(["estimate", str(tmp_path / "a"), str(tmp_path / "c"), "--method", "orthogonal_weights",
-                 "-o", str(tmp_path / "bad"), "-q"]) != 0
+    assert (
+        main(
+            [
+                "estimate",
+                str(tmp_path / "a"),
+                str(tmp_path / "c"),
+                "--method",
+                "orthogonal_weights",
+                "-o",
+                str(tmp_path / "bad"),
+                "-q",
+            ]
+        )
+        != 0
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -241,5 +278,10 @@ def test_a_layernorm_family_is_refused_before_a_rotation_is_estimated(method):
     a, b = tiny_model("gpt2", seed=0), tiny_model("gpt2", seed=1)
     ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(OrthogonalGaugeError, match="LayerNorm"):
-        estimate_gauge(a, b, None if method == "orthogonal_weights" else ids, method,
-                       capture=None if method == "orthogonal_weights" else CaptureOptions(progress=False))
+        estimate_gauge(
+            a,
+            b,
+            None if method == "orthogonal_weights" else ids,
+            method,
+            capture=None if method == "orthogonal_weights" else CaptureOptions(progress=False),
+        )

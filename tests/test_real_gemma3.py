@@ -79,8 +79,12 @@ def _forward(model, ids):
 def _greedy(model, prompts):
     with torch.no_grad():
         out = model.generate(
-            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW_TOKENS, do_sample=False,
-            output_scores=True, return_dict_in_generate=True,
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
     return out.sequences, torch.stack(out.scores, 1)  # [B, T+new], [B, new, vocab]
 
@@ -129,7 +133,9 @@ def _assert_same_function(model, reference, g, what: str) -> None:
     for layer, (h, h2) in enumerate(zip(reference["hidden"], out.hidden_states)):
         dev, hmax = (h2 - g.apply_vector(h)).abs().max().item(), h.abs().max().item()
         # Gemma's residual stream reaches |h| ≈ 1e5 (massive activations); measured dev/max ≲ 3e-6.
-        assert dev <= REL_TOL * hmax, f"{what}, hidden state {layer}: max|h' - G·h| {dev:.3g}, max|h| {hmax:.3g}"
+        assert dev <= REL_TOL * hmax, (
+            f"{what}, hidden state {layer}: max|h' - G·h| {dev:.3g}, max|h| {hmax:.3g}"
+        )
     seqs, _ = _greedy(model, reference["prompts"])
     assert torch.equal(seqs, reference["greedy"]), f"{what}: greedy generation changed"
 
@@ -141,7 +147,11 @@ def _assert_same_function(model, reference, g, what: str) -> None:
 def test_fixture_is_a_plain_float32_text_gemma3(gemma_dir, gemma, reference):
     model, tokenizer = gemma
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.model_type == "gemma3_text"
-    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (640, 18, 262144)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (
+        640,
+        18,
+        262144,
+    )
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
@@ -175,8 +185,9 @@ def test_in_memory_gauge_keeps_logits_residual_stream_and_generation(gauged_in_m
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_checkpoint_gauge_equals_in_memory_and_keeps_the_function(gemma_dir, gemma, gauged_in_memory, reference,
-                                                                  gauge, tmp_path):
+def test_checkpoint_gauge_equals_in_memory_and_keeps_the_function(
+    gemma_dir, gemma, gauged_in_memory, reference, gauge, tmp_path
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = apply_gauge_to_checkpoint(gemma_dir, gauge, tmp_path / "gauged", progress=False)
@@ -317,7 +328,9 @@ def test_conversion_failing_midway_leaves_nothing_half_written(monkeypatch, tmp_
             (Path(path) / "tokenizer.json").write_text("{")  # partial write, then the disk "fills up"
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gemma3_fixture, "_load_gguf", lambda path: (tiny_model("gemma3_text"), BrokenTokenizer()))
+    monkeypatch.setattr(
+        gemma3_fixture, "_load_gguf", lambda path: (tiny_model("gemma3_text"), BrokenTokenizer())
+    )
     monkeypatch.setattr(gemma3_fixture, "_check_gemma3_model", lambda model, where: None)
     root = tmp_path / "cache"
     with pytest.raises(FixtureError, match="No space left"):
@@ -332,8 +345,13 @@ def test_cache_verification_rejects_tampered_incomplete_or_foreign_copies(monkey
 
     d = tmp_path / "gemma-3-270m"
     d.mkdir()
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         (d / name).write_text(f"stand-in {name}\n")
     gemma3_fixture._write_manifest(d, "gemma-3-270m-q4_k_m.gguf", GEMMA3_GGUF_SHA256, 1, 0.0)
     assert verify(d)

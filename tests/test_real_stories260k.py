@@ -27,8 +27,14 @@ IDS = torch.tensor([STORIES260K_GREEDY_IDS])
 def _sources():
     out = [pytest.param("bundled", id="bundled")]
     out.append(
-        pytest.param("shared", id="shared", marks=pytest.mark.skipif(
-            shared_stories260k_paths() is None, reason="../shared/models/stories260K not found (set HF_BDGAUGE_SHARED)"))
+        pytest.param(
+            "shared",
+            id="shared",
+            marks=pytest.mark.skipif(
+                shared_stories260k_paths() is None,
+                reason="../shared/models/stories260K not found (set HF_BDGAUGE_SHARED)",
+            ),
+        )
     )
     return out
 
@@ -91,6 +97,7 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
 
     from lora_checks import lora_with_state, random_lora
     from peft.utils import get_peft_model_state_dict
+    from tolerances import assert_close_rel
 
     from hf_bdgauge import Orthogonal
     from hf_bdgauge.fold import fold_and_rotate
@@ -98,7 +105,6 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
     from hf_bdgauge.transport.peft import transport_adapter_state_dict
     from hf_bdgauge.transport.sae import SAE
     from hf_bdgauge.transport.steering import SteeringVector, next_token_logprobs
-    from tolerances import assert_close_rel
 
     base = AutoModelForCausalLM.from_pretrained(real_dir).eval()
     rotated = copy.deepcopy(base)
@@ -107,7 +113,9 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
     with torch.no_grad():
         ref, out = base(IDS, output_hidden_states=True), rotated(IDS, output_hidden_states=True)
     assert_close_rel(out.logits, ref.logits, rtol=1e-4, what="rotated logits")
-    assert rotated.generate(IDS[:, :1], max_new_tokens=39, do_sample=False)[0].tolist() == list(STORIES260K_GREEDY_IDS)
+    assert rotated.generate(IDS[:, :1], max_new_tokens=39, do_sample=False)[0].tolist() == list(
+        STORIES260K_GREEDY_IDS
+    )
 
     cfg = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
     pm = random_lora(base, **cfg)
@@ -126,7 +134,12 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
     assert_close_rel(moved_effect, effect, rtol=1e-3, what="steering effect in the rotated chart")
 
     gen = torch.Generator().manual_seed(2)
-    sae = SAE.from_weights(torch.randn(64, 256, generator=gen) / 8, torch.randn(256, 64, generator=gen) / 8,
-                           torch.zeros(256), torch.zeros(64), hook_name="blocks.2.hook_resid_post")
+    sae = SAE.from_weights(
+        torch.randn(64, 256, generator=gen) / 8,
+        torch.randn(256, 64, generator=gen) / 8,
+        torch.zeros(256),
+        torch.zeros(64),
+        hook_name="blocks.2.hook_resid_post",
+    )
     h, h_rot = ref.hidden_states[3][0], out.hidden_states[3][0]
     assert_close_rel(sae.transport(gauge).encode(h_rot), sae.encode(h), rtol=1e-4, what="SAE features")

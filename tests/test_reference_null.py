@@ -23,11 +23,17 @@ from hf_bdgauge.errors import EstimationError
 from hf_bdgauge.estimate import estimate_gauge
 from hf_bdgauge.estimate.capture import capture_pair_stats
 from hf_bdgauge.estimate.matching import estimate_from_stats
-from hf_bdgauge.estimate.reference import REFERENCE_FILE, REFERENCE_KINDS, Reference, fit_reference, reference_for
+from hf_bdgauge.estimate.reference import (
+    REFERENCE_FILE,
+    REFERENCE_KINDS,
+    Reference,
+    fit_reference,
+    reference_for,
+)
 from hf_bdgauge.estimate.statistic import student_tail
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
-from hf_bdgauge.options import CALIBRATION_DRAWS, CalibrationOptions, CaptureOptions, LEVEL, WeightOptions
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
+from hf_bdgauge.options import CALIBRATION_DRAWS, LEVEL, CalibrationOptions, CaptureOptions, WeightOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "calibration" / "results"
@@ -85,7 +91,9 @@ def test_the_fit_takes_upper_bounds_over_models():
     effect = rng.normal(0.0, 0.7, models)  # sd of t: √(1 + 2·0.49) ≈ 1.4
     t1 = t0 + np.array([effect[a] + effect[b] for a, b in pairs])
     wide = fit_reference(t1, pairs)
-    assert wide["sd_ratio"] > 1.2 and wide["se_ratio"] > calm["se_ratio"] and wide["se_mean"] > calm["se_mean"]
+    assert (
+        wide["sd_ratio"] > 1.2 and wide["se_ratio"] > calm["se_ratio"] and wide["se_mean"] > calm["se_mean"]
+    )
     assert wide["location"] >= wide["mean_t"] and wide["scale"] >= wide["sd_ratio"]
     with pytest.raises(EstimationError):
         fit_reference(t0[:10], pairs[:10])
@@ -103,34 +111,61 @@ def stories_pair():
 
     d = stories260k_hf_dir()
     model = AutoModelForCausalLM.from_pretrained(d).eval()
-    return model, AutoTokenizer.from_pretrained(d), apply_gauge(copy.deepcopy(model), SignedPermutation.random(64, seed=3))
+    return (
+        model,
+        AutoTokenizer.from_pretrained(d),
+        apply_gauge(copy.deepcopy(model), SignedPermutation.random(64, seed=3)),
+    )
 
 
 def test_the_reference_is_threaded_through_every_estimator_and_only_raises_p(stories_pair):
     model, tok, target = stories_pair
-    from transformers import AutoModelForCausalLM
-
     import torch
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
     fresh = AutoModelForCausalLM.from_config(model.config).eval()
-    st = capture_pair_stats(model, fresh, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=tok, progress=False))
-    auto, haar = estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0)), estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0, reference=None))
+    st = capture_pair_stats(
+        model, fresh, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
+    auto, haar = (
+        estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0)),
+        estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0, reference=None)),
+    )
     assert "p_value_reference" not in haar.metrics and "p_value_haar" in auto.metrics
-    assert auto.metrics["p_value_haar"] == haar.metrics["p_value"] and auto.metrics["p_value_haar_t"] == haar.metrics["p_value_t"]
+    assert (
+        auto.metrics["p_value_haar"] == haar.metrics["p_value"]
+        and auto.metrics["p_value_haar_t"] == haar.metrics["p_value_t"]
+    )
     ref = reference_for("activations")
     assert auto.metrics["p_value_t"] == pytest.approx(ref.apply(haar.metrics["p_value_t"]), rel=1e-12)
     assert auto.metrics["p_value"] >= haar.metrics["p_value"]
     assert auto.metrics["p_value_reference"] == ref.name
-    one = estimate_from_stats(st, capture=CaptureOptions(layers=[2]), calibration=CalibrationOptions(null_draws=0))  # one layer alone: that kind's reference
+    one = estimate_from_stats(
+        st, capture=CaptureOptions(layers=[2]), calibration=CalibrationOptions(null_draws=0)
+    )  # one layer alone: that kind's reference
     assert one.metrics["p_value_reference"] == reference_for("activations_layer").name
     custom = Reference("activations", 0.0, 2.0, "mine")
     mine = estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0, reference=custom))
     assert mine.metrics["p_value_t"] == pytest.approx(haar.metrics["p_value_t"] / 2.0, rel=1e-12)
-    refit = Reference.from_fit("activations", json.loads(REFERENCE_FILE.read_text())["references"]["activations"])
+    refit = Reference.from_fit(
+        "activations", json.loads(REFERENCE_FILE.read_text())["references"]["activations"]
+    )
     assert refit == ref  # the packaged file's entries and fit_reference's results read the same way
-    w = estimate_gauge(model, target, method="weights", weights=WeightOptions(progress=False), calibration=CalibrationOptions(null_draws=0))
-    wh = estimate_gauge(model, target, method="weights", weights=WeightOptions(progress=False), calibration=CalibrationOptions(null_draws=0, reference=None))
+    w = estimate_gauge(
+        model,
+        target,
+        method="weights",
+        weights=WeightOptions(progress=False),
+        calibration=CalibrationOptions(null_draws=0),
+    )
+    wh = estimate_gauge(
+        model,
+        target,
+        method="weights",
+        weights=WeightOptions(progress=False),
+        calibration=CalibrationOptions(null_draws=0, reference=None),
+    )
     assert w.metrics["p_value_reference"] == reference_for("weights").name and w.metrics["p_value"] < 1e-12
     assert wh.metrics["p_value"] <= w.metrics["p_value"]
     with pytest.raises(EstimationError):

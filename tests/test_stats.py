@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_rel, assert_product_close
 
-from hf_bdgauge.errors import CheckpointError, DimensionMismatchError
-from hf_bdgauge.errors import EstimationError
+from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, EstimationError
 from hf_bdgauge.estimate.assignment import random_orthogonal
 from hf_bdgauge.estimate.moments import CrossMoments
 from hf_bdgauge.estimate.stats import PairStats
-from tolerances import assert_close_rel, assert_product_close
 
 
 def _data(n=500, d=16, seed=0, shift=3.0):
@@ -186,7 +185,9 @@ def test_float32_activations_use_centred_float32_products(shift):
     # correlations: scale 1
     assert_close_rel(m.corr(), ref32.corr(), rtol=1e-6, scale=1.0, what="corr, float32 products vs float64")
     # the float32 rounding of the inputs themselves
-    assert_close_rel(m.corr(), ref.corr(), rtol=1e-4, scale=1.0, what="corr of float32 inputs vs float64 inputs")
+    assert_close_rel(
+        m.corr(), ref.corr(), rtol=1e-4, scale=1.0, what="corr of float32 inputs vs float64 inputs"
+    )
     # exact path on request: float64 products of the widened float32 values
     m64 = CrossMoments.from_activations(X32, Y32, product_dtype=torch.float64)
     for f in ("sum_x", "sum_y", "sum_x2", "sum_y2", "sum_xy", "sum_yy"):
@@ -203,7 +204,7 @@ def test_batches_of_float32_merge_like_one_pass():
     whole = CrossMoments.from_activations(X, Y, product_dtype=torch.float64)
     parts = CrossMoments.zeros(16)
     for a in range(0, 3000, 700):
-        parts.update(X[a:a + 700], Y[a:a + 700])
+        parts.update(X[a : a + 700], Y[a : a + 700])
     assert parts.n == 3000
     assert _rel(parts.sum_x, whole.sum_x) < 1e-6
     assert _rel(parts.sum_xy, whole.sum_xy) < 1e-6

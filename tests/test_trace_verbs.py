@@ -13,16 +13,16 @@ import copy
 import pytest
 import torch
 
-from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import Gauge, SignedPermutation, apply_gauge, diff, trace
 from hf_bdgauge.cli import main
 from hf_bdgauge.estimate.assignment import match_scores
-from hf_bdgauge.estimate.weights import weight_similarity
 from hf_bdgauge.estimate.calibration import calibrate
 from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
 from hf_bdgauge.estimate.statistic import weight_parts
+from hf_bdgauge.estimate.weights import weight_similarity
 from hf_bdgauge.fixtures.__main__ import SAMPLE_TEXTS
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,24 @@ def test_a_recharted_noised_copy_is_derived_block_by_block_and_layer_by_layer(st
     # the tensors outside the blocks (embedding, head, final norm) are few, and their reference null is the
     # widest (independently trained models share most there): a weaker test than a block's
     assert data_free.rows[0].p_value < 1e-3 and all(r.p_value < 1e-6 for r in data_free.rows[1:])
-    report = diff(stories, b, list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=str(stories260k_hf_dir()), progress=False))
+    report = diff(
+        stories,
+        b,
+        list(SAMPLE_TEXTS),
+        capture=CaptureOptions(tokenizer=str(stories260k_hf_dir()), progress=False),
+    )
     assert [r.layer for r in report.rows] == list(range(6)) and report.derived
     assert all(r.verdict == "signed_permutation" and r.answer == "related" for r in report.rows)
     assert "B IS derived from A" in report.summary()
 
 
 def test_a_plain_copy_is_the_same_chart_and_a_fresh_init_is_not_derived(stories):
-    same = diff(stories, copy.deepcopy(stories), list(SAMPLE_TEXTS), capture=CaptureOptions(tokenizer=str(stories260k_hf_dir()), progress=False))
+    same = diff(
+        stories,
+        copy.deepcopy(stories),
+        list(SAMPLE_TEXTS),
+        capture=CaptureOptions(tokenizer=str(stories260k_hf_dir()), progress=False),
+    )
     assert all(r.verdict == "identity" for r in same.rows) and "the same chart" in same.conclusion()
     from transformers import AutoModelForCausalLM
 

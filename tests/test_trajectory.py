@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_bdgauge.options import CaptureOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge
-from hf_bdgauge.estimate import compose_gauges, compose_trajectory, compose_via_base, estimate_gauge
 from hf_bdgauge.errors import EstimationError
+from hf_bdgauge.estimate import compose_gauges, compose_trajectory, compose_via_base, estimate_gauge
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.options import CaptureOptions, WeightOptions
 
 TRAIN_TEXTS = [
     "Once upon a time, there was a little boy named Tom. Tom had a red kite. He liked to fly it in the park with his dad.",
@@ -48,8 +48,19 @@ def _batch(tok, texts):
     return ids, mask, labels
 
 
-def fine_tune(model, tok, out_dir: Path, *, steps: int, every: int, lr: float, warmup: int, seed: int, gauge_seed: int,
-              texts=TRAIN_TEXTS):
+def fine_tune(
+    model,
+    tok,
+    out_dir: Path,
+    *,
+    steps: int,
+    every: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    gauge_seed: int,
+    texts=TRAIN_TEXTS,
+):
     """AdamW fine-tune in the model's own chart; checkpoint k (step k·every, k = 0 is the start)
     is saved re-charted by its own random gauge G_k. Returns (dirs, gauges).
 
@@ -58,8 +69,18 @@ def fine_tune(model, tok, out_dir: Path, *, steps: int, every: int, lr: float, w
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _fine_tune(model, tok, out_dir, steps=steps, every=every, lr=lr, warmup=warmup, seed=seed,
-                          gauge_seed=gauge_seed, texts=texts)
+        return _fine_tune(
+            model,
+            tok,
+            out_dir,
+            steps=steps,
+            every=every,
+            lr=lr,
+            warmup=warmup,
+            seed=seed,
+            gauge_seed=gauge_seed,
+            texts=texts,
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -106,8 +127,17 @@ def run(stories, tmp_path_factory):
     """60 AdamW steps at lr 5e-2 (10 warm-up steps), a checkpoint every 2 steps: 31 checkpoints."""
     _, tok, load = stories
     torch.manual_seed(0)
-    return fine_tune(load(), tok, tmp_path_factory.mktemp("run"), steps=60, every=2, lr=5e-2, warmup=10, seed=0,
-                     gauge_seed=1000)
+    return fine_tune(
+        load(),
+        tok,
+        tmp_path_factory.mktemp("run"),
+        steps=60,
+        every=2,
+        lr=5e-2,
+        warmup=10,
+        seed=0,
+        gauge_seed=1000,
+    )
 
 
 @pytest.mark.real
@@ -120,8 +150,12 @@ def test_composition_beats_endpoint_matching(stories, run):
     _, tok, _ = stories
     dirs, gauges = run
     truth = gauges[-1] @ gauges[0].inverse()
-    endpoint = estimate_gauge(str(dirs[0]), str(dirs[-1]), EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
-    composed = compose_trajectory([str(p) for p in dirs], EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
+    endpoint = estimate_gauge(
+        str(dirs[0]), str(dirs[-1]), EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
+    composed = compose_trajectory(
+        [str(p) for p in dirs], EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False)
+    )
     e_acc = endpoint.element.agreement(truth)["signed_accuracy"]
     c_acc = composed.element.agreement(truth)["signed_accuracy"]
     assert c_acc >= 0.95, c_acc
@@ -146,7 +180,9 @@ def test_weights_composition_is_exact(run):
     dirs, gauges = run
     sub = dirs[::6]  # 6 checkpoints, every 12 steps
     truth = gauges[30] @ gauges[0].inverse()
-    composed = compose_trajectory([str(p) for p in sub], method="weights", weights=WeightOptions(progress=False))
+    composed = compose_trajectory(
+        [str(p) for p in sub], method="weights", weights=WeightOptions(progress=False)
+    )
     assert composed.element == truth
     assert composed.method == "trajectory[weights]" and len(composed.hops) == 5
 
@@ -158,15 +194,25 @@ def test_path_through_a_common_base(stories, run, tmp_path):
     _, tok, load = stories
     a_dirs, a_gauges = run
     torch.manual_seed(1)
-    b_dirs, b_gauges = fine_tune(load(), tok, tmp_path, steps=12, every=4, lr=2e-2, warmup=2, seed=1, gauge_seed=2000)
+    b_dirs, b_gauges = fine_tune(
+        load(), tok, tmp_path, steps=12, every=4, lr=2e-2, warmup=2, seed=1, gauge_seed=2000
+    )
     truth = b_gauges[-1] @ a_gauges[-1].inverse()
-    base_dir = a_dirs[0]  # the base as run A saved it; run B's first checkpoint is the same model in another chart
+    base_dir = a_dirs[
+        0
+    ]  # the base as run A saved it; run B's first checkpoint is the same model in another chart
     run_a = [str(p) for p in a_dirs[1:]]
-    g = compose_via_base(run_a, str(base_dir), [str(p) for p in b_dirs], EVAL_TEXTS, capture=CaptureOptions(tokenizer=tok, progress=False))
+    g = compose_via_base(
+        run_a,
+        str(base_dir),
+        [str(p) for p in b_dirs],
+        EVAL_TEXTS,
+        capture=CaptureOptions(tokenizer=tok, progress=False),
+    )
     assert g.element == truth, g.element.agreement(truth)
     assert len(g.hops) == len(run_a) + len(b_dirs)
     assert all(h.get("inverted") for h in g.hops[: len(run_a)])
-    assert not any(h.get("inverted") for h in g.hops[len(run_a):])
+    assert not any(h.get("inverted") for h in g.hops[len(run_a) :])
     assert g.source.model_id == run_a[-1] and g.target.model_id == str(b_dirs[-1])
     # the hop records read as one chain A_end -> ... -> base -> ... -> B_end
     chain = [g.hops[0]["source"]["model_id"]] + [h["target"]["model_id"] for h in g.hops]
@@ -177,8 +223,16 @@ def test_path_through_a_common_base(stories, run, tmp_path):
 def test_compose_and_invert_algebra():
     gs = [SignedPermutation.random(8, seed=s) for s in range(3)]
     conf = [np.linspace(0.5, 1.0, 8).astype(np.float32) + 0.01 * k for k in range(3)]
-    links = [Gauge(element=g, method="x", confidence=c, margin=c - 0.5,
-                   metrics={"verdict": "signed_permutation", "tokens": 10}) for g, c in zip(gs, conf)]
+    links = [
+        Gauge(
+            element=g,
+            method="x",
+            confidence=c,
+            margin=c - 0.5,
+            metrics={"verdict": "signed_permutation", "tokens": 10},
+        )
+        for g, c in zip(gs, conf)
+    ]
     out = compose_gauges(links)
     assert out.element == gs[2] @ gs[1] @ gs[0]
     # path minimum: coordinate i meets conf0[i], conf1[π0(i)], conf2[π1(π0(i))]

@@ -30,12 +30,24 @@ WRITERS = ["re:.*embed_tokens$", "re:.*o_proj$", "re:.*down_proj$"]
 
 def _config(kind: str = "hadamard", r2: bool = True):
     T = ct.TransformArgs
-    groups = {"R1": ct.TransformScheme(type=kind, apply=[T(targets=WRITERS, location="weight_output"),
-                                                         T(targets=READERS, location="weight_input", inverse=True)])}
+    groups = {
+        "R1": ct.TransformScheme(
+            type=kind,
+            apply=[
+                T(targets=WRITERS, location="weight_output"),
+                T(targets=READERS, location="weight_input", inverse=True),
+            ],
+        )
+    }
     if r2:
-        groups["R2"] = ct.TransformScheme(type=kind, head_dim=8, apply=[
-            T(targets=["re:.*v_proj$"], location="weight_output"),
-            T(targets=["re:.*o_proj$"], location="weight_input", inverse=True)])
+        groups["R2"] = ct.TransformScheme(
+            type=kind,
+            head_dim=8,
+            apply=[
+                T(targets=["re:.*v_proj$"], location="weight_output"),
+                T(targets=["re:.*o_proj$"], location="weight_input", inverse=True),
+            ],
+        )
     return ct.TransformConfig(config_groups=groups)
 
 
@@ -48,8 +60,11 @@ def _rotated_checkpoint(base, out, kind="hadamard", r2=True):
     ct.apply_transform_config(m, tc)
     m.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())  # what compressed-tensors' update_config writes
-    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "version": "0.20.1",
-                                  "transform_config": tc.model_dump(mode="json")}
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": "0.20.1",
+        "transform_config": tc.model_dump(mode="json"),
+    }
     (out / "config.json").write_text(json.dumps(cfg))
     return m
 
@@ -89,7 +104,9 @@ def test_the_residual_rotation_is_read_and_maps_the_streams(base, spinquant):
         assert np.abs(R.apply(h0, axis=-1) - h1).max() <= 1e-5 * np.abs(h1).max()
 
 
-def test_the_gauge_is_validated_against_the_weights_and_moves_a_lora_except_on_r2_modules(base, spinquant, tmp_path):
+def test_the_gauge_is_validated_against_the_weights_and_moves_a_lora_except_on_r2_modules(
+    base, spinquant, tmp_path
+):
     from lora_checks import lora_with_state, random_lora
     from peft.utils import get_peft_model_state_dict
 
@@ -113,8 +130,16 @@ def test_the_gauge_is_validated_against_the_weights_and_moves_a_lora_except_on_r
     pv = random_lora(base, r=4, target_modules=["v_proj"])
     with pytest.raises(TransportError, match=r"v_proj \(R2\)"):
         transport_adapter_state_dict(get_peft_model_state_dict(pv), g, spec_for_model(base))
-    other = tiny_model("llama", seed=1, hidden_size=64, vocab_size=512, num_hidden_layers=5, intermediate_size=172,
-                       num_attention_heads=8, num_key_value_heads=4)
+    other = tiny_model(
+        "llama",
+        seed=1,
+        hidden_size=64,
+        vocab_size=512,
+        num_hidden_layers=5,
+        intermediate_size=172,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     with pytest.raises(OrthogonalGaugeError, match="does not describe these weights"):
         gauge_from_transform_config(out, other)
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, SignedGaugeNotAllowedError, TransportError
@@ -18,7 +19,6 @@ from hf_bdgauge.transport.optimizer import (
     optimizer_parameter_names,
     transport_optimizer_state,
 )
-from tolerances import assert_close_rel
 
 G = SignedPermutation.random(64, seed=3)
 _gen = torch.Generator().manual_seed(0)
@@ -42,7 +42,9 @@ def test_resumed_adamw_follows_the_recharted_trajectory_and_sd_only_state_diverg
     opt = _adamw(model)
     for b in BATCHES[:5]:
         _step(model, opt, b)
-    state = copy.deepcopy(opt.state_dict())  # load_state_dict shares tensors, which steps then update in place
+    state = copy.deepcopy(
+        opt.state_dict()
+    )  # load_state_dict shares tensors, which steps then update in place
     ref_model = copy.deepcopy(model)
     ref_opt = _adamw(ref_model)
     ref_opt.load_state_dict(copy.deepcopy(state))
@@ -55,12 +57,16 @@ def test_resumed_adamw_follows_the_recharted_trajectory_and_sd_only_state_diverg
         losses = [_step(m2, o2, b) for b in BATCHES[5:25]]
         diffs[label] = max(abs(x - y) for x, y in zip(ref, losses))
         spec = spec_for_model(model)
-        pdiff[label] = max((transform(p.detach(), spec.rule_for(n), G) - q.detach()).abs().max().item()
-                           for (n, p), (_, q) in zip(ref_model.named_parameters(), m2.named_parameters()))
+        pdiff[label] = max(
+            (transform(p.detach(), spec.rule_for(n), G) - q.detach()).abs().max().item()
+            for (n, p), (_, q) in zip(ref_model.named_parameters(), m2.named_parameters())
+        )
     with capsys.disabled():
-        print(f"\n[AdamW resume, 20 steps, float64] max |Δloss| vs re-charted original: B_d state {diffs['B_d']:.1e}, "
-              f"S_d-only state {diffs['S_d']:.3f} (loss ≈ {ref[-1]:.2f}); max |Δθ| {pdiff['B_d']:.1e} vs "
-              f"{pdiff['S_d']:.3f}")
+        print(
+            f"\n[AdamW resume, 20 steps, float64] max |Δloss| vs re-charted original: B_d state {diffs['B_d']:.1e}, "
+            f"S_d-only state {diffs['S_d']:.3f} (loss ≈ {ref[-1]:.2f}); max |Δθ| {pdiff['B_d']:.1e} vs "
+            f"{pdiff['S_d']:.3f}"
+        )
     # relative to the loss and to the parameters' scale (float64 products round with the BLAS kernel)
     loss_scale = max(abs(x) for x in ref)
     p_scale = max(p.detach().abs().max().item() for p in ref_model.parameters())
@@ -110,8 +116,12 @@ def test_each_state_entry_moves_by_its_rule(name):
             expected = torch.movedim(torch.movedim(val, ax, -1) @ mat.T, -1, ax)
             assert torch.equal(got, expected), (names[pid], key)
     assert seen
-    assert all(torch.equal(before["state"][i][k], sd["state"][i][k]) for i in sd["state"] for k in sd["state"][i]
-               if torch.is_tensor(sd["state"][i][k])), "input state must not change"
+    assert all(
+        torch.equal(before["state"][i][k], sd["state"][i][k])
+        for i in sd["state"]
+        for k in sd["state"][i]
+        if torch.is_tensor(sd["state"][i][k])
+    ), "input state must not change"
     # resuming 3 steps agrees with the re-charted original
     m1, m2 = copy.deepcopy(model), apply_gauge(copy.deepcopy(model), G)
     o1, o2 = OPTIMIZERS[name](m1.parameters()), OPTIMIZERS[name](m2.parameters())
@@ -126,10 +136,16 @@ def test_param_groups_in_any_order_and_named_optimizers():
     model = tiny_model("llama", seed=4, dtype=torch.float64).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.1}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.1}], lr=1e-3
+    )
     named_opt = torch.optim.AdamW(
-        [{"params": [(n, p) for n, p in model.named_parameters() if p.ndim < 2], "weight_decay": 0.0},
-         {"params": [(n, p) for n, p in model.named_parameters() if p.ndim >= 2], "weight_decay": 0.1}], lr=1e-3)
+        [
+            {"params": [(n, p) for n, p in model.named_parameters() if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [(n, p) for n, p in model.named_parameters() if p.ndim >= 2], "weight_decay": 0.1},
+        ],
+        lr=1e-3,
+    )
     _step(model, opt, BATCHES[0])
     named_opt.load_state_dict({**named_opt.state_dict(), "state": opt.state_dict()["state"]})
     names = optimizer_parameter_names(opt, model)
@@ -147,8 +163,15 @@ def test_peft_model_optimizer_state_transports_with_the_adapter():
     from hf_bdgauge.transport.peft import transport_peft_model
 
     base = tiny_model("llama", seed=5, dtype=torch.float64)
-    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj", "down_proj"],
-                                                   modules_to_save=["norm"], init_lora_weights=False)).train()
+    pm = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4,
+            target_modules=["q_proj", "o_proj", "down_proj"],
+            modules_to_save=["norm"],
+            init_lora_weights=False,
+        ),
+    ).train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
     for b in BATCHES[:3]:
         _step(pm, opt, b)

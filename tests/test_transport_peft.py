@@ -15,9 +15,15 @@ from safetensors.torch import save_file
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from tolerances import assert_product_close  # noqa: E402
 
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
-from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, SignedGaugeNotAllowedError, TransportError  # noqa: E402
+from hf_bdgauge.errors import (  # noqa: E402
+    CheckpointError,
+    DimensionMismatchError,
+    SignedGaugeNotAllowedError,
+    TransportError,
+)
 from hf_bdgauge.gauge import Gauge  # noqa: E402
 from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.roles import spec_for_model_type  # noqa: E402
@@ -30,7 +36,6 @@ from hf_bdgauge.transport.peft import (  # noqa: E402
     transport_peft_model,
 )
 from hf_bdgauge.transport.peft_files import parse_adapter_tensor_name  # noqa: E402
-from tolerances import assert_product_close  # noqa: E402
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 G = SignedPermutation.random(64, seed=5)
@@ -41,7 +46,9 @@ def _logits(model, ids=IDS):
         return model(ids).logits
 
 
-def _source_adapter(model, tmp_path: Path, name: str = "adapter", seed: int = 0, **cfg) -> tuple[Path, torch.Tensor]:
+def _source_adapter(
+    model, tmp_path: Path, name: str = "adapter", seed: int = 0, **cfg
+) -> tuple[Path, torch.Tensor]:
     """Wrap a copy of ``model`` with a LoRA whose every trainable tensor is generic, save it,
     and return its directory with the source model's logits with the adapter."""
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **cfg))
@@ -91,7 +98,9 @@ def test_in_memory_names_parse_to_the_same_rules():
     spec = spec_for_model_type("llama")
     pairs = {
         "base_model.model.model.layers.1.self_attn.o_proj.lora_B.default.weight": TensorRule(Role.WRITE, -2),
-        "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector.other.weight": TensorRule(Role.GAIN, -1),
+        "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector.other.weight": TensorRule(
+            Role.GAIN, -1
+        ),
         "base_model.model.model.layers.1.self_attn.o_proj.base_layer.weight": TensorRule(Role.WRITE),
         "base_model.model.model.embed_tokens.lora_embedding_B.default": TensorRule(Role.READ, -2),
         "base_model.model.model.norm.modules_to_save.default.weight": GAIN,
@@ -99,10 +108,17 @@ def test_in_memory_names_parse_to_the_same_rules():
     }
     assert adapter_tensor_rules(pairs, spec) == pairs
     t = parse_adapter_tensor_name("base_model.model.model.norm.modules_to_save.default.weight")
-    assert (t.kind, t.adapter, t.is_adapter_owned, t.base_name) == ("full", "default", True, "base_model.model.model.norm.weight")
+    assert (t.kind, t.adapter, t.is_adapter_owned, t.base_name) == (
+        "full",
+        "default",
+        True,
+        "base_model.model.model.norm.weight",
+    )
     t = parse_adapter_tensor_name("base_model.model.model.layers.1.self_attn.o_proj.base_layer.weight")
     assert not t.is_adapter_owned and t.base_name.endswith("o_proj.weight")
-    t = parse_adapter_tensor_name("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_original.default")
+    t = parse_adapter_tensor_name(
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_original.default"
+    )
     assert t.kind == "trainable_tokens" and not t.is_adapter_owned
 
 
@@ -141,32 +157,67 @@ def test_delta_weight_and_dora_norms_move_like_the_base_weight(seed, r):
         rule = spec.rule_for(pre + "weight")
         dw = sd[pre + "lora_B.weight"] @ sd[pre + "lora_A.weight"]
         dw2 = moved[pre + "lora_B.weight"] @ moved[pre + "lora_A.weight"]
-        assert_product_close(dw2, transform(dw, rule, g), moved[pre + "lora_B.weight"], moved[pre + "lora_A.weight"],
-                             what=m)
+        assert_product_close(
+            dw2, transform(dw, rule, g), moved[pre + "lora_B.weight"], moved[pre + "lora_A.weight"], what=m
+        )
         w = torch.randn(dw.shape, generator=gen, dtype=torch.float64)
         norms = torch.linalg.norm(w + dw, dim=1)
         norms2 = torch.linalg.norm(transform(w, rule, g) + dw2, dim=1)
-        mag_rule = adapter_tensor_rules([pre + "lora_magnitude_vector", pre + "lora_A.weight"], spec)[pre + "lora_magnitude_vector"]
+        mag_rule = adapter_tensor_rules([pre + "lora_magnitude_vector", pre + "lora_A.weight"], spec)[
+            pre + "lora_magnitude_vector"
+        ]
         assert torch.allclose(transform(norms, mag_rule, g), norms2, rtol=1e-12, atol=0), m
     de = (sd["model.embed_tokens.lora_embedding_B"] @ sd["model.embed_tokens.lora_embedding_A"]).T
     de2 = (moved["model.embed_tokens.lora_embedding_B"] @ moved["model.embed_tokens.lora_embedding_A"]).T
-    assert_product_close(de2.T, transform(de, spec.rule_for("model.embed_tokens.weight"), g).T,
-                         moved["model.embed_tokens.lora_embedding_B"], moved["model.embed_tokens.lora_embedding_A"],
-                         what="embed_tokens")
+    assert_product_close(
+        de2.T,
+        transform(de, spec.rule_for("model.embed_tokens.weight"), g).T,
+        moved["model.embed_tokens.lora_embedding_B"],
+        moved["model.embed_tokens.lora_embedding_A"],
+        what="embed_tokens",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- end to end
 
 CASES = {
-    "lora_rslora_embed_lmhead_mts": ("llama", False, dict(
-        target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"],
-        modules_to_save=["norm"], use_rslora=True)),
-    "dora_layers_to_transform": ("llama", False, dict(
-        target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"], use_dora=True, layers_to_transform=[1])),
-    "dora_embedding_tied": ("qwen3", True, dict(target_modules=["embed_tokens", "o_proj", "up_proj"], use_dora=True)),
-    "lora_bias_trainable_tokens": ("llama", False, dict(
-        target_modules=["q_proj", "o_proj", "down_proj"], lora_bias=True, trainable_token_indices=[3, 5, 9])),
-    "gemma_all_linear_mts_lmhead": ("gemma", False, dict(target_modules="all-linear", modules_to_save=["lm_head"])),
+    "lora_rslora_embed_lmhead_mts": (
+        "llama",
+        False,
+        dict(
+            target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"],
+            modules_to_save=["norm"],
+            use_rslora=True,
+        ),
+    ),
+    "dora_layers_to_transform": (
+        "llama",
+        False,
+        dict(
+            target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
+            use_dora=True,
+            layers_to_transform=[1],
+        ),
+    ),
+    "dora_embedding_tied": (
+        "qwen3",
+        True,
+        dict(target_modules=["embed_tokens", "o_proj", "up_proj"], use_dora=True),
+    ),
+    "lora_bias_trainable_tokens": (
+        "llama",
+        False,
+        dict(
+            target_modules=["q_proj", "o_proj", "down_proj"],
+            lora_bias=True,
+            trainable_token_indices=[3, 5, 9],
+        ),
+    ),
+    "gemma_all_linear_mts_lmhead": (
+        "gemma",
+        False,
+        dict(target_modules="all-linear", modules_to_save=["lm_head"]),
+    ),
 }
 
 
@@ -184,36 +235,60 @@ def test_transported_adapter_reproduces_source_and_sd_only_does_not(case, tmp_pa
         loaded = PeftModel.from_pretrained(copy.deepcopy(tgt), out).eval()
         errors[label] = (_logits(loaded) - ref).abs().max().item()
     with capsys.disabled():
-        print(f"\n[{case}] max |Δlogit| target+transported vs source+adapter: B_d {errors['B_d']:.2e}, "
-              f"S_d-only {errors['S_d']:.3f} (logit scale {scale:.2f})")
+        print(
+            f"\n[{case}] max |Δlogit| target+transported vs source+adapter: B_d {errors['B_d']:.2e}, "
+            f"S_d-only {errors['S_d']:.3f} (logit scale {scale:.2f})"
+        )
     assert errors["B_d"] <= 1e-4 * max(1.0, scale)
     assert errors["S_d"] > 0.05 * scale
 
 
 def test_output_directory_is_a_standard_peft_adapter_for_the_target(tmp_path):
     src = tiny_model("llama", seed=1)
-    adapter, _ = _source_adapter(src, tmp_path, target_modules=["q_proj", "o_proj"], use_rslora=True,
-                                 layers_to_transform=[0], lora_dropout=0.1)
+    adapter, _ = _source_adapter(
+        src,
+        tmp_path,
+        target_modules=["q_proj", "o_proj"],
+        use_rslora=True,
+        layers_to_transform=[0],
+        lora_dropout=0.1,
+    )
     (adapter / "adapter_model.bin").write_bytes(b"stale pickle that must not be copied")
-    gauge = Gauge(G, source=ModelRef("org/source"), target=ModelRef("org/target", revision="refs/pr/3", commit_hash="a" * 40))
+    gauge = Gauge(
+        G,
+        source=ModelRef("org/source"),
+        target=ModelRef("org/target", revision="refs/pr/3", commit_hash="a" * 40),
+    )
     out = transport_adapter(adapter, gauge, tmp_path / "out", base_config="llama")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     old = json.loads((adapter / "adapter_config.json").read_text())
     new = json.loads((out / "adapter_config.json").read_text())
     assert new["base_model_name_or_path"] == "org/target" and new["revision"] == "refs/pr/3"
     changed = {k for k in old if old[k] != new[k]}
     assert changed <= {"base_model_name_or_path", "revision"}
     assert "base_model: org/target" in (out / "README.md").read_text()
-    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f, \
-            safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f0:
+    with (
+        safe_open(str(out / "adapter_model.safetensors"), "pt") as f,
+        safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f0,
+    ):
         assert set(f.keys()) == set(f0.keys())
         meta = json.loads(f.metadata()["hf_bdgauge_transport"])
         assert meta["num_flips"] == G.num_flips and meta["target"]["model_id"] == "org/target"
         for k in f.keys():
             assert f.get_tensor(k).dtype == f0.get_tensor(k).dtype
     # explicit arguments win over the gauge's target
-    out2 = transport_adapter(adapter, G, tmp_path / "out2", base_config="llama", base_model_name_or_path="me/t",
-                             base_model_revision="main")
+    out2 = transport_adapter(
+        adapter,
+        G,
+        tmp_path / "out2",
+        base_config="llama",
+        base_model_name_or_path="me/t",
+        base_model_revision="main",
+    )
     cfg2 = json.loads((out2 / "adapter_config.json").read_text())
     assert (cfg2["base_model_name_or_path"], cfg2["revision"]) == ("me/t", "main")
     with pytest.raises(CheckpointError, match="exists"):
@@ -223,12 +298,16 @@ def test_output_directory_is_a_standard_peft_adapter_for_the_target(tmp_path):
 def test_base_family_found_from_local_base_dir_in_adapter_config(tmp_path):
     src = tiny_model("mistral", seed=2)
     src.save_pretrained(tmp_path / "base")
-    pm = get_peft_model(copy.deepcopy(src), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    pm = get_peft_model(
+        copy.deepcopy(src), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)
+    )
     pm.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     pm.save_pretrained(tmp_path / "ad")
     out = transport_adapter(tmp_path / "ad", G, tmp_path / "out")
-    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f, \
-            safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f0:
+    with (
+        safe_open(str(out / "adapter_model.safetensors"), "pt") as f,
+        safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f0,
+    ):
         k = next(k for k in f.keys() if k.endswith("o_proj.lora_B.weight"))
         assert torch.equal(f.get_tensor(k), G.apply_rows(f0.get_tensor(k)))
 
@@ -238,18 +317,50 @@ def test_an_adapter_in_a_subfolder_is_named_by_its_path_and_the_cli_joins_subfol
 
     src = tiny_model("mistral", seed=2)
     src.save_pretrained(tmp_path / "base")
-    pm = get_peft_model(copy.deepcopy(src), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+    pm = get_peft_model(
+        copy.deepcopy(src), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)
+    )
     pm.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     pm.save_pretrained(tmp_path / "multi" / "sub")
     py = transport_adapter(tmp_path / "multi" / "sub", G, tmp_path / "py")
     Gauge(G).save_pretrained(tmp_path / "g")
-    assert main(["transport", "adapter", str(tmp_path / "multi"), str(tmp_path / "g"), str(tmp_path / "cli"),
-                 "--subfolder", "sub", "-q"]) == 0
-    with safe_open(str(py / "adapter_model.safetensors"), "pt") as f, \
-            safe_open(str(tmp_path / "cli" / "adapter_model.safetensors"), "pt") as f1:
-        assert set(f.keys()) == set(f1.keys()) and all(torch.equal(f.get_tensor(k), f1.get_tensor(k)) for k in f.keys())
-    assert main(["transport", "adapter", str(tmp_path / "multi"), str(tmp_path / "g"), str(tmp_path / "none"),
-                 "--subfolder", "nope", "-q"]) != 0
+    assert (
+        main(
+            [
+                "transport",
+                "adapter",
+                str(tmp_path / "multi"),
+                str(tmp_path / "g"),
+                str(tmp_path / "cli"),
+                "--subfolder",
+                "sub",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    with (
+        safe_open(str(py / "adapter_model.safetensors"), "pt") as f,
+        safe_open(str(tmp_path / "cli" / "adapter_model.safetensors"), "pt") as f1,
+    ):
+        assert set(f.keys()) == set(f1.keys()) and all(
+            torch.equal(f.get_tensor(k), f1.get_tensor(k)) for k in f.keys()
+        )
+    assert (
+        main(
+            [
+                "transport",
+                "adapter",
+                str(tmp_path / "multi"),
+                str(tmp_path / "g"),
+                str(tmp_path / "none"),
+                "--subfolder",
+                "nope",
+                "-q",
+            ]
+        )
+        != 0
+    )
     assert not (tmp_path / "none").exists()
 
 
@@ -278,8 +389,24 @@ def test_real_stories260k_adapter_transports(tmp_path):
     g = SignedPermutation.random(64, seed=2024)
     tgt = apply_gauge(copy.deepcopy(src), g)
     ids = torch.tensor([STORIES260K_GREEDY_IDS])
-    pm = get_peft_model(copy.deepcopy(src), LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]))
+    pm = get_peft_model(
+        copy.deepcopy(src),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            init_lora_weights=False,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+                "embed_tokens",
+            ],
+        ),
+    )
     pm.eval()
     ref = _logits(pm, ids)
     pm.save_pretrained(tmp_path / "ad")
@@ -376,10 +503,11 @@ def test_layernorm_family_accepts_permutations_and_refuses_signs(tmp_path):
     src = tiny_model("gpt2", seed=2)
     p = SignedPermutation.random(64, seed=3, signed=False)
     tgt = apply_gauge(copy.deepcopy(src), p)
-    adapter, ref = _source_adapter(src, tmp_path, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    adapter, ref = _source_adapter(
+        src, tmp_path, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+    )
     with pytest.raises(SignedGaugeNotAllowedError):
         transport_adapter(adapter, G, tmp_path / "signed", base_config="gpt2")
     out = transport_adapter(adapter, p, tmp_path / "out", base_config="gpt2")
     loaded = PeftModel.from_pretrained(tgt, out).eval()
     assert (_logits(loaded) - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-

@@ -10,13 +10,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import assert_close_rel, product_rtol
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, TransportError
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.transport.probes import IndexSet, LinearProbe, transport_indices, transport_probe
-from tolerances import assert_close_rel, product_rtol
 
 LAYER = 2
 TOKENS = [261, 286, 393]  # "▁a", "▁was", "▁happy" in the stories260K vocabulary
@@ -34,7 +34,9 @@ def real():
     tgt = apply_gauge(copy.deepcopy(src), g)
     torch.manual_seed(1)
     with torch.no_grad():
-        ids = src.generate(torch.full((16, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0)
+        ids = src.generate(
+            torch.full((16, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0
+        )
         o_src = src(ids, output_hidden_states=True)
         o_tgt = tgt(ids, output_hidden_states=True)
     return {
@@ -64,7 +66,9 @@ def test_least_squares_probe_reads_the_same_on_recharted_real_model(real):
     # the two models' float32 residuals agree to ~1e-6 of their scale; a probe reads them through
     # |W|·|h| + |b|, the scale its prediction error is relative to
     bound = LinearProbe(probe.weight.abs(), probe.bias.abs())(h.abs())
-    assert_close_rel(t_bd(real["h_tgt"]), probe(h), rtol=1e-5, scale=bound, what="B_d-transported probe's predictions")
+    assert_close_rel(
+        t_bd(real["h_tgt"]), probe(h), rtol=1e-5, scale=bound, what="B_d-transported probe's predictions"
+    )
     assert abs(r2_bd - r2_src) < 1e-5
     assert r2_sd < r2_src - 0.3
 
@@ -82,7 +86,9 @@ def test_probe_rule_is_exact_in_float64(shape):
     h = torch.randn(10, 64, generator=gen, dtype=torch.float64)
     # h @ G.T and t.weight are exact gathers/sign flips; the probe's 64-term products round with BLAS
     bound = LinearProbe(w.abs(), b.abs())(h.abs())
-    assert_close_rel(t(h @ G.T), probe(h), rtol=product_rtol(torch.float64, 65), scale=bound, what="transported probe")
+    assert_close_rel(
+        t(h @ G.T), probe(h), rtol=product_rtol(torch.float64, 65), scale=bound, what="transported probe"
+    )
     back = t.transport(g.inverse())
     assert torch.equal(back.weight, w)
 
@@ -132,7 +138,10 @@ def test_plain_lists_sign_free_scores_composition_and_files(tmp_path):
     path = moved.save(tmp_path / "top.json")
     back = IndexSet.load(path)
     assert back.pairs() == moved.pairs() and np.array_equal(back.scores, moved.scores) and back.dim == 64
-    assert back.metadata["model_id"] == "b" and json.loads(back.metadata["hf_bdgauge_transports"])[0]["num_flips"] == g.num_flips
+    assert (
+        back.metadata["model_id"] == "b"
+        and json.loads(back.metadata["hf_bdgauge_transports"])[0]["num_flips"] == g.num_flips
+    )
 
     probe = LinearProbe(torch.randn(3, 64), torch.randn(3), {"task": "sentiment"})
     pp = probe.transport(gauge).save(tmp_path / "probe.safetensors")

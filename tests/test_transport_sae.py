@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import (
@@ -21,7 +22,6 @@ from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
 from hf_bdgauge.transport.sae_files import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
-from tolerances import assert_close_rel
 
 LAYER = 2
 HOOK = f"blocks.{LAYER}.hook_resid_post"
@@ -41,7 +41,9 @@ def real_pair():
     tgt = apply_gauge(copy.deepcopy(src), g)
     torch.manual_seed(0)
     with torch.no_grad():
-        ids = src.generate(torch.full((48, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0)
+        ids = src.generate(
+            torch.full((48, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0
+        )
         h_src = src(ids, output_hidden_states=True).hidden_states[LAYER + 1]
         h_tgt = tgt(ids, output_hidden_states=True).hidden_states[LAYER + 1]
     return {
@@ -56,8 +58,16 @@ def real_pair():
 def test_transported_sae_has_same_nmse_on_recharted_real_model(real_pair, architecture, k):
     g = real_pair["g"]
     assert g.num_flips > 16
-    sae = fit_sae(real_pair["train"], 256, architecture=architecture, k=k, steps=300, seed=1,
-                  hook_name=HOOK, model_name="stories260K")
+    sae = fit_sae(
+        real_pair["train"],
+        256,
+        architecture=architecture,
+        k=k,
+        steps=300,
+        seed=1,
+        hook_name=HOOK,
+        model_name="stories260K",
+    )
     x_src, x_tgt = real_pair["test_src"], real_pair["test_tgt"]
     assert_close_rel(x_tgt, g.apply_vector(x_src), rtol=3e-5, what="planted gauge: h_target = G·h_source")
 
@@ -65,9 +75,11 @@ def test_transported_sae_has_same_nmse_on_recharted_real_model(real_pair, archit
     nmse_bd = sae.transport(g).nmse(x_tgt)
     nmse_sd = sae.transport(g.unsigned()).nmse(x_tgt)
     nmse_untransported = sae.nmse(x_tgt)
-    print(f"\n[{architecture}] NMSE source={nmse_src:.6f} B_d-transported={nmse_bd:.6f} "
-          f"(rel. diff {abs(nmse_bd - nmse_src) / nmse_src:.1e}) S_d-transported={nmse_sd:.4f} "
-          f"not transported={nmse_untransported:.4f}")
+    print(
+        f"\n[{architecture}] NMSE source={nmse_src:.6f} B_d-transported={nmse_bd:.6f} "
+        f"(rel. diff {abs(nmse_bd - nmse_src) / nmse_src:.1e}) S_d-transported={nmse_sd:.4f} "
+        f"not transported={nmse_untransported:.4f}"
+    )
     assert nmse_src < 0.2, "the SAE must actually reconstruct (held-out data)"
     assert abs(nmse_bd - nmse_src) <= 1e-4 * nmse_src
     # Permutation-only transport reads every flipped coordinate with the wrong sign (measured
@@ -88,9 +100,18 @@ def _random_sae(architecture: str, normalize: str = "none", seed: int = 0, dtype
     b_enc = 0.1 * torch.randn(m, generator=gen, dtype=dtype)
     b_dec = 0.3 * torch.randn(d, generator=gen, dtype=dtype)
     thr = 0.05 + 0.1 * torch.rand(m, generator=gen, dtype=dtype) if architecture == "jumprelu" else None
-    return SAE.from_weights(w_enc, w_dec, b_enc, b_dec, threshold=thr, architecture=architecture,
-                            k=12 if architecture == "topk" else None, hook_name=HOOK, model_name="src",
-                            normalize_activations=normalize)
+    return SAE.from_weights(
+        w_enc,
+        w_dec,
+        b_enc,
+        b_dec,
+        threshold=thr,
+        architecture=architecture,
+        k=12 if architecture == "topk" else None,
+        hook_name=HOOK,
+        model_name="src",
+        normalize_activations=normalize,
+    )
 
 
 @pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "expected_average_only_in"])
@@ -126,7 +147,10 @@ def test_layer_norm_sae_refuses_signed_gauges_but_permutations_and_global_flip_a
         sae.transport(g)
     # Why: applying the rules anyway does not give the same SAE on the target.
     forced = SAE(
-        W_enc=g.apply(sae.W_enc, axis=0), W_dec=g.apply(sae.W_dec, axis=-1), b_enc=sae.b_enc, b_dec=g.apply(sae.b_dec),
+        W_enc=g.apply(sae.W_enc, axis=0),
+        W_dec=g.apply(sae.W_dec, axis=-1),
+        b_enc=sae.b_enc,
+        b_dec=g.apply(sae.b_dec),
         cfg=sae.cfg,
     )
     G = g.to_matrix(torch.float64)
@@ -157,13 +181,21 @@ def test_save_writes_saelens_files_and_transport_sae_updates_cfg(tmp_path):
         assert torch.equal(getattr(loaded, name), getattr(sae, name))
 
     g = SignedPermutation.random(64, seed=1)
-    gauge = Gauge(g, source=ModelRef("org/src"), target=ModelRef("org/tgt", revision="main", commit_hash="abc123"),
-                  method="planted")
+    gauge = Gauge(
+        g,
+        source=ModelRef("org/src"),
+        target=ModelRef("org/tgt", revision="main", commit_hash="abc123"),
+        method="planted",
+    )
     out = transport_sae(src_dir, gauge, tmp_path / "tgt")
     cfg_t = json.loads((tmp_path / "tgt" / SAE_CFG_FILENAME).read_text())
     assert cfg_t["metadata"]["model_name"] == "org/tgt"
     rec = cfg_t["metadata"]["hf_bdgauge_transports"][-1]
-    assert rec["num_flips"] == g.num_flips and rec["target"]["commit_hash"] == "abc123" and rec["object_model"] == "src"
+    assert (
+        rec["num_flips"] == g.num_flips
+        and rec["target"]["commit_hash"] == "abc123"
+        and rec["object_model"] == "src"
+    )
     reloaded = SAE.load(tmp_path / "tgt")
     assert torch.equal(reloaded.W_enc, out.W_enc) and torch.equal(reloaded.W_dec, out.W_dec)
     assert torch.equal(reloaded.W_enc, g.apply(sae.W_enc, axis=0))
@@ -178,9 +210,19 @@ def test_reads_flat_pre_6_saelens_config(tmp_path):
     d = tmp_path / "old"
     d.mkdir()
     save_file(sae.state_dict(), str(d / SAE_WEIGHTS_FILENAME))
-    flat = {"d_in": 64, "d_sae": 96, "dtype": "float32", "device": "cpu", "model_name": "gpt2-small",
-            "hook_name": HOOK, "hook_layer": LAYER, "activation_fn_str": "relu", "apply_b_dec_to_input": True,
-            "normalize_activations": False, "context_size": 128}
+    flat = {
+        "d_in": 64,
+        "d_sae": 96,
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": "gpt2-small",
+        "hook_name": HOOK,
+        "hook_layer": LAYER,
+        "activation_fn_str": "relu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": False,
+        "context_size": 128,
+    }
     (d / SAE_CFG_FILENAME).write_text(json.dumps(flat))
     old = SAE.load(d)
     assert old.architecture == "standard" and old.normalize_activations == "none" and old.hook_name == HOOK
@@ -236,19 +278,32 @@ def test_files_load_with_saelens_own_loader(tmp_path):
 def test_sae_for_a_block_the_model_does_not_have_is_refused():
     from hf_bdgauge.errors import TransportError as _TE
     from hf_bdgauge.gauge import Gauge as _Gauge
-    from hf_bdgauge.provenance import ModelRef as _Ref
     from hf_bdgauge.group import SignedPermutation as _SP
+    from hf_bdgauge.provenance import ModelRef as _Ref
     from hf_bdgauge.transport.sae import SAE as _SAE
 
     torch.manual_seed(0)
-    sae = _SAE.from_weights(torch.randn(64, 32), torch.randn(32, 64), torch.zeros(32), torch.zeros(64),
-                            hook_name="blocks.30.hook_resid_post")
-    g = _Gauge(_SP.random(64, seed=1), source=_Ref("a", fingerprint={"num_hidden_layers": 2}),
-               target=_Ref("b", fingerprint={"num_hidden_layers": 2}))
+    sae = _SAE.from_weights(
+        torch.randn(64, 32),
+        torch.randn(32, 64),
+        torch.zeros(32),
+        torch.zeros(64),
+        hook_name="blocks.30.hook_resid_post",
+    )
+    g = _Gauge(
+        _SP.random(64, seed=1),
+        source=_Ref("a", fingerprint={"num_hidden_layers": 2}),
+        target=_Ref("b", fingerprint={"num_hidden_layers": 2}),
+    )
     with pytest.raises(_TE, match="block 30"):
         sae.transport(g)
-    ok = _SAE.from_weights(torch.randn(64, 32), torch.randn(32, 64), torch.zeros(32), torch.zeros(64),
-                           hook_name="blocks.1.hook_resid_post")
+    ok = _SAE.from_weights(
+        torch.randn(64, 32),
+        torch.randn(32, 64),
+        torch.zeros(32),
+        torch.zeros(64),
+        hook_name="blocks.1.hook_resid_post",
+    )
     assert torch.equal(ok.transport(g).W_enc, g.element.apply(ok.W_enc, axis=0))
 
 
@@ -258,8 +313,14 @@ def test_from_weights_routes_cfg_fields_and_fit_sae_takes_its_optimiser_settings
     from hf_bdgauge.transport.sae import SAETraining
 
     gen = torch.Generator().manual_seed(0)
-    sae = SAE.from_weights(torch.randn(16, 8, generator=gen), torch.randn(8, 16, generator=gen), torch.zeros(8),
-                           torch.zeros(16), apply_b_dec_to_input=False, hook_name="blocks.1.hook_resid_post")
+    sae = SAE.from_weights(
+        torch.randn(16, 8, generator=gen),
+        torch.randn(8, 16, generator=gen),
+        torch.zeros(8),
+        torch.zeros(16),
+        apply_b_dec_to_input=False,
+        hook_name="blocks.1.hook_resid_post",
+    )
     assert sae.cfg["apply_b_dec_to_input"] is False and "apply_b_dec_to_input" not in sae.metadata
     assert sae.hook_name == "blocks.1.hook_resid_post" and "hook_name" not in sae.to_cfg_dict()
     acts = torch.randn(64, 16, generator=gen)

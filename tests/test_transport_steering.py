@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import (
@@ -19,6 +20,7 @@ from hf_bdgauge.errors import (
     UnsupportedArchitectureError,
 )
 from hf_bdgauge.gauge import Gauge
+from hf_bdgauge.layers import decoder_blocks, residual_states
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.steering import (
@@ -28,8 +30,6 @@ from hf_bdgauge.transport.steering import (
     steering_effect,
     transport_steering_vector,
 )
-from hf_bdgauge.layers import decoder_blocks, residual_states
-from tolerances import assert_close_rel
 
 HAPPY = [
     "The girl was very happy.",
@@ -85,18 +85,30 @@ def test_transported_vector_steers_target_exactly_like_source(real):
     d_bd = _effects(real.tgt, sv.transport(g), real.prompts)
     d_sd = _effects(real.tgt, sv.transport(g.unsigned()), real.prompts)
     max_dprob = max(
-        (next_token_logprobs(real.src, ids, sv, ALPHA).exp() - next_token_logprobs(real.tgt, ids, sv.transport(g), ALPHA).exp())
-        .abs().max().item()
+        (
+            next_token_logprobs(real.src, ids, sv, ALPHA).exp()
+            - next_token_logprobs(real.tgt, ids, sv.transport(g), ALPHA).exp()
+        )
+        .abs()
+        .max()
+        .item()
         for ids in real.prompts
     )
     max_dprob_sd = max(
-        (next_token_logprobs(real.src, ids, sv, ALPHA).exp()
-         - next_token_logprobs(real.tgt, ids, sv.transport(g.unsigned()), ALPHA).exp()).abs().max().item()
+        (
+            next_token_logprobs(real.src, ids, sv, ALPHA).exp()
+            - next_token_logprobs(real.tgt, ids, sv.transport(g.unsigned()), ALPHA).exp()
+        )
+        .abs()
+        .max()
+        .item()
         for ids in real.prompts
     )
     pct_bd, pct_sd = percent_effect_preserved(d_src, d_bd), percent_effect_preserved(d_src, d_sd)
-    print(f"\nsteering alpha={ALPHA}: max|Δlogp| source={d_src.abs().max():.3f}; "
-          f"max|Δprob| B_d={max_dprob:.2e} S_d={max_dprob_sd:.3f}; effect preserved B_d={pct_bd:.4f}% S_d={pct_sd:.2f}%")
+    print(
+        f"\nsteering alpha={ALPHA}: max|Δlogp| source={d_src.abs().max():.3f}; "
+        f"max|Δprob| B_d={max_dprob:.2e} S_d={max_dprob_sd:.3f}; effect preserved B_d={pct_bd:.4f}% S_d={pct_sd:.2f}%"
+    )
     assert d_src.abs().max() > 1.0, "the vector must actually steer"
     assert max_dprob < 1e-5
     assert abs(pct_bd - 100.0) < 0.01
@@ -111,7 +123,13 @@ def test_vector_is_a_residual_difference_and_transport_is_the_write_rule(real):
     sv_tgt = SteeringVector.from_mean_difference(real.tgt, happy, sad, layers=[LAYER])
     # v is a difference of means of float32 residuals: its rounding is relative to max|h|, not to |v|
     h_scale = max(residual_states(real.src, ids, [LAYER])[LAYER].abs().max().item() for ids in happy + sad)
-    assert_close_rel(sv_tgt[LAYER], real.sv.transport(g)[LAYER], rtol=2e-6, scale=h_scale, what="recipe on the target vs G·v")
+    assert_close_rel(
+        sv_tgt[LAYER],
+        real.sv.transport(g)[LAYER],
+        rtol=2e-6,
+        scale=h_scale,
+        what="recipe on the target vs G·v",
+    )
     G = g.to_matrix(torch.float32)  # products with a signed permutation matrix are exact
     assert torch.equal(real.sv.transport(g)[LAYER], G @ real.sv[LAYER])
     assert torch.equal(transport_steering_vector(real.sv, g)[LAYER], G @ real.sv[LAYER])
@@ -205,7 +223,9 @@ def test_save_load_roundtrip_and_bad_files(tmp_path):
         SteeringVector.load(tmp_path / "pickle.pt")
     from safetensors.torch import save_file
 
-    save_file({"layer.1": torch.zeros(64)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"})
+    save_file(
+        {"layer.1": torch.zeros(64)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"}
+    )
     with pytest.raises(CheckpointError, match="not a hf_bdgauge steering vector"):
         SteeringVector.load(tmp_path / "other.safetensors")
 
@@ -232,14 +252,22 @@ def test_steering_vectors_and_repeng_adapters_roundtrip_and_transport():
     ours = SteeringVector.from_steering_vectors(theirs)
     assert ours.layers == [2, 4] and all(torch.equal(ours[i], v[i]) for i in v)
     g = SignedPermutation.random(64, seed=1)
-    moved = _FakeSteeringVectorsSV(**SteeringVector.from_steering_vectors(theirs).transport(g).to_steering_vectors_kwargs())
+    moved = _FakeSteeringVectorsSV(
+        **SteeringVector.from_steering_vectors(theirs).transport(g).to_steering_vectors_kwargs()
+    )
     assert torch.equal(moved.layer_activations[3], g.apply_vector(v[4]))
 
-    rep = _FakeRepengControlVector("llama", {i: t.numpy().astype(np.float32) for i, t in v.items()})  # blocks 2, 4
+    rep = _FakeRepengControlVector(
+        "llama", {i: t.numpy().astype(np.float32) for i, t in v.items()}
+    )  # blocks 2, 4
     ours = SteeringVector.from_repeng(rep)
     assert ours.metadata["model_type"] == "llama" and ours.layers == [3, 5]
     out = _FakeRepengControlVector(**ours.transport(g).to_repeng_kwargs())
-    assert out.model_type == "llama" and out.directions[2].dtype == np.float32 and sorted(out.directions) == [2, 4]
+    assert (
+        out.model_type == "llama"
+        and out.directions[2].dtype == np.float32
+        and sorted(out.directions) == [2, 4]
+    )
     assert np.array_equal(out.directions[2], g.apply_vector(rep.directions[2]))
     with pytest.raises(TransportError, match="model_type"):
         SteeringVector(v).to_repeng_kwargs()
@@ -279,9 +307,16 @@ def test_version_1_files_keyed_by_block_are_read_as_residual_layers(tmp_path):
     from safetensors.torch import save_file
 
     v = torch.randn(64)
-    save_file({"layer.2": v, "layer.-1": v.clone()}, str(tmp_path / "old.safetensors"),
-              metadata={"format": "hf_bdgauge.steering_vector", "format_version": "1", "layer_type": "decoder_block",
-                        "metadata": "{}"})
+    save_file(
+        {"layer.2": v, "layer.-1": v.clone()},
+        str(tmp_path / "old.safetensors"),
+        metadata={
+            "format": "hf_bdgauge.steering_vector",
+            "format_version": "1",
+            "layer_type": "decoder_block",
+            "metadata": "{}",
+        },
+    )
     old = SteeringVector.load(tmp_path / "old.safetensors")
     assert old.layers == [-1, 3] and torch.equal(old[3], v)
     back = SteeringVector.load(old.save(tmp_path / "new.safetensors"))  # written as version 2

@@ -8,20 +8,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_rel, eps
 
-from hf_bdgauge.options import CalibrationOptions, WeightOptions
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import (
     CheckpointError,
     DimensionMismatchError,
+    EstimationError,
     UnsupportedArchitectureError,
 )
 from hf_bdgauge.estimate import estimate_gauge
-from hf_bdgauge.errors import EstimationError
 from hf_bdgauge.estimate.weights import estimate_gauge_from_weights, weight_similarity
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
+from hf_bdgauge.options import CalibrationOptions, WeightOptions
 from hf_bdgauge.testing import RMSNORM_TYPES, tiny_model
-from tolerances import assert_close_rel, eps
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,12 @@ def test_streams_safetensors_checkpoints(stories_dir, tmp_path):
     assert est.source.model_id == str(stories_dir) and est.target.model_id == str(dst)
     # a loaded model against a directory gives the same similarity to float64 rounding; the
     # confidences (cosines, scale 1) are stored in float32, so they may differ by one float32 ulp
-    mixed = estimate_gauge_from_weights(_load(stories_dir), dst, weights=WeightOptions(progress=False, compute_dtype=torch.float64))
-    ondisk = estimate_gauge_from_weights(str(stories_dir), dst, weights=WeightOptions(progress=False, compute_dtype=torch.float64))
+    mixed = estimate_gauge_from_weights(
+        _load(stories_dir), dst, weights=WeightOptions(progress=False, compute_dtype=torch.float64)
+    )
+    ondisk = estimate_gauge_from_weights(
+        str(stories_dir), dst, weights=WeightOptions(progress=False, compute_dtype=torch.float64)
+    )
     assert mixed.element == g
     assert_close_rel(mixed.confidence, ondisk.confidence, rtol=eps(np.float32), scale=1.0, what="confidence")
 
@@ -74,18 +78,29 @@ def test_recovers_planted_gauge_on_tiny_models(model_type, tie):
     tgt = tiny_model(model_type, seed=5, tie_word_embeddings=tie)
     g = SignedPermutation.random(64, seed=6)
     apply_gauge(tgt, g)
-    est = estimate_gauge_from_weights(src, tgt, weights=WeightOptions(progress=False), calibration=CalibrationOptions(null_draws=0))
+    est = estimate_gauge_from_weights(
+        src, tgt, weights=WeightOptions(progress=False), calibration=CalibrationOptions(null_draws=0)
+    )
     assert est.element == g, est.element.agreement(g)
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("kw", [{"tensor_weighting": "raw"}, {"include_gains": False}, {"compute_dtype": torch.float64}])
+@pytest.mark.parametrize(
+    "kw", [{"tensor_weighting": "raw"}, {"include_gains": False}, {"compute_dtype": torch.float64}]
+)
 def test_variants_recover_too(stories_dir, kw):
     src, tgt = _load(stories_dir), _load(stories_dir)
     g = SignedPermutation.random(64, seed=13)
     apply_gauge(tgt, g)
-    assert estimate_gauge_from_weights(src, tgt, weights=WeightOptions(progress=False, **kw),
-                                       calibration=CalibrationOptions(null_draws=0)).element == g
+    assert (
+        estimate_gauge_from_weights(
+            src,
+            tgt,
+            weights=WeightOptions(progress=False, **kw),
+            calibration=CalibrationOptions(null_draws=0),
+        ).element
+        == g
+    )
 
 
 @pytest.mark.real
@@ -100,12 +115,27 @@ def test_blocked_streaming_equals_whole_tensors(stories_dir, tmp_path):
     whole, _, _ = weight_similarity(str(stories_dir), dst, WeightOptions(block_elements=1 << 30, **kw))
     tiny, _, _ = weight_similarity(str(stories_dir), dst, WeightOptions(block_elements=100, **kw))
     mem, _, _ = weight_similarity(_load(stories_dir), _load(dst), WeightOptions(block_elements=100, **kw))
-    assert whole.tensors == tiny.tensors and sorted(mem.tensors) == sorted(whole.tensors) and len(whole.tensors) == 47
-    for f in ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram", "tgt_gain_gram"):
+    assert (
+        whole.tensors == tiny.tensors
+        and sorted(mem.tensors) == sorted(whole.tensors)
+        and len(whole.tensors) == 47
+    )
+    for f in (
+        "signed_num",
+        "gain_num",
+        "src_sq",
+        "tgt_sq",
+        "src_gain_sq",
+        "tgt_gain_sq",
+        "tgt_gram",
+        "tgt_gain_gram",
+    ):
         ref = getattr(whole, f)
         for other in (tiny, mem):
             assert np.max(np.abs(getattr(other, f) - ref)) <= 1e-12 * np.max(np.abs(ref)), f
-    est = estimate_gauge_from_weights(str(stories_dir), dst, weights=WeightOptions(block_elements=100, progress=False))
+    est = estimate_gauge_from_weights(
+        str(stories_dir), dst, weights=WeightOptions(block_elements=100, progress=False)
+    )
     assert est.element == g
 
 
@@ -160,9 +190,15 @@ def test_errors(tmp_path, stories_dir):
     with pytest.raises(UnsupportedArchitectureError, match="gemma"):
         estimate_gauge_from_weights(llama, gemma, weights=WeightOptions(progress=False))
     with pytest.raises(DimensionMismatchError):
-        estimate_gauge_from_weights(llama, tiny_model("llama", seed=0, hidden_size=32, head_dim=8), weights=WeightOptions(progress=False))
+        estimate_gauge_from_weights(
+            llama,
+            tiny_model("llama", seed=0, hidden_size=32, head_dim=8),
+            weights=WeightOptions(progress=False),
+        )
     with pytest.raises(EstimationError, match="tensor_weighting"):
-        estimate_gauge_from_weights(llama, llama, weights=WeightOptions(tensor_weighting="max", progress=False))
+        estimate_gauge_from_weights(
+            llama, llama, weights=WeightOptions(tensor_weighting="max", progress=False)
+        )
     with pytest.raises(EstimationError):
         estimate_gauge_from_weights(llama, 3.0, weights=WeightOptions(progress=False))
     pick = tmp_path / "pickled"
@@ -172,4 +208,6 @@ def test_errors(tmp_path, stories_dir):
     with pytest.raises(CheckpointError, match="pickle"):
         estimate_gauge_from_weights(str(stories_dir), pick, weights=WeightOptions(progress=False))
     with pytest.raises(CheckpointError):
-        estimate_gauge_from_weights(str(stories_dir), tmp_path / "missing", weights=WeightOptions(progress=False))
+        estimate_gauge_from_weights(
+            str(stories_dir), tmp_path / "missing", weights=WeightOptions(progress=False)
+        )

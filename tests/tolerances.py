@@ -63,8 +63,11 @@ def _dtype_of(x: Any) -> torch.dtype:
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.floating):
         return torch.float64
-    return {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32,
-            np.dtype(np.float16): torch.float16}[arr.dtype]
+    return {
+        np.dtype(np.float64): torch.float64,
+        np.dtype(np.float32): torch.float32,
+        np.dtype(np.float16): torch.float16,
+    }[arr.dtype]
 
 
 def eps(dtype: torch.dtype | np.dtype | type) -> float:
@@ -89,8 +92,9 @@ def _as_f64(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def assert_close_rel(actual: Any, expected: Any, *, rtol: float | None = None, scale: Any = None,
-                     what: str = "") -> float:
+def assert_close_rel(
+    actual: Any, expected: Any, *, rtol: float | None = None, scale: Any = None, what: str = ""
+) -> float:
     """Assert ``|actual - expected| <= rtol · scale``; return the largest deviation.
 
     ``scale``: a number (the output's scale; default ``max|expected|``) or an array/tensor
@@ -128,8 +132,17 @@ def assert_close_rel(actual: Any, expected: Any, *, rtol: float | None = None, s
     return dev
 
 
-def assert_product_close(actual: Any, expected: Any, a: Any, b: Any, *, k: int | None = None, ulps: float = 8.0,
-                         factor: float = 1.0, what: str = "") -> float:
+def assert_product_close(
+    actual: Any,
+    expected: Any,
+    a: Any,
+    b: Any,
+    *,
+    k: int | None = None,
+    ulps: float = 8.0,
+    factor: float = 1.0,
+    what: str = "",
+) -> float:
     """Assert that ``actual`` equals ``expected`` up to the rounding of the product ``a @ b``.
 
     ``a``, ``b``: the operands of ``actual`` in its own chart (so that ``|a| @ |b|`` lines up with
@@ -139,5 +152,6 @@ def assert_product_close(actual: Any, expected: Any, a: Any, b: Any, *, k: int |
     dtype = _dtype_of(expected)
     k = int(a.shape[-1]) if k is None else k
     bound = np.abs(_as_f64(a)) @ np.abs(_as_f64(b))
-    return assert_close_rel(actual, expected, rtol=product_rtol(dtype, k, ulps=ulps), scale=abs(factor) * bound,
-                            what=what)
+    return assert_close_rel(
+        actual, expected, rtol=product_rtol(dtype, k, ulps=ulps), scale=abs(factor) * bound, what=what
+    )

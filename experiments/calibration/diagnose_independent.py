@@ -36,6 +36,7 @@ sys.path.append(str(HERE.parents[1]))
 
 import harness as H  # noqa: E402
 from run_library import BUDGET_CYCLE, HELDOUT_FIRST_SEED, capture, independent_list  # noqa: E402
+
 from hf_bdgauge.options import CalibrationOptions
 
 
@@ -43,9 +44,12 @@ def _variants():
     import hf_bdgauge.estimate.calibration as V
 
     orig = V.trimmed_mean
-    return orig, {"top25": lambda v: orig(v, 0.25), "top50": lambda v: orig(v, 0.5),
-                  "both25": lambda v: float(np.sort(v)[len(v) // 4: len(v) - len(v) // 4].mean()),
-                  "mean": lambda v: float(np.mean(v))}
+    return orig, {
+        "top25": lambda v: orig(v, 0.25),
+        "top50": lambda v: orig(v, 0.5),
+        "both25": lambda v: float(np.sort(v)[len(v) // 4 : len(v) - len(v) // 4].mean()),
+        "mean": lambda v: float(np.mean(v)),
+    }
 
 
 def _calibrated(st, statistic=None, eig: bool = False):
@@ -64,7 +68,9 @@ def _calibrated(st, statistic=None, eig: bool = False):
             C = sum(mm.cov_yy() / np.trace(mm.cov_yy()) for mm in st.moments.values())
             _, Vb = np.linalg.eigh(C)
             V.haar_from_gaussian = lambda z: (Vb * np.where(z[0] < 0, -1.0, 1.0)) @ Vb.T
-        return calibrate_stats(st, "sign_marginalized", m.element, (A, S), calibration=CalibrationOptions(reference=None))  # the Haar part alone
+        return calibrate_stats(
+            st, "sign_marginalized", m.element, (A, S), calibration=CalibrationOptions(reference=None)
+        )  # the Haar part alone
     finally:
         V.trimmed_mean, V.haar_from_gaussian = orig_t, orig_q
 
@@ -74,8 +80,10 @@ def _row(name: str, p: list[float]) -> str:
 
     a = np.asarray(p)
     z = norm.isf(np.clip(a, 1e-300, 1.0))
-    return (f"| {name} | {a.size} | {np.mean(a <= 0.05):.3f} | {np.mean(a <= 0.01):.3f} | "
-            f"{kstest(a, 'uniform').pvalue:.3f} | {z.mean():+.2f} | {z.std():.2f} |")
+    return (
+        f"| {name} | {a.size} | {np.mean(a <= 0.05):.3f} | {np.mean(a <= 0.01):.3f} | "
+        f"{kstest(a, 'uniform').pvalue:.3f} | {z.mean():+.2f} | {z.std():.2f} |"
+    )
 
 
 def main() -> int:
@@ -87,25 +95,32 @@ def main() -> int:
     ids = H.eval_ids()
     _, variants = _variants()
     res: dict[str, list[float]] = {k: [] for k in [*variants, "eig_sign"]}
-    pairs = independent_list(123)[:a.pairs]
+    pairs = independent_list(123)[: a.pairs]
     for i, (s, t) in enumerate(pairs):
-        st = capture(H.independent_model(s), H.independent_model(t), H._seq_subset(ids, BUDGET_CYCLE[i % 3], 1000 + i))
+        st = capture(
+            H.independent_model(s), H.independent_model(t), H._seq_subset(ids, BUDGET_CYCLE[i % 3], 1000 + i)
+        )
         for k, f in variants.items():
             res[k].append(_calibrated(st, f).p_value)
         res["eig_sign"].append(_calibrated(st, eig=True).p_value)
-    L = ["# Independently trained pairs: ablations of the B_d p-value\n",
-         f"`python experiments/calibration/diagnose_independent.py --pairs {a.pairs}` ({time.perf_counter() - t0:.0f} s, "
-         "1 thread): the first pairs of `run_library.py`'s independent list (20 disjoint, then pairs of 40 models), "
-         "budgets cycling 2/8/32 sequences of 64 tokens.\n",
-         "| variant | pairs | rej@0.05 | rej@0.01 | KS p | mean z | sd z |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    L = [
+        "# Independently trained pairs: ablations of the B_d p-value\n",
+        f"`python experiments/calibration/diagnose_independent.py --pairs {a.pairs}` ({time.perf_counter() - t0:.0f} s, "
+        "1 thread): the first pairs of `run_library.py`'s independent list (20 disjoint, then pairs of 40 models), "
+        "budgets cycling 2/8/32 sequences of 64 tokens.\n",
+        "| variant | pairs | rej@0.05 | rej@0.01 | KS p | mean z | sd z |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     L += [_row(k, p) for k, p in res.items()]
     lib = HERE / "results" / "lib-unrelated.json"
     if lib.exists():
         d = json.loads(lib.read_text())
-        L += ["\nThe library's own run (`results/lib-unrelated.json`, 200 pairs per family; independently trained: "
-              "seeds 40-79), Haar-only p-values, by token budget:\n",
-              "| family, tokens | pairs | rej@0.05 | rej@0.01 | KS p | mean z | sd z |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+        L += [
+            "\nThe library's own run (`results/lib-unrelated.json`, 200 pairs per family; independently trained: "
+            "seeds 40-79), Haar-only p-values, by token budget:\n",
+            "| family, tokens | pairs | rej@0.05 | rej@0.01 | KS p | mean z | sd z |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for fam in ("independent", "random_init"):
             recs = d["families"][fam]["records"]
             for b in sorted({r["sign_marginalized"]["tokens"] for r in recs}):
@@ -118,15 +133,22 @@ def main() -> int:
             by_model[s].append(p)
             by_model[t].append(p)
         worst = sorted(by_model.items(), key=lambda kv: -np.mean(np.asarray(kv[1]) <= 0.05))[:4]
-        L.append("\nModels whose pairs most often give p ≤ 0.05: " + ", ".join(
-            f"seed {k}: {int(np.sum(np.asarray(v) <= 0.05))} of {len(v)}" for k, v in worst) + ".")
-    L.append("\nPower of the eig_sign null (log10 p; planted / fine-tuned (20, 3e-3) / noised 1.0, seed 0, 8 sequences):")
+        L.append(
+            "\nModels whose pairs most often give p ≤ 0.05: "
+            + ", ".join(f"seed {k}: {int(np.sum(np.asarray(v) <= 0.05))} of {len(v)}" for k, v in worst)
+            + "."
+        )
+    L.append(
+        "\nPower of the eig_sign null (log10 p; planted / fine-tuned (20, 3e-3) / noised 1.0, seed 0, 8 sequences):"
+    )
     cells = []
     for kind, s in (("planted", 0.0), ("finetuned", (20, 3e-3)), ("noised", 1.0)):
         tgt, _ = H.related_target(kind, s, 0)
         st = capture(H.base_model(), tgt, H._seq_subset(ids, 8, 3000))
-        cells.append(f"{kind}: Haar {_calibrated(st).log10_p_value:.1f}, "
-                     f"eig_sign {_calibrated(st, eig=True).log10_p_value:.1f}")
+        cells.append(
+            f"{kind}: Haar {_calibrated(st).log10_p_value:.1f}, "
+            f"eig_sign {_calibrated(st, eig=True).log10_p_value:.1f}"
+        )
     L.append("; ".join(cells) + ".")
     out = HERE / "results-diagnose.md"
     out.write_text("\n".join(L) + "\n")

@@ -66,14 +66,17 @@ def base_model() -> torch.nn.Module:
 
     from hf_bdgauge.fixtures import stories260k_hf_dir
 
-    return AutoModelForCausalLM.from_pretrained(str(stories260k_hf_dir()), dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(stories260k_hf_dir()), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def load_dir(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @lru_cache(maxsize=1)
@@ -89,8 +92,17 @@ def eval_ids() -> torch.Tensor:
     torch.manual_seed(777)
     start = torch.ones((256, 1), dtype=torch.long)
     with torch.no_grad():
-        ids = m.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=63, min_new_tokens=63,
-                         do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+        ids = m.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            max_new_tokens=63,
+            min_new_tokens=63,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            pad_token_id=0,
+        )
     ids = ids[:, :64].contiguous()
     tmp = f.with_suffix(".tmp")
     save_file({"ids": ids}, str(tmp))
@@ -105,7 +117,9 @@ SKIP_POSITIONS = 1
 
 
 @torch.no_grad()
-def residuals(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64, skip: int | None = None) -> torch.Tensor:
+def residuals(
+    model: torch.nn.Module, ids: torch.Tensor, batch: int = 64, skip: int | None = None
+) -> torch.Tensor:
     """``[L+1, N, T - skip, d]`` residual stream (embedding output and every decoder layer's output)
     at positions ``skip..T-1`` (default :data:`SKIP_POSITIONS`: the BOS position is dropped)."""
     skip = SKIP_POSITIONS if skip is None else skip
@@ -115,10 +129,13 @@ def residuals(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64, skip: 
         acts: list[torch.Tensor] = []
         hooks = [inner.embed_tokens.register_forward_hook(lambda m, i, o: acts.append(o.detach()))]
         for blk in inner.layers:
-            hooks.append(blk.register_forward_hook(
-                lambda m, i, o: acts.append((o[0] if isinstance(o, (tuple, list)) else o).detach())))
+            hooks.append(
+                blk.register_forward_hook(
+                    lambda m, i, o: acts.append((o[0] if isinstance(o, (tuple, list)) else o).detach())
+                )
+            )
         try:
-            inner(input_ids=ids[a:a + batch], use_cache=False)
+            inner(input_ids=ids[a : a + batch], use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
@@ -208,6 +225,7 @@ def pair_shuffle(kind: str, seed: int, n_seq: int) -> Pair:
 def weight_pair(kind: str, seed: int, strength: float = 0.0):
     """``(src, tgt, truth)`` models for the weights method."""
     from independent import independent_model_dir, random_init_model
+
     from hf_bdgauge.testing import tiny_model
 
     if kind == "random_init":
@@ -235,7 +253,7 @@ def pair_shuffle_cross(seed: int, n_seq: int) -> Pair:
     streams keep their within-sequence autocorrelation, tokens are paired across texts and positions."""
     H = base_residuals()
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(H.shape[1], generator=g)[:max(n_seq, 2)]
+    idx = torch.randperm(H.shape[1], generator=g)[: max(n_seq, 2)]
     X = H[:, idx]
     L, N, T, d = X.shape
     Yo = torch.roll(X, shifts=1, dims=1)

@@ -37,16 +37,25 @@ def build() -> dict[str, Any]:
     groups: dict[str, list] = {}
     for r in rel:
         groups.setdefault(_label(r["kind"], r["strength"]), []).append(r)
-    acts = {k: [float(np.mean([r["sign_marginalized"]["p"] <= LEVEL for r in rs if int(r["budget"]) == b]))
-                for b in budgets] for k, rs in groups.items()}
+    acts = {
+        k: [
+            float(np.mean([r["sign_marginalized"]["p"] <= LEVEL for r in rs if int(r["budget"]) == b]))
+            for b in budgets
+        ]
+        for k, rs in groups.items()
+    }
     wrel = json.loads((RESULTS / "lib-weights.json").read_text())["related"]
     wg: dict[str, list] = {}
     for r in wrel:
         wg.setdefault(_label(r["kind"], r["strength"]), []).append(r)
     weights = {k: float(np.mean([r["p"] <= LEVEL for r in rs])) for k, rs in wg.items()}
     source = "stories260K-shaped models at d = 64, experiments/calibration/results-library.md"
-    return {"level": LEVEL, "source": source, "activations": {"tokens": budgets, "pairs": acts},
-            "weights": {"pairs": weights}}
+    return {
+        "level": LEVEL,
+        "source": source,
+        "activations": {"tokens": budgets, "pairs": acts},
+        "weights": {"pairs": weights},
+    }
 
 
 def main() -> int:

@@ -49,6 +49,7 @@ sys.path.append(str(ROOT))
 
 import harness as H  # noqa: E402
 from run_library import HELDOUT_FIRST_SEED  # noqa: E402
+
 from experiments.common import clopper_pearson_upper, parts_main, read_parts, report_head  # noqa: E402
 from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 
@@ -61,10 +62,10 @@ def permutation_only_weights(src: Any, tgt: Any, include_gains: bool, seed: int 
     """The Cauchy-combined p-value of ``trace``'s per-block weights test with the match and its
     signs restricted to permutations (signs +1)."""
     from hf_bdgauge.estimate.assignment import match_scores
-    from hf_bdgauge.estimate.weights import weight_similarity
     from hf_bdgauge.estimate.calibration import calibrate
     from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
     from hf_bdgauge.estimate.statistic import weight_parts
+    from hf_bdgauge.estimate.weights import weight_similarity
     from hf_bdgauge.options import CalibrationOptions
     from hf_bdgauge.roles import spec_for_config
 
@@ -73,14 +74,25 @@ def permutation_only_weights(src: Any, tgt: Any, include_gains: bool, seed: int 
     groups = sorted({group(n) for n, _ in src.named_parameters() if spec.rule_for(n) is not None}, key=str)
     ps = []
     for gname in groups:
-        sim, _, _ = weight_similarity(src, tgt, select=lambda n, g=gname: group(n) == g, options=WeightOptions(include_gains=include_gains, progress=False))
+        sim, _, _ = weight_similarity(
+            src,
+            tgt,
+            select=lambda n, g=gname: group(n) == g,
+            options=WeightOptions(include_gains=include_gains, progress=False),
+        )
         if sim.halves is None or not sim.halves[0].tensors or not sim.halves[1].tensors:
             continue
         A, S, M = sim.scores()
         el = match_scores(A, S, "permutation", sign_source=M).element
         kind = "weights_outside" if gname == "outside" else "weights_block"
-        cal = calibrate(weight_parts(sim.halves[0], kind), weight_parts(sim.halves[1], kind), "permutation", el, (A, M),
-                        CalibrationOptions(seed=seed))
+        cal = calibrate(
+            weight_parts(sim.halves[0], kind),
+            weight_parts(sim.halves[1], kind),
+            "permutation",
+            el,
+            (A, M),
+            CalibrationOptions(seed=seed),
+        )
         ps.append(cal.p_value)
     return cauchy_combination(ps)
 
@@ -88,26 +100,39 @@ def permutation_only_weights(src: Any, tgt: Any, include_gains: bool, seed: int 
 def activation_tests(src: Any, tgt: Any, ids: Any, seed: int = 0) -> dict[str, float]:
     """``trace(src, tgt, ids)``'s pooled p-value and layers' Cauchy combination (ours), and the
     same tests with the match restricted to permutations."""
+    from hf_bdgauge import trace
     from hf_bdgauge.estimate.assignment import match_scores
     from hf_bdgauge.estimate.capture import capture_pair_stats
-    from hf_bdgauge.estimate.matching import estimate_from_stats, pooled_correlations
-    from hf_bdgauge.estimate.matching import calibrate_stats
     from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
-    from hf_bdgauge import trace
+    from hf_bdgauge.estimate.matching import calibrate_stats, estimate_from_stats, pooled_correlations
 
     width = int((ids["input_ids"] if isinstance(ids, dict) else ids).shape[1])
-    ours = trace(src, tgt, ids, capture=CaptureOptions(progress=False, max_length=width), calibration=CalibrationOptions(seed=seed))
+    ours = trace(
+        src,
+        tgt,
+        ids,
+        capture=CaptureOptions(progress=False, max_length=width),
+        calibration=CalibrationOptions(seed=seed),
+    )
     stats = capture_pair_stats(src, tgt, ids, capture=CaptureOptions(max_length=width, progress=False))
     ps = []
     for layer in stats.layers:
         one = stats.select([layer])
         A, S = pooled_correlations(one)
         el = match_scores(A, S, "permutation").element
-        ps.append(calibrate_stats(one, "permutation", el, (A, S), calibration=CalibrationOptions(seed=seed)).p_value)
-    pooled = estimate_from_stats(stats, "permutation", calibration=CalibrationOptions(null_draws=0, seed=seed))
-    return {"ours_act": ours.p_value, "ours_act_layers": ours.layers_p_value, "perm_act": cauchy_combination(ps),
-            "perm_act_pooled": float(pooled.metrics["p_value"]),
-            "ours_act_identified": float(ours.gauge.identified_fraction or 0.0)}
+        ps.append(
+            calibrate_stats(one, "permutation", el, (A, S), calibration=CalibrationOptions(seed=seed)).p_value
+        )
+    pooled = estimate_from_stats(
+        stats, "permutation", calibration=CalibrationOptions(null_draws=0, seed=seed)
+    )
+    return {
+        "ours_act": ours.p_value,
+        "ours_act_layers": ours.layers_p_value,
+        "perm_act": cauchy_combination(ps),
+        "perm_act_pooled": float(pooled.metrics["p_value"]),
+        "ours_act_identified": float(ours.gauge.identified_fraction or 0.0),
+    }
 
 
 def evaluate(src: Any, tgt: Any, truth: Any = None, ids: Any = None, seed: int = 0) -> dict[str, Any]:
@@ -115,14 +140,21 @@ def evaluate(src: Any, tgt: Any, truth: Any = None, ids: Any = None, seed: int =
 
     t0 = time.perf_counter()
     rep = trace(src, tgt, weights=WeightOptions(progress=False), calibration=CalibrationOptions(seed=seed))
-    rec: dict[str, Any] = {"ours_w": rep.p_value, "ours_w_identified": float(rep.gauge.identified_fraction or 0.0),
-                           "ours_w_layers": rep.layers_p_value,
-                           "perm_w": permutation_only_weights(src, tgt, include_gains=False, seed=seed),
-                           "perm_w_gains": permutation_only_weights(src, tgt, include_gains=True, seed=seed)}
+    rec: dict[str, Any] = {
+        "ours_w": rep.p_value,
+        "ours_w_identified": float(rep.gauge.identified_fraction or 0.0),
+        "ours_w_layers": rep.layers_p_value,
+        "perm_w": permutation_only_weights(src, tgt, include_gains=False, seed=seed),
+        "perm_w_gains": permutation_only_weights(src, tgt, include_gains=True, seed=seed),
+    }
     if truth is not None:
         el = rep.gauge.element
-        rec["ours_w_accuracy"] = float(np.mean((np.asarray(el.perm) == np.asarray(truth.perm))
-                                               & (np.asarray(el.signs) == np.asarray(truth.signs))))
+        rec["ours_w_accuracy"] = float(
+            np.mean(
+                (np.asarray(el.perm) == np.asarray(truth.perm))
+                & (np.asarray(el.signs) == np.asarray(truth.signs))
+            )
+        )
     if ids is not None:
         rec.update(activation_tests(src, tgt, ids, seed=seed))
     rec["seconds"] = time.perf_counter() - t0
@@ -184,8 +216,13 @@ def derived(kind: str, strength: Any, seed: int, flips: str = "random") -> tuple
     return rechart(tgt, 7_000 + seed, flips)
 
 
-DERIVED = {"rechart": [0], "finetune": [(20, 3e-3), (40, 1e-2), (60, 3e-2)], "merge": [0.5],
-           "prune": [0.3, 0.6], "noise": [1.0, 3.0]}
+DERIVED = {
+    "rechart": [0],
+    "finetune": [(20, 3e-3), (40, 1e-2), (60, 3e-2)],
+    "merge": [0.5],
+    "prune": [0.3, 0.6],
+    "noise": [1.0, 3.0],
+}
 
 
 def part_stories(fast: bool) -> dict[str, Any]:
@@ -201,10 +238,17 @@ def part_stories(fast: bool) -> dict[str, Any]:
                     rec = evaluate(H.base_model(), tgt, truth, ids, seed=seed)
                     rec.update(kind=kind, strength=str(st), seed=seed, flips=flips)
                     out["derived"].append(rec)
-                sel = [r for r in out["derived"] if (r["kind"], r["strength"], r["flips"]) == (kind, str(st), flips)]
-                print(f"[stories] {kind} {st} flips {flips}: {time.perf_counter() - t0:.0f} s; at 0.01 ours "
-                      f"{sum(r['ours_w'] <= LEVEL for r in sel)}/{len(sel)}, permutation-only "
-                      f"{sum(r['perm_w'] <= LEVEL for r in sel)}/{len(sel)}", flush=True)
+                sel = [
+                    r
+                    for r in out["derived"]
+                    if (r["kind"], r["strength"], r["flips"]) == (kind, str(st), flips)
+                ]
+                print(
+                    f"[stories] {kind} {st} flips {flips}: {time.perf_counter() - t0:.0f} s; at 0.01 ours "
+                    f"{sum(r['ours_w'] <= LEVEL for r in sel)}/{len(sel)}, permutation-only "
+                    f"{sum(r['perm_w'] <= LEVEL for r in sel)}/{len(sel)}",
+                    flush=True,
+                )
     first = HELDOUT_FIRST_SEED  # seeds held out from the package's reference null (fitted on seeds 0-39)
     for k in range(4 if fast else 20):
         a, b = first + 2 * k, first + 2 * k + 1
@@ -222,8 +266,11 @@ def part_stories(fast: bool) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ Gemma 3
 def gemma_finetune(model: torch.nn.Module, tok: Any, steps: int, lr: float, seed: int) -> torch.nn.Module:
-    texts = [t for t in (ROOT / "tests" / "data" / "real_texts.txt").read_text(encoding="utf-8").splitlines()
-             if t.strip() and not t.startswith("#")]
+    texts = [
+        t
+        for t in (ROOT / "tests" / "data" / "real_texts.txt").read_text(encoding="utf-8").splitlines()
+        if t.strip() and not t.startswith("#")
+    ]
     m = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -241,8 +288,11 @@ def part_gemma(fast: bool) -> dict[str, Any]:
     from hf_bdgauge.real_models import real_model
 
     base, tok = real_model("gemma-3-270m")
-    texts = [t for t in (ROOT / "tests" / "data" / "real_texts.txt").read_text(encoding="utf-8").splitlines()
-             if t.strip() and not t.startswith("#")][:8]
+    texts = [
+        t
+        for t in (ROOT / "tests" / "data" / "real_texts.txt").read_text(encoding="utf-8").splitlines()
+        if t.strip() and not t.startswith("#")
+    ][:8]
     enc = tok(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=32)
     ids = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     out: dict[str, Any] = {"pairs": [], "reference_null": True}
@@ -254,7 +304,9 @@ def part_gemma(fast: bool) -> dict[str, Any]:
         tgt = copy.deepcopy(base) if kind == "rechart" else gemma_finetune(base, tok, steps, lr, seed=0)
         tgt, g = rechart(tgt, 11, flips)
         rec = evaluate(base, tgt, g, ids)
-        rec.update(kind=kind, steps=steps, lr=lr, flips=int(g.num_flips), seconds_total=time.perf_counter() - t0)
+        rec.update(
+            kind=kind, steps=steps, lr=lr, flips=int(g.num_flips), seconds_total=time.perf_counter() - t0
+        )
         out["pairs"].append(rec)
         print(f"[gemma] {kind} {steps} {lr} {flips}: {rec}", flush=True)
         del tgt
@@ -264,8 +316,6 @@ def part_gemma(fast: bool) -> dict[str, Any]:
 def part_file(fast: bool, part: str) -> str:
     """The results file of one part (``results/<part>.json``, ``fast-`` for smoke runs)."""
     return f"{'fast-' if fast else ''}{part}.json"
-
-
 
 
 # ------------------------------------------------------------------------------------ report
@@ -283,20 +333,28 @@ def fmt_p(x: float) -> str:
     return "< 1e-300" if x < 1e-300 else (f"{x:.3f}" if x >= 1e-3 else f"{x:.1e}")
 
 
-STATS = (("ours_w", "ours, weights"), ("ours_w_layers", "ours, weights, blocks' Cauchy"),
-         ("perm_w", "permutation-only, weights"), ("perm_w_gains", "permutation-only, weights + gains"),
-         ("ours_act", "ours, activations"), ("ours_act_layers", "ours, activations, layers' Cauchy"),
-         ("perm_act_pooled", "permutation-only, activations"), ("perm_act", "permutation-only, activations, layers' Cauchy"))
+STATS = (
+    ("ours_w", "ours, weights"),
+    ("ours_w_layers", "ours, weights, blocks' Cauchy"),
+    ("perm_w", "permutation-only, weights"),
+    ("perm_w_gains", "permutation-only, weights + gains"),
+    ("ours_act", "ours, activations"),
+    ("ours_act_layers", "ours, activations, layers' Cauchy"),
+    ("perm_act_pooled", "permutation-only, activations"),
+    ("perm_act", "permutation-only, activations, layers' Cauchy"),
+)
 
 
 #: the report's title, and how its numbers were made (line breaks read as spaces)
-REPORT = ("Derivation test: ours against a permutation-only statistic",
-          """; level 0.01. *ours*: `hf_bdgauge.trace`'s decision, the calibrated test of the gauge pooled
+REPORT = (
+    "Derivation test: ours against a permutation-only statistic",
+    """; level 0.01. *ours*: `hf_bdgauge.trace`'s decision, the calibrated test of the gauge pooled
 over every block (weights) or residual layer (activations, 16 stories of 63 tokens); *…, Cauchy*: the
 Cauchy combination of the per-block / per-layer p-values `trace` also reports; *permutation-only*: the
 same tests with the match and its signs restricted to permutations (weights: per block, Cauchy-combined;
 activations: pooled, and per layer Cauchy-combined).
-""")
+""",
+)
 
 
 def render(mode: str) -> str:
@@ -305,21 +363,35 @@ def render(mode: str) -> str:
     if "stories" in parts:
         s = parts["stories"]
         L.append("## stories260K: detection rate at p ≤ 0.01\n")
-        L.append("| pair | strength | n | " + " | ".join(name for _, name in STATS) + " | ours: accuracy of the gauge |")
+        L.append(
+            "| pair | strength | n | "
+            + " | ".join(name for _, name in STATS)
+            + " | ours: accuracy of the gauge |"
+        )
         L.append("| --- | --- | --- | " + " | ".join("---" for _ in STATS) + " | --- |")
         groups: dict[tuple, list] = {}
         for r in s["derived"]:
             groups.setdefault((r["kind"], r["strength"], r.get("flips", "random")), []).append(r)
         for (k, st, fl), rs in groups.items():
-            cells = [f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p {fmt_p(float(np.median([r[key] for r in rs])))})"
-                     for key, _ in STATS]
+            cells = [
+                f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p {fmt_p(float(np.median([r[key] for r in rs])))})"
+                for key, _ in STATS
+            ]
             how = "random signs" if fl == "random" else "−P (all signs)"
-            L.append(f"| {k}, re-charted by B_d, {how} | {st} | {len(rs)} | " + " | ".join(cells)
-                     + f" | {np.mean([r['ours_w_accuracy'] for r in rs]):.3f} |")
-        for fam, title in (("independent", "independent (disjoint pairs)"), ("base_vs_independent", "stories260K vs independent")):
+            L.append(
+                f"| {k}, re-charted by B_d, {how} | {st} | {len(rs)} | "
+                + " | ".join(cells)
+                + f" | {np.mean([r['ours_w_accuracy'] for r in rs]):.3f} |"
+            )
+        for fam, title in (
+            ("independent", "independent (disjoint pairs)"),
+            ("base_vs_independent", "stories260K vs independent"),
+        ):
             rs = s[fam]
-            cells = [f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p {fmt_p(float(np.median([r[key] for r in rs])))})"
-                     for key, _ in STATS]
+            cells = [
+                f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p {fmt_p(float(np.median([r[key] for r in rs])))})"
+                for key, _ in STATS
+            ]
             L.append(f"| {title} | – | {len(rs)} | " + " | ".join(cells) + " | – |")
         L.append("\nFalse positives at p ≤ 0.01 (exact 95 % upper bound):\n")
         L.append("| statistic | independent, disjoint pairs | stories260K vs independent |")
@@ -331,27 +403,41 @@ def render(mode: str) -> str:
                 n = len(s[fam])
                 cells.append(f"{k}/{n} (≤ {clopper_pearson_upper(k, n):.3f})")
             L.append(f"| {name} | " + " | ".join(cells) + " |")
-        L.append("\nROC AUC of −log10 p, every derived pair against every unrelated pair (both unrelated families):\n")
+        L.append(
+            "\nROC AUC of −log10 p, every derived pair against every unrelated pair (both unrelated families):\n"
+        )
         L.append("| statistic | AUC | derived detected at 0.01 | unrelated rejected at 0.01 |")
         L.append("| --- | --- | --- | --- |")
         neg_recs = s["independent"] + s["base_vs_independent"]
         for key, name in STATS:
             pos = [score(r[key]) for r in s["derived"]]
             neg = [score(r[key]) for r in neg_recs]
-            L.append(f"| {name} | {auc(pos, neg):.3f} | {np.mean([r[key] <= LEVEL for r in s['derived']]):.3f} | "
-                     f"{np.mean([r[key] <= LEVEL for r in neg_recs]):.3f} |")
+            L.append(
+                f"| {name} | {auc(pos, neg):.3f} | {np.mean([r[key] <= LEVEL for r in s['derived']]):.3f} | "
+                f"{np.mean([r[key] <= LEVEL for r in neg_recs]):.3f} |"
+            )
         L.append("")
     if "gemma" in parts:
         L.append("## Gemma 3 270M: B_d re-charting (+ fine-tune)\n")
         if not parts["gemma"].get("reference_null"):
-            L.append("(Measured before the package's reference null: these p-values are the Haar test's alone.)\n")
-        L.append("| pair | flips | " + " | ".join(name for _, name in STATS) + " | ours: accuracy | seconds |")
+            L.append(
+                "(Measured before the package's reference null: these p-values are the Haar test's alone.)\n"
+            )
+        L.append(
+            "| pair | flips | " + " | ".join(name for _, name in STATS) + " | ours: accuracy | seconds |"
+        )
         L.append("| --- | --- | " + " | ".join("---" for _ in STATS) + " | --- | --- |")
         for r in parts["gemma"]["pairs"]:
-            what = "re-chart" if r["kind"] == "rechart" else f"fine-tune {r['steps']} steps lr {r['lr']:g}, re-chart"
+            what = (
+                "re-chart"
+                if r["kind"] == "rechart"
+                else f"fine-tune {r['steps']} steps lr {r['lr']:g}, re-chart"
+            )
             cells = [fmt_p(r[key]) if key in r else "–" for key, _ in STATS]
-            L.append(f"| {what} | {r['flips']}/640 | " + " | ".join(cells) + f" | {r['ours_w_accuracy']:.3f} | "
-                     f"{r['seconds_total']:.0f} |")
+            L.append(
+                f"| {what} | {r['flips']}/640 | " + " | ".join(cells) + f" | {r['ours_w_accuracy']:.3f} | "
+                f"{r['seconds_total']:.0f} |"
+            )
         L.append("")
     return "\n".join(L) + "\n"
 

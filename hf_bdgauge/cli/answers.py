@@ -22,10 +22,18 @@ def answer_payload(args: argparse.Namespace, g: Any, code: int, saved: Path | No
 
     m = g.metrics
     out: dict[str, Any] = {
-        "verb": args.verb, "answer": g.answer, "verdict": g.verdict, "exit_code": int(code),
-        "p_value": g.p_value, "log10_p_value": m.get("log10_p_value"),
-        "identified_fraction": g.identified_fraction, "tokens": m.get("tokens"), "summary": m.get("summary"),
-        "fit_problems": g.fit_problems(), "output": str(saved) if saved is not None else None, "dim": g.dim,
+        "verb": args.verb,
+        "answer": g.answer,
+        "verdict": g.verdict,
+        "exit_code": int(code),
+        "p_value": g.p_value,
+        "log10_p_value": m.get("log10_p_value"),
+        "identified_fraction": g.identified_fraction,
+        "tokens": m.get("tokens"),
+        "summary": m.get("summary"),
+        "fit_problems": g.fit_problems(),
+        "output": str(saved) if saved is not None else None,
+        "dim": g.dim,
         "method": g.method,
     }
     if g.answer == "insufficient_data":
@@ -46,10 +54,16 @@ def write_answer(args: argparse.Namespace, g: Any) -> tuple[int, Path | None]:
     if out is None or not is_main():
         return code, None
     if is_not_a_gauge(g.verdict) and not args.force:
-        why = ("too little data to test" if g.answer == "insufficient_data" else
-               "no evidence of a relation at this budget")
-        print(f"bdgauge {args.verb}: nothing saved to {out}: the estimate is not a gauge ({why}; see the "
-              "answer on stdout); --force saves it anyway, its card then says it is not a gauge", file=sys.stderr)
+        why = (
+            "too little data to test"
+            if g.answer == "insufficient_data"
+            else "no evidence of a relation at this budget"
+        )
+        print(
+            f"bdgauge {args.verb}: nothing saved to {out}: the estimate is not a gauge ({why}; see the "
+            "answer on stdout); --force saves it anyway, its card then says it is not a gauge",
+            file=sys.stderr,
+        )
         return code, None
     g.save_pretrained(out, overwrite=args.overwrite)
     return code, Path(out)
@@ -63,6 +77,10 @@ def save_gauge(g: Any, args: argparse.Namespace) -> int:
         return code
     line = str(g.metrics.get("summary") or g.summary().splitlines()[1].strip())
     where = [f"saved to {saved}"] if saved is not None else []
-    print_result(args, full=[g.summary(), *where], line="; ".join([line, *where]),
-            payload=lambda: answer_payload(args, g, code, saved))
+    print_result(
+        args,
+        full=[g.summary(), *where],
+        line="; ".join([line, *where]),
+        payload=lambda: answer_payload(args, g, code, saved),
+    )
     return code

@@ -25,8 +25,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = tok([" ".join(texts)], return_tensors="pt", truncation=True, max_length=args.max_length).input_ids
-    report = audit_claim(model, top_massive_activations(ids, k=args.k, layer=args.layer), n_gauges=args.gauges,
-                         seed=args.seed, progress=not args.quiet)
+    report = audit_claim(
+        model,
+        top_massive_activations(ids, k=args.k, layer=args.layer),
+        n_gauges=args.gauges,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     for key, value in report.summary().items():
         print(f"{key}: {value:.4g}")
     print(report.verdict())
@@ -46,13 +51,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 def add_audit_parser(sub: Any) -> None:
     """``bdgauge audit``."""
-    au = sub.add_parser("audit", help="gauge-sweep audit of a top-k massive-activation claim", description=_cmd_audit.__doc__)
+    au = sub.add_parser(
+        "audit", help="gauge-sweep audit of a top-k massive-activation claim", description=_cmd_audit.__doc__
+    )
     au.add_argument("model", help="model dir or repo@revision")
     au.add_argument("--revision", help="revision of MODEL on the Hub (or write MODEL as repo@revision)")
-    au.add_argument("--texts", type=Path, help="text file, one text per line, joined into one prompt "
-                    "(default: one built-in TinyStories sentence)")
-    au.add_argument("--k", type=int, default=5, help="the claim audited: the top-k coordinates by massive "
-                    "activation")
+    au.add_argument(
+        "--texts",
+        type=Path,
+        help="text file, one text per line, joined into one prompt "
+        "(default: one built-in TinyStories sentence)",
+    )
+    au.add_argument(
+        "--k", type=int, default=5, help="the claim audited: the top-k coordinates by massive activation"
+    )
     au.add_argument("--layer", type=int, default=-1, help="hidden-state index (0 = embeddings)")
     au.add_argument("--gauges", type=int, default=8, help="number of random gauges")
     au.add_argument("--seed", type=int, default=0, help="seed of the random gauges")
@@ -64,8 +76,12 @@ def add_audit_parser(sub: Any) -> None:
 
 def add_demo_parser(sub: Any) -> None:
     """``bdgauge demo``."""
-    d = sub.add_parser("demo", help="plant and recover a gauge on the bundled real model", description=_cmd_demo.__doc__)
-    d.add_argument("--out-dir", type=Path, default=None, help="where to write the demo's files (default: a temp dir)")
+    d = sub.add_parser(
+        "demo", help="plant and recover a gauge on the bundled real model", description=_cmd_demo.__doc__
+    )
+    d.add_argument(
+        "--out-dir", type=Path, default=None, help="where to write the demo's files (default: a temp dir)"
+    )
     d.add_argument("--seed", type=int, default=0, help="seed of the planted gauge")
     d.add_argument("--fast", action="store_true", help="fewer tokens (for tests)")
     add_quiet_flag(d)

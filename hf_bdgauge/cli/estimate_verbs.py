@@ -31,11 +31,13 @@ _TRACE_CALIBRATION = ("draws", "seed", "reference", "level", "identity_tol")
 METHODS = ["sign_marginalized", "signed", "permutation", "weights", "orthogonal", "orthogonal_weights"]
 #: the methods that read the checkpoints only (no --texts)
 _DATA_FREE = ("weights", "orthogonal_weights")
-_METHOD_HELP = ("sign_marginalized, signed, permutation: a signed permutation matched on activations "
-                "(--texts; sign_marginalized matches |correlations| and reads the signs at the match, "
-                "signed matches the signed correlations (a baseline), permutation forces every sign to "
-                "+1); weights: a signed permutation from the checkpoints alone; orthogonal: a rotation from "
-                "activations; orthogonal_weights: a rotation from the token embeddings alone")
+_METHOD_HELP = (
+    "sign_marginalized, signed, permutation: a signed permutation matched on activations "
+    "(--texts; sign_marginalized matches |correlations| and reads the signs at the match, "
+    "signed matches the signed correlations (a baseline), permutation forces every sign to "
+    "+1); weights: a signed permutation from the checkpoints alone; orthogonal: a rotation from "
+    "activations; orthogonal_weights: a rotation from the token embeddings alone"
+)
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
@@ -59,20 +61,36 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         if args.save_stats is not None:
             raise GaugeError(f"--save-stats saves activation statistics; --method {args.method} has none")
         capture, weights = _method_options(args)
-        g = estimate_gauge(src, tgt, method=args.method, capture=capture, weights=weights, calibration=calibration,
-                           source_revision=src_rev, target_revision=tgt_rev)
+        g = estimate_gauge(
+            src,
+            tgt,
+            method=args.method,
+            capture=capture,
+            weights=weights,
+            calibration=calibration,
+            source_revision=src_rev,
+            target_revision=tgt_rev,
+        )
         return save_gauge(g, args)
     capture, _ = _method_options(args)
     if args.save_stats is not None:
         check_destination(args.save_stats, args.overwrite)
-    pair = capture_pair(src, tgt, texts, capture=replace(capture, pooling="mean_abs"),
-                        data_description=_describe_data(args), source_revision=src_rev, target_revision=tgt_rev)
+    pair = capture_pair(
+        src,
+        tgt,
+        texts,
+        capture=replace(capture, pooling="mean_abs"),
+        data_description=_describe_data(args),
+        source_revision=src_rev,
+        target_revision=tgt_rev,
+    )
     if args.save_stats is not None and is_main():
         save_pair_stats(pair, args.save_stats, overwrite=args.overwrite)
         if not (args.quiet or args.json):  # -q: the one-line result only; --json: one object
             say(f"statistics saved to {args.save_stats}")
-    g = gauge_from_capture(pair, args.method, capture=capture.matching(), calibration=calibration,
-                           across_ranks=True)  # every rank: the draws split
+    g = gauge_from_capture(
+        pair, args.method, capture=capture.matching(), calibration=calibration, across_ranks=True
+    )  # every rank: the draws split
     return save_gauge(g, args)
 
 
@@ -81,21 +99,31 @@ def _estimate_from_stats(args: argparse.Namespace) -> int:
     from ..estimate import gauge_from_capture, load_pair_stats
 
     if args.source is not None or args.target is not None or args.texts is not None:
-        raise GaugeError("--from-stats replaces SOURCE TARGET --texts (the statistics name their models): give one "
-                         "or the other")
+        raise GaugeError(
+            "--from-stats replaces SOURCE TARGET --texts (the statistics name their models): give one "
+            "or the other"
+        )
     if args.method in _DATA_FREE:
-        raise GaugeError(f"--from-stats matches activation statistics; --method {args.method} reads the checkpoints")
+        raise GaugeError(
+            f"--from-stats matches activation statistics; --method {args.method} reads the checkpoints"
+        )
     refuse_existing(args.output, args.overwrite)
     if not is_main():
         return 0
     loading = options_from_args(CaptureOptions, args, _STATS_CAPTURE[:1] + _STATS_CAPTURE[2:])
     if loading.changed():
         flags = ", ".join("--" + k.replace("_", "-") for k in loading.changed())
-        raise GaugeError(f"{flags}: the statistics are captured already; --from-stats matches them (only --layers, "
-                         "--pooling and the calibration flags apply)")
+        raise GaugeError(
+            f"{flags}: the statistics are captured already; --from-stats matches them (only --layers, "
+            "--pooling and the calibration flags apply)"
+        )
     pair = load_pair_stats(args.from_stats)
-    g = gauge_from_capture(pair, args.method, capture=CaptureOptions(layers=args.layers, pooling=args.pooling),
-                           calibration=options_from_args(CalibrationOptions, args))
+    g = gauge_from_capture(
+        pair,
+        args.method,
+        capture=CaptureOptions(layers=args.layers, pooling=args.pooling),
+        calibration=options_from_args(CalibrationOptions, args),
+    )
     g.metrics["stats_parts"] = len(args.from_stats)
     return save_gauge(g, args)
 
@@ -113,15 +141,33 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     check_destination(args.output, args.overwrite)
     src, src_rev = split_revision(args.source, args.source_revision)
     tgt, tgt_rev = split_revision(args.target, args.target_revision)
-    pair = capture_pair(src, tgt, texts, capture=_capture_options(args, _STATS_CAPTURE), shard=args.shard,
-                        data_description=_describe_data(args), source_revision=src_rev, target_revision=tgt_rev)
+    pair = capture_pair(
+        src,
+        tgt,
+        texts,
+        capture=_capture_options(args, _STATS_CAPTURE),
+        shard=args.shard,
+        data_description=_describe_data(args),
+        source_revision=src_rev,
+        target_revision=tgt_rev,
+    )
     if is_main():
         save_pair_stats(pair, args.output, overwrite=args.overwrite)
         n, layers = pair.stats.n_tokens, pair.stats.layers
         line = f"statistics of {n} tokens at layers {layers} saved to {args.output}"
-        print_result(args, full=[line], line=line, payload=lambda: {
-            "verb": "stats", "exit_code": 0, "output": str(args.output), "tokens": int(pair.stats.n_tokens),
-            "half_tokens": list(pair.stats.half_tokens()), "layers": list(pair.stats.layers)})
+        print_result(
+            args,
+            full=[line],
+            line=line,
+            payload=lambda: {
+                "verb": "stats",
+                "exit_code": 0,
+                "output": str(args.output),
+                "tokens": int(pair.stats.n_tokens),
+                "half_tokens": list(pair.stats.half_tokens()),
+                "layers": list(pair.stats.layers),
+            },
+        )
     return 0
 
 
@@ -130,8 +176,12 @@ def _describe_data(args: argparse.Namespace) -> dict[str, Any]:
     merged twice): the texts file's sha256, the options that cut it into batches, the shard."""
     from ..files import sha256_file
 
-    d: dict[str, Any] = {"texts_sha256": sha256_file(args.texts), "max_length": args.max_length,
-                         "batch_size": args.batch_size, "max_tokens": args.max_tokens}
+    d: dict[str, Any] = {
+        "texts_sha256": sha256_file(args.texts),
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens,
+    }
     if getattr(args, "shard", None) is not None:
         d["shard"] = list(args.shard)
     return d
@@ -161,13 +211,21 @@ def _method_options(args: argparse.Namespace) -> tuple[CaptureOptions | None, We
     are refused (by :func:`~hf_bdgauge.estimate.estimate_gauge`, for the capture flags), never dropped."""
     if args.method == "weights":
         given = options_from_args(CaptureOptions, args, [n for n in _STATS_CAPTURE if n != "dtype"])
-        weights = options_from_args(WeightOptions, args, _WEIGHT_FLAGS, device=args.device or rank_device(),
-                                    compute_dtype=args.dtype, progress=not args.quiet)
+        weights = options_from_args(
+            WeightOptions,
+            args,
+            _WEIGHT_FLAGS,
+            device=args.device or rank_device(),
+            compute_dtype=args.dtype,
+            progress=not args.quiet,
+        )
         return (given if given.changed() else None), weights  # under NCCL: this rank's GPU
     for name in _WEIGHT_FLAGS:
         if getattr(args, name, None) not in (None, "equal"):
-            raise GaugeError(f"--{name.replace('_', '-')} applies to --method weights"
-                             + ("; place models with --device-map" if name == "device" else ""))
+            raise GaugeError(
+                f"--{name.replace('_', '-')} applies to --method weights"
+                + ("; place models with --device-map" if name == "device" else "")
+            )
     if args.method == "orthogonal_weights":  # the embeddings only: read on the CPU in float64
         given = options_from_args(CaptureOptions, args)
         return (given if given.changed() else None), None
@@ -177,8 +235,12 @@ def _method_options(args: argparse.Namespace) -> tuple[CaptureOptions | None, We
 def _add_capture_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     """The flags of :class:`~hf_bdgauge.options.CaptureOptions` (or of ``names``), and --dist-timeout."""
     add_option_flags(p, CaptureOptions, names)
-    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun / accelerate "
-                   "launch: seconds a rank waits for the others before failing")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="under torchrun / accelerate launch: seconds a rank waits for the others before failing",
+    )
 
 
 def _add_big_model_flags(p: argparse.ArgumentParser, calibration: tuple[str, ...] | None = None) -> None:
@@ -199,8 +261,14 @@ def _cmd_compose(args: argparse.Namespace) -> int:
         raise GaugeError("compose needs at least two checkpoints")
     refuse_existing(args.output, args.overwrite)
     capture, weights = _method_options(args)
-    g = compose_trajectory(list(args.checkpoints), texts, method=args.method, capture=capture, weights=weights,
-                           calibration=options_from_args(CalibrationOptions, args))
+    g = compose_trajectory(
+        list(args.checkpoints),
+        texts,
+        method=args.method,
+        capture=capture,
+        weights=weights,
+        calibration=options_from_args(CalibrationOptions, args),
+    )
     return save_gauge(g, args)
 
 
@@ -218,19 +286,43 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     calibration = options_from_args(CalibrationOptions, args, _TRACE_CALIBRATION)
     if texts is None:
         given = options_from_args(CaptureOptions, args)
-        weights = options_from_args(WeightOptions, args, _WEIGHT_FLAGS, device=args.device or rank_device(),
-                                    compute_dtype=args.dtype, progress=not args.quiet)
+        weights = options_from_args(
+            WeightOptions,
+            args,
+            _WEIGHT_FLAGS,
+            device=args.device or rank_device(),
+            compute_dtype=args.dtype,
+            progress=not args.quiet,
+        )
         if replace(given, dtype=None).changed():
             flags = ", ".join("--" + k.replace("_", "-") for k in replace(given, dtype=None).changed())
-            raise GaugeError(f"{flags}: capture flags apply with --texts (activations); without it {args.verb} "
-                             "reads the weights")
-        report = trace(src, tgt, None, weights=weights, calibration=calibration, source_revision=src_rev,
-                       target_revision=tgt_rev)
+            raise GaugeError(
+                f"{flags}: capture flags apply with --texts (activations); without it {args.verb} "
+                "reads the weights"
+            )
+        report = trace(
+            src,
+            tgt,
+            None,
+            weights=weights,
+            calibration=calibration,
+            source_revision=src_rev,
+            target_revision=tgt_rev,
+        )
     else:
         if args.device is not None or args.tensor_weighting != "equal":
-            raise GaugeError("--device and --tensor-weighting apply without --texts (data-free, from the weights)")
-        report = trace(src, tgt, texts, capture=_capture_options(args), calibration=calibration,
-                       source_revision=src_rev, target_revision=tgt_rev)
+            raise GaugeError(
+                "--device and --tensor-weighting apply without --texts (data-free, from the weights)"
+            )
+        report = trace(
+            src,
+            tgt,
+            texts,
+            capture=_capture_options(args),
+            calibration=calibration,
+            source_revision=src_rev,
+            target_revision=tgt_rev,
+        )
     code, saved = write_answer(args, report.gauge)  # saved before anything is printed
     if not is_main():
         return code
@@ -239,9 +331,15 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     full = [report.table(), report.conclusion()] if args.verb == "diff" else [report.conclusion()]
 
     def payload() -> dict[str, Any]:
-        return {**answer_payload(args, report.gauge, code, saved), "answer": report.answer,
-                "p_value": report.p_value, "layers_p_value": report.layers_p_value,
-                "conclusion": report.conclusion(), "mode": report.mode, "rows": [r.as_dict() for r in report.rows]}
+        return {
+            **answer_payload(args, report.gauge, code, saved),
+            "answer": report.answer,
+            "p_value": report.p_value,
+            "layers_p_value": report.layers_p_value,
+            "conclusion": report.conclusion(),
+            "mode": report.mode,
+            "rows": [r.as_dict() for r in report.rows],
+        }
 
     print_result(args, full=full + ([where] if where else []), line=line, payload=payload)
     return code
@@ -258,20 +356,41 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 def add_estimate_parser(sub: Any) -> None:
     """``bdgauge estimate``."""
-    e = sub.add_parser("estimate", help="estimate the gauge between two checkpoints", description=_cmd_estimate.__doc__)
+    e = sub.add_parser(
+        "estimate", help="estimate the gauge between two checkpoints", description=_cmd_estimate.__doc__
+    )
     e.add_argument("source", nargs="?", help="source model dir or Hub id (optionally repo@revision)")
     e.add_argument("target", nargs="?", help="target model dir or Hub id (optionally repo@revision)")
-    e.add_argument("-o", "--output", type=Path, help="save the gauge here (gauge.safetensors + gauge_config.json + README.md)")
+    e.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="save the gauge here (gauge.safetensors + gauge_config.json + README.md)",
+    )
     e.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
-    e.add_argument("--force", action="store_true", help="save the estimate even when no signed permutation explains the pair")
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="save the estimate even when no signed permutation explains the pair",
+    )
     e.add_argument("--method", default="sign_marginalized", choices=METHODS, help=_METHOD_HELP)
     e.add_argument("--texts", type=Path, help="text file, one text per line (activation methods)")
     e.add_argument("--source-revision", help=REVISION_HELP.format(end="SOURCE"))
     e.add_argument("--target-revision", help=REVISION_HELP.format(end="TARGET"))
-    e.add_argument("--from-stats", type=Path, nargs="+", metavar="DIR", help="match statistics saved by `bdgauge "
-                   "stats` (any number, merged exactly) instead of capturing: no SOURCE, TARGET or --texts")
-    e.add_argument("--save-stats", type=Path, metavar="DIR", help="also save the captured statistics here (as "
-                   "`bdgauge stats` does)")
+    e.add_argument(
+        "--from-stats",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="match statistics saved by `bdgauge "
+        "stats` (any number, merged exactly) instead of capturing: no SOURCE, TARGET or --texts",
+    )
+    e.add_argument(
+        "--save-stats",
+        type=Path,
+        metavar="DIR",
+        help="also save the captured statistics here (as `bdgauge stats` does)",
+    )
     _add_big_model_flags(e)
     add_quiet_flag(e)
     add_json_flag(e)
@@ -280,15 +399,24 @@ def add_estimate_parser(sub: Any) -> None:
 
 def add_stats_parser(sub: Any) -> None:
     """``bdgauge stats``."""
-    st = sub.add_parser("stats", help="capture and save the activation statistics of a pair (merge with "
-                        "estimate --from-stats)", description=_cmd_stats.__doc__)
+    st = sub.add_parser(
+        "stats",
+        help="capture and save the activation statistics of a pair (merge with estimate --from-stats)",
+        description=_cmd_stats.__doc__,
+    )
     st.add_argument("source", help="source model dir or Hub id (optionally repo@revision)")
     st.add_argument("target", help="target model dir or Hub id (optionally repo@revision)")
     st.add_argument("--texts", type=Path, required=True, help="text file, one text per line")
     st.add_argument("-o", "--output", type=Path, required=True, help="save the statistics here (a directory)")
     st.add_argument("--overwrite", action="store_true", help="replace statistics already saved at --output")
-    st.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="keep only batches i with i mod N == K "
-                    "(0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+    st.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="K/N",
+        help="keep only batches i with i mod N == K "
+        "(0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+    )
     st.add_argument("--source-revision", help=REVISION_HELP.format(end="SOURCE"))
     st.add_argument("--target-revision", help=REVISION_HELP.format(end="TARGET"))
     _add_capture_flags(st, _STATS_CAPTURE)
@@ -299,11 +427,15 @@ def add_stats_parser(sub: Any) -> None:
 
 def add_compose_parser(sub: Any) -> None:
     """``bdgauge compose``."""
-    c = sub.add_parser("compose", help="compose local gauges along a run of checkpoints", description=_cmd_compose.__doc__)
+    c = sub.add_parser(
+        "compose", help="compose local gauges along a run of checkpoints", description=_cmd_compose.__doc__
+    )
     c.add_argument("checkpoints", nargs="+", help="checkpoint dirs or repo@revision, in training order")
     c.add_argument("-o", "--output", type=Path, help="save the composed gauge here")
     c.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
-    c.add_argument("--force", action="store_true", help="save the composite even when a hop has no signed permutation")
+    c.add_argument(
+        "--force", action="store_true", help="save the composite even when a hop has no signed permutation"
+    )
     c.add_argument("--method", default="sign_marginalized", choices=METHODS, help=_METHOD_HELP)
     c.add_argument("--texts", type=Path, help="text file, one text per line (activation methods)")
     _add_big_model_flags(c)
@@ -313,13 +445,16 @@ def add_compose_parser(sub: Any) -> None:
 
 def add_trace_parsers(sub: Any) -> None:
     """``bdgauge trace`` and ``bdgauge diff`` (the same options)."""
-    for verb, fn, text in (("trace", _cmd_trace, "test whether a checkpoint is derived from another up to a signed "
-                                                 "permutation"),
-                           ("diff", _cmd_diff, "per-layer report: same chart / re-charted / drifted")):
+    for verb, fn, text in (
+        ("trace", _cmd_trace, "test whether a checkpoint is derived from another up to a signed permutation"),
+        ("diff", _cmd_diff, "per-layer report: same chart / re-charted / drifted"),
+    ):
         tr = sub.add_parser(verb, help=text, description=fn.__doc__)
         tr.add_argument("source", help="model dir or Hub id (repo@revision)")
         tr.add_argument("target", help="model dir or Hub id (repo@revision)")
-        tr.add_argument("--texts", type=Path, help="text file, one text per line: test on activations (default: weights)")
+        tr.add_argument(
+            "--texts", type=Path, help="text file, one text per line: test on activations (default: weights)"
+        )
         tr.add_argument("--source-revision", help=REVISION_HELP.format(end="SOURCE"))
         tr.add_argument("--target-revision", help=REVISION_HELP.format(end="TARGET"))
         _add_big_model_flags(tr, _TRACE_CALIBRATION)

@@ -18,8 +18,11 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
-                and "(default" not in text:
+        if (
+            action.default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+            and "(default" not in text
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -34,12 +37,21 @@ class Parser(argparse.ArgumentParser):
 
 def add_quiet_flag(p: argparse.ArgumentParser) -> None:
     """``-q/--quiet`` on ``p`` (every verb has it; see :func:`hf_bdgauge.cli.output.quiet_libraries`)."""
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the one-line result: no progress "
-                   "bars, and no logs of transformers, PEFT, huggingface_hub or hf_bdgauge (what their warnings "
-                   "would say, e.g. a forced gauge, is in that line)")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the one-line result: no progress "
+        "bars, and no logs of transformers, PEFT, huggingface_hub or hf_bdgauge (what their warnings "
+        "would say, e.g. a forced gauge, is in that line)",
+    )
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     """``--json`` on ``p`` (see :func:`hf_bdgauge.cli.output.print_result`)."""
-    p.add_argument("--json", action="store_true", help="print one JSON object (answer, verdict, p_value, "
-                   "identified_fraction, exit_code, output, ...) instead of the text")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (answer, verdict, p_value, "
+        "identified_fraction, exit_code, output, ...) instead of the text",
+    )

@@ -22,8 +22,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     With --random-seed a random gauge is planted and saved beside the output (or to --save-gauge)."""
     from ..checkpoint import Workers, apply_gauge_to_checkpoint
     from ..gauge import Gauge
-    from ..provenance import ModelRef
     from ..group import SignedPermutation
+    from ..provenance import ModelRef
     from ..roles import hidden_size_of
     from ..storage import read_model_config
 
@@ -36,21 +36,36 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     else:
         d = hidden_size_of(read_model_config(resolve_checkpoint_dir(src, rev)))
         el = SignedPermutation.random(d, seed=args.random_seed)
-        gauge = Gauge(el.inverse() if args.inverse else el, method="planted",
-                      metrics={"planted_seed": args.random_seed, "inverse": bool(args.inverse)})
-        planted = Path(args.save_gauge) if args.save_gauge else Path(str(Path(args.dst)).rstrip("/\\") + ".gauge")
+        gauge = Gauge(
+            el.inverse() if args.inverse else el,
+            method="planted",
+            metrics={"planted_seed": args.random_seed, "inverse": bool(args.inverse)},
+        )
+        planted = (
+            Path(args.save_gauge) if args.save_gauge else Path(str(Path(args.dst)).rstrip("/\\") + ".gauge")
+        )
         if planted.exists() and not args.overwrite:
             raise DestinationExistsError(planted)
-    out = apply_gauge_to_checkpoint(src, gauge, args.dst, revision=rev, overwrite=args.overwrite,
-                                    workers=Workers(threads=args.workers), progress=not args.quiet, force=args.force)
+    out = apply_gauge_to_checkpoint(
+        src,
+        gauge,
+        args.dst,
+        revision=rev,
+        overwrite=args.overwrite,
+        workers=Workers(threads=args.workers),
+        progress=not args.quiet,
+        force=args.force,
+    )
     if not is_main():
         return 0
     if planted is not None:  # every output saved before anything is printed
         gauge.source = ModelRef.from_checkpoint(src, revision=rev)
         gauge.target = ModelRef.from_checkpoint(out)
         gauge.save_pretrained(planted, overwrite=args.overwrite)
-    say(f"wrote {out} (gauge of dimension {gauge.dim}, {describe_element(gauge)}){forced(args, gauge)}",
-         *([f"planted gauge (source -> output) saved to {planted}"] if planted is not None else []))
+    say(
+        f"wrote {out} (gauge of dimension {gauge.dim}, {describe_element(gauge)}){forced(args, gauge)}",
+        *([f"planted gauge (source -> output) saved to {planted}"] if planted is not None else []),
+    )
     return 0
 
 
@@ -78,35 +93,71 @@ def _cmd_show(args: argparse.Namespace) -> int:
         hist, edges = np.histogram(c, bins=10, range=(0.0, 1.0))
         for h, lo in zip(hist, edges[:-1]):
             lines.append(f"  [{lo:.1f}, {lo + 0.1:.1f}) {'#' * int(40 * h / max(1, hist.max()))} {h}")
-    print_result(args, full=lines, line=lines[0].splitlines()[0], payload=lambda: {
-        "verb": "show", "exit_code": 0, "answer": g.answer, "verdict": g.verdict, "p_value": g.p_value,
-        "log10_p_value": g.metrics.get("log10_p_value"), "identified_fraction": g.identified_fraction,
-        "fit_problems": g.fit_problems(), "dim": g.dim, "kind": g.kind, "method": g.method,
-        "is_exact": g.is_exact, "source": g.source.label(), "target": g.target.label(), "metrics": g.metrics})
+    print_result(
+        args,
+        full=lines,
+        line=lines[0].splitlines()[0],
+        payload=lambda: {
+            "verb": "show",
+            "exit_code": 0,
+            "answer": g.answer,
+            "verdict": g.verdict,
+            "p_value": g.p_value,
+            "log10_p_value": g.metrics.get("log10_p_value"),
+            "identified_fraction": g.identified_fraction,
+            "fit_problems": g.fit_problems(),
+            "dim": g.dim,
+            "kind": g.kind,
+            "method": g.method,
+            "is_exact": g.is_exact,
+            "source": g.source.label(),
+            "target": g.target.label(),
+            "metrics": g.metrics,
+        },
+    )
     return 0
 
 
 # --------------------------------------------------------------------------- parsers
 def add_apply_parser(sub: Any) -> None:
     """``bdgauge apply``."""
-    a = sub.add_parser("apply", help="re-chart a safetensors checkpoint by a gauge", description=_cmd_apply.__doc__)
+    a = sub.add_parser(
+        "apply", help="re-chart a safetensors checkpoint by a gauge", description=_cmd_apply.__doc__
+    )
     a.add_argument("src", help="checkpoint directory or Hub repo id (repo@revision)")
     a.add_argument("dst", help="output directory (written atomically)")
     which = a.add_mutually_exclusive_group(required=True)
     which.add_argument("--gauge", help="gauge directory or Hub repo id (repo@revision)")
-    which.add_argument("--random-seed", type=int, help="plant a random gauge with this seed instead of "
-                       "--gauge")
+    which.add_argument(
+        "--random-seed", type=int, help="plant a random gauge with this seed instead of --gauge"
+    )
     a.add_argument("--gauge-revision", help="revision of the gauge repo")
     a.add_argument("--revision", help="revision of the source checkpoint repo")
-    a.add_argument("--save-gauge", type=Path, help="with --random-seed: where to save the planted gauge "
-                   "(default: DST.gauge beside the output)")
+    a.add_argument(
+        "--save-gauge",
+        type=Path,
+        help="with --random-seed: where to save the planted gauge (default: DST.gauge beside the output)",
+    )
     a.add_argument("--inverse", action="store_true", help="apply the inverse gauge")
-    a.add_argument("--overwrite", action="store_true", help="replace DST (and the planted gauge) if they exist")
-    a.add_argument("--force", action="store_true", help="apply a gauge that does not fit (DST/hf_bdgauge.json records it)")
-    a.add_argument("--workers", type=int, default=None, help="shards re-charted in parallel (default: shards and cores)")
-    a.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="under torchrun / accelerate "
-                   "launch: seconds a rank waits for the others before failing (DST must be on a filesystem "
-                   "every rank sees)")
+    a.add_argument(
+        "--overwrite", action="store_true", help="replace DST (and the planted gauge) if they exist"
+    )
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="apply a gauge that does not fit (DST/hf_bdgauge.json records it)",
+    )
+    a.add_argument(
+        "--workers", type=int, default=None, help="shards re-charted in parallel (default: shards and cores)"
+    )
+    a.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="under torchrun / accelerate "
+        "launch: seconds a rank waits for the others before failing (DST must be on a filesystem "
+        "every rank sees)",
+    )
     add_quiet_flag(a)
     a.set_defaults(func=_cmd_apply)
 
@@ -116,9 +167,14 @@ def add_push_parser(sub: Any) -> None:
     pu = sub.add_parser("push", help="push a saved gauge to the Hub", description=_cmd_push.__doc__)
     pu.add_argument("gauge_dir", help="a gauge directory saved by estimate/compose/trace -o")
     pu.add_argument("repo_id", help="namespace/name, optionally namespace/name@branch")
-    pu.add_argument("--private", action="store_true", help="create the repo as private (an existing repo "
-                    "keeps its visibility)")
-    pu.add_argument("--branch", default=None, help="branch to push to (created from the default branch if new)")
+    pu.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repo as private (an existing repo keeps its visibility)",
+    )
+    pu.add_argument(
+        "--branch", default=None, help="branch to push to (created from the default branch if new)"
+    )
     pu.add_argument("--message", default="Upload gauge with hf_bdgauge", help="the commit message")
     add_quiet_flag(pu)
     pu.set_defaults(func=_cmd_push)

@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..distributed import init_from_env, is_main, shutdown, world
 from ..errors import UNINVERT, GaugeError
@@ -33,8 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="bdgauge", description=(description or "").split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for add in (add_apply_parser, add_estimate_parser, add_stats_parser, add_compose_parser, add_trace_parsers,
-                add_transport_parser, add_push_parser, add_show_parser, add_audit_parser, add_demo_parser):
+    for add in (
+        add_apply_parser,
+        add_estimate_parser,
+        add_stats_parser,
+        add_compose_parser,
+        add_trace_parsers,
+        add_transport_parser,
+        add_push_parser,
+        add_show_parser,
+        add_audit_parser,
+        add_demo_parser,
+    ):
         add(sub)
     return p
 
@@ -45,8 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verb == "apply" and args.gauge and args.save_gauge is not None:  # exit 2, like its twin conflict
-        parser.error("apply: --save-gauge saves the gauge --random-seed plants; with --gauge there is none to save")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        parser.error(
+            "apply: --save-gauge saves the gauge --random-seed plants; with --gauge there is none to save"
+        )
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     with quiet_libraries() if getattr(args, "quiet", False) else contextlib.nullcontext():
         return _run(args)
 
@@ -75,13 +89,23 @@ def _run(args: argparse.Namespace) -> int:
         silence_stdout()
         return code if code is not None else int(ExitCode.REFUSED)
     except GaugeError as e:  # every refusal and failure: bad input, too little data, the wrong model, the Hub
-        if getattr(args, "inverse", False) and "inverse" in e.options:  # it was the inverse that did not match
+        if (
+            getattr(args, "inverse", False) and "inverse" in e.options
+        ):  # it was the inverse that did not match
             e.options["inverse"] = UNINVERT
         msg = str(e.for_interface("cli"))  # options named as this interface's flags (errors.GaugeError)
         print(f"{where}: error: {msg}", file=sys.stderr)
         if getattr(args, "json", False):
-            say(json.dumps({"verb": args.verb, "exit_code": int(ExitCode.REFUSED), "error": msg,
-                             "error_type": type(e).__name__}))
+            say(
+                json.dumps(
+                    {
+                        "verb": args.verb,
+                        "exit_code": int(ExitCode.REFUSED),
+                        "error": msg,
+                        "error_type": type(e).__name__,
+                    }
+                )
+            )
         return int(ExitCode.REFUSED)
     finally:
         if joined:

@@ -33,8 +33,12 @@ def add_option_flags(p: argparse.ArgumentParser, cls: type, names: Sequence[str]
             continue
         meta = f.metadata
         default = None if f.default is MISSING else f.default
-        kw: dict[str, Any] = {"default": default, "help": meta["help"], "dest": f.name,
-                              "metavar": flag.lstrip("-").replace("-", "_").upper()}
+        kw: dict[str, Any] = {
+            "default": default,
+            "help": meta["help"],
+            "dest": f.name,
+            "metavar": flag.lstrip("-").replace("-", "_").upper(),
+        }
         if isinstance(default, bool):
             raise TypeError(f"{cls.__name__}.{f.name}: a bool field needs flag=None or its own flag")
         kind = meta.get("type") or _TYPES.get(type(default), str)
@@ -47,8 +51,9 @@ def add_option_flags(p: argparse.ArgumentParser, cls: type, names: Sequence[str]
         p.add_argument(flag, **kw)
 
 
-def options_from_args(cls: type, args: argparse.Namespace, names: Sequence[str] | None = None,
-                      **values: Any) -> Any:
+def options_from_args(
+    cls: type, args: argparse.Namespace, names: Sequence[str] | None = None, **values: Any
+) -> Any:
     """An instance of ``cls`` from the parsed flags of its fields (or of ``names``) that ``args``
     has, and ``values`` (which win); ``"none"`` given to a field whose default is not ``None``
     (``--reference none``) means ``None``."""

@@ -10,14 +10,26 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-__all__ = ["QUIET_ENV", "QUIET_LOGGERS", "jsonable", "quiet_libraries", "print_result", "say", "silence_stdout"]
+__all__ = [
+    "QUIET_ENV",
+    "QUIET_LOGGERS",
+    "jsonable",
+    "quiet_libraries",
+    "print_result",
+    "say",
+    "silence_stdout",
+]
 
 
 #: What ``-q`` sets before the libraries are imported (each reads it at import time).
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
 
 
 #: Loggers whose info messages and warnings ``-q`` silences (the library's own included: under ``-q``
@@ -42,7 +54,11 @@ def quiet_libraries() -> Iterator[None]:
         logging.getLogger(name).setLevel(logging.ERROR)
     with contextlib.ExitStack() as restore:
         if "huggingface_hub" in sys.modules:
-            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+            from huggingface_hub.utils import (
+                are_progress_bars_disabled,
+                disable_progress_bars,
+                enable_progress_bars,
+            )
 
             if not are_progress_bars_disabled():
                 disable_progress_bars()
@@ -102,8 +118,9 @@ def jsonable(x: Any) -> Any:
     return str(x)
 
 
-def print_result(args: argparse.Namespace, *, full: Sequence[str], line: str,
-            payload: Callable[[], dict[str, Any]]) -> None:
+def print_result(
+    args: argparse.Namespace, *, full: Sequence[str], line: str, payload: Callable[[], dict[str, Any]]
+) -> None:
     """The one output of a verb: with ``--json`` one JSON object (``payload()``, built only then),
     with ``-q`` the one-line result ``line``, else the ``full`` lines."""
     if getattr(args, "json", False):

@@ -19,33 +19,54 @@ from ..errors import TransportError
 if TYPE_CHECKING:  # pragma: no cover
     from ..gauge import Gauge
 
-__all__ = ["adapter_arguments", "optimizer_arguments", "run_adapter", "run_indices", "run_optimizer", "run_probe",
-           "run_sae", "run_steering", "steering_arguments"]
+__all__ = [
+    "adapter_arguments",
+    "optimizer_arguments",
+    "run_adapter",
+    "run_indices",
+    "run_optimizer",
+    "run_probe",
+    "run_sae",
+    "run_steering",
+    "steering_arguments",
+]
 
 
 # ------------------------------------------------------------------ the kinds' own options
 def adapter_arguments(p: argparse.ArgumentParser) -> None:
     """``transport adapter``: the base model recorded in the output, the adapter's folder in SRC."""
     p.add_argument("--base-model", help="base_model_name_or_path to record (default: the gauge's target)")
-    p.add_argument("--base-model-revision", help="base model revision to record (default: the gauge "
-                   "target's)")
+    p.add_argument(
+        "--base-model-revision", help="base model revision to record (default: the gauge target's)"
+    )
     p.add_argument("--subfolder", help="the adapter's folder inside SRC (default: SRC itself)")
 
 
 def optimizer_arguments(p: argparse.ArgumentParser) -> None:
     """``transport optimizer``: the model whose parameters the state follows; approximate second moments."""
-    p.add_argument("--model", required=True, help="the source model (dir or repo@revision): parameter "
-                   "names, order and roles")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the source model (dir or repo@revision): parameter names, order and roles",
+    )
     p.add_argument("--model-revision", help="revision of --model (or write --model as repo@revision)")
-    p.add_argument("--approximate", action="store_true", help="under a rotation gauge: move Adam's second "
-                   "moments by (R∘R)·v instead of refusing them (recorded in the output's param groups)")
+    p.add_argument(
+        "--approximate",
+        action="store_true",
+        help="under a rotation gauge: move Adam's second "
+        "moments by (R∘R)·v instead of refusing them (recorded in the output's param groups)",
+    )
 
 
 def steering_arguments(p: argparse.ArgumentParser) -> None:
     """``transport steering``: the model's depth, for a llama.cpp control vector."""
-    p.add_argument("--num-layers", type=int, help="DST .gguf: the model's number of decoder blocks (resolves "
-                   "negative layer keys, refuses a layer past the last block; default: the depth the gauge's "
-                   "fingerprints or the vector record, needed when neither does)")
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        help="DST .gguf: the model's number of decoder blocks (resolves "
+        "negative layer keys, refuses a layer past the last block; default: the depth the gauge's "
+        "fingerprints or the vector record, needed when neither does)",
+    )
 
 
 # ------------------------------------------------------------------ the kinds' runs
@@ -56,13 +77,22 @@ def run_adapter(args: argparse.Namespace, gauge: Gauge) -> Path:
     from ..transport.peft import transport_adapter
 
     src = args.src
-    if args.subfolder:  # the adapter's folder is named by its path: SRC/FOLDER, or namespace/name[@rev]/FOLDER
+    if (
+        args.subfolder
+    ):  # the adapter's folder is named by its path: SRC/FOLDER, or namespace/name[@rev]/FOLDER
         src = Path(src) / args.subfolder if is_local(src) else f"{str(src).rstrip('/')}/{args.subfolder}"
         if is_local(args.src) and not Path(src).is_dir():
             raise CheckpointError(f"adapter subfolder {args.subfolder!r} does not exist in {args.src}")
-    return transport_adapter(src, gauge, args.dst, revision=args.revision, overwrite=args.overwrite,
-                             base_model_name_or_path=args.base_model,
-                             base_model_revision=args.base_model_revision, force=args.force)
+    return transport_adapter(
+        src,
+        gauge,
+        args.dst,
+        revision=args.revision,
+        overwrite=args.overwrite,
+        base_model_name_or_path=args.base_model,
+        base_model_revision=args.base_model_revision,
+        force=args.force,
+    )
 
 
 def run_optimizer(args: argparse.Namespace, gauge: Gauge) -> Path:
@@ -108,8 +138,13 @@ def run_sae(args: argparse.Namespace, gauge: Gauge) -> Path:
     """``bdgauge transport sae``: :func:`hf_bdgauge.transport.sae.transport_sae`."""
     from ..transport.sae import SAE, transport_sae
 
-    transport_sae(SAE.load(args.src, revision=args.revision), gauge, args.dst, overwrite=args.overwrite,
-                  force=args.force)
+    transport_sae(
+        SAE.load(args.src, revision=args.revision),
+        gauge,
+        args.dst,
+        overwrite=args.overwrite,
+        force=args.force,
+    )
     return Path(args.dst)
 
 
@@ -128,10 +163,14 @@ def run_steering(args: argparse.Namespace, gauge: Gauge) -> Path:
         return moved.save(args.dst, overwrite=args.overwrite)
     known = moved.num_layers
     if args.num_layers is not None and known is not None and args.num_layers != known:
-        raise TransportError(f"--num-layers {args.num_layers}, but the model has {known} decoder blocks "
-                             f"(recorded by the gauge or the vector); leave --num-layers out or pass {known}")
+        raise TransportError(
+            f"--num-layers {args.num_layers}, but the model has {known} decoder blocks "
+            f"(recorded by the gauge or the vector); leave --num-layers out or pass {known}"
+        )
     if args.num_layers is None and known is None:
-        raise TransportError("the model's number of decoder blocks is not recorded (by the gauge's "
-                             "fingerprints or the vector), and llama.cpp ignores a direction past its last "
-                             "block without a word: pass --num-layers N")
+        raise TransportError(
+            "the model's number of decoder blocks is not recorded (by the gauge's "
+            "fingerprints or the vector), and llama.cpp ignores a direction past its last "
+            "block without a word: pass --num-layers N"
+        )
     return moved.save_gguf(args.dst, overwrite=args.overwrite, num_layers=args.num_layers)

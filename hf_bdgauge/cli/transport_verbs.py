@@ -21,7 +21,9 @@ def _cmd_transport(args: argparse.Namespace) -> int:
     if args.inverse:
         g = g.inverse()
     out = transport_kinds()[args.kind].run(args, g)
-    say(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {describe_element(g)}){forced(args, g)}")
+    say(
+        f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {describe_element(g)}){forced(args, g)}"
+    )
     return 0
 
 
@@ -29,8 +31,11 @@ def add_transport_parser(sub: Any) -> None:
     """``bdgauge transport`` and one sub-parser per registered kind (reads the registry only)."""
     from ..transport.registry import transport_kinds
 
-    t = sub.add_parser("transport", help="move an object (adapter, SAE, steering vector, …) by a gauge",
-                       description=_cmd_transport.__doc__)
+    t = sub.add_parser(
+        "transport",
+        help="move an object (adapter, SAE, steering vector, …) by a gauge",
+        description=_cmd_transport.__doc__,
+    )
     kinds = t.add_subparsers(dest="kind", metavar="KIND", required=True)
     for kind in transport_kinds().values():
         k = kinds.add_parser(kind.name, help=kind.help, description=f"Transport {kind.help}.")
@@ -41,7 +46,9 @@ def add_transport_parser(sub: Any) -> None:
         k.add_argument("--gauge-revision", help="revision of the gauge repo")
         k.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
         k.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-        k.add_argument("--force", action="store_true", help="use a gauge that does not fit (the output records it)")
+        k.add_argument(
+            "--force", action="store_true", help="use a gauge that does not fit (the output records it)"
+        )
         add_arguments = kind.load_arguments()
         if add_arguments is not None:
             add_arguments(k)

@@ -24,14 +24,21 @@ from ..distributed import world
 from ..errors import UnsupportedArchitectureError, Words
 from ..fold import known_pre_norm_gains, record_gains
 from ..gauge import Gauge
+from ..options import CalibrationOptions, CaptureOptions, WeightOptions, flag_name, refuse_unused
 from ..roles import spec_for_config
 from .assignment import ACTIVATION_METHODS
-from .procrustes import estimate_rotation_from_stats, estimate_rotation_from_weights
-from .capture import CAPTURE_STATS_FIELDS, capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
+from .capture import (
+    CAPTURE_STATS_FIELDS,
+    capture_pair_stats,
+    load_causal_lm,
+    load_tokenizer,
+    model_ref,
+    needs_tokenizer,
+)
 from .captured import CapturedPair
 from .matching import METHODS, estimate_from_stats
+from .procrustes import estimate_rotation_from_stats, estimate_rotation_from_weights
 from .stats import EstimationError
-from ..options import CalibrationOptions, CaptureOptions, WeightOptions, flag_name, refuse_unused
 from .weights import estimate_gauge_from_weights
 
 __all__ = ["capture_pair", "estimate_gauge", "gauge_from_capture"]
@@ -50,18 +57,28 @@ _CLI_WORDS = {"data": "--texts", "capture": "the capture flags", "weights": "--d
 def _refuse(argument: str, method: str, why: str, advice: str, options: Any = None) -> None:
     """Refuse ``argument=`` given to ``method`` (an option that does not apply is never dropped);
     on the command line the flags of the fields ``options`` changes are named."""
-    changed = [flag_name(f) for f in fields(options) if f.name in options.changed()] if options is not None else []
+    changed = (
+        [flag_name(f) for f in fields(options) if f.name in options.changed()] if options is not None else []
+    )
     cli = ", ".join(f for f in changed if f) or _CLI_WORDS.get(argument, argument)
-    raise EstimationError("{arg} {verb} not apply to {method} (" + why + "): drop {it} or " + advice,
-                          options={"arg": Words(f"{argument}=", cli),
-                                   "verb": Words("does", "do" if "," in cli else "does"),
-                                   "it": Words("it", "them" if "," in cli else "it"),
-                                   "method": Words(f"method={method!r}", f"--method {method}")})
+    raise EstimationError(
+        "{arg} {verb} not apply to {method} (" + why + "): drop {it} or " + advice,
+        options={
+            "arg": Words(f"{argument}=", cli),
+            "verb": Words("does", "do" if "," in cli else "does"),
+            "it": Words("it", "them" if "," in cli else "it"),
+            "method": Words(f"method={method!r}", f"--method {method}"),
+        },
+    )
 
 
-def check_method_options(method: str, data: Any = None, capture: CaptureOptions | None = None,
-                         weights: WeightOptions | None = None,
-                         calibration: CalibrationOptions | None = None) -> None:
+def check_method_options(
+    method: str,
+    data: Any = None,
+    capture: CaptureOptions | None = None,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+) -> None:
     """Refuse what ``method`` would not use: ``data``/``capture`` for a data-free method,
     ``weights`` for any other method than ``"weights"``, and the fields of ``calibration``
     ``"orthogonal_weights"`` does not read (it uses ``level`` and ``identity_tol`` only)."""
@@ -71,13 +88,25 @@ def check_method_options(method: str, data: Any = None, capture: CaptureOptions 
         if data is not None:
             _refuse("data", method, "data-free: it reads the checkpoints", "choose an activation method")
         if capture is not None:
-            _refuse("capture", method, "data-free: it captures nothing", "choose an activation method", capture)
+            _refuse(
+                "capture", method, "data-free: it captures nothing", "choose an activation method", capture
+            )
     if weights is not None and method != "weights":
-        _refuse("weights", method, "WeightOptions set how method='weights' compares the checkpoints",
-                "choose method='weights'", weights)
+        _refuse(
+            "weights",
+            method,
+            "WeightOptions set how method='weights' compares the checkpoints",
+            "choose method='weights'",
+            weights,
+        )
     if method == "orthogonal_weights":
-        refuse_unused(calibration, _ORTHOGONAL_WEIGHTS_CALIBRATION, "calibration", f"method={method!r}",
-                      f"--method {method}")
+        refuse_unused(
+            calibration,
+            _ORTHOGONAL_WEIGHTS_CALIBRATION,
+            "calibration",
+            f"method={method!r}",
+            f"--method {method}",
+        )
 
 
 def estimate_gauge(
@@ -127,19 +156,39 @@ def estimate_gauge(
     """
     check_method_options(method, data, capture, weights, calibration)
     if method == "weights":
-        g = estimate_gauge_from_weights(source, target, weights=weights, calibration=calibration,
-                                        fingerprint=fingerprint, source_revision=source_revision,
-                                        target_revision=target_revision)
-        return record_gains(g, known_pre_norm_gains(source, source_revision),
-                            known_pre_norm_gains(target, target_revision))
+        g = estimate_gauge_from_weights(
+            source,
+            target,
+            weights=weights,
+            calibration=calibration,
+            fingerprint=fingerprint,
+            source_revision=source_revision,
+            target_revision=target_revision,
+        )
+        return record_gains(
+            g, known_pre_norm_gains(source, source_revision), known_pre_norm_gains(target, target_revision)
+        )
     if method == "orthogonal_weights":
-        return estimate_rotation_from_weights(source, target, calibration=calibration, fingerprint=fingerprint,
-                                              source_revision=source_revision, target_revision=target_revision)
+        return estimate_rotation_from_weights(
+            source,
+            target,
+            calibration=calibration,
+            fingerprint=fingerprint,
+            source_revision=source_revision,
+            target_revision=target_revision,
+        )
     t0 = time.perf_counter()
     cap = capture or CaptureOptions()
     # the capture reads what it needs, the match its part (layers, pooling, group)
-    pair = capture_pair(source, target, data, capture=replace(cap, pooling="mean_abs"), fingerprint=fingerprint,
-                        source_revision=source_revision, target_revision=target_revision)
+    pair = capture_pair(
+        source,
+        target,
+        data,
+        capture=replace(cap, pooling="mean_abs"),
+        fingerprint=fingerprint,
+        source_revision=source_revision,
+        target_revision=target_revision,
+    )
     g = gauge_from_capture(pair, method, capture=cap.matching(), calibration=calibration, across_ranks=True)
     g.metrics["time_s"] = time.perf_counter() - t0
     return g
@@ -166,34 +215,61 @@ def capture_pair(
     (:func:`gauge_from_capture`) or to save (:func:`~hf_bdgauge.estimate.captured.save_pair_stats`);
     ``data_description`` is recorded with it."""
     cap = capture or CaptureOptions()
-    refuse_unused(cap, tuple(f for f in CAPTURE_STATS_FIELDS + ("dtype", "device_map")), "capture",
-                  "capture_pair (pooling is matching's: give it to gauge_from_capture)")
+    refuse_unused(
+        cap,
+        tuple(f for f in CAPTURE_STATS_FIELDS + ("dtype", "device_map")),
+        "capture",
+        "capture_pair (pooling is matching's: give it to gauge_from_capture)",
+    )
     t0 = time.perf_counter()
     dtype, device_map = cap.torch_dtype, cap.device_map
     if isinstance(source, torch.nn.Module):
-        src_model, src_ref, src_dir = source, model_ref(source, source_revision, fingerprint=fingerprint), None
+        src_model, src_ref, src_dir = (
+            source,
+            model_ref(source, source_revision, fingerprint=fingerprint),
+            None,
+        )
     else:
-        src_model, src_ref, src_dir = load_causal_lm(source, source_revision, dtype=dtype, device_map=device_map,
-                                                     fingerprint=fingerprint)
+        src_model, src_ref, src_dir = load_causal_lm(
+            source, source_revision, dtype=dtype, device_map=device_map, fingerprint=fingerprint
+        )
     if isinstance(target, torch.nn.Module):
-        tgt_model, tgt_ref, tgt_dir = target, model_ref(target, target_revision, fingerprint=fingerprint), None
+        tgt_model, tgt_ref, tgt_dir = (
+            target,
+            model_ref(target, target_revision, fingerprint=fingerprint),
+            None,
+        )
     else:
-        tgt_model, tgt_ref, tgt_dir = load_causal_lm(target, target_revision, dtype=dtype, device_map=device_map,
-                                                     fingerprint=fingerprint)
+        tgt_model, tgt_ref, tgt_dir = load_causal_lm(
+            target, target_revision, dtype=dtype, device_map=device_map, fingerprint=fingerprint
+        )
     tokenizer = cap.tokenizer
     if needs_tokenizer(data) or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer, src_dir, source_revision)
-    stats = capture_pair_stats(src_model, tgt_model, data,
-                               capture=replace(cap, tokenizer=tokenizer, dtype=None, device_map=None),
-                               shard=shard, track_target_cov=True)  # Σyyᵀ feeds the calibrated p-value
+    stats = capture_pair_stats(
+        src_model,
+        tgt_model,
+        data,
+        capture=replace(cap, tokenizer=tokenizer, dtype=None, device_map=None),
+        shard=shard,
+        track_target_cov=True,
+    )  # Σyyᵀ feeds the calibrated p-value
     act_dtype = next(src_model.parameters()).dtype
-    return CapturedPair(stats, src_ref, tgt_ref, dtype=str(act_dtype).removeprefix("torch."),
-                        model_type=getattr(getattr(src_model, "config", None), "model_type", None),
-                        world_size=world(cap.group)[1], capture_time_s=time.perf_counter() - t0,
-                        data=dict(data_description or {}),
-                        # read from the checkpoint where there is one: an offloaded model's weights are not in memory
-                        gains={"source": known_pre_norm_gains(src_model if src_dir is None else src_dir),
-                               "target": known_pre_norm_gains(tgt_model if tgt_dir is None else tgt_dir)})
+    return CapturedPair(
+        stats,
+        src_ref,
+        tgt_ref,
+        dtype=str(act_dtype).removeprefix("torch."),
+        model_type=getattr(getattr(src_model, "config", None), "model_type", None),
+        world_size=world(cap.group)[1],
+        capture_time_s=time.perf_counter() - t0,
+        data=dict(data_description or {}),
+        # read from the checkpoint where there is one: an offloaded model's weights are not in memory
+        gains={
+            "source": known_pre_norm_gains(src_model if src_dir is None else src_dir),
+            "target": known_pre_norm_gains(tgt_model if tgt_dir is None else tgt_dir),
+        },
+    )
 
 
 def gauge_from_capture(
@@ -218,17 +294,32 @@ def gauge_from_capture(
     moves a reader's LoRA by ``A ↦ A·diag(g)·Rᵀ``); statistics saved before they were captured
     leave them unknown."""
     if method not in ACTIVATION_METHODS + ("orthogonal",):
-        raise EstimationError(f"statistics are matched by one of {ACTIVATION_METHODS + ('orthogonal',)}, not {method!r}")
+        raise EstimationError(
+            f"statistics are matched by one of {ACTIVATION_METHODS + ('orthogonal',)}, not {method!r}"
+        )
     t0 = time.perf_counter()
     requested = method
     if method == "orthogonal":
         _check_family_rotates(pair.model_type)
-        g = estimate_rotation_from_stats(pair.stats, capture=capture, calibration=calibration, source=pair.source,
-                                         target=pair.target, across_ranks=across_ranks)
+        g = estimate_rotation_from_stats(
+            pair.stats,
+            capture=capture,
+            calibration=calibration,
+            source=pair.source,
+            target=pair.target,
+            across_ranks=across_ranks,
+        )
     else:
         method = _restrict_to_family(pair.model_type, method)
-        g = estimate_from_stats(pair.stats, method, capture=capture, calibration=calibration, source=pair.source,
-                                target=pair.target, across_ranks=across_ranks)
+        g = estimate_from_stats(
+            pair.stats,
+            method,
+            capture=capture,
+            calibration=calibration,
+            source=pair.source,
+            target=pair.target,
+            across_ranks=across_ranks,
+        )
     g = record_gains(g, pair.gains.get("source"), pair.gains.get("target"))  # older statistics: unknown
     g.metrics["capture_time_s"] = pair.capture_time_s
     g.metrics["world_size"] = int(pair.world_size)
@@ -236,8 +327,10 @@ def gauge_from_capture(
     if requested != method:
         g.metrics["method_requested"] = requested
     procs = f", {pair.world_size} processes" if pair.world_size > 1 else ""
-    g.metrics["summary"] += (f" ({g.metrics['tokens']} tokens, {len(g.metrics['layers'])} layers{procs}, "
-                             f"{g.metrics['time_s']:.1f} s)")
+    g.metrics["summary"] += (
+        f" ({g.metrics['tokens']} tokens, {len(g.metrics['layers'])} layers{procs}, "
+        f"{g.metrics['time_s']:.1f} s)"
+    )
     return g
 
 

@@ -19,7 +19,14 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import DimensionMismatchError, EstimationError
 from ..group import SignedPermutation
 
-__all__ = ["ACTIVATION_METHODS", "ROTATION_METHODS", "MatchResult", "hungarian", "match_scores", "random_orthogonal"]
+__all__ = [
+    "ACTIVATION_METHODS",
+    "ROTATION_METHODS",
+    "MatchResult",
+    "hungarian",
+    "match_scores",
+    "random_orthogonal",
+]
 
 #: Matching methods on a pair of score matrices.
 ACTIVATION_METHODS = ("sign_marginalized", "signed", "permutation")
@@ -66,8 +73,9 @@ def _row_margin(score: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return matched - other.max(axis=1)
 
 
-def match_scores(A: np.ndarray, S: np.ndarray, method: str = "sign_marginalized", *,
-                 sign_source: np.ndarray | None = None) -> MatchResult:
+def match_scores(
+    A: np.ndarray, S: np.ndarray, method: str = "sign_marginalized", *, sign_source: np.ndarray | None = None
+) -> MatchResult:
     """Assign on pooled matrices: ``A`` (|similarity|) and ``S`` (signed similarity), both [d, d].
 
     ``sign_marginalized``: π from ``A``, ``s_i = sign(S[i, π(i)])`` (+1 on an exact 0);

@@ -38,9 +38,9 @@ from scipy import stats as sps
 
 from ..distributed import collective_device, on_every_rank, world
 from ..errors import EstimationError
+from ..options import LEVEL, CalibrationOptions
 from .assignment import ACTIVATION_METHODS, haar_from_gaussian, hungarian
 from .reference import Reference, reference_for
-from ..options import LEVEL, CalibrationOptions
 from .statistic import (
     TRIM,
     Parts,
@@ -90,21 +90,45 @@ class Calibration:
         return float(np.mean(self.identified)) if self.identified.size else 0.0
 
     def metrics(self) -> dict[str, Any]:
-        out = {"p_value": self.p_value, "log10_p_value": self.log10_p_value, "p_value_level": self.level,
-               "p_value_t": self.t, "p_value_statistic": self.statistic, "p_value_null_mean": self.null_mean,
-               "p_value_null_std": self.null_std, "p_value_null_skew": self.null_skew, "p_value_draws": self.draws,
-               "identified_fraction": self.identified_fraction, "identified_alpha": self.id_alpha}
+        out = {
+            "p_value": self.p_value,
+            "log10_p_value": self.log10_p_value,
+            "p_value_level": self.level,
+            "p_value_t": self.t,
+            "p_value_statistic": self.statistic,
+            "p_value_null_mean": self.null_mean,
+            "p_value_null_std": self.null_std,
+            "p_value_null_skew": self.null_skew,
+            "p_value_draws": self.draws,
+            "identified_fraction": self.identified_fraction,
+            "identified_alpha": self.id_alpha,
+        }
         if self.reference is not None:
-            out.update(p_value_haar=self.haar_p_value, p_value_haar_t=self.haar_t,
-                       p_value_reference=self.reference.name, p_value_reference_location=self.reference.location,
-                       p_value_reference_scale=self.reference.scale)
+            out.update(
+                p_value_haar=self.haar_p_value,
+                p_value_haar_t=self.haar_t,
+                p_value_reference=self.reference.name,
+                p_value_reference_location=self.reference.location,
+                p_value_reference_scale=self.reference.scale,
+            )
         if self.note:
             out["p_value_note"] = self.note
         return out
 
 
-def _identify(A: np.ndarray, S: np.ndarray, A1: np.ndarray, S1: np.ndarray, A2: np.ndarray, S2: np.ndarray,
-              perm: np.ndarray, signs: np.ndarray, v: np.ndarray, Vn: np.ndarray, id_alpha: float) -> np.ndarray:
+def _identify(
+    A: np.ndarray,
+    S: np.ndarray,
+    A1: np.ndarray,
+    S1: np.ndarray,
+    A2: np.ndarray,
+    S2: np.ndarray,
+    perm: np.ndarray,
+    signs: np.ndarray,
+    v: np.ndarray,
+    Vn: np.ndarray,
+    id_alpha: float,
+) -> np.ndarray:
     d = perm.size
     draws = Vn.shape[0]
     idx = np.arange(d)
@@ -114,7 +138,9 @@ def _identify(A: np.ndarray, S: np.ndarray, A1: np.ndarray, S1: np.ndarray, A2: 
     mutual = (a_ij >= Ar.max(1)) & (a_ij >= Ar.max(0)[perm])
     sel1, sel2 = hungarian(A1), hungarian(A2)
     sgn = lambda x: np.where(x < 0, -1, 1)  # noqa: E731
-    replicated = (sel1 == perm) & (sel2 == perm) & (sgn(S1[idx, perm]) == signs) & (sgn(S2[idx, perm]) == signs)
+    replicated = (
+        (sel1 == perm) & (sel2 == perm) & (sgn(S1[idx, perm]) == signs) & (sgn(S2[idx, perm]) == signs)
+    )
     D = 0.5 * (A1 - A2)
     nu_r = np.maximum(np.sqrt(np.mean(D * D, axis=1)), 1e-15)
     nu_c = np.maximum(np.sqrt(np.mean(D * D, axis=0)), 1e-15)
@@ -130,9 +156,17 @@ def _identify(A: np.ndarray, S: np.ndarray, A1: np.ndarray, S1: np.ndarray, A2: 
     return mutual & replicated & margin_ok & beats_null
 
 
-def calibrate(half1: Parts, half2: Parts, method: str, element: Any,
-              full_scores: tuple[np.ndarray, np.ndarray], options: CalibrationOptions | None = None, *,
-              group: Any = None, across_ranks: bool = False) -> Calibration:
+def calibrate(
+    half1: Parts,
+    half2: Parts,
+    method: str,
+    element: Any,
+    full_scores: tuple[np.ndarray, np.ndarray],
+    options: CalibrationOptions | None = None,
+    *,
+    group: Any = None,
+    across_ranks: bool = False,
+) -> Calibration:
     """The calibrated p-value of ``method`` and the identification of the match ``element``
     (``perm``, ``signs``) from two halves, with ``full_scores = (A, S)`` of both halves together.
 
@@ -178,11 +212,13 @@ def calibrate(half1: Parts, half2: Parts, method: str, element: Any,
         import torch
         import torch.distributed as dist
 
-        flat = torch.from_numpy(np.concatenate([Vn[m].reshape(-1) for m in methods])).to(collective_device(grp))
+        flat = torch.from_numpy(np.concatenate([Vn[m].reshape(-1) for m in methods])).to(
+            collective_device(grp)
+        )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=grp)
         flat = flat.cpu().numpy()
         for i, m in enumerate(methods):
-            Vn[m] = flat[i * draws * d:(i + 1) * draws * d].reshape(draws, d).copy()
+            Vn[m] = flat[i * draws * d : (i + 1) * draws * d].reshape(draws, d).copy()
     A1, S1 = selection_scores(obs1[0], obs1[1], pool, "sign_marginalized")
     A2, S2 = selection_scores(obs2[0], obs2[1], pool, "sign_marginalized")
     A, S = (np.asarray(x, dtype=np.float64) for x in full_scores)
@@ -197,10 +233,23 @@ def calibrate(half1: Parts, half2: Parts, method: str, element: Any,
         t = ref.apply(haar_t)
         p, logp = (float(x) for x in student_tail(t, draws))
     perm, signs = np.asarray(element.perm, dtype=np.int64), np.asarray(element.signs, dtype=np.int64)
-    ident = _identify(A, S, A1, S1, A2, S2, perm, signs, v_obs["sign_marginalized"], Vn["sign_marginalized"],
-                      ID_ALPHA)
-    return Calibration(p_value=p, log10_p_value=logp, t=t, statistic=T, null_mean=float(Tn.mean()),
-                       null_std=float(Tn.std(ddof=1)), null_skew=float(sps.skew(Tn)), draws=draws, identified=ident,
-                       level=level, id_alpha=ID_ALPHA, per_coordinate=v_obs[method], haar_t=haar_t,
-                       haar_p_value=haar_p, reference=ref)
-
+    ident = _identify(
+        A, S, A1, S1, A2, S2, perm, signs, v_obs["sign_marginalized"], Vn["sign_marginalized"], ID_ALPHA
+    )
+    return Calibration(
+        p_value=p,
+        log10_p_value=logp,
+        t=t,
+        statistic=T,
+        null_mean=float(Tn.mean()),
+        null_std=float(Tn.std(ddof=1)),
+        null_skew=float(sps.skew(Tn)),
+        draws=draws,
+        identified=ident,
+        level=level,
+        id_alpha=ID_ALPHA,
+        per_coordinate=v_obs[method],
+        haar_t=haar_t,
+        haar_p_value=haar_p,
+        reference=ref,
+    )

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 from ..distributed import on_every_rank, shard_batches, world
 from ..errors import DimensionMismatchError
 from ..fingerprint import model_fingerprint
-from ..provenance import ModelRef
 from ..hub import commit_of, resolve_checkpoint_dir, split_revision
-from ..layers import num_residual_layers, resolve_layers, residual_states
+from ..layers import num_residual_layers, residual_states, resolve_layers
 from ..options import CaptureOptions, refuse_unused
+from ..provenance import ModelRef
 from ..storage import checkpoint_shards
 from .stats import EstimationError, PairStats
 
@@ -77,8 +77,8 @@ def _tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[lis
     for ids in enc["input_ids"]:
         ids = list(ids)
         for a in range(0, len(ids), max_length):  # long texts become several windows, nothing is dropped
-            if len(ids[a:a + max_length]) >= 1:
-                seqs.append(ids[a:a + max_length])
+            if len(ids[a : a + max_length]) >= 1:
+                seqs.append(ids[a : a + max_length])
     return seqs
 
 
@@ -129,13 +129,13 @@ def iter_token_batches(
     if isinstance(data, (list, tuple)) and data and all(isinstance(x, str) for x in data):
         seqs = _tokenize(data, tokenizer, max_length)
         for a in range(0, len(seqs), batch_size):
-            yield _pad(seqs[a:a + batch_size], pad_id)
+            yield _pad(seqs[a : a + batch_size], pad_id)
         return
     if isinstance(data, (torch.Tensor, Mapping)) or hasattr(data, "keys"):
         for full in _normalize_batch(data, tokenizer, max_length, pad_id):
             n = full["input_ids"].shape[0]
             for a in range(0, n, batch_size):
-                yield {k: v[a:a + batch_size] for k, v in full.items()}
+                yield {k: v[a : a + batch_size] for k, v in full.items()}
         return
     if data is None:
         raise EstimationError("this method needs data: texts with tokenizer=, token ids [B, T], or batches")
@@ -148,8 +148,9 @@ def iter_token_batches(
 
 
 # ---------------------------------------------------------------------- model structure
-def sequence_masks(attention_mask: torch.Tensor, first_sequence: int = 0, *,
-                   skip_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_masks(
+    attention_mask: torch.Tensor, first_sequence: int = 0, *, skip_first: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(half-0 mask, half-1 mask)`` [B, T] of the tokens a batch adds to each half of the
     statistics: the real (mask 1) tokens of the batch's sequences, sequence ``first_sequence + r``
     going to half ``(first_sequence + r) % 2``; with ``skip_first`` the first real token of every
@@ -193,8 +194,14 @@ class BatchSelection:
     sequence index, the data's sequences counted from ``first_sequence``).
     """
 
-    def __init__(self, batches: Iterable[TokenBatch], *, max_tokens: int | None = None, skip_first: bool = True,
-                 first_sequence: int = 0) -> None:
+    def __init__(
+        self,
+        batches: Iterable[TokenBatch],
+        *,
+        max_tokens: int | None = None,
+        skip_first: bool = True,
+        first_sequence: int = 0,
+    ) -> None:
         self._batches = batches
         self.max_tokens = max_tokens
         self.skip_first = skip_first
@@ -212,7 +219,9 @@ class BatchSelection:
             self.sequences += int(batch["attention_mask"].shape[0])
             n_batch = int(halves[0].sum() + halves[1].sum())
             if self.max_tokens is not None and self.tokens + n_batch > self.max_tokens:
-                keep = self.max_tokens - self.tokens  # cut the last batch to exactly max_tokens tokens (row-major order)
+                keep = (
+                    self.max_tokens - self.tokens
+                )  # cut the last batch to exactly max_tokens tokens (row-major order)
                 both = (halves[0] | halves[1]).reshape(-1)
                 idx = torch.nonzero(both).squeeze(1)
                 cut = torch.zeros_like(both)
@@ -268,7 +277,9 @@ def capture_pair_stats(
     """
     cap = capture or CaptureOptions()
     refuse_unused(cap, CAPTURE_STATS_FIELDS, "capture", "capturing loaded models' statistics")
-    tokenizer = load_tokenizer(cap.tokenizer) if isinstance(cap.tokenizer, (str, os.PathLike)) else cap.tokenizer
+    tokenizer = (
+        load_tokenizer(cap.tokenizer) if isinstance(cap.tokenizer, (str, os.PathLike)) else cap.tokenizer
+    )
     layers, batch_size, max_length, max_tokens = cap.layers, cap.batch_size, cap.max_length, cap.max_tokens
     product_dtype, stats_device, skip_first = cap.torch_product_dtype, cap.stats_device, cap.skip_first
     progress, group = cap.progress, cap.group
@@ -277,13 +288,19 @@ def capture_pair_stats(
         raise DimensionMismatchError(
             f"source has {n_s - 1} decoder layers but target has {n_t - 1}: estimation pairs residual layer "
             "k of one with layer k of the other, so both models need the same depth (a gauge relates "
-            "re-charted or fine-tuned copies of one architecture)")
+            "re-charted or fine-tuned copies of one architecture)"
+        )
     sel = resolve_layers(layers, n_s)
     rank, size, group = world(group)
     first_sequence = int(stats.meta.get("sequences", 0)) if stats is not None else 0
     selection = BatchSelection(
-        iter_token_batches(data, tokenizer, batch_size=batch_size, max_length=max_length, pad_id=_pad_id(tokenizer)),
-        max_tokens=max_tokens, skip_first=skip_first, first_sequence=first_sequence)
+        iter_token_batches(
+            data, tokenizer, batch_size=batch_size, max_length=max_length, pad_id=_pad_id(tokenizer)
+        ),
+        max_tokens=max_tokens,
+        skip_first=skip_first,
+        first_sequence=first_sequence,
+    )
     mine: Iterable[SelectedBatch] = selection
     if shard is not None:
         mine = shard_batches(mine, *shard)
@@ -293,43 +310,81 @@ def capture_pair_stats(
     total = None
     if isinstance(data, torch.Tensor) and shard is None and size == 1:
         total = -(-data.shape[0] // batch_size) if data.ndim == 2 else 1
-    bar = tqdm(mine, total=total, desc="capturing activations", unit="batch", disable=not progress or rank != 0)
+    bar = tqdm(
+        mine, total=total, desc="capturing activations", unit="batch", disable=not progress or rank != 0
+    )
 
     def capture_mine() -> int:
         seen = 0
         for item in bar:
-            _add_batch(into, source, target, item, sel, track_target_cov=track_target_cov,
-                       product_dtype=product_dtype, stats_device=stats_device)
+            _add_batch(
+                into,
+                source,
+                target,
+                item,
+                sel,
+                track_target_cov=track_target_cov,
+                product_dtype=product_dtype,
+                stats_device=stats_device,
+            )
             seen += item.tokens
             bar.set_postfix(tokens=seen)
         bar.close()
         if selection.tokens == 0:
-            raise EstimationError("the data produced no tokens" + (
-                " (the first token of every sequence is left out: give sequences of at least 2 tokens)"
-                if skip_first else ""))
+            raise EstimationError(
+                "the data produced no tokens"
+                + (
+                    " (the first token of every sequence is left out: give sequences of at least 2 tokens)"
+                    if skip_first
+                    else ""
+                )
+            )
         return seen
 
     seen = on_every_rank(capture_mine, group)
     new_tokens = into.all_reduce(group).n_tokens if size > 1 else seen  # the same on every rank
     if shard is not None and new_tokens == 0:
-        raise EstimationError(f"shard {shard[0]} of {shard[1]} gets none of the {selection.n_batches} batches: "
-                              "use fewer shards or a smaller batch size")
+        raise EstimationError(
+            f"shard {shard[0]} of {shard[1]} gets none of the {selection.n_batches} batches: "
+            "use fewer shards or a smaller batch size"
+        )
     if size > 1 and stats is not None:
         stats += into
     stats = into if stats is None else stats
     stats.meta["sequences"] = selection.sequences
-    logger.info("captured %d tokens at %d layers (halves: %s)%s", new_tokens, len(sel), stats.half_tokens(),
-                f", {seen} of them on rank {rank} of {size}" if size > 1 else "")
+    logger.info(
+        "captured %d tokens at %d layers (halves: %s)%s",
+        new_tokens,
+        len(sel),
+        stats.half_tokens(),
+        f", {seen} of them on rank {rank} of {size}" if size > 1 else "",
+    )
     return stats
 
 
 #: the fields of CaptureOptions that :func:`capture_pair_stats` uses
-CAPTURE_STATS_FIELDS = ("tokenizer", "layers", "batch_size", "max_length", "max_tokens", "progress", "group",
-                        "skip_first", "product_dtype", "stats_device")
+CAPTURE_STATS_FIELDS = (
+    "tokenizer",
+    "layers",
+    "batch_size",
+    "max_length",
+    "max_tokens",
+    "progress",
+    "group",
+    "skip_first",
+    "product_dtype",
+    "stats_device",
+)
 
 
-def _add_batch(stats: PairStats, source: torch.nn.Module, target: torch.nn.Module, item: SelectedBatch,
-               layers: Sequence[int], **update: Any) -> None:
+def _add_batch(
+    stats: PairStats,
+    source: torch.nn.Module,
+    target: torch.nn.Module,
+    item: SelectedBatch,
+    layers: Sequence[int],
+    **update: Any,
+) -> None:
     """One forward pass of each model on ``item``'s batch; its selected tokens added to ``stats``,
     half by half."""
     hs = residual_states(source, item.batch, layers)
@@ -360,8 +415,11 @@ def needs_tokenizer(data: Any) -> bool:
     """Whether ``data`` holds texts (a string, a list of strings, or a list of lists of strings)."""
     if isinstance(data, str):
         return True
-    return isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], (str, list, tuple)) and (
-        isinstance(data[0], str) or (bool(data[0]) and isinstance(data[0][0], str))
+    return (
+        isinstance(data, (list, tuple))
+        and bool(data)
+        and isinstance(data[0], (str, list, tuple))
+        and (isinstance(data[0], str) or (bool(data[0]) and isinstance(data[0][0], str)))
     )
 
 
@@ -375,11 +433,17 @@ def load_tokenizer(tokenizer: Any, fallback: Any = None, revision: str | None = 
         return None
     from transformers import AutoTokenizer
 
-    path = resolve_checkpoint_dir(tokenizer) if tokenizer is not None else resolve_checkpoint_dir(fallback, revision)
+    path = (
+        resolve_checkpoint_dir(tokenizer)
+        if tokenizer is not None
+        else resolve_checkpoint_dir(fallback, revision)
+    )
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def model_ref(obj: Any, revision: str | None = None, path: Path | None = None, *, fingerprint: bool = False) -> ModelRef:
+def model_ref(
+    obj: Any, revision: str | None = None, path: Path | None = None, *, fingerprint: bool = False
+) -> ModelRef:
     """A :class:`~hf_bdgauge.provenance.ModelRef` for a module or a checkpoint id/dir.
 
     ``commit_hash`` is read from a Hub cache path (``.../snapshots/<sha>/``) when available.
@@ -392,7 +456,9 @@ def model_ref(obj: Any, revision: str | None = None, path: Path | None = None, *
         mid = getattr(cfg, "_name_or_path", None) or getattr(obj, "name_or_path", None) or None
         commit = getattr(cfg, "_commit_hash", None) or (commit_of(mid) if mid else None)
         fp = model_fingerprint(obj) if fingerprint else {}
-        return ModelRef(model_id=str(mid) if mid else None, revision=revision, commit_hash=commit, fingerprint=fp)
+        return ModelRef(
+            model_id=str(mid) if mid else None, revision=revision, commit_hash=commit, fingerprint=fp
+        )
     name, revision = split_revision(obj, revision)
     commit = commit_of(path) if path is not None else None
     fp = model_fingerprint(path if path is not None else name, revision=revision) if fingerprint else {}

@@ -37,8 +37,14 @@ from ..files import atomic_directory, read_json_object, sha256_file
 from ..provenance import ModelRef
 from .stats import PairStats, gain_tensors, read_gain_tensors
 
-__all__ = ["STATS_DIR_FORMAT", "STATS_CONFIG_NAME", "STATS_WEIGHTS_NAME", "CapturedPair", "load_pair_stats",
-           "save_pair_stats"]
+__all__ = [
+    "STATS_DIR_FORMAT",
+    "STATS_CONFIG_NAME",
+    "STATS_WEIGHTS_NAME",
+    "CapturedPair",
+    "load_pair_stats",
+    "save_pair_stats",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +53,13 @@ STATS_CONFIG_NAME = "pair_stats.json"
 STATS_WEIGHTS_NAME = "pair_stats.safetensors"
 
 #: Manifest entries every part of a merge must share (entry, what it is).
-_MUST_AGREE = (("layers", "layers"), ("dims", "widths"), ("dtype", "activation dtype"),
-               ("track_target_cov", "target covariance tracking"), ("skip_first", "first-token rule"))
+_MUST_AGREE = (
+    ("layers", "layers"),
+    ("dims", "widths"),
+    ("dtype", "activation dtype"),
+    ("track_target_cov", "target covariance tracking"),
+    ("skip_first", "first-token rule"),
+)
 
 
 @dataclass
@@ -80,13 +91,26 @@ class CapturedPair:
         """The JSON manifest of these statistics (without the file hash)."""
         st = self.stats
         yy = {m.sum_yy is not None for m in st.moments.values()}
-        return {"format": STATS_DIR_FORMAT, "source": self.source.to_dict(), "target": self.target.to_dict(),
-                "model_type": self.model_type, "dtype": self.dtype, "layers": st.layers, "dims": list(st.dims),
-                "tokens": int(st.n_tokens), "half_tokens": [int(n) for n in st.half_tokens()],
-                "track_target_cov": yy == {True}, "skip_first": bool(self.skip_first), "world_size": int(self.world_size),
-                "capture_time_s": float(self.capture_time_s), "data": self.data,
-                "gains": {end: None if self.gains.get(end) is None else sorted(self.gains[end])
-                          for end in ("source", "target")}}
+        return {
+            "format": STATS_DIR_FORMAT,
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+            "model_type": self.model_type,
+            "dtype": self.dtype,
+            "layers": st.layers,
+            "dims": list(st.dims),
+            "tokens": int(st.n_tokens),
+            "half_tokens": [int(n) for n in st.half_tokens()],
+            "track_target_cov": yy == {True},
+            "skip_first": bool(self.skip_first),
+            "world_size": int(self.world_size),
+            "capture_time_s": float(self.capture_time_s),
+            "data": self.data,
+            "gains": {
+                end: None if self.gains.get(end) is None else sorted(self.gains[end])
+                for end in ("source", "target")
+            },
+        }
 
 
 def save_pair_stats(pair: CapturedPair, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -95,7 +119,9 @@ def save_pair_stats(pair: CapturedPair, out: str | os.PathLike, *, overwrite: bo
     with atomic_directory(out, overwrite=overwrite) as tmp:
         weights = pair.stats.save(tmp / STATS_WEIGHTS_NAME, extra=gain_tensors(pair.gains))
         manifest = pair.manifest() | {"sha256": sha256_file(weights)}
-        (tmp / STATS_CONFIG_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / STATS_CONFIG_NAME).write_text(
+            json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8"
+        )
     logger.info("saved statistics of %d tokens at %d layers to %s", pair.stats.n_tokens, len(pair.stats), out)
     return Path(out)
 
@@ -103,12 +129,16 @@ def save_pair_stats(pair: CapturedPair, out: str | os.PathLike, *, overwrite: bo
 def _read_manifest(path: Path) -> dict[str, Any]:
     m = read_json_object(path / STATS_CONFIG_NAME, what="statistics directory (bdgauge stats)")
     if m.get("format") != STATS_DIR_FORMAT:
-        raise CheckpointError(f"{path / STATS_CONFIG_NAME} is not a hf_bdgauge statistics manifest "
-                              f"(format {m.get('format')!r}, expected {STATS_DIR_FORMAT!r})")
+        raise CheckpointError(
+            f"{path / STATS_CONFIG_NAME} is not a hf_bdgauge statistics manifest "
+            f"(format {m.get('format')!r}, expected {STATS_DIR_FORMAT!r})"
+        )
     digest = sha256_file(path / STATS_WEIGHTS_NAME) if (path / STATS_WEIGHTS_NAME).is_file() else None
     if digest is None or digest != m.get("sha256"):
-        raise CheckpointError(f"{path / STATS_WEIGHTS_NAME} is missing or does not match the sha256 its manifest "
-                              "records (truncated or modified?)")
+        raise CheckpointError(
+            f"{path / STATS_WEIGHTS_NAME} is missing or does not match the sha256 its manifest "
+            "records (truncated or modified?)"
+        )
     return m
 
 
@@ -116,30 +146,39 @@ def _check_mergeable(paths: Sequence[Path], manifests: Sequence[dict[str, Any]])
     """Refuse parts that do not add up to the statistics of one pair (module docstring)."""
     first, p0 = manifests[0], paths[0]
     for end in ("source", "target"):
-        fps = [ModelRef.from_dict(m.get(end), where=f"{p}: {end}").fingerprint for p, m in zip(paths, manifests)]
+        fps = [
+            ModelRef.from_dict(m.get(end), where=f"{p}: {end}").fingerprint for p, m in zip(paths, manifests)
+        ]
         if any(not fp for fp in fps):
             missing = [str(p) for p, fp in zip(paths, fps) if not fp]
-            raise FingerprintMismatchError(f"{', '.join(missing)} record no {end} fingerprint: statistics of unknown "
-                                           "models are not merged (capture with fingerprints, as bdgauge stats does)")
+            raise FingerprintMismatchError(
+                f"{', '.join(missing)} record no {end} fingerprint: statistics of unknown "
+                "models are not merged (capture with fingerprints, as bdgauge stats does)"
+            )
         for p, m, fp in zip(paths[1:], manifests[1:], fps[1:]):
             if fp != fps[0]:
                 raise FingerprintMismatchError(
                     f"{p} was captured on another {end} model than {p0} "
                     f"({ModelRef.from_dict(m[end]).label()} vs {ModelRef.from_dict(first[end]).label()}; their "
-                    "fingerprints differ): statistics of different models do not add")
+                    "fingerprints differ): statistics of different models do not add"
+                )
     for key, what in _MUST_AGREE:
         for p, m in zip(paths[1:], manifests[1:]):
             if m.get(key) != first.get(key):
-                raise EstimationError(f"{p} has {what} {m.get(key)!r} but {p0} has {first.get(key)!r}: "
-                                      "these statistics do not add (capture every part with the same options)")
+                raise EstimationError(
+                    f"{p} has {what} {m.get(key)!r} but {p0} has {first.get(key)!r}: "
+                    "these statistics do not add (capture every part with the same options)"
+                )
     seen: dict[str, Path] = {}
     for p, m in zip(paths, manifests):
         if not m.get("data"):
             continue
         key = json.dumps(m["data"], sort_keys=True)
         if key in seen:
-            raise EstimationError(f"{seen[key]} and {p} hold the same tokens (data {m['data']}): adding them would "
-                                  "count every token twice")
+            raise EstimationError(
+                f"{seen[key]} and {p} hold the same tokens (data {m['data']}): adding them would "
+                "count every token twice"
+            )
         seen[key] = p
     _warn_missing_shards(manifests)
 
@@ -158,8 +197,12 @@ def _warn_missing_shards(manifests: Sequence[dict[str, Any]]) -> None:
     for key, have in shards.items():
         missing = sorted(set(range(counts[key])) - have)
         if missing:
-            logger.warning("merging %d of %d shards of one corpus (missing: %s): the statistics cover part of it",
-                           len(have), counts[key], missing)
+            logger.warning(
+                "merging %d of %d shards of one corpus (missing: %s): the statistics cover part of it",
+                len(have),
+                counts[key],
+                missing,
+            )
 
 
 def load_pair_stats(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> CapturedPair:
@@ -178,9 +221,14 @@ def load_pair_stats(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> C
     first = manifests[0]
     known = all(isinstance(m.get("gains"), dict) for m in manifests)  # older parts: the gains are unknown
     return CapturedPair(
-        stats, ModelRef.from_dict(first["source"]), ModelRef.from_dict(first["target"]), dtype=str(first["dtype"]),
-        model_type=first.get("model_type"), world_size=sum(int(m.get("world_size", 1)) for m in manifests),
+        stats,
+        ModelRef.from_dict(first["source"]),
+        ModelRef.from_dict(first["target"]),
+        dtype=str(first["dtype"]),
+        model_type=first.get("model_type"),
+        world_size=sum(int(m.get("world_size", 1)) for m in manifests),
         capture_time_s=sum(float(m.get("capture_time_s", 0.0)) for m in manifests),
         data={"parts": [str(p) for p in ps]} if len(ps) > 1 else dict(first.get("data") or {}),
         skip_first=bool(first.get("skip_first", True)),
-        gains=read_gain_tensors(ps[0] / STATS_WEIGHTS_NAME, first["gains"]) if known else {})
+        gains=read_gain_tensors(ps[0] / STATS_WEIGHTS_NAME, first["gains"]) if known else {},
+    )

@@ -11,7 +11,7 @@ that verdict answers; :func:`cauchy_combination` turns the layers' p-values into
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -59,8 +59,16 @@ def cauchy_combination(p_values: Sequence[float], weights: Sequence[float] | Non
     return float(min(1.0, max(0.0, 0.5 - math.atan(T) / math.pi)))
 
 
-def layer_verdict(calibration: Calibration, identity_fit: float, gauge_fit: float, best_fit: float, *,
-                  gauge_problems: Sequence[str] = (), identity_tol: float = 0.01, fit_tol: float = 0.01) -> str:
+def layer_verdict(
+    calibration: Calibration,
+    identity_fit: float,
+    gauge_fit: float,
+    best_fit: float,
+    *,
+    gauge_problems: Sequence[str] = (),
+    identity_tol: float = 0.01,
+    fit_tol: float = 0.01,
+) -> str:
     """One layer's plain verdict (keys of :data:`LAYER_VERDICTS`) for the report's gauge, from the
     layer's test ``calibration`` (its ``p_value``, ``level`` and ``insufficient``):
 

@@ -47,10 +47,17 @@ import numpy as np
 
 from ..errors import DimensionMismatchError
 from ..gauge import Gauge
+from ..options import POOLINGS, CalibrationOptions, CaptureOptions, refuse_unused
 from ..provenance import ModelRef
 from ..verdicts import VERDICTS
-from ..options import POOLINGS, CalibrationOptions, CaptureOptions, refuse_unused
-from .assignment import ACTIVATION_METHODS, ROTATION_METHODS, MatchResult, hungarian, match_scores, random_orthogonal
+from .assignment import (
+    ACTIVATION_METHODS,
+    ROTATION_METHODS,
+    MatchResult,
+    hungarian,
+    match_scores,
+    random_orthogonal,
+)
 from .calibration import Calibration, calibrate
 from .statistic import activation_parts
 from .stats import EstimationError, PairStats
@@ -80,7 +87,9 @@ METHODS = ACTIVATION_METHODS + ("weights",) + ROTATION_METHODS
 MATCHING_CAPTURE_FIELDS = ("layers", "pooling", "group")
 
 
-def pooled_correlations(stats: PairStats, pooling: str = "mean_abs", rotation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pooled_correlations(
+    stats: PairStats, pooling: str = "mean_abs", rotation: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(A, S)`` pooled over the layers of ``stats`` (see the module docstring), optionally
     with the target rotated by ``rotation``. Layers are processed one at a time (memory O(d²))."""
     if pooling not in POOLINGS:
@@ -107,9 +116,17 @@ def pooled_correlations(stats: PairStats, pooling: str = "mean_abs", rotation: n
 CALIBRATION_LAYERS = 8
 
 
-def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tuple[np.ndarray, np.ndarray], *,
-                    capture: CaptureOptions | None = None, calibration: CalibrationOptions | None = None,
-                    across_ranks: bool = False, max_layers: int | None = CALIBRATION_LAYERS) -> Calibration:
+def calibrate_stats(
+    stats: PairStats,
+    method: str,
+    element: Any,
+    full_scores: tuple[np.ndarray, np.ndarray],
+    *,
+    capture: CaptureOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    across_ranks: bool = False,
+    max_layers: int | None = CALIBRATION_LAYERS,
+) -> Calibration:
     """The calibrated p-value and identification of an activation estimate
     (:func:`hf_bdgauge.estimate.calibration.calibrate` on the two halves of ``stats``, over at most
     ``max_layers`` evenly spaced layers; ``None``: all); uninformative (``p = 1``, the verdict
@@ -132,10 +149,16 @@ def calibrate_stats(stats: PairStats, method: str, element: Any, full_scores: tu
     if too_few is not None:
         return uninformative(d, too_few, level=cal.level)
     if any(m.sum_yy is None for h in (0, 1) for m in stats.half(h).moments.values()):
-        return uninformative(d, "too little data to test: the statistics lack the target covariance "
-                                "(capture them with track_target_cov=True)", level=cal.level)
+        return uninformative(
+            d,
+            "too little data to test: the statistics lack the target covariance "
+            "(capture them with track_target_cov=True)",
+            level=cal.level,
+        )
     parts = [activation_parts(stats.half(h), pooling) for h in (0, 1)]
-    return calibrate(parts[0], parts[1], method, element, full_scores, cal, group=group, across_ranks=across_ranks)
+    return calibrate(
+        parts[0], parts[1], method, element, full_scores, cal, group=group, across_ranks=across_ranks
+    )
 
 
 def estimate_from_stats(
@@ -164,13 +187,18 @@ def estimate_from_stats(
     layers, pooling, group = cap.layers, cap.pooling, cap.group
     null_draws, seed, identity_tol = cal.null_draws, cal.seed, cal.identity_tol
     if cal.min_excess is not None:
-        warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "min_excess is ignored: the verdict comes from the calibrated p-value",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     t0 = time.perf_counter()
     sel = stats.select(layers)
     dx, dy = sel.dims
     if dx != dy:
-        raise DimensionMismatchError(f"source width {dx} != target width {dy}: no signed permutation relates them")
+        raise DimensionMismatchError(
+            f"source width {dx} != target width {dy}: no signed permutation relates them"
+        )
     A, S = pooled_correlations(sel, pooling)
     match = match_scores(A, S, method)
     nulls: list[float] = []
@@ -184,8 +212,15 @@ def estimate_from_stats(
                 An, Sn = pooled_correlations(sel, pooling, rotation=Q)
                 nulls.append(match_scores(An, Sn, method).mean_matched)
     t_cal = time.perf_counter()
-    calib = calibrate_stats(sel, method, match.element, (A, S), capture=CaptureOptions(pooling=pooling, group=group),
-                            calibration=cal, across_ranks=across_ranks)
+    calib = calibrate_stats(
+        sel,
+        method,
+        match.element,
+        (A, S),
+        capture=CaptureOptions(pooling=pooling, group=group),
+        calibration=cal,
+        across_ranks=across_ranks,
+    )
     metrics = fit_metrics(match, S, nulls, calib, identity_tol=identity_tol, tokens=int(sel.n_tokens))
     n0, n1 = sel.half_tokens()
     metrics.update(

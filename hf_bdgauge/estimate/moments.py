@@ -98,8 +98,14 @@ class CrossMoments:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def zeros(cls, dx: int, dy: int | None = None, *, track_target_cov: bool = True,
-              device: torch.device | str | None = None) -> CrossMoments:
+    def zeros(
+        cls,
+        dx: int,
+        dy: int | None = None,
+        *,
+        track_target_cov: bool = True,
+        device: torch.device | str | None = None,
+    ) -> CrossMoments:
         """Empty float64 sums for dimensions ``dx`` (source) and ``dy`` (target, default ``dx``),
         on ``device`` (default CPU)."""
         dy = dx if dy is None else dy
@@ -107,8 +113,9 @@ class CrossMoments:
         return cls(0, z(dx), z(dy), z(dx), z(dy), z(dx, dy), z(dy, dy) if track_target_cov else None)
 
     @classmethod
-    def from_activations(cls, X: Any, Y: Any, *, track_target_cov: bool = True,
-                         product_dtype: torch.dtype | None = None) -> CrossMoments:
+    def from_activations(
+        cls, X: Any, Y: Any, *, track_target_cov: bool = True, product_dtype: torch.dtype | None = None
+    ) -> CrossMoments:
         """The sums of paired activations ``X`` [n, dx] and ``Y`` [n, dy] (row t = token t), on
         the device of ``X``."""
         X, Y = as_token_matrix(X, "X"), as_token_matrix(Y, "Y")
@@ -128,7 +135,9 @@ class CrossMoments:
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CrossMoments:
         """New sums with ``fn`` applied to every tensor (``sum_yy`` stays ``None`` if absent)."""
-        return CrossMoments(self.n, *(None if getattr(self, f) is None else fn(getattr(self, f)) for f in SUM_FIELDS))
+        return CrossMoments(
+            self.n, *(None if getattr(self, f) is None else fn(getattr(self, f)) for f in SUM_FIELDS)
+        )
 
     def to(self, device: torch.device | str) -> CrossMoments:
         """These sums on ``device`` (``self`` when already there)."""
@@ -145,7 +154,9 @@ class CrossMoments:
         if X.shape[0] != Y.shape[0]:
             raise DimensionMismatchError(f"X has {X.shape[0]} tokens but Y has {Y.shape[0]}")
         if (X.shape[1], Y.shape[1]) != self.dims:
-            raise DimensionMismatchError(f"activations of widths {X.shape[1]}, {Y.shape[1]} do not fit sums of widths {self.dims}")
+            raise DimensionMismatchError(
+                f"activations of widths {X.shape[1]}, {Y.shape[1]} do not fit sums of widths {self.dims}"
+            )
         n = int(X.shape[0])
         if n == 0:
             return self
@@ -153,11 +164,11 @@ class CrossMoments:
         dev = self.device
         X, Y = X.to(device=dev, dtype=ct), Y.to(device=dev, dtype=ct)
         f64 = torch.float64
-        a_c, b_c = X.mean(0), Y.mean(0)                  # shifts a, b (in ct, so x − a is one ct op)
+        a_c, b_c = X.mean(0), Y.mean(0)  # shifts a, b (in ct, so x − a is one ct op)
         Xc, Yc = X - a_c, Y - b_c
         a, b = a_c.to(f64), b_c.to(f64)
-        ex, ey = Xc.sum(0).to(f64), Yc.sum(0).to(f64)    # Σ(x − a), Σ(y − b): rounding relative to the spread
-        sx, sy = n * a + ex, n * b + ey                  # Σx, Σy
+        ex, ey = Xc.sum(0).to(f64), Yc.sum(0).to(f64)  # Σ(x − a), Σ(y − b): rounding relative to the spread
+        sx, sy = n * a + ex, n * b + ey  # Σx, Σy
         self.n += n
         self.sum_x += sx
         self.sum_y += sy
@@ -233,7 +244,9 @@ class CrossMoments:
     def cov_yy(self) -> np.ndarray:
         """The target's covariance [dy, dy] (needs ``sum_yy``)."""
         if self.sum_yy is None:
-            raise EstimationError("these statistics do not track the target covariance (track_target_cov=False)")
+            raise EstimationError(
+                "these statistics do not track the target covariance (track_target_cov=False)"
+            )
         my = self.mean_y()
         return _np(self.sum_yy) / self.n - np.outer(my, my)
 
@@ -251,7 +264,9 @@ class CrossMoments:
         else:
             Q = np.asarray(rotation, dtype=np.float64)
             if Q.shape != (self.dims[1],) * 2:
-                raise DimensionMismatchError(f"rotation of shape {Q.shape} does not fit target width {self.dims[1]}")
+                raise DimensionMismatchError(
+                    f"rotation of shape {Q.shape} does not fit target width {self.dims[1]}"
+                )
             cov = cov @ Q.T
             vy = np.maximum(np.einsum("jk,jk->j", Q @ self.cov_yy(), Q), 0.0)
         scale = np.sqrt(np.outer(vx, vy))
@@ -276,6 +291,5 @@ class CrossMoments:
         off = 1
         for t in self._tensors():
             k = t.numel()
-            t.copy_(flat[off:off + k].view_as(t))  # copy_ moves across devices
+            t.copy_(flat[off : off + k].view_as(t))  # copy_ moves across devices
             off += k
-

@@ -61,18 +61,25 @@ from scipy import stats as sps
 from ..errors import DimensionMismatchError
 from ..fold import known_pre_norm_gains, record_gains
 from ..gauge import Gauge
-from ..provenance import ModelRef
-from ..options import CalibrationOptions, CaptureOptions, refuse_unused
+from ..options import LEVEL, CalibrationOptions, CaptureOptions, refuse_unused
 from ..orthogonal import Orthogonal
+from ..provenance import ModelRef
 from .assignment import hungarian
-from .stats import EstimationError, PairStats
-from ..options import LEVEL
 from .rotation_verdict import rotation_verdict
+from .stats import EstimationError, PairStats
 from .verdict import insufficient_tokens, log_verdict
 
-__all__ = ["RotationFit", "procrustes", "fit_rotation", "estimate_rotation_from_stats", "estimate_rotation_from_weights",
-           "nearest_signed_permutation",
-           "WHITENING_RIDGE", "SIGNED_PERMUTATION_TOL", "TEST_LAYERS"]
+__all__ = [
+    "RotationFit",
+    "procrustes",
+    "fit_rotation",
+    "estimate_rotation_from_stats",
+    "estimate_rotation_from_weights",
+    "nearest_signed_permutation",
+    "WHITENING_RIDGE",
+    "SIGNED_PERMUTATION_TOL",
+    "TEST_LAYERS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +126,18 @@ class RotationFit:
     layer_spread: float = float("nan")
 
     def metrics(self) -> dict[str, Any]:
-        out = {"alignment": self.alignment, "relative_residual": self.residual,
-               "identity_alignment": self.identity_alignment, "rotation_error": self.rotation_error,
-               "rotation_sampling_error": self.sampling_error, "rotation_layer_spread": self.layer_spread,
-               "p_value": self.p_value, "log10_p_value": self.log10_p_value, "p_value_z": self.z,
-               "p_value_level": LEVEL}
+        out = {
+            "alignment": self.alignment,
+            "relative_residual": self.residual,
+            "identity_alignment": self.identity_alignment,
+            "rotation_error": self.rotation_error,
+            "rotation_sampling_error": self.sampling_error,
+            "rotation_layer_spread": self.layer_spread,
+            "p_value": self.p_value,
+            "log10_p_value": self.log10_p_value,
+            "p_value_z": self.z,
+            "p_value_level": LEVEL,
+        }
         if self.note:
             out["p_value_note"] = self.note
         return out
@@ -202,8 +216,9 @@ def _layer_disagreement(C: np.ndarray, R: np.ndarray) -> float:
     return float(np.sum(D * D)) / total
 
 
-def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_test_layers: int = TEST_LAYERS
-                 ) -> RotationFit:
+def fit_rotation(
+    stats: PairStats, *, layers: Iterable[int] | None = None, max_test_layers: int = TEST_LAYERS
+) -> RotationFit:
     """The Procrustes estimate of ``R`` (``h_target ≈ R·h_source``) from ``stats`` (every
     layer), with its held-out fit, estimated error and calibrated p-value (module docstring; the
     p-value and the layers' disagreement use at most ``max_test_layers`` evenly spaced layers).
@@ -211,7 +226,9 @@ def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_t
     sel = stats.select(layers)
     dx, dy = sel.dims
     if dx != dy:
-        raise DimensionMismatchError(f"source width {dx} != target width {dy}: no orthogonal gauge relates them")
+        raise DimensionMismatchError(
+            f"source width {dx} != target width {dy}: no orthogonal gauge relates them"
+        )
     d = dx
     full = _moments(sel)
     R = procrustes(_pooled(full))
@@ -242,8 +259,18 @@ def fit_rotation(stats: PairStats, *, layers: Iterable[int] | None = None, max_t
     sd = float((np.linalg.norm(A[0]) + np.linalg.norm(A[1])) / math.sqrt(d))
     z = t / sd if sd > 0 else 0.0
     logp = float(sps.norm.logsf(z))
-    return RotationFit(R, rho, eps, ident_rho, err, float(math.exp(logp)), logp / math.log(10.0), z,
-                       sampling_error=sampling, layer_spread=spread)
+    return RotationFit(
+        R,
+        rho,
+        eps,
+        ident_rho,
+        err,
+        float(math.exp(logp)),
+        logp / math.log(10.0),
+        z,
+        sampling_error=sampling,
+        layer_spread=spread,
+    )
 
 
 #: the fields of CalibrationOptions a rotation estimate uses: its verdict's ``level`` and
@@ -271,9 +298,15 @@ def estimate_rotation_from_stats(
     statistics is returned instead (``metrics["method_requested"] = method``;
     :func:`~hf_bdgauge.estimate.matching.estimate_from_stats` with ``capture``'s ``layers``,
     ``pooling`` and ``group``, ``calibration`` and ``across_ranks``). Options neither uses are refused."""
-    refuse_unused(capture, ("layers", "pooling", "group") if b_d else ("layers",), "capture", f"method={method!r}")
-    refuse_unused(calibration, HANDOVER_CALIBRATION_FIELDS if b_d else ROTATION_CALIBRATION_FIELDS, "calibration",
-                  f"method={method!r}")
+    refuse_unused(
+        capture, ("layers", "pooling", "group") if b_d else ("layers",), "capture", f"method={method!r}"
+    )
+    refuse_unused(
+        calibration,
+        HANDOVER_CALIBRATION_FIELDS if b_d else ROTATION_CALIBRATION_FIELDS,
+        "calibration",
+        f"method={method!r}",
+    )
     cap = capture or CaptureOptions()
     cal = calibration or CalibrationOptions()
     layers, identity_tol = cap.layers, cal.identity_tol
@@ -283,22 +316,43 @@ def estimate_rotation_from_stats(
     if b_d and dist <= SIGNED_PERMUTATION_TOL and fit.p_value <= cal.level:
         from .matching import estimate_from_stats
 
-        g = estimate_from_stats(stats, "sign_marginalized", capture=capture, calibration=calibration, source=source,
-                                target=target, across_ranks=across_ranks)
-        g.metrics.update(method_requested=method, rotation_distance_to_signed_permutation=dist,
-                         rotation_alignment=fit.alignment)
-        g.metrics["summary"] = (f"the rotation is a signed permutation (‖R̂ − P‖_F/√d = {dist:.3f}): "
-                                + g.metrics["summary"])
+        g = estimate_from_stats(
+            stats,
+            "sign_marginalized",
+            capture=capture,
+            calibration=calibration,
+            source=source,
+            target=target,
+            across_ranks=across_ranks,
+        )
+        g.metrics.update(
+            method_requested=method,
+            rotation_distance_to_signed_permutation=dist,
+            rotation_alignment=fit.alignment,
+        )
+        g.metrics["summary"] = (
+            f"the rotation is a signed permutation (‖R̂ − P‖_F/√d = {dist:.3f}): " + g.metrics["summary"]
+        )
         return g
     metrics = fit.metrics()
     metrics["p_value_level"] = cal.level
     metrics.update(rotation_verdict(fit, identity_tol=identity_tol, level=cal.level))
     sel = stats.select(layers)
-    metrics.update(tokens=int(sel.n_tokens), half_tokens=[int(x) for x in sel.half_tokens()], layers=sel.layers,
-                   rotation_distance_to_signed_permutation=dist, time_s=time.perf_counter() - t0)
+    metrics.update(
+        tokens=int(sel.n_tokens),
+        half_tokens=[int(x) for x in sel.half_tokens()],
+        layers=sel.layers,
+        rotation_distance_to_signed_permutation=dist,
+        time_s=time.perf_counter() - t0,
+    )
     log_verdict(metrics)
-    return Gauge(element=Orthogonal(fit.R), source=source or ModelRef(), target=target or ModelRef(),
-                 method=method, metrics=metrics)
+    return Gauge(
+        element=Orthogonal(fit.R),
+        source=source or ModelRef(),
+        target=target or ModelRef(),
+        method=method,
+        metrics=metrics,
+    )
 
 
 def estimate_rotation_from_weights(
@@ -324,23 +378,34 @@ def estimate_rotation_from_weights(
     ``A ↦ A·diag(g)·Rᵀ``."""
     from .weights import open_tensors
 
-    refuse_unused(calibration, ROTATION_CALIBRATION_FIELDS, "calibration", "method='orthogonal_weights'",
-                  "--method orthogonal_weights")
+    refuse_unused(
+        calibration,
+        ROTATION_CALIBRATION_FIELDS,
+        "calibration",
+        "method='orthogonal_weights'",
+        "--method orthogonal_weights",
+    )
     with contextlib.ExitStack() as stack:
-        ends = [open_tensors(obj, rev, stack, fingerprint) for obj, rev in ((source, source_revision), (target, target_revision))]
+        ends = [
+            open_tensors(obj, rev, stack, fingerprint)
+            for obj, rev in ((source, source_revision), (target, target_revision))
+        ]
         for t in ends:  # a LayerNorm family has no rotation gauge: refused before anything is estimated
             t.spec.check_rotation({}, None, "an orthogonal estimate")
         X, Y = (t.embedding() for t in ends)
         refs = [t.ref for t in ends]
     if X.shape != Y.shape:
-        raise DimensionMismatchError(f"embeddings of shapes {tuple(X.shape)} and {tuple(Y.shape)}: no rotation "
-                                     "relates them")
+        raise DimensionMismatchError(
+            f"embeddings of shapes {tuple(X.shape)} and {tuple(Y.shape)}: no rotation relates them"
+        )
     st = PairStats()
     st.update(0, X[0::2], Y[0::2], half=0)
     st.update(0, X[1::2], Y[1::2], half=1)
-    g = estimate_rotation_from_stats(st, calibration=calibration, source=refs[0], target=refs[1],
-                                     method="orthogonal_weights", b_d=False)
+    g = estimate_rotation_from_stats(
+        st, calibration=calibration, source=refs[0], target=refs[1], method="orthogonal_weights", b_d=False
+    )
     g.metrics["summary"] += f" (data-free, token embeddings, {X.shape[0]} rows)"
     # the embedding does not see the gains, the readers' adapters do: recorded as fold_and_rotate does
-    return record_gains(g, known_pre_norm_gains(source, source_revision),
-                        known_pre_norm_gains(target, target_revision))
+    return record_gains(
+        g, known_pre_norm_gains(source, source_revision), known_pre_norm_gains(target, target_revision)
+    )

@@ -23,18 +23,25 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import EstimationError
 from ..options import CALIBRATION_DRAWS
 
-__all__ = ["REFERENCE_FILE", "REFERENCE_KINDS", "REFERENCE_BOUND_Z", "Reference", "fit_reference",
-           "reference_for"]
+__all__ = [
+    "REFERENCE_FILE",
+    "REFERENCE_KINDS",
+    "REFERENCE_BOUND_Z",
+    "Reference",
+    "fit_reference",
+    "reference_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +69,17 @@ class Reference:
 
     def __post_init__(self) -> None:
         if not (self.location >= 0.0 and self.scale >= 1.0):
-            raise EstimationError(f"a reference null needs location >= 0 and scale >= 1, got {self.location}, {self.scale}")
+            raise EstimationError(
+                f"a reference null needs location >= 0 and scale >= 1, got {self.location}, {self.scale}"
+            )
 
     @classmethod
     def from_fit(cls, kind: str, fit: dict[str, Any]) -> Reference:
         """The reference of ``kind`` from a :func:`fit_reference` result (or an entry of
         :data:`REFERENCE_FILE`)."""
-        return cls(kind, float(fit["location"]), float(fit["scale"]), str(fit.get("name", "")), int(fit.get("n", 0)))
+        return cls(
+            kind, float(fit["location"]), float(fit["scale"]), str(fit.get("name", "")), int(fit.get("n", 0))
+        )
 
     def apply(self, t: Any) -> Any:
         """``(t − location)/scale`` (arrays elementwise)."""
@@ -79,8 +90,14 @@ class Reference:
 REFERENCE_BOUND_Z = 1.645
 
 
-def fit_reference(t_values: Sequence[float], pairs: Sequence[tuple[Any, Any]], draws: int = CALIBRATION_DRAWS, *,
-                  name: str = "", z: float = REFERENCE_BOUND_Z) -> dict[str, Any]:
+def fit_reference(
+    t_values: Sequence[float],
+    pairs: Sequence[tuple[Any, Any]],
+    draws: int = CALIBRATION_DRAWS,
+    *,
+    name: str = "",
+    z: float = REFERENCE_BOUND_Z,
+) -> dict[str, Any]:
     """The ``location``/``scale`` of a reference null from the Haar ``t`` of unrelated pairs of a
     calibration set, ``pairs[k]`` naming the two models behind ``t_values[k]``.
 
@@ -97,8 +114,9 @@ def fit_reference(t_values: Sequence[float], pairs: Sequence[tuple[Any, Any]], d
     t, pairs = t[keep], [tuple(p) for p, k in zip(pairs, keep) if k]
     models = sorted({m for p in pairs for m in p}, key=str)
     if t.size < 20 or len(models) < 3:
-        raise EstimationError(f"a reference null needs at least 20 finite t values of 3 models, got {t.size} of "
-                              f"{len(models)}")
+        raise EstimationError(
+            f"a reference null needs at least 20 finite t values of 3 models, got {t.size} of {len(models)}"
+        )
     sd_null = math.sqrt((draws - 1) / (draws - 3.0))
 
     def theta(x: np.ndarray) -> np.ndarray:
@@ -108,9 +126,18 @@ def fit_reference(t_values: Sequence[float], pairs: Sequence[tuple[Any, Any]], d
     jk = np.array([theta(t[np.array([m not in p for p in pairs])]) for m in models])
     G = len(models)
     se = np.sqrt((G - 1) / G * ((jk - jk.mean(0)) ** 2).sum(0))
-    return {"location": max(0.0, float(full[0] + z * se[0])), "scale": max(1.0, float(full[1] + z * se[1])),
-            "mean_t": float(full[0]), "sd_ratio": float(full[1]), "se_mean": float(se[0]), "se_ratio": float(se[1]),
-            "bound_z": z, "n": int(t.size), "models": G, "name": name}
+    return {
+        "location": max(0.0, float(full[0] + z * se[0])),
+        "scale": max(1.0, float(full[1] + z * se[1])),
+        "mean_t": float(full[0]),
+        "sd_ratio": float(full[1]),
+        "se_mean": float(se[0]),
+        "se_ratio": float(se[1]),
+        "bound_z": z,
+        "n": int(t.size),
+        "models": G,
+        "name": name,
+    }
 
 
 @lru_cache(maxsize=1)
@@ -126,4 +153,3 @@ def reference_for(kind: str) -> Reference | None:
     """The package's reference null for ``kind`` (:data:`REFERENCE_KINDS`), or ``None``."""
     r = _reference_table().get(kind)
     return None if r is None else Reference.from_fit(kind, r)
-

@@ -40,8 +40,9 @@ the documented level) means "a signed permutation relates the charts".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -107,8 +108,13 @@ def activation_parts(stats: Any, pooling: str = "mean_abs") -> Parts:
         np.divide(c, scale, out=out, where=scale > tiny)
         return np.clip(out, -1.0, 1.0)
 
-    return Parts(signed=signed, unsigned=lambda Q=None: None, pool="mean_abs" if pooling == "sum" else pooling, dim=d,
-                 kind="activations" if len(moments) > 1 else "activations_layer")
+    return Parts(
+        signed=signed,
+        unsigned=lambda Q=None: None,
+        pool="mean_abs" if pooling == "sum" else pooling,
+        dim=d,
+        kind="activations" if len(moments) > 1 else "activations_layer",
+    )
 
 
 def weight_parts(sim: Any, kind: str = "weights") -> Parts:
@@ -136,8 +142,13 @@ def weight_parts(sim: Any, kind: str = "weights") -> Parts:
         G = sim.gain_num if Q is None else sim.gain_num @ Q.T
         return G / _den(Q) if np.any(G) else None
 
-    return Parts(signed=signed, unsigned=unsigned, pool="mean_abs" if sim.allows_signs else "mean_signed", dim=sim.dim,
-                 kind=kind)
+    return Parts(
+        signed=signed,
+        unsigned=unsigned,
+        pool="mean_abs" if sim.allows_signs else "mean_signed",
+        dim=sim.dim,
+        kind=kind,
+    )
 
 
 # =========================================================================== the statistic
@@ -170,8 +181,9 @@ def student_tail(t: Any, draws: int = CALIBRATION_DRAWS) -> tuple[Any, Any]:
 
 
 # =========================================================================== the held-out values
-def selection_scores(P: np.ndarray, U: np.ndarray | None, pool: str,
-                     method: str) -> tuple[np.ndarray, np.ndarray]:
+def selection_scores(
+    P: np.ndarray, U: np.ndarray | None, pool: str, method: str
+) -> tuple[np.ndarray, np.ndarray]:
     """``(A, S)`` of one half's blocks ``P`` [K, d, d] (and gain block ``U``): ``S = mean_k P_k``
     and the score ``A`` the method's match is selected on (``sign_marginalized``: ``mean_k |P_k|``
     when ``pool == "mean_abs"``, else ``|S|``; otherwise ``S``), ``+ U`` when there is one."""

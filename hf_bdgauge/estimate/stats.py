@@ -70,13 +70,20 @@ class PairStats:
     ``a + b`` (half by half); :meth:`all_reduce` does the same across processes.
     """
 
-    def __init__(self, moments: Mapping[int, CrossMoments] | None = None, meta: Mapping[str, Any] | None = None, *,
-                 halves: tuple[Mapping[int, CrossMoments], Mapping[int, CrossMoments]] | None = None) -> None:
+    def __init__(
+        self,
+        moments: Mapping[int, CrossMoments] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        halves: tuple[Mapping[int, CrossMoments], Mapping[int, CrossMoments]] | None = None,
+    ) -> None:
         if halves is not None and moments:
             raise EstimationError("pass moments (one unsplit set) or halves, not both")
-        h0, h1 = (halves if halves is not None else (moments or {}, {}))
+        h0, h1 = halves if halves is not None else (moments or {}, {})
         self._halves: tuple[dict[int, CrossMoments], dict[int, CrossMoments]] = (
-            dict(sorted((int(k), v) for k, v in h0.items())), dict(sorted((int(k), v) for k, v in h1.items())))
+            dict(sorted((int(k), v) for k, v in h0.items())),
+            dict(sorted((int(k), v) for k, v in h1.items())),
+        )
         self.meta: dict[str, Any] = dict(meta or {})
 
     # ------------------------------------------------------------------ construction
@@ -105,8 +112,17 @@ class PairStats:
                 st.update(k, x[cut:], y[cut:], track_target_cov=track_target_cov, half=1)
         return st
 
-    def update(self, layer: int, X: Any, Y: Any, *, track_target_cov: bool = True,
-               product_dtype: torch.dtype | None = None, device: torch.device | str | None = None, half: int = 0) -> None:
+    def update(
+        self,
+        layer: int,
+        X: Any,
+        Y: Any,
+        *,
+        track_target_cov: bool = True,
+        product_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        half: int = 0,
+    ) -> None:
         """Add paired activations of one layer to ``half`` (0 or 1), creating its sums on first
         use, on ``device`` (default the device of ``X``). See :meth:`CrossMoments.update`."""
         if half not in (0, 1):
@@ -115,8 +131,12 @@ class PairStats:
         part = self._halves[half]
         m = part.get(int(layer))
         if m is None:
-            m = CrossMoments.zeros(X.shape[1], Y.shape[1], track_target_cov=track_target_cov,
-                                   device=X.device if device is None else device)
+            m = CrossMoments.zeros(
+                X.shape[1],
+                Y.shape[1],
+                track_target_cov=track_target_cov,
+                device=X.device if device is None else device,
+            )
             part[int(layer)] = m
             self._halves = tuple(dict(sorted(h.items())) for h in self._halves)  # type: ignore[assignment]
         m.update(X, Y, product_dtype=product_dtype)
@@ -178,7 +198,9 @@ class PairStats:
             if kk not in have:
                 raise EstimationError(f"layer {k} was not captured; captured layers are {have}")
             keep.append(kk)
-        return PairStats(meta=self.meta, halves=tuple({k: h[k] for k in keep if k in h} for h in self._halves))
+        return PairStats(
+            meta=self.meta, halves=tuple({k: h[k] for k in keep if k in h} for h in self._halves)
+        )
 
     def pooled(self, layers: Iterable[int] | None = None) -> CrossMoments:
         """Sum of the sums of ``layers`` (default all): every (layer, token) is one sample."""
@@ -207,7 +229,9 @@ class PairStats:
     def __add__(self, other: PairStats) -> PairStats:
         if not isinstance(other, PairStats):
             return NotImplemented
-        out = PairStats(meta=self.meta, halves=tuple({k: m.copy() for k, m in h.items()} for h in self._halves))
+        out = PairStats(
+            meta=self.meta, halves=tuple({k: m.copy() for k, m in h.items()} for h in self._halves)
+        )
         out += other
         return out
 
@@ -215,7 +239,9 @@ class PairStats:
 
     def _layout(self) -> list[tuple[int, int, int, int, bool]]:
         """``(half, layer, dx, dy, has Σyyᵀ)`` of every sums held, in order."""
-        return [(i, k, *m.dims, m.sum_yy is not None) for i, h in enumerate(self._halves) for k, m in h.items()]
+        return [
+            (i, k, *m.dims, m.sum_yy is not None) for i, h in enumerate(self._halves) for k, m in h.items()
+        ]
 
     def all_reduce(self, group: Any = None) -> PairStats:
         """Sum the statistics over every process of a ``torch.distributed`` group, in place.
@@ -238,9 +264,11 @@ class PairStats:
         for rank, layout in enumerate(layouts):
             for i, k, dx, dy, yy in layout:
                 if union.setdefault((i, k), (dx, dy, yy)) != (dx, dy, yy):
-                    raise EstimationError(f"process {rank} holds layer {k} with widths {(dx, dy)} and target "
-                                          f"covariance {yy}, another {union[(i, k)]}: capture the same models with "
-                                          "the same options on every process")
+                    raise EstimationError(
+                        f"process {rank} holds layer {k} with widths {(dx, dy)} and target "
+                        f"covariance {yy}, another {union[(i, k)]}: capture the same models with "
+                        "the same options on every process"
+                    )
         for (i, k), (dx, dy, yy) in union.items():
             if k not in self._halves[i]:
                 self._halves[i][k] = CrossMoments.zeros(dx, dy, track_target_cov=yy)
@@ -252,7 +280,9 @@ class PairStats:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
                 m.unflatten_(flat)
         self._halves = tuple({k: m for k, m in h.items() if m.n > 0} for h in self._halves)  # type: ignore[assignment]
-        logger.debug("all-reduced statistics of %d layers over %d processes", len(self), dist.get_world_size(group))
+        logger.debug(
+            "all-reduced statistics of %d layers over %d processes", len(self), dist.get_world_size(group)
+        )
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -274,8 +304,11 @@ class PairStats:
 
         from ..files import atomic_write_bytes
 
-        meta = {"format": STATS_FORMAT, "halves": json.dumps([list(h) for h in self._halves]),
-                "meta": json.dumps(self.meta, default=str)}
+        meta = {
+            "format": STATS_FORMAT,
+            "halves": json.dumps([list(h) for h in self._halves]),
+            "meta": json.dumps(self.meta, default=str),
+        }
         tensors = self.to_tensors()
         clash = sorted(set(extra or {}) & set(tensors))
         if clash:
@@ -295,23 +328,38 @@ class PairStats:
                 md = f.metadata() or {}
                 fmt = md.get("format")
                 if fmt == _STATS_FORMAT_V1:
-                    spec = [(i, k, f"layer{k}") for i, ks in enumerate([json.loads(md["layers"]), []]) for k in ks]
+                    spec = [
+                        (i, k, f"layer{k}") for i, ks in enumerate([json.loads(md["layers"]), []]) for k in ks
+                    ]
                 elif fmt == STATS_FORMAT:
-                    spec = [(i, k, f"half{i}.layer{k}") for i, ks in enumerate(json.loads(md["halves"])) for k in ks]
+                    spec = [
+                        (i, k, f"half{i}.layer{k}")
+                        for i, ks in enumerate(json.loads(md["halves"]))
+                        for k in ks
+                    ]
                 else:
                     raise CheckpointError(f"{path} is not a hf_bdgauge statistics file (format {fmt!r})")
                 meta = json.loads(md.get("meta", "{}"))
                 names = set(f.keys())
                 halves: tuple[dict[int, CrossMoments], dict[int, CrossMoments]] = ({}, {})
                 for i, k, prefix in spec:
-                    vals = {fld: f.get_tensor(f"{prefix}.{fld}") if f"{prefix}.{fld}" in names else None for fld in SUM_FIELDS}
+                    vals = {
+                        fld: f.get_tensor(f"{prefix}.{fld}") if f"{prefix}.{fld}" in names else None
+                        for fld in SUM_FIELDS
+                    }
                     if any(vals[fld] is None for fld in SUM_FIELDS[:-1]):
                         raise CheckpointError(f"{path}: layer {k} is missing some of its sums")
-                    m = CrossMoments(int(f.get_tensor(f"{prefix}.n")[0]),
-                                     **{k2: None if v is None else v.to(torch.float64) for k2, v in vals.items()})
+                    m = CrossMoments(
+                        int(f.get_tensor(f"{prefix}.n")[0]),
+                        **{k2: None if v is None else v.to(torch.float64) for k2, v in vals.items()},
+                    )
                     dx, dy = m.dims
-                    shapes_ok = (m.sum_x2.shape == (dx,) and m.sum_y2.shape == (dy,) and m.sum_xy.shape == (dx, dy)
-                                 and (m.sum_yy is None or m.sum_yy.shape == (dy, dy)))
+                    shapes_ok = (
+                        m.sum_x2.shape == (dx,)
+                        and m.sum_y2.shape == (dy,)
+                        and m.sum_xy.shape == (dx, dy)
+                        and (m.sum_yy is None or m.sum_yy.shape == (dy, dy))
+                    )
                     if not shapes_ok:
                         raise CheckpointError(f"{path}: layer {k} has inconsistent shapes")
                     halves[i][int(k)] = m
@@ -333,12 +381,16 @@ GAIN_TENSOR_PREFIX = {"source": "source_gain.", "target": "target_gain."}
 def gain_tensors(gains: Mapping[str, Mapping[str, Any] | None]) -> dict[str, torch.Tensor]:
     """``{"source": {name: gain}, "target": …}`` (an end ``None`` or missing: unknown, nothing
     written) as float64 tensors named ``source_gain.<name>`` / ``target_gain.<name>``."""
-    return {GAIN_TENSOR_PREFIX[end] + n: torch.as_tensor(np.asarray(v, dtype=np.float64))
-            for end in GAIN_TENSOR_PREFIX for n, v in (gains.get(end) or {}).items()}
+    return {
+        GAIN_TENSOR_PREFIX[end] + n: torch.as_tensor(np.asarray(v, dtype=np.float64))
+        for end in GAIN_TENSOR_PREFIX
+        for n, v in (gains.get(end) or {}).items()
+    }
 
 
-def read_gain_tensors(path: str | os.PathLike,
-                      names: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray] | None]:
+def read_gain_tensors(
+    path: str | os.PathLike, names: Mapping[str, Any]
+) -> dict[str, dict[str, np.ndarray] | None]:
     """The gains :func:`gain_tensors` wrote into the safetensors file ``path``; ``names``: the
     gain names per end a manifest lists (``None``: that end's gains are unknown). A listed gain
     that is absent, or a stored one that is not float64 and 1-D, is a
@@ -355,13 +407,15 @@ def read_gain_tensors(path: str | os.PathLike,
                 continue
             missing = [n for n in listed if prefix + n not in have]
             if missing:
-                raise CheckpointError(f"{path}: the manifest lists {end} gains that the file lacks: "
-                                      f"{missing[:4]}")
+                raise CheckpointError(
+                    f"{path}: the manifest lists {end} gains that the file lacks: {missing[:4]}"
+                )
             out[end] = {}
             for n in listed:
                 t = f.get_tensor(prefix + n)
                 if t.dtype != torch.float64 or t.ndim != 1:
-                    raise CheckpointError(f"{path}: {prefix + n} must be a float64 vector, got {t.dtype} "
-                                          f"{list(t.shape)}")
+                    raise CheckpointError(
+                        f"{path}: {prefix + n} must be a float64 vector, got {t.dtype} {list(t.shape)}"
+                    )
                 out[end][n] = t.numpy()
     return out

@@ -40,8 +40,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,17 +49,17 @@ import torch
 
 from ..distributed import world
 from ..gauge import Gauge
-from ..verdicts import INSUFFICIENT_DATA
 from ..hub import resolve_checkpoint_dir
+from ..options import LEVEL, CalibrationOptions, CaptureOptions, WeightOptions, refuse_unused
 from ..roles import spec_for_config
 from ..storage import read_model_config, tensor_index
+from ..verdicts import INSUFFICIENT_DATA
 from .api import estimate_gauge
 from .assignment import match_scores
-from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
-from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
-from ..options import LEVEL, CalibrationOptions, CaptureOptions, WeightOptions, refuse_unused
 from .calibration import calibrate
+from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
 from .layer_verdicts import LAYER_VERDICTS, cauchy_combination, layer_answer, layer_verdict
+from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
 from .statistic import weight_parts
 from .stats import EstimationError
 from .verdict import power_words, uninformative
@@ -95,9 +95,16 @@ class LayerRow:
         return layer_answer(self.verdict)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"layer": self.layer, "answer": self.answer, "verdict": self.verdict, "advice": self.words,
-               "p_value": self.p_value, "identified_fraction": self.identified_fraction,
-               "identity_fit": self.identity_fit, "gauge_fit": self.gauge_fit}
+        out = {
+            "layer": self.layer,
+            "answer": self.answer,
+            "verdict": self.verdict,
+            "advice": self.words,
+            "p_value": self.p_value,
+            "identified_fraction": self.identified_fraction,
+            "identity_fit": self.identity_fit,
+            "gauge_fit": self.gauge_fit,
+        }
         return {**out, "note": self.note} if self.note else out
 
 
@@ -134,32 +141,42 @@ class TraceReport:
         cauchy = f"layers' Cauchy combination {self.layers_p_value:.3g}"
         if self.answer == INSUFFICIENT_DATA:
             note = g.metrics.get("p_value_note") or "too little data to test"
-            what = f"{note} (whether B is derived from A cannot be tested yet: not a \"no\")"
+            what = f'{note} (whether B is derived from A cannot be tested yet: not a "no")'
         elif self.answer == "no_evidence":
-            what = (f"no evidence that B is derived from A at this budget ({p}, above {self.level}; "
-                    f"{cauchy}): a failure to reject, not proof that it is not; "
-                    f"{power_words(g.metrics.get('tokens') or None)}")
+            what = (
+                f"no evidence that B is derived from A at this budget ({p}, above {self.level}; "
+                f"{cauchy}): a failure to reject, not proof that it is not; "
+                f"{power_words(g.metrics.get('tokens') or None)}"
+            )
         elif g.verdict == "identity":
             what = f"B IS derived from A: the same chart (identity; {p}; {cauchy}; level {self.level})"
         else:
             frac = g.identified_fraction or 0.0
-            what = (f"B IS derived from A up to a signed permutation ({p}; {cauchy}; level {self.level}; "
-                    f"{frac:.1%} of its coordinates identified)")
+            what = (
+                f"B IS derived from A up to a signed permutation ({p}; {cauchy}; level {self.level}; "
+                f"{frac:.1%} of its coordinates identified)"
+            )
             problems = g.fit_problems()
             if problems:
-                what += (f"; the recovered gauge fails its fit check ({'; '.join(problems)}): do not transport "
-                         "with it")
+                what += (
+                    f"; the recovered gauge fails its fit check ({'; '.join(problems)}): do not transport "
+                    "with it"
+                )
         return f"{what}; {self.mode}, {self.seconds:.1f} s"
 
     def table(self) -> str:
         """The per-layer table (``bdgauge diff`` prints it above the conclusion)."""
-        head = (f"{'layer':>16}  {'p-value':>10}  {'identified':>10}  {'identity fit':>12}  "
-                f"{'gauge fit':>9}  answer and advice (identified: this layer's data alone)")
+        head = (
+            f"{'layer':>16}  {'p-value':>10}  {'identified':>10}  {'identity fit':>12}  "
+            f"{'gauge fit':>9}  answer and advice (identified: this layer's data alone)"
+        )
         lines = [head]
         for r in self.rows:
             note = r.note if r.note and r.note != self.gauge.metrics.get("p_value_note") else ""  # said once
-            lines.append(f"{str(r.layer):>16}  {r.p_value:>10.3g}  {r.identified_fraction:>10.1%}  {r.identity_fit:>12.4f}"
-                         f"  {r.gauge_fit:>9.4f}  {r.words}" + (f" ({note})" if note else ""))
+            lines.append(
+                f"{str(r.layer):>16}  {r.p_value:>10.3g}  {r.identified_fraction:>10.1%}  {r.identity_fit:>12.4f}"
+                f"  {r.gauge_fit:>9.4f}  {r.words}" + (f" ({note})" if note else "")
+            )
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -176,8 +193,16 @@ def _group_of(spec: Any, name: str) -> str:
     return OUTSIDE_BLOCKS if b is None else f"block {b}"
 
 
-def _weights_rows(source: Any, target: Any, gauge: Gauge, *, calibration: CalibrationOptions, revisions: tuple,
-                  weights: WeightOptions, gauge_problems: Sequence[str] = ()) -> list[LayerRow]:
+def _weights_rows(
+    source: Any,
+    target: Any,
+    gauge: Gauge,
+    *,
+    calibration: CalibrationOptions,
+    revisions: tuple,
+    weights: WeightOptions,
+    gauge_problems: Sequence[str] = (),
+) -> list[LayerRow]:
     """One row per decoder block (and one for the tensors outside the blocks)."""
     if isinstance(source, torch.nn.Module):
         spec = spec_for_config(source.config)
@@ -186,40 +211,82 @@ def _weights_rows(source: Any, target: Any, gauge: Gauge, *, calibration: Calibr
         d = resolve_checkpoint_dir(source, revisions[0])
         spec = spec_for_config(read_model_config(d))
         names = list(tensor_index(d))
-    blocks = sorted({_group_of(spec, n) for n in names if spec.rule_for(n) is not None},
-                    key=lambda g: (g != OUTSIDE_BLOCKS, int(g.split()[-1]) if g.startswith("block") else -1))
+    blocks = sorted(
+        {_group_of(spec, n) for n in names if spec.rule_for(n) is not None},
+        key=lambda g: (g != OUTSIDE_BLOCKS, int(g.split()[-1]) if g.startswith("block") else -1),
+    )
     rows = []
     el = gauge.element
     for block in blocks:
         try:
-            sim, _, _ = weight_similarity(source, target, weights, select=lambda n, b=block: _group_of(spec, n) == b,
-                                          source_revision=revisions[0], target_revision=revisions[1])
+            sim, _, _ = weight_similarity(
+                source,
+                target,
+                weights,
+                select=lambda n, b=block: _group_of(spec, n) == b,
+                source_revision=revisions[0],
+                target_revision=revisions[1],
+            )
         except EstimationError:
             continue  # no residual tensor in this block
         A, S, M = sim.scores()
         halves = sim.halves
         method = "sign_marginalized" if sim.allows_signs else "permutation"
         if halves is None or not halves[0].tensors or not halves[1].tensors:
-            cal = uninformative(el.dim, "one tensor with residual coordinates in this block; its test "
-                                        "needs at least 2 (one per half)", level=calibration.level)
+            cal = uninformative(
+                el.dim,
+                "one tensor with residual coordinates in this block; its test "
+                "needs at least 2 (one per half)",
+                level=calibration.level,
+            )
         else:
             kind = "weights_outside" if block == OUTSIDE_BLOCKS else "weights_block"  # their own references
-            cal = calibrate(weight_parts(halves[0], kind), weight_parts(halves[1], kind), method, el, (A, M),
-                            calibration, group=weights.group, across_ranks=True)
+            cal = calibrate(
+                weight_parts(halves[0], kind),
+                weight_parts(halves[1], kind),
+                method,
+                el,
+                (A, M),
+                calibration,
+                group=weights.group,
+                across_ranks=True,
+            )
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = sim.fit(el)
         best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)
         # a block's few tensors identify few coordinates alone: its verdict reads the fits (the gauge is
         # the block's own best match) and the block's p-value, and reports the identification beside them
-        verdict = layer_verdict(cal, identity_fit, gauge_fit, best_fit, gauge_problems=gauge_problems,
-                                identity_tol=calibration.identity_tol)
-        rows.append(LayerRow(block, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict,
-                             cal.note if cal.insufficient else ""))
+        verdict = layer_verdict(
+            cal,
+            identity_fit,
+            gauge_fit,
+            best_fit,
+            gauge_problems=gauge_problems,
+            identity_tol=calibration.identity_tol,
+        )
+        rows.append(
+            LayerRow(
+                block,
+                cal.p_value,
+                cal.identified_fraction,
+                identity_fit,
+                gauge_fit,
+                verdict,
+                cal.note if cal.insufficient else "",
+            )
+        )
     return rows
 
 
-def _activation_rows(stats: Any, gauge: Gauge, *, calibration: CalibrationOptions, pooling: str, group: Any = None,
-                     gauge_problems: Sequence[str] = ()) -> list[LayerRow]:
+def _activation_rows(
+    stats: Any,
+    gauge: Gauge,
+    *,
+    calibration: CalibrationOptions,
+    pooling: str,
+    group: Any = None,
+    gauge_problems: Sequence[str] = (),
+) -> list[LayerRow]:
     """One row per residual layer."""
     el = gauge.element
     idx = np.arange(el.dim)
@@ -227,16 +294,38 @@ def _activation_rows(stats: Any, gauge: Gauge, *, calibration: CalibrationOption
     for layer in stats.layers:
         one = stats.select([layer])
         A, S = pooled_correlations(one, pooling)
-        cal = calibrate_stats(one, "sign_marginalized", el, (A, S), capture=CaptureOptions(pooling=pooling, group=group),
-                              calibration=calibration, across_ranks=True)
+        cal = calibrate_stats(
+            one,
+            "sign_marginalized",
+            el,
+            (A, S),
+            capture=CaptureOptions(pooling=pooling, group=group),
+            calibration=calibration,
+            across_ranks=True,
+        )
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = float(np.mean(el.signs * S[idx, el.perm]))
         best = match_scores(A, S, "sign_marginalized").element
         best_fit = float(np.mean(best.signs * S[idx, best.perm]))
-        verdict = layer_verdict(cal, identity_fit, gauge_fit, best_fit, gauge_problems=gauge_problems,
-                                identity_tol=calibration.identity_tol)
-        rows.append(LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict,
-                             cal.note if cal.insufficient else ""))
+        verdict = layer_verdict(
+            cal,
+            identity_fit,
+            gauge_fit,
+            best_fit,
+            gauge_problems=gauge_problems,
+            identity_tol=calibration.identity_tol,
+        )
+        rows.append(
+            LayerRow(
+                layer,
+                cal.p_value,
+                cal.identified_fraction,
+                identity_fit,
+                gauge_fit,
+                verdict,
+                cal.note if cal.insufficient else "",
+            )
+        )
     return rows
 
 
@@ -244,16 +333,27 @@ def _activation_rows(stats: Any, gauge: Gauge, *, calibration: CalibrationOption
 TRACE_CALIBRATION_FIELDS = ("draws", "seed", "reference", "level", "identity_tol")
 
 
-def _report(source: Any, target: Any, data: Any, capture: CaptureOptions | None, weights: WeightOptions | None,
-            calibration: CalibrationOptions | None, revisions: tuple[str | None, str | None], verb: str) -> TraceReport:
+def _report(
+    source: Any,
+    target: Any,
+    data: Any,
+    capture: CaptureOptions | None,
+    weights: WeightOptions | None,
+    calibration: CalibrationOptions | None,
+    revisions: tuple[str | None, str | None],
+    verb: str,
+) -> TraceReport:
     """The computation :func:`trace` and :func:`diff` share (their docstrings), after refusing
     the options the chosen evidence (weights without ``data``, activations with it) does not use."""
     if data is None and capture is not None:
-        raise EstimationError(f"capture= does not apply to {verb} without data (data-free, from the weights): "
-                              "drop it or give data")
+        raise EstimationError(
+            f"capture= does not apply to {verb} without data (data-free, from the weights): "
+            "drop it or give data"
+        )
     if data is not None and weights is not None:
-        raise EstimationError(f"weights= does not apply to {verb} with data (from activations): drop it or "
-                              "leave out data")
+        raise EstimationError(
+            f"weights= does not apply to {verb} with data (from activations): drop it or leave out data"
+        )
     refuse_unused(calibration, TRACE_CALIBRATION_FIELDS, "calibration", f"{verb}()", f"bdgauge {verb}")
     cal = replace(calibration or CalibrationOptions(), null_draws=0)
     source_revision, target_revision = revisions
@@ -261,33 +361,67 @@ def _report(source: Any, target: Any, data: Any, capture: CaptureOptions | None,
     if data is None:
         wopts = weights or WeightOptions()
         group = wopts.group
-        gauge = estimate_gauge(source, target, method="weights", weights=wopts, calibration=cal,
-                               source_revision=source_revision, target_revision=target_revision)
-        rows = _weights_rows(source, target, gauge, calibration=cal, revisions=revisions,
-                             weights=replace(wopts, progress=False), gauge_problems=gauge.fit_problems())
+        gauge = estimate_gauge(
+            source,
+            target,
+            method="weights",
+            weights=wopts,
+            calibration=cal,
+            source_revision=source_revision,
+            target_revision=target_revision,
+        )
+        rows = _weights_rows(
+            source,
+            target,
+            gauge,
+            calibration=cal,
+            revisions=revisions,
+            weights=replace(wopts, progress=False),
+            gauge_problems=gauge.fit_problems(),
+        )
         mode = "data-free (weights)"
     else:
         cap = capture or CaptureOptions()
         group = cap.group
         src_model, tgt_model, tok = _load_pair(source, target, data, cap, source_revision, target_revision)
-        stats = capture_pair_stats(src_model, tgt_model, data, capture=replace(cap, tokenizer=tok, dtype=None,
-                                                                                device_map=None, pooling="mean_abs"))
-        gauge = estimate_from_stats(stats, capture=CaptureOptions(pooling=cap.pooling, group=group), calibration=cal,
-                                    across_ranks=True,
-                                    source=model_ref(src_model, source_revision, fingerprint=True),
-                                    target=model_ref(tgt_model, target_revision, fingerprint=True))
-        rows = _activation_rows(stats, gauge, calibration=cal, pooling=cap.pooling, group=group,
-                                gauge_problems=gauge.fit_problems())
+        stats = capture_pair_stats(
+            src_model,
+            tgt_model,
+            data,
+            capture=replace(cap, tokenizer=tok, dtype=None, device_map=None, pooling="mean_abs"),
+        )
+        gauge = estimate_from_stats(
+            stats,
+            capture=CaptureOptions(pooling=cap.pooling, group=group),
+            calibration=cal,
+            across_ranks=True,
+            source=model_ref(src_model, source_revision, fingerprint=True),
+            target=model_ref(tgt_model, target_revision, fingerprint=True),
+        )
+        rows = _activation_rows(
+            stats,
+            gauge,
+            calibration=cal,
+            pooling=cap.pooling,
+            group=group,
+            gauge_problems=gauge.fit_problems(),
+        )
         mode = f"activations ({stats.n_tokens} tokens)"
     if not rows:
         raise EstimationError("no layer to test")
     p = float(gauge.metrics["p_value"])
     p_layers = cauchy_combination([r.p_value for r in rows])
-    report = TraceReport(gauge, rows, p, p_layers, level=cal.level, mode=mode, seconds=time.perf_counter() - t0)
+    report = TraceReport(
+        gauge, rows, p, p_layers, level=cal.level, mode=mode, seconds=time.perf_counter() - t0
+    )
     gauge.metrics.setdefault("world_size", world(group)[1])
-    gauge.metrics.update(trace_p_value=p, trace_layers_p_value=p_layers, trace_derived=report.derived,
-                         trace_answer=report.answer,
-                         trace_layers=[{"layer": r.layer, "p_value": r.p_value, "verdict": r.verdict} for r in rows])
+    gauge.metrics.update(
+        trace_p_value=p,
+        trace_layers_p_value=p_layers,
+        trace_derived=report.derived,
+        trace_answer=report.answer,
+        trace_layers=[{"layer": r.layer, "p_value": r.p_value, "verdict": r.verdict} for r in rows],
+    )
     logger.info("%s: %s", verb, report.conclusion())
     return report
 
@@ -320,7 +454,9 @@ def trace(
     :func:`~hf_bdgauge.estimate.estimate_gauge` (batches of ``data``, or tensors of the weights);
     every rank returns the same report.
     """
-    return _report(source, target, data, capture, weights, calibration, (source_revision, target_revision), "trace")
+    return _report(
+        source, target, data, capture, weights, calibration, (source_revision, target_revision), "trace"
+    )
 
 
 def diff(
@@ -342,11 +478,14 @@ def diff(
     The evidence, the options (``capture`` with ``data``, ``weights`` without, ``calibration``)
     and the work split are those of :func:`trace`, whose one-line answer for the whole model is
     ``report.conclusion()``."""
-    return _report(source, target, data, capture, weights, calibration, (source_revision, target_revision), "diff")
+    return _report(
+        source, target, data, capture, weights, calibration, (source_revision, target_revision), "diff"
+    )
 
 
-def _load_pair(source: Any, target: Any, data: Any, capture: CaptureOptions, src_rev: str | None,
-               tgt_rev: str | None) -> tuple[Any, Any, Any]:
+def _load_pair(
+    source: Any, target: Any, data: Any, capture: CaptureOptions, src_rev: str | None, tgt_rev: str | None
+) -> tuple[Any, Any, Any]:
     """Both models (loaded in ``capture.dtype`` with ``capture.device_map`` unless given loaded)
     and the tokenizer of ``data`` (``capture.tokenizer``, default the source checkpoint's)."""
     src_dir = None

@@ -29,12 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..gauge import Gauge, as_gauge
-
-from ..provenance import ModelRef
-
-from ..record import composed_metrics
 from ..hub import split_revision
 from ..options import CalibrationOptions, CaptureOptions, WeightOptions
+from ..provenance import ModelRef
+from ..record import composed_metrics
 from .api import DATA_FREE_METHODS, check_method_options, estimate_gauge
 from .capture import load_causal_lm, load_tokenizer, needs_tokenizer
 from .stats import EstimationError
@@ -56,7 +54,9 @@ def _split(ckpt: CheckpointLike) -> tuple[Any, str | None]:
         return split_revision(ckpt)
     if isinstance(ckpt, (os.PathLike, torch.nn.Module)):
         return ckpt, None
-    raise EstimationError(f"a checkpoint must be a directory, a Hub id, (repo, revision) or a model; got {type(ckpt).__name__}")
+    raise EstimationError(
+        f"a checkpoint must be a directory, a Hub id, (repo, revision) or a model; got {type(ckpt).__name__}"
+    )
 
 
 def _label(obj: Any, revision: str | None) -> str:
@@ -85,9 +85,16 @@ def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None, check:
         total = g.compose(total, check=check)
     if len(gauges) == 1:  # one link: still a chain (of one hop), reported like any composite
         hops = total.hop_chain()
-        total = Gauge(total.element, source=total.source, target=total.target, confidence=total.confidence,
-                      margin=total.margin, identified=total.identified,
-                      metrics=composed_metrics(hops, total.element, total.confidence, total.identified), hops=hops)
+        total = Gauge(
+            total.element,
+            source=total.source,
+            target=total.target,
+            confidence=total.confidence,
+            margin=total.margin,
+            identified=total.identified,
+            metrics=composed_metrics(hops, total.element, total.confidence, total.identified),
+            hops=hops,
+        )
     name = method or gauges[0].method
     total.method = name if name.startswith("trajectory") else f"trajectory[{name}]"
     return total
@@ -142,14 +149,20 @@ def compose_trajectory(
         raise EstimationError("a trajectory needs at least two checkpoints")
     data = _materialize(data)
     t0 = time.perf_counter()
-    if method != "weights" and tokenizer is None and not isinstance(items[0][0], torch.nn.Module) and needs_tokenizer(data):
+    if (
+        method != "weights"
+        and tokenizer is None
+        and not isinstance(items[0][0], torch.nn.Module)
+        and needs_tokenizer(data)
+    ):
         tokenizer = load_tokenizer(None, items[0][0], items[0][1])
 
     def load(obj: Any, rev: str | None) -> tuple[Any, ModelRef | None]:
         if method == "weights" or isinstance(obj, torch.nn.Module):
             return obj, None
-        model, ref, _ = load_causal_lm(obj, rev, dtype=cap.torch_dtype, device_map=cap.device_map,
-                                       fingerprint=bool(fingerprint))
+        model, ref, _ = load_causal_lm(
+            obj, rev, dtype=cap.torch_dtype, device_map=cap.device_map, fingerprint=bool(fingerprint)
+        )
         return model, ref
 
     links: list[Gauge] = []
@@ -160,14 +173,22 @@ def compose_trajectory(
         bar.set_postfix_str(f"{_label(*items[k - 1])} -> {_label(*items[k])}")
         if "capture" in hop:
             hop["capture"] = replace(hop["capture"], tokenizer=tokenizer)
-        g = estimate_gauge(prev, cur, data, method, source_revision=items[k - 1][1], target_revision=items[k][1], **hop)
+        g = estimate_gauge(
+            prev, cur, data, method, source_revision=items[k - 1][1], target_revision=items[k][1], **hop
+        )
         if prev_ref is not None:
             g.source = prev_ref
         if cur_ref is not None:
             g.target = cur_ref
         links.append(g)
-        logger.info("hop %d/%d %s -> %s: %s", k, len(items) - 1, _label(*items[k - 1]), _label(*items[k]),
-                    g.metrics.get("summary"))
+        logger.info(
+            "hop %d/%d %s -> %s: %s",
+            k,
+            len(items) - 1,
+            _label(*items[k - 1]),
+            _label(*items[k]),
+            g.metrics.get("summary"),
+        )
         prev, prev_ref = cur, cur_ref
     bar.close()
     out = compose_gauges(links, method=f"trajectory[{method}]")

@@ -78,9 +78,21 @@ def uninformative(d: int, note: str, *, level: float = LEVEL, id_alpha: float = 
     identified, ``insufficient=True`` (the verdict ``"insufficient_data"``, never "not related"),
     ``note`` saying what the test needs and how much more to give."""
     nan = float("nan")
-    return Calibration(p_value=1.0, log10_p_value=0.0, t=float("-inf"), statistic=nan, null_mean=nan, null_std=nan,
-                       null_skew=nan, draws=0, identified=np.zeros(d, dtype=bool), level=level, id_alpha=id_alpha,
-                       note=note, insufficient=True)
+    return Calibration(
+        p_value=1.0,
+        log10_p_value=0.0,
+        t=float("-inf"),
+        statistic=nan,
+        null_mean=nan,
+        null_std=nan,
+        null_skew=nan,
+        draws=0,
+        identified=np.zeros(d, dtype=bool),
+        level=level,
+        id_alpha=id_alpha,
+        note=note,
+        insufficient=True,
+    )
 
 
 def insufficient_tokens(is_split: bool, half_tokens: tuple[int, int]) -> str | None:
@@ -96,9 +108,11 @@ def insufficient_tokens(is_split: bool, half_tokens: tuple[int, int]) -> str | N
         more = f"at least one more text of {MIN_TOKENS_PER_HALF + 1}+ tokens"
     else:
         more = f"at least {short} more token(s) in the smaller half (about {2 * short} in total)"
-    return (f"too little data to test: the halves hold {n0} and {n1} token(s), and the test needs two "
-            f"halves (at least 2 texts: they alternate between the halves; each text's first token is "
-            f"left out) of at least {MIN_TOKENS_PER_HALF} tokens each: give {more}")
+    return (
+        f"too little data to test: the halves hold {n0} and {n1} token(s), and the test needs two "
+        f"halves (at least 2 texts: they alternate between the halves; each text's first token is "
+        f"left out) of at least {MIN_TOKENS_PER_HALF} tokens each: give {more}"
+    )
 
 
 # =========================================================================== measured power
@@ -127,22 +141,32 @@ def power_at(tokens: int | None) -> dict[str, Any] | None:
     if not table:
         return None
     if not tokens:
-        return {"test": "weights", "tokens_calibrated": None, "pairs": dict(table["weights"]["pairs"]),
-                "source": table["source"]}
+        return {
+            "test": "weights",
+            "tokens_calibrated": None,
+            "pairs": dict(table["weights"]["pairs"]),
+            "source": table["source"],
+        }
     acts = table["activations"]
     k = int(np.searchsorted(acts["tokens"], int(tokens), side="right")) - 1
     if k < 0:
         return None
-    return {"test": "activations", "tokens_calibrated": int(acts["tokens"][k]),
-            "pairs": {name: float(v[k]) for name, v in acts["pairs"].items()}, "source": table["source"]}
+    return {
+        "test": "activations",
+        "tokens_calibrated": int(acts["tokens"][k]),
+        "pairs": {name: float(v[k]) for name, v in acts["pairs"].items()},
+        "source": table["source"],
+    }
 
 
 def power_words(tokens: int | None) -> str:
     """:func:`power_at` in words, for an answer of "no evidence at this budget"."""
     pw = power_at(tokens)
     if pw is None:
-        return (f"{tokens} tokens is below every budget the calibration measured: its power there is unknown "
-                "and low; give more text")
+        return (
+            f"{tokens} tokens is below every budget the calibration measured: its power there is unknown "
+            "and low; give more text"
+        )
     pairs = pw["pairs"]
     weakest = min(pairs, key=pairs.get)
     data_free = pw["tokens_calibrated"] is None
@@ -151,15 +175,25 @@ def power_words(tokens: int | None) -> str:
         words = f"{pairs[weakest]:.2f} for each of the {len(pairs)} related pair families measured"
     else:
         planted = pairs.get("planted", max(pairs.values()))
-        words = (f"{planted:.2f} for a planted gauge, {pairs[weakest]:.2f} for the weakest related pair "
-                 f"measured ({weakest})")
+        words = (
+            f"{planted:.2f} for a planted gauge, {pairs[weakest]:.2f} for the weakest related pair "
+            f"measured ({weakest})"
+        )
         words += "" if data_free else "; more text raises it"
     return f"the calibration's power {at}: {words} [{pw['source']}]"
 
 
 # =========================================================================== the verdict
-def verdict_label(p_value: float, identity_fit: float, matched_fit: float, is_identity: bool = False, *,
-                  level: float = LEVEL, identity_tol: float = 0.01, insufficient: bool = False) -> str:
+def verdict_label(
+    p_value: float,
+    identity_fit: float,
+    matched_fit: float,
+    is_identity: bool = False,
+    *,
+    level: float = LEVEL,
+    identity_tol: float = 0.01,
+    insufficient: bool = False,
+) -> str:
     """``"insufficient_data"`` when the data were too few to test (``insufficient``); else
     ``"no_signed_permutation"`` (no evidence at this budget) when ``p_value > level``; else
     ``"identity"`` when the plain copy fits as well as the estimate (``identity_fit >= matched_fit
@@ -214,27 +248,43 @@ def fit_metrics(
         out["excess_over_null"] = float((matched - null) / room if room > NULL_RESOLUTION else 0.0)
         out["weak_fit"] = bool(out["excess_over_null"] < WEAK_EXCESS)
     out.update(calibration.metrics())
-    verdict = verdict_label(calibration.p_value, identity_fit, matched_fit, g.is_identity, level=calibration.level,
-                            identity_tol=identity_tol, insufficient=calibration.insufficient)
-    p = f"p = {calibration.p_value:.3g}" if calibration.p_value >= 1e-300 else f"log10 p = {calibration.log10_p_value:.1f}"
+    verdict = verdict_label(
+        calibration.p_value,
+        identity_fit,
+        matched_fit,
+        g.is_identity,
+        level=calibration.level,
+        identity_tol=identity_tol,
+        insufficient=calibration.insufficient,
+    )
+    p = (
+        f"p = {calibration.p_value:.3g}"
+        if calibration.p_value >= 1e-300
+        else f"log10 p = {calibration.log10_p_value:.1f}"
+    )
     ident = f"{calibration.identified_fraction:.0%} of the coordinates identified"
     if verdict == INSUFFICIENT_DATA:
-        summary = f"{calibration.note} (this is not a \"no\": nothing can be said about the pair yet)"
+        summary = f'{calibration.note} (this is not a "no": nothing can be said about the pair yet)'
     elif verdict == "no_signed_permutation":
-        summary = (f"no evidence of a signed permutation relating this pair at this budget: the best one "
-                   f"fits no better than an unrelated re-charting ({p} > {calibration.level}) — a failure to "
-                   f"reject, not proof that they are unrelated; {power_words(tokens)} (if one was trained "
-                   "from the other, compose local gauges through intermediate checkpoints)")
+        summary = (
+            f"no evidence of a signed permutation relating this pair at this budget: the best one "
+            f"fits no better than an unrelated re-charting ({p} > {calibration.level}) — a failure to "
+            f"reject, not proof that they are unrelated; {power_words(tokens)} (if one was trained "
+            "from the other, compose local gauges through intermediate checkpoints)"
+        )
     elif verdict == "identity":
-        summary = (f"identity ({p}): the plain copy already fits as well as the best signed permutation "
-                   f"(sign-aware fit {identity_fit:.3f} vs {matched_fit:.3f}); no re-charting needed")
+        summary = (
+            f"identity ({p}): the plain copy already fits as well as the best signed permutation "
+            f"(sign-aware fit {identity_fit:.3f} vs {matched_fit:.3f}); no re-charting needed"
+        )
     else:
-        summary = (f"signed permutation ({p}, {ident}): mean matched |{what}| {matched:.3f}; {out['num_moved']}/{g.dim} "
-                   f"coordinates move, {g.num_flips} flip; identity fit {identity_fit:.3f}")
+        summary = (
+            f"signed permutation ({p}, {ident}): mean matched |{what}| {matched:.3f}; {out['num_moved']}/{g.dim} "
+            f"coordinates move, {g.num_flips} flip; identity fit {identity_fit:.3f}"
+        )
     out["verdict"] = verdict
     out["summary"] = summary
     return out
-
 
 
 def log_verdict(metrics: dict[str, Any]) -> None:
@@ -242,4 +292,3 @@ def log_verdict(metrics: dict[str, Any]) -> None:
         logger.warning(metrics["summary"])
     else:
         logger.info(metrics["summary"])
-

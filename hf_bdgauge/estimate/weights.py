@@ -47,8 +47,9 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,20 +58,26 @@ from tqdm.auto import tqdm
 from ..distributed import collective_device, on_every_rank, world
 from ..errors import DimensionMismatchError, UnsupportedArchitectureError
 from ..gauge import Gauge
-from ..provenance import ModelRef
 from ..hub import resolve_checkpoint_dir, split_revision
 from ..options import TENSOR_WEIGHTINGS, CalibrationOptions, WeightOptions
 from ..plan import TransformPlan
+from ..provenance import ModelRef
 from ..roles import ArchitectureSpec
 from ..rules import Role, TensorRule
 from .assignment import match_scores, random_orthogonal
-from .capture import model_ref
 from .calibration import calibrate
+from .capture import model_ref
 from .statistic import weight_parts
 from .stats import EstimationError
 from .verdict import fit_metrics, log_verdict, uninformative
 
-__all__ = ["TENSOR_WEIGHTINGS", "WeightSimilarity", "estimate_gauge_from_weights", "open_tensors", "weight_similarity"]
+__all__ = [
+    "TENSOR_WEIGHTINGS",
+    "WeightSimilarity",
+    "estimate_gauge_from_weights",
+    "open_tensors",
+    "weight_similarity",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +104,9 @@ class _Tensors:
         """The token embedding ``[V, d]`` (the one tensor the role map calls the embedding), float64."""
         names = [n for n in self.plan.shapes if self.spec.is_embedding(n)]
         if len(names) != 1:
-            raise EstimationError(f"{self.ref.label()}: expected one token embedding, found {names or 'none'}")
+            raise EstimationError(
+                f"{self.ref.label()}: expected one token embedding, found {names or 'none'}"
+            )
         return self.get_block(names[0], 0, 0, int(self.plan.shapes[names[0]][0])).to(torch.float64)
 
 
@@ -114,15 +123,19 @@ class _ModuleTensors(_Tensors):
 
 
 class _CheckpointTensors(_Tensors):
-    def __init__(self, src: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> None:
+    def __init__(
+        self, src: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False
+    ) -> None:
         from safetensors import safe_open
 
         name, revision = split_revision(src, revision)
         path = resolve_checkpoint_dir(name, revision)
         self.plan = TransformPlan.for_checkpoint(path)
         self.ref = model_ref(name, revision, path, fingerprint=fingerprint)
-        handles = {shard: stack.enter_context(safe_open(str(shard), framework="pt"))
-                   for shard in {ti.shard for ti in self.plan.tensors.values()}}
+        handles = {
+            shard: stack.enter_context(safe_open(str(shard), framework="pt"))
+            for shard in {ti.shard for ti in self.plan.tensors.values()}
+        }
         self._where = {n: handles[ti.shard] for n, ti in self.plan.tensors.items()}
 
     def get_block(self, name: str, axis: int, start: int, stop: int) -> torch.Tensor:
@@ -131,7 +144,9 @@ class _CheckpointTensors(_Tensors):
         return self._where[name].get_slice(name)[idx]
 
 
-def open_tensors(obj: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False) -> _Tensors:
+def open_tensors(
+    obj: Any, revision: str | None, stack: contextlib.ExitStack, fingerprint: bool = False
+) -> _Tensors:
     """The named tensors of ``obj`` (a loaded model, a checkpoint directory or a Hub id at
     ``revision``; safetensors files stay open on ``stack``): ``.plan``, ``.spec``, ``.ref`` and
     ``.get_block(name, axis, start, stop)``."""
@@ -158,20 +173,27 @@ class WeightSimilarity:
     allows_signs: bool = True
     tensors: list[str] = field(default_factory=list)
     #: the two tensor-halves (even / odd tensors in name order) whose sum this is, when kept
-    halves: tuple["WeightSimilarity", "WeightSimilarity"] | None = field(default=None, repr=False)
+    halves: tuple[WeightSimilarity, WeightSimilarity] | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
         return int(self.signed_num.shape[0])
 
-    def __add__(self, other: "WeightSimilarity") -> "WeightSimilarity":
+    def __add__(self, other: WeightSimilarity) -> WeightSimilarity:
         """The similarity of both tensor sets (sums add exactly)."""
         add = lambda a, b: None if a is None or b is None else a + b  # noqa: E731
-        return WeightSimilarity(self.signed_num + other.signed_num, self.gain_num + other.gain_num,
-                                self.src_sq + other.src_sq, self.tgt_sq + other.tgt_sq,
-                                self.src_gain_sq + other.src_gain_sq, self.tgt_gain_sq + other.tgt_gain_sq,
-                                add(self.tgt_gram, other.tgt_gram), add(self.tgt_gain_gram, other.tgt_gain_gram),
-                                allows_signs=self.allows_signs, tensors=self.tensors + other.tensors)
+        return WeightSimilarity(
+            self.signed_num + other.signed_num,
+            self.gain_num + other.gain_num,
+            self.src_sq + other.src_sq,
+            self.tgt_sq + other.tgt_sq,
+            self.src_gain_sq + other.src_gain_sq,
+            self.tgt_gain_sq + other.tgt_gain_sq,
+            add(self.tgt_gram, other.tgt_gram),
+            add(self.tgt_gain_gram, other.tgt_gain_gram),
+            allows_signs=self.allows_signs,
+            tensors=self.tensors + other.tensors,
+        )
 
     def scores(self, rotation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(A, S, M)``: sign-marginalised and plain (+1 sign) cosine of the signatures, and the
@@ -207,7 +229,9 @@ class WeightSimilarity:
         return float(np.mean((g.signs * self.signed_num[idx, g.perm] + self.gain_num[idx, g.perm]) / denom))
 
 
-def _signature(t: torch.Tensor, rule: TensorRule, name: str, spec: ArchitectureSpec, dtype: torch.dtype) -> torch.Tensor | None:
+def _signature(
+    t: torch.Tensor, rule: TensorRule, name: str, spec: ArchitectureSpec, dtype: torch.dtype
+) -> torch.Tensor | None:
     ax = rule.residual_axis(t.ndim)
     x = torch.movedim(t.to(dtype), ax, 0)
     x = x.reshape(x.shape[0], -1)
@@ -224,7 +248,9 @@ def _signature(t: torch.Tensor, rule: TensorRule, name: str, spec: ArchitectureS
     return x  # finiteness is checked on the row norms (inf/nan propagate into them)
 
 
-def _add_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+def _add_product(
+    acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype
+) -> torch.Tensor:
     """``acc + a·bᵀ`` in ``acc_dtype`` (in place; the first block's product becomes ``acc``)."""
     p = a @ b.T
     if acc is None:
@@ -232,7 +258,9 @@ def _add_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc
     return acc.add_(p)
 
 
-def _blocks(shape: tuple[int, ...], residual_axis: int, block_elements: int) -> tuple[int, list[tuple[int, int]]]:
+def _blocks(
+    shape: tuple[int, ...], residual_axis: int, block_elements: int
+) -> tuple[int, list[tuple[int, int]]]:
     """``(axis, [(start, stop), ...])``: how to cut a tensor of ``shape`` into blocks of about
     ``block_elements`` entries along its first non-residual axis (one block for a 1-D gain/bias)."""
     nd = len(shape)
@@ -250,7 +278,9 @@ def _plan(src: _Tensors, tgt: _Tensors) -> tuple[list[tuple[str, TensorRule]], i
     """The tensors both models share that carry residual coordinates (each plan has already
     checked coverage and residual sizes), with matching shapes."""
     if src.spec.name != tgt.spec.name:
-        raise UnsupportedArchitectureError(f"source is a {src.spec.name!r} model but target is a {tgt.spec.name!r} model")
+        raise UnsupportedArchitectureError(
+            f"source is a {src.spec.name!r} model but target is a {tgt.spec.name!r} model"
+        )
     d, d2 = src.plan.dim, tgt.plan.dim
     if d != d2:
         raise DimensionMismatchError(f"source hidden size {d} != target hidden size {d2}")
@@ -263,11 +293,14 @@ def _plan(src: _Tensors, tgt: _Tensors) -> tuple[list[tuple[str, TensorRule]], i
             continue
         if src.plan.shapes[n] != tgt.plan.shapes[n]:
             raise DimensionMismatchError(
-                f"tensor {n} has shape {src.plan.shapes[n]} in the source but {tgt.plan.shapes[n]} in the target")
+                f"tensor {n} has shape {src.plan.shapes[n]} in the source but {tgt.plan.shapes[n]} in the target"
+            )
         plan.append((n, r))
     if only_src or only_tgt:
-        logger.warning("tensors present in only one model are ignored (e.g. tied vs untied lm_head): %s",
-                       ", ".join((only_src + only_tgt)[:6]))
+        logger.warning(
+            "tensors present in only one model are ignored (e.g. tied vs untied lm_head): %s",
+            ", ".join((only_src + only_tgt)[:6]),
+        )
     if not plan:
         raise EstimationError("the two models share no tensor that carries residual coordinates")
     return plan, d
@@ -302,7 +335,11 @@ def weight_similarity(
     up to the order of their float64 additions. A rank that fails makes every rank fail.
     """
     opts = options or WeightOptions()
-    tensor_weighting, include_gains, compute_dtype = opts.tensor_weighting, opts.include_gains, opts.torch_compute_dtype
+    tensor_weighting, include_gains, compute_dtype = (
+        opts.tensor_weighting,
+        opts.include_gains,
+        opts.torch_compute_dtype,
+    )
     device, block_elements, progress, group = opts.device, opts.block_elements, opts.progress, opts.group
     rank, size, grp = world(group)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -319,32 +356,62 @@ def weight_similarity(
         z = lambda *s: torch.zeros(s, dtype=f64, device=dev)
 
         def zeros() -> dict[str, Any]:
-            acc = dict(signed_num=z(d, d), gain_num=z(d, d), src_sq=z(d), tgt_sq=z(d), src_gain_sq=z(d),
-                       tgt_gain_sq=z(d), tgt_gram=None, tgt_gain_gram=None, tensors=[])
+            acc = dict(
+                signed_num=z(d, d),
+                gain_num=z(d, d),
+                src_sq=z(d),
+                tgt_sq=z(d),
+                src_gain_sq=z(d),
+                tgt_gain_sq=z(d),
+                tgt_gram=None,
+                tgt_gain_gram=None,
+                tensors=[],
+            )
             if track_target_gram:
                 acc.update(tgt_gram=z(d, d), tgt_gain_gram=z(d, d))
             return acc
 
-        halves = (zeros(), zeros())  # the even and the odd tensors in name order (the calibrated p-value's halves)
+        halves = (
+            zeros(),
+            zeros(),
+        )  # the even and the odd tensors in name order (the calibrated p-value's halves)
         plan = sorted(plan, key=lambda nr: nr[0])
         mine = [(p, n, r) for p, (n, r) in enumerate(plan) if p % size == rank]
         bar = tqdm(mine, desc="weight signatures", unit="tensor", disable=not progress or rank != 0)
-        on_every_rank(lambda: _accumulate(bar, halves, src, tgt, d, dev, include_gains=include_gains,
-                                          tensor_weighting=tensor_weighting, compute_dtype=compute_dtype,
-                                          acc_dtype=acc_dtype, block_elements=block_elements,
-                                          track_target_gram=track_target_gram), grp)
+        on_every_rank(
+            lambda: _accumulate(
+                bar,
+                halves,
+                src,
+                tgt,
+                d,
+                dev,
+                include_gains=include_gains,
+                tensor_weighting=tensor_weighting,
+                compute_dtype=compute_dtype,
+                acc_dtype=acc_dtype,
+                block_elements=block_elements,
+                track_target_gram=track_target_gram,
+            ),
+            grp,
+        )
         if size > 1:
             _all_reduce_halves(halves, plan, grp)
     np_ = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
-    parts = tuple(WeightSimilarity(**{k: (v if k == "tensors" else np_(v)) for k, v in h.items()},
-                                   allows_signs=src.spec.allows_signs) for h in halves)
+    parts = tuple(
+        WeightSimilarity(
+            **{k: (v if k == "tensors" else np_(v)) for k, v in h.items()}, allows_signs=src.spec.allows_signs
+        )
+        for h in halves
+    )
     sim = parts[0] + parts[1]
     sim.halves = parts  # type: ignore[assignment]
     return sim, src.ref, tgt.ref
 
 
-def _all_reduce_halves(halves: tuple[dict[str, Any], dict[str, Any]], plan: list[tuple[str, TensorRule]],
-                       group: Any) -> None:
+def _all_reduce_halves(
+    halves: tuple[dict[str, Any], dict[str, Any]], plan: list[tuple[str, TensorRule]], group: Any
+) -> None:
     """Sum both halves' accumulators over the ranks of ``group`` in place (one flat float64
     tensor per half) and give every rank the tensors used anywhere, in plan order."""
     import torch.distributed as dist
@@ -359,16 +426,28 @@ def _all_reduce_halves(halves: tuple[dict[str, Any], dict[str, Any]], plan: list
         at = 0
         for k in keys:
             n = h[k].numel()
-            h[k].copy_(flat[at:at + n].view_as(h[k]))
+            h[k].copy_(flat[at : at + n].view_as(h[k]))
             at += n
         names: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(names, h["tensors"], group=group)
         h["tensors"] = sorted((n for part in names for n in part), key=order.__getitem__)
 
 
-def _accumulate(items: Any, halves: tuple[dict[str, Any], dict[str, Any]], src: _Tensors, tgt: _Tensors, d: int,
-                dev: torch.device, *, include_gains: bool, tensor_weighting: str, compute_dtype: torch.dtype,
-                acc_dtype: torch.dtype, block_elements: int, track_target_gram: bool) -> None:
+def _accumulate(
+    items: Any,
+    halves: tuple[dict[str, Any], dict[str, Any]],
+    src: _Tensors,
+    tgt: _Tensors,
+    d: int,
+    dev: torch.device,
+    *,
+    include_gains: bool,
+    tensor_weighting: str,
+    compute_dtype: torch.dtype,
+    acc_dtype: torch.dtype,
+    block_elements: int,
+    track_target_gram: bool,
+) -> None:
     """Add the signature products of ``items`` (``(position, name, rule)``) into ``halves``
     (the half ``position mod 2``), tensor by tensor and block by block (module docstring)."""
     z = lambda *s: torch.zeros(s, dtype=torch.float64, device=dev)  # noqa: E731
@@ -449,11 +528,21 @@ def estimate_gauge_from_weights(
     opts = weights or WeightOptions()
     cal = calibration or CalibrationOptions()
     if cal.min_excess is not None:
-        warnings.warn("min_excess is ignored: the verdict comes from the calibrated p-value", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "min_excess is ignored: the verdict comes from the calibrated p-value",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     t0 = time.perf_counter()
-    sim, src_ref, tgt_ref = weight_similarity(source, target, opts, track_target_gram=True, fingerprint=fingerprint,
-                                              source_revision=source_revision, target_revision=target_revision)
+    sim, src_ref, tgt_ref = weight_similarity(
+        source,
+        target,
+        opts,
+        track_target_gram=True,
+        fingerprint=fingerprint,
+        source_revision=source_revision,
+        target_revision=target_revision,
+    )
     t_sim = time.perf_counter() - t0
     A, S, M = sim.scores()
     how = "sign_marginalized" if sim.allows_signs else "permutation"
@@ -466,19 +555,46 @@ def estimate_gauge_from_weights(
     t_cal = time.perf_counter()
     halves = sim.halves
     if halves is None or not halves[0].tensors or not halves[1].tensors:
-        calib = uninformative(sim.dim, "too little data to test: fewer than two tensors carry "
-                                         "residual coordinates, and the data-free test needs at least 2 "
-                                         "(one per half); estimate from activations instead", level=cal.level)
+        calib = uninformative(
+            sim.dim,
+            "too little data to test: fewer than two tensors carry "
+            "residual coordinates, and the data-free test needs at least 2 "
+            "(one per half); estimate from activations instead",
+            level=cal.level,
+        )
     else:
-        calib = calibrate(weight_parts(halves[0]), weight_parts(halves[1]), how, match.element, (A, M), cal,
-                          group=opts.group, across_ranks=True)
-    metrics = fit_metrics(match, S, nulls, calib, identity_tol=cal.identity_tol, what="cos",
-                          matched_fit=sim.fit(match.element))
-    metrics.update(tensors_used=len(sim.tensors), tokens=0, layers=[], tensor_weighting=opts.tensor_weighting,
-                   world_size=world(opts.group)[1],
-                   similarity_time_s=t_sim, calibration_time_s=time.perf_counter() - t_cal,
-                   time_s=time.perf_counter() - t0)
+        calib = calibrate(
+            weight_parts(halves[0]),
+            weight_parts(halves[1]),
+            how,
+            match.element,
+            (A, M),
+            cal,
+            group=opts.group,
+            across_ranks=True,
+        )
+    metrics = fit_metrics(
+        match, S, nulls, calib, identity_tol=cal.identity_tol, what="cos", matched_fit=sim.fit(match.element)
+    )
+    metrics.update(
+        tensors_used=len(sim.tensors),
+        tokens=0,
+        layers=[],
+        tensor_weighting=opts.tensor_weighting,
+        world_size=world(opts.group)[1],
+        similarity_time_s=t_sim,
+        calibration_time_s=time.perf_counter() - t_cal,
+        time_s=time.perf_counter() - t0,
+    )
     metrics["summary"] += f" (data-free, {len(sim.tensors)} tensors, {metrics['time_s']:.2f} s)"
     log_verdict(metrics)
-    return Gauge(element=match.element, source=src_ref, target=tgt_ref, method="weights",
-                 confidence=match.confidence, margin=match.margin, identified=calib.identified, metrics=metrics)
+    return Gauge(
+        element=match.element,
+        source=src_ref,
+        target=tgt_ref,
+        method="weights",
+        confidence=match.confidence,
+        margin=match.margin,
+        identified=calib.identified,
+        metrics=metrics,
+    )

@@ -25,8 +25,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,9 @@ def _import_gguf(action: str) -> Any:
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is in the 'real' extra
-        raise TransportError(f"{action} llama.cpp control vectors needs the gguf package (pip install gguf)") from e
+        raise TransportError(
+            f"{action} llama.cpp control vectors needs the gguf package (pip install gguf)"
+        ) from e
     return gguf
 
 
@@ -67,8 +70,9 @@ def _gguf_string(reader: Any, key: str) -> str | None:
     return None if value is None else str(value)
 
 
-def direction_tensors(layer_vectors: Mapping[int, torch.Tensor], layer_type: str,
-                      num_layers: int | None) -> dict[int, torch.Tensor]:
+def direction_tensors(
+    layer_vectors: Mapping[int, torch.Tensor], layer_type: str, num_layers: int | None
+) -> dict[int, torch.Tensor]:
     """``direction.<n>`` index -> vector (block ``n``'s output = residual layer ``n + 1``) for
     residual-layer-keyed ``layer_vectors`` of a model of ``num_layers`` decoder blocks (``None``:
     unknown, so negative keys are refused and a layer past the last block cannot be caught)."""
@@ -81,14 +85,20 @@ def direction_tensors(layer_vectors: Mapping[int, torch.Tensor], layer_type: str
         if i < 0 and num_layers is None:
             raise TransportError(
                 f"layer key {i} counts from the end; pass num_layers= (the model's number of decoder layers) "
-                "to write it as a llama.cpp direction index")
+                "to write it as a llama.cpp direction index"
+            )
         layer = resolve_layer(i, int(num_layers) + 1, TransportError) if num_layers is not None else i
         if layer in (0, 1):
             raise TransportError(
                 f"residual layer {layer} cannot be written as a llama.cpp control vector: "
-                + ("it is the embedding output, no block's output" if layer == 0 else
-                   "it is the output of block 0, for which llama.cpp has no slot (its loader rejects "
-                   "'direction.0' and with it the whole file)") + "; drop it before exporting")
+                + (
+                    "it is the embedding output, no block's output"
+                    if layer == 0
+                    else "it is the output of block 0, for which llama.cpp has no slot (its loader rejects "
+                    "'direction.0' and with it the whole file)"
+                )
+                + "; drop it before exporting"
+            )
         j = to_block_output(layer)
         if j in out:
             raise TransportError(f"layer keys {i} and {j + 1} name the same layer once resolved")
@@ -98,9 +108,16 @@ def direction_tensors(layer_vectors: Mapping[int, torch.Tensor], layer_type: str
     return dict(sorted(out.items()))
 
 
-def write_control_vector(path: str | os.PathLike, layer_vectors: Mapping[int, torch.Tensor], layer_type: str,
-                         metadata: Mapping[str, str], *, model_hint: str | None = None,
-                         num_layers: int | None = None, overwrite: bool = False) -> Path:
+def write_control_vector(
+    path: str | os.PathLike,
+    layer_vectors: Mapping[int, torch.Tensor],
+    layer_type: str,
+    metadata: Mapping[str, str],
+    *,
+    model_hint: str | None = None,
+    num_layers: int | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write residual-layer-keyed ``layer_vectors`` as a llama.cpp control-vector GGUF file
     (atomically; nothing is written on error): tensor ``direction.<ℓ − 1>`` (float32 [d]) for
     residual layer ``ℓ`` (:func:`direction_tensors`), ``controlvector.model_hint`` = ``model_hint``
@@ -108,14 +125,19 @@ def write_control_vector(path: str | os.PathLike, layer_vectors: Mapping[int, to
     metadata as JSON in the string key ``hf_bdgauge.metadata`` (ignored by llama.cpp and repeng)."""
     gguf = _import_gguf("writing")
     if num_layers is None:
-        logger.warning("writing %s without knowing the model's number of decoder blocks: llama.cpp "
-                       "ignores, without a word, a direction past its last block; pass num_layers= to "
-                       "check", path)
+        logger.warning(
+            "writing %s without knowing the model's number of decoder blocks: llama.cpp "
+            "ignores, without a word, a direction past its last block; pass num_layers= to "
+            "check",
+            path,
+        )
     layers = direction_tensors(layer_vectors, layer_type, num_layers)
     hint = model_hint or metadata.get("model_hint") or metadata.get("model_type")
     if not hint:
-        raise TransportError("a control vector names its model family (controlvector.model_hint; repeng requires "
-                             "it): pass model_hint=... (e.g. 'gemma3')")
+        raise TransportError(
+            "a control vector names its model family (controlvector.model_hint; repeng requires "
+            "it): pass model_hint=... (e.g. 'gemma3')"
+        )
     path = check_destination(path, overwrite)
     with atomic_file(path, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), CONTROL_VECTOR_ARCH)
@@ -124,18 +146,25 @@ def write_control_vector(path: str | os.PathLike, layer_vectors: Mapping[int, to
         writer.add_string(_GGUF_VERSION_KEY, FORMAT_VERSION)
         writer.add_string(_GGUF_META_KEY, json.dumps(dict(metadata), sort_keys=True))
         for j, v in layers.items():
-            writer.add_tensor(f"direction.{j}", v.detach().to("cpu", torch.float32).contiguous().numpy().copy())
+            writer.add_tensor(
+                f"direction.{j}", v.detach().to("cpu", torch.float32).contiguous().numpy().copy()
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    logger.info("wrote a llama.cpp control vector (layers %s, d=%d) to %s", list(layers),
-                next(iter(layers.values())).numel(), path)
+    logger.info(
+        "wrote a llama.cpp control vector (layers %s, d=%d) to %s",
+        list(layers),
+        next(iter(layers.values())).numel(),
+        path,
+    )
     return path
 
 
-def read_control_vector(path: str | os.PathLike, *, revision: str | None = None
-                        ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+def read_control_vector(
+    path: str | os.PathLike, *, revision: str | None = None
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     """``(residual layer -> vector, metadata)`` of a llama.cpp control-vector GGUF file (from
     :func:`write_control_vector`, ``llama-cvector-generator`` or repeng's ``export_gguf``), local
     or ``namespace/name[@revision]/path`` on the Hub: ``direction.<n>`` (block ``n``'s output)
@@ -158,20 +187,29 @@ def read_control_vector(path: str | os.PathLike, *, revision: str | None = None
         if arch is None:
             logger.warning("%s has no general.architecture; reading it as a control vector", path)
         elif arch != CONTROL_VECTOR_ARCH:
-            raise CheckpointError(f"{path} is a GGUF file of architecture {arch!r}, not a control vector "
-                                  f"({CONTROL_VECTOR_ARCH!r})")
+            raise CheckpointError(
+                f"{path} is a GGUF file of architecture {arch!r}, not a control vector "
+                f"({CONTROL_VECTOR_ARCH!r})"
+            )
         hint = _gguf_string(reader, f"{CONTROL_VECTOR_ARCH}.model_hint")
         stored = _gguf_string(reader, _GGUF_META_KEY)
-        float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                       gguf.GGMLQuantizationType.F64}
+        float_types = {
+            gguf.GGMLQuantizationType.F32,
+            gguf.GGMLQuantizationType.F16,
+            gguf.GGMLQuantizationType.F64,
+        }
         vecs: dict[int, np.ndarray] = {}
         for t in reader.tensors:
             m = _DIRECTION.fullmatch(t.name)
             if not m:
-                raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (a control vector holds only "
-                                      "'direction.<layer>' tensors)")
+                raise CheckpointError(
+                    f"{path}: unexpected tensor {t.name!r} (a control vector holds only "
+                    "'direction.<layer>' tensors)"
+                )
             if t.tensor_type not in float_types:
-                raise CheckpointError(f"{path}: {t.name} has type {t.tensor_type.name}; control vectors are F32")
+                raise CheckpointError(
+                    f"{path}: {t.name} has type {t.tensor_type.name}; control vectors are F32"
+                )
             dims = [int(x) for x in t.shape]
             if any(x != 1 for x in dims[1:]):
                 raise DimensionMismatchError(f"{path}: {t.name} must be one-dimensional, got shape {dims}")
@@ -180,7 +218,9 @@ def read_control_vector(path: str | os.PathLike, *, revision: str | None = None
             layer = int(m.group(1))
             if layer in vecs:
                 if vecs[layer].shape != data.shape:
-                    raise DimensionMismatchError(f"{path}: two direction tensors of layer {layer} differ in length")
+                    raise DimensionMismatchError(
+                        f"{path}: two direction tensors of layer {layer} differ in length"
+                    )
                 vecs[layer] = vecs[layer] + data
             else:
                 vecs[layer] = data
@@ -189,7 +229,9 @@ def read_control_vector(path: str | os.PathLike, *, revision: str | None = None
     if not vecs:
         raise CheckpointError(f"{path} holds no direction.<layer> tensors")
     if 0 in vecs:
-        logger.warning("%s has a direction.0 tensor: llama.cpp has no slot for block 0 and refuses such files", path)
+        logger.warning(
+            "%s has a direction.0 tensor: llama.cpp has no slot for block 0 and refuses such files", path
+        )
     meta: dict[str, Any] = {}
     if stored is not None:
         try:

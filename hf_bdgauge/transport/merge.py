@@ -29,8 +29,9 @@ import copy
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,8 +54,12 @@ logger = logging.getLogger(__name__)
 MERGE_METHODS = ("linear", "task_arithmetic")
 
 
-def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], reference: TransformPlan,
-              force: bool = False) -> list[SignedPermutation | None]:
+def _elements(
+    gauges: Sequence[Any] | None,
+    plans: Sequence[TransformPlan],
+    reference: TransformPlan,
+    force: bool = False,
+) -> list[SignedPermutation | None]:
     """Each gauge admitted by its model's plan (source end) and by the reference's (target end):
     dimension, the family's symmetry rule and, where recorded, both ends' fingerprints."""
     n = len(plans)
@@ -71,7 +76,9 @@ def _elements(gauges: Sequence[Any] | None, plans: Sequence[TransformPlan], refe
             reference.admit(g, end="target", force=force)
         out.append(None if el is None or el.is_identity else el)
     if gauges[0] is not None and out[0] is not None:
-        raise TransportError("gauges[0] must be None or the identity: the first model's chart is the reference chart")
+        raise TransportError(
+            "gauges[0] must be None or the identity: the first model's chart is the reference chart"
+        )
     return out
 
 
@@ -80,8 +87,10 @@ def _base_and_gauge(base: Any) -> tuple[Any, Any]:
     -> ``(base, gauge or None)``."""
     if isinstance(base, tuple):
         if len(base) != 2:
-            raise TransportError("base must be the base, or a pair (base, gauge) whose gauge maps the base's chart "
-                                 f"into the first model's; got a tuple of {len(base)}")
+            raise TransportError(
+                "base must be the base, or a pair (base, gauge) whose gauge maps the base's chart "
+                f"into the first model's; got a tuple of {len(base)}"
+            )
         return base[0], base[1]
     return base, None
 
@@ -168,25 +177,47 @@ def merge_models(
         raise TransportError("task_arithmetic needs base= (the common pre-trained model)")
     named = [_named_tensors(m) for m in models]
     base_named = _named_tensors(base_model) if base_model is not None else None
-    plans = [TransformPlan.for_model(m, spec=spec, names=nt, what=f"models[{i}]") for i, (m, nt) in enumerate(zip(models, named))]
+    plans = [
+        TransformPlan.for_model(m, spec=spec, names=nt, what=f"models[{i}]")
+        for i, (m, nt) in enumerate(zip(models, named))
+    ]
     _same_layout(plans, "models")
-    base_plan = (TransformPlan.for_model(base_model, spec=spec, names=base_named, what="base")
-                 if base_model is not None else None)
+    base_plan = (
+        TransformPlan.for_model(base_model, spec=spec, names=base_named, what="base")
+        if base_model is not None
+        else None
+    )
     if base_plan is not None:
         _same_layout([plans[0], base_plan], "models[0] and base")
     gs = _elements(gauges, plans, plans[0], force)
-    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1] if base_plan is not None else None
+    bg = (
+        _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1]
+        if base_plan is not None
+        else None
+    )
     ws = _weights(weights, len(models))
     rules = plans[0].rules
 
     merged = copy.deepcopy(models[0])
     out_named = _named_tensors(merged)
     for n in named[0]:
-        value = merge_tensors([nt[n] for nt in named], rules[n], gs, ws, method=method,
-                              base=None if base_named is None else base_named[n], base_gauge=bg)
+        value = merge_tensors(
+            [nt[n] for nt in named],
+            rules[n],
+            gs,
+            ws,
+            method=method,
+            base=None if base_named is None else base_named[n],
+            base_gauge=bg,
+        )
         out_named[n].copy_(value)
-    logger.info("merged %d models (%s, %d aligned by a gauge) over %d tensors", len(models), method,
-                sum(g is not None for g in gs), len(named[0]))
+    logger.info(
+        "merged %d models (%s, %d aligned by a gauge) over %d tensors",
+        len(models),
+        method,
+        sum(g is not None for g in gs),
+        len(named[0]),
+    )
     return merged
 
 
@@ -197,8 +228,10 @@ def _same_layout(plans: Sequence[TransformPlan], what: str) -> None:
         if (p.spec and p.spec.name) != (first.spec and first.spec.name) or p.dim != first.dim:
             raise TransportError(f"{what}: {p.what} is not of the same family and width as {first.what}")
         if p.shapes != first.shapes:
-            diff = sorted(set(p.shapes) ^ set(first.shapes))[:5] or sorted(
-                n for n in p.shapes if p.shapes[n] != first.shapes.get(n))[:5]
+            diff = (
+                sorted(set(p.shapes) ^ set(first.shapes))[:5]
+                or sorted(n for n in p.shapes if p.shapes[n] != first.shapes.get(n))[:5]
+            )
             cls = CheckpointError if p.tensors else TransportError
             raise cls(f"{what}: {p.what} differs from {first.what} in tensor names or shapes (e.g. {diff})")
 
@@ -229,13 +262,22 @@ def merge_checkpoints(
     dirs = [resolve_checkpoint_dir(s) for s in srcs]
     bdir = resolve_checkpoint_dir(base_dir) if base_dir is not None else None
     plans = [TransformPlan.for_checkpoint(x, what=f"checkpoint {i} ({x})") for i, x in enumerate(dirs)]
-    base_plan = TransformPlan.for_checkpoint(bdir, what=f"base checkpoint ({bdir})") if bdir is not None else None
+    base_plan = (
+        TransformPlan.for_checkpoint(bdir, what=f"base checkpoint ({bdir})") if bdir is not None else None
+    )
     _same_layout(plans + ([base_plan] if base_plan else []), "merge_checkpoints")
     gs = _elements(gauges, plans, plans[0], force)
-    bg = _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1] if base_plan is not None else None
+    bg = (
+        _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1]
+        if base_plan is not None
+        else None
+    )
     ws = _weights(weights, len(dirs))
     rules = plans[0].rules
-    indexes = [{n: (ti.shard, list(ti.shape)) for n, ti in p.tensors.items()} for p in plans + ([base_plan] if base_plan else [])]
+    indexes = [
+        {n: (ti.shard, list(ti.shape)) for n, ti in p.tensors.items()}
+        for p in plans + ([base_plan] if base_plan else [])
+    ]
 
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -249,21 +291,27 @@ def merge_checkpoints(
         shards.setdefault(shard, []).append(n)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         for f in dirs[0].iterdir():
-            if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") and not f.name.startswith("."):
+            if (
+                f.is_file()
+                and f.suffix not in (".safetensors", ".bin", ".pt", ".pth")
+                and not f.name.startswith(".")
+            ):
                 shutil.copy2(f, tmp / f.name)
         for shard, names in shards.items():
             out: dict[str, torch.Tensor] = {}
             for n in names:
                 tensors = [load(idx, n) for idx in indexes[: len(dirs)]]
                 base_t = load(indexes[-1], n) if bdir is not None else None
-                out[n] = merge_tensors(tensors, rules[n], gs, ws, method=method, base=base_t, base_gauge=bg).contiguous()
+                out[n] = merge_tensors(
+                    tensors, rules[n], gs, ws, method=method, base=base_t, base_gauge=bg
+                ).contiguous()
             save_file(out, str(tmp / shard.name), metadata={"format": "pt"})
     logger.info("merged %d checkpoints (%s) into %s", len(dirs), method, dst)
     return Path(dst)
 
 
 def merge_adapters(
-    peft_model: "PeftModel",
+    peft_model: PeftModel,
     adapters: Sequence[str | os.PathLike],
     weights: Sequence[float],
     *,
@@ -315,15 +363,21 @@ def merge_adapters(
             if isinstance(a, str) and a in peft_model.peft_config:
                 raise TransportError(
                     f"adapter {a!r} is already loaded, so it is taken to be in the chart of peft_model's base; pass "
-                    f"gauges[{i}]=None, or pass the adapter's directory to transport it from another chart")
+                    f"gauges[{i}]=None, or pass the adapter's directory to transport it from another chart"
+                )
             path = resolve_dir(a, r, what="PEFT adapter")
             peft_model.load_adapter(str(path), adapter_name=name)
             loaded.append(name)
             if g is not None:
                 transport_peft_model(peft_model, g, include_base=False, adapter_names=[name])
             names.append(name)
-        peft_model.add_weighted_adapter(adapters=names, weights=[float(w) for w in weights], adapter_name=adapter_name,
-                                        combination_type=combination_type, **weighted_kwargs)
+        peft_model.add_weighted_adapter(
+            adapters=names,
+            weights=[float(w) for w in weights],
+            adapter_name=adapter_name,
+            combination_type=combination_type,
+            **weighted_kwargs,
+        )
     finally:
         if not keep_sources:
             for name in loaded:

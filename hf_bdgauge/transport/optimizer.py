@@ -36,15 +36,16 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError, Words
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
-from ..orthogonal import Orthogonal
 from ..hub import resolve_file
+from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
 from ..roles import ArchitectureSpec, hidden_size_of, spec_for_model
 from ..rules import Role, TensorRule, transform
@@ -79,7 +80,9 @@ def optimizer_parameter_names(optimizer: torch.optim.Optimizer, model: torch.nn.
     for gi, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             if id(p) not in by_id:
-                raise TransportError(f"param_groups[{gi}] holds a parameter of shape {tuple(p.shape)} that is not in the model")
+                raise TransportError(
+                    f"param_groups[{gi}] holds a parameter of shape {tuple(p.shape)} that is not in the model"
+                )
             names.append(by_id[id(p)])
     return names
 
@@ -98,12 +101,15 @@ def _names_for_ids(state_dict: Mapping[str, Any], params: torch.nn.Module | Sequ
         if len(ids) == len(all_names):
             names = all_names
         elif len(ids) == len(trainable):
-            logger.info("optimizer holds %d ids = the model's trainable parameters; matching in that order", len(ids))
+            logger.info(
+                "optimizer holds %d ids = the model's trainable parameters; matching in that order", len(ids)
+            )
             names = trainable
         else:
             raise TransportError(
                 f"the optimizer holds {len(ids)} parameters but the model has {len(all_names)} ({len(trainable)} "
-                "trainable): pass the names in optimizer order, e.g. optimizer_parameter_names(optimizer, model)")
+                "trainable): pass the names in optimizer order, e.g. optimizer_parameter_names(optimizer, model)"
+            )
     else:
         names = list(params)
         if len(names) != len(ids):
@@ -120,7 +126,8 @@ def _entry_kind(key: str, value: Any) -> str:
         return "second"
     raise TransportError(
         f"optimizer state entry {key!r} (shape {tuple(value.shape)}) is neither a known first moment "
-        f"{sorted(FIRST_MOMENT_KEYS)} nor a known second moment {sorted(SECOND_MOMENT_KEYS)}; cannot transport it")
+        f"{sorted(FIRST_MOMENT_KEYS)} nor a known second moment {sorted(SECOND_MOMENT_KEYS)}; cannot transport it"
+    )
 
 
 def read_optimizer_state(path: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
@@ -132,8 +139,10 @@ def read_optimizer_state(path: str | os.PathLike, revision: str | None = None) -
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types, with bare numbers or unsafe advice as messages
-        raise CheckpointError(f"cannot read {p}: expected {expected}; it is not a file torch.load reads "
-                              f"without running code ({type(e).__name__})") from e
+        raise CheckpointError(
+            f"cannot read {p}: expected {expected}; it is not a file torch.load reads "
+            f"without running code ({type(e).__name__})"
+        ) from e
     if not isinstance(state, Mapping) or "state" not in state or "param_groups" not in state:
         got = f"a {type(state).__name__}"
         if isinstance(state, Mapping):
@@ -186,45 +195,64 @@ def transport_optimizer_state(
     id_to_name = _names_for_ids(state_dict, params)
     names = sorted(set(id_to_name.values()))
     rules: dict[str, TensorRule] = adapter_tensor_rules(names, spec)
-    shapes = {n: tuple(p.shape) for n, p in params.named_parameters()} if isinstance(params, torch.nn.Module) else {}
-    plan = TransformPlan.for_tensors({n: shapes[n] for n in names if n in shapes}, rules, d, spec=spec,
-                                     what="the optimizer's model", check_rotation=lambda r: None)
+    shapes = (
+        {n: tuple(p.shape) for n, p in params.named_parameters()}
+        if isinstance(params, torch.nn.Module)
+        else {}
+    )
+    plan = TransformPlan.for_tensors(
+        {n: shapes[n] for n in names if n in shapes},
+        rules,
+        d,
+        spec=spec,
+        what="the optimizer's model",
+        check_rotation=lambda r: None,
+    )
     g = plan.admit(gauge, force=force)
     rotation = isinstance(g, Orthogonal)
     if rotation and getattr(gauge, "gains", None):
-        raise OrthogonalGaugeError("this gauge folds the norm gains too: optimizer state accumulated on the unfolded "
-                                   "model does not belong to the folded one (its updates are not equivariant under the "
-                                   "fold); fold first, then train or warm the state up on the folded model")
+        raise OrthogonalGaugeError(
+            "this gauge folds the norm gains too: optimizer state accumulated on the unfolded "
+            "model does not belong to the folded one (its updates are not equivariant under the "
+            "fold); fold first, then train or warm the state up on the folded model"
+        )
     refuse_missing_gains(gauge, g, rules, spec)  # the state of a reader needs its gains, as an adapter does
     plan: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
     for pid, entries in state_dict["state"].items():
         name = id_to_name.get(int(pid))
         if name is None:
-            raise TransportError(f"optimizer state has an entry for parameter id {pid} that no param_group lists")
+            raise TransportError(
+                f"optimizer state has an entry for parameter id {pid} that no param_group lists"
+            )
         rule = rules[name]
         plan[pid] = {}
         for key, val in entries.items():
             kind = _entry_kind(key, val)
             plan[pid][key] = (kind, rule)
             if rotation and kind != "scalar" and rule.role is Role.GAIN:
-                raise OrthogonalGaugeError(f"{name} is a norm gain: a rotated chart has only constant gains, whose "
-                                           "optimizer state has no rotated counterpart (freeze the norms)")
+                raise OrthogonalGaugeError(
+                    f"{name} is a norm gain: a rotated chart has only constant gains, whose "
+                    "optimizer state has no rotated counterpart (freeze the norms)"
+                )
             if rotation and kind == "second" and rule.role is not Role.NONE and not approximate:
                 raise OrthogonalGaugeError(
                     f"state {key!r} of {name}: Adam's second moments are not rotation-equivariant (those of R·g are not "
                     "a function of those of g); pass {approximate} to move them by (R∘R)·v, "
                     "the diagonal of R·diag(v)·Rᵀ, and have the result record it",
-                    options={"approximate": Words("approximate=True", "--approximate")})
+                    options={"approximate": Words("approximate=True", "--approximate")},
+                )
             if kind != "scalar":
                 if name in shapes and tuple(val.shape) != shapes[name]:
                     raise TransportError(
                         f"state {key!r} of parameter id {pid} has shape {tuple(val.shape)} but the parameter it maps to, "
                         f"{name}, has shape {shapes[name]}: the optimizer's parameter order is not the model's; pass "
-                        "optimizer_parameter_names(optimizer, model) as params")
+                        "optimizer_parameter_names(optimizer, model) as params"
+                    )
                 size = rule.residual_size(tuple(val.shape))
                 if size is not None and size != g.dim:
                     raise DimensionMismatchError(
-                        f"state {key!r} of {name} has shape {tuple(val.shape)}: {size} != {g.dim} on its residual axis")
+                        f"state {key!r} of {name} has shape {tuple(val.shape)}: {size} != {g.dim} on its residual axis"
+                    )
 
     new_state: dict[Any, dict[str, Any]] = {}
     moved = 0

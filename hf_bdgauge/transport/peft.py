@@ -40,19 +40,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import OrthogonalGaugeError, TransportError, UnsupportedArchitectureError, Words
 from ..fold import fed_by_a_pre_norm, gain_feeding
 from ..gauge import Gauge, as_gauge
-from ..record import transport_record
 from ..group import SignedPermutation
 from ..hub import resolve_dir
 from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
+from ..record import transport_record
 from ..roles import ArchitectureSpec, spec_for_model
 from ..rules import Role, TensorRule, scale_residual
 from .peft_files import (
@@ -112,7 +113,9 @@ def _residual_side(base_rule: TensorRule, layout: str, base_name: str) -> str | 
     if ax is None:
         return None
     if not -2 <= ax < 2:
-        raise TransportError(f"{base_name} carries the residual on axis {ax}; only 2-D LoRA targets are supported")
+        raise TransportError(
+            f"{base_name} carries the residual on axis {ax}; only 2-D LoRA targets are supported"
+        )
     first_is_out = layout == "linear"
     return (_OUT if first_is_out else _IN) if ax % 2 == 0 else (_IN if first_is_out else _OUT)
 
@@ -122,7 +125,9 @@ def _factor_rule(t: AdapterTensor, base_rule: TensorRule, side: str | None) -> T
     if base_rule.role is Role.NONE or side is None:
         return TensorRule(Role.NONE)
     if base_rule.role is Role.GAIN:
-        raise TransportError(f"{t.name}: a LoRA on a gain tensor ({t.base_name}) is not a LoRA this library understands")
+        raise TransportError(
+            f"{t.name}: a LoRA on a gain tensor ({t.base_name}) is not a LoRA this library understands"
+        )
     key = f"{t.kind}.bias" if t.param == "bias" else t.kind
     entry = FACTOR_RULES.get((key, side))
     if entry is None:
@@ -162,7 +167,9 @@ def adapter_tensor_rules(
             # delta rows [n_tokens, d] are rows of the [vocab, d] weight: its row axis carries the residual
             ax = base_rule.residual_axis(2)
             if ax is not None and ax % 2 != 1:
-                raise TransportError(f"{t.name}: trainable tokens on {t.base_name}, whose rows are not residual vectors")
+                raise TransportError(
+                    f"{t.name}: trainable tokens on {t.base_name}, whose rows are not residual vectors"
+                )
             out[t.name] = base_rule if ax is None else TensorRule(base_rule.role, -1)
             continue
         layout = _layout(kinds_by_module[t.module], fan_in_fan_out)
@@ -176,8 +183,14 @@ def adapter_tensor_rules(
     return out
 
 
-def adapter_plan(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, dim: int | None = None, *,
-                 fan_in_fan_out: bool = False, what: str = "adapter") -> TransformPlan:
+def adapter_plan(
+    tensors: Mapping[str, torch.Tensor],
+    spec: ArchitectureSpec,
+    dim: int | None = None,
+    *,
+    fan_in_fan_out: bool = False,
+    what: str = "adapter",
+) -> TransformPlan:
     """The transform plan of a set of PEFT (or base-model) tensors: their rules
     (:func:`adapter_tensor_rules`), shapes and the family's symmetry rule. ``dim`` defaults to the
     size of the first residual axis found."""
@@ -187,7 +200,9 @@ def adapter_plan(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, di
         dim = next((r.residual_size(shapes[n]) for n, r in rules.items() if r.role is not Role.NONE), None)
         if dim is None:
             raise TransportError(f"{what}: no tensor carries residual coordinates")
-    return TransformPlan.for_tensors(shapes, rules, dim, spec=spec, what=what, check_rotation=_rotation_rule(rules))
+    return TransformPlan.for_tensors(
+        shapes, rules, dim, spec=spec, what=what, check_rotation=_rotation_rule(rules)
+    )
 
 
 def transport_adapter_state_dict(
@@ -221,20 +236,23 @@ def _rotation_rule(rules: Mapping[str, TensorRule]) -> Any:
             raise OrthogonalGaugeError(
                 f"a rotation mixes the output rows of a writer, so these per-row magnitudes (DoRA on a residual writer, "
                 f"or a copied norm gain) have no rotated counterpart: {', '.join(gains[:4])}; recompute them on the "
-                "target or train the adapter there")
+                "target or train the adapter there"
+            )
+
     return check
 
 
 #: how to make a gauge that records both ends' norm gains, per interface
 _REESTIMATE = Words(
     "re-make the gauge with the models themselves, so that it records their gains: "
-    "estimate_gauge(source_model, target_model, ..., method=\"orthogonal\") (or \"orthogonal_weights\", or "
+    'estimate_gauge(source_model, target_model, ..., method="orthogonal") (or "orthogonal_weights", or '
     "gauge_from_capture on statistics captured by this version), fold_and_rotate(model, r), or "
     "gauge_from_transform_config(target, source); or move an adapter trained on the folded source "
     "(fold_norm_gains) instead; if both models are known to be folded, say so: "
-    "Gauge(r, unit_gains={\"source\": True, \"target\": True})",
+    'Gauge(r, unit_gains={"source": True, "target": True})',
     "re-estimate the gauge with bdgauge estimate SOURCE TARGET --method orthogonal (or orthogonal_weights), "
-    "which records the models' gains, or move an adapter trained on the folded source instead")
+    "which records the models' gains, or move an adapter trained on the folded source instead",
+)
 
 
 def refuse_missing_gains(gauge: Any, g: Any, rules: Mapping[str, TensorRule], spec: ArchitectureSpec) -> None:
@@ -245,27 +263,42 @@ def refuse_missing_gains(gauge: Any, g: Any, rules: Mapping[str, TensorRule], sp
     rotation records nothing about the gains; a bare signed permutation needs nothing."""
     if isinstance(gauge, Gauge):
         problem = gauge.readers_gain_problem()
-        model_type = next((ref.fingerprint.get("model_type") for ref in (gauge.source, gauge.target)
-                           if isinstance(ref.fingerprint, dict) and ref.fingerprint.get("model_type")), None)
+        model_type = next(
+            (
+                ref.fingerprint.get("model_type")
+                for ref in (gauge.source, gauge.target)
+                if isinstance(ref.fingerprint, dict) and ref.fingerprint.get("model_type")
+            ),
+            None,
+        )
     else:
-        problem = "a bare rotation records nothing about the models' norm gains" \
-            if isinstance(g, Orthogonal) else None
+        problem = (
+            "a bare rotation records nothing about the models' norm gains"
+            if isinstance(g, Orthogonal)
+            else None
+        )
         model_type = None
     if problem is None:
         return
-    hit = sorted(n for n, r in rules.items()
-                 if (r.role is Role.READ or parse_adapter_tensor_name(n).kind == "magnitude")
-                 and fed_by_a_pre_norm(spec, model_type, parse_adapter_tensor_name(n).base_name))
+    hit = sorted(
+        n
+        for n, r in rules.items()
+        if (r.role is Role.READ or parse_adapter_tensor_name(n).kind == "magnitude")
+        and fed_by_a_pre_norm(spec, model_type, parse_adapter_tensor_name(n).base_name)
+    )
     if hit:
         shown = ", ".join(hit[:4]) + (f" … ({len(hit)} in all)" if len(hit) > 4 else "")
         raise OrthogonalGaugeError(
             f"these tensors sit on readers fed by a pre-norm gain g, which move by "
             f"W·diag(g_source)·Gᵀ·diag(1/g_target): {shown}; the gauge does not carry that: {problem}. "
-            "To move them, {reestimate}", options={"reestimate": _REESTIMATE})
+            "To move them, {reestimate}",
+            options={"reestimate": _REESTIMATE},
+        )
 
 
-def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor], gauge: Any, g: Any,
-                         spec: ArchitectureSpec) -> dict[str, torch.Tensor]:
+def move_adapter_tensors(
+    plan: TransformPlan, tensors: Mapping[str, torch.Tensor], gauge: Any, g: Any, spec: ArchitectureSpec
+) -> dict[str, torch.Tensor]:
     """Every tensor of an adapter moved by the admitted element ``g`` under its rule (the one
     place both adapter paths move tensors).
 
@@ -286,24 +319,30 @@ def move_adapter_tensors(plan: TransformPlan, tensors: Mapping[str, torch.Tensor
         return {n: plan.transform(n, t, g) for n, t in tensors.items()}
     dora = sorted(n for n in tensors if parse_adapter_tensor_name(n).kind == "magnitude")
     if dora:
-        raise OrthogonalGaugeError(f"DoRA magnitudes are row norms of the base weight plus the update, and folding the "
-                                   f"norm gains changes those rows: {', '.join(dora[:4])}; recompute them on the folded "
-                                   "model (PEFT does on load of a fresh DoRA) or transport a plain LoRA")
-    model_type = ((getattr(gauge, gauge.gains_at).fingerprint or {}).get("model_type"))
+        raise OrthogonalGaugeError(
+            f"DoRA magnitudes are row norms of the base weight plus the update, and folding the "
+            f"norm gains changes those rows: {', '.join(dora[:4])}; recompute them on the folded "
+            "model (PEFT does on load of a fresh DoRA) or transport a plain LoRA"
+        )
+    model_type = (getattr(gauge, gauge.gains_at).fingerprint or {}).get("model_type")
     forward = gauge.gains_at == "source"
     out: dict[str, torch.Tensor] = {}
     for n, t in tensors.items():
         rule = plan.rules[n]
-        fed = gain_feeding(spec, model_type, parse_adapter_tensor_name(n).base_name, gains) \
-            if rule.role is Role.READ else None
+        fed = (
+            gain_feeding(spec, model_type, parse_adapter_tensor_name(n).base_name, gains)
+            if rule.role is Role.READ
+            else None
+        )
         if fed is None:
             out[n] = plan.transform(n, t, g)
             continue
         if forward:  # A·diag(g), then ·Rᵀ
             out[n] = plan.transform(n, scale_residual(t, rule, gains[fed]).to(t.dtype), g)
         else:  # ·R, then ·diag(1/g)
-            out[n] = scale_residual(plan.transform(n, t.detach().to(torch.float64), g), rule, gains[fed],
-                                    divide=True).to(t.dtype)
+            out[n] = scale_residual(
+                plan.transform(n, t.detach().to(torch.float64), g), rule, gains[fed], divide=True
+            ).to(t.dtype)
     return out
 
 
@@ -349,9 +388,12 @@ def transport_adapter(
     where = resolve_dir(src, revision, what="PEFT adapter")
     cfg = read_adapter_config(where)
     tensors, meta = read_adapter_weights(where)
-    spec, d = spec_from_config_like(base_config if base_config is not None else base_config_from_adapter(cfg, gauge))
-    plan = adapter_plan(tensors, spec, d, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-                        what=f"the adapter {src}")
+    spec, d = spec_from_config_like(
+        base_config if base_config is not None else base_config_from_adapter(cfg, gauge)
+    )
+    plan = adapter_plan(
+        tensors, spec, d, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)), what=f"the adapter {src}"
+    )
     check_adapter_base(cfg, gauge)
     g = plan.admit(gauge, force=force)
     moved = move_adapter_tensors(plan, tensors, gauge, g, spec)
@@ -363,7 +405,9 @@ def transport_adapter(
     if new_base is None:
         logger.warning(
             "transported adapter keeps base_model_name_or_path=%r (the source base): pass base_model_name_or_path= "
-            "or a Gauge with a target ModelRef to name the target", cfg.get("base_model_name_or_path"))
+            "or a Gauge with a target ModelRef to name the target",
+            cfg.get("base_model_name_or_path"),
+        )
     else:
         new_cfg["base_model_name_or_path"] = str(new_base)
         new_cfg["revision"] = new_rev
@@ -371,14 +415,26 @@ def transport_adapter(
     meta = {k: str(v) for k, v in meta.items()}
     meta.setdefault("format", "pt")
     meta["hf_bdgauge_transport"] = json.dumps(
-        {**transport_record(gauge, forced=plan.forced), "source_base": cfg.get("base_model_name_or_path"),
-         "target_base": new_cfg.get("base_model_name_or_path")}, sort_keys=True)
+        {
+            **transport_record(gauge, forced=plan.forced),
+            "source_base": cfg.get("base_model_name_or_path"),
+            "target_base": new_cfg.get("base_model_name_or_path"),
+        },
+        sort_keys=True,
+    )
 
     skipped = write_adapter_dir(where, dst, new_cfg, moved, meta, overwrite=overwrite)
     if skipped:
-        logger.warning("adapters in sub-folders %s were not transported; transport each by its own path", skipped)
-    logger.info("transported %d adapter tensors (%d moved) from %s to %s", len(tensors),
-                sum(1 for k in tensors if moved[k] is not tensors[k]), where, dst)
+        logger.warning(
+            "adapters in sub-folders %s were not transported; transport each by its own path", skipped
+        )
+    logger.info(
+        "transported %d adapter tensors (%d moved) from %s to %s",
+        len(tensors),
+        sum(1 for k in tensors if moved[k] is not tensors[k]),
+        where,
+        dst,
+    )
     return Path(dst)
 
 
@@ -387,13 +443,13 @@ def transport_adapter(
 
 @torch.no_grad()
 def transport_peft_model(
-    peft_model: "PeftModel",
+    peft_model: PeftModel,
     gauge: Gauge | SignedPermutation,
     *,
     include_base: bool,
     adapter_names: Iterable[str] | None = None,
     force: bool = False,
-) -> "PeftModel":
+) -> PeftModel:
     """Re-chart a ``PeftModel`` in memory, in place; returns it.
 
     ``include_base=True``: the base model and the adapters all move (the source base with its
@@ -429,7 +485,8 @@ def transport_peft_model(
         merged = [n for n, m in peft_model.named_modules() if getattr(m, "merged_adapters", None)]
         if merged:
             raise TransportError(
-                f"adapters are merged into the base weights of {merged[:3]}; unmerge them first or use include_base=True")
+                f"adapters are merged into the base weights of {merged[:3]}; unmerge them first or use include_base=True"
+            )
 
     named: dict[str, torch.Tensor] = dict(peft_model.named_parameters())
     named.update(dict(peft_model.named_buffers()))
@@ -453,8 +510,10 @@ def transport_peft_model(
     owned = {n: r for n, r in rules.items() if n in flat and parse_adapter_tensor_name(n).is_adapter_owned}
     refuse_missing_gains(gauge, g, owned, spec)  # a base moved with its adapter stays consistent
     if isinstance(g, Orthogonal):
-        raise OrthogonalGaugeError("rotating a PeftModel in memory is not supported yet: save the adapter and use "
-                                   "transport_adapter, and rotate the folded base with apply_gauge")
+        raise OrthogonalGaugeError(
+            "rotating a PeftModel in memory is not supported yet: save the adapter and use "
+            "transport_adapter, and rotate the folded base with apply_gauge"
+        )
     moved = 0
     for n, t in flat.items():
         if rules[n].role is not Role.NONE:
@@ -469,6 +528,10 @@ def transport_peft_model(
         for name in wanted:
             configs[name].base_model_name_or_path = target.model_id
             configs[name].revision = target.revision or target.commit_hash
-    logger.info("re-charted %d tensors of a PeftModel (adapters %s, base %s)", moved, sorted(wanted),
-                "moved" if include_base else "kept")
+    logger.info(
+        "re-charted %d tensors of a PeftModel (adapters %s, base %s)",
+        moved,
+        sorted(wanted),
+        "moved" if include_base else "kept",
+    )
     return peft_model

@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -121,7 +122,7 @@ def parse_adapter_tensor_name(name: str) -> AdapterTensor:
     idx = max((i for i, t in enumerate(tokens) if t in _FACTOR_KINDS), default=None)
     if idx is not None:
         kind = _FACTOR_KINDS[tokens[idx]]
-        tail = tokens[idx + 1:]
+        tail = tokens[idx + 1 :]
         param = tail[-1] if tail and tail[-1] in ("weight", "bias") else None
         rest = tail[:-1] if param else tail
         if len(rest) > 1:
@@ -182,8 +183,9 @@ def read_adapter_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: expected a safetensors file of adapter weights (truncated or "
-                              f"corrupt?): {e}") from e
+        raise CheckpointError(
+            f"cannot read {path}: expected a safetensors file of adapter weights (truncated or corrupt?): {e}"
+        ) from e
     return tensors, meta
 
 
@@ -200,8 +202,10 @@ def spec_from_config_like(cfg: Any) -> tuple[ArchitectureSpec, int | None]:
         try:
             cfg = _hub_config(cfg, None)
         except (HubError, CheckpointError) as e:
-            raise TransportError(f"base_config {cfg!r} is neither a known model_type, a directory, nor a reachable "
-                                 f"Hub model: {e}") from e
+            raise TransportError(
+                f"base_config {cfg!r} is neither a known model_type, a directory, nor a reachable "
+                f"Hub model: {e}"
+            ) from e
     if isinstance(cfg, torch.nn.Module):
         return spec_for_model(cfg), hidden_size_of(cfg.config)
     spec = spec_for_config(cfg)
@@ -247,7 +251,10 @@ def base_config_from_adapter(adapter_cfg: Mapping[str, Any], gauge: Any) -> Any:
 
             matches = [
                 mt
-                for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
+                for mapping in (
+                    modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                    modeling_auto.MODEL_MAPPING_NAMES,
+                )
                 for mt, name in mapping.items()
                 if name == cls or (isinstance(name, (tuple, list)) and cls in name)
             ]
@@ -276,15 +283,25 @@ def check_adapter_base(adapter_cfg: Mapping[str, Any], gauge: Any) -> None:
     expected = gauge.source.fingerprint
     if not base:
         return
-    where: Path | None = Path(base) if Path(base).is_dir() else (None if is_local(base) else
-                                                               cached_snapshot(str(base), adapter_cfg.get("revision")))
+    where: Path | None = (
+        Path(base)
+        if Path(base).is_dir()
+        else (None if is_local(base) else cached_snapshot(str(base), adapter_cfg.get("revision")))
+    )
     if where is not None and expected and (where / "config.json").is_file():
-        check_fingerprint(expected, model_fingerprint(where),
-                          what=f"base model {base!r} the adapter was trained on (the gauge's source)")
+        check_fingerprint(
+            expected,
+            model_fingerprint(where),
+            what=f"base model {base!r} the adapter was trained on (the gauge's source)",
+        )
         return
     if gauge.source.model_id and base != gauge.source.model_id:
-        logger.warning("the adapter names base %r, which cannot be fingerprinted here, and the gauge's source is %r; "
-                       "transporting anyway", base, gauge.source.model_id)
+        logger.warning(
+            "the adapter names base %r, which cannot be fingerprinted here, and the gauge's source is %r; "
+            "transporting anyway",
+            base,
+            gauge.source.model_id,
+        )
 
 
 def update_model_card(path: Path, base: str | None) -> None:
@@ -303,8 +320,15 @@ def update_model_card(path: Path, base: str | None) -> None:
         logger.warning("could not update base_model in %s: %s", path, e)
 
 
-def write_adapter_dir(src: Path, dst: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str], *, overwrite: bool = False) -> list[str]:
+def write_adapter_dir(
+    src: Path,
+    dst: str | os.PathLike,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    overwrite: bool = False,
+) -> list[str]:
     """Write the adapter directory ``dst`` (atomically): ``config`` as ``adapter_config.json``,
     ``tensors`` (with string ``metadata``) as ``adapter_model.safetensors``, and the other files of
     the source directory ``src`` (not its weight files, which would be stale; not its hidden
@@ -324,10 +348,14 @@ def write_adapter_dir(src: Path, dst: str | os.PathLike, config: Mapping[str, An
             if f.suffix in _WEIGHT_SUFFIXES:
                 continue  # stale untransported weights must not travel with the result
             shutil.copy2(f, tmp / f.name)
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n",
-                                               encoding="utf-8")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS_NAME),
-                  metadata=dict(metadata))
+        (tmp / ADAPTER_CONFIG_NAME).write_text(
+            json.dumps(dict(config), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp / ADAPTER_WEIGHTS_NAME),
+            metadata=dict(metadata),
+        )
         if (tmp / "README.md").exists():
             update_model_card(tmp / "README.md", config.get("base_model_name_or_path"))
     return skipped

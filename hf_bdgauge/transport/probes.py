@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,11 +44,11 @@ from safetensors.torch import save as safetensors_save
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError
 from ..files import atomic_write_bytes
 from ..gauge import Gauge, as_gauge
-from ..record import transport_record
 from ..group import SignedPermutation
-from ..orthogonal import Orthogonal
 from ..hub import resolve_file
+from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
+from ..record import transport_record
 from ..rules import READ
 
 __all__ = [
@@ -66,12 +67,15 @@ INDEX_SET_FORMAT = "hf_bdgauge.index_set"
 _FORMAT_VERSION = "1"
 
 
-def _with_record(metadata: dict[str, str], gauge: "Gauge | SignedPermutation", forced: bool = False) -> dict[str, str]:
+def _with_record(
+    metadata: dict[str, str], gauge: Gauge | SignedPermutation, forced: bool = False
+) -> dict[str, str]:
     """``metadata`` with the gauge's transport record appended and ``model_id`` set to its target."""
     meta = dict(metadata)
     history = json.loads(meta.get("hf_bdgauge_transports", "[]"))
-    meta["hf_bdgauge_transports"] = json.dumps(history + [transport_record(gauge, object_model=meta.get("model_id"),
-                                                                           forced=forced)])
+    meta["hf_bdgauge_transports"] = json.dumps(
+        history + [transport_record(gauge, object_model=meta.get("model_id"), forced=forced)]
+    )
     if isinstance(gauge, Gauge) and gauge.target.model_id:
         meta["model_id"] = str(gauge.target.model_id)
     return meta
@@ -92,13 +96,17 @@ class LinearProbe:
     def __post_init__(self) -> None:
         w = torch.as_tensor(self.weight).detach()
         if w.ndim not in (1, 2) or not w.is_floating_point():
-            raise DimensionMismatchError(f"probe weight must be a float [d] or [k, d] tensor, got shape {tuple(w.shape)}, {w.dtype}")
+            raise DimensionMismatchError(
+                f"probe weight must be a float [d] or [k, d] tensor, got shape {tuple(w.shape)}, {w.dtype}"
+            )
         self.weight = w
         if self.bias is not None:
             b = torch.as_tensor(self.bias, dtype=w.dtype).detach()
             want = () if w.ndim == 1 else (w.shape[0],)
             if tuple(b.shape) != want and not (w.ndim == 1 and tuple(b.shape) == (1,)):
-                raise DimensionMismatchError(f"probe bias has shape {tuple(b.shape)} but weight {tuple(w.shape)} needs {want}")
+                raise DimensionMismatchError(
+                    f"probe bias has shape {tuple(b.shape)} but weight {tuple(w.shape)} needs {want}"
+                )
             self.bias = b.reshape(want)
         self.metadata = {str(k): str(v) for k, v in dict(self.metadata).items()}
 
@@ -118,12 +126,17 @@ class LinearProbe:
 
     predict = __call__
 
-    def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "LinearProbe":
+    def transport(self, gauge: Gauge | SignedPermutation, *, force: bool = False) -> LinearProbe:
         """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged."""
         gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
-        plan = TransformPlan.for_tensors({"weight": tuple(self.weight.shape)}, {"weight": READ}, self.dim,
-                                         what="the probe", dim_label="d={d}",
-                                         check_rotation=lambda r: None)  # W ↦ W·Rᵀ: exact
+        plan = TransformPlan.for_tensors(
+            {"weight": tuple(self.weight.shape)},
+            {"weight": READ},
+            self.dim,
+            what="the probe",
+            dim_label="d={d}",
+            check_rotation=lambda r: None,
+        )  # W ↦ W·Rᵀ: exact
         g = plan.admit(gauge, force=force)
         logger.debug("transported a linear probe of shape %s", tuple(self.weight.shape))
         return LinearProbe(
@@ -137,11 +150,15 @@ class LinearProbe:
         tensors = {"weight": self.weight.detach().cpu().contiguous()}
         if self.bias is not None:
             tensors["bias"] = self.bias.detach().cpu().contiguous()
-        meta = {"format": PROBE_FORMAT, "format_version": _FORMAT_VERSION, "metadata": json.dumps(self.metadata, sort_keys=True)}
+        meta = {
+            "format": PROBE_FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "metadata": json.dumps(self.metadata, sort_keys=True),
+        }
         return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> "LinearProbe":
+    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> LinearProbe:
         """Read a probe file (local, or ``namespace/name[@revision]/path`` on the Hub)."""
         path = resolve_file(path, revision, what="probe file")
         try:
@@ -205,7 +222,11 @@ class IndexSet:
             if not np.all(np.abs(self.signs) == 1):
                 raise TransportError("signs must be +1 or -1")
         if self.scores is not None:
-            s = self.scores.detach().cpu().numpy() if isinstance(self.scores, torch.Tensor) else np.asarray(self.scores)
+            s = (
+                self.scores.detach().cpu().numpy()
+                if isinstance(self.scores, torch.Tensor)
+                else np.asarray(self.scores)
+            )
             self.scores = s.astype(np.float64).reshape(-1)
             if self.scores.size != n:
                 raise DimensionMismatchError(f"{self.scores.size} scores for {n} indices")
@@ -229,11 +250,15 @@ class IndexSet:
         return dict(self.pairs())
 
     @classmethod
-    def top_k(cls, vector: Any, k: int, by: str = "abs") -> "IndexSet":
+    def top_k(cls, vector: Any, k: int, by: str = "abs") -> IndexSet:
         """The ``k`` coordinates of a vector with the largest ``|x_i|`` (``by="abs"``) or the
         largest ``x_i`` (``by="value"``), in decreasing order; ``signs = sign(x_i)`` (0 → +1),
         ``scores = x_i`` (signed)."""
-        x = vector.detach().to(torch.float64).cpu().numpy() if isinstance(vector, torch.Tensor) else np.asarray(vector, dtype=np.float64)
+        x = (
+            vector.detach().to(torch.float64).cpu().numpy()
+            if isinstance(vector, torch.Tensor)
+            else np.asarray(vector, dtype=np.float64)
+        )
         if x.ndim != 1:
             raise DimensionMismatchError(f"top_k needs a vector, got shape {x.shape}")
         if not 0 < k <= x.size:
@@ -245,7 +270,7 @@ class IndexSet:
         signs = np.where(x[idx] < 0, -1, 1)
         return cls(idx, signs, x[idx], True, x.size, {"ranked_by": by})
 
-    def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "IndexSet":
+    def transport(self, gauge: Gauge | SignedPermutation, *, force: bool = False) -> IndexSet:
         """``i ↦ π(i)``, ``sign ↦ s_i·sign``, signed ``score ↦ s_i·score`` (order kept)."""
         gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         g = gauge.element if isinstance(gauge, Gauge) else gauge
@@ -253,17 +278,30 @@ class IndexSet:
             raise OrthogonalGaugeError(
                 f"an index set of residual coordinates does not move under a rotation ({g!r}): R mixes every "
                 "coordinate, so coordinate i of the source is no coordinate of the target (MLP-neuron, head and "
-                "SAE-feature indices do not live in the residual stream and need no transport)")
+                "SAE-feature indices do not live in the residual stream and need no transport)"
+            )
         if not isinstance(g, SignedPermutation):
             raise TransportError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
         if self.dim is not None and self.dim != g.dim:
-            raise DimensionMismatchError(f"the index set lives in dimension {self.dim} but the gauge has dimension {g.dim}")
-        forced = gauge.check_fit(force=force, what="to move an index set") if isinstance(gauge, Gauge) else False
+            raise DimensionMismatchError(
+                f"the index set lives in dimension {self.dim} but the gauge has dimension {g.dim}"
+            )
+        forced = (
+            gauge.check_fit(force=force, what="to move an index set") if isinstance(gauge, Gauge) else False
+        )
         new_idx, s = g.map_indices(self.indices)
         logger.debug("transported %d indices (%d change sign)", len(self), int(np.sum(s == -1)))
-        scores = None if self.scores is None else (self.scores * s if self.signed_scores else self.scores.copy())
-        return IndexSet(new_idx, self.signs * s, scores, self.signed_scores, g.dim,
-                        _with_record(self.metadata, gauge, forced))
+        scores = (
+            None if self.scores is None else (self.scores * s if self.signed_scores else self.scores.copy())
+        )
+        return IndexSet(
+            new_idx,
+            self.signs * s,
+            scores,
+            self.signed_scores,
+            g.dim,
+            _with_record(self.metadata, gauge, forced),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -278,12 +316,18 @@ class IndexSet:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IndexSet":
+    def from_dict(cls, data: dict[str, Any]) -> IndexSet:
         if not isinstance(data, dict) or data.get("format") != INDEX_SET_FORMAT:
             raise CheckpointError("not a hf_bdgauge index set (missing format tag)")
         try:
-            return cls(data["indices"], data.get("signs"), data.get("scores"), bool(data.get("signed_scores", True)),
-                       data.get("dim"), data.get("metadata") or {})
+            return cls(
+                data["indices"],
+                data.get("signs"),
+                data.get("scores"),
+                bool(data.get("signed_scores", True)),
+                data.get("dim"),
+                data.get("metadata") or {},
+            )
         except KeyError as e:
             raise CheckpointError(f"index set lacks {e.args[0]!r}") from None
 
@@ -292,7 +336,7 @@ class IndexSet:
         return atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1).encode("utf-8"), overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> "IndexSet":
+    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> IndexSet:
         """Read an index set (local, or ``namespace/name[@revision]/path`` on the Hub)."""
         path = resolve_file(path, revision, what="index set file")
         try:
@@ -302,8 +346,9 @@ class IndexSet:
         return cls.from_dict(data)
 
 
-def transport_probe(probe: "LinearProbe | str | os.PathLike",
-                    gauge: "Gauge | SignedPermutation | str | os.PathLike") -> LinearProbe:
+def transport_probe(
+    probe: LinearProbe | str | os.PathLike, gauge: Gauge | SignedPermutation | str | os.PathLike
+) -> LinearProbe:
     """``W ↦ W·Gᵀ``, bias unchanged (see :meth:`LinearProbe.transport`). ``probe``: the object or
     its file (:meth:`LinearProbe.load`); ``gauge``: the object, a gauge directory or ``repo@revision``."""
     if isinstance(probe, (str, os.PathLike)):
@@ -312,13 +357,17 @@ def transport_probe(probe: "LinearProbe | str | os.PathLike",
 
 
 def transport_indices(
-    indices: "IndexSet | Iterable[int] | np.ndarray | torch.Tensor",
-    gauge: "Gauge | SignedPermutation",
+    indices: IndexSet | Iterable[int] | np.ndarray | torch.Tensor,
+    gauge: Gauge | SignedPermutation,
     signs: Iterable[int] | None = None,
 ) -> IndexSet:
     """Transport an :class:`IndexSet` (or its file, :meth:`IndexSet.load`), or a plain list of
     indices (with optional signs); ``gauge``: the object, a gauge directory or ``repo@revision``."""
     if isinstance(indices, (str, os.PathLike)):
         indices = IndexSet.load(indices)
-    s = indices if isinstance(indices, IndexSet) else IndexSet(indices, None if signs is None else np.asarray(list(signs)))
+    s = (
+        indices
+        if isinstance(indices, IndexSet)
+        else IndexSet(indices, None if signs is None else np.asarray(list(signs)))
+    )
     return s.transport(gauge)

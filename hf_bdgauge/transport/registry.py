@@ -15,9 +15,10 @@ for a kind defined outside this package).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
@@ -67,24 +68,51 @@ class TransportKind:
 _C = "hf_bdgauge.cli.transport_kinds:"
 
 #: name -> kind: the registry (in ``bdgauge transport --help`` order).
-KINDS: dict[str, TransportKind] = {k.name: k for k in (
-    TransportKind("adapter", "a PEFT LoRA adapter (LoRA, rsLoRA, DoRA, embedding LoRA, modules_to_save)",
-                  "adapter directory, or namespace/name[@revision][/subfolder] on the Hub",
-                  _C + "run_adapter", _C + "adapter_arguments"),
-    TransportKind("optimizer", "optimizer state (AdamW, SGD, …): first moments like their parameters, "
-                  "second moments by P", "a torch .pt state_dict (read with weights_only=True), local or "
-                  "namespace/name[@revision]/path", _C + "run_optimizer", _C + "optimizer_arguments"),
-    TransportKind("probe", "a linear probe on the residual stream (w -> w·Gᵀ, bias unchanged)",
-                  "a probe .safetensors file, local or namespace/name[@revision]/path", _C + "run_probe"),
-    TransportKind("indices", "a signed index set of residual coordinates (i -> π(i), sign -> s_i·sign)",
-                  "an index-set .json file, local or namespace/name[@revision]/path", _C + "run_indices"),
-    TransportKind("sae", "a sparse autoencoder in SAELens's format (cfg.json + sae_weights.safetensors)",
-                  "SAE directory, or namespace/name[@revision][/folder] on the Hub", _C + "run_sae"),
-    TransportKind("steering", "a steering vector (hf_bdgauge .safetensors, or a llama.cpp control-vector "
-                  ".gguf)", "a .safetensors / .gguf file, local or namespace/name[@revision]/path; DST's "
-                  "suffix picks the format (.safetensors or .gguf)", _C + "run_steering",
-                  _C + "steering_arguments"),
-)}
+KINDS: dict[str, TransportKind] = {
+    k.name: k
+    for k in (
+        TransportKind(
+            "adapter",
+            "a PEFT LoRA adapter (LoRA, rsLoRA, DoRA, embedding LoRA, modules_to_save)",
+            "adapter directory, or namespace/name[@revision][/subfolder] on the Hub",
+            _C + "run_adapter",
+            _C + "adapter_arguments",
+        ),
+        TransportKind(
+            "optimizer",
+            "optimizer state (AdamW, SGD, …): first moments like their parameters, second moments by P",
+            "a torch .pt state_dict (read with weights_only=True), local or namespace/name[@revision]/path",
+            _C + "run_optimizer",
+            _C + "optimizer_arguments",
+        ),
+        TransportKind(
+            "probe",
+            "a linear probe on the residual stream (w -> w·Gᵀ, bias unchanged)",
+            "a probe .safetensors file, local or namespace/name[@revision]/path",
+            _C + "run_probe",
+        ),
+        TransportKind(
+            "indices",
+            "a signed index set of residual coordinates (i -> π(i), sign -> s_i·sign)",
+            "an index-set .json file, local or namespace/name[@revision]/path",
+            _C + "run_indices",
+        ),
+        TransportKind(
+            "sae",
+            "a sparse autoencoder in SAELens's format (cfg.json + sae_weights.safetensors)",
+            "SAE directory, or namespace/name[@revision][/folder] on the Hub",
+            _C + "run_sae",
+        ),
+        TransportKind(
+            "steering",
+            "a steering vector (hf_bdgauge .safetensors, or a llama.cpp control-vector .gguf)",
+            "a .safetensors / .gguf file, local or namespace/name[@revision]/path; DST's "
+            "suffix picks the format (.safetensors or .gguf)",
+            _C + "run_steering",
+            _C + "steering_arguments",
+        ),
+    )
+}
 
 
 def register_transport(kind: TransportKind) -> TransportKind:

@@ -41,12 +41,18 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError, UnsupportedArchitectureError
+from ..errors import (
+    CheckpointError,
+    DimensionMismatchError,
+    OrthogonalGaugeError,
+    TransportError,
+    UnsupportedArchitectureError,
+)
 from ..gauge import Gauge, as_gauge
-from ..record import transport_record
 from ..group import SignedPermutation
 from ..layers import from_hook_name, hook_block
 from ..plan import TransformPlan
+from ..record import transport_record
 from ..rules import WRITE, Role, TensorRule
 from .sae_files import cfg_json, new_cfg, read_sae_dir, write_sae_dir
 
@@ -75,7 +81,9 @@ B_DEC_RULE = WRITE
 """``b_dec`` [d_in] is a point of the residual: ``b_dec ↦ G·b_dec``."""
 
 # Hook points whose activations are NOT in residual-stream coordinates (TransformerLens names).
-_NON_RESIDUAL_HOOK = re.compile(r"(?:^|\.)hook_(?:z|q|k|v|pre|pre_linear|post|pattern|attn_scores|rot_q|rot_k)$")
+_NON_RESIDUAL_HOOK = re.compile(
+    r"(?:^|\.)hook_(?:z|q|k|v|pre|pre_linear|post|pattern|attn_scores|rot_q|rot_k)$"
+)
 
 
 @dataclass(eq=False)
@@ -123,7 +131,9 @@ class SAE:
         if self.architecture == "jumprelu" and self.threshold is None:
             raise CheckpointError("a JumpReLU SAE needs a 'threshold' tensor [d_sae]")
         if self.architecture != "jumprelu" and self.threshold is not None:
-            raise CheckpointError(f"a {self.architecture!r} SAE has no threshold; pass architecture='jumprelu'")
+            raise CheckpointError(
+                f"a {self.architecture!r} SAE has no threshold; pass architecture='jumprelu'"
+            )
         if self.architecture == "topk":
             if self.k is None or not 0 < int(self.k) <= d_sae:
                 raise CheckpointError(f"a top-k SAE needs 0 < k <= d_sae={d_sae}, got k={self.k}")
@@ -188,7 +198,7 @@ class SAE:
         k: int | None = None,
         normalize_activations: str = "none",
         **fields: Any,
-    ) -> "SAE":
+    ) -> SAE:
         """Build an SAE with a fresh SAELens-6-style config (:func:`~.sae_files.new_cfg`):
         ``fields`` naming a top-level ``cfg.json`` field (:data:`~.sae_files.CFG_FIELDS`:
         ``apply_b_dec_to_input``, default True, ``reshape_activations``,
@@ -217,13 +227,23 @@ class SAE:
         return out
 
     @classmethod
-    def load(cls, src: str | os.PathLike, *, dtype: torch.dtype | None = None, revision: str | None = None) -> "SAE":
+    def load(
+        cls, src: str | os.PathLike, *, dtype: torch.dtype | None = None, revision: str | None = None
+    ) -> SAE:
         """Read an SAE directory in SAELens's format (:func:`~.sae_files.read_sae_dir`: safetensors
         only, nothing is unpickled): a local directory, or ``namespace/name[@revision][/folder]`` on
         the Hub."""
         sd, arch, k, cfg = read_sae_dir(src, revision=revision, dtype=dtype)
-        return cls(sd["W_enc"], sd["W_dec"], sd["b_enc"], sd["b_dec"], threshold=sd.get("threshold"),
-                   architecture=arch, k=k, cfg=cfg)
+        return cls(
+            sd["W_enc"],
+            sd["W_dec"],
+            sd["b_enc"],
+            sd["b_dec"],
+            threshold=sd.get("threshold"),
+            architecture=arch,
+            k=k,
+            cfg=cfg,
+        )
 
     # ------------------------------------------------------------------ forward pass
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -277,8 +297,9 @@ class SAE:
         return self.activate(self.pre_activations(x_n))
 
     @torch.no_grad()
-    def decode(self, feature_acts: torch.Tensor,
-               stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def decode(
+        self, feature_acts: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """``n⁻¹(f·W_dec + b_dec)``; pass the ``stats`` of :meth:`normalize` to undo a
         per-input normalisation (``forward`` does this for you)."""
         f = feature_acts.to(self.dtype)
@@ -305,7 +326,9 @@ class SAE:
         """
         x = acts.reshape(-1, acts.shape[-1]).to(torch.float64)
         if x.shape[-1] != self.d_in:
-            raise DimensionMismatchError(f"activations have width {x.shape[-1]} but the SAE has d_in={self.d_in}")
+            raise DimensionMismatchError(
+                f"activations have width {x.shape[-1]} but the SAE has d_in={self.d_in}"
+            )
         err = (x - self.forward(x.to(self.dtype)).to(torch.float64)).pow(2).sum()
         var = (x - x.mean(0, keepdim=True)).pow(2).sum()
         return float(err / var)
@@ -324,8 +347,10 @@ class SAE:
                 continue
             fits = layer <= int(n) if layer is not None else block < int(n)
             if not fits:
-                raise TransportError(f"the SAE reads {self.hook_name!r} (block {block}) but {end.label()} has "
-                                     f"{n} layers; it was not trained on this model")
+                raise TransportError(
+                    f"the SAE reads {self.hook_name!r} (block {block}) but {end.label()} has "
+                    f"{n} layers; it was not trained on this model"
+                )
 
     def plan(self) -> TransformPlan:
         """The SAE's transform plan: ``W_enc`` reads, ``W_dec`` and ``b_dec`` write, the rest
@@ -333,16 +358,23 @@ class SAE:
         (mean-centring commutes with ``±P`` alone)."""
         shapes = {n: tuple(t.shape) for n, t in self.state_dict().items()}
         rules = {n: _SAE_RULES.get(n, TensorRule(Role.NONE)) for n in shapes}
-        return TransformPlan.for_tensors(shapes, rules, self.d_in, what=f"the SAE ({self.hook_name or 'no hook'})",
-                                         check_element=self._check_element, dim_label="d_in={d}",
-                                         check_rotation=self._check_rotation)
+        return TransformPlan.for_tensors(
+            shapes,
+            rules,
+            self.d_in,
+            what=f"the SAE ({self.hook_name or 'no hook'})",
+            check_element=self._check_element,
+            dim_label="d_in={d}",
+            check_rotation=self._check_rotation,
+        )
 
     def _check_rotation(self, r: Any) -> None:
         if self.normalize_activations == "layer_norm":
             raise OrthogonalGaugeError(
                 "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean over "
                 "the d_in coordinates; the mean does not commute with a rotation R (R·1 ≠ 1), so no transported SAE "
-                "reproduces it exactly")
+                "reproduces it exactly"
+            )
 
     def _check_element(self, g: SignedPermutation) -> None:
         if self.normalize_activations == "layer_norm" and not g.commutes_with_centring:
@@ -350,10 +382,12 @@ class SAE:
                 "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean "
                 "over the d_in coordinates; that mean does not commute with flipping some coordinates but not all "
                 f"(this gauge flips {g.num_flips} of {g.dim}), so no transported SAE reproduces it exactly. Only "
-                "permutations and the global flip -P can be transported.")
+                "permutations and the global flip -P can be transported."
+            )
 
-    def transport(self, gauge: "Gauge | SignedPermutation", *, model_name: str | None = None,
-                  force: bool = False) -> "SAE":
+    def transport(
+        self, gauge: Gauge | SignedPermutation, *, model_name: str | None = None, force: bool = False
+    ) -> SAE:
         """The same SAE expressed in the target chart of ``gauge`` (see the module docstring).
 
         ``W_enc ↦ G·W_enc``, ``W_dec ↦ W_dec·Gᵀ``, ``b_dec ↦ G·b_dec``; ``b_enc``, ``threshold``
@@ -368,7 +402,9 @@ class SAE:
         """
         gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         hook = self.hook_name
-        if self.cfg.get("reshape_activations", "none") != "none" or (hook and _NON_RESIDUAL_HOOK.search(str(hook))):
+        if self.cfg.get("reshape_activations", "none") != "none" or (
+            hook and _NON_RESIDUAL_HOOK.search(str(hook))
+        ):
             raise TransportError(
                 f"the SAE reads hook {hook!r}, which is not in residual-stream coordinates (attention heads / MLP "
                 "neurons), so the residual gauge does not act on it; it needs no transport"
@@ -392,7 +428,9 @@ class SAE:
         if target is not None:
             meta["model_name"] = target
         meta["hf_bdgauge_transports"] = list(meta.get("hf_bdgauge_transports") or []) + [record]
-        logger.info("transported %s SAE (d_in=%d, d_sae=%d) by %r", self.architecture, self.d_in, self.d_sae, g)
+        logger.info(
+            "transported %s SAE (d_in=%d, d_sae=%d) by %r", self.architecture, self.d_in, self.d_sae, g
+        )
         return new
 
 
@@ -400,8 +438,8 @@ _SAE_RULES = {"W_enc": W_ENC_RULE, "W_dec": W_DEC_RULE, "b_dec": B_DEC_RULE}
 
 
 def transport_sae(
-    src: "SAE | str | os.PathLike",
-    gauge: "Gauge | SignedPermutation",
+    src: SAE | str | os.PathLike,
+    gauge: Gauge | SignedPermutation,
     dst: str | os.PathLike | None = None,
     *,
     revision: str | None = None,
@@ -483,5 +521,12 @@ def fit_sae(
         opt.step()
     with torch.no_grad():
         t = {name: p.detach().clone() for name, p in params.items()}
-    return SAE.from_weights(t["W_enc"], t["W_dec"], t["b_enc"], t["b_dec"], architecture=architecture,
-                            k=int(k or 8) if architecture == "topk" else None, **cfg_metadata)
+    return SAE.from_weights(
+        t["W_enc"],
+        t["W_dec"],
+        t["b_enc"],
+        t["b_dec"],
+        architecture=architecture,
+        k=int(k or 8) if architecture == "topk" else None,
+        **cfg_metadata,
+    )

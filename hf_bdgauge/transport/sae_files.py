@@ -21,8 +21,9 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -32,8 +33,16 @@ from ..errors import CheckpointError
 from ..files import atomic_directory, read_json_object
 from ..hub import resolve_dir
 
-__all__ = ["SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME", "SAE_FORMAT_VERSION", "CFG_FIELDS", "new_cfg", "cfg_json",
-           "read_sae_dir", "write_sae_dir"]
+__all__ = [
+    "SAE_CFG_FILENAME",
+    "SAE_WEIGHTS_FILENAME",
+    "SAE_FORMAT_VERSION",
+    "CFG_FIELDS",
+    "new_cfg",
+    "cfg_json",
+    "read_sae_dir",
+    "write_sae_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +50,12 @@ SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 #: ``metadata.sae_lens_version`` of a fresh config: SAELens picks its >= 6 config parser from it
 SAE_FORMAT_VERSION = "6.0.0"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 _TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec")
 #: Top-level ``cfg.json`` fields that :meth:`SAE.from_weights` takes as keyword arguments (besides
 #: ``normalize_activations``); its other keywords go into the config's ``metadata``.
@@ -72,8 +86,12 @@ def cfg_json(cfg: Mapping[str, Any], W_enc: torch.Tensor, architecture: str, k: 
     ``dtype`` read off ``W_enc`` [d_in, d_sae], ``architecture``, ``k`` (top-k only) and a default
     ``device``."""
     out = copy.deepcopy(dict(cfg))
-    out.update(d_in=int(W_enc.shape[0]), d_sae=int(W_enc.shape[1]), dtype=str(W_enc.dtype).replace("torch.", ""),
-               architecture=architecture)
+    out.update(
+        d_in=int(W_enc.shape[0]),
+        d_sae=int(W_enc.shape[1]),
+        dtype=str(W_enc.dtype).replace("torch.", ""),
+        architecture=architecture,
+    )
     out.setdefault("device", "cpu")
     if architecture == "topk":
         out["k"] = k
@@ -82,8 +100,13 @@ def cfg_json(cfg: Mapping[str, Any], W_enc: torch.Tensor, architecture: str, k: 
     return out
 
 
-def write_sae_dir(dst: str | os.PathLike, cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *,
-                  overwrite: bool = False) -> Path:
+def write_sae_dir(
+    dst: str | os.PathLike,
+    cfg: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write ``cfg`` as ``cfg.json`` and ``tensors`` as ``sae_weights.safetensors`` into the
     directory ``dst`` (atomically; an existing one only with ``overwrite``); returns ``dst``."""
     with atomic_directory(dst, overwrite=overwrite) as tmp:
@@ -92,8 +115,9 @@ def write_sae_dir(dst: str | os.PathLike, cfg: Mapping[str, Any], tensors: Mappi
     return Path(dst)
 
 
-def read_sae_dir(src: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype | None = None
-                 ) -> tuple[dict[str, torch.Tensor], str, int | None, dict[str, Any]]:
+def read_sae_dir(
+    src: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], str, int | None, dict[str, Any]]:
     """``(tensors, architecture, k, cfg)`` of an SAE directory in SAELens's format (safetensors
     only; nothing is unpickled): a local directory, or ``namespace/name[@revision][/folder]`` on the
     Hub (SAELens release repos keep one SAE per folder). The tensors are cast to ``dtype``
@@ -109,7 +133,9 @@ def read_sae_dir(src: str | os.PathLike, *, revision: str | None = None, dtype: 
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not an SAE directory: {SAE_CFG_FILENAME} is missing")
     if not w_path.is_file():
-        others = sorted(p.name for p in directory.glob("*.pt")) + sorted(p.name for p in directory.glob("*.bin"))
+        others = sorted(p.name for p in directory.glob("*.pt")) + sorted(
+            p.name for p in directory.glob("*.bin")
+        )
         hint = f" (found {', '.join(others)}; only safetensors are read, never pickles)" if others else ""
         raise CheckpointError(f"{directory} has no {SAE_WEIGHTS_FILENAME}{hint}")
     cfg = read_json_object(cfg_path, what="SAE directory")
@@ -144,5 +170,7 @@ def read_sae_dir(src: str | os.PathLike, *, revision: str | None = None, dtype: 
         sd = {n: t.to(want) for n, t in sd.items()}
     for key, size in (("d_in", sd["W_enc"].shape[0]), ("d_sae", sd["W_enc"].shape[-1])):
         if key in cfg and int(cfg[key]) != int(size):
-            raise CheckpointError(f"{cfg_path} says {key}={cfg[key]} but W_enc has shape {tuple(sd['W_enc'].shape)}")
+            raise CheckpointError(
+                f"{cfg_path} says {key}={cfg[key]} but W_enc has shape {tuple(sd['W_enc'].shape)}"
+            )
     return sd, arch, k, cfg

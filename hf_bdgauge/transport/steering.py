@@ -42,19 +42,27 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import DimensionMismatchError, TransportError
 from ..gauge import Gauge, as_gauge
-from ..record import transport_record
 from ..group import SignedPermutation
-from ..layers import add_to_residual, decoder_blocks, from_block_output, residual_states, resolve_layer, to_block_output
+from ..layers import (
+    add_to_residual,
+    decoder_blocks,
+    from_block_output,
+    residual_states,
+    resolve_layer,
+    to_block_output,
+)
 from ..plan import TransformPlan
+from ..record import transport_record
 from ..roles import hidden_size_of
 from ..rules import WRITE
 from .control_vector import read_control_vector, write_control_vector
@@ -74,6 +82,8 @@ logger = logging.getLogger(__name__)
 #: The metadata key that records the number of decoder blocks of the vector's model (set by
 #: :meth:`SteeringVector.from_mean_difference` and :meth:`SteeringVector.transport` when known).
 NUM_LAYERS_KEY = "num_hidden_layers"
+
+
 def _recorded_num_layers(gauge: Any) -> int | None:
     """``num_hidden_layers`` recorded in a Gauge's fingerprints (both ends agree for a gauge)."""
     if not isinstance(gauge, Gauge):
@@ -91,7 +101,9 @@ def _as_vector(v: Any, layer: int) -> torch.Tensor:
     if t.ndim == 2 and 1 in t.shape:
         t = t.reshape(-1)  # steering-vectors / repeng sometimes keep a [1, d] shape
     if t.ndim != 1:
-        raise DimensionMismatchError(f"the vector of layer {layer} must be one-dimensional, got shape {tuple(t.shape)}")
+        raise DimensionMismatchError(
+            f"the vector of layer {layer} must be one-dimensional, got shape {tuple(t.shape)}"
+        )
     if not t.is_floating_point():
         raise TransportError(f"the vector of layer {layer} must be floating point, got {t.dtype}")
     return t
@@ -143,15 +155,18 @@ class SteeringVector:
         try:
             n = int(value) if value is not None else None
         except ValueError:
-            raise TransportError(f"the steering vector's metadata {NUM_LAYERS_KEY}={value!r} is not an "
-                                 "integer") from None
+            raise TransportError(
+                f"the steering vector's metadata {NUM_LAYERS_KEY}={value!r} is not an integer"
+            ) from None
         return n if n is not None and n > 0 else None
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         return self.layer_vectors[layer]
 
-    def __mul__(self, alpha: float) -> "SteeringVector":
-        return SteeringVector({i: alpha * v for i, v in self.layer_vectors.items()}, self.layer_type, dict(self.metadata))
+    def __mul__(self, alpha: float) -> SteeringVector:
+        return SteeringVector(
+            {i: alpha * v for i, v in self.layer_vectors.items()}, self.layer_type, dict(self.metadata)
+        )
 
     __rmul__ = __mul__
 
@@ -166,7 +181,7 @@ class SteeringVector:
         layers: Sequence[int],
         *,
         reduce: str = "mean",
-    ) -> "SteeringVector":
+    ) -> SteeringVector:
         """``v_ℓ = mean(h_ℓ | positive) − mean(h_ℓ | negative)`` at residual layers ``layers``.
 
         ``positive``/``negative``: token-id sequences (each 1-D or [1, T]; run one at a time, so
@@ -177,7 +192,11 @@ class SteeringVector:
             raise TransportError(f"reduce must be 'mean' or 'last', got {reduce!r}")
 
         def per_prompt(prompts: Sequence[torch.Tensor] | torch.Tensor) -> dict[int, torch.Tensor]:
-            batches = [prompts] if isinstance(prompts, torch.Tensor) else [torch.as_tensor(p).reshape(1, -1) for p in prompts]
+            batches = (
+                [prompts]
+                if isinstance(prompts, torch.Tensor)
+                else [torch.as_tensor(p).reshape(1, -1) for p in prompts]
+            )
             if not batches or any(b.numel() == 0 for b in batches):
                 raise TransportError("positive and negative prompt sets must be non-empty")
             acc: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
@@ -210,41 +229,55 @@ class SteeringVector:
     def to_steering_vectors_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``steering_vectors.SteeringVector(**kwargs)`` (block-keyed)."""
         if self.layer_type == "decoder_block":
-            acts = {k: v.clone() for k, v in self._block_keyed("steering-vectors decoder_block vectors").items()}
+            acts = {
+                k: v.clone() for k, v in self._block_keyed("steering-vectors decoder_block vectors").items()
+            }
         else:
             acts = {i: v.clone() for i, v in self.layer_vectors.items()}
         return {"layer_activations": acts, "layer_type": self.layer_type}
 
     @classmethod
-    def from_steering_vectors(cls, obj: Any) -> "SteeringVector":
+    def from_steering_vectors(cls, obj: Any) -> SteeringVector:
         """From a ``steering_vectors.SteeringVector`` (or anything with ``layer_activations`` and
         ``layer_type``); block ``n``'s output becomes residual layer ``n + 1``."""
         acts = getattr(obj, "layer_activations", None)
         if not isinstance(acts, Mapping):
-            raise TransportError(f"{type(obj).__name__} has no layer_activations mapping; not a steering-vectors SteeringVector")
+            raise TransportError(
+                f"{type(obj).__name__} has no layer_activations mapping; not a steering-vectors SteeringVector"
+            )
         layer_type = str(getattr(obj, "layer_type", "decoder_block"))
-        keyed = {from_block_output(k): v for k, v in acts.items()} if layer_type == "decoder_block" else dict(acts)
+        keyed = (
+            {from_block_output(k): v for k, v in acts.items()}
+            if layer_type == "decoder_block"
+            else dict(acts)
+        )
         return cls(keyed, layer_type, {"source_format": "steering-vectors"})
 
     def to_repeng_directions(self) -> dict[int, np.ndarray]:
         """``ControlVector.directions``: block index -> float32 NumPy vector."""
-        return {k: v.detach().to(torch.float32).cpu().numpy().copy()
-                for k, v in self._block_keyed("repeng control vectors").items()}
+        return {
+            k: v.detach().to(torch.float32).cpu().numpy().copy()
+            for k, v in self._block_keyed("repeng control vectors").items()
+        }
 
     def to_repeng_kwargs(self, model_type: str | None = None) -> dict[str, Any]:
         """Keyword arguments for ``repeng.ControlVector(**kwargs)``."""
         mt = model_type or self.metadata.get("model_type")
         if not mt:
-            raise TransportError("repeng's ControlVector needs a model_type; pass model_type=... (e.g. 'llama')")
+            raise TransportError(
+                "repeng's ControlVector needs a model_type; pass model_type=... (e.g. 'llama')"
+            )
         return {"model_type": mt, "directions": self.to_repeng_directions()}
 
     @classmethod
-    def from_repeng(cls, obj: Any) -> "SteeringVector":
+    def from_repeng(cls, obj: Any) -> SteeringVector:
         """From a ``repeng.ControlVector`` (or anything with ``directions`` and ``model_type``);
         block ``n`` becomes residual layer ``n + 1``."""
         dirs = getattr(obj, "directions", None)
         if not isinstance(dirs, Mapping):
-            raise TransportError(f"{type(obj).__name__} has no directions mapping; not a repeng ControlVector")
+            raise TransportError(
+                f"{type(obj).__name__} has no directions mapping; not a repeng ControlVector"
+            )
         meta = {"source_format": "repeng"}
         if getattr(obj, "model_type", None):
             meta["model_type"] = str(obj.model_type)
@@ -255,25 +288,33 @@ class SteeringVector:
         """Write a safetensors file (atomically; :mod:`.steering_files`): tensors ``layer.<i>`` plus
         string metadata. ``path`` must end in ``.safetensors`` (:meth:`write` picks the format by
         suffix); raises :class:`TransportError` otherwise."""
-        return write_steering_file(path, self.layer_vectors, self.layer_type, self.metadata, overwrite=overwrite)
+        return write_steering_file(
+            path, self.layer_vectors, self.layer_type, self.metadata, overwrite=overwrite
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
+    def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> SteeringVector:
         """Read a file written by :meth:`save` (safetensors; nothing is unpickled): local, or
         ``namespace/name[@revision]/path/in/repo`` on the Hub. Files of format version 1 (keyed
         by block) are converted to residual layers."""
         return cls(*read_steering_file(path, revision=revision))
 
     @classmethod
-    def read(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
+    def read(cls, path: str | os.PathLike, *, revision: str | None = None) -> SteeringVector:
         """Read a vector in the format ``path``'s suffix names, as :meth:`write` writes it: a
         ``.gguf`` file by :meth:`load_gguf` (a llama.cpp control vector), anything else by
         :meth:`load` (safetensors, which checks the file's own format)."""
         gguf = os.fspath(path).lower().endswith(".gguf")
         return (cls.load_gguf if gguf else cls.load)(path, revision=revision)
 
-    def write(self, path: str | os.PathLike, *, overwrite: bool = False, num_layers: int | None = None,
-              model_hint: str | None = None) -> Path:
+    def write(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        num_layers: int | None = None,
+        model_hint: str | None = None,
+    ) -> Path:
         """Write the vector in the format ``path``'s suffix names (:data:`SUFFIXES`):
         ``.safetensors`` by :meth:`save`, ``.gguf`` by :meth:`save_gguf` (``num_layers`` and
         ``model_hint`` are the GGUF writer's). Raises :class:`TransportError` for another suffix,
@@ -282,13 +323,21 @@ class SteeringVector:
         if suffix == ".gguf":
             return self.save_gguf(path, model_hint=model_hint, num_layers=num_layers, overwrite=overwrite)
         if num_layers is not None or model_hint is not None:
-            raise TransportError("num_layers= and model_hint= apply to a .gguf output (a llama.cpp control "
-                                 f"vector), not to {path}")
+            raise TransportError(
+                "num_layers= and model_hint= apply to a .gguf output (a llama.cpp control "
+                f"vector), not to {path}"
+            )
         return self.save(path, overwrite=overwrite)
 
     # ------------------------------------------------------------------ llama.cpp control vectors
-    def save_gguf(self, path: str | os.PathLike, *, model_hint: str | None = None, num_layers: int | None = None,
-                  overwrite: bool = False) -> Path:
+    def save_gguf(
+        self,
+        path: str | os.PathLike,
+        *,
+        model_hint: str | None = None,
+        num_layers: int | None = None,
+        overwrite: bool = False,
+    ) -> Path:
         """Write a llama.cpp control-vector GGUF file (atomically), readable by
         ``llama-cli --control-vector`` and repeng's ``ControlVector.import_gguf``.
 
@@ -307,14 +356,23 @@ class SteeringVector:
         """
         recorded = self.num_layers
         if num_layers is not None and recorded is not None and num_layers != recorded:
-            raise TransportError(f"num_layers={num_layers}, but the vector's model has {recorded} decoder "
-                                 f"blocks (metadata {NUM_LAYERS_KEY}); leave num_layers out or pass "
-                                 f"{recorded}")
-        return write_control_vector(path, self.layer_vectors, self.layer_type, self.metadata, model_hint=model_hint,
-                                    num_layers=recorded if num_layers is None else num_layers, overwrite=overwrite)
+            raise TransportError(
+                f"num_layers={num_layers}, but the vector's model has {recorded} decoder "
+                f"blocks (metadata {NUM_LAYERS_KEY}); leave num_layers out or pass "
+                f"{recorded}"
+            )
+        return write_control_vector(
+            path,
+            self.layer_vectors,
+            self.layer_type,
+            self.metadata,
+            model_hint=model_hint,
+            num_layers=recorded if num_layers is None else num_layers,
+            overwrite=overwrite,
+        )
 
     @classmethod
-    def load_gguf(cls, path: str | os.PathLike, *, revision: str | None = None) -> "SteeringVector":
+    def load_gguf(cls, path: str | os.PathLike, *, revision: str | None = None) -> SteeringVector:
         """Read a llama.cpp control-vector GGUF file (from :meth:`save_gguf`,
         ``llama-cvector-generator`` or repeng's ``export_gguf``): ``direction.<n>`` (block ``n``'s
         output) becomes residual layer ``n + 1`` (module docstring). As in llama.cpp, several tensors naming one
@@ -339,8 +397,10 @@ class SteeringVector:
                 raise TransportError(f"the steering vector has no entry for layer {i} (it has {self.layers})")
             j = resolve_layer(i, n_layers + 1, TransportError)
             if j in out:
-                raise TransportError(f"layer keys {i} and {j - n_layers - 1 if i >= 0 else j} name the same residual "
-                                     f"layer of this {n_layers}-block model")
+                raise TransportError(
+                    f"layer keys {i} and {j - n_layers - 1 if i >= 0 else j} name the same residual "
+                    f"layer of this {n_layers}-block model"
+                )
             out[j] = self.layer_vectors[i]
         return out
 
@@ -350,11 +410,15 @@ class SteeringVector:
         blocks = decoder_blocks(model)
         d = hidden_size_of(model.config)
         if self.dim != d:
-            raise DimensionMismatchError(f"the steering vector has dimension {self.dim} but the model's hidden size is {d}")
+            raise DimensionMismatchError(
+                f"the steering vector has dimension {self.dim} but the model's hidden size is {d}"
+            )
         self._resolve_layers(len(blocks), None)
 
     @contextlib.contextmanager
-    def apply(self, model: torch.nn.Module, alpha: float = 1.0, layers: Sequence[int] | None = None) -> Iterator[None]:
+    def apply(
+        self, model: torch.nn.Module, alpha: float = 1.0, layers: Sequence[int] | None = None
+    ) -> Iterator[None]:
         """Add ``alpha·v_ℓ`` to residual layer ``ℓ`` (every position) while the context is open;
         the hooks are removed on exit, also on exceptions.
 
@@ -363,11 +427,15 @@ class SteeringVector:
         :class:`UnsupportedArchitectureError` when the decoder blocks cannot be found.
         """
         if self.layer_type != "decoder_block":
-            raise TransportError(f"apply() steers the residual stream between blocks; this vector has "
-                                 f"layer_type={self.layer_type!r}")
+            raise TransportError(
+                f"apply() steers the residual stream between blocks; this vector has "
+                f"layer_type={self.layer_type!r}"
+            )
         self.check_fits(model)
         plan = self._resolve_layers(len(decoder_blocks(model)), layers)
-        logger.debug("steering %s at residual layers %s with alpha=%g", type(model).__name__, sorted(plan), alpha)
+        logger.debug(
+            "steering %s at residual layers %s with alpha=%g", type(model).__name__, sorted(plan), alpha
+        )
         with add_to_residual(model, {j: alpha * v for j, v in plan.items()}):
             yield
 
@@ -375,10 +443,16 @@ class SteeringVector:
     def plan(self) -> TransformPlan:
         """The vector's transform plan: every layer's vector is a residual point (``WRITE``)."""
         shapes = {f"layer.{i}": (self.dim,) for i in self.layers}
-        return TransformPlan.for_tensors(shapes, dict.fromkeys(shapes, WRITE), self.dim, what="the steering vector",
-                                         dim_label="dimension {d}", check_rotation=lambda r: None)  # v ↦ R·v: exact
+        return TransformPlan.for_tensors(
+            shapes,
+            dict.fromkeys(shapes, WRITE),
+            self.dim,
+            what="the steering vector",
+            dim_label="dimension {d}",
+            check_rotation=lambda r: None,
+        )  # v ↦ R·v: exact
 
-    def transport(self, gauge: "Gauge | SignedPermutation", *, force: bool = False) -> "SteeringVector":
+    def transport(self, gauge: Gauge | SignedPermutation, *, force: bool = False) -> SteeringVector:
         """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE).
 
         Raises :class:`DimensionMismatchError` when ``d`` differs from the gauge's dimension and
@@ -391,8 +465,10 @@ class SteeringVector:
         if n_layers is not None:  # the gauge knows its models' depth: a layer they lack is an error now
             self._resolve_layers(n_layers, None)
             if self.num_layers is not None and self.num_layers != n_layers:
-                raise TransportError(f"the steering vector was made on a model of {self.num_layers} decoder "
-                                     f"blocks, but the gauge's models have {n_layers}")
+                raise TransportError(
+                    f"the steering vector was made on a model of {self.num_layers} decoder "
+                    f"blocks, but the gauge's models have {n_layers}"
+                )
         vecs = {i: plan.transform(f"layer.{i}", v, g) for i, v in self.layer_vectors.items()}
         meta = dict(self.metadata)
         if n_layers is not None:
@@ -410,8 +486,9 @@ class SteeringVector:
         return SteeringVector(vecs, self.layer_type, meta)
 
 
-def transport_steering_vector(vector: "SteeringVector | str | os.PathLike",
-                              gauge: "Gauge | SignedPermutation | str | os.PathLike") -> SteeringVector:
+def transport_steering_vector(
+    vector: SteeringVector | str | os.PathLike, gauge: Gauge | SignedPermutation | str | os.PathLike
+) -> SteeringVector:
     """``v_ℓ ↦ G·v_ℓ`` for every layer (see :meth:`SteeringVector.transport`). ``vector``: the
     object or its file (:meth:`SteeringVector.read`: safetensors or a llama.cpp ``.gguf``, local or
     ``namespace/name[@revision]/path``);
@@ -422,8 +499,13 @@ def transport_steering_vector(vector: "SteeringVector | str | os.PathLike",
 
 
 @torch.no_grad()
-def next_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, vector: SteeringVector | None = None,
-                        alpha: float = 1.0, layers: Sequence[int] | None = None) -> torch.Tensor:
+def next_token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    vector: SteeringVector | None = None,
+    alpha: float = 1.0,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
     """log p(next token) at the last position, [B, vocab] float64, optionally steered."""
     ids = torch.as_tensor(input_ids)
     ids = ids.reshape(-1, ids.shape[-1])
@@ -433,10 +515,17 @@ def next_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, vector:
     return torch.log_softmax(logits.to(torch.float64), dim=-1)
 
 
-def steering_effect(model: torch.nn.Module, vector: SteeringVector, input_ids: torch.Tensor,
-                    alpha: float = 1.0, layers: Sequence[int] | None = None) -> torch.Tensor:
+def steering_effect(
+    model: torch.nn.Module,
+    vector: SteeringVector,
+    input_ids: torch.Tensor,
+    alpha: float = 1.0,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
     """``Δ = log p_steered − log p_plain`` of the next token, [B, vocab]."""
-    return next_token_logprobs(model, input_ids, vector, alpha, layers) - next_token_logprobs(model, input_ids)
+    return next_token_logprobs(model, input_ids, vector, alpha, layers) - next_token_logprobs(
+        model, input_ids
+    )
 
 
 def percent_effect_preserved(delta_source: torch.Tensor, delta_target: torch.Tensor) -> float:

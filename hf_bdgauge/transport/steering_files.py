@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,7 +25,14 @@ from ..files import atomic_write_bytes
 from ..hub import resolve_file
 from ..layers import from_block_output
 
-__all__ = ["STEERING_FORMAT", "FORMAT_VERSION", "SUFFIXES", "output_format", "read_steering_file", "write_steering_file"]
+__all__ = [
+    "STEERING_FORMAT",
+    "FORMAT_VERSION",
+    "SUFFIXES",
+    "output_format",
+    "read_steering_file",
+    "write_steering_file",
+]
 
 STEERING_FORMAT = "hf_bdgauge.steering_vector"
 FORMAT_VERSION = "2"
@@ -33,8 +40,10 @@ _BLOCK_KEYED_VERSIONS = ("1",)
 _KEY = re.compile(r"layer\.(-?\d+)")
 #: Output suffix -> format: :meth:`SteeringVector.write` (and ``bdgauge transport steering``)
 #: pick the writer by it and refuse any other suffix.
-SUFFIXES = {".safetensors": "hf_bdgauge steering vector (safetensors)",
-            ".gguf": "llama.cpp control vector (GGUF)"}
+SUFFIXES = {
+    ".safetensors": "hf_bdgauge steering vector (safetensors)",
+    ".gguf": "llama.cpp control vector (GGUF)",
+}
 
 
 def output_format(path: str | os.PathLike, accepted: set[str], flag: str = "path") -> str:
@@ -44,13 +53,21 @@ def output_format(path: str | os.PathLike, accepted: set[str], flag: str = "path
     suffix = Path(path).suffix.lower()
     if suffix not in accepted:
         names = ", ".join(f"{s} ({SUFFIXES[s]})" for s in sorted(accepted))
-        raise TransportError(f"{flag} {os.fspath(path)!r}: a steering vector is written as {names}; name it "
-                             f"with {'that suffix' if len(accepted) == 1 else 'one of these suffixes'}")
+        raise TransportError(
+            f"{flag} {os.fspath(path)!r}: a steering vector is written as {names}; name it "
+            f"with {'that suffix' if len(accepted) == 1 else 'one of these suffixes'}"
+        )
     return suffix
 
 
-def write_steering_file(path: str | os.PathLike, layer_vectors: Mapping[int, torch.Tensor], layer_type: str,
-                        metadata: Mapping[str, str], *, overwrite: bool = False) -> Path:
+def write_steering_file(
+    path: str | os.PathLike,
+    layer_vectors: Mapping[int, torch.Tensor],
+    layer_type: str,
+    metadata: Mapping[str, str],
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write ``layer_vectors`` (residual layer -> [d]) as a steering-vector safetensors file
     (atomically; an existing ``path`` only with ``overwrite``). ``path`` must end in ``.safetensors``."""
     output_format(path, {".safetensors"})
@@ -64,8 +81,9 @@ def write_steering_file(path: str | os.PathLike, layer_vectors: Mapping[int, tor
     return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite)
 
 
-def read_steering_file(path: str | os.PathLike, *, revision: str | None = None
-                       ) -> tuple[dict[int, torch.Tensor], str, dict[str, str]]:
+def read_steering_file(
+    path: str | os.PathLike, *, revision: str | None = None
+) -> tuple[dict[int, torch.Tensor], str, dict[str, str]]:
     """``(residual layer -> vector, layer_type, metadata)`` of a file written by
     :func:`write_steering_file`: local, or ``namespace/name[@revision]/path/in/repo`` on the Hub.
     Raises :class:`CheckpointError` for an unreadable file, another format, an unexpected tensor
