@@ -220,8 +220,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {r['gb_per_s'] / copy_speed:.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['anon_over_baseline_mb']:.0f} | {r['anon_over_baseline_mb'] * 1e6 / largest:.2f} |"
+            f"| {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {r['gb_per_s'] / copy_speed:.2f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['anon_over_baseline_mb']:.0f} | "
+            f"{r['anon_over_baseline_mb'] * 1e6 / largest:.2f} |"
         )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -52,7 +52,8 @@ def main() -> None:
         )
         per = (time.perf_counter() - t0) / args.draws
         print(
-            f"{d:>6} {args.layers:>6} {per:>10.3f} {t_h:>12.3f} {per / max(t_h, 1e-9):>7.1f}   (p = {cal.p_value:.2g})"
+            f"{d:>6} {args.layers:>6} {per:>10.3f} {t_h:>12.3f} {per / max(t_h, 1e-9):>7.1f}   (p = "
+            f"{cal.p_value:.2g})"
         )
 
 

@@ -6,7 +6,7 @@ per-child figure, where ``getrusage(RUSAGE_CHILDREN)`` would give the maximum ov
 so far), each beside the same figures for a bare ``python -c pass`` and their ratio. A last
 column says whether the command imported torch (checked in-process by running ``main`` and
 reading ``sys.modules``). The target is a median of at most 0.5 s; this is a measurement, not a
-timed test (``tests/test_cli_options.py`` checks that no ``--help`` imports torch).
+timed test (``tests/test_cli_flags.py`` checks that no ``--help`` imports torch).
 
 The command is the ``bdgauge`` console script beside this Python when installed, else
 ``python -m hf_bdgauge.cli``. Results go to stdout (markdown) and to

@@ -237,7 +237,8 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
     print(f"## {label} (d = {d}): 1 vs 2 processes\n")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(
-        "| command | run | wall s (whole command) | main step s | peak RSS per process MB | right | wall ÷ 1×1 |"
+        "| command | run | wall s (whole command) | main step s | peak RSS per process MB | right | wall ÷ "
+        "1×1 |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for c, (name, argv, step) in enumerate(commands):
@@ -296,11 +297,12 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
         raise SystemExit(f"byte count run failed:\n{res.stderr[-3000:]}")
     report = json.loads(rep.read_text())
     print(
-        f"### {label}: bytes all-reduced per layer and half (2 processes), measured vs 8·(d²·(1+[Σyyᵀ kept]) + 4d + 1)\n"
+        f"### {label}: bytes all-reduced per layer and half (2 processes), measured vs 8·(d²·(1+[Σyyᵀ "
+        "kept]) + 4d + 1)\n"
     )
     print(
-        "| Σyyᵀ kept | d | layer-halves | stats all-reduces | bytes each (measured) | formula | total stats bytes "
-        "| sent per rank by a ring, 2(N−1)/N | other traffic |"
+        "| Σyyᵀ kept | d | layer-halves | stats all-reduces | bytes each (measured) | formula | total stats "
+        "bytes | sent per rank by a ring, 2(N−1)/N | other traffic |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for yy, r in report.items():
@@ -311,12 +313,12 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
         sizes = sorted(set(stats_calls))
         total = sum(stats_calls)
         print(
-            f"| {yy} | {d} | {r['layer_halves']} | {len(stats_calls)} | {', '.join(map(str, sizes))} | {formula} "
-            f"| {total} | {total * 2 * (n - 1) // n} | {'; '.join(other)} |"
+            f"| {yy} | {d} | {r['layer_halves']} | {len(stats_calls)} | {', '.join(map(str, sizes))} | "
+            f"{formula} | {total} | {total * 2 * (n - 1) // n} | {'; '.join(other)} |"
         )
     print(
-        "\n(`all_gather_object`: the pickled layout each process sends; the 16 B all-reduce: the failure flags "
-        "of on_every_rank, 8 B per process.)\n"
+        "\n(`all_gather_object`: the pickled layout each process sends; the 16 B all-reduce: the failure "
+        "flags of on_every_rank, 8 B per process.)\n"
     )
 
 

@@ -93,8 +93,8 @@ def part_checkpoint(work: Path, layers: int, skip_dense: bool) -> None:
     for name, r in rows:
         anon = r["peak_anon_mb"] - r["baseline_anon_mb"]
         print(
-            f"| {name} | {r['seconds']:.2f} | {nbytes / 1e9 / r['seconds']:.2f} | {r['seconds'] / copy_s:.1f} | "
-            f"{anon:.0f} | {anon * 1e6 / largest:.2f} |"
+            f"| {name} | {r['seconds']:.2f} | {nbytes / 1e9 / r['seconds']:.2f} | "
+            f"{r['seconds'] / copy_s:.1f} | {anon:.0f} | {anon * 1e6 / largest:.2f} |"
         )
     per_layer = {name: r["seconds"] for name, r in rows}
     fr = per_layer["fold"] + per_layer["rotate (Hadamard, folded)"]
@@ -103,7 +103,8 @@ def part_checkpoint(work: Path, layers: int, skip_dense: bool) -> None:
     )
     print(
         f"\nfold + Hadamard rotation: {fr:.1f} s for {nbytes / 1e9:.2f} GB = {fr / copy_s:.1f}× a copy; "
-        f"scaled by parameter count to 32 layers (×{scale:.1f}, an extrapolation): about {fr * scale / 60:.1f} min"
+        f"scaled by parameter count to 32 layers (×{scale:.1f}, an extrapolation): about "
+        f"{fr * scale / 60:.1f} min"
     )
 
 
@@ -142,8 +143,8 @@ def part_procrustes(tokens: int, layers: int) -> None:
     print(f"| one Procrustes SVD (d × d) | {t_svd:.1f} |")
     print(f"| estimate_rotation_from_stats (estimate, halves, layers' disagreement, p-value) | {t_all:.1f} |")
     print(
-        f"\nverdict {g.verdict}, ‖R̂ − R‖_F/√d = {err:.2e} (reported rotation_error {g.metrics['rotation_error']:.2e}), "
-        f"log10 p = {g.metrics['log10_p_value']:.0f}"
+        f"\nverdict {g.verdict}, ‖R̂ − R‖_F/√d = {err:.2e} (reported rotation_error "
+        f"{g.metrics['rotation_error']:.2e}), log10 p = {g.metrics['log10_p_value']:.0f}"
     )
 
 

@@ -170,7 +170,8 @@ def main() -> None:
     )
     rates = {n: _gemm_gflops(n, args.threads) for n in ("float32", "bfloat16")}
     print(
-        f"GEMM rate on this machine now: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s"
+        f"GEMM rate on this machine now: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 "
+        f"{rates['bfloat16']:.0f} GFLOP/s"
     )
     results: dict[str, list[dict]] = {run: [] for run in args.runs}
     for _ in range(args.repeats):  # round-robin, so a change of machine load hits every row alike
@@ -204,8 +205,8 @@ def main() -> None:
     naive = next((r["seconds"] for r in rows if r["run"] == "loaded"), None)
     print(
         "\n| run | seconds | CPU s | × naive time | load s | similarity s | GEMM floor s | matching s | "
-        "peak private MB above baseline | ÷ largest tensor | ÷ both checkpoints | peak RSS incl. file pages MB | "
-        "signed accuracy | verdict |"
+        "peak private MB above baseline | ÷ largest tensor | ÷ both checkpoints | peak RSS incl. file pages "
+        "MB | signed accuracy | verdict |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -216,15 +217,15 @@ def main() -> None:
         vs = f"{r['seconds'] / naive:.2f}" if naive else "-"
         print(
             f"| {LABELS[r['run']]} | {r['seconds']:.1f} | {r['cpu_s']:.0f} | {vs} | {r['load_s']:.1f} | "
-            f"{r['similarity_s']:.1f} | {floor:.1f} | {r['match_s']:.1f} | {anon:.0f} | {anon * 1e6 / largest:.2f} | "
-            f"{anon * 1e6 / (2 * nbytes):.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['signed_accuracy']:.3f} | {r['verdict']} |"
+            f"{r['similarity_s']:.1f} | {floor:.1f} | {r['match_s']:.1f} | {anon:.0f} | "
+            f"{anon * 1e6 / largest:.2f} | {anon * 1e6 / (2 * nbytes):.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['signed_accuracy']:.3f} | {r['verdict']} |"
         )
     load = os.getloadavg()
     print(
-        f"\n(median of {args.repeats} run(s) per row; 'CPU s' = process CPU time, at most {args.threads}× the wall time "
-        f"on an idle machine; 'GEMM floor' = the d×d products' FLOPs at the GEMM rate measured above; load average "
-        f"at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})"
+        f"\n(median of {args.repeats} run(s) per row; 'CPU s' = process CPU time, at most {args.threads}× "
+        "the wall time on an idle machine; 'GEMM floor' = the d×d products' FLOPs at the GEMM rate measured "
+        f"above; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})"
     )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

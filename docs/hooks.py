@@ -13,12 +13,13 @@ Measured numbers are never typed into a page: a line ``--8<-- "path"`` (outside 
 results file of the repository (``benchmarks/results/*.md``, ``experiments/**/results*.md``,
 ``examples/results/*.md``), and ``--8<-- "path#Heading"`` only the section under that heading (to the next
 heading of the same or a higher level). :func:`expand_includes` is the one reader of that line: the site
-(:func:`on_files`, :func:`on_page_markdown`) and the tests that run the pages (``tests/docs_runner.py``) both
-call it. The path is relative to the repository root; the file's own ``# title`` is dropped, its headings
-are moved below the page's current heading, and its relative links (plots, other results) are rewritten
-to point from the page to the same files. An include that names a missing file or heading raises
-:class:`IncludeError`, which stops the build. (The syntax is pymdownx.snippets', whose extension is not
-used: it can neither pick a section by heading nor move headings and links.)
+(:func:`on_files`, :func:`on_page_markdown`) and the tests that run the pages
+(``tests/helpers/docs_runner.py``) both call it. The path is relative to the repository root; the file's own
+``# title`` is dropped, its headings are moved below the page's current heading, and its relative links
+(plots, other results) are rewritten to point from the page to the same files. An include that names a
+missing file or heading raises :class:`IncludeError`, which stops the build. (The syntax is
+pymdownx.snippets', whose extension is not used: it can neither pick a section by heading nor move headings
+and links.)
 
 The docstrings use Sphinx roles (``:func:`x```), which mkdocstrings leaves as text before the code span;
 :func:`on_page_content` drops the role so the name reads as code.

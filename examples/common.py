@@ -31,11 +31,12 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -64,6 +65,7 @@ __all__ = [
     "signs_with_fraction",
     "versions",
     "Checks",
+    "print_table",
     "example_parser",
     "fast_or_full",
     "example_main",
@@ -442,15 +444,37 @@ class Checks:
         return seconds
 
 
+def print_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> None:
+    """Print ``rows`` as a markdown table. ``columns``: one ``(header, format spec)`` per column,
+    the spec starting with an optional alignment and the column's width (``"<15"``, ``"7.4f"``,
+    ``">19"``); each cell is ``format(value, spec)``, the header is left-aligned over a
+    left-aligned column and right-aligned otherwise, and the rule is the width plus the two
+    spaces around a cell."""
+    widths = []
+    for _, spec in columns:
+        m = re.match(r"[<>^]?(\d+)", spec)
+        if m is None:
+            raise ValueError(f"format spec {spec!r} does not start with a width")
+        widths.append(int(m.group(1)))
+    heads = [
+        format(h, ("<" if spec.startswith("<") else ">") + str(w)) for (h, spec), w in zip(columns, widths)
+    ]
+    print("| " + " | ".join(heads) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(format(v, spec) for v, (_, spec) in zip(row, columns)) + " |")
+
+
 # ------------------------------------------------------------------------------------------ command line
 def example_parser(doc: str | None, *, fast_help: str, out_help: str) -> argparse.ArgumentParser:
     """The command line every example starts from: its module docstring ``doc`` as the description
     (printed as written), ``--fast`` (``fast_help``: what it makes smaller) and ``--out DIR``
-    (``out_help``: what is kept there; default ``None``, a temporary directory). The example adds
-    its own flags, ``--seed`` among them, after these."""
+    (``out_help``: what is kept there; default ``None``, a temporary directory) and ``--seed``
+    (default 0). The example adds its own flags after these."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fast", action="store_true", help=fast_help)
     p.add_argument("--out", type=Path, default=None, help=f"{out_help} (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example's data, training and gauges")
     return p
 
 

@@ -148,10 +148,12 @@ def main() -> None:
             {k for k in (1, 2, 5, 10, 20, 30, 40, 60, 80, 100) if k < len(dirs)} | {len(dirs) - 1}
         )
         print(
-            f"\nsigned accuracy against the planted ground truth G_k·G_0ᵀ ({eval_ids.numel()} evaluation tokens)"
+            f"\nsigned accuracy against the planted ground truth G_k·G_0ᵀ ({eval_ids.numel()} evaluation "
+            "tokens)"
         )
         print(
-            "|  step | train loss | endpoint (act) | excess | endpoint verdict      | composed (act) | endpoint (weights) |"
+            "|  step | train loss | endpoint (act) | excess | endpoint verdict      | composed (act) | "
+            "endpoint (weights) |"
         )
         print(
             "|-------|------------|----------------|--------|-----------------------|----------------|--------------------|"
@@ -169,7 +171,8 @@ def main() -> None:
                 str(dirs[0]), str(dirs[k]), method="weights", weights=WeightOptions(progress=False)
             )
             print(
-                f"| {k * args.every:5d} | {losses[k]:10.3f} | {end.element.agreement(truth)['signed_accuracy']:14.3f} | "
+                f"| {k * args.every:5d} | {losses[k]:10.3f} | "
+                f"{end.element.agreement(truth)['signed_accuracy']:14.3f} | "
                 f"{end.metrics['excess_over_null']:6.3f} | {end.metrics['verdict']:<21} | "
                 f"{comp.element.agreement(truth)['signed_accuracy']:14.3f} | "
                 f"{wts.element.agreement(truth)['signed_accuracy']:18.3f} |"
@@ -179,8 +182,8 @@ def main() -> None:
             for k in range(len(links))
         ]
         print(
-            f"\n{len(links)} local estimates in {t_hops:.1f} s; local signed accuracy min {min(hop_acc):.3f}, "
-            f"mean {np.mean(hop_acc):.3f}; weakest local excess over null "
+            f"\n{len(links)} local estimates in {t_hops:.1f} s; local signed accuracy min "
+            f"{min(hop_acc):.3f}, mean {np.mean(hop_acc):.3f}; weakest local excess over null "
             f"{min(g.metrics['excess_over_null'] for g in links):.3f}"
         )
 

@@ -53,9 +53,10 @@ from examples.common import (  # noqa: E402
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
 from hf_bdgauge.errors import FingerprintMismatchError  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
-from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.provenance import ModelRef  # noqa: E402
-from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect  # noqa: E402
+from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
+from hf_bdgauge.transport.steering_measure import percent_effect_preserved, steering_effect  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,8 +114,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["steering_preserved"] = percent_effect_preserved(d_ref, d_model)
         res["steering_preserved_untransported"] = percent_effect_preserved(d_ref, d_raw)
         print(
-            f"a v1.0 steering vector on v1.1 via from_reference: {res['steering_preserved']:.3f}% of its effect "
-            f"(used as is: {res['steering_preserved_untransported']:.1f}%)"
+            f"a v1.0 steering vector on v1.1 via from_reference: {res['steering_preserved']:.3f}% of its "
+            f"effect (used as is: {res['steering_preserved_untransported']:.1f}%)"
         )
         checks(
             "from_reference carries a v1.0 steering vector to v1.1 (>= 99.9%)",
@@ -160,7 +161,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = example_parser(
         __doc__, fast_help="fewer estimation samples (for the tests)", out_help="keep the files here"
     )
-    p.add_argument("--seed", type=int, default=0)
     return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 
 

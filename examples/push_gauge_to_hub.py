@@ -17,10 +17,11 @@ Usage::
 
     python examples/push_gauge_to_hub.py                       # save locally, reload, check (~10 s)
     python examples/push_gauge_to_hub.py --out ./my-gauge      # keep the gauge directory
-    python examples/push_gauge_to_hub.py --endpoint https://huggingface.co --repo-id me/stories260K-v1.0-to-v1.1 --token hf_...
+    python examples/push_gauge_to_hub.py --endpoint https://huggingface.co \\
+        --repo-id me/stories260K-v1.0-to-v1.1 --token hf_...
 
 (``--endpoint`` points ``huggingface_hub`` at that server for this run only, like ``HF_ENDPOINT``;
-the tests use a local test double of the Hub's HTTP routes, ``tests/hub_double.py``.) Exits
+the tests use a local test double of the Hub's HTTP routes, ``tests/helpers/hub_double.py``.) Exits
 non-zero when a check fails.
 """
 
@@ -55,7 +56,7 @@ from examples.common import (  # noqa: E402
 )
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
-from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.provenance import ModelRef  # noqa: E402
 
 
@@ -164,8 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     (gm.to_reference(a) - b).abs().max().item() for a, b in zip(h_src, h_tgt)
                 )
                 print(
-                    f"GaugedModel.from_pretrained(v1.0, gauge={args.repo_id!r}): max |to_reference(h_v1.0) − h_v1.1| "
-                    f"over all layers = {res['max_dh_via_hub_gauge']:.1e}"
+                    f"GaugedModel.from_pretrained(v1.0, gauge={args.repo_id!r}): max |to_reference(h_v1.0) "
+                    f"− h_v1.1| over all layers = {res['max_dh_via_hub_gauge']:.1e}"
                 )
                 checks(
                     "v1.0 with the Hub gauge maps its hidden states onto v1.1's",
@@ -195,7 +196,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model-id", default="local/stories260K", help="model id recorded for both ends of the gauge"
     )
-    p.add_argument("--seed", type=int, default=0)
     return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 
 

@@ -46,6 +46,7 @@ from examples.common import (  # noqa: E402
     example_parser,
     fast_or_full,
     load_model,
+    print_table,
     run_example,
     sample_ids,
     setup,
@@ -54,7 +55,7 @@ from examples.common import (  # noqa: E402
 )
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
-from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.transport.optimizer import transport_optimizer_state  # noqa: E402
 
 VARIANTS = (
@@ -173,8 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     s = res["settings"]
     print(
-        f"stories260K, AdamW lr {s['lr']:g} (weight decay {s['weight_decay']:g}, batch {s['batch_size']}) on "
-        f"{s['train_tokens']} tokens of its own stories: {s['steps']} steps, checkpoint, {s['resume_steps']} more"
+        f"stories260K, AdamW lr {s['lr']:g} (weight decay {s['weight_decay']:g}, batch {s['batch_size']}) "
+        f"on {s['train_tokens']} tokens of its own stories: {s['steps']} steps, checkpoint, "
+        f"{s['resume_steps']} more"
     )
     print(
         f"checkpoint re-charted on disk by a random G ({res['sign_flips']}/64 sign flips); estimated gauge: "
@@ -182,12 +184,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     checks("estimate equals the planted gauge", res["estimate_equals_planted"])
     print(f"\nresumed for {s['resume_steps']} steps on the same batches, compared with the uninterrupted run")
-    print(f"| {'optimizer state on resume':<46} | {'max |Δ loss|':>12} | {'max |Δ param| at the end':>24} |")
-    print(f"|{'-' * 48}|{'-' * 14}|{'-' * 26}|")
-    for name in res["curves"]:
-        print(f"| {name:<46} | {res['max_dloss'][name]:12.2e} | {res['max_dparam'][name]:24.2e} |")
+    print_table(
+        [
+            ("optimizer state on resume", "<46"),
+            ("max |Δ loss|", "12.2e"),
+            ("max |Δ param| at the end", "24.2e"),
+        ],
+        [(name, res["max_dloss"][name], res["max_dparam"][name]) for name in res["curves"]],
+    )
     print(
-        "(parameters compared with the uninterrupted run's end, re-charted by the planted G for the re-charted runs)"
+        "(parameters compared with the uninterrupted run's end, re-charted by the planted G for the "
+        "re-charted runs)"
     )
     steps_shown = [0, len(res["original"]) // 2, len(res["original"]) - 1]
     print("\nloss at resumed steps " + ", ".join(str(i + 1) for i in steps_shown) + ":")
@@ -227,7 +234,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--resume-steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gauge-seed", type=int, default=303)
     args = p.parse_args(argv)
     args.steps = args.steps or (10 if args.fast else 40)

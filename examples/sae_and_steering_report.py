@@ -30,9 +30,10 @@ from hf_bdgauge.errors import TransportError
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.transport.probes import IndexSet, LinearProbe
-from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
-from hf_bdgauge.transport.steering import (
-    SteeringVector,
+from hf_bdgauge.transport.sae import SAE, transport_sae
+from hf_bdgauge.transport.sae_training import fit_sae
+from hf_bdgauge.transport.steering import SteeringVector
+from hf_bdgauge.transport.steering_measure import (
     next_token_logprobs,
     percent_effect_preserved,
     steering_effect,
@@ -198,7 +199,8 @@ def format_table(rows: list[tuple[str, str, str, str]], flips: int, layer: int =
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
     out = [
-        f"stories260K, residual layer {layer} (after block {layer - 1}), planted gauge G with {flips}/64 sign flips",
+        f"stories260K, residual layer {layer} (after block {layer - 1}), planted gauge G with {flips}/64 "
+        "sign flips",
         line(head),
         "  ".join("-" * w for w in widths),
     ]

@@ -43,13 +43,15 @@ from examples.common import (  # noqa: E402
     load_example,
     load_model,
     load_tokenizer,
+    print_table,
     run_example,
     setup,
     work_dir,
 )
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
-from hf_bdgauge.options import CaptureOptions
-from hf_bdgauge.transport.steering import SteeringVector, percent_effect_preserved, steering_effect  # noqa: E402
+from hf_bdgauge.options import CaptureOptions  # noqa: E402
+from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
+from hf_bdgauge.transport.steering_measure import percent_effect_preserved, steering_effect  # noqa: E402
 
 
 def steered_text(
@@ -93,15 +95,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         texts["v1.0 unsteered"] = steered_text(model, tok, report.PROMPTS[0], None, args.alpha)
         texts["v1.0 steered"] = steered_text(model, tok, report.PROMPTS[0], vec, args.alpha)
         print(
-            f"steering vector: mean(happy) − mean(sad) at residual layer {args.layer} (after block {args.layer - 1}) of v1.0, |v| = "
-            f"{vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to {out / 'happy-v1.0.safetensors'}"
+            f"steering vector: mean(happy) − mean(sad) at residual layer {args.layer} (after block "
+            f"{args.layer - 1}) of v1.0, |v| = {vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to "
+            f"{out / 'happy-v1.0.safetensors'}"
         )
         for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
             tgt_model = load_model(repo.path(rev))
             est = estimate_gauge(src, repo.path(rev), repo.texts, capture=CaptureOptions(progress=False))
             exact = est.element == repo.planted[rev]
             print(
-                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}"
+                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: "
+                f"{exact}"
             )
             if rev == RevisionRepo.RECHARTED:
                 checks("estimate equals the planted gauge (v1.1-recharted)", exact)
@@ -138,17 +142,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
 
         print(
-            f"\nsteering effect preserved (next-token log-prob shift on {len(prompts)} prompts, alpha {args.alpha:g})"
+            f"\nsteering effect preserved (next-token log-prob shift on {len(prompts)} prompts, alpha "
+            f"{args.alpha:g})"
         )
-        print(
-            f"| {'revision':<15} | {'transport':<28} | {'effect preserved %':>18} | {'steered text = v1.0':>19} |"
+        print_table(
+            [
+                ("revision", "<15"),
+                ("transport", "<28"),
+                ("effect preserved %", "18.3f"),
+                ("steered text = v1.0", ">19"),
+            ],
+            [
+                (
+                    r["revision"],
+                    r["transport"],
+                    r["effect preserved %"],
+                    str(r["steered text == v1.0 steered text"]),
+                )
+                for r in rows
+            ],
         )
-        print(f"|{'-' * 17}|{'-' * 30}|{'-' * 20}|{'-' * 21}|")
-        for r in rows:
-            print(
-                f"| {r['revision']:<15} | {r['transport']:<28} | {r['effect preserved %']:18.3f} | "
-                f"{r['steered text == v1.0 steered text']!s:>19} |"
-            )
         print(f"\ngreedy continuations of {report.PROMPTS[0]!r}:")
         for k, v in texts.items():
             print(f"  {k:<52} {v!r}")
@@ -172,7 +185,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layer", type=int, default=3, help="residual layer steered (1-5: the output of block layer-1)"
     )
     p.add_argument("--alpha", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
     return fast_or_full(
         p.parse_args(argv), finetune_steps=(10, 40), finetune_samples=(32, 128), eval_samples=(4, 8)
     )

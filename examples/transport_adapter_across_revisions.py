@@ -48,6 +48,7 @@ from examples.common import (  # noqa: E402
     load_model,
     load_tokenizer,
     lora_losses,
+    print_table,
     run_example,
     setup,
     task_data,
@@ -55,7 +56,7 @@ from examples.common import (  # noqa: E402
     work_dir,
 )
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
-from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
 
 
@@ -96,9 +97,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gain_src = loss_src - loss_src_ad
         print(f"revisions in {repo.root}: {', '.join(repo.revisions)}")
         print(
-            f"LoRA r=4 on q,v,o,down of v1.0: {args.lora_steps} AdamW steps (lr {args.lora_lr:g}) on {train.numel()} "
-            "task tokens; held-out "
-            f"loss {loss_src:.4f} -> {loss_src_ad:.4f} nats/token (gain {gain_src:.4f}) on {heldout.numel()} tokens"
+            f"LoRA r=4 on q,v,o,down of v1.0: {args.lora_steps} AdamW steps (lr {args.lora_lr:g}) on "
+            f"{train.numel()} task tokens; held-out loss {loss_src:.4f} -> {loss_src_ad:.4f} nats/token "
+            f"(gain {gain_src:.4f}) on {heldout.numel()} tokens"
         )
 
         rows: list[dict[str, Any]] = []
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             agree = est.element.agreement(repo.planted[rev])
             exact = est.element == repo.planted[rev]
             print(
-                f"\n{RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: {est.metrics['summary']}"
+                f"\n{RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: "
+                f"{est.metrics['summary']}"
             )
             print(f"  estimate == planted gauge: {exact} (signed accuracy {agree['signed_accuracy']:.3f})")
             if rev == RevisionRepo.RECHARTED:
@@ -169,17 +171,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "\nheld-out task loss with the adapter on each revision (the v1.0 adapter's gain is "
             f"{gain_src:.4f} nats/token; 'retained' = gain on the revision / that gain)"
         )
-        print(
-            f"| {'revision':<15} | {'transport':<28} | {'loss':>7} | {'retained %':>10} | {'max |Δ logit| vs v1.0+adapter':>30} |"
+        print_table(
+            [
+                ("revision", "<15"),
+                ("transport", "<28"),
+                ("loss", "7.4f"),
+                ("retained %", "10.2f"),
+                ("max |Δ logit| vs v1.0+adapter", "30.2e"),
+            ],
+            [(r["revision"], r["transport"], r["loss"], r["retained %"], r["max |Δ logit|"]) for r in rows],
         )
-        print(f"|{'-' * 17}|{'-' * 30}|{'-' * 9}|{'-' * 12}|{'-' * 32}|")
-        for r in rows:
-            print(
-                f"| {r['revision']:<15} | {r['transport']:<28} | {r['loss']:7.4f} | {r['retained %']:10.2f} | "
-                f"{r['max |Δ logit|']:30.2e} |"
-            )
         print(
-            "(on v2.0-finetuned the base itself changed, so logits differ from v1.0 + adapter whatever the transport)"
+            "(on v2.0-finetuned the base itself changed, so logits differ from v1.0 + adapter whatever the "
+            "transport)"
         )
     seconds = checks.finish()
     return {
@@ -199,7 +203,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fast_help="fewer steps and samples (for the tests)",
         out_help="keep the revisions and adapters here",
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--lora-steps", type=int, default=None, help="LoRA training steps (default 60; 30 with --fast)"
     )

@@ -3,7 +3,8 @@
 Makes the local repo of revisions of ``examples/common.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = same weights in another residual chart, ``v2.0-finetuned`` = a
 short fine-tune saved in yet another chart), trains SAEs (ReLU and top-k, d_sae = 256) on v1.0's
-residual layer ``ℓ`` (the output of block ``ℓ − 1``, ``blocks.<ℓ−1>.hook_resid_post``) and saves them as SAELens directories. For each
+residual layer ``ℓ`` (the output of block ``ℓ − 1``, ``blocks.<ℓ−1>.hook_resid_post``) and saves
+them as SAELens directories. For each
 newer revision it **estimates** the gauge from activations on held-out text, compares it with the
 planted one, transports the SAE directory with the estimate (``transport_sae``: ``W_enc -> G·W_enc``,
 ``W_dec -> W_dec·Gᵀ``, ``b_dec -> G·b_dec``) and measures the NMSE (fraction of variance
@@ -40,6 +41,7 @@ from examples.common import (  # noqa: E402
     example_parser,
     fast_or_full,
     load_model,
+    print_table,
     run_example,
     sample_ids,
     setup,
@@ -47,12 +49,14 @@ from examples.common import (  # noqa: E402
 )
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.layers import residual_states  # noqa: E402
-from hf_bdgauge.options import CaptureOptions
-from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae  # noqa: E402
+from hf_bdgauge.options import CaptureOptions  # noqa: E402
+from hf_bdgauge.transport.sae import SAE, transport_sae  # noqa: E402
+from hf_bdgauge.transport.sae_training import fit_sae  # noqa: E402
 
 
 def residuals(path: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """Residual layer ``layer`` (the output of block ``layer − 1``) of the model at ``path``, as [tokens, d]."""
+    """Residual layer ``layer`` (the output of block ``layer − 1``) of the model at ``path``, as
+    [tokens, d]."""
     h = residual_states(load_model(path), ids, [layer])[layer]
     return h.reshape(-1, h.shape[-1])
 
@@ -74,8 +78,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x_fit = residuals(src, fit_ids, args.layer)
         x_src = residuals(src, repo.eval_ids, args.layer)
         print(
-            f"SAEs on v1.0 blocks.{args.layer - 1}.hook_resid_post: fitted on {x_fit.shape[0]} tokens of sampled stories, "
-            f"NMSE on {x_src.shape[0]} held-out tokens"
+            f"SAEs on v1.0 blocks.{args.layer - 1}.hook_resid_post: fitted on {x_fit.shape[0]} tokens of "
+            f"sampled stories, NMSE on {x_src.shape[0]} held-out tokens"
         )
         saes = {}
         for arch, k in (("standard", None), ("topk", 16)):
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
             exact = est.element == repo.planted[rev]
             print(
-                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}"
+                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: "
+                f"{exact}"
             )
             if rev == RevisionRepo.RECHARTED:
                 checks("estimate equals the planted gauge (v1.1-recharted)", exact)
@@ -131,23 +136,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 checks(
                     f"{arch}: B_d beats S_d and no transport ({rev})",
                     row["B_d NMSE"] < min(row["S_d NMSE"], row["untransported NMSE"]),
-                    f"B_d {row['B_d NMSE']:.4f}, S_d {row['S_d NMSE']:.4f}, none {row['untransported NMSE']:.4f}",
+                    f"B_d {row['B_d NMSE']:.4f}, S_d {row['S_d NMSE']:.4f}, none "
+                    f"{row['untransported NMSE']:.4f}",
                 )
         print(
             "\nSAE NMSE (d_sae 256; 0 = perfect, 1 = predicting the mean) on the revision's own activations"
         )
-        print(
-            f"| {'revision':<15} | {'SAE':<8} | {'source (v1.0)':>13} | {'B_d':>8} | {'S_d':>8} | {'untransported':>13} | "
-            f"{'max |Δ f| B_d':>13} |"
+        keys = ["revision", "sae", "source NMSE (v1.0)", "B_d NMSE", "S_d NMSE", "untransported NMSE"]
+        print_table(
+            [
+                ("revision", "<15"),
+                ("SAE", "<8"),
+                ("source (v1.0)", "13.6f"),
+                ("B_d", "8.6f"),
+                ("S_d", "8.4f"),
+                ("untransported", "13.4f"),
+                ("max |Δ f| B_d", "13.1e"),
+            ],
+            [[r[k] for k in keys] + [r["max |Δ feature act| B_d"]] for r in rows],
         )
-        print(f"|{'-' * 17}|{'-' * 10}|{'-' * 15}|{'-' * 10}|{'-' * 10}|{'-' * 15}|{'-' * 15}|")
-        for r in rows:
-            print(
-                f"| {r['revision']:<15} | {r['sae']:<8} | {r['source NMSE (v1.0)']:13.6f} | {r['B_d NMSE']:8.6f} | "
-                f"{r['S_d NMSE']:8.4f} | {r['untransported NMSE']:13.4f} | {r['max |Δ feature act| B_d']:13.1e} |"
-            )
         print(
-            "(max |Δ f|: feature activations of the B_d SAE on the revision vs the original SAE on v1.0, same tokens)"
+            "(max |Δ f|: feature activations of the B_d SAE on the revision vs the original SAE on v1.0, "
+            "same tokens)"
         )
     seconds = checks.finish()
     return {"rows": rows, "failures": checks.failures, "repo_settings": repo.settings, "seconds": seconds}
@@ -162,7 +172,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--layer", type=int, default=3, help="residual layer the SAE reads (1-5: the output of block layer-1)"
     )
-    p.add_argument("--seed", type=int, default=0)
     return fast_or_full(
         p.parse_args(argv),
         sae_steps=(100, 300),

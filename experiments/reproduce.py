@@ -68,14 +68,11 @@ from examples.common import (  # noqa: E402
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
 from hf_bdgauge.estimate import compose_gauges, compose_via_base, estimate_gauge  # noqa: E402
 from hf_bdgauge.layers import residual_states  # noqa: E402
-from hf_bdgauge.options import CaptureOptions
+from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
-from hf_bdgauge.transport.sae import fit_sae  # noqa: E402
-from hf_bdgauge.transport.steering import (  # noqa: E402
-    SteeringVector,
-    percent_effect_preserved,
-    steering_effect,
-)
+from hf_bdgauge.transport.sae_training import fit_sae  # noqa: E402
+from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
+from hf_bdgauge.transport.steering_measure import percent_effect_preserved, steering_effect  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "stories260K (llama2.c TinyStories, d=64, 5 layers, real pretrained weights bundled in hf_bdgauge)"
@@ -256,13 +253,14 @@ def _repo_setup_text(ctx: Context) -> str:
     f = s["finetune"]
     acc = s["estimate_signed_accuracy_vs_planted"]
     return (
-        f"Revisions (one local repo per seed {s['repo_seeds']}): `v1.0` = stories260K; `v1.1-recharted` = v1.0 "
-        f"re-charted on disk by a random signed permutation (gauge seeds {[g[0] for g in s['gauge_seeds']]}); "
-        f"`v2.0-finetuned` = v1.0 after {f['finetune_steps']} AdamW steps (lr {f['finetune_lr']:g}, batch 8) on "
-        f"{f['n_train']} of its own stories of {f['length']} tokens, saved re-charted (gauge seeds "
-        f"{[g[1] for g in s['gauge_seeds']]}). Gauges v1.0 → revision estimated on {s['estimate_tokens']} tokens "
-        f"of held-out stories; signed accuracy of the estimate against the planted gauge: v1.1 {acc['v1.1-recharted']}, "
-        f"v2.0 {acc['v2.0-finetuned']}. S_d = the estimate's permutation with its signs dropped."
+        f"Revisions (one local repo per seed {s['repo_seeds']}): `v1.0` = stories260K; `v1.1-recharted` = "
+        "v1.0 re-charted on disk by a random signed permutation (gauge seeds "
+        f"{[g[0] for g in s['gauge_seeds']]}); `v2.0-finetuned` = v1.0 after {f['finetune_steps']} AdamW "
+        f"steps (lr {f['finetune_lr']:g}, batch 8) on {f['n_train']} of its own stories of {f['length']} "
+        f"tokens, saved re-charted (gauge seeds {[g[1] for g in s['gauge_seeds']]}). Gauges v1.0 → revision "
+        f"estimated on {s['estimate_tokens']} tokens of held-out stories; signed accuracy of the estimate "
+        f"against the planted gauge: v1.1 {acc['v1.1-recharted']}, v2.0 {acc['v2.0-finetuned']}. S_d = the "
+        "estimate's permutation with its signs dropped."
     )
 
 
@@ -320,9 +318,10 @@ def report_a(res: dict[str, Any]) -> str:
         [
             "## (a) Raw signed matching is capped at the fraction of + signs",
             "",
-            f"Setup: {s['model']}; target = {s['target']}; gauge = {s['gauge']}, {s['gauge_seeds_per_fraction']} seeds per "
-            f"fraction; data: {s['data']}, {s['tokens']} tokens, all 6 residual layers pooled. Accuracy = fraction of the "
-            "64 coordinates whose match is right (mean ± sd over the seeds).",
+            f"Setup: {s['model']}; target = {s['target']}; gauge = {s['gauge']}, "
+            f"{s['gauge_seeds_per_fraction']} seeds per fraction; data: {s['data']}, {s['tokens']} tokens, "
+            "all 6 residual layers pooled. Accuracy = fraction of the 64 coordinates whose match is right "
+            "(mean ± sd over the seeds).",
             "",
             _table(
                 [
@@ -490,15 +489,15 @@ def section_b(ctx: Context) -> dict[str, Any]:
         "steps": cfg.b_steps,
         "every": cfg.b_every,
         "batch": cfg.b_batch,
-        "train_data": f"run A: {cfg.b_train_samples} stories of 64 tokens sampled from the model (seed 10); run B: "
-        f"{cfg.b_train_samples} others (seed 20); minibatch seeds 0 (A) and 1 (B)",
+        "train_data": f"run A: {cfg.b_train_samples} stories of 64 tokens sampled from the model (seed 10); "
+        f"run B: {cfg.b_train_samples} others (seed 20); minibatch seeds 0 (A) and 1 (B)",
         "train_tokens_per_run": int(data["A"].numel()),
         "estimate_data": f"{cfg.b_eval_samples} held-out stories of 64 tokens (seed 1)",
         "estimate_tokens": int(ev.numel()),
-        "gauges": "checkpoint 0 (the shared base) re-charted by G_0 (seed 10000); checkpoint k of run A by seed 20000+k, "
-        "of run B by seed 30000+k",
-        "truth": "G_k·G_0ᵀ (base → A_k) and G^B_k·(G^A_k)ᵀ (A_k → B_k): training keeps the chart, only the planted "
-        "re-charting moves it",
+        "gauges": "checkpoint 0 (the shared base) re-charted by G_0 (seed 10000); checkpoint k of run A by "
+        "seed 20000+k, of run B by seed 30000+k",
+        "truth": "G_k·G_0ᵀ (base → A_k) and G^B_k·(G^A_k)ᵀ (A_k → B_k): training keeps the chart, only the "
+        "planted re-charting moves it",
     }
     return out
 
@@ -545,15 +544,16 @@ def report_b(res: dict[str, Any]) -> str:
         [
             "## (b) Composing local gauges along a run vs matching its endpoints",
             "",
-            f"Setup: {s['model']}; {s['steps']} steps of {s['optimizer']}, batch {s['batch']}, per learning rate; "
-            f"train data: {s['train_data']} ({s['train_tokens_per_run']} tokens per run); a checkpoint every {s['every']} "
-            f"steps, {s['gauges']}. Every gauge estimated on {s['estimate_data']} = {s['estimate_tokens']} tokens. "
-            f"Ground truth: {s['truth']}. Accuracy = signed accuracy (permutation and sign right) against the truth.",
+            f"Setup: {s['model']}; {s['steps']} steps of {s['optimizer']}, batch {s['batch']}, per learning "
+            f"rate; train data: {s['train_data']} ({s['train_tokens_per_run']} tokens per run); a "
+            f"checkpoint every {s['every']} steps, {s['gauges']}. Every gauge estimated on "
+            f"{s['estimate_data']} = {s['estimate_tokens']} tokens. Ground truth: {s['truth']}. Accuracy = "
+            "signed accuracy (permutation and sign right) against the truth.",
             "",
-            "*composed*: the product of the local estimates between consecutive checkpoints of run A (base → A_k); "
-            "*endpoint*: one estimate base → A_k; *via base*: A_k → base → B_k, local estimates of both runs composed "
-            "(run A's inverted); *direct*: one estimate A_k → B_k. *excess*: the estimate's fit over a rotated-target null "
-            "(1 = perfect, 0 = no better than chance).",
+            "*composed*: the product of the local estimates between consecutive checkpoints of run A (base "
+            "→ A_k); *endpoint*: one estimate base → A_k; *via base*: A_k → base → B_k, local estimates of "
+            "both runs composed (run A's inverted); *direct*: one estimate A_k → B_k. *excess*: the "
+            "estimate's fit over a rotated-target null (1 = perfect, 0 = no better than chance).",
             "",
             "Final step:",
             "",
@@ -669,12 +669,14 @@ def section_c(ctx: Context) -> dict[str, Any]:
         "summary": summary,
         "settings": {
             "model": MODEL,
-            "sae": "d_sae 256, ReLU ('standard', L1 0.1) and top-k (k 16), hf_bdgauge.transport.sae.fit_sae "
-            f"{cfg.c_sae_steps} Adam steps (lr 3e-3, batch 256, seed 1), SAELens format",
+            "sae": "d_sae 256, ReLU ('standard', L1 0.1) and top-k (k 16), "
+            f"hf_bdgauge.transport.sae_training.fit_sae {cfg.c_sae_steps} Adam steps (lr 3e-3, batch "
+            "256, seed 1), SAELens format",
             "layers": list(cfg.c_layers),
             "fit_tokens": int(fit_ids.numel()),
             "eval_tokens": int(ev_ids.numel()),
-            "data": f"fit: {cfg.c_fit_samples} stories sampled from v1.0 (seed 3); NMSE: {cfg.c_eval_samples} others (seed 4)",
+            "data": f"fit: {cfg.c_fit_samples} stories sampled from v1.0 (seed 3); NMSE: "
+            f"{cfg.c_eval_samples} others (seed 4)",
         },
     }
 
@@ -716,10 +718,10 @@ def report_c(res: dict[str, Any], ctx: Context, cross_check: str | None) -> str:
     parts = [
         "## (c) SAE reconstruction after transport: B_d vs S_d",
         "",
-        f"Setup: {s['model']}; SAEs: {s['sae']}, one per residual layer {s['layers']} (the output of block ℓ − 1) fitted "
-        f"on v1.0: {s['data']} ({s['fit_tokens']} / {s['eval_tokens']} tokens). NMSE = Σ‖x − x̂‖² / Σ‖x − x̄‖² on the "
-        "revision's own activations of the held-out stories (0 = perfect, 1 = predicting the mean). "
-        + _repo_setup_text(ctx),
+        f"Setup: {s['model']}; SAEs: {s['sae']}, one per residual layer {s['layers']} (the output of block "
+        f"ℓ − 1) fitted on v1.0: {s['data']} ({s['fit_tokens']} / {s['eval_tokens']} tokens). NMSE = Σ‖x − "
+        "x̂‖² / Σ‖x − x̄‖² on the revision's own activations of the held-out stories (0 = perfect, 1 = "
+        "predicting the mean). " + _repo_setup_text(ctx),
         "",
         "Mean ± sd over layers × repo seeds (n per cell in the last column):",
         "",
@@ -839,7 +841,8 @@ def section_d(ctx: Context) -> dict[str, Any]:
             "alpha": cfg.d_alpha,
             "prompts": len(prompts),
             "prompt_tokens": int(sum(p.numel() for p in prompts)),
-            "metric": "100·⟨Δ_target, Δ_v1.0⟩/‖Δ_v1.0‖², Δ = steered − plain next-token log-probs at the last position",
+            "metric": "100·⟨Δ_target, Δ_v1.0⟩/‖Δ_v1.0‖², Δ = steered − plain next-token log-probs at the "
+            "last position",
         },
     }
 
@@ -858,9 +861,9 @@ def report_d(res: dict[str, Any], ctx: Context) -> str:
         [
             "## (d) Steering effect preserved after transport: B_d vs S_d",
             "",
-            f"Setup: {s['model']}; vectors: {s['vectors']}; layers {s['layers']}; alpha {s['alpha']:g}; effect measured on "
-            f"{s['prompts']} prompts ({s['prompt_tokens']} tokens); metric: {s['metric']}. "
-            + _repo_setup_text(ctx),
+            f"Setup: {s['model']}; vectors: {s['vectors']}; layers {s['layers']}; alpha {s['alpha']:g}; "
+            f"effect measured on {s['prompts']} prompts ({s['prompt_tokens']} tokens); metric: "
+            f"{s['metric']}. " + _repo_setup_text(ctx),
             "",
             "Mean ± sd over contrast pairs × layers × repo seeds:",
             "",
@@ -873,9 +876,10 @@ def report_d(res: dict[str, Any], ctx: Context) -> str:
             "",
             _table(["revision", "layer", "B_d %", "S_d %", "untransported %"], per_layer),
             "",
-            "Part of any added vector's effect does not depend on its direction (a large addition rescales the RMS-normed "
-            "residual and flattens the next-token distribution), so S_d and untransported vectors keep a direction-free "
-            "share of the effect; B_d keeps all of it on the re-charted revision.",
+            "Part of any added vector's effect does not depend on its direction (a large addition rescales "
+            "the RMS-normed residual and flattens the next-token distribution), so S_d and untransported "
+            "vectors keep a direction-free share of the effect; B_d keeps all of it on the re-charted "
+            "revision.",
             "",
             "![steering](steering.png)",
         ]
@@ -964,11 +968,13 @@ def section_e(ctx: Context) -> dict[str, Any]:
             "model": MODEL,
             "lora": f"r 4, alpha 8, on q_proj, v_proj (readers) and o_proj, down_proj (writers); "
             f"{cfg.e_lora_steps} AdamW steps, lr {cfg.e_lora_lr:g}, batch 8, seed = repo seed",
-            "task": f"stories opening with {load_example('merge_report').PROMPTS[0]!r}, continued by v1.0 at temperature 0.5 "
-            f"(seed 7): {cfg.e_train_samples} for training, {cfg.e_heldout_samples} held out",
+            "task": f"stories opening with {load_example('merge_report').PROMPTS[0]!r}, continued by v1.0 "
+            f"at temperature 0.5 (seed 7): {cfg.e_train_samples} for training, {cfg.e_heldout_samples} "
+            "held out",
             "train_tokens": int(train.numel()),
             "heldout_tokens": int(held.numel()),
-            "metric": "retained % = 100·(L_rev − L_rev+adapter) / (L_v1.0 − L_v1.0+adapter), held-out next-token loss",
+            "metric": "retained % = 100·(L_rev − L_rev+adapter) / (L_v1.0 − L_v1.0+adapter), held-out "
+            "next-token loss",
         },
     }
 
@@ -1002,9 +1008,10 @@ def report_e(res: dict[str, Any], ctx: Context) -> str:
         [
             "## (e) LoRA gain retention on another revision",
             "",
-            f"Setup: {s['model']}; LoRA: {s['lora']}; task: {s['task']} ({s['train_tokens']} / {s['heldout_tokens']} tokens); "
-            f"{s['metric']}. B_d / S_d: the adapter directory transported with `transport_adapter` by the estimated gauge / "
-            "its permutation; untransported: the v1.0 adapter loaded as is. " + _repo_setup_text(ctx),
+            f"Setup: {s['model']}; LoRA: {s['lora']}; task: {s['task']} ({s['train_tokens']} / "
+            f"{s['heldout_tokens']} tokens); {s['metric']}. B_d / S_d: the adapter directory transported "
+            "with `transport_adapter` by the estimated gauge / its permutation; untransported: the v1.0 "
+            "adapter loaded as is. " + _repo_setup_text(ctx),
             "",
             _table(
                 [
@@ -1099,12 +1106,13 @@ def section_f(ctx: Context) -> dict[str, Any]:
         "summary": summary,
         "settings": {
             "model": MODEL,
-            "optimizer": f"AdamW lr {cfg.f_lr:g}, weight decay {st['weight_decay']:g}, batch {st['batch_size']}",
+            "optimizer": f"AdamW lr {cfg.f_lr:g}, weight decay {st['weight_decay']:g}, batch "
+            f"{st['batch_size']}",
             "steps": cfg.f_steps,
             "resume_steps": cfg.f_resume_steps,
             "train_tokens": st["train_tokens"],
-            "data": f"{st['n_train']} stories of 64 tokens sampled from the model (seed s); the same minibatches for every "
-            "variant (seed 100 + s)",
+            "data": f"{st['n_train']} stories of 64 tokens sampled from the model (seed s); the same "
+            "minibatches for every variant (seed 100 + s)",
             "estimate_tokens": st["eval_tokens"],
             "seeds": list(range(cfg.f_seeds)),
             "gauge_seeds": [303 + s for s in range(cfg.f_seeds)],
@@ -1130,12 +1138,14 @@ def report_f(res: dict[str, Any]) -> str:
         [
             "## (f) Resuming AdamW on a re-charted checkpoint",
             "",
-            f"Setup: {s['model']}; {s['optimizer']}, {s['steps']} steps on {s['train_tokens']} tokens ({s['data']}), then a "
-            f"checkpoint (weights + optimizer state), for seeds s = {s['seeds']}; the checkpoint is re-charted on disk by a "
-            f"random gauge (seeds {s['gauge_seeds']}); the gauge between the two checkpoints is estimated on {s['estimate_tokens']} held-out "
-            f"tokens (estimate == planted: {s['estimate_equals_planted']}); training resumes {s['resume_steps']} steps on "
-            "the re-charted model with the optimizer state below, and is compared step by step with the uninterrupted "
-            "run. Δparam: against the uninterrupted run's final weights re-charted by the planted gauge.",
+            f"Setup: {s['model']}; {s['optimizer']}, {s['steps']} steps on {s['train_tokens']} tokens "
+            f"({s['data']}), then a checkpoint (weights + optimizer state), for seeds s = {s['seeds']}; the "
+            f"checkpoint is re-charted on disk by a random gauge (seeds {s['gauge_seeds']}); the gauge "
+            f"between the two checkpoints is estimated on {s['estimate_tokens']} held-out tokens (estimate "
+            f"== planted: {s['estimate_equals_planted']}); training resumes {s['resume_steps']} steps on "
+            "the re-charted model with the optimizer state below, and is compared step by step with the "
+            "uninterrupted run. Δparam: against the uninterrupted run's final weights re-charted by the "
+            "planted gauge.",
             "",
             _table(
                 [
@@ -1192,7 +1202,8 @@ def headline(results: dict[str, Any]) -> list[str]:
         for k, r in results["b"]["runs"].items():
             out.append(
                 f"(b) lr {k}, step {r['steps'][-1]}: composed {r['composed'][-1]:.3f}, endpoint "
-                f"{r['endpoint'][-1]:.3f}, via base {r['via_base'][-1]:.3f}, direct A→B {r['direct_ab'][-1]:.3f}"
+                f"{r['endpoint'][-1]:.3f}, via base {r['via_base'][-1]:.3f}, direct A→B "
+                f"{r['direct_ab'][-1]:.3f}"
             )
     if "c" in results:
         for k, d in results["c"]["summary"].items():
@@ -1286,14 +1297,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc = [
         "# Reproduction on stories260K: B_d gauges in practice",
         "",
-        f"Generated by `{cmd}` on {meta['date_utc']}: wall time {wall:.0f} s on {meta['torch_threads']} CPU threads "
-        f"(per section: {', '.join(f'({k}) {t:.0f} s' for k, t in timings.items())}). torch {v['torch']}, "
-        f"transformers {v['transformers']}, peft {v['peft']}, huggingface_hub {v['huggingface_hub']}, numpy {v['numpy']}, "
-        f"scipy {v['scipy']}, hf_bdgauge {v['hf_bdgauge']}, Python {v['python']}. Every number below was measured in "
-        "that run (raw values in `results.json`).",
+        f"Generated by `{cmd}` on {meta['date_utc']}: wall time {wall:.0f} s on {meta['torch_threads']} CPU "
+        f"threads (per section: {', '.join(f'({k}) {t:.0f} s' for k, t in timings.items())}). torch "
+        f"{v['torch']}, transformers {v['transformers']}, peft {v['peft']}, huggingface_hub "
+        f"{v['huggingface_hub']}, numpy {v['numpy']}, scipy {v['scipy']}, hf_bdgauge {v['hf_bdgauge']}, "
+        f"Python {v['python']}. Every number below was measured in that run (raw values in `results.json`).",
         "",
-        f"Model for every number: {MODEL}. Its data are stories it samples itself (seeds stated per section); "
-        "fine-tunes are small CPU runs of it.",
+        f"Model for every number: {MODEL}. Its data are stories it samples itself (seeds stated per "
+        "section); fine-tunes are small CPU runs of it.",
         "",
         "Headlines:",
         "",

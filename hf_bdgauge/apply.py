@@ -74,7 +74,8 @@ def apply_gauge(
     writers ``R·W``, gains unchanged): refused with :class:`~hf_bdgauge.errors.OrthogonalGaugeError`
     unless every residual gain is constant (run :func:`hf_bdgauge.fold.fold_norm_gains` first; post-norm
     gains on writer outputs must already be constant) and for LayerNorm families. Logits are then
-    unchanged up to rounding (float32: ~1e-6 of their scale).
+    unchanged up to rounding: each entry of ``W·Rᵀ`` and ``R·W`` is a sum of ``d`` terms in the
+    model's dtype, rounded within about ``d·ε`` of its scale (``ε`` that dtype's machine epsilon).
     """
     from .gauge import as_gauge  # gauge.py imports this module's plan machinery
 

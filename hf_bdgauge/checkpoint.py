@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from .files import copy_companions
 from .gauge import as_gauge
 from .group import SignedPermutation
 from .hub import resolve_checkpoint_dir
+from .orthogonal import Orthogonal
 from .plan import TransformPlan
 from .record import transport_record
 from .rules import Role, TensorRule, transform
@@ -76,7 +78,9 @@ class Workers:
     )
 
 
-def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes: int):
+def _blocks(
+    t: torch.Tensor, rule: TensorRule, g: SignedPermutation | Orthogonal, block_bytes: int
+) -> Iterator[torch.Tensor]:
     """Yield the bytes of ``transform(t, rule, g)`` in row-major order, a block at a time.
 
     Blocks run along axis 0: when the residual axis is another axis, each block of rows is
@@ -89,9 +93,13 @@ def _blocks(t: torch.Tensor, rule: TensorRule, g: SignedPermutation, block_bytes
     if t.ndim == 0:
         yield transform(t, rule, g).reshape(-1)
         return
+    axis = rule.residual_axis(t.ndim)
+    if axis is None:  # role NONE: the tensor as it is (_rewrite_shard copies such tensors' bytes)
+        yield t.reshape(-1)
+        return
     row_bytes = max(1, t[0].numel() * t.element_size()) if t.ndim > 1 else t.element_size()
     step = max(1, block_bytes // row_bytes)
-    ax = rule.residual_axis(t.ndim) % t.ndim
+    ax = axis % t.ndim
     if ax == 0 and getattr(g, "is_structured", False):
         # a structured rotation acts by butterflies over the whole residual axis: computing it once
         # (a chunk of columns at a time, into t's dtype) is cheaper than once per block of rows
@@ -114,7 +122,7 @@ def _rewrite_shard(
     raw: bytes,
     header: dict,
     rules: dict[str, TensorRule],
-    g: SignedPermutation,
+    g: SignedPermutation | Orthogonal,
     progress: Any = None,
     block_bytes: int = BLOCK_BYTES,
 ) -> int:
@@ -122,7 +130,7 @@ def _rewrite_shard(
     :func:`_blocks`), through :func:`~hf_bdgauge.storage.rewrite_shard` (same header, same offsets;
     untouched tensors copied as bytes)."""
 
-    def move(name: str):
+    def move(name: str) -> Callable[[torch.Tensor], Iterator[torch.Tensor]] | None:
         rule = rules[name]
         return None if rule.role is Role.NONE else (lambda t: _blocks(t, rule, g, block_bytes))
 
@@ -131,7 +139,7 @@ def _rewrite_shard(
 
 def apply_gauge_to_checkpoint(
     src: str | os.PathLike,
-    gauge: Gauge | SignedPermutation | str | os.PathLike,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
     dst: str | os.PathLike,
     *,
     revision: str | None = None,
@@ -164,12 +172,12 @@ def apply_gauge_to_checkpoint(
     calls this alike, on a destination every rank sees: each validates, rewrites its shards (shard
     ``i`` on rank ``i mod N``) and the result appears once, complete (module docstring).
     """
-    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+    gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     workers = workers or Workers()
     rank, size, grp = world(workers.group)
     where = resolve_checkpoint_dir(src, revision)
     plan = TransformPlan.for_checkpoint(where)
-    g = on_every_rank(lambda: plan.admit(gauge, end="source", force=force), grp)
+    g = on_every_rank(lambda: plan.admit(gg, end="source", force=force), grp)
     shards = checkpoint_shards(where)
     mine = shards[rank::size]
     headers = {s: read_safetensors_header(s) for s in mine}
@@ -180,9 +188,7 @@ def apply_gauge_to_checkpoint(
             copy_companions(where, tmp)
             if plan.forced:
                 (tmp / PROVENANCE_NAME).write_text(
-                    json.dumps(
-                        {"applied_gauge": transport_record(gauge, forced=True)}, indent=2, sort_keys=True
-                    )
+                    json.dumps({"applied_gauge": transport_record(gg, forced=True)}, indent=2, sort_keys=True)
                     + "\n",
                     encoding="utf-8",
                 )

@@ -145,7 +145,8 @@ def _run_demo(out_dir: str | Path | None, seed: int, fast: bool) -> dict[str, An
     from .options import CaptureOptions, WeightOptions
     from .provenance import ModelRef
     from .transport.peft import transport_adapter
-    from .transport.steering import SteeringVector, percent_effect_preserved, steering_effect
+    from .transport.steering import SteeringVector
+    from .transport.steering_measure import percent_effect_preserved, steering_effect
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ to exactly one rank; and everything a capture assigns by position — the half a
 the token count, the cut of the last batch at ``max_tokens`` — is decided on the *global*
 selection, the same on every rank. The per-rank sums therefore add up, by
 :meth:`~hf_bdgauge.estimate.stats.PairStats.all_reduce`, to the single-process sums (float64
-addition in another order: equal to ~1e-16 of their scale).
+addition in another order: equal up to float64 rounding).
 
 A process group comes from the launcher's environment (:func:`init_from_env`: torchrun,
 ``accelerate launch``, or ``srun`` exporting ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/

@@ -2,7 +2,7 @@
 
 Every error the library raises on bad input derives from :class:`GaugeError`, so callers can
 catch one type; the subclasses say what kind of input was wrong. Errors of the Hugging Face Hub
-client are mapped onto the subclasses below by :func:`hf_bdgauge.hub.hub_errors` (the one
+client are mapped onto the subclasses below by :func:`hf_bdgauge.hub_errors.hub_errors` (the one
 place that does it), so a missing repository or revision reads as one line, not a traceback.
 """
 

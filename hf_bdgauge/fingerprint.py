@@ -309,7 +309,8 @@ def model_fingerprint(
     if isinstance(obj, Mapping) or hasattr(obj, "to_dict"):
         return config_fingerprint(obj)
     raise TypeError(
-        f"cannot fingerprint a {type(obj).__name__}: pass a transformers model, a config, or a checkpoint directory"
+        f"cannot fingerprint a {type(obj).__name__}: pass a transformers model, a config, "
+        "or a checkpoint directory"
     )
 
 
@@ -346,7 +347,8 @@ def fingerprint_comparison(
             why = (
                 ""
                 if ea.get("dtype") == eb.get("dtype") or ("sha256_f32" in ea and "sha256_f32" in eb)
-                else "; the stored fingerprint (version 1) cannot compare across dtypes: load the model in its stored dtype"
+                else "; the stored fingerprint (version 1) cannot compare across dtypes: "
+                "load the model in its stored dtype"
             )
             diffs.append(
                 f"{where}: sha256 {str(ea.get('sha256'))[:12]}… != {str(eb.get('sha256'))[:12]}…{why}"

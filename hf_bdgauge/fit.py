@@ -40,9 +40,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Below this identified fraction an estimated gauge is refused unless forced (the documented default).
+#: Below this identified fraction an estimated gauge is refused unless forced (the documented
+#: default).
 DEFAULT_MIN_IDENTIFIED = 0.99
-#: Above this estimated ``‖R̂ − R‖_F/√d`` an estimated rotation is refused unless forced (the documented default).
+#: Above this estimated ``‖R̂ − R‖_F/√d`` an estimated rotation is refused unless forced (the
+#: documented default).
 DEFAULT_MAX_ROTATION_ERROR = 0.05
 
 
@@ -109,7 +111,9 @@ def check_fit(
             )
         return False
     msg = (
-        f"the gauge {gauge.source.label()} -> {gauge.target.label()} does not fit{f' {what}' if what else ''}: "
+        f"the gauge {gauge.source.label()} -> {gauge.target.label()} does not fit"
+        + (f" {what}" if what else "")
+        + ": "
         + "; ".join(problems)
     )
     if force:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -401,7 +401,7 @@ def fold_norm_gains_in_checkpoint(
         weight_map = None
         if index_file.is_file():
             weight_map = dict(read_json_object(index_file, what="checkpoint index")["weight_map"])
-        if tied and weight_map is not None:
+        if tied and weight_map is not None and emb_name is not None:
             weight_map[out_name] = index[emb_name].shard.name
         if out_name in fed_by:  # the output projection now differs from the embedding: never re-tie them
             _untie_config(config)
@@ -441,11 +441,12 @@ def _fold_move(
     assert rule is not None
     g = gains[fed_by[name]].detach().to(torch.float64) + spec.gain_offset
 
-    def blocks(t: torch.Tensor):
-        if t.ndim < 2:
+    def blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+        axis = rule.residual_axis(t.ndim)
+        if t.ndim < 2 or axis is None:
             yield scale_residual(t, rule, g).to(t.dtype)
             return
-        ax = rule.residual_axis(t.ndim) % t.ndim
+        ax = axis % t.ndim
         step = max(1, block_bytes // max(1, t[0].numel() * t.element_size()))
         for a in range(0, t.shape[0], step):
             b = min(a + step, t.shape[0])

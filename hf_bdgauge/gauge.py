@@ -147,7 +147,8 @@ class Gauge(GaugeHubMixin):
 
     @property
     def kind(self) -> str:
-        """The element's kind: ``"signed_permutation"``, ``"orthogonal_dense"`` or ``"orthogonal_hadamard"``."""
+        """The element's kind: ``"signed_permutation"``, ``"orthogonal_dense"`` or
+        ``"orthogonal_hadamard"``."""
         return self.element.kind if isinstance(self.element, Orthogonal) else KIND_SIGNED_PERMUTATION
 
     @property
@@ -226,7 +227,8 @@ class Gauge(GaugeHubMixin):
 
     def __repr__(self) -> str:
         if self.is_rotation:
-            return f"Gauge({self.element!r}, method={self.method!r}, {self.source.label()} -> {self.target.label()})"
+            ends = f"{self.source.label()} -> {self.target.label()}"
+            return f"Gauge({self.element!r}, method={self.method!r}, {ends})"
         return (
             f"Gauge(d={self.dim}, flips={self.num_flips}, moved={self.num_moved}, method={self.method!r}, "
             f"{self.source.label()} -> {self.target.label()})"
@@ -328,7 +330,11 @@ class Gauge(GaugeHubMixin):
                 gains_at="target" if self.gains_at == "source" else "source",
                 unit_gains=self._swapped_unit_gains(),
             )
-        p = lambda a: None if a is None else g.apply(a, signed=False)
+        sp = g  # a SignedPermutation here (the rotation returned above)
+
+        def p(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else sp.apply(a, signed=False)
+
         ident = (
             None
             if self.identified is None

@@ -45,7 +45,8 @@ from .fingerprint import check_fingerprint, model_fingerprint
 from .gauge import Gauge, as_gauge
 from .gauge_files import GAUGE_CONFIG_NAME
 from .group import SignedPermutation
-from .hub import cached_snapshot, hub_errors, local_path, resolve_commit, split_revision
+from .hub import cached_snapshot, local_path, resolve_commit, split_revision
+from .hub_errors import hub_errors
 from .orthogonal import Orthogonal
 from .provenance import ModelRef
 from .roles import hidden_size_of

@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .errors import DimensionMismatchError, InvalidGaugeError
+from .errors import DimensionMismatchError, GaugeError, InvalidGaugeError
 
-__all__ = ["SignedPermutation", "ArrayLike", "ArrayT"]
+__all__ = ["SignedPermutation", "ArrayLike", "ArrayT", "as_int64_vector"]
 
 ArrayLike = torch.Tensor | np.ndarray
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
@@ -46,19 +46,30 @@ _BIT_VIEWS: dict[torch.dtype, tuple[torch.dtype, type, int]] = {
 }
 
 
-def _as_int64_vector(x: Any, name: str) -> np.ndarray:
+def as_int64_vector(
+    x: Any,
+    name: str,
+    *,
+    shape_error: type[GaugeError] = InvalidGaugeError,
+    dtype_error: type[GaugeError] = InvalidGaugeError,
+) -> np.ndarray:
+    """``x`` (an integer tensor, an array or a sequence) as a new one-dimensional int64 NumPy array;
+    floating values that are all whole numbers are accepted from arrays and sequences, never from a
+    tensor. ``name`` names the argument in the errors: ``shape_error`` for a shape that is not 1-D,
+    ``dtype_error`` for values that are not integers (both :class:`InvalidGaugeError` unless given).
+    """
     if isinstance(x, torch.Tensor):
         if x.is_floating_point() or x.is_complex():
-            raise InvalidGaugeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+            raise dtype_error(f"{name} must be an integer tensor, got dtype {x.dtype}")
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.ndim != 1:
-        raise InvalidGaugeError(f"{name} must be one-dimensional, got shape {tuple(arr.shape)}")
+        raise shape_error(f"{name} must be one-dimensional, got shape {tuple(arr.shape)}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if np.issubdtype(arr.dtype, np.floating) and np.all(np.mod(arr, 1) == 0):
             arr = arr.astype(np.int64)
         else:
-            raise InvalidGaugeError(f"{name} must hold integers, got dtype {arr.dtype}")
+            raise dtype_error(f"{name} must hold integers, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=True)
 
 
@@ -77,7 +88,7 @@ class SignedPermutation:
     __slots__ = ("_perm", "_signs", "_inv", "_cache")
 
     def __init__(self, perm: Any, signs: Any | None = None) -> None:
-        p = _as_int64_vector(perm, "perm")
+        p = as_int64_vector(perm, "perm")
         d = p.size
         if d == 0:
             raise InvalidGaugeError("a signed permutation needs dimension >= 1")
@@ -90,7 +101,7 @@ class SignedPermutation:
         if signs is None:
             s = np.ones(d, dtype=np.int8)
         else:
-            s = _as_int64_vector(signs, "signs")
+            s = as_int64_vector(signs, "signs")
             if s.size != d:
                 raise InvalidGaugeError(f"signs has length {s.size} but perm has length {d}")
             if not np.all((s == 1) | (s == -1)):

@@ -1,8 +1,9 @@
-"""Hub I/O: the one ``repo@revision`` resolver, the one mapping of Hub errors, downloads, pushes.
+"""Hub I/O: the one ``repo@revision`` resolver and downloads (files, snapshots, commits).
 
 Everything goes through ``huggingface_hub``'s own client, so Hub ids, revisions (branch, tag
 or commit), the local cache, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and tokens behave as for any
-model.
+model. Failures are mapped by :func:`hf_bdgauge.hub_errors.hub_errors`; pushes are
+:mod:`hf_bdgauge.hub_push`'s.
 
 Names
 -----
@@ -20,54 +21,30 @@ existing local path is refused (:func:`local_path`), never dropped, unless the p
 cache snapshot of that very commit. A name that is neither an existing local path nor found on
 the Hub is reported as both.
 
-Errors
-------
-:func:`hub_errors` is the one place where ``huggingface_hub`` exceptions, and its HTTP client's
-(``httpx2``, ``httpx``) transport errors, become :class:`~hf_bdgauge.errors.GaugeError`
-subclasses (missing repository, missing revision, a file the repo lacks, offline or unreachable
-without a cached copy, 401/403, 429, an invalid id, any other HTTP failure), each with one line
-saying what was asked for; the CLI prints that line.
-
 Transfers
 ---------
 * :func:`download_files` fetches a repo's files at one revision, resolving the commit from the
   first file so that all come from the same repository state even if a branch moves meanwhile;
-* :func:`snapshot` fetches a directory (a checkpoint, an adapter, an SAE) at a revision;
-* :func:`push_folder` is ``create_repo(exist_ok=True)`` (+ ``create_branch`` for a new branch) +
-  ``upload_folder`` of a freshly written directory, one commit.
+* :func:`snapshot` fetches a directory (a checkpoint, an adapter, an SAE) at a revision.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import (
-    CheckpointError,
-    GaugeError,
-    HubAuthError,
-    HubError,
-    HubOfflineError,
-    HubRateLimitError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from huggingface_hub import CommitInfo
+from .errors import CheckpointError, GaugeError, HubOfflineError
+from .hub_errors import hub_errors
 
 __all__ = [
     "split_revision",
     "split_hub_path",
     "is_local",
     "local_path",
-    "hub_errors",
     "commit_of",
     "snapshot",
     "resolve_checkpoint_dir",
@@ -77,7 +54,6 @@ __all__ = [
     "hub_file",
     "resolve_commit",
     "cached_snapshot",
-    "push_folder",
     "CHECKPOINT_PATTERNS",
 ]
 
@@ -186,161 +162,6 @@ def commit_of(path: str | os.PathLike) -> str | None:
     """The commit hash of a Hub cache snapshot path (``…/snapshots/<sha>/…``), else ``None``."""
     m = _SNAPSHOT_RE.search(os.fspath(path))
     return m.group(1) if m else None
-
-
-# =========================================================================== errors
-def _transport_error_types() -> tuple[type[BaseException], ...]:
-    """The HTTP clients' transport errors (DNS, refused or broken connections, timeouts, proxy
-    and protocol failures): ``httpx2``'s, which ``huggingface_hub`` 2.x uses, and ``httpx``'s."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx"):
-        try:
-            types.append(__import__(module).TransportError)
-        except (ImportError, AttributeError):  # pragma: no cover - the client is not installed
-            pass
-    return tuple(types)
-
-
-def _network_cause(e: BaseException) -> BaseException | None:
-    """The transport error behind ``e`` (``e`` itself or one it was raised from), if any."""
-    return _cause_of_type(e, _transport_error_types())
-
-
-def _status(e: BaseException) -> int | None:
-    response = getattr(e, "response", None)
-    code = getattr(response, "status_code", None)
-    return int(code) if isinstance(code, int) else None
-
-
-@contextlib.contextmanager
-def hub_errors(
-    what: str, *, missing: type[GaugeError] = CheckpointError, name: str | None = None, action: str = "get"
-) -> Iterator[None]:
-    """Turn ``huggingface_hub`` (and its HTTP client's) exceptions raised inside the block into
-    one-line :class:`GaugeError` subclasses naming ``what`` (e.g. ``"checkpoint 'org/m@v2'"``).
-
-    ============================================  =====================================================
-    failure                                       raised as
-    ============================================  =====================================================
-    offline (``HF_HUB_OFFLINE``) and not cached   :class:`~hf_bdgauge.errors.HubOfflineError`
-    DNS, refused connection, timeout, a broken    :class:`~hf_bdgauge.errors.HubOfflineError` (the
-    connection (``httpx2``/``httpx`` transport    endpoint and the client's reason)
-    errors), and no cached copy
-    no such repository (404), gated repository    :class:`~hf_bdgauge.errors.RepositoryNotFoundError`
-    no such revision                              :class:`~hf_bdgauge.errors.RevisionNotFoundError`
-    401 / 403                                     :class:`~hf_bdgauge.errors.HubAuthError`
-    429                                           :class:`~hf_bdgauge.errors.HubRateLimitError`
-    the repo lacks the file                       ``missing``
-    an invalid repo id                            :class:`~hf_bdgauge.errors.CheckpointError`
-    any other HTTP answer                         :class:`~hf_bdgauge.errors.HubError`
-    ============================================  =====================================================
-
-    ``name``: the name the user gave, when it could have been a local path (it was looked for
-    there first): then a name found neither locally nor on the Hub is reported as both ("not a
-    local path, and not on the Hub or in its cache"), never as a cache miss to fix by going
-    online. ``action``: what was being done (``"get"``, ``"push to"``).
-    """
-    from huggingface_hub import constants
-    from huggingface_hub import errors as hf
-
-    head = f"cannot {action} {what}: "
-    try:
-        yield
-    except GaugeError:
-        raise
-    except Exception as e:
-        # the Hub's own answer, possibly behind the client's fallbacks (a cache miss, "force download failed")
-        answer = _cause_of_type(
-            e,
-            (hf.HfHubHTTPError, hf.HFValidationError, hf.EntryNotFoundError),
-            exclude=hf.LocalEntryNotFoundError,
-        )
-        if answer is not None:
-            raise _answer_error(answer, head, what, name, missing) from e
-        offline = isinstance(e, hf.OfflineModeIsEnabled) or (
-            isinstance(e, hf.LocalEntryNotFoundError) and constants.is_offline_mode()
-        )
-        cause = _network_cause(e)
-        if not offline and cause is None and not isinstance(e, hf.LocalEntryNotFoundError):
-            raise  # not a Hub or network failure: a bug to see whole
-        if offline:
-            why = "HF_HUB_OFFLINE is set (the Hub was not asked)"
-        else:
-            why = f"the Hub at {constants.ENDPOINT} cannot be reached"
-            why += f" ({_describe(cause)})" if cause is not None else ""
-        if action != "get":
-            raise HubOfflineError(head + why) from e
-        subject = f"{name!r} is not a local path, not" if name is not None else "it is not"
-        raise HubOfflineError(head + f"{subject} in the local Hugging Face cache, and {why}") from e
-
-
-def _answer_error(
-    answer: BaseException, head: str, what: str, name: str | None, missing: type[GaugeError]
-) -> GaugeError:
-    """The typed error of an answer of the Hub (see the table of :func:`hub_errors`)."""
-    from huggingface_hub import errors as hf
-
-    if isinstance(answer, hf.GatedRepoError):
-        return RepositoryNotFoundError(
-            head + "the repository is gated; accept its terms on the Hub and pass a "
-            "token (HF_TOKEN or `hf auth login`)"
-        )
-    if isinstance(answer, hf.RevisionNotFoundError):
-        return RevisionNotFoundError(head + "the repository has no such revision (branch, tag or commit)")
-    if isinstance(answer, hf.EntryNotFoundError):
-        return missing(head + f"the repository has no such file ({_first_line(answer)})")
-    if isinstance(answer, hf.HFValidationError):
-        return CheckpointError(
-            f"{what}: neither an existing local path nor a valid Hub repo id ({_first_line(answer)})"
-        )
-    status = _status(answer)
-    # a 404 without the Hub's error code (a mirror, a proxy, a local endpoint) says the same as RepoNotFound
-    if isinstance(answer, hf.RepositoryNotFoundError) or status == 404:
-        subject = f"{name!r} is not a local path, and no" if name is not None else "no"
-        return RepositoryNotFoundError(
-            head + f"{subject} such repository is on the Hub (or it is private and no valid token was given)"
-        )
-    if status in (401, 403):
-        why = "no or an invalid token" if status == 401 else "the token may not do this"
-        return HubAuthError(
-            head + f"the Hub refused the credentials ({status}: {why}); pass a valid token "
-            "(HF_TOKEN or `hf auth login`)"
-        )
-    if status == 429:
-        return HubRateLimitError(
-            head + "the Hub is rate-limiting these requests (429 Too Many Requests); "
-            "retry later, or with a token (HF_TOKEN)"
-        )
-    return HubError(head + f"the Hub answered {_first_line(answer)}")
-
-
-def _cause_of_type(
-    e: BaseException,
-    types: type[BaseException] | tuple[type[BaseException], ...],
-    *,
-    exclude: type[BaseException] | tuple[type[BaseException], ...] = (),
-) -> BaseException | None:
-    """``e`` or the first exception it was raised from (``__cause__`` / ``__context__``) of
-    ``types`` and not of ``exclude``."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, types) and not isinstance(cur, exclude):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _describe(e: BaseException) -> str:
-    """``Type: first line`` of an exception (its message alone can be empty, e.g. a timeout)."""
-    text = _first_line(e)
-    return type(e).__name__ if text == type(e).__name__ else f"{type(e).__name__}: {text}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # =========================================================================== downloads
@@ -539,48 +360,3 @@ def cached_snapshot(
     except Exception:  # malformed ids etc.: no local snapshot to read
         return None
     return Path(found).parent if isinstance(found, str) else None
-
-
-# =========================================================================== pushes
-def push_folder(
-    write: Callable[[Path], None],
-    repo_id: str,
-    *,
-    commit_message: str,
-    private: bool | None = None,
-    token: str | None = None,
-    branch: str | None = None,
-    create_pr: bool | None = None,
-    allow_patterns: list[str] | str | None = None,
-    ignore_patterns: list[str] | str | None = None,
-    delete_patterns: list[str] | str | None = None,
-) -> CommitInfo:
-    """Create ``repo_id`` if needed (and ``branch`` from the default branch if it does not exist
-    yet), call ``write(folder)`` to fill a fresh temporary folder, and upload it in one commit.
-    Returns the :class:`huggingface_hub.CommitInfo` (``.oid`` is the new commit)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    with hub_errors(f"repository {repo_id}", action="push to"):
-        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-        if branch and not create_pr:
-            api.create_branch(repo_id=repo_id, branch=branch, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="hf_bdgauge-push-") as tmp:
-            folder = Path(tmp) / "upload"
-            folder.mkdir()
-            write(folder)
-            info = api.upload_folder(
-                repo_id=repo_id,
-                repo_type="model",
-                folder_path=folder,
-                commit_message=commit_message,
-                revision=branch,
-                create_pr=create_pr,
-                allow_patterns=allow_patterns,
-                ignore_patterns=ignore_patterns,
-                delete_patterns=delete_patterns,
-            )
-    logger.info(
-        "pushed to %s%s (commit %s)", repo_id, f"@{branch}" if branch else "", getattr(info, "oid", None)
-    )
-    return info

@@ -6,7 +6,8 @@ mixin does, with the same keyword-only Hub arguments; :class:`~hf_bdgauge.gauge.
 them. It does not subclass ``ModelHubMixin``: the mixin captures ``__init__`` arguments into a
 ``config.json`` and reads ``config.json`` back, which does not fit a dataclass whose config is
 ``gauge_config.json`` and whose payload is a tensor file. The files themselves, and their
-validation, are :mod:`hf_bdgauge.gauge_files`'s; transfers are :mod:`hf_bdgauge.hub`'s.
+validation, are :mod:`hf_bdgauge.gauge_files`'s; transfers are :mod:`hf_bdgauge.hub`'s and
+:mod:`hf_bdgauge.hub_push`'s.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .gauge_files import (
     write_gauge_directory,
     write_gauge_files,
 )
-from .hub import push_folder
+from .hub_push import push_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo, ModelCard
@@ -103,7 +104,8 @@ class GaugeHubMixin:
 
     @classmethod
     def _from_pretrained(cls: type[_G], directory: Path) -> _G:
-        """The gauge in a local directory, read and validated (:func:`hf_bdgauge.gauge_files.read_gauge_files`)."""
+        """The gauge in a local directory, read and validated
+        (:func:`hf_bdgauge.gauge_files.read_gauge_files`)."""
         return cls(**read_gauge_files(directory))
 
     @classmethod

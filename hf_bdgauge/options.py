@@ -21,8 +21,8 @@ an option it would not use. This module imports no torch (a dtype may be given b
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, ClassVar
 
 from .errors import EstimationError, Words
 
@@ -47,7 +47,7 @@ CALIBRATION_DRAWS = 64
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: how per-layer correlations are pooled before one assignment (:mod:`hf_bdgauge.estimate.matching`)
 POOLINGS = ("mean_abs", "mean_signed", "sum")
-#: how each tensor's signature is scaled in the weights method (:mod:`hf_bdgauge.estimate.weights`)
+#: how each tensor's signature is scaled in the weights method (:mod:`hf_bdgauge.estimate.signatures`)
 TENSOR_WEIGHTINGS = ("equal", "raw")
 
 
@@ -137,10 +137,13 @@ def _torch_dtype(v: Any) -> Any:
 class _Options:
     """What the three option sets share: ``changed()``, ``to_dict()``."""
 
+    #: set by ``@dataclass`` on each option set (declared here so that ``fields(self)`` type-checks)
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
     def changed(self) -> dict[str, Any]:
         """The fields whose values differ from their defaults (``{name: value}``)."""
         out = {}
-        for f in fields(self):  # type: ignore[arg-type]
+        for f in fields(self):
             default = f.default  # every field has a plain default
             value = getattr(self, f.name)
             if not (value is default or _same(value, default)):
@@ -256,7 +259,7 @@ class CaptureOptions(_Options):
 @dataclass(frozen=True)
 class WeightOptions(_Options):
     """How ``method="weights"`` compares two checkpoints' tensors (data-free;
-    :mod:`hf_bdgauge.estimate.weights`): tensors are read ``block_elements`` entries at a time and
+    :mod:`hf_bdgauge.estimate.signatures`): tensors are read ``block_elements`` entries at a time and
     multiplied in ``compute_dtype`` on ``device``."""
 
     tensor_weighting: str = _opt(
@@ -360,7 +363,7 @@ def refuse_unused(
     if not extra:
         return
     cls = type(options).__name__
-    by_name = {f.name: f for f in fields(options)}  # type: ignore[arg-type]
+    by_name = {f.name: f for f in fields(options)}
     given = ", ".join(f"{k}={getattr(options, k)!r}" for k in extra)
     flags = ", ".join(flag_name(by_name[k]) or k for k in extra)
     uses = f" (it uses only {', '.join(used)} of {cls})" if used else f" (it uses no field of {cls})"

@@ -187,7 +187,7 @@ def check_junction(left: ModelRef, right: ModelRef, *, what: str) -> None:
         )
     if left.model_id and right.model_id and left.model_id != right.model_id:
         raise FingerprintMismatchError(
-            f"cannot compose: {what} — {left.label()} is not {right.label()} (different model ids, no fingerprints "
-            "to compare); pass check=False to compose anyway"
+            f"cannot compose: {what} — {left.label()} is not {right.label()} (different model ids, "
+            "no fingerprints to compare); pass check=False to compose anyway"
         )
     logger.debug("composition junction not checked (%s): the ends record too little", what)

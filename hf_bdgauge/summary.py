@@ -70,7 +70,8 @@ def gauge_summary(gauge: Gauge) -> str:
     elif gauge.is_effectively_identity:
         fit = ""
         if "identity_fit" in gauge.metrics and "matched_fit" in gauge.metrics:
-            fit = f" (identity fit {gauge.metrics['identity_fit']:.4g} vs matched fit {gauge.metrics['matched_fit']:.4g})"
+            m = gauge.metrics
+            fit = f" (identity fit {m['identity_fit']:.4g} vs matched fit {m['matched_fit']:.4g})"
         lines.append(
             f"  identity: effectively — the identity fits as well as this estimate{fit}, which moves "
             f"{gauge.num_moved} indistinguishable coordinates; a plain copy of adapters is already right"

@@ -230,7 +230,7 @@ def gauge_from_transform_config(
     ``center_embeddings``) times ``U``, within ``atol`` relative to its largest entry; a mismatch
     is a :class:`~hf_bdgauge.errors.OrthogonalGaugeError`. ``metrics["other_rotations"]`` lists the
     modules rotated by other, non-residual groups (adapters there are refused)."""
-    from .estimate.weights import open_tensors
+    from .estimate.tensor_source import open_tensors
     from .fold import known_pre_norm_gains, pre_norm_gains, record_gains
     from .gauge import Gauge
     from .provenance import ModelRef

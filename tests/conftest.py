@@ -1,4 +1,5 @@
-"""Shared test set-up: two torch threads (the CI machine has two cores), quiet transformers."""
+"""Shared test set-up: two torch threads (the CI machine has two cores), quiet transformers, and
+the fixtures several test files use."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Fixtures shared by several test files, registered once: ``hub`` (a local test double of the Hub),
+# ``chain`` (stories260K re-charted twice on disk), ``world`` and ``here`` (two charts of a tiny llama
+# and the objects on them, in a directory).
+pytest_plugins = ["helpers.hub_double", "helpers.recharted", "helpers.contract"]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import assert_close_rel
+from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, UnsupportedArchitectureError

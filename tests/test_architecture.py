@@ -128,7 +128,8 @@ def _architecture_rows() -> list[str]:
 
 
 def _row_of(module: str) -> str:
-    """The table row of a module: ``x.py`` for ``hf_bdgauge.x``, ``pkg/`` for anything in ``hf_bdgauge.pkg``."""
+    """The table row of a module: ``x.py`` for ``hf_bdgauge.x``, ``pkg/`` for anything in
+    ``hf_bdgauge.pkg``."""
     parts = module.split(".")[1:]
     return f"{parts[0]}/" if (PKG / parts[0]).is_dir() else f"{parts[0]}.py"
 
@@ -223,12 +224,12 @@ def _sources_matching(pattern: str) -> set[str]:
         (
             "the mapping of Hub errors",
             r"huggingface_hub(\.errors| import errors)|HfHubHTTPError|EntryNotFoundError",
-            {"hf_bdgauge.hub"},
+            {"hf_bdgauge.hub_errors"},
         ),
         (
             "Hub transfers",
             r"hf_hub_download|snapshot_download|upload_folder|create_repo\(|resolve_revision|try_to_load_from_cache",
-            {"hf_bdgauge.hub"},
+            {"hf_bdgauge.hub", "hf_bdgauge.hub_push"},
         ),
         (
             "the atomic writer",
@@ -288,7 +289,7 @@ def test_every_builtin_family_is_a_file_and_every_module_is_in_the_readme():
     """The docs' architecture page (its Modules section) names each module (what to touch for what)."""
     page = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     section = page.split("## Modules", 1)[1].split("\n## ", 1)[0]
-    for m, p in MODULES.items():
+    for p in MODULES.values():
         rel = p.relative_to(PKG).as_posix()
         if rel.startswith("fixtures/") or rel == "__init__.py" or rel.endswith("/__init__.py"):
             continue
@@ -323,3 +324,36 @@ def test_the_library_and_the_examples_import_nothing_from_experiments():
         if m == "experiments" or m.startswith("experiments.")
     ]
     assert offenders == []
+
+
+# Subjects of test files that are no module of the package: the package layout, the public API,
+# the README and docs pages (and the site built from them), the examples, the house-style tooling.
+NON_MODULE_TEST_SUBJECTS = (
+    "architecture",
+    "api_surface",
+    "readme",
+    "docs",
+    "docs_site",
+    "examples",
+    "house_style",
+)
+
+
+def test_every_test_file_is_named_after_the_module_it_tests():
+    """``tests/test_<subject>[_<aspect>].py``: <subject> is a module or package of hf_bdgauge with ``_``
+    for ``.`` and ``/`` (``test_estimate_matching.py`` tests ``hf_bdgauge/estimate/matching.py``) or
+    one of :data:`NON_MODULE_TEST_SUBJECTS`; shared helpers live in ``tests/helpers/``."""
+    subjects = {*NON_MODULE_TEST_SUBJECTS}
+    for p in [*PKG.rglob("*.py"), *(d / "__init__.py" for d in PKG.rglob("*") if d.is_dir())]:
+        rel = p.relative_to(PKG).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        if parts:
+            subjects.add("_".join(parts))
+    offenders = sorted(
+        t.name
+        for t in (ROOT / "tests").glob("test_*.py")
+        if not any(t.stem[5:] == s or t.stem[5:].startswith(s + "_") for s in subjects)
+    )
+    assert not offenders, (
+        f"test files named after no module of hf_bdgauge (rename or split them): {offenders}"
+    )

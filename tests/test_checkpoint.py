@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tolerances import assert_close_rel
 from safetensors.torch import load_file
-from tolerances import assert_close_rel
 from transformers import AutoModelForCausalLM
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint

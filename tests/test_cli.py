@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.cli import bdgauge
 from transformers import AutoModelForCausalLM
 
 from hf_bdgauge import SignedPermutation, apply_gauge
@@ -53,14 +54,11 @@ def test_estimate_big_model_flags_on_stories260k(tmp_path, capsys):
     g = SignedPermutation.random(64, seed=4)
     assert main(["apply", str(src), str(tmp_path / "dst"), "--random-seed", "4"]) == 0
     (tmp_path / "t.txt").write_text(STORIES260K_GREEDY_TEXT + "\n" + STORIES260K_GREEDY_TEXT[::-1] + "\n")
+    on_texts = ["estimate", str(src), str(tmp_path / "dst"), "--texts", str(tmp_path / "t.txt")]
     assert (
         main(
             [
-                "estimate",
-                str(src),
-                str(tmp_path / "dst"),
-                "--texts",
-                str(tmp_path / "t.txt"),
+                *on_texts,
                 "--dtype",
                 "bfloat16",
                 "--device-map",
@@ -108,11 +106,7 @@ def test_estimate_big_model_flags_on_stories260k(tmp_path, capsys):
     assert (
         main(
             [
-                "estimate",
-                str(src),
-                str(tmp_path / "dst"),
-                "--texts",
-                str(tmp_path / "t.txt"),
+                *on_texts,
                 "--device",
                 "cuda",
             ]
@@ -152,7 +146,6 @@ def test_demo_results_are_what_the_paper_predicts(tmp_path):
 
 
 # ----------------------------------------------------------------------------- gauges and objects
-from hub_double import hub  # noqa: E402,F401  (``hub`` is a fixture: a local test double of the Hub)
 
 from hf_bdgauge.gauge import Gauge  # noqa: E402
 from hf_bdgauge.provenance import ModelRef  # noqa: E402
@@ -221,20 +214,8 @@ def test_transport_optimizer_state_via_cli(tmp_path):
     opt.step()
     torch.save(opt.state_dict(), tmp_path / "opt.pt")
     g, path = _saved_gauge(tmp_path)
-    assert (
-        main(
-            [
-                "transport",
-                "optimizer",
-                str(tmp_path / "opt.pt"),
-                str(path),
-                str(tmp_path / "opt2.pt"),
-                "--model",
-                str(tmp_path / "model"),
-            ]
-        )
-        == 0
-    )
+    argv = ("transport", "optimizer", tmp_path / "opt.pt", path, tmp_path / "opt2.pt")
+    assert bdgauge(*argv, "--model", tmp_path / "model") == 0
     moved = torch.load(tmp_path / "opt2.pt", weights_only=True)
     names = [n for n, _ in model.named_parameters()]
     i = names.index("model.layers.0.self_attn.o_proj.weight")

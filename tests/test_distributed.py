@@ -17,9 +17,10 @@ import time
 
 import pytest
 import torch
+from helpers.sums import WEIGHT_SUMS
+from helpers.tolerances import assert_close_rel
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
 from hf_bdgauge.cli import main
@@ -155,6 +156,32 @@ def _one_thread_main(argv: list[str]) -> int:
         torch.set_num_threads(before)
 
 
+def _estimate_argv(src, dst, corpus) -> list[str]:
+    """``bdgauge estimate`` on the pair as the multi-process runs here give it: one sequence a batch and
+    ``--max-tokens`` cutting a batch in the middle, a short calibration, quiet."""
+    return [
+        "estimate",
+        str(src),
+        str(dst),
+        "--texts",
+        str(corpus),
+        "--batch-size",
+        "1",
+        "--max-tokens",
+        "150",
+        "--calibration-draws",
+        "16",
+        "-q",
+    ]
+
+
+def _stats(src, dst, texts, out, *extra: str, common: list[str]) -> int:
+    """``bdgauge stats SRC DST --texts TEXTS [EXTRA] -o OUT COMMON`` in this process, one thread."""
+    return _one_thread_main(
+        ["stats", str(src), str(dst), "--texts", str(texts), *extra, "-o", str(out), *common]
+    )
+
+
 def _assert_same_sums(a, b, rtol=1e-12):
     """Two statistics hold the same tokens in the same halves, with sums equal to ``rtol`` of
     each sum's scale."""
@@ -174,20 +201,7 @@ def test_two_gloo_processes_give_the_one_process_gauge_and_sums(pair, tmp_path):
     ones, and --max-tokens cuts a batch in the middle: the sums match one process's to 1e-12,
     the gauge is element for element the same, rank 0 alone writes."""
     src, dst, corpus, planted = pair
-    args = [
-        "estimate",
-        str(src),
-        str(dst),
-        "--texts",
-        str(corpus),
-        "--batch-size",
-        "1",
-        "--max-tokens",
-        "150",
-        "--calibration-draws",
-        "16",
-        "-q",
-    ]
+    args = _estimate_argv(src, dst, corpus)
     assert (
         _one_thread_main(args + ["-o", str(tmp_path / "one"), "--save-stats", str(tmp_path / "one-stats")])
         == 0
@@ -256,23 +270,7 @@ def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_pat
         == 0
     )
     for k in (0, 1):
-        assert (
-            _one_thread_main(
-                [
-                    "stats",
-                    str(src),
-                    str(dst),
-                    "--texts",
-                    str(corpus),
-                    "--shard",
-                    f"{k}/2",
-                    "-o",
-                    str(tmp_path / f"shard-{k}"),
-                ]
-                + common
-            )
-            == 0
-        )
+        assert _stats(src, dst, corpus, tmp_path / f"shard-{k}", "--shard", f"{k}/2", common=common) == 0
     parts = [str(tmp_path / "shard-0"), str(tmp_path / "shard-1")]
     assert main(["estimate", "--from-stats", *parts, "-q", "-o", str(tmp_path / "merged")]) == 0
     one, merged = Gauge.from_pretrained(tmp_path / "one"), Gauge.from_pretrained(tmp_path / "merged")
@@ -284,21 +282,7 @@ def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_pat
     (tmp_path / "a.txt").write_text("\n".join(TEXTS[:2]) + "\n")
     (tmp_path / "b.txt").write_text("\n".join(TEXTS[2:]) + "\n")
     for name in ("a", "b"):
-        assert (
-            _one_thread_main(
-                [
-                    "stats",
-                    str(src),
-                    str(dst),
-                    "--texts",
-                    str(tmp_path / f"{name}.txt"),
-                    "-o",
-                    str(tmp_path / f"file-{name}"),
-                ]
-                + common
-            )
-            == 0
-        )
+        assert _stats(src, dst, tmp_path / f"{name}.txt", tmp_path / f"file-{name}", common=common) == 0
     files = load_pair_stats([tmp_path / "file-a", tmp_path / "file-b"])
     _assert_same_sums(files.stats, load_pair_stats(tmp_path / "one-stats").stats)
 
@@ -306,39 +290,11 @@ def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_pat
     capsys.readouterr()
     assert main(["estimate", "--from-stats", parts[0], parts[0], "-q", "-o", str(tmp_path / "x")]) == 3
     assert "same tokens" in capsys.readouterr().err
-    assert (
-        _one_thread_main(
-            [
-                "stats",
-                str(src),
-                str(src),
-                "--texts",
-                str(tmp_path / "b.txt"),
-                "-o",
-                str(tmp_path / "other-model"),
-            ]
-            + common
-        )
-        == 0
-    )
+    assert _stats(src, src, tmp_path / "b.txt", tmp_path / "other-model", common=common) == 0
     with pytest.raises(FingerprintMismatchError, match="another target model"):
         load_pair_stats([tmp_path / "file-a", tmp_path / "other-model"])
     assert (
-        _one_thread_main(
-            [
-                "stats",
-                str(src),
-                str(dst),
-                "--texts",
-                str(tmp_path / "b.txt"),
-                "--layers",
-                "2",
-                "-o",
-                str(tmp_path / "other-layers"),
-            ]
-            + common
-        )
-        == 0
+        _stats(src, dst, tmp_path / "b.txt", tmp_path / "other-layers", "--layers", "2", common=common) == 0
     )
     with pytest.raises(EstimationError, match="layers"):
         load_pair_stats([tmp_path / "file-a", tmp_path / "other-layers"])
@@ -444,19 +400,21 @@ _WEIGHT_SUMS = """
 import sys
 import numpy as np
 from hf_bdgauge.distributed import init_from_env, shutdown
-from hf_bdgauge.estimate.weights import weight_similarity
+from hf_bdgauge.estimate.signatures import weight_similarity
 rank, size, _ = init_from_env(60)
 from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 sim, _, _ = weight_similarity(sys.argv[1], sys.argv[2], WeightOptions(progress=False))
 # the Python API under a process group the caller initialised (group=None: the default group)
 from hf_bdgauge.estimate import estimate_gauge
 texts = open(sys.argv[4], encoding="utf-8").read().splitlines()
-g = estimate_gauge(sys.argv[1], sys.argv[2], texts, capture=CaptureOptions(tokenizer=sys.argv[1], batch_size=1,
-                   progress=False), calibration=CalibrationOptions(draws=16))
+g = estimate_gauge(sys.argv[1], sys.argv[2], texts,
+                   capture=CaptureOptions(tokenizer=sys.argv[1], batch_size=1, progress=False),
+                   calibration=CalibrationOptions(draws=16))
 if rank == 0:
     g.save_pretrained(sys.argv[3] + ".gauge")
-    arrays = {f"{h}.{k}": getattr(part, k) for h, part in enumerate(sim.halves) for k in
-              ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram", "tgt_gain_gram")}
+    keys = ("signed_num", "gain_num", "src_sq", "tgt_sq", "src_gain_sq", "tgt_gain_sq", "tgt_gram",
+            "tgt_gain_gram")
+    arrays = {f"{h}.{k}": getattr(part, k) for h, part in enumerate(sim.halves) for k in keys}
     np.savez(sys.argv[3], names0=np.array(sim.halves[0].tensors), names1=np.array(sim.halves[1].tensors),
              size=size, **arrays)
 shutdown()
@@ -469,7 +427,7 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
     the same halves, and `estimate --method weights` writes, once, the one-process gauge."""
     import numpy as np
 
-    from hf_bdgauge.estimate.weights import weight_similarity
+    from hf_bdgauge.estimate.signatures import weight_similarity
 
     src, dst, corpus, planted = pair
     script = tmp_path / "sums.py"
@@ -487,16 +445,7 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
     assert int(two["size"]) == 2
     for h, part in enumerate(one.halves):
         assert list(two[f"names{h}"]) == part.tensors and part.tensors
-        for k in (
-            "signed_num",
-            "gain_num",
-            "src_sq",
-            "tgt_sq",
-            "src_gain_sq",
-            "tgt_gain_sq",
-            "tgt_gram",
-            "tgt_gain_gram",
-        ):
+        for k in WEIGHT_SUMS:
             assert_close_rel(
                 torch.from_numpy(two[f"{h}.{k}"]),
                 torch.from_numpy(getattr(part, k)),
@@ -714,18 +663,7 @@ def test_accelerate_launch_runs_the_same_estimate(pair, tmp_path):
             "no",
             "-m",
             "hf_bdgauge.cli",
-            "estimate",
-            str(src),
-            str(dst),
-            "--texts",
-            str(corpus),
-            "--batch-size",
-            "1",
-            "--max-tokens",
-            "150",
-            "--calibration-draws",
-            "16",
-            "-q",
+            *_estimate_argv(src, dst, corpus),
             "--dist-timeout",
             "60",
             "-o",

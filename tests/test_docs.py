@@ -1,5 +1,5 @@
 """The docs are executable: every page under ``docs/`` runs, block by block, in its own temporary
-directory (:func:`docs_runner.run_page`: Python blocks in one namespace per page, command lines
+directory (:func:`helpers.docs_runner.run_page`: Python blocks in one namespace per page, command lines
 in-process, each exiting as its ``# exit N: text`` comment says, else 0), and every page is
 reachable from the docs' index.
 
@@ -15,8 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
-from docs_runner import DOCS, ROOT, command_lines, fenced_blocks, hooks, page_text, run_page
-from hub_double import hub  # noqa: F401  (a fixture: a local test double of the Hub)
+from helpers.docs_runner import DOCS, ROOT, command_lines, fenced_blocks, hooks, page_text, run_page
 
 PAGES = sorted(DOCS.glob("*.md"))
 

@@ -1,11 +1,10 @@
 """The runnable examples (``examples/*.py``, one per used-by path) run with ``--fast`` and do
 what they print: each is executed in-process (``runpy.run_path`` + its ``main(argv)``, which
 returns what it measured), one also as a subprocess to check its exit status. The push example
-publishes through ``huggingface_hub`` to the local Hub test double (``tests/hub_double.py``)."""
+publishes through ``huggingface_hub`` to the local Hub test double (``tests/helpers/hub_double.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import runpy
@@ -23,13 +22,9 @@ pytestmark = pytest.mark.real
 
 
 def _hub_double_module():
-    spec = importlib.util.spec_from_file_location(
-        "_hub_double_for_examples", Path(__file__).with_name("hub_double.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from helpers import hub_double
+
+    return hub_double
 
 
 @pytest.fixture(autouse=True)

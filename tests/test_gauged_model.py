@@ -8,12 +8,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hub_double import hub  # noqa: F401  (fixture)
-from tolerances import assert_close_rel
+from helpers.tolerances import assert_close_rel
 from transformers import AutoModelForCausalLM
 
-from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
-from hf_bdgauge.errors import DimensionMismatchError, FingerprintMismatchError, SignedGaugeNotAllowedError
+from hf_bdgauge import Orthogonal, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint, fold_norm_gains
+from hf_bdgauge.errors import (
+    DimensionMismatchError,
+    FingerprintMismatchError,
+    OrthogonalGaugeError,
+    SignedGaugeNotAllowedError,
+)
 from hf_bdgauge.fingerprint import model_fingerprint
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.gauged_model import GAUGE_SUBFOLDER, GaugedModel
@@ -244,3 +248,25 @@ def test_real_stories260k_recharted_and_reattached(tmp_path):
     gm.canonicalize()
     assert all(torch.equal(t, original.state_dict()[n]) for n, t in gm.model.state_dict().items())
     assert gm.model_ref.fingerprint["content"] == att.target.fingerprint["content"]
+
+
+def test_a_gauged_model_in_a_rotated_chart_maps_to_its_reference_and_canonicalizes(token_ids):
+    """GaugedModel(rotated, gauge = R⁻¹): hidden states map to the folded original's by Rᵀ,
+    canonicalize() brings the weights back (to rounding), index maps are refused."""
+    from hf_bdgauge import Gauge, GaugedModel
+
+    r = Orthogonal.random_hadamard(64, seed=5)
+    folded = fold_norm_gains(tiny_model("qwen3", seed=8, dtype=torch.float64))
+    rotated = apply_gauge(fold_norm_gains(tiny_model("qwen3", seed=8, dtype=torch.float64)), r)
+    gm = GaugedModel(rotated, Gauge(r.inverse(), method="manual"))
+    with torch.no_grad():
+        h_ref = folded(token_ids, output_hidden_states=True).hidden_states[2]
+        h_rot = gm(token_ids, output_hidden_states=True).hidden_states[2]
+    assert_close_rel(gm.to_reference(h_rot), h_ref, rtol=1e-6, what="Rᵀ·h_rot")
+    with pytest.raises(OrthogonalGaugeError, match="mixes every coordinate"):
+        gm.map_indices_to_reference([0, 1])
+    gm.canonicalize()
+    assert gm.gauge.is_identity
+    ref = dict(folded.named_parameters())
+    for n, p in rotated.named_parameters():
+        assert_close_rel(p, ref[n], rtol=1e-12, what=n)

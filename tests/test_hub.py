@@ -1,6 +1,6 @@
 """Push and pull gauges end to end through huggingface_hub's own HTTP client, offline.
 
-The Hub is replaced by ``hub_double.HubDouble``: a local HTTP server implementing the Hub's
+The Hub is replaced by ``helpers.hub_double.HubDouble``: a local HTTP server implementing the Hub's
 upload routes (create repo, preupload, NDJSON commit) and download routes (repo info, tree,
 resolve with ETag / X-Repo-Commit), which ``huggingface_hub`` is pointed at as ``HF_ENDPOINT``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hub_double import TEST_TOKEN, git_blob_sha1, hub  # noqa: F401  (``hub`` is a fixture)
+from helpers.hub_double import TEST_TOKEN, git_blob_sha1
 
 from hf_bdgauge import SignedPermutation
 from hf_bdgauge.errors import GaugeNotFoundError, InvalidGaugeError

@@ -12,7 +12,7 @@ import torch
 
 from hf_bdgauge.cli.main import build_parser
 from hf_bdgauge.errors import EstimationError
-from hf_bdgauge.estimate import estimate_gauge, gauge_from_capture, trace
+from hf_bdgauge.estimate import capture_pair, estimate_gauge, gauge_from_capture, trace
 from hf_bdgauge.estimate.capture import capture_pair_stats
 from hf_bdgauge.estimate.matching import estimate_from_stats
 from hf_bdgauge.estimate.procrustes import estimate_rotation_from_stats
@@ -156,6 +156,22 @@ def test_a_capture_refuses_what_only_loading_or_matching_uses(pair):
     for field in ({"pooling": "sum"}, {"dtype": "float16"}, {"device_map": "auto"}):
         with pytest.raises(EstimationError, match=f"{next(iter(field))}="):
             capture_pair_stats(a, b, ids, capture=CaptureOptions(**field))
+
+
+def test_loading_options_are_refused_for_models_given_loaded(pair):
+    """capture.dtype / capture.device_map load a model from a path; a loaded model is not reloaded,
+    so they are refused rather than silently ignored (capture_pair, estimate_gauge, trace)."""
+    a, b, ids = pair
+    one = r"capture\.dtype applies only when the model is loaded from a path"
+    both = r"capture\.dtype and capture\.device_map apply only when the model is loaded from a path"
+    with pytest.raises(EstimationError, match=one + r".*source and target are already loaded"):
+        capture_pair(a, b, ids, capture=CaptureOptions(dtype="float16", progress=False))
+    with pytest.raises(EstimationError, match=both):
+        capture_pair(a, b, ids, capture=CaptureOptions(dtype="float16", device_map="cpu", progress=False))
+    with pytest.raises(EstimationError, match=r"capture\.device_map applies only when"):
+        estimate_gauge(a, b, ids, capture=CaptureOptions(device_map="cpu", progress=False))
+    with pytest.raises(EstimationError, match=one):
+        trace(a, b, ids, capture=CaptureOptions(dtype="bfloat16", progress=False))
 
 
 def test_trace_refuses_the_option_set_of_the_other_evidence_and_the_null_draws(pair):

@@ -4,7 +4,7 @@ in order, in one temporary directory, on the bundled model (the push goes to the
 Python blocks share one namespace (a later block may use what an earlier one defined); each
 command line runs in-process (``bdgauge …`` through :func:`hf_bdgauge.cli.main`, ``python -m
 hf_bdgauge.fixtures …`` through its ``main``) and must exit 0, or as its ``# exit N: text`` comment
-says (:mod:`docs_runner`, shared with the docs pages' test). The set-up block's ``make`` lines are
+says (:mod:`helpers.docs_runner`, shared with the docs pages' test). The set-up block's ``make`` lines are
 what CI itself runs. A line of any other kind fails the test, so README and code cannot drift.
 """
 
@@ -13,8 +13,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from docs_runner import README, command_lines, fenced_blocks, hooks, run_page
-from hub_double import hub  # noqa: F401  (a fixture: a local test double of the Hub)
+from helpers.docs_runner import README, command_lines, fenced_blocks, hooks, run_page
 
 
 def readme_blocks() -> list[tuple[str, str]]:

@@ -99,8 +99,8 @@ for _k in (SP, LN, DENSE_G, DENSE):
             "(SpinQuant's R1): no other kind is read from one"
         )
 IMPOSSIBLE_KINDS = {
-    "LayerNorm × rotation": "mean-centring does not commute with a rotation: no LayerNorm model has a rotation "
-    "gauge (apply_gauge, fold_norm_gains and both orthogonal estimates refuse "
+    "LayerNorm × rotation": "mean-centring does not commute with a rotation: no LayerNorm model has a "
+    "rotation gauge (apply_gauge, fold_norm_gains and both orthogonal estimates refuse "
     "it)",
     "LayerNorm × sign flips": "LayerNorm's gauge group is the permutations alone (its ±P are the "
     "permutations, "
@@ -425,7 +425,7 @@ def _hidden(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch.Tens
 
 
 def _vector_effect(model: torch.nn.Module, ids: torch.Tensor, v: Any) -> torch.Tensor:
-    from hf_bdgauge.transport.steering import next_token_logprobs
+    from hf_bdgauge.transport.steering_measure import next_token_logprobs
 
     return next_token_logprobs(model, ids, v) - next_token_logprobs(model, ids)
 
@@ -472,7 +472,7 @@ def reference(obj: str, p: Pair) -> tuple[Any, Any, float]:
 
 
 def _reference(obj: str, p: Pair) -> tuple[Any, Any, float | None]:
-    from lora_checks import random_lora
+    from helpers.lora_checks import random_lora
     from peft.utils import get_peft_model_state_dict
 
     ids, gen, d, k = p.ids[:2], torch.Generator().manual_seed(7), p.src.config.hidden_size, _layer(p)
@@ -536,7 +536,7 @@ _PEFT: dict[tuple[int, str], Any] = {}
 def _on_target(p: Pair, obj: str, state: dict[str, torch.Tensor]) -> Any:
     """``p.tgt`` with the adapter of ``obj``'s config holding ``state`` (one PeftModel per target
     and config, its weights replaced each time)."""
-    from lora_checks import lora_with_state
+    from helpers.lora_checks import lora_with_state
     from peft.utils import set_peft_model_state_dict
 
     key = (id(p.tgt), obj)

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from tolerances import assert_close_rel
+from helpers.cli import bdgauge
+from helpers.tolerances import assert_close_rel
 
-from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge import Gauge, SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, SignedGaugeNotAllowedError, TransportError
 from hf_bdgauge.roles import spec_for_model
 from hf_bdgauge.rules import Role, transform
@@ -63,7 +64,8 @@ def test_resumed_adamw_follows_the_recharted_trajectory_and_sd_only_state_diverg
         )
     with capsys.disabled():
         print(
-            f"\n[AdamW resume, 20 steps, float64] max |Δloss| vs re-charted original: B_d state {diffs['B_d']:.1e}, "
+            f"\n[AdamW resume, 20 steps, float64] max |Δloss| vs re-charted original: "
+            f"B_d state {diffs['B_d']:.1e}, "
             f"S_d-only state {diffs['S_d']:.3f} (loss ≈ {ref[-1]:.2f}); max |Δθ| {pdiff['B_d']:.1e} vs "
             f"{pdiff['S_d']:.3f}"
         )
@@ -160,7 +162,7 @@ def test_param_groups_in_any_order_and_named_optimizers():
 
 def test_peft_model_optimizer_state_transports_with_the_adapter():
     peft = pytest.importorskip("peft")
-    from hf_bdgauge.transport.peft import transport_peft_model
+    from hf_bdgauge.transport.peft_model import transport_peft_model
 
     base = tiny_model("llama", seed=5, dtype=torch.float64)
     pm = peft.get_peft_model(
@@ -207,3 +209,23 @@ def test_refusals():
     with pytest.raises(SignedGaugeNotAllowedError):
         transport_optimizer_state(o.state_dict(), gpt, G)
     transport_optimizer_state(o.state_dict(), gpt, G.unsigned())
+
+
+def test_optimizer_verb_on_a_layernorm_model_with_the_global_flip(tmp_path):
+    """Builds the model on the meta device: the LayerNorm rule needs no bias values any more."""
+    model = tiny_model("gpt2", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    flip = SignedPermutation(SignedPermutation.random(64, seed=3).perm, [-1] * 64)
+    Gauge(flip).save_pretrained(tmp_path / "g")
+    argv = ("transport", "optimizer", tmp_path / "opt.pt", tmp_path / "g", tmp_path / "o2.pt")
+    assert bdgauge(*argv, "--model", tmp_path / "model") == 0
+    moved = torch.load(tmp_path / "o2.pt", weights_only=True)
+    names = [n for n, _ in model.named_parameters()]
+    i = names.index("transformer.h.0.ln_1.bias")
+    ref = opt.state_dict()["state"][i]
+    assert torch.equal(moved["state"][i]["exp_avg"], flip.apply(ref["exp_avg"]))  # the bias moves signed
+    assert torch.equal(moved["state"][i]["exp_avg_sq"], flip.apply(ref["exp_avg_sq"], signed=False))

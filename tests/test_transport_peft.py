@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import bdgauge
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 peft = pytest.importorskip("peft")
+from helpers.tolerances import assert_product_close  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from tolerances import assert_product_close  # noqa: E402
 
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
 from hf_bdgauge.errors import (  # noqa: E402
@@ -33,9 +34,9 @@ from hf_bdgauge.transport.peft import (  # noqa: E402
     adapter_tensor_rules,
     transport_adapter,
     transport_adapter_state_dict,
-    transport_peft_model,
 )
 from hf_bdgauge.transport.peft_files import parse_adapter_tensor_name  # noqa: E402
+from hf_bdgauge.transport.peft_model import transport_peft_model  # noqa: E402
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 G = SignedPermutation.random(64, seed=5)
@@ -295,14 +296,20 @@ def test_output_directory_is_a_standard_peft_adapter_for_the_target(tmp_path):
         transport_adapter(adapter, G, tmp_path / "out2", base_config="llama")
 
 
-def test_base_family_found_from_local_base_dir_in_adapter_config(tmp_path):
+def _mistral_adapter(tmp_path, where) -> None:
+    """A LoRA on o_proj of a tiny mistral saved at ``where``, its base saved at ``tmp_path / "base"``
+    and named there by its local path."""
     src = tiny_model("mistral", seed=2)
     src.save_pretrained(tmp_path / "base")
     pm = get_peft_model(
         copy.deepcopy(src), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)
     )
     pm.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
-    pm.save_pretrained(tmp_path / "ad")
+    pm.save_pretrained(where)
+
+
+def test_base_family_found_from_local_base_dir_in_adapter_config(tmp_path):
+    _mistral_adapter(tmp_path, tmp_path / "ad")
     out = transport_adapter(tmp_path / "ad", G, tmp_path / "out")
     with (
         safe_open(str(out / "adapter_model.safetensors"), "pt") as f,
@@ -315,30 +322,11 @@ def test_base_family_found_from_local_base_dir_in_adapter_config(tmp_path):
 def test_an_adapter_in_a_subfolder_is_named_by_its_path_and_the_cli_joins_subfolder(tmp_path):
     from hf_bdgauge.cli import main
 
-    src = tiny_model("mistral", seed=2)
-    src.save_pretrained(tmp_path / "base")
-    pm = get_peft_model(
-        copy.deepcopy(src), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)
-    )
-    pm.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
-    pm.save_pretrained(tmp_path / "multi" / "sub")
+    _mistral_adapter(tmp_path, tmp_path / "multi" / "sub")
     py = transport_adapter(tmp_path / "multi" / "sub", G, tmp_path / "py")
     Gauge(G).save_pretrained(tmp_path / "g")
-    assert (
-        main(
-            [
-                "transport",
-                "adapter",
-                str(tmp_path / "multi"),
-                str(tmp_path / "g"),
-                str(tmp_path / "cli"),
-                "--subfolder",
-                "sub",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    argv = ("transport", "adapter", tmp_path / "multi", tmp_path / "g", tmp_path / "cli")
+    assert bdgauge(*argv, "--subfolder", "sub", "-q") == 0
     with (
         safe_open(str(py / "adapter_model.safetensors"), "pt") as f,
         safe_open(str(tmp_path / "cli" / "adapter_model.safetensors"), "pt") as f1,

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.tolerances import assert_close_rel, product_rtol
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close_rel, product_rtol
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, TransportError

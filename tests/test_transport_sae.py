@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.tolerances import assert_close_rel
 from safetensors.torch import load_file, save_file
-from tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import (
@@ -20,8 +20,9 @@ from hf_bdgauge.errors import (
 )
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
-from hf_bdgauge.transport.sae import SAE, fit_sae, transport_sae
+from hf_bdgauge.transport.sae import SAE, transport_sae
 from hf_bdgauge.transport.sae_files import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from hf_bdgauge.transport.sae_training import fit_sae
 
 LAYER = 2
 HOOK = f"blocks.{LAYER}.hook_resid_post"
@@ -282,14 +283,13 @@ def test_sae_for_a_block_the_model_does_not_have_is_refused():
     from hf_bdgauge.provenance import ModelRef as _Ref
     from hf_bdgauge.transport.sae import SAE as _SAE
 
+    def random_sae(hook_name: str) -> _SAE:
+        return _SAE.from_weights(
+            torch.randn(64, 32), torch.randn(32, 64), torch.zeros(32), torch.zeros(64), hook_name=hook_name
+        )
+
     torch.manual_seed(0)
-    sae = _SAE.from_weights(
-        torch.randn(64, 32),
-        torch.randn(32, 64),
-        torch.zeros(32),
-        torch.zeros(64),
-        hook_name="blocks.30.hook_resid_post",
-    )
+    sae = random_sae("blocks.30.hook_resid_post")
     g = _Gauge(
         _SP.random(64, seed=1),
         source=_Ref("a", fingerprint={"num_hidden_layers": 2}),
@@ -297,20 +297,14 @@ def test_sae_for_a_block_the_model_does_not_have_is_refused():
     )
     with pytest.raises(_TE, match="block 30"):
         sae.transport(g)
-    ok = _SAE.from_weights(
-        torch.randn(64, 32),
-        torch.randn(32, 64),
-        torch.zeros(32),
-        torch.zeros(64),
-        hook_name="blocks.1.hook_resid_post",
-    )
+    ok = random_sae("blocks.1.hook_resid_post")
     assert torch.equal(ok.transport(g).W_enc, g.element.apply(ok.W_enc, axis=0))
 
 
 def test_from_weights_routes_cfg_fields_and_fit_sae_takes_its_optimiser_settings():
     """Keywords naming a top-level cfg.json field go into the config, the others into its metadata;
     ``fit_sae(training=SAETraining(...))`` reaches the optimiser (lr = 0 leaves the tied start)."""
-    from hf_bdgauge.transport.sae import SAETraining
+    from hf_bdgauge.transport.sae_training import SAETraining
 
     gen = torch.Generator().manual_seed(0)
     sae = SAE.from_weights(

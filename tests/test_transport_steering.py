@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tolerances import assert_close_rel
+from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import (
@@ -19,16 +19,16 @@ from hf_bdgauge.errors import (
     TransportError,
     UnsupportedArchitectureError,
 )
+from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.layers import decoder_blocks, residual_states
 from hf_bdgauge.provenance import ModelRef
-from hf_bdgauge.testing import tiny_model
-from hf_bdgauge.transport.steering import (
-    SteeringVector,
+from hf_bdgauge.testing import LAYERNORM_TYPES, RMSNORM_TYPES, tiny_model
+from hf_bdgauge.transport.steering import SteeringVector, transport_steering_vector
+from hf_bdgauge.transport.steering_measure import (
     next_token_logprobs,
     percent_effect_preserved,
     steering_effect,
-    transport_steering_vector,
 )
 
 HAPPY = [
@@ -58,8 +58,6 @@ LAYER = 3  # residual layer 3: the output of block 2
 def real():
     """stories260K, a copy re-charted by a planted signed gauge, and a happy-minus-sad vector."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 
     path = stories260k_hf_dir()
     src = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -107,7 +105,8 @@ def test_transported_vector_steers_target_exactly_like_source(real):
     pct_bd, pct_sd = percent_effect_preserved(d_src, d_bd), percent_effect_preserved(d_src, d_sd)
     print(
         f"\nsteering alpha={ALPHA}: max|Δlogp| source={d_src.abs().max():.3f}; "
-        f"max|Δprob| B_d={max_dprob:.2e} S_d={max_dprob_sd:.3f}; effect preserved B_d={pct_bd:.4f}% S_d={pct_sd:.2f}%"
+        f"max|Δprob| B_d={max_dprob:.2e} S_d={max_dprob_sd:.3f}; "
+        f"effect preserved B_d={pct_bd:.4f}% S_d={pct_sd:.2f}%"
     )
     assert d_src.abs().max() > 1.0, "the vector must actually steer"
     assert max_dprob < 1e-5
@@ -321,3 +320,24 @@ def test_version_1_files_keyed_by_block_are_read_as_residual_layers(tmp_path):
     assert old.layers == [-1, 3] and torch.equal(old[3], v)
     back = SteeringVector.load(old.save(tmp_path / "new.safetensors"))  # written as version 2
     assert back.layers == [-1, 3]
+
+
+@pytest.mark.parametrize("model_type", sorted(set(RMSNORM_TYPES) | set(LAYERNORM_TYPES)))
+def test_steering_transports_on_every_family(model_type, token_ids):
+    """A steering vector moved by a gauge the family admits (B_d, or ±P for LayerNorm) steers the
+    re-charted model exactly as the original steers the source."""
+    model = tiny_model(model_type, seed=4, dtype=torch.float64)
+    g = (
+        SignedPermutation.random(64, seed=5)
+        if model_type in RMSNORM_TYPES
+        else SignedPermutation(SignedPermutation.random(64, seed=5).perm, [-1] * 64)
+    )
+    target = apply_gauge(copy.deepcopy(model), g)
+    sv = SteeringVector({1: torch.randn(64, dtype=torch.float64), -1: torch.randn(64, dtype=torch.float64)})
+    with sv.apply(model, alpha=0.5):
+        a = residual_states(model, token_ids, [-1], stop=False)[-1]
+    with sv.transport(g).apply(target, alpha=0.5):
+        b = residual_states(target, token_ids, [-1], stop=False)[-1]
+    err = float((b - g.apply_vector(a)).abs().max() / a.abs().max())
+    assert err <= 1e-6, err
+    assert np.isfinite(err)

@@ -37,7 +37,7 @@ sys.path.append(str(HERE.parents[1]))
 import harness as H  # noqa: E402
 from run_library import BUDGET_CYCLE, HELDOUT_FIRST_SEED, capture, independent_list  # noqa: E402
 
-from hf_bdgauge.options import CalibrationOptions
+from hf_bdgauge.options import CalibrationOptions  # noqa: E402
 
 
 def _variants():
@@ -105,9 +105,9 @@ def main() -> int:
         res["eig_sign"].append(_calibrated(st, eig=True).p_value)
     L = [
         "# Independently trained pairs: ablations of the B_d p-value\n",
-        f"`python experiments/calibration/diagnose_independent.py --pairs {a.pairs}` ({time.perf_counter() - t0:.0f} s, "
-        "1 thread): the first pairs of `run_library.py`'s independent list (20 disjoint, then pairs of 40 models), "
-        "budgets cycling 2/8/32 sequences of 64 tokens.\n",
+        f"`python experiments/calibration/diagnose_independent.py --pairs {a.pairs}` "
+        f"({time.perf_counter() - t0:.0f} s, 1 thread): the first pairs of `run_library.py`'s independent "
+        "list (20 disjoint, then pairs of 40 models), budgets cycling 2/8/32 sequences of 64 tokens.\n",
         "| variant | pairs | rej@0.05 | rej@0.01 | KS p | mean z | sd z |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -116,8 +116,8 @@ def main() -> int:
     if lib.exists():
         d = json.loads(lib.read_text())
         L += [
-            "\nThe library's own run (`results/lib-unrelated.json`, 200 pairs per family; independently trained: "
-            "seeds 40-79), Haar-only p-values, by token budget:\n",
+            "\nThe library's own run (`results/lib-unrelated.json`, 200 pairs per family; independently "
+            "trained: seeds 40-79), Haar-only p-values, by token budget:\n",
             "| family, tokens | pairs | rej@0.05 | rej@0.01 | KS p | mean z | sd z |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -139,7 +139,8 @@ def main() -> int:
             + "."
         )
     L.append(
-        "\nPower of the eig_sign null (log10 p; planted / fine-tuned (20, 3e-3) / noised 1.0, seed 0, 8 sequences):"
+        "\nPower of the eig_sign null (log10 p; planted / fine-tuned (20, 3e-3) / noised 1.0, seed 0, 8 "
+        "sequences):"
     )
     cells = []
     for kind, s in (("planted", 0.0), ("finetuned", (20, 3e-3)), ("noised", 1.0)):

@@ -127,11 +127,13 @@ def residuals(
     outs: list[list[torch.Tensor]] = []
     for a in range(0, ids.shape[0], batch):
         acts: list[torch.Tensor] = []
-        hooks = [inner.embed_tokens.register_forward_hook(lambda m, i, o: acts.append(o.detach()))]
+        hooks = [inner.embed_tokens.register_forward_hook(lambda m, i, o, acts=acts: acts.append(o.detach()))]
         for blk in inner.layers:
             hooks.append(
                 blk.register_forward_hook(
-                    lambda m, i, o: acts.append((o[0] if isinstance(o, (tuple, list)) else o).detach())
+                    lambda m, i, o, acts=acts: acts.append(
+                        (o[0] if isinstance(o, (tuple, list)) else o).detach()
+                    )
                 )
             )
         try:

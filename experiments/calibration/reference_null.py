@@ -44,7 +44,7 @@ sys.path.append(str(HERE.parents[1]))
 import harness as H  # noqa: E402
 from run_library import BUDGET_CYCLE, capture, independent_list  # noqa: E402
 
-from hf_bdgauge.options import CalibrationOptions, WeightOptions
+from hf_bdgauge.options import CalibrationOptions, WeightOptions  # noqa: E402
 
 RESULTS = HERE / "results"
 METHODS = ("sign_marginalized", "signed", "permutation")
@@ -88,8 +88,8 @@ def activation_record(st: Any, seed: int) -> dict[str, Any]:
 def weight_record(src: Any, tgt: Any, seed: int) -> dict[str, Any]:
     from hf_bdgauge.estimate.assignment import match_scores
     from hf_bdgauge.estimate.calibration import calibrate
+    from hf_bdgauge.estimate.signatures import weight_similarity
     from hf_bdgauge.estimate.statistic import weight_parts
-    from hf_bdgauge.estimate.weights import weight_similarity
     from hf_bdgauge.options import CalibrationOptions
     from hf_bdgauge.roles import spec_for_config
 
@@ -139,7 +139,8 @@ def collect(first_seed: int, n: int, family: str) -> Path:
         recs.append(rec)
         if (i + 1) % 20 == 0:
             print(
-                f"[collect {family} {first_seed}] {i + 1}/{len(pairs)} pairs, {time.perf_counter() - t0:.0f} s",
+                f"[collect {family} {first_seed}] {i + 1}/{len(pairs)} pairs, "
+                f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -215,8 +216,9 @@ def _row(name: str, p: np.ndarray) -> str:
     z = norm.isf(np.clip(p, 1e-300, 1.0))
     anti = kstest(p, "uniform", alternative="greater").pvalue  # too many small p-values
     return (
-        f"| {name} | {p.size} | {np.mean(p <= 0.05):.3f} | {np.mean(p <= 0.01):.3f} | {int(np.sum(p <= 0.01))} | "
-        f"{kstest(p, 'uniform').pvalue:.3f} | {anti:.3f} | {z.mean():+.2f} | {z.std():.2f} |"
+        f"| {name} | {p.size} | {np.mean(p <= 0.05):.3f} | {np.mean(p <= 0.01):.3f} | "
+        f"{int(np.sum(p <= 0.01))} | {kstest(p, 'uniform').pvalue:.3f} | {anti:.3f} | {z.mean():+.2f} | "
+        f"{z.std():.2f} |"
     )
 
 
@@ -242,12 +244,12 @@ def report() -> str:
     L = [
         "# The reference null of the B_d p-value\n",
         "Fitted by `python experiments/calibration/reference_null.py fit` on the Haar `t` of 200 pairs of "
-        "independently trained stories260K-shaped models, seeds 0-39 (`collect --first-seed 0`); checked on 200 "
-        "pairs of 40 *other* seeds, 40-79 (`collect --first-seed 40`), and on random inits (`collect --family "
-        "random_init`). `report` writes this file.\n",
-        "The reference of each kind: the mean and the sd ratio of its Haar `t` (sd / the Student null's), their "
-        "delete-one-model jackknife standard errors, and the one-sided 95 % upper bounds the package reads "
-        "`t` against (`t_ref = (t − location)/scale`).\n",
+        "independently trained stories260K-shaped models, seeds 0-39 (`collect --first-seed 0`); checked on "
+        "200 pairs of 40 *other* seeds, 40-79 (`collect --first-seed 40`), and on random inits (`collect "
+        "--family random_init`). `report` writes this file.\n",
+        "The reference of each kind: the mean and the sd ratio of its Haar `t` (sd / the Student null's), "
+        "their delete-one-model jackknife standard errors, and the one-sided 95 % upper bounds the package "
+        "reads `t` against (`t_ref = (t − location)/scale`).\n",
         "| kind | t values (models) | mean t ± se | sd ratio ± se | location | scale |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -257,8 +259,8 @@ def report() -> str:
             f"{r['sd_ratio']:.3f} ± {r['se_ratio']:.3f} | {r['location']:.3f} | {r['scale']:.3f} |"
         )
     L += [
-        "\nRejection rates, KS tests against uniformity (two-sided, and one-sided against too many small p-values: "
-        "the test of *uniform or conservative*) and the mean and sd of `z = Φ̄⁻¹(p)`:\n",
+        "\nRejection rates, KS tests against uniformity (two-sided, and one-sided against too many small "
+        "p-values: the test of *uniform or conservative*) and the mean and sd of `z = Φ̄⁻¹(p)`:\n",
         "| set, test | tests | rej@0.05 | rej@0.01 | p ≤ 0.01 | KS p | KS p, one-sided | mean z | sd z |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -40,7 +40,7 @@ sys.path.append(str(HERE.parents[1]))
 import harness as H  # noqa: E402
 
 from experiments.common import parts_main, read_parts, report_head, wilson_lower  # noqa: E402
-from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions  # noqa: E402
 
 RESULTS = HERE / "results"
 METHODS = ("sign_marginalized", "signed", "permutation")
@@ -307,7 +307,8 @@ def fmt_p(x: float) -> str:
 
 def _calib_lines(fams: dict[str, Any], per_method: bool) -> list[str]:
     L = [
-        "| family | method | n | rej@0.05 | rej@0.01 | rej@0.001 | # p≤0.01 | KS D (p) | KS one-sided D (p) | false id. coords |",
+        "| family | method | n | rej@0.05 | rej@0.01 | rej@0.001 | # p≤0.01 | KS D (p) | KS one-sided D (p) "
+        "| false id. coords |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for fam, fd in fams.items():
@@ -317,9 +318,9 @@ def _calib_lines(fams: dict[str, Any], per_method: bool) -> list[str]:
             c = calib_row([r["p"] for r in rs])
             fid = sum(r["n_identified"] for r in rs)
             L.append(
-                f"| {fam} | {m} | {c['n']} | {c['rej_0.05']:.3f} | {c['rej_0.01']:.3f} | {c['rej_0.001']:.3f} | "
-                f"{c['below_0.01']} | {c['ks_D']:.3f} ({fmt_p(c['ks_p'])}) | {c['ks_anti_D']:.3f} "
-                f"({fmt_p(c['ks_anti_p'])}) | {fid} / {len(rs) * 64} |"
+                f"| {fam} | {m} | {c['n']} | {c['rej_0.05']:.3f} | {c['rej_0.01']:.3f} | "
+                f"{c['rej_0.001']:.3f} | {c['below_0.01']} | {c['ks_D']:.3f} ({fmt_p(c['ks_p'])}) | "
+                f"{c['ks_anti_D']:.3f} ({fmt_p(c['ks_anti_p'])}) | {fid} / {len(rs) * 64} |"
             )
     return L
 
@@ -355,7 +356,8 @@ def render(mode: str) -> str:
         L.append("## Weights method (data-free)\n")
         L += _calib_lines(w["families"], False)
         L.append(
-            "\n| related pair | strength | n | power (p≤0.01) | median log10 p | accuracy | identified fraction | precision of identified |"
+            "\n| related pair | strength | n | power (p≤0.01) | median log10 p | accuracy | identified "
+            "fraction | precision of identified |"
         )
         L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         groups: dict[tuple, list] = {}
@@ -393,12 +395,14 @@ def render(mode: str) -> str:
             for b in budgets:
                 rb = [r["sign_marginalized"] for r in rs if r["budget"] == b]
                 cells.append(
-                    f"{np.mean([r['p'] <= LEVEL for r in rb]):.2f} ({np.mean([r['identified_fraction'] for r in rb]):.2f})"
+                    f"{np.mean([r['p'] <= LEVEL for r in rb]):.2f} "
+                    f"({np.mean([r['identified_fraction'] for r in rb]):.2f})"
                 )
             L.append(f"| {k} | {s} | " + " | ".join(cells) + " |")
         L.append("\nIdentification precision, pooled over every related pair and budget:\n")
         L.append(
-            "| method | coordinates | identified | correct among identified | Wilson 95 % lower bound | accuracy of all coordinates |"
+            "| method | coordinates | identified | correct among identified | Wilson 95 % lower bound | "
+            "accuracy of all coordinates |"
         )
         L.append("| --- | --- | --- | --- | --- | --- |")
         for m in METHODS:

@@ -169,7 +169,8 @@ def render(mode: str) -> str:
     if "shuffled" in parts:
         L.append("## H0 pairs: shuffled pairings of stories260K (p-value calibration)\n")
         L.append(
-            "| family | n | rej@0.05 | rej@0.01 | rej@0.001 | # p≤0.01 | KS D (p) | KS one-sided D (p) | verdict ≠ no_rotation |"
+            "| family | n | rej@0.05 | rej@0.01 | rej@0.001 | # p≤0.01 | KS D (p) | KS one-sided D (p) | "
+            "verdict ≠ no_rotation |"
         )
         L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for fam, d in parts["shuffled"]["families"].items():
@@ -177,15 +178,16 @@ def render(mode: str) -> str:
             c = calib_row([r["p"] for r in rs])
             L.append(
                 f"| {fam} | {c['n']} | {c['rej_0.05']:.3f} | {c['rej_0.01']:.3f} | {c['rej_0.001']:.3f} | "
-                f"{c['below_0.01']} | {c['ks_D']:.3f} ({c['ks_p']:.3f}) | {c['ks_anti_D']:.3f} ({c['ks_anti_p']:.3f}) | "
-                f"{sum(r['verdict'] != 'no_rotation' for r in rs)} |"
+                f"{c['below_0.01']} | {c['ks_D']:.3f} ({c['ks_p']:.3f}) | {c['ks_anti_D']:.3f} "
+                f"({c['ks_anti_p']:.3f}) | {sum(r['verdict'] != 'no_rotation' for r in rs)} |"
             )
         L.append("")
     if "unrelated" in parts:
         L.append("## Unrelated models: is a rotation ever reported?\n")
         L.append(
             "Both streams are functions of the same tokens, so the p-value (H0: no linear trace) is small "
-            "here by design; the verdict must still be `no_rotation` (the held-out alignment is far from 1).\n"
+            "here by design; the verdict must still be `no_rotation` (the held-out alignment is far from "
+            "1).\n"
         )
         L.append(
             "| family | input | n | p ≤ 0.01 | verdict rotation | 95 % upper bound | alignment median (max) |"

@@ -1,6 +1,6 @@
 """The derivation test ``hf_bdgauge.trace`` against a permutation-only version of its statistic.
 
-    python experiments/trace/run_trace.py --part stories    # derived families and independent pairs, stories260K
+    python experiments/trace/run_trace.py --part stories    # stories260K: derived and independent pairs
     python experiments/trace/run_trace.py --part gemma      # Gemma 3 270M: B_d re-chart + fine-tune
     python experiments/trace/run_trace.py --part report     # results.md from the parts
     (--fast: fewer seeds and pairs, a smoke run)
@@ -51,7 +51,7 @@ import harness as H  # noqa: E402
 from run_library import HELDOUT_FIRST_SEED  # noqa: E402
 
 from experiments.common import clopper_pearson_upper, parts_main, read_parts, report_head  # noqa: E402
-from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions  # noqa: E402
 
 RESULTS = HERE / "results"
 LEVEL = 0.01
@@ -64,8 +64,8 @@ def permutation_only_weights(src: Any, tgt: Any, include_gains: bool, seed: int 
     from hf_bdgauge.estimate.assignment import match_scores
     from hf_bdgauge.estimate.calibration import calibrate
     from hf_bdgauge.estimate.layer_verdicts import cauchy_combination
+    from hf_bdgauge.estimate.signatures import weight_similarity
     from hf_bdgauge.estimate.statistic import weight_parts
-    from hf_bdgauge.estimate.weights import weight_similarity
     from hf_bdgauge.options import CalibrationOptions
     from hf_bdgauge.roles import spec_for_config
 
@@ -374,7 +374,8 @@ def render(mode: str) -> str:
             groups.setdefault((r["kind"], r["strength"], r.get("flips", "random")), []).append(r)
         for (k, st, fl), rs in groups.items():
             cells = [
-                f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p {fmt_p(float(np.median([r[key] for r in rs])))})"
+                f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p "
+                f"{fmt_p(float(np.median([r[key] for r in rs])))})"
                 for key, _ in STATS
             ]
             how = "random signs" if fl == "random" else "−P (all signs)"
@@ -389,7 +390,8 @@ def render(mode: str) -> str:
         ):
             rs = s[fam]
             cells = [
-                f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p {fmt_p(float(np.median([r[key] for r in rs])))})"
+                f"{np.mean([r[key] <= LEVEL for r in rs]):.2f} (median p "
+                f"{fmt_p(float(np.median([r[key] for r in rs])))})"
                 for key, _ in STATS
             ]
             L.append(f"| {title} | – | {len(rs)} | " + " | ".join(cells) + " | – |")
@@ -404,7 +406,8 @@ def render(mode: str) -> str:
                 cells.append(f"{k}/{n} (≤ {clopper_pearson_upper(k, n):.3f})")
             L.append(f"| {name} | " + " | ".join(cells) + " |")
         L.append(
-            "\nROC AUC of −log10 p, every derived pair against every unrelated pair (both unrelated families):\n"
+            "\nROC AUC of −log10 p, every derived pair against every unrelated pair (both unrelated "
+            "families):\n"
         )
         L.append("| statistic | AUC | derived detected at 0.01 | unrelated rejected at 0.01 |")
         L.append("| --- | --- | --- | --- |")

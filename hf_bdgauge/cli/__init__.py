@@ -1,7 +1,7 @@
 """The ``bdgauge`` command line.
 
-Verbs (``bdgauge VERB --help`` for each): ``estimate``, ``stats``, ``compose``, ``trace``, ``diff``, ``apply``,
-``transport <kind>`` (one sub-verb per registered transportable object: adapter, sae, steering,
+Verbs (``bdgauge VERB --help`` for each): ``estimate``, ``stats``, ``compose``, ``trace``, ``diff``,
+``apply``, ``transport <kind>`` (one sub-verb per registered transportable object: adapter, sae, steering,
 optimizer, probe, indices), ``push``, ``show``, ``audit``, ``demo``. Every model, gauge and
 object argument takes a local path or a Hub id, pinned as ``repo@revision``. Writers refuse an
 existing destination unless ``--overwrite``. Exit codes (docs/exit-codes.md): 0 done (a question —

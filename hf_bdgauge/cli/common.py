@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DestinationExistsError, GaugeError
+
+if TYPE_CHECKING:  # annotations only: the gauge module is imported when a gauge is loaded
+    from ..gauge import Gauge
 
 __all__ = ["describe_element", "forced", "load_gauge", "read_texts", "refuse_existing", "set_threads"]
 
@@ -35,12 +38,15 @@ def read_texts(path: Path | None) -> list[str] | None:
     return texts
 
 
-def load_gauge(spec: str, revision: str | None = None):
+def load_gauge(spec: str, revision: str | None = None) -> Gauge:
     """A gauge from a directory or ``repo@revision`` (``--gauge-revision``), through the one
     resolver of gauge arguments (:func:`hf_bdgauge.gauge.as_gauge`)."""
-    from ..gauge import as_gauge
+    from ..gauge import Gauge, as_gauge
 
-    return as_gauge(spec, revision)
+    g = as_gauge(spec, revision)
+    if not isinstance(g, Gauge):  # a path or a repo id loads a Gauge; only objects come back bare
+        raise GaugeError(f"{spec} did not load a gauge")
+    return g
 
 
 def describe_element(g: Any) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..hub import resolve_checkpoint_dir, split_revision
 from .common import read_texts
-from .flags import add_quiet_flag
+from .flags import add_quiet_flag, add_verb
 
 __all__ = ["add_audit_parser", "add_demo_parser"]
 
@@ -51,9 +51,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 def add_audit_parser(sub: Any) -> None:
     """``bdgauge audit``."""
-    au = sub.add_parser(
-        "audit", help="gauge-sweep audit of a top-k massive-activation claim", description=_cmd_audit.__doc__
-    )
+    au = add_verb(sub, "audit", "gauge-sweep audit of a top-k massive-activation claim", _cmd_audit)
     au.add_argument("model", help="model dir or repo@revision")
     au.add_argument("--revision", help="revision of MODEL on the Hub (or write MODEL as repo@revision)")
     au.add_argument(
@@ -71,18 +69,14 @@ def add_audit_parser(sub: Any) -> None:
     au.add_argument("--max-length", type=int, default=256, help="tokens of the prompt")
     au.add_argument("--plot", type=Path, help="write a PNG here")
     add_quiet_flag(au)
-    au.set_defaults(func=_cmd_audit)
 
 
 def add_demo_parser(sub: Any) -> None:
     """``bdgauge demo``."""
-    d = sub.add_parser(
-        "demo", help="plant and recover a gauge on the bundled real model", description=_cmd_demo.__doc__
-    )
+    d = add_verb(sub, "demo", "plant and recover a gauge on the bundled real model", _cmd_demo)
     d.add_argument(
         "--out-dir", type=Path, default=None, help="where to write the demo's files (default: a temp dir)"
     )
     d.add_argument("--seed", type=int, default=0, help="seed of the planted gauge")
     d.add_argument("--fast", action="store_true", help="fewer tokens (for tests)")
     add_quiet_flag(d)
-    d.set_defaults(func=_cmd_demo)

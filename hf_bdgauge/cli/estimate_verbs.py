@@ -15,7 +15,7 @@ from ..hub import split_revision
 from ..options import CalibrationOptions, CaptureOptions, WeightOptions
 from .answers import answer_payload, save_gauge, write_answer
 from .common import read_texts, refuse_existing
-from .flags import REVISION_HELP, add_json_flag, add_quiet_flag
+from .flags import REVISION_HELP, add_json_flag, add_quiet_flag, add_verb
 from .option_flags import add_option_flags, options_from_args
 from .output import print_result, say
 
@@ -27,7 +27,8 @@ _STATS_CAPTURE = ("tokenizer", "layers", "batch_size", "max_length", "max_tokens
 _WEIGHT_FLAGS = ("tensor_weighting", "device")
 #: trace and diff draw no descriptive null
 _TRACE_CALIBRATION = ("draws", "seed", "reference", "level", "identity_tol")
-#: ``--method``'s choices: the estimators of :data:`hf_bdgauge.estimate.matching.METHODS` (a test keeps them equal)
+#: ``--method``'s choices: the estimators of :data:`hf_bdgauge.estimate.matching.METHODS`
+#: (a test keeps them equal)
 METHODS = ["sign_marginalized", "signed", "permutation", "weights", "orthogonal", "orthogonal_weights"]
 #: the methods that read the checkpoints only (no --texts)
 _DATA_FREE = ("weights", "orthogonal_weights")
@@ -72,7 +73,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
             target_revision=tgt_rev,
         )
         return save_gauge(g, args)
-    capture, _ = _method_options(args)
+    _refuse_weight_flags(args)
+    capture = _capture_options(args)
     if args.save_stats is not None:
         check_destination(args.save_stats, args.overwrite)
     pair = capture_pair(
@@ -206,26 +208,38 @@ def _capture_options(args: argparse.Namespace, names: tuple[str, ...] | None = N
     return options_from_args(CaptureOptions, args, names, device_map=device_map, progress=not args.quiet)
 
 
-def _method_options(args: argparse.Namespace) -> tuple[CaptureOptions | None, WeightOptions | None]:
-    """``(capture, weights)`` for ``--method``: the flags of the option set the method does not use
-    are refused (by :func:`~hf_bdgauge.estimate.estimate_gauge`, for the capture flags), never dropped."""
-    if args.method == "weights":
-        given = options_from_args(CaptureOptions, args, [n for n in _STATS_CAPTURE if n != "dtype"])
-        weights = options_from_args(
-            WeightOptions,
-            args,
-            _WEIGHT_FLAGS,
-            device=args.device or rank_device(),
-            compute_dtype=args.dtype,
-            progress=not args.quiet,
-        )
-        return (given if given.changed() else None), weights  # under NCCL: this rank's GPU
+def _weight_options(args: argparse.Namespace) -> WeightOptions:
+    """The weight options of the flags (:class:`~hf_bdgauge.options.WeightOptions`; --dtype is the
+    products' compute dtype); under an NCCL process group the products run on this rank's GPU unless
+    --device says otherwise."""
+    return options_from_args(
+        WeightOptions,
+        args,
+        _WEIGHT_FLAGS,
+        device=args.device or rank_device(),
+        compute_dtype=args.dtype,
+        progress=not args.quiet,
+    )
+
+
+def _refuse_weight_flags(args: argparse.Namespace) -> None:
+    """Refuse the WeightOptions flags (--tensor-weighting, --device) with a method that is not
+    ``weights``."""
     for name in _WEIGHT_FLAGS:
         if getattr(args, name, None) not in (None, "equal"):
             raise GaugeError(
                 f"--{name.replace('_', '-')} applies to --method weights"
                 + ("; place models with --device-map" if name == "device" else "")
             )
+
+
+def _method_options(args: argparse.Namespace) -> tuple[CaptureOptions | None, WeightOptions | None]:
+    """``(capture, weights)`` for ``--method``: the flags of the option set the method does not use
+    are refused (by :func:`~hf_bdgauge.estimate.estimate_gauge`, for the capture flags), never dropped."""
+    if args.method == "weights":
+        given = options_from_args(CaptureOptions, args, [n for n in _STATS_CAPTURE if n != "dtype"])
+        return (given if given.changed() else None), _weight_options(args)
+    _refuse_weight_flags(args)
     if args.method == "orthogonal_weights":  # the embeddings only: read on the CPU in float64
         given = options_from_args(CaptureOptions, args)
         return (given if given.changed() else None), None
@@ -286,14 +300,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     calibration = options_from_args(CalibrationOptions, args, _TRACE_CALIBRATION)
     if texts is None:
         given = options_from_args(CaptureOptions, args)
-        weights = options_from_args(
-            WeightOptions,
-            args,
-            _WEIGHT_FLAGS,
-            device=args.device or rank_device(),
-            compute_dtype=args.dtype,
-            progress=not args.quiet,
-        )
+        weights = _weight_options(args)
         if replace(given, dtype=None).changed():
             flags = ", ".join("--" + k.replace("_", "-") for k in replace(given, dtype=None).changed())
             raise GaugeError(
@@ -356,9 +363,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 def add_estimate_parser(sub: Any) -> None:
     """``bdgauge estimate``."""
-    e = sub.add_parser(
-        "estimate", help="estimate the gauge between two checkpoints", description=_cmd_estimate.__doc__
-    )
+    e = add_verb(sub, "estimate", "estimate the gauge between two checkpoints", _cmd_estimate)
     e.add_argument("source", nargs="?", help="source model dir or Hub id (optionally repo@revision)")
     e.add_argument("target", nargs="?", help="target model dir or Hub id (optionally repo@revision)")
     e.add_argument(
@@ -394,15 +399,15 @@ def add_estimate_parser(sub: Any) -> None:
     _add_big_model_flags(e)
     add_quiet_flag(e)
     add_json_flag(e)
-    e.set_defaults(func=_cmd_estimate)
 
 
 def add_stats_parser(sub: Any) -> None:
     """``bdgauge stats``."""
-    st = sub.add_parser(
+    st = add_verb(
+        sub,
         "stats",
-        help="capture and save the activation statistics of a pair (merge with estimate --from-stats)",
-        description=_cmd_stats.__doc__,
+        "capture and save the activation statistics of a pair (merge with estimate --from-stats)",
+        _cmd_stats,
     )
     st.add_argument("source", help="source model dir or Hub id (optionally repo@revision)")
     st.add_argument("target", help="target model dir or Hub id (optionally repo@revision)")
@@ -422,14 +427,11 @@ def add_stats_parser(sub: Any) -> None:
     _add_capture_flags(st, _STATS_CAPTURE)
     add_quiet_flag(st)
     add_json_flag(st)
-    st.set_defaults(func=_cmd_stats)
 
 
 def add_compose_parser(sub: Any) -> None:
     """``bdgauge compose``."""
-    c = sub.add_parser(
-        "compose", help="compose local gauges along a run of checkpoints", description=_cmd_compose.__doc__
-    )
+    c = add_verb(sub, "compose", "compose local gauges along a run of checkpoints", _cmd_compose)
     c.add_argument("checkpoints", nargs="+", help="checkpoint dirs or repo@revision, in training order")
     c.add_argument("-o", "--output", type=Path, help="save the composed gauge here")
     c.add_argument("--overwrite", action="store_true", help="replace a gauge already saved at --output")
@@ -440,7 +442,6 @@ def add_compose_parser(sub: Any) -> None:
     c.add_argument("--texts", type=Path, help="text file, one text per line (activation methods)")
     _add_big_model_flags(c)
     add_quiet_flag(c)
-    c.set_defaults(func=_cmd_compose)
 
 
 def add_trace_parsers(sub: Any) -> None:
@@ -449,7 +450,7 @@ def add_trace_parsers(sub: Any) -> None:
         ("trace", _cmd_trace, "test whether a checkpoint is derived from another up to a signed permutation"),
         ("diff", _cmd_diff, "per-layer report: same chart / re-charted / drifted"),
     ):
-        tr = sub.add_parser(verb, help=text, description=fn.__doc__)
+        tr = add_verb(sub, verb, text, fn)
         tr.add_argument("source", help="model dir or Hub id (repo@revision)")
         tr.add_argument("target", help="model dir or Hub id (repo@revision)")
         tr.add_argument(
@@ -463,4 +464,3 @@ def add_trace_parsers(sub: Any) -> None:
         tr.add_argument("--force", action="store_true", help="save the estimate even when it is not a gauge")
         add_quiet_flag(tr)
         add_json_flag(tr)
-        tr.set_defaults(func=fn)

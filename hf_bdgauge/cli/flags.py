@@ -4,9 +4,10 @@ several verbs share (``-q``, ``--json``, the revision help)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["HelpFormatter", "Parser", "REVISION_HELP", "add_json_flag", "add_quiet_flag"]
+__all__ = ["HelpFormatter", "Parser", "REVISION_HELP", "add_json_flag", "add_quiet_flag", "add_verb"]
 
 #: help of ``--source-revision`` / ``--target-revision`` (``.format(end="SOURCE")``)
 REVISION_HELP = "revision of {end} on the Hub (or write {end} as repo@revision)"
@@ -33,6 +34,16 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+def add_verb(
+    sub: Any, name: str, help: str, run: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """The sub-parser of verb ``name`` on ``sub`` (``help`` in the verb list, ``run``'s docstring as
+    its description), which dispatches to ``run``."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=run.__doc__)
+    p.set_defaults(func=run)
+    return p
 
 
 def add_quiet_flag(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from ..distributed import DEFAULT_TIMEOUT_S, is_main
 from ..errors import DestinationExistsError
 from ..hub import resolve_checkpoint_dir, split_revision
 from .common import describe_element, forced, load_gauge
-from .flags import add_json_flag, add_quiet_flag
+from .flags import add_json_flag, add_quiet_flag, add_verb
 from .output import print_result, say
 
 __all__ = ["add_apply_parser", "add_push_parser", "add_show_parser"]
@@ -121,9 +121,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 def add_apply_parser(sub: Any) -> None:
     """``bdgauge apply``."""
-    a = sub.add_parser(
-        "apply", help="re-chart a safetensors checkpoint by a gauge", description=_cmd_apply.__doc__
-    )
+    a = add_verb(sub, "apply", "re-chart a safetensors checkpoint by a gauge", _cmd_apply)
     a.add_argument("src", help="checkpoint directory or Hub repo id (repo@revision)")
     a.add_argument("dst", help="output directory (written atomically)")
     which = a.add_mutually_exclusive_group(required=True)
@@ -159,12 +157,11 @@ def add_apply_parser(sub: Any) -> None:
         "every rank sees)",
     )
     add_quiet_flag(a)
-    a.set_defaults(func=_cmd_apply)
 
 
 def add_push_parser(sub: Any) -> None:
     """``bdgauge push``."""
-    pu = sub.add_parser("push", help="push a saved gauge to the Hub", description=_cmd_push.__doc__)
+    pu = add_verb(sub, "push", "push a saved gauge to the Hub", _cmd_push)
     pu.add_argument("gauge_dir", help="a gauge directory saved by estimate/compose/trace -o")
     pu.add_argument("repo_id", help="namespace/name, optionally namespace/name@branch")
     pu.add_argument(
@@ -177,14 +174,12 @@ def add_push_parser(sub: Any) -> None:
     )
     pu.add_argument("--message", default="Upload gauge with hf_bdgauge", help="the commit message")
     add_quiet_flag(pu)
-    pu.set_defaults(func=_cmd_push)
 
 
 def add_show_parser(sub: Any) -> None:
     """``bdgauge show``."""
-    sh = sub.add_parser("show", help="summarise a gauge", description=_cmd_show.__doc__)
+    sh = add_verb(sub, "show", "summarise a gauge", _cmd_show)
     sh.add_argument("gauge", help="gauge dir or Hub id (repo@revision)")
     sh.add_argument("--revision", help="revision of the gauge repo (or write GAUGE as repo@revision)")
     add_json_flag(sh)
     add_quiet_flag(sh)
-    sh.set_defaults(func=_cmd_show)

@@ -21,9 +21,8 @@ def _cmd_transport(args: argparse.Namespace) -> int:
     if args.inverse:
         g = g.inverse()
     out = transport_kinds()[args.kind].run(args, g)
-    say(
-        f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {describe_element(g)}){forced(args, g)}"
-    )
+    element = describe_element(g)
+    say(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {element}){forced(args, g)}")
     return 0
 
 

@@ -17,14 +17,16 @@
   ``"orthogonal_weights"``): Procrustes, its held-out fit, error and p-value;
 * :mod:`~hf_bdgauge.estimate.api`: :func:`estimate_gauge`, the entry point;
 * :mod:`~hf_bdgauge.estimate.trajectory`: composing local gauges along training runs;
-* :mod:`~hf_bdgauge.estimate.trace`: the derivation test (``trace``) and the per-layer drift report (``diff``).
+* :mod:`~hf_bdgauge.estimate.trace`: the derivation test (``trace``) and the per-layer drift report
+  (``diff``), whose :mod:`~hf_bdgauge.estimate.trace_report` holds the rows and the answer.
 """
 
 from __future__ import annotations
 
 from .api import capture_pair, estimate_gauge, gauge_from_capture
 from .captured import CapturedPair, load_pair_stats, save_pair_stats
-from .trace import LayerRow, TraceReport, diff, trace
+from .trace import diff, trace
+from .trace_report import LayerRow, TraceReport
 from .trajectory import compose_gauges, compose_trajectory, compose_via_base
 
 #: what a user calls (the docs' reference); the finer pieces (statistics, assignment, capture hooks,

@@ -13,12 +13,9 @@ ranks (:mod:`hf_bdgauge.distributed`).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import fields, replace
 from typing import Any
-
-import torch
 
 from ..distributed import world
 from ..errors import UnsupportedArchitectureError, Words
@@ -27,15 +24,9 @@ from ..gauge import Gauge
 from ..options import CalibrationOptions, CaptureOptions, WeightOptions, flag_name, refuse_unused
 from ..roles import spec_for_config
 from .assignment import ACTIVATION_METHODS
-from .capture import (
-    CAPTURE_STATS_FIELDS,
-    capture_pair_stats,
-    load_causal_lm,
-    load_tokenizer,
-    model_ref,
-    needs_tokenizer,
-)
+from .capture import CAPTURE_STATS_FIELDS, capture_pair_stats
 from .captured import CapturedPair
+from .loading import load_pair
 from .matching import METHODS, estimate_from_stats
 from .procrustes import estimate_rotation_from_stats, estimate_rotation_from_weights
 from .stats import EstimationError
@@ -207,7 +198,8 @@ def capture_pair(
     target_revision: str | None = None,
 ) -> CapturedPair:
     """Load both models (as :func:`estimate_gauge` does, in ``capture.dtype`` with
-    ``capture.device_map``) and capture their paired statistics on ``data``
+    ``capture.device_map``, which are refused for a model given already loaded:
+    :func:`~hf_bdgauge.estimate.loading.load_pair`) and capture their paired statistics on ``data``
     (:func:`~hf_bdgauge.estimate.capture.capture_pair_stats` with the other fields of ``capture``
     but ``pooling``, which matching uses and is refused here: under a process group every rank
     captures its share and all get the sums of all; ``shard=(k, n)`` keeps shard ``k`` of ``n``).
@@ -222,43 +214,29 @@ def capture_pair(
         "capture_pair (pooling is matching's: give it to gauge_from_capture)",
     )
     t0 = time.perf_counter()
-    dtype, device_map = cap.torch_dtype, cap.device_map
-    if isinstance(source, torch.nn.Module):
-        src_model, src_ref, src_dir = (
-            source,
-            model_ref(source, source_revision, fingerprint=fingerprint),
-            None,
-        )
-    else:
-        src_model, src_ref, src_dir = load_causal_lm(
-            source, source_revision, dtype=dtype, device_map=device_map, fingerprint=fingerprint
-        )
-    if isinstance(target, torch.nn.Module):
-        tgt_model, tgt_ref, tgt_dir = (
-            target,
-            model_ref(target, target_revision, fingerprint=fingerprint),
-            None,
-        )
-    else:
-        tgt_model, tgt_ref, tgt_dir = load_causal_lm(
-            target, target_revision, dtype=dtype, device_map=device_map, fingerprint=fingerprint
-        )
-    tokenizer = cap.tokenizer
-    if needs_tokenizer(data) or isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(tokenizer, src_dir, source_revision)
+    ends = load_pair(
+        source,
+        target,
+        data,
+        cap,
+        fingerprint=fingerprint,
+        source_revision=source_revision,
+        target_revision=target_revision,
+    )
+    src_model, tgt_model, src_dir, tgt_dir = ends.source, ends.target, ends.source_dir, ends.target_dir
     stats = capture_pair_stats(
         src_model,
         tgt_model,
         data,
-        capture=replace(cap, tokenizer=tokenizer, dtype=None, device_map=None),
+        capture=replace(cap, tokenizer=ends.tokenizer, dtype=None, device_map=None),
         shard=shard,
         track_target_cov=True,
     )  # Σyyᵀ feeds the calibrated p-value
     act_dtype = next(src_model.parameters()).dtype
     return CapturedPair(
         stats,
-        src_ref,
-        tgt_ref,
+        ends.source_ref,
+        ends.target_ref,
         dtype=str(act_dtype).removeprefix("torch."),
         model_type=getattr(getattr(src_model, "config", None), "model_type", None),
         world_size=world(cap.group)[1],

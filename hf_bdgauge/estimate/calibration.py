@@ -30,6 +30,7 @@ beats its own null at level ``α``. The documented false-identification level is
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ from .statistic import (
     trimmed_mean,
 )
 
-__all__ = ["ID_ALPHA", "Calibration", "calibrate"]
+__all__ = ["ID_ALPHA", "Calibration", "calibrate", "warn_min_excess_ignored"]
 
 #: the documented per-coordinate false-identification level
 ID_ALPHA = 1e-3
@@ -90,7 +91,7 @@ class Calibration:
         return float(np.mean(self.identified)) if self.identified.size else 0.0
 
     def metrics(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "p_value": self.p_value,
             "log10_p_value": self.log10_p_value,
             "p_value_level": self.level,
@@ -116,6 +117,11 @@ class Calibration:
         return out
 
 
+def _sign(x: np.ndarray) -> np.ndarray:
+    """``±1`` per entry (``+1`` at zero, as the estimators' signs)."""
+    return np.where(x < 0, -1, 1)
+
+
 def _identify(
     A: np.ndarray,
     S: np.ndarray,
@@ -137,9 +143,8 @@ def _identify(
     Ar[idx, perm] = -np.inf
     mutual = (a_ij >= Ar.max(1)) & (a_ij >= Ar.max(0)[perm])
     sel1, sel2 = hungarian(A1), hungarian(A2)
-    sgn = lambda x: np.where(x < 0, -1, 1)  # noqa: E731
     replicated = (
-        (sel1 == perm) & (sel2 == perm) & (sgn(S1[idx, perm]) == signs) & (sgn(S2[idx, perm]) == signs)
+        (sel1 == perm) & (sel2 == perm) & (_sign(S1[idx, perm]) == signs) & (_sign(S2[idx, perm]) == signs)
     )
     D = 0.5 * (A1 - A2)
     nu_r = np.maximum(np.sqrt(np.mean(D * D, axis=1)), 1e-15)
@@ -154,6 +159,17 @@ def _identify(
     crit = float(sps.t.isf(id_alpha, draws - 1)) * math.sqrt(1.0 + 1.0 / draws)
     beats_null = (v - mu_i) / sd_i >= crit
     return mutual & replicated & margin_ok & beats_null
+
+
+def warn_min_excess_ignored(calibration: CalibrationOptions) -> None:
+    """Warn (a DeprecationWarning pointing at the estimator's caller) that ``min_excess`` is given
+    but ignored: the verdict comes from the calibrated p-value."""
+    if calibration.min_excess is not None:
+        warnings.warn(
+            "min_excess is ignored: the verdict comes from the calibrated p-value",
+            DeprecationWarning,
+            stacklevel=3,
+        )
 
 
 def calibrate(
@@ -216,9 +232,9 @@ def calibrate(
             collective_device(grp)
         )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=grp)
-        flat = flat.cpu().numpy()
+        summed = flat.cpu().numpy()
         for i, m in enumerate(methods):
-            Vn[m] = flat[i * draws * d : (i + 1) * draws * d].reshape(draws, d).copy()
+            Vn[m] = summed[i * draws * d : (i + 1) * draws * d].reshape(draws, d).copy()
     A1, S1 = selection_scores(obs1[0], obs1[1], pool, "sign_marginalized")
     A2, S2 = selection_scores(obs2[0], obs2[1], pool, "sign_marginalized")
     A, S = (np.asarray(x, dtype=np.float64) for x in full_scores)

@@ -24,7 +24,6 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,12 +31,9 @@ from tqdm.auto import tqdm
 
 from ..distributed import on_every_rank, shard_batches, world
 from ..errors import DimensionMismatchError
-from ..fingerprint import model_fingerprint
-from ..hub import commit_of, resolve_checkpoint_dir, split_revision
 from ..layers import num_residual_layers, residual_states, resolve_layers
 from ..options import CaptureOptions, refuse_unused
-from ..provenance import ModelRef
-from ..storage import checkpoint_shards
+from .loading import load_tokenizer
 from .stats import EstimationError, PairStats
 
 __all__ = [
@@ -47,10 +43,6 @@ __all__ = [
     "capture_pair_stats",
     "sequence_masks",
     "iter_token_batches",
-    "load_causal_lm",
-    "load_tokenizer",
-    "model_ref",
-    "needs_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -408,84 +400,3 @@ def _pad_id(tokenizer: Any) -> int:
         if isinstance(v, int):
             return v
     return 0
-
-
-# ---------------------------------------------------------------------- loading
-def needs_tokenizer(data: Any) -> bool:
-    """Whether ``data`` holds texts (a string, a list of strings, or a list of lists of strings)."""
-    if isinstance(data, str):
-        return True
-    return (
-        isinstance(data, (list, tuple))
-        and bool(data)
-        and isinstance(data[0], (str, list, tuple))
-        and (isinstance(data[0], str) or (bool(data[0]) and isinstance(data[0][0], str)))
-    )
-
-
-def load_tokenizer(tokenizer: Any, fallback: Any = None, revision: str | None = None) -> Any:
-    """A tokenizer: ``tokenizer`` itself when it is one; loaded from ``tokenizer`` when it is a
-    directory or Hub id (``repo@revision``); else from the checkpoint ``fallback`` at
-    ``revision``; ``None`` when neither is given. Never runs remote code."""
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    if tokenizer is None and fallback is None:
-        return None
-    from transformers import AutoTokenizer
-
-    path = (
-        resolve_checkpoint_dir(tokenizer)
-        if tokenizer is not None
-        else resolve_checkpoint_dir(fallback, revision)
-    )
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-
-
-def model_ref(
-    obj: Any, revision: str | None = None, path: Path | None = None, *, fingerprint: bool = False
-) -> ModelRef:
-    """A :class:`~hf_bdgauge.provenance.ModelRef` for a module or a checkpoint id/dir.
-
-    ``commit_hash`` is read from a Hub cache path (``.../snapshots/<sha>/``) when available.
-    ``fingerprint=True`` fills the fingerprint (config hash and content hashes,
-    :func:`hf_bdgauge.fingerprint.model_fingerprint`; the same hashes from memory or from disk);
-    otherwise it is left empty.
-    """
-    if isinstance(obj, torch.nn.Module):
-        cfg = getattr(obj, "config", None)
-        mid = getattr(cfg, "_name_or_path", None) or getattr(obj, "name_or_path", None) or None
-        commit = getattr(cfg, "_commit_hash", None) or (commit_of(mid) if mid else None)
-        fp = model_fingerprint(obj) if fingerprint else {}
-        return ModelRef(
-            model_id=str(mid) if mid else None, revision=revision, commit_hash=commit, fingerprint=fp
-        )
-    name, revision = split_revision(obj, revision)
-    commit = commit_of(path) if path is not None else None
-    fp = model_fingerprint(path if path is not None else name, revision=revision) if fingerprint else {}
-    return ModelRef(model_id=name, revision=revision, commit_hash=commit, fingerprint=fp)
-
-
-def load_causal_lm(
-    src: str | os.PathLike,
-    revision: str | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-    device_map: Any = None,
-    fingerprint: bool = True,
-) -> tuple[torch.nn.Module, ModelRef, Path]:
-    """Load a causal LM from a local directory or a Hub id (``repo@revision`` or ``revision=``),
-    safetensors only, never ``trust_remote_code``. Returns ``(model, ModelRef, directory)``; the
-    model is in eval mode; ``fingerprint=True`` fingerprints the checkpoint on disk."""
-    from transformers import AutoModelForCausalLM
-
-    name, revision = split_revision(src, revision)
-    path = resolve_checkpoint_dir(name, revision)
-    checkpoint_shards(path)  # refuses pickle-only checkpoints with a clear message
-    kw: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
-    if dtype is not None:
-        kw["dtype"] = dtype
-    if device_map is not None:
-        kw["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    model.eval()
-    return model, model_ref(name, revision, path, fingerprint=fingerprint), path

@@ -107,7 +107,7 @@ class CapturedPair:
             "capture_time_s": float(self.capture_time_s),
             "data": self.data,
             "gains": {
-                end: None if self.gains.get(end) is None else sorted(self.gains[end])
+                end: None if (gains := self.gains.get(end)) is None else sorted(gains)
                 for end in ("source", "target")
             },
         }
@@ -159,8 +159,8 @@ def _check_mergeable(paths: Sequence[Path], manifests: Sequence[dict[str, Any]])
             if fp != fps[0]:
                 raise FingerprintMismatchError(
                     f"{p} was captured on another {end} model than {p0} "
-                    f"({ModelRef.from_dict(m[end]).label()} vs {ModelRef.from_dict(first[end]).label()}; their "
-                    "fingerprints differ): statistics of different models do not add"
+                    f"({ModelRef.from_dict(m[end]).label()} vs {ModelRef.from_dict(first[end]).label()}; "
+                    "their fingerprints differ): statistics of different models do not add"
                 )
     for key, what in _MUST_AGREE:
         for p, m in zip(paths[1:], manifests[1:]):

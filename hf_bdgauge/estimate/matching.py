@@ -27,7 +27,7 @@ averaging signed correlations is also valid and cancels layer-wise noise); ``"su
 sufficient statistics are summed into one correlation (every (layer, token) one sample; deep
 layers with large residual norms dominate). The three agree when the gauge is planted exactly.
 On noisy pairs ``mean_abs`` recovers at least as many signs as ``mean_signed`` and ``sum`` far
-fewer (``tests/test_matching.py::test_pooling_choices`` checks the order on stories260K against a
+fewer (``tests/test_estimate_matching.py::test_pooling_choices`` checks the order on stories260K against a
 noised, re-charted copy). ``mean_abs`` is therefore the default: it does not need the layers'
 signed correlations to agree to find the permutation, and lets every layer count equally whatever
 its residual norm.
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -58,7 +57,7 @@ from .assignment import (
     match_scores,
     random_orthogonal,
 )
-from .calibration import Calibration, calibrate
+from .calibration import Calibration, calibrate, warn_min_excess_ignored
 from .statistic import activation_parts
 from .stats import EstimationError, PairStats
 from .verdict import NULL_RESOLUTION, fit_metrics, insufficient_tokens, log_verdict, uninformative
@@ -99,14 +98,15 @@ def pooled_correlations(
     if pooling == "sum":
         C = stats.pooled().corr(rotation)
         return np.abs(C), C
-    A: np.ndarray | None = None
-    S: np.ndarray | None = None
-    for m in stats.moments.values():
+    layers = iter(stats.moments.values())
+    S = next(layers).corr(rotation)  # one layer at a time: the sums are the only d×d buffers kept
+    A = np.abs(S)
+    for m in layers:
         C = m.corr(rotation)
-        A = np.abs(C) if A is None else A + np.abs(C)
-        S = C.copy() if S is None else S + C
+        A += np.abs(C)
+        S += C
     L = len(stats)
-    S = S / L
+    S /= L
     A = np.abs(S) if pooling == "mean_signed" else A / L
     return A, S
 
@@ -186,12 +186,7 @@ def estimate_from_stats(
     cal = calibration or CalibrationOptions()
     layers, pooling, group = cap.layers, cap.pooling, cap.group
     null_draws, seed, identity_tol = cal.null_draws, cal.seed, cal.identity_tol
-    if cal.min_excess is not None:
-        warnings.warn(
-            "min_excess is ignored: the verdict comes from the calibrated p-value",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+    warn_min_excess_ignored(cal)
     t0 = time.perf_counter()
     sel = stats.select(layers)
     dx, dy = sel.dims

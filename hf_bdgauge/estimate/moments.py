@@ -109,7 +109,10 @@ class CrossMoments:
         """Empty float64 sums for dimensions ``dx`` (source) and ``dy`` (target, default ``dx``),
         on ``device`` (default CPU)."""
         dy = dx if dy is None else dy
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
+
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
         return cls(0, z(dx), z(dy), z(dx), z(dy), z(dx, dy), z(dy, dy) if track_target_cov else None)
 
     @classmethod
@@ -135,8 +138,9 @@ class CrossMoments:
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CrossMoments:
         """New sums with ``fn`` applied to every tensor (``sum_yy`` stays ``None`` if absent)."""
+        yy = None if self.sum_yy is None else fn(self.sum_yy)
         return CrossMoments(
-            self.n, *(None if getattr(self, f) is None else fn(getattr(self, f)) for f in SUM_FIELDS)
+            self.n, fn(self.sum_x), fn(self.sum_y), fn(self.sum_x2), fn(self.sum_y2), fn(self.sum_xy), yy
         )
 
     def to(self, device: torch.device | str) -> CrossMoments:

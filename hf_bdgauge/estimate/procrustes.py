@@ -126,7 +126,7 @@ class RotationFit:
     layer_spread: float = float("nan")
 
     def metrics(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "alignment": self.alignment,
             "relative_residual": self.residual,
             "identity_alignment": self.identity_alignment,
@@ -161,11 +161,14 @@ def _cross(m: Any) -> tuple[np.ndarray, float, float]:
 
 
 def _pooled(ms: list[Any]) -> np.ndarray:
-    M = None
+    """``Σ_l C_l / sqrt(tr Σxx_l · tr Σyy_l)`` over the layers ``ms`` (at least one)."""
+    M: np.ndarray | None = None
     for m in ms:
         C, txx, tyy = _cross(m)
         C *= 1.0 / math.sqrt(max(txx * tyy, 1e-300))
         M = C if M is None else M + C
+    if M is None:
+        raise EstimationError("no layer to pool")
     return M
 
 
@@ -182,7 +185,7 @@ def _alignment(R: np.ndarray, ms: list[Any]) -> tuple[float, float]:
 
 def _whitened(ms: list[Any]) -> np.ndarray:
     """``Σ_l D_x^{-1/2}·C_l·(Σyy_l + λI)^{-1/2}``."""
-    K = None
+    K: np.ndarray | None = None
     for m in ms:
         Cyy = m.cov_yy()
         d = Cyy.shape[0]
@@ -193,6 +196,8 @@ def _whitened(ms: list[Any]) -> np.ndarray:
         sx = np.sqrt(np.maximum(m.var_x(), 1e-300))
         k = (m.cov_xy() / sx[:, None]) @ W
         K = k if K is None else K + k
+    if K is None:
+        raise EstimationError("no layer to pool")
     return K
 
 
@@ -376,7 +381,7 @@ def estimate_rotation_from_weights(
     ends' pre-norm gains are read too and recorded (:func:`~hf_bdgauge.fold.record_gains`): an
     unfolded source against its folded, rotated copy gives a gauge that moves a reader's LoRA by
     ``A ↦ A·diag(g)·Rᵀ``."""
-    from .weights import open_tensors
+    from .tensor_source import open_tensors
 
     refuse_unused(
         calibration,

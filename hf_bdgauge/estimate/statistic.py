@@ -83,6 +83,11 @@ class Parts:
     kind: str = "activations"
 
 
+def _no_unsigned_block(rotation: np.ndarray | None = None) -> None:
+    """Activations carry no unsigned block (the gain profiles are the weights method's)."""
+    return None
+
+
 def activation_parts(stats: Any, pooling: str = "mean_abs") -> Parts:
     """:class:`Parts` of one half of activation statistics (a ``PairStats``): its per-layer
     correlations, for the target as it is or rotated (needs Σyyᵀ). ``pooling="sum"`` adds the
@@ -110,7 +115,7 @@ def activation_parts(stats: Any, pooling: str = "mean_abs") -> Parts:
 
     return Parts(
         signed=signed,
-        unsigned=lambda Q=None: None,
+        unsigned=_no_unsigned_block,
         pool="mean_abs" if pooling == "sum" else pooling,
         dim=d,
         kind="activations" if len(moments) > 1 else "activations_layer",
@@ -118,7 +123,7 @@ def activation_parts(stats: Any, pooling: str = "mean_abs") -> Parts:
 
 
 def weight_parts(sim: Any, kind: str = "weights") -> Parts:
-    """:class:`Parts` of one tensor-half of a :class:`~hf_bdgauge.estimate.weights.WeightSimilarity`
+    """:class:`Parts` of one tensor-half of a :class:`~hf_bdgauge.estimate.signatures.WeightSimilarity`
     (with its target Gram matrices); ``kind``: ``"weights_block"`` for one decoder block's tensors,
     ``"weights_outside"`` for the tensors outside the blocks
     (:data:`~hf_bdgauge.estimate.reference.REFERENCE_KINDS`)."""
@@ -159,7 +164,7 @@ def trimmed_mean(v: np.ndarray, trim: float = TRIM) -> float:
     return float(v[: v.size - k].mean()) if k < v.size else float(v.mean())
 
 
-def predictive_p_value(t_obs: float, t_null: Sequence[float]) -> tuple[float, float, float]:
+def predictive_p_value(t_obs: float, t_null: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
     """``(p, log10 p, t)``: Student's predictive p-value of ``t_obs`` against a normal null fitted
     to ``t_null`` (``M`` draws): ``t = (t_obs − μ)/(s·√(1 + 1/M))``, ``p = P(t_{M−1} ≥ t)``."""
     x = np.asarray(t_null, dtype=np.float64)

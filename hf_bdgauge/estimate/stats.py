@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,15 @@ STATS_FORMAT = "hf_bdgauge.pair_stats.v2"
 _STATS_FORMAT_V1 = "hf_bdgauge.pair_stats.v1"
 
 
+#: one half's sums, per layer
+_Half = dict[int, CrossMoments]
+
+
+def _each_half(halves: tuple[_Half, _Half], fn: Callable[[_Half], _Half]) -> tuple[_Half, _Half]:
+    """``fn`` applied to both halves."""
+    return fn(halves[0]), fn(halves[1])
+
+
 class _MergedMoments(Mapping):
     """``layer -> CrossMoments`` of a :class:`PairStats`, both halves added on access (one layer
     at a time, so the merged sums never all exist at once)."""
@@ -44,11 +53,11 @@ class _MergedMoments(Mapping):
 
     def __getitem__(self, layer: int) -> CrossMoments:
         a, b = self._halves[0].get(layer), self._halves[1].get(layer)
-        if a is None and b is None:
-            raise KeyError(layer)
-        if a is None or b is None:
-            return a if b is None else b
-        return a + b
+        if a is None:
+            if b is None:
+                raise KeyError(layer)
+            return b
+        return a if b is None else a + b
 
     def __iter__(self) -> Iterator[int]:
         return iter(sorted(set(self._halves[0]) | set(self._halves[1])))
@@ -138,12 +147,12 @@ class PairStats:
                 device=X.device if device is None else device,
             )
             part[int(layer)] = m
-            self._halves = tuple(dict(sorted(h.items())) for h in self._halves)  # type: ignore[assignment]
+            self._halves = _each_half(self._halves, lambda h: dict(sorted(h.items())))
         m.update(X, Y, product_dtype=product_dtype)
 
     def to(self, device: torch.device | str) -> PairStats:
         """All layers' sums moved to ``device`` (in place; returns ``self``)."""
-        self._halves = tuple({k: m.to(device) for k, m in h.items()} for h in self._halves)  # type: ignore[assignment]
+        self._halves = _each_half(self._halves, lambda h: {k: m.to(device) for k, m in h.items()})
         return self
 
     # ------------------------------------------------------------------ views
@@ -163,7 +172,8 @@ class PairStats:
 
     def half_tokens(self) -> tuple[int, int]:
         """Tokens per layer in each half (the largest count over layers)."""
-        return tuple(max((m.n for m in h.values()), default=0) for h in self._halves)  # type: ignore[return-value]
+        n0, n1 = (max((m.n for m in h.values()), default=0) for h in self._halves)
+        return n0, n1
 
     @property
     def layers(self) -> list[int]:
@@ -198,9 +208,8 @@ class PairStats:
             if kk not in have:
                 raise EstimationError(f"layer {k} was not captured; captured layers are {have}")
             keep.append(kk)
-        return PairStats(
-            meta=self.meta, halves=tuple({k: h[k] for k in keep if k in h} for h in self._halves)
-        )
+        h0, h1 = ({k: h[k] for k in keep if k in h} for h in self._halves)
+        return PairStats(meta=self.meta, halves=(h0, h1))
 
     def pooled(self, layers: Iterable[int] | None = None) -> CrossMoments:
         """Sum of the sums of ``layers`` (default all): every (layer, token) is one sample."""
@@ -223,14 +232,14 @@ class PairStats:
                     mine[k] += m
                 else:
                     mine[k] = m.copy()
-        self._halves = tuple(dict(sorted(h.items())) for h in self._halves)  # type: ignore[assignment]
+        self._halves = _each_half(self._halves, lambda h: dict(sorted(h.items())))
         return self
 
     def __add__(self, other: PairStats) -> PairStats:
         if not isinstance(other, PairStats):
             return NotImplemented
         out = PairStats(
-            meta=self.meta, halves=tuple({k: m.copy() for k, m in h.items()} for h in self._halves)
+            meta=self.meta, halves=_each_half(self._halves, lambda h: {k: m.copy() for k, m in h.items()})
         )
         out += other
         return out
@@ -272,14 +281,14 @@ class PairStats:
         for (i, k), (dx, dy, yy) in union.items():
             if k not in self._halves[i]:
                 self._halves[i][k] = CrossMoments.zeros(dx, dy, track_target_cov=yy)
-        self._halves = tuple(dict(sorted(h.items())) for h in self._halves)  # type: ignore[assignment]
+        self._halves = _each_half(self._halves, lambda h: dict(sorted(h.items())))
         dev = _collective_device(group)
         for h in self._halves:
             for m in h.values():
                 flat = m.flatten().to(dev)
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
                 m.unflatten_(flat)
-        self._halves = tuple({k: m for k, m in h.items() if m.n > 0} for h in self._halves)  # type: ignore[assignment]
+        self._halves = _each_half(self._halves, lambda h: {k: m for k, m in h.items() if m.n > 0})
         logger.debug(
             "all-reduced statistics of %d layers over %d processes", len(self), dist.get_world_size(group)
         )
@@ -349,10 +358,8 @@ class PairStats:
                     }
                     if any(vals[fld] is None for fld in SUM_FIELDS[:-1]):
                         raise CheckpointError(f"{path}: layer {k} is missing some of its sums")
-                    m = CrossMoments(
-                        int(f.get_tensor(f"{prefix}.n")[0]),
-                        **{k2: None if v is None else v.to(torch.float64) for k2, v in vals.items()},
-                    )
+                    sums = {k2: v.to(torch.float64) for k2, v in vals.items() if v is not None}
+                    m = CrossMoments(int(f.get_tensor(f"{prefix}.n")[0]), **sums)
                     dx, dy = m.dims
                     shapes_ok = (
                         m.sum_x2.shape == (dx,)
@@ -410,12 +417,13 @@ def read_gain_tensors(
                 raise CheckpointError(
                     f"{path}: the manifest lists {end} gains that the file lacks: {missing[:4]}"
                 )
-            out[end] = {}
+            gains: dict[str, np.ndarray] = {}
+            out[end] = gains
             for n in listed:
                 t = f.get_tensor(prefix + n)
                 if t.dtype != torch.float64 or t.ndim != 1:
                     raise CheckpointError(
                         f"{path}: {prefix + n} must be a float64 vector, got {t.dtype} {list(t.shape)}"
                     )
-                out[end][n] = t.numpy()
+                gains[n] = t.numpy()
     return out

@@ -37,11 +37,11 @@ over to a fine-tune.
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -49,139 +49,27 @@ import torch
 
 from ..distributed import world
 from ..gauge import Gauge
+from ..group import SignedPermutation
 from ..hub import resolve_checkpoint_dir
-from ..options import LEVEL, CalibrationOptions, CaptureOptions, WeightOptions, refuse_unused
+from ..options import CalibrationOptions, CaptureOptions, WeightOptions, refuse_unused
 from ..roles import spec_for_config
 from ..storage import read_model_config, tensor_index
-from ..verdicts import INSUFFICIENT_DATA
 from .api import estimate_gauge
 from .assignment import match_scores
-from .calibration import calibrate
-from .capture import capture_pair_stats, load_causal_lm, load_tokenizer, model_ref, needs_tokenizer
-from .layer_verdicts import LAYER_VERDICTS, cauchy_combination, layer_answer, layer_verdict
+from .calibration import Calibration, calibrate
+from .capture import capture_pair_stats
+from .layer_verdicts import cauchy_combination, layer_verdict
+from .loading import load_pair, model_ref
 from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
+from .signatures import weight_similarity
 from .statistic import weight_parts
 from .stats import EstimationError
-from .verdict import power_words, uninformative
-from .weights import weight_similarity
+from .trace_report import LayerRow, TraceReport
+from .verdict import uninformative
 
-__all__ = ["LayerRow", "TraceReport", "trace", "diff"]
+__all__ = ["trace", "diff"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerRow:
-    """One layer of a report: ``layer`` (a residual layer, a decoder block ``"block 3"``, or
-    ``"outside blocks"``), the p-value of that layer alone, the identified fraction of the
-    report's gauge there (that layer's data alone), its identity and gauge fits, the plain
-    verdict (a key of :data:`LAYER_VERDICTS`) and, for a layer too small to test, why."""
-
-    layer: Any
-    p_value: float
-    identified_fraction: float
-    identity_fit: float
-    gauge_fit: float
-    verdict: str
-    note: str = ""
-
-    @property
-    def words(self) -> str:
-        return LAYER_VERDICTS[self.verdict]
-
-    @property
-    def answer(self) -> str:
-        """What this layer's test answers (one of :data:`~hf_bdgauge.verdicts.ANSWERS`)."""
-        return layer_answer(self.verdict)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {
-            "layer": self.layer,
-            "answer": self.answer,
-            "verdict": self.verdict,
-            "advice": self.words,
-            "p_value": self.p_value,
-            "identified_fraction": self.identified_fraction,
-            "identity_fit": self.identity_fit,
-            "gauge_fit": self.gauge_fit,
-        }
-        return {**out, "note": self.note} if self.note else out
-
-
-@dataclass
-class TraceReport:
-    """What :func:`trace` / :func:`diff` found: the gauge, the per-layer rows, ``p_value`` — the
-    pooled test of every layer (the gauge's calibrated p-value), whose verdict is the report's
-    :attr:`answer` — and ``layers_p_value``, the Cauchy combination of the rows' p-values."""
-
-    gauge: Gauge
-    rows: list[LayerRow]
-    p_value: float
-    layers_p_value: float = float("nan")
-    level: float = LEVEL
-    mode: str = "weights"
-    seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def answer(self) -> str:
-        """Is B derived from A: ``"related"``, ``"no_evidence"`` or ``"insufficient_data"``
-        (:func:`~hf_bdgauge.verdicts.answer_of` the gauge's verdict)."""
-        return self.gauge.answer or "related"
-
-    @property
-    def derived(self) -> bool:
-        """Whether the answer is "related" (B is derived from A: the same chart, or up to the gauge)."""
-        return self.answer == "related"
-
-    def conclusion(self) -> str:
-        """The one-line answer to "is B derived from A" (``bdgauge trace`` prints it)."""
-        g = self.gauge
-        p = f"p = {self.p_value:.3g} over every layer"
-        cauchy = f"layers' Cauchy combination {self.layers_p_value:.3g}"
-        if self.answer == INSUFFICIENT_DATA:
-            note = g.metrics.get("p_value_note") or "too little data to test"
-            what = f'{note} (whether B is derived from A cannot be tested yet: not a "no")'
-        elif self.answer == "no_evidence":
-            what = (
-                f"no evidence that B is derived from A at this budget ({p}, above {self.level}; "
-                f"{cauchy}): a failure to reject, not proof that it is not; "
-                f"{power_words(g.metrics.get('tokens') or None)}"
-            )
-        elif g.verdict == "identity":
-            what = f"B IS derived from A: the same chart (identity; {p}; {cauchy}; level {self.level})"
-        else:
-            frac = g.identified_fraction or 0.0
-            what = (
-                f"B IS derived from A up to a signed permutation ({p}; {cauchy}; level {self.level}; "
-                f"{frac:.1%} of its coordinates identified)"
-            )
-            problems = g.fit_problems()
-            if problems:
-                what += (
-                    f"; the recovered gauge fails its fit check ({'; '.join(problems)}): do not transport "
-                    "with it"
-                )
-        return f"{what}; {self.mode}, {self.seconds:.1f} s"
-
-    def table(self) -> str:
-        """The per-layer table (``bdgauge diff`` prints it above the conclusion)."""
-        head = (
-            f"{'layer':>16}  {'p-value':>10}  {'identified':>10}  {'identity fit':>12}  "
-            f"{'gauge fit':>9}  answer and advice (identified: this layer's data alone)"
-        )
-        lines = [head]
-        for r in self.rows:
-            note = r.note if r.note and r.note != self.gauge.metrics.get("p_value_note") else ""  # said once
-            lines.append(
-                f"{str(r.layer):>16}  {r.p_value:>10.3g}  {r.identified_fraction:>10.1%}  {r.identity_fit:>12.4f}"
-                f"  {r.gauge_fit:>9.4f}  {r.words}" + (f" ({note})" if note else "")
-            )
-        return "\n".join(lines)
-
-    def summary(self) -> str:
-        """The per-layer table and the one-line conclusion."""
-        return self.table() + "\n" + self.conclusion()
 
 
 #: the row of the tensors outside the decoder blocks (embedding, head, final norm)
@@ -191,6 +79,43 @@ OUTSIDE_BLOCKS = "outside blocks"
 def _group_of(spec: Any, name: str) -> str:
     b = spec.block_of(name)
     return OUTSIDE_BLOCKS if b is None else f"block {b}"
+
+
+def _in_group(spec: Any, group: str, name: str) -> bool:
+    """Whether tensor ``name`` belongs to ``group`` (a decoder block's row, or the outside one)."""
+    return _group_of(spec, name) == group
+
+
+def _signed_permutation(gauge: Gauge) -> SignedPermutation:
+    """The gauge's element: trace and diff estimate signed permutations (methods ``"weights"`` and
+    ``"sign_marginalized"``), never rotations."""
+    el = gauge.element
+    if not isinstance(el, SignedPermutation):
+        raise EstimationError(f"trace and diff test signed permutations, not a {type(el).__name__}")
+    return el
+
+
+def _row(
+    layer: Any,
+    cal: Calibration,
+    identity_fit: float,
+    gauge_fit: float,
+    best_fit: float,
+    calibration: CalibrationOptions,
+    gauge_problems: Sequence[str],
+) -> LayerRow:
+    """One layer's row: its calibration, its fits and the plain verdict
+    :func:`~hf_bdgauge.estimate.layer_verdicts.layer_verdict` reads from them."""
+    verdict = layer_verdict(
+        cal,
+        identity_fit,
+        gauge_fit,
+        best_fit,
+        gauge_problems=gauge_problems,
+        identity_tol=calibration.identity_tol,
+    )
+    note = cal.note if cal.insufficient else ""
+    return LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict, note)
 
 
 def _weights_rows(
@@ -216,14 +141,14 @@ def _weights_rows(
         key=lambda g: (g != OUTSIDE_BLOCKS, int(g.split()[-1]) if g.startswith("block") else -1),
     )
     rows = []
-    el = gauge.element
+    el = _signed_permutation(gauge)
     for block in blocks:
         try:
             sim, _, _ = weight_similarity(
                 source,
                 target,
                 weights,
-                select=lambda n, b=block: _group_of(spec, n) == b,
+                select=functools.partial(_in_group, spec, block),
                 source_revision=revisions[0],
                 target_revision=revisions[1],
             )
@@ -256,25 +181,7 @@ def _weights_rows(
         best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)
         # a block's few tensors identify few coordinates alone: its verdict reads the fits (the gauge is
         # the block's own best match) and the block's p-value, and reports the identification beside them
-        verdict = layer_verdict(
-            cal,
-            identity_fit,
-            gauge_fit,
-            best_fit,
-            gauge_problems=gauge_problems,
-            identity_tol=calibration.identity_tol,
-        )
-        rows.append(
-            LayerRow(
-                block,
-                cal.p_value,
-                cal.identified_fraction,
-                identity_fit,
-                gauge_fit,
-                verdict,
-                cal.note if cal.insufficient else "",
-            )
-        )
+        rows.append(_row(block, cal, identity_fit, gauge_fit, best_fit, calibration, gauge_problems))
     return rows
 
 
@@ -288,7 +195,7 @@ def _activation_rows(
     gauge_problems: Sequence[str] = (),
 ) -> list[LayerRow]:
     """One row per residual layer."""
-    el = gauge.element
+    el = _signed_permutation(gauge)
     idx = np.arange(el.dim)
     rows = []
     for layer in stats.layers:
@@ -307,25 +214,7 @@ def _activation_rows(
         gauge_fit = float(np.mean(el.signs * S[idx, el.perm]))
         best = match_scores(A, S, "sign_marginalized").element
         best_fit = float(np.mean(best.signs * S[idx, best.perm]))
-        verdict = layer_verdict(
-            cal,
-            identity_fit,
-            gauge_fit,
-            best_fit,
-            gauge_problems=gauge_problems,
-            identity_tol=calibration.identity_tol,
-        )
-        rows.append(
-            LayerRow(
-                layer,
-                cal.p_value,
-                cal.identified_fraction,
-                identity_fit,
-                gauge_fit,
-                verdict,
-                cal.note if cal.insufficient else "",
-            )
-        )
+        rows.append(_row(layer, cal, identity_fit, gauge_fit, best_fit, calibration, gauge_problems))
     return rows
 
 
@@ -383,7 +272,16 @@ def _report(
     else:
         cap = capture or CaptureOptions()
         group = cap.group
-        src_model, tgt_model, tok = _load_pair(source, target, data, cap, source_revision, target_revision)
+        ends = load_pair(
+            source,
+            target,
+            data,
+            cap,
+            fingerprint=False,
+            source_revision=source_revision,
+            target_revision=target_revision,
+        )
+        src_model, tgt_model, tok = ends.source, ends.target, ends.tokenizer
         stats = capture_pair_stats(
             src_model,
             tgt_model,
@@ -481,21 +379,3 @@ def diff(
     return _report(
         source, target, data, capture, weights, calibration, (source_revision, target_revision), "diff"
     )
-
-
-def _load_pair(
-    source: Any, target: Any, data: Any, capture: CaptureOptions, src_rev: str | None, tgt_rev: str | None
-) -> tuple[Any, Any, Any]:
-    """Both models (loaded in ``capture.dtype`` with ``capture.device_map`` unless given loaded)
-    and the tokenizer of ``data`` (``capture.tokenizer``, default the source checkpoint's)."""
-    src_dir = None
-    kw = {"dtype": capture.torch_dtype, "device_map": capture.device_map, "fingerprint": False}
-    if isinstance(source, torch.nn.Module):
-        src_model = source
-    else:
-        src_model, _, src_dir = load_causal_lm(source, src_rev, **kw)
-    tgt_model = target if isinstance(target, torch.nn.Module) else load_causal_lm(target, tgt_rev, **kw)[0]
-    tok = capture.tokenizer
-    if needs_tokenizer(data) or isinstance(tok, (str, os.PathLike)):
-        tok = load_tokenizer(tok, src_dir, src_rev)
-    return src_model, tgt_model, tok

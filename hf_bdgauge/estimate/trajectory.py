@@ -34,7 +34,7 @@ from ..options import CalibrationOptions, CaptureOptions, WeightOptions
 from ..provenance import ModelRef
 from ..record import composed_metrics
 from .api import DATA_FREE_METHODS, check_method_options, estimate_gauge
-from .capture import load_causal_lm, load_tokenizer, needs_tokenizer
+from .loading import load_causal_lm, load_tokenizer, needs_tokenizer
 from .stats import EstimationError
 
 __all__ = ["CheckpointLike", "compose_gauges", "compose_trajectory", "compose_via_base"]
@@ -76,14 +76,21 @@ def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None, check:
     ``repo@revision`` (:func:`~hf_bdgauge.gauge.as_gauge`)."""
     if not gauges:
         raise EstimationError("nothing to compose")
-    gauges = [as_gauge(g) for g in gauges]  # the one resolver of gauge arguments
-    d = gauges[0].dim
-    total = gauges[0]
-    for k, g in enumerate(gauges[1:], 1):
+    links: list[Gauge] = []
+    for k, link in enumerate(as_gauge(g) for g in gauges):  # the one resolver of gauge arguments
+        if not isinstance(link, Gauge):
+            raise EstimationError(
+                f"link {k} is a bare {type(link).__name__}: compose Gauges (their ends are what a "
+                "junction is checked on)"
+            )
+        links.append(link)
+    d = links[0].dim
+    total = links[0]
+    for k, g in enumerate(links[1:], 1):
         if g.dim != d:
             raise EstimationError(f"link {k} has dimension {g.dim}, the chain has {d}")
         total = g.compose(total, check=check)
-    if len(gauges) == 1:  # one link: still a chain (of one hop), reported like any composite
+    if len(links) == 1:  # one link: still a chain (of one hop), reported like any composite
         hops = total.hop_chain()
         total = Gauge(
             total.element,
@@ -95,7 +102,7 @@ def compose_gauges(gauges: Sequence[Gauge], *, method: str | None = None, check:
             metrics=composed_metrics(hops, total.element, total.confidence, total.identified),
             hops=hops,
         )
-    name = method or gauges[0].method
+    name = method or links[0].method
     total.method = name if name.startswith("trajectory") else f"trajectory[{name}]"
     return total
 

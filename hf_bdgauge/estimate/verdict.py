@@ -279,8 +279,9 @@ def fit_metrics(
         )
     else:
         summary = (
-            f"signed permutation ({p}, {ident}): mean matched |{what}| {matched:.3f}; {out['num_moved']}/{g.dim} "
-            f"coordinates move, {g.num_flips} flip; identity fit {identity_fit:.3f}"
+            f"signed permutation ({p}, {ident}): mean matched |{what}| {matched:.3f}; "
+            f"{out['num_moved']}/{g.dim} coordinates move, {g.num_flips} flip; "
+            f"identity fit {identity_fit:.3f}"
         )
     out["verdict"] = verdict
     out["summary"] = summary

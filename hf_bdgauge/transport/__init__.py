@@ -10,7 +10,7 @@ and one row of that table. The package is lazy: each public name imports its mod
 
 | object | module | rule |
 | --- | --- | --- |
-| PEFT LoRA / DoRA / embedding LoRA / modules_to_save | :mod:`.peft` | A ↦ A·Gᵀ on readers, B ↦ G·B on writers, DoRA m ↦ P·m on writers |
+| PEFT adapters (LoRA, DoRA, …) | :mod:`.peft` | A ↦ A·Gᵀ (readers); B ↦ G·B, DoRA m ↦ P·m (writers) |
 | AdamW (and other optimizers') state | :mod:`.optimizer` | exp_avg like its parameter, exp_avg_sq by P |
 | merges after alignment | :mod:`.merge` | bring every model into one chart, then average |
 | SAEs (SAELens format) | :mod:`.sae` | W_enc ↦ G·W_enc, W_dec ↦ W_dec·Gᵀ, b_dec ↦ G·b_dec |
@@ -32,7 +32,8 @@ from .registry import TransportKind, register_transport, transport_kinds  # noqa
 _LAZY: dict[str, str] = {
     **dict.fromkeys(("merge_adapters", "merge_checkpoints", "merge_models"), ".merge"),
     "transport_optimizer_state": ".optimizer",
-    **dict.fromkeys(("transport_adapter", "transport_peft_model"), ".peft"),
+    "transport_adapter": ".peft",
+    "transport_peft_model": ".peft_model",
     **dict.fromkeys(("IndexSet", "LinearProbe", "transport_indices", "transport_probe"), ".probes"),
     **dict.fromkeys(("SAE", "transport_sae"), ".sae"),
     **dict.fromkeys(("SteeringVector", "transport_steering_vector"), ".steering"),
@@ -78,7 +79,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .merge import merge_adapters, merge_checkpoints, merge_models
     from .optimizer import transport_optimizer_state
-    from .peft import transport_adapter, transport_peft_model
+    from .peft import transport_adapter
+    from .peft_model import transport_peft_model
     from .probes import IndexSet, LinearProbe, transport_indices, transport_probe
     from .sae import SAE, transport_sae
     from .steering import SteeringVector, transport_steering_vector

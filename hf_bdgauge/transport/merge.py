@@ -40,6 +40,7 @@ from ..files import atomic_directory
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
 from ..hub import resolve_checkpoint_dir, resolve_dir
+from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
 from ..roles import ArchitectureSpec
 from ..rules import Role, TensorRule, transform
@@ -59,7 +60,7 @@ def _elements(
     plans: Sequence[TransformPlan],
     reference: TransformPlan,
     force: bool = False,
-) -> list[SignedPermutation | None]:
+) -> list[SignedPermutation | Orthogonal | None]:
     """Each gauge admitted by its model's plan (source end) and by the reference's (target end):
     dimension, the family's symmetry rule and, where recorded, both ends' fingerprints."""
     n = len(plans)
@@ -67,11 +68,11 @@ def _elements(
         return [None] * n
     if len(gauges) != n:
         raise TransportError(f"{len(gauges)} gauges given for {n} models")
-    out: list[SignedPermutation | None] = []
-    for i, (g, plan) in enumerate(zip(gauges, plans)):
+    out: list[SignedPermutation | Orthogonal | None] = []
+    for gauge, plan in zip(gauges, plans):
         el = None
-        if g is not None:
-            g = as_gauge(g)  # an object, a gauge directory or repo@revision
+        if gauge is not None:
+            g = as_gauge(gauge)  # an object, a gauge directory or repo@revision
             el = plan.admit(g, end="source", force=force)
             reference.admit(g, end="target", force=force)
         out.append(None if el is None or el.is_identity else el)
@@ -80,6 +81,30 @@ def _elements(
             "gauges[0] must be None or the identity: the first model's chart is the reference chart"
         )
     return out
+
+
+def _merge_inputs(n: int, method: str, base: Any, noun: str) -> tuple[Any, Any]:
+    """Refuse an empty merge (``n`` inputs, each a ``noun``), an unknown method, or task arithmetic
+    without a base; returns ``(base, gauge or None)`` from ``base`` or ``(base, gauge)`` (the gauge
+    mapping the base's chart into the reference chart)."""
+    if not n:
+        raise TransportError(f"no {noun}s to merge")
+    if method not in MERGE_METHODS:
+        raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
+    base, gauge = _base_and_gauge(base)
+    if method == "task_arithmetic" and base is None:
+        raise TransportError(f"task_arithmetic needs base= (the common pre-trained {noun})")
+    return base, gauge
+
+
+def _base_element(
+    base_gauge: Any, base_plan: TransformPlan | None, reference: TransformPlan, force: bool
+) -> SignedPermutation | Orthogonal | None:
+    """The base's gauge (into the reference chart) admitted by both plans, as :func:`_elements`
+    admits the models' gauges; ``None`` without a base or for the identity."""
+    if base_plan is None:
+        return None
+    return _elements([None, base_gauge], [reference, base_plan], reference, force)[1]
 
 
 def _base_and_gauge(base: Any) -> tuple[Any, Any]:
@@ -106,12 +131,12 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
 def merge_tensors(
     tensors: Sequence[torch.Tensor],
     rule: TensorRule,
-    gauges: Sequence[SignedPermutation | None],
+    gauges: Sequence[SignedPermutation | Orthogonal | None],
     weights: Sequence[float],
     *,
     method: str = "linear",
     base: torch.Tensor | None = None,
-    base_gauge: SignedPermutation | None = None,
+    base_gauge: SignedPermutation | Orthogonal | None = None,
 ) -> torch.Tensor:
     """Merge one tensor across models: align each with its gauge, then combine (see module doc)."""
     ref = tensors[0]
@@ -121,7 +146,7 @@ def merge_tensors(
         if tuple(t.shape) != tuple(ref.shape):
             raise TransportError(f"model {i} has shape {tuple(t.shape)}, model 0 has {tuple(ref.shape)}")
 
-    def aligned(t: torch.Tensor, g: SignedPermutation | None) -> torch.Tensor:
+    def aligned(t: torch.Tensor, g: SignedPermutation | Orthogonal | None) -> torch.Tensor:
         t = t.detach().to(torch.float64)
         return t if g is None or rule.role is Role.NONE else transform(t, rule, g)
 
@@ -154,9 +179,11 @@ def merge_models(
     models: Sequence[torch.nn.Module],
     weights: Sequence[float] | None = None,
     *,
-    gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
+    gauges: Sequence[Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None] | None = None,
     method: str = "linear",
-    base: torch.nn.Module | tuple[torch.nn.Module, Gauge | SignedPermutation | None] | None = None,
+    base: torch.nn.Module
+    | tuple[torch.nn.Module, Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None]
+    | None = None,
     spec: ArchitectureSpec | None = None,
     force: bool = False,
 ) -> torch.nn.Module:
@@ -168,13 +195,7 @@ def merge_models(
     is a deep copy of ``models[0]`` with merged parameters (tied ones stay tied) and ``models[0]``'s
     buffers.
     """
-    if not models:
-        raise TransportError("no models to merge")
-    if method not in MERGE_METHODS:
-        raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
-    base_model, base_gauge = _base_and_gauge(base)
-    if method == "task_arithmetic" and base_model is None:
-        raise TransportError("task_arithmetic needs base= (the common pre-trained model)")
+    base_model, base_gauge = _merge_inputs(len(models), method, base, "model")
     named = [_named_tensors(m) for m in models]
     base_named = _named_tensors(base_model) if base_model is not None else None
     plans = [
@@ -190,11 +211,7 @@ def merge_models(
     if base_plan is not None:
         _same_layout([plans[0], base_plan], "models[0] and base")
     gs = _elements(gauges, plans, plans[0], force)
-    bg = (
-        _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1]
-        if base_plan is not None
-        else None
-    )
+    bg = _base_element(base_gauge, base_plan, plans[0], force)
     ws = _weights(weights, len(models))
     rules = plans[0].rules
 
@@ -224,7 +241,7 @@ def merge_models(
 def _same_layout(plans: Sequence[TransformPlan], what: str) -> None:
     """Every plan of one family and width, with the same tensor names and shapes as the first."""
     first = plans[0]
-    for i, p in enumerate(plans[1:], 1):
+    for p in plans[1:]:
         if (p.spec and p.spec.name) != (first.spec and first.spec.name) or p.dim != first.dim:
             raise TransportError(f"{what}: {p.what} is not of the same family and width as {first.what}")
         if p.shapes != first.shapes:
@@ -241,9 +258,12 @@ def merge_checkpoints(
     dst: str | os.PathLike,
     weights: Sequence[float] | None = None,
     *,
-    gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
+    gauges: Sequence[Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None] | None = None,
     method: str = "linear",
-    base: str | os.PathLike | tuple[str | os.PathLike, Gauge | SignedPermutation | None] | None = None,
+    base: str
+    | os.PathLike
+    | tuple[str | os.PathLike, Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None]
+    | None = None,
     overwrite: bool = False,
     force: bool = False,
 ) -> Path:
@@ -252,13 +272,7 @@ def merge_checkpoints(
     (``repo@revision``); the result, written atomically to ``dst`` (an existing one only with
     ``overwrite``), has the first checkpoint's shard layout, config and tokenizer files. One output
     shard is in memory at a time."""
-    if not srcs:
-        raise TransportError("no checkpoints to merge")
-    if method not in MERGE_METHODS:
-        raise TransportError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
-    base_dir, base_gauge = _base_and_gauge(base)
-    if method == "task_arithmetic" and base_dir is None:
-        raise TransportError("task_arithmetic needs base= (the common pre-trained checkpoint)")
+    base_dir, base_gauge = _merge_inputs(len(srcs), method, base, "checkpoint")
     dirs = [resolve_checkpoint_dir(s) for s in srcs]
     bdir = resolve_checkpoint_dir(base_dir) if base_dir is not None else None
     plans = [TransformPlan.for_checkpoint(x, what=f"checkpoint {i} ({x})") for i, x in enumerate(dirs)]
@@ -267,11 +281,7 @@ def merge_checkpoints(
     )
     _same_layout(plans + ([base_plan] if base_plan else []), "merge_checkpoints")
     gs = _elements(gauges, plans, plans[0], force)
-    bg = (
-        _elements([None, base_gauge], [plans[0], base_plan], plans[0], force)[1]
-        if base_plan is not None
-        else None
-    )
+    bg = _base_element(base_gauge, base_plan, plans[0], force)
     ws = _weights(weights, len(dirs))
     rules = plans[0].rules
     indexes = [
@@ -315,7 +325,7 @@ def merge_adapters(
     adapters: Sequence[str | os.PathLike],
     weights: Sequence[float],
     *,
-    gauges: Sequence[Gauge | SignedPermutation | None] | None = None,
+    gauges: Sequence[Gauge | SignedPermutation | Orthogonal | str | os.PathLike | None] | None = None,
     adapter_name: str = "merged",
     combination_type: str = "cat",
     revisions: Sequence[str | None] | None = None,
@@ -328,7 +338,7 @@ def merge_adapters(
     ``peft_model``. ``gauges[i]`` maps adapter ``i``'s base chart into the chart of
     ``peft_model``'s base (``None``: already there). Each adapter is loaded under a temporary
     name, its adapter-owned tensors re-charted in memory
-    (:func:`hf_bdgauge.transport.peft.transport_peft_model` with ``include_base=False``), and the
+    (:func:`hf_bdgauge.transport.peft_model.transport_peft_model` with ``include_base=False``), and the
     set combined by PEFT's ``add_weighted_adapter`` (``combination_type="cat"`` gives exactly
     ``ΔW = Σ w_i ΔW_i``; any other PEFT combination may be passed). Returns ``adapter_name``;
     the merged adapter is not activated (``peft_model.set_adapter(adapter_name)``). Temporary
@@ -338,7 +348,7 @@ def merge_adapters(
     tensors when loaded: transport such adapters on disk with
     :func:`hf_bdgauge.transport.peft.transport_adapter` and pass the transported directories.
     """
-    from .peft import transport_peft_model
+    from .peft_model import transport_peft_model
 
     n = len(adapters)
     if n == 0:
@@ -362,8 +372,9 @@ def merge_adapters(
             name = f"_bdgauge_merge_{i}"
             if isinstance(a, str) and a in peft_model.peft_config:
                 raise TransportError(
-                    f"adapter {a!r} is already loaded, so it is taken to be in the chart of peft_model's base; pass "
-                    f"gauges[{i}]=None, or pass the adapter's directory to transport it from another chart"
+                    f"adapter {a!r} is already loaded, so it is taken to be in the chart of peft_model's "
+                    f"base; pass gauges[{i}]=None, or pass the adapter's directory to transport it from "
+                    "another chart"
                 )
             path = resolve_dir(a, r, what="PEFT adapter")
             peft_model.load_adapter(str(path), adapter_name=name)

@@ -107,8 +107,9 @@ def _names_for_ids(state_dict: Mapping[str, Any], params: torch.nn.Module | Sequ
             names = trainable
         else:
             raise TransportError(
-                f"the optimizer holds {len(ids)} parameters but the model has {len(all_names)} ({len(trainable)} "
-                "trainable): pass the names in optimizer order, e.g. optimizer_parameter_names(optimizer, model)"
+                f"the optimizer holds {len(ids)} parameters but the model has {len(all_names)} "
+                f"({len(trainable)} trainable): pass the names in optimizer order, e.g. "
+                "optimizer_parameter_names(optimizer, model)"
             )
     else:
         names = list(params)
@@ -126,7 +127,8 @@ def _entry_kind(key: str, value: Any) -> str:
         return "second"
     raise TransportError(
         f"optimizer state entry {key!r} (shape {tuple(value.shape)}) is neither a known first moment "
-        f"{sorted(FIRST_MOMENT_KEYS)} nor a known second moment {sorted(SECOND_MOMENT_KEYS)}; cannot transport it"
+        f"{sorted(FIRST_MOMENT_KEYS)} nor a known second moment {sorted(SECOND_MOMENT_KEYS)}; cannot "
+        "transport it"
     )
 
 
@@ -154,7 +156,7 @@ def read_optimizer_state(path: str | os.PathLike, revision: str | None = None) -
 def transport_optimizer_state(
     state_dict: Mapping[str, Any] | str | os.PathLike,
     params: torch.nn.Module | Sequence[str],
-    gauge: Gauge | SignedPermutation | str | os.PathLike,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
     spec: ArchitectureSpec | None = None,
     *,
     force: bool = False,
@@ -181,17 +183,18 @@ def transport_optimizer_state(
     optimizer over the re-charted model. ``approximate``: under a rotation, move second moments
     by ``(R∘R)`` instead of refusing them (recorded in every param group).
     """
-    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+    gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     if isinstance(state_dict, (str, os.PathLike)):  # a file, local or on the Hub
         state_dict = read_optimizer_state(state_dict)
     # a PeftModel: the family and width are its base model's
-    inner = params.get_base_model() if hasattr(params, "get_base_model") else params
+    get_base_model = getattr(params, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else params
     if spec is None:
         if not isinstance(params, torch.nn.Module):
             raise TransportError("pass spec= (the model's role map) when params is a list of names")
         spec = spec_for_model(inner)
-    el = gauge.element if isinstance(gauge, Gauge) else gauge
-    d = hidden_size_of(inner.config) if getattr(inner, "config", None) is not None else el.dim
+    config = getattr(inner, "config", None)
+    d = hidden_size_of(config) if config is not None else (gg.element if isinstance(gg, Gauge) else gg).dim
     id_to_name = _names_for_ids(state_dict, params)
     names = sorted(set(id_to_name.values()))
     rules: dict[str, TensorRule] = adapter_tensor_rules(names, spec)
@@ -208,16 +211,16 @@ def transport_optimizer_state(
         what="the optimizer's model",
         check_rotation=lambda r: None,
     )
-    g = plan.admit(gauge, force=force)
+    g = plan.admit(gg, force=force)
     rotation = isinstance(g, Orthogonal)
-    if rotation and getattr(gauge, "gains", None):
+    if rotation and getattr(gg, "gains", None):
         raise OrthogonalGaugeError(
             "this gauge folds the norm gains too: optimizer state accumulated on the unfolded "
             "model does not belong to the folded one (its updates are not equivariant under the "
             "fold); fold first, then train or warm the state up on the folded model"
         )
-    refuse_missing_gains(gauge, g, rules, spec)  # the state of a reader needs its gains, as an adapter does
-    plan: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
+    refuse_missing_gains(gg, g, rules, spec)  # the state of a reader needs its gains, as an adapter does
+    kinds: dict[Any, dict[str, tuple[str, TensorRule]]] = {}
     for pid, entries in state_dict["state"].items():
         name = id_to_name.get(int(pid))
         if name is None:
@@ -225,10 +228,10 @@ def transport_optimizer_state(
                 f"optimizer state has an entry for parameter id {pid} that no param_group lists"
             )
         rule = rules[name]
-        plan[pid] = {}
+        kinds[pid] = {}
         for key, val in entries.items():
             kind = _entry_kind(key, val)
-            plan[pid][key] = (kind, rule)
+            kinds[pid][key] = (kind, rule)
             if rotation and kind != "scalar" and rule.role is Role.GAIN:
                 raise OrthogonalGaugeError(
                     f"{name} is a norm gain: a rotated chart has only constant gains, whose "
@@ -236,22 +239,24 @@ def transport_optimizer_state(
                 )
             if rotation and kind == "second" and rule.role is not Role.NONE and not approximate:
                 raise OrthogonalGaugeError(
-                    f"state {key!r} of {name}: Adam's second moments are not rotation-equivariant (those of R·g are not "
-                    "a function of those of g); pass {approximate} to move them by (R∘R)·v, "
+                    f"state {key!r} of {name}: Adam's second moments are not rotation-equivariant (those "
+                    "of R·g are not a function of those of g); pass {approximate} to move them by (R∘R)·v, "
                     "the diagonal of R·diag(v)·Rᵀ, and have the result record it",
                     options={"approximate": Words("approximate=True", "--approximate")},
                 )
             if kind != "scalar":
                 if name in shapes and tuple(val.shape) != shapes[name]:
                     raise TransportError(
-                        f"state {key!r} of parameter id {pid} has shape {tuple(val.shape)} but the parameter it maps to, "
-                        f"{name}, has shape {shapes[name]}: the optimizer's parameter order is not the model's; pass "
-                        "optimizer_parameter_names(optimizer, model) as params"
+                        f"state {key!r} of parameter id {pid} has shape {tuple(val.shape)} but the "
+                        f"parameter it maps to, {name}, has shape {shapes[name]}: the optimizer's "
+                        "parameter order is not the model's; pass optimizer_parameter_names(optimizer, "
+                        "model) as params"
                     )
                 size = rule.residual_size(tuple(val.shape))
                 if size is not None and size != g.dim:
                     raise DimensionMismatchError(
-                        f"state {key!r} of {name} has shape {tuple(val.shape)}: {size} != {g.dim} on its residual axis"
+                        f"state {key!r} of {name} has shape {tuple(val.shape)}: {size} != {g.dim} on its "
+                        "residual axis"
                     )
 
     new_state: dict[Any, dict[str, Any]] = {}
@@ -259,11 +264,12 @@ def transport_optimizer_state(
     for pid, entries in state_dict["state"].items():
         out: dict[str, Any] = {}
         for key, val in entries.items():
-            kind, rule = plan[pid][key]
-            if kind == "scalar" or rule.role is Role.NONE:
+            kind, rule = kinds[pid][key]
+            axis = None if kind == "scalar" else rule.residual_axis(val.ndim)  # None for role NONE
+            if axis is None:
                 out[key] = val.clone() if isinstance(val, torch.Tensor) else copy.deepcopy(val)
-            elif rotation and kind == "second":
-                out[key] = g.apply_squared(val, axis=rule.residual_axis(val.ndim))
+            elif isinstance(g, Orthogonal) and kind == "second":
+                out[key] = g.apply_squared(val, axis=axis)
                 moved += 1
             else:
                 out[key] = transform(val, rule, g, second_moment=(kind == "second"))

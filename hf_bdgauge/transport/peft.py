@@ -30,9 +30,9 @@ unchanged.
 
 Two entry points: :func:`transport_adapter` rewrites an adapter directory (or Hub repo) into a
 standard PEFT directory for the target base (``adapter_config.json`` naming the target and its
-revision, ``adapter_model.safetensors``), and :func:`transport_peft_model` re-charts a
-``PeftModel`` in memory. PEFT's file and tensor-name conventions (what an adapter directory holds,
-how it is read and written) are in :mod:`.peft_files`.
+revision, ``adapter_model.safetensors``), and :func:`~.peft_model.transport_peft_model` re-charts
+a ``PeftModel`` in memory (:mod:`.peft_model`). PEFT's file and tensor-name conventions (what an
+adapter directory holds, how it is read and written) are in :mod:`.peft_files`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -54,7 +54,7 @@ from ..hub import resolve_dir
 from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
 from ..record import transport_record
-from ..roles import ArchitectureSpec, spec_for_model
+from ..roles import ArchitectureSpec
 from ..rules import Role, TensorRule, scale_residual
 from .peft_files import (
     AdapterTensor,
@@ -67,9 +67,6 @@ from .peft_files import (
     write_adapter_dir,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from peft import PeftModel
-
 __all__ = [
     "FACTOR_RULES",
     "adapter_tensor_rules",
@@ -78,7 +75,6 @@ __all__ = [
     "move_adapter_tensors",
     "refuse_missing_gains",
     "transport_adapter",
-    "transport_peft_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,7 +203,7 @@ def adapter_plan(
 
 def transport_adapter_state_dict(
     state_dict: Mapping[str, torch.Tensor],
-    gauge: Gauge | SignedPermutation,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
     spec: ArchitectureSpec,
     *,
     fan_in_fan_out: bool = False,
@@ -219,11 +215,10 @@ def transport_adapter_state_dict(
     All rules and sizes are checked before anything is computed (the adapter's transform plan);
     the gauge must be a symmetry of the family (:meth:`ArchitectureSpec.check_element`).
     """
-    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
-    g = gauge.element if isinstance(gauge, Gauge) else gauge
-    plan = adapter_plan(state_dict, spec, g.dim, fan_in_fan_out=fan_in_fan_out)
-    g = plan.admit(gauge, force=force)
-    return move_adapter_tensors(plan, state_dict, gauge, g, spec)
+    gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+    dim = (gg.element if isinstance(gg, Gauge) else gg).dim
+    plan = adapter_plan(state_dict, spec, dim, fan_in_fan_out=fan_in_fan_out)
+    return move_adapter_tensors(plan, state_dict, gg, plan.admit(gg, force=force), spec)
 
 
 def _rotation_rule(rules: Mapping[str, TensorRule]) -> Any:
@@ -234,9 +229,9 @@ def _rotation_rule(rules: Mapping[str, TensorRule]) -> Any:
     def check(r: Any) -> None:
         if gains:
             raise OrthogonalGaugeError(
-                f"a rotation mixes the output rows of a writer, so these per-row magnitudes (DoRA on a residual writer, "
-                f"or a copied norm gain) have no rotated counterpart: {', '.join(gains[:4])}; recompute them on the "
-                "target or train the adapter there"
+                "a rotation mixes the output rows of a writer, so these per-row magnitudes (DoRA on a "
+                "residual writer, or a copied norm gain) have no rotated counterpart: "
+                f"{', '.join(gains[:4])}; recompute them on the target or train the adapter there"
             )
 
     return check
@@ -348,7 +343,7 @@ def move_adapter_tensors(
 
 def transport_adapter(
     src: str | os.PathLike,
-    gauge: Gauge | SignedPermutation,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
     dst: str | os.PathLike,
     *,
     revision: str | None = None,
@@ -384,28 +379,28 @@ def transport_adapter(
     ``huggingface_hub.HfApi().upload_folder``. Only safetensors weights are read; an adapter
     with only ``adapter_model.bin`` raises :class:`CheckpointError`.
     """
-    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+    gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     where = resolve_dir(src, revision, what="PEFT adapter")
     cfg = read_adapter_config(where)
     tensors, meta = read_adapter_weights(where)
     spec, d = spec_from_config_like(
-        base_config if base_config is not None else base_config_from_adapter(cfg, gauge)
+        base_config if base_config is not None else base_config_from_adapter(cfg, gg)
     )
     plan = adapter_plan(
         tensors, spec, d, fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)), what=f"the adapter {src}"
     )
-    check_adapter_base(cfg, gauge)
-    g = plan.admit(gauge, force=force)
-    moved = move_adapter_tensors(plan, tensors, gauge, g, spec)
+    check_adapter_base(cfg, gg)
+    g = plan.admit(gg, force=force)
+    moved = move_adapter_tensors(plan, tensors, gg, g, spec)
 
     new_cfg = dict(cfg)
-    target = gauge.target if isinstance(gauge, Gauge) else None
+    target = gg.target if isinstance(gg, Gauge) else None
     new_base = base_model_name_or_path or (target.model_id if target else None)
     new_rev = base_model_revision or ((target.revision or target.commit_hash) if target else None)
     if new_base is None:
         logger.warning(
-            "transported adapter keeps base_model_name_or_path=%r (the source base): pass base_model_name_or_path= "
-            "or a Gauge with a target ModelRef to name the target",
+            "transported adapter keeps base_model_name_or_path=%r (the source base): pass "
+            "base_model_name_or_path= or a Gauge with a target ModelRef to name the target",
             cfg.get("base_model_name_or_path"),
         )
     else:
@@ -416,7 +411,7 @@ def transport_adapter(
     meta.setdefault("format", "pt")
     meta["hf_bdgauge_transport"] = json.dumps(
         {
-            **transport_record(gauge, forced=plan.forced),
+            **transport_record(gg, forced=plan.forced),
             "source_base": cfg.get("base_model_name_or_path"),
             "target_base": new_cfg.get("base_model_name_or_path"),
         },
@@ -436,102 +431,3 @@ def transport_adapter(
         dst,
     )
     return Path(dst)
-
-
-# ---------------------------------------------------------------------------------------------- memory
-
-
-@torch.no_grad()
-def transport_peft_model(
-    peft_model: PeftModel,
-    gauge: Gauge | SignedPermutation,
-    *,
-    include_base: bool,
-    adapter_names: Iterable[str] | None = None,
-    force: bool = False,
-) -> PeftModel:
-    """Re-chart a ``PeftModel`` in memory, in place; returns it.
-
-    ``include_base=True``: the base model and the adapters all move (the source base with its
-    adapter becomes, tensor for tensor, the target base with the transported adapter; merged
-    adapters are fine since ``W + ΔW`` moves like ``W``). Use it when the base in memory is the
-    *source* model.
-
-    ``include_base=False``: only adapter-owned tensors move (LoRA factors, DoRA magnitudes,
-    trainable-token deltas, ``modules_to_save`` copies). Use it when a source-chart adapter was
-    loaded onto the *target* base (``PeftModel.from_pretrained(target, source_adapter)``).
-    Refused while an adapter is merged into the base weights. Note that an adapter saved with
-    its embedding layers (PEFT's ``save_embedding_layers``, automatic when ``embed_tokens`` or
-    ``lm_head`` is a LoRA target) overwrites those base tensors with source-chart copies on
-    loading; for such adapters transport the directory with :func:`transport_adapter` first.
-
-    ``adapter_names`` limits the adapters moved (default: all). When ``gauge`` is a Gauge with
-    a target model id, the moved adapters' configs name the target as their base.
-    """
-    gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
-    base = peft_model.get_base_model()
-    spec = spec_for_model(base)
-    configs = dict(getattr(peft_model, "peft_config", {}) or {})
-    wanted = set(configs) if adapter_names is None else set(adapter_names)
-    unknown = wanted - set(configs)
-    if unknown:
-        raise TransportError(f"adapters {sorted(unknown)} are not loaded (loaded: {sorted(configs)})")
-    for name in wanted:
-        if str(getattr(configs[name], "peft_type", "")).split(".")[-1].upper() != "LORA":
-            raise TransportError(f"adapter {name!r} is not a LoRA adapter ({configs[name].peft_type})")
-        if getattr(configs[name], "target_parameters", None):
-            raise TransportError(f"adapter {name!r} uses target_parameters, which is not supported yet")
-    if not include_base:
-        merged = [n for n, m in peft_model.named_modules() if getattr(m, "merged_adapters", None)]
-        if merged:
-            raise TransportError(
-                f"adapters are merged into the base weights of {merged[:3]}; unmerge them first or use include_base=True"
-            )
-
-    named: dict[str, torch.Tensor] = dict(peft_model.named_parameters())
-    named.update(dict(peft_model.named_buffers()))
-    groups: dict[str | None, dict[str, torch.Tensor]] = {}
-    for n, t in named.items():
-        info = parse_adapter_tensor_name(n)
-        if info.is_adapter_owned:
-            if info.adapter is None or info.adapter not in wanted:
-                continue
-            groups.setdefault(info.adapter, {})[n] = t
-        elif include_base:
-            groups.setdefault(None, {})[n] = t
-    rules: dict[str, TensorRule] = {}
-    for adapter, tensors in groups.items():
-        fifo = bool(getattr(configs.get(adapter), "fan_in_fan_out", False)) if adapter else False
-        rules.update(adapter_tensor_rules(tensors, spec, fan_in_fan_out=fifo))
-    flat = {n: t for grp in groups.values() for n, t in grp.items()}
-    plan = TransformPlan.for_model(base, spec=spec, names=flat, rules=rules, what=f"PeftModel ({spec.name})")
-    plan.fingerprint_of = None  # PEFT wraps the base's tensor names; the adapter itself has no fingerprint
-    g = plan.admit(gauge, force=force)
-    owned = {n: r for n, r in rules.items() if n in flat and parse_adapter_tensor_name(n).is_adapter_owned}
-    refuse_missing_gains(gauge, g, owned, spec)  # a base moved with its adapter stays consistent
-    if isinstance(g, Orthogonal):
-        raise OrthogonalGaugeError(
-            "rotating a PeftModel in memory is not supported yet: save the adapter and use "
-            "transport_adapter, and rotate the folded base with apply_gauge"
-        )
-    moved = 0
-    for n, t in flat.items():
-        if rules[n].role is not Role.NONE:
-            t.copy_(plan.transform(n, t.detach(), g))
-            moved += 1
-    for m in peft_model.modules():  # DoRA may cache weight norms in eval mode
-        clear = getattr(m, "_cache_clear", None)
-        if callable(clear):
-            clear()
-    target = gauge.target if isinstance(gauge, Gauge) else None
-    if target is not None and target.model_id:
-        for name in wanted:
-            configs[name].base_model_name_or_path = target.model_id
-            configs[name].revision = target.revision or target.commit_hash
-    logger.info(
-        "re-charted %d tensors of a PeftModel (adapters %s, base %s)",
-        moved,
-        sorted(wanted),
-        "moved" if include_base else "kept",
-    )
-    return peft_model

@@ -156,12 +156,13 @@ def read_adapter_config(d: Path) -> dict[str, Any]:
     ptype = str(cfg.get("peft_type", "")).upper()
     if ptype != "LORA":
         raise TransportError(
-            f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; hf_bdgauge transports LoRA adapters "
-            "(incl. rsLoRA, DoRA, embedding LoRA, modules_to_save and trainable tokens)"
+            f"{path}: peft_type {cfg.get('peft_type')!r} is not supported; hf_bdgauge transports LoRA "
+            "adapters (incl. rsLoRA, DoRA, embedding LoRA, modules_to_save and trainable tokens)"
         )
     if cfg.get("target_parameters"):
         raise TransportError(
-            f"{path}: LoRA on raw parameters (target_parameters={cfg['target_parameters']}) is not supported yet"
+            f"{path}: LoRA on raw parameters (target_parameters={cfg['target_parameters']}) is not "
+            "supported yet"
         )
     return cfg
 
@@ -172,8 +173,9 @@ def read_adapter_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         pickles = [p for p in _PICKLE_WEIGHTS if (d / p).exists()]
         if pickles:
             raise CheckpointError(
-                f"{d} holds the adapter only as pickle ({', '.join(pickles)}); hf_bdgauge reads safetensors only. "
-                "Re-save it with PeftModel.save_pretrained(..., safe_serialization=True)."
+                f"{d} holds the adapter only as pickle ({', '.join(pickles)}); hf_bdgauge reads "
+                "safetensors only. Re-save it with PeftModel.save_pretrained(..., "
+                "safe_serialization=True)."
             )
         raise CheckpointError(f"{d} has no {ADAPTER_WEIGHTS_NAME}")
     from safetensors import SafetensorError, safe_open
@@ -267,9 +269,9 @@ def base_config_from_adapter(adapter_cfg: Mapping[str, Any], gauge: Any) -> Any:
             pass
     raise TransportError(
         "cannot tell the base model's family: adapter_config.json names "
-        f"{adapter_cfg.get('base_model_name_or_path')!r}, whose config.json is neither a local directory nor in the "
-        "Hub cache. Pass base_config= (a transformers config, a config.json dict, a model, a model directory or a "
-        "model_type string)."
+        f"{adapter_cfg.get('base_model_name_or_path')!r}, whose config.json is neither a local directory "
+        "nor in the Hub cache. Pass base_config= (a transformers config, a config.json dict, a model, a "
+        "model directory or a model_type string)."
     )
 
 

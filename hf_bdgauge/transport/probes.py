@@ -22,7 +22,7 @@ by value would pick different coordinates. Permutation-only transport drops the 
 mislabels the sign of every flipped coordinate.
 
 File formats: a probe is one safetensors file (``weight``, ``bias``; string metadata
-``format = "hf_bdgauge.linear_probe"``); an index set is a JSON file
+``format = "hf_bdgauge.linear_probe"``; :mod:`.object_file`); an index set is a JSON file
 (``format = "hf_bdgauge.index_set"``).
 """
 
@@ -38,18 +38,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError
 from ..files import atomic_write_bytes
 from ..gauge import Gauge, as_gauge
-from ..group import SignedPermutation
+from ..group import SignedPermutation, as_int64_vector
 from ..hub import resolve_file
 from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
 from ..record import transport_record
 from ..rules import READ
+from .object_file import read_object_file, write_object_file
 
 __all__ = [
     "LinearProbe",
@@ -68,7 +67,7 @@ _FORMAT_VERSION = "1"
 
 
 def _with_record(
-    metadata: dict[str, str], gauge: Gauge | SignedPermutation, forced: bool = False
+    metadata: dict[str, str], gauge: Gauge | SignedPermutation | Orthogonal, forced: bool = False
 ) -> dict[str, str]:
     """``metadata`` with the gauge's transport record appended and ``model_id`` set to its target."""
     meta = dict(metadata)
@@ -126,9 +125,11 @@ class LinearProbe:
 
     predict = __call__
 
-    def transport(self, gauge: Gauge | SignedPermutation, *, force: bool = False) -> LinearProbe:
+    def transport(
+        self, gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike, *, force: bool = False
+    ) -> LinearProbe:
         """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged."""
-        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+        gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         plan = TransformPlan.for_tensors(
             {"weight": tuple(self.weight.shape)},
             {"weight": READ},
@@ -137,61 +138,39 @@ class LinearProbe:
             dim_label="d={d}",
             check_rotation=lambda r: None,
         )  # W ↦ W·Rᵀ: exact
-        g = plan.admit(gauge, force=force)
+        g = plan.admit(gg, force=force)
         logger.debug("transported a linear probe of shape %s", tuple(self.weight.shape))
         return LinearProbe(
             plan.transform("weight", self.weight, g),
             None if self.bias is None else self.bias.clone(),
-            _with_record(self.metadata, gauge, plan.forced),
+            _with_record(self.metadata, gg, plan.forced),
         )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """One safetensors file (written atomically)."""
-        tensors = {"weight": self.weight.detach().cpu().contiguous()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.detach().cpu().contiguous()
-        meta = {
-            "format": PROBE_FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "metadata": json.dumps(self.metadata, sort_keys=True),
-        }
-        return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite)
+        tensors = {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
+        header = {"format": PROBE_FORMAT, "format_version": _FORMAT_VERSION}
+        return write_object_file(path, tensors, header, self.metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, revision: str | None = None) -> LinearProbe:
         """Read a probe file (local, or ``namespace/name[@revision]/path`` on the Hub)."""
-        path = resolve_file(path, revision, what="probe file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-        if meta.get("format") != PROBE_FORMAT:
-            raise CheckpointError(f"{path} is not a hf_bdgauge linear probe (format={meta.get('format')!r})")
+        local, tensors, _, user = read_object_file(path, PROBE_FORMAT, what="linear probe", revision=revision)
         extra = sorted(set(tensors) - {"weight", "bias"})
         if "weight" not in tensors or extra:
-            raise CheckpointError(f"{path}: expected tensors 'weight' (and 'bias'), got {sorted(tensors)}")
-        try:
-            user = json.loads(meta.get("metadata", "{}"))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
+            raise CheckpointError(f"{local}: expected tensors 'weight' (and 'bias'), got {sorted(tensors)}")
         return cls(tensors["weight"], tensors.get("bias"), user)
 
 
 # ====================================================================== index sets
 def _int_vector(x: Any, name: str) -> np.ndarray:
+    """:func:`~hf_bdgauge.group.as_int64_vector` of ``x``, where a float tensor or any iterable (a
+    set, a generator) is read too."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    a = np.asarray(list(x) if not isinstance(x, np.ndarray) else x)
-    if a.ndim != 1:
-        raise DimensionMismatchError(f"{name} must be one-dimensional, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        if np.issubdtype(a.dtype, np.floating) and np.all(np.mod(a, 1) == 0):
-            a = a.astype(np.int64)
-        else:
-            raise TransportError(f"{name} must hold integers, got dtype {a.dtype}")
-    return a.astype(np.int64)
+    elif not isinstance(x, np.ndarray):
+        x = list(x)
+    return as_int64_vector(x, name, shape_error=DimensionMismatchError, dtype_error=TransportError)
 
 
 @dataclass(eq=False)
@@ -241,9 +220,13 @@ class IndexSet:
     def __len__(self) -> int:
         return int(self.indices.size)
 
+    def _sign_array(self) -> np.ndarray:
+        """``signs`` (``__post_init__`` sets them: +1 for each index where none were given)."""
+        return self.signs if self.signs is not None else np.ones(len(self), dtype=np.int64)
+
     def pairs(self) -> list[tuple[int, int]]:
         """``[(index, sign), ...]`` in order."""
-        return [(int(i), int(s)) for i, s in zip(self.indices, self.signs)]
+        return [(int(i), int(s)) for i, s in zip(self.indices, self._sign_array())]
 
     def as_signed_dict(self) -> dict[int, int]:
         """``{index: sign}`` (order-free comparison of two sets)."""
@@ -270,25 +253,26 @@ class IndexSet:
         signs = np.where(x[idx] < 0, -1, 1)
         return cls(idx, signs, x[idx], True, x.size, {"ranked_by": by})
 
-    def transport(self, gauge: Gauge | SignedPermutation, *, force: bool = False) -> IndexSet:
+    def transport(
+        self, gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike, *, force: bool = False
+    ) -> IndexSet:
         """``i ↦ π(i)``, ``sign ↦ s_i·sign``, signed ``score ↦ s_i·score`` (order kept)."""
-        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
-        g = gauge.element if isinstance(gauge, Gauge) else gauge
+        gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+        g = gg.element if isinstance(gg, Gauge) else gg
         if isinstance(g, Orthogonal):
             raise OrthogonalGaugeError(
-                f"an index set of residual coordinates does not move under a rotation ({g!r}): R mixes every "
-                "coordinate, so coordinate i of the source is no coordinate of the target (MLP-neuron, head and "
-                "SAE-feature indices do not live in the residual stream and need no transport)"
+                f"an index set of residual coordinates does not move under a rotation ({g!r}): R mixes "
+                "every coordinate, so coordinate i of the source is no coordinate of the target "
+                "(MLP-neuron, head and SAE-feature indices do not live in the residual stream and need "
+                "no transport)"
             )
         if not isinstance(g, SignedPermutation):
-            raise TransportError(f"expected a Gauge or SignedPermutation, got {type(gauge).__name__}")
+            raise TransportError(f"expected a Gauge or SignedPermutation, got {type(gg).__name__}")
         if self.dim is not None and self.dim != g.dim:
             raise DimensionMismatchError(
                 f"the index set lives in dimension {self.dim} but the gauge has dimension {g.dim}"
             )
-        forced = (
-            gauge.check_fit(force=force, what="to move an index set") if isinstance(gauge, Gauge) else False
-        )
+        forced = gg.check_fit(force=force, what="to move an index set") if isinstance(gg, Gauge) else False
         new_idx, s = g.map_indices(self.indices)
         logger.debug("transported %d indices (%d change sign)", len(self), int(np.sum(s == -1)))
         scores = (
@@ -296,11 +280,11 @@ class IndexSet:
         )
         return IndexSet(
             new_idx,
-            self.signs * s,
+            self._sign_array() * s,
             scores,
             self.signed_scores,
             g.dim,
-            _with_record(self.metadata, gauge, forced),
+            _with_record(self.metadata, gg, forced),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,7 +293,7 @@ class IndexSet:
             "format_version": _FORMAT_VERSION,
             "dim": self.dim,
             "indices": self.indices.tolist(),
-            "signs": self.signs.tolist(),
+            "signs": self._sign_array().tolist(),
             "scores": None if self.scores is None else self.scores.tolist(),
             "signed_scores": self.signed_scores,
             "metadata": self.metadata,
@@ -347,7 +331,7 @@ class IndexSet:
 
 
 def transport_probe(
-    probe: LinearProbe | str | os.PathLike, gauge: Gauge | SignedPermutation | str | os.PathLike
+    probe: LinearProbe | str | os.PathLike, gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike
 ) -> LinearProbe:
     """``W ↦ W·Gᵀ``, bias unchanged (see :meth:`LinearProbe.transport`). ``probe``: the object or
     its file (:meth:`LinearProbe.load`); ``gauge``: the object, a gauge directory or ``repo@revision``."""
@@ -357,8 +341,8 @@ def transport_probe(
 
 
 def transport_indices(
-    indices: IndexSet | Iterable[int] | np.ndarray | torch.Tensor,
-    gauge: Gauge | SignedPermutation,
+    indices: IndexSet | str | os.PathLike | Iterable[int] | np.ndarray | torch.Tensor,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
     signs: Iterable[int] | None = None,
 ) -> IndexSet:
     """Transport an :class:`IndexSet` (or its file, :meth:`IndexSet.load`), or a plain list of
@@ -368,6 +352,6 @@ def transport_indices(
     s = (
         indices
         if isinstance(indices, IndexSet)
-        else IndexSet(indices, None if signs is None else np.asarray(list(signs)))
+        else IndexSet(_int_vector(indices, "indices"), None if signs is None else np.asarray(list(signs)))
     )
     return s.transport(gauge)

@@ -1,7 +1,7 @@
 """Sparse autoencoders (inference, in SAELens's conventions) and their transport between gauges.
 
 The on-disk format (SAELens's ``cfg.json`` + ``sae_weights.safetensors``) is read and written by
-:mod:`.sae_files`.
+:mod:`.sae_files`; a small SAE is trained by :func:`~.sae_training.fit_sae`.
 
 Maths
 -----
@@ -51,6 +51,7 @@ from ..errors import (
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
 from ..layers import from_hook_name, hook_block
+from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
 from ..record import transport_record
 from ..rules import WRITE, Role, TensorRule
@@ -58,14 +59,12 @@ from .sae_files import cfg_json, new_cfg, read_sae_dir, write_sae_dir
 
 __all__ = [
     "SAE",
-    "SAETraining",
     "SAE_ARCHITECTURES",
     "NORMALIZATIONS",
     "W_ENC_RULE",
     "W_DEC_RULE",
     "B_DEC_RULE",
     "transport_sae",
-    "fit_sae",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,7 +113,8 @@ class SAE:
     def __post_init__(self) -> None:
         if self.architecture not in SAE_ARCHITECTURES:
             raise UnsupportedArchitectureError(
-                f"SAE architecture {self.architecture!r} is not supported (supported: {', '.join(SAE_ARCHITECTURES)})"
+                f"SAE architecture {self.architecture!r} is not supported (supported: "
+                f"{', '.join(SAE_ARCHITECTURES)})"
             )
         if self.W_enc.ndim != 2:
             raise DimensionMismatchError(f"W_enc must be [d_in, d_sae], got shape {tuple(self.W_enc.shape)}")
@@ -283,11 +283,13 @@ class SAE:
         """The architecture's nonlinearity σ on pre-activations."""
         if self.architecture == "standard":
             return torch.relu(pre)
-        if self.architecture == "jumprelu":
+        if self.threshold is not None:  # JumpReLU, the one architecture with thresholds (__post_init__)
             return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
+        if self.k is None:  # pragma: no cover - __post_init__ gives every top-k SAE its k
+            raise CheckpointError("a top-k SAE needs k")
         if self.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
-        vals, idx = torch.topk(pre, k=int(self.k), dim=-1)
+        vals, idx = torch.topk(pre, k=self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
 
     @torch.no_grad()
@@ -371,22 +373,26 @@ class SAE:
     def _check_rotation(self, r: Any) -> None:
         if self.normalize_activations == "layer_norm":
             raise OrthogonalGaugeError(
-                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean over "
-                "the d_in coordinates; the mean does not commute with a rotation R (R·1 ≠ 1), so no transported SAE "
-                "reproduces it exactly"
+                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts "
+                "the mean over the d_in coordinates; the mean does not commute with a rotation R "
+                "(R·1 ≠ 1), so no transported SAE reproduces it exactly"
             )
 
     def _check_element(self, g: SignedPermutation) -> None:
         if self.normalize_activations == "layer_norm" and not g.commutes_with_centring:
             raise TransportError(
-                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts the mean "
-                "over the d_in coordinates; that mean does not commute with flipping some coordinates but not all "
-                f"(this gauge flips {g.num_flips} of {g.dim}), so no transported SAE reproduces it exactly. Only "
-                "permutations and the global flip -P can be transported."
+                "this SAE normalises its input with normalize_activations='layer_norm', which subtracts "
+                "the mean over the d_in coordinates; that mean does not commute with flipping some "
+                f"coordinates but not all (this gauge flips {g.num_flips} of {g.dim}), so no transported "
+                "SAE reproduces it exactly. Only permutations and the global flip -P can be transported."
             )
 
     def transport(
-        self, gauge: Gauge | SignedPermutation, *, model_name: str | None = None, force: bool = False
+        self,
+        gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
+        *,
+        model_name: str | None = None,
+        force: bool = False,
     ) -> SAE:
         """The same SAE expressed in the target chart of ``gauge`` (see the module docstring).
 
@@ -400,18 +406,18 @@ class SAE:
         names a layer the gauge's models lack, or a gauge flipping some coordinates but not all
         on a ``layer_norm`` SAE.
         """
-        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+        gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         hook = self.hook_name
         if self.cfg.get("reshape_activations", "none") != "none" or (
             hook and _NON_RESIDUAL_HOOK.search(str(hook))
         ):
             raise TransportError(
-                f"the SAE reads hook {hook!r}, which is not in residual-stream coordinates (attention heads / MLP "
-                "neurons), so the residual gauge does not act on it; it needs no transport"
+                f"the SAE reads hook {hook!r}, which is not in residual-stream coordinates (attention "
+                "heads / MLP neurons), so the residual gauge does not act on it; it needs no transport"
             )
         plan = self.plan()
-        g = plan.admit(gauge, force=force)
-        self._check_layer_fits(gauge)
+        g = plan.admit(gg, force=force)
+        self._check_layer_fits(gg)
         new = SAE(
             W_enc=plan.transform("W_enc", self.W_enc, g),
             W_dec=plan.transform("W_dec", self.W_dec, g),
@@ -423,8 +429,8 @@ class SAE:
             cfg=self.cfg,
         )
         meta = new.metadata
-        target = model_name or (gauge.target.model_id if isinstance(gauge, Gauge) else None)
-        record = transport_record(gauge, object_model=meta.get("model_name"), forced=plan.forced)
+        target = model_name or (gg.target.model_id if isinstance(gg, Gauge) else None)
+        record = transport_record(gg, object_model=meta.get("model_name"), forced=plan.forced)
         if target is not None:
             meta["model_name"] = target
         meta["hf_bdgauge_transports"] = list(meta.get("hf_bdgauge_transports") or []) + [record]
@@ -439,7 +445,7 @@ _SAE_RULES = {"W_enc": W_ENC_RULE, "W_dec": W_DEC_RULE, "b_dec": B_DEC_RULE}
 
 def transport_sae(
     src: SAE | str | os.PathLike,
-    gauge: Gauge | SignedPermutation,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
     dst: str | os.PathLike | None = None,
     *,
     revision: str | None = None,
@@ -456,77 +462,3 @@ def transport_sae(
     if dst is not None:
         new.save(dst, overwrite=overwrite)
     return new
-
-
-@dataclass(frozen=True)
-class SAETraining:
-    """The optimiser settings of :func:`fit_sae` (Adam, one minibatch a step)."""
-
-    batch_size: int = field(default=256, metadata={"help": "activations per step (at most all of them)"})
-    lr: float = field(default=3e-3, metadata={"help": "Adam's learning rate"})
-    l1_coefficient: float = field(default=0.1, metadata={"help": "λ of the sparsity penalty (standard SAEs)"})
-
-
-def fit_sae(
-    acts: torch.Tensor,
-    d_sae: int,
-    *,
-    architecture: str = "standard",
-    k: int | None = None,
-    steps: int = 400,
-    seed: int = 0,
-    training: SAETraining | None = None,
-    **cfg_metadata: Any,
-) -> SAE:
-    """Train a small SAE on ``acts`` [N, d_in] (a minimal CPU trainer for tests and examples;
-    use SAELens to train real SAEs).
-
-    ``"standard"``: ReLU with loss ``‖x − x̂‖² + λ·Σ_j f_j·‖W_dec[j]‖``; ``"topk"``: top-k
-    latents, loss ``‖x − x̂‖²``. Decoder rows start at unit norm with ``W_enc = W_decᵀ`` and
-    ``b_dec`` at the data mean. ``training``: batch size, learning rate and λ (:class:`SAETraining`).
-    Extra keyword arguments go to :meth:`SAE.from_weights` (``hook_name``, ``model_name``, … into the
-    config's metadata).
-    """
-    if architecture not in ("standard", "topk"):
-        raise UnsupportedArchitectureError("fit_sae trains 'standard' or 'topk' SAEs")
-    training = training or SAETraining()
-    batch_size, lr, l1_coefficient = training.batch_size, training.lr, training.l1_coefficient
-    x = acts.reshape(-1, acts.shape[-1]).detach().to(torch.float32)
-    n, d_in = x.shape
-    gen = torch.Generator().manual_seed(seed)
-    w_dec = torch.randn(d_sae, d_in, generator=gen)
-    w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
-    params = {
-        "W_enc": w_dec.T.clone().requires_grad_(True),
-        "W_dec": w_dec.clone().requires_grad_(True),
-        "b_enc": torch.zeros(d_sae, requires_grad=True),
-        "b_dec": x.mean(0).clone().requires_grad_(True),
-    }
-    scale = float(x.sub(x.mean(0)).pow(2).sum(-1).mean().sqrt())
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    for _ in range(steps):
-        batch = x[torch.randint(0, n, (min(batch_size, n),), generator=gen)]
-        pre = (batch - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
-        if architecture == "topk":
-            vals, idx = torch.topk(pre, k=int(k or 8), dim=-1)
-            f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
-            sparsity = pre.new_zeros(())
-        else:
-            f = torch.relu(pre)
-            sparsity = (f * params["W_dec"].norm(dim=-1)).sum(-1).mean() / scale
-        recon = f @ params["W_dec"] + params["b_dec"]
-        loss = (batch - recon).pow(2).sum(-1).mean() / scale**2 + l1_coefficient * sparsity
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        t = {name: p.detach().clone() for name, p in params.items()}
-    return SAE.from_weights(
-        t["W_enc"],
-        t["W_dec"],
-        t["b_enc"],
-        t["b_dec"],
-        architecture=architecture,
-        k=int(k or 8) if architecture == "topk" else None,
-        **cfg_metadata,
-    )

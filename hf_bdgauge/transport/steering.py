@@ -14,13 +14,8 @@ A steering vector is a point of the residual stream, a *writer*: when the model 
 source maps ``x``. Transporting with the permutation alone (``P·v``) adds ``P·v = G·(D·v)``, i.e.
 the source would have been steered by ``D·v``: every flipped coordinate pushes the wrong way.
 
-Effect preserved (:func:`percent_effect_preserved`): with ``Δ = log p_steered − log p_plain`` the
-change of next-token log-probabilities (over the vocabulary, summed over prompts)::
-
-    effect preserved = 100 · ⟨Δ_target, Δ_source⟩ / ‖Δ_source‖²
-
-100 % means the transported vector moves the target's predictions exactly as the original moves
-the source's; 0 % means no aligned effect; negative means the steering is reversed.
+How much of the source's effect a transported vector keeps on the target is measured by
+:func:`~.steering_measure.percent_effect_preserved` (:mod:`.steering_measure`).
 
 Other formats (the layer keys are converted here, and only here)
 -----------------------------------------------------------------
@@ -53,28 +48,20 @@ import torch
 from ..errors import DimensionMismatchError, TransportError
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
-from ..layers import (
-    add_to_residual,
-    decoder_blocks,
-    from_block_output,
-    residual_states,
-    resolve_layer,
-    to_block_output,
-)
+from ..layers import add_to_residual, decoder_blocks, from_block_output, resolve_layer, to_block_output
+from ..orthogonal import Orthogonal
 from ..plan import TransformPlan
 from ..record import transport_record
 from ..roles import hidden_size_of
 from ..rules import WRITE
 from .control_vector import read_control_vector, write_control_vector
 from .steering_files import SUFFIXES, output_format, read_steering_file, write_steering_file
+from .steering_measure import residual_mean_difference
 
 __all__ = [
     "SteeringVector",
     "NUM_LAYERS_KEY",
     "transport_steering_vector",
-    "next_token_logprobs",
-    "steering_effect",
-    "percent_effect_preserved",
 ]
 
 logger = logging.getLogger(__name__)
@@ -172,7 +159,6 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    @torch.no_grad()
     def from_mean_difference(
         cls,
         model: torch.nn.Module,
@@ -182,41 +168,20 @@ class SteeringVector:
         *,
         reduce: str = "mean",
     ) -> SteeringVector:
-        """``v_ℓ = mean(h_ℓ | positive) − mean(h_ℓ | negative)`` at residual layers ``layers``.
+        """``v_ℓ = mean(h_ℓ | positive) − mean(h_ℓ | negative)`` at residual layers ``layers``
+        (:func:`~.steering_measure.residual_mean_difference`), with the model's id, family and depth
+        in the metadata.
 
         ``positive``/``negative``: token-id sequences (each 1-D or [1, T]; run one at a time, so
         lengths may differ) or a [B, T] batch. ``reduce="mean"`` averages a prompt's residuals
         over its positions, ``"last"`` takes the last position (as repeng does).
         """
-        if reduce not in ("mean", "last"):
-            raise TransportError(f"reduce must be 'mean' or 'last', got {reduce!r}")
-
-        def per_prompt(prompts: Sequence[torch.Tensor] | torch.Tensor) -> dict[int, torch.Tensor]:
-            batches = (
-                [prompts]
-                if isinstance(prompts, torch.Tensor)
-                else [torch.as_tensor(p).reshape(1, -1) for p in prompts]
-            )
-            if not batches or any(b.numel() == 0 for b in batches):
-                raise TransportError("positive and negative prompt sets must be non-empty")
-            acc: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-            for ids in batches:
-                rec = residual_states(model, ids, layers, stop=False)
-                for i in layers:
-                    h = rec[i].to(torch.float64)
-                    acc[i].append(h.mean(1) if reduce == "mean" else h[:, -1])
-            return {i: torch.cat(a).mean(0) for i, a in acc.items()}
-
-        pos, neg = per_prompt(positive), per_prompt(negative)
-        dtype = next(model.parameters()).dtype
-        vecs = {i: (pos[i] - neg[i]).to(dtype) for i in layers}
+        vecs = residual_mean_difference(model, positive, negative, layers, reduce=reduce)
         meta = {"method": f"mean_difference_{reduce}", NUM_LAYERS_KEY: str(len(decoder_blocks(model)))}
         config = getattr(model, "config", None)
-        name = getattr(config, "_name_or_path", None)
-        if name:
-            meta["model_id"] = str(name)
-        if getattr(config, "model_type", None):
-            meta["model_type"] = str(config.model_type)
+        for key, attr in (("model_id", "_name_or_path"), ("model_type", "model_type")):
+            if getattr(config, attr, None):
+                meta[key] = str(getattr(config, attr))
         return cls(vecs, "decoder_block", meta)
 
     # ------------------------------------------------------------------ interoperability
@@ -228,13 +193,10 @@ class SteeringVector:
 
     def to_steering_vectors_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``steering_vectors.SteeringVector(**kwargs)`` (block-keyed)."""
+        keyed = self.layer_vectors
         if self.layer_type == "decoder_block":
-            acts = {
-                k: v.clone() for k, v in self._block_keyed("steering-vectors decoder_block vectors").items()
-            }
-        else:
-            acts = {i: v.clone() for i, v in self.layer_vectors.items()}
-        return {"layer_activations": acts, "layer_type": self.layer_type}
+            keyed = self._block_keyed("steering-vectors decoder_block vectors")
+        return {"layer_activations": {k: v.clone() for k, v in keyed.items()}, "layer_type": self.layer_type}
 
     @classmethod
     def from_steering_vectors(cls, obj: Any) -> SteeringVector:
@@ -243,7 +205,8 @@ class SteeringVector:
         acts = getattr(obj, "layer_activations", None)
         if not isinstance(acts, Mapping):
             raise TransportError(
-                f"{type(obj).__name__} has no layer_activations mapping; not a steering-vectors SteeringVector"
+                f"{type(obj).__name__} has no layer_activations mapping; not a steering-vectors "
+                "SteeringVector"
             )
         layer_type = str(getattr(obj, "layer_type", "decoder_block"))
         keyed = (
@@ -281,7 +244,8 @@ class SteeringVector:
         meta = {"source_format": "repeng"}
         if getattr(obj, "model_type", None):
             meta["model_type"] = str(obj.model_type)
-        return cls({from_block_output(int(i)): np.asarray(v) for i, v in dirs.items()}, "decoder_block", meta)
+        vecs = {from_block_output(int(i)): torch.from_numpy(np.array(v, copy=True)) for i, v in dirs.items()}
+        return cls(vecs, "decoder_block", meta)
 
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -374,15 +338,10 @@ class SteeringVector:
     @classmethod
     def load_gguf(cls, path: str | os.PathLike, *, revision: str | None = None) -> SteeringVector:
         """Read a llama.cpp control-vector GGUF file (from :meth:`save_gguf`,
-        ``llama-cvector-generator`` or repeng's ``export_gguf``): ``direction.<n>`` (block ``n``'s
-        output) becomes residual layer ``n + 1`` (module docstring). As in llama.cpp, several tensors naming one
-        layer are summed. The metadata gets ``model_hint`` (and ``model_type`` if it had none).
-
-        Raises :class:`CheckpointError` for a missing or unreadable file, an architecture other
-        than ``controlvector``, a tensor not named ``direction.<n>``, a non-float tensor, or no
-        direction at all; :class:`DimensionMismatchError` for a tensor that is not 1-D or
-        lengths that differ.
-        """
+        ``llama-cvector-generator`` or repeng's ``export_gguf``; local or
+        ``namespace/name[@revision]/path``) by :func:`~.control_vector.read_control_vector`, which
+        states the conversion (``direction.<n>``, block ``n``'s output, becomes residual layer
+        ``n + 1``; several tensors naming one layer are summed) and the errors it raises."""
         vecs, meta = read_control_vector(path, revision=revision)
         return cls(vecs, "decoder_block", meta)
 
@@ -452,16 +411,18 @@ class SteeringVector:
             check_rotation=lambda r: None,
         )  # v ↦ R·v: exact
 
-    def transport(self, gauge: Gauge | SignedPermutation, *, force: bool = False) -> SteeringVector:
+    def transport(
+        self, gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike, *, force: bool = False
+    ) -> SteeringVector:
         """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE).
 
         Raises :class:`DimensionMismatchError` when ``d`` differs from the gauge's dimension and
         :class:`TransportError` for a layer the gauge's models lack (when its fingerprints
         record ``num_hidden_layers``)."""
-        gauge = as_gauge(gauge)  # an object, a gauge directory or repo@revision
+        gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         plan = self.plan()
-        g = plan.admit(gauge, force=force)
-        n_layers = _recorded_num_layers(gauge)
+        g = plan.admit(gg, force=force)
+        n_layers = _recorded_num_layers(gg)
         if n_layers is not None:  # the gauge knows its models' depth: a layer they lack is an error now
             self._resolve_layers(n_layers, None)
             if self.num_layers is not None and self.num_layers != n_layers:
@@ -473,11 +434,11 @@ class SteeringVector:
         meta = dict(self.metadata)
         if n_layers is not None:
             meta[NUM_LAYERS_KEY] = str(n_layers)  # the target's depth, for its llama.cpp file's check
-        record = transport_record(gauge, object_model=meta.get("model_id"), forced=plan.forced)
-        if isinstance(gauge, Gauge):
-            if gauge.target.model_id:
-                meta["model_id"] = str(gauge.target.model_id)
-            family = (gauge.target.fingerprint or {}).get("model_type")
+        record = transport_record(gg, object_model=meta.get("model_id"), forced=plan.forced)
+        if isinstance(gg, Gauge):
+            if gg.target.model_id:
+                meta["model_id"] = str(gg.target.model_id)
+            family = (gg.target.fingerprint or {}).get("model_type")
             if family and not (meta.get("model_type") or meta.get("model_hint")):
                 meta["model_type"] = str(family)  # what a llama.cpp control vector names as its model_hint
         history = json.loads(meta.get("hf_bdgauge_transports", "[]"))
@@ -487,7 +448,8 @@ class SteeringVector:
 
 
 def transport_steering_vector(
-    vector: SteeringVector | str | os.PathLike, gauge: Gauge | SignedPermutation | str | os.PathLike
+    vector: SteeringVector | str | os.PathLike,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
 ) -> SteeringVector:
     """``v_ℓ ↦ G·v_ℓ`` for every layer (see :meth:`SteeringVector.transport`). ``vector``: the
     object or its file (:meth:`SteeringVector.read`: safetensors or a llama.cpp ``.gguf``, local or
@@ -496,45 +458,3 @@ def transport_steering_vector(
     if isinstance(vector, (str, os.PathLike)):
         vector = SteeringVector.read(vector)
     return vector.transport(gauge)
-
-
-@torch.no_grad()
-def next_token_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    vector: SteeringVector | None = None,
-    alpha: float = 1.0,
-    layers: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """log p(next token) at the last position, [B, vocab] float64, optionally steered."""
-    ids = torch.as_tensor(input_ids)
-    ids = ids.reshape(-1, ids.shape[-1])
-    ctx = vector.apply(model, alpha=alpha, layers=layers) if vector is not None else contextlib.nullcontext()
-    with ctx:
-        logits = model(input_ids=ids).logits[:, -1]
-    return torch.log_softmax(logits.to(torch.float64), dim=-1)
-
-
-def steering_effect(
-    model: torch.nn.Module,
-    vector: SteeringVector,
-    input_ids: torch.Tensor,
-    alpha: float = 1.0,
-    layers: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """``Δ = log p_steered − log p_plain`` of the next token, [B, vocab]."""
-    return next_token_logprobs(model, input_ids, vector, alpha, layers) - next_token_logprobs(
-        model, input_ids
-    )
-
-
-def percent_effect_preserved(delta_source: torch.Tensor, delta_target: torch.Tensor) -> float:
-    """``100·⟨Δ_target, Δ_source⟩ / ‖Δ_source‖²`` over all entries (see the module docstring)."""
-    s = torch.as_tensor(delta_source, dtype=torch.float64).reshape(-1)
-    t = torch.as_tensor(delta_target, dtype=torch.float64).reshape(-1)
-    if s.shape != t.shape:
-        raise DimensionMismatchError(f"effects have different sizes: {s.numel()} vs {t.numel()}")
-    denom = float(s @ s)
-    if denom == 0.0:
-        raise TransportError("the source steering has no effect (Δ_source = 0); nothing to preserve")
-    return 100.0 * float(t @ s) / denom

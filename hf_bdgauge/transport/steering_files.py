@@ -5,25 +5,22 @@ File format: one safetensors file with tensors ``"layer.<ℓ>"`` [d] (``ℓ`` a 
 :mod:`hf_bdgauge.layers`) and string metadata ``format = "hf_bdgauge.steering_vector"``,
 ``format_version`` (``"2"``: keys are residual layers; files of version ``"1"`` keyed decoder
 blocks, block ``n``'s output being residual layer ``n + 1``, and are read converted),
-``layer_type`` and ``metadata`` (a JSON object of strings). Nothing is unpickled.
+``layer_type`` and ``metadata`` (a JSON object of strings): the file of :mod:`.object_file`.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_save
 
 from ..errors import CheckpointError, TransportError
-from ..files import atomic_write_bytes
-from ..hub import resolve_file
 from ..layers import from_block_output
+from .object_file import read_object_file, write_object_file
 
 __all__ = [
     "STEERING_FORMAT",
@@ -71,14 +68,9 @@ def write_steering_file(
     """Write ``layer_vectors`` (residual layer -> [d]) as a steering-vector safetensors file
     (atomically; an existing ``path`` only with ``overwrite``). ``path`` must end in ``.safetensors``."""
     output_format(path, {".safetensors"})
-    tensors = {f"layer.{i}": v.detach().cpu().contiguous() for i, v in layer_vectors.items()}
-    meta = {
-        "format": STEERING_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layer_type": layer_type,
-        "metadata": json.dumps(dict(metadata), sort_keys=True),
-    }
-    return atomic_write_bytes(path, safetensors_save(tensors, metadata=meta), overwrite)
+    tensors = {f"layer.{i}": v for i, v in layer_vectors.items()}
+    header = {"format": STEERING_FORMAT, "format_version": FORMAT_VERSION, "layer_type": layer_type}
+    return write_object_file(path, tensors, header, metadata, overwrite=overwrite)
 
 
 def read_steering_file(
@@ -88,25 +80,15 @@ def read_steering_file(
     :func:`write_steering_file`: local, or ``namespace/name[@revision]/path/in/repo`` on the Hub.
     Raises :class:`CheckpointError` for an unreadable file, another format, an unexpected tensor
     name or metadata that is not JSON."""
-    path = resolve_file(path, revision, what="steering vector")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if meta.get("format") != STEERING_FORMAT:
-        raise CheckpointError(f"{path} is not a hf_bdgauge steering vector (format={meta.get('format')!r})")
+    local, tensors, meta, user_meta = read_object_file(
+        path, STEERING_FORMAT, what="steering vector", revision=revision
+    )
     vecs: dict[int, torch.Tensor] = {}
     for k, t in tensors.items():
         m = _KEY.fullmatch(k)
         if not m:
-            raise CheckpointError(f"{path}: unexpected tensor {k!r} (expected 'layer.<index>')")
+            raise CheckpointError(f"{local}: unexpected tensor {k!r} (expected 'layer.<index>')")
         vecs[int(m.group(1))] = t
-    try:
-        user_meta = json.loads(meta.get("metadata", "{}"))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: metadata is not valid JSON: {e}") from e
     layer_type = meta.get("layer_type", "decoder_block")
     if meta.get("format_version", "1") in _BLOCK_KEYED_VERSIONS and layer_type == "decoder_block":
         vecs = {from_block_output(k): v for k, v in vecs.items()}
