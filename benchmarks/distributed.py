@@ -51,6 +51,7 @@ from pathlib import Path  # noqa: E402
 from hf_bdgauge.options import CaptureOptions
 
 TIMEOUT_S = 600
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # after python: 2 ranks
 
 
 def _corpus(n: int) -> list[str]:
@@ -68,16 +69,12 @@ def _corpus(n: int) -> list[str]:
 
 
 def _env(threads: int) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        TRANSFORMERS_VERBOSITY="error",
-    )
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(v, None)
+    """This environment for a child run: ``threads`` BLAS/OpenMP threads, offline, quiet, and no
+    torchrun variables inherited (the child starts its own process group, or none)."""
+    torchrun = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in torchrun}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    env.update(TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     return env
 
 
@@ -203,7 +200,7 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
         (
             "2 processes × 1 thread",
             1,
-            ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+            TORCHRUN_2,
         ),
     ]
     commands = [
@@ -274,20 +271,7 @@ def _bench_model(label: str, src: Path, tmp: Path, args: argparse.Namespace, cor
 
     rep = tmp / f"{label}-bytes.json"
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            __file__,
-            "--worker",
-            str(rep),
-            str(corpus),
-            str(src),
-            str(dst),
-        ],
+        [sys.executable, *TORCHRUN_2, __file__, "--worker", str(rep), str(corpus), str(src), str(dst)],
         env=_env(1),
         capture_output=True,
         text=True,

@@ -23,6 +23,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,30 +93,16 @@ def bench_methods(n_samples: int, sample_len: int, seed: int) -> None:
                     est.metrics["verdict"],
                 )
             )
-    t0 = time.perf_counter()
-    est = estimate_gauge(src, tgt, method="weights", weights=WeightOptions(progress=False))
-    print(
-        _row(
-            "weights (loaded models)",
-            "-",
-            time.perf_counter() - t0,
-            est.element.agreement(g),
-            est.metrics["verdict"],
-        )
-    )
+
+    def weights_row(label: str, a: Any, b: Any) -> None:  # a timed weights-only estimate a -> b
+        t0 = time.perf_counter()
+        est = estimate_gauge(a, b, method="weights", weights=WeightOptions(progress=False))
+        print(_row(label, "-", time.perf_counter() - t0, est.element.agreement(g), est.metrics["verdict"]))
+
+    weights_row("weights (loaded models)", src, tgt)
     with tempfile.TemporaryDirectory() as tmp:
         dst = apply_gauge_to_checkpoint(d, g, Path(tmp) / "recharted", progress=False)
-        t0 = time.perf_counter()
-        est = estimate_gauge(str(d), str(dst), method="weights", weights=WeightOptions(progress=False))
-        print(
-            _row(
-                "weights (safetensors dirs)",
-                "-",
-                time.perf_counter() - t0,
-                est.element.agreement(g),
-                est.metrics["verdict"],
-            )
-        )
+        weights_row("weights (safetensors dirs)", str(d), str(dst))
 
 
 def _score_matrix(d: int, rng: np.random.Generator, uniform: bool, tokens: int = 4096) -> np.ndarray:

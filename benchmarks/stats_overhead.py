@@ -58,6 +58,17 @@ from hf_bdgauge.options import CalibrationOptions, CaptureOptions
 MODELS = ("stories260K", "llama-d1024")
 #: (batch size, sequence length, number of batches) per model: about 16k and 4k tokens per run
 SHAPES = {"stories260K": (8, 256, 8), "llama-d1024": (4, 256, 4)}
+# the LlamaConfig of the random "llama-d1024" model: d = 1024, 16 heads, MLP 2816, 4 blocks, vocab 32000
+LLAMA_D1024 = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
 
 
 # ---------------------------------------------------------------------- models
@@ -70,18 +81,8 @@ def load_pair(name: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module, S
     elif name == "llama-d1024":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(
-            hidden_size=1024,
-            intermediate_size=2816,
-            num_hidden_layers=4,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            vocab_size=32000,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-        )
         torch.manual_seed(seed)
-        src = LlamaForCausalLM(cfg).to(torch.float32)
+        src = LlamaForCausalLM(LlamaConfig(**LLAMA_D1024)).to(torch.float32)
     else:
         raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
     src.eval()

@@ -11,15 +11,17 @@ d = 64, 5 layers) that ships inside the package:
 * :func:`build_revision_repo`: a small local "repo" of revisions that differ by a gauge the way
   real releases do — ``v1.0`` (stories260K), ``v1.1-recharted`` (the same weights re-charted on disk
   by a random signed permutation: same function, other coordinates) and ``v2.0-finetuned`` (a
-  short CPU fine-tune of v1.0, saved re-charted by another random signed permutation);
+  short CPU fine-tune of v1.0, saved re-charted by another random signed permutation), and
+  :func:`repo_from_args`, the same sized by an example's flags;
 * :func:`train_lora`, :func:`lora_losses`: a small PEFT LoRA and its held-out losses;
 * :func:`signs_with_fraction`: a signed permutation with a given fraction of ``+`` signs;
 * :func:`example_parser`, :func:`fast_or_full`, :func:`example_main`, :func:`run_example`,
   :func:`work_dir`: the command line every example shares (``--fast``, ``--out``), its
   ``main(argv)``, exit status and output directory.
 
-The examples import this module as ``examples.common`` (they put the repository root on
-``sys.path``); the examples import nothing from ``experiments/`` (the research scripts import from here).
+The examples import this module as ``from examples import common as ex`` (they put the repository
+root on ``sys.path``); the examples import nothing from ``experiments/`` (the research scripts import
+from here).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ __all__ = [
     "train_lm",
     "RevisionRepo",
     "build_revision_repo",
+    "REPO_SIZES",
+    "repo_from_args",
+    "estimate_revision",
     "task_data",
     "train_lora",
     "lora_losses",
@@ -413,6 +418,47 @@ def signs_with_fraction(d: int, positive_fraction: float, seed: int) -> Any:
     return SignedPermutation(rng.permutation(d), signs)
 
 
+# the (fast, full) sizes of the revision repo the examples build, for :func:`fast_or_full`
+REPO_SIZES: dict[str, tuple[int, int]] = {
+    "finetune_steps": (10, 40),
+    "finetune_samples": (32, 128),
+    "eval_samples": (4, 8),
+}
+
+
+def repo_from_args(
+    args: argparse.Namespace, root: str | os.PathLike, *, with_finetune: bool = True
+) -> RevisionRepo:
+    """:func:`build_revision_repo` under ``root`` sized by an example's settings (:data:`REPO_SIZES`):
+    ``eval_samples``, ``seed`` and, ``with_finetune``, the fine-tune's ``finetune_steps`` and
+    ``finetune_samples``."""
+    if not with_finetune:
+        return build_revision_repo(root, with_finetune=False, n_eval=args.eval_samples, seed=args.seed)
+    return build_revision_repo(
+        root,
+        finetune_steps=args.finetune_steps,
+        n_train=args.finetune_samples,
+        n_eval=args.eval_samples,
+        seed=args.seed,
+    )
+
+
+def estimate_revision(repo: RevisionRepo, rev: str, checks: Checks) -> Any:
+    """The gauge ``repo``'s v1.0 -> ``rev`` estimated on its texts (a :class:`~hf_bdgauge.Gauge`),
+    printed beside whether it equals the planted one; for v1.1-recharted that equality is a check."""
+    from hf_bdgauge.estimate import estimate_gauge
+    from hf_bdgauge.options import CaptureOptions
+
+    est = estimate_gauge(
+        repo.path(RevisionRepo.BASE), repo.path(rev), repo.texts, capture=CaptureOptions(progress=False)
+    )
+    exact = est.element == repo.planted[rev]
+    print(f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: {exact}")
+    if rev == RevisionRepo.RECHARTED:
+        checks("estimate equals the planted gauge (v1.1-recharted)", exact)
+    return est
+
+
 # ------------------------------------------------------------------------------------------ checks
 class Checks:
     """Named pass/fail checks of an example; ``failures`` lists the failed ones, :meth:`finish`
@@ -443,6 +489,12 @@ class Checks:
         print(f"\n{self.report()}\n{seconds:.1f} s")
         return seconds
 
+    def result(self, **measured: Any) -> dict[str, Any]:
+        """What an example's ``run`` returns: ``measured``, then its failed checks under ``"failures"``
+        and the seconds :meth:`finish` printed under ``"seconds"``."""
+        seconds = self.finish()
+        return {**measured, "failures": self.failures, "seconds": seconds}
+
 
 def print_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]]) -> None:
     """Print ``rows`` as a markdown table. ``columns``: one ``(header, format spec)`` per column,
@@ -466,7 +518,9 @@ def print_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]
 
 
 # ------------------------------------------------------------------------------------------ command line
-def example_parser(doc: str | None, *, fast_help: str, out_help: str) -> argparse.ArgumentParser:
+def example_parser(
+    doc: str | None, *, out_help: str, fast_help: str = "fewer steps and samples (for the tests)"
+) -> argparse.ArgumentParser:
     """The command line every example starts from: its module docstring ``doc`` as the description
     (printed as written), ``--fast`` (``fast_help``: what it makes smaller) and ``--out DIR``
     (``out_help``: what is kept there; default ``None``, a temporary directory) and ``--seed``
@@ -489,13 +543,18 @@ def fast_or_full(args: argparse.Namespace, **settings: tuple[Any, Any]) -> argpa
 def example_main(
     run: Callable[[argparse.Namespace], dict[str, Any]],
     parse_args: Callable[[list[str] | None], argparse.Namespace],
+    module: str | None = None,
 ) -> Callable[[list[str] | None], dict[str, Any]]:
     """An example's ``main(argv=None)``: ``run(parse_args(argv))``, which returns what the example
-    measured (its failed checks under ``"failures"``); ``argv=None`` reads ``sys.argv``."""
+    measured (its failed checks under ``"failures"``); ``argv=None`` reads ``sys.argv``. Given its
+    ``__name__`` as ``module``, an example run as a script (``"__main__"``) goes on to
+    :func:`run_example` it."""
 
     def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run(parse_args(argv))
 
+    if module == "__main__":
+        run_example(main)
     return main
 
 

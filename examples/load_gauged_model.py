@@ -36,20 +36,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from examples.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    example_main,
-    example_parser,
-    fast_or_full,
-    load_example,
-    load_model,
-    load_tokenizer,
-    run_example,
-    setup,
-    work_dir,
-)
+from examples import common as ex  # noqa: E402
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
 from hf_bdgauge.errors import FingerprintMismatchError  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
@@ -60,21 +47,19 @@ from hf_bdgauge.transport.steering_measure import percent_effect_preserved, stee
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    setup()
-    checks = Checks()
-    report = load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
+    ex.setup()
+    checks = ex.Checks()
+    report = ex.load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
     res: dict[str, Any] = {}
-    with work_dir(args.out, "bdgauge-gauged-") as out:
-        repo = build_revision_repo(
-            out / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed
-        )
-        ref_path, model_path = repo.path(RevisionRepo.BASE), repo.path(RevisionRepo.RECHARTED)
+    with ex.work_dir(args.out, "bdgauge-gauged-") as out:
+        repo = ex.repo_from_args(args, out / "repo", with_finetune=False)
+        ref_path, model_path = repo.path(ex.RevisionRepo.BASE), repo.path(ex.RevisionRepo.RECHARTED)
 
         # 1. estimate model chart -> reference chart, record both ends, save
         est = estimate_gauge(model_path, ref_path, repo.texts, capture=CaptureOptions(progress=False))
         est.source = ModelRef.from_checkpoint(model_path)
         est.target = ModelRef.from_checkpoint(ref_path)
-        res["estimate_equals_planted"] = est.element == repo.planted[RevisionRepo.RECHARTED].inverse()
+        res["estimate_equals_planted"] = est.element == repo.planted[ex.RevisionRepo.RECHARTED].inverse()
         checks("estimate equals the planted gauge (inverted: v1.1 -> v1.0)", res["estimate_equals_planted"])
         gauge_dir = out / "gauge-v1.1-to-v1.0"
         est.save_pretrained(gauge_dir)
@@ -83,8 +68,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # 2. load with the gauge
         gm = GaugedModel.from_pretrained(model_path, gauge=str(gauge_dir))
         print(f"loaded: {gm!r}")
-        ref_model = load_model(ref_path)
-        tok = load_tokenizer(ref_path)
+        ref_model = ex.load_model(ref_path)
+        tok = ex.load_tokenizer(ref_path)
         ids = repo.eval_ids[:2]
         with torch.no_grad():
             h_model = gm(ids, output_hidden_states=True).hidden_states
@@ -152,19 +137,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "canonicalize() turns v1.1 into v1.0 bit for bit", res["canonical_bitwise"] and gm.is_canonical
         )
         res["gauge_summary"] = Gauge.from_pretrained(gauge_dir).summary()
-    res["seconds"] = checks.finish()
-    res["failures"] = checks.failures
-    return res
+    return checks.result(**res)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(
+    p = ex.example_parser(
         __doc__, fast_help="fewer estimation samples (for the tests)", out_help="keep the files here"
     )
-    return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
+    return ex.fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 
 
-main = example_main(run, parse_args)
-
-if __name__ == "__main__":
-    run_example(main)
+main = ex.example_main(run, parse_args, __name__)

@@ -72,17 +72,10 @@ def sample_stories(
     torch.manual_seed(seed)
     start = torch.tensor([prompt_ids] * n, dtype=torch.long)
     new = length - len(prompt_ids)
-    out = model.generate(
-        start,
-        attention_mask=torch.ones_like(start),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=temperature,
-        pad_token_id=0,
-    )
+    # plain sampling at ``temperature`` (no top-k / top-p truncation), exactly ``new`` tokens each
+    sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": temperature, "pad_token_id": 0}
+    mask = torch.ones_like(start)
+    out = model.generate(start, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **sampling)
     return out[:, :length]
 
 
@@ -238,19 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ta-lambda", type=float, default=0.7, help="task-arithmetic scale of each task vector")
     p.add_argument("--gauge-seed", type=int, default=2024)
     p.add_argument("--no-estimate", action="store_true", help="skip the estimated-gauge row")
-    args = p.parse_args(argv)
+    options = vars(p.parse_args(argv))  # each flag is the run_merge_report argument of its name
+    options["use_estimate"] = not options.pop("no_estimate")
     torch.set_num_threads(2)
-    report = run_merge_report(
-        steps=args.steps,
-        n_train=args.n_train,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        temperature=args.temperature,
-        ta_lambda=args.ta_lambda,
-        gauge_seed=args.gauge_seed,
-        use_estimate=not args.no_estimate,
-    )
-    print(format_table(report))
+    print(format_table(run_merge_report(**options)))
 
 
 if __name__ == "__main__":

@@ -43,17 +43,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from examples.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    example_main,
-    example_parser,
-    fast_or_full,
-    load_model,
-    run_example,
-    setup,
-)
+from examples import common as ex  # noqa: E402
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.options import CaptureOptions  # noqa: E402
@@ -94,22 +84,20 @@ def hub_endpoint(url: str) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    setup()
-    checks = Checks()
+    ex.setup()
+    checks = ex.Checks()
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bdgauge-push-") as tmp:
         work = Path(tmp)
-        repo = build_revision_repo(
-            work / "repo", with_finetune=False, n_eval=args.eval_samples, seed=args.seed
-        )
-        src, tgt = repo.path(RevisionRepo.BASE), repo.path(RevisionRepo.RECHARTED)
+        repo = ex.repo_from_args(args, work / "repo", with_finetune=False)
+        src, tgt = repo.path(ex.RevisionRepo.BASE), repo.path(ex.RevisionRepo.RECHARTED)
         gauge = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
         # name the ends as they would be published, and fingerprint them (GaugedModel checks these)
         gauge.source = ModelRef.from_checkpoint(src)
         gauge.target = ModelRef.from_checkpoint(tgt)
-        gauge.source.model_id, gauge.source.revision = args.model_id, RevisionRepo.BASE
-        gauge.target.model_id, gauge.target.revision = args.model_id, RevisionRepo.RECHARTED
-        res["estimate_equals_planted"] = gauge.element == repo.planted[RevisionRepo.RECHARTED]
+        gauge.source.model_id, gauge.source.revision = args.model_id, ex.RevisionRepo.BASE
+        gauge.target.model_id, gauge.target.revision = args.model_id, ex.RevisionRepo.RECHARTED
+        res["estimate_equals_planted"] = gauge.element == repo.planted[ex.RevisionRepo.RECHARTED]
         res["tokens"] = gauge.metrics["tokens"]
         print(f"estimated on {res['tokens']} tokens: {gauge.metrics['summary']}")
         checks("estimate equals the planted gauge", res["estimate_equals_planted"])
@@ -131,7 +119,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 info = gauge.push_to_hub(
                     args.repo_id,
                     token=args.token,
-                    commit_message=f"gauge {RevisionRepo.BASE} -> {RevisionRepo.RECHARTED}",
+                    commit_message=f"gauge {ex.RevisionRepo.BASE} -> {ex.RevisionRepo.RECHARTED}",
                 )
                 res["commit"] = info.oid
                 res["commit_url"] = str(info)
@@ -160,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ids = repo.eval_ids[:2]
                 with torch.no_grad():
                     h_src = gm(ids, output_hidden_states=True).hidden_states
-                    h_tgt = load_model(tgt)(ids, output_hidden_states=True).hidden_states
+                    h_tgt = ex.load_model(tgt)(ids, output_hidden_states=True).hidden_states
                 res["max_dh_via_hub_gauge"] = max(
                     (gm.to_reference(a) - b).abs().max().item() for a, b in zip(h_src, h_tgt)
                 )
@@ -177,13 +165,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print("\n(no --endpoint: nothing pushed; pass --endpoint URL --repo-id ID --token T to publish)")
         card = (out / "README.md").read_text(encoding="utf-8")
         res["card_head"] = "\n".join(card.splitlines()[:12])
-    res["seconds"] = checks.finish()
-    res["failures"] = checks.failures
-    return res
+    return checks.result(**res)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(
+    p = ex.example_parser(
         __doc__,
         fast_help="fewer estimation samples (for the tests)",
         out_help="save the gauge directory here",
@@ -196,10 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model-id", default="local/stories260K", help="model id recorded for both ends of the gauge"
     )
-    return fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
+    return ex.fast_or_full(p.parse_args(argv), eval_samples=(4, 8))
 
 
-main = example_main(run, parse_args)
-
-if __name__ == "__main__":
-    run_example(main)
+main = ex.example_main(run, parse_args, __name__)

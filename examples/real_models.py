@@ -111,14 +111,10 @@ def _prefix_ids(tok, texts: list[str], n: int) -> torch.Tensor:
 
 
 def _greedy(model, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    greedy = {"do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad():
         out = model.generate(
-            prompts,
-            attention_mask=torch.ones_like(prompts),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
+            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, **greedy
         )
     top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values
     return out.sequences, float((top2[..., 0] - top2[..., 1]).min())

@@ -39,20 +39,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from examples.common import (  # noqa: E402
-    Checks,
-    base_dir,
-    example_main,
-    example_parser,
-    fast_or_full,
-    load_model,
-    print_table,
-    run_example,
-    sample_ids,
-    setup,
-    train_lm,
-    work_dir,
-)
+from examples import common as ex  # noqa: E402
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.options import CaptureOptions  # noqa: E402
@@ -81,19 +68,19 @@ def resume_experiment(
 ) -> dict[str, Any]:
     """Run the whole experiment in ``work``; returns losses per variant, max |Δ loss|, parameter
     gaps and the estimate's agreement with the planted gauge (see the module docstring)."""
-    base = load_model(base_dir())
-    data = sample_ids(base, n_train, 64, seed=seed)
-    eval_ids = sample_ids(base, n_eval, 64, seed=seed + 1)
+    base = ex.load_model(ex.base_dir())
+    data = ex.sample_ids(base, n_train, 64, seed=seed)
+    eval_ids = ex.sample_ids(base, n_eval, 64, seed=seed + 1)
     gen = torch.Generator().manual_seed(seed + 100)
     batches = [torch.randint(0, n_train, (batch_size,), generator=gen) for _ in range(steps + resume_steps)]
 
     # the uninterrupted run, with a checkpoint (weights + optimizer) after `steps` steps
     model = copy.deepcopy(base)
-    first, opt = train_lm(model, data, steps, lr=lr, weight_decay=weight_decay, batches=batches[:steps])
+    first, opt = ex.train_lm(model, data, steps, lr=lr, weight_decay=weight_decay, batches=batches[:steps])
     ckpt = work / f"checkpoint-{steps}"
     model.save_pretrained(ckpt)
     torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-    original, _ = train_lm(model, data, resume_steps, lr=lr, optimizer=opt, batches=batches[steps:])
+    original, _ = ex.train_lm(model, data, resume_steps, lr=lr, optimizer=opt, batches=batches[steps:])
     final_original = model
 
     # the checkpoint is re-charted on disk (the optimizer file is not)
@@ -105,19 +92,19 @@ def resume_experiment(
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
 
     def resume(path: Path, opt_state: dict | None) -> tuple[list[float], torch.nn.Module]:
-        m = load_model(path)
+        m = ex.load_model(path)
         o = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)
         if opt_state is not None:  # load_state_dict aliases the tensors it is given: copy them
             o.load_state_dict(copy.deepcopy(opt_state))
-        losses, _ = train_lm(m, data, resume_steps, lr=lr, optimizer=o, batches=batches[steps:])
+        losses, _ = ex.train_lm(m, data, resume_steps, lr=lr, optimizer=o, batches=batches[steps:])
         return losses, m
 
     target_final = apply_gauge(copy.deepcopy(final_original), g)  # where B_d should end up, exactly
     runs = {
-        VARIANTS[0]: (recharted, transport_optimizer_state(state, load_model(recharted), est)),
+        VARIANTS[0]: (recharted, transport_optimizer_state(state, ex.load_model(recharted), est)),
         VARIANTS[1]: (
             recharted,
-            transport_optimizer_state(state, load_model(recharted), est.element.unsigned()),
+            transport_optimizer_state(state, ex.load_model(recharted), est.element.unsigned()),
         ),
         VARIANTS[2]: (recharted, state),
         VARIANTS[3]: (recharted, None),
@@ -159,19 +146,12 @@ def resume_experiment(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    setup()
-    checks = Checks()
-    with work_dir(args.out, "bdgauge-resume-") as work:
+    ex.setup()
+    checks = ex.Checks()
+    with ex.work_dir(args.out, "bdgauge-resume-") as work:
         work.mkdir(parents=True, exist_ok=True)
-        res = resume_experiment(
-            work,
-            steps=args.steps,
-            resume_steps=args.resume_steps,
-            lr=args.lr,
-            seed=args.seed,
-            gauge_seed=args.gauge_seed,
-            n_train=args.train_samples,
-        )
+        flags = ("steps", "resume_steps", "lr", "seed", "gauge_seed")  # resume_experiment's arguments
+        res = resume_experiment(work, n_train=args.train_samples, **{k: getattr(args, k) for k in flags})
     s = res["settings"]
     print(
         f"stories260K, AdamW lr {s['lr']:g} (weight decay {s['weight_decay']:g}, batch {s['batch_size']}) "
@@ -184,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     checks("estimate equals the planted gauge", res["estimate_equals_planted"])
     print(f"\nresumed for {s['resume_steps']} steps on the same batches, compared with the uninterrupted run")
-    print_table(
+    ex.print_table(
         [
             ("optimizer state on resume", "<46"),
             ("max |Δ loss|", "12.2e"),
@@ -222,13 +202,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bd < res["max_dloss"][name],
             f"{bd:.2e} vs {res['max_dloss'][name]:.2e}",
         )
-    seconds = checks.finish()
-    res.update(failures=checks.failures, seconds=seconds)
-    return res
+    return checks.result(**res)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(__doc__, fast_help="fewer steps (for the tests)", out_help="keep the checkpoints here")
+    p = ex.example_parser(
+        __doc__, fast_help="fewer steps (for the tests)", out_help="keep the checkpoints here"
+    )
     p.add_argument(
         "--steps", type=int, default=None, help="steps before the checkpoint (default 40; 10 with --fast)"
     )
@@ -239,10 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (10 if args.fast else 40)
     if args.fast:
         args.resume_steps = min(args.resume_steps, 10)
-    return fast_or_full(args, train_samples=(32, 64))
+    return ex.fast_or_full(args, train_samples=(32, 64))
 
 
-main = example_main(run, parse_args)
-
-if __name__ == "__main__":
-    run_example(main)
+main = ex.example_main(run, parse_args, __name__)

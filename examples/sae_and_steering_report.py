@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -39,25 +40,29 @@ from hf_bdgauge.transport.steering_measure import (
     steering_effect,
 )
 
-HAPPY = [
-    "The girl was very happy.",
-    "Tom smiled and laughed with joy.",
-    "They had a fun day and felt glad.",
-    "She loved her new toy and was happy.",
-    "The sun was bright and everyone was happy.",
-]
-SAD = [
-    "The girl was very sad.",
-    "Tom cried and felt bad.",
-    "They had a bad day and felt sad.",
-    "She lost her toy and was sad.",
-    "The sky was dark and everyone was sad.",
-]
-PROMPTS = [
-    "Once upon a time, there was a little girl. She felt",
-    "Tom went to the park. He was",
-    "The dog looked at the ball and",
-]
+# happy / sad contrast sets and the prompts steered (shared with tests/test_transport_steering.py)
+_CONTRAST_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "steering_contrast.json"
+_CONTRAST = json.loads(_CONTRAST_FILE.read_text(encoding="utf-8"))
+HAPPY, SAD, PROMPTS = _CONTRAST["happy"], _CONTRAST["sad"], _CONTRAST["prompts"]
+
+
+def fit_saes(acts: torch.Tensor, layer: int, *, steps: int, seed: int, model_name: str) -> dict[str, SAE]:
+    """The two SAEs the examples fit, by architecture: ``"standard"`` and ``"topk"`` (k = 16), 256
+    latents each, :func:`fit_sae` for ``steps`` steps from ``seed`` on the residual ``acts`` [N, d] of
+    ``layer`` (1-5: SAELens hook ``blocks.{layer-1}.hook_resid_post``) of ``model_name``."""
+    return {
+        arch: fit_sae(
+            acts,
+            256,
+            architecture=arch,
+            k=k,
+            steps=steps,
+            seed=seed,
+            hook_name=f"blocks.{layer - 1}.hook_resid_post",
+            model_name=model_name,
+        )
+        for arch, k in (("standard", None), ("topk", 16))
+    }
 
 
 def run(
@@ -87,17 +92,7 @@ def run(
         h_tgt = tgt(ids, output_hidden_states=True).hidden_states[layer]
     train, x_src, x_tgt = h_src[:40].reshape(-1, 64), h_src[40:].reshape(-1, 64), h_tgt[40:].reshape(-1, 64)
     with tempfile.TemporaryDirectory() as tmp:
-        for arch, k in (("standard", None), ("topk", 16)):
-            sae = fit_sae(
-                train,
-                256,
-                architecture=arch,
-                k=k,
-                steps=steps,
-                seed=1,
-                hook_name=f"blocks.{layer - 1}.hook_resid_post",
-                model_name="stories260K",
-            )
+        for arch, sae in fit_saes(train, layer, steps=steps, seed=1, model_name="stories260K").items():
             sae.save(Path(tmp) / f"{arch}-src")
             bd = transport_sae(
                 Path(tmp) / f"{arch}-src", gauge, Path(tmp) / f"{arch}-bd"

@@ -33,23 +33,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from examples.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    example_main,
-    example_parser,
-    fast_or_full,
-    load_example,
-    load_model,
-    load_tokenizer,
-    print_table,
-    run_example,
-    setup,
-    work_dir,
-)
-from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
-from hf_bdgauge.options import CaptureOptions  # noqa: E402
+from examples import common as ex  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
 from hf_bdgauge.transport.steering_measure import percent_effect_preserved, steering_effect  # noqa: E402
 
@@ -69,23 +53,17 @@ def steered_text(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    setup()
-    checks = Checks()
-    report = load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
+    ex.setup()
+    checks = ex.Checks()
+    report = ex.load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
     rows: list[dict[str, Any]] = []
     texts: dict[str, str] = {}
-    with work_dir(args.out, "bdgauge-steer-") as out:
-        repo = build_revision_repo(
-            out / "repo",
-            finetune_steps=args.finetune_steps,
-            n_train=args.finetune_samples,
-            n_eval=args.eval_samples,
-            seed=args.seed,
-        )
-        src = repo.path(RevisionRepo.BASE)
-        tok = load_tokenizer(src)
+    with ex.work_dir(args.out, "bdgauge-steer-") as out:
+        repo = ex.repo_from_args(args, out / "repo")
+        src = repo.path(ex.RevisionRepo.BASE)
+        tok = ex.load_tokenizer(src)
         enc = lambda ss: [tok(s, return_tensors="pt").input_ids for s in ss]  # noqa: E731
-        model = load_model(src)
+        model = ex.load_model(src)
         vec = SteeringVector.from_mean_difference(
             model, enc(report.HAPPY), enc(report.SAD), layers=[args.layer]
         )
@@ -99,16 +77,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.layer - 1}) of v1.0, |v| = {vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to "
             f"{out / 'happy-v1.0.safetensors'}"
         )
-        for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
-            tgt_model = load_model(repo.path(rev))
-            est = estimate_gauge(src, repo.path(rev), repo.texts, capture=CaptureOptions(progress=False))
-            exact = est.element == repo.planted[rev]
-            print(
-                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: "
-                f"{exact}"
-            )
-            if rev == RevisionRepo.RECHARTED:
-                checks("estimate equals the planted gauge (v1.1-recharted)", exact)
+        for rev in (ex.RevisionRepo.RECHARTED, ex.RevisionRepo.FINETUNED):
+            tgt_model = ex.load_model(repo.path(rev))
+            est = ex.estimate_revision(repo, rev, checks)
             loaded = SteeringVector.load(out / "happy-v1.0.safetensors")
             candidates = {
                 "B_d (estimated G)": loaded.transport(est),
@@ -131,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
             bd, sd = res["B_d (estimated G)"], res["S_d (its permutation only)"]
-            if rev == RevisionRepo.RECHARTED:
+            if rev == ex.RevisionRepo.RECHARTED:
                 checks("B_d preserves the steering effect on v1.1 (>= 99.9%)", bd >= 99.9, f"{bd:.4f}%")
                 checks(
                     "B_d reproduces the steered greedy text on v1.1",
@@ -145,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"\nsteering effect preserved (next-token log-prob shift on {len(prompts)} prompts, alpha "
             f"{args.alpha:g})"
         )
-        print_table(
+        ex.print_table(
             [
                 ("revision", "<15"),
                 ("transport", "<28"),
@@ -165,18 +136,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\ngreedy continuations of {report.PROMPTS[0]!r}:")
         for k, v in texts.items():
             print(f"  {k:<52} {v!r}")
-    seconds = checks.finish()
-    return {
-        "rows": rows,
-        "texts": texts,
-        "failures": checks.failures,
-        "repo_settings": repo.settings,
-        "seconds": seconds,
-    }
+    return checks.result(rows=rows, texts=texts, repo_settings=repo.settings)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(
+    p = ex.example_parser(
         __doc__,
         fast_help="a shorter fine-tune and fewer samples (for the tests)",
         out_help="keep the revisions and vectors here",
@@ -185,12 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layer", type=int, default=3, help="residual layer steered (1-5: the output of block layer-1)"
     )
     p.add_argument("--alpha", type=float, default=4.0)
-    return fast_or_full(
-        p.parse_args(argv), finetune_steps=(10, 40), finetune_samples=(32, 128), eval_samples=(4, 8)
-    )
+    return ex.fast_or_full(p.parse_args(argv), **ex.REPO_SIZES)
 
 
-main = example_main(run, parse_args)
-
-if __name__ == "__main__":
-    run_example(main)
+main = ex.example_main(run, parse_args, __name__)

@@ -38,23 +38,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from examples.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    example_main,
-    example_parser,
-    fast_or_full,
-    load_model,
-    load_tokenizer,
-    lora_losses,
-    print_table,
-    run_example,
-    setup,
-    task_data,
-    train_lora,
-    work_dir,
-)
+from examples import common as ex  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
@@ -65,35 +49,29 @@ def adapter_logits(base_path: str, adapter: str | Path, ids: torch.Tensor) -> to
     """Logits of the base at ``base_path`` with ``adapter`` loaded."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(base_path), str(adapter)).eval()(ids).logits
+    return PeftModel.from_pretrained(ex.load_model(base_path), str(adapter)).eval()(ids).logits
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    setup()
-    checks = Checks()
-    with work_dir(args.out, "bdgauge-adapter-") as out:
-        repo = build_revision_repo(
-            out / "repo",
-            finetune_steps=args.finetune_steps,
-            n_train=args.finetune_samples,
-            n_eval=args.eval_samples,
-            seed=args.seed,
+    ex.setup()
+    checks = ex.Checks()
+    with ex.work_dir(args.out, "bdgauge-adapter-") as out:
+        repo = ex.repo_from_args(args, out / "repo")
+        src = repo.path(ex.RevisionRepo.BASE)
+        base = ex.load_model(src)
+        train, heldout = ex.task_data(
+            base, ex.load_tokenizer(src), args.train_samples, args.heldout_samples, seed=args.seed + 7
         )
-        src = repo.path(RevisionRepo.BASE)
-        base = load_model(src)
-        train, heldout = task_data(
-            base, load_tokenizer(src), args.train_samples, args.heldout_samples, seed=args.seed + 7
-        )
-        adapter = train_lora(
-            load_model(src),
+        adapter = ex.train_lora(
+            ex.load_model(src),
             train,
             out / "adapter-v1.0",
             steps=args.lora_steps,
             lr=args.lora_lr,
             seed=args.seed,
         )
-        loss_src = lora_losses(src, None, heldout)
-        loss_src_ad = lora_losses(src, adapter, heldout)
+        loss_src = ex.lora_losses(src, None, heldout)
+        loss_src_ad = ex.lora_losses(src, adapter, heldout)
         gain_src = loss_src - loss_src_ad
         print(f"revisions in {repo.root}: {', '.join(repo.revisions)}")
         print(
@@ -103,17 +81,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
         rows: list[dict[str, Any]] = []
-        for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
+        for rev in (ex.RevisionRepo.RECHARTED, ex.RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
             est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
             agree = est.element.agreement(repo.planted[rev])
             exact = est.element == repo.planted[rev]
             print(
-                f"\n{RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: "
+                f"\n{ex.RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: "
                 f"{est.metrics['summary']}"
             )
             print(f"  estimate == planted gauge: {exact} (signed accuracy {agree['signed_accuracy']:.3f})")
-            if rev == RevisionRepo.RECHARTED:
+            if rev == ex.RevisionRepo.RECHARTED:
                 checks(
                     "estimate equals the planted gauge (v1.1-recharted)",
                     exact,
@@ -132,11 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "none (adapter copied as is)": adapter,
             }
-            loss_tgt = lora_losses(tgt, None, heldout)
+            loss_tgt = ex.lora_losses(tgt, None, heldout)
             print(f"  held-out task loss of the bare revision: {loss_tgt:.4f} (v1.0: {loss_src:.4f})")
             ref_logits = adapter_logits(src, adapter, heldout[:4])
             for how, ad in moved.items():
-                loss = lora_losses(tgt, ad, heldout)
+                loss = ex.lora_losses(tgt, ad, heldout)
                 dlogit = (adapter_logits(tgt, ad, heldout[:4]) - ref_logits).abs().max().item()
                 rows.append(
                     {
@@ -150,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             rec = {r["transport"]: r for r in rows if r["revision"] == rev}
             bd, sd, none = (rec[k] for k in moved)
-            if rev == RevisionRepo.RECHARTED:
+            if rev == ex.RevisionRepo.RECHARTED:
                 checks(
                     "B_d-transported adapter reproduces v1.0 + adapter to 1e-4",
                     bd["max |Δ logit|"] < 1e-4,
@@ -171,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "\nheld-out task loss with the adapter on each revision (the v1.0 adapter's gain is "
             f"{gain_src:.4f} nats/token; 'retained' = gain on the revision / that gain)"
         )
-        print_table(
+        ex.print_table(
             [
                 ("revision", "<15"),
                 ("transport", "<28"),
@@ -185,41 +163,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "(on v2.0-finetuned the base itself changed, so logits differ from v1.0 + adapter whatever the "
             "transport)"
         )
-    seconds = checks.finish()
-    return {
-        "rows": rows,
-        "gain_source": gain_src,
-        "loss_source": loss_src,
-        "loss_source_adapter": loss_src_ad,
-        "repo_settings": repo.settings,
-        "failures": checks.failures,
-        "seconds": seconds,
-    }
+    return checks.result(
+        rows=rows,
+        gain_source=gain_src,
+        loss_source=loss_src,
+        loss_source_adapter=loss_src_ad,
+        repo_settings=repo.settings,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(
-        __doc__,
-        fast_help="fewer steps and samples (for the tests)",
-        out_help="keep the revisions and adapters here",
-    )
+    p = ex.example_parser(__doc__, out_help="keep the revisions and adapters here")
     p.add_argument(
         "--lora-steps", type=int, default=None, help="LoRA training steps (default 60; 30 with --fast)"
     )
     p.add_argument("--lora-lr", type=float, default=3e-3)
     args = p.parse_args(argv)
     args.lora_steps = args.lora_steps or (30 if args.fast else 60)
-    return fast_or_full(
-        args,
-        finetune_steps=(10, 40),
-        finetune_samples=(32, 128),
-        train_samples=(64, 128),
-        heldout_samples=(8, 16),
-        eval_samples=(4, 8),
-    )
+    return ex.fast_or_full(args, train_samples=(64, 128), heldout_samples=(8, 16), **ex.REPO_SIZES)
 
 
-main = example_main(run, parse_args)
-
-if __name__ == "__main__":
-    run_example(main)
+main = ex.example_main(run, parse_args, __name__)

@@ -33,77 +33,38 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from examples.common import (  # noqa: E402
-    Checks,
-    RevisionRepo,
-    build_revision_repo,
-    example_main,
-    example_parser,
-    fast_or_full,
-    load_model,
-    print_table,
-    run_example,
-    sample_ids,
-    setup,
-    work_dir,
-)
-from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
+from examples import common as ex  # noqa: E402
 from hf_bdgauge.layers import residual_states  # noqa: E402
-from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.transport.sae import SAE, transport_sae  # noqa: E402
-from hf_bdgauge.transport.sae_training import fit_sae  # noqa: E402
 
 
 def residuals(path: str, ids: torch.Tensor, layer: int) -> torch.Tensor:
     """Residual layer ``layer`` (the output of block ``layer − 1``) of the model at ``path``, as
     [tokens, d]."""
-    h = residual_states(load_model(path), ids, [layer])[layer]
+    h = residual_states(ex.load_model(path), ids, [layer])[layer]
     return h.reshape(-1, h.shape[-1])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    setup()
-    checks = Checks()
+    ex.setup()
+    checks = ex.Checks()
     rows: list[dict[str, Any]] = []
-    with work_dir(args.out, "bdgauge-sae-") as out:
-        repo = build_revision_repo(
-            out / "repo",
-            finetune_steps=args.finetune_steps,
-            n_train=args.finetune_samples,
-            n_eval=args.eval_samples,
-            seed=args.seed,
-        )
-        src = repo.path(RevisionRepo.BASE)
-        fit_ids = sample_ids(load_model(src), args.sae_samples, 64, seed=args.seed + 11)
+    with ex.work_dir(args.out, "bdgauge-sae-") as out:
+        repo = ex.repo_from_args(args, out / "repo")
+        src = repo.path(ex.RevisionRepo.BASE)
+        fit_ids = ex.sample_ids(ex.load_model(src), args.sae_samples, 64, seed=args.seed + 11)
         x_fit = residuals(src, fit_ids, args.layer)
         x_src = residuals(src, repo.eval_ids, args.layer)
         print(
             f"SAEs on v1.0 blocks.{args.layer - 1}.hook_resid_post: fitted on {x_fit.shape[0]} tokens of "
             f"sampled stories, NMSE on {x_src.shape[0]} held-out tokens"
         )
-        saes = {}
-        for arch, k in (("standard", None), ("topk", 16)):
-            sae = fit_sae(
-                x_fit,
-                256,
-                architecture=arch,
-                k=k,
-                steps=args.sae_steps,
-                seed=args.seed + 1,
-                hook_name=f"blocks.{args.layer - 1}.hook_resid_post",
-                model_name=src,
-            )
-            saes[arch] = sae.save(out / f"sae-{arch}-v1.0", overwrite=True)
-        for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
+        report = ex.load_example("sae_and_steering_report")  # the SAEs it fits
+        fitted = report.fit_saes(x_fit, args.layer, steps=args.sae_steps, seed=args.seed + 1, model_name=src)
+        saes = {arch: sae.save(out / f"sae-{arch}-v1.0", overwrite=True) for arch, sae in fitted.items()}
+        for rev in (ex.RevisionRepo.RECHARTED, ex.RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
-            est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
-            exact = est.element == repo.planted[rev]
-            print(
-                f"\n{RevisionRepo.BASE} -> {rev}: {est.metrics['summary']}\n  estimate == planted gauge: "
-                f"{exact}"
-            )
-            if rev == RevisionRepo.RECHARTED:
-                checks("estimate equals the planted gauge (v1.1-recharted)", exact)
+            est = ex.estimate_revision(repo, rev, checks)
             x_tgt = residuals(tgt, repo.eval_ids, args.layer)
             for arch, sae_dir in saes.items():
                 sae = SAE.load(sae_dir)
@@ -122,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "saved model_name": SAE.load(out / f"sae-{arch}-{rev}").model_name,
                 }
                 rows.append(row)
-                if rev == RevisionRepo.RECHARTED:
+                if rev == ex.RevisionRepo.RECHARTED:
                     checks(
                         f"{arch}: B_d NMSE on v1.1 equals the source NMSE",
                         abs(row["B_d NMSE"] - row["source NMSE (v1.0)"]) < 1e-5,
@@ -143,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "\nSAE NMSE (d_sae 256; 0 = perfect, 1 = predicting the mean) on the revision's own activations"
         )
         keys = ["revision", "sae", "source NMSE (v1.0)", "B_d NMSE", "S_d NMSE", "untransported NMSE"]
-        print_table(
+        ex.print_table(
             [
                 ("revision", "<15"),
                 ("SAE", "<8"),
@@ -159,30 +120,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "(max |Δ f|: feature activations of the B_d SAE on the revision vs the original SAE on v1.0, "
             "same tokens)"
         )
-    seconds = checks.finish()
-    return {"rows": rows, "failures": checks.failures, "repo_settings": repo.settings, "seconds": seconds}
+    return checks.result(rows=rows, repo_settings=repo.settings)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = example_parser(
-        __doc__,
-        fast_help="fewer steps and samples (for the tests)",
-        out_help="keep the revisions and SAEs here",
-    )
+    p = ex.example_parser(__doc__, out_help="keep the revisions and SAEs here")
     p.add_argument(
         "--layer", type=int, default=3, help="residual layer the SAE reads (1-5: the output of block layer-1)"
     )
-    return fast_or_full(
+    return ex.fast_or_full(
         p.parse_args(argv),
         sae_steps=(100, 300),
         sae_samples=(16, 48),
-        finetune_steps=(10, 40),
-        finetune_samples=(32, 128),
-        eval_samples=(4, 8),
+        **ex.REPO_SIZES,
     )
 
 
-main = example_main(run, parse_args)
-
-if __name__ == "__main__":
-    run_example(main)
+main = ex.example_main(run, parse_args, __name__)

@@ -50,27 +50,12 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from examples.common import (  # noqa: E402
-    RevisionRepo,
-    build_revision_repo,
-    lm_loss,
-    load_example,
-    load_model,
-    load_tokenizer,
-    sample_ids,
-    setup,
-    signs_with_fraction,
-    task_data,
-    train_lm,
-    train_lora,
-    versions,
-)
+from examples import common as excommon  # noqa: E402
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
 from hf_bdgauge.estimate import compose_gauges, compose_via_base, estimate_gauge  # noqa: E402
 from hf_bdgauge.layers import residual_states  # noqa: E402
 from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
-from hf_bdgauge.transport.sae_training import fit_sae  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
 from hf_bdgauge.transport.steering_measure import percent_effect_preserved, steering_effect  # noqa: E402
 
@@ -196,8 +181,8 @@ class Context:
 
     def __init__(self, cfg: Config, work: Path) -> None:
         self.cfg, self.work = cfg, work
-        self.model = load_model()
-        self.tok = load_tokenizer()
+        self.model = excommon.load_model()
+        self.tok = excommon.load_tokenizer()
         self._repos: list[dict[str, Any]] | None = None
 
     @property
@@ -207,7 +192,7 @@ class Context:
         if self._repos is None:
             self._repos = []
             for s in range(self.cfg.repo_seeds):
-                repo = build_revision_repo(
+                repo = excommon.build_revision_repo(
                     self.work / f"repo-{s}",
                     finetune_steps=self.cfg.finetune_steps,
                     n_train=self.cfg.finetune_samples,
@@ -215,12 +200,12 @@ class Context:
                     seed=s,
                     gauge_seeds=(101 + s, 202 + s),
                 )
-                src = repo.path(RevisionRepo.BASE)
+                src = repo.path(excommon.RevisionRepo.BASE)
                 est = {
                     rev: estimate_gauge(
                         src, repo.path(rev), repo.texts, capture=CaptureOptions(progress=False)
                     )
-                    for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED)
+                    for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
                 }
                 agree = {rev: est[rev].element.agreement(repo.planted[rev]) for rev in est}
                 self._repos.append(
@@ -229,7 +214,7 @@ class Context:
                         "repo": repo,
                         "est": est,
                         "agree": agree,
-                        "models": {rev: load_model(repo.path(rev)) for rev in est},
+                        "models": {rev: excommon.load_model(repo.path(rev)) for rev in est},
                     }
                 )
         return self._repos
@@ -268,14 +253,14 @@ def _repo_setup_text(ctx: Context) -> str:
 def section_a(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     model = ctx.model
-    ids = sample_ids(model, cfg.a_eval_samples, 64, seed=1)
+    ids = excommon.sample_ids(model, cfg.a_eval_samples, 64, seed=1)
     methods = ("signed", "sign_marginalized", "permutation")
     out: dict[str, Any] = {"fractions": [], "methods": {m: {} for m in methods}}
     for f in cfg.a_fractions:
         rows = {m: {"perm_accuracy": [], "signed_accuracy": []} for m in methods}
         actual = []
         for s in range(cfg.a_seeds):
-            g = signs_with_fraction(64, f, seed=1000 * s + int(round(100 * f)))
+            g = excommon.signs_with_fraction(64, f, seed=1000 * s + int(round(100 * f)))
             actual.append(float((g.signs > 0).mean()))
             tgt = apply_gauge(copy.deepcopy(model), g)
             for m in methods:
@@ -391,7 +376,7 @@ def _run_chain(
             losses.append(float(np.mean(window)))
             window.clear()
 
-    train_lm(
+    excommon.train_lm(
         copy.deepcopy(base),
         data,
         cfg.b_steps,
@@ -407,10 +392,10 @@ def _run_chain(
 def section_b(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     base = ctx.model
-    ev = sample_ids(base, cfg.b_eval_samples, 64, seed=1)
+    ev = excommon.sample_ids(base, cfg.b_eval_samples, 64, seed=1)
     data = {
-        "A": sample_ids(base, cfg.b_train_samples, 64, seed=10),
-        "B": sample_ids(base, cfg.b_train_samples, 64, seed=20),
+        "A": excommon.sample_ids(base, cfg.b_train_samples, 64, seed=10),
+        "B": excommon.sample_ids(base, cfg.b_train_samples, 64, seed=20),
     }
     g0 = SignedPermutation.random(64, seed=10_000)
     out: dict[str, Any] = {"runs": {}}
@@ -454,7 +439,7 @@ def section_b(ctx: Context) -> dict[str, Any]:
             via.append(_acc(via_g, truth_ab))
             direct.append(_acc(dir_g, truth_ab))
             direct_excess.append(float(dir_g.metrics["excess_over_null"]))
-            eval_loss.append(lm_loss(ck["A"][k], ev))
+            eval_loss.append(excommon.lm_loss(ck["A"][k], ev))
         lib_acc = None
         if (
             lr == cfg.b_lrs[-1]
@@ -474,7 +459,7 @@ def section_b(ctx: Context) -> dict[str, Any]:
             "direct_ab_excess": direct_excess,
             "train_loss_A": tl["A"][1:],
             "eval_loss_A": eval_loss,
-            "eval_loss_start": lm_loss(ck["A"][0], ev),
+            "eval_loss_start": excommon.lm_loss(ck["A"][0], ev),
             "local_hop_accuracy": hop_acc,
             "local_hop_excess": [float(g.metrics["excess_over_null"]) for g in links["A"]],
             "compose_via_base_library_accuracy": lib_acc,
@@ -627,22 +612,14 @@ def _resid(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch.Tenso
 def section_c(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     src = ctx.model
-    fit_ids = sample_ids(src, cfg.c_fit_samples, 64, seed=3)
-    ev_ids = sample_ids(src, cfg.c_eval_samples, 64, seed=4)
+    fit_ids = excommon.sample_ids(src, cfg.c_fit_samples, 64, seed=3)
+    ev_ids = excommon.sample_ids(src, cfg.c_eval_samples, 64, seed=4)
+    report = excommon.load_example("sae_and_steering_report")  # the SAEs it fits
     rows = []
     for layer in cfg.c_layers:
         x_fit, x_src = _resid(src, fit_ids, layer), _resid(src, ev_ids, layer)
-        for arch, k in (("standard", None), ("topk", 16)):
-            sae = fit_sae(
-                x_fit,
-                256,
-                architecture=arch,
-                k=k,
-                steps=cfg.c_sae_steps,
-                seed=1,
-                hook_name=f"blocks.{layer - 1}.hook_resid_post",
-                model_name="stories260K",
-            )
+        saes = report.fit_saes(x_fit, layer, steps=cfg.c_sae_steps, seed=1, model_name="stories260K")
+        for arch, sae in saes.items():
             base_nmse = sae.nmse(x_src)
             for r in ctx.repos:
                 for rev, est in r["est"].items():
@@ -660,7 +637,7 @@ def section_c(ctx: Context) -> dict[str, Any]:
                         }
                     )
     summary = {}
-    for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED):
+    for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED):
         for arch in ("standard", "topk"):
             sel = [x for x in rows if x["revision"] == rev and x["sae"] == arch]
             summary[f"{rev}/{arch}"] = {k: _ms(x[k] for x in sel) for k in ("source", "B_d", "S_d", "none")}
@@ -686,17 +663,7 @@ def report_c(res: dict[str, Any], ctx: Context, cross_check: str | None) -> str:
     rows = []
     for key, d in res["summary"].items():
         rev, arch = key.split("/")
-        rows.append(
-            [
-                rev,
-                arch,
-                _fmt_ms(d["source"], 4),
-                _fmt_ms(d["B_d"], 4),
-                _fmt_ms(d["S_d"], 4),
-                _fmt_ms(d["none"], 4),
-                d["B_d"]["n"],
-            ]
-        )
+        rows.append([rev, arch, *(_fmt_ms(d[k], 4) for k in ("source", "B_d", "S_d", "none")), d["B_d"]["n"]])
     per_layer = []
     for layer in s["layers"]:
         for arch in ("standard", "topk"):
@@ -770,15 +737,7 @@ def plot_c(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4))
     w = 0.2
     x = np.arange(len(keys))
-    for i, (c, label) in enumerate(cols):
-        ax.bar(
-            x + (i - 1.5) * w,
-            [res["summary"][k][c]["mean"] for k in keys],
-            w,
-            yerr=[res["summary"][k][c]["sd"] for k in keys],
-            capsize=2,
-            label=label,
-        )
+    _bars(ax, x, w, res["summary"], keys, cols, capsize=2)
     ax.set_xticks(x, [k.replace("/", "\n") for k in keys], fontsize=8)
     ax.set_ylabel("NMSE (lower is better)")
     ax.set_title("SAE NMSE on the revision's activations (stories260K)")
@@ -790,7 +749,7 @@ def plot_c(res: dict[str, Any], path: Path) -> None:
 def section_d(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     src, tok = ctx.model, ctx.tok
-    rep = load_example("sae_and_steering_report")
+    rep = excommon.load_example("sae_and_steering_report")
     from hf_bdgauge.demo import NEGATIVE, NEUTRAL, POSITIVE
 
     enc = lambda ss: [tok(s, return_tensors="pt").input_ids for s in ss]  # noqa: E731
@@ -819,14 +778,14 @@ def section_d(ctx: Context) -> dict[str, Any]:
                     rows.append(row)
     summary = {
         rev: {k: _ms(x[k] for x in rows if x["revision"] == rev) for k in ("B_d", "S_d", "none")}
-        for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED)
+        for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
     }
     per_layer = {
         f"{rev}/{layer}": {
             k: _ms(x[k] for x in rows if x["revision"] == rev and x["layer"] == layer)
             for k in ("B_d", "S_d", "none")
         }
-        for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED)
+        for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
         for layer in cfg.d_layers
     }
     return {
@@ -908,19 +867,19 @@ def section_e(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     from peft import PeftModel
 
-    train, held = task_data(ctx.model, ctx.tok, cfg.e_train_samples, cfg.e_heldout_samples, seed=7)
+    train, held = excommon.task_data(ctx.model, ctx.tok, cfg.e_train_samples, cfg.e_heldout_samples, seed=7)
 
     def loss(model: torch.nn.Module, adapter: Path | None) -> float:
         m = copy.deepcopy(model)
         if adapter is not None:
             m = PeftModel.from_pretrained(m, str(adapter)).eval()
-        return lm_loss(m, held)
+        return excommon.lm_loss(m, held)
 
     rows = []
     base_loss = loss(ctx.model, None)
     for r in ctx.repos:
         s = r["seed"]
-        ad = train_lora(
+        ad = excommon.train_lora(
             copy.deepcopy(ctx.model),
             train,
             ctx.work / f"lora-{s}",
@@ -959,7 +918,7 @@ def section_e(ctx: Context) -> dict[str, Any]:
             rows.append(row)
     summary = {
         rev: {k: _ms(x[k] for x in rows if x["revision"] == rev) for k in ("B_d", "S_d", "none", "gain")}
-        for rev in (RevisionRepo.RECHARTED, RevisionRepo.FINETUNED)
+        for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
     }
     return {
         "rows": rows,
@@ -968,9 +927,9 @@ def section_e(ctx: Context) -> dict[str, Any]:
             "model": MODEL,
             "lora": f"r 4, alpha 8, on q_proj, v_proj (readers) and o_proj, down_proj (writers); "
             f"{cfg.e_lora_steps} AdamW steps, lr {cfg.e_lora_lr:g}, batch 8, seed = repo seed",
-            "task": f"stories opening with {load_example('merge_report').PROMPTS[0]!r}, continued by v1.0 "
-            f"at temperature 0.5 (seed 7): {cfg.e_train_samples} for training, {cfg.e_heldout_samples} "
-            "held out",
+            "task": f"stories opening with {excommon.load_example('merge_report').PROMPTS[0]!r}, "
+            f"continued by v1.0 at temperature 0.5 (seed 7): {cfg.e_train_samples} for training, "
+            f"{cfg.e_heldout_samples} held out",
             "train_tokens": int(train.numel()),
             "heldout_tokens": int(held.numel()),
             "metric": "retained % = 100·(L_rev − L_rev+adapter) / (L_v1.0 − L_v1.0+adapter), held-out "
@@ -982,14 +941,7 @@ def section_e(ctx: Context) -> dict[str, Any]:
 def report_e(res: dict[str, Any], ctx: Context) -> str:
     s = res["settings"]
     rows = [
-        [
-            rev,
-            _fmt_ms(d["gain"], 4),
-            _fmt_ms(d["B_d"], 2),
-            _fmt_ms(d["S_d"], 2),
-            _fmt_ms(d["none"], 2),
-            d["B_d"]["n"],
-        ]
+        [rev, _fmt_ms(d["gain"], 4), *(_fmt_ms(d[k], 2) for k in ("B_d", "S_d", "none")), d["B_d"]["n"]]
         for rev, d in res["summary"].items()
     ]
     detail = [
@@ -1052,17 +1004,8 @@ def plot_e(res: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     w = 0.25
     x = np.arange(len(revs))
-    for i, (k, label) in enumerate(
-        (("B_d", "B_d transport"), ("S_d", "S_d transport"), ("none", "untransported"))
-    ):
-        ax.bar(
-            x + (i - 1) * w,
-            [res["summary"][r][k]["mean"] for r in revs],
-            w,
-            yerr=[res["summary"][r][k]["sd"] for r in revs],
-            capsize=3,
-            label=label,
-        )
+    series = (("B_d", "B_d transport"), ("S_d", "S_d transport"), ("none", "untransported"))
+    _bars(ax, x, w, res["summary"], revs, series, capsize=3)
     ax.axhline(100, color="0.6", ls="--", lw=1)
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xticks(x, revs)
@@ -1077,7 +1020,7 @@ def plot_e(res: dict[str, Any], path: Path) -> None:
 # ============================================================================================ (f)
 def section_f(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
-    ex = load_example("resume_training_with_optimizer_state")
+    ex = excommon.load_example("resume_training_with_optimizer_state")
     runs = []
     for s in range(cfg.f_seeds):
         work = ctx.work / f"resume-{s}"
@@ -1232,7 +1175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--only", default=",".join(SECTIONS), help="comma-separated subset of sections a-f (development)"
     )
     args = p.parse_args(argv)
-    setup()
+    excommon.setup()
     t_start = time.perf_counter()
     cfg = Config.make(args.fast)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -1261,7 +1204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if sec == "c":
                 cross = None
                 if not cfg.fast:
-                    ex = load_example("sae_and_steering_report")
+                    ex = excommon.load_example("sae_and_steering_report")
                     cross = ex.format_table(ex.run(), SignedPermutation.random(64, seed=5).num_flips)
                 results[sec]["cross_check"] = cross
                 md[sec] = report_c(results[sec], ctx, cross)
@@ -1283,7 +1226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     meta = {
         "command": cmd,
-        "versions": versions(),
+        "versions": excommon.versions(),
         "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(wall, 1),
         "section_time_s": {k: round(v, 1) for k, v in timings.items()},
@@ -1320,6 +1263,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(lines))
     print(f"wrote {args.out / 'results.md'}, results.json and plots in {wall:.1f} s")
     return results
+
+
+def _bars(ax: Any, x: Any, w: float, summary: dict[str, Any], groups: Any, series: Any, capsize: int) -> None:
+    """One bar per ``(key, label)`` of ``series`` in each group of ``groups`` (at positions ``x``,
+    ``w`` wide, centred on the group): ``summary[group][key]["mean"]`` with ``"sd"`` error bars."""
+    for i, (k, label) in enumerate(series):
+        ax.bar(
+            x + (i - (len(series) - 1) / 2) * w,
+            [summary[g][k]["mean"] for g in groups],
+            w,
+            yerr=[summary[g][k]["sd"] for g in groups],
+            capsize=capsize,
+            label=label,
+        )
 
 
 def _jsonable(x: Any) -> Any:

@@ -12,7 +12,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .hub_errors import hub_errors
 
@@ -33,13 +33,13 @@ def push_folder(
     token: str | None = None,
     branch: str | None = None,
     create_pr: bool | None = None,
-    allow_patterns: list[str] | str | None = None,
-    ignore_patterns: list[str] | str | None = None,
-    delete_patterns: list[str] | str | None = None,
+    **patterns: Any,
 ) -> CommitInfo:
     """Create ``repo_id`` if needed (and ``branch`` from the default branch if it does not exist
     yet), call ``write(folder)`` to fill a fresh temporary folder, and upload it in one commit.
-    Returns the :class:`huggingface_hub.CommitInfo` (``.oid`` is the new commit)."""
+    ``patterns`` (``allow_patterns``, ``ignore_patterns``, ``delete_patterns``) go to
+    ``upload_folder`` as they are. Returns the :class:`huggingface_hub.CommitInfo` (``.oid`` is the
+    new commit)."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -58,9 +58,7 @@ def push_folder(
                 commit_message=commit_message,
                 revision=branch,
                 create_pr=create_pr,
-                allow_patterns=allow_patterns,
-                ignore_patterns=ignore_patterns,
-                delete_patterns=delete_patterns,
+                **patterns,
             )
     logger.info(
         "pushed to %s%s (commit %s)", repo_id, f"@{branch}" if branch else "", getattr(info, "oid", None)

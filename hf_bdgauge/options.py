@@ -324,9 +324,6 @@ class CalibrationOptions(_Options):
         type=str,
     )
     level: float = _opt(LEVEL, "level of the test: p <= level means a gauge relates the pair")
-    min_excess: float | None = _opt(
-        None, "ignored (deprecated): the verdict comes from the calibrated p-value", flag=None
-    )
     identity_tol: float = _opt(
         0.01,
         "fraction of moved coordinates (or rotation distance) below which the gauge reads as the identity",
@@ -345,7 +342,6 @@ class CalibrationOptions(_Options):
         elif ref is not None and type(ref).__name__ != "Reference":  # verdict.Reference (torch-free check)
             _fail(type(self), "reference", ref, "'auto', None or a Reference")
         _check_number(self, "level", 0.0, 1.0, open_low=True)
-        _check_number(self, "min_excess", float("-inf"), optional=True)
         _check_number(self, "identity_tol", 0.0, 1.0)
 
 

@@ -42,6 +42,11 @@ _BASE: dict[str, Any] = dict(
     eos_token_id=2,
 )
 
+#: the sparse-MLP settings both Qwen MoE families share (every layer sparse, four experts)
+_QWEN_MOE: dict[str, Any] = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]
+)
+
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(attention_bias=True, mlp_bias=True),
     "mistral": dict(),
@@ -58,22 +63,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "phi3": dict(),
     "olmo2": dict(),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-    ),
-    "qwen3_moe": dict(
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        head_dim=16,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-    ),
+    "qwen2_moe": dict(_QWEN_MOE, shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(_QWEN_MOE, head_dim=16),
     "granite": dict(),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2),
     "gpt_neox": dict(

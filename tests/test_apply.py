@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, UnsupportedArchitectureError
 from hf_bdgauge.roles import spec_for_model
 from hf_bdgauge.rules import transform
 from hf_bdgauge.testing import RMSNORM_TYPES, tiny_model
+
+from helpers.tolerances import assert_close_rel
 
 
 def _run(model, ids):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +21,8 @@ from hf_bdgauge.errors import (
     UnsupportedArchitectureError,
 )
 from hf_bdgauge.testing import tiny_model
+
+from helpers.tolerances import assert_close_rel
 
 
 def _save(model, path: Path, **kw) -> Path:

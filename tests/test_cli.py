@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.cli import bdgauge
 from transformers import AutoModelForCausalLM
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.cli import build_parser, main
 from hf_bdgauge.testing import tiny_model
+
+from helpers.optimizer_verb import optimizer_verb
 
 
 def test_every_verb_has_help(capsys):
@@ -207,23 +208,10 @@ def test_transport_steering_vector_via_cli(tmp_path):
 
 
 def test_transport_optimizer_state_via_cli(tmp_path):
-    model = tiny_model("llama", seed=0)
-    model.save_pretrained(tmp_path / "model")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
-    opt.step()
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")
     g, path = _saved_gauge(tmp_path)
-    argv = ("transport", "optimizer", tmp_path / "opt.pt", path, tmp_path / "opt2.pt")
-    assert bdgauge(*argv, "--model", tmp_path / "model") == 0
-    moved = torch.load(tmp_path / "opt2.pt", weights_only=True)
-    names = [n for n, _ in model.named_parameters()]
-    i = names.index("model.layers.0.self_attn.o_proj.weight")
-    ref = opt.state_dict()["state"][i]
-    assert torch.equal(moved["state"][i]["exp_avg"], g.element.apply(ref["exp_avg"], axis=0))
-    assert torch.equal(
-        moved["state"][i]["exp_avg_sq"], g.element.apply(ref["exp_avg_sq"], axis=0, signed=False)
-    )
+    moved, ref = optimizer_verb(tmp_path, "llama", path, "model.layers.0.self_attn.o_proj.weight")
+    assert torch.equal(moved["exp_avg"], g.element.apply(ref["exp_avg"], axis=0))
+    assert torch.equal(moved["exp_avg_sq"], g.element.apply(ref["exp_avg_sq"], axis=0, signed=False))
 
 
 def test_audit_verb_on_bundled_model(tmp_path, capsys):

@@ -4,7 +4,6 @@ gauge, the safe advice first for another model."""
 from __future__ import annotations
 
 import pytest
-from helpers.contract import one_line, refused
 
 from hf_bdgauge.cli import main
 from hf_bdgauge.errors import (
@@ -12,6 +11,8 @@ from hf_bdgauge.errors import (
 )
 from hf_bdgauge.gauged_model import GaugedModel
 from hf_bdgauge.testing import tiny_model
+
+from helpers.contract import one_line, refused
 
 
 def test_wrong_end_points_to_the_flag_in_the_cli(here, capsys):

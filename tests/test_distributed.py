@@ -17,8 +17,6 @@ import time
 
 import pytest
 import torch
-from helpers.sums import WEIGHT_SUMS
-from helpers.tolerances import assert_close_rel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +30,9 @@ from hf_bdgauge.estimate.moments import SUM_FIELDS
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.options import WeightOptions
+
+from helpers.sums import WEIGHT_SUMS
+from helpers.tolerances import assert_close_rel
 
 TEXTS = [
     STORIES260K_GREEDY_TEXT,
@@ -156,23 +157,17 @@ def _one_thread_main(argv: list[str]) -> int:
         torch.set_num_threads(before)
 
 
+def _estimate(src, dst, corpus, *options: str) -> list[str]:
+    """The arguments of ``bdgauge estimate SRC DST --texts CORPUS OPTIONS…``."""
+    return ["estimate", str(src), str(dst), "--texts", str(corpus), *options]
+
+
 def _estimate_argv(src, dst, corpus) -> list[str]:
     """``bdgauge estimate`` on the pair as the multi-process runs here give it: one sequence a batch and
     ``--max-tokens`` cutting a batch in the middle, a short calibration, quiet."""
-    return [
-        "estimate",
-        str(src),
-        str(dst),
-        "--texts",
-        str(corpus),
-        "--batch-size",
-        "1",
-        "--max-tokens",
-        "150",
-        "--calibration-draws",
-        "16",
-        "-q",
-    ]
+    return _estimate(
+        src, dst, corpus, "--batch-size", "1", "--max-tokens", "150", "--calibration-draws", "16", "-q"
+    )
 
 
 def _stats(src, dst, texts, out, *extra: str, common: list[str]) -> int:
@@ -254,17 +249,9 @@ def test_shards_saved_as_stats_merge_into_the_one_process_estimate(pair, tmp_pat
     common = ["--batch-size", "2", "-q"]
     assert (
         _one_thread_main(
-            [
-                "estimate",
-                str(src),
-                str(dst),
-                "--texts",
-                str(corpus),
-                "-o",
-                str(tmp_path / "one"),
-                "--save-stats",
-                str(tmp_path / "one-stats"),
-            ]
+            _estimate(
+                src, dst, corpus, "-o", str(tmp_path / "one"), "--save-stats", str(tmp_path / "one-stats")
+            )
             + common
         )
         == 0
@@ -342,18 +329,9 @@ def test_a_failing_rank_makes_every_rank_fail_and_nothing_is_written(pair, tmp_p
                 [
                     sys.executable,
                     str(script),
-                    "estimate",
-                    str(src),
-                    str(dst),
-                    "--texts",
-                    str(corpus),
-                    "--batch-size",
-                    "1",
-                    "--dist-timeout",
-                    "60",
-                    "-q",
-                    "-o",
-                    str(out),
+                    *_estimate(
+                        src, dst, corpus, "--batch-size", "1", "--dist-timeout", "60", "-q", "-o", str(out)
+                    ),
                 ],
                 env=env,
                 stdout=subprocess.PIPE,

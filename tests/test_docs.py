@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from helpers.docs_runner import DOCS, ROOT, command_lines, fenced_blocks, hooks, page_text, run_page
 
 PAGES = sorted(DOCS.glob("*.md"))

@@ -107,19 +107,25 @@ def test_links_outside_docs_point_at_a_copy_in_the_site(site):
             assert (target / "index.html").is_file() or target.is_file(), href
 
 
-@pytest.mark.parametrize("exists", [True, False], ids=["existing", "missing"])
-def test_a_link_outside_docs_builds_only_when_its_target_exists(tmp_path, exists):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "here.md").write_text("# Here\n", encoding="utf-8")
-    target = "here.md" if exists else "missing.md"
-    (tmp_path / "docs" / "index.md").write_text(
-        f"# Home\n\nSee [the note](../notes/{target}).\n", encoding="utf-8"
-    )
-    (tmp_path / "mkdocs.yml").write_text(
+def build_one_page(root: Path, index: str, files: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Build, strictly and with ``docs/hooks.py``, a site under ``root`` whose one page
+    ``docs/index.md`` reads ``index``, beside the repository files ``files`` (path -> text);
+    the site goes to ``root / "site"``."""
+    for name, text in {**files, "docs/index.md": index}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "mkdocs.yml").write_text(
         f"site_name: t\ndocs_dir: docs\nstrict: true\nhooks:\n  - {DOCS / 'hooks.py'}\n", encoding="utf-8"
     )
-    done = build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    return build(root / "mkdocs.yml", root / "site")
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "missing"])
+def test_a_link_outside_docs_builds_only_when_its_target_exists(tmp_path, exists):
+    target = "here.md" if exists else "missing.md"
+    done = build_one_page(
+        tmp_path, f"# Home\n\nSee [the note](../notes/{target}).\n", {"notes/here.md": "# Here\n"}
+    )
     if exists:
         assert done.returncode == 0, done.stdout + done.stderr
         assert 'href="_repo/notes/here/"' in (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
@@ -174,19 +180,12 @@ def test_the_api_page_documents_every_public_name_of_the_curated_modules():
 def test_an_include_builds_only_when_its_section_exists(tmp_path, exists):
     """An include line (``--8<-- "path#heading"``, docs/hooks.py) puts that section of a repository file
     into the page; one naming a heading the file does not have stops the build."""
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "run.md").write_text(
-        "# Run\n\n## Speed\n\n| x | s |\n| --- | --- |\n| a | 1.25 |\n", encoding="utf-8"
-    )
     heading = "Speed" if exists else "Accuracy"
-    (tmp_path / "docs" / "index.md").write_text(
-        f'# Home\n\n## Measured\n\n--8<-- "results/run.md#{heading}"\n', encoding="utf-8"
+    done = build_one_page(
+        tmp_path,
+        f'# Home\n\n## Measured\n\n--8<-- "results/run.md#{heading}"\n',
+        {"results/run.md": "# Run\n\n## Speed\n\n| x | s |\n| --- | --- |\n| a | 1.25 |\n"},
     )
-    (tmp_path / "mkdocs.yml").write_text(
-        f"site_name: t\ndocs_dir: docs\nstrict: true\nhooks:\n  - {DOCS / 'hooks.py'}\n", encoding="utf-8"
-    )
-    done = build(tmp_path / "mkdocs.yml", tmp_path / "site")
     if exists:
         assert done.returncode == 0, done.stdout + done.stderr
         assert "<td>1.25</td>" in (tmp_path / "site" / "index.html").read_text(encoding="utf-8")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.contract import one_line, refused
 
 from hf_bdgauge import apply_gauge_to_checkpoint
 from hf_bdgauge.cli import main
@@ -24,6 +23,8 @@ from hf_bdgauge.gauged_model import GaugedModel
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.optimizer import read_optimizer_state, transport_optimizer_state
 from hf_bdgauge.transport.peft import transport_adapter
+
+from helpers.contract import one_line, refused
 
 
 def test_wrong_end_points_to_the_inverse_once_in_python(world, here):

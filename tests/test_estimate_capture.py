@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, EstimationError
@@ -15,6 +14,8 @@ from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_
 from hf_bdgauge.layers import decoder_blocks, residual_states, resolve_layers
 from hf_bdgauge.options import CaptureOptions
 from hf_bdgauge.testing import tiny_model
+
+from helpers.tolerances import assert_close_rel
 
 
 @pytest.fixture(scope="module")

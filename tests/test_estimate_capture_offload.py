@@ -17,7 +17,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
 from hf_bdgauge.estimate import estimate_gauge
@@ -28,6 +27,8 @@ from hf_bdgauge.estimate.stats import PairStats
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.layers import residual_states
 from hf_bdgauge.options import CalibrationOptions, CaptureOptions
+
+from helpers.tolerances import assert_close_rel
 
 # every other block, the embedding and the (tied) lm_head on disk; the rest in RAM
 DISK_MAP = {

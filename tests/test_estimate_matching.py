@@ -9,7 +9,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import DimensionMismatchError, EstimationError
@@ -27,6 +26,8 @@ from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 from hf_bdgauge.testing import tiny_model
+
+from helpers.tolerances import assert_close_rel
 
 #: two sequences: the calibrated p-value selects on one and scores on the other
 TWO_TEXTS = [

@@ -191,10 +191,10 @@ def test_real_stories260k_rotation_is_recovered_from_activations_and_from_embedd
     )  # pinned to the rotated model
     w = estimate_gauge(base, rot, method="orthogonal_weights")
     assert w.verdict == "rotation" and np.linalg.norm(w.element.matrix - R.matrix) / 8 < 1e-6
-    from helpers.tolerances import assert_close_rel
-
     from hf_bdgauge.transport.steering import SteeringVector
     from hf_bdgauge.transport.steering_measure import next_token_logprobs
+
+    from helpers.tolerances import assert_close_rel
 
     v = SteeringVector({3: 4.0 * torch.randn(64, generator=torch.Generator().manual_seed(1))})
     effect = next_token_logprobs(base, ids, v) - next_token_logprobs(base, ids)

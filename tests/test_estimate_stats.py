@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel, assert_product_close
 
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, EstimationError
 from hf_bdgauge.estimate.assignment import random_orthogonal
 from hf_bdgauge.estimate.moments import CrossMoments
 from hf_bdgauge.estimate.stats import PairStats
+
+from helpers.tolerances import assert_close_rel, assert_product_close
 
 
 def _data(n=500, d=16, seed=0, shift=3.0):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.recharted import TEXTS
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import EstimationError
@@ -18,6 +17,8 @@ from hf_bdgauge.estimate import compose_gauges, compose_trajectory, compose_via_
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.options import CaptureOptions, WeightOptions
+
+from helpers.recharted import TEXTS
 
 TRAIN_TEXTS = [
     "Once upon a time, there was a little boy named Tom. Tom had a red kite. He liked to fly it in the park "

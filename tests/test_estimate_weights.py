@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.sums import WEIGHT_SUMS
-from helpers.tolerances import assert_close_rel, eps
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import (
@@ -24,6 +22,9 @@ from hf_bdgauge.estimate.weights import estimate_gauge_from_weights
 from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
 from hf_bdgauge.options import CalibrationOptions, WeightOptions
 from hf_bdgauge.testing import RMSNORM_TYPES, tiny_model
+
+from helpers.sums import WEIGHT_SUMS
+from helpers.tolerances import assert_close_rel, eps
 
 
 @pytest.fixture(scope="module")

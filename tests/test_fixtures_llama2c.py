@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel, product_rtol
 
 from hf_bdgauge.errors import CheckpointError, FixtureError
 from hf_bdgauge.fixtures import llama2c as L
 from hf_bdgauge.fixtures import llama2c_files as LF
 from hf_bdgauge.fixtures import llama2c_reference as LR
+
+from helpers.tolerances import assert_close_rel, product_rtol
 
 torch.set_num_threads(2)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.outputs import logits as _logits
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import Orthogonal, apply_gauge, apply_gauge_to_checkpoint, fold_norm_gains
 from hf_bdgauge.errors import OrthogonalGaugeError
@@ -14,6 +12,9 @@ from hf_bdgauge.fold import norm_gains_are_unit
 from hf_bdgauge.roles import spec_for_model
 from hf_bdgauge.rules import Role
 from hf_bdgauge.testing import LAYERNORM_TYPES, RMSNORM_TYPES, tiny_model
+
+from helpers.outputs import logits as _logits
+from helpers.tolerances import assert_close_rel
 
 #: families whose post-norms sit on writer outputs (Gemma 2/3, OLMo-2)
 POST_NORM_TYPES = ("gemma2", "gemma3_text", "olmo2")

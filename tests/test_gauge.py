@@ -281,6 +281,12 @@ def _edit_config(d, **changes):
     (d / GAUGE_CONFIG_NAME).write_text(json.dumps(cfg))
 
 
+def _refused(d, match: str | None = None) -> None:
+    """Loading the gauge saved in ``d`` raises InvalidGaugeError (whose message matches ``match``)."""
+    with pytest.raises(InvalidGaugeError, match=match):
+        Gauge.from_pretrained(d)
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -298,18 +304,15 @@ def _edit_config(d, **changes):
     ],
 )
 def test_tampered_tensors_are_refused(saved, changes, match):
-    _, d = saved
-    _rewrite_tensors(d, **changes)
-    with pytest.raises(InvalidGaugeError, match=match):
-        Gauge.from_pretrained(d)
+    _rewrite_tensors(saved[1], **changes)
+    _refused(saved[1], match)
 
 
 def test_valid_but_modified_permutation_fails_the_checksum(saved):
     g, d = saved
     other = SignedPermutation(np.roll(g.element.perm, 1), g.element.signs)  # still a valid element
     _rewrite_tensors(d, perm=torch.from_numpy(other.perm.copy()))
-    with pytest.raises(InvalidGaugeError, match="sha256"):
-        Gauge.from_pretrained(d)
+    _refused(d, "sha256")
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 40, -1])
@@ -318,8 +321,7 @@ def test_truncated_tensor_file_is_refused(saved, keep):
     p = d / GAUGE_WEIGHTS_NAME
     data = p.read_bytes()
     p.write_bytes(data[: keep if keep >= 0 else len(data) + keep])
-    with pytest.raises(InvalidGaugeError, match="truncated or corrupt"):
-        Gauge.from_pretrained(d)
+    _refused(d, "truncated or corrupt")
 
 
 def test_header_lying_about_sizes_is_refused(saved):
@@ -328,8 +330,7 @@ def test_header_lying_about_sizes_is_refused(saved):
     data = bytearray(p.read_bytes())
     data[:8] = struct.pack("<Q", 10**12)
     p.write_bytes(bytes(data))
-    with pytest.raises(InvalidGaugeError):
-        Gauge.from_pretrained(d)
+    _refused(d)
 
 
 @pytest.mark.parametrize(
@@ -345,18 +346,15 @@ def test_header_lying_about_sizes_is_refused(saved):
     ],
 )
 def test_bad_configs_are_refused(saved, changes, match):
-    _, d = saved
-    _edit_config(d, **changes)
-    with pytest.raises(InvalidGaugeError, match=match):
-        Gauge.from_pretrained(d)
+    _edit_config(saved[1], **changes)
+    _refused(saved[1], match)
 
 
 def test_truncated_config_is_refused(saved):
     _, d = saved
     p = d / GAUGE_CONFIG_NAME
     p.write_text(p.read_text()[:50])
-    with pytest.raises(InvalidGaugeError, match="not valid JSON"):
-        Gauge.from_pretrained(d)
+    _refused(d, "not valid JSON")
 
 
 def test_no_pickle_anywhere():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.contract import D, one_line, refused
 from safetensors.torch import load_file
 
 from hf_bdgauge import apply_gauge, apply_gauge_to_checkpoint
@@ -28,6 +27,8 @@ from hf_bdgauge.transport.peft import transport_adapter
 from hf_bdgauge.transport.probes import IndexSet, LinearProbe, transport_indices, transport_probe
 from hf_bdgauge.transport.sae import SAE, transport_sae
 from hf_bdgauge.transport.steering import SteeringVector, transport_steering_vector
+
+from helpers.contract import D, one_line, refused
 
 
 def test_as_gauge_is_the_one_resolver(world, here):

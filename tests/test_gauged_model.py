@@ -8,7 +8,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 from transformers import AutoModelForCausalLM
 
 from hf_bdgauge import Orthogonal, SignedPermutation, apply_gauge, apply_gauge_to_checkpoint, fold_norm_gains
@@ -23,6 +22,8 @@ from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.gauged_model import GAUGE_SUBFOLDER, GaugedModel
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
+
+from helpers.tolerances import assert_close_rel
 
 
 def _run(model, ids):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.hub_double import TEST_TOKEN, git_blob_sha1
 
 from hf_bdgauge import SignedPermutation
 from hf_bdgauge.errors import GaugeNotFoundError, InvalidGaugeError
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.gauge_files import GAUGE_CONFIG_NAME, GAUGE_WEIGHTS_NAME, MODEL_CARD_NAME
 from hf_bdgauge.provenance import ModelRef
+
+from helpers.hub_double import TEST_TOKEN, git_blob_sha1
 
 D = 32
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from helpers.contract import one_line, refused
-from helpers.hub_double import _HttpError
 
 from hf_bdgauge import Gauge, SignedPermutation, apply_gauge_to_checkpoint
 from hf_bdgauge.cli import main
@@ -15,6 +13,9 @@ from hf_bdgauge.errors import (
     HubRateLimitError,
     RepositoryNotFoundError,
 )
+
+from helpers.contract import one_line, refused
+from helpers.hub_double import _HttpError
 
 
 def test_hub_failures_are_one_line_errors(hub, tmp_path, capsys):

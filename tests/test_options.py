@@ -54,7 +54,6 @@ BAD = [
     (_K, "reference", 3),
     (_K, "level", 0),
     (_K, "level", 1.5),
-    (_K, "min_excess", "a"),
     (_K, "identity_tol", 2.0),
     (_K, "identity_tol", True),
 ]
@@ -147,8 +146,8 @@ def test_matching_statistics_refuses_capture_fields_it_does_not_use():
     st = PairStats.from_activations(np.random.rand(10, 4), np.random.rand(10, 4))
     with pytest.raises(EstimationError, match=r"capture=CaptureOptions\(batch_size=4\) does not apply"):
         estimate_from_stats(st, capture=CaptureOptions(batch_size=4))
-    with pytest.raises(EstimationError, match=r"min_excess=0.1\) does not apply to method='orthogonal'"):
-        estimate_rotation_from_stats(st, calibration=CalibrationOptions(min_excess=0.1))
+    with pytest.raises(EstimationError, match=r"seed=1\) does not apply to method='orthogonal'"):
+        estimate_rotation_from_stats(st, calibration=CalibrationOptions(seed=1), b_d=False)
 
 
 def test_a_capture_refuses_what_only_loading_or_matching_uses(pair):

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +16,8 @@ from hf_bdgauge import Orthogonal, SignedPermutation
 from hf_bdgauge.errors import InvalidGaugeError
 from hf_bdgauge.hadamard import hadamard_matrix
 from hf_bdgauge.orthogonal import ROTATION_CONFIG_NAME, ROTATION_WEIGHTS_NAME
+
+from helpers.tolerances import assert_close_rel
 
 
 @settings(max_examples=20, deadline=None)

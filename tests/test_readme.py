@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from helpers.docs_runner import README, command_lines, fenced_blocks, hooks, run_page
 
 

@@ -19,9 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.real_data import GEMMA3_MODULE as PACKAGE_MODULE
-from helpers.real_data import GEMMA3_SKIP_REASON as SKIP_REASON
-from helpers.real_data import TEXTS
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import FixtureError
@@ -35,6 +32,10 @@ from hf_bdgauge.fixtures.gemma3 import (
 )
 from hf_bdgauge.real_models import real_model
 
+from helpers.real_data import GEMMA3_MODULE as PACKAGE_MODULE
+from helpers.real_data import GEMMA3_SKIP_REASON as SKIP_REASON
+from helpers.real_data import TEXTS, gemma3_element
+
 D = 640
 SEQ = 12  # tokens per text (a prefix of each text; every text is at least this long, so no padding)
 PROMPT = 8  # prompt tokens for the greedy generations
@@ -42,7 +43,7 @@ NEW_TOKENS = 20
 REL_TOL = 1e-5  # max |Δ| ≤ REL_TOL · max |value|, float32
 
 
-# --- session fixtures: one conversion/cache load, one pristine model, one set of reference outputs --
+# --- session fixtures: one conversion/cache load, one pristine model, one gauge, one set of reference outputs
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,12 @@ def gemma(gemma_dir):
     """The pristine model and tokenizer (never modified by a test)."""
     model, tokenizer = real_model("gemma-3-270m")
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def gauge() -> SignedPermutation:
+    """The planted element G of B_640 every test here re-charts Gemma by."""
+    return gemma3_element(seed=2718)
 
 
 def _ids(tokenizer, n: int, texts=TEXTS) -> torch.Tensor:
@@ -101,17 +108,9 @@ def reference(gemma):
 
 
 @pytest.fixture(scope="session")
-def gauge() -> SignedPermutation:
-    g = SignedPermutation.random(D, seed=2718)
-    assert 250 < g.num_flips < 390 and not g.is_identity
-    return g
-
-
-@pytest.fixture(scope="session")
 def gauged_in_memory(gemma, gauge):
-    model = copy.deepcopy(gemma[0])
-    apply_gauge(model, gauge)
-    return model
+    """A copy of the pristine model re-charted by G in memory (``apply_gauge``), never modified by a test."""
+    return apply_gauge(copy.deepcopy(gemma[0]), gauge)
 
 
 def _assert_same_function(model, reference, g, what: str) -> None:

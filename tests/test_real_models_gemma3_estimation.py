@@ -43,15 +43,16 @@ import time
 
 import numpy as np
 import pytest
-from helpers.real_data import GEMMA3_MODULE as PACKAGE_MODULE
-from helpers.real_data import GEMMA3_SKIP_REASON as SKIP_REASON
-from helpers.real_data import SENTIMENT, TEXTS, report
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.estimate import estimate_gauge
 from hf_bdgauge.estimate.assignment import hungarian
 from hf_bdgauge.options import CalibrationOptions, CaptureOptions, WeightOptions
 from hf_bdgauge.real_models import real_model, real_model_dir
+
+from helpers.real_data import GEMMA3_MODULE as PACKAGE_MODULE
+from helpers.real_data import GEMMA3_SKIP_REASON as SKIP_REASON
+from helpers.real_data import SENTIMENT, TEXTS, report
 
 CORPUS = TEXTS + SENTIMENT["positive"] + SENTIMENT["negative"] + SENTIMENT["neutral"]
 

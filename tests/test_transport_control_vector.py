@@ -20,8 +20,6 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra 'real') reads and writes control vectors")
 
-from helpers.tolerances import assert_close_rel, product_rtol  # noqa: E402
-
 from hf_bdgauge import SignedPermutation  # noqa: E402
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, TransportError  # noqa: E402
 from hf_bdgauge.gauge import Gauge  # noqa: E402
@@ -30,6 +28,8 @@ from hf_bdgauge.provenance import ModelRef  # noqa: E402
 from hf_bdgauge.testing import tiny_model  # noqa: E402
 from hf_bdgauge.transport.control_vector import CONTROL_VECTOR_ARCH  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
+
+from helpers.tolerances import assert_close_rel, product_rtol  # noqa: E402
 
 D = 16
 

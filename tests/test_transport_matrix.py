@@ -472,8 +472,9 @@ def reference(obj: str, p: Pair) -> tuple[Any, Any, float]:
 
 
 def _reference(obj: str, p: Pair) -> tuple[Any, Any, float | None]:
-    from helpers.lora_checks import random_lora
     from peft.utils import get_peft_model_state_dict
+
+    from helpers.lora_checks import random_lora
 
     ids, gen, d, k = p.ids[:2], torch.Generator().manual_seed(7), p.src.config.hidden_size, _layer(p)
     if obj.startswith(("LoRA", "DoRA")):
@@ -536,8 +537,9 @@ _PEFT: dict[tuple[int, str], Any] = {}
 def _on_target(p: Pair, obj: str, state: dict[str, torch.Tensor]) -> Any:
     """``p.tgt`` with the adapter of ``obj``'s config holding ``state`` (one PeftModel per target
     and config, its weights replaced each time)."""
-    from helpers.lora_checks import lora_with_state
     from peft.utils import set_peft_model_state_dict
+
+    from helpers.lora_checks import lora_with_state
 
     key = (id(p.tgt), obj)
     if key not in _PEFT:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel, assert_product_close
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, SignedGaugeNotAllowedError, TransportError
@@ -17,6 +16,8 @@ from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.testing import tiny_model
 from hf_bdgauge.transport.merge import merge_checkpoints, merge_models, merge_tensors
+
+from helpers.tolerances import assert_close_rel, assert_product_close
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 G = SignedPermutation.random(64, seed=5)

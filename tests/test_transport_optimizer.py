@@ -6,8 +6,6 @@ import copy
 
 import pytest
 import torch
-from helpers.cli import bdgauge
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import Gauge, SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, SignedGaugeNotAllowedError, TransportError
@@ -20,6 +18,9 @@ from hf_bdgauge.transport.optimizer import (
     optimizer_parameter_names,
     transport_optimizer_state,
 )
+
+from helpers.optimizer_verb import optimizer_verb
+from helpers.tolerances import assert_close_rel
 
 G = SignedPermutation.random(64, seed=3)
 _gen = torch.Generator().manual_seed(0)
@@ -213,19 +214,8 @@ def test_refusals():
 
 def test_optimizer_verb_on_a_layernorm_model_with_the_global_flip(tmp_path):
     """Builds the model on the meta device: the LayerNorm rule needs no bias values any more."""
-    model = tiny_model("gpt2", seed=0)
-    model.save_pretrained(tmp_path / "model")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).loss.backward()
-    opt.step()
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")
     flip = SignedPermutation(SignedPermutation.random(64, seed=3).perm, [-1] * 64)
     Gauge(flip).save_pretrained(tmp_path / "g")
-    argv = ("transport", "optimizer", tmp_path / "opt.pt", tmp_path / "g", tmp_path / "o2.pt")
-    assert bdgauge(*argv, "--model", tmp_path / "model") == 0
-    moved = torch.load(tmp_path / "o2.pt", weights_only=True)
-    names = [n for n, _ in model.named_parameters()]
-    i = names.index("transformer.h.0.ln_1.bias")
-    ref = opt.state_dict()["state"][i]
-    assert torch.equal(moved["state"][i]["exp_avg"], flip.apply(ref["exp_avg"]))  # the bias moves signed
-    assert torch.equal(moved["state"][i]["exp_avg_sq"], flip.apply(ref["exp_avg_sq"], signed=False))
+    moved, ref = optimizer_verb(tmp_path, "gpt2", tmp_path / "g", "transformer.h.0.ln_1.bias")
+    assert torch.equal(moved["exp_avg"], flip.apply(ref["exp_avg"]))  # the bias moves signed
+    assert torch.equal(moved["exp_avg_sq"], flip.apply(ref["exp_avg_sq"], signed=False))

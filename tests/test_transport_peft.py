@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cli import bdgauge
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from helpers.cli import bdgauge
+
 peft = pytest.importorskip("peft")
-from helpers.tolerances import assert_product_close  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
@@ -37,6 +37,8 @@ from hf_bdgauge.transport.peft import (  # noqa: E402
 )
 from hf_bdgauge.transport.peft_files import parse_adapter_tensor_name  # noqa: E402
 from hf_bdgauge.transport.peft_model import transport_peft_model  # noqa: E402
+
+from helpers.tolerances import assert_product_close  # noqa: E402
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 G = SignedPermutation.random(64, seed=5)

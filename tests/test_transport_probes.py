@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel, product_rtol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge import SignedPermutation
 from hf_bdgauge.errors import CheckpointError, DimensionMismatchError, TransportError
 from hf_bdgauge.gauge import Gauge
 from hf_bdgauge.provenance import ModelRef
 from hf_bdgauge.transport.probes import IndexSet, LinearProbe, transport_indices, transport_probe
+
+from helpers.stories import recharted_stories260k, sampled_stories
+from helpers.tolerances import assert_close_rel, product_rtol
 
 LAYER = 2
 TOKENS = [261, 286, 393]  # "▁a", "▁was", "▁happy" in the stories260K vocabulary
@@ -25,18 +26,9 @@ TOKENS = [261, 286, 393]  # "▁a", "▁was", "▁happy" in the stories260K voca
 @pytest.fixture(scope="module")
 def real():
     """Layer-2 residuals and final logits of stories260K and of a copy re-charted by G."""
-    from transformers import AutoModelForCausalLM
-
-    from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
-
-    src = AutoModelForCausalLM.from_pretrained(stories260k_hf_dir()).eval()
-    g = SignedPermutation.random(64, seed=77)
-    tgt = apply_gauge(copy.deepcopy(src), g)
-    torch.manual_seed(1)
+    src, g, tgt = recharted_stories260k(seed=77)
+    ids = sampled_stories(src, 16, seed=1)
     with torch.no_grad():
-        ids = src.generate(
-            torch.full((16, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0
-        )
         o_src = src(ids, output_hidden_states=True)
         o_tgt = tgt(ids, output_hidden_states=True)
     return {

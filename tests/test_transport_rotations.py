@@ -7,14 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.outputs import logits as _logits
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import Orthogonal, SignedPermutation, apply_gauge, fold_norm_gains
 from hf_bdgauge.errors import OrthogonalGaugeError
 from hf_bdgauge.roles import spec_for_model
 from hf_bdgauge.rules import Role
 from hf_bdgauge.testing import tiny_model
+
+from helpers.outputs import logits as _logits
+from helpers.tolerances import assert_close_rel
 
 
 def test_vectors_probes_and_saes_move_by_r_exactly_where_that_is_exact(token_ids):
@@ -81,13 +82,14 @@ def test_a_lora_moves_into_the_folded_rotated_chart_and_back(tmp_path, token_ids
     any rotation are refused with the reason."""
     import copy
 
-    from helpers.lora_checks import lora_with_state, random_lora
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
     from hf_bdgauge import Gauge
     from hf_bdgauge.fold import fold_and_rotate
     from hf_bdgauge.transport.peft import transport_adapter_state_dict
+
+    from helpers.lora_checks import lora_with_state, random_lora
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     cfg = dict(r=4, lora_alpha=8, target_modules=targets)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 from safetensors.torch import load_file, save_file
 
-from hf_bdgauge import SignedPermutation, apply_gauge
+from hf_bdgauge import SignedPermutation
 from hf_bdgauge.errors import (
     CheckpointError,
     DimensionMismatchError,
@@ -24,6 +22,10 @@ from hf_bdgauge.transport.sae import SAE, transport_sae
 from hf_bdgauge.transport.sae_files import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from hf_bdgauge.transport.sae_training import fit_sae
 
+from helpers.sae import gaussian_sae
+from helpers.stories import recharted_stories260k, sampled_stories
+from helpers.tolerances import assert_close_rel
+
 LAYER = 2
 HOOK = f"blocks.{LAYER}.hook_resid_post"
 
@@ -33,18 +35,9 @@ HOOK = f"blocks.{LAYER}.hook_resid_post"
 def real_pair():
     """stories260K, a copy re-charted by a planted signed gauge, and layer-2 residuals of both
     on the same sampled stories (train: 40 x 64 tokens, held out: 8 x 64)."""
-    from transformers import AutoModelForCausalLM
-
-    from hf_bdgauge.fixtures.llama2c import stories260k_hf_dir
-
-    src = AutoModelForCausalLM.from_pretrained(stories260k_hf_dir()).eval()
-    g = SignedPermutation.random(64, seed=2024)
-    tgt = apply_gauge(copy.deepcopy(src), g)
-    torch.manual_seed(0)
+    src, g, tgt = recharted_stories260k(seed=2024)
+    ids = sampled_stories(src, 48, seed=0)
     with torch.no_grad():
-        ids = src.generate(
-            torch.full((48, 1), 1), do_sample=True, max_new_tokens=63, min_new_tokens=63, pad_token_id=0
-        )
         h_src = src(ids, output_hidden_states=True).hidden_states[LAYER + 1]
         h_tgt = tgt(ids, output_hidden_states=True).hidden_states[LAYER + 1]
     return {
@@ -307,14 +300,7 @@ def test_from_weights_routes_cfg_fields_and_fit_sae_takes_its_optimiser_settings
     from hf_bdgauge.transport.sae_training import SAETraining
 
     gen = torch.Generator().manual_seed(0)
-    sae = SAE.from_weights(
-        torch.randn(16, 8, generator=gen),
-        torch.randn(8, 16, generator=gen),
-        torch.zeros(8),
-        torch.zeros(16),
-        apply_b_dec_to_input=False,
-        hook_name="blocks.1.hook_resid_post",
-    )
+    sae = gaussian_sae(gen, 16, 8, apply_b_dec_to_input=False, hook_name="blocks.1.hook_resid_post")
     assert sae.cfg["apply_b_dec_to_input"] is False and "apply_b_dec_to_input" not in sae.metadata
     assert sae.hook_name == "blocks.1.hook_resid_post" and "hook_name" not in sae.to_cfg_dict()
     acts = torch.randn(64, 16, generator=gen)

@@ -4,13 +4,14 @@ S_d-only transport loses the effect; hooks, files, steering-vectors/repeng adapt
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers.tolerances import assert_close_rel
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import (
@@ -31,25 +32,11 @@ from hf_bdgauge.transport.steering_measure import (
     steering_effect,
 )
 
-HAPPY = [
-    "The girl was very happy.",
-    "Tom smiled and laughed with joy.",
-    "They had a fun day and felt glad.",
-    "She loved her new toy and was happy.",
-    "The sun was bright and everyone was happy.",
-]
-SAD = [
-    "The girl was very sad.",
-    "Tom cried and felt bad.",
-    "They had a bad day and felt sad.",
-    "She lost her toy and was sad.",
-    "The sky was dark and everyone was sad.",
-]
-PROMPTS = [
-    "Once upon a time, there was a little girl. She felt",
-    "Tom went to the park. He was",
-    "The dog looked at the ball and",
-]
+from helpers.tolerances import assert_close_rel
+
+# happy / sad contrast sets and the prompts steered (shared with examples/sae_and_steering_report.py)
+_CONTRAST = json.loads((Path(__file__).parent / "data" / "steering_contrast.json").read_text("utf-8"))
+HAPPY, SAD, PROMPTS = _CONTRAST["happy"], _CONTRAST["sad"], _CONTRAST["prompts"]
 ALPHA = 4.0
 LAYER = 3  # residual layer 3: the output of block 2
 

@@ -30,7 +30,6 @@ beats its own null at level ``α``. The documented false-identification level is
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +51,7 @@ from .statistic import (
     trimmed_mean,
 )
 
-__all__ = ["ID_ALPHA", "Calibration", "calibrate", "warn_min_excess_ignored"]
+__all__ = ["ID_ALPHA", "Calibration", "calibrate"]
 
 #: the documented per-coordinate false-identification level
 ID_ALPHA = 1e-3
@@ -159,17 +158,6 @@ def _identify(
     crit = float(sps.t.isf(id_alpha, draws - 1)) * math.sqrt(1.0 + 1.0 / draws)
     beats_null = (v - mu_i) / sd_i >= crit
     return mutual & replicated & margin_ok & beats_null
-
-
-def warn_min_excess_ignored(calibration: CalibrationOptions) -> None:
-    """Warn (a DeprecationWarning pointing at the estimator's caller) that ``min_excess`` is given
-    but ignored: the verdict comes from the calibrated p-value."""
-    if calibration.min_excess is not None:
-        warnings.warn(
-            "min_excess is ignored: the verdict comes from the calibrated p-value",
-            DeprecationWarning,
-            stacklevel=3,
-        )
 
 
 def calibrate(

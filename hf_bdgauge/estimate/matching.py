@@ -57,7 +57,7 @@ from .assignment import (
     match_scores,
     random_orthogonal,
 )
-from .calibration import Calibration, calibrate, warn_min_excess_ignored
+from .calibration import Calibration, calibrate
 from .statistic import activation_parts
 from .stats import EstimationError, PairStats
 from .verdict import NULL_RESOLUTION, fit_metrics, insufficient_tokens, log_verdict, uninformative
@@ -176,8 +176,7 @@ def estimate_from_stats(
     (:mod:`hf_bdgauge.estimate.verdict`, ``calibration.draws`` Haar rotations, read against
     ``calibration.reference`` at ``calibration.level``) and descriptive fit metrics (a rotated null
     of ``calibration.null_draws`` draws; 0 skips it). ``capture``: only its ``layers`` (default
-    all), ``pooling`` and ``group`` apply (others are refused); ``calibration.min_excess`` is
-    ignored (the verdict comes from the p-value). ``across_ranks=True``: every rank of ``group``
+    all), ``pooling`` and ``group`` apply (others are refused). ``across_ranks=True``: every rank of ``group``
     (default the default process group) calls this with the same statistics, and the
     calibration's draws are split over them (:func:`~hf_bdgauge.estimate.calibration.calibrate`);
     the gauge is the same. ``source``/``target``: the ends' provenance recorded in the gauge."""
@@ -186,7 +185,6 @@ def estimate_from_stats(
     cal = calibration or CalibrationOptions()
     layers, pooling, group = cap.layers, cap.pooling, cap.group
     null_draws, seed, identity_tol = cal.null_draws, cal.seed, cal.identity_tol
-    warn_min_excess_ignored(cal)
     t0 = time.perf_counter()
     sel = stats.select(layers)
     dx, dy = sel.dims

