@@ -1,1 +1,2 @@
-"""The runnable examples, one per used-by path (a package so that they share ``examples/common.py``)."""
+"""The runnable examples, one per used-by path (a package so that they share ``common.py``, the harness,
+and ``training.py``, the model work)."""

@@ -1,6 +1,6 @@
 """Load a model with a gauge to a reference chart: ``GaugedModel.from_pretrained``.
 
-Makes the local repo of revisions of ``examples/common.build_revision_repo`` and treats
+Makes the local repo of revisions of ``examples/training.build_revision_repo`` and treats
 ``v1.0`` (stories260K) as the *reference*: the chart the community's objects (steering vectors,
 SAEs, probes) were made in. ``v1.1-recharted`` is the same network in another residual chart.
 
@@ -37,6 +37,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples import common as ex  # noqa: E402
+from examples import training as tr  # noqa: E402
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
 from hf_bdgauge.errors import FingerprintMismatchError  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
@@ -52,14 +53,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = ex.load_example("sae_and_steering_report")  # HAPPY / SAD contrast sets and PROMPTS
     res: dict[str, Any] = {}
     with ex.work_dir(args.out, "bdgauge-gauged-") as out:
-        repo = ex.repo_from_args(args, out / "repo", with_finetune=False)
-        ref_path, model_path = repo.path(ex.RevisionRepo.BASE), repo.path(ex.RevisionRepo.RECHARTED)
+        repo = tr.repo_from_args(args, out / "repo", with_finetune=False)
+        ref_path, model_path = repo.path(tr.RevisionRepo.BASE), repo.path(tr.RevisionRepo.RECHARTED)
 
         # 1. estimate model chart -> reference chart, record both ends, save
         est = estimate_gauge(model_path, ref_path, repo.texts, capture=CaptureOptions(progress=False))
         est.source = ModelRef.from_checkpoint(model_path)
         est.target = ModelRef.from_checkpoint(ref_path)
-        res["estimate_equals_planted"] = est.element == repo.planted[ex.RevisionRepo.RECHARTED].inverse()
+        res["estimate_equals_planted"] = est.element == repo.planted[tr.RevisionRepo.RECHARTED].inverse()
         checks("estimate equals the planted gauge (inverted: v1.1 -> v1.0)", res["estimate_equals_planted"])
         gauge_dir = out / "gauge-v1.1-to-v1.0"
         est.save_pretrained(gauge_dir)

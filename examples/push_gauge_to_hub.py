@@ -1,6 +1,6 @@
 """Estimate a gauge between two revisions of a model and publish it as a Hub repo.
 
-Makes the local repo of revisions of ``examples/common.build_revision_repo`` (``v1.0`` =
+Makes the local repo of revisions of ``examples/training.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = the same weights re-charted on disk by a random signed
 permutation), **estimates** the gauge v1.0 -> v1.1 from activations on held-out text, records
 both ends' fingerprints, and compares it with the planted gauge. Then:
@@ -44,6 +44,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples import common as ex  # noqa: E402
+from examples import training as tr  # noqa: E402
 from hf_bdgauge import Gauge, GaugedModel  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.options import CaptureOptions  # noqa: E402
@@ -89,15 +90,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bdgauge-push-") as tmp:
         work = Path(tmp)
-        repo = ex.repo_from_args(args, work / "repo", with_finetune=False)
-        src, tgt = repo.path(ex.RevisionRepo.BASE), repo.path(ex.RevisionRepo.RECHARTED)
+        repo = tr.repo_from_args(args, work / "repo", with_finetune=False)
+        src, tgt = repo.path(tr.RevisionRepo.BASE), repo.path(tr.RevisionRepo.RECHARTED)
         gauge = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
         # name the ends as they would be published, and fingerprint them (GaugedModel checks these)
         gauge.source = ModelRef.from_checkpoint(src)
         gauge.target = ModelRef.from_checkpoint(tgt)
-        gauge.source.model_id, gauge.source.revision = args.model_id, ex.RevisionRepo.BASE
-        gauge.target.model_id, gauge.target.revision = args.model_id, ex.RevisionRepo.RECHARTED
-        res["estimate_equals_planted"] = gauge.element == repo.planted[ex.RevisionRepo.RECHARTED]
+        gauge.source.model_id, gauge.source.revision = args.model_id, tr.RevisionRepo.BASE
+        gauge.target.model_id, gauge.target.revision = args.model_id, tr.RevisionRepo.RECHARTED
+        res["estimate_equals_planted"] = gauge.element == repo.planted[tr.RevisionRepo.RECHARTED]
         res["tokens"] = gauge.metrics["tokens"]
         print(f"estimated on {res['tokens']} tokens: {gauge.metrics['summary']}")
         checks("estimate equals the planted gauge", res["estimate_equals_planted"])
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 info = gauge.push_to_hub(
                     args.repo_id,
                     token=args.token,
-                    commit_message=f"gauge {ex.RevisionRepo.BASE} -> {ex.RevisionRepo.RECHARTED}",
+                    commit_message=f"gauge {tr.RevisionRepo.BASE} -> {tr.RevisionRepo.RECHARTED}",
                 )
                 res["commit"] = info.oid
                 res["commit_url"] = str(info)

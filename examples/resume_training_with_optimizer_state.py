@@ -40,6 +40,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples import common as ex  # noqa: E402
+from examples import training as tr  # noqa: E402
 from hf_bdgauge import SignedPermutation, apply_gauge, apply_gauge_to_checkpoint  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.options import CaptureOptions  # noqa: E402
@@ -52,35 +53,38 @@ VARIANTS = (
     "fresh AdamW (no state)",
 )
 
+#: AdamW's weight decay in the checkpointed run (what a resumed optimizer state carries)
+WEIGHT_DECAY = 0.01
+
 
 def resume_experiment(
     work: Path,
+    first_run: tr.Training,
     *,
-    steps: int,
     resume_steps: int,
-    lr: float,
-    weight_decay: float = 0.01,
-    batch_size: int = 8,
     n_train: int = 64,
     n_eval: int = 4,
-    seed: int = 0,
     gauge_seed: int = 303,
 ) -> dict[str, Any]:
-    """Run the whole experiment in ``work``; returns losses per variant, max |Δ loss|, parameter
-    gaps and the estimate's agreement with the planted gauge (see the module docstring)."""
+    """Run the whole experiment in ``work``: ``first_run`` (its warm-up 0; its ``seed`` also seeds
+    the stories and the minibatches), a checkpoint, then ``resume_steps`` more steps; returns losses
+    per variant, max |Δ loss|, parameter gaps and the estimate's agreement with the planted gauge
+    (see the module docstring)."""
+    steps, lr, seed, batch_size = first_run.steps, first_run.lr, first_run.seed, first_run.batch_size
     base = ex.load_model(ex.base_dir())
-    data = ex.sample_ids(base, n_train, 64, seed=seed)
-    eval_ids = ex.sample_ids(base, n_eval, 64, seed=seed + 1)
+    data = tr.sample_ids(base, n_train, 64, seed=seed)
+    eval_ids = tr.sample_ids(base, n_eval, 64, seed=seed + 1)
     gen = torch.Generator().manual_seed(seed + 100)
     batches = [torch.randint(0, n_train, (batch_size,), generator=gen) for _ in range(steps + resume_steps)]
+    resumed_run = tr.Training(resume_steps, lr)  # with the optimizer (and its decay) it resumes
 
     # the uninterrupted run, with a checkpoint (weights + optimizer) after `steps` steps
     model = copy.deepcopy(base)
-    first, opt = ex.train_lm(model, data, steps, lr=lr, weight_decay=weight_decay, batches=batches[:steps])
+    first, opt = tr.train_lm(model, data, first_run, batches=batches[:steps])
     ckpt = work / f"checkpoint-{steps}"
     model.save_pretrained(ckpt)
     torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-    original, _ = ex.train_lm(model, data, resume_steps, lr=lr, optimizer=opt, batches=batches[steps:])
+    original, _ = tr.train_lm(model, data, resumed_run, optimizer=opt, batches=batches[steps:])
     final_original = model
 
     # the checkpoint is re-charted on disk (the optimizer file is not)
@@ -93,10 +97,10 @@ def resume_experiment(
 
     def resume(path: Path, opt_state: dict | None) -> tuple[list[float], torch.nn.Module]:
         m = ex.load_model(path)
-        o = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)
+        o = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=first_run.weight_decay)
         if opt_state is not None:  # load_state_dict aliases the tensors it is given: copy them
             o.load_state_dict(copy.deepcopy(opt_state))
-        losses, _ = ex.train_lm(m, data, resume_steps, lr=lr, optimizer=o, batches=batches[steps:])
+        losses, _ = tr.train_lm(m, data, resumed_run, optimizer=o, batches=batches[steps:])
         return losses, m
 
     target_final = apply_gauge(copy.deepcopy(final_original), g)  # where B_d should end up, exactly
@@ -134,7 +138,7 @@ def resume_experiment(
             steps=steps,
             resume_steps=resume_steps,
             lr=lr,
-            weight_decay=weight_decay,
+            weight_decay=first_run.weight_decay,
             batch_size=batch_size,
             n_train=n_train,
             train_tokens=int(data.numel()),
@@ -150,8 +154,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = ex.Checks()
     with ex.work_dir(args.out, "bdgauge-resume-") as work:
         work.mkdir(parents=True, exist_ok=True)
-        flags = ("steps", "resume_steps", "lr", "seed", "gauge_seed")  # resume_experiment's arguments
-        res = resume_experiment(work, n_train=args.train_samples, **{k: getattr(args, k) for k in flags})
+        first_run = tr.Training(args.steps, args.lr, seed=args.seed, weight_decay=WEIGHT_DECAY)
+        res = resume_experiment(
+            work,
+            first_run,
+            resume_steps=args.resume_steps,
+            n_train=args.train_samples,
+            gauge_seed=args.gauge_seed,
+        )
     s = res["settings"]
     print(
         f"stories260K, AdamW lr {s['lr']:g} (weight decay {s['weight_decay']:g}, batch {s['batch_size']}) "

@@ -1,6 +1,6 @@
 """Steer a newer revision of a model with a steering vector made on an older one.
 
-Makes the local repo of revisions of ``examples/common.build_revision_repo`` (``v1.0`` =
+Makes the local repo of revisions of ``examples/training.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = same weights in another residual chart, ``v2.0-finetuned`` = a
 short fine-tune saved in yet another chart). On v1.0 a steering vector is the mean difference of
 the residual after decoder block ``L`` between happy and sad sentences (the contrast sets of
@@ -34,6 +34,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples import common as ex  # noqa: E402
+from examples import training as tr  # noqa: E402
 from hf_bdgauge.transport.steering import SteeringVector  # noqa: E402
 from hf_bdgauge.transport.steering_measure import percent_effect_preserved, steering_effect  # noqa: E402
 
@@ -59,8 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     texts: dict[str, str] = {}
     with ex.work_dir(args.out, "bdgauge-steer-") as out:
-        repo = ex.repo_from_args(args, out / "repo")
-        src = repo.path(ex.RevisionRepo.BASE)
+        repo = tr.repo_from_args(args, out / "repo")
+        src = repo.path(tr.RevisionRepo.BASE)
         tok = ex.load_tokenizer(src)
         enc = lambda ss: [tok(s, return_tensors="pt").input_ids for s in ss]  # noqa: E731
         model = ex.load_model(src)
@@ -77,9 +78,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.layer - 1}) of v1.0, |v| = {vec[args.layer].norm():.2f}, alpha {args.alpha:g}; saved to "
             f"{out / 'happy-v1.0.safetensors'}"
         )
-        for rev in (ex.RevisionRepo.RECHARTED, ex.RevisionRepo.FINETUNED):
+        for rev in (tr.RevisionRepo.RECHARTED, tr.RevisionRepo.FINETUNED):
             tgt_model = ex.load_model(repo.path(rev))
-            est = ex.estimate_revision(repo, rev, checks)
+            est = tr.estimate_revision(repo, rev, checks)
             loaded = SteeringVector.load(out / "happy-v1.0.safetensors")
             candidates = {
                 "B_d (estimated G)": loaded.transport(est),
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
             bd, sd = res["B_d (estimated G)"], res["S_d (its permutation only)"]
-            if rev == ex.RevisionRepo.RECHARTED:
+            if rev == tr.RevisionRepo.RECHARTED:
                 checks("B_d preserves the steering effect on v1.1 (>= 99.9%)", bd >= 99.9, f"{bd:.4f}%")
                 checks(
                     "B_d reproduces the steered greedy text on v1.1",
@@ -149,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layer", type=int, default=3, help="residual layer steered (1-5: the output of block layer-1)"
     )
     p.add_argument("--alpha", type=float, default=4.0)
-    return ex.fast_or_full(p.parse_args(argv), **ex.REPO_SIZES)
+    return ex.fast_or_full(p.parse_args(argv), **tr.REPO_SIZES)
 
 
 main = ex.example_main(run, parse_args, __name__)

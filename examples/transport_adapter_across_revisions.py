@@ -1,6 +1,6 @@
 """Transport a PEFT LoRA adapter from one revision of a model to another.
 
-A local "repo" of revisions is made first (``examples/common.build_revision_repo``):
+A local "repo" of revisions is made first (``examples/training.build_revision_repo``):
 ``v1.0`` = the real pretrained stories260K, ``v1.1-recharted`` = the same weights re-charted on
 disk by a random signed permutation (``apply_gauge_to_checkpoint``: same function, other
 residual coordinates), ``v2.0-finetuned`` = a short CPU fine-tune of v1.0 saved in yet another
@@ -39,6 +39,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples import common as ex  # noqa: E402
+from examples import training as tr  # noqa: E402
 from hf_bdgauge.estimate import estimate_gauge  # noqa: E402
 from hf_bdgauge.options import CaptureOptions  # noqa: E402
 from hf_bdgauge.transport.peft import transport_adapter  # noqa: E402
@@ -56,13 +57,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ex.setup()
     checks = ex.Checks()
     with ex.work_dir(args.out, "bdgauge-adapter-") as out:
-        repo = ex.repo_from_args(args, out / "repo")
-        src = repo.path(ex.RevisionRepo.BASE)
+        repo = tr.repo_from_args(args, out / "repo")
+        src = repo.path(tr.RevisionRepo.BASE)
         base = ex.load_model(src)
-        train, heldout = ex.task_data(
+        train, heldout = tr.task_data(
             base, ex.load_tokenizer(src), args.train_samples, args.heldout_samples, seed=args.seed + 7
         )
-        adapter = ex.train_lora(
+        adapter = tr.train_lora(
             ex.load_model(src),
             train,
             out / "adapter-v1.0",
@@ -70,8 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lr=args.lora_lr,
             seed=args.seed,
         )
-        loss_src = ex.lora_losses(src, None, heldout)
-        loss_src_ad = ex.lora_losses(src, adapter, heldout)
+        loss_src = tr.lora_losses(src, None, heldout)
+        loss_src_ad = tr.lora_losses(src, adapter, heldout)
         gain_src = loss_src - loss_src_ad
         print(f"revisions in {repo.root}: {', '.join(repo.revisions)}")
         print(
@@ -81,17 +82,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
         rows: list[dict[str, Any]] = []
-        for rev in (ex.RevisionRepo.RECHARTED, ex.RevisionRepo.FINETUNED):
+        for rev in (tr.RevisionRepo.RECHARTED, tr.RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
             est = estimate_gauge(src, tgt, repo.texts, capture=CaptureOptions(progress=False))
             agree = est.element.agreement(repo.planted[rev])
             exact = est.element == repo.planted[rev]
             print(
-                f"\n{ex.RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: "
+                f"\n{tr.RevisionRepo.BASE} -> {rev}: estimated on {est.metrics['tokens']} tokens: "
                 f"{est.metrics['summary']}"
             )
             print(f"  estimate == planted gauge: {exact} (signed accuracy {agree['signed_accuracy']:.3f})")
-            if rev == ex.RevisionRepo.RECHARTED:
+            if rev == tr.RevisionRepo.RECHARTED:
                 checks(
                     "estimate equals the planted gauge (v1.1-recharted)",
                     exact,
@@ -110,11 +111,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "none (adapter copied as is)": adapter,
             }
-            loss_tgt = ex.lora_losses(tgt, None, heldout)
+            loss_tgt = tr.lora_losses(tgt, None, heldout)
             print(f"  held-out task loss of the bare revision: {loss_tgt:.4f} (v1.0: {loss_src:.4f})")
             ref_logits = adapter_logits(src, adapter, heldout[:4])
             for how, ad in moved.items():
-                loss = ex.lora_losses(tgt, ad, heldout)
+                loss = tr.lora_losses(tgt, ad, heldout)
                 dlogit = (adapter_logits(tgt, ad, heldout[:4]) - ref_logits).abs().max().item()
                 rows.append(
                     {
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             rec = {r["transport"]: r for r in rows if r["revision"] == rev}
             bd, sd, none = (rec[k] for k in moved)
-            if rev == ex.RevisionRepo.RECHARTED:
+            if rev == tr.RevisionRepo.RECHARTED:
                 checks(
                     "B_d-transported adapter reproduces v1.0 + adapter to 1e-4",
                     bd["max |Δ logit|"] < 1e-4,
@@ -180,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-lr", type=float, default=3e-3)
     args = p.parse_args(argv)
     args.lora_steps = args.lora_steps or (30 if args.fast else 60)
-    return ex.fast_or_full(args, train_samples=(64, 128), heldout_samples=(8, 16), **ex.REPO_SIZES)
+    return ex.fast_or_full(args, train_samples=(64, 128), heldout_samples=(8, 16), **tr.REPO_SIZES)
 
 
 main = ex.example_main(run, parse_args, __name__)

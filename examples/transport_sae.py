@@ -1,6 +1,6 @@
 """Transport a sparse autoencoder (SAELens format) from one revision of a model to another.
 
-Makes the local repo of revisions of ``examples/common.build_revision_repo`` (``v1.0`` =
+Makes the local repo of revisions of ``examples/training.build_revision_repo`` (``v1.0`` =
 stories260K, ``v1.1-recharted`` = same weights in another residual chart, ``v2.0-finetuned`` = a
 short fine-tune saved in yet another chart), trains SAEs (ReLU and top-k, d_sae = 256) on v1.0's
 residual layer ``ℓ`` (the output of block ``ℓ − 1``, ``blocks.<ℓ−1>.hook_resid_post``) and saves
@@ -34,6 +34,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples import common as ex  # noqa: E402
+from examples import training as tr  # noqa: E402
 from hf_bdgauge.layers import residual_states  # noqa: E402
 from hf_bdgauge.transport.sae import SAE, transport_sae  # noqa: E402
 
@@ -50,9 +51,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = ex.Checks()
     rows: list[dict[str, Any]] = []
     with ex.work_dir(args.out, "bdgauge-sae-") as out:
-        repo = ex.repo_from_args(args, out / "repo")
-        src = repo.path(ex.RevisionRepo.BASE)
-        fit_ids = ex.sample_ids(ex.load_model(src), args.sae_samples, 64, seed=args.seed + 11)
+        repo = tr.repo_from_args(args, out / "repo")
+        src = repo.path(tr.RevisionRepo.BASE)
+        fit_ids = tr.sample_ids(ex.load_model(src), args.sae_samples, 64, seed=args.seed + 11)
         x_fit = residuals(src, fit_ids, args.layer)
         x_src = residuals(src, repo.eval_ids, args.layer)
         print(
@@ -62,9 +63,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report = ex.load_example("sae_and_steering_report")  # the SAEs it fits
         fitted = report.fit_saes(x_fit, args.layer, steps=args.sae_steps, seed=args.seed + 1, model_name=src)
         saes = {arch: sae.save(out / f"sae-{arch}-v1.0", overwrite=True) for arch, sae in fitted.items()}
-        for rev in (ex.RevisionRepo.RECHARTED, ex.RevisionRepo.FINETUNED):
+        for rev in (tr.RevisionRepo.RECHARTED, tr.RevisionRepo.FINETUNED):
             tgt = repo.path(rev)
-            est = ex.estimate_revision(repo, rev, checks)
+            est = tr.estimate_revision(repo, rev, checks)
             x_tgt = residuals(tgt, repo.eval_ids, args.layer)
             for arch, sae_dir in saes.items():
                 sae = SAE.load(sae_dir)
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "saved model_name": SAE.load(out / f"sae-{arch}-{rev}").model_name,
                 }
                 rows.append(row)
-                if rev == ex.RevisionRepo.RECHARTED:
+                if rev == tr.RevisionRepo.RECHARTED:
                     checks(
                         f"{arch}: B_d NMSE on v1.1 equals the source NMSE",
                         abs(row["B_d NMSE"] - row["source NMSE (v1.0)"]) < 1e-5,
@@ -132,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.parse_args(argv),
         sae_steps=(100, 300),
         sae_samples=(16, 48),
-        **ex.REPO_SIZES,
+        **tr.REPO_SIZES,
     )
 
 

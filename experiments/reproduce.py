@@ -51,6 +51,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from examples import common as excommon  # noqa: E402
+from examples import training as extraining  # noqa: E402
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
 from hf_bdgauge.estimate import compose_gauges, compose_via_base, estimate_gauge  # noqa: E402
 from hf_bdgauge.layers import residual_states  # noqa: E402
@@ -192,7 +193,7 @@ class Context:
         if self._repos is None:
             self._repos = []
             for s in range(self.cfg.repo_seeds):
-                repo = excommon.build_revision_repo(
+                repo = extraining.build_revision_repo(
                     self.work / f"repo-{s}",
                     finetune_steps=self.cfg.finetune_steps,
                     n_train=self.cfg.finetune_samples,
@@ -200,12 +201,12 @@ class Context:
                     seed=s,
                     gauge_seeds=(101 + s, 202 + s),
                 )
-                src = repo.path(excommon.RevisionRepo.BASE)
+                src = repo.path(extraining.RevisionRepo.BASE)
                 est = {
                     rev: estimate_gauge(
                         src, repo.path(rev), repo.texts, capture=CaptureOptions(progress=False)
                     )
-                    for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
+                    for rev in (extraining.RevisionRepo.RECHARTED, extraining.RevisionRepo.FINETUNED)
                 }
                 agree = {rev: est[rev].element.agreement(repo.planted[rev]) for rev in est}
                 self._repos.append(
@@ -253,14 +254,14 @@ def _repo_setup_text(ctx: Context) -> str:
 def section_a(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     model = ctx.model
-    ids = excommon.sample_ids(model, cfg.a_eval_samples, 64, seed=1)
+    ids = extraining.sample_ids(model, cfg.a_eval_samples, 64, seed=1)
     methods = ("signed", "sign_marginalized", "permutation")
     out: dict[str, Any] = {"fractions": [], "methods": {m: {} for m in methods}}
     for f in cfg.a_fractions:
         rows = {m: {"perm_accuracy": [], "signed_accuracy": []} for m in methods}
         actual = []
         for s in range(cfg.a_seeds):
-            g = excommon.signs_with_fraction(64, f, seed=1000 * s + int(round(100 * f)))
+            g = extraining.signs_with_fraction(64, f, seed=1000 * s + int(round(100 * f)))
             actual.append(float((g.signs > 0).mean()))
             tgt = apply_gauge(copy.deepcopy(model), g)
             for m in methods:
@@ -376,26 +377,18 @@ def _run_chain(
             losses.append(float(np.mean(window)))
             window.clear()
 
-    excommon.train_lm(
-        copy.deepcopy(base),
-        data,
-        cfg.b_steps,
-        lr=lr,
-        batch_size=cfg.b_batch,
-        seed=seed,
-        warmup=cfg.b_warmup,
-        callback=save,
-    )
+    run = extraining.Training(cfg.b_steps, lr, batch_size=cfg.b_batch, seed=seed, warmup=cfg.b_warmup)
+    extraining.train_lm(copy.deepcopy(base), data, run, callback=save)
     return ckpts, gauges, losses
 
 
 def section_b(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     base = ctx.model
-    ev = excommon.sample_ids(base, cfg.b_eval_samples, 64, seed=1)
+    ev = extraining.sample_ids(base, cfg.b_eval_samples, 64, seed=1)
     data = {
-        "A": excommon.sample_ids(base, cfg.b_train_samples, 64, seed=10),
-        "B": excommon.sample_ids(base, cfg.b_train_samples, 64, seed=20),
+        "A": extraining.sample_ids(base, cfg.b_train_samples, 64, seed=10),
+        "B": extraining.sample_ids(base, cfg.b_train_samples, 64, seed=20),
     }
     g0 = SignedPermutation.random(64, seed=10_000)
     out: dict[str, Any] = {"runs": {}}
@@ -439,7 +432,7 @@ def section_b(ctx: Context) -> dict[str, Any]:
             via.append(_acc(via_g, truth_ab))
             direct.append(_acc(dir_g, truth_ab))
             direct_excess.append(float(dir_g.metrics["excess_over_null"]))
-            eval_loss.append(excommon.lm_loss(ck["A"][k], ev))
+            eval_loss.append(extraining.lm_loss(ck["A"][k], ev))
         lib_acc = None
         if (
             lr == cfg.b_lrs[-1]
@@ -459,7 +452,7 @@ def section_b(ctx: Context) -> dict[str, Any]:
             "direct_ab_excess": direct_excess,
             "train_loss_A": tl["A"][1:],
             "eval_loss_A": eval_loss,
-            "eval_loss_start": excommon.lm_loss(ck["A"][0], ev),
+            "eval_loss_start": extraining.lm_loss(ck["A"][0], ev),
             "local_hop_accuracy": hop_acc,
             "local_hop_excess": [float(g.metrics["excess_over_null"]) for g in links["A"]],
             "compose_via_base_library_accuracy": lib_acc,
@@ -612,8 +605,8 @@ def _resid(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch.Tenso
 def section_c(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     src = ctx.model
-    fit_ids = excommon.sample_ids(src, cfg.c_fit_samples, 64, seed=3)
-    ev_ids = excommon.sample_ids(src, cfg.c_eval_samples, 64, seed=4)
+    fit_ids = extraining.sample_ids(src, cfg.c_fit_samples, 64, seed=3)
+    ev_ids = extraining.sample_ids(src, cfg.c_eval_samples, 64, seed=4)
     report = excommon.load_example("sae_and_steering_report")  # the SAEs it fits
     rows = []
     for layer in cfg.c_layers:
@@ -637,7 +630,7 @@ def section_c(ctx: Context) -> dict[str, Any]:
                         }
                     )
     summary = {}
-    for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED):
+    for rev in (extraining.RevisionRepo.RECHARTED, extraining.RevisionRepo.FINETUNED):
         for arch in ("standard", "topk"):
             sel = [x for x in rows if x["revision"] == rev and x["sae"] == arch]
             summary[f"{rev}/{arch}"] = {k: _ms(x[k] for x in sel) for k in ("source", "B_d", "S_d", "none")}
@@ -778,14 +771,14 @@ def section_d(ctx: Context) -> dict[str, Any]:
                     rows.append(row)
     summary = {
         rev: {k: _ms(x[k] for x in rows if x["revision"] == rev) for k in ("B_d", "S_d", "none")}
-        for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
+        for rev in (extraining.RevisionRepo.RECHARTED, extraining.RevisionRepo.FINETUNED)
     }
     per_layer = {
         f"{rev}/{layer}": {
             k: _ms(x[k] for x in rows if x["revision"] == rev and x["layer"] == layer)
             for k in ("B_d", "S_d", "none")
         }
-        for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
+        for rev in (extraining.RevisionRepo.RECHARTED, extraining.RevisionRepo.FINETUNED)
         for layer in cfg.d_layers
     }
     return {
@@ -867,19 +860,19 @@ def section_e(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     from peft import PeftModel
 
-    train, held = excommon.task_data(ctx.model, ctx.tok, cfg.e_train_samples, cfg.e_heldout_samples, seed=7)
+    train, held = extraining.task_data(ctx.model, ctx.tok, cfg.e_train_samples, cfg.e_heldout_samples, seed=7)
 
     def loss(model: torch.nn.Module, adapter: Path | None) -> float:
         m = copy.deepcopy(model)
         if adapter is not None:
             m = PeftModel.from_pretrained(m, str(adapter)).eval()
-        return excommon.lm_loss(m, held)
+        return extraining.lm_loss(m, held)
 
     rows = []
     base_loss = loss(ctx.model, None)
     for r in ctx.repos:
         s = r["seed"]
-        ad = excommon.train_lora(
+        ad = extraining.train_lora(
             copy.deepcopy(ctx.model),
             train,
             ctx.work / f"lora-{s}",
@@ -918,7 +911,7 @@ def section_e(ctx: Context) -> dict[str, Any]:
             rows.append(row)
     summary = {
         rev: {k: _ms(x[k] for x in rows if x["revision"] == rev) for k in ("B_d", "S_d", "none", "gain")}
-        for rev in (excommon.RevisionRepo.RECHARTED, excommon.RevisionRepo.FINETUNED)
+        for rev in (extraining.RevisionRepo.RECHARTED, extraining.RevisionRepo.FINETUNED)
     }
     return {
         "rows": rows,
@@ -1028,10 +1021,8 @@ def section_f(ctx: Context) -> dict[str, Any]:
         runs.append(
             ex.resume_experiment(
                 work,
-                steps=cfg.f_steps,
+                extraining.Training(cfg.f_steps, cfg.f_lr, seed=s, weight_decay=ex.WEIGHT_DECAY),
                 resume_steps=cfg.f_resume_steps,
-                lr=cfg.f_lr,
-                seed=s,
                 gauge_seed=303 + s,
             )
         )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -131,6 +131,7 @@ class Gauge(GaugeHubMixin):
     # ------------------------------------------------------------------ basics
     @property
     def dim(self) -> int:
+        """The residual width ``d`` both charts share (the element acts on ``R^d``)."""
         return self.element.dim
 
     @property
@@ -309,37 +310,19 @@ class Gauge(GaugeHubMixin):
         re-indexed by the new source chart (``c'[π(i)] = c[i]``), hops reversed with their ends
         swapped and ``inverted`` toggled."""
         g = self.element
-        hops = [inverted_hop(h) for h in reversed(self.hops)]
-        if isinstance(g, Orthogonal):  # R⁻¹ = Rᵀ; no per-coordinate arrays to re-index
-            if self.gains is not None:
-                zero = sorted(n for n, v in self.gains.items() if np.any(v == 0))
-                if zero:
-                    raise OrthogonalGaugeError(
-                        f"the inverse of a folded rotation divides by the gains, and these are 0 "
-                        f"somewhere: {', '.join(zero[:6])}"
-                    )
-            return Gauge(
-                g.inverse(),
-                source=self.target,
-                target=self.source,
-                method=self.method,
-                metrics=dict(self.metrics),
-                hops=hops,
-                library_version=self.library_version,
-                gains=self.gains,
-                gains_at="target" if self.gains_at == "source" else "source",
-                unit_gains=self._swapped_unit_gains(),
-            )
-        sp = g  # a SignedPermutation here (the rotation returned above)
+        rotation = isinstance(g, Orthogonal)  # R⁻¹ = Rᵀ; no per-coordinate arrays to re-index
+        if rotation and self.gains is not None:
+            zero = sorted(n for n, v in self.gains.items() if np.any(v == 0))
+            if zero:
+                raise OrthogonalGaugeError(
+                    f"the inverse of a folded rotation divides by the gains, and these are 0 "
+                    f"somewhere: {', '.join(zero[:6])}"
+                )
 
         def p(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else sp.apply(a, signed=False)
+            return None if a is None or isinstance(g, Orthogonal) else g.apply(a, signed=False)
 
-        ident = (
-            None
-            if self.identified is None
-            else g.apply(self.identified.astype(np.int8), signed=False).astype(bool)
-        )
+        ident = p(None if self.identified is None else self.identified.astype(np.int8))
         return Gauge(
             g.inverse(),
             source=self.target,
@@ -348,9 +331,11 @@ class Gauge(GaugeHubMixin):
             confidence=p(self.confidence),
             margin=p(self.margin),
             metrics=dict(self.metrics),
-            hops=hops,
+            hops=[inverted_hop(h) for h in reversed(self.hops)],
             library_version=self.library_version,
-            identified=ident,
+            identified=None if ident is None else ident.astype(bool),
+            gains=self.gains if rotation else None,
+            gains_at=("target" if self.gains_at == "source" else "source") if rotation else "source",
             unit_gains=self._swapped_unit_gains(),
         )
 
@@ -358,20 +343,11 @@ class Gauge(GaugeHubMixin):
         return {"source": self.unit_gains["target"], "target": self.unit_gains["source"]}
 
     # ------------------------------------------------------------------ attaching
-    def check_attachable(
-        self,
-        model: Any,
-        end: Literal["source", "target"] = "source",
-        *,
-        strict: bool = True,
-        fingerprint: Mapping[str, Any] | None = None,
-        force: bool = False,
-    ) -> bool:
-        """Raise unless this gauge can act on ``model`` (a model in memory, a checkpoint directory or
-        Hub id ``repo@revision``, or a config) as its ``end`` chart; returns whether a gauge that does
-        not fit was forced. The checks are the transform plan's: dimension, the family's symmetry
-        rule, and the fingerprint that end recorded (:func:`hf_bdgauge.fit.check_attachable`)."""
-        return check_attachable(self, model, end, strict=strict, fingerprint=fingerprint, force=force)
+    #: ``gauge.check_attachable(model, end="source", *, strict=True, fingerprint=None, force=False)``:
+    #: raise unless this gauge can act on ``model`` (a model in memory, a checkpoint directory or Hub
+    #: id ``repo@revision``, or a config) as its ``end`` chart; returns whether a gauge that does not
+    #: fit was forced. The one rule is :func:`hf_bdgauge.fit.check_attachable`, bound here as a method.
+    check_attachable = check_attachable
 
     # ------------------------------------------------------------------ description
     @property

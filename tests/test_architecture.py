@@ -315,8 +315,8 @@ def _imported_modules(path: Path) -> set[str]:
 
 def test_the_library_and_the_examples_import_nothing_from_experiments():
     """The wheel ships the library only, and the examples stand on the library (and
-    ``examples/common.py``): research code (``experiments/``, calibration-model training included)
-    is imported by nothing outside it."""
+    ``examples/common.py``, ``examples/training.py``): research code (``experiments/``,
+    calibration-model training included) is imported by nothing outside it."""
     offenders = [
         f"{p.relative_to(ROOT)} imports {m}"
         for p in [*PKG.rglob("*.py"), *(ROOT / "examples").glob("*.py")]

@@ -80,10 +80,16 @@ def _row(name: str, p: list[float]) -> str:
 
     a = np.asarray(p)
     z = norm.isf(np.clip(a, 1e-300, 1.0))
-    return (
-        f"| {name} | {a.size} | {np.mean(a <= 0.05):.3f} | {np.mean(a <= 0.01):.3f} | "
-        f"{kstest(a, 'uniform').pvalue:.3f} | {z.mean():+.2f} | {z.std():.2f} |"
-    )
+    cells = [
+        name,
+        str(a.size),
+        f"{np.mean(a <= 0.05):.3f}",
+        f"{np.mean(a <= 0.01):.3f}",
+        f"{kstest(a, 'uniform').pvalue:.3f}",
+        f"{z.mean():+.2f}",
+        f"{z.std():.2f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main() -> int:

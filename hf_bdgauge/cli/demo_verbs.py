@@ -9,7 +9,7 @@ from typing import Any
 
 from ..hub import resolve_checkpoint_dir, split_revision
 from .common import read_texts
-from .flags import add_quiet_flag, add_verb
+from .flags import REVISION_HELP, add_quiet_flag, add_verb
 
 __all__ = ["add_audit_parser", "add_demo_parser"]
 
@@ -53,7 +53,7 @@ def add_audit_parser(sub: Any) -> None:
     """``bdgauge audit``."""
     au = add_verb(sub, "audit", "gauge-sweep audit of a top-k massive-activation claim", _cmd_audit)
     au.add_argument("model", help="model dir or repo@revision")
-    au.add_argument("--revision", help="revision of MODEL on the Hub (or write MODEL as repo@revision)")
+    au.add_argument("--revision", help=REVISION_HELP.format(end="MODEL"))
     au.add_argument(
         "--texts",
         type=Path,

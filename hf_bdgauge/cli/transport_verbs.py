@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from .common import describe_element, forced, load_gauge
-from .flags import add_quiet_flag
+from .flags import REVISION_HELP, add_quiet_flag
 from .output import say
 
 __all__ = ["add_transport_parser"]
@@ -41,7 +41,7 @@ def add_transport_parser(sub: Any) -> None:
         k.add_argument("src", help=kind.source)
         k.add_argument("gauge", help="gauge dir or repo@revision (its source is the object's model)")
         k.add_argument("dst", help="output path (written atomically)")
-        k.add_argument("--revision", help="revision of SRC on the Hub (or write SRC as repo@revision)")
+        k.add_argument("--revision", help=REVISION_HELP.format(end="SRC"))
         k.add_argument("--gauge-revision", help="revision of the gauge repo")
         k.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
         k.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

@@ -106,12 +106,12 @@ def estimate_gauge(
     data: Any = None,
     method: str = "sign_marginalized",
     *,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
+    fingerprint: bool = True,
     capture: CaptureOptions | None = None,
     weights: WeightOptions | None = None,
     calibration: CalibrationOptions | None = None,
-    fingerprint: bool = True,
-    source_revision: str | None = None,
-    target_revision: str | None = None,
 ) -> Gauge:
     """Estimate the gauge ``G`` with ``h_target ≈ G·h_source``.
 
@@ -191,11 +191,11 @@ def capture_pair(
     data: Any,
     *,
     capture: CaptureOptions | None = None,
+    source_revision: str | None = None,
+    target_revision: str | None = None,
     fingerprint: bool = True,
     shard: tuple[int, int] | None = None,
     data_description: dict[str, Any] | None = None,
-    source_revision: str | None = None,
-    target_revision: str | None = None,
 ) -> CapturedPair:
     """Load both models (as :func:`estimate_gauge` does, in ``capture.dtype`` with
     ``capture.device_map``, which are refused for a model given already loaded:

@@ -30,11 +30,11 @@ def estimate_gauge_from_weights(
     source: Any,
     target: Any,
     *,
-    weights: WeightOptions | None = None,
-    calibration: CalibrationOptions | None = None,
-    fingerprint: bool = True,
     source_revision: str | None = None,
     target_revision: str | None = None,
+    fingerprint: bool = True,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
 ) -> Gauge:
     """Data-free estimate of ``G`` (``h_target ≈ G·h_source``) from the weights alone.
 
