@@ -19,7 +19,7 @@ memory of the largest process (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``
 fresh wrapper process per run), whether the result is right (the planted gauge; for ``apply``
 the 2-process output byte-identical to the 1-process one) and the ratio to 1 process × 1 thread.
 
-Then, in a 2-process run of :func:`~hf_bdgauge.estimate.capture_pair_stats` with
+Then, in a 2-process run of :func:`~hf_bdgauge.estimate.capture.capture_pair_stats` with
 ``torch.distributed.all_reduce`` wrapped by a counter, the bytes all-reduced per layer and half
 against the formula ``8·(d²·(1 + [Σyyᵀ kept]) + 4·d + 1)`` (n, Σx, Σy, Σx², Σy², Σxyᵀ and Σyyᵀ
 as float64), with and without Σyyᵀ, what else travels (the layout exchange and the failure flags

@@ -1,7 +1,7 @@
 """Benchmark: the cost of streaming activation statistics on top of the forward passes.
 
 Activation-based estimation runs the source and the target on the same tokens and adds, per
-captured residual layer, the float64 sums of :class:`hf_bdgauge.estimate.PairStats`
+captured residual layer, the float64 sums of :class:`hf_bdgauge.estimate.stats.PairStats`
 (``Σx, Σy, Σx², Σy²`` and the d×d ``Σx·yᵀ``, ``Σy·yᵀ``). This script measures tokens/s of
 
 * ``forward ×2 (logits)``     both models' full forward (final norm and lm_head included);

@@ -2,8 +2,8 @@
 ``experiments/trace/``): confidence bounds of proportions, the ``--part`` command line that writes
 one JSON file a part, and the report re-rendered from whatever parts exist.
 
-The set-up and model helpers they share with the examples live in ``examples/common.py``
-(imported from there: the examples import nothing from ``experiments/``).
+The set-up and model helpers they share with the examples live in ``examples/common.py`` and
+``examples/training.py`` (imported from there: the examples import nothing from ``experiments/``).
 """
 
 from __future__ import annotations

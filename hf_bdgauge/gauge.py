@@ -352,8 +352,8 @@ class Gauge(GaugeHubMixin):
     # ------------------------------------------------------------------ description
     @property
     def verdict(self) -> str | None:
-        """What the estimate says about the pair (one of :data:`VERDICTS`), ``None`` when the
-        gauge was not estimated (written by hand, planted)."""
+        """What the estimate says about the pair (one of :data:`~hf_bdgauge.verdicts.VERDICTS`), ``None``
+        when the gauge was not estimated (written by hand, planted)."""
         v = self.metrics.get("verdict")
         return str(v) if v is not None else None
 

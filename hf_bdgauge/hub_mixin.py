@@ -124,7 +124,7 @@ class GaugeHubMixin:
         branch, tag or commit), through ``huggingface_hub`` (cache, ``HF_HUB_OFFLINE``,
         ``HF_ENDPOINT``).
 
-        Raises :class:`InvalidGaugeError` for a malformed, tampered or truncated gauge,
+        Raises :class:`~hf_bdgauge.errors.InvalidGaugeError` for a malformed, tampered or truncated gauge,
         :class:`~hf_bdgauge.errors.GaugeNotFoundError` for a repo without one, and the
         :class:`~hf_bdgauge.errors.HubError` subclasses for a missing repository or revision.
         """

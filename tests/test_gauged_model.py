@@ -180,7 +180,7 @@ def test_kwargs_pass_through_and_fingerprint_from_disk(charts, monkeypatch):
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    # (a revision with a local directory is refused: tests/test_arguments_and_messages.py)
+    # (a revision with a local directory is refused: tests/test_gauge_resolve.py)
     gm = GaugedModel.from_pretrained(
         charts["moved"], gauge=charts["att"], dtype=torch.bfloat16, device_map="cpu"
     )

@@ -10,14 +10,16 @@
 Nothing here computes a statistic: every p-value and identified set is what a user gets (the
 design study that chose the statistic, with its ablations, is ``design-study.md``).
 
-* model pairs: ``hf_bdgauge.estimate.capture_pair_stats(source, target, token_ids)`` (sequences
+* model pairs: ``hf_bdgauge.estimate.capture.capture_pair_stats(source, target, token_ids)`` (sequences
   alternate between the halves, each sequence's first token is left out) and
-  ``hf_bdgauge.estimate.estimate_from_stats(stats, method, null_draws=0)`` — the two halves of
+  ``hf_bdgauge.estimate.matching.estimate_from_stats(stats, method,
+  calibration=CalibrationOptions(null_draws=0))`` — the two halves of
   ``estimate_gauge``, and ``null_draws=0``, the big-model setting the issue found broken;
 * shuffled pairings (no second model exists): the same ``PairStats``, filled the way
   ``capture_pair_stats`` fills it (sequence ``k`` to half ``k % 2``, first token left out) from
   stories260K's residuals and a re-paired copy of them, then ``estimate_from_stats``;
-* weights: ``hf_bdgauge.estimate_gauge_from_weights(source, target, null_draws=0)``.
+* weights: ``hf_bdgauge.estimate.weights.estimate_gauge_from_weights(source, target,
+  calibration=CalibrationOptions(null_draws=0))``.
 
 Pair families and models come from ``harness.py``.
 """

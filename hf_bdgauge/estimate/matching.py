@@ -173,7 +173,7 @@ def estimate_from_stats(
 ) -> Gauge:
     """Match on captured statistics and return a :class:`~hf_bdgauge.gauge.Gauge` with
     confidence, margin, the calibrated p-value and identified coordinates
-    (:mod:`hf_bdgauge.estimate.verdict`, ``calibration.draws`` Haar rotations, read against
+    (:mod:`hf_bdgauge.estimate.calibration`, ``calibration.draws`` Haar rotations, read against
     ``calibration.reference`` at ``calibration.level``) and descriptive fit metrics (a rotated null
     of ``calibration.null_draws`` draws; 0 skips it). ``capture``: only its ``layers`` (default
     all), ``pooling`` and ``group`` apply (others are refused). ``across_ranks=True``: every rank of ``group``

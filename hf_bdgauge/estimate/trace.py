@@ -27,7 +27,8 @@ noise; two independently trained models fail it.
 
 :func:`diff` reports, per layer, what that means for objects made on A: with the gauge A → B,
 the identity fit and the gauge fit at that layer, its p-value and identified fraction, and the
-plain verdict of :func:`~hf_bdgauge.estimate.layer_verdicts.layer_verdict` (:data:`LAYER_VERDICTS`) —
+plain verdict of :func:`~hf_bdgauge.estimate.layer_verdicts.layer_verdict`
+(:data:`~hf_bdgauge.estimate.layer_verdicts.LAYER_VERDICTS`) —
 *same chart: objects at this layer move as they are*, *re-charted: transport with the gauge*
 (only when the gauge passes :meth:`~hf_bdgauge.gauge.Gauge.check_fit`'s rule,
 :meth:`~hf_bdgauge.gauge.Gauge.fit_problems`), *drifted*, *no evidence at this layer* or *too

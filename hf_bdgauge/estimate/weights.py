@@ -42,7 +42,7 @@ def estimate_gauge_from_weights(
     streamed tensor by tensor). Returns a :class:`~hf_bdgauge.gauge.Gauge` with ``method="weights"``,
     ``confidence`` = matched sign-marginalised cosine, ``margin`` to the runner-up, and the same
     calibrated p-value, identified coordinates and verdict as the activation methods
-    (:mod:`hf_bdgauge.estimate.verdict`: the halves are the even and the odd tensors in name order;
+    (:mod:`hf_bdgauge.estimate.calibration`: the halves are the even and the odd tensors in name order;
     ``calibration.draws`` Haar rotations of the target's signatures, read against
     ``calibration.reference`` at ``calibration.level``). ``calibration.null_draws`` sets the
     descriptive rotated null (0 skips it). ``weights``

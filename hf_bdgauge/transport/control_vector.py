@@ -1,6 +1,7 @@
 """llama.cpp control-vector files (GGUF), apart from the steering maths of :mod:`.steering`.
 
-:meth:`SteeringVector.save_gguf` / :meth:`SteeringVector.load_gguf` write and read, through
+:meth:`~hf_bdgauge.transport.steering.SteeringVector.save_gguf` /
+:meth:`~hf_bdgauge.transport.steering.SteeringVector.load_gguf` write and read, through
 :func:`write_control_vector` / :func:`read_control_vector` and the ``gguf`` package, the file
 ``llama-cli --control-vector[-scaled] FILE`` reads and ``llama-cvector-generator`` and repeng's
 ``ControlVector.export_gguf`` write: KV

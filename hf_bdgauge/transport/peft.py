@@ -377,7 +377,7 @@ def transport_adapter(
     source's other non-weight files, with the model card's ``base_model`` updated), loadable
     with ``PeftModel.from_pretrained(target_model, dst)`` and uploadable as is with
     ``huggingface_hub.HfApi().upload_folder``. Only safetensors weights are read; an adapter
-    with only ``adapter_model.bin`` raises :class:`CheckpointError`.
+    with only ``adapter_model.bin`` raises :class:`~hf_bdgauge.errors.CheckpointError`.
     """
     gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
     where = resolve_dir(src, revision, what="PEFT adapter")

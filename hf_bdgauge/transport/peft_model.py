@@ -54,7 +54,8 @@ def transport_peft_model(
     Refused while an adapter is merged into the base weights. Note that an adapter saved with
     its embedding layers (PEFT's ``save_embedding_layers``, automatic when ``embed_tokens`` or
     ``lm_head`` is a LoRA target) overwrites those base tensors with source-chart copies on
-    loading; for such adapters transport the directory with :func:`transport_adapter` first.
+    loading; for such adapters transport the directory with
+    :func:`~hf_bdgauge.transport.peft.transport_adapter` first.
 
     ``adapter_names`` limits the adapters moved (default: all). When ``gauge`` is a Gauge with
     a target model id, the moved adapters' configs name the target as their base.
