@@ -1,22 +1,34 @@
-"""Benchmark: re-charting a safetensors checkpoint on disk.
+"""Benchmark: re-charting and folding a safetensors checkpoint on disk, against a copy.
 
 Builds a synthetic sharded bf16 checkpoint with Llama-7B tensor names and shapes (hidden 4096,
-intermediate 11008, vocab 32000; ``--layers`` decoder layers, 4 by default = 2.16 GB), then runs
-in separate processes, each reporting wall time and peak RSS:
+intermediate 11008, vocab 32000; ``--layers`` decoder layers, 4 by default = 2.14 GB), then, with
+the source's page cache warm and then cold (``fsync`` and ``posix_fadvise(DONTNEED)`` on every
+source file before each run), runs in separate processes, each reporting wall time and peak
+private memory (RssAnon above the process's baseline):
 
-* ``copy``      shutil.copytree of the checkpoint (the physical limit);
-* ``stream``    hf_bdgauge.apply_gauge_to_checkpoint (1 worker, then 2);
-* ``naive``     transformers from_pretrained + apply_gauge + save_pretrained.
+* ``copy``      every file copied (``shutil.copyfile``) and fsynced: the same durability as the library;
+* ``apply``     hf_bdgauge.apply_gauge_to_checkpoint with a random signed permutation (1 worker, then 2);
+* ``fold``      hf_bdgauge.fold_norm_gains_in_checkpoint;
+* ``naive``     (warm only; ``--naive``) transformers from_pretrained + apply_gauge + save_pretrained.
 
-Prints absolute figures and ratios (throughput vs copy; peak RSS above the interpreter's
-baseline vs the largest tensor). Usage: ``python benchmarks/apply_checkpoint.py [--layers 4]``.
+Prints seconds, GB/s, × copy speed, CPU seconds (user + sys, the work itself: a loaded machine
+stretches the wall time of CPU-bound work more than that of a copy, which waits on the disk) and
+private memory ÷ the largest tensor, then where the time of
+an apply goes: the same work done one stage after the other (read the source, gather and flip
+signs with the library's block kernel, write, fsync), beside the pipelined apply, which overlaps
+them. Writes the tables to ``benchmarks/results/apply_checkpoint.md``.
+
+Usage: ``python benchmarks/apply_checkpoint.py [--layers 4] [--workdir DIR] [--naive]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
+import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -25,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
 
 
@@ -115,23 +128,29 @@ def make_checkpoint(root: Path, layers: int, shard_gb: float = 1.0) -> Path:
     return root
 
 
-def measured(work: Callable[[], None]) -> None:
-    """Run ``work()`` with 2 torch threads, then ``os.sync()``, and print one JSON line: wall
-    seconds, peak RSS (VmHWM), peak private memory (RssAnon) and its baseline before the work."""
+def measured(work: Callable[[], None], before: Callable[[], None] | None = None) -> None:
+    """Run ``before()`` (untimed), then ``work()`` with 2 torch threads, then ``os.sync()``, and
+    print one JSON line: wall seconds, peak RSS (VmHWM), peak private memory (RssAnon) and its
+    baseline before the work."""
     import torch
 
     torch.set_num_threads(2)
+    if before is not None:
+        before()
     base = _status_mb("RssAnon")
     sampler = _AnonPeak()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     work()
     os.sync()
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak_anon = sampler.stop()
     print(
         json.dumps(
             {
                 "seconds": dt,
+                "cpu_seconds": r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime,
                 "peak_rss_mb": _status_mb("VmHWM"),
                 "peak_anon_mb": peak_anon,
                 "baseline_anon_mb": base,
@@ -140,16 +159,48 @@ def measured(work: Callable[[], None]) -> None:
     )
 
 
-def _child(method: str, src: str, dst: str, workers: int) -> None:
-    measured(lambda: _work(method, src, dst, workers))
+def set_cache(src: str | Path, cold: bool) -> None:
+    """Put every safetensors file of ``src`` in the page cache (warm: read once) or out of it
+    (cold: ``fsync`` then ``posix_fadvise(DONTNEED)``)."""
+    for f in sorted(Path(src).glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if cold:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 1 << 24):
+                    pass
+        finally:
+            os.close(fd)
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Copy every file of ``src`` into ``dst`` and fsync each: the durability of the library."""
+    Path(dst).mkdir()
+    for f in sorted(Path(src).iterdir()):
+        shutil.copyfile(f, Path(dst) / f.name)
+        fd = os.open(Path(dst) / f.name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _child(method: str, src: str, dst: str, workers: int, cold: bool) -> None:
+    if method == "breakdown":
+        set_cache(src, cold)
+        print(json.dumps(breakdown(src, dst)))
+        return
+    measured(lambda: _work(method, src, dst, workers), before=lambda: set_cache(src, cold))
 
 
 def _work(method: str, src: str, dst: str, workers: int) -> None:
     import torch
 
     if method == "copy":
-        shutil.copytree(src, dst)
-    elif method == "stream":
+        copy_checkpoint(src, dst)
+    elif method == "apply":
         from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
         from hf_bdgauge.checkpoint import Workers
 
@@ -160,6 +211,10 @@ def _work(method: str, src: str, dst: str, workers: int) -> None:
             workers=Workers(threads=workers),
             progress=False,
         )
+    elif method == "fold":
+        from hf_bdgauge import fold_norm_gains_in_checkpoint
+
+        fold_norm_gains_in_checkpoint(src, dst, progress=False)
     elif method == "naive":
         from transformers import AutoModelForCausalLM
 
@@ -170,16 +225,109 @@ def _work(method: str, src: str, dst: str, workers: int) -> None:
         model.save_pretrained(dst, max_shard_size="1GB")
 
 
+def breakdown(src: str, dst: str) -> dict[str, float]:
+    """The work of an apply (1 worker) one stage after the other, each timed: read each tensor's
+    source bytes (``readinto``), gather and flip signs with the library's block kernel into a
+    block buffer, write each block (``os.write``), fsync each file. Seconds per stage."""
+    import numpy as np
+    import torch
+
+    from hf_bdgauge import SignedPermutation
+    from hf_bdgauge.checkpoint import _signed_fill
+    from hf_bdgauge.plan import TransformPlan
+    from hf_bdgauge.storage import BLOCK_BYTES, ST_TO_TORCH, checkpoint_shards, read_safetensors_header
+
+    torch.set_num_threads(2)
+    g = SignedPermutation.random(HIDDEN, seed=0)
+    rules = TransformPlan.for_checkpoint(src).rules
+    out = {"read": 0.0, "gather and sign flips": 0.0, "write": 0.0, "fsync": 0.0}
+    Path(dst).mkdir()
+    block = np.empty(BLOCK_BYTES, dtype=np.uint8)
+    for shard in checkpoint_shards(src):
+        raw, header = read_safetensors_header(shard)
+        base = 8 + len(raw)
+        fd = os.open(Path(dst) / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with open(shard, "rb", buffering=0) as fin:
+            os.write(fd, fin.read(base))
+            for name, info in sorted(
+                ((k, v) for k, v in header.items() if k != "__metadata__"),
+                key=lambda kv: kv[1]["data_offsets"],
+            ):
+                a, b = info["data_offsets"]
+                data = bytearray(b - a)
+                t0 = time.perf_counter()
+                fin.seek(base + a)
+                fin.readinto(data)
+                t1 = time.perf_counter()
+                out["read"] += t1 - t0
+                dtype = ST_TO_TORCH[info["dtype"]]
+                fill = (
+                    None
+                    if rules[name].role.value == "none"
+                    else _signed_fill(len(info["shape"]), dtype, rules[name], g)
+                )
+                if fill is None:
+                    os.write(fd, data)
+                    out["write"] += time.perf_counter() - t1
+                    continue
+                t = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+                row = (b - a) // t.shape[0]
+                step = max(1, BLOCK_BYTES // row)
+                for r in range(0, t.shape[0], step):
+                    r1 = min(r + step, t.shape[0])
+                    buf = (
+                        torch.from_numpy(block[: (r1 - r) * row]).view(dtype).reshape((r1 - r, *t.shape[1:]))
+                    )
+                    t2 = time.perf_counter()
+                    fill.fill(t, r, r1, buf)
+                    t3 = time.perf_counter()
+                    os.write(fd, block[: (r1 - r) * row].data)
+                    out["gather and sign flips"] += t3 - t2
+                    out["write"] += time.perf_counter() - t3
+        t4 = time.perf_counter()
+        os.fsync(fd)
+        os.close(fd)
+        out["fsync"] += time.perf_counter() - t4
+    return out
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _run_child(method: str, src: Path, dst: Path, workers: int, cold: bool) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(src), str(dst), str(workers), str(int(cold))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    shutil.rmtree(dst, ignore_errors=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--naive", action="store_true", help="also time load + apply_gauge + save (warm)")
+    ap.add_argument("--skip-naive", action="store_true", help=argparse.SUPPRESS)  # the default now
+    ap.add_argument(
+        "--output", type=Path, default=HERE / "results" / "apply_checkpoint.md", help="markdown file to write"
+    )
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        method, src, dst, workers = args.child
-        _child(method, src, dst, int(workers))
+        method, src, dst, workers, cold = args.child
+        _child(method, src, dst, int(workers), cold == "1")
         return
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bdgauge-bench-"))
     src = work / "src"
@@ -187,43 +335,75 @@ def main() -> None:
     if not src.exists():
         make_checkpoint(src, args.layers)
     nbytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    nshards = len(list(src.glob("*.safetensors")))
     largest = VOCAB * HIDDEN * 2
-    print(
+    load0 = os.getloadavg()
+    intro = (
         f"synthetic Llama-7B-shaped bf16 checkpoint: {args.layers} layers, {nbytes / 1e9:.2f} GB in "
-        f"{len(list(src.glob('*.safetensors')))} shards, largest tensor {largest / 1e6:.0f} MB "
-        f"(built in {time.perf_counter() - t0:.0f} s); 2 CPU threads"
+        f"{nshards} shards, largest tensor {largest / 1e6:.0f} MB "
+        f"(built in {time.perf_counter() - t0:.0f} s); "
+        "2 torch threads; a random signed permutation"
     )
-    runs = [("copy", 1), ("stream", 1), ("stream", 2)] + ([] if args.skip_naive else [("naive", 1)])
-    rows = []
-    for method, workers in runs:
-        dst = work / f"out-{method}-{workers}"
-        shutil.rmtree(dst, ignore_errors=True)
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", method, str(src), str(dst), str(workers)],
-            capture_output=True,
-            text=True,
-            check=True,
+    print(intro)
+    runs = [("copy", 1), ("apply", 1), ("apply", 2), ("fold", 1)]
+    lines = [
+        "| cache | method | seconds | GB/s | × copy speed | CPU seconds (user + sys) "
+        "| peak private memory above baseline MB | ÷ largest tensor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    serial: dict[str, dict] = {}
+    pipelined: dict[str, float] = {}
+    for cold in (False, True):
+        cache = "cold" if cold else "warm"
+        rows = []
+        for method, workers in runs + ([("naive", 1)] if args.naive and not cold else []):
+            r = _run_child(method, src, work / f"out-{method}-{workers}", workers, cold)
+            label = f"apply ({workers} worker{'s' if workers > 1 else ''})" if method == "apply" else method
+            rows.append((label, r))
+            if method == "apply" and workers == 1:
+                pipelined[cache] = r["seconds"]
+        copy_s = rows[0][1]["seconds"]
+        for label, r in rows:
+            anon = r["peak_anon_mb"] - r["baseline_anon_mb"]
+            lines.append(
+                f"| {cache} | {label} | {r['seconds']:.2f} | {nbytes / 1e9 / r['seconds']:.2f} | "
+                f"{copy_s / r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {anon:.0f} | "
+                f"{anon * 1e6 / largest:.2f} |"
+            )
+            print(lines[-1], flush=True)
+        serial[cache] = _run_child("breakdown", src, work / "out-breakdown", 1, cold)
+    lines += [
+        "",
+        "Where the time of an apply goes: its work one stage after the other (seconds), beside the "
+        "pipelined apply (1 worker), which overlaps the stages (a writer thread; early write-back).",
+        "",
+        "| cache | " + " | ".join(serial["warm"]) + " | sum | pipelined apply |",
+        "| --- | " + " | ".join("---" for _ in serial["warm"]) + " | --- | --- |",
+    ]
+    for cache, st in serial.items():
+        lines.append(
+            f"| {cache} | "
+            + " | ".join(f"{v:.2f}" for v in st.values())
+            + f" | {sum(st.values()):.2f} | {pipelined[cache]:.2f} |"
         )
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        r.update(
-            method=method if method != "stream" else f"stream ({workers} worker{'s' if workers > 1 else ''})"
-        )
-        r["gb_per_s"] = nbytes / 1e9 / r["seconds"]
-        r["anon_over_baseline_mb"] = r["peak_anon_mb"] - r["baseline_anon_mb"]
-        rows.append(r)
-        shutil.rmtree(dst, ignore_errors=True)
-    copy_speed = rows[0]["gb_per_s"]
-    print(
-        "\n| method | seconds | GB/s | × copy speed | peak RSS (VmHWM, incl. mapped file pages) MB | "
-        "peak private memory above baseline MB | ÷ largest tensor |"
+    load1 = os.getloadavg()
+    text = "\n".join(lines)
+    print(text)
+    command = f"python benchmarks/apply_checkpoint.py --layers {args.layers}" + (
+        " --naive" if args.naive else ""
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(
-            f"| {r['method']} | {r['seconds']:.2f} | {r['gb_per_s']:.2f} | {r['gb_per_s'] / copy_speed:.2f} "
-            f"| {r['peak_rss_mb']:.0f} | {r['anon_over_baseline_mb']:.0f} | "
-            f"{r['anon_over_baseline_mb'] * 1e6 / largest:.2f} |"
-        )
+    header = [
+        "# benchmarks/apply_checkpoint.py",
+        "",
+        f"Measured {_dt.date.today().isoformat()} on {_cpu_model()} "
+        f"with {os.cpu_count()} CPUs, Python {platform.python_version()}; load average "
+        f"{' '.join(f'{x:.2f}' for x in load0)} before, {' '.join(f'{x:.2f}' for x in load1)} after.",
+        f"`{command}`: {intro}. Cold: fsync and posix_fadvise(DONTNEED) on every source file before "
+        "each run; warm: every source file read once before it. Every method fsyncs each file it writes.",
+        "",
+    ]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(header) + "\n" + text + "\n", encoding="utf-8")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

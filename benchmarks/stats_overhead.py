@@ -17,11 +17,20 @@ captured residual layer, the float64 sums of :class:`hf_bdgauge.estimate.stats.P
   exact path, and the library's behaviour before the centred float32 update);
 
 on stories260K (d = 64, 5 layers, the real llama2.c model) and a random ``LlamaForCausalLM``
-with d = 1024 (4 layers, intermediate 2816, vocab 32000, float32). Runs are interleaved
-round-robin ``--repeats`` times and the median is reported. A second table splits one batch's
-statistics into its parts (cast to float64 + padding mask, the vector sums, ``Xᵀ·Y``, ``Yᵀ·Y`` in
-float64; the whole update in float64 and in the default precision) against the forward, per
-1000 tokens. Goal: overhead < 20 % over the residual forward.
+with d = 1024 (4 layers, intermediate 2816, vocab 32000, float32 forward). Runs are interleaved
+round-robin ``--repeats`` times and the median is reported.
+
+Beside the measured overhead the script prints its **floor**: the FLOPs of the d×d products
+(``Xᵀ·Y`` and the upper block triangle of the symmetric ``Yᵀ·Y`` that
+:mod:`hf_bdgauge.estimate.products` computes; the full ``Yᵀ·Y`` too, for comparison) against the
+FLOPs of the two forwards up to the deepest captured layer (2 × the weights of the linear layers
+that run, plus causal attention's ``QKᵀ`` and ``A·V``), and the time those product FLOPs take at
+the float32 GEMM rate measured in the same run (a product of the statistics' shape, ``k`` = the
+tokens of one half-batch) as a fraction of the measured baseline. A second table splits one
+batch's statistics into its parts against the forward, per 1000 tokens. Goal: overhead ≤ 10 %
+at d = 1024 (all residual layers, Σyyᵀ kept).
+
+Results go to stdout (markdown) and to ``benchmarks/results/stats_overhead.md``.
 
 Usage::
 
@@ -37,10 +46,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import datetime as _dt  # noqa: E402
 import logging  # noqa: E402
+import platform  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -48,12 +61,13 @@ import torch  # noqa: E402
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
 from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches  # noqa: E402
 from hf_bdgauge.estimate.matching import estimate_from_stats  # noqa: E402
+from hf_bdgauge.estimate.moments import CrossMoments  # noqa: E402
+from hf_bdgauge.estimate.products import add_into, yy_row_blocks  # noqa: E402
 from hf_bdgauge.estimate.stats import PairStats  # noqa: E402
-from hf_bdgauge.layers import (
-    num_residual_layers,  # noqa: E402
-    residual_states,  # noqa: E402
-)
-from hf_bdgauge.options import CalibrationOptions, CaptureOptions
+from hf_bdgauge.layers import decoder_blocks, num_residual_layers, residual_states  # noqa: E402
+from hf_bdgauge.options import CalibrationOptions, CaptureOptions  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 MODELS = ("stories260K", "llama-d1024")
 #: (batch size, sequence length, number of batches) per model: about 16k and 4k tokens per run
@@ -128,6 +142,43 @@ def _ms(fn: Callable[[], object], repeats: int) -> float:
 BASELINE = "forward ×2 (residual) = baseline"
 
 
+def _complete(st: PairStats) -> float:
+    """Seconds to complete the pending work of every sums (a read of each does it)."""
+    t0 = time.perf_counter()
+    for h in (0, 1):
+        for m in st.half(h).moments.values():
+            m.sum_xy  # noqa: B018
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- the floor
+def forward_flops_per_token(model: torch.nn.Module, deepest: int, seq_len: int) -> float:
+    """FLOPs per token of one forward up to residual layer ``deepest`` (blocks ``0..deepest-1``):
+    2 × the weights of their linear layers, plus causal attention's ``QKᵀ`` and ``A·V``
+    (2 × 2·(head dim × heads) per key, at the mean causal context ``(T + 1)/2``)."""
+    blocks = list(decoder_blocks(model))[:deepest]
+    linear = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
+    cfg = model.config
+    d_attn = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 4.0 * d_attn * cfg.num_attention_heads * (seq_len + 1) / 2 * len(blocks)
+    return 2.0 * linear + attn
+
+
+def product_flops_per_token(d: int, layers: int) -> tuple[float, float]:
+    """FLOPs per token of the d×d products over ``layers`` residual layers: ``(as computed:
+    Xᵀ·Y + the upper block triangle of Yᵀ·Y, full: Xᵀ·Y + Yᵀ·Y)``."""
+    upper = sum(2.0 * (r1 - r0) * (d - r0) for r0, r1 in yy_row_blocks(d))
+    return layers * (2.0 * d * d + upper), layers * 4.0 * d * d
+
+
+def gemm_rate(n: int, d: int, repeats: int) -> float:
+    """Measured float32 FLOP/s of the statistics' product shape, ``[n, d]ᵀ · [n, d]``."""
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    out = torch.empty(d, d)
+    return 2.0 * n * d * d / (_ms(lambda: torch.mm(A.T, B, out=out), max(repeats, 5)) / 1e3)
+
+
 @torch.no_grad()
 def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     src, tgt, g = load_pair(name, seed)
@@ -139,7 +190,8 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     L1 = num_residual_layers(src)
     all_layers = list(range(L1))
     subset = sorted({(L1 - 1) // 2, L1 - 1})
-    d = src.config.hidden_size
+    d = int(src.config.hidden_size)
+    dtype = str(next(src.parameters()).dtype).removeprefix("torch.")
 
     def fwd_logits(bs: list[dict]) -> None:
         for b in bs:
@@ -154,18 +206,24 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     out: dict[str, PairStats] = {}
 
     def cap(key: str, **kw) -> Callable[[list[dict]], None]:
+        """Each run continues one accumulation (``stats=``), as a capture of many batches does:
+        the sums are allocated once and their pending work completed once, at the end (timed
+        apart, :func:`_complete`)."""
+        track = kw.pop("track_target_cov", True)
+        opts = CaptureOptions(progress=False, **kw)
+
         def run(bs: list[dict]) -> None:
-            track = kw.pop("track_target_cov", True)
             out[key] = capture_pair_stats(
-                src, tgt, bs, capture=CaptureOptions(progress=False, **kw), track_target_cov=track
+                src, tgt, bs, capture=opts, stats=out.get(key), track_target_cov=track
             )
 
         return run
 
+    ALL = f"capture, all {L1} layers"
     runs = {
         "forward ×2 (logits)": fwd_logits,
         BASELINE: fwd_residual,
-        f"capture, all {L1} layers": cap("all"),
+        ALL: cap("all"),
         f"capture, all {L1} layers, no Σyyᵀ": cap("nocov", track_target_cov=False),
         f"capture, layers {subset}": cap("subset", layers=subset),
         f"capture, all {L1} layers, float64 products": cap("f64", product_dtype=torch.float64),
@@ -174,11 +232,16 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     med = _median_times(runs, batches, repeats)
     load1 = os.getloadavg()[0]
     base_w, base_c = med[BASELINE]
+    done = {k: _complete(st) for k, st in out.items()}  # once per capture: added to each run's time
+    for key, k in zip(("all", "nocov", "subset", "f64"), list(runs)[2:]):
+        med[k] = (med[k][0] + done[key], med[k][1] + done[key])
     params = sum(p.numel() for p in src.parameters())
     lines = [
-        f"\n### {name}: d = {d}, {L1 - 1} layers, {params / 1e6:.1f} M parameters, float32; "
+        f"\n### {name}: d = {d}, {L1 - 1} layers, {params / 1e6:.1f} M parameters, forward in {dtype}; "
         f"{nb} batches of {B}×{T} = {tokens} tokens per run, median over {repeats}×{nb} batch timings, "
-        f"interleaved (1-min load {load0:.1f} → {load1:.1f})",
+        f"interleaved (1-min load {load0:.1f} → {load1:.1f}); each capture row includes completing its "
+        f"sums once at the end (the queued corrections, mirroring Σyyᵀ: {1e3 * done['all']:.0f} ms for "
+        f"all layers), as one capture of these {nb} batches would",
         "| run | wall s | tokens/s | × baseline tokens/s | overhead (wall) | overhead (CPU time) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -188,23 +251,45 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
             f"{100 * (c / base_c - 1):+.1f} % |"
         )
 
+    # the floor: the products' FLOPs against the forwards', and at the measured GEMM rate
+    fwd_flop = 2 * forward_flops_per_token(src, L1 - 1, T)
+    prod_flop, full_flop = product_flops_per_token(d, L1)
+    n_half = tokens // nb // 2  # tokens of one half-batch: the k of each product
+    rate = gemm_rate(n_half, d, repeats)
+    fwd_rate = fwd_flop * tokens / base_w
+    floor_t = prod_flop * tokens / rate
+    lines.append(
+        f"\nfloor ({ALL}, Σyyᵀ kept): the d×d products are {prod_flop / 1e6:.1f} MFLOP/token "
+        f"(Xᵀ·Y + the upper block triangle of Yᵀ·Y; {full_flop / 1e6:.1f} with the full Yᵀ·Y) against "
+        f"{fwd_flop / 1e6:.1f} MFLOP/token of the two forwards up to layer {L1 - 1}: "
+        f"**{100 * prod_flop / fwd_flop:.1f} %** of the FLOPs ({100 * full_flop / fwd_flop:.1f} % with the "
+        f"full Yᵀ·Y). At the float32 GEMM rate measured here for the products' shape "
+        f"([{n_half}, {d}]ᵀ·[{n_half}, {d}]: {rate / 1e9:.0f} GFLOP/s; the forward ran at "
+        f"{fwd_rate / 1e9:.0f} GFLOP/s) they take {floor_t:.3f} s = **{100 * floor_t / base_w:.1f} %** of "
+        f"the baseline; measured overhead **{100 * (med[ALL][0] / base_w - 1):+.1f} %**."
+    )
+
     # sanity: the statistics find the planted gauge, and the float32 products agree with float64
     acc = estimate_from_stats(out["all"], calibration=CalibrationOptions(null_draws=0)).element.agreement(g)
     acc_sub = estimate_from_stats(
         out["subset"], calibration=CalibrationOptions(null_draws=0)
     ).element.agreement(g)
     dev = max(float(np.max(np.abs(out["f64"][k].corr() - out["all"][k].corr()))) for k in all_layers)
-    rel = max(
-        float(
-            torch.max(torch.abs(out["f64"][k].sum_xy - out["all"][k].sum_xy))
-            / torch.max(torch.abs(out["f64"][k].sum_xy))
+
+    def rel(f: str) -> float:
+        return max(
+            float(
+                torch.max(torch.abs(getattr(out["f64"][k], f) - getattr(out["all"][k], f)))
+                / torch.max(torch.abs(getattr(out["f64"][k], f)))
+            )
+            for k in all_layers
         )
-        for k in all_layers
-    )
+
     lines.append(
         f"\nplanted gauge recovered from the captured statistics: all layers {acc['signed_accuracy']:.3f}, "
         f"layers {subset} {acc_sub['signed_accuracy']:.3f} (signed accuracy); default float32 centred "
-        f"products vs float64 products: max |Δcorr| = {dev:.1e}, max relative |ΔΣxyᵀ| = {rel:.1e}"
+        f"products vs float64 products: max |Δcorr| = {dev:.1e}, max relative |ΔΣxyᵀ| = {rel('sum_xy'):.1e}, "
+        f"|ΔΣyyᵀ| = {rel('sum_yy'):.1e}"
     )
     lines += breakdown(src, tgt, batches[0], all_layers, d, repeats)
     return lines
@@ -214,67 +299,76 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
 def breakdown(
     src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: list[int], d: int, repeats: int
 ) -> list[str]:
-    """Per-part cost of one batch (ms per 1000 tokens), all layers."""
+    """Per-part cost of one batch (ms per 1000 tokens), all layers, each half-batch a product."""
     r = max(repeats, 3)
     n = int(batch["attention_mask"].sum())
     per_k = 1000.0 / n
     m = batch["attention_mask"].reshape(-1).bool()
     t_fwd = _ms(lambda: (residual_states(src, batch, layers), residual_states(tgt, batch, layers)), r)
     hs, ht = residual_states(src, batch, layers), residual_states(tgt, batch, layers)
+    cut = n // 2
 
-    def cast() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [
-            (
-                hs[k].reshape(-1, d).to("cpu", torch.float64)[m],
-                ht[k].reshape(-1, d).to("cpu", torch.float64)[m],
-            )
-            for k in layers
-        ]
+    def halves() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for k in layers:
+            x, y = hs[k].reshape(-1, d)[m], ht[k].reshape(-1, d)[m]
+            out += [(x[:cut], y[:cut]), (x[cut:], y[cut:])]
+        return out
 
-    xy = cast()
+    xy = halves()
+    centred = [(X - X.mean(0), Y - Y.mean(0)) for X, Y in xy]
+    P = torch.empty(d, d)
+    S = torch.zeros(d, d, dtype=torch.float64)
 
     def vec() -> None:
         for X, Y in xy:
-            X.sum(0), Y.sum(0), (X * X).sum(0), (Y * Y).sum(0)
+            a, b = X.mean(0), Y.mean(0)
+            Xc, Yc = X - a, Y - b
+            Xc.sum(0), Yc.sum(0), (Xc * Xc).sum(0), (Yc * Yc).sum(0)
 
     def gemm_xy() -> None:
-        for X, Y in xy:
-            X.T @ Y
+        for X, Y in centred:
+            torch.mm(X.T, Y, out=P)
 
     def gemm_yy() -> None:
-        for _, Y in xy:
-            Y.T @ Y
+        for _, Y in centred:
+            torch.mm(Y.T, Y, out=P)
 
-    st64, st32 = (
-        PairStats(),
-        PairStats(),
-    )  # allocated once, as in a capture (fresh d×d zeros would add page faults)
+    def gemm_yy_upper() -> None:
+        for _, Y in centred:
+            for r0, r1 in yy_row_blocks(d):
+                torch.mm(Y[:, r0:r1].T, Y[:, r0:], out=P[: r1 - r0, : d - r0])
 
-    def full_update() -> None:
-        st = st64
-        for k in layers:
-            X = hs[k].reshape(-1, d).to("cpu", torch.float64)[m]
-            Y = ht[k].reshape(-1, d).to("cpu", torch.float64)[m]
-            st.update(k, X, Y)  # float64 inputs: float64 products
+    def add64() -> None:
+        for _ in centred:
+            add_into(S, P)
+            for r0, r1 in yy_row_blocks(d):
+                add_into(S[r0:r1, r0:], P[: r1 - r0, : d - r0])
 
-    def f32_update() -> None:
-        st = st32
-        for k in layers:
-            st.update(k, hs[k].reshape(-1, d)[m], ht[k].reshape(-1, d)[m])
+    sums32 = [CrossMoments.zeros(d) for _ in xy]  # allocated once, as in a capture
+    sums64 = [CrossMoments.zeros(d) for _ in xy]
+
+    def update(sums: list[CrossMoments], dtype: torch.dtype) -> Callable[[], None]:
+        def run() -> None:
+            for s, (X, Y) in zip(sums, xy):
+                s.update(X, Y, product_dtype=dtype)
+            sums[0].sum_xy  # noqa: B018  (reading completes the queued corrections)
+
+        return run
 
     parts = {
         "forward ×2 (residual)": t_fwd,
-        "cast to float64 + padding mask": _ms(cast, r),
-        "Σx, Σy, Σx², Σy² (float64)": _ms(vec, r),
-        "Xᵀ·Y (float64 GEMM)": _ms(gemm_xy, r),
-        "Yᵀ·Y (float64 GEMM)": _ms(gemm_yy, r),
-        "= cast + PairStats.update with float64 products": _ms(full_update, r),
-        "PairStats.update, default (float32 centred products)": _ms(f32_update, r),
+        "padding mask + halves (copies)": _ms(halves, r),
+        "centring, Σx, Σy, Σx², Σy² (float32)": _ms(vec, r),
+        "Xᵀ·Y (float32 GEMM)": _ms(gemm_xy, r),
+        "Yᵀ·Y, full (float32 GEMM)": _ms(gemm_yy, r),
+        f"Yᵀ·Y, upper block triangle ({len(yy_row_blocks(d))} row blocks, float32)": _ms(gemm_yy_upper, r),
+        "float32 products added to the float64 sums": _ms(add64, r),
+        "CrossMoments.update, default (float32 centred products)": _ms(update(sums32, torch.float32), r),
+        "CrossMoments.update, float64 products": _ms(update(sums64, torch.float64), r),
     }
-    gemm_flop = 4.0 * n * d * d * len(layers)  # Xᵀ·Y and Yᵀ·Y: 2·n·d² each, per layer
     lines = [
-        f"\nwhere the time goes (one batch of {n} tokens, {len(layers)} layers, median of {r}); the d×d "
-        f"products are {gemm_flop / n / 1e6:.1f} MFLOP per token",
+        f"\nwhere the time goes (one batch of {n} tokens in two halves, {len(layers)} layers, median of {r})",
         "| part | ms per 1000 tokens | ÷ forward |",
         "| --- | --- | --- |",
     ]
@@ -289,17 +383,35 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--output", type=Path, default=HERE / "results" / "stats_overhead.md", help="markdown file to write"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("hf_bdgauge").setLevel(logging.ERROR)
     load = os.getloadavg()
-    print(
+    lines = [
+        f"`python benchmarks/stats_overhead.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
         f"Activation statistics overhead ({args.threads} torch threads, load average at start "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs)"
-    )
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs)",
+    ]
+    print("\n".join(lines), flush=True)
     for name in args.models:
-        print("\n".join(bench_model(name, args.repeats, args.seed)), flush=True)
+        part = bench_model(name, args.repeats, args.seed)
+        print("\n".join(part), flush=True)
+        lines += part
+    header = [
+        "# benchmarks/stats_overhead.py",
+        "",
+        f"Measured {_dt.date.today().isoformat()} on {platform.machine()} ({platform.processor() or 'cpu'}) "
+        f"with {os.cpu_count()} CPUs, torch {torch.__version__}, load average at the end "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        "",
+    ]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(header + lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

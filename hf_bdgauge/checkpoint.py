@@ -1,9 +1,12 @@
 """Re-charting a safetensors checkpoint on disk, one tensor at a time.
 
 A gauge changes neither names, dtypes nor shapes, so every output shard has exactly the
-source shard's header; only tensor bytes change. Each tensor is read (memory-mapped by
-safetensors), transformed by :func:`hf_bdgauge.rules.transform` and written at its own offset,
-so peak memory is about two copies of the largest tensor, not the model. Config, tokenizer,
+source shard's header; only tensor bytes change. Each tensor is read from the memory-mapped
+source, moved a block of rows at a time (a signed permutation: a gather of raw bits and an XOR of
+sign bits into one of two reusable buffers, :func:`_signed_fill`; a rotation:
+:func:`hf_bdgauge.rules.transform`) and written at its own offset by a writer thread while the next
+block is computed (:func:`~hf_bdgauge.storage.rewrite_shard`), so peak memory is two blocks per
+shard being written, not the model nor its largest tensor. Config, tokenizer,
 generation and index files are copied unchanged. The result is assembled in a temporary
 directory beside the destination and renamed into place only when complete.
 
@@ -17,28 +20,38 @@ leaves no destination behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .distributed import on_every_rank, shared_atomic_directory, world
 from .files import copy_companions
 from .gauge import as_gauge
-from .group import SignedPermutation
+from .group import _BIT_VIEWS, SignedPermutation
 from .hub import resolve_checkpoint_dir
 from .orthogonal import Orthogonal
 from .plan import TransformPlan
 from .record import transport_record
 from .rules import Role, TensorRule, transform
-from .storage import BLOCK_BYTES, checkpoint_shards, read_safetensors_header, rewrite_shard
+from .storage import (
+    BLOCK_BYTES,
+    ST_TO_TORCH,
+    BlockFill,
+    Move,
+    checkpoint_shards,
+    read_safetensors_header,
+    rewrite_shard,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
@@ -116,6 +129,61 @@ def _blocks(
         yield out.contiguous().reshape(-1)
 
 
+#: A block is gathered by up to ``torch.get_num_threads()`` threads, each given at least this much.
+_SPLIT_BYTES = 4 * 1024 * 1024
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The threads that share a block's gather (numpy's gathers release the GIL)."""
+    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="gather")
+
+
+def _signed_fill(ndim: int, dtype: torch.dtype, rule: TensorRule, g: SignedPermutation) -> BlockFill | None:
+    """The move of a floating tensor (rank ``ndim`` ≥ 2, ``dtype``) by a signed permutation, a
+    block of rows at a time into the writer's buffer: a gather of the raw bits (an integer view of
+    the same width) and the sign flips as an XOR of the sign bit — the operations of
+    :meth:`~hf_bdgauge.group.SignedPermutation.apply` on a CPU tensor, so the same bytes (``-0.0``
+    and NaNs included); a block is split between ``torch.get_num_threads()`` threads, as torch's
+    own operations are. ``None`` for other tensors (integer or float8 dtypes, vectors): they take
+    :func:`_blocks`."""
+    if ndim < 2 or not dtype.is_floating_point or dtype not in _BIT_VIEWS:
+        return None
+    int_dtype, np_int, sign_bit = _BIT_VIEWS[dtype]
+    ax = rule.residual_axis(ndim)
+    assert ax is not None
+    ax %= ndim
+    inv = g.inverse_perm
+    mask = None
+    if rule.signed and not g.is_unsigned:
+        mask = np.where(g.signs[inv] < 0, np_int(sign_bit), np_int(0)).astype(np_int)
+    shape = [1] * ndim
+    shape[ax] = -1
+
+    def rows(src: np.ndarray, dst: np.ndarray, a: int, b: int) -> None:  # rows [a, b) into dst
+        if ax == 0:  # rows [a, b) of the result are source rows inv[a:b]
+            np.take(src, inv[a:b], axis=0, out=dst, mode="clip")
+            if mask is not None:
+                np.bitwise_xor(dst, mask[a:b].reshape(shape), out=dst)
+        else:
+            np.take(src[a:b], inv, axis=ax, out=dst, mode="clip")
+            if mask is not None:
+                np.bitwise_xor(dst, mask.reshape(shape), out=dst)
+
+    def fill(t: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
+        src, dst = t.view(int_dtype).numpy(), out.view(int_dtype).numpy()
+        n = min(torch.get_num_threads(), max(1, out.numel() * out.element_size() // _SPLIT_BYTES), b - a)
+        cuts = [a + (b - a) * k // n for k in range(n + 1)]
+        helpers = [_pool().submit(rows, src, dst[p - a : q - a], p, q) for p, q in zip(cuts[1:-1], cuts[2:])]
+        try:
+            rows(src, dst[: cuts[1] - a], a, cuts[1])
+        finally:
+            for h in helpers:
+                h.result()
+
+    return BlockFill(fill)
+
+
 def _rewrite_shard(
     src: Path,
     dst: Path,
@@ -126,15 +194,28 @@ def _rewrite_shard(
     progress: Any = None,
     block_bytes: int = BLOCK_BYTES,
 ) -> int:
-    """Write ``dst`` = ``src`` with every tensor moved by its rule, block by block (see
-    :func:`_blocks`), through :func:`~hf_bdgauge.storage.rewrite_shard` (same header, same offsets;
-    untouched tensors copied as bytes)."""
+    """Write ``dst`` = ``src`` with every tensor moved by its rule, block by block, through
+    :func:`~hf_bdgauge.storage.rewrite_shard` (same header, same offsets; untouched tensors copied
+    as bytes): a signed permutation gathers a floating matrix into the writer's buffers
+    (:func:`_signed_fill`), anything else goes through :func:`_blocks`."""
 
-    def move(name: str) -> Callable[[torch.Tensor], Iterator[torch.Tensor]] | None:
+    def move(name: str) -> Move:
         rule = rules[name]
-        return None if rule.role is Role.NONE else (lambda t: _blocks(t, rule, g, block_bytes))
+        if rule.role is Role.NONE:
+            return None
 
-    return rewrite_shard(src, dst, raw, header, move, progress)
+        def blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+            return _blocks(t, rule, g, block_bytes)
+
+        info = header[name]
+        dtype = ST_TO_TORCH.get(info["dtype"])
+        if isinstance(g, SignedPermutation) and dtype is not None:
+            fill = _signed_fill(len(info["shape"]), dtype, rule, g)
+            if fill is not None:
+                return fill
+        return blocks
+
+    return rewrite_shard(src, dst, raw, header, move, progress, block_bytes)
 
 
 def apply_gauge_to_checkpoint(
@@ -166,7 +247,9 @@ def apply_gauge_to_checkpoint(
     appears only when complete. Shards are rewritten in ``workers.threads`` parallel threads
     (:class:`Workers`; default: as many as there are shards and CPU cores). Tensors are re-charted
     in blocks of about ``block_bytes``, so peak memory stays near ``threads × 2 × block_bytes``
-    above the interpreter's, whatever the size of the largest tensor (the source is memory-mapped).
+    above the interpreter's, whatever the size of the largest tensor (the source is memory-mapped);
+    each shard is written by a thread of its own while the next block is computed, and fsynced
+    once, when complete.
 
     Under an initialised process group (``workers.group``, default the default group) every rank
     calls this alike, on a destination every rank sees: each validates, rewrites its shards (shard

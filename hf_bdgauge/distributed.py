@@ -17,7 +17,9 @@ that long. Work that may fail on one rank only (a forward pass running out of me
 batch) runs under :func:`on_every_rank`: after it, the ranks agree (one all-reduce of a failure
 vector) and, if any failed, every rank raises — the failing rank its own error, the others a
 short :class:`~hf_bdgauge.errors.DistributedError` naming it — so no rank is left waiting in a
-collective that will never come.
+collective that will never come. Work every rank needs the result of but any one rank can do
+(a checkpoint's fingerprint) is split by :func:`share_calls`: call ``i`` on rank ``i mod N``,
+its result sent to all.
 
 Writing together (:func:`shared_atomic_directory`): on a filesystem every rank sees, rank 0
 creates one temporary directory beside the destination, every rank writes its part into it,
@@ -33,7 +35,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -49,6 +51,7 @@ __all__ = [
     "on_every_rank",
     "rank_device",
     "shard_batches",
+    "share_calls",
     "shared_atomic_directory",
     "shutdown",
     "world",
@@ -209,6 +212,30 @@ def on_every_rank(fn: Callable[[], T], group: Any = None) -> T:
             "(the error is printed by that rank); stopping every rank"
         )
     return result
+
+
+def share_calls(calls: Sequence[Callable[[], T]], group: Any = None) -> list[T]:
+    """``[c() for c in calls]`` on every rank of ``group``, each call run once: call ``i`` on rank
+    ``i mod N``, its (picklable) result sent to every rank (``all_gather_object``).
+
+    For work whose result every rank needs and which any one rank can do alone (a pass over a
+    checkpoint, such as its fingerprint): N ranks split it instead of each repeating all of it.
+    Every rank must call this at the same point with calls that compute the same results; a call
+    that raises makes every rank raise (:func:`on_every_rank`). Without a process group (or with
+    one rank) the calls run here, in order.
+    """
+    rank, size, g = world(group)
+    if size == 1:
+        return [c() for c in calls]
+    import torch.distributed as dist
+
+    mine = on_every_rank(lambda: {i: c() for i, c in enumerate(calls) if i % size == rank}, g)
+    parts: list[Any] = [None] * size
+    dist.all_gather_object(parts, mine, group=g)
+    done: dict[int, Any] = {}
+    for part in parts:
+        done.update(part)
+    return [done[i] for i in range(len(calls))]
 
 
 @contextlib.contextmanager

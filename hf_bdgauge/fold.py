@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,10 @@ from .errors import CheckpointError, OrthogonalGaugeError
 from .files import atomic_directory, copy_companions, read_json_object
 from .hub import resolve_checkpoint_dir, split_revision
 from .roles import ArchitectureSpec, is_constant, spec_for_config, spec_for_model
-from .rules import Role, scale_residual
+from .rules import Role, scale_dtype, scale_residual
 from .storage import (
     BLOCK_BYTES,
+    BlockFill,
     checkpoint_shards,
     read_model_config,
     read_safetensors_header,
@@ -381,7 +382,8 @@ def fold_norm_gains_in_checkpoint(
                     tmp / shard.name,
                     raw,
                     header,
-                    lambda n: _fold_move(n, spec, fed_by, folded_gains, gains, block_bytes),
+                    lambda n: _fold_move(n, spec, fed_by, folded_gains, gains),
+                    block_bytes=block_bytes,
                 )
                 continue
             out: dict[str, torch.Tensor] = {}
@@ -421,18 +423,25 @@ def fold_norm_gains_in_checkpoint(
     return Path(dst)
 
 
+#: Elements of the scratch a folded block is computed in, a slab of rows at a time: cache-sized, and
+#: at most torch's grain size, so each product runs on the calling thread (the writer thread already
+#: overlaps it; an OpenMP team per slab spins when other work holds the cores).
+_SCRATCH_ELEMENTS = 1 << 15
+
+
 def _fold_move(
     name: str,
     spec: ArchitectureSpec,
     fed_by: Mapping[str, str],
     folded_gains: set[str],
     gains: Mapping[str, torch.Tensor],
-    block_bytes: int,
 ) -> Any:
     """What :func:`~hf_bdgauge.storage.rewrite_shard` does with tensor ``name`` in a fold: a
-    folded reader yields ``W·diag(offset + g)`` a block of rows at a time (float64, rounded once;
-    the gain is sliced with the rows when the residual axis is the first), a folded gain
-    ``1 − offset`` everywhere, anything else is copied (``None``)."""
+    folded reader is ``scale_residual(W, rule, offset + g).to(W.dtype)`` (float64, rounded once),
+    filled into the writer's buffers a block of rows at a time (:class:`~hf_bdgauge.storage.BlockFill`;
+    the gain sliced with the rows when the residual axis is the first), through a cache-sized
+    scratch and in float32 where that gives the same bytes (:func:`scale_dtype`); a folded gain is
+    ``1 − offset`` everywhere; anything else is copied (``None``)."""
     if name in folded_gains:
         return lambda t: [torch.full_like(t, 1.0 - spec.gain_offset)]
     if name not in fed_by:
@@ -440,19 +449,30 @@ def _fold_move(
     rule = spec.rule_for(name)
     assert rule is not None
     g = gains[fed_by[name]].detach().to(torch.float64) + spec.gain_offset
+    scratch: dict[torch.dtype, torch.Tensor] = {}
 
-    def blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    def fill(t: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
         axis = rule.residual_axis(t.ndim)
-        if t.ndim < 2 or axis is None:
-            yield scale_residual(t, rule, g).to(t.dtype)
-            return
+        if axis is None or t.ndim == 0:
+            raise CheckpointError(f"{name} has no residual axis to fold a gain into")
         ax = axis % t.ndim
-        step = max(1, block_bytes // max(1, t[0].numel() * t.element_size()))
-        for a in range(0, t.shape[0], step):
-            b = min(a + step, t.shape[0])
-            yield scale_residual(t[a:b], rule, g[a:b] if ax == 0 else g).to(t.dtype)
+        shape = [1] * t.ndim
+        shape[ax] = -1
+        if t.dtype not in scratch:  # computed in the dtype scale_dtype allows
+            scratch[t.dtype] = torch.empty(
+                max(_SCRATCH_ELEMENTS, t[0].numel()), dtype=scale_dtype(t.dtype, g)
+            )
+        work = scratch[t.dtype]
+        s = (g[a:b] if ax == 0 else g).to(work.dtype).reshape(shape)
+        row = max(1, t[0].numel())
+        step = max(1, _SCRATCH_ELEMENTS // row)
+        for r in range(a, b, step):
+            r1 = min(r + step, b)
+            tmp = work[: (r1 - r) * row].view((r1 - r, *t.shape[1:]))
+            torch.mul(t[r:r1], s[r - a : r1 - a] if ax == 0 else s, out=tmp)
+            out[r - a : r1 - a].copy_(tmp)
 
-    return blocks
+    return BlockFill(fill)
 
 
 def _untie_config(config: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "DTYPES",
     "LEVEL",
     "POOLINGS",
+    "ROTATIONS",
     "TENSOR_WEIGHTINGS",
     "CalibrationOptions",
     "CaptureOptions",
@@ -41,8 +42,10 @@ __all__ = [
 
 #: the documented level: ``p_value <= LEVEL`` means "a signed permutation relates the charts"
 LEVEL = 0.01
-#: Haar rotations of the calibrated p-value's fitted null (independent of ``null_draws``)
+#: random rotations of the calibrated p-value's fitted null (independent of ``null_draws``)
 CALIBRATION_DRAWS = 64
+#: the laws of the calibration's random rotations (:mod:`hf_bdgauge.estimate.rotations`)
+ROTATIONS = ("structured", "haar")
 #: the dtypes a dtype option may name (``torch.<name>``)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: how per-layer correlations are pooled before one assignment (:mod:`hf_bdgauge.estimate.matching`)
@@ -303,19 +306,26 @@ class WeightOptions(_Options):
 @dataclass(frozen=True)
 class CalibrationOptions(_Options):
     """How an estimate's p-value is calibrated and its verdict read
-    (:mod:`hf_bdgauge.estimate.verdict`): ``draws`` Haar rotations of the held-out statistic's
-    fitted null, read against the ``reference`` null at ``level``; ``null_draws`` rotations of
-    the descriptive null; ``identity_tol``: a gauge moving at most this fraction of the
-    coordinates reads as the identity."""
+    (:mod:`hf_bdgauge.estimate.verdict`): ``draws`` random rotations (of law ``rotation``) of the
+    held-out statistic's fitted null, read against the ``reference`` null at ``level``;
+    ``null_draws`` rotations of the descriptive null; ``identity_tol``: a gauge moving at most this
+    fraction of the coordinates reads as the identity."""
 
     draws: int = _opt(
         CALIBRATION_DRAWS,
-        "Haar rotations of the calibrated p-value's fitted null (cost grows with it and with d³·layers)",
+        "random rotations of the calibrated p-value's fitted null (cost grows with it, d² log d and layers)",
         flag="--calibration-draws",
         type=int,
     )
     null_draws: int = _opt(1, "draws of the descriptive rotated null (excess over null; 0 skips it)")
     seed: int = _opt(0, "seed of the rotations")
+    rotation: str = _opt(
+        "structured",
+        "law of the null's random rotations: 'structured' (permutations, signs and DCTs, O(d² log d), "
+        "null law shown equal to Haar's) or 'haar' (QR of a Gaussian matrix, O(d³))",
+        flag="--calibration-rotation",
+        choices=ROTATIONS,
+    )
     reference: Any = _opt(
         "auto",
         "reference null the p-value is read against: 'auto' (the package's, "
@@ -333,6 +343,7 @@ class CalibrationOptions(_Options):
         _check_int(self, "draws", 3)
         _check_int(self, "null_draws", 0)
         _check_int(self, "seed", 0)
+        _check_choice(self, "rotation", ROTATIONS)
         ref = self.reference
         if isinstance(ref, str):
             if ref.lower() == "none":

@@ -39,6 +39,7 @@ the square of ``x``); :mod:`hf_bdgauge.transport.optimizer` refuses them, or mov
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -158,3 +159,34 @@ def transform(
             return block.clone() if isinstance(block, torch.Tensor) else block.copy()
         return g.apply(x, axis=ax, out_slice=out_slice)
     return g.apply(x, axis=ax, signed=rule.signed and not second_moment, out_slice=out_slice)
+
+
+@functools.cache
+def _casts_through_float32() -> bool:
+    """Whether torch rounds float64 to bfloat16 and float16 through float32 (it does: the value
+    1 + 2⁻⁸ + 2⁻³⁰ rounds to 1 that way, to 1 + 2⁻⁷ directly; likewise for float16)."""
+    import torch
+
+    probe = torch.tensor([1 + 2**-8 + 2**-30, 1 + 2**-11 + 2**-30], dtype=torch.float64)
+    return bool(probe[0].to(torch.bfloat16) == 1) and bool(probe[1].to(torch.float16) == 1)
+
+
+def scale_dtype(dtype: torch.dtype, g: torch.Tensor) -> torch.dtype:
+    """The dtype in which ``scale_residual(W, rule, g).to(dtype)`` — ``(W.to(float64) · g).to(dtype)``
+    for a ``W`` of ``dtype`` and a float64 ``g`` — can be computed with the same bytes.
+
+    float32 when ``W``'s dtype is bfloat16, float16 or float32 and every ``g`` is a float32 value:
+    the exact product of two float32 values has at most 48 significant bits and lies well inside
+    float64's range, so the float64 product is exact and its rounding to float32 is the correctly
+    rounded product that a float32 multiply gives; torch then rounds float64 to bfloat16/float16
+    through float32 (:func:`_casts_through_float32`), so both roads meet at the same float32 value.
+    float64 otherwise (a float64 ``W``, or a gain that float32 cannot hold, e.g. Gemma's ``1 + w``
+    for a tiny ``w``). A NaN stays a NaN; its payload bits are not kept (torch's casts do not
+    keep them either: they differ between its vectorised and scalar loops)."""
+    import torch
+
+    small = (torch.bfloat16, torch.float16)
+    if dtype == torch.float32 or (dtype in small and _casts_through_float32()):
+        if torch.equal(g.to(torch.float32).to(torch.float64), g):
+            return torch.float32
+    return torch.float64

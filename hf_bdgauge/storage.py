@@ -9,6 +9,7 @@ convert it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -23,9 +24,12 @@ import torch
 
 from .errors import CheckpointError
 from .files import read_json_object
+from .shard_writer import ShardWriter, prefetch
 
 __all__ = [
     "BLOCK_BYTES",
+    "BlockFill",
+    "Move",
     "ST_TO_TORCH",
     "rewrite_shard",
     "TORCH_TO_ST",
@@ -195,73 +199,135 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
 
 
+@dataclass(frozen=True)
+class BlockFill:
+    """A tensor's move computed a block of rows at a time into memory :func:`rewrite_shard` owns:
+    ``fill(t, a, b, out)`` writes rows ``[a, b)`` (along axis 0) of the moved ``t`` into ``out``, a
+    tensor of ``t``'s dtype and shape ``(b - a, *t.shape[1:])`` (``t`` has at least one axis)."""
+
+    fill: Callable[[torch.Tensor, int, int, torch.Tensor], None]
+
+
+#: What :func:`rewrite_shard` does with one tensor: copy its bytes (``None``), fill blocks of rows
+#: into its buffers (:class:`BlockFill`), or write the blocks a function of the tensor yields.
+Move = BlockFill | Callable[[torch.Tensor], Iterable[torch.Tensor]] | None
+
+
 def rewrite_shard(
     src: Path,
     dst: Path,
     raw: bytes,
     header: dict[str, Any],
-    move: Callable[[str], Callable[[torch.Tensor], Iterable[torch.Tensor]] | None],
+    move: Callable[[str], Move],
     progress: Any = None,
+    block_bytes: int = BLOCK_BYTES,
 ) -> int:
     """Write the safetensors file ``dst`` = ``src`` with the same header (``raw``, parsed as
     ``header``: :func:`read_safetensors_header`) and the same offsets, where ``move(name)`` says
-    what becomes of each tensor: ``None`` copies its bytes; a function of the tensor (a read-only,
-    zero-copy view of the memory-mapped source) yields its new values in row-major order, in
-    blocks of the same dtype, whose bytes are written as they come — so at most a block is
-    materialised at a time whatever the tensor's size. The one streaming writer of re-charted
+    what becomes of each tensor (:data:`Move`): ``None`` copies its bytes; a :class:`BlockFill`
+    computes its new values a block of about ``block_bytes`` at a time into one of two reusable
+    buffers; a function of the tensor yields its new values in row-major order, in blocks of the
+    same dtype. The tensor handed to either is a read-only, zero-copy view of the memory-mapped
+    source. The bytes are written by a :class:`~hf_bdgauge.shard_writer.ShardWriter` thread while
+    the next block is computed, and the file is fsynced once, at the end. At most two blocks are
+    held at a time (plus what a function materialises), whatever the tensor's size: a block is at
+    most ``block_bytes`` and an eighth of the shard's largest tensor (at least a row, at least
+    1 MiB unless ``block_bytes`` is smaller). The one streaming writer of re-charted
     (:func:`hf_bdgauge.apply_gauge_to_checkpoint`) and folded
     (:func:`hf_bdgauge.fold_norm_gains_in_checkpoint`) checkpoints. Returns the bytes written;
     ``progress`` (a tqdm bar) is advanced by each tensor's size."""
     base = 8 + len(raw)
-    written = 0
     order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    with (
-        open(src, "rb") as fin,
-        mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm,
-        open(dst, "wb") as fout,
-    ):
-        fout.write(struct.pack("<Q", len(raw)))
-        fout.write(raw)
+    sizes = [header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in order]
+    blk = min(block_bytes, max(1 << 20, max(sizes, default=0) // 8))
+    rows = [_row_bytes(header[k]) for k in order]
+    buf_bytes = max([blk] + [r for r in rows if r > blk])
+    with open(src, "rb") as fin:
+        mm = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ)
         view = memoryview(mm)
         try:
-            for name in order:
-                info = header[name]
-                begin, end = info["data_offsets"]
-                if fout.tell() != base + begin:  # padding or gaps between tensors: keep them as they are
-                    fout.write(view[fout.tell() : base + begin])
-                chunk = view[base + begin : base + end]
-                fn = move(name) if end > begin else None
-                if fn is None:
-                    fout.write(chunk)
-                else:
-                    dtype = ST_TO_TORCH.get(info["dtype"])
-                    if dtype is None:
-                        raise CheckpointError(
-                            f"{src.name}: tensor {name} has dtype {info['dtype']}, which cannot be rewritten"
-                        )
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written to
-                        t = torch.frombuffer(chunk, dtype=dtype).reshape(info["shape"])
-                    n = 0
-                    for block in fn(t):
-                        if block.dtype != dtype:
-                            raise CheckpointError(
-                                f"{src.name}: tensor {name} would change dtype ({dtype} -> {block.dtype})"
-                            )
-                        buf = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-                        fout.write(buf.data)  # a memoryview of the bytes, no copy
-                        n += buf.nbytes
-                    del t
-                    if n != end - begin:
-                        raise CheckpointError(
-                            f"{src.name}: tensor {name} has {n} bytes, header says {end - begin}"
-                        )
-                written += end - begin
-                if progress is not None:
-                    progress.update(end - begin)
-                del chunk
+            with ShardWriter(dst, block_bytes=buf_bytes) as out:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                pos = base
+                for name, row_bytes in zip(order, rows):
+                    info = header[name]
+                    begin, end = (base + o for o in info["data_offsets"])
+                    if pos != begin:  # padding or gaps between tensors: keep them as they are
+                        _copy(out, mm, view, pos, begin, blk)
+                    fn = move(name) if end > begin else None
+                    if fn is None:
+                        _copy(out, mm, view, begin, end, blk)
+                    else:
+                        _moved(out, mm, view[begin:end], src.name, name, info, fn, row_bytes, blk, begin)
+                    pos = end
+                    if progress is not None:
+                        progress.update(end - begin)
+                if pos != len(mm):
+                    _copy(out, mm, view, pos, len(mm), blk)
+            return out.written
         finally:
-            view.release()
-        fout.flush()
-        os.fsync(fout.fileno())
-    return written
+            with contextlib.suppress(BufferError):  # a traceback may still hold a view of the source
+                view.release()
+                mm.close()
+
+
+def _row_bytes(info: dict[str, Any]) -> int:
+    """Bytes of one row (index along axis 0) of a header entry's tensor."""
+    shape = info["shape"]
+    n = info["data_offsets"][1] - info["data_offsets"][0]
+    return n // shape[0] if shape and shape[0] else n
+
+
+def _copy(out: ShardWriter, mm: mmap.mmap, view: memoryview, a: int, b: int, blk: int) -> None:
+    """Queue bytes ``[a, b)`` of the source as they are, a block at a time, read ahead."""
+    for p in range(a, b, blk):
+        prefetch(mm, p + blk, p + 3 * blk)
+        out.write(view[p : min(p + blk, b)])
+
+
+def _moved(
+    out: ShardWriter,
+    mm: mmap.mmap,
+    chunk: memoryview,
+    shard: str,
+    name: str,
+    info: dict[str, Any],
+    fn: BlockFill | Callable[[torch.Tensor], Iterable[torch.Tensor]],
+    row_bytes: int,
+    blk: int,
+    at: int,
+) -> None:
+    """Queue the moved bytes of one tensor (``chunk``: its source bytes, at offset ``at``)."""
+    dtype = ST_TO_TORCH.get(info["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{shard}: tensor {name} has dtype {info['dtype']}, which cannot be rewritten")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written to
+        t = torch.frombuffer(chunk, dtype=dtype).reshape(info["shape"])
+    n, want = 0, chunk.nbytes
+    try:
+        if isinstance(fn, BlockFill):
+            if t.ndim == 0:
+                raise CheckpointError(f"{shard}: tensor {name} is a scalar: it has no rows to fill")
+            prefetch(mm, at, at + min(want, 4 * blk))
+            step = max(1, blk // max(1, row_bytes))
+            for a in range(0, t.shape[0], step):
+                b = min(a + step, t.shape[0])
+                prefetch(mm, at + b * row_bytes, at + min(want, (b + 2 * step) * row_bytes))
+                buf = out.buffer((b - a) * row_bytes).view(dtype).reshape((b - a, *t.shape[1:]))
+                fn.fill(t, a, b, buf)
+                out.write(buf)
+                n += (b - a) * row_bytes
+        else:
+            for block in fn(t):
+                if block.dtype != dtype:
+                    raise CheckpointError(
+                        f"{shard}: tensor {name} would change dtype ({dtype} -> {block.dtype})"
+                    )
+                block = block.contiguous()
+                out.write(block)
+                n += block.numel() * block.element_size()
+    finally:
+        del t
+    if n != want:
+        raise CheckpointError(f"{shard}: tensor {name} has {n} bytes, header says {want}")

@@ -231,6 +231,7 @@ def test_two_gloo_processes_give_the_one_process_gauge_and_sums(pair, tmp_path):
     assert two.metrics["world_size"] == 2 and one.metrics["world_size"] == 1
     assert two.metrics["tokens"] == one.metrics["tokens"] == 150
     assert two.metrics["half_tokens"] == one.metrics["half_tokens"]
+    assert (two.source, two.target) == (one.source, one.target)  # fingerprints split over the ranks
     s1, s2 = load_pair_stats(tmp_path / "one-stats"), load_pair_stats(tmp_path / "two-stats")
     assert s2.world_size == 2 and s2.stats.meta["sequences"] == s1.stats.meta["sequences"]
     _assert_same_sums(s2.stats, s1.stats)
@@ -448,6 +449,52 @@ def test_weights_split_over_two_ranks_give_the_one_process_sums_and_gauge(pair, 
     assert_close_rel(
         torch.tensor(g2.metrics["p_value"]), torch.tensor(g1.metrics["p_value"]), rtol=1e-6, what="p"
     )
+
+
+_SHARE_CALLS = """
+import json
+import sys
+
+import hf_bdgauge.estimate.loading as loading
+from hf_bdgauge.distributed import init_from_env, share_calls, shutdown
+from hf_bdgauge.options import CaptureOptions
+
+rank, size, _ = init_from_env(60)
+got = share_calls([lambda i=i: (i, rank) for i in range(3)])
+hashed = []
+real = loading.model_fingerprint
+loading.model_fingerprint = lambda obj, **k: hashed.append(str(obj)) or real(obj, **k)
+ends = loading.load_pair(sys.argv[1], sys.argv[2], None, CaptureOptions())
+try:
+    share_calls([lambda: 1, lambda: 1 / 0])
+    failed = None
+except Exception as e:
+    failed = type(e).__name__
+fps = [ends.source_ref.fingerprint, ends.target_ref.fingerprint]
+with open(f"{sys.argv[3]}.{rank}.json", "w") as f:
+    json.dump({"got": got, "hashed": hashed, "fps": fps, "failed": failed}, f)
+shutdown()
+"""
+
+
+def test_calls_and_fingerprints_split_over_two_ranks(pair, tmp_path):
+    """share_calls under torchrun: call i runs on rank i mod 2 only and every rank gets every
+    result; a call that raises on one rank makes both raise; load_pair hashes the source on rank
+    0 and the target on rank 1, and both ranks record the fingerprints one process computes."""
+    import json
+
+    from hf_bdgauge.fingerprint import model_fingerprint
+
+    src, dst, _, _ = pair
+    script = tmp_path / "share.py"
+    script.write_text(_SHARE_CALLS)
+    _torchrun([str(script), str(src), str(dst), str(tmp_path / "out")], module=False)
+    ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
+    assert [r["got"] for r in ranks] == [[[0, 0], [1, 1], [2, 0]]] * 2
+    assert [r["hashed"] for r in ranks] == [[str(src)], [str(dst)]]
+    assert [r["failed"] for r in ranks] == ["DistributedError", "ZeroDivisionError"]
+    one = json.loads(json.dumps([model_fingerprint(src), model_fingerprint(dst)]))  # as JSON holds them
+    assert [r["fps"] for r in ranks] == [one, one]
 
 
 def _token_rows(src, corpus) -> list[list[int]]:

@@ -56,10 +56,27 @@ def hungarian(score: np.ndarray) -> np.ndarray:
         raise DimensionMismatchError(f"matching needs a square score matrix, got shape {score.shape}")
     if not np.all(np.isfinite(score)):
         raise EstimationError("the score matrix has non-finite entries")
+    fast = _strict_row_maxima(score)
+    if fast is not None:
+        return fast
     rows, cols = linear_sum_assignment(score, maximize=True)
     perm = np.empty(score.shape[0], dtype=np.int64)
     perm[rows] = cols
     return perm
+
+
+def _strict_row_maxima(score: np.ndarray) -> np.ndarray | None:
+    """The row-wise argmax when it is a permutation and every row's maximum is strict, else None:
+    then every other assignment loses in some row, so it is the unique optimum (found in O(d²),
+    as for a re-charted pair's scores, instead of an assignment solve)."""
+    d = score.shape[0]
+    am = score.argmax(axis=1)
+    if d < 2 or np.unique(am).size != d:
+        return None
+    top2 = np.partition(score, d - 2, axis=1)[:, d - 2 :]
+    if not np.all(top2[:, 1] > top2[:, 0]):
+        return None
+    return am.astype(np.int64)
 
 
 def _row_margin(score: np.ndarray, perm: np.ndarray) -> np.ndarray:

@@ -6,8 +6,11 @@
 
 The test
 --------
-``M = draws`` Haar rotations of the target (one seeded stream), applied to both halves from the
-sums, give the null statistics ``T_1..T_M`` of the held-out, trimmed statistic ``T``
+``M = draws`` random rotations of the target (one seeded stream,
+:func:`~hf_bdgauge.estimate.rotations.rotation_stream`: structured rotations by default, whose null
+law is Haar's, or Haar's own; "Haar" below names this rotated null), applied to both halves from the
+sums in parallel threads (:func:`~hf_bdgauge.estimate.rotations.for_each_draw`), give the null
+statistics ``T_1..T_M`` of the held-out, trimmed statistic ``T``
 (:mod:`hf_bdgauge.estimate.statistic`); ``t = (T − μ)/(s·√(1 + 1/M))`` is read against Student's
 ``t_{M−1}`` — after the reference null's reading ``t_ref = (t − location)/scale``
 (:mod:`hf_bdgauge.estimate.reference`; ``reference=None``: ``t`` itself, the Haar-only p-value,
@@ -30,6 +33,7 @@ beats its own null at level ``α``. The documented false-identification level is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +43,9 @@ from scipy import stats as sps
 from ..distributed import collective_device, on_every_rank, world
 from ..errors import EstimationError
 from ..options import LEVEL, CalibrationOptions
-from .assignment import ACTIVATION_METHODS, haar_from_gaussian, hungarian
+from .assignment import ACTIVATION_METHODS, hungarian
 from .reference import Reference, reference_for
+from .rotations import Rotation, for_each_draw, rotation_stream
 from .statistic import (
     TRIM,
     Parts,
@@ -133,6 +138,7 @@ def _identify(
     v: np.ndarray,
     Vn: np.ndarray,
     id_alpha: float,
+    selected: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     d = perm.size
     draws = Vn.shape[0]
@@ -141,7 +147,7 @@ def _identify(
     Ar = A.copy()
     Ar[idx, perm] = -np.inf
     mutual = (a_ij >= Ar.max(1)) & (a_ij >= Ar.max(0)[perm])
-    sel1, sel2 = hungarian(A1), hungarian(A2)
+    sel1, sel2 = (hungarian(A1), hungarian(A2)) if selected is None else selected  # π¹, π² of A¹, A²
     replicated = (
         (sel1 == perm) & (sel2 == perm) & (_sign(S1[idx, perm]) == signs) & (_sign(S2[idx, perm]) == signs)
     )
@@ -168,50 +174,59 @@ def calibrate(
     full_scores: tuple[np.ndarray, np.ndarray],
     options: CalibrationOptions | None = None,
     *,
-    group: Any = None,
-    across_ranks: bool = False,
+    across_ranks: Any = False,
+    on_draw: Callable[[int, Rotation | None, dict[str, list]], None] | None = None,
 ) -> Calibration:
     """The calibrated p-value of ``method`` and the identification of the match ``element``
     (``perm``, ``signs``) from two halves, with ``full_scores = (A, S)`` of both halves together.
 
-    ``options`` (default :class:`~hf_bdgauge.options.CalibrationOptions`): ``draws`` Haar rotations
-    from the stream seeded by ``seed``, shared by the statistic and the identification;
+    ``options`` (default :class:`~hf_bdgauge.options.CalibrationOptions`): ``draws`` rotations of
+    law ``rotation`` from the stream seeded by ``seed``, shared by the statistic and the identification;
     ``reference``, the reference null the Haar ``t`` is read against (``"auto"``: the package's
     for the halves' kind, :func:`~hf_bdgauge.estimate.reference.reference_for`; ``None``: the Haar
     null alone; or a :class:`~hf_bdgauge.estimate.reference.Reference`); ``level``, the level the
     p-value is read at. The statistic trims :data:`~hf_bdgauge.estimate.statistic.TRIM`; the
     identification's level is :data:`ID_ALPHA`.
 
-    ``across_ranks=True`` (every rank of ``group``, default the default process group, calls this
-    with the same arguments) splits the draws: every rank draws the same Gaussian matrices from the
-    one seeded stream, rank ``r`` pays for the QR, the rotated halves and the matching of draws
+    ``across_ranks`` (``False``: this process alone; ``True``: the default process group; or a
+    process group, every rank of which calls this with the same arguments) splits the draws:
+    every rank advances the one seeded stream alike,
+    rank ``r`` pays for the rotated halves (and a Haar draw's QR) and the matching of draws
     ``k ≡ r mod N`` only, and one all-reduce gathers the null rows (each row is one rank's, the
-    others add exact zeros), so every rank returns the single-process calibration."""
+    others add exact zeros), so every rank returns the single-process calibration.
+
+    ``on_draw(k, rotation, selections)``, when given, is called once with ``k = -1`` and no rotation
+    for the observed halves, then for every draw ``k`` this rank computes (in the draws' worker
+    threads: it must write to draw ``k``'s own place only), with ``selections[m]`` the two
+    selections ``[(perm1, signs1), (perm2, signs2)]`` of each method ``m`` of the test (``method``
+    and ``"sign_marginalized"``) on the rotated halves (:func:`heldout_values`)."""
     opts = CalibrationOptions() if options is None else options
     draws, seed, level, reference = opts.draws, opts.seed, opts.level, opts.reference
     if method not in ACTIVATION_METHODS:
         raise EstimationError(f"unknown method {method!r}; choose one of {ACTIVATION_METHODS}")
     methods = list(dict.fromkeys([method, "sign_marginalized"]))
     pool, d = half1.pool, half1.dim
-    obs1 = (half1.signed(None), half1.unsigned(None))
-    obs2 = (half2.signed(None), half2.unsigned(None))
-    v_obs = {m: heldout_values(obs1, obs2, pool, m) for m in methods}
-    rng = np.random.default_rng(seed)
-    rank, size, grp = world(group) if across_ranks else (0, 1, None)
+    obs1, obs2 = half1.blocks(None), half2.blocks(None)
+    sels_obs: dict[str, list] = {m: [] for m in methods}
+    v_obs = {m: heldout_values(obs1, obs2, pool, m, sels_obs[m]) for m in methods}
+    if on_draw is not None:
+        on_draw(-1, None, sels_obs)
+    if across_ranks is False:
+        rank, size, grp = 0, 1, None
+    else:
+        rank, size, grp = world(None if across_ranks is True else across_ranks)
     Vn = {m: np.zeros((draws, d)) for m in methods}
 
-    def my_draws() -> None:
-        for k in range(draws):
-            z = rng.standard_normal((d, d))  # every rank advances the one stream alike
-            if k % size != rank:
-                continue
-            Q = haar_from_gaussian(z)
-            r1 = (half1.signed(Q), half1.unsigned(Q))
-            r2 = (half2.signed(Q), half2.unsigned(Q))
-            for m in methods:
-                Vn[m][k] = heldout_values(r1, r2, pool, m)
+    def one_draw(k: int, rotation: Rotation) -> None:
+        r1, r2 = half1.blocks(rotation), half2.blocks(rotation)
+        sels: dict[str, list] = {m: [] for m in methods}
+        for m in methods:
+            Vn[m][k] = heldout_values(r1, r2, pool, m, sels[m])
+        if on_draw is not None:
+            on_draw(k, rotation, sels)
 
-    on_every_rank(my_draws, grp)
+    stream = rotation_stream(d, seed, opts.rotation)
+    on_every_rank(lambda: for_each_draw(stream, draws, one_draw, rank=rank, size=size), grp)
     if size > 1:
         import torch
         import torch.distributed as dist
@@ -237,8 +252,20 @@ def calibrate(
         t = ref.apply(haar_t)
         p, logp = (float(x) for x in student_tail(t, draws))
     perm, signs = np.asarray(element.perm, dtype=np.int64), np.asarray(element.signs, dtype=np.int64)
+    (sel1, _), (sel2, _) = sels_obs["sign_marginalized"]  # the Hungarian of A¹ and A², already run
     ident = _identify(
-        A, S, A1, S1, A2, S2, perm, signs, v_obs["sign_marginalized"], Vn["sign_marginalized"], ID_ALPHA
+        A,
+        S,
+        A1,
+        S1,
+        A2,
+        S2,
+        perm,
+        signs,
+        v_obs["sign_marginalized"],
+        Vn["sign_marginalized"],
+        ID_ALPHA,
+        (sel1, sel2),
     )
     return Calibration(
         p_value=p,

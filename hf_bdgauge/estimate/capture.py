@@ -386,12 +386,14 @@ def _add_batch(
         m = hm.reshape(-1)
         if not bool(m.any()):
             continue
-        masks: dict[torch.device, torch.Tensor] = {}
+        rows = torch.nonzero(m).squeeze(1)  # the half's token rows, found once for every layer
+        on: dict[torch.device, torch.Tensor] = {}
         for k in layers:
             x = hs[k].reshape(-1, hs[k].shape[-1])
             y = ht[k].reshape(-1, ht[k].shape[-1]).to(x.device)
-            mk = masks.setdefault(x.device, m.to(x.device))
-            stats.update(k, x[mk], y[mk], device=stats_device, half=h, **update)
+            rk = on.setdefault(x.device, rows.to(x.device))
+            x, y = x.index_select(0, rk), y.index_select(0, rk)
+            stats.update(k, x, y, device=stats_device, half=h, **update)
 
 
 def _pad_id(tokenizer: Any) -> int:

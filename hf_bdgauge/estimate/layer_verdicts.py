@@ -11,7 +11,7 @@ that verdict answers; :func:`cauchy_combination` turns the layers' p-values into
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -63,7 +63,7 @@ def layer_verdict(
     calibration: Calibration,
     identity_fit: float,
     gauge_fit: float,
-    best_fit: float,
+    best_fit: float | Callable[[], float],
     *,
     gauge_problems: Sequence[str] = (),
     identity_tol: float = 0.01,
@@ -81,13 +81,17 @@ def layer_verdict(
       best signed permutation (``gauge_fit >= best_fit − fit_tol``) — only when the gauge passes
       its fit check (``gauge_problems``: :meth:`~hf_bdgauge.gauge.Gauge.fit_problems`, the rule
       that :meth:`~hf_bdgauge.gauge.Gauge.check_fit` enforces), else ``"gauge_refused"``;
-    * ``"drifted"`` otherwise: related, but the gauge does not fit this layer."""
+    * ``"drifted"`` otherwise: related, but the gauge does not fit this layer.
+
+    ``best_fit`` may be a callable, called only when the verdict reads it (it costs an assignment)."""
     if calibration.insufficient:
         return INSUFFICIENT_DATA
     if not calibration.p_value <= calibration.level:
         return "no_evidence"
     if identity_fit >= gauge_fit - identity_tol:
         return "identity"
+    if callable(best_fit):
+        best_fit = best_fit()
     if gauge_fit >= best_fit - fit_tol:
         return "gauge_refused" if gauge_problems else "signed_permutation"
     return "drifted"

@@ -5,13 +5,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..distributed import share_calls
 from ..fingerprint import model_fingerprint
 from ..hub import commit_of, resolve_checkpoint_dir, split_revision
 from ..options import CaptureOptions
@@ -102,6 +104,23 @@ def load_causal_lm(
     return model, model_ref(name, revision, path, fingerprint=fingerprint), path
 
 
+def _fingerprint_ends(
+    ends: list[tuple[torch.nn.Module, ModelRef, Path | None]], group: Any = None
+) -> list[tuple[torch.nn.Module, ModelRef, Path | None]]:
+    """``ends`` (model, ref, checkpoint directory or ``None``) with each ref's fingerprint filled
+    (:func:`~hf_bdgauge.fingerprint.model_fingerprint` of the checkpoint on disk, or of the model
+    given loaded), as :func:`model_ref` with ``fingerprint=True`` records it. Under a process
+    group every rank must call this: end ``i`` is hashed by rank ``i mod N`` alone and every rank
+    gets both fingerprints (:func:`~hf_bdgauge.distributed.share_calls`), so two ranks pay one
+    pass over one checkpoint each instead of both passes each."""
+    calls = [
+        functools.partial(model_fingerprint, model if path is None else path, revision=ref.revision)
+        for model, ref, path in ends
+    ]
+    prints = share_calls(calls, group)
+    return [(model, replace(ref, fingerprint=fp), path) for (model, ref, path), fp in zip(ends, prints)]
+
+
 @dataclass
 class LoadedPair:
     """Both ends of a pair, loaded: the models, their ModelRefs, their checkpoint directories
@@ -131,7 +150,9 @@ def load_pair(
     ``data`` (``capture.tokenizer``, loaded when it is a path; default the source checkpoint's when
     ``data`` holds texts). ``capture.dtype`` and ``capture.device_map`` apply only to a model loaded
     from a path: given with an already loaded model they are refused
-    (:class:`~hf_bdgauge.errors.EstimationError`), never ignored."""
+    (:class:`~hf_bdgauge.errors.EstimationError`), never ignored. ``fingerprint=True`` records
+    both ends' fingerprints; under a process group (``capture.group``) every rank must call this,
+    and the two fingerprints are split over the ranks (:func:`_fingerprint_ends`)."""
     loaded = [n for n, m in (("source", source), ("target", target)) if isinstance(m, torch.nn.Module)]
     given = [f"capture.{f}" for f in ("dtype", "device_map") if getattr(capture, f) is not None]
     if loaded and given:
@@ -144,17 +165,15 @@ def load_pair(
     ends: list[tuple[torch.nn.Module, ModelRef, Path | None]] = []
     for obj, revision in ((source, source_revision), (target, target_revision)):
         if isinstance(obj, torch.nn.Module):
-            ends.append((obj, model_ref(obj, revision, fingerprint=fingerprint), None))
+            ends.append((obj, model_ref(obj, revision), None))
         else:
             ends.append(
                 load_causal_lm(
-                    obj,
-                    revision,
-                    dtype=capture.torch_dtype,
-                    device_map=capture.device_map,
-                    fingerprint=fingerprint,
+                    obj, revision, dtype=capture.torch_dtype, device_map=capture.device_map, fingerprint=False
                 )
             )
+    if fingerprint:
+        ends = _fingerprint_ends(ends, capture.group)
     (src_model, src_ref, src_dir), (tgt_model, tgt_ref, tgt_dir) = ends
     tokenizer = capture.tokenizer
     if needs_tokenizer(data) or isinstance(tokenizer, (str, os.PathLike)):

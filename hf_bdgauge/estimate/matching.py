@@ -157,7 +157,13 @@ def calibrate_stats(
         )
     parts = [activation_parts(stats.half(h), pooling) for h in (0, 1)]
     return calibrate(
-        parts[0], parts[1], method, element, full_scores, cal, group=group, across_ranks=across_ranks
+        parts[0],
+        parts[1],
+        method,
+        element,
+        full_scores,
+        cal,
+        across_ranks=(True if group is None else group) if across_ranks else False,
     )
 
 

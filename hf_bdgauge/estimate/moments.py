@@ -35,7 +35,10 @@ precision, bf16/fp16 widened exactly; its rounding is relative to the centred sp
 coordinate whose mean dwarfs its spread loses nothing to it, where a raw float32 ``Xᵀ·Y`` would
 lose the covariance entirely), float64 for float64 inputs or ``product_dtype=torch.float64``.
 The rank-2 corrections and the running totals across batches are float64, so sums still merge
-exactly. The sums live on the device of the activations (a GPU runs the float32 GEMMs
+exactly. How the d×d products are formed (only the upper block triangle of the symmetric
+``Σ(y − b)(y − b)ᵀ``, in tiles added straight to float64) is in :mod:`.products`; the rank-2
+corrections of successive batches are queued and applied together, as one product, when the sums
+are read (:class:`CrossMoments`). The sums live on the device of the activations (a GPU runs the float32 GEMMs
 there; consumer GPUs run float64 at 1/32–1/64 of that rate); moments are read on the CPU.
 """
 
@@ -43,13 +46,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import DimensionMismatchError, EstimationError
+from .products import add_cross_products, add_upper_products, mirror_upper_
 
 __all__ = ["SUM_FIELDS", "CrossMoments", "as_token_matrix"]
 
@@ -74,27 +77,86 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+#: rank-2 corrections queued per sum before they are applied (then as one rank-64 product)
+_MAX_QUEUED = 32
+
+
 def _product_dtype(*ts: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (bf16/fp16 are widened exactly)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-@dataclass
 class CrossMoments:
     """Raw float64 sums over tokens of one layer (or of several layers pooled).
 
     Attributes: ``n`` (token count), ``sum_x`` [dx], ``sum_y`` [dy], ``sum_x2`` [dx] (Σx²),
     ``sum_y2`` [dy], ``sum_xy`` [dx, dy] (Σx·yᵀ) and ``sum_yy`` [dy, dy] (Σy·yᵀ) or ``None``
     when the target's full second moment is not tracked (then no rotated null is available).
+
+    :meth:`update` leaves part of the work on ``sum_xy`` and ``sum_yy`` pending (the float64
+    rank-2 corrections of its batches, and ``sum_yy``'s lower triangle, :mod:`.products`);
+    reading or assigning either attribute first completes it, so the sums read are always whole
+    and ``sum_yy`` is exactly symmetric.
     """
 
-    n: int
-    sum_x: torch.Tensor
-    sum_y: torch.Tensor
-    sum_x2: torch.Tensor
-    sum_y2: torch.Tensor
-    sum_xy: torch.Tensor
-    sum_yy: torch.Tensor | None = None
+    def __init__(
+        self,
+        n: int,
+        sum_x: torch.Tensor,
+        sum_y: torch.Tensor,
+        sum_x2: torch.Tensor,
+        sum_y2: torch.Tensor,
+        sum_xy: torch.Tensor,
+        sum_yy: torch.Tensor | None = None,
+    ) -> None:
+        self.n = n
+        self.sum_x, self.sum_y, self.sum_x2, self.sum_y2 = sum_x, sum_y, sum_x2, sum_y2
+        self._sum_xy, self._sum_yy = sum_xy, sum_yy
+        #: queued rank-2 corrections ``(u [d, 2], v [2, d])`` of Σx·yᵀ and of Σy·yᵀ, float64
+        self._fix_xy: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fix_yy: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._yy_lower_stale = False
+
+    def __repr__(self) -> str:
+        yy = "" if self._sum_yy is None else ", Σyyᵀ"
+        return f"CrossMoments(n={self.n}, dims={self.dims}{yy}, device={self.device})"
+
+    # ------------------------------------------------------------------ pending work
+    def _apply_corrections(self) -> None:
+        """Apply the queued rank-2 corrections, as one rank-2k product per sum."""
+        for s, fix in ((self._sum_xy, self._fix_xy), (self._sum_yy, self._fix_yy)):
+            if fix and s is not None:
+                s.addmm_(torch.cat([u for u, _ in fix], 1), torch.cat([v for _, v in fix], 0))
+            fix.clear()
+
+    def _complete(self) -> None:
+        """Apply the queued corrections and mirror ``sum_yy``: what a read needs."""
+        self._apply_corrections()
+        if self._yy_lower_stale and self._sum_yy is not None:
+            mirror_upper_(self._sum_yy)
+        self._yy_lower_stale = False
+
+    @property
+    def sum_xy(self) -> torch.Tensor:
+        """Σx·yᵀ [dx, dy], float64."""
+        self._complete()
+        return self._sum_xy
+
+    @sum_xy.setter
+    def sum_xy(self, value: torch.Tensor) -> None:
+        self._complete()
+        self._sum_xy = value
+
+    @property
+    def sum_yy(self) -> torch.Tensor | None:
+        """Σy·yᵀ [dy, dy], float64 and exactly symmetric, or ``None`` (not tracked)."""
+        self._complete()
+        return self._sum_yy
+
+    @sum_yy.setter
+    def sum_yy(self, value: torch.Tensor | None) -> None:
+        self._complete()
+        self._sum_yy = value
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -134,13 +196,19 @@ class CrossMoments:
     @property
     def device(self) -> torch.device:
         """Where the sums live."""
-        return self.sum_xy.device
+        return self._sum_xy.device
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CrossMoments:
         """New sums with ``fn`` applied to every tensor (``sum_yy`` stays ``None`` if absent)."""
-        yy = None if self.sum_yy is None else fn(self.sum_yy)
+        yy = self.sum_yy
         return CrossMoments(
-            self.n, fn(self.sum_x), fn(self.sum_y), fn(self.sum_x2), fn(self.sum_y2), fn(self.sum_xy), yy
+            self.n,
+            fn(self.sum_x),
+            fn(self.sum_y),
+            fn(self.sum_x2),
+            fn(self.sum_y2),
+            fn(self.sum_xy),
+            None if yy is None else fn(yy),
         )
 
     def to(self, device: torch.device | str) -> CrossMoments:
@@ -153,6 +221,8 @@ class CrossMoments:
         """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] by the centred update (module
         docstring). The inputs are moved to the sums' device; ``product_dtype`` overrides the
         precision of the centred d×d products (default: float64 for float64 inputs, else float32).
+        The d×d products are formed by :mod:`.products` (Σy·yᵀ: its upper block triangle); their
+        rank-2 float64 corrections are queued and applied together when the sums are read.
         """
         X, Y = as_token_matrix(X, "X"), as_token_matrix(Y, "Y")
         if X.shape[0] != Y.shape[0]:
@@ -177,17 +247,20 @@ class CrossMoments:
         self.sum_x += sx
         self.sum_y += sy
         self.sum_x2 += (Xc * Xc).sum(0).to(f64) + a * (2 * ex + n * a)
-        # d×d: one product in ct, one mixed-dtype in-place add (no float64 temporary), one rank-2 addmm
-        if self.sum_yy is not None:
-            Pyy = Yc.T @ Yc
-            self.sum_y2 += torch.diagonal(Pyy).to(f64) + b * (2 * ey + n * b)
-            self.sum_yy.add_(Pyy)
-            self.sum_yy.addmm_(torch.stack([ey, b], 1), torch.stack([b, sy]))
-            del Pyy
-        else:
-            self.sum_y2 += (Yc * Yc).sum(0).to(f64) + b * (2 * ey + n * b)
-        self.sum_xy.add_(Xc.T @ Yc)
-        self.sum_xy.addmm_(torch.stack([ex, a], 1), torch.stack([b, sy]))
+        # d×d: each batch's products in ct, added to float64 tile by tile (so the sums of any split
+        # of the batches add up to float64 rounding); the rank-2 corrections queued (float64)
+        add_cross_products(self._sum_xy, Xc, Yc)
+        self._fix_xy.append((torch.stack([ex, a], 1), torch.stack([b, sy])))
+        sq_y = None  # Σ(y − b)²: the diagonal of Ycᵀ·Yc where the product gives it
+        if self._sum_yy is not None:
+            sq_y = add_upper_products(self._sum_yy, Yc)
+            self._fix_yy.append((torch.stack([ey, b], 1), torch.stack([b, sy])))
+            self._yy_lower_stale = True
+        if sq_y is None:
+            sq_y = (Yc * Yc).sum(0)
+        self.sum_y2 += sq_y.to(f64) + b * (2 * ey + n * b)
+        if len(self._fix_xy) >= _MAX_QUEUED:
+            self._apply_corrections()
         return self
 
     # ------------------------------------------------------------------ merging

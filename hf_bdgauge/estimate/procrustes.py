@@ -281,7 +281,15 @@ def fit_rotation(
 #: the fields of CalibrationOptions a rotation estimate uses: its verdict's ``level`` and
 #: ``identity_tol``, and (when it hands over to the B_d estimate) that estimate's calibration
 ROTATION_CALIBRATION_FIELDS = ("level", "identity_tol")
-HANDOVER_CALIBRATION_FIELDS = ("draws", "null_draws", "seed", "reference", "level", "identity_tol")
+HANDOVER_CALIBRATION_FIELDS = (
+    "draws",
+    "null_draws",
+    "seed",
+    "rotation",
+    "reference",
+    "level",
+    "identity_tol",
+)
 
 
 def estimate_rotation_from_stats(

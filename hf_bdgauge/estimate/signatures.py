@@ -68,9 +68,9 @@ __all__ = ["WeightSimilarity", "weight_similarity"]
 logger = logging.getLogger(__name__)
 
 
-def _zeros(device: torch.device, *shape: int) -> torch.Tensor:
-    """A float64 accumulator of ``shape`` on ``device``."""
-    return torch.zeros(shape, dtype=torch.float64, device=device)
+def _zeros(device: torch.device, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """An accumulator of ``shape`` on ``device`` (float64 unless told)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _sum_or_none(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -117,6 +117,10 @@ class WeightSimilarity:
     tensors: list[str] = field(default_factory=list)
     #: the two tensor-halves (even / odd tensors in name order) whose sum this is, when kept
     halves: tuple[WeightSimilarity, WeightSimilarity] | None = field(default=None, repr=False)
+    #: per-group halves (``weight_similarity(group_of=...)``): group ``g``'s tensors of the even and of the
+    #: odd half, without Gram matrices, summed in the products' dtype (float32 by default); the groups'
+    #: halves add up to :attr:`halves`, and ``even + odd`` is the group's similarity
+    groups: dict[str, tuple[WeightSimilarity, WeightSimilarity]] = field(default_factory=dict, repr=False)
 
     @property
     def dim(self) -> int:
@@ -258,6 +262,7 @@ def weight_similarity(
     options: WeightOptions | None = None,
     *,
     select: Callable[[str], bool] | None = None,
+    group_of: Callable[[str], str] | None = None,
     track_target_gram: bool = True,
     fingerprint: bool = False,
     source_revision: str | None = None,
@@ -272,6 +277,10 @@ def weight_similarity(
     :class:`WeightSimilarity` and both ModelRefs (fingerprinted when ``fingerprint=True``).
     ``select(name)`` keeps only some tensors (e.g. one decoder block's, for a per-layer report);
     ``track_target_gram=False`` skips the target's Gram matrices (then no rotated null).
+    ``group_of(name)`` labels each tensor's group (e.g. its decoder block): the same single pass then
+    also sums every group's products apart, into :attr:`WeightSimilarity.groups` (each group's even and
+    odd tensors of the pooled halves; no Gram matrices; summed in the products' dtype, so the groups
+    add up to the pooled float64 sums to that dtype's rounding; memory ``4·d²`` entries a group).
 
     Many processes (:mod:`hf_bdgauge.distributed`): under an initialised process group
     (``options.group``, default the default group) every rank must call this with the same
@@ -299,19 +308,19 @@ def weight_similarity(
             if not plan:
                 raise EstimationError("no tensor that carries residual coordinates was selected")
 
-        def zeros() -> dict[str, Any]:
+        def zeros(gram: bool = track_target_gram, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
             acc: dict[str, Any] = {
-                "signed_num": _zeros(dev, d, d),
-                "gain_num": _zeros(dev, d, d),
-                "src_sq": _zeros(dev, d),
-                "tgt_sq": _zeros(dev, d),
-                "src_gain_sq": _zeros(dev, d),
-                "tgt_gain_sq": _zeros(dev, d),
+                "signed_num": _zeros(dev, d, d, dtype=dtype),
+                "gain_num": _zeros(dev, d, d, dtype=dtype),
+                "src_sq": _zeros(dev, d, dtype=dtype),
+                "tgt_sq": _zeros(dev, d, dtype=dtype),
+                "src_gain_sq": _zeros(dev, d, dtype=dtype),
+                "tgt_gain_sq": _zeros(dev, d, dtype=dtype),
                 "tgt_gram": None,
                 "tgt_gain_gram": None,
                 "tensors": [],
             }
-            if track_target_gram:
+            if gram:
                 acc.update(tgt_gram=_zeros(dev, d, d), tgt_gain_gram=_zeros(dev, d, d))
             return acc
 
@@ -320,6 +329,9 @@ def weight_similarity(
             zeros(),
         )  # the even and the odd tensors in name order (the calibrated p-value's halves)
         plan = sorted(plan, key=lambda nr: nr[0])
+        # every rank holds every group (a rank may see none of a group's tensors), so the sums all-reduce
+        labels = sorted({group_of(n) for n, _ in plan}) if group_of is not None else []
+        groups = {g: (zeros(False, acc_dtype), zeros(False, acc_dtype)) for g in labels}
         mine = [(p, n, r) for p, (n, r) in enumerate(plan) if p % size == rank]
         bar = tqdm(mine, desc="weight signatures", unit="tensor", disable=not progress or rank != 0)
         on_every_rank(
@@ -330,6 +342,8 @@ def weight_similarity(
                 tgt,
                 d,
                 dev,
+                groups=groups,
+                group_of=group_of,
                 include_gains=include_gains,
                 tensor_weighting=tensor_weighting,
                 compute_dtype=compute_dtype,
@@ -340,10 +354,13 @@ def weight_similarity(
             grp,
         )
         if size > 1:
-            _all_reduce_halves(halves, plan, grp)
+            for h2 in (halves, *groups.values()):
+                _all_reduce_halves(h2, plan, grp)
     even, odd = (_similarity(h, src.spec.allows_signs) for h in halves)
     sim = even + odd
     sim.halves = (even, odd)
+    for g, (e, o) in groups.items():
+        sim.groups[g] = (_similarity(e, src.spec.allows_signs), _similarity(o, src.spec.allows_signs))
     return sim, src.ref, tgt.ref
 
 
@@ -379,6 +396,8 @@ def _accumulate(
     d: int,
     dev: torch.device,
     *,
+    groups: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    group_of: Callable[[str], str] | None,
     include_gains: bool,
     tensor_weighting: str,
     compute_dtype: torch.dtype,
@@ -387,7 +406,8 @@ def _accumulate(
     track_target_gram: bool,
 ) -> None:
     """Add the signature products of ``items`` (``(position, name, rule)``) into ``halves``
-    (the half ``position mod 2``), tensor by tensor and block by block (module docstring)."""
+    (the half ``position mod 2``), and into that half of its group in ``groups`` when ``group_of``
+    is given, tensor by tensor and block by block (module docstring)."""
     try:
         for position, name, rule in items:
             acc = halves[position % 2]
@@ -423,12 +443,14 @@ def _accumulate(
                 if ta == 0 or tb == 0:
                     continue
                 fa, fb = (d / ta) ** 0.5, (d / tb) ** 0.5
-            acc["gain_num" if gain else "signed_num"].add_(M, alpha=fa * fb)
-            acc["src_gain_sq" if gain else "src_sq"].add_(na, alpha=fa * fa)
-            acc["tgt_gain_sq" if gain else "tgt_sq"].add_(nb, alpha=fb * fb)
-            if K is not None:
-                acc["tgt_gain_gram" if gain else "tgt_gram"].add_(K, alpha=fb * fb)
-            acc["tensors"].append(name)
+            into = [acc] if group_of is None else [acc, groups[group_of(name)][position % 2]]
+            for dst in into:
+                dst["gain_num" if gain else "signed_num"].add_(M, alpha=fa * fb)
+                dst["src_gain_sq" if gain else "src_sq"].add_(na, alpha=fa * fa)
+                dst["tgt_gain_sq" if gain else "tgt_sq"].add_(nb, alpha=fb * fb)
+                if K is not None and dst["tgt_gram"] is not None:
+                    dst["tgt_gain_gram" if gain else "tgt_gram"].add_(K, alpha=fb * fb)
+                dst["tensors"].append(name)
             del M, K
     finally:
         if hasattr(items, "close"):

@@ -30,7 +30,8 @@ genuinely share (outliers, a position feature) cannot decide the test.
 The p-value
 -----------
 A fitted tail, not a Monte-Carlo rank: ``M`` (:data:`~hf_bdgauge.options.CALIBRATION_DRAWS` = 64)
-Haar rotations of the target give ``T_1..T_M``; with their mean ``μ`` and sd ``s``,
+random rotations of the target (:mod:`hf_bdgauge.estimate.rotations`) give ``T_1..T_M``; with
+their mean ``μ`` and sd ``s``,
 ``t = (T − μ)/(s·√(1 + 1/M))`` — Student's predictive statistic for a normal null (``T`` averages
 ``d`` values) — and ``p = P(t_{M−1} ≥ t)`` (:func:`predictive_p_value`, :func:`student_tail`,
 whose log holds where ``p`` underflows). ``p <= LEVEL`` (:data:`~hf_bdgauge.options.LEVEL` = 0.01,
@@ -50,6 +51,7 @@ from scipy import stats as sps
 from ..errors import EstimationError
 from ..options import CALIBRATION_DRAWS
 from .assignment import hungarian
+from .rotations import Rotation, as_rotation, gram_factor, low_rank
 
 __all__ = [
     "TRIM",
@@ -70,22 +72,25 @@ TRIM = 0.25
 # =========================================================================== the parts of one half
 @dataclass
 class Parts:
-    """What the statistic needs from one half, as a function of a target rotation ``Q``:
-    ``signed(Q)`` -> [K, d, d] signed similarity blocks; ``unsigned(Q)`` -> [d, d] or None (the
-    weights' gain block); ``pool``: ``"mean_abs"`` (signs per block) or ``"mean_signed"``;
-    ``kind``: which reference null (:data:`~hf_bdgauge.estimate.reference.REFERENCE_KINDS`) its test
-    is read against."""
+    """What the statistic needs from one half, as a function of a target rotation:
+    ``blocks(rotation)`` -> ``(P, U)``, the [K, d, d] signed similarity blocks and the [d, d]
+    unsigned (the weights' gain) block or None, of the target as it is (``rotation=None``) or
+    rotated by a :class:`~hf_bdgauge.estimate.rotations.Rotation` (or an orthogonal matrix);
+    ``pool``: ``"mean_abs"`` (signs per block) or ``"mean_signed"``; ``kind``: which reference null
+    (:data:`~hf_bdgauge.estimate.reference.REFERENCE_KINDS`) its test is read against."""
 
-    signed: Callable[[np.ndarray | None], np.ndarray]
-    unsigned: Callable[[np.ndarray | None], np.ndarray | None]
+    blocks: Callable[[Any], tuple[np.ndarray, np.ndarray | None]]
     pool: str
     dim: int
     kind: str = "activations"
 
 
-def _no_unsigned_block(rotation: np.ndarray | None = None) -> None:
-    """Activations carry no unsigned block (the gain profiles are the weights method's)."""
-    return None
+def _inv_sqrt(x: np.ndarray) -> np.ndarray:
+    """``1/√x`` where ``x > 0``, else 0 (a coordinate with no signature scores 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    np.divide(1.0, np.sqrt(x, where=x > 0, out=np.zeros_like(x)), out=out, where=x > 0)
+    return out
 
 
 def activation_parts(stats: Any, pooling: str = "mean_abs") -> Parts:
@@ -100,22 +105,23 @@ def activation_parts(stats: Any, pooling: str = "mean_abs") -> Parts:
     cxy = np.stack([m.cov_xy() for m in moments])
     cyy = np.stack([m.cov_yy() for m in moments])
     vy0 = np.stack([m.var_y() for m in moments])
+    factor = gram_factor(cyy)
 
-    def signed(Q: np.ndarray | None = None) -> np.ndarray:
-        if Q is None:
+    def blocks(rotation: Any = None) -> tuple[np.ndarray, None]:
+        rot = as_rotation(rotation)
+        if rot is None:
             c, vy = cxy, vy0
         else:
-            c = cxy @ Q.T
-            vy = np.maximum(np.einsum("ljk,jk->lj", Q[None] @ cyy, Q), 0.0)
+            vy = rot.diag_conj(cyy) if factor is None else rot.sq_norms(factor)
+            c, vy = rot.apply_right(cxy), np.maximum(vy, 0.0)
         scale = np.sqrt(vx[:, :, None] * vy[:, None, :])
         tiny = 1e-12 * max(float(scale.max(initial=0.0)), 1e-300)
-        out = np.zeros_like(c)
-        np.divide(c, scale, out=out, where=scale > tiny)
-        return np.clip(out, -1.0, 1.0)
+        out = np.zeros(c.shape, dtype=np.result_type(c.dtype, np.float32))
+        np.divide(c, scale, out=out, where=scale > tiny, casting="same_kind")
+        return np.clip(out, -1.0, 1.0, out=out), None
 
     return Parts(
-        signed=signed,
-        unsigned=_no_unsigned_block,
+        blocks=blocks,
         pool="mean_abs" if pooling == "sum" else pooling,
         dim=d,
         kind="activations" if len(moments) > 1 else "activations_layer",
@@ -126,30 +132,53 @@ def weight_parts(sim: Any, kind: str = "weights") -> Parts:
     """:class:`Parts` of one tensor-half of a :class:`~hf_bdgauge.estimate.signatures.WeightSimilarity`
     (with its target Gram matrices); ``kind``: ``"weights_block"`` for one decoder block's tensors,
     ``"weights_outside"`` for the tensors outside the blocks
-    (:data:`~hf_bdgauge.estimate.reference.REFERENCE_KINDS`)."""
+    (:data:`~hf_bdgauge.estimate.reference.REFERENCE_KINDS`). Rotated, the signed and gain
+    numerators become ``M·Qᵀ`` and ``Γ·Qᵀ`` and the target's squared norms
+    ``diag(Q·(K + K_gain)·Qᵀ)``: one conjugation of the summed Gram matrices."""
     if sim.tgt_gram is None or sim.tgt_gain_gram is None:
         raise EstimationError("the calibrated p-value needs the target Gram matrices")
+    gram = sim.tgt_gram + sim.tgt_gain_gram
+    factor = gram_factor(gram)  # diag(Q·K·Qᵀ) from one application to Fᵀ (K = F·Fᵀ) when K is definite
+    src_inv = _inv_sqrt(sim.src_sq + sim.src_gain_sq)[:, None]
+    has_gain = bool(np.any(sim.gain_num))
+    gain_lr = low_rank(sim.gain_num) if has_gain else None  # Γ = L·R: rotate R's few rows only
+    cache: dict[tuple[str, Any], np.ndarray] = {}
 
-    def _den(Q: np.ndarray | None) -> np.ndarray:
-        tsq, tgsq = sim.tgt_sq, sim.tgt_gain_sq
-        if Q is not None:
-            tsq = np.maximum(np.einsum("jk,jk->j", Q @ sim.tgt_gram, Q), 0.0)
-            tgsq = np.maximum(np.einsum("jk,jk->j", Q @ sim.tgt_gain_gram, Q), 0.0)
-        den = np.sqrt(np.outer(sim.src_sq + sim.src_gain_sq, tsq + tgsq))
-        den[den <= 0] = np.inf
-        return den
+    def operand(name: str, X: np.ndarray, rot: Rotation) -> np.ndarray:
+        """``X`` in the rotation's dtype, cast once (every draw rotates the same sums)."""
+        key = (name, np.dtype(rot.dtype))
+        if key not in cache:
+            cache[key] = np.ascontiguousarray(X, dtype=rot.dtype)
+        return cache[key]
 
-    def signed(Q: np.ndarray | None = None) -> np.ndarray:
-        M = sim.signed_num if Q is None else sim.signed_num @ Q.T
-        return (M / _den(Q))[None]
+    def rotate_gain(rot: Rotation) -> np.ndarray:
+        if gain_lr is None:
+            return rot.apply_right(operand("gain", sim.gain_num, rot))
+        L, R = (operand(n, x, rot) for n, x in (("gain_l", gain_lr[0]), ("gain_r", gain_lr[1])))
+        return L @ rot.apply_right(R)
 
-    def unsigned(Q: np.ndarray | None = None) -> np.ndarray | None:
-        G = sim.gain_num if Q is None else sim.gain_num @ Q.T
-        return G / _den(Q) if np.any(G) else None
+    def scaled(X: np.ndarray, tgt_inv: np.ndarray) -> np.ndarray:
+        out = X * src_inv.astype(X.dtype, copy=False)  # a new array: X may be the sums themselves
+        out *= tgt_inv.astype(X.dtype, copy=False)[None, :]
+        return out
+
+    def blocks(rotation: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        rot = as_rotation(rotation)
+        if rot is None:
+            tsq, M, G = sim.tgt_sq + sim.tgt_gain_sq, sim.signed_num, sim.gain_num
+        else:
+            if factor is None:
+                tsq = rot.diag_conj(operand("gram", gram, rot))
+            else:
+                tsq = rot.sq_norms(operand("factor", factor, rot))
+            tsq = np.maximum(tsq, 0.0)
+            M = rot.apply_right(operand("signed", sim.signed_num, rot))
+            G = rotate_gain(rot) if has_gain else None
+        tgt_inv = _inv_sqrt(tsq)  # the cosines' 1/√(n_i·n'_j), 0 where a norm is 0
+        return scaled(M, tgt_inv)[None], (scaled(G, tgt_inv) if has_gain and G is not None else None)
 
     return Parts(
-        signed=signed,
-        unsigned=unsigned,
+        blocks=blocks,
         pool="mean_abs" if sim.allows_signs else "mean_signed",
         dim=sim.dim,
         kind=kind,
@@ -221,10 +250,16 @@ def _heldout(perm: np.ndarray, sig: np.ndarray, P2: np.ndarray, U2: np.ndarray |
     return v if U2 is None else v + U2[idx, perm]
 
 
-def heldout_values(h1: tuple, h2: tuple, pool: str, method: str) -> np.ndarray:
+def heldout_values(
+    h1: tuple, h2: tuple, pool: str, method: str, selections: list | None = None
+) -> np.ndarray:
     """The per-coordinate held-out values ``v_i = (v^{1→2}_i + v^{2→1}_i)/2`` (module docstring,
-    steps 1-3) of two halves ``h = (P, U)``: the match selected on each half, scored on the other."""
+    steps 1-3) of two halves ``h = (P, U)``: the match selected on each half, scored on the other.
+    ``selections``, when given, receives the two selections ``(perm [d], signs [K, d])`` of half 1
+    then half 2 (so a caller can score other blocks at them without another assignment)."""
     (P1, U1), (P2, U2) = h1, h2
     p1, s1 = _select(P1, U1, pool, method)
     p2, s2 = _select(P2, U2, pool, method)
+    if selections is not None:
+        selections.extend([(p1, s1), (p2, s2)])
     return 0.5 * (_heldout(p1, s1, P2, U2) + _heldout(p2, s2, P1, U1))

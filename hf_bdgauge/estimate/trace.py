@@ -10,8 +10,10 @@ layers and calibrated once against the same Haar rotations, so it is valid whate
 between the layers (no combination rule is needed). It also tests every layer separately:
 
 * data-free (default): one p-value per decoder block from that block's tensors (and one for the
-  tensors outside the blocks: embedding, head, final norm), each the calibrated weights test of
-  :mod:`hf_bdgauge.estimate.calibration`, halves = the block's even and odd tensors;
+  tensors outside the blocks: embedding, head, final norm), halves = the block's even and odd tensors
+  of the pooled halves, read at the match the pooled test selects on each half and calibrated by the
+  pooled test's own draws (:mod:`hf_bdgauge.estimate.block_tests`: one similarity pass and one set of
+  rotations for the whole model and every block);
 * with ``data``: one p-value per residual layer from the paired activations' two halves.
 
 The per-layer p-values are combined by the Cauchy combination too (valid under dependence between
@@ -41,7 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -49,24 +51,25 @@ import numpy as np
 import torch
 
 from ..distributed import world
+from ..fold import known_pre_norm_gains, record_gains
 from ..gauge import Gauge
 from ..group import SignedPermutation
 from ..hub import resolve_checkpoint_dir
 from ..options import CalibrationOptions, CaptureOptions, WeightOptions, refuse_unused
 from ..roles import spec_for_config
-from ..storage import read_model_config, tensor_index
-from .api import estimate_gauge
+from ..storage import read_model_config
 from .assignment import match_scores
-from .calibration import Calibration, calibrate
+from .block_tests import SharedGroupNull
+from .calibration import Calibration
 from .capture import capture_pair_stats
 from .layer_verdicts import cauchy_combination, layer_verdict
 from .loading import load_pair, model_ref
 from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
 from .signatures import weight_similarity
-from .statistic import weight_parts
 from .stats import EstimationError
 from .trace_report import LayerRow, TraceReport
 from .verdict import uninformative
+from .weights import estimate_from_similarity
 
 __all__ = ["trace", "diff"]
 
@@ -80,11 +83,6 @@ OUTSIDE_BLOCKS = "outside blocks"
 def _group_of(spec: Any, name: str) -> str:
     b = spec.block_of(name)
     return OUTSIDE_BLOCKS if b is None else f"block {b}"
-
-
-def _in_group(spec: Any, group: str, name: str) -> bool:
-    """Whether tensor ``name`` belongs to ``group`` (a decoder block's row, or the outside one)."""
-    return _group_of(spec, name) == group
 
 
 def _signed_permutation(gauge: Gauge) -> SignedPermutation:
@@ -101,7 +99,7 @@ def _row(
     cal: Calibration,
     identity_fit: float,
     gauge_fit: float,
-    best_fit: float,
+    best_fit: float | Callable[[], float],
     calibration: CalibrationOptions,
     gauge_problems: Sequence[str],
 ) -> LayerRow:
@@ -119,71 +117,94 @@ def _row(
     return LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict, note)
 
 
-def _weights_rows(
+def _spec_of(source: Any, revision: str | None) -> Any:
+    """The architecture spec of ``source`` (a loaded model, or a checkpoint directory or Hub id)."""
+    if isinstance(source, torch.nn.Module):
+        return spec_for_config(source.config)
+    return spec_for_config(read_model_config(resolve_checkpoint_dir(source, revision)))
+
+
+def _group_order(group: str) -> tuple[bool, int]:
+    """The rows' order: the tensors outside the blocks first, then the blocks by index."""
+    return (group != OUTSIDE_BLOCKS, int(group.split()[-1]) if group.startswith("block") else -1)
+
+
+def _weights_estimate(
     source: Any,
     target: Any,
-    gauge: Gauge,
     *,
     calibration: CalibrationOptions,
     revisions: tuple,
     weights: WeightOptions,
-    gauge_problems: Sequence[str] = (),
-) -> list[LayerRow]:
-    """One row per decoder block (and one for the tensors outside the blocks)."""
-    if isinstance(source, torch.nn.Module):
-        spec = spec_for_config(source.config)
-        names = [n for n, _ in source.named_parameters()]
-    else:
-        d = resolve_checkpoint_dir(source, revisions[0])
-        spec = spec_for_config(read_model_config(d))
-        names = list(tensor_index(d))
-    blocks = sorted(
-        {_group_of(spec, n) for n in names if spec.rule_for(n) is not None},
-        key=lambda g: (g != OUTSIDE_BLOCKS, int(g.split()[-1]) if g.startswith("block") else -1),
+) -> tuple[Gauge, list[LayerRow]]:
+    """The whole-model gauge and one row per decoder block (and one for the tensors outside the
+    blocks), from ONE similarity pass: :func:`weight_similarity` sums every group's products apart
+    (``group_of``) beside the pooled sums; the gauge is estimated from the pooled sums
+    (:func:`~hf_bdgauge.estimate.weights.estimate_from_similarity`), and its calibration's draws also
+    read every group's held-out values at the pooled selections
+    (:class:`~hf_bdgauge.estimate.block_tests.SharedGroupNull`, where the test and its validity are
+    stated): no group is re-read, re-multiplied, re-rotated or re-assigned per draw."""
+    spec = _spec_of(source, revisions[0])
+    t0 = time.perf_counter()
+    sim, src_ref, tgt_ref = weight_similarity(
+        source,
+        target,
+        weights,
+        group_of=functools.partial(_group_of, spec),
+        track_target_gram=True,
+        fingerprint=True,
+        source_revision=revisions[0],
+        target_revision=revisions[1],
     )
-    rows = []
+    t_sim = time.perf_counter() - t0
+    how = "sign_marginalized" if sim.allows_signs else "permutation"
+    shared = SharedGroupNull(sim.groups, [how, "sign_marginalized"], calibration.draws)
+    gauge = estimate_from_similarity(
+        sim,
+        src_ref,
+        tgt_ref,
+        weights=weights,
+        calibration=calibration,
+        t_sim=t_sim,
+        t0=t0,
+        on_draw=shared,
+    )
+    # as estimate_gauge(method="weights") records them
+    gauge = record_gains(
+        gauge, known_pre_norm_gains(source, revisions[0]), known_pre_norm_gains(target, revisions[1])
+    )
+    t_rows = time.perf_counter()
+    shared.gather(weights.group, across_ranks=True)
     el = _signed_permutation(gauge)
-    for block in blocks:
-        try:
-            sim, _, _ = weight_similarity(
-                source,
-                target,
-                weights,
-                select=functools.partial(_in_group, spec, block),
-                source_revision=revisions[0],
-                target_revision=revisions[1],
-            )
-        except EstimationError:
-            continue  # no residual tensor in this block
-        A, S, M = sim.scores()
-        halves = sim.halves
-        method = "sign_marginalized" if sim.allows_signs else "permutation"
-        if halves is None or not halves[0].tensors or not halves[1].tensors:
+    problems = gauge.fit_problems()
+    rows = []
+    for block in sorted(sim.groups, key=_group_order):
+        even, odd = sim.groups[block]
+        group = even + odd
+        A, S, M = group.scores()
+        if len(group.tensors) < 2 or not shared.v_obs[block]:
             cal = uninformative(
                 el.dim,
-                "one tensor with residual coordinates in this block; its test "
-                "needs at least 2 (one per half)",
+                "one tensor with residual coordinates in this block; its test needs at least 2"
+                if len(group.tensors) < 2
+                else "the whole model's test could not be calibrated (too little data)",
                 level=calibration.level,
             )
         else:
             kind = "weights_outside" if block == OUTSIDE_BLOCKS else "weights_block"  # their own references
-            cal = calibrate(
-                weight_parts(halves[0], kind),
-                weight_parts(halves[1], kind),
-                method,
-                el,
-                (A, M),
-                calibration,
-                group=weights.group,
-                across_ranks=True,
-            )
+            cal = shared.calibration(block, how, el, kind, (A, M), calibration)
         identity_fit = float(np.mean(np.diag(S)))
-        gauge_fit = sim.fit(el)
-        best_fit = sim.fit(match_scores(A, S, method, sign_source=M).element)
-        # a block's few tensors identify few coordinates alone: its verdict reads the fits (the gauge is
-        # the block's own best match) and the block's p-value, and reports the identification beside them
-        rows.append(_row(block, cal, identity_fit, gauge_fit, best_fit, calibration, gauge_problems))
-    return rows
+        gauge_fit = group.fit(el)
+
+        def best_fit(A: np.ndarray = A, S: np.ndarray = S, M: np.ndarray = M, group: Any = group) -> float:
+            """The block's own best match's fit (read by the verdict only when it needs it)."""
+            return group.fit(match_scores(A, S, how, sign_source=M).element)
+
+        # a block's few tensors identify few coordinates alone: its verdict reads the fits (against the
+        # block's own best match) and the block's p-value, and reports the identification beside them
+        rows.append(_row(block, cal, identity_fit, gauge_fit, best_fit, calibration, problems))
+    gauge.metrics.update(block_rows_time_s=time.perf_counter() - t_rows, block_reads_time_s=shared.seconds)
+    return gauge, rows
 
 
 def _activation_rows(
@@ -220,7 +241,7 @@ def _activation_rows(
 
 
 #: the fields of CalibrationOptions trace and diff use (the descriptive null is not drawn)
-TRACE_CALIBRATION_FIELDS = ("draws", "seed", "reference", "level", "identity_tol")
+TRACE_CALIBRATION_FIELDS = ("draws", "seed", "rotation", "reference", "level", "identity_tol")
 
 
 def _report(
@@ -251,24 +272,7 @@ def _report(
     if data is None:
         wopts = weights or WeightOptions()
         group = wopts.group
-        gauge = estimate_gauge(
-            source,
-            target,
-            method="weights",
-            weights=wopts,
-            calibration=cal,
-            source_revision=source_revision,
-            target_revision=target_revision,
-        )
-        rows = _weights_rows(
-            source,
-            target,
-            gauge,
-            calibration=cal,
-            revisions=revisions,
-            weights=replace(wopts, progress=False),
-            gauge_problems=gauge.fit_problems(),
-        )
+        gauge, rows = _weights_estimate(source, target, calibration=cal, revisions=revisions, weights=wopts)
         mode = "data-free (weights)"
     else:
         cap = capture or CaptureOptions()

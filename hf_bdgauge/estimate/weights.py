@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,15 +16,36 @@ import numpy as np
 from ..distributed import world
 from ..gauge import Gauge
 from ..options import CalibrationOptions, WeightOptions
-from .assignment import match_scores, random_orthogonal
+from ..provenance import ModelRef
+from .assignment import match_scores
 from .calibration import calibrate
-from .signatures import weight_similarity
+from .rotations import Rotation, rotation_stream
+from .signatures import WeightSimilarity, weight_similarity
 from .statistic import weight_parts
 from .verdict import fit_metrics, log_verdict, uninformative
 
-__all__ = ["estimate_gauge_from_weights"]
+__all__ = ["estimate_from_similarity", "estimate_gauge_from_weights"]
 
 logger = logging.getLogger(__name__)
+
+
+def _descriptive_null(sim: Any, how: str, cal: CalibrationOptions) -> list[float]:
+    """The matched mean cosine of ``cal.null_draws`` rotations of the target: the first draws of
+    the calibration's own stream (``cal.seed``, ``cal.rotation``), applied to the pooled sums
+    (``A = |P| + U``, ``S = P + U`` with the rotated cosine blocks of
+    :func:`~hf_bdgauge.estimate.statistic.weight_parts`; ``A = S`` without sign symmetry)."""
+    if cal.null_draws == 0:
+        return []
+    blocks = weight_parts(sim).blocks
+    stream = rotation_stream(sim.dim, cal.seed, cal.rotation)
+    out = []
+    for _ in range(cal.null_draws):
+        P, U = blocks(next(stream))
+        P = P[0]
+        S = P if U is None else P + U
+        A = (np.abs(P) if U is None else np.abs(P) + U) if sim.allows_signs else S
+        out.append(match_scores(A, S, how, sign_source=P).mean_matched)
+    return out
 
 
 def estimate_gauge_from_weights(
@@ -43,7 +65,7 @@ def estimate_gauge_from_weights(
     ``confidence`` = matched sign-marginalised cosine, ``margin`` to the runner-up, and the same
     calibrated p-value, identified coordinates and verdict as the activation methods
     (:mod:`hf_bdgauge.estimate.calibration`: the halves are the even and the odd tensors in name order;
-    ``calibration.draws`` Haar rotations of the target's signatures, read against
+    ``calibration.draws`` random rotations (``calibration.rotation``) of the target's signatures, read against
     ``calibration.reference`` at ``calibration.level``). ``calibration.null_draws`` sets the
     descriptive rotated null (0 skips it). ``weights``
     (:class:`~hf_bdgauge.options.WeightOptions`): ``device`` runs the products there (e.g.
@@ -65,15 +87,34 @@ def estimate_gauge_from_weights(
         source_revision=source_revision,
         target_revision=target_revision,
     )
-    t_sim = time.perf_counter() - t0
+    return estimate_from_similarity(
+        sim, src_ref, tgt_ref, weights=opts, calibration=cal, t_sim=time.perf_counter() - t0, t0=t0
+    )
+
+
+def estimate_from_similarity(
+    sim: WeightSimilarity,
+    src_ref: ModelRef,
+    tgt_ref: ModelRef,
+    *,
+    weights: WeightOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    t_sim: float = 0.0,
+    t0: float | None = None,
+    on_draw: Callable[[int, Rotation | None, dict[str, list]], None] | None = None,
+) -> Gauge:
+    """Everything :func:`estimate_gauge_from_weights` does after its similarity pass: the match,
+    the descriptive null, the calibrated test (``on_draw``: see
+    :func:`~hf_bdgauge.estimate.calibration.calibrate`), the metrics and the
+    :class:`~hf_bdgauge.gauge.Gauge` of the pooled similarity ``sim`` (with its two halves).
+    ``t_sim``: the pass's seconds, and ``t0`` its start (``time.perf_counter()``), for the metrics."""
+    opts = weights or WeightOptions()
+    cal = calibration or CalibrationOptions()
+    t0 = time.perf_counter() - t_sim if t0 is None else t0
     A, S, M = sim.scores()
     how = "sign_marginalized" if sim.allows_signs else "permutation"
     match = match_scores(A, S, how, sign_source=M)
-    nulls: list[float] = []
-    rng = np.random.default_rng(cal.seed)
-    for _ in range(cal.null_draws):
-        An, Sn, Mn = sim.scores(random_orthogonal(sim.dim, rng))
-        nulls.append(match_scores(An, Sn, how, sign_source=Mn).mean_matched)
+    nulls = _descriptive_null(sim, how, cal)
     t_cal = time.perf_counter()
     halves = sim.halves
     if halves is None or not halves[0].tensors or not halves[1].tensors:
@@ -92,8 +133,8 @@ def estimate_gauge_from_weights(
             match.element,
             (A, M),
             cal,
-            group=opts.group,
-            across_ranks=True,
+            across_ranks=True if opts.group is None else opts.group,
+            on_draw=on_draw,
         )
     metrics = fit_metrics(
         match, S, nulls, calib, identity_tol=cal.identity_tol, what="cos", matched_fit=sim.fit(match.element)
