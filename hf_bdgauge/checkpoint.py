@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .distributed import on_every_rank, shared_atomic_directory, world
 from .files import copy_companions
 from .gauge import as_gauge
-from .group import _BIT_VIEWS, SignedPermutation
+from .group import BIT_VIEWS, SignedPermutation
 from .hub import resolve_checkpoint_dir
 from .orthogonal import Orthogonal
 from .plan import TransformPlan
@@ -147,9 +147,9 @@ def _signed_fill(ndim: int, dtype: torch.dtype, rule: TensorRule, g: SignedPermu
     and NaNs included); a block is split between ``torch.get_num_threads()`` threads, as torch's
     own operations are. ``None`` for other tensors (integer or float8 dtypes, vectors): they take
     :func:`_blocks`."""
-    if ndim < 2 or not dtype.is_floating_point or dtype not in _BIT_VIEWS:
+    if ndim < 2 or not dtype.is_floating_point or dtype not in BIT_VIEWS:
         return None
-    int_dtype, np_int, sign_bit = _BIT_VIEWS[dtype]
+    int_dtype, np_int, sign_bit = BIT_VIEWS[dtype]
     ax = rule.residual_axis(ndim)
     assert ax is not None
     ax %= ndim

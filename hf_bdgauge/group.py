@@ -27,14 +27,15 @@ import torch
 
 from .errors import DimensionMismatchError, GaugeError, InvalidGaugeError
 
-__all__ = ["SignedPermutation", "ArrayLike", "ArrayT", "as_int64_vector"]
+__all__ = ["SignedPermutation", "ArrayLike", "ArrayT", "BIT_VIEWS", "as_int64_vector"]
 
 ArrayLike = torch.Tensor | np.ndarray
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 """An array whose type an action keeps: a torch tensor in, a torch tensor out (numpy likewise)."""
 
-# dtype -> (integer view of the same width, its numpy type, the sign-bit mask as that type)
-_BIT_VIEWS: dict[torch.dtype, tuple[torch.dtype, type, int]] = {
+#: dtype -> (integer view of the same width, its numpy type, the sign-bit mask as that type): a sign flip
+#: is an XOR of the sign bit (exact), shared by :meth:`SignedPermutation.apply` and the streaming re-charter
+BIT_VIEWS: dict[torch.dtype, tuple[torch.dtype, type, int]] = {
     torch.float64: (torch.int64, np.int64, -(1 << 63)),
     torch.float32: (torch.int32, np.int32, -(1 << 31)),
     torch.float16: (torch.int16, np.int16, -(1 << 15)),
@@ -274,7 +275,7 @@ class SignedPermutation:
         n = len(idx)
         flip = signed and not self.is_unsigned
         if isinstance(x, torch.Tensor):
-            if x.device.type == "cpu" and not x.requires_grad and x.dtype in _BIT_VIEWS:
+            if x.device.type == "cpu" and not x.requires_grad and x.dtype in BIT_VIEWS:
                 return self._apply_bits(x, ax, out_slice, flip)
             y = torch.index_select(x, ax, idx)
             if flip:
@@ -294,7 +295,7 @@ class SignedPermutation:
         bits with XOR. Identical to ``index_select`` and ``× ±1`` for every non-NaN value
         (multiplying by -1 is exact and only flips the sign bit), with no arithmetic: a gather of
         integers and, for floating dtypes, one XOR per element."""
-        int_dtype, np_int, sign_bit = _BIT_VIEWS[x.dtype]
+        int_dtype, np_int, sign_bit = BIT_VIEWS[x.dtype]
         inv = self._inv if out_slice is None else self._inv[out_slice]
         src = x.contiguous().view(int_dtype).numpy()
         out = np.take(src, inv, axis=ax)

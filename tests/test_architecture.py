@@ -327,7 +327,8 @@ def test_the_library_and_the_examples_import_nothing_from_experiments():
 
 
 # Subjects of test files that are no module of the package: the package layout, the public API,
-# the README and docs pages (and the site built from them), the examples, the house-style tooling.
+# the README and docs pages (and the site built from them), the examples, the benchmark scripts,
+# the house-style tooling.
 NON_MODULE_TEST_SUBJECTS = (
     "architecture",
     "api_surface",
@@ -335,6 +336,7 @@ NON_MODULE_TEST_SUBJECTS = (
     "docs",
     "docs_site",
     "examples",
+    "benchmarks",
     "house_style",
 )
 

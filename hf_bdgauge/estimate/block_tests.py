@@ -45,7 +45,7 @@ from scipy import stats as sps
 
 from ..distributed import collective_device, world
 from ..options import CalibrationOptions
-from .calibration import ID_ALPHA, Calibration, _identify
+from .calibration import ID_ALPHA, Calibration, identify
 from .reference import reference_for
 from .signatures import WeightSimilarity
 from .statistic import TRIM, predictive_p_value, selection_scores, student_tail, trimmed_mean
@@ -183,18 +183,8 @@ class SharedGroupNull:
         perm = np.asarray(element.perm, dtype=np.int64)
         signs = np.asarray(element.signs, dtype=np.int64)
         sm = "sign_marginalized"
-        ident = _identify(
-            A,
-            M,
-            A1,
-            S1,
-            A2,
-            S2,
-            perm,
-            signs,
-            self.v_obs[g][sm],
-            self.null[g][sm],
-            ID_ALPHA,
+        ident = identify(
+            (A, M), (A1, S1), (A2, S2), (perm, signs), (self.v_obs[g][sm], self.null[g][sm]), ID_ALPHA
         )
         return Calibration(
             p_value=p,

@@ -56,7 +56,7 @@ from .statistic import (
     trimmed_mean,
 )
 
-__all__ = ["ID_ALPHA", "Calibration", "calibrate"]
+__all__ = ["ID_ALPHA", "Calibration", "calibrate", "identify"]
 
 #: the documented per-coordinate false-identification level
 ID_ALPHA = 1e-3
@@ -126,20 +126,22 @@ def _sign(x: np.ndarray) -> np.ndarray:
     return np.where(x < 0, -1, 1)
 
 
-def _identify(
-    A: np.ndarray,
-    S: np.ndarray,
-    A1: np.ndarray,
-    S1: np.ndarray,
-    A2: np.ndarray,
-    S2: np.ndarray,
-    perm: np.ndarray,
-    signs: np.ndarray,
-    v: np.ndarray,
-    Vn: np.ndarray,
-    id_alpha: float,
+def identify(
+    full: tuple[np.ndarray, np.ndarray],
+    half1: tuple[np.ndarray, np.ndarray],
+    half2: tuple[np.ndarray, np.ndarray],
+    match: tuple[np.ndarray, np.ndarray],
+    heldout: tuple[np.ndarray, np.ndarray],
+    id_alpha: float = ID_ALPHA,
     selected: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
+    """The identified coordinates (module docstring, (a)-(c)) of the match ``(perm, signs)``: ``full``,
+    ``half1``, ``half2`` the pooled and the halves' ``(A, S)`` score pairs; ``heldout = (v, Vn)`` the
+    observed per-coordinate held-out values and the draws' [draws, d]; ``selected``: the halves'
+    Hungarian selections ``(π¹, π²)`` when already computed."""
+    A, (A1, S1), (A2, S2) = full[0], half1, half2  # S of the full pair: the signs come from `match`
+    perm, signs = match
+    v, Vn = heldout
     d = perm.size
     draws = Vn.shape[0]
     idx = np.arange(d)
@@ -253,17 +255,12 @@ def calibrate(
         p, logp = (float(x) for x in student_tail(t, draws))
     perm, signs = np.asarray(element.perm, dtype=np.int64), np.asarray(element.signs, dtype=np.int64)
     (sel1, _), (sel2, _) = sels_obs["sign_marginalized"]  # the Hungarian of A¹ and A², already run
-    ident = _identify(
-        A,
-        S,
-        A1,
-        S1,
-        A2,
-        S2,
-        perm,
-        signs,
-        v_obs["sign_marginalized"],
-        Vn["sign_marginalized"],
+    ident = identify(
+        (A, S),
+        (A1, S1),
+        (A2, S2),
+        (perm, signs),
+        (v_obs["sign_marginalized"], Vn["sign_marginalized"]),
         ID_ALPHA,
         (sel1, sel2),
     )
