@@ -41,14 +41,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 
 from ..distributed import collective_device, world
 from ..options import CalibrationOptions
-from .calibration import ID_ALPHA, Calibration, identify
-from .reference import reference_for
+from .calibration import ID_ALPHA, Calibration, identify, read_null
 from .signatures import WeightSimilarity
-from .statistic import TRIM, predictive_p_value, selection_scores, student_tail, trimmed_mean
+from .statistic import selection_scores
 
 __all__ = ["SharedGroupNull"]
 
@@ -169,14 +167,6 @@ class SharedGroupNull:
         ``full_scores = (A, M)`` of the group's two halves together)."""
         opts = options or CalibrationOptions()
         v, Vn = self.v_obs[g][method], self.null[g][method]
-        T = trimmed_mean(v, TRIM)
-        Tn = np.array([trimmed_mean(x, TRIM) for x in Vn])
-        haar_p, logp, haar_t = predictive_p_value(T, Tn)
-        ref = reference_for(kind) if opts.reference == "auto" else opts.reference
-        p, t = haar_p, haar_t
-        if ref is not None:
-            t = ref.apply(haar_t)
-            p, logp = (float(x) for x in student_tail(t, self.draws))
         even, odd = self.halves[g]
         A, M = full_scores
         (A1, S1), (A2, S2) = (_selection_scores(h) for h in (even, odd))
@@ -186,20 +176,4 @@ class SharedGroupNull:
         ident = identify(
             (A, M), (A1, S1), (A2, S2), (perm, signs), (self.v_obs[g][sm], self.null[g][sm]), ID_ALPHA
         )
-        return Calibration(
-            p_value=p,
-            log10_p_value=logp,
-            t=t,
-            statistic=T,
-            null_mean=float(Tn.mean()),
-            null_std=float(Tn.std(ddof=1)),
-            null_skew=float(sps.skew(Tn)),
-            draws=self.draws,
-            identified=ident,
-            level=opts.level,
-            id_alpha=ID_ALPHA,
-            per_coordinate=v,
-            haar_t=haar_t,
-            haar_p_value=haar_p,
-            reference=ref,
-        )
+        return read_null(v, Vn, ident, kind=kind, options=opts)

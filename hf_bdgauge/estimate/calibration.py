@@ -56,7 +56,7 @@ from .statistic import (
     trimmed_mean,
 )
 
-__all__ = ["ID_ALPHA", "Calibration", "calibrate", "identify"]
+__all__ = ["ID_ALPHA", "Calibration", "calibrate", "identify", "read_null"]
 
 #: the documented per-coordinate false-identification level
 ID_ALPHA = 1e-3
@@ -203,7 +203,7 @@ def calibrate(
     selections ``[(perm1, signs1), (perm2, signs2)]`` of each method ``m`` of the test (``method``
     and ``"sign_marginalized"``) on the rotated halves (:func:`heldout_values`)."""
     opts = CalibrationOptions() if options is None else options
-    draws, seed, level, reference = opts.draws, opts.seed, opts.level, opts.reference
+    draws, seed = opts.draws, opts.seed
     if method not in ACTIVATION_METHODS:
         raise EstimationError(f"unknown method {method!r}; choose one of {ACTIVATION_METHODS}")
     methods = list(dict.fromkeys([method, "sign_marginalized"]))
@@ -243,16 +243,6 @@ def calibrate(
     A1, S1 = selection_scores(obs1[0], obs1[1], pool, "sign_marginalized")
     A2, S2 = selection_scores(obs2[0], obs2[1], pool, "sign_marginalized")
     A, S = (np.asarray(x, dtype=np.float64) for x in full_scores)
-    T = trimmed_mean(v_obs[method], TRIM)
-    Tn = np.array([trimmed_mean(x, TRIM) for x in Vn[method]])
-    haar_p, logp, haar_t = predictive_p_value(T, Tn)
-    ref = reference_for(half1.kind) if reference == "auto" else reference
-    if isinstance(ref, str):
-        raise EstimationError(f"reference must be 'auto', None or a Reference, got {ref!r}")
-    p, t = haar_p, haar_t
-    if ref is not None:
-        t = ref.apply(haar_t)
-        p, logp = (float(x) for x in student_tail(t, draws))
     perm, signs = np.asarray(element.perm, dtype=np.int64), np.asarray(element.signs, dtype=np.int64)
     (sel1, _), (sel2, _) = sels_obs["sign_marginalized"]  # the Hungarian of A¹ and A², already run
     ident = identify(
@@ -264,6 +254,27 @@ def calibrate(
         ID_ALPHA,
         (sel1, sel2),
     )
+    return read_null(v_obs[method], Vn[method], ident, kind=half1.kind, options=opts)
+
+
+def read_null(
+    v: np.ndarray, Vn: np.ndarray, identified: np.ndarray, *, kind: str, options: CalibrationOptions
+) -> Calibration:
+    """The test read from held-out values: ``T`` = the trimmed mean of ``v`` [d], ``T_k`` that of row
+    ``k`` of ``Vn`` [draws, d]; Student's predictive ``t`` and p-value against the ``T_k``
+    (:func:`~hf_bdgauge.estimate.statistic.predictive_p_value`), then read against the reference null
+    (``options.reference``; ``"auto"``: the package's for ``kind``); ``identified``: the identification."""
+    draws = int(Vn.shape[0])
+    T = trimmed_mean(v, TRIM)
+    Tn = np.array([trimmed_mean(x, TRIM) for x in Vn])
+    haar_p, logp, haar_t = predictive_p_value(T, Tn)
+    ref = reference_for(kind) if options.reference == "auto" else options.reference
+    if isinstance(ref, str):
+        raise EstimationError(f"reference must be 'auto', None or a Reference, got {ref!r}")
+    p, t = haar_p, haar_t
+    if ref is not None:
+        t = ref.apply(haar_t)
+        p, logp = (float(x) for x in student_tail(t, draws))
     return Calibration(
         p_value=p,
         log10_p_value=logp,
@@ -273,10 +284,10 @@ def calibrate(
         null_std=float(Tn.std(ddof=1)),
         null_skew=float(sps.skew(Tn)),
         draws=draws,
-        identified=ident,
-        level=level,
+        identified=identified,
+        level=options.level,
         id_alpha=ID_ALPHA,
-        per_coordinate=v_obs[method],
+        per_coordinate=v,
         haar_t=haar_t,
         haar_p_value=haar_p,
         reference=ref,
