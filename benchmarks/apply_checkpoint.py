@@ -13,10 +13,13 @@ private memory (RssAnon above the process's baseline):
 
 Prints seconds, GB/s, × copy speed, CPU seconds (user + sys, the work itself: a loaded machine
 stretches the wall time of CPU-bound work more than that of a copy, which waits on the disk) and
-private memory ÷ the largest tensor, then where the time of
-an apply goes: the same work done one stage after the other (read the source, gather and flip
-signs with the library's block kernel, write, fsync), beside the pipelined apply, which overlaps
-them. Writes the tables to ``benchmarks/results/apply_checkpoint.md``.
+private memory ÷ the largest tensor, and for an apply or a fold how long its computing threads
+waited for the read-ahead and for the writer thread (the rest of its wall time: computing, fsyncs),
+then where the time of
+an apply goes: the same work done one stage after the other (read the source into the page cache
+with the library's read-ahead, gather and flip signs with the library's block kernel, write,
+fsync), beside the pipelined apply, which overlaps them (a read-ahead thread, the gather, a
+writer thread). Writes the tables to ``benchmarks/results/apply_checkpoint.md``.
 
 Usage: ``python benchmarks/apply_checkpoint.py [--layers 4] [--workdir DIR] [--naive]``.
 """
@@ -24,10 +27,8 @@ Usage: ``python benchmarks/apply_checkpoint.py [--layers 4] [--workdir DIR] [--n
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -36,6 +37,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
@@ -128,10 +132,37 @@ def make_checkpoint(root: Path, layers: int, shard_gb: float = 1.0) -> Path:
     return root
 
 
+#: Seconds the computing thread of an apply or a fold spent waiting: for the read-ahead to bring a
+#: block's source bytes in, and for the writer thread to free a buffer or a place in its queue.
+WAITS = {"reads": 0.0, "writer": 0.0}
+
+
+def _time_waits() -> None:
+    """Add the time spent in ``ReadAhead.need`` and in ``ShardWriter.buffer`` / ``write`` to
+    :data:`WAITS` (summed over the computing threads: one per worker)."""
+    from hf_bdgauge.shard_writer import ReadAhead, ShardWriter
+
+    def timed(cls: type, name: str, key: str) -> None:
+        f = getattr(cls, name)
+
+        def g(*args: object, **kwargs: object) -> object:
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                WAITS[key] += time.perf_counter() - t
+
+        setattr(cls, name, g)
+
+    timed(ReadAhead, "need", "reads")
+    timed(ShardWriter, "buffer", "writer")
+    timed(ShardWriter, "write", "writer")
+
+
 def measured(work: Callable[[], None], before: Callable[[], None] | None = None) -> None:
     """Run ``before()`` (untimed), then ``work()`` with 2 torch threads, then ``os.sync()``, and
     print one JSON line: wall seconds, peak RSS (VmHWM), peak private memory (RssAnon) and its
-    baseline before the work."""
+    baseline before the work, and the computing threads' waits (:data:`WAITS`)."""
     import torch
 
     torch.set_num_threads(2)
@@ -154,6 +185,7 @@ def measured(work: Callable[[], None], before: Callable[[], None] | None = None)
                 "peak_rss_mb": _status_mb("VmHWM"),
                 "peak_anon_mb": peak_anon,
                 "baseline_anon_mb": base,
+                "waits": WAITS,
             }
         )
     )
@@ -192,6 +224,8 @@ def _child(method: str, src: str, dst: str, workers: int, cold: bool) -> None:
         set_cache(src, cold)
         print(json.dumps(breakdown(src, dst)))
         return
+    if method in ("apply", "fold"):
+        _time_waits()
     measured(lambda: _work(method, src, dst, workers), before=lambda: set_cache(src, cold))
 
 
@@ -227,14 +261,19 @@ def _work(method: str, src: str, dst: str, workers: int) -> None:
 
 def breakdown(src: str, dst: str) -> dict[str, float]:
     """The work of an apply (1 worker) one stage after the other, each timed: read each tensor's
-    source bytes (``readinto``), gather and flip signs with the library's block kernel into a
-    block buffer, write each block (``os.write``), fsync each file. Seconds per stage."""
+    source bytes into the page cache (the library's read-ahead, :class:`ReadAhead`, waited for),
+    gather and flip signs with the library's block kernel from the mapped source into a block
+    buffer, write each block (``os.write``), fsync each file. Seconds per stage."""
+    import mmap
+    import warnings
+
     import numpy as np
     import torch
 
     from hf_bdgauge import SignedPermutation
     from hf_bdgauge.checkpoint import _signed_fill
     from hf_bdgauge.plan import TransformPlan
+    from hf_bdgauge.shard_writer import ReadAhead
     from hf_bdgauge.storage import BLOCK_BYTES, ST_TO_TORCH, checkpoint_shards, read_safetensors_header
 
     torch.set_num_threads(2)
@@ -248,58 +287,56 @@ def breakdown(src: str, dst: str) -> dict[str, float]:
         base = 8 + len(raw)
         fd = os.open(Path(dst) / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         with open(shard, "rb", buffering=0) as fin:
-            os.write(fd, fin.read(base))
-            for name, info in sorted(
-                ((k, v) for k, v in header.items() if k != "__metadata__"),
-                key=lambda kv: kv[1]["data_offsets"],
-            ):
-                a, b = info["data_offsets"]
-                data = bytearray(b - a)
-                t0 = time.perf_counter()
-                fin.seek(base + a)
-                fin.readinto(data)
-                t1 = time.perf_counter()
-                out["read"] += t1 - t0
-                dtype = ST_TO_TORCH[info["dtype"]]
-                fill = (
-                    None
-                    if rules[name].role.value == "none"
-                    else _signed_fill(len(info["shape"]), dtype, rules[name], g)
-                )
-                if fill is None:
-                    os.write(fd, data)
-                    out["write"] += time.perf_counter() - t1
-                    continue
-                t = torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
-                row = (b - a) // t.shape[0]
-                step = max(1, BLOCK_BYTES // row)
-                for r in range(0, t.shape[0], step):
-                    r1 = min(r + step, t.shape[0])
-                    buf = (
-                        torch.from_numpy(block[: (r1 - r) * row]).view(dtype).reshape((r1 - r, *t.shape[1:]))
+            mm = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(mm)
+            os.write(fd, view[:base])
+            # the thread reads only what is asked for: a window of one byte beyond each request
+            with ReadAhead(fin.fileno(), mm, base, len(mm), window=1) as ra:
+                for name, info in sorted(
+                    ((k, v) for k, v in header.items() if k != "__metadata__"),
+                    key=lambda kv: kv[1]["data_offsets"],
+                ):
+                    a, b = (base + o for o in info["data_offsets"])
+                    t0 = time.perf_counter()
+                    ra.need(a, b)
+                    t1 = time.perf_counter()
+                    out["read"] += t1 - t0
+                    dtype = ST_TO_TORCH[info["dtype"]]
+                    fill = (
+                        None
+                        if rules[name].role.value == "none"
+                        else _signed_fill(len(info["shape"]), dtype, rules[name], g)
                     )
-                    t2 = time.perf_counter()
-                    fill.fill(t, r, r1, buf)
-                    t3 = time.perf_counter()
-                    os.write(fd, block[: (r1 - r) * row].data)
-                    out["gather and sign flips"] += t3 - t2
-                    out["write"] += time.perf_counter() - t3
+                    if fill is None:
+                        os.write(fd, view[a:b])
+                        out["write"] += time.perf_counter() - t1
+                        continue
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # read-only: never written to
+                        t = torch.frombuffer(view[a:b], dtype=dtype).reshape(info["shape"])
+                    row = (b - a) // t.shape[0]
+                    step = max(1, BLOCK_BYTES // row)
+                    for r in range(0, t.shape[0], step):
+                        r1 = min(r + step, t.shape[0])
+                        buf = (
+                            torch.from_numpy(block[: (r1 - r) * row])
+                            .view(dtype)
+                            .reshape((r1 - r, *t.shape[1:]))
+                        )
+                        t2 = time.perf_counter()
+                        fill.fill(t, r, r1, buf)
+                        t3 = time.perf_counter()
+                        os.write(fd, block[: (r1 - r) * row].data)
+                        out["gather and sign flips"] += t3 - t2
+                        out["write"] += time.perf_counter() - t3
+                    del t
+            view.release()
+            mm.close()
         t4 = time.perf_counter()
         os.fsync(fd)
         os.close(fd)
         out["fsync"] += time.perf_counter() - t4
     return out
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _run_child(method: str, src: Path, dst: Path, workers: int, cold: bool) -> dict:
@@ -348,8 +385,9 @@ def main() -> None:
     runs = [("copy", 1), ("apply", 1), ("apply", 2), ("fold", 1)]
     lines = [
         "| cache | method | seconds | GB/s | × copy speed | CPU seconds (user + sys) "
-        "| peak private memory above baseline MB | ÷ largest tensor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| peak private memory above baseline MB | ÷ largest tensor "
+        "| computing threads' waits for reads / for the writer (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     serial: dict[str, dict] = {}
     pipelined: dict[str, float] = {}
@@ -368,14 +406,20 @@ def main() -> None:
             lines.append(
                 f"| {cache} | {label} | {r['seconds']:.2f} | {nbytes / 1e9 / r['seconds']:.2f} | "
                 f"{copy_s / r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {anon:.0f} | "
-                f"{anon * 1e6 / largest:.2f} |"
+                f"{anon * 1e6 / largest:.2f} | "
+                + (
+                    f"{r['waits']['reads']:.2f} / {r['waits']['writer']:.2f} |"
+                    if label.startswith(("apply", "fold"))
+                    else "— |"
+                )
             )
             print(lines[-1], flush=True)
         serial[cache] = _run_child("breakdown", src, work / "out-breakdown", 1, cold)
     lines += [
         "",
         "Where the time of an apply goes: its work one stage after the other (seconds), beside the "
-        "pipelined apply (1 worker), which overlaps the stages (a writer thread; early write-back).",
+        "pipelined apply (1 worker), which overlaps the stages (a read-ahead thread; a writer thread; "
+        "early write-back).",
         "",
         "| cache | " + " | ".join(serial["warm"]) + " | sum | pipelined apply |",
         "| --- | " + " | ".join("---" for _ in serial["warm"]) + " | --- | --- |",
@@ -392,18 +436,12 @@ def main() -> None:
     command = f"python benchmarks/apply_checkpoint.py --layers {args.layers}" + (
         " --naive" if args.naive else ""
     )
-    header = [
-        "# benchmarks/apply_checkpoint.py",
-        "",
-        f"Measured {_dt.date.today().isoformat()} on {_cpu_model()} "
-        f"with {os.cpu_count()} CPUs, Python {platform.python_version()}; load average "
-        f"{' '.join(f'{x:.2f}' for x in load0)} before, {' '.join(f'{x:.2f}' for x in load1)} after.",
-        f"`{command}`: {intro}. Cold: fsync and posix_fadvise(DONTNEED) on every source file before "
-        "each run; warm: every source file read once before it. Every method fsyncs each file it writes.",
-        "",
-    ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(header) + "\n" + text + "\n", encoding="utf-8")
+    about = (
+        f"Load average {' '.join(f'{x:.2f}' for x in load0)} before, {' '.join(f'{x:.2f}' for x in load1)} "
+        f"after. `{command}`: {intro}. Cold: fsync and posix_fadvise(DONTNEED) on every source file before "
+        "each run; warm: every source file read once before it. Every method fsyncs each file it writes."
+    )
+    write_results(args.output, "apply_checkpoint.py", about + "\n\n" + text)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
 
 from hf_bdgauge.estimate.rotations import ROTATIONS, for_each_draw, rotation_stream
 from hf_bdgauge.estimate.signatures import WeightSimilarity
@@ -101,7 +105,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     load = os.getloadavg()
     lines = [
-        "# Cost of the calibrated p-value against d and the number of blocks\n",
+        "## Cost of the calibrated p-value against d and the number of blocks\n",
         f"`python benchmarks/calibration_cost.py --dims {' '.join(map(str, args.dims))} --draws "
         f"{args.draws} --layers {' '.join(map(str, args.layers))} --threads {args.threads}`; load average "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}. Seconds per draw: rotation of both halves and "
@@ -133,8 +137,7 @@ def main() -> None:
     d_act = max([d for d in args.dims if d <= 1024], default=min(args.dims))
     for layers in args.layers:
         rows("activations", d_act, layers, activation_halves(d_act, layers, rng))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    write_results(RESULTS, "calibration_cost.py", "\n".join(lines))
     print(f"wrote {RESULTS}")
 
 

@@ -18,9 +18,7 @@ Usage: ``python benchmarks/cli_startup.py [--runs 21] [--output PATH]``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import write_results  # noqa: E402
+
 #: The commands measured (arguments of ``bdgauge``).
 COMMANDS = (["--help"], ["estimate", "--help"], ["transport", "steering", "--help"])
 TARGET_S = 0.5
@@ -106,16 +107,7 @@ def main() -> int:
     lines += ["", f"target: median ≤ {TARGET_S} s — {met} (slowest median {worst:.3f} s)."]
     text = "\n".join(lines)
     print(text)
-    header = [
-        "# benchmarks/cli_startup.py",
-        "",
-        f"Measured {_dt.date.today().isoformat()} on {platform.machine()} with {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
-        "",
-    ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(header) + "\n" + text + "\n", encoding="utf-8")
+    write_results(args.output, "cli_startup.py", text)
     return 1 if any(r[3] for r in rows) else 0
 
 

@@ -53,7 +53,6 @@ _T_START, _C_START = time.time(), time.process_time()  # a phased run's first li
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
@@ -63,6 +62,9 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model, write_results  # noqa: E402
 
 TIMEOUT_S = 600
 HERE = Path(__file__).resolve().parent
@@ -613,36 +615,16 @@ def main() -> int:
             corpora[n] = tmp / f"corpus{n}.txt"
             corpora[n].write_text("\n".join(_corpus(n)) + "\n")
         _emit(
-            f"{', '.join(map(str, args.texts))} texts, batch size {args.batch_size}; {_machine()}; "
+            f"{', '.join(map(str, args.texts))} texts, batch size {args.batch_size}; "
+            f"{cpu_model()}, {os.cpu_count()} CPUs; "
             f"torch {_torch_version()}, gloo\n"
         )
         if args.models in ("stories", "both"):
             _bench_model("stories260K", src, tmp, args, corpora)
         if args.models in ("llama1024", "both"):
             _bench_model("random Llama", _random_llama(tmp, src), tmp, args, corpora)
-    header = [
-        "# benchmarks/distributed.py",
-        "",
-        f"`python benchmarks/distributed.py {' '.join(sys.argv[1:])}`, {_dt.date.today().isoformat()}; "
-        "printed output:",
-        "",
-    ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(header + _LINES) + "\n", encoding="utf-8")
+    write_results(args.output, "distributed.py", "Printed output:\n\n" + "\n".join(_LINES))
     return 0
-
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
 
 
 def _torch_version() -> str:

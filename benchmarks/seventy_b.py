@@ -44,9 +44,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -57,6 +55,7 @@ from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import gemm_gflops, write_results  # noqa: E402
 from _llama_slice import BF16, make_slice  # noqa: E402
 from apply_checkpoint import _AnonPeak, _status_mb  # noqa: E402
 
@@ -205,21 +204,6 @@ def _part_weights(a: argparse.Namespace) -> dict:
 
 
 PARTS = {"recharting": _part_recharting, "capture": _part_capture, "weights": _part_weights}
-
-
-def _gemm_gflops(d: int, dtype_name: str) -> float:
-    """GEMM rate (median of 3) of a [d, 4096]·[4096, d] product, the shape of the similarity pass's slabs."""
-    import torch
-
-    dt = getattr(torch, dtype_name)
-    x = torch.randn(d, 4096).to(dt)
-    x @ x.T
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        x @ x.T
-        ts.append(time.perf_counter() - t0)
-    return 2 * d * d * 4096 / statistics.median(ts) / 1e9
 
 
 # ---------------------------------------------------------------------- report
@@ -431,7 +415,7 @@ def main() -> int:
     src = pairs[a.dim][0]
     t_build = time.perf_counter() - t0
     slice_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    rates = {n: _gemm_gflops(a.dim, n) for n in ("float32", "bfloat16")}
+    rates = {n: gemm_gflops(a.dim, 4096, a.dim, n) for n in ("float32", "bfloat16")}  # the pass's slabs
     load0 = os.getloadavg()
     r: dict[str, dict] = {}
     for part in a.parts:
@@ -461,15 +445,7 @@ def main() -> int:
         f"(1 min). Command: `python benchmarks/seventy_b.py {' '.join(sys.argv[1:])}`."
     )
     print(text)
-    header = [
-        "# benchmarks/seventy_b.py",
-        "",
-        f"Measured {_dt.date.today().isoformat()} on {platform.machine()} with {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, torch {torch.__version__}.",
-        "",
-    ]
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    a.output.write_text("\n".join(header) + "\n" + text + "\n", encoding="utf-8")
+    write_results(a.output, "seventy_b.py", text)
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if any("error" in v for v in r.values()) else 0

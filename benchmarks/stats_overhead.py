@@ -46,22 +46,29 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import datetime as _dt  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import gemm_gflops, write_results  # noqa: E402
+
 from hf_bdgauge import SignedPermutation, apply_gauge  # noqa: E402
-from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches  # noqa: E402
+from hf_bdgauge.estimate.capture import (  # noqa: E402
+    capture_pair_stats,
+    iter_token_batches,
+    sequence_masks,
+    token_views,
+)
 from hf_bdgauge.estimate.matching import estimate_from_stats  # noqa: E402
-from hf_bdgauge.estimate.moments import CrossMoments  # noqa: E402
+from hf_bdgauge.estimate.moments import CrossMoments, _centre_into  # noqa: E402
 from hf_bdgauge.estimate.products import add_into, yy_row_blocks  # noqa: E402
 from hf_bdgauge.estimate.stats import PairStats  # noqa: E402
 from hf_bdgauge.layers import decoder_blocks, num_residual_layers, residual_states  # noqa: E402
@@ -70,10 +77,11 @@ from hf_bdgauge.options import CalibrationOptions, CaptureOptions  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 MODELS = ("stories260K", "llama-d1024")
-#: (batch size, sequence length, number of batches) per model: about 16k and 4k tokens per run
-SHAPES = {"stories260K": (8, 256, 8), "llama-d1024": (4, 256, 4)}
+#: (batch size, sequence length, number of batches) per model: the capture's defaults
+#: (``CaptureOptions``: 8 sequences of 256 tokens a forward pass), about 16k and 4k tokens per run
+SHAPES = {"stories260K": (8, 256, 8), "llama-d1024": (8, 256, 2)}
 # the LlamaConfig of the random "llama-d1024" model: d = 1024, 16 heads, MLP 2816, 4 blocks, vocab 32000
-LLAMA_D1024 = {
+LLAMA_D1024: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 2816,
     "num_hidden_layers": 4,
@@ -96,7 +104,7 @@ def load_pair(name: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module, S
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(seed)
-        src = LlamaForCausalLM(LlamaConfig(**LLAMA_D1024)).to(torch.float32)
+        src = LlamaForCausalLM(LlamaConfig(**LLAMA_D1024)).float()
     else:
         raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
     src.eval()
@@ -108,7 +116,7 @@ def load_pair(name: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module, S
 
 # ---------------------------------------------------------------------- timing
 def _median_times(
-    runs: dict[str, Callable[[list[dict]], object]], batches: list[dict], repeats: int
+    runs: Mapping[str, Callable[[list[dict]], object]], batches: list[dict], repeats: int
 ) -> dict[str, tuple[float, float]]:
     """``(wall seconds, CPU seconds)`` of each run over all ``batches``: the median time of one
     batch (over ``repeats`` × batches samples) times the number of batches. The runs take turns
@@ -158,7 +166,7 @@ def forward_flops_per_token(model: torch.nn.Module, deepest: int, seq_len: int) 
     (2 × 2·(head dim × heads) per key, at the mean causal context ``(T + 1)/2``)."""
     blocks = list(decoder_blocks(model))[:deepest]
     linear = sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
-    cfg = model.config
+    cfg: Any = model.config
     d_attn = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = 4.0 * d_attn * cfg.num_attention_heads * (seq_len + 1) / 2 * len(blocks)
     return 2.0 * linear + attn
@@ -172,25 +180,23 @@ def product_flops_per_token(d: int, layers: int) -> tuple[float, float]:
 
 
 def gemm_rate(n: int, d: int, repeats: int) -> float:
-    """Measured float32 FLOP/s of the statistics' product shape, ``[n, d]ᵀ · [n, d]``."""
-    g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
-    out = torch.empty(d, d)
-    return 2.0 * n * d * d / (_ms(lambda: torch.mm(A.T, B, out=out), max(repeats, 5)) / 1e3)
+    """Measured float32 FLOP/s of the statistics' product shape, ``[d, n] · [n, d]``."""
+    return gemm_gflops(d, n, d, "float32", max(repeats, 5)) * 1e9
 
 
 @torch.no_grad()
 def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     src, tgt, g = load_pair(name, seed)
     B, T, nb = SHAPES[name]
-    vocab = src.config.vocab_size
+    config: Any = src.config
+    vocab = config.vocab_size
     ids = torch.randint(3, vocab, (B * nb, T), generator=torch.Generator().manual_seed(seed))
     batches = list(iter_token_batches(ids, batch_size=B))
     tokens = ids.numel()
     L1 = num_residual_layers(src)
     all_layers = list(range(L1))
     subset = sorted({(L1 - 1) // 2, L1 - 1})
-    d = int(src.config.hidden_size)
+    d = int(config.hidden_size)
     dtype = str(next(src.parameters()).dtype).removeprefix("torch.")
 
     def fwd_logits(bs: list[dict]) -> None:
@@ -205,7 +211,7 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
 
     out: dict[str, PairStats] = {}
 
-    def cap(key: str, **kw) -> Callable[[list[dict]], None]:
+    def cap(key: str, **kw: Any) -> Callable[[list[dict]], None]:
         """Each run continues one accumulation (``stats=``), as a capture of many batches does:
         the sums are allocated once and their pending work completed once, at the end (timed
         apart, :func:`_complete`)."""
@@ -270,10 +276,12 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
     )
 
     # sanity: the statistics find the planted gauge, and the float32 products agree with float64
-    acc = estimate_from_stats(out["all"], calibration=CalibrationOptions(null_draws=0)).element.agreement(g)
-    acc_sub = estimate_from_stats(
-        out["subset"], calibration=CalibrationOptions(null_draws=0)
-    ).element.agreement(g)
+    def agreement(st: PairStats) -> dict[str, float]:
+        found = estimate_from_stats(st, calibration=CalibrationOptions(null_draws=0)).element
+        assert isinstance(found, SignedPermutation)
+        return found.agreement(g)
+
+    acc, acc_sub = agreement(out["all"]), agreement(out["subset"])
     dev = max(float(np.max(np.abs(out["f64"][k].corr() - out["all"][k].corr()))) for k in all_layers)
 
     def rel(f: str) -> float:
@@ -299,76 +307,90 @@ def bench_model(name: str, repeats: int, seed: int) -> list[str]:
 def breakdown(
     src: torch.nn.Module, tgt: torch.nn.Module, batch: dict, layers: list[int], d: int, repeats: int
 ) -> list[str]:
-    """Per-part cost of one batch (ms per 1000 tokens), all layers, each half-batch a product."""
+    """Per-part cost of one batch's statistics (ms per 1000 tokens), all layers, both halves, each
+    part run as :meth:`CrossMoments.update` runs it (the library's own functions, on the same
+    views of the hidden states that :func:`capture_pair_stats` passes)."""
     r = max(repeats, 3)
-    n = int(batch["attention_mask"].sum())
-    per_k = 1000.0 / n
-    m = batch["attention_mask"].reshape(-1).bool()
     t_fwd = _ms(lambda: (residual_states(src, batch, layers), residual_states(tgt, batch, layers)), r)
     hs, ht = residual_states(src, batch, layers), residual_states(tgt, batch, layers)
-    cut = n // 2
+    halves = sequence_masks(batch["attention_mask"])
+    views = [token_views(hm) for hm in halves]
+    assert all(v is not None for v in views)
+    pieces = [([hs[k][v] for v in vs], [ht[k][v] for v in vs]) for vs in views if vs for k in layers]
+    n = int(sum(hm.sum() for hm in halves))
+    per_k = 1000.0 / n
+    rows = [sum(p.numel() // d for p in xs) for xs, _ in pieces]
+    Zs = [torch.empty(m, 2 * d) for m in rows]
 
-    def halves() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
-        for k in layers:
-            x, y = hs[k].reshape(-1, d)[m], ht[k].reshape(-1, d)[m]
-            out += [(x[:cut], y[:cut]), (x[cut:], y[cut:])]
-        return out
+    shifts = torch.empty(2 * d)
 
-    xy = halves()
-    centred = [(X - X.mean(0), Y - Y.mean(0)) for X, Y in xy]
+    def centre() -> None:
+        for Z, m, (xs, ys) in zip(Zs, rows, pieces):
+            _centre_into(Z, shifts, 0, xs, m), _centre_into(Z, shifts, d, ys, m)
+
+    def vec() -> None:
+        for Z in Zs:
+            Z.sum(0), (Z[:, :d] * Z[:, :d]).sum(0)
+
+    centre()
     P = torch.empty(d, d)
     S = torch.zeros(d, d, dtype=torch.float64)
 
-    def vec() -> None:
-        for X, Y in xy:
-            a, b = X.mean(0), Y.mean(0)
-            Xc, Yc = X - a, Y - b
-            Xc.sum(0), Yc.sum(0), (Xc * Xc).sum(0), (Yc * Yc).sum(0)
-
     def gemm_xy() -> None:
-        for X, Y in centred:
-            torch.mm(X.T, Y, out=P)
-
-    def gemm_yy() -> None:
-        for _, Y in centred:
-            torch.mm(Y.T, Y, out=P)
+        for Z in Zs:
+            torch.mm(Z[:, :d].T, Z[:, d:], out=P)
 
     def gemm_yy_upper() -> None:
-        for _, Y in centred:
+        for Z in Zs:
             for r0, r1 in yy_row_blocks(d):
-                torch.mm(Y[:, r0:r1].T, Y[:, r0:], out=P[: r1 - r0, : d - r0])
+                torch.mm(Z[:, d + r0 : d + r1].T, Z[:, d + r0 :], out=P[: r1 - r0, : d - r0])
 
     def add64() -> None:
-        for _ in centred:
+        for _ in Zs:
             add_into(S, P)
             for r0, r1 in yy_row_blocks(d):
                 add_into(S[r0:r1, r0:], P[: r1 - r0, : d - r0])
 
-    sums32 = [CrossMoments.zeros(d) for _ in xy]  # allocated once, as in a capture
-    sums64 = [CrossMoments.zeros(d) for _ in xy]
+    sums = {dt: [CrossMoments.zeros(d) for _ in pieces] for dt in (torch.float32, torch.float64)}
 
-    def update(sums: list[CrossMoments], dtype: torch.dtype) -> Callable[[], None]:
+    def update(dtype: torch.dtype) -> Callable[[], None]:
         def run() -> None:
-            for s, (X, Y) in zip(sums, xy):
-                s.update(X, Y, product_dtype=dtype)
-            sums[0].sum_xy  # noqa: B018  (reading completes the queued corrections)
+            for s, (xs, ys) in zip(sums[dtype], pieces):
+                s.update(xs, ys, product_dtype=dtype)
 
         return run
 
+    def complete() -> None:  # the pending work of as many sums, as after one batch each
+        fresh = [CrossMoments.zeros(d).update(xs, ys) for xs, ys in pieces]
+        t0 = time.perf_counter()
+        for m in fresh:
+            m.sum_xy  # noqa: B018  (reading completes the queued corrections and mirrors Σyyᵀ)
+        t_complete.append(time.perf_counter() - t0)
+
+    t_complete: list[float] = []
+    for _ in range(r):
+        complete()
     parts = {
         "forward ×2 (residual)": t_fwd,
-        "padding mask + halves (copies)": _ms(halves, r),
-        "centring, Σx, Σy, Σx², Σy² (float32)": _ms(vec, r),
+        "centring the halves' token views into Z = [Xc, Yc] (one write; shifts: batch means)": _ms(centre, r),
+        "Σ(x − a), Σ(y − b), Σ(x − a)² (float32)": _ms(vec, r),
         "Xᵀ·Y (float32 GEMM)": _ms(gemm_xy, r),
-        "Yᵀ·Y, full (float32 GEMM)": _ms(gemm_yy, r),
-        f"Yᵀ·Y, upper block triangle ({len(yy_row_blocks(d))} row blocks, float32)": _ms(gemm_yy_upper, r),
-        "float32 products added to the float64 sums": _ms(add64, r),
-        "CrossMoments.update, default (float32 centred products)": _ms(update(sums32, torch.float32), r),
-        "CrossMoments.update, float64 products": _ms(update(sums64, torch.float64), r),
+        f"Yᵀ·Y, upper block triangle ({len(yy_row_blocks(d))} row blocks, float32 GEMMs)": _ms(
+            gemm_yy_upper, r
+        ),
+        f"float32 products added to the float64 sums ({torch.get_num_threads()} threads)": _ms(add64, r),
     }
+    parts["CrossMoments.update, default (float32 centred products)"] = total = _ms(update(torch.float32), r)
+    parts["rest of the update (small float64 vectors, queueing, Python)"] = total - sum(
+        list(parts.values())[1:-1]
+    )
+    parts["CrossMoments.update, float64 products"] = _ms(update(torch.float64), r)
+    parts["completing the sums once per capture (queued corrections, mirroring Σyyᵀ)"] = 1e3 * (
+        statistics.median(t_complete)
+    )
     lines = [
-        f"\nwhere the time goes (one batch of {n} tokens in two halves, {len(layers)} layers, median of {r})",
+        f"\nwhere the time goes (one batch of {n} tokens in two halves, {len(layers)} layers, median of "
+        f"{r}; the last row is paid once per capture, not per batch)",
         "| part | ms per 1000 tokens | ÷ forward |",
         "| --- | --- | --- |",
     ]
@@ -402,16 +424,7 @@ def main() -> None:
         part = bench_model(name, args.repeats, args.seed)
         print("\n".join(part), flush=True)
         lines += part
-    header = [
-        "# benchmarks/stats_overhead.py",
-        "",
-        f"Measured {_dt.date.today().isoformat()} on {platform.machine()} ({platform.processor() or 'cpu'}) "
-        f"with {os.cpu_count()} CPUs, torch {torch.__version__}, load average at the end "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
-        "",
-    ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(header + lines) + "\n", encoding="utf-8")
+    write_results(args.output, "stats_overhead.py", "\n".join(lines))
 
 
 if __name__ == "__main__":

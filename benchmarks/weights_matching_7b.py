@@ -45,28 +45,32 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import gemm_gflops, write_results  # noqa: E402
 from apply_checkpoint import HIDDEN, INTER, VOCAB, _AnonPeak, _status_mb, make_checkpoint  # noqa: E402
 
 from hf_bdgauge.options import CALIBRATION_DRAWS  # noqa: E402
 
-RUNS = {
+RUNS: dict[str, dict[str, Any]] = {
     "stream": dict(),
     "stream-nonull": dict(null_draws=0),
     "stream-bf16": dict(compute_dtype="bfloat16"),
+    "stream-bf16-staged": dict(compute_dtype="bfloat16", early_draws=True),
     "loaded": dict(),
 }
 LABELS = {
     "stream": "stream (default: float32, 1 null draw)",
     "stream-nonull": "stream, null_draws=0",
     "stream-bf16": "stream, compute_dtype=bfloat16",
+    "stream-bf16-staged": "stream, compute_dtype=bfloat16, two-stage draws (early_draws)",
     "loaded": "loaded (naive): from_pretrained ×2 + match",
 }
 GAUGE_SEED = 1
 
 
-def _child(run: str, src: str, dst: str, threads: int) -> None:
+def _child(run: str, src: str, dst: str, threads: int, early_draws: int) -> None:
     import torch
 
     from hf_bdgauge import SignedPermutation
@@ -75,7 +79,8 @@ def _child(run: str, src: str, dst: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     kw = dict(RUNS[run])
-    calibration = CalibrationOptions(null_draws=kw.pop("null_draws", 1))
+    early = early_draws if kw.pop("early_draws", False) else 0
+    calibration = CalibrationOptions(null_draws=kw.pop("null_draws", 1), early_draws=early)
     weights = WeightOptions(progress=False, **kw)  # compute_dtype by name
     base = _status_mb("RssAnon")
     sampler = _AnonPeak()
@@ -92,6 +97,7 @@ def _child(run: str, src: str, dst: str, threads: int) -> None:
         est = estimate_gauge_from_weights(src, dst, weights=weights, calibration=calibration)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = sampler.stop()
+    assert isinstance(est.element, SignedPermutation) and est.confidence is not None
     acc = est.element.agreement(SignedPermutation.random(HIDDEN, seed=GAUGE_SEED))
     m = est.metrics
     print(
@@ -104,6 +110,7 @@ def _child(run: str, src: str, dst: str, threads: int) -> None:
                 "calibration_s": m["calibration_time_s"],
                 "match_s": m["time_s"] - m["similarity_time_s"] - m["calibration_time_s"],
                 "log10_p": m["log10_p_value"],
+                "draws": m["p_value_draws"],
                 "peak_anon_mb": peak,
                 "peak_rss_mb": _status_mb("VmHWM"),
                 "baseline_anon_mb": base,
@@ -114,23 +121,6 @@ def _child(run: str, src: str, dst: str, threads: int) -> None:
             }
         )
     )
-
-
-def _gemm_gflops(dtype_name: str, threads: int) -> float:
-    """This machine's GEMM rate (median of 3) on a [4096, 11008]·[11008, 4096] product."""
-    import torch
-
-    torch.set_num_threads(threads)
-    dt = getattr(torch, dtype_name)
-    a = torch.randn(HIDDEN, INTER).to(dt)
-    b = torch.randn(HIDDEN, INTER).to(dt)
-    a @ b.T
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ b.T
-        ts.append(time.perf_counter() - t0)
-    return 2 * HIDDEN * HIDDEN * INTER / statistics.median(ts) / 1e9
 
 
 def _product_flops(layers: int, gram: bool) -> float:
@@ -149,13 +139,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per row (the median is reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--early-draws",
+        type=int,
+        default=16,
+        help="first-stage draws of the stream-bf16-staged run (CalibrationOptions.early_draws; it stops "
+        "there when p <= early_p, 1e-6 by default)",
+    )
+    ap.add_argument(
         "--output", type=Path, default=Path(__file__).resolve().parent / "results" / "weights_matching_7b.md"
     )
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         run, src, dst = args.child
-        _child(run, src, dst, args.threads)
+        _child(run, src, dst, args.threads, args.early_draws)
         return
     from hf_bdgauge import SignedPermutation, apply_gauge_to_checkpoint
 
@@ -179,7 +176,10 @@ def main() -> None:
         f"(apply_gauge_to_checkpoint: {t_apply:.1f} s); {args.threads} torch threads; load average "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
-    rates = {n: _gemm_gflops(n, args.threads) for n in ("float32", "bfloat16")}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rates = {n: gemm_gflops(HIDDEN, INTER, HIDDEN, n) for n in ("float32", "bfloat16")}
     print(
         f"GEMM rate on this machine now: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 "
         f"{rates['bfloat16']:.0f} GFLOP/s"
@@ -193,6 +193,8 @@ def main() -> None:
                     __file__,
                     "--threads",
                     str(args.threads),
+                    "--early-draws",
+                    str(args.early_draws),
                     "--child",
                     run,
                     str(src),
@@ -225,7 +227,7 @@ def main() -> None:
     naive = next((r["seconds"] for r in rows if r["run"] == "loaded"), None)
     f32_floor = _product_flops(layers, True) / rates["float32"] / 1e9
     lines = [
-        "# Data-free weight matching, 7B-shaped checkpoint\n",
+        "## Data-free weight matching, 7B-shaped checkpoint\n",
         f"`python benchmarks/weights_matching_7b.py --layers {layers} --runs {' '.join(args.runs)} --repeats "
         f"{args.repeats} --threads {args.threads}`: {layers} layers, {nbytes / 1e9:.2f} GB bf16, "
         f"d = {HIDDEN}; "
@@ -238,9 +240,9 @@ def main() -> None:
         "<= 1.3× it.\n",
         "| run | seconds | × float32 GEMM floor | CPU s | × naive time | load s | similarity s | "
         "its GEMM floor s | "
-        "matching s | calibration s | log10 p | peak private MB above baseline | ÷ largest tensor | "
+        "matching s | calibration s | draws | log10 p | peak private MB above baseline | ÷ largest tensor | "
         "÷ both checkpoints | peak RSS incl. file pages MB | signed accuracy | verdict |",
-        "|" + " --- |" * 17,
+        "|" + " --- |" * 18,
     ]
     for r in rows:
         kw = RUNS[r["run"]]
@@ -252,7 +254,8 @@ def main() -> None:
             f"| {LABELS[r['run']]} | {r['seconds']:.1f} | **{r['seconds'] / f32_floor:.2f}** | "
             f"{r['cpu_s']:.0f} | "
             f"{vs} | {r['load_s']:.1f} | {r['similarity_s']:.1f} | {floor:.1f} | {r['match_s']:.1f} | "
-            f"{r['calibration_s']:.1f} | {r['log10_p']:.1f} | {anon:.0f} | {anon * 1e6 / largest:.2f} | "
+            f"{r['calibration_s']:.1f} | {r['draws']} | {r['log10_p']:.1f} | {anon:.0f} | "
+            f"{anon * 1e6 / largest:.2f} | "
             f"{anon * 1e6 / (2 * nbytes):.2f} | {r['peak_rss_mb']:.0f} | {r['signed_accuracy']:.3f} | "
             f"{r['verdict']} |"
         )
@@ -262,12 +265,12 @@ def main() -> None:
         "the wall time on an idle machine; 'its GEMM floor' = the run's own d×d products at the measured "
         "rate "
         "of its dtype; matching = the assignment and the descriptive null; calibration = the calibrated "
-        f"p-value's {CALIBRATION_DRAWS} rotated draws and the identification; load average at the end "
+        f"p-value's rotated draws ({CALIBRATION_DRAWS}; the staged run stops after --early-draws "
+        f"{args.early_draws} when p <= 1e-6) and the identification; load average at the end "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f})"
     )
     print("\n" + "\n".join(lines[1:]))
-    args.output.parent.mkdir(exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
+    write_results(args.output, "weights_matching_7b.py", "\n".join(lines))
     print(f"wrote {args.output}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,11 +2,12 @@
 
 A gauge changes neither names, dtypes nor shapes, so every output shard has exactly the
 source shard's header; only tensor bytes change. Each tensor is read from the memory-mapped
-source, moved a block of rows at a time (a signed permutation: a gather of raw bits and an XOR of
-sign bits into one of two reusable buffers, :func:`_signed_fill`; a rotation:
-:func:`hf_bdgauge.rules.transform`) and written at its own offset by a writer thread while the next
-block is computed (:func:`~hf_bdgauge.storage.rewrite_shard`), so peak memory is two blocks per
-shard being written, not the model nor its largest tensor. Config, tokenizer,
+source (brought into the page cache ahead of use by a reader thread), moved a block of rows at a
+time (a signed permutation: a gather of raw bits and an XOR of sign bits into one of two reusable
+buffers, :func:`_signed_fill`; a rotation: :func:`hf_bdgauge.rules.transform`) and written at its
+own offset by a writer thread while the next block is computed
+(:func:`~hf_bdgauge.storage.rewrite_shard`), so peak memory is two blocks per shard being written,
+not the model nor its largest tensor. Config, tokenizer,
 generation and index files are copied unchanged. The result is assembled in a temporary
 directory beside the destination and renamed into place only when complete.
 
@@ -181,7 +182,7 @@ def _signed_fill(ndim: int, dtype: torch.dtype, rule: TensorRule, g: SignedPermu
             for h in helpers:
                 h.result()
 
-    return BlockFill(fill)
+    return BlockFill(fill, any_rows=ax == 0)
 
 
 def _rewrite_shard(

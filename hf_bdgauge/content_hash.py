@@ -4,7 +4,8 @@ safetensors file, and the canonical-cast hashes that recognise the same weights 
 The hash (:func:`bytes_content_hash`) covers a version tag, the safetensors dtype name, the shape
 and the raw little-endian bytes, so a model in memory and its checkpoint on disk give **the same
 hash both ways** (:func:`tensor_content_hash`, :func:`tensor_hashes`, :func:`file_tensor_hashes`),
-whatever the device, memory layout or sharding. Besides the raw hash every floating tensor (and the
+whatever the device, memory layout or sharding (a tensor in a file is read in chunks and hashed once
+per process while its file is unchanged). Besides the raw hash every floating tensor (and the
 digest of all weights, :func:`weights_digest`) records the hashes of its *canonical casts*
 (:data:`CANONICAL_CASTS`): ``sha256_f32``, ``sha256_bf16`` and ``sha256_f16`` (the tensor cast to
 float32, bfloat16, float16). Two hash entries compare (:func:`compare_hashes`) as
@@ -22,14 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
+import os
+import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from .errors import CheckpointError, UnsupportedArchitectureError
-from .storage import TORCH_TO_ST, TensorInfo, read_tensor_bytes
+from .storage import TORCH_TO_ST, TensorInfo
 
 __all__ = [
     "CANONICAL_CASTS",
@@ -53,10 +56,7 @@ CANONICAL_CASTS = {
 
 def bytes_content_hash(dtype: str, shape: Iterable[int], data: bytes | memoryview) -> str:
     """sha256 over ``tag \\0 dtype \\0 shape-json \\0 raw bytes`` (``dtype`` in safetensors spelling)."""
-    h = hashlib.sha256()
-    h.update(_CONTENT_TAG + b"\0")
-    h.update(dtype.encode("ascii") + b"\0")
-    h.update(json.dumps([int(s) for s in shape], separators=(",", ":")).encode("ascii") + b"\0")
+    h = _header_hash(dtype, shape)
     h.update(data)
     return h.hexdigest()
 
@@ -112,21 +112,93 @@ def tensor_content_hash(tensor: torch.Tensor) -> str:
     return bytes_content_hash(_st_dtype(t), t.shape, raw)
 
 
-def file_tensor_hashes(ti: TensorInfo) -> dict[str, str]:
-    """:func:`tensor_hashes` of a tensor in a safetensors file, read from its bytes (the same hashes)."""
-    data = read_tensor_bytes(ti)
-    raw = bytes_content_hash(ti.dtype, ti.shape, data)
+#: Bytes read (and hashed, and cast) at a time by :func:`file_tensor_hashes`.
+_CHUNK = 64 << 20
+#: ``key -> hashes`` of tensors already hashed from a file by this process (:func:`file_tensor_hashes`).
+_FILE_HASHES: dict[tuple[Any, ...], dict[str, str]] = {}
+_FILE_HASHES_MAX = 1 << 16
+_FILE_HASHES_LOCK = threading.Lock()
+
+
+def _file_key(ti: TensorInfo) -> tuple[Any, ...]:
+    """What identifies a tensor's bytes in a file without reading them: the shard's resolved path,
+    device, inode, size and modification time (ns), and the tensor's range, dtype and shape."""
+    st = os.stat(ti.shard)
+    where = (str(Path(ti.shard).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (*where, ti.base, ti.begin, ti.end, ti.dtype, tuple(ti.shape))
+
+
+def _header_hash(dtype: str, shape: Iterable[int]) -> Any:
+    """A sha256 fed with :func:`bytes_content_hash`'s header, ready for the raw bytes."""
+    h = hashlib.sha256()
+    h.update(_CONTENT_TAG + b"\0")
+    h.update(dtype.encode("ascii") + b"\0")
+    h.update(json.dumps([int(s) for s in shape], separators=(",", ":")).encode("ascii") + b"\0")
+    return h
+
+
+def _read_exact(f: Any, view: memoryview, where: Path) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{where} is truncated")
+        got += n
+
+
+def _stream_hashes(ti: TensorInfo) -> dict[str, str]:
+    """:func:`file_tensor_hashes` computed in chunks of :data:`_CHUNK` bytes: the raw bytes and each
+    canonical cast of a chunk feed their own sha256 (a hash of the concatenation, so the same
+    values as hashing the whole tensor at once) with memory a few chunks, whatever the tensor."""
     dt = ti.torch_dtype
-    if dt is None or not dt.is_floating_point:
-        return {"dtype": ti.dtype, "sha256": raw, **dict.fromkeys(CANONICAL_CASTS, raw)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, never written to
-        t = (
-            torch.frombuffer(bytearray(data), dtype=dt).reshape(ti.shape)
-            if data
-            else torch.empty(ti.shape, dtype=dt)
-        )
-    return {"dtype": ti.dtype, "sha256": raw, **_canonical_hashes(t, ti.dtype, raw)}
+    floating = dt is not None and dt.is_floating_point
+    raw = _header_hash(ti.dtype, ti.shape)
+    casts = {
+        key: (_header_hash(st, ti.shape), cast)
+        for key, (st, cast) in CANONICAL_CASTS.items()
+        if floating and st != ti.dtype
+    }
+    size = ti.end - ti.begin
+    item = dt.itemsize if dt is not None else 1
+    buf = bytearray(min(size, max(item, _CHUNK // item * item)))
+    with open(ti.shard, "rb", buffering=0) as f:
+        f.seek(ti.base + ti.begin)
+        done = 0
+        while done < size:
+            n = min(len(buf), size - done)
+            view = memoryview(buf)[:n]
+            _read_exact(f, view, ti.shard)
+            raw.update(view)
+            for h, cast in casts.values():
+                assert dt is not None
+                c = torch.frombuffer(buf, dtype=dt, count=n // item).to(cast)
+                h.update(c.view(torch.uint8).numpy().data)
+            done += n
+    digest = raw.hexdigest()
+    out = {"dtype": ti.dtype, "sha256": digest, **dict.fromkeys(CANONICAL_CASTS, digest)}
+    out.update({key: h.hexdigest() for key, (h, _) in casts.items()})
+    return out
+
+
+def file_tensor_hashes(ti: TensorInfo) -> dict[str, str]:
+    """:func:`tensor_hashes` of a tensor in a safetensors file, read from its bytes (the same hashes).
+
+    A tensor is read once per process: its hashes are kept under its file's resolved path, device,
+    inode, size and modification time (ns) and its byte range, so a file that changed (rewritten,
+    another size or time) is read and hashed anew, and one that changed while it was hashed is not
+    kept."""
+    key = _file_key(ti)
+    with _FILE_HASHES_LOCK:
+        hit = _FILE_HASHES.get(key)
+    if hit is not None:
+        return dict(hit)
+    out = _stream_hashes(ti)
+    if _file_key(ti) == key:
+        with _FILE_HASHES_LOCK:
+            if len(_FILE_HASHES) >= _FILE_HASHES_MAX:
+                _FILE_HASHES.clear()
+            _FILE_HASHES[key] = out
+    return dict(out)
 
 
 def weights_digest(hashes: Mapping[str, Mapping[str, str]]) -> dict[str, Any]:

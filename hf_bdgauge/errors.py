@@ -30,6 +30,7 @@ __all__ = [
     "FixtureError",
     "TransportError",
     "EstimationError",
+    "BlockMapTooLargeError",
     "DistributedError",
     "HubError",
     "RepositoryNotFoundError",
@@ -198,6 +199,11 @@ class TransportError(GaugeError, ValueError):
 class EstimationError(GaugeError, ValueError):
     """Gauge estimation got unusable input: no tokens, an unknown method or pooling, layers that
     do not exist, or statistics that cannot be merged."""
+
+
+class BlockMapTooLargeError(EstimationError):
+    """A block map's pair products (one d×d product per source block × target block) would not fit
+    in the memory the library allows them (:data:`hf_bdgauge.estimate.block_map.MAX_PAIR_ENTRIES`)."""
 
 
 class DistributedError(GaugeError, RuntimeError):

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from .errors import FingerprintMismatchError, UnsupportedArchitectureError, Word
 from .hub import resolve_checkpoint_dir
 from .roles import spec_for_model_type
 from .rules import Role
-from .storage import read_model_config, tensor_index
+from .storage import TensorInfo, read_model_config, tensor_index
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -266,6 +267,15 @@ def _fingerprint_model(model: torch.nn.Module, content: bool) -> dict[str, Any]:
     return fp
 
 
+def _file_hashes(where: Mapping[str, TensorInfo]) -> dict[str, dict[str, str]]:
+    """``name -> file_tensor_hashes`` of every tensor, in file order, over torch's thread count
+    (sha256 and the casts release the GIL; each tensor is read once per process)."""
+    order = sorted(where, key=lambda n: (str(where[n].shard), where[n].begin))
+    with ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), len(order)))) as pool:
+        done = dict(zip(order, pool.map(lambda n: file_tensor_hashes(where[n]), order)))
+    return {name: done[name] for name in where}
+
+
 def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
     raw_cfg = read_model_config(path)
     config: Any = raw_cfg
@@ -280,7 +290,7 @@ def _fingerprint_dir(path: Path, content: bool) -> dict[str, Any]:
     emb_shape = where[sel["embedding"]].shape if "embedding" in sel else None
     fp = config_fingerprint(config, emb_shape)
     if content:
-        hashes = {name: file_tensor_hashes(ti) for name, ti in where.items()}
+        hashes = _file_hashes(where)
         entries = _content_entries(sel, hashes, {n: ti.shape for n, ti in where.items()})
         entries["all"] = weights_digest(hashes)
         fp["content"] = entries

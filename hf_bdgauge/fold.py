@@ -47,6 +47,7 @@ from .storage import (
     read_safetensors_header,
     read_tensor,
     rewrite_shard,
+    safetensors_layout,
     tensor_index,
 )
 
@@ -345,14 +346,12 @@ def fold_norm_gains_in_checkpoint(
     rounded once), each gain 1, every other tensor is copied as it is — streamed through
     :func:`~hf_bdgauge.storage.rewrite_shard` a block of about ``block_bytes`` at a time (the writer of
     :func:`~hf_bdgauge.apply_gauge_to_checkpoint`). A tied output projection is written as its own
-    tensor (``lm_head.weight``, beside the embedding in its shard, and in the index; that shard's
-    header changes, so its tensors are held in memory while it is written) and the config says
-    ``tie_word_embeddings: false``. Loading the result with ``from_pretrained`` gives the
-    in-memory folded model.
+    tensor (``lm_head.weight``, computed from the embedding's bytes, beside the embedding in its
+    shard, and in the index) and the config says ``tie_word_embeddings: false``; every shard then
+    takes the layout ``safetensors``' ``save_file`` gives its tensors
+    (:func:`~hf_bdgauge.storage.safetensors_layout`), still streamed a block at a time. Loading the
+    result with ``from_pretrained`` gives the in-memory folded model.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     where = resolve_checkpoint_dir(src, revision)
     config = read_model_config(where)
     spec = spec_for_config(config)
@@ -375,31 +374,25 @@ def fold_norm_gains_in_checkpoint(
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         copy_companions(where, tmp, skip=("config.json", index_file.name))
         for shard in tqdm(shards, desc="folding norm gains", unit="shard", disable=not progress):
-            if not tied:  # same tensors, same header: streamed a block at a time
-                raw, header = read_safetensors_header(shard)
-                rewrite_shard(
-                    shard,
-                    tmp / shard.name,
-                    raw,
-                    header,
-                    lambda n: _fold_move(n, spec, fed_by, folded_gains, gains),
-                    block_bytes=block_bytes,
-                )
-                continue
-            out: dict[str, torch.Tensor] = {}
-            with safe_open(str(shard), framework="pt") as fh:
-                metadata = fh.metadata()
-                for n in fh.keys():
-                    t = fh.get_tensor(n)
-                    if n in fed_by:
-                        t = _fold_into(t, gains[fed_by[n]], n, spec)
-                    elif n in folded_gains:
-                        t = torch.full_like(t, 1.0 - spec.gain_offset)
-                    out[n] = t.contiguous()
-                    if tied and n == emb_name:  # the untied output projection joins the embedding's shard
-                        out[out_name] = _fold_into(t, gains[fed_by[out_name]], out_name, spec).contiguous()
-            save_file(out, str(tmp / shard.name), metadata=metadata or {"format": "pt"})
-            del out
+            raw, header = read_safetensors_header(shard)
+            sources: dict[str, str] | None = None  # untied: same tensors, same header
+            if tied:  # the untied output projection joins the embedding's shard, from its bytes
+                sources = {}
+                tensors = {
+                    n: (v["dtype"], tuple(v["shape"])) for n, v in header.items() if n != "__metadata__"
+                }
+                if emb_name in tensors:
+                    tensors[out_name], sources[out_name] = tensors[emb_name], emb_name
+                raw, header = safetensors_layout(tensors, header.get("__metadata__") or {"format": "pt"})
+            rewrite_shard(
+                shard,
+                tmp / shard.name,
+                raw,
+                header,
+                lambda n: _fold_move(n, spec, fed_by, folded_gains, gains),
+                block_bytes=block_bytes,
+                sources=sources,
+            )
         weight_map = None
         if index_file.is_file():
             weight_map = dict(read_json_object(index_file, what="checkpoint index")["weight_map"])

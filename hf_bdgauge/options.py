@@ -307,7 +307,8 @@ class WeightOptions(_Options):
 class CalibrationOptions(_Options):
     """How an estimate's p-value is calibrated and its verdict read
     (:mod:`hf_bdgauge.estimate.verdict`): ``draws`` random rotations (of law ``rotation``) of the
-    held-out statistic's fitted null, read against the ``reference`` null at ``level``;
+    held-out statistic's fitted null, read against the ``reference`` null at ``level`` (with
+    ``early_draws``, in two stages: :func:`~hf_bdgauge.estimate.calibration.calibrate`);
     ``null_draws`` rotations of the descriptive null; ``identity_tol``: a gauge moving at most this
     fraction of the coordinates reads as the identity."""
 
@@ -338,10 +339,28 @@ class CalibrationOptions(_Options):
         0.01,
         "fraction of moved coordinates (or rotation distance) below which the gauge reads as the identity",
     )
+    early_draws: int = _opt(
+        0,
+        "two-stage draws: first this many (>= 3, < draws), stopping there when their p-value is "
+        "<= early_p, else all draws (0: every draw, the default); under the null the reported "
+        "p-value is <= level with probability at most level + early_p",
+        flag="--calibration-early-draws",
+        type=int,
+    )
+    early_p: float = _opt(
+        1e-6,
+        "p-value at or below which the two-stage draws stop after early_draws",
+        flag="--calibration-early-p",
+        type=float,
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "draws", 3)
         _check_int(self, "null_draws", 0)
+        _check_int(self, "early_draws", 0)
+        if self.early_draws and not 3 <= self.early_draws < self.draws:
+            _fail(type(self), "early_draws", self.early_draws, f"0 or an integer in [3, draws={self.draws})")
+        _check_number(self, "early_p", 0.0, 1.0, open_low=True)
         _check_int(self, "seed", 0)
         _check_choice(self, "rotation", ROTATIONS)
         ref = self.reference

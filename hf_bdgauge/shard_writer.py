@@ -1,4 +1,4 @@
-"""The pipelined file writer of the streaming re-charters: bytes written in order from a thread.
+"""The pipelined file I/O of the streaming re-charters: a writer thread and a reader thread per file.
 
 :class:`ShardWriter` writes one file front to back. The caller hands it pieces — memory views of a
 memory-mapped source (bytes copied as they are) or blocks it computed into one of the writer's
@@ -12,8 +12,14 @@ Along the way the thread asks the kernel to start writing back what it has writt
 (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` on Linux, a hint that waits for nothing), so the disk
 writes overlap the computation instead of all waiting for the final ``fsync``.
 
-:func:`prefetch` asks the kernel to read a range of a memory-mapped source ahead of use
-(``MADV_WILLNEED``), so a cold source is read from disk while the previous block is computed.
+:class:`ReadAhead` brings a memory-mapped source into the page cache from a thread of its own, front
+to back and at most a window ahead of its consumer, a large chunk at a time: with
+``madvise(MADV_POPULATE_READ)`` (Linux ≥ 5.14), which reads the pages and maps them without copying
+them, else with ``pread`` into one small reusable buffer (skipping a chunk ``mincore`` says is
+cached). The consumer says which bytes it needs next (:meth:`ReadAhead.need`) and waits only for
+those, so a cold source is read from disk while the previous block is computed, and the computation
+never takes a page fault that reads from disk. Page-cache pages are the kernel's, not the process's:
+the private memory of reading ahead is at most the one chunk buffer, whatever the window.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import ctypes.util
 import mmap
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +39,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["ShardWriter", "prefetch"]
+__all__ = ["ReadAhead", "ShardWriter"]
 
 #: Start the write-back of what was written once this many bytes have accumulated.
 WRITEBACK_BYTES = 64 * 1024 * 1024
+#: Bytes :class:`ReadAhead` reads with one ``pread`` (the size of its one buffer).
+READ_CHUNK = 8 * 1024 * 1024
 #: Pieces queued at most (a caller computing blocks faster than the disk takes them waits).
 _QUEUED = 4
 _SYNC_FILE_RANGE_WRITE = 2
@@ -59,13 +68,139 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _load_sync_file_range()
 
 
-def prefetch(mm: mmap.mmap, start: int, stop: int) -> None:
-    """Ask the kernel to read bytes ``[start, stop)`` of ``mm`` ahead of use (a hint; errors ignored)."""
-    start = max(0, start - start % _PAGE)
-    stop = min(stop, len(mm))
-    if stop > start and hasattr(mmap, "MADV_WILLNEED"):
-        with contextlib.suppress(OSError, ValueError):
-            mm.madvise(mmap.MADV_WILLNEED, start, stop - start)
+def _load_mincore() -> Callable[[int, int, Any], int] | None:
+    """libc's ``mincore`` (Linux, BSDs, macOS), or ``None`` where there is none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_mincore = _load_mincore()
+_RESIDENT = bytes(i & 1 for i in range(256))
+#: ``madvise`` advice that faults a range in (reading it from disk) and maps it, waiting (Linux ≥ 5.14).
+_MADV_POPULATE_READ: int | None = getattr(
+    mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None
+)
+
+
+class ReadAhead:
+    """Read bytes ``[start, stop)`` of the file ``fd`` (memory-mapped as ``mm``) into the page cache
+    from a background thread, front to back, never more than ``window`` bytes beyond what the
+    consumer still needs.
+
+    The consumer calls ``need(begin, end)`` before it touches bytes ``[begin, end)`` of ``mm``: it
+    waits until the thread has read past ``end`` and declares that nothing before ``begin`` is
+    needed any more, which lets the thread read on up to ``begin + window`` (at least ``end``).
+    The thread reads a chunk of ``chunk`` bytes (default :data:`READ_CHUNK`) at a time with
+    ``madvise(MADV_POPULATE_READ)`` on ``mm`` (no copy; the pages are mapped for the consumer too)
+    or, where the kernel refuses it, with ``os.preadv`` into one reusable buffer of ``chunk``
+    bytes, skipping a chunk whose pages are all cached already (``mincore``), so a warm source
+    costs little more than the check. Reading ahead is a hint: a failed read stops the thread and
+    ``need`` stops waiting (the consumer then reads the pages itself and meets the error there).
+    ``close()`` stops and joins the thread; used as a context manager it closes on exit.
+    """
+
+    def __init__(
+        self, fd: int, mm: mmap.mmap, start: int, stop: int, *, window: int, chunk: int | None = None
+    ) -> None:
+        self._fd, self._mm = fd, mm
+        self._pos = max(0, start - start % _PAGE)  # the thread has read everything below _pos
+        self._stop = min(stop, len(mm))
+        self._window = max(1, int(window))
+        chunk = READ_CHUNK if chunk is None else int(chunk)
+        self._chunk = max(_PAGE, chunk - chunk % _PAGE)
+        self._allowed = self._pos + self._window  # the thread reads below this
+        self._done = False
+        self._populate = _MADV_POPULATE_READ is not None and hasattr(mm, "madvise")
+        self._cv = threading.Condition()
+        self._addr = 0
+        if _mincore is not None and len(mm):
+            import numpy as np  # the address of the mapping, for mincore
+
+            view = np.frombuffer(mm, dtype=np.uint8, count=1)
+            self._addr = int(view.ctypes.data)
+            del view
+        self._thread = threading.Thread(target=self._run, name="read ahead", daemon=True)
+        self._thread.start()
+
+    def need(self, begin: int, end: int) -> None:
+        """Wait until bytes ``[begin, end)`` have been read; nothing before ``begin`` is needed now."""
+        end = min(end, self._stop)
+        with self._cv:
+            allowed = max(begin + self._window, end)
+            if allowed > self._allowed:
+                self._allowed = allowed
+                self._cv.notify_all()
+            while self._pos < end and not self._done:
+                self._cv.wait()
+
+    def close(self) -> None:
+        """Stop the thread (whatever it has not read stays unread) and wait for it."""
+        with self._cv:
+            self._done = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _cached(self, a: int, n: int) -> bool:
+        """Whether every page of bytes ``[a, a + n)`` is in the page cache (``False`` when unknown)."""
+        if _mincore is None or not self._addr:
+            return False
+        a0 = a - a % _PAGE
+        n += a - a0
+        vec = ctypes.create_string_buffer((n + _PAGE - 1) // _PAGE)
+        if _mincore(self._addr + a0, n, vec) != 0:
+            return False
+        return b"\x00" not in vec.raw.translate(_RESIDENT)  # bit 0 of each page's byte: cached
+
+    def _run(self) -> None:
+        buf = None
+        try:
+            while True:
+                with self._cv:
+                    while not self._done and self._pos >= self._allowed:
+                        self._cv.wait()
+                    if self._done or self._pos >= self._stop:
+                        return
+                    a = self._pos
+                    n = min(self._chunk, self._stop - a, self._allowed - a)
+                if self._populate and _MADV_POPULATE_READ is not None:
+                    a0 = a - a % _PAGE
+                    try:
+                        self._mm.madvise(_MADV_POPULATE_READ, a0, a + n - a0)
+                    except (OSError, ValueError):  # an older kernel: read with pread instead
+                        self._populate = False
+                if not self._populate and not self._cached(a, n):
+                    if not hasattr(os, "preadv"):  # neither way to read ahead here: the consumer reads
+                        return
+                    if buf is None:
+                        buf = bytearray(self._chunk)
+                    with memoryview(buf) as mv:
+                        got = os.preadv(self._fd, [mv[:n]], a)
+                    if got <= 0:
+                        return
+                    n = min(n, got)
+                with self._cv:
+                    self._pos = a + n
+                    self._cv.notify_all()
+        except OSError:
+            return
+        finally:
+            with self._cv:
+                self._done = True
+                self._cv.notify_all()
 
 
 class ShardWriter:

@@ -15,7 +15,7 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import torch
 
 from .errors import CheckpointError
 from .files import read_json_object
-from .shard_writer import ShardWriter, prefetch
+from .shard_writer import ReadAhead, ShardWriter
 
 __all__ = [
     "BLOCK_BYTES",
@@ -32,6 +32,7 @@ __all__ = [
     "Move",
     "ST_TO_TORCH",
     "rewrite_shard",
+    "safetensors_layout",
     "TORCH_TO_ST",
     "TensorInfo",
     "read_model_config",
@@ -199,13 +200,53 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
 
 
+def safetensors_layout(
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, Any]]:
+    """The header (raw bytes, and parsed) of the file ``safetensors``' ``save_file`` writes for tensors
+    of these names → (safetensors dtype name, shape) and this ``metadata``: the tensors in the order
+    ``safetensors`` puts them (asked of it, with a one-element stand-in per tensor), back to back
+    from offset 0, the JSON compact and padded with spaces to a multiple of 8 bytes, as it writes it
+    (byte for byte when ``metadata`` has at most one key: several it orders as its hash map iterates).
+    Streaming the tensors' bytes after it (:func:`rewrite_shard` with ``sources``) gives the file
+    ``save_file`` would write, without holding the tensors in memory."""
+    from safetensors.torch import save
+
+    missing = sorted(n for n, (dt, _) in tensors.items() if dt not in ST_TO_TORCH)
+    if missing:
+        raise CheckpointError(f"tensors {missing} have a dtype safetensors' writer cannot be asked about")
+    stand_in = save(
+        {n: torch.zeros(1, dtype=ST_TO_TORCH[dt]) for n, (dt, _) in tensors.items()},
+        metadata=dict(metadata) if metadata is not None else None,
+    )
+    (n,) = struct.unpack("<Q", stand_in[:8])
+    header: dict[str, Any] = json.loads(stand_in[8 : 8 + n])
+    at = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = tensors[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        info["shape"] = list(shape)
+        info["data_offsets"] = [at, at + numel * ST_TO_TORCH[dtype].itemsize]
+        at = info["data_offsets"][1]
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return raw, header
+
+
 @dataclass(frozen=True)
 class BlockFill:
     """A tensor's move computed a block of rows at a time into memory :func:`rewrite_shard` owns:
     ``fill(t, a, b, out)`` writes rows ``[a, b)`` (along axis 0) of the moved ``t`` into ``out``, a
-    tensor of ``t``'s dtype and shape ``(b - a, *t.shape[1:])`` (``t`` has at least one axis)."""
+    tensor of ``t``'s dtype and shape ``(b - a, *t.shape[1:])`` (``t`` has at least one axis).
+    ``fill`` reads rows ``[a, b)`` of ``t`` only, unless ``any_rows`` (e.g. a permutation of the rows),
+    which says it may read any row: the whole tensor is then read from disk before its first block."""
 
     fill: Callable[[torch.Tensor, int, int, torch.Tensor], None]
+    any_rows: bool = False
 
 
 #: What :func:`rewrite_shard` does with one tensor: copy its bytes (``None``), fill blocks of rows
@@ -221,54 +262,96 @@ def rewrite_shard(
     move: Callable[[str], Move],
     progress: Any = None,
     block_bytes: int = BLOCK_BYTES,
+    sources: Mapping[str, str] | None = None,
 ) -> int:
     """Write the safetensors file ``dst`` = ``src`` with the same header (``raw``, parsed as
     ``header``: :func:`read_safetensors_header`) and the same offsets, where ``move(name)`` says
-    what becomes of each tensor (:data:`Move`): ``None`` copies its bytes; a :class:`BlockFill`
+    what becomes of each tensor (:data:`Move`). With ``sources``, ``raw`` and ``header`` are instead
+    a new header for ``dst`` (tensors back to back, e.g. :func:`safetensors_layout`) and each of its
+    tensors is computed from the tensor of ``src`` that ``sources`` names (by default the one of
+    the same name), of the same dtype and shape. ``None`` copies its bytes; a :class:`BlockFill`
     computes its new values a block of about ``block_bytes`` at a time into one of two reusable
     buffers; a function of the tensor yields its new values in row-major order, in blocks of the
     same dtype. The tensor handed to either is a read-only, zero-copy view of the memory-mapped
-    source. The bytes are written by a :class:`~hf_bdgauge.shard_writer.ShardWriter` thread while
-    the next block is computed, and the file is fsynced once, at the end. At most two blocks are
+    source, brought into the page cache ahead of use by a
+    :class:`~hf_bdgauge.shard_writer.ReadAhead` thread (at most the shard's largest tensor and two
+    blocks ahead; a block is computed once the source bytes it reads are cached, so reading a cold
+    source overlaps the computation). The bytes are written by a
+    :class:`~hf_bdgauge.shard_writer.ShardWriter` thread while the next block is computed, and the
+    file is fsynced once, at the end. At most two blocks are
     held at a time (plus what a function materialises), whatever the tensor's size: a block is at
     most ``block_bytes`` and an eighth of the shard's largest tensor (at least a row, at least
     1 MiB unless ``block_bytes`` is smaller). The one streaming writer of re-charted
     (:func:`hf_bdgauge.apply_gauge_to_checkpoint`) and folded
     (:func:`hf_bdgauge.fold_norm_gains_in_checkpoint`) checkpoints. Returns the bytes written;
     ``progress`` (a tqdm bar) is advanced by each tensor's size."""
+    src_raw, src_header = (raw, header) if sources is None else read_safetensors_header(src)
+    src_base = 8 + len(src_raw)
     base = 8 + len(raw)
     order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
     sizes = [header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in order]
     blk = min(block_bytes, max(1 << 20, max(sizes, default=0) // 8))
     rows = [_row_bytes(header[k]) for k in order]
     buf_bytes = max([blk] + [r for r in rows if r > blk])
+    window = max(sizes, default=0) + 2 * buf_bytes
     with open(src, "rb") as fin:
         mm = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ)
         view = memoryview(mm)
         try:
-            with ShardWriter(dst, block_bytes=buf_bytes) as out:
+            with (
+                ShardWriter(dst, block_bytes=buf_bytes) as out,
+                ReadAhead(fin.fileno(), mm, src_base, len(mm), window=window) as ra,
+            ):
                 out.write(struct.pack("<Q", len(raw)) + raw)
                 pos = base
                 for name, row_bytes in zip(order, rows):
                     info = header[name]
                     begin, end = (base + o for o in info["data_offsets"])
-                    if pos != begin:  # padding or gaps between tensors: keep them as they are
-                        _copy(out, mm, view, pos, begin, blk)
+                    if pos != begin and sources is None:  # padding or gaps between tensors: kept
+                        _copy(out, ra, view, pos, begin, blk)
+                    elif pos != begin:
+                        raise CheckpointError(f"{dst.name}: the new header leaves a gap before {name}")
+                    a, b = _source_range(src, src_header, src_base, name, info, sources)
                     fn = move(name) if end > begin else None
                     if fn is None:
-                        _copy(out, mm, view, begin, end, blk)
+                        _copy(out, ra, view, a, b, blk)
                     else:
-                        _moved(out, mm, view[begin:end], src.name, name, info, fn, row_bytes, blk, begin)
+                        _moved(out, ra, view[a:b], src.name, name, info, fn, row_bytes, blk, a)
                     pos = end
                     if progress is not None:
                         progress.update(end - begin)
-                if pos != len(mm):
-                    _copy(out, mm, view, pos, len(mm), blk)
+                if pos != len(mm) and sources is None:
+                    _copy(out, ra, view, pos, len(mm), blk)
             return out.written
         finally:
             with contextlib.suppress(BufferError):  # a traceback may still hold a view of the source
                 view.release()
                 mm.close()
+
+
+def _source_range(
+    src: Path,
+    header: dict[str, Any],
+    base: int,
+    name: str,
+    info: dict[str, Any],
+    sources: Mapping[str, str] | None,
+) -> tuple[int, int]:
+    """The byte range in ``src`` of the tensor that output tensor ``name`` (``info``) is computed from."""
+    if sources is None:
+        begin, end = info["data_offsets"]
+        return base + begin, base + end
+    what = sources.get(name, name)
+    have = header.get(what)
+    if have is None or what == "__metadata__":
+        raise CheckpointError(f"{src.name} has no tensor {what} to write {name} from")
+    if have["dtype"] != info["dtype"] or list(have["shape"]) != list(info["shape"]):
+        raise CheckpointError(
+            f"{src.name}: tensor {what} ({have['dtype']} {list(have['shape'])}) cannot be written as "
+            f"{name} ({info['dtype']} {list(info['shape'])})"
+        )
+    begin, end = have["data_offsets"]
+    return base + begin, base + end
 
 
 def _row_bytes(info: dict[str, Any]) -> int:
@@ -278,16 +361,17 @@ def _row_bytes(info: dict[str, Any]) -> int:
     return n // shape[0] if shape and shape[0] else n
 
 
-def _copy(out: ShardWriter, mm: mmap.mmap, view: memoryview, a: int, b: int, blk: int) -> None:
-    """Queue bytes ``[a, b)`` of the source as they are, a block at a time, read ahead."""
+def _copy(out: ShardWriter, ra: ReadAhead, view: memoryview, a: int, b: int, blk: int) -> None:
+    """Queue bytes ``[a, b)`` of the source as they are, a block at a time, each once read."""
     for p in range(a, b, blk):
-        prefetch(mm, p + blk, p + 3 * blk)
-        out.write(view[p : min(p + blk, b)])
+        q = min(p + blk, b)
+        ra.need(p, q)
+        out.write(view[p:q])
 
 
 def _moved(
     out: ShardWriter,
-    mm: mmap.mmap,
+    ra: ReadAhead,
     chunk: memoryview,
     shard: str,
     name: str,
@@ -309,16 +393,19 @@ def _moved(
         if isinstance(fn, BlockFill):
             if t.ndim == 0:
                 raise CheckpointError(f"{shard}: tensor {name} is a scalar: it has no rows to fill")
-            prefetch(mm, at, at + min(want, 4 * blk))
             step = max(1, blk // max(1, row_bytes))
             for a in range(0, t.shape[0], step):
                 b = min(a + step, t.shape[0])
-                prefetch(mm, at + b * row_bytes, at + min(want, (b + 2 * step) * row_bytes))
+                if fn.any_rows:
+                    ra.need(at, at + want)
+                else:
+                    ra.need(at + a * row_bytes, at + b * row_bytes)
                 buf = out.buffer((b - a) * row_bytes).view(dtype).reshape((b - a, *t.shape[1:]))
                 fn.fill(t, a, b, buf)
                 out.write(buf)
                 n += (b - a) * row_bytes
         else:
+            ra.need(at, at + want)
             for block in fn(t):
                 if block.dtype != dtype:
                     raise CheckpointError(

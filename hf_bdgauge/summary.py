@@ -1,7 +1,9 @@
 """The human-readable summary of a gauge (:meth:`hf_bdgauge.gauge.Gauge.summary`, ``bdgauge show``).
 
 It leads with the verdict, the calibrated p-value and the identified fraction, then names the
-ends, size, flips, method, fit, identity, norm gains and hops, and every metric, one per line.
+ends, size, flips, method, fit, identity, the size of the pair's difference in the common chart
+(``metrics["relative_residual"]``: a quantized release is the identity with a perturbation of
+that size), norm gains and hops, and every metric, one per line.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from .card import format_value
 from .gains import readers_gain_problem
-from .verdicts import INSUFFICIENT_DATA
+from .verdicts import INSUFFICIENT_DATA, residual_words
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gauge import Gauge
@@ -85,6 +87,10 @@ def gauge_summary(gauge: Gauge) -> str:
         lines.append(
             f"  identity: no — moves {gauge.num_moved} of {gauge.dim} coordinates, "
             f"flips the sign of {gauge.num_flips}"
+        )
+    if "relative_residual" in gauge.metrics and not gauge.not_a_gauge:
+        lines.append(
+            f"  difference in the common chart: {residual_words(gauge.metrics['relative_residual'])}"
         )
     lines.append("  " + _gains_line(gauge))
     if gauge.confidence is not None:

@@ -4,10 +4,14 @@ Low in the import order (no torch, nothing of the package): the CLI, the estimat
 the exit codes read these names without loading a model library.
 
 A *verdict* says what relates the two residual charts (:data:`VERDICTS`); an *answer* is the
-verdict read as a reply to "are the two charts related" (:data:`ANSWERS`, :func:`answer_of`).
+verdict read as a reply to "are the two charts related" (:data:`ANSWERS`, :func:`answer_of`); the
+size of what separates two related models in the common chart qualifies it in words
+(:func:`residual_words`).
 """
 
 from __future__ import annotations
+
+import math
 
 __all__ = [
     "INSUFFICIENT_DATA",
@@ -17,6 +21,8 @@ __all__ = [
     "EXACT_METHODS",
     "is_not_a_gauge",
     "answer_of",
+    "RESIDUAL_RESOLUTION",
+    "residual_words",
 ]
 
 #: The verdict of an estimate whose data were too few to test at all (fewer sequences, tokens per
@@ -64,3 +70,23 @@ def answer_of(verdict: str | None) -> str | None:
     if verdict == INSUFFICIENT_DATA:
         return INSUFFICIENT_DATA
     return "no_evidence" if is_not_a_gauge(verdict) else "related"
+
+
+#: below this relative residual (the size of a pair's difference in the common chart,
+#: :func:`~hf_bdgauge.estimate.verdict.weight_residual`,
+#: :func:`~hf_bdgauge.estimate.verdict.activation_residual`) the two are said not to differ: both
+#: are square roots of a difference of float32-summed products (``1 − cos``), whose rounding
+#: leaves a floor of about ``sqrt(1e-7) ≈ 3e-4``; above it the size is read as it is
+RESIDUAL_RESOLUTION = 1e-3
+
+
+def residual_words(residual: float | None) -> str:
+    """A pair's difference in the common chart in words (``metrics["relative_residual"]``):
+    none to the resolution (:data:`RESIDUAL_RESOLUTION`), else a perturbation of that relative
+    size; it qualifies a verdict of "related" (a quantized release is the identity with a
+    perturbation of its size), it never makes one."""
+    if residual is None or not math.isfinite(residual):
+        return "the size of the difference not measured"
+    if residual < RESIDUAL_RESOLUTION:
+        return f"no difference in the common chart (relative residual < {RESIDUAL_RESOLUTION:g})"
+    return f"a perturbation of relative size {residual:.2g} in the common chart"

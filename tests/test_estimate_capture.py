@@ -3,13 +3,16 @@ early stop, offloaded device_map models, and the planted-gauge signature in the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 from hf_bdgauge import SignedPermutation, apply_gauge
 from hf_bdgauge.errors import DimensionMismatchError, EstimationError
-from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches
+from hf_bdgauge.estimate import capture as capture_mod
+from hf_bdgauge.estimate.capture import capture_pair_stats, iter_token_batches, sequence_masks, token_views
 from hf_bdgauge.fixtures.llama2c import STORIES260K_GREEDY_TEXT, stories260k_hf_dir
 from hf_bdgauge.layers import decoder_blocks, residual_states, resolve_layers
 from hf_bdgauge.options import CaptureOptions
@@ -166,6 +169,48 @@ def test_offloaded_device_map_model(stories, tmp_path):
         assert_close_rel(
             a[k].corr(), b[k].corr(), rtol=1e-6, scale=1.0, what=f"layer {k}: correlations, offloaded"
         )
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_views_are_the_masked_tokens_without_a_copy(side: str) -> None:
+    """Each half's tokens are basic-slice views of the hidden state, in row-major order; rows with
+    the same run of positions at a constant step share one view; a row with a hole has none."""
+    lengths = [5, 9, 1, 0, 7, 9, 9]
+    mask = torch.zeros(len(lengths), 9, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        if n:
+            mask[r, :n] = 1
+    mask = mask if side == "right" else mask.flip(1)
+    h = torch.randn(len(lengths), 9, 4)
+    for hm in sequence_masks(mask, first_sequence=1):
+        views = token_views(hm)
+        assert views is not None
+        got = torch.cat([h[v].reshape(-1, 4) for v in views])
+        assert torch.equal(got, h.reshape(-1, 4)[hm.reshape(-1)])
+        assert all(h[v]._base is h for v in views)
+    full = sequence_masks(torch.ones(6, 8, dtype=torch.long))
+    assert token_views(full[0]) == [(slice(0, 5, 2), slice(1, 8))]
+    assert token_views(full[1]) == [(slice(1, 6, 2), slice(1, 8))]
+    holed = torch.ones(2, 8, dtype=torch.bool)
+    holed[1, 4] = False
+    assert token_views(holed) is None
+
+
+def test_views_and_gathered_tokens_give_the_same_sums(stories: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padded batches of texts (a view per sequence) and the gathered path (masks with holes) give
+    the same sums, to float32 rounding of the centred products."""
+    _, model, tok = stories
+    texts = ["Once upon a time there was a cat.", "Lily liked to play in the park.", "The sun was warm."]
+    opts = CaptureOptions(tokenizer=tok, batch_size=3, progress=False)
+    views = capture_pair_stats(model, model, texts, capture=opts)
+    monkeypatch.setattr(capture_mod, "token_views", lambda mask: None)
+    gathered = capture_pair_stats(model, model, texts, capture=opts)
+    assert views.half_tokens() == gathered.half_tokens()
+    for h in (0, 1):
+        for k in views.layers:
+            a, b = views.half(h)[k], gathered.half(h)[k]
+            for f in ("sum_x", "sum_y2", "sum_xy", "sum_yy"):
+                assert_close_rel(getattr(a, f), getattr(b, f), rtol=1e-6, what=f"half {h} layer {k} {f}")
 
 
 def test_depth_mismatch_is_refused():

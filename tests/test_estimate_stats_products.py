@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_bdgauge import SignedPermutation
+from hf_bdgauge.errors import DimensionMismatchError
 from hf_bdgauge.estimate import moments as moments_mod
 from hf_bdgauge.estimate import products
 from hf_bdgauge.estimate.matching import estimate_from_stats
@@ -138,6 +139,32 @@ def test_merges_are_exact_sums():
     pooled = st.pooled()  # the sums of half 0's layers, then half 1's, added in that order
     parts = [st.half(h)[k].sum_xy for h in (0, 1) for k in st.layers]
     assert torch.equal(pooled.sum_xy, ((parts[0] + parts[1]) + parts[2]) + parts[3])
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, F32_RTOL), (torch.float64, F64_RTOL)])
+def test_pieces_are_the_batch_of_their_rows(dtype: torch.dtype, rtol: float) -> None:
+    """A batch given as pieces (strided views, a single token) adds the sums of their rows
+    concatenated: the same as the gathered matrix, to the products' rounding."""
+    X, Y = (torch.from_numpy(a).view(6, 100, 64) for a in _data(600, 64, seed=5))
+
+    def pieces(t: torch.Tensor) -> list[torch.Tensor]:
+        return [t[0:5:2, 10:60], t[1, 3], t[4:6, :7]]
+
+    rows = [torch.cat([p.reshape(-1, 64) for p in pieces(t)]) for t in (X, Y)]
+    a = CrossMoments.zeros(64)
+    a.update(pieces(X), pieces(Y), product_dtype=dtype)
+    b = CrossMoments.zeros(64)
+    b.update(*rows, product_dtype=dtype)
+    assert a.n == b.n == 3 * 50 + 1 + 14
+    for f in SUM_FIELDS:
+        assert _rel(getattr(a, f), getattr(b, f)) < rtol, f
+    st = PairStats()
+    st.update(3, pieces(X), pieces(Y), product_dtype=dtype, half=1)
+    assert st.half_tokens() == (0, a.n) and _rel(st[3].sum_xy, b.sum_xy) < rtol
+    with pytest.raises(DimensionMismatchError, match="tokens"):
+        a.update(pieces(X), pieces(Y)[:2])
+    with pytest.raises(DimensionMismatchError, match="widths"):
+        a.update([X[0], X[1, :, :5]], rows[1][:200])
 
 
 def test_float32_and_float64_products_give_the_same_gauge():

@@ -1,23 +1,41 @@
-"""The pipelined shard writer and the block kernels of the streaming re-charters: the bytes they
-write equal those of the in-memory transforms (every float dtype, both residual axes, -0.0, inf
-and NaN), whatever the block size."""
+"""The pipelined shard writer, its read-ahead and the block kernels of the streaming re-charters: the
+bytes they write equal those of the in-memory transforms (every float dtype, both residual axes,
+-0.0, inf and NaN), whatever the block size and however the source is read ahead; the read-ahead
+stays within its window; the fold of a tied checkpoint writes the bytes ``save_file`` wrote."""
 
 from __future__ import annotations
 
+import json
 import math
+import mmap
+import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 
-from hf_bdgauge import SignedPermutation, checkpoint
+from hf_bdgauge import SignedPermutation, checkpoint, fold_norm_gains_in_checkpoint, shard_writer
 from hf_bdgauge.checkpoint import _rewrite_shard
-from hf_bdgauge.fold import _fold_move
-from hf_bdgauge.rules import GAIN, NONE, READ, WRITE, TensorRule, scale_dtype, scale_residual, transform
-from hf_bdgauge.shard_writer import ShardWriter
-from hf_bdgauge.storage import read_safetensors_header
+from hf_bdgauge.errors import CheckpointError
+from hf_bdgauge.fold import _fold_into, _fold_move, plan_fold
+from hf_bdgauge.roles import spec_for_config
+from hf_bdgauge.rules import GAIN, NONE, READ, WRITE, Role, TensorRule, scale_dtype, scale_residual, transform
+from hf_bdgauge.shard_writer import ReadAhead, ShardWriter
+from hf_bdgauge.storage import (
+    TORCH_TO_ST,
+    checkpoint_shards,
+    read_model_config,
+    read_safetensors_header,
+    read_tensor,
+    rewrite_shard,
+    safetensors_layout,
+    tensor_index,
+)
+from hf_bdgauge.testing import tiny_model
 
 D = 48
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
@@ -51,13 +69,19 @@ def _tensors() -> tuple[dict[str, torch.Tensor], dict[str, TensorRule]]:
     return tensors, rules
 
 
-@pytest.mark.parametrize("block_bytes,split", [(64, False), (1 << 20, False), (1 << 20, True)])
+@pytest.mark.parametrize(
+    "block_bytes,split,read",
+    [(64, False, "madvise"), (1 << 20, False, "madvise"), (1 << 20, True, "madvise"), (64, True, "pread")],
+)
 def test_signed_permutation_shard_equals_in_memory_transform(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int, split: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_bytes: int, split: bool, read: str
 ) -> None:
     if split:  # every block gathered by 2 threads
         monkeypatch.setattr(checkpoint, "_SPLIT_BYTES", 16)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(shard_writer, "READ_CHUNK", mmap.PAGESIZE)  # read ahead a page at a time
+    if read == "pread":  # the read-ahead of kernels without MADV_POPULATE_READ
+        monkeypatch.setattr(shard_writer, "_MADV_POPULATE_READ", None)
     tensors, rules = _tensors()
     src = tmp_path / "src.safetensors"
     save_file(tensors, str(src), metadata={"format": "pt"})
@@ -144,3 +168,160 @@ def test_shard_writer_writes_in_order_and_reports_errors(tmp_path: Path) -> None
     w2.write(object())  # not a buffer: the thread fails, close() raises it
     with pytest.raises(TypeError):
         w2.close()
+
+
+def _settle(reads: list, until: int) -> None:
+    """Wait (at most 10 s) until a read has reached byte ``until``, then 0.1 s more."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and max((b for _, b in reads), default=0) < until:
+        time.sleep(0.01)
+    time.sleep(0.1)
+
+
+def test_read_ahead_reads_in_order_within_its_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread reads front to back, never past the consumer's window, and ``need`` returns once
+    the bytes asked for have been read; a failed read stops the thread and ``need`` waits no more."""
+    page = mmap.PAGESIZE
+    data = os.urandom(64 * page)
+    path = tmp_path / "src.bin"
+    path.write_bytes(data)
+    # pread, and no chunk skipped as cached: every read the thread makes is recorded
+    monkeypatch.setattr(shard_writer, "_MADV_POPULATE_READ", None)
+    monkeypatch.setattr(shard_writer, "_mincore", None)
+    reads: list[tuple[int, int]] = []
+    real = os.preadv
+
+    def preadv(fd: int, buffers: list, offset: int) -> int:
+        reads.append((offset, offset + sum(memoryview(b).nbytes for b in buffers)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(shard_writer.os, "preadv", preadv)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with ReadAhead(f.fileno(), mm, 0, len(mm), window=8 * page, chunk=2 * page) as ra:
+            _settle(reads, 8 * page)  # the thread reads the first window, then waits
+            assert reads and reads[0][0] == 0 and max(b for _, b in reads) == 8 * page
+            ra.need(20 * page, 24 * page)
+            assert max(b for _, b in reads) >= 24 * page
+            assert mm[20 * page : 24 * page] == data[20 * page : 24 * page]
+            _settle(reads, 28 * page)
+            assert max(b for _, b in reads) == 28 * page  # begin + window, and no further
+            assert [a for a, _ in reads] == [b for _, b in [(0, 0), *reads[:-1]]]  # in order, no gaps
+        assert not ra._thread.is_alive()
+        ra.need(0, len(mm))  # closed: nothing to wait for
+
+        def fail(fd: int, buffers: list, offset: int) -> int:
+            raise OSError(5, "I/O error")
+
+        monkeypatch.setattr(shard_writer.os, "preadv", fail)
+        with open(path, "rb") as g, mmap.mmap(g.fileno(), 0, access=mmap.ACCESS_READ) as m2:
+            with ReadAhead(g.fileno(), m2, 0, len(m2), window=8 * page, chunk=2 * page) as ra2:
+                ra2.need(0, len(m2))  # returns: the read failed, the consumer reads for itself
+                assert m2[:] == data
+
+
+@pytest.mark.skipif(shard_writer._mincore is None, reason="no mincore here")
+def test_read_ahead_skips_what_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the thread reads with pread, a chunk already in the page cache is not read again."""
+    path = tmp_path / "warm.bin"
+    path.write_bytes(os.urandom(16 * mmap.PAGESIZE))  # just written: in the page cache
+    monkeypatch.setattr(shard_writer, "_MADV_POPULATE_READ", None)
+    reads: list[int] = []
+    real = os.preadv
+
+    def preadv(fd: int, buffers: list, offset: int) -> int:
+        reads.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(shard_writer.os, "preadv", preadv)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with ReadAhead(f.fileno(), mm, 0, len(mm), window=len(mm), chunk=4 * mmap.PAGESIZE) as ra:
+            assert ra._cached(0, len(mm))
+            ra.need(0, len(mm))
+    assert reads == []
+
+
+def test_safetensors_layout_is_the_header_save_writes() -> None:
+    """The header of a new shard is byte for byte the one ``safetensors`` writes: its order of the
+    tensors (by dtype, then name), offsets, metadata and padding."""
+    tensors = {
+        "zb": torch.zeros(3, dtype=torch.bfloat16),
+        "a": torch.ones(2, 5),
+        "mask": torch.zeros(1, dtype=torch.bool),
+        "c": torch.zeros(2, 2, dtype=torch.bfloat16),
+        "empty": torch.zeros(0, dtype=torch.float16),
+        "é": torch.zeros(7, dtype=torch.int8),
+        "d": torch.zeros(3, 1, dtype=torch.float64),
+    }
+    for metadata in (None, {"format": "pt"}, {"format": "pt", "note": "x"}):
+        blob = save(tensors, metadata=metadata)
+        raw, header = safetensors_layout(
+            {n: (TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()}, metadata
+        )
+        assert blob[:8] == len(raw).to_bytes(8, "little")
+        if metadata is None or len(metadata) == 1:
+            assert blob[8 : 8 + len(raw)] == raw
+        else:  # safetensors orders several metadata keys as its hash map iterates: not reproducible
+            assert json.loads(blob[8 : 8 + len(raw)]) == json.loads(raw)
+        assert header["a"]["shape"] == [2, 5]
+
+
+def test_a_new_header_is_written_from_the_named_sources_or_refused(tmp_path: Path) -> None:
+    """``rewrite_shard`` with ``sources``: a new layout whose tensors are copied (or moved) from the
+    source tensors named, with the bytes ``save_file`` writes; a source of another shape or dtype,
+    or none, is refused, and so is a header with a gap."""
+    a, b = torch.arange(12.0).reshape(3, 4), torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+    src = tmp_path / "src.safetensors"
+    save_file({"a": a, "b": b}, str(src), metadata={"format": "pt"})
+    spec = {"a": ("F32", (3, 4)), "b": ("BF16", (2, 3)), "a_copy": ("F32", (3, 4))}
+    raw, header = safetensors_layout(spec, {"format": "pt"})
+    moves = {"a_copy": lambda t: [t * 2]}
+    dst = tmp_path / "dst.safetensors"
+    rewrite_shard(src, dst, raw, header, lambda n: moves.get(n), sources={"a_copy": "a"})
+    want = tmp_path / "want.safetensors"
+    save_file({"a": a, "b": b, "a_copy": a * 2}, str(want), metadata={"format": "pt"})
+    assert dst.read_bytes() == want.read_bytes()
+    for sources, match in (({"a_copy": "b"}, "cannot be written as"), ({"a_copy": "zz"}, "no tensor zz")):
+        with pytest.raises(CheckpointError, match=match):
+            rewrite_shard(src, tmp_path / "bad.safetensors", raw, header, lambda n: None, sources=sources)
+    gap = json.loads(raw)
+    gap["a_copy"]["data_offsets"] = [x + 8 for x in gap["a_copy"]["data_offsets"]]
+    with pytest.raises(CheckpointError, match="gap"):
+        rewrite_shard(src, tmp_path / "gap.safetensors", b"", gap, lambda n: None, sources={"a_copy": "a"})
+
+
+@pytest.mark.parametrize("shard", [None, "60KB"], ids=["single", "sharded"])
+def test_tied_fold_streams_the_bytes_save_file_wrote(tmp_path: Path, shard: str | None) -> None:
+    """A tied checkpoint's fold, streamed through the shard writer (the untied ``lm_head`` computed
+    from the embedding's bytes), writes every shard byte for byte as the former path did: each
+    shard loaded whole, folded in float64 and written by ``save_file``."""
+    model = tiny_model("llama", seed=4, tie_word_embeddings=True)
+    raw_dir, folded = tmp_path / "raw", tmp_path / "folded"
+    model.save_pretrained(raw_dir, **({"max_shard_size": shard} if shard else {}))  # type: ignore[operator]
+    fold_norm_gains_in_checkpoint(raw_dir, folded, progress=False, block_bytes=4096)
+    # the former path, as it was
+    config = read_model_config(raw_dir)
+    spec = spec_for_config(config)
+    index = tensor_index(raw_dir)
+    gains = {n: read_tensor(ti) for n, ti in index.items() if (r := spec.rule_for(n)) and r.role is Role.GAIN}
+    out_name = f"{spec.output_embedding}.weight"
+    emb_name = next(n for n in index if spec.is_embedding(n))
+    plan = plan_fold(spec, config.get("model_type"), [*index, out_name], gains, "tied")
+    fed_by = {m: n for n, readers in plan for m in readers}
+    assert out_name in fed_by and out_name not in index
+    shards = checkpoint_shards(raw_dir)
+    assert (len(shards) > 1) == bool(shard)
+    for path in shards:
+        out: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+            for n in fh.keys():
+                t = fh.get_tensor(n)
+                if n in fed_by:
+                    t = _fold_into(t, gains[fed_by[n]], n, spec)
+                elif n in gains:
+                    t = torch.full_like(t, 1.0 - spec.gain_offset)
+                out[n] = t.contiguous()
+                if n == emb_name:
+                    out[out_name] = _fold_into(t, gains[fed_by[out_name]], out_name, spec).contiguous()
+        save_file(out, str(tmp_path / path.name), metadata=metadata or {"format": "pt"})
+        assert (folded / path.name).read_bytes() == (tmp_path / path.name).read_bytes(), path.name

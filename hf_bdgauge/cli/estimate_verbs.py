@@ -18,6 +18,7 @@ from .common import read_texts, refuse_existing
 from .flags import REVISION_HELP, add_json_flag, add_quiet_flag, add_verb
 from .option_flags import add_option_flags, options_from_args
 from .output import print_result, say
+from .width_answer import print_width_answer
 
 __all__ = ["METHODS", "add_compose_parser", "add_estimate_parser", "add_stats_parser", "add_trace_parsers"]
 
@@ -330,6 +331,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
             source_revision=src_rev,
             target_revision=tgt_rev,
         )
+    if report.width is not None:  # a narrower target: the width test's answer
+        return print_width_answer(args, report)
     code, saved = write_answer(args, report.gauge)  # saved before anything is printed
     if not is_main():
         return code

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..errors import TransportError
+from ..errors import CheckpointError, TransportError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..gauge import Gauge
@@ -40,6 +40,18 @@ def adapter_arguments(p: argparse.ArgumentParser) -> None:
         "--base-model-revision", help="base model revision to record (default: the gauge target's)"
     )
     p.add_argument("--subfolder", help="the adapter's folder inside SRC (default: SRC itself)")
+    p.add_argument(
+        "--target-model",
+        help="the target base (dir or repo@revision, with its tokenizer): when its vocabulary differs "
+        "from the source base's (tokens added, reordered or dropped), the adapter's token-indexed "
+        "tensors (embedding LoRA, head LoRA, trainable tokens) are first moved to it, tokens the "
+        "source lacks getting zero LoRA rows (recorded in the output)",
+    )
+    p.add_argument(
+        "--source-model",
+        help="the adapter's base (dir or repo@revision), whose vocabulary --target-model is compared "
+        "with (default: the gauge's source model)",
+    )
 
 
 def optimizer_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,8 +83,13 @@ def steering_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ the kinds' runs
 def run_adapter(args: argparse.Namespace, gauge: Gauge) -> Path:
-    """``bdgauge transport adapter``: :func:`hf_bdgauge.transport.peft.transport_adapter`."""
-    from ..errors import CheckpointError
+    """``bdgauge transport adapter``: :func:`hf_bdgauge.transport.peft.transport_adapter`; with
+    ``--target-model`` whose vocabulary differs from the source base's, first
+    :func:`hf_bdgauge.transport.peft_vocab.transport_adapter_vocabulary` (into a temporary
+    directory), and the one-line result says how the token axis was aligned and which rows are zero
+    (``args.result_note``)."""
+    import tempfile
+
     from ..hub import is_local
     from ..transport.peft import transport_adapter
 
@@ -83,16 +100,75 @@ def run_adapter(args: argparse.Namespace, gauge: Gauge) -> Path:
         src = Path(src) / args.subfolder if is_local(src) else f"{str(src).rstrip('/')}/{args.subfolder}"
         if is_local(args.src) and not Path(src).is_dir():
             raise CheckpointError(f"adapter subfolder {args.subfolder!r} does not exist in {args.src}")
-    return transport_adapter(
-        src,
-        gauge,
-        args.dst,
-        revision=args.revision,
-        overwrite=args.overwrite,
-        base_model_name_or_path=args.base_model,
-        base_model_revision=args.base_model_revision,
-        force=args.force,
-    )
+    if args.source_model and not args.target_model:
+        raise TransportError("--source-model is read only with --target-model: give both, or neither")
+    moved = _adapter_vocabulary(args, gauge)
+
+    def to_chart(adapter: str | Path, revision: str | None) -> Path:
+        return transport_adapter(
+            adapter,
+            gauge,
+            args.dst,
+            revision=revision,
+            overwrite=args.overwrite,
+            base_model_name_or_path=args.base_model,
+            base_model_revision=args.base_model_revision,
+            force=args.force,
+        )
+
+    if moved is None:
+        return to_chart(src, args.revision)
+    tokens, source_dir = moved
+    from ..transport.peft_vocab import read_vocabulary_record, transport_adapter_vocabulary
+
+    with tempfile.TemporaryDirectory(prefix="bdgauge-vocab-") as tmp:
+        mid = transport_adapter_vocabulary(
+            src, tokens, Path(tmp) / "adapter", revision=args.revision, base_config=source_dir
+        )
+        out = to_chart(mid, None)
+    record = read_vocabulary_record(out) or {}
+    zeros = record.get("zero_rows", {})
+    rows = f"zero rows for {max(zeros.values())} target tokens in {len(zeros)} tensors" if zeros else ""
+    args.result_note = f"; vocabulary moved: {tokens.describe()}" + (f"; {rows}" if rows else "")
+    return out
+
+
+def _adapter_vocabulary(args: argparse.Namespace, gauge: Gauge) -> tuple[Any, Path] | None:
+    """``(token map, source base directory)`` when ``--target-model`` is given and its vocabulary
+    differs from the source base's (``--source-model``, else the gauge's source model); ``None``
+    otherwise. Refusals name the flags."""
+    if not args.target_model:
+        return None
+    from ..errors import DimensionMismatchError, HubError
+    from ..hub import resolve_checkpoint_dir, split_revision
+    from ..vocab import token_map
+
+    if args.source_model:
+        source, flag = args.source_model, "--source-model"
+    elif gauge.source.model_id:
+        source, flag = gauge.source.model_id, "the gauge's source model"
+        if gauge.source.revision:
+            source = f"{source}@{gauge.source.revision}"
+    else:
+        raise TransportError(
+            "the gauge does not name its source model: give --source-model (the adapter's base)"
+        )
+    try:
+        source_dir = resolve_checkpoint_dir(*split_revision(source))
+        target_dir = resolve_checkpoint_dir(*split_revision(args.target_model))
+    except (CheckpointError, HubError) as e:
+        raise TransportError(
+            f"the vocabularies cannot be compared ({e}); give --source-model and --target-model as "
+            "checkpoint directories or repo@revision Hub ids"
+        ) from e
+    try:
+        tokens = token_map(source_dir, target_dir)
+    except DimensionMismatchError as e:
+        raise TransportError(
+            f"the token axes of {flag} ({source}) and --target-model ({args.target_model}) cannot be "
+            f"aligned: {str(e).split(';')[0]}; the adapter's token rows cannot be moved"
+        ) from e
+    return None if tokens.is_identity else (tokens, source_dir)
 
 
 def run_optimizer(args: argparse.Namespace, gauge: Gauge) -> Path:

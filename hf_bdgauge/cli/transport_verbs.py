@@ -22,7 +22,8 @@ def _cmd_transport(args: argparse.Namespace) -> int:
         g = g.inverse()
     out = transport_kinds()[args.kind].run(args, g)
     element = describe_element(g)
-    say(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {element}){forced(args, g)}")
+    note = args.result_note  # what a kind's run adds to the line (an adapter's vocabulary move)
+    say(f"transported {args.kind} -> {out} (gauge of dimension {g.dim}, {element}){forced(args, g)}{note}")
     return 0
 
 
@@ -52,4 +53,4 @@ def add_transport_parser(sub: Any) -> None:
         if add_arguments is not None:
             add_arguments(k)
         add_quiet_flag(k)
-        k.set_defaults(func=_cmd_transport)
+        k.set_defaults(func=_cmd_transport, result_note="")

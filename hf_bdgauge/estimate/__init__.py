@@ -17,6 +17,11 @@
   ``"orthogonal_weights"``): Procrustes, its held-out fit, error and p-value;
 * :mod:`~hf_bdgauge.estimate.api`: :func:`estimate_gauge`, the entry point;
 * :mod:`~hf_bdgauge.estimate.trajectory`: composing local gauges along training runs;
+* :mod:`~hf_bdgauge.estimate.width`: whether a narrower target was pruned from the source, and the
+  coordinates it kept (:func:`estimate_pruned_width`);
+* :mod:`~hf_bdgauge.estimate.block_map`: which target block comes from which source block when blocks
+  were dropped, repeated or reordered (:func:`estimate_block_map`; from activations
+  :func:`block_map_from_activations`);
 * :mod:`~hf_bdgauge.estimate.trace`: the derivation test (``trace``) and the per-layer drift report
   (``diff``), whose :mod:`~hf_bdgauge.estimate.trace_report` holds the rows and the answer.
 """
@@ -24,10 +29,13 @@
 from __future__ import annotations
 
 from .api import capture_pair, estimate_gauge, gauge_from_capture
+from .block_map import BlockMap, estimate_block_map
+from .block_map_activations import block_map_from_activations
 from .captured import CapturedPair, load_pair_stats, save_pair_stats
 from .trace import diff, trace
 from .trace_report import LayerRow, TraceReport
 from .trajectory import compose_gauges, compose_trajectory, compose_via_base
+from .width import WidthEstimate, estimate_pruned_width
 
 #: what a user calls (the docs' reference); the finer pieces (statistics, assignment, capture hooks,
 #: Procrustes, weight similarities) are imported from their modules.
@@ -45,4 +53,9 @@ __all__ = [
     "compose_trajectory",
     "compose_via_base",
     "compose_gauges",
+    "estimate_pruned_width",
+    "WidthEstimate",
+    "estimate_block_map",
+    "block_map_from_activations",
+    "BlockMap",
 ]

@@ -260,7 +260,8 @@ def gauge_from_capture(
 ) -> Gauge:
     """Match captured (or loaded and merged) statistics into a gauge
     (:func:`~hf_bdgauge.estimate.matching.estimate_from_stats` with both ends' provenance; for a
-    family without sign symmetry ``sign_marginalized`` falls back to ``permutation``;
+    family without sign symmetry ``sign_marginalized`` falls back to ``permutation`` in both charts
+    ``P`` and ``−P``, Bonferroni's p-value over the two (``estimate_from_stats(charts=(1, -1))``);
     ``method="orthogonal"``: :func:`~hf_bdgauge.estimate.procrustes.estimate_rotation_from_stats`).
     Of ``capture`` only ``layers``, ``pooling`` and ``group`` apply (others are refused);
     ``calibration``: the calibrated p-value's draws, seed, reference null and level, the
@@ -297,6 +298,7 @@ def gauge_from_capture(
             source=pair.source,
             target=pair.target,
             across_ranks=across_ranks,
+            charts=(1, -1) if method != requested else (1,),  # LayerNorm: its gauges P and −P
         )
     g = record_gains(g, pair.gains.get("source"), pair.gains.get("target"))  # older statistics: unknown
     g.metrics["capture_time_s"] = pair.capture_time_s

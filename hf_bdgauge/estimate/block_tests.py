@@ -6,7 +6,9 @@ A group ``g``'s tensors split along the pooled halves (:attr:`WeightSimilarity.g
 similarity pass): ``M^h_g`` and ``Γ^h_g`` (its signed and gain numerators in half ``h``), ``n^h_{g,i}``
 (the source's squared signature norms) and ``n̄'^h_g = (1/d)·Σ_j n'^h_{g,j}`` (the target's mean
 squared norm). The pooled test (:func:`~hf_bdgauge.estimate.calibration.calibrate`) selects on each
-half ``h`` a match ``(π^h, σ^h)`` (Hungarian on the pooled half's score, signs read there). The group's
+half ``h`` a match ``(π^h, σ^h)`` (Hungarian on the pooled half's score, signs read there; a LayerNorm
+family's in each chart ``±P``, all signs ``±1``, the rows reading the chart the pooled test reports,
+their p-values then multiplied by 2, Bonferroni's over the charts). The group's
 held-out value of coordinate ``i`` reads that selection on the group's *other* half ``h'``::
 
     v^{h→h'}_{g,i} = (σ^h_i·(M^{h'}_g·Qᵀ)[i, π^h(i)] + (Γ^{h'}_g·Qᵀ)[i, π^h(i)]) / √(n^{h'}_{g,i}·n̄'^{h'}_g)
@@ -16,7 +18,11 @@ test made on the rotated halves) for the null; ``v_g`` averages the two directio
 group's tensors lie in one half) and ``T_g`` is its trimmed mean
 (:func:`~hf_bdgauge.estimate.statistic.trimmed_mean`), read like the pooled test's: Student's
 predictive p-value against the ``T_g`` of the draws, after the group's reference null
-(``weights_block`` / ``weights_outside``).
+(``weights_block`` / ``weights_outside``). With two-stage draws (``CalibrationOptions.early_draws =
+M₁``) every group reads the first ``M₁`` draws only, whether the pooled test stopped there or not: a
+fixed number of draws, so each group's p-value stays valid as it is (the pooled test's stopping rule
+depends on the pooled statistic, and a group's p-value chosen between ``M₁`` and ``M`` draws by it
+would not be).
 
 Why the p-value is valid. The null is the same function of the same data with the target re-charted by
 ``Q_k`` — the whole target, as the pooled test's draws rotate it, selection included — so under the
@@ -78,7 +84,11 @@ class SharedGroupNull:
     docstring). Pass the instance as ``calibrate(..., on_draw=...)`` of the pooled test: it is called
     with ``(-1, None, selections)`` for the observed halves and ``(k, rotation, selections)`` for each
     draw ``k`` this process computes (``selections[method] = [(π¹, σ¹), (π², σ²)]``), possibly from
-    worker threads (each call writes draw ``k``'s own row). Then :meth:`calibration` reads one group."""
+    worker threads (each call writes draw ``k``'s own row); a method missing from one call's
+    ``selections`` is left as it is (a LayerNorm family's pooled test runs one calibration per chart,
+    ``P`` and ``−P``, each calling with its own methods:
+    :func:`~hf_bdgauge.estimate.weights.estimate_from_similarity`). Then :meth:`calibration` reads one
+    group."""
 
     def __init__(
         self, groups: dict[str, tuple[WeightSimilarity, WeightSimilarity]], methods: Sequence[str], draws: int
@@ -121,6 +131,8 @@ class SharedGroupNull:
         t0 = time.perf_counter()
         Q = None if rotation is None else np.asarray(rotation.matrix(), dtype=np.float32)
         for m in self.methods:
+            if m not in selections:  # a method of another calibration (the other chart, ±P)
+                continue
             sels = selections[m]
             rows = [None if Q is None else Q[sels[h][0]] for h in (0, 1)]  # the selection made on half h
             for g, (even, odd) in self.halves.items():
@@ -166,7 +178,8 @@ class SharedGroupNull:
         :func:`~hf_bdgauge.estimate.calibration.calibrate`, its per-coordinate null the group's;
         ``full_scores = (A, M)`` of the group's two halves together)."""
         opts = options or CalibrationOptions()
-        v, Vn = self.v_obs[g][method], self.null[g][method]
+        rows = opts.early_draws or self.draws  # a fixed number of draws (module docstring)
+        v, Vn = self.v_obs[g][method], self.null[g][method][:rows]
         even, odd = self.halves[g]
         A, M = full_scores
         (A1, S1), (A2, S2) = (_selection_scores(h) for h in (even, odd))
@@ -174,6 +187,6 @@ class SharedGroupNull:
         signs = np.asarray(element.signs, dtype=np.int64)
         sm = "sign_marginalized"
         ident = identify(
-            (A, M), (A1, S1), (A2, S2), (perm, signs), (self.v_obs[g][sm], self.null[g][sm]), ID_ALPHA
+            (A, M), (A1, S1), (A2, S2), (perm, signs), (self.v_obs[g][sm], self.null[g][sm][:rows]), ID_ALPHA
         )
         return read_null(v, Vn, ident, kind=kind, options=opts)

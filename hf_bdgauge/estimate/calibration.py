@@ -10,7 +10,8 @@ The test
 :func:`~hf_bdgauge.estimate.rotations.rotation_stream`: structured rotations by default, whose null
 law is Haar's, or Haar's own; "Haar" below names this rotated null), applied to both halves from the
 sums in parallel threads (:func:`~hf_bdgauge.estimate.rotations.for_each_draw`), give the null
-statistics ``T_1..T_M`` of the held-out, trimmed statistic ``T``
+statistics ``T_1..T_M`` (in two stages with ``early_draws``: :func:`calibrate`) of the held-out,
+trimmed statistic ``T``
 (:mod:`hf_bdgauge.estimate.statistic`); ``t = (T − μ)/(s·√(1 + 1/M))`` is read against Student's
 ``t_{M−1}`` — after the reference null's reading ``t_ref = (t − location)/scale``
 (:mod:`hf_bdgauge.estimate.reference`; ``reference=None``: ``t`` itself, the Haar-only p-value,
@@ -197,6 +198,15 @@ def calibrate(
     ``k ≡ r mod N`` only, and one all-reduce gathers the null rows (each row is one rank's, the
     others add exact zeros), so every rank returns the single-process calibration.
 
+    ``options.early_draws = M₁ > 0`` runs the draws in two stages: the first ``M₁`` draws of the
+    stream, stopping there (and reporting ``draws = M₁``) when their p-value is at most
+    ``options.early_p = ε``, else every draw, the first ``M₁`` included, so the p-value is then the
+    one-stage p-value exactly. Under the null both the ``M₁``-draw and the ``M``-draw p-values are
+    valid, so ``P(reported p <= level) <= P(p_{M₁} <= ε) + P(p_M <= level) <= ε + level``; with
+    ``ε`` far below ``level`` a related pair pays ``M₁`` draws, an unrelated one all ``M``. A stop
+    reads the identification from the ``M₁`` draws too (valid at :data:`ID_ALPHA`, less power).
+    ``on_draw`` is called for the draws that run (the first ``M₁`` only, after a stop).
+
     ``on_draw(k, rotation, selections)``, when given, is called once with ``k = -1`` and no rotation
     for the observed halves, then for every draw ``k`` this rank computes (in the draws' worker
     threads: it must write to draw ``k``'s own place only), with ``selections[m]`` the two
@@ -228,18 +238,35 @@ def calibrate(
             on_draw(k, rotation, sels)
 
     stream = rotation_stream(d, seed, opts.rotation)
-    on_every_rank(lambda: for_each_draw(stream, draws, one_draw, rank=rank, size=size), grp)
-    if size > 1:
-        import torch
-        import torch.distributed as dist
 
-        flat = torch.from_numpy(np.concatenate([Vn[m].reshape(-1) for m in methods])).to(
-            collective_device(grp)
+    def run(lo: int, hi: int) -> None:
+        """Draws ``lo <= k < hi`` of the stream, their null rows gathered over the ranks."""
+        on_every_rank(lambda: for_each_draw(stream, hi, one_draw, rank=rank, size=size, start=lo), grp)
+        if size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flat = torch.from_numpy(np.concatenate([Vn[m][lo:hi].reshape(-1) for m in methods])).to(
+                collective_device(grp)
+            )
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=grp)
+            summed = flat.cpu().numpy()
+            n = (hi - lo) * d
+            for i, m in enumerate(methods):
+                Vn[m][lo:hi] = summed[i * n : (i + 1) * n].reshape(hi - lo, d)
+
+    early = opts.early_draws
+    used = draws
+    if early:
+        run(0, early)
+        first = read_null(
+            v_obs[method], Vn[method][:early], np.zeros(d, dtype=bool), kind=half1.kind, options=opts
         )
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=grp)
-        summed = flat.cpu().numpy()
-        for i, m in enumerate(methods):
-            Vn[m] = summed[i * draws * d : (i + 1) * draws * d].reshape(draws, d).copy()
+        if first.p_value <= opts.early_p:
+            used = early
+    if used == draws:
+        run(early, draws)
+    Vn = {m: x[:used] for m, x in Vn.items()}
     A1, S1 = selection_scores(obs1[0], obs1[1], pool, "sign_marginalized")
     A2, S2 = selection_scores(obs2[0], obs2[1], pool, "sign_marginalized")
     A, S = (np.asarray(x, dtype=np.float64) for x in full_scores)

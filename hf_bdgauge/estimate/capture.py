@@ -43,6 +43,7 @@ __all__ = [
     "capture_pair_stats",
     "sequence_masks",
     "iter_token_batches",
+    "token_views",
 ]
 
 logger = logging.getLogger(__name__)
@@ -369,6 +370,31 @@ CAPTURE_STATS_FIELDS = (
 )
 
 
+def token_views(mask: torch.Tensor) -> list[tuple[slice, slice]] | None:
+    """The tokens under ``mask`` [B, T] (bool) as basic slices ``[(rows, positions), …]``: for a
+    hidden state ``h`` [B, T, d], the views ``h[rows, positions]`` [r, t, d], their rows
+    concatenated in order, are ``h``'s masked tokens in row-major order (so nothing is copied to
+    select them). Rows with equal runs of positions, at a constant step, share one view. ``None``
+    where some row's tokens are not one contiguous run of positions."""
+    m = mask.bool().cpu()
+    count = m.sum(1)
+    pos = torch.arange(m.shape[1])
+    first = torch.where(m, pos, m.shape[1]).amin(1)
+    last = torch.where(m, pos, -1).amax(1)
+    if bool(((count > 0) & (last - first + 1 != count)).any()):
+        return None
+    groups: list[list[int]] = []  # [first row, last row, step, start, stop]
+    for r, c, s in zip(range(m.shape[0]), count.tolist(), first.tolist()):
+        if c == 0:
+            continue
+        g = groups[-1] if groups else None
+        if g is not None and (g[3], g[4]) == (s, s + c) and (g[2] == 0 or r - g[1] == g[2]):
+            g[1], g[2] = r, r - g[1]
+        else:
+            groups.append([r, r, 0, s, s + c])
+    return [(slice(r0, r1 + 1, step or 1), slice(s, e)) for r0, r1, step, s, e in groups]
+
+
 def _add_batch(
     stats: PairStats,
     source: torch.nn.Module,
@@ -378,21 +404,25 @@ def _add_batch(
     **update: Any,
 ) -> None:
     """One forward pass of each model on ``item``'s batch; its selected tokens added to ``stats``,
-    half by half."""
+    half by half: as views of the hidden states where each sequence's tokens are one run
+    (:func:`token_views`), else gathered by index."""
     hs = residual_states(source, item.batch, layers)
     ht = residual_states(target, item.batch, layers)
     stats_device = update.pop("stats_device")
     for h, hm in enumerate(item.halves):
-        m = hm.reshape(-1)
-        if not bool(m.any()):
+        if not bool(hm.any()):
             continue
-        rows = torch.nonzero(m).squeeze(1)  # the half's token rows, found once for every layer
+        views = token_views(hm)  # found once for every layer
+        rows = torch.nonzero(hm.reshape(-1)).squeeze(1)
         on: dict[torch.device, torch.Tensor] = {}
         for k in layers:
-            x = hs[k].reshape(-1, hs[k].shape[-1])
-            y = ht[k].reshape(-1, ht[k].shape[-1]).to(x.device)
-            rk = on.setdefault(x.device, rows.to(x.device))
-            x, y = x.index_select(0, rk), y.index_select(0, rk)
+            if views is not None:
+                x, y = [hs[k][v] for v in views], [ht[k][v].to(hs[k].device) for v in views]
+            else:
+                xk = hs[k].reshape(-1, hs[k].shape[-1])
+                yk = ht[k].reshape(-1, ht[k].shape[-1]).to(xk.device)
+                rk = on.setdefault(xk.device, rows.to(xk.device))
+                x, y = [xk.index_select(0, rk)], [yk.index_select(0, rk)]
             stats.update(k, x, y, device=stats_device, half=h, **update)
 
 

@@ -19,6 +19,7 @@ from ..hub import commit_of, resolve_checkpoint_dir, split_revision
 from ..options import CaptureOptions
 from ..provenance import ModelRef
 from ..storage import checkpoint_shards
+from ..vocab import check_same_token_ids, load_tokenizer
 from .stats import EstimationError
 
 __all__ = ["LoadedPair", "load_causal_lm", "load_pair", "load_tokenizer", "model_ref", "needs_tokenizer"]
@@ -34,24 +35,6 @@ def needs_tokenizer(data: Any) -> bool:
         and isinstance(data[0], (str, list, tuple))
         and (isinstance(data[0], str) or (bool(data[0]) and isinstance(data[0][0], str)))
     )
-
-
-def load_tokenizer(tokenizer: Any, fallback: Any = None, revision: str | None = None) -> Any:
-    """A tokenizer: ``tokenizer`` itself when it is one; loaded from ``tokenizer`` when it is a
-    directory or Hub id (``repo@revision``); else from the checkpoint ``fallback`` at
-    ``revision``; ``None`` when neither is given. Never runs remote code."""
-    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    if tokenizer is None and fallback is None:
-        return None
-    from transformers import AutoTokenizer
-
-    path = (
-        resolve_checkpoint_dir(tokenizer)
-        if tokenizer is not None
-        else resolve_checkpoint_dir(fallback, revision)
-    )
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def model_ref(
@@ -178,4 +161,6 @@ def load_pair(
     tokenizer = capture.tokenizer
     if needs_tokenizer(data) or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer, src_dir, source_revision)
+    if needs_tokenizer(data) and tgt_dir is not None:
+        check_same_token_ids(tokenizer, tgt_dir)  # the texts must be the same tokens in both models
     return LoadedPair(src_model, tgt_model, src_ref, tgt_ref, src_dir, tgt_dir, tokenizer)

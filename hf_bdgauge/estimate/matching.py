@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import DimensionMismatchError
 from ..gauge import Gauge
+from ..group import SignedPermutation
 from ..options import POOLINGS, CalibrationOptions, CaptureOptions, refuse_unused
 from ..provenance import ModelRef
 from ..verdicts import VERDICTS
@@ -58,9 +60,10 @@ from .assignment import (
     random_orthogonal,
 )
 from .calibration import Calibration, calibrate
-from .statistic import activation_parts
+from .statistic import Parts, activation_parts
 from .stats import EstimationError, PairStats
 from .verdict import NULL_RESOLUTION, fit_metrics, insufficient_tokens, log_verdict, uninformative
+from .weights import chart_bonferroni
 
 __all__ = [
     "ACTIVATION_METHODS",
@@ -116,6 +119,20 @@ def pooled_correlations(
 CALIBRATION_LAYERS = 8
 
 
+def _on_side(parts: Parts, side: int) -> Parts:
+    """``parts`` in the chart ``side·P``: the correlation blocks times ``side`` (``−P`` re-charts the
+    target by ``−1`` besides ``P``), the gain block (none from activations) as it is."""
+    if side == 1:
+        return parts
+    inner = parts.blocks
+
+    def blocks(rotation: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+        P, U = inner(rotation)
+        return side * P, U
+
+    return replace(parts, blocks=blocks)
+
+
 def calibrate_stats(
     stats: PairStats,
     method: str,
@@ -137,6 +154,24 @@ def calibrate_stats(
     ``reference`` and ``level`` (defaults: :class:`~hf_bdgauge.options.CaptureOptions`,
     :class:`~hf_bdgauge.options.CalibrationOptions`); ``across_ranks``: split the draws over the
     ranks of ``capture.group`` (every rank calls this alike)."""
+    return _calibrate_side(
+        stats, method, element, full_scores, capture, calibration, across_ranks, max_layers
+    )
+
+
+def _calibrate_side(
+    stats: PairStats,
+    method: str,
+    element: Any,
+    full_scores: tuple[np.ndarray, np.ndarray],
+    capture: CaptureOptions | None,
+    calibration: CalibrationOptions | None,
+    across_ranks: bool,
+    max_layers: int | None,
+    side: int = 1,
+) -> Calibration:
+    """:func:`calibrate_stats` in the chart ``side·P`` (``element`` and ``full_scores`` given in it:
+    the signed correlations times ``side``)."""
     cal = calibration or CalibrationOptions()
     cap = capture or CaptureOptions()
     pooling, group = cap.pooling, cap.group
@@ -144,7 +179,8 @@ def calibrate_stats(
     if max_layers is not None and len(stats) > max_layers:
         keep = sorted({stats.layers[int(round(i))] for i in np.linspace(0, len(stats) - 1, max_layers)})
         stats = stats.select(keep)
-        full_scores = pooled_correlations(stats, pooling)
+        A_kept, S_kept = pooled_correlations(stats, pooling)
+        full_scores = (A_kept, side * S_kept)
     too_few = insufficient_tokens(stats.is_split, stats.half_tokens())
     if too_few is not None:
         return uninformative(d, too_few, level=cal.level)
@@ -155,7 +191,7 @@ def calibrate_stats(
             "(capture them with track_target_cov=True)",
             level=cal.level,
         )
-    parts = [activation_parts(stats.half(h), pooling) for h in (0, 1)]
+    parts = [_on_side(activation_parts(stats.half(h), pooling), side) for h in (0, 1)]
     return calibrate(
         parts[0],
         parts[1],
@@ -176,6 +212,7 @@ def estimate_from_stats(
     source: ModelRef | None = None,
     target: ModelRef | None = None,
     across_ranks: bool = False,
+    charts: tuple[int, ...] = (1,),
 ) -> Gauge:
     """Match on captured statistics and return a :class:`~hf_bdgauge.gauge.Gauge` with
     confidence, margin, the calibrated p-value and identified coordinates
@@ -185,7 +222,13 @@ def estimate_from_stats(
     all), ``pooling`` and ``group`` apply (others are refused). ``across_ranks=True``: every rank of ``group``
     (default the default process group) calls this with the same statistics, and the
     calibration's draws are split over them (:func:`~hf_bdgauge.estimate.calibration.calibrate`);
-    the gauge is the same. ``source``/``target``: the ends' provenance recorded in the gauge."""
+    the gauge is the same. ``source``/``target``: the ends' provenance recorded in the gauge.
+    ``charts``: the global signs tried, ``(1, -1)`` for a family without per-coordinate signs whose
+    gauges are ``P`` and ``−P`` (LayerNorm; :func:`~hf_bdgauge.estimate.gauge_from_capture` asks for
+    it): each chart is matched (on ``S`` and ``−S``) and calibrated, and the p-value is Bonferroni's
+    over them, ``min(1, 2·min(p₊, p₋))``, with the gauge of the better side (every sign ``−1`` for
+    ``−P``), as data-free (:func:`~hf_bdgauge.estimate.weights.estimate_from_similarity`;
+    ``metrics["global_sign"]``, ``metrics["p_value_sides"]``)."""
     refuse_unused(capture, MATCHING_CAPTURE_FIELDS, "capture", "matching captured statistics")
     cap = capture or CaptureOptions()
     cal = calibration or CalibrationOptions()
@@ -199,7 +242,25 @@ def estimate_from_stats(
             f"source width {dx} != target width {dy}: no signed permutation relates them"
         )
     A, S = pooled_correlations(sel, pooling)
-    match = match_scores(A, S, method)
+    t_cal = time.perf_counter()
+    fits = []
+    for side in charts:
+        match = match_scores(A, side * S, method)
+        calib = _calibrate_side(
+            sel,
+            method,
+            match.element,
+            (A, side * S),
+            CaptureOptions(pooling=pooling, group=group),
+            cal,
+            across_ranks,
+            CALIBRATION_LAYERS,
+            side,
+        )
+        fits.append((side, match, calib))
+    t_cal = time.perf_counter() - t_cal
+    side, match, calib = min(fits, key=lambda f: f[2].log10_p_value)
+    calib = chart_bonferroni(calib, len(charts))
     nulls: list[float] = []
     if null_draws > 0:
         if any(m.sum_yy is None for m in sel.moments.values()):
@@ -209,25 +270,20 @@ def estimate_from_stats(
             for _ in range(null_draws):
                 Q = random_orthogonal(dy, rng)
                 An, Sn = pooled_correlations(sel, pooling, rotation=Q)
-                nulls.append(match_scores(An, Sn, method).mean_matched)
-    t_cal = time.perf_counter()
-    calib = calibrate_stats(
-        sel,
-        method,
-        match.element,
-        (A, S),
-        capture=CaptureOptions(pooling=pooling, group=group),
-        calibration=cal,
-        across_ranks=across_ranks,
-    )
+                nulls.append(match_scores(An, side * Sn, method).mean_matched)
+    if side != 1:
+        el = match.element
+        match = replace(match, element=SignedPermutation(el.perm, side * np.asarray(el.signs)))
     metrics = fit_metrics(match, S, nulls, calib, identity_tol=identity_tol, tokens=int(sel.n_tokens))
+    if len(charts) > 1:
+        metrics.update(global_sign=side, p_value_sides=[float(f[2].p_value) for f in fits])
     n0, n1 = sel.half_tokens()
     metrics.update(
         tokens=int(sel.n_tokens),
         half_tokens=[int(n0), int(n1)],
         layers=sel.layers,
         pooling=pooling,
-        calibration_time_s=time.perf_counter() - t_cal,
+        calibration_time_s=t_cal,
         match_time_s=time.perf_counter() - t0,
     )
     metrics["time_s"] = metrics["match_time_s"]  # callers that also capture overwrite it with the total

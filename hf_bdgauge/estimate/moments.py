@@ -35,10 +35,13 @@ precision, bf16/fp16 widened exactly; its rounding is relative to the centred sp
 coordinate whose mean dwarfs its spread loses nothing to it, where a raw float32 ``Xᵀ·Y`` would
 lose the covariance entirely), float64 for float64 inputs or ``product_dtype=torch.float64``.
 The rank-2 corrections and the running totals across batches are float64, so sums still merge
-exactly. How the d×d products are formed (only the upper block triangle of the symmetric
-``Σ(y − b)(y − b)ᵀ``, in tiles added straight to float64) is in :mod:`.products`; the rank-2
-corrections of successive batches are queued and applied together, as one product, when the sums
-are read (:class:`CrossMoments`). The sums live on the device of the activations (a GPU runs the float32 GEMMs
+exactly. A batch is centred into one matrix ``[x − a | y − b]`` in the product precision (its only
+copy: the tokens may come as views of the hidden states, :func:`as_token_pieces`), from which the
+centred sums and the d×d products are read. How the products are formed (only the upper block
+triangle of the symmetric ``Σ(y − b)(y − b)ᵀ``, in tiles added straight to float64) is in
+:mod:`.products`; the rank-2 corrections of successive batches are queued and applied together,
+as one product, when the sums are read (:class:`CrossMoments`; Σy·yᵀ's on its upper triangle, in
+the same pass that mirrors it). The sums live on the device of the activations (a GPU runs the float32 GEMMs
 there; consumer GPUs run float64 at 1/32–1/64 of that rate); moments are read on the CPU.
 """
 
@@ -52,9 +55,9 @@ import numpy as np
 import torch
 
 from ..errors import DimensionMismatchError, EstimationError
-from .products import add_cross_products, add_upper_products, mirror_upper_
+from .products import add_cross_products, add_upper_, add_upper_products, mirror_upper_
 
-__all__ = ["SUM_FIELDS", "CrossMoments", "as_token_matrix"]
+__all__ = ["SUM_FIELDS", "CrossMoments", "as_token_matrix", "as_token_pieces"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +76,62 @@ def as_token_matrix(a: Any, name: str) -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.float64)
 
 
+def as_token_pieces(a: Any, name: str) -> list[torch.Tensor]:
+    """The tokens of one batch as *pieces*: ``a`` a list or tuple of tensors ``[..., d]`` (the rows
+    of each piece, over all its leading dimensions, are tokens; a 1-D piece is one token; any
+    strides, nothing is copied here), or one array-like ``[n, d]`` (:func:`as_token_matrix`). The
+    batch is the concatenation of the pieces' rows, in order."""
+    if not (isinstance(a, (list, tuple)) and a and all(isinstance(p, torch.Tensor) for p in a)):
+        return [as_token_matrix(a, name)]
+    pieces = []
+    for p in a:
+        if p.ndim == 0:
+            raise DimensionMismatchError(f"a piece of {name} is a scalar; pieces are [..., d]")
+        p = p.detach() if p.ndim > 1 else p.detach().unsqueeze(0)
+        pieces.append(p if p.is_floating_point() else p.to(torch.float64))
+    widths = sorted({int(p.shape[-1]) for p in pieces})
+    if len(widths) != 1:
+        raise DimensionMismatchError(f"the pieces of {name} have different widths {widths}")
+    return pieces
+
+
+def _rows(pieces: list[torch.Tensor]) -> int:
+    """Tokens in ``pieces`` (:func:`as_token_pieces`)."""
+    return sum(p.numel() // max(int(p.shape[-1]), 1) for p in pieces)
+
+
+def _centre_into(Z: torch.Tensor, shifts: torch.Tensor, col: int, pieces: list[torch.Tensor], n: int) -> None:
+    """Write the ``n`` rows of ``pieces`` minus their mean into ``Z[:, col:col + w]`` and the mean
+    into ``shifts[col:col + w]`` (``w`` their width; one pass over the pieces for the mean, one to
+    write), both in ``Z``'s dtype (the product precision) and on its device."""
+    w = int(pieces[0].shape[-1])
+    pieces = [p.to(Z.device) for p in pieces]
+    shift = shifts[col : col + w]
+    shift.zero_()
+    for p in pieces:
+        s = p.sum(-2, dtype=Z.dtype)
+        while s.ndim > 1:  # one leading dimension at a time (a multi-dimension sum of a view is slow)
+            s = s.sum(-2)
+        shift += s
+    shift /= n
+    row = 0
+    for p in pieces:
+        m = p.numel() // max(w, 1)
+        torch.sub(p, shift, out=Z[row : row + m, col : col + w].unflatten(0, p.shape[:-1]))
+        row += m
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
 #: rank-2 corrections queued per sum before they are applied (then as one rank-64 product)
 _MAX_QUEUED = 32
+
+
+def _stacked(fix: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queued rank-2 corrections ``[(u, v), …]`` as one rank-2k pair ``(U [d, 2k], V [2k, d])``."""
+    return torch.cat([u for u, _ in fix], 1), torch.cat([v for _, v in fix], 0)
 
 
 def _product_dtype(*ts: torch.Tensor) -> torch.dtype:
@@ -122,18 +175,24 @@ class CrossMoments:
         return f"CrossMoments(n={self.n}, dims={self.dims}{yy}, device={self.device})"
 
     # ------------------------------------------------------------------ pending work
-    def _apply_corrections(self) -> None:
-        """Apply the queued rank-2 corrections, as one rank-2k product per sum."""
-        for s, fix in ((self._sum_xy, self._fix_xy), (self._sum_yy, self._fix_yy)):
-            if fix and s is not None:
-                s.addmm_(torch.cat([u for u, _ in fix], 1), torch.cat([v for _, v in fix], 0))
-            fix.clear()
+    def _apply_corrections(self, *, mirror: bool = False) -> None:
+        """Apply the queued rank-2 corrections, as one rank-2k product per sum; Σy·yᵀ's only to
+        its upper block triangle (:func:`.products.add_upper_`: its lower triangle is stale while
+        corrections are queued). With ``mirror``, Σy·yᵀ's upper triangle is then mirrored onto its
+        lower one in the same pass (:func:`.products.mirror_upper_`)."""
+        if self._fix_xy:
+            self._sum_xy.addmm_(*_stacked(self._fix_xy))
+        yy = self._sum_yy
+        if yy is not None and self._fix_yy and not mirror:
+            add_upper_(yy, *_stacked(self._fix_yy))
+        elif yy is not None and mirror:
+            mirror_upper_(yy, low_rank=_stacked(self._fix_yy) if self._fix_yy else None)
+        self._fix_xy.clear()
+        self._fix_yy.clear()
 
     def _complete(self) -> None:
         """Apply the queued corrections and mirror ``sum_yy``: what a read needs."""
-        self._apply_corrections()
-        if self._yy_lower_stale and self._sum_yy is not None:
-            mirror_upper_(self._sum_yy)
+        self._apply_corrections(mirror=self._yy_lower_stale)
         self._yy_lower_stale = False
 
     @property
@@ -218,35 +277,42 @@ class CrossMoments:
         return self._map(lambda t: t.to(device))
 
     def update(self, X: Any, Y: Any, *, product_dtype: torch.dtype | None = None) -> CrossMoments:
-        """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] by the centred update (module
-        docstring). The inputs are moved to the sums' device; ``product_dtype`` overrides the
-        precision of the centred d×d products (default: float64 for float64 inputs, else float32).
-        The d×d products are formed by :mod:`.products` (Σy·yᵀ: its upper block triangle); their
+        """Add the tokens of ``X`` [n, dx] and ``Y`` [n, dy] (row t of one paired with row t of the
+        other) by the centred update (module docstring). Either may also be given as pieces
+        (:func:`as_token_pieces`: views such as ``h[0::2, 1:]`` of a hidden state ``[B, T, d]``),
+        whose rows, concatenated, are the batch. ``product_dtype`` overrides the precision of the
+        centred d×d products (default: float64 for float64 inputs, else float32).
+
+        The batch is centred into one matrix ``Z = [X − a | Y − b]`` [n, dx + dy] in the product
+        precision, on the sums' device (the inputs' only copy); the centred sums and the d×d
+        products (:mod:`.products`; Σy·yᵀ: its upper block triangle) are read from it, and the
         rank-2 float64 corrections are queued and applied together when the sums are read.
         """
-        X, Y = as_token_matrix(X, "X"), as_token_matrix(Y, "Y")
-        if X.shape[0] != Y.shape[0]:
-            raise DimensionMismatchError(f"X has {X.shape[0]} tokens but Y has {Y.shape[0]}")
-        if (X.shape[1], Y.shape[1]) != self.dims:
+        xs, ys = as_token_pieces(X, "X"), as_token_pieces(Y, "Y")
+        n, n_y = _rows(xs), _rows(ys)
+        if n != n_y:
+            raise DimensionMismatchError(f"X has {n} tokens but Y has {n_y}")
+        dx, dy = self.dims
+        if (int(xs[0].shape[-1]), int(ys[0].shape[-1])) != (dx, dy):
             raise DimensionMismatchError(
-                f"activations of widths {X.shape[1]}, {Y.shape[1]} do not fit sums of widths {self.dims}"
+                f"activations of widths {xs[0].shape[-1]}, {ys[0].shape[-1]} do not fit sums of "
+                f"widths {self.dims}"
             )
-        n = int(X.shape[0])
         if n == 0:
             return self
-        ct = product_dtype or _product_dtype(X, Y)
-        dev = self.device
-        X, Y = X.to(device=dev, dtype=ct), Y.to(device=dev, dtype=ct)
-        f64 = torch.float64
-        a_c, b_c = X.mean(0), Y.mean(0)  # shifts a, b (in ct, so x − a is one ct op)
-        Xc, Yc = X - a_c, Y - b_c
-        a, b = a_c.to(f64), b_c.to(f64)
-        ex, ey = Xc.sum(0).to(f64), Yc.sum(0).to(f64)  # Σ(x − a), Σ(y − b): rounding relative to the spread
-        sx, sy = n * a + ex, n * b + ey  # Σx, Σy
-        self.n += n
-        self.sum_x += sx
-        self.sum_y += sy
-        self.sum_x2 += (Xc * Xc).sum(0).to(f64) + a * (2 * ex + n * a)
+        ct = product_dtype or _product_dtype(*xs, *ys)
+        f64, dev = torch.float64, self.device
+        Z = torch.empty(n, dx + dy, dtype=ct, device=dev)  # [x − a | y − b]
+        shifts = torch.empty(dx + dy, dtype=ct, device=dev)  # the batch means a | b, in ct
+        _centre_into(Z, shifts, 0, xs, n)
+        _centre_into(Z, shifts, dx, ys, n)
+        Xc, Yc = Z[:, :dx], Z[:, dx:]
+        ab = shifts.to(f64)
+        e = Z.sum(0).to(f64)  # Σ(x − a) | Σ(y − b): rounding relative to the spread
+        s = ab * n + e  # Σx | Σy
+        a, b, ex, ey, sy = ab[:dx], ab[dx:], e[:dx], e[dx:], s[dx:]
+        sq = torch.empty(dx + dy, dtype=f64, device=dev)  # Σ(x − a)² | Σ(y − b)²
+        sq[:dx] = (Xc * Xc).sum(0)
         # d×d: each batch's products in ct, added to float64 tile by tile (so the sums of any split
         # of the batches add up to float64 rounding); the rank-2 corrections queued (float64)
         add_cross_products(self._sum_xy, Xc, Yc)
@@ -256,9 +322,13 @@ class CrossMoments:
             sq_y = add_upper_products(self._sum_yy, Yc)
             self._fix_yy.append((torch.stack([ey, b], 1), torch.stack([b, sy])))
             self._yy_lower_stale = True
-        if sq_y is None:
-            sq_y = (Yc * Yc).sum(0)
-        self.sum_y2 += sq_y.to(f64) + b * (2 * ey + n * b)
+        sq[dx:] = (Yc * Yc).sum(0) if sq_y is None else sq_y
+        sq += ab * (2 * e + n * ab)  # Σx² | Σy²
+        self.n += n
+        self.sum_x += s[:dx]
+        self.sum_y += sy
+        self.sum_x2 += sq[:dx]
+        self.sum_y2 += sq[dx:]
         if len(self._fix_xy) >= _MAX_QUEUED:
             self._apply_corrections()
         return self

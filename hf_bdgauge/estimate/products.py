@@ -9,10 +9,13 @@ float64) contribute ``Xcᵀ·Yc`` to ``Σx·yᵀ`` and ``Ycᵀ·Yc`` to ``Σy·y
   ``(r + 1)/(2r)`` of the full product's FLOPs (5/8 at ``r`` = 4). Only the blocks on and above
   the diagonal of the float64 sum are updated; its lower triangle is stale until
   :func:`mirror_upper_` copies the upper triangle onto it (done once, when the sums are read),
-  so the sum read is exactly symmetric.
+  so the sum read is exactly symmetric. A symmetric low-rank term (the queued corrections of
+  :mod:`.moments`) is added to the upper triangle alone (:func:`add_upper_`), or in the same
+  pass that mirrors it.
 * Each product is formed in the product precision into a small scratch tile (at most
   :data:`TILE_ELEMENTS` entries, reused within the batch) and added to the float64 sum at once
-  (:func:`add_into`): the scratch never grows with ``d²`` and no float64 copy of a product is made.
+  (:func:`add_into`, in cache-sized chunks of rows): the scratch never grows with ``d²`` and no
+  float64 copy of a whole product is made.
   Each batch's products reach float64 on their own (no float32 sum across batches), so the sums
   of any split of the batches (shards, ranks) add up to float64 rounding.
 
@@ -26,10 +29,12 @@ import numpy as np
 import torch
 
 __all__ = [
+    "ADD_CHUNK",
     "TILE_ELEMENTS",
     "YY_ROW_BLOCKS",
     "add_cross_products",
     "add_into",
+    "add_upper_",
     "add_upper_products",
     "cross_row_tiles",
     "mirror_upper_",
@@ -47,23 +52,32 @@ MIN_BLOCK_ROWS = 128
 def add_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst += src`` in ``dst``'s dtype (float64), ``src`` in the product precision.
 
-    On the CPU a large float32 ``src`` goes through numpy, which widens it in cache-sized chunks;
-    ``torch.Tensor.add_`` first makes a float64 copy of the whole of it (a small one costs less
-    than the call into numpy)."""
-    if (
+    On the CPU a large float32 ``src`` is added :data:`ADD_CHUNK` entries (whole rows) at a time,
+    so the float64 copy of ``src`` that ``torch.Tensor.add_`` makes first stays in cache and each
+    chunk's add runs on torch's threads; with one thread, a contiguous ``dst`` goes through
+    numpy, which widens ``src`` in its own cache-sized buffers. Small ``src`` are added at once.
+    The sum is the same either way: each entry is ``dst + float64(src)``, rounded once."""
+    if not (
         dst.device.type == "cpu"
         and src.dtype == torch.float32
         and dst.dtype == torch.float64
-        and src.numel() >= _NUMPY_ADD_MIN
+        and src.numel() >= _CHUNKED_ADD_MIN
+        and src.ndim == 2
     ):
+        dst.add_(src)
+    elif torch.get_num_threads() == 1 and dst.is_contiguous() and src.is_contiguous():
         d = dst.numpy()
         np.add(d, src.numpy(), out=d)
     else:
-        dst.add_(src)
+        rows = max(1, ADD_CHUNK // max(int(src.shape[1]), 1))
+        for r0 in range(0, int(src.shape[0]), rows):
+            dst[r0 : r0 + rows].add_(src[r0 : r0 + rows])
 
 
-#: the fewest entries for which :func:`add_into` goes through numpy
-_NUMPY_ADD_MIN = 1 << 14
+#: entries of ``src`` per step of :func:`add_into` (whole rows; 1 MiB of float64)
+ADD_CHUNK = 1 << 17
+#: the fewest entries for which :func:`add_into` goes in chunks or through numpy
+_CHUNKED_ADD_MIN = 1 << 14
 
 
 def _scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -136,14 +150,31 @@ def add_upper_products(dst: torch.Tensor, Yc: torch.Tensor) -> torch.Tensor | No
     return diag
 
 
-def mirror_upper_(s: torch.Tensor, block: int = 128) -> torch.Tensor:
+def _upper_panels(d: int, block: int) -> list[tuple[int, int]]:
+    return [(r0, min(d, r0 + block)) for r0 in range(0, d, block)]
+
+
+def add_upper_(s: torch.Tensor, U: torch.Tensor, V: torch.Tensor, block: int = 128) -> None:
+    """``s += U·V`` on the row panels' blocks on and right of the diagonal (``s`` square, ``U``
+    [d, k], ``V`` [k, d]): the upper block triangle; the blocks below are left as they are."""
+    for r0, r1 in _upper_panels(s.shape[0], block):
+        s[r0:r1, r0:].addmm_(U[r0:r1], V[:, r0:])
+
+
+def mirror_upper_(
+    s: torch.Tensor, block: int = 128, low_rank: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``s`` (square) made exactly symmetric from its upper triangle, in place: ``s[j, i] = s[i, j]``
-    for ``i < j`` (copied ``block`` columns at a time, so the transposed reads stay in cache)."""
+    for ``i < j``, copied ``block`` rows at a time (so the transposed reads stay in cache). With
+    ``low_rank=(U, V)``, ``U·V`` is first added to each row panel's upper part (as
+    :func:`add_upper_`) in the same pass, so ``s`` is read once for both."""
     d = s.shape[0]
-    for r0 in range(0, d, block):
-        r1 = min(d, r0 + block)
+    lower = torch.ones(block, block, dtype=torch.bool, device=s.device).tril(-1)  # strictly below
+    for r0, r1 in _upper_panels(d, block):
+        if low_rank is not None:
+            s[r0:r1, r0:].addmm_(low_rank[0][r0:r1], low_rank[1][:, r0:])
         diag = s[r0:r1, r0:r1]
-        diag.copy_(torch.triu(diag) + torch.triu(diag, 1).T)
+        diag.copy_(torch.where(lower[: r1 - r0, : r1 - r0], diag.T, diag))
         if r1 < d:
             s[r1:, r0:r1].copy_(s[r0:r1, r1:].T)
     return s

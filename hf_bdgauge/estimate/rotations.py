@@ -213,16 +213,19 @@ def for_each_draw(
     rank: int = 0,
     size: int = 1,
     workers: int | None = None,
+    start: int = 0,
 ) -> None:
-    """``work(k, rotation_k)`` for the draws ``k < draws`` of ``stream`` with ``k ≡ rank mod size``
-    (every caller advances the stream through every draw, so draw ``k`` is the same on every rank),
+    """``work(k, rotation_k)`` for the draws ``start <= k < draws`` of ``stream`` with ``k ≡ rank mod
+    size`` (every caller advances the stream through every draw, so draw ``k`` is the same on every
+    rank; ``start``: the stream has already given the draws ``< start``, as a first call with
+    ``draws=start`` leaves it),
     in ``workers`` threads (default :func:`default_workers`): the rotations' gathers and DCTs, the
     products and the assignments (``scipy.optimize.linear_sum_assignment``) release the GIL, so the
     draws run in parallel; ``work`` must write its result to draw ``k``'s own place. At most
     ``2·workers`` drawn rotations wait at once (a Haar draw holds its d×d Gaussian until used)."""
     n = default_workers() if workers is None else max(1, int(workers))
     if n == 1:
-        for k in range(draws):
+        for k in range(start, draws):
             rotation = next(stream)
             if k % size == rank:
                 work(k, rotation)
@@ -230,7 +233,7 @@ def for_each_draw(
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="calibration") as pool:
         pending: deque[Future[None]] = deque()
         try:
-            for k in range(draws):
+            for k in range(start, draws):
                 rotation = next(stream)
                 if k % size != rank:
                     continue

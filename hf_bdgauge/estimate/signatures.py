@@ -36,6 +36,14 @@ there and come back to the CPU once, at the end). The null rotates the target's 
 random orthogonal ``Q`` (``M ↦ M·Qᵀ``, ``Γ ↦ Γ·Qᵀ``, ``n'_j ↦ (Q·K·Qᵀ)_jj`` with the target Gram
 matrices ``K``, accumulated alongside).
 
+Two vocabularies (a fine-tune that added tokens): the token embedding and the output head
+(:func:`~hf_bdgauge.estimate.tensor_source.is_token_indexed`) are read on the rows of the tokens
+both models share, row ``source_rows[k]`` against ``target_rows[k]`` of a
+:class:`~hf_bdgauge.vocab.TokenMap` (by token string, or by id over the common prefix); a row only
+one model has says nothing about the other's coordinates, and ``S_t``, ``T_t`` above are then these
+paired rows. Every other tensor must have
+the same shape in both models.
+
 Caveat: the non-residual axes (heads, MLP neurons) must be in the same chart in both models, as
 they are along a fine-tuning run or after a planted gauge; models trained from different seeds
 have their own internal permutations and match no better than the null.
@@ -54,14 +62,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import collective_device, on_every_rank, world
-from ..errors import DimensionMismatchError, UnsupportedArchitectureError
 from ..group import SignedPermutation
 from ..options import WeightOptions
 from ..provenance import ModelRef
 from ..roles import ArchitectureSpec
 from ..rules import Role, TensorRule
+from ..vocab import TokenMap, token_map
 from .stats import EstimationError
-from .tensor_source import TensorSource, open_tensors
+from .tensor_source import TensorSource, is_token_indexed, open_tensors, shared_tensors
 
 __all__ = ["WeightSimilarity", "weight_similarity"]
 
@@ -121,6 +129,8 @@ class WeightSimilarity:
     #: odd half, without Gram matrices, summed in the products' dtype (float32 by default); the groups'
     #: halves add up to :attr:`halves`, and ``even + odd`` is the group's similarity
     groups: dict[str, tuple[WeightSimilarity, WeightSimilarity]] = field(default_factory=dict, repr=False)
+    #: how the token axis of the embedding and the output head was aligned (``None``: neither was used)
+    token_map: TokenMap | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -139,6 +149,7 @@ class WeightSimilarity:
             _sum_or_none(self.tgt_gain_gram, other.tgt_gain_gram),
             allows_signs=self.allows_signs,
             tensors=self.tensors + other.tensors,
+            token_map=self.token_map,
         )
 
     def scores(self, rotation: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,39 +234,6 @@ def _blocks(
     return cut, [(a, min(a + step, shape[cut])) for a in range(0, shape[cut], step)]
 
 
-def _plan(src: TensorSource, tgt: TensorSource) -> tuple[list[tuple[str, TensorRule]], int]:
-    """The tensors both models share that carry residual coordinates (each plan has already
-    checked coverage and residual sizes), with matching shapes."""
-    if src.spec.name != tgt.spec.name:
-        raise UnsupportedArchitectureError(
-            f"source is a {src.spec.name!r} model but target is a {tgt.spec.name!r} model"
-        )
-    d, d2 = src.plan.dim, tgt.plan.dim
-    if d != d2:
-        raise DimensionMismatchError(f"source hidden size {d} != target hidden size {d2}")
-    s_moved, t_moved = src.plan.moved, tgt.plan.moved
-    plan: list[tuple[str, TensorRule]] = []
-    only_src = [n for n in s_moved if n not in t_moved]
-    only_tgt = [n for n in t_moved if n not in s_moved]
-    for n, r in s_moved.items():
-        if n not in t_moved:
-            continue
-        if src.plan.shapes[n] != tgt.plan.shapes[n]:
-            raise DimensionMismatchError(
-                f"tensor {n} has shape {src.plan.shapes[n]} in the source but {tgt.plan.shapes[n]} "
-                "in the target"
-            )
-        plan.append((n, r))
-    if only_src or only_tgt:
-        logger.warning(
-            "tensors present in only one model are ignored (e.g. tied vs untied lm_head): %s",
-            ", ".join((only_src + only_tgt)[:6]),
-        )
-    if not plan:
-        raise EstimationError("the two models share no tensor that carries residual coordinates")
-    return plan, d
-
-
 def weight_similarity(
     source: Any,
     target: Any,
@@ -265,6 +243,7 @@ def weight_similarity(
     group_of: Callable[[str], str] | None = None,
     track_target_gram: bool = True,
     fingerprint: bool = False,
+    tokens: TokenMap | None = None,
     source_revision: str | None = None,
     target_revision: str | None = None,
 ) -> tuple[WeightSimilarity, ModelRef, ModelRef]:
@@ -281,6 +260,12 @@ def weight_similarity(
     also sums every group's products apart, into :attr:`WeightSimilarity.groups` (each group's even and
     odd tensors of the pooled halves; no Gram matrices; summed in the products' dtype, so the groups
     add up to the pooled float64 sums to that dtype's rounding; memory ``4·d²`` entries a group).
+
+    The token embedding and the output head are compared on the rows that hold the same token in
+    both models (:class:`~hf_bdgauge.vocab.TokenMap`, kept as :attr:`WeightSimilarity.token_map`):
+    ``tokens`` when given, else :func:`~hf_bdgauge.vocab.token_map` of ``source`` and ``target``
+    (row by row when both have one vocabulary, by token string when both tokenizers can be read, else
+    by id over the common prefix; refused when the vocabularies cannot be aligned).
 
     Many processes (:mod:`hf_bdgauge.distributed`): under an initialised process group
     (``options.group``, default the default group) every rank must call this with the same
@@ -302,7 +287,19 @@ def weight_similarity(
     with contextlib.ExitStack() as stack:
         src = open_tensors(source, source_revision, stack, fingerprint)
         tgt = open_tensors(target, target_revision, stack, fingerprint)
-        plan, d = _plan(src, tgt)
+
+        def token_rows(v: int, v2: int) -> TokenMap:
+            if tokens is not None:
+                return tokens
+            return token_map(
+                source,
+                target,
+                sizes=(v, v2),
+                source_revision=source_revision,
+                target_revision=target_revision,
+            )
+
+        plan, d, tm = shared_tensors(src, tgt, token_rows)
         if select is not None:
             plan = [(n, r) for n, r in plan if select(n)]
             if not plan:
@@ -350,6 +347,7 @@ def weight_similarity(
                 acc_dtype=acc_dtype,
                 block_elements=block_elements,
                 track_target_gram=track_target_gram,
+                tokens=tm,
             ),
             grp,
         )
@@ -359,6 +357,7 @@ def weight_similarity(
     even, odd = (_similarity(h, src.spec.allows_signs) for h in halves)
     sim = even + odd
     sim.halves = (even, odd)
+    sim.token_map = tm
     for g, (e, o) in groups.items():
         sim.groups[g] = (_similarity(e, src.spec.allows_signs), _similarity(o, src.spec.allows_signs))
     return sim, src.ref, tgt.ref
@@ -404,10 +403,13 @@ def _accumulate(
     acc_dtype: torch.dtype,
     block_elements: int,
     track_target_gram: bool,
+    tokens: TokenMap | None = None,
 ) -> None:
     """Add the signature products of ``items`` (``(position, name, rule)``) into ``halves``
     (the half ``position mod 2``), and into that half of its group in ``groups`` when ``group_of``
-    is given, tensor by tensor and block by block (module docstring)."""
+    is given, tensor by tensor and block by block (module docstring). A token-indexed tensor is read
+    through ``tokens`` (row ``tokens.source_rows[k]`` against ``tokens.target_rows[k]``) unless that
+    map is the identity."""
     try:
         for position, name, rule in items:
             acc = halves[position % 2]
@@ -415,13 +417,25 @@ def _accumulate(
             if gain and not include_gains:
                 continue
             shape = src.plan.shapes[name]
+            rows = tokens if tokens is not None and not tokens.is_identity else None
+            if rows is not None and len(shape) == 2 and is_token_indexed(src.spec, name):
+                vocab = 1 - (rule.residual_axis(2) or 0) % 2
+                shape = (rows.compared, shape[1]) if vocab == 0 else (shape[0], rows.compared)
+            else:
+                rows = None
             axis, cuts = _blocks(shape, rule.residual_axis(len(shape)), block_elements)
             M = K = None
             na, nb = _zeros(dev, d), _zeros(dev, d)
-            skip = False
-            for lo, hi in cuts:
-                a = _signature(src.get_block(name, axis, lo, hi).to(dev), rule, name, src.spec, compute_dtype)
-                b = _signature(tgt.get_block(name, axis, lo, hi).to(dev), rule, name, tgt.spec, compute_dtype)
+            skip = not cuts or shape[axis] == 0  # no shared token: nothing to compare
+            for lo, hi in [] if skip else cuts:
+                if rows is None:
+                    xa, xb = src.get_block(name, axis, lo, hi), tgt.get_block(name, axis, lo, hi)
+                else:
+                    xa = src.get_rows(name, axis, rows.source_rows[lo:hi])
+                    xb = tgt.get_rows(name, axis, rows.target_rows[lo:hi])
+                a = _signature(xa.to(dev), rule, name, src.spec, compute_dtype)
+                b = _signature(xb.to(dev), rule, name, tgt.spec, compute_dtype)
+                del xa, xb
                 if a is None or b is None:
                     skip = True  # a constant gain: no information about coordinates
                     break

@@ -24,7 +24,7 @@ import torch
 
 from ..distributed import collective_device as _collective_device
 from ..errors import CheckpointError, EstimationError
-from .moments import SUM_FIELDS, CrossMoments, as_token_matrix
+from .moments import SUM_FIELDS, CrossMoments, as_token_matrix, as_token_pieces
 
 __all__ = ["STATS_FORMAT", "EstimationError", "PairStats", "gain_tensors", "read_gain_tensors"]
 
@@ -133,22 +133,24 @@ class PairStats:
         half: int = 0,
     ) -> None:
         """Add paired activations of one layer to ``half`` (0 or 1), creating its sums on first
-        use, on ``device`` (default the device of ``X``). See :meth:`CrossMoments.update`."""
+        use, on ``device`` (default the device of ``X``). ``X``, ``Y``: token matrices [n, d] or
+        pieces of one batch (:func:`~hf_bdgauge.estimate.moments.as_token_pieces`). See
+        :meth:`CrossMoments.update`."""
         if half not in (0, 1):
             raise EstimationError(f"half must be 0 or 1, got {half!r}")
-        X, Y = as_token_matrix(X, "X"), as_token_matrix(Y, "Y")
+        xs, ys = as_token_pieces(X, "X"), as_token_pieces(Y, "Y")
         part = self._halves[half]
         m = part.get(int(layer))
         if m is None:
             m = CrossMoments.zeros(
-                X.shape[1],
-                Y.shape[1],
+                int(xs[0].shape[-1]),
+                int(ys[0].shape[-1]),
                 track_target_cov=track_target_cov,
-                device=X.device if device is None else device,
+                device=xs[0].device if device is None else device,
             )
             part[int(layer)] = m
             self._halves = _each_half(self._halves, lambda h: dict(sorted(h.items())))
-        m.update(X, Y, product_dtype=product_dtype)
+        m.update(xs, ys, product_dtype=product_dtype)
 
     def to(self, device: torch.device | str) -> PairStats:
         """All layers' sums moved to ``device`` (in place; returns ``self``)."""

@@ -36,6 +36,23 @@ plain verdict of :func:`~hf_bdgauge.estimate.layer_verdicts.layer_verdict`
 :meth:`~hf_bdgauge.gauge.Gauge.fit_problems`), *drifted*, *no evidence at this layer* or *too
 little data to test this layer* — so a user knows which layers' SAEs and steering vectors carry
 over to a fine-tune.
+
+A family without per-coordinate signs (LayerNorm) admits the charts ``P`` and ``−P``: data-free, both
+are tested and the gauge and p-value are Bonferroni's over the two
+(:func:`~hf_bdgauge.estimate.weights.estimate_from_similarity`); the block rows read the chosen chart's
+selections, their p-values doubled alike.
+
+Blocks dropped, repeated or reordered (data-free): when the depths differ, or when the whole model is
+related but some block paired by name is not, the block map is estimated
+(:func:`~hf_bdgauge.estimate.block_map.estimate_block_map`, p-value calibrated for the search over
+pairings); when the depths differ or the map pairs some block with another index, the gauge is
+re-estimated with every block paired with its source block, the block rows are the map's
+(``"block j←i"``: target block ``j`` from source block ``i``) and ``report.block_map`` holds it.
+Same-depth pairs whose blocks pair by name are reported exactly as without it. From activations,
+different depths are refused (residual layers pair by index there), naming the data-free map.
+
+A narrower target (hidden size ``d' < d``): ``trace`` answers with the width test
+(:mod:`hf_bdgauge.estimate.trace_width`; ``report.width``, no gauge), ``diff`` refuses.
 """
 
 from __future__ import annotations
@@ -43,7 +60,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -58,26 +75,31 @@ from ..hub import resolve_checkpoint_dir
 from ..options import CalibrationOptions, CaptureOptions, WeightOptions, refuse_unused
 from ..roles import spec_for_config
 from ..storage import read_model_config
+from ..vocab import token_axis_note
 from .assignment import match_scores
 from .block_tests import SharedGroupNull
-from .calibration import Calibration
 from .capture import capture_pair_stats
-from .layer_verdicts import cauchy_combination, layer_verdict
+from .layer_verdicts import cauchy_combination
 from .loading import load_pair, model_ref
 from .matching import calibrate_stats, estimate_from_stats, pooled_correlations
 from .signatures import weight_similarity
 from .stats import EstimationError
+from .trace_blocks import OUTSIDE_BLOCKS, layer_row, refuse_depths_from_activations, with_block_map
 from .trace_report import LayerRow, TraceReport
-from .verdict import uninformative
-from .weights import estimate_from_similarity
+from .trace_width import width_report
+from .verdict import uninformative, weight_residual
+from .weights import (
+    best_side_match,
+    chart_bonferroni,
+    chart_sides,
+    estimate_from_similarity,
+    on_side,
+    side_method,
+)
 
 __all__ = ["trace", "diff"]
 
 logger = logging.getLogger(__name__)
-
-
-#: the row of the tensors outside the decoder blocks (embedding, head, final norm)
-OUTSIDE_BLOCKS = "outside blocks"
 
 
 def _group_of(spec: Any, name: str) -> str:
@@ -92,29 +114,6 @@ def _signed_permutation(gauge: Gauge) -> SignedPermutation:
     if not isinstance(el, SignedPermutation):
         raise EstimationError(f"trace and diff test signed permutations, not a {type(el).__name__}")
     return el
-
-
-def _row(
-    layer: Any,
-    cal: Calibration,
-    identity_fit: float,
-    gauge_fit: float,
-    best_fit: float | Callable[[], float],
-    calibration: CalibrationOptions,
-    gauge_problems: Sequence[str],
-) -> LayerRow:
-    """One layer's row: its calibration, its fits and the plain verdict
-    :func:`~hf_bdgauge.estimate.layer_verdicts.layer_verdict` reads from them."""
-    verdict = layer_verdict(
-        cal,
-        identity_fit,
-        gauge_fit,
-        best_fit,
-        gauge_problems=gauge_problems,
-        identity_tol=calibration.identity_tol,
-    )
-    note = cal.note if cal.insufficient else ""
-    return LayerRow(layer, cal.p_value, cal.identified_fraction, identity_fit, gauge_fit, verdict, note)
 
 
 def _spec_of(source: Any, revision: str | None) -> Any:
@@ -136,10 +135,13 @@ def _weights_estimate(
     calibration: CalibrationOptions,
     revisions: tuple,
     weights: WeightOptions,
+    gains_of: Any = None,
 ) -> tuple[Gauge, list[LayerRow]]:
     """The whole-model gauge and one row per decoder block (and one for the tensors outside the
-    blocks), from ONE similarity pass: :func:`weight_similarity` sums every group's products apart
-    (``group_of``) beside the pooled sums; the gauge is estimated from the pooled sums
+    blocks), from ONE similarity pass (``gains_of``: the model whose pre-norm gains the gauge records as
+    the target's, when ``target`` is a renamed view of it):
+    :func:`weight_similarity` sums every group's products apart (``group_of``) beside the pooled sums;
+    the gauge is estimated from the pooled sums
     (:func:`~hf_bdgauge.estimate.weights.estimate_from_similarity`), and its calibration's draws also
     read every group's held-out values at the pooled selections
     (:class:`~hf_bdgauge.estimate.block_tests.SharedGroupNull`, where the test and its validity are
@@ -158,7 +160,9 @@ def _weights_estimate(
     )
     t_sim = time.perf_counter() - t0
     how = "sign_marginalized" if sim.allows_signs else "permutation"
-    shared = SharedGroupNull(sim.groups, [how, "sign_marginalized"], calibration.draws)
+    # every chart's selections (P, and −P without per-coordinate signs: estimate_from_similarity)
+    methods = [side_method(how, side) for side in chart_sides(sim)]
+    shared = SharedGroupNull(sim.groups, [*methods, "sign_marginalized"], calibration.draws)
     gauge = estimate_from_similarity(
         sim,
         src_ref,
@@ -171,17 +175,21 @@ def _weights_estimate(
     )
     # as estimate_gauge(method="weights") records them
     gauge = record_gains(
-        gauge, known_pre_norm_gains(source, revisions[0]), known_pre_norm_gains(target, revisions[1])
+        gauge,
+        known_pre_norm_gains(source, revisions[0]),
+        known_pre_norm_gains(target if gains_of is None else gains_of, revisions[1]),
     )
     t_rows = time.perf_counter()
     shared.gather(weights.group, across_ranks=True)
     el = _signed_permutation(gauge)
+    side = int(gauge.metrics.get("global_sign", 1))  # the chart the pooled test chose: rows read it
     problems = gauge.fit_problems()
     rows = []
     for block in sorted(sim.groups, key=_group_order):
         even, odd = sim.groups[block]
         group = even + odd
         A, S, M = group.scores()
+        A_side, _, M_side = (A, S, M) if side == 1 else on_side(group, side).scores()
         if len(group.tensors) < 2 or not shared.v_obs[block]:
             cal = uninformative(
                 el.dim,
@@ -192,17 +200,21 @@ def _weights_estimate(
             )
         else:
             kind = "weights_outside" if block == OUTSIDE_BLOCKS else "weights_block"  # their own references
-            cal = shared.calibration(block, how, el, kind, (A, M), calibration)
+            cal = shared.calibration(block, side_method(how, side), el, kind, (A_side, M_side), calibration)
+            # read at the chart the pooled test chose from the data: Bonferroni over the charts, as it
+            cal = chart_bonferroni(cal, len(chart_sides(sim)))
         identity_fit = float(np.mean(np.diag(S)))
         gauge_fit = group.fit(el)
 
-        def best_fit(A: np.ndarray = A, S: np.ndarray = S, M: np.ndarray = M, group: Any = group) -> float:
-            """The block's own best match's fit (read by the verdict only when it needs it)."""
-            return group.fit(match_scores(A, S, how, sign_source=M).element)
+        def best_fit(group: Any = group) -> float:
+            """The block's own best match's fit, in the better of the family's charts (read by the
+            verdict only when it needs it)."""
+            return group.fit(best_side_match(group, how)[1].element)
 
         # a block's few tensors identify few coordinates alone: its verdict reads the fits (against the
         # block's own best match) and the block's p-value, and reports the identification beside them
-        rows.append(_row(block, cal, identity_fit, gauge_fit, best_fit, calibration, problems))
+        size = weight_residual(group, el)
+        rows.append(layer_row(block, cal, identity_fit, gauge_fit, best_fit, calibration, problems, size))
     gauge.metrics.update(block_rows_time_s=time.perf_counter() - t_rows, block_reads_time_s=shared.seconds)
     return gauge, rows
 
@@ -236,12 +248,21 @@ def _activation_rows(
         gauge_fit = float(np.mean(el.signs * S[idx, el.perm]))
         best = match_scores(A, S, "sign_marginalized").element
         best_fit = float(np.mean(best.signs * S[idx, best.perm]))
-        rows.append(_row(layer, cal, identity_fit, gauge_fit, best_fit, calibration, gauge_problems))
+        rows.append(layer_row(layer, cal, identity_fit, gauge_fit, best_fit, calibration, gauge_problems))
     return rows
 
 
 #: the fields of CalibrationOptions trace and diff use (the descriptive null is not drawn)
-TRACE_CALIBRATION_FIELDS = ("draws", "seed", "rotation", "reference", "level", "identity_tol")
+TRACE_CALIBRATION_FIELDS = (
+    "draws",
+    "seed",
+    "rotation",
+    "early_draws",
+    "early_p",
+    "reference",
+    "level",
+    "identity_tol",
+)
 
 
 def _report(
@@ -267,14 +288,32 @@ def _report(
         )
     refuse_unused(calibration, TRACE_CALIBRATION_FIELDS, "calibration", f"{verb}()", f"bdgauge {verb}")
     cal = replace(calibration or CalibrationOptions(), null_draws=0)
+    narrower = width_report(source, target, data, capture, weights, cal, revisions, verb)
+    if narrower is not None:  # a narrower target: the width test (trace_width)
+        logger.info("%s: %s", verb, narrower.conclusion())
+        return narrower
     source_revision, target_revision = revisions
     t0 = time.perf_counter()
     if data is None:
         wopts = weights or WeightOptions()
         group = wopts.group
         gauge, rows = _weights_estimate(source, target, calibration=cal, revisions=revisions, weights=wopts)
-        mode = "data-free (weights)"
+        gauge, rows, bmap = with_block_map(
+            source,
+            target,
+            gauge,
+            rows,
+            calibration=cal,
+            revisions=revisions,
+            weights=wopts,
+            re_estimate=lambda view: _weights_estimate(
+                source, view, calibration=cal, revisions=(revisions[0], None), weights=wopts, gains_of=target
+            ),
+        )
+        mode = f"data-free (weights{token_axis_note(gauge.metrics)})"
     else:
+        bmap = None
+        refuse_depths_from_activations(source, target, revisions, verb)
         cap = capture or CaptureOptions()
         group = cap.group
         ends = load_pair(
@@ -315,8 +354,17 @@ def _report(
     p = float(gauge.metrics["p_value"])
     p_layers = cauchy_combination([r.p_value for r in rows])
     report = TraceReport(
-        gauge, rows, p, p_layers, level=cal.level, mode=mode, seconds=time.perf_counter() - t0
+        gauge,
+        rows,
+        p,
+        p_layers,
+        level=cal.level,
+        mode=mode,
+        seconds=time.perf_counter() - t0,
+        block_map=bmap,
     )
+    if bmap is not None:
+        gauge.metrics["trace_block_map"] = bmap.as_dict()
     gauge.metrics.setdefault("world_size", world(group)[1])
     gauge.metrics.update(
         trace_p_value=p,

@@ -26,6 +26,14 @@ related pairs the verdict is ``"identity"`` when the plain copy fits as well as 
 (:func:`verdict_label`). Fewer than :data:`MIN_TOKENS_PER_HALF` tokens in a half (or fewer than
 two tensors for the weights) give ``p = 1`` and the verdict ``"insufficient_data"``.
 
+Beside the verdict, every estimate reports the size of what separates the two models in the common
+chart, its ``relative_residual`` (:func:`weight_residual` from the weights,
+:func:`activation_residual` from activations): a quantized or bf16 release of a checkpoint is the
+identity with a perturbation of that size, a re-charted one the gauge with it. The verdict does
+not read it — ``"identity"`` and ``"signed_permutation"`` come from the p-value and the fits alone,
+so a small perturbation never turns a release into "drift"; the size says how far objects moved as
+they are (or with the gauge) may be from the ones the target would have made.
+
 How the test holds on unrelated pairs (its false-positive rate at the level, by kind of test) and
 its power on related ones are measured, not promised here: ``experiments/calibration/results-reference.md``,
 ``experiments/calibration/results-library.md`` and the power table :data:`POWER_FILE`.
@@ -37,14 +45,18 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..options import LEVEL
-from ..verdicts import INSUFFICIENT_DATA, is_not_a_gauge
+from ..verdicts import INSUFFICIENT_DATA, is_not_a_gauge, residual_words
 from .assignment import MatchResult
 from .calibration import ID_ALPHA, Calibration
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..group import SignedPermutation
+    from .signatures import WeightSimilarity
 
 __all__ = [
     "MIN_TOKENS_PER_HALF",
@@ -56,6 +68,8 @@ __all__ = [
     "power_at",
     "power_words",
     "verdict_label",
+    "weight_residual",
+    "activation_residual",
     "fit_metrics",
     "log_verdict",
 ]
@@ -183,6 +197,39 @@ def power_words(tokens: int | None) -> str:
     return f"the calibration's power {at}: {words} [{pw['source']}]"
 
 
+# =========================================================================== the perturbation's size
+def weight_residual(sim: WeightSimilarity, g: SignedPermutation) -> float:
+    """The size of the weights' difference in the common chart: the relative Frobenius norm ::
+
+        sqrt( Σ_t ‖Â_t − G⁻¹·B̂_t‖_F² / Σ_t ‖Â_t‖_F² )
+
+    over the signed tensors of ``sim`` (embeddings, readers, writers, biases — the standardised
+    gain profiles, which carry no sign, are left out), each tensor ``Â_t``, ``B̂_t`` scaled as the
+    similarity scales it (``tensor_weighting="equal"``: to unit mean squared row norm, so every
+    tensor weighs alike and a tensor's global rescaling is not counted; ``"raw"``: as it is). Read
+    off the accumulated sums, no tensor is re-read: ``‖Â‖² = Σ_i n_i``, ``‖B̂‖² = Σ_j n'_j`` and
+    ``⟨Â, G⁻¹·B̂⟩ = Σ_i s_i·M[i, π(i)]`` (the target's row ``π(i)`` is ``s_i`` times the source's
+    row ``i`` under ``G = (π, s)``). ``nan`` when ``sim`` holds no signed tensor. Its float32
+    products resolve it down to about
+    :data:`~hf_bdgauge.verdicts.RESIDUAL_RESOLUTION`."""
+    den = float(np.sum(sim.src_sq))
+    if not den > 0:
+        return float("nan")
+    idx = np.arange(sim.dim)
+    cross = float(np.sum(g.signs * sim.signed_num[idx, g.perm]))
+    num = den + float(np.sum(sim.tgt_sq)) - 2.0 * cross
+    return float(np.sqrt(max(num, 0.0) / den))
+
+
+def activation_residual(fit: float) -> float:
+    """The size of the activations' difference in the common chart, from the sign-aware
+    correlation fit ``r̄ = mean_i s_i·corr(h_A,i, h_B,π(i))`` (over coordinates, and layers):
+    ``sqrt(2·(1 − r̄))``, the root mean square over coordinates of ``‖z_A,i − s_i·z_B,π(i)‖ /
+    ‖z_A,i‖`` for the standardised activations ``z`` (``‖z_A − z_B‖² = 2·(1 − r)·‖z_A‖²`` for two
+    standardised series of correlation ``r``)."""
+    return float(np.sqrt(2.0 * max(1.0 - float(fit), 0.0)))
+
+
 # =========================================================================== the verdict
 def verdict_label(
     p_value: float,
@@ -215,13 +262,16 @@ def fit_metrics(
     *,
     identity_tol: float = 0.01,
     what: str = "corr",
-    matched_fit: float | None = None,
+    similarity: WeightSimilarity | None = None,
     tokens: int | None = None,
 ) -> dict[str, Any]:
     """Fit statistics, the calibrated p-value, the verdict and a one-line summary of a match.
 
-    Descriptive: ``mean_matched_abs_<what>``, ``matched_fit`` (default ``mean_i s_i·S[i, π(i)]``;
-    pass it when the sign-aware fit is computed differently), ``identity_fit``, and, with
+    Descriptive: ``mean_matched_abs_<what>``, ``matched_fit`` (``mean_i s_i·S[i, π(i)]``; the weights
+    test passes its ``similarity``, whose sign-aware fit is :meth:`WeightSimilarity.fit`),
+    ``identity_fit``, ``relative_residual`` — the size of the pair's difference in the common chart,
+    :func:`weight_residual` of ``similarity``, else the correlation fit's
+    :func:`activation_residual` of ``matched_fit`` (the verdict does not read it) — and, with
     ``null_values`` (the descriptive rotated null, ``null_draws``), ``excess_over_null =
     (matched − null)/(1 − null)`` and ``weak_fit`` (below :data:`WEAK_EXCESS`). Decisive: the
     verdict from ``calibration.p_value`` at its level (:func:`verdict_label`). ``tokens``: the
@@ -230,8 +280,11 @@ def fit_metrics(
     g = match.element
     idx = np.arange(g.dim)
     matched = match.mean_matched
-    if matched_fit is None:
+    if similarity is None:
         matched_fit = float(np.mean(g.signs * S[idx, g.perm]))
+        residual = activation_residual(matched_fit)
+    else:
+        matched_fit, residual = similarity.fit(g), weight_residual(similarity, g)
     identity_fit = float(np.mean(np.diag(S)))
     out: dict[str, Any] = {
         f"mean_matched_abs_{what}": matched,
@@ -239,6 +292,7 @@ def fit_metrics(
         "identity_fit": identity_fit,
         "num_moved": int(np.sum(g.perm != idx)),
         "num_flips": g.num_flips,
+        "relative_residual": residual,
     }
     if null_values:
         null = float(np.mean(null_values))
@@ -275,13 +329,14 @@ def fit_metrics(
     elif verdict == "identity":
         summary = (
             f"identity ({p}): the plain copy already fits as well as the best signed permutation "
-            f"(sign-aware fit {identity_fit:.3f} vs {matched_fit:.3f}); no re-charting needed"
+            f"(sign-aware fit {identity_fit:.3f} vs {matched_fit:.3f}); no re-charting needed; "
+            f"{residual_words(out['relative_residual'])}"
         )
     else:
         summary = (
             f"signed permutation ({p}, {ident}): mean matched |{what}| {matched:.3f}; "
             f"{out['num_moved']}/{g.dim} coordinates move, {g.num_flips} flip; "
-            f"identity fit {identity_fit:.3f}"
+            f"identity fit {identity_fit:.3f}; {residual_words(out['relative_residual'])}"
         )
     out["verdict"] = verdict
     out["summary"] = summary

@@ -11,11 +11,13 @@ and one row of that table. The package is lazy: each public name imports its mod
 | object | module | rule |
 | --- | --- | --- |
 | PEFT adapters (LoRA, DoRA, …) | :mod:`.peft` | A ↦ A·Gᵀ (readers); B ↦ G·B, DoRA m ↦ P·m (writers) |
+| adapters to another vocabulary | :mod:`.peft_vocab` | token rows re-indexed by a token map; added: 0 |
 | AdamW (and other optimizers') state | :mod:`.optimizer` | exp_avg like its parameter, exp_avg_sq by P |
 | merges after alignment | :mod:`.merge` | bring every model into one chart, then average |
 | SAEs (SAELens format) | :mod:`.sae` | W_enc ↦ G·W_enc, W_dec ↦ W_dec·Gᵀ, b_dec ↦ G·b_dec |
 | steering vectors | :mod:`.steering` | v ↦ G·v |
 | linear probes, index sets | :mod:`.probes` | w ↦ w·Gᵀ; i ↦ π(i) with sign s_i |
+| objects to a pruned width | :mod:`.pruned` | v ↦ J·v, w ↦ w·Jᵀ (only with approximate=True) |
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ _LAZY: dict[str, str] = {
     "transport_optimizer_state": ".optimizer",
     "transport_adapter": ".peft",
     "transport_peft_model": ".peft_model",
+    "transport_adapter_vocabulary": ".peft_vocab",
     **dict.fromkeys(("IndexSet", "LinearProbe", "transport_indices", "transport_probe"), ".probes"),
     **dict.fromkeys(("SAE", "transport_sae"), ".sae"),
     **dict.fromkeys(("SteeringVector", "transport_steering_vector"), ".steering"),
+    "transport_pruned": ".pruned",
 }
 
 #: what a user calls (the docs' reference); helpers (tensor rules of an adapter, SAE fitting, steering
@@ -44,6 +48,7 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "transport_adapter",
     "transport_peft_model",
+    "transport_adapter_vocabulary",
     "transport_optimizer_state",
     "merge_checkpoints",
     "merge_models",
@@ -56,6 +61,7 @@ __all__ = [
     "IndexSet",
     "transport_probe",
     "transport_indices",
+    "transport_pruned",
 ]
 
 
@@ -81,6 +87,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import transport_optimizer_state
     from .peft import transport_adapter
     from .peft_model import transport_peft_model
+    from .peft_vocab import transport_adapter_vocabulary
     from .probes import IndexSet, LinearProbe, transport_indices, transport_probe
+    from .pruned import transport_pruned
     from .sae import SAE, transport_sae
     from .steering import SteeringVector, transport_steering_vector

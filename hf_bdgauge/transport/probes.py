@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, DimensionMismatchError, OrthogonalGaugeError, TransportError
+from ..estimate.block_map import BlockMap, along_map
 from ..files import atomic_write_bytes
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation, as_int64_vector
@@ -85,7 +86,8 @@ def _with_record(
 class LinearProbe:
     """``y = h·Wᵀ + b``: ``weight`` [d] (one output) or [k, d]; ``bias`` scalar / [k] / None.
 
-    ``metadata`` holds free-form strings (model id, layer, label names, transports).
+    ``metadata`` holds free-form strings (model id, ``"layer"``: the residual layer it reads in
+    :mod:`hf_bdgauge.layers`' numbering, label names, transports).
     """
 
     weight: torch.Tensor
@@ -126,9 +128,22 @@ class LinearProbe:
     predict = __call__
 
     def transport(
-        self, gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike, *, force: bool = False
+        self,
+        gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
+        *,
+        force: bool = False,
+        block_map: BlockMap | None = None,
     ) -> LinearProbe:
-        """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged."""
+        """The same probe on the target chart: ``W ↦ W·Gᵀ`` (rule READ), bias unchanged.
+
+        With ``block_map`` (the target's decoder blocks dropped, repeated or reordered,
+        :class:`~hf_bdgauge.estimate.block_map.BlockMap`), the probe's residual layer (metadata
+        ``"layer"``, :mod:`hf_bdgauge.layers`' numbering) becomes
+        :meth:`~hf_bdgauge.estimate.block_map.BlockMap.residual_layer` of it; refused where its block
+        was dropped (no counterpart) or repeated (a probe reads one place: pick a copy with
+        ``block_map.choosing(i, j)``), and for a probe without a ``"layer"``. The move is recorded in
+        the transport record (``"block_map"``). A gauge whose models record different depths needs
+        ``block_map``."""
         gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         plan = TransformPlan.for_tensors(
             {"weight": tuple(self.weight.shape)},
@@ -139,12 +154,33 @@ class LinearProbe:
             check_rotation=lambda r: None,
         )  # W ↦ W·Rᵀ: exact
         g = plan.admit(gg, force=force)
+        bmap = along_map(gg, block_map, "the probe")
+        meta = _with_record(self.metadata, gg, plan.forced)
+        if bmap is not None:
+            meta = self._moved_layer(meta, bmap)
         logger.debug("transported a linear probe of shape %s", tuple(self.weight.shape))
         return LinearProbe(
             plan.transform("weight", self.weight, g),
             None if self.bias is None else self.bias.clone(),
-            _with_record(self.metadata, gg, plan.forced),
+            meta,
         )
+
+    def _moved_layer(self, meta: dict[str, str], bmap: BlockMap) -> dict[str, str]:
+        """``meta`` with ``"layer"`` moved along ``bmap`` and the move added to the last transport record."""
+        layer = self.metadata.get("layer")
+        try:
+            source = int(layer) if layer is not None else None
+        except ValueError:
+            source = None
+        if source is None:
+            raise TransportError(
+                f"the probe's metadata has no integer 'layer' ({layer!r}), so where it reads is unknown; "
+                "set probe.metadata['layer'] to its residual layer before passing block_map="
+            )
+        target = bmap.residual_layer(source, f"the probe at residual layer {source}")
+        history = json.loads(meta["hf_bdgauge_transports"])
+        history[-1]["block_map"] = {**bmap.as_dict(), "layer": [source, target]}
+        return {**meta, "layer": str(target), "hf_bdgauge_transports": json.dumps(history)}
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """One safetensors file (written atomically)."""
@@ -331,13 +367,17 @@ class IndexSet:
 
 
 def transport_probe(
-    probe: LinearProbe | str | os.PathLike, gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike
+    probe: LinearProbe | str | os.PathLike,
+    gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
+    *,
+    block_map: BlockMap | None = None,
 ) -> LinearProbe:
     """``W ↦ W·Gᵀ``, bias unchanged (see :meth:`LinearProbe.transport`). ``probe``: the object or
-    its file (:meth:`LinearProbe.load`); ``gauge``: the object, a gauge directory or ``repo@revision``."""
+    its file (:meth:`LinearProbe.load`); ``gauge``: the object, a gauge directory or ``repo@revision``;
+    ``block_map``: its layer moves along it."""
     if isinstance(probe, (str, os.PathLike)):
         probe = LinearProbe.load(probe)
-    return probe.transport(gauge)
+    return probe.transport(gauge, block_map=block_map)
 
 
 def transport_indices(

@@ -48,6 +48,7 @@ from ..errors import (
     TransportError,
     UnsupportedArchitectureError,
 )
+from ..estimate.block_map import BlockMap, along_map
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
 from ..layers import from_hook_name, hook_block
@@ -354,6 +355,23 @@ class SAE:
                     f"{n} layers; it was not trained on this model"
                 )
 
+    def _moved_hook(self, bmap: BlockMap) -> tuple[str, int | None]:
+        """``(hook_name, hook_layer)`` at the target's place of the SAE's hook along ``bmap`` (the block
+        index re-keyed by :meth:`BlockMap.target_block`; ``hook_layer`` only when the config has one)."""
+        hook = self.hook_name
+        if not hook:
+            raise TransportError(
+                "the SAE records no hook_name, so the block it reads is unknown; set "
+                "sae.metadata['hook_name'] (e.g. 'blocks.3.hook_resid_post') before passing block_map="
+            )
+        block = hook_block(hook)
+        layer = self.metadata.get("hook_layer")
+        if block is None:  # outside the blocks (the embedding): the same place in the target
+            return hook, None if layer is None else int(layer)
+        j = bmap.target_block(block, f"the SAE at {hook!r}")
+        moved = re.sub(rf"(^|\.)blocks\.{block}\.", rf"\g<1>blocks.{j}.", hook, count=1)  # hook_block's
+        return moved, None if layer is None else j
+
     def plan(self) -> TransformPlan:
         """The SAE's transform plan: ``W_enc`` reads, ``W_dec`` and ``b_dec`` write, the rest
         stays; a ``layer_norm`` input normalisation admits only permutations and the global flip
@@ -393,8 +411,15 @@ class SAE:
         *,
         model_name: str | None = None,
         force: bool = False,
+        block_map: BlockMap | None = None,
     ) -> SAE:
         """The same SAE expressed in the target chart of ``gauge`` (see the module docstring).
+
+        With ``block_map`` (a :class:`~hf_bdgauge.estimate.block_map.BlockMap`: target blocks dropped,
+        repeated, reordered) the ``<n>`` of ``blocks.<n>.…`` (and a pre-6 ``hook_layer``) becomes
+        ``block_map.target_block(n)``, recorded in the transport record; ``hook_embed`` stays. Refused
+        where block ``n`` was dropped or repeated (one place: pick a copy, ``block_map.choosing(n, j)``),
+        without a ``hook_name``, and without ``block_map`` when the gauge's models differ in depth.
 
         ``W_enc ↦ G·W_enc``, ``W_dec ↦ W_dec·Gᵀ``, ``b_dec ↦ G·b_dec``; ``b_enc``, ``threshold``
         unchanged. ``cfg.metadata.model_name`` becomes ``model_name`` or the gauge's target
@@ -417,7 +442,10 @@ class SAE:
             )
         plan = self.plan()
         g = plan.admit(gg, force=force)
-        self._check_layer_fits(gg)
+        bmap = along_map(gg, block_map, "the SAE")
+        moved = None if bmap is None else self._moved_hook(bmap)
+        if bmap is None:
+            self._check_layer_fits(gg)
         new = SAE(
             W_enc=plan.transform("W_enc", self.W_enc, g),
             W_dec=plan.transform("W_dec", self.W_dec, g),
@@ -431,6 +459,11 @@ class SAE:
         meta = new.metadata
         target = model_name or (gg.target.model_id if isinstance(gg, Gauge) else None)
         record = transport_record(gg, object_model=meta.get("model_name"), forced=plan.forced)
+        if bmap is not None and moved is not None:
+            record["block_map"] = {**bmap.as_dict(), "hook_name": [hook, moved[0]]}
+            meta["hook_name"] = moved[0]
+            if moved[1] is not None:
+                meta["hook_layer"] = moved[1]
         if target is not None:
             meta["model_name"] = target
         meta["hf_bdgauge_transports"] = list(meta.get("hf_bdgauge_transports") or []) + [record]
@@ -452,13 +485,15 @@ def transport_sae(
     overwrite: bool = False,
     force: bool = False,
     model_name: str | None = None,
+    block_map: BlockMap | None = None,
 ) -> SAE:
     """Transport an :class:`SAE`, or an SAELens directory ``src`` (local or
     ``namespace/name[@revision][/folder]``, at ``revision``), by ``gauge``
     (:meth:`SAE.transport`); with ``dst``, also save the result there as an SAELens directory
-    (atomically; an existing one only with ``overwrite``). Returns the transported SAE."""
+    (atomically; an existing one only with ``overwrite``); ``block_map``: the hook moves along it (see
+    :meth:`SAE.transport`). Returns the transported SAE."""
     sae = src if isinstance(src, SAE) else SAE.load(src, revision=revision)
-    new = sae.transport(gauge, model_name=model_name, force=force)
+    new = sae.transport(gauge, model_name=model_name, force=force, block_map=block_map)
     if dst is not None:
         new.save(dst, overwrite=overwrite)
     return new

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import DimensionMismatchError, TransportError
+from ..estimate.block_map import BlockMap, along_map
 from ..gauge import Gauge, as_gauge
 from ..group import SignedPermutation
 from ..layers import add_to_residual, decoder_blocks, from_block_output, resolve_layer, to_block_output
@@ -412,9 +413,23 @@ class SteeringVector:
         )  # v ↦ R·v: exact
 
     def transport(
-        self, gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike, *, force: bool = False
+        self,
+        gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
+        *,
+        force: bool = False,
+        block_map: BlockMap | None = None,
     ) -> SteeringVector:
         """The same intervention in the target chart of ``gauge``: ``v_ℓ ↦ G·v_ℓ`` (rule WRITE).
+
+        With ``block_map`` (the target's decoder blocks dropped, repeated or reordered,
+        :class:`~hf_bdgauge.estimate.block_map.BlockMap`), each vector also moves to the target's place
+        of its residual layer, :meth:`~hf_bdgauge.estimate.block_map.BlockMap.residual_layer` ``(ℓ)``
+        (the output of source block ``ℓ − 1`` is the output of its copy; ``0`` stays; negative keys are
+        resolved against the source's depth), and ``num_hidden_layers`` becomes the target's depth.
+        Refused where a layer's block was dropped (no counterpart: drop that layer's vector first) or
+        repeated (adding the vector after every copy would act twice: pick one with
+        ``block_map.choosing(i, j)``). The move is recorded in the transport record (``"block_map"``).
+        A gauge whose models record different depths needs ``block_map``.
 
         Raises :class:`DimensionMismatchError` when ``d`` differs from the gauge's dimension and
         :class:`TransportError` for a layer the gauge's models lack (when its fingerprints
@@ -422,19 +437,26 @@ class SteeringVector:
         gg = as_gauge(gauge)  # an object, a gauge directory or repo@revision
         plan = self.plan()
         g = plan.admit(gg, force=force)
-        n_layers = _recorded_num_layers(gg)
-        if n_layers is not None:  # the gauge knows its models' depth: a layer they lack is an error now
+        bmap = along_map(gg, block_map, "the steering vector")
+        n_layers = _recorded_num_layers(gg) if bmap is None else bmap.source_depth
+        if n_layers is not None:  # the source's depth is known: a layer it lacks is an error now
             self._resolve_layers(n_layers, None)
             if self.num_layers is not None and self.num_layers != n_layers:
                 raise TransportError(
                     f"the steering vector was made on a model of {self.num_layers} decoder "
                     f"blocks, but the gauge's models have {n_layers}"
                 )
-        vecs = {i: plan.transform(f"layer.{i}", v, g) for i, v in self.layer_vectors.items()}
+        keys = {i: i for i in self.layer_vectors}
+        if bmap is not None:
+            keys = {i: bmap.residual_layer(i, f"the steering vector's layer {i}") for i in self.layer_vectors}
+            n_layers = bmap.target_depth
+        vecs = {keys[i]: plan.transform(f"layer.{i}", v, g) for i, v in self.layer_vectors.items()}
         meta = dict(self.metadata)
         if n_layers is not None:
             meta[NUM_LAYERS_KEY] = str(n_layers)  # the target's depth, for its llama.cpp file's check
         record = transport_record(gg, object_model=meta.get("model_id"), forced=plan.forced)
+        if bmap is not None:
+            record["block_map"] = {**bmap.as_dict(), "layers": {str(i): j for i, j in keys.items()}}
         if isinstance(gg, Gauge):
             if gg.target.model_id:
                 meta["model_id"] = str(gg.target.model_id)
@@ -450,11 +472,14 @@ class SteeringVector:
 def transport_steering_vector(
     vector: SteeringVector | str | os.PathLike,
     gauge: Gauge | SignedPermutation | Orthogonal | str | os.PathLike,
+    *,
+    block_map: BlockMap | None = None,
 ) -> SteeringVector:
     """``v_ℓ ↦ G·v_ℓ`` for every layer (see :meth:`SteeringVector.transport`). ``vector``: the
     object or its file (:meth:`SteeringVector.read`: safetensors or a llama.cpp ``.gguf``, local or
     ``namespace/name[@revision]/path``);
-    ``gauge``: the object, a gauge directory or ``repo@revision``."""
+    ``gauge``: the object, a gauge directory or ``repo@revision``; ``block_map``: the layers move
+    along it (:meth:`SteeringVector.transport`)."""
     if isinstance(vector, (str, os.PathLike)):
         vector = SteeringVector.read(vector)
-    return vector.transport(gauge)
+    return vector.transport(gauge, block_map=block_map)
