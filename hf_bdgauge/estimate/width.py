@@ -61,19 +61,17 @@ its own null at ``α`` (:data:`~hf_bdgauge.estimate.calibration.ID_ALPHA`).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
 from scipy.optimize import linear_sum_assignment
 
 from ..injection import PartialSignedInjection
 from ..options import CalibrationOptions, CaptureOptions, WeightOptions
 from ..verdicts import INSUFFICIENT_DATA
-from .calibration import ID_ALPHA, Calibration, read_null
+from .calibration import ID_ALPHA, Calibration, identify, read_null
 from .rotations import for_each_draw, rotation_stream
 from .statistic import Parts, activation_parts, selection_scores, weight_parts
 from .verdict import insufficient_tokens, uninformative
@@ -157,30 +155,13 @@ def _heldout(h1: tuple, h2: tuple, pool: str, method: str) -> tuple[np.ndarray, 
 def _identify(
     A: np.ndarray, halves: list[tuple[np.ndarray, np.ndarray]], sels: list, match: tuple, heldout: tuple
 ) -> np.ndarray:
-    """The identified target coordinates (module docstring, (a)-(c))."""
-    kept, signs = match
-    v, Vn = heldout
+    """The identified target coordinates (module docstring, (a)-(c)): the rule of
+    :func:`~hf_bdgauge.estimate.calibration.identify` read on the transposed d'×d scores, a target
+    coordinate's row matched to its kept source coordinate ``κ(j)`` (the halves' selections ``κ¹``, ``κ²``
+    already made)."""
     (A1, S1), (A2, S2) = halves
-    j = np.arange(kept.size)
-    a = A[kept, j]
-    Ar = A.copy()
-    Ar[kept, j] = -np.inf
-    mutual = (a >= Ar.max(0)) & (a >= Ar.max(1)[kept])
-    same = np.ones(kept.size, dtype=bool)
-    for (sk, _), S in zip(sels, (S1, S2)):
-        same &= (sk == kept) & (np.where(S[kept, j] < 0, -1, 1) == signs)
-    D = 0.5 * (A1 - A2)
-    nu_c = np.maximum(np.sqrt(np.mean(D * D, axis=0)), 1e-15)  # per target column
-    nu_r = np.maximum(np.sqrt(np.mean(D * D, axis=1)), 1e-15)  # per source row
-    q_col = sps.norm.sf((a[None, :] - A) / (math.sqrt(2.0) * nu_c[None, :]))
-    q_col[kept, j] = 0.0
-    q_row = sps.norm.sf((a[:, None] - A[kept, :]) / (math.sqrt(2.0) * nu_r[kept][:, None]))
-    q_row[j, j] = 0.0
-    margin_ok = (q_col.sum(0) + q_row.sum(1)) <= ID_ALPHA
-    draws = Vn.shape[0]
-    crit = float(sps.t.isf(ID_ALPHA, draws - 1)) * math.sqrt(1.0 + 1.0 / draws)
-    beats = (v - Vn.mean(0)) / np.maximum(Vn.std(0, ddof=1), 1e-12) >= crit
-    return mutual & same & margin_ok & beats
+    selected = (sels[0][0], sels[1][0])
+    return identify((A.T, A.T), (A1.T, S1.T), (A2.T, S2.T), match, heldout, ID_ALPHA, selected)
 
 
 def _test(
